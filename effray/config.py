@@ -1,0 +1,163 @@
+"""Config dataclasses and the one mechanism that turns them into CLI flags, dicts and back.
+
+Every stage's config is a frozen dataclass with a ``validate()`` method. The same
+definition produces the argparse flags (``add_arguments``), the plain nested dict that
+goes to wandb, Ray Tune's ``param_space`` and checkpoints (``to_dict``), and the
+config rebuilt on a worker (``from_dict``, strict: an unknown key is an error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+from effray.errors import EffrayError
+
+C = TypeVar("C")
+
+
+def option(default: Any, help: str, choices: tuple[Any, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field with the help text (and allowed values) its CLI flag shows."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add one ``--flag`` per field of ``cls`` (nested configs get ``--name-field``)."""
+    hints = _resolved_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, optional = _strip_optional(hints[f.name])
+        dest = f"{prefix}{f.name}"
+        if _is_config(tp):
+            add_arguments(parser, tp, prefix=f"{dest}__")
+            continue
+        flag = "--" + dest.replace("__", "-").replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {
+            "dest": dest,
+            "default": default,
+            "help": f.metadata.get("help", ""),
+        }
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (list, tuple):
+            (item,) = typing.get_args(tp)[:1]
+            kwargs["type"] = item
+            kwargs["nargs"] = "*"
+        else:
+            kwargs["type"] = _optional_parser(tp) if optional else tp
+        parser.add_argument(flag, **kwargs)
+
+
+def _optional_parser(tp: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "") else tp(text)
+
+    parse.__name__ = getattr(tp, "__name__", "value")
+    return parse
+
+
+def from_namespace(cls: type[C], ns: argparse.Namespace, prefix: str = "") -> C:
+    """Build ``cls`` from parsed args written by :func:`add_arguments`, then validate it."""
+    hints = _resolved_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _strip_optional(hints[f.name])
+        dest = f"{prefix}{f.name}"
+        if _is_config(tp):
+            values[f.name] = from_namespace(tp, ns, prefix=f"{dest}__")
+        elif hasattr(ns, dest):
+            value = getattr(ns, dest)
+            values[f.name] = tuple(value) if typing.get_origin(tp) is tuple else value
+    return validated(cls(**values))
+
+
+def validated(cfg: C) -> C:
+    """Run ``validate()`` on a config and on every nested config in it."""
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validated(value)
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (JSON/YAML/wandb/Tune friendly)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
+    """Rebuild a config from :func:`to_dict` output; unknown keys are an error when strict."""
+    if not isinstance(data, dict):
+        raise EffrayError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+    hints = _resolved_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown and strict:
+        raise EffrayError(
+            f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    values: dict[str, Any] = {}
+    for name in names & set(data):
+        tp, _ = _strip_optional(hints[name])
+        value = data[name]
+        if _is_config(tp) and isinstance(value, dict):
+            value = from_dict(tp, value, strict=strict)
+        elif typing.get_origin(tp) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return validated(cls(**values))
+
+
+def merge(cfg: C, overrides: dict[str, Any]) -> C:
+    """A copy of ``cfg`` with nested ``overrides`` applied (strict), e.g. a Tune trial's sample."""
+    base = to_dict(cfg)
+
+    def deep(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+        for k, v in upd.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                deep(into[k], v)
+            else:
+                into[k] = v
+        return into
+
+    return from_dict(type(cfg), deep(base, overrides))
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line :class:`EffrayError` unless ``condition`` holds."""
+    if not condition:
+        raise EffrayError(message)

@@ -1,0 +1,248 @@
+"""``effray data prepare``: any source -> effray's canonical dataset, atomically.
+
+Canonical layout (``DIR``)::
+
+    meta.json               classes, counts per split, mean/std, image shape, checksum
+    train/part-00000.parquet  image (raw HWC uint8 bytes), label, index, split, synthetic, name
+    val/part-00000.parquet
+    test/...                (when the source has a test split, e.g. CIFAR's test_batch)
+
+Decoding runs as one Ray task per chunk; each task writes its shards straight into a
+temporary sibling directory, which is renamed into place only when every task
+succeeded, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from effray import __version__
+from effray.config import option, require
+from effray.data.sources import Chunk, SourcePlan, load_chunk, plan_source
+from effray.errors import EffrayError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+SCHEMA = pa.schema([
+    ("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64()),
+    ("split", pa.string()), ("synthetic", pa.bool_()), ("name", pa.string()),
+])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How to turn a source into the canonical dataset."""
+
+    source: str = option("", "source: cifar10:DIR, cifar100:DIR, folder:DIR, parquet:PATH, synthetic:N or a path")
+    out: str = option("", "output directory (created atomically)")
+    val_fraction: float = option(0.1, "fraction of each class held out as the validation split")
+    seed: int = option(0, "seed for the split (and synthetic images)")
+    limit: int = option(0, "use only the first N rows of the source (0 = all)")
+    classes: str = option("", "class names: cifar10, a count, or a,b,c (default: from the source)")
+    download: bool = option(False, "download cifar10:/cifar100: sources with torchvision first")
+    skip_bad: bool = option(False, "drop and count bad rows instead of failing")
+    overwrite: bool = option(False, "replace an existing output directory")
+
+    def validate(self) -> None:
+        require(bool(self.source), "--source is required (e.g. parquet:../shared/data/cifar10-train.parquet or synthetic:500)")
+        require(bool(self.out), "--out DIR is required")
+        require(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
+
+
+def assign_splits(labels: np.ndarray, fixed: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Stratified, seeded train/val assignment; rows with a fixed split (test) keep it."""
+    splits = np.where(fixed != "", fixed, "train").astype(object)
+    rng = np.random.default_rng(seed)
+    free = np.flatnonzero(fixed == "")
+    for label in np.unique(labels[free]):
+        rows = free[labels[free] == label]
+        n_val = int(round(val_fraction * len(rows)))
+        if n_val:
+            splits[rng.permutation(rows)[:n_val]] = "val"
+    return splits
+
+
+def _decode_and_write(chunk: Chunk, splits: list[str], channels: int | None, shape: tuple | None,
+                      num_classes: int, labels_checked: bool, skip_bad: bool, tmp: str, part: int) -> dict[str, Any]:
+    """Ray task body: decode a chunk, check every row, write one shard per split."""
+    decoded, labels = load_chunk(chunk, channels)
+    errors = list(decoded.errors)
+    for i, img in enumerate(decoded.images):
+        if errors[i]:
+            continue
+        if shape is not None and img.shape != shape:
+            errors[i] = f"image shape {img.shape} differs from the dataset's {shape} (mixed image sizes)"
+        elif labels[i] < 0 or (labels_checked and labels[i] >= num_classes):
+            errors[i] = f"label {labels[i]} outside the class range 0..{num_classes - 1}"
+    bad = [(chunk.start + i, decoded.names[i], e) for i, e in enumerate(errors) if e]
+    if bad and not skip_bad:
+        return {"bad": bad[:1], "n_bad": len(bad)}
+    stats: dict[str, Any] = {"bad": bad[:5], "n_bad": len(bad), "counts": {}, "sum": None, "sumsq": None, "pixels": 0}
+    for split in SPLITS:
+        rows = [i for i in range(chunk.count) if not errors[i] and splits[i] == split]
+        if not rows:
+            continue
+        images = [decoded.images[i] for i in rows]
+        table = pa.table({
+            "image": pa.array([im.tobytes() for im in images], pa.binary()),
+            "label": pa.array(labels[rows], pa.int64()),
+            "index": pa.array([chunk.start + i for i in rows], pa.int64()),
+            "split": pa.array([split] * len(rows), pa.string()),
+            "synthetic": pa.array([chunk.kind == "synthetic"] * len(rows), pa.bool_()),
+            "name": pa.array([str(decoded.names[i]) for i in rows], pa.string()),
+        }, schema=SCHEMA)  # fmt: skip
+        os.makedirs(os.path.join(tmp, split), exist_ok=True)
+        pq.write_table(table, os.path.join(tmp, split, f"part-{part:05d}.parquet"), row_group_size=1024)
+        stats["counts"][split] = np.bincount(labels[rows], minlength=num_classes).tolist()
+        if split == "train":
+            stack = np.stack(images).astype(np.float64) / 255.0
+            stats["sum"] = stack.sum(axis=(0, 1, 2)).tolist()
+            stats["sumsq"] = (stack**2).sum(axis=(0, 1, 2)).tolist()
+            stats["pixels"] = int(stack.shape[0] * stack.shape[1] * stack.shape[2])
+    return stats
+
+
+def _probe_shape(plan: SourcePlan) -> tuple[tuple[int, ...], int]:
+    """Decode the first good image to fix the dataset's shape and channel count."""
+    decoded, _ = load_chunk(_first_rows(plan.chunks[0], 16), None)
+    for img, err in zip(decoded.images, decoded.errors):
+        if not err:
+            return tuple(img.shape), img.shape[2]
+    raise EffrayError(f"the first 16 rows of {plan.spec} are all unreadable ({decoded.errors[0]}); check the source")
+
+
+def _first_rows(chunk: Chunk, n: int) -> Chunk:
+    extra = dict(chunk.extra)
+    if "files" in extra:
+        extra["files"], extra["labels"] = extra["files"][:n], extra["labels"][:n]
+    return Chunk(chunk.kind, chunk.start, min(n, chunk.count), chunk.path, chunk.fixed_split, extra)
+
+
+def _limit_plan(plan: SourcePlan, limit: int) -> SourcePlan:
+    if not limit or limit >= len(plan.labels):
+        return plan
+    chunks = [c if c.start + c.count <= limit else _first_rows(c, limit - c.start)
+              for c in plan.chunks if c.start < limit]
+    plan.chunks, plan.labels = chunks, plan.labels[:limit]
+    return plan
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the conversion on the current Ray cluster; returns the written meta.json."""
+    import ray
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise EffrayError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
+    started = time.time()
+    plan = _limit_plan(plan_source(cfg.source, cfg.classes or None, cfg.download, cfg.seed), cfg.limit)
+    shape, channels = _probe_shape(plan)
+    fixed = np.concatenate([np.full(c.count, c.fixed_split, dtype=object) for c in plan.chunks])
+    splits = assign_splits(plan.labels, fixed, cfg.val_fraction, cfg.seed)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=2)(_decode_and_write)
+        refs = [
+            task.remote(c, splits[c.start : c.start + c.count].tolist(), channels, shape, len(plan.classes),
+                        plan.labels_checked, cfg.skip_bad, str(tmp), i)
+            for i, c in enumerate(plan.chunks)
+        ]  # fmt: skip
+        results = ray.get(refs)
+        first_bad = next((r["bad"][0] for r in results if r["bad"] and not cfg.skip_bad), None)
+        if first_bad is not None:
+            row, name, reason = first_bad
+            raise EffrayError(f"bad row {row} ({name}) in {plan.spec}: {reason}; fix or remove it, or pass --skip-bad")
+        meta = _meta(cfg, plan, shape, results, time.time() - started)
+        if sum(meta["counts"].values()) == 0:
+            raise EffrayError(f"no usable rows in {plan.spec} (all {meta['skipped_bad']} were bad); check the source")
+        _write_json(tmp / "meta.json", meta)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict], seconds: float) -> dict[str, Any]:
+    n_cls = len(plan.classes)
+    per_class = {s: np.zeros(n_cls, dtype=np.int64) for s in SPLITS}
+    total, totalsq, pixels = np.zeros(shape[2]), np.zeros(shape[2]), 0
+    for r in results:
+        for s, c in r["counts"].items():
+            per_class[s] += np.asarray(c)
+        if r["sum"] is not None:
+            total += r["sum"]
+            totalsq += r["sumsq"]
+            pixels += r["pixels"]
+    mean = total / max(pixels, 1)
+    std = np.sqrt(np.maximum(totalsq / max(pixels, 1) - mean**2, 1e-12))
+    present = [s for s in SPLITS if per_class[s].sum() > 0]
+    return {
+        "format_version": FORMAT_VERSION,
+        "effray_version": __version__,
+        "source": plan.spec,
+        "source_kind": plan.kind,
+        "source_checksum": plan.checksum,
+        "classes": plan.classes,
+        "num_classes": n_cls,
+        "image_shape": list(shape),
+        "splits": present,
+        "counts": {s: int(per_class[s].sum()) for s in present},
+        "counts_per_class": {s: per_class[s].tolist() for s in present},
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+        "skipped_bad": int(sum(r["n_bad"] for r in results)),
+        "bad_examples": [f"row {b[0]} ({b[1]}): {b[2]}" for r in results for b in r["bad"]][:10],
+        "prepare_seconds": round(seconds, 2),
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (with --overwrite) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a prepared dataset's meta.json; a directory that is not one is a clear error."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise EffrayError(f"{str(data_dir)!r} is not a prepared dataset (no meta.json); run `effray data prepare --out {data_dir}` first")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EffrayError(f"{data_dir} has dataset format {meta.get('format_version')}, this effray reads {FORMAT_VERSION}; re-run effray data prepare")
+    return meta
+
+
+def split_files(data_dir: str | os.PathLike, split: str) -> list[str]:
+    """The Parquet shards of one split (sorted, so reads are reproducible)."""
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise EffrayError(f"dataset {data_dir} has no {split!r} split (has {', '.join(meta['splits'])}); re-prepare with --val-fraction > 0")
+    return sorted(str(p) for p in (Path(data_dir) / split).glob("*.parquet"))

@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Ray for the whole session, the real CIFAR-10 file, tiny datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_PARQUET = Path(os.environ.get("EFFRAY_CIFAR_PARQUET", ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) for every test that needs it; started lazily."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar_parquet() -> Path:
+    if not CIFAR_PARQUET.is_file():
+        pytest.fail(f"real CIFAR-10 file missing at {CIFAR_PARQUET}; set EFFRAY_CIFAR_PARQUET")
+    return CIFAR_PARQUET
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(ray_session, cifar_parquet, tmp_path_factory) -> Path:
+    """600 real CIFAR-10 images prepared into the canonical format (540 train / 60 val)."""
+    from effray.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny-cifar"
+    prepare(PrepareConfig(source=str(cifar_parquet), out=str(out), limit=600, val_fraction=0.1))
+    return out
