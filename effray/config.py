@@ -47,7 +47,9 @@ def _is_config(tp: Any) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one ``--flag`` per field of ``cls`` (nested configs get ``--name-field``)."""
+    """Add one ``--flag`` per field of ``cls``. Nested configs' fields are flattened into
+    the same flag namespace (``TrainConfig.data.augment`` is ``--augment``), so a name
+    used twice is an argparse conflict caught when the parser is built."""
     hints = _resolved_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -57,17 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
         if _is_config(tp):
             add_arguments(parser, tp, prefix=f"{dest}__")
             continue
-        flag = "--" + dest.replace("__", "-").replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {
             "dest": dest,
             "default": default,
             "help": f.metadata.get("help", ""),
+            "metavar": f.name.upper(),
         }
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            del kwargs["metavar"]
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+            del kwargs["metavar"]
         elif typing.get_origin(tp) in (list, tuple):
             (item,) = typing.get_args(tp)[:1]
             kwargs["type"] = item

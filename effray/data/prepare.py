@@ -66,11 +66,18 @@ def assign_splits(labels: np.ndarray, fixed: np.ndarray, val_fraction: float, se
     splits = np.where(fixed != "", fixed, "train").astype(object)
     rng = np.random.default_rng(seed)
     free = np.flatnonzero(fixed == "")
-    for label in np.unique(labels[free]):
-        rows = free[labels[free] == label]
-        n_val = int(round(val_fraction * len(rows)))
-        if n_val:
-            splits[rng.permutation(rows)[:n_val]] = "val"
+    classes, sizes = np.unique(labels[free], return_counts=True)
+    # largest-remainder apportionment: per-class counts that add up to round(f * N) exactly
+    exact = val_fraction * sizes
+    n_val = np.floor(exact).astype(int)
+    short = int(round(val_fraction * len(free))) - int(n_val.sum())
+    if short > 0:
+        order = np.lexsort((rng.random(len(sizes)), -(exact - n_val)))
+        n_val[order[:short]] += 1
+    for label, k in zip(classes, n_val):
+        if k:
+            rows = free[labels[free] == label]
+            splits[rng.permutation(rows)[:k]] = "val"
     return splits
 
 

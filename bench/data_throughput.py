@@ -1,0 +1,171 @@
+"""Images/s of effray's Ray Data pipeline vs the seed's torchvision DataLoader, side by side.
+
+(a) the seed's way: torchvision per-sample PIL transforms (RandomHorizontalFlip,
+    RandomRotation(10), ToTensor) in a torch DataLoader with one worker per core,
+    decoding the shared CIFAR-10 JPEG Parquet file;
+(b) effray: the canonical Parquet streamed through Ray Data with the same augmentations
+    (``flip|rotate(10)``), vectorised over batches, normalised float32 NCHW out.
+
+Also prints the peak resident memory of the whole Ray process tree while streaming 1×
+and 4× the data: streaming should keep it flat. Last line: ``ratio_vs_torch_dataloader=<x>``.
+
+    python bench/data_throughput.py [--parquet ../shared/data/cifar10-train.parquet] [--rows 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
+from effray.data.prepare import PrepareConfig, load_meta, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = "flip|rotate(10)"
+
+
+class JpegParquet(torch.utils.data.Dataset):
+    """The seed's dataset: one JPEG decoded and transformed per __getitem__."""
+
+    def __init__(self, path: str, rows: int) -> None:
+        table = pq.read_table(path, columns=["image", "label"]).slice(0, rows)
+        self.images = table.column("image").to_pylist()
+        self.labels = table.column("label").to_pylist()
+        from torchvision import transforms
+
+        self.transform = transforms.Compose([
+            transforms.RandomHorizontalFlip(), transforms.RandomRotation(10), transforms.ToTensor(),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.images[i])).convert("RGB")
+        return self.transform(img), self.labels[i]
+
+
+def torch_dataloader_rate(path: str, rows: int, batch_size: int, epochs: int) -> float:
+    loader = torch.utils.data.DataLoader(JpegParquet(path, rows), batch_size=batch_size, shuffle=True,
+                                         num_workers=os.cpu_count(), persistent_workers=True)  # fmt: skip
+    rates = []
+    for _ in range(epochs):
+        start, seen = time.perf_counter(), 0
+        for images, _labels in loader:
+            seen += len(images)
+        rates.append(seen / (time.perf_counter() - start))
+    return max(rates)
+
+
+class PeakRss:
+    """Samples the summed RSS of this process and every Ray process on the machine."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss(pid: str) -> int:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if int(pid) != os.getpid() and b"ray" not in cmd:
+                return 0
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = sum(self._rss(p) for p in os.listdir("/proc") if p.isdigit())
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def effray_rate(data_dir: str, batch_size: int, epochs: int) -> tuple[float, int]:
+    cfg = DataConfig(data=data_dir, augment=POLICY, shuffle_buffer=0)
+    clock = f"bench-{os.getpid()}-{time.time_ns()}"
+    ds = train_dataset(cfg, clock=clock)
+    meta = load_meta(data_dir)
+    rates = []
+    with PeakRss() as rss:
+        for epoch in range(epochs):
+            start, seen = time.perf_counter(), 0
+            for batch in torch_batches(ds, meta, batch_size, clock=clock, epoch=epoch):
+                seen += len(batch["label"])
+            rates.append(seen / (time.perf_counter() - start))
+    kill_clock(clock)
+    return max(rates), rss.peak
+
+
+def replicate(data_dir: str, times: int, out: str) -> str:
+    """A dataset holding ``times`` copies of the training split (links, no extra disk)."""
+    os.makedirs(os.path.join(out, "train"))
+    for k in range(times):
+        for f in sorted(Path(data_dir, "train").glob("*.parquet")):
+            os.symlink(f.resolve(), os.path.join(out, "train", f"r{k}-{f.name}"))
+    meta = load_meta(data_dir)
+    meta["counts"] = {"train": meta["counts"]["train"] * times}
+    meta["splits"] = ["train"]
+    Path(out, "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
+    parser.add_argument("--rows", type=int, default=50000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per measurement; the best is kept")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="effray-bench-")
+    try:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        data = os.path.join(work, "data")
+        prepare(PrepareConfig(source=args.parquet, out=data, limit=args.rows, val_fraction=0.0))
+        n = load_meta(data)["counts"]["train"]
+        print(f"rows={n} batch_size={args.batch_size} cores={os.cpu_count()} policy={POLICY!r}")
+
+        ours, peak1 = effray_rate(data, args.batch_size, args.epochs)
+        print(f"effray_ray_data_images_per_s={ours:.0f} peak_rss_1x_mb={peak1 / 2**20:.0f}")
+        _, peak4 = effray_rate(replicate(data, 4, os.path.join(work, "x4")), args.batch_size, 1)
+        print(f"peak_rss_4x_mb={peak4 / 2**20:.0f} peak_rss_ratio_4x_vs_1x={peak4 / peak1:.2f}")
+        ray.shutdown()
+
+        theirs = torch_dataloader_rate(args.parquet, args.rows, args.batch_size, args.epochs)
+        print(f"torch_dataloader_images_per_s={theirs:.0f} (workers={os.cpu_count()})")
+        print(f"ratio_vs_torch_dataloader={ours / theirs:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

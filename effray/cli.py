@@ -1,0 +1,123 @@
+"""The ``effray`` command line. Only this module and ``jobs/`` read argv and the environment.
+
+Each subcommand is one config dataclass (its fields are the flags, defaults shown in
+``--help``) and one function from the pipeline stage it belongs to. Every command ends
+by printing one JSON line with its results; a user mistake is one ``effray: error:``
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from effray import __version__
+from effray.config import add_arguments, from_namespace
+from effray.errors import find_user_error
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]
+    help: str
+    config: type
+    run: Callable[[Any], dict[str, Any]]
+    needs_ray: bool = True
+
+
+def _prepare(cfg: Any) -> dict[str, Any]:
+    from effray.data.prepare import prepare
+
+    meta = prepare(cfg)
+    return {"out": os.path.abspath(cfg.out), "counts": meta["counts"], "classes": meta["num_classes"],
+            "image_shape": meta["image_shape"], "skipped_bad": meta["skipped_bad"]}  # fmt: skip
+
+
+def _preview(cfg: Any) -> dict[str, Any]:
+    from effray.data.preview import preview
+
+    return preview(cfg)
+
+
+def _commands() -> list[Command]:
+    from effray.data.prepare import PrepareConfig
+    from effray.data.preview import PreviewConfig
+
+    return [
+        Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
+        Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
+    ]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effray", description="Train, compress and measure CIFAR classifiers on Ray.",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"effray {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
+    groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(title="commands", metavar="COMMAND")}
+    for cmd in _commands():
+        for depth in range(1, len(cmd.path)):
+            prefix = cmd.path[:depth]
+            if prefix not in groups:
+                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = sub.add_subparsers(title=f"{prefix[-1]} commands", metavar="COMMAND")
+                sub.set_defaults(_usage=sub)
+        p = groups[cmd.path[:-1]].add_parser(
+            cmd.path[-1], help=cmd.help, description=cmd.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        )  # fmt: skip
+        add_arguments(p, cmd.config)
+        p.set_defaults(_command=cmd)
+    parser.set_defaults(_usage=parser)
+    return parser
+
+
+def init_ray(verbose: bool = False) -> None:
+    """Join the current Ray cluster (RAY_ADDRESS, as under `ray job submit`), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None,
+             logging_level=logging.INFO if verbose else logging.WARNING,
+             log_to_driver=True, include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)  # fmt: skip
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd: Command | None = getattr(args, "_command", None)
+    if cmd is None:
+        args._usage.print_help()
+        return 2
+    if not args.verbose:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    try:
+        cfg = from_namespace(cmd.config, args)
+        if cmd.needs_ray:
+            init_ray(args.verbose)
+        result = cmd.run(cfg)
+    except KeyboardInterrupt:
+        print("effray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None:
+            raise
+        print(f"effray: error: {str(user_error.args[0]) if user_error.args else user_error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Ray Data pipelines over the canonical dataset: stream, augment in parallel, normalise.
+
+Deterministic work (read, decode raw bytes) comes first; the random augmentation runs
+in ``map_batches`` tasks spread over the cluster, after any cache, so every epoch sees
+fresh randomness. Randomness is reproducible from one seed: each batch's generator is
+derived from (seed, epoch, first row index), and the epoch comes from a tiny named
+actor, the :class:`EpochClock`, that the training loop advances before each epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from effray.config import option, require
+from effray.data.augment import batch_rng, parse_policy
+from effray.data.prepare import load_meta, split_files
+
+MAP_BATCH_SIZE = 2048  # rows per augmentation task call: big enough to amortise Ray's per-block cost
+KEEP_COLUMNS = ("image", "label", "target", "index")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which prepared dataset to stream and how to augment it."""
+
+    data: str = option("", "prepared dataset directory (from `effray data prepare`)")
+    augment: str = option("standard", "augmentation policy: none|standard|strong or a chain like 'crop(4)|flip|cutout(8)'")
+    augment_on: str = option("cpu", "where augmentation runs: cpu (Ray Data tasks) or gpu (on the training device)", choices=("cpu", "gpu"))
+    seed: int = option(0, "seed for augmentation and shuffling")
+    shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (0 = no shuffle)")
+    synthetic: str = option("", "prepared dataset of synthetic images to mix into training (effray synth sample)")
+    synthetic_ratio: float = option(0.0, "fraction of the training stream drawn from --synthetic")
+
+    def validate(self) -> None:
+        require(self.shuffle_buffer >= 0, f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
+        require(0.0 <= self.synthetic_ratio < 1.0, f"--synthetic-ratio must be in [0, 1), got {self.synthetic_ratio}")
+        require(not (self.synthetic_ratio > 0 and not self.synthetic), "--synthetic-ratio needs --synthetic DIR")
+
+
+# ------------------------------------------------------------------ epoch clock
+
+
+class EpochClock:
+    """Holds the current epoch so augmentation tasks anywhere in the cluster agree on it."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set(self, epoch: int) -> int:
+        self.epoch = int(epoch)
+        return self.epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def epoch_clock(name: str) -> Any:
+    """Get or create the named clock actor (idempotent; every rank may call it)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(EpochClock)
+    return actor.options(name=name, namespace="effray", get_if_exists=True, lifetime="detached").remote()
+
+
+def set_epoch(name: str, epoch: int) -> None:
+    """Advance the clock before iterating an epoch (every rank may call it; it's idempotent)."""
+    import ray
+
+    ray.get(epoch_clock(name).set.remote(epoch))
+
+
+def kill_clock(name: str) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace="effray"))
+    except ValueError:
+        pass
+
+
+_clock_cache: dict[str, Any] = {}
+
+
+def _current_epoch(name: str) -> int:
+    import ray
+
+    for attempt in range(2):
+        if name not in _clock_cache:
+            _clock_cache[name] = ray.get_actor(name, namespace="effray")
+        try:
+            return int(ray.get(_clock_cache[name].get.remote()))
+        except ray.exceptions.RayActorError:  # a clock of the same name was replaced
+            del _clock_cache[name]
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------ batch functions
+
+
+def decode_batch(table: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Arrow rows of raw HWC bytes -> dict with a uint8 NHWC array.
+
+    Every image has the same byte length, so the binary column's data buffer already *is*
+    the pixel array: one zero-copy view per Arrow chunk instead of one object per image."""
+    import pyarrow as pa
+
+    column = table.column("image")
+    size = int(np.prod(shape))
+    parts = []
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        if pa.types.is_binary(chunk.type) and chunk.null_count == 0:
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
+            if offsets[-1] - offsets[0] == size * len(chunk):
+                parts.append(np.frombuffer(chunk.buffers()[2], dtype=np.uint8, count=size * len(chunk), offset=int(offsets[0])))
+                continue
+        parts.append(np.frombuffer(b"".join(chunk.to_pylist()), dtype=np.uint8))
+    flat = np.concatenate(parts) if len(parts) != 1 else parts[0]
+    out = {name: table.column(name).to_numpy() for name in table.column_names if name != "image"}
+    out["image"] = flat.reshape(table.num_rows, *shape)
+    out["label"] = out["label"].astype(np.int64, copy=False)
+    return out
+
+
+def augment_batch(batch: Any, *, shape: tuple[int, ...], policy: str, num_classes: int,
+                  seed: int, clock: str) -> dict[str, np.ndarray]:
+    """The ``map_batches`` UDF: decode, then augment with a (seed, epoch, row)-derived rng.
+
+    Images leave as uint8 NHWC: a quarter of float32's bytes through the object store;
+    the consumer normalises (:class:`ToModelInput`), where it costs one fused op."""
+    out = decode_batch(batch, shape)
+    pol = parse_policy(policy, num_classes)
+    if not pol.is_identity:
+        if clock:
+            key = int(out["index"][0]) + (1 << 40 if bool(out["synthetic"][0]) else 0)
+            rng = batch_rng(seed, _current_epoch(clock), key)
+        else:  # no clock: fresh but not reproducible randomness
+            rng = np.random.default_rng()
+        out = pol(out, rng)
+    return {k: v for k, v in out.items() if k in KEEP_COLUMNS}
+
+
+class ToModelInput(NumpyBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches``: uint8 NHWC -> normalised float32 NCHW.
+
+    The NCHW tensor is a permuted view of NHWC memory, i.e. already channels-last; it is
+    made contiguous NCHW unless ``channels_last``. With ``normalise=False`` images stay
+    uint8 NHWC, for on-device augmentation (``--augment-on gpu``)."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool = False,
+                 normalise: bool = True) -> None:
+        self.mean, self.std = mean, std
+        self.channels_last, self.normalise = channels_last, normalise
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        # Ray hands out read-only views of the object store; torch wants writable memory
+        out = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
+        if self.normalise:
+            out["image"] = normalize_tensor(out["image"], self.mean, self.std, self.channels_last)
+        return out
+
+
+def normalize_tensor(images: Any, mean: list[float], std: list[float], channels_last: bool = False) -> Any:
+    """uint8 NHWC tensor (any device) -> normalised float32 NCHW tensor."""
+    import torch
+
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    x = images.permute(0, 3, 1, 2)  # a channels-last view; transposing uint8 is 4x cheaper than float
+    x = x if channels_last else x.contiguous()
+    return x.float().sub_(m).div_(s)
+
+
+# ------------------------------------------------------------------ datasets
+
+
+def read_split(data_dir: str | os.PathLike, split: str) -> Any:
+    """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order)."""
+    import ray
+
+    return ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label", "index", "synthetic"])
+
+
+def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
+    """The augmented training stream (uint8 NHWC images; see :func:`torch_batches`).
+
+    With ``augment_on == 'gpu'`` no augmentation runs here: the training worker applies
+    the torch version of the same policy on its device."""
+    meta = load_meta(cfg.data)
+    parse_policy(cfg.augment, meta["num_classes"])  # fail fast, before any task starts
+    ds = read_split(cfg.data, "train")
+    if cfg.synthetic:
+        ds = mix_synthetic(ds, cfg, meta)
+    return _map(ds, meta, cfg.augment if cfg.augment_on == "cpu" else "none", cfg.seed, clock, num_cpus)
+
+
+def _map(ds: Any, meta: dict[str, Any], policy: str, seed: int, clock: str, num_cpus: float) -> Any:
+    return ds.map_batches(
+        augment_batch,
+        batch_size=MAP_BATCH_SIZE,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        fn_kwargs={"shape": tuple(meta["image_shape"]), "policy": policy,
+                   "num_classes": meta["num_classes"], "seed": seed, "clock": clock},
+    )  # fmt: skip
+
+
+def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
+    """Add synthetic rows so they make up ``synthetic_ratio`` of the training stream."""
+    syn_meta = validate_data_dir(cfg.synthetic)
+    require(
+        syn_meta["image_shape"] == meta["image_shape"] and syn_meta["num_classes"] == meta["num_classes"],
+        f"--synthetic {cfg.synthetic} has shape {syn_meta['image_shape']} / {syn_meta['num_classes']} classes, "
+        f"the data has {meta['image_shape']} / {meta['num_classes']}; sample it from a generator trained on this data",
+    )
+    n_real = meta["counts"]["train"]
+    n_syn = int(round(cfg.synthetic_ratio / (1.0 - cfg.synthetic_ratio) * n_real))
+    available = syn_meta["counts"].get("train", 0)
+    require(n_syn <= available, f"--synthetic-ratio {cfg.synthetic_ratio} needs {n_syn} synthetic rows, {cfg.synthetic} has {available}; sample more or lower the ratio")
+    return ds.union(read_split(cfg.synthetic, "train").limit(n_syn)) if n_syn else ds
+
+
+def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: float = 1) -> Any:
+    """Decode only, no augmentation: for validation and evaluation."""
+    return _map(read_split(data_dir, split), load_meta(data_dir), "none", 0, "", num_cpus)
+
+
+def torch_batches(ds: Any, meta: dict[str, Any], batch_size: int, *, clock: str = "", epoch: int = 0,
+                  shuffle_buffer: int = 0, seed: int = 0, normalise: bool = True,
+                  channels_last: bool = False, prefetch_batches: int = 2) -> Any:
+    """One epoch of torch batches from a Dataset or a Train worker's shard (DataIterator).
+
+    Advances the epoch clock first (idempotent, so every rank may do it), then streams
+    with an optional seeded local shuffle; images come out normalised float32 NCHW."""
+    if clock:
+        set_epoch(clock, epoch)
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "prefetch_batches": prefetch_batches,
+                              "collate_fn": ToModelInput(meta["mean"], meta["std"], channels_last, normalise)}
+    if shuffle_buffer:
+        kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed * 100003 + epoch)
+    return ds.iter_torch_batches(**kwargs)
+
+
+def validate_data_dir(data_dir: str) -> dict[str, Any]:
+    """Load meta and check the shards exist, so a bad --data fails before workers start."""
+    require(bool(data_dir), "--data DIR is required (a dataset from `effray data prepare`)")
+    meta = load_meta(data_dir)
+    for split in meta["splits"]:
+        split_files(data_dir, split)
+    return meta
