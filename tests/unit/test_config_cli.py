@@ -1,0 +1,82 @@
+"""Configs: one dataclass definition -> CLI flags, dicts and back; the CLI's help and errors."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from effray.cli import _commands, build_parser, main
+from effray.config import add_arguments, from_dict, from_namespace, merge, option, require, to_dict
+from effray.errors import EffrayError, find_user_error
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = option(0.5, "a rate")
+    kind: str = option("a", "a kind", choices=("a", "b"))
+
+    def validate(self) -> None:
+        require(0 <= self.rate < 1, f"--rate must be in [0, 1), got {self.rate}")
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = Inner()
+    epochs: int = option(2, "epochs")
+    fast: bool = option(False, "go fast")
+    sizes: tuple[int, ...] = option((1, 2), "sizes")
+
+
+def test_flags_from_dataclass_roundtrip():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Outer)
+    cfg = from_namespace(Outer, parser.parse_args(["--rate", "0.25", "--kind", "b", "--epochs", "3", "--fast", "--sizes", "4", "5"]))
+    assert cfg == Outer(Inner(0.25, "b"), 3, True, (4, 5))
+    assert to_dict(cfg) == {"inner": {"rate": 0.25, "kind": "b"}, "epochs": 3, "fast": True, "sizes": [4, 5]}
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert merge(cfg, {"inner": {"rate": 0.1}}) == Outer(Inner(0.1, "b"), 3, True, (4, 5))
+
+
+def test_strict_dicts_and_validation():
+    with pytest.raises(EffrayError, match="unknown Inner key.*rat.*valid: kind, rate"):
+        from_dict(Outer, {"inner": {"rat": 0.1}})
+    with pytest.raises(EffrayError, match=r"--rate must be in \[0, 1\), got 1.5"):
+        from_dict(Outer, {"inner": {"rate": 1.5}})
+
+
+def test_find_user_error_unwraps_chains():
+    inner = EffrayError("fix it")
+    try:
+        try:
+            raise inner
+        except EffrayError as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as outer:
+        assert find_user_error(outer) is inner
+    assert find_user_error(RuntimeError("no")) is None
+
+
+def test_help_lists_every_command_and_each_has_defaults(capsys):
+    parser = build_parser()
+    top = parser.format_help()
+    commands = _commands()
+    assert {"data prepare", "data preview"} <= {" ".join(c.path) for c in commands}
+    for cmd in commands:
+        assert cmd.path[0] in top
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*cmd.path, "--help"])
+        assert exc.value.code == 0
+        assert "(default:" in capsys.readouterr().out
+
+
+def test_console_script_and_bad_flag():
+    out = subprocess.run([sys.executable, "-m", "effray.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "commands" in out.stdout
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "prepare", "--no-such-flag"])
+    assert exc.value.code == 2
