@@ -1,0 +1,203 @@
+"""Aggregate measured models into a table, Pareto fronts, a plot and budget picks.
+
+Works on any experiment directory, finished or interrupted: every trial that reached
+its final measurement contributes one row. Objectives: accuracy (higher is better)
+against bytes on disk, MACs and latency (lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from effray.errors import EffrayError
+
+COSTS = {"bytes": "bytes on disk", "macs": "MACs", "latency_ms": "latency (ms, batch 1)"}
+FINAL_KEY = "final"
+
+
+def pareto_mask(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
+    """True where no other point is at least as accurate and at most as costly with one
+    strict improvement. Exact duplicates do not dominate each other: both stay."""
+    acc = np.asarray(list(accuracy), dtype=float)
+    cst = np.asarray(list(cost), dtype=float)
+    if acc.shape != cst.shape:
+        raise ValueError("accuracy and cost must have the same length")
+    valid = np.isfinite(acc) & np.isfinite(cst)
+    mask = np.zeros(len(acc), dtype=bool)
+    # sweep by cost ascending, accuracy descending: a point is on the front iff it beats
+    # the best accuracy seen at strictly lower cost and ties the best at its own cost
+    order = np.lexsort((-acc, cst))
+    best_below = -np.inf
+    i = 0
+    idx = [k for k in order if valid[k]]
+    while i < len(idx):
+        j = i
+        while j < len(idx) and cst[idx[j]] == cst[idx[i]]:
+            j += 1
+        group = idx[i:j]
+        top = max(acc[k] for k in group)
+        if top > best_below:
+            for k in group:
+                mask[k] = acc[k] == top
+            best_below = top
+        i = j
+    return mask
+
+
+def load_trials(experiment_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per trial with a final measurement, from every ``result.json`` below the
+    experiment directory (Tune writes one per trial, JSON lines, newest last)."""
+    root = Path(experiment_dir)
+    if not root.is_dir():
+        raise EffrayError(f"experiment directory {str(root)!r} does not exist; pass the directory `effray tune` printed")
+    rows = []
+    for result in sorted(root.rglob("result.json")):
+        final = None
+        for line in result.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by a crash
+            if record.get(FINAL_KEY):
+                final = record
+        if final is not None:
+            rows.append(_flatten(final, trial_dir=str(result.parent)))
+    if not rows:
+        raise EffrayError(f"no finished trials under {root}; let at least one trial complete (or re-run `effray tune` to resume)")
+    return pd.DataFrame(rows)
+
+
+def _flatten(record: dict[str, Any], trial_dir: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"trial_dir": trial_dir, "trial_id": record.get("trial_id", Path(trial_dir).name)}
+    for key, value in record.items():
+        if key == "config" and isinstance(value, dict):
+            for ck, cv in _walk(value, "config"):
+                row[ck] = cv
+        elif not isinstance(value, (dict, list)):
+            row[key] = value
+    return row
+
+
+def _walk(d: dict[str, Any], prefix: str) -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}.{k}")
+        else:
+            yield f"{prefix}.{k}", v if not isinstance(v, list) else json.dumps(v)
+
+
+def add_pareto_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``pareto_<cost>`` boolean columns for every cost the table has."""
+    out = df.copy()
+    for cost in COSTS:
+        if cost in out.columns and "accuracy" in out.columns:
+            out[f"pareto_{cost}"] = pareto_mask(out["accuracy"], out[cost])
+    return out
+
+
+def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_ms: float | None = None) -> pd.Series | None:
+    """The most accurate row within the budget (smaller artifact breaks ties), or None."""
+    keep = np.ones(len(df), dtype=bool)
+    if max_size_kb is not None:
+        keep &= df["bytes"].to_numpy() <= max_size_kb * 1024
+    if max_latency_ms is not None:
+        keep &= df["latency_ms"].to_numpy() <= max_latency_ms
+    within = df[keep]
+    if within.empty:
+        return None
+    return within.sort_values(["accuracy", "bytes"], ascending=[False, True]).iloc[0]
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str, Any] | None = None,
+                 max_size_kb: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
+    """Write results.parquet/.csv, report.md and pareto.png; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = add_pareto_columns(df).sort_values("accuracy", ascending=False).reset_index(drop=True)
+    _atomic_write(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
+    _atomic_write(out / "results.csv", lambda p: table.to_csv(p, index=False))
+    pick = best_within(table, max_size_kb, max_latency_ms) if (max_size_kb or max_latency_ms) else None
+    _atomic_write(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms)))
+    _atomic_write(out / "pareto.png", lambda p: plot_pareto(table, p, teacher))
+    summary: dict[str, Any] = {
+        "trials": len(table),
+        "report": str((out / "report.md").resolve()),
+        "pareto": {c: int(table[f"pareto_{c}"].sum()) for c in COSTS if f"pareto_{c}" in table},
+        "best_accuracy": float(table["accuracy"].max()),
+    }
+    if max_size_kb or max_latency_ms:
+        summary["budget_pick"] = None if pick is None else {
+            "trial_id": pick["trial_id"], "accuracy": float(pick["accuracy"]),
+            "bytes": int(pick["bytes"]), "artifact": pick.get("artifact"),
+        }  # fmt: skip
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "★" if value else ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Series | None,
+              max_size_kb: float | None, max_latency_ms: float | None) -> str:
+    cols = [c for c in ("trial_id", "accuracy", "bytes", "macs", "latency_ms", "size_ratio", "pareto_bytes",
+                        "pareto_macs", "pareto_latency_ms") if c in table]  # fmt: skip
+    cols += [c for c in table.columns if c.startswith("config.") and table[c].nunique(dropna=False) > 1]
+    lines = ["# effray compression report", ""]
+    if teacher:
+        lines += [f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}, {_fmt(teacher.get('bytes'))} bytes, "
+                  f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.", ""]
+    lines += [f"{len(table)} trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost).", ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for _, row in table.iterrows()]
+    if max_size_kb or max_latency_ms:
+        budget = ", ".join(b for b in (f"≤ {max_size_kb} KB" if max_size_kb else "",
+                                       f"≤ {max_latency_ms} ms" if max_latency_ms else "") if b)  # fmt: skip
+        lines += ["", f"## Best within budget ({budget})", ""]
+        lines += ["No trial fits this budget." if pick is None else
+                  f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}, {int(pick['bytes'])} bytes, "
+                  f"artifact `{pick.get('artifact')}`"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str, Any] | None = None) -> None:
+    """All trials per cost axis (log scale), the front highlighted, the teacher marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = [c for c in COSTS if c in table]
+    fig, axes = plt.subplots(1, len(costs), figsize=(5 * len(costs), 4), squeeze=False)
+    for ax, cost in zip(axes[0], costs):
+        front = table[table[f"pareto_{cost}"]].sort_values(cost)
+        ax.scatter(table[cost], table["accuracy"], s=18, c="0.6", label="trials")
+        ax.step(front[cost], front["accuracy"], where="post", c="C3")
+        ax.scatter(front[cost], front["accuracy"], s=30, c="C3", label="Pareto front")
+        if teacher and teacher.get(cost):
+            ax.scatter([teacher[cost]], [teacher["accuracy"]], marker="*", s=160, c="C0", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel(COSTS[cost])
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
