@@ -6,7 +6,7 @@
 (b) effray: the canonical Parquet streamed through Ray Data with the same augmentations
     (``flip|rotate(10)``), vectorised over batches, normalised float32 NCHW out.
 
-Also prints the peak resident memory of the whole Ray process tree while streaming 1×
+Also prints the peak memory (PSS) of this process and all Ray processes while streaming 1×
 and 4× the data: streaming should keep it flat. Last line: ``ratio_vs_torch_dataloader=<x>``.
 
     python bench/data_throughput.py [--parquet ../shared/data/cifar10-train.parquet] [--rows 50000]
@@ -71,8 +71,8 @@ def torch_dataloader_rate(path: str, rows: int, batch_size: int, epochs: int) ->
     return max(rates)
 
 
-class PeakRss:
-    """Samples the summed RSS of this process and every Ray process on the machine."""
+class PeakMemory:
+    """Samples the summed PSS of this process and every Ray process on the machine."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -85,8 +85,9 @@ class PeakRss:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             if int(pid) != os.getpid() and b"ray" not in cmd:
                 return 0
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            # PSS, not RSS: the object store's shared pages would be counted once per process
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     return int(line.split()[1]) * 1024
         except (OSError, ValueError):
             pass
@@ -98,7 +99,7 @@ class PeakRss:
             self.peak = max(self.peak, total)
             time.sleep(0.2)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -113,14 +114,14 @@ def effray_rate(data_dir: str, batch_size: int, epochs: int) -> tuple[float, int
     ds = train_dataset(cfg, clock=clock)
     meta = load_meta(data_dir)
     rates = []
-    with PeakRss() as rss:
+    with PeakMemory() as mem:
         for epoch in range(epochs):
             start, seen = time.perf_counter(), 0
             for batch in torch_batches(ds, meta, batch_size, clock=clock, epoch=epoch):
                 seen += len(batch["label"])
             rates.append(seen / (time.perf_counter() - start))
     kill_clock(clock)
-    return max(rates), rss.peak
+    return max(rates), mem.peak
 
 
 def replicate(data_dir: str, times: int, out: str) -> str:
@@ -154,9 +155,9 @@ def main() -> None:
         print(f"rows={n} batch_size={args.batch_size} cores={os.cpu_count()} policy={POLICY!r}")
 
         ours, peak1 = effray_rate(data, args.batch_size, args.epochs)
-        print(f"effray_ray_data_images_per_s={ours:.0f} peak_rss_1x_mb={peak1 / 2**20:.0f}")
+        print(f"effray_ray_data_images_per_s={ours:.0f} peak_pss_1x_mb={peak1 / 2**20:.0f}")
         _, peak4 = effray_rate(replicate(data, 4, os.path.join(work, "x4")), args.batch_size, 1)
-        print(f"peak_rss_4x_mb={peak4 / 2**20:.0f} peak_rss_ratio_4x_vs_1x={peak4 / peak1:.2f}")
+        print(f"peak_pss_4x_mb={peak4 / 2**20:.0f} peak_pss_ratio_4x_vs_1x={peak4 / peak1:.2f}")
         ray.shutdown()
 
         theirs = torch_dataloader_rate(args.parquet, args.rows, args.batch_size, args.epochs)
