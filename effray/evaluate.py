@@ -1,0 +1,157 @@
+"""``effray evaluate``: accuracy, per-class accuracy and loss of any checkpoint on any data.
+
+Data is either a prepared dataset (``effray data prepare``; raw pixels, a split) or
+Parquet with encoded image bytes + label (the shared ``cifar10-train.parquet`` schema).
+The checkpoint is opened by :func:`effray.train.checkpoint.load_checkpoint`, which
+dispatches on the payload's ``format``: a compressed artifact evaluates the same way
+once its stage registers its format. Runs in-process, without Ray: one model, one pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from effray.config import option, require
+from effray.errors import EffrayError
+
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Which checkpoint on which data."""
+
+    checkpoint: str = option("", "checkpoint directory (or its model.pt) from effray train")
+    data: str = option("", "a prepared dataset directory, or Parquet (file or folder) with encoded image bytes + label")
+    batch_size: int = option(500, "images per forward pass")
+    split: str = option("val", "split to evaluate when --data is a prepared dataset")
+
+    def validate(self) -> None:
+        require(bool(self.checkpoint), "--checkpoint PATH is required (a run's checkpoint directory or model.pt)")
+        require(bool(self.data), "--data is required (a prepared dataset directory or a Parquet file)")
+        require(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
+
+
+def _plugins() -> None:
+    """Import the stages that register checkpoint formats (compression), when installed;
+    a stage that is present but broken fails loudly."""
+    for mod in ("effray.compress",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """:func:`effray.train.checkpoint.load_checkpoint` with every stage's format registered:
+    ``(model in eval mode, payload)`` for a trained checkpoint or a compressed artifact."""
+    from effray.train.checkpoint import load_checkpoint as load
+
+    _plugins()
+    return load(path)
+
+
+def prepared_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> tuple[dict[str, Any], Batches]:
+    """(meta, batches of uint8 NHWC images + int64 labels) of one split of a prepared dataset."""
+    import pyarrow.parquet as pq
+
+    from effray.data.prepare import load_meta, split_files
+
+    meta = load_meta(data_dir)
+    files, shape = split_files(data_dir, split), tuple(meta["image_shape"])
+
+    def gen() -> Batches:
+        for f in files:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
+                raw = rb.column("image").to_pylist()
+                images = np.frombuffer(bytearray(b"".join(raw)), dtype=np.uint8).reshape(len(raw), *shape)
+                yield images, rb.column("label").to_numpy().astype(np.int64)
+
+    return meta, gen()
+
+
+def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, int]) -> Batches:
+    """Batches from Parquet with encoded image bytes + label; unreadable rows are skipped
+    and counted in ``counter["skipped_bad"]``."""
+    from effray.data.sources import load_chunk, plan_source
+
+    plan = plan_source(f"parquet:{path}")
+    for chunk in plan.chunks:
+        decoded, labels = load_chunk(chunk, channels)
+        ok = [i for i, e in enumerate(decoded.errors) if not e]
+        counter["skipped_bad"] += len(decoded.errors) - len(ok)
+        if ok:
+            shapes = {decoded.images[i].shape for i in ok}
+            require(len(shapes) == 1, f"{path} mixes image sizes {sorted(shapes)}; evaluate one size at a time")
+            yield np.stack([decoded.images[i] for i in ok]), labels[ok]
+
+
+def score(model: Any, batches: Batches, mean: list[float], std: list[float], num_classes: int,
+          batch_size: int, image_shape: list[int] | None = None) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy and per-class accuracy of ``model`` over ``batches``,
+    normalised exactly as training normalised its validation batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from effray.data.pipeline import normalize_tensor
+
+    correct = loss = 0.0
+    per_ok, per_n = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    model.eval()
+    with torch.no_grad():
+        for images, labels in batches:
+            if image_shape is not None and list(images.shape[1:]) != list(image_shape):
+                raise EffrayError(f"images are {list(images.shape[1:])} (HWC), the model was trained on {list(image_shape)}")
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                raise EffrayError(f"data has label {int(labels.max())}, the checkpoint's model predicts {num_classes} classes; "
+                                  "it belongs to another dataset")  # fmt: skip
+            for i in range(0, len(labels), batch_size):
+                x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std)
+                y = torch.from_numpy(labels[i:i + batch_size])
+                logits = model(x).float()
+                pred = logits.argmax(dim=1)
+                correct += float((pred == y).sum())
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                per_ok += np.bincount(y[pred == y].numpy(), minlength=num_classes)
+                per_n += np.bincount(y.numpy(), minlength=num_classes)
+    count = int(per_n.sum())
+    require(count > 0, "no images to evaluate (empty split or every row unreadable)")
+    return {"accuracy": correct / count, "loss": loss / count, "count": count,
+            "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)]}  # fmt: skip
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Load the checkpoint, stream the data, return one JSON-able result dict."""
+    model, payload = load_checkpoint(cfg.checkpoint)
+    spec, info = payload.get("model_spec", {}), payload.get("data")
+    if not info or "mean" not in info:
+        raise EffrayError(f"checkpoint {cfg.checkpoint} (format {payload['format']}) has no data normalisation; can't evaluate it")
+    num_classes = int(spec.get("num_classes", info["num_classes"]))
+    classes = list(info.get("classes") or range(num_classes))
+    counter = {"skipped_bad": 0}
+    data = Path(cfg.data)
+    if (data / "meta.json").is_file():
+        meta, batches = prepared_batches(data, cfg.split, cfg.batch_size)
+        require(int(meta["num_classes"]) == num_classes,
+                f"checkpoint {cfg.checkpoint} is a {num_classes}-class {spec.get('name', 'model')}, "
+                f"dataset {cfg.data} has {meta['num_classes']} classes: a checkpoint from another model/dataset")  # fmt: skip
+        where = {"split": cfg.split}
+    else:
+        require(data.exists(), f"--data {cfg.data!r} does not exist")
+        batches = encoded_batches(data, int(info["image_shape"][2]), counter)
+        where = {}
+    result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"))
+    return {
+        "accuracy": result["accuracy"], "loss": result["loss"], "count": result["count"],
+        "per_class_accuracy": dict(zip([str(c) for c in classes], result["per_class"])),
+        "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), **where,
+        "model": spec.get("name"), "format": payload["format"], "skipped_bad": counter["skipped_bad"],
+    }  # fmt: skip

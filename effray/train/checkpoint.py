@@ -1,0 +1,162 @@
+"""Checkpoints that describe themselves, load safely and survive a corrupt newest copy.
+
+A checkpoint is a directory holding ``model.pt``: one ``torch.save``d dict of plain
+types and tensors (so ``torch.load(weights_only=True)`` reads it and nothing else can
+run code on load). Its ``format`` key says which builder turns it back into a model;
+training writes ``effray.train/1`` and later stages (compression) register their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effray import __version__
+from effray.errors import EffrayError
+from effray.registry import Registry
+
+log = logging.getLogger(__name__)
+
+FILENAME = "model.pt"
+TRAIN_FORMAT = "effray.train/1"
+# format -> builder(payload) -> nn.Module with the payload's weights loaded
+FORMATS: Registry[Callable[[dict[str, Any]], nn.Module]] = Registry("checkpoint format")
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``model.pt`` inside a checkpoint directory, or the file itself."""
+    p = Path(path)
+    return p / FILENAME if p.is_dir() else p
+
+
+def save_payload(directory: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``directory/model.pt`` atomically (temp file + rename), so a
+    crash mid-write never leaves a half file under the real name."""
+    out = Path(directory) / FILENAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{FILENAME}.tmp-{uuid.uuid4().hex[:6]}")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def read_payload(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint's dict with ``weights_only=True`` only; anything that needs
+    arbitrary unpickling (a crafted file) or is truncated is a one-line EffrayError."""
+    f = checkpoint_file(path)
+    if not f.is_file():
+        raise EffrayError(f"no checkpoint at {str(path)!r} (expected a checkpoint directory or its {FILENAME})")
+    try:
+        payload = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(exc).__name__)
+        raise EffrayError(f"refusing to load {f}: it needs more than weights-only unpickling ({why[:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zips, bad magic, I/O errors
+        raise EffrayError(f"checkpoint {f} is unreadable ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise EffrayError(f"{f} is not an effray checkpoint (no 'format' key)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The one loader: ``(model in eval mode on CPU, payload)`` for any registered format.
+
+    Evaluation and compression call this and never look inside a format themselves."""
+    payload = read_payload(path)
+    model = FORMATS.get(payload["format"])(payload)
+    return model.eval(), payload
+
+
+@FORMATS.register(TRAIN_FORMAT)
+def _build_trained(payload: dict[str, Any]) -> nn.Module:
+    from effray.models import build_model
+
+    spec = payload["model_spec"]
+    model = build_model(**spec)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise EffrayError(f"checkpoint weights don't fit model {spec}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def first_readable(candidates: Sequence[str | os.PathLike],
+                   read: Callable[[str], dict[str, Any]] = read_payload) -> tuple[str, dict[str, Any]]:
+    """The first checkpoint in ``candidates`` (newest first) that loads; unreadable ones are
+    skipped with a warning. A crash while a checkpoint was written, or a disk that ate
+    the newest file, then costs a few epochs instead of the run. ``read`` fetches one
+    (e.g. from remote storage) and returns its payload."""
+    problems = []
+    for c in candidates:
+        try:
+            return str(c), read(str(c))
+        except EffrayError as exc:
+            log.warning("skipping checkpoint %s: %s", c, exc)
+            problems.append(str(exc))
+    raise EffrayError(f"none of the {len(problems)} checkpoints is readable; last problem: {problems[-1] if problems else 'no checkpoints'}")
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch (CPU, CUDA) and Python RNG states, as weights-only-loadable types."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_payload(*, model_state: dict[str, torch.Tensor], model_spec: dict[str, Any],
+                  optimizer: dict[str, Any], scheduler: dict[str, Any], epoch: int,
+                  config: dict[str, Any], data: dict[str, Any], history: list[dict[str, Any]],
+                  provenance: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+    """Everything needed to resume (weights, optimizer, scheduler, epoch, RNG) and to know
+    where the weights came from (resolved config, data checksum and normalisation,
+    effray version, git SHA). Metadata goes through JSON so only plain types reach the
+    pickle (a str subclass like ``torch.__version__`` would make weights-only loading fail)."""
+    plain = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731
+    config, data, history, provenance = plain(config), plain(data), plain(history), plain(provenance)
+    return {
+        "format": TRAIN_FORMAT,
+        "model": model_state,
+        "model_spec": dict(model_spec),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "epoch": int(epoch),
+        "rng": rng_state(),
+        "config": config,
+        "data": data,
+        "history": history,
+        "elapsed_s": float(elapsed_s),
+        "provenance": {"effray_version": __version__, **provenance},
+    }
+
+
+def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of the training data's meta.json: evaluation needs the
+    normalisation and classes; provenance needs the checksum."""
+    return {
+        "checksum": meta.get("source_checksum", ""),
+        "source": meta.get("source", ""),
+        "classes": list(meta["classes"]),
+        "num_classes": int(meta["num_classes"]),
+        "image_shape": list(meta["image_shape"]),
+        "mean": [float(m) for m in meta["mean"]],
+        "std": [float(s) for s in meta["std"]],
+    }

@@ -1,0 +1,116 @@
+"""``TrainConfig``: every knob of `effray train`, one frozen dataclass.
+
+The same definition gives the CLI flags (the nested :class:`DataConfig` flattens into
+``--data``, ``--augment``, ``--seed``...), the dict the workers rebuild it from, the
+wandb config and the checkpoint's provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from effray.config import option, require, to_dict
+from effray.data.pipeline import DataConfig
+
+# Issue 4 adds "pipeline"; the loop only talks to a Strategy (effray.train.strategy).
+PARALLEL = ("ddp",)
+SCHEDULES = ("onecycle", "cosine")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+# Fields that don't change what a run computes: left out of the default run name, so
+# re-running a command with another --max-failures or wandb project still resumes it.
+_NOT_IN_NAME = {"storage", "name", "wandb_project", "no_wandb", "wandb_mode", "max_failures",
+                "inject_failure_at_epoch", "keep_checkpoints", "checkpoint_every", "data_cpus"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train, how, on how many workers, and where results go."""
+
+    data: DataConfig = DataConfig()
+    model: str = option("fastnet", "model name (see effray.models.model_names())")
+    width: float = option(1.0, "channel width multiplier")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(512, "global batch size: images per optimizer step across all workers")
+    lr: float = option(0.2, "peak learning rate (for the global batch)")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "weight decay (never on norm weights or biases)")
+    label_smoothing: float = option(0.1, "label smoothing for the cross-entropy")
+    schedule: str = option("onecycle", "per-step LR schedule: onecycle (linear up, linear down) or cosine (linear warm-up, cosine down)", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "epochs of linear warm-up to the peak LR")
+    workers: int = option(2, "data-parallel workers (Ray Train workers)")
+    gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, 0 on CPUs with gloo")
+    cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
+    data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task; workers x cpus-per-worker + this must fit the cluster")
+    channels_last: bool = option(True, "channels-last memory format on GPU (ignored on CPU)")
+    compile: bool = option(False, "torch.compile the model")
+    amp: bool = option(True, "bf16 autocast on GPU (ignored on CPU)")
+    checkpoint_every: int = option(1, "checkpoint every N epochs (and always after the last)")
+    keep_checkpoints: int = option(2, "checkpoints to keep (the newest; >= 2 lets a corrupt newest fall back)")
+    max_failures: int = option(2, "worker-group restarts from the latest checkpoint before giving up (-1 = forever)")
+    storage: str = option("runs", "where runs live (a shared path on multi-node clusters)")
+    name: str = option("", "run name; the same --storage/--name resumes that run (default: derived from the config)")
+    wandb_project: str = option("effray", "Weights & Biases project")
+    no_wandb: bool = option(False, "turn Weights & Biases off")
+    wandb_mode: str = option("auto", "wandb mode; auto = online with an API key, else offline (wandb sync later)", choices=WANDB_MODES)
+    parallel: str = option("ddp", "parallelism strategy", choices=PARALLEL)
+    inject_failure_at_epoch: int = option(-1, "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this epoch (1-based; -1 = never)")
+
+    @property
+    def seed(self) -> int:
+        """One seed for init, shuffling and augmentation (the ``--seed`` flag lives on ``data``)."""
+        return self.data.seed
+
+    def validate(self) -> None:
+        from effray.models import model_names
+
+        require(self.model in model_names(), f"unknown model {self.model!r}; valid: {', '.join(model_names())}")
+        require(self.width > 0, f"--width must be > 0, got {self.width}")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--workers", self.workers)):
+            require(value > 0, f"{flag} must be a positive integer, got {value}")
+        require(self.batch_size % self.workers == 0,
+                f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers} (each worker takes an equal share)")  # fmt: skip
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
+        require(self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        require(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
+        require(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        require(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
+        require(bool(self.storage), "--storage must name a directory")
+        require(not self.name or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None,
+                f"--name {self.name!r} may use letters, digits, '_', '.', '-' only")  # fmt: skip
+        require(self.no_wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
+        require(self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.epochs,
+                f"--inject-failure-at-epoch must be -1 or in 1..{self.epochs}")  # fmt: skip
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // self.workers
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """``<model>-<hash of what the run computes>``: the same command gets the same name,
+    so re-running it resumes instead of starting over (Ray restores by name)."""
+    d = to_dict(cfg)
+    d = {k: v for k, v in d.items() if k not in _NOT_IN_NAME}
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.model}-{digest}"
+
+
+# The fields that fix the architecture: a run resumed with others can't load its checkpoint.
+def model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config dict a checkpoint's weights depend on."""
+    return {"model": cfg.get("model"), "width": float(cfg.get("width", 0.0))}

@@ -1,0 +1,322 @@
+"""The per-worker training function: all the torch code of `effray train`, top to bottom.
+
+Ray Train runs :func:`train_loop_per_worker` on every worker: rebuild the config, build
+the model, restore the newest readable checkpoint, then per epoch stream this rank's
+shard, step, validate on the whole split (each rank scores its own rows; the sums are
+all-reduced), report, and checkpoint from rank 0. Parallelism is the Strategy's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from effray.config import from_dict
+from effray.data.pipeline import torch_batches
+from effray.errors import EffrayError
+from effray.models import build_model
+from effray.tracking import NullTracker, TrackerSettings, make_tracker
+from effray.train.checkpoint import (
+    first_readable,
+    read_payload,
+    save_payload,
+    set_rng_state,
+    train_payload,
+)
+from effray.train.config import TrainConfig
+from effray.train.strategy import Strategy, make_strategy, prepare_model
+
+FAILURE_MARKER = ".effray-injected-failure"
+HISTORY_FILE = "history.jsonl"
+
+
+class Schedule:
+    """LR multiplier per optimizer step. A callable object (not a lambda) so LambdaLR's
+    state_dict round-trips through a weights-only checkpoint."""
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int) -> None:
+        self.kind, self.total, self.warmup = kind, max(1, total_steps), max(0, min(warmup_steps, total_steps))
+
+    def __call__(self, step: int) -> float:
+        t = min(step, self.total)
+        if t < self.warmup:
+            return 0.1 + 0.9 * t / self.warmup
+        rest = (t - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * rest))
+        return 1.0 - rest  # one-cycle: linear up, linear down to zero
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only: decaying norm scales and biases just
+    fights the normalisation (1-D tensors are exactly those)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def soft_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
+    """Cross-entropy against soft targets (mixup/cutmix) when the batch has them, else
+    against labels; label smoothing either way."""
+    if "target" in batch:
+        target = batch["target"].to(logits.device).float()
+        target = target * (1 - smoothing) + smoothing / logits.shape[1]
+        return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    return F.cross_entropy(logits, batch["label"].to(logits.device), label_smoothing=smoothing)
+
+
+def say(line: str) -> None:
+    """A line to the worker's stdout (shown on the driver). Not ``print``: Ray Train
+    patches it and, when stdout is wrapped, each line comes out twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _world() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op alone). Gloo reduces CPU tensors, NCCL CUDA ones."""
+    if _world():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def from_rank0(values: list[int], device: torch.device) -> list[int]:
+    """Rank 0's integers on every rank (start epoch, attempt token): ranks must agree."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    if _world():
+        dist.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Re-derive every RNG from (seed, epoch, rank) so a resumed epoch draws the same
+    numbers as an uninterrupted run would have."""
+    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def restore(rank: int) -> tuple[str, dict[str, Any]] | None:
+    """The newest readable checkpoint Ray knows for this run (after a restart, or a re-run
+    of the same --storage/--name), falling back to older ones when the newest is corrupt."""
+    if ray.train.get_checkpoint() is None:
+        return None
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+    order = sorted(enumerate(reported), key=lambda ic: (ic[1].metrics.get("epoch", 0), ic[0]), reverse=True)
+    by_path = {r.checkpoint.path: r.checkpoint for _, r in order} or {ray.train.get_checkpoint().path: ray.train.get_checkpoint()}
+    paths = list(by_path)
+
+    def read(path: str) -> dict[str, Any]:
+        with by_path[path].as_directory() as d:  # no copy on local storage
+            return read_payload(d)
+
+    try:
+        return first_readable(paths, read=read)
+    except EffrayError:
+        if rank == 0:
+            say(f"[effray] no readable checkpoint among {len(paths)}; starting from scratch")
+        return None
+
+
+def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[str, Any], batch: int,
+             rank: int, world: int, num_classes: int) -> dict[str, Any]:
+    """Accuracy, loss and per-class accuracy on the *whole* validation split.
+
+    Every rank reads the full split and scores the rows with ``index % world == rank``;
+    summing (correct, loss, count, per-class) over ranks gives exactly the full split's
+    numbers, with no row dropped or counted twice."""
+    model.eval()  # running BN statistics, and none of them updated by validation
+    strategy.sync_for_eval(model)
+    sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64)
+    for b in torch_batches(shard, meta, batch):
+        keep = (b["index"] % world) == rank
+        if not bool(keep.any()):
+            continue
+        labels = b["label"][keep]
+        logits = strategy.predict(model, b["image"][keep]).cpu()
+        pred = logits.argmax(dim=1)
+        sums[0] += (pred == labels).sum()
+        sums[1] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[2:2 + num_classes] += torch.bincount(labels[pred == labels], minlength=num_classes)
+        sums[2 + num_classes:] += torch.bincount(labels, minlength=num_classes)
+    sums = all_sum(sums.to(strategy.reduce_device)).cpu()
+    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2:2 + num_classes], sums[2 + num_classes:]
+    count = float(per_n.sum())
+    return {"val_accuracy": float(correct) / max(count, 1.0), "val_loss": float(loss) / max(count, 1.0),
+            "val_count": int(count), "val_per_class_accuracy": [float(o / n) if n else None for o, n in zip(per_ok, per_n)]}  # fmt: skip
+
+
+def _progress(epoch: int, total: int, m: dict[str, Any], eta_s: float) -> str:
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
+    return (f"[effray] epoch {epoch}/{total}  loss {m['train_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  {m['images_per_s']:,.0f} img/s  lr {m['lr']:.4g}  ETA {eta}")  # fmt: skip
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function. ``config`` = {"train": to_dict(TrainConfig),
+    "run": what the driver resolved (run dir, clock, data summary, steps, tracker)}."""
+    cfg = from_dict(TrainConfig, config["train"])
+    run = config["run"]
+    data = run["data"]
+    run_dir = Path(run["run_dir"]) if run["run_dir"] else None  # None: remote storage
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if device.type == "cpu":  # cheap on CPU; on GPU it would forbid fast non-deterministic kernels
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+
+    num_classes = int(data["num_classes"])
+    model = build_model(cfg.model, num_classes, int(data["image_shape"][2]), cfg.width)
+    restored = restore(rank)
+    payload = restored[1] if restored else None
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    strategy = make_strategy(cfg.parallel, device, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp)
+    model = prepare_model(model, strategy)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
+    steps = int(run["steps_per_epoch"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, Schedule(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+    history: list[dict[str, Any]] = []
+    start, elapsed = 0, 0.0
+    if payload is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])
+    token = random.SystemRandom().randrange(16**6)
+    start, token = from_rank0([start, token], strategy.reduce_device)
+    resumed_from = start if payload is not None else None
+    if rank == 0 and payload is not None:
+        say(f"[effray] resuming {run['name']} from {restored[0]} (epoch {start}/{cfg.epochs})")
+
+    gpu_policy = None
+    if cfg.data.augment_on == "gpu":
+        from effray.data.augment_torch import parse_policy_torch
+
+        gpu_policy = parse_policy_torch(cfg.data.augment, num_classes)
+    meta = {"mean": data["mean"], "std": data["std"]}
+    loss_fn = lambda logits, batch: soft_cross_entropy(logits, batch, cfg.label_smoothing)  # noqa: E731
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    tracker = make_tracker(TrackerSettings(**run["tracker"])) if rank == 0 and run["tracker"] and start < cfg.epochs else NullTracker()
+    victim = 1 if world > 1 else 0
+    epoch_times: list[float] = []
+    try:
+        for epoch in range(start, cfg.epochs):
+            seed_epoch(cfg.seed, epoch, rank)
+            model.train()
+            t0 = time.perf_counter()
+            sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
+            waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
+            batches = torch_batches(train_shard, meta, cfg.per_worker_batch, clock=run["clock"], epoch=epoch,
+                                    shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
+                                    normalise=gpu_policy is None)  # fmt: skip
+            for step, batch in enumerate(batches):
+                waited += time.perf_counter() - asked
+                if gpu_policy is not None:
+                    batch = augment_on_device(batch, gpu_policy, meta, device, (cfg.seed, epoch, rank, step))
+                optimizer.zero_grad(set_to_none=True)
+                loss = strategy.forward_backward(model, batch["image"], batch, loss_fn)
+                optimizer.step()
+                scheduler.step()
+                n = len(batch["label"])
+                sums += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=loss.device)]).to(sums.device)
+                if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
+                    _die_once(run_dir)
+                asked = time.perf_counter()
+            sums = all_sum(torch.cat([sums, torch.tensor([waited], dtype=torch.float64, device=sums.device)])).cpu()
+            train_s = time.perf_counter() - t0
+            metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
+                       "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
+                       "data_wait_s": float(sums[2]) / world}  # fmt: skip
+            metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),
+                                    rank, world, num_classes))  # fmt: skip
+            epoch_times.append(time.perf_counter() - t0)
+            elapsed += epoch_times[-1]
+            metrics.update(epoch_s=epoch_times[-1], elapsed_s=elapsed)
+            history.append({k: v for k, v in metrics.items() if k != "val_per_class_accuracy"})
+            last = epoch + 1 == cfg.epochs
+            if rank == 0:
+                eta = (cfg.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
+                say(_progress(epoch + 1, cfg.epochs, metrics, eta))
+                tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=epoch + 1)
+                if run_dir is not None:
+                    _append_history(run_dir, {**history[-1], "attempt": f"{token:06x}", "resumed_from": resumed_from})
+            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+                with tempfile.TemporaryDirectory(prefix="effray-ckpt-") as tmp:
+                    ckpt = None
+                    if rank == 0:
+                        f = save_payload(tmp, train_payload(
+                            model_state=strategy.state_dict(model), model_spec=dict(strategy.unwrap(model).spec),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
+                            config=config["train"], data=data, history=history, provenance=run["provenance"],
+                            elapsed_s=elapsed))  # fmt: skip
+                        if last:
+                            tracker.log_checkpoint(str(f), f"{run['name']}-model", {"epoch": epoch + 1, **metrics})
+                        ckpt = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}-{token:06x}")
+            else:
+                ray.train.report(metrics)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+
+
+def augment_on_device(batch: dict[str, Any], policy: Any, meta: dict[str, Any], device: torch.device,
+                      key: tuple[int, int, int, int]) -> dict[str, Any]:
+    """``--augment-on gpu``: uint8 NHWC batch -> augmented, normalised NCHW on the device,
+    with a generator seeded from (seed, epoch, rank, step) so runs repeat exactly."""
+    from effray.data.augment_torch import batch_generator, normalize_torch
+
+    seed, epoch, rank, step = key
+    g = batch_generator(seed, epoch, (rank << 32) + step, device)
+    out = policy({k: v.to(device, non_blocking=True) for k, v in batch.items()}, g)
+    out["image"] = normalize_torch(out["image"], meta["mean"], meta["std"])
+    return out
+
+
+def _die_once(run_dir: Path) -> None:
+    """The fault-injection knob: exit hard (as an OOM kill would) the first time only; the
+    marker in the run dir stops the restarted worker from dying again."""
+    marker = run_dir / FAILURE_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"pid {os.getpid()} died on purpose at {time.time():.0f}\n")
+    say("[effray] injected failure: this worker exits now")
+    os._exit(1)
+
+
+def _append_history(run_dir: Path, record: dict[str, Any]) -> None:
+    """Every epoch actually run, one JSON line each, across restarts (the checkpoint's
+    history only holds the lineage that survived): how "no epoch ran twice" is checked."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / HISTORY_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # remote storage path: nothing local to append to
+        say(f"[effray] history not written ({exc})")

@@ -1,0 +1,193 @@
+"""The driver of `effray train`: check everything, then build and fit a ``TorchTrainer``.
+
+All checks that can fail on user input run here, before any worker starts (Ray would
+wait forever for resources the cluster lacks, and a worker's error is retried
+``max_failures`` times). The run's name is deterministic, so the same command with the
+same ``--storage`` resumes its run: Ray Train V2 restores a run by ``RunConfig(name,
+storage_path)`` and hands the newest checkpoint to the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from effray.config import require, to_dict
+from effray.data.pipeline import (
+    DataConfig,
+    eval_dataset,
+    kill_clock,
+    train_dataset,
+    validate_data_dir,
+)
+from effray.errors import EffrayError
+from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
+from effray.train.checkpoint import data_summary
+from effray.train.config import TrainConfig, default_run_name, model_identity
+from effray.train.loop import HISTORY_FILE, train_loop_per_worker
+from effray.train.strategy import STRATEGIES
+
+RUN_FILE = "effray-run.json"
+SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
+                "elapsed_s", "val_per_class_accuracy")  # fmt: skip
+
+
+def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Fail in one line when the cluster can't ever hold the workers (plus one Ray Data
+    task), instead of letting Ray wait for them forever."""
+    w = cfg.workers
+    have_gpu = float(total.get("GPU", 0))
+    need_gpu = w * cfg.gpus_per_worker
+    require(need_gpu <= have_gpu,
+            f"--workers {w} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} GPUs, the cluster has {have_gpu:g}; "
+            "lower them (--gpus-per-worker 0 trains on CPUs) or add GPU nodes")  # fmt: skip
+    have_cpu = float(total.get("CPU", 0))
+    need_cpu = w * cfg.cpus_per_worker + cfg.data_cpus
+    require(need_cpu <= have_cpu,
+            f"--workers {w} x --cpus-per-worker {cfg.cpus_per_worker:g} + --data-cpus {cfg.data_cpus:g} (one Ray Data task) "
+            f"needs {need_cpu:g} CPUs, the cluster has {have_cpu:g}; lower them")  # fmt: skip
+    if nodes:
+        require(any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= cfg.gpus_per_worker for n in nodes),
+                f"no node has {cfg.cpus_per_worker:g} CPUs and {cfg.gpus_per_worker:g} GPUs for one worker; "
+                "lower --cpus-per-worker/--gpus-per-worker")  # fmt: skip
+
+
+def train_rows(data: DataConfig, meta: dict[str, Any]) -> int:
+    """Rows in the training stream (real + mixed-in synthetic), without reading them."""
+    n = int(meta["counts"].get("train", 0))
+    if data.synthetic and data.synthetic_ratio > 0:
+        n += int(round(data.synthetic_ratio / (1.0 - data.synthetic_ratio) * n))
+    return n
+
+
+def check_existing_run(run_dir: Path, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A run of the same name must hold the same architecture, or its checkpoints can't
+    load: say so now and touch nothing."""
+    f = run_dir / RUN_FILE
+    if not f.is_file():
+        return None
+    old = json.loads(f.read_text())
+    want = {**model_identity(to_dict(cfg)), "num_classes": int(meta["num_classes"])}
+    have = {**model_identity(old["config"]), "num_classes": int(old["data"]["num_classes"])}
+    require(want == have,
+            f"run {cfg.name!r} in {cfg.storage} holds a {have['model']} (width {have['width']:g}, {have['num_classes']} classes), "
+            f"not a {want['model']} (width {want['width']:g}, {want['num_classes']} classes); "
+            "use the same --model/--width/--data to resume it, or another --name")  # fmt: skip
+    return old
+
+
+def provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """Git SHA (when effray runs from a checkout), library versions, the data checksum."""
+    import ray
+    import torch
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {"git_sha": sha, "torch": str(torch.__version__), "ray": str(ray.__version__),
+            "data_checksum": meta.get("source_checksum", "")}  # fmt: skip
+
+
+def _count_lines(path: Path | None) -> int:
+    return sum(1 for _ in path.open()) if path is not None and path.is_file() else 0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _user_error(exc: BaseException) -> EffrayError | None:
+    for failure in getattr(exc, "worker_failures", {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, EffrayError):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) one run on the current Ray cluster; returns the final metrics,
+    the checkpoint path and where the run lives."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    meta = validate_data_dir(cfg.data.data)
+    require("val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
+            f"dataset {cfg.data.data} has no validation split; re-prepare it with --val-fraction > 0")  # fmt: skip
+    check_resources(cfg, ray.cluster_resources(),
+                    [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # fmt: skip
+    # a URI (s3://, gs://) goes to Ray as is; the run-dir extras (run file, epoch log) are local-only
+    local = "://" not in cfg.storage
+    storage = os.path.abspath(os.path.expanduser(cfg.storage)) if local else cfg.storage.rstrip("/")
+    require(local or cfg.inject_failure_at_epoch == -1, "--inject-failure-at-epoch needs a local --storage")
+    cfg = dataclasses.replace(cfg, storage=storage, name=cfg.name or default_run_name(cfg))
+    run_dir = Path(storage) / cfg.name if local else None
+    if run_dir is not None:
+        check_existing_run(run_dir, cfg, meta)
+    rows_per_rank = train_rows(cfg.data, meta) // cfg.workers
+    require(rows_per_rank >= 1, f"{train_rows(cfg.data, meta)} training rows can't feed {cfg.workers} workers; use fewer --workers")
+    strategy = STRATEGIES.get(cfg.parallel)
+    run_id = stable_run_id(storage, cfg.name)
+    mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=cfg.no_wandb)
+    cfg = dataclasses.replace(cfg, wandb_mode=mode)
+    prov = provenance(meta)
+    data = data_summary(meta)
+    tracker = None if mode == "disabled" else dataclasses.asdict(TrackerSettings(
+        project=cfg.wandb_project, name=cfg.name, run_id=run_id, mode=mode, dir=str(run_dir) if run_dir else "",
+        config={**to_dict(cfg), "provenance": prov, "data_summary": {k: data[k] for k in ("checksum", "source", "classes")}}))  # fmt: skip
+    if run_dir is not None and not (run_dir / RUN_FILE).is_file():
+        _write_json(run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()})
+    history = run_dir / HISTORY_FILE if run_dir else None
+    epochs_before = _count_lines(history)
+
+    clock = f"effray-clock-{run_id}"
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "run": {
+            "name": cfg.name, "run_dir": str(run_dir) if run_dir else "", "clock": clock, "data": data, "provenance": prov,
+            "steps_per_epoch": math.ceil(rows_per_rank / cfg.per_worker_batch), "tracker": tracker}},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # keep the newest (not the best): resuming and the corrupt-newest fallback need them
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="epoch",
+                                               checkpoint_score_order="max")),
+        datasets={"train": train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus),
+                  # decoded once here: every rank reads the whole split each epoch (see validate)
+                  "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
+        dataset_config=strategy.dataset_config(),
+    )  # fmt: skip
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        user = _user_error(exc)
+        if user is not None:
+            raise user from None
+        raise
+    finally:
+        kill_clock(clock)
+    metrics = result.metrics or {}
+    return {
+        "run": cfg.name, "run_dir": str(run_dir) if run_dir else f"{storage}/{cfg.name}",
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "epochs_run_now": _count_lines(history) - epochs_before if history else None,
+        **{k: metrics[k] for k in SUMMARY_KEYS if k in metrics},
+        "wandb": {"mode": mode, "run_id": run_id, "dir": str(run_dir / "wandb") if run_dir else None} if tracker else None,
+    }  # fmt: skip

@@ -1,0 +1,131 @@
+"""Parallelism strategies: how a model is placed, stepped and saved across Ray Train workers.
+
+The training loop never touches DDP directly; it asks a :class:`Strategy` to prepare the
+model, run forward+backward on a batch, predict, and hand back a plain state dict. DDP
+lives here; pipeline parallelism (issue 4) registers a second strategy behind the same
+four methods, plus its own Ray Data split (:meth:`Strategy.dataset_config`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from effray.registry import Registry
+
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class Strategy:
+    """Data-parallel by default; subclasses override what differs."""
+
+    name = "base"
+
+    def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool) -> None:
+        self.device = device
+        self.on_gpu = device.type == "cuda"
+        # channels-last and bf16 pay off on tensor cores; on CPU they slow these nets down
+        self.channels_last = channels_last and self.on_gpu
+        self.amp = amp and self.on_gpu
+        self.compile = compile
+        # where cross-rank sums live: gloo reduces CPU tensors, NCCL only CUDA ones
+        self.reduce_device = device
+
+    @classmethod
+    def dataset_config(cls) -> Any:
+        """How Ray Train hands datasets to workers.
+
+        Only "train" is split: Ray's split is ``equal=True`` and drops the remainder rows,
+        so validation reads the whole split on every rank and each rank scores its own
+        rows (``index % world == rank``). Order is preserved: the splitter then deals
+        the same rows to the same rank every run, so a seeded CPU run repeats exactly."""
+        import ray.train
+
+        options = ray.train.DataConfig.default_ingest_options()
+        options.preserve_order = True
+        return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def forward_backward(self, model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor],
+                         loss_fn: LossFn) -> torch.Tensor:
+        """One micro-step: loss on this rank's batch, gradients left on the parameters
+        (all-reduced by DDP's hooks during backward). Returns the detached loss."""
+        with self.autocast():
+            logits = model(self.inputs(images))
+        loss = loss_fn(logits.float(), batch)
+        loss.backward()
+        return loss.detach()
+
+    def sync_for_eval(self, model: nn.Module) -> None:
+        """Make every rank's model identical to rank 0's (the one checkpointed) before
+        validation. Parameters already are under DDP; BatchNorm running stats are not:
+        each rank updated them in its own last forward."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for buf in unwrap(model).buffers():
+                dist.broadcast(buf.data, src=0)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Logits from the plain module: DDP's forward broadcasts buffers (a collective),
+        and ranks score different numbers of validation batches."""
+        with self.autocast():
+            return unwrap(model)(self.inputs(images)).float()
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The plain module's weights on CPU, whatever wraps it (DDP, torch.compile)."""
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return unwrap(model)
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("parallel strategy")
+
+
+@STRATEGIES.register("ddp")
+class DDPStrategy(Strategy):
+    """DistributedDataParallel via ``ray.train.torch.prepare_model`` (NCCL or gloo, as the
+    TorchConfig set up the process group; no wrapping with one worker)."""
+
+    name = "ddp"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = ray.train.torch.prepare_model(model, move_to_device=self.device, parallel_strategy="ddp")
+        # compile the DDP-wrapped module so DDP's optimizer splits graphs at bucket boundaries
+        return torch.compile(model) if self.compile else model
+
+
+def make_strategy(name: str, device: torch.device, **kwargs: Any) -> Strategy:
+    """The registered strategy ``name`` for this worker's device."""
+    return STRATEGIES.get(name)(device, **kwargs)
+
+
+def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
+    """``strategy.prepare(model)``: the one seam between the loop and the parallelism."""
+    return strategy.prepare(model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,219 @@
+"""`effray train` / `effray evaluate` end to end on local Ray: 2 CPU workers, 540 real CIFAR images.
+
+Three Ray Train fits in all (each costs tens of seconds on 2 cores): one module-scoped
+run with an injected worker death serves most assertions; a re-run of the same name;
+a re-run after corrupting the newest checkpoint. Bad-input tests start no workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from effray.cli import main
+from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+EPOCHS, FAIL_AT = 5, 3
+RECIPE = ["--model", "convnet", "--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "64",
+          "--lr", "0.05", "--augment", "flip", "--keep-checkpoints", "2", "--wandb-project", "effray-tests"]  # fmt: skip
+
+
+def cli(*args: str) -> tuple[int, dict | None, str]:
+    """Run the real CLI in-process: (exit code, its JSON line, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
+    return rc, (json.loads(lines[-1]) if lines else None), err.getvalue()
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / HISTORY_FILE).read_text().splitlines()]
+
+
+def read_wandb_file(path: Path) -> dict:
+    """Config, history rows and artifact names from an offline run's ``.wandb`` log
+    (LevelDB-style 32 KiB blocks of protobuf Records after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, payloads, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            payloads.append(buf + chunk if kind == 4 else chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+    out: dict = {"config": {}, "history": [], "artifacts": []}
+    for p in payloads:
+        r = pb.Record.FromString(p)
+        kind = r.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            items = r.run.config.update if kind == "run" else r.config.update
+            out["config"].update({i.key: json.loads(i.value_json) for i in items})
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+        elif kind == "artifact":
+            out["artifacts"].append(r.artifact.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tiny_cifar, tmp_path_factory):
+    """One DDP run whose worker rank 1 dies during epoch FAIL_AT (fit 1)."""
+    storage = tmp_path_factory.mktemp("runs")
+    args = ["train", "--data", str(tiny_cifar), *RECIPE, "--epochs", str(EPOCHS), "--storage", str(storage),
+            "--name", "ddp", "--max-failures", "2", "--inject-failure-at-epoch", str(FAIL_AT)]  # fmt: skip
+    rc, result, err = cli(*args)
+    assert rc == 0, err
+    return {"args": args, "result": result, "run_dir": Path(storage) / "ddp", "storage": storage}
+
+
+@pytest.mark.slow
+def test_ddp_learns_and_resumes_after_a_worker_dies(run):
+    result, run_dir = run["result"], run["run_dir"]
+    rows = history(run_dir)
+    assert (run_dir / FAILURE_MARKER).is_file()  # the worker really died
+    # every epoch ran exactly once: the restart resumed from the epoch FAIL_AT-1 checkpoint
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    attempts = list(dict.fromkeys(r["attempt"] for r in rows))
+    assert len(attempts) == 2
+    assert {r["resumed_from"] for r in rows if r["attempt"] == attempts[1]} == {FAIL_AT - 1}
+    # it learns: training loss falls, validation beats chance (10 classes)
+    assert rows[-1]["train_loss"] < 0.85 * rows[0]["train_loss"]
+    assert result["epoch"] == EPOCHS and result["val_count"] == 60
+    assert result["val_accuracy"] > 0.1 and result["val_loss"] < math.log(10)
+    assert Path(result["checkpoint"], "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_reported_val_accuracy(run, tiny_cifar, cifar_parquet, tmp_path):
+    want = run["result"]["val_accuracy"]
+    ckpt = run["result"]["checkpoint"]
+    rc, res, err = cli("evaluate", "--checkpoint", ckpt, "--data", str(tiny_cifar))
+    assert rc == 0, err
+    assert abs(res["accuracy"] - want) <= 1e-6 and res["count"] == 60
+    assert abs(res["loss"] - run["result"]["val_loss"]) <= 1e-5
+    assert set(res["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog",
+                                              "frog", "horse", "ship", "truck"}  # fmt: skip
+    # the same 60 images as JPEG rows in the shared file's schema (image bytes + label + name)
+    val_rows = pq.read_table(sorted(Path(tiny_cifar, "val").glob("*.parquet"))).column("index")
+    jpeg = tmp_path / "val-jpeg.parquet"
+    pq.write_table(pq.read_table(cifar_parquet).take(pa.array(val_rows.to_pylist())), jpeg)
+    rc, res2, err = cli("evaluate", "--checkpoint", str(Path(ckpt, "model.pt")), "--data", str(jpeg), "--batch-size", "7")
+    assert rc == 0, err
+    assert abs(res2["accuracy"] - want) <= 1e-6 and 0.0 <= res2["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_config_metrics_and_model(run):
+    dirs = sorted((run["run_dir"] / "wandb").glob("offline-run-*"))
+    assert dirs and len({d.name.split("-", 3)[-1] for d in dirs}) == 1  # one stable run id across restarts
+    logs = [read_wandb_file(next(d.glob("run-*.wandb"))) for d in dirs]
+    assert all(log["config"]["model"] == "convnet" and log["config"]["epochs"] == EPOCHS for log in logs)
+    assert logs[0]["config"]["provenance"]["data_checksum"].startswith("sha256:")
+    epochs = sorted({h["epoch"] for log in logs for h in log["history"] if "epoch" in h})
+    assert epochs == list(range(1, EPOCHS + 1))
+    assert all({"val_accuracy", "train_loss", "images_per_s", "lr"} <= set(h) for log in logs for h in log["history"])
+    assert any(a.startswith("ddp-model") for log in logs for a in log["artifacts"])
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_resumes_without_new_epochs(run):
+    rc, again, err = cli(*run["args"])  # fit 2: the same command
+    assert rc == 0, err
+    assert again["epochs_run_now"] == 0 and again["epoch"] == EPOCHS
+    assert again["checkpoint"] == run["result"]["checkpoint"]
+    assert again["val_accuracy"] == run["result"]["val_accuracy"]
+    assert len(history(run["run_dir"])) == EPOCHS
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(run):
+    newest = Path(run["result"]["checkpoint"], "model.pt")
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated mid-write
+    rc, res, err = cli(*run["args"])  # fit 3
+    assert rc == 0, err
+    assert res["epochs_run_now"] == 1 and res["epoch"] == EPOCHS
+    assert history(run["run_dir"])[-1]["resumed_from"] == EPOCHS - 1
+    assert res["checkpoint"] != run["result"]["checkpoint"]
+    # deterministic on CPU: the redone epoch reproduces the original numbers
+    assert abs(res["train_loss"] - run["result"]["train_loss"]) < 1e-6
+    assert res["val_accuracy"] == run["result"]["val_accuracy"]
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
+
+
+def _fails(capsys, *args: str) -> str:
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("effray: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "resnet7"], "unknown model 'resnet7'"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--batch-size", "-8"], "--batch-size must be a positive integer"),
+    (["--workers", "0"], "--workers must be a positive integer"),
+    (["--batch-size", "63"], "multiple of --workers"),
+    (["--gpus-per-worker", "1"], "needs 2 GPUs, the cluster has 0"),
+    (["--cpus-per-worker", "8"], "needs 17 CPUs, the cluster has 2"),
+])  # fmt: skip
+def test_bad_train_flags_fail_before_any_worker_starts(capsys, tiny_cifar, tmp_path, extra, message):
+    storage = tmp_path / "runs"
+    err = _fails(capsys, "train", "--data", str(tiny_cifar), *RECIPE, "--epochs", "1", "--storage", str(storage), *extra)
+    assert message in err
+    assert not storage.exists()
+
+
+def test_unprepared_data_dir_is_one_line(capsys, tmp_path):
+    (tmp_path / "raw").mkdir()
+    err = _fails(capsys, "train", "--data", str(tmp_path / "raw"), *RECIPE, "--storage", str(tmp_path / "runs"))
+    assert "is not a prepared dataset" in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_resuming_a_run_with_another_model_is_refused(capsys, run, tiny_cifar):
+    before = {p: p.stat().st_mtime_ns for p in run["run_dir"].rglob("*")}
+    args = [a if a != "convnet" else "resnet20" for a in run["args"]]
+    err = _fails(capsys, *args)
+    assert "holds a convnet" in err and "not a resnet20" in err
+    assert {p: p.stat().st_mtime_ns for p in run["run_dir"].rglob("*")} == before
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_model(capsys, tiny_cifar, tmp_path):
+    import torch
+
+    from effray.data.prepare import load_meta
+    from effray.models import build_model
+    from effray.train.checkpoint import data_summary, save_payload, train_payload
+
+    model = build_model("convnet", num_classes=5)
+    data = {**data_summary(load_meta(tiny_cifar)), "num_classes": 5, "classes": list("abcde")}
+    save_payload(tmp_path / "five", train_payload(
+        model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={}, epoch=1, config={},
+        data=data, history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
+    err = _fails(capsys, "evaluate", "--checkpoint", str(tmp_path / "five"), "--data", str(tiny_cifar))
+    assert "5-class convnet" in err and "another model" in err
+    err = _fails(capsys, "evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tiny_cifar))
+    assert "no checkpoint at" in err
+    assert torch.load(tmp_path / "five" / "model.pt", weights_only=True)["epoch"] == 1
