@@ -86,7 +86,7 @@ def main() -> None:
         epochs=epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
         schedule="onecycle", warmup_epochs=min(epochs, max(0.5, epochs / 5)), workers=args.workers,
         cpus_per_worker=float(cores // args.workers or 1), data_cpus=1.0, storage=args.storage,
-        name=f"tta-{args.model}-w{args.width:g}-e{epochs}-b{args.batch_size}-lr{args.lr:g}", no_wandb=True,
+        name=f"tta-{args.model}-w{args.width:g}-e{epochs}-b{args.batch_size}-lr{args.lr:g}", wandb=False,
     )  # fmt: skip
     result = train(cfg)
     rows = [json.loads(ln) for ln in Path(result["run_dir"], HISTORY_FILE).read_text().splitlines()]

@@ -72,7 +72,7 @@ def ray_ddp(data_dir: str, storage: str, args: argparse.Namespace) -> list[float
     cfg = TrainConfig(
         data=DataConfig(data=data_dir, augment="none", shuffle_buffer=0), model=args.model, width=args.width,
         epochs=args.epochs, batch_size=args.batch_size, lr=0.05, workers=2, cpus_per_worker=1.0, data_cpus=1.0,
-        checkpoint_every=args.epochs, storage=storage, name="throughput", no_wandb=True, max_failures=0,
+        checkpoint_every=args.epochs, storage=storage, name="throughput", wandb=False, max_failures=0,
     )  # fmt: skip
     result = train(cfg)
     rows = [json.loads(ln) for ln in Path(result["run_dir"], HISTORY_FILE).read_text().splitlines()]

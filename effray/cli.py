@@ -48,10 +48,28 @@ def _preview(cfg: Any) -> dict[str, Any]:
 def _commands() -> list[Command]:
     from effray.data.prepare import PrepareConfig
     from effray.data.preview import PreviewConfig
+    from effray.evaluate import EvaluateConfig, evaluate
+    from effray.search.aggregate import ReportConfig, report
+    from effray.search.run import TuneConfig, tune_compression
+    from effray.train.config import TrainConfig
+
+    def train(cfg: TrainConfig) -> dict[str, Any]:
+        import dataclasses
+
+        from effray.tracking import decide_wandb_mode
+        from effray.train import train
+
+        # the one place that reads WANDB_MODE / WANDB_API_KEY; workers get the decision
+        mode = decide_wandb_mode(cfg.wandb_mode, os.environ, disabled=not cfg.wandb)
+        return train(dataclasses.replace(cfg, wandb_mode=mode))
 
     return [
         Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
+        Command(("train",), "train a model data-parallel on Ray Train (DDP); re-running the same --storage/--name resumes", TrainConfig, train),
+        Command(("evaluate",), "accuracy, per-class accuracy and loss of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate, needs_ray=False),
+        Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, tune_compression),
+        Command(("report",), "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a budget)", ReportConfig, report, needs_ray=False),
     ]  # fmt: skip
 
 

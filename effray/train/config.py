@@ -22,7 +22,7 @@ SCHEDULES = ("onecycle", "cosine")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
 # re-running a command with another --max-failures or wandb project still resumes it.
-_NOT_IN_NAME = {"storage", "name", "wandb_project", "no_wandb", "wandb_mode", "max_failures",
+_NOT_IN_NAME = {"storage", "name", "wandb_project", "wandb", "wandb_mode", "max_failures",
                 "inject_failure_at_epoch", "keep_checkpoints", "checkpoint_every", "data_cpus"}  # fmt: skip
 
 
@@ -55,7 +55,7 @@ class TrainConfig:
     storage: str = option("runs", "where runs live (a shared path on multi-node clusters)")
     name: str = option("", "run name; the same --storage/--name resumes that run (default: derived from the config)")
     wandb_project: str = option("effray", "Weights & Biases project")
-    no_wandb: bool = option(False, "turn Weights & Biases off")
+    wandb: bool = option(True, "log to Weights & Biases (offline when no API key is set); --no-wandb turns it off")
     wandb_mode: str = option("auto", "wandb mode; auto = online with an API key, else offline (wandb sync later)", choices=WANDB_MODES)
     parallel: str = option("ddp", "parallelism strategy", choices=PARALLEL)
     inject_failure_at_epoch: int = option(-1, "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this epoch (1-based; -1 = never)")
@@ -88,7 +88,7 @@ class TrainConfig:
         require(bool(self.storage), "--storage must name a directory")
         require(not self.name or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None,
                 f"--name {self.name!r} may use letters, digits, '_', '.', '-' only")  # fmt: skip
-        require(self.no_wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
+        require(not self.wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
         require(self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.epochs,
                 f"--inject-failure-at-epoch must be -1 or in 1..{self.epochs}")  # fmt: skip
 

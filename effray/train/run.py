@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from effray.cluster import check_storage_for_cluster
 from effray.config import require, to_dict
 from effray.data.pipeline import (
     DataConfig,
@@ -135,6 +136,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     storage = os.path.abspath(os.path.expanduser(cfg.storage)) if local else cfg.storage.rstrip("/")
     require(local or cfg.inject_failure_at_epoch == -1, "--inject-failure-at-epoch needs a local --storage")
     cfg = dataclasses.replace(cfg, storage=storage, name=cfg.name or default_run_name(cfg))
+    check_storage_for_cluster(storage)  # multi-node checkpointing needs storage every node sees
     run_dir = Path(storage) / cfg.name if local else None
     if run_dir is not None:
         check_existing_run(run_dir, cfg, meta)
@@ -142,7 +144,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     require(rows_per_rank >= 1, f"{train_rows(cfg.data, meta)} training rows can't feed {cfg.workers} workers; use fewer --workers")
     strategy = STRATEGIES.get(cfg.parallel)
     run_id = stable_run_id(storage, cfg.name)
-    mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=cfg.no_wandb)
+    mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)
     cfg = dataclasses.replace(cfg, wandb_mode=mode)
     prov = provenance(meta)
     data = data_summary(meta)
