@@ -1,0 +1,194 @@
+"""Compression benchmark: from a trained baseline, what each recipe buys, measured on the artifact.
+
+Trains a small baseline in-process on the shared CIFAR-10 file when no ``--teacher`` is
+given (``--minutes`` of CPU), then runs three recipes through ``effray.compress.recipe``:
+
+* ``int8``:       the teacher itself, converted to the int8 CPU runtime (FX, x86 PTQ);
+* ``struct50``:   structured channel pruning sized to remove ~50% of MACs, KD fine-tune;
+* ``deep``:       Deep-Compression style: cubic unstructured pruning to ``--sparsity``,
+  ``--bits``-bit QAT of every layer (first/last at 8), KD, LZMA over the packed weights.
+
+Prints one table (accuracy drop, size ratio, dense and sparse MAC ratios, int8-vs-fp32
+latency at batch 256) and writes every metrics dict to ``--out/results.json``. Latency is
+measured at ``--threads`` threads (default 1: the benchmark machine is shared and two
+threads there make OpenMP barriers, not kernels, the cost).
+
+    python bench/compression.py [--teacher RUN_DIR] [--minutes 4] [--finetune-epochs 2]
+
+A baseline trained here is saved as ``--out/teacher`` (an uncompressed artifact); pass it
+back as ``--teacher`` to try other recipes without retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from effray.compress.artifact import save_artifact
+from effray.compress.config import CompressConfig
+from effray.compress.prune import channel_rate_for_macs
+from effray.compress.recipe import compress_local, make_optimizer
+from effray.config import validated
+from effray.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PARQUET = ROOT.parent / "shared" / "data" / "cifar10-train.parquet"
+
+
+def load_images(path: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``first`` rows for training, the last ``last`` rows for validation (the file
+    interleaves the classes, so both are balanced), decoded to uint8 NHWC."""
+    from PIL import Image
+
+    table = pq.read_table(path, columns=["image", "label"])
+    n = table.num_rows
+
+    def decode(t) -> tuple[np.ndarray, np.ndarray]:
+        imgs = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in t.column("image").to_pylist()])
+        return imgs, t.column("label").to_numpy().astype(np.int64)
+
+    tx, ty = decode(table.slice(0, first))
+    vx, vy = decode(table.slice(n - last, last))
+    return tx, ty, vx, vy
+
+
+def to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random flip + 4-pixel translate (reflect-padded crop) over the whole batch."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
+    return padded[:, :, dy:dy + 32, dx:dx + 32]
+
+
+def epoch_batches(x: torch.Tensor, y: torch.Tensor, batch: int, epoch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(x), generator=g)
+    for i in range(0, len(x) - batch + 1, batch):
+        idx = order[i:i + batch]
+        yield augment(x[idx], g), y[idx]
+
+
+def train_teacher(name: str, width: float, x: torch.Tensor, y: torch.Tensor, minutes: float, batch: int) -> torch.nn.Module:
+    """SGD on a time budget: the step count that fits ``minutes`` (from the first steps'
+    speed) sets a warm-up + cosine schedule, so the run ends annealed, not cut off."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, width=width).train()
+    opt = make_optimizer(model, 0.1)
+    steps_per_epoch, step, total, start, epoch = len(x) // batch, 0, None, time.perf_counter(), 0
+    while total is None or step < total:
+        for xb, yb in epoch_batches(x, y, batch, epoch, seed=1):
+            if total is not None and step >= total:
+                break
+            lr = 0.1 * min(1.0, (step + 1) / 50) if total is None else 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if total is None and step == 20:
+                per_step = (time.perf_counter() - start) / step
+                total = max(step + 1, int(minutes * 60 / per_step))
+                print(f"teacher: {per_step * 1000:.0f} ms/step -> {total} steps ({total / steps_per_epoch:.1f} epochs)", flush=True)
+        epoch += 1
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parquet", default=str(PARQUET))
+    p.add_argument("--teacher", default="", help="an effray checkpoint; default: train --model for --minutes here")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--minutes", type=float, default=4.0, help="CPU minutes for the baseline")
+    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--val-images", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--recipes", default="int8,struct50,deep")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench-compression"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    tx, ty, vx, vy = load_images(Path(args.parquet), args.train_images, args.val_images)
+    if args.teacher:
+        from effray.train.checkpoint import load_checkpoint
+
+        teacher, payload = load_checkpoint(args.teacher)
+        mean, std = torch.tensor(payload["data"]["mean"]), torch.tensor(payload["data"]["std"])
+        info = {"path": args.teacher}
+    else:
+        mean = torch.from_numpy(tx.reshape(-1, 3).mean(0) / 255.0).float()
+        std = torch.from_numpy(tx.reshape(-1, 3).std(0) / 255.0).float()
+        info = {"path": "", "trained_here": {"model": args.model, "minutes": args.minutes, "images": args.train_images}}
+    x, y = to_tensor(tx, mean, std), torch.from_numpy(ty)
+    val = [(to_tensor(vx[i:i + 500], mean, std), torch.from_numpy(vy[i:i + 500])) for i in range(0, len(vx), 500)]
+    print(f"data: {len(x)} train / {len(vx)} val images in {time.perf_counter() - t0:.0f} s", flush=True)
+    data = {"mean": mean.tolist(), "std": std.tolist(), "num_classes": 10, "image_shape": [32, 32, 3]}
+    if not args.teacher:
+        teacher = train_teacher(args.model, args.width, x, y, args.minutes, args.batch_size)
+        # an uncompressed artifact loads like any checkpoint: rerun with --teacher OUT/teacher
+        save_artifact(Path(args.out) / "teacher", teacher, data=data, teacher=info, codec="none")
+    calib = [next(epoch_batches(x, y, args.batch_size, 99 + i)) for i in range(4)]
+
+    kd = {"kd_alpha": 0.9, "kd_temperature": 4.0}
+    recipes = {
+        "int8": CompressConfig(finetune_epochs=0, codec="none"),
+        "struct50": CompressConfig(prune_rate=round(channel_rate_for_macs(0.5), 4), prune_kind="structured",
+                                   finetune_epochs=args.finetune_epochs, finetune_lr=0.02, codec="none", **kd),
+        "deep": CompressConfig(prune_rate=args.sparsity, prune_schedule="cubic", prune_steps=max(1, args.finetune_epochs // 2),
+                               bits=args.bits, act_bits=8, finetune_epochs=args.finetune_epochs, finetune_lr=0.01, **kd),
+    }  # fmt: skip
+    results, teacher_metrics = {}, None
+    for name in args.recipes.split(","):
+        t = time.perf_counter()
+        cfg = validated(recipes[name])
+        r = compress_local(teacher, cfg, lambda e: epoch_batches(x, y, args.batch_size, e), calib, val,
+                           Path(args.out) / name, teacher_info=info, data=data, teacher_metrics=teacher_metrics,
+                           log=lambda line, n=name: print(f"[{n}] {line}", flush=True))  # fmt: skip
+        teacher_metrics = r["teacher"]
+        r["seconds"] = time.perf_counter() - t
+        results[name] = r
+        print(f"[{name}] done in {r['seconds']:.0f} s", flush=True)
+
+    tm = teacher_metrics
+    print(f"\nteacher {args.model} w{args.width}: accuracy {tm['accuracy']:.4f}, {tm['params']} params, {tm['macs'] / 1e6:.1f} M MACs, "
+          f"{tm['bytes'] / 1024:.0f} KiB fp32, {tm['latency_ms_b1']:.2f} / {tm['latency_ms_b256']:.0f} ms at b1 / b256, {tm['threads']} thread(s)")  # fmt: skip
+    # "int8 x": each recipe's int8 runtime vs the same weights in fp32, timed interleaved (a, b, a,
+    # b, ...) so load from other processes hits both alike; vs_teacher has the cross-model ratios.
+    print(f"{'recipe':<10}{'acc':>8}{'int8 acc':>10}{'drop pts':>10}{'KiB':>9}{'size x':>8}{'params x':>10}{'MACs x':>8}"
+          f"{'sparse MACs x':>15}{'int8 x b1':>11}{'int8 x b256':>13}")  # fmt: skip
+    for name, r in results.items():
+        s, v = r["student"], r["student"]["vs_teacher"]
+        print(f"{name:<10}{s['accuracy']:>8.4f}{s.get('int8_accuracy', float('nan')):>10.4f}{v['accuracy_drop_points']:>10.2f}"
+              f"{s['bytes'] / 1024:>9.1f}{v['size_ratio']:>8.1f}{v['params_ratio']:>10.2f}{v['macs_ratio']:>8.2f}"
+              f"{v['sparse_macs_ratio']:>15.2f}{s.get('int8_speedup_b1', float('nan')):>11.2f}"
+              f"{s.get('int8_speedup_b256', float('nan')):>13.2f}")  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

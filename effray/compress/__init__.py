@@ -1,0 +1,37 @@
+"""Compression that really shrinks and speeds up a model, and says what it really is.
+
+* :mod:`~effray.compress.prune`: importance / schedule / application registries; exact
+  global unstructured zeros; structured channel removal (Torch-Pruning) that keeps
+  residual networks valid; :func:`prune_step` between fine-tuning epochs.
+* :mod:`~effray.compress.quantize`: 2-8 bit fake quantization of every conv and linear
+  (QAT/PTQ), BN folding; :mod:`~effray.compress.int8`: real int8 CPU execution.
+* :mod:`~effray.compress.distill`: Hinton KD loss.
+* :mod:`~effray.compress.pack` + :mod:`~effray.compress.artifact`: bit-packed, sparse,
+  self-describing artifacts (``format: effray.compressed``) that load with nothing else.
+* :mod:`~effray.compress.measure`: accuracy, params, MACs, bytes, latency, ratios.
+* :mod:`~effray.compress.recipe`: the steps in order, and the whole recipe in-process.
+
+Importing the package registers the artifact format with the checkpoint loader.
+"""
+
+from effray.compress.artifact import FORMAT, load_artifact, save_artifact
+from effray.compress.config import CompressConfig
+from effray.compress.distill import kd_loss
+from effray.compress.int8 import to_int8
+from effray.compress.measure import measure
+from effray.compress.prune import (
+                                   IMPORTANCES,
+                                   PRUNERS,
+                                   SCHEDULES,
+                                   lock_sparsity,
+                                   prune_step,
+                                   schedule_rates,
+                                   weight_sparsity,
+)
+from effray.compress.quantize import QUANTIZERS, calibrate, dequantize, fold_bn, quantize_model
+
+__all__ = [
+    "FORMAT", "IMPORTANCES", "PRUNERS", "QUANTIZERS", "SCHEDULES", "CompressConfig", "calibrate", "dequantize",
+    "fold_bn", "kd_loss", "load_artifact", "lock_sparsity", "measure", "prune_step", "quantize_model",
+    "save_artifact", "schedule_rates", "to_int8", "weight_sparsity",
+]  # fmt: skip

@@ -1,0 +1,171 @@
+"""What a (compressed) model really is: accuracy, parameters, MACs, bytes on disk, latency.
+
+Everything is measured, nothing inferred from a config: MACs come from a real forward
+under ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2), bytes from the
+file on disk, latency from repeated timed forwards (median, thread count in the result).
+Zeros in the weights don't make dense kernels cheaper, so ``macs`` is what a dense
+runtime pays and ``sparse_macs`` what a sparsity-exploiting one could (each conv/linear's
+MACs times its weight density).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from effray.compress.quantize import ActQuant, WeightQuant, dequantize, is_quantized
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """Model parameters, not quantizer step sizes (they are counted as scales, not weights)."""
+    skip = {id(p) for m in model.modules() if isinstance(m, (WeightQuant, ActQuant)) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in _weights(model))
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in _weights(model))
+
+
+def _example(model: nn.Module, batch: int, shape: tuple[int, ...] | None) -> torch.Tensor:
+    if shape is None:
+        shape = (int(getattr(model, "spec", {}).get("in_channels", 3)), 32, 32)
+    return torch.randn(batch, *shape)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
+    """``macs`` (FlopCounterMode, one image) and ``sparse_macs`` (conv/linear MACs scaled by
+    their weight density; everything else as counted)."""
+    was = model.training
+    model.eval()
+    x = _example(model, 1, input_shape)
+    layer: list[tuple[int, float]] = []
+
+    def hook(m: nn.Module, args: Any, out: torch.Tensor) -> None:
+        w = m.weight
+        per_out = w[0].numel()  # in_channels/groups * kh * kw (conv) or in_features (linear)
+        layer.append((out.numel() * per_out, float((w != 0).float().mean())))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    macs = counter.get_total_flops() // 2
+    dense_layers = sum(m for m, _ in layer)
+    sparse = macs - dense_layers + sum(m * d for m, d in layer)
+    return {"macs": int(macs), "sparse_macs": int(round(sparse))}
+
+
+@torch.no_grad()
+def latency_ms(*models: nn.Module, batch_size: int, input_shape: tuple[int, ...] | None = None,
+               repeats: int = 10, warmup: int = 2) -> list[float]:
+    """Median wall time (ms) of one forward of each model at ``batch_size``, threads as set.
+
+    Several models are timed interleaved (a, b, a, b, ...), so load from other processes
+    on a shared machine hits all of them alike and their ratio stays fair."""
+    x = _example(models[0], batch_size, input_shape)
+    for m in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            m(x)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) * 1000.0 for t in times]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
+    """(top-1 accuracy, images) over (normalised images, labels) batches."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return (correct / total if total else float("nan")), total
+
+
+def measure(model: nn.Module, batches: Batches | None = None, *, artifact: str | os.PathLike | None = None,
+            int8_model: nn.Module | None = None, teacher: dict[str, Any] | None = None,
+            input_shape: tuple[int, ...] | None = None, latency_batches: tuple[int, ...] = (1, 256),
+            repeats: dict[int, int] | None = None, threads: int | None = None) -> dict[str, Any]:
+    """One metrics dict: ``accuracy`` (when ``batches``), ``params``, ``nonzero_params``,
+    ``macs``, ``sparse_macs``, ``bytes`` (the file at ``artifact``), ``latency_ms_b{N}``
+    for each batch size at ``threads`` threads, the same for ``int8_model`` (``int8_*``),
+    and ``vs_teacher`` ratios when given the teacher's own ``measure`` dict.
+
+    A fake-quantized model is timed as its float twin (same weights, plain layers): fake
+    quantization is a training device, its overhead is not the deployed model's."""
+    batches = list(batches) if batches is not None else None
+    out: dict[str, Any] = {"params": parameter_count(model), "nonzero_params": nonzero_parameters(model)}
+    out.update(count_macs(model, input_shape))
+    if batches is not None:
+        out["accuracy"], out["eval_images"] = accuracy(model, batches)
+    if artifact is not None:
+        path = os.path.join(artifact, "model.pt") if os.path.isdir(artifact) else artifact
+        out["bytes"] = os.path.getsize(path)
+    previous = torch.get_num_threads()
+    threads = threads or previous
+    torch.set_num_threads(threads)
+    repeats = {1: 30, **(repeats or {})}
+    try:
+        timed = [dequantize(model) if is_quantized(model) else model] + ([int8_model] if int8_model is not None else [])
+        for b in latency_batches:
+            ms = latency_ms(*timed, batch_size=b, input_shape=input_shape, repeats=repeats.get(b, 5))
+            out[f"latency_ms_b{b}"] = ms[0]
+            if int8_model is not None:
+                out[f"int8_latency_ms_b{b}"] = ms[1]
+                out[f"int8_speedup_b{b}"] = ms[0] / ms[1]
+        if int8_model is not None and batches is not None:
+            out["int8_accuracy"], _ = accuracy(int8_model, batches)
+    finally:
+        torch.set_num_threads(previous)
+    out["threads"] = threads
+    if teacher is not None:
+        out["vs_teacher"] = compare(out, teacher)
+    return out
+
+
+def compare(m: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
+    """Ratios to the teacher (> 1 = better: smaller, cheaper, faster) and the accuracy drop
+    in points (positive = worse). The size ratio is against the teacher's fp32 artifact."""
+    out: dict[str, float] = {}
+
+    def ratio(key: str, name: str, a: dict[str, Any], b: dict[str, Any]) -> None:
+        if a.get(key) and b.get(key):
+            out[name] = float(b[key]) / float(a[key])
+
+    ratio("bytes", "size_ratio", m, teacher)
+    ratio("params", "params_ratio", m, teacher)
+    ratio("nonzero_params", "nonzero_params_ratio", m, teacher)
+    ratio("macs", "macs_ratio", m, teacher)
+    ratio("sparse_macs", "sparse_macs_ratio", m, teacher)
+    for k in [k for k in m if k.startswith("latency_ms_b")]:
+        ratio(k, "speedup_" + k.removeprefix("latency_ms_"), m, teacher)
+        if f"int8_{k}" in m and teacher.get(k):
+            out["int8_speedup_" + k.removeprefix("latency_ms_")] = float(teacher[k]) / float(m[f"int8_{k}"])
+    if "accuracy" in m and "accuracy" in teacher:
+        out["accuracy_drop_points"] = 100.0 * (float(teacher["accuracy"]) - float(m["accuracy"]))
+    return out

@@ -1,0 +1,284 @@
+"""Pruning in three swappable parts: importance (who goes), schedule (how much, when) and
+application (what "gone" means).
+
+* ``IMPORTANCES``: ``l1``/``l2`` magnitude and ``taylor`` (|w * dL/dw|), each usable per
+  weight (unstructured) and per channel group (structured, via Torch-Pruning).
+* ``SCHEDULES``: target rate as a function of the pruning event (one-shot; cubic, Zhu &
+  Gupta 2017).
+* ``PRUNERS``: ``unstructured`` writes exact zeros into the weights (no masks, no
+  ``torch.nn.utils.prune`` reparametrisation left behind); ``structured`` physically removes
+  channels with Torch-Pruning's dependency graph, which couples the residual adds and 1x1
+  projection shortcuts so a ResNet stays valid, parameters and MACs fall.
+
+Between fine-tuning epochs call :func:`prune_step` with the schedule's rate; while
+fine-tuning an unstructured model, :func:`lock_sparsity` keeps the zeros at zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effray.config import require
+from effray.errors import EffrayError
+from effray.registry import Registry
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+# ---------------------------------------------------------------- importance
+
+
+@dataclass(frozen=True)
+class Importance:
+    """A scoring rule at both granularities; higher score = keep."""
+
+    element: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (weight, grad) -> scores
+    group: Callable[[], Any]  # -> a torch_pruning importance for channel groups
+    needs_grad: bool = False
+
+
+IMPORTANCES: Registry[Importance] = Registry("pruning importance")
+
+
+def _tp() -> Any:
+    import torch_pruning
+
+    return torch_pruning
+
+
+IMPORTANCES.register("l1")(Importance(lambda w, g: w.abs(), lambda: _tp().importance.GroupMagnitudeImportance(p=1)))
+# element-wise l2 ranks like l1; it differs per group, where squares favour a few large weights
+IMPORTANCES.register("l2")(Importance(lambda w, g: w.square(), lambda: _tp().importance.GroupMagnitudeImportance(p=2)))
+IMPORTANCES.register("taylor")(Importance(lambda w, g: (w * g).abs(), lambda: _tp().importance.GroupTaylorImportance(),
+                                          needs_grad=True))  # fmt: skip
+
+
+# ---------------------------------------------------------------- schedules
+
+Schedule = Callable[[int, int, float, float], float]
+SCHEDULES: Registry[Schedule] = Registry("pruning schedule")
+
+
+@SCHEDULES.register("oneshot")
+def oneshot(step: int, steps: int, final: float, initial: float = 0.0) -> float:
+    """All of the target at the first event: the baseline every gradual schedule must beat."""
+    return final if step >= 1 else initial
+
+
+@SCHEDULES.register("cubic")
+def cubic(step: int, steps: int, final: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f)(1 - t/n)^3 for events t = 1..n.
+
+    Prunes fast while many redundant weights remain and slowly near the end, when every
+    removal hurts and the fine-tuning between events has less to recover from."""
+    t = min(max(step, 0), steps) / max(steps, 1)
+    return final + (initial - final) * (1.0 - t) ** 3
+
+
+def schedule_rates(name: str, steps: int, final: float, initial: float = 0.0) -> list[float]:
+    """The target rate after each of ``steps`` pruning events (the last one is ``final``)."""
+    fn = SCHEDULES.get(name)
+    return [fn(k, steps, final, initial) for k in range(1, steps + 1)]
+
+
+# ---------------------------------------------------------------- layer helpers
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every conv and linear layer (quantized subclasses included), in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The output layer (the last linear): structured pruning must never remove a class."""
+    linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise EffrayError(f"{type(model).__name__} has no linear output layer; structured pruning needs one to protect")
+    return linears[-1]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over all conv + linear weights (what the artifact really holds)."""
+    total = zeros = 0
+    for _, m in prunable_layers(model):
+        total += m.weight.numel()
+        zeros += int((m.weight == 0).sum())
+    return zeros / max(total, 1)
+
+
+def channel_counts(model: nn.Module) -> list[int]:
+    """Output channels/features of every prunable layer but the classifier."""
+    out = classifier(model)
+    return [m.weight.shape[0] for _, m in prunable_layers(model) if m is not out]
+
+
+def channel_rate_for_macs(mac_fraction: float) -> float:
+    """Channel rate that removes about ``mac_fraction`` of a conv net's MACs: a conv's
+    cost scales with in x out channels, so keeping a fraction k of channels keeps ~k^2."""
+    require(0.0 <= mac_fraction < 1.0, f"MAC fraction must be in [0, 1), got {mac_fraction}")
+    return 1.0 - (1.0 - mac_fraction) ** 0.5
+
+
+def accumulate_grads(model: nn.Module, batches: Batches, max_batches: int = 4) -> None:
+    """Fill ``.grad`` with the cross-entropy gradient of a few batches (Taylor importance)."""
+    model.zero_grad(set_to_none=True)
+    n = 0
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+        n += 1
+        if n >= max_batches:
+            break
+    require(n > 0, "taylor importance needs at least one batch of data to compute gradients")
+
+
+# ---------------------------------------------------------------- application
+
+PRUNERS: Registry[Callable[..., nn.Module]] = Registry("pruner")
+
+
+@PRUNERS.register("unstructured")
+def prune_unstructured(model: nn.Module, rate: float, importance: Importance, **_: Any) -> nn.Module:
+    """Global pruning: zero exactly ``round(rate * N)`` of the N conv+linear weights, those
+    with the lowest score across all layers, so sparsity equals the rate up to rounding.
+
+    The classifier counts in N but is never pruned: its weights are the smallest in the
+    net (init std 0.01) and a global threshold would delete it first, and with it the
+    model. Weights already zero rank first, so repeated steps never regrow a weight;
+    ties are broken by position, not by a threshold that over-prunes on equal scores."""
+    out = classifier(model)
+    all_layers = [m for _, m in prunable_layers(model)]
+    layers = [m for m in all_layers if m is not out]
+    n_all = sum(m.weight.numel() for m in all_layers)
+    room = sum(m.weight.numel() for m in layers)
+    require(round(rate * n_all) <= room, f"prune rate {rate} would need the classifier's weights too; at most {room / n_all:.3f}")
+    with torch.no_grad():
+        scores = []
+        for m in layers:
+            s = importance.element(m.weight.detach(), None if m.weight.grad is None else m.weight.grad).float()
+            scores.append(torch.where(m.weight == 0, torch.full_like(s, -1.0), s).flatten())
+        flat = torch.cat(scores)
+        k = int(round(rate * n_all))
+        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        if k > 0:
+            drop[torch.argsort(flat, stable=True)[:k]] = True
+        start = 0
+        for m in layers:
+            n = m.weight.numel()
+            m.weight.masked_fill_(drop[start:start + n].view_as(m.weight), 0.0)
+            start += n
+    return model
+
+
+@PRUNERS.register("structured")
+def prune_structured(model: nn.Module, rate: float, importance: Importance,
+                     example_inputs: torch.Tensor | None = None, **_: Any) -> nn.Module:
+    """Remove a ``rate`` fraction of the channels of every prunable group, counted against the
+    base architecture (``model.spec``), so calling it again with a higher rate removes
+    only the difference: that is how the gradual schedule runs.
+
+    Torch-Pruning traces the model once (in eval mode: a batch-1 trace through BatchNorm1d
+    would fail in train mode) and groups every layer that must lose the same channels:
+    both convs of a residual add, the shortcut projection, BNs, the next layer's input."""
+    from effray.compress.quantize import is_quantized
+
+    tp = _tp()
+    if is_quantized(model):
+        raise EffrayError("structured pruning must come before quantization: prune, fine-tune, then quantize")
+    now = channel_counts(model)
+    base = _base_channel_counts(model) or now
+    kept_fraction = sum(now) / max(sum(base), 1)
+    step_ratio = 1.0 - (1.0 - rate) / kept_fraction
+    if step_ratio <= 1e-9:
+        return model
+    if example_inputs is None:
+        shape = (1, int(getattr(model, "spec", {}).get("in_channels", 3)), 32, 32)
+        example_inputs = torch.randn(shape)
+    was_training = model.training
+    model.eval()
+    try:
+        pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance.group(),
+                                      pruning_ratio=step_ratio, ignored_layers=[classifier(model)])  # fmt: skip
+        pruner.step()
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _base_channel_counts(model: nn.Module) -> list[int] | None:
+    spec = getattr(model, "spec", None)
+    if not spec:
+        return None
+    from effray.models import build_model
+
+    return channel_counts(build_model(**spec))
+
+
+def prune_step(model: nn.Module, rate: float, kind: str = "unstructured", importance: str = "l1", *,
+               example_inputs: torch.Tensor | None = None, batches: Batches | None = None) -> nn.Module:
+    """Prune ``model`` (in place; also returned) to ``rate``: the one call a fine-tuning loop
+    makes at each pruning event. ``batches`` of (x, y) feed the gradients Taylor needs;
+    without them the gradients already in ``.grad`` are used.
+
+    After structured pruning the parameters are new tensors: rebuild the optimizer."""
+    require(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0, f"prune rate must be in [0, 1), got {rate}")
+    imp = IMPORTANCES.get(importance)
+    pruner = PRUNERS.get(kind)
+    if imp.needs_grad:
+        if batches is not None:
+            accumulate_grads(model, batches)
+        elif not any(m.weight.grad is not None for _, m in prunable_layers(model)):
+            raise EffrayError("taylor importance needs gradients: pass batches= or run a backward pass first")
+    out = pruner(model, float(rate), imp, example_inputs=example_inputs)
+    if imp.needs_grad:
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+class SparsityLock:
+    """Keeps pruned weights at exactly zero while fine-tuning (SGD momentum and weight decay
+    would regrow them): each conv/linear's forward first re-zeroes its pruned positions.
+
+    The masks live only in this object; :meth:`release` applies them a last time and
+    removes the hooks, so what is saved is plain weights with real zeros."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.masks: dict[nn.Module, torch.Tensor] = {}
+        self.handles = []
+        for _, m in prunable_layers(model):
+            mask = m.weight.detach() != 0
+            if bool(mask.all()):
+                continue
+            self.masks[m] = mask
+            self.handles.append(m.register_forward_pre_hook(self._hook))
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        with torch.no_grad():
+            module.weight.mul_(self.masks[module])
+
+    def apply(self) -> None:
+        for m in self.masks:
+            self._hook(m, ())
+
+    def release(self) -> None:
+        self.apply()
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> SparsityLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def lock_sparsity(model: nn.Module) -> SparsityLock:
+    """Freeze the current zero pattern of ``model`` until ``release()`` (or the ``with`` ends)."""
+    return SparsityLock(model)

@@ -1,0 +1,219 @@
+"""The compression recipe: teacher -> (distil) -> prune -> fine-tune -> quantize -> artifact.
+
+Free functions a training loop calls at fixed points, plus :func:`compress_local`, the
+whole recipe in-process (one model, plain batches), which the benchmark runs and which
+the Ray Train worker mirrors step for step:
+
+1. ``student = build_student(teacher, cfg)`` (a copy of the teacher, or a registry model)
+2. per epoch ``e``: if ``e in prune_events(cfg)``: ``prune_step`` then ``lock_sparsity``;
+   if ``e == quant_epoch(cfg)``: ``apply_quantization``; rebuild the optimizer after
+   either (parameters changed); then ``train_step`` over the data (KD if ``kd_alpha``)
+3. ``finish(model, cfg, calib, lock)``: release the lock, PTQ if quantizing but still float
+4. rank 0: ``save_artifact(out, model, method=method_summary(...), ...)``, then
+   ``load_artifact`` and ``measure`` the loaded model: the numbers describe the file.
+
+Epoch plan: pruning events spread over the first half of the epochs when QAT follows
+(all of them otherwise); QAT runs from the epoch after the pruning span to the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effray.compress.artifact import load_artifact, save_artifact
+from effray.compress.config import CompressConfig
+from effray.compress.distill import check_student, freeze_teacher, kd_loss, teacher_logits
+from effray.compress.int8 import to_int8
+from effray.compress.measure import measure
+from effray.compress.prune import (
+    SparsityLock,
+    channel_counts,
+    lock_sparsity,
+    prune_step,
+    schedule_rates,
+    weight_sparsity,
+)
+from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized
+from effray.config import to_dict
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_student(teacher: nn.Module, cfg: CompressConfig) -> nn.Module:
+    """The model to compress: a trainable copy of the teacher, or a fresh ``cfg.student``
+    with the teacher's classes and input channels (checked: a mismatch is one line)."""
+    from effray.models import build_model
+
+    spec = dict(teacher.spec)
+    if not cfg.student:
+        student = copy.deepcopy(teacher)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        student.spec = spec
+        return student.train()
+    student_spec = {"name": cfg.student, "num_classes": spec["num_classes"],
+                    "in_channels": spec.get("in_channels", 3), "width": cfg.student_width}  # fmt: skip
+    check_student(spec, student_spec)
+    return build_model(**student_spec).train()
+
+
+def prune_events(cfg: CompressConfig) -> dict[int, float]:
+    """Epoch -> target rate of each pruning event (with 0 epochs: one event at epoch 0)."""
+    if not cfg.prunes:
+        return {}
+    steps = cfg.prune_steps if cfg.prune_schedule != "oneshot" else 1
+    rates = schedule_rates(cfg.prune_schedule, steps, cfg.prune_rate)
+    span = _prune_span(cfg)
+    return {math.floor(k * span / steps): r for k, r in enumerate(rates)}  # later events win a shared epoch
+
+
+def _prune_span(cfg: CompressConfig) -> int:
+    e = cfg.finetune_epochs
+    return max(1, e // 2) if cfg.quantizes and cfg.quant_mode == "qat" else max(1, e)
+
+
+def quant_epoch(cfg: CompressConfig) -> int | None:
+    """Epoch at whose start QAT begins; None when PTQ happens after training (or no quant)."""
+    if not cfg.quantizes or cfg.quant_mode != "qat" or cfg.finetune_epochs == 0:
+        return None
+    return min(_prune_span(cfg) if cfg.prunes else 0, cfg.finetune_epochs - 1)
+
+
+def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mode: str | None = None) -> nn.Module:
+    """Fold BN, then replace every conv/linear with its k-bit fake-quant twin, calibrated."""
+    fold_bn(model)
+    bits = {"bits": cfg.bits, "act_bits": cfg.act_bits, "first_bits": cfg.first_layer_bits,
+            "last_bits": cfg.last_layer_bits, "act_range": cfg.act_range}  # fmt: skip
+    return QUANTIZERS.get(mode or cfg.quant_mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
+
+
+def finish(model: nn.Module, cfg: CompressConfig, calib: Batches, lock: SparsityLock | None = None) -> nn.Module:
+    """After the last epoch: drop the sparsity hooks (zeros stay), PTQ if the config asks for
+    quantization that training didn't do (``ptq``, or QAT with 0 epochs), eval mode."""
+    if lock is not None:
+        lock.release()
+    if cfg.quantizes and not is_quantized(model):
+        apply_quantization(model, cfg, calib, mode="ptq")
+    return model.eval()
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD + Nesterov; weight decay only on conv/linear weights (not BN, biases, step sizes)."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and p.dim() > 1]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+                           lr=lr, momentum=0.9, nesterov=True)  # fmt: skip
+
+
+def cosine_lr(step: int, total: int, peak: float) -> float:
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def train_step(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer, cfg: CompressConfig) -> float:
+    """One optimizer step: KD against the frozen teacher when ``kd_alpha > 0``, else CE."""
+    logits = model(x)
+    if cfg.distills and teacher is not None:
+        loss = kd_loss(logits, teacher_logits(teacher, x), y, cfg.kd_temperature, cfg.kd_alpha)
+    else:
+        loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str, Any]) -> dict[str, Any]:
+    """What was done, measured on the model itself (sparsity, per-layer bits, channels)."""
+    out: dict[str, Any] = {"student": dict(model.spec), "teacher_model": dict(teacher_spec)}
+    if cfg.prunes:
+        out["prune"] = {"kind": cfg.prune_kind, "rate": cfg.prune_rate, "importance": cfg.prune_importance,
+                        "schedule": cfg.prune_schedule, "steps": cfg.prune_steps,
+                        "weight_sparsity": weight_sparsity(model), "channels": channel_counts(model)}  # fmt: skip
+    if is_quantized(model):
+        out["quant"] = {"mode": cfg.quant_mode, "bits": cfg.bits, "act_bits": cfg.act_bits, "act_range": cfg.act_range,
+                        "first_layer_bits": cfg.first_layer_bits, "last_layer_bits": cfg.last_layer_bits,
+                        "bn_folded": True, "bits_per_layer": bits_per_layer(model)}  # fmt: skip
+    if cfg.distills:
+        out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
+    return out
+
+
+def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Callable[[int], Batches],
+                   calib: list[tuple[torch.Tensor, torch.Tensor]], eval_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   out_dir: str | Path, *, teacher_info: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+                   teacher_metrics: dict[str, Any] | None = None, steps_per_epoch: int | None = None,
+                   log: Callable[[str], None] = print,
+                   on_epoch: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+    """Run the whole recipe in this process; returns the metrics dict (also the teacher's).
+
+    ``train_batches(epoch)`` yields normalised (x, y) batches of one epoch; ``calib`` feeds
+    quantizer calibration, Taylor scores and the int8 runtime; ``eval_batches`` the
+    accuracy. The artifact goes to ``out_dir/model.pt``."""
+    teacher = freeze_teacher(teacher)
+    if teacher_metrics is None:
+        with tempfile.TemporaryDirectory() as tmp:  # the teacher as an fp32 artifact: the size baseline
+            save_artifact(tmp, teacher)
+            teacher_metrics = measure(teacher, eval_batches, artifact=tmp)
+    model = build_student(teacher, cfg)
+    events, qstart = prune_events(cfg), quant_epoch(cfg)
+    epochs = cfg.finetune_epochs
+    steps_per_epoch = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule
+    total, step, lock = epochs * steps_per_epoch, 0, None
+
+    def release() -> None:
+        nonlocal lock
+        if lock is not None:
+            lock.release()
+            lock = None
+
+    def relock() -> SparsityLock | None:
+        return lock_sparsity(model) if cfg.prunes and cfg.prune_kind == "unstructured" else None
+
+    for epoch in range(max(epochs, 1)):
+        changed = False
+        if epoch in events:
+            release()
+            prune_step(model, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=calib)
+            log(f"epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); weight sparsity {weight_sparsity(model):.3f}")
+            changed = True
+        if epoch == qstart:
+            release()
+            apply_quantization(model, cfg, calib)
+            log(f"epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
+            changed = True
+        if changed or epoch == 0:
+            lock = relock() if changed else lock
+            optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
+        if epochs == 0:
+            break
+        model.train()
+        losses = []
+        for x, y in train_batches(epoch):
+            for g in optimizer.param_groups:
+                g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
+            losses.append(train_step(model, teacher, x, y, optimizer, cfg))
+            step += 1
+        log(f"epoch {epoch}: loss {sum(losses) / max(len(losses), 1):.4f}")
+        if on_epoch is not None:  # e.g. a Tune report, so a scheduler can stop poor trials
+            was_training = model.training
+            on_epoch(epoch, model.eval())
+            model.train(was_training)
+    finish(model, cfg, calib, lock)
+    out = Path(out_dir)
+    save_artifact(out, model, method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
+                  teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
+    loaded, _ = load_artifact(out)  # measure the file, not the in-memory model
+    int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
+    metrics = measure(loaded, eval_batches, artifact=out, int8_model=int8, teacher=teacher_metrics)
+    return {"student": metrics, "teacher": teacher_metrics, "method": method_summary(loaded, cfg, teacher.spec)}

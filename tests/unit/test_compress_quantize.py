@@ -1,0 +1,136 @@
+"""Quantization: every conv and linear really k-bit, gradients through fake quant, BN
+folding exact, PTQ frozen, and the int8 runtime close to float."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effray.compress.int8 import to_int8
+from effray.compress.quantize import (
+    QUANT_TYPES,
+    QUANTIZERS,
+    ActQuant,
+    FakeQuant,
+    bits_per_layer,
+    calibrate,
+    dequantize,
+    fold_bn,
+    quantize_model,
+)
+from effray.errors import EffrayError
+from effray.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine: see test_compress_prune
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str = "resnet20") -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, 10, width=0.25 if name != "convnet" else 0.5).eval()
+
+
+def data(n: int = 2, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def test_registry():
+    assert set(QUANTIZERS.names()) == {"qat", "ptq"}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("name", ["resnet20", "convnet", "fastnet"])
+def test_every_conv_and_linear_is_k_bit(name, bits):
+    model = quantize_model(tiny(name), bits, first_bits=bits, last_bits=bits)
+    calibrate(model, data(1))
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers and all(isinstance(m, QUANT_TYPES) for m in layers)  # no Conv2d skipped
+    for m in layers:
+        w = m.qweight().detach().flatten(1)
+        distinct = max(len(torch.unique(row)) for row in w)
+        assert distinct <= 2**bits
+    assert set(bits_per_layer(model).values()) == {bits}
+
+
+def test_first_and_last_layer_bits():
+    model = quantize_model(tiny(), 4, first_bits=8, last_bits=32)
+    bits = bits_per_layer(model)
+    assert bits["stem.0"] == 8 and bits["head.fc"] == 32 and bits["s2b0.conv1"] == 4
+    assert type(model.head.fc) is nn.Linear  # 32 = left in float
+
+
+def test_fake_quant_forward_and_lsq_gradients():
+    x = torch.tensor([[-1.3, -0.2, 0.0, 0.26, 0.7, 5.0]], requires_grad=True)
+    s = torch.tensor(0.25, requires_grad=True)
+    y = FakeQuant.apply(x, s, -4.0, 3.0, 1.0)
+    assert y.tolist() == [[-1.0, -0.25, 0.0, 0.25, 0.75, 0.75]]
+    y.sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0, 0.0]]  # straight-through inside the range only
+    v = x.detach() / 0.25
+    expected = torch.where((v >= -4) & (v <= 3), v.clamp(-4, 3).round() - v, v.clamp(-4, 3)).sum()
+    assert s.grad.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_qat_trains_weights_and_step_sizes():
+    model = QUANTIZERS.get("qat")(tiny().train(), data(1), bits=4)
+    x, y = data(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    q = model.s2b0.conv1
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    assert q.wq.scale.grad is not None and q.wq.scale.grad.abs().sum() > 0
+
+
+def test_ptq_is_frozen():
+    model = QUANTIZERS.get("ptq")(tiny(), data(1), bits=4, act_range="lsq")
+    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    before = [float(a.scale) for a in acts]
+    model.train()(data(1)[0][0] * 10)  # a training-mode forward on wider data moves nothing
+    assert [float(a.scale) for a in acts] == before
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("scale"))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "convnet", "fastnet"])
+def test_fold_bn_is_exact_enough(name):
+    model = tiny(name)
+    for m in model.modules():  # non-trivial running stats
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 32, 32)
+    ref = model(x)
+    fold_bn(model)
+    assert torch.allclose(model(x), ref, atol=1e-4, rtol=1e-4)
+    left = [n for n, m in model.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    # fastnet's BNs after a max-pool can't be folded; every conv->BN pair is
+    assert left == ([] if name != "fastnet" else [f"group{i}.bn1" for i in (1, 2, 3)])
+
+
+def test_dequantize_gives_plain_layers_with_the_fake_quant_weights():
+    model = QUANTIZERS.get("ptq")(fold_bn(tiny()), data(1), bits=3)
+    plain = dequantize(model)
+    assert not any(isinstance(m, QUANT_TYPES) for m in plain.modules())
+    assert torch.equal(plain.s1b0.conv1.weight, model.s1b0.conv1.qweight())
+
+
+@pytest.mark.parametrize("bad", [1, 9, 16, 0])
+def test_bad_bits_is_one_line(bad):
+    with pytest.raises(EffrayError, match="must be 2..8"):
+        quantize_model(tiny(), bad)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "convnet"])
+def test_int8_runtime_is_close_to_float(name):
+    model = tiny(name)
+    calib = data(2)
+    q8 = to_int8(model, calib)
+    assert any("quantized" in type(m).__module__ for m in q8.modules())  # real int8 kernels
+    x = calib[0][0]
+    ref, out = model(x), q8(x)
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-3

@@ -1,0 +1,72 @@
+"""The in-process recipe end to end on tiny random data: the plan, the artifact, the metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effray.compress.artifact import load_artifact
+from effray.compress.config import CompressConfig
+from effray.compress.recipe import build_student, compress_local, prune_events, quant_epoch
+from effray.config import validated
+from effray.errors import EffrayError
+from effray.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine: see test_compress_prune
+    yield
+    torch.set_num_threads(threads)
+
+
+def batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def test_epoch_plan():
+    cfg = CompressConfig(prune_rate=0.8, prune_schedule="cubic", prune_steps=3, bits=4, finetune_epochs=6)
+    events = prune_events(cfg)
+    assert sorted(events) == [0, 1, 2] and events[2] == pytest.approx(0.8)
+    assert quant_epoch(cfg) == 3  # QAT after the pruning span
+    assert quant_epoch(CompressConfig(bits=4, finetune_epochs=1, prune_rate=0.5)) == 0
+    assert quant_epoch(CompressConfig(bits=4, quant_mode="ptq", finetune_epochs=3)) is None
+    assert prune_events(CompressConfig(prune_rate=0.5, finetune_epochs=0)) == {0: 0.5}
+
+
+def test_student_with_other_classes_is_one_line():
+    teacher = build_model("resnet20", 10, width=0.25)
+    student = build_student(teacher, validated(CompressConfig(student="convnet", student_width=0.5)))
+    assert student.spec["num_classes"] == 10
+    from effray.compress.distill import check_student
+
+    with pytest.raises(EffrayError, match="must match to distil"):
+        check_student(teacher.spec, build_model("convnet", 100).spec)
+
+
+@pytest.mark.parametrize("cfg", [
+    CompressConfig(prune_rate=0.5, prune_schedule="cubic", prune_steps=2, bits=4, kd_alpha=0.5, finetune_epochs=2,
+                   finetune_lr=0.01, calib_batches=1),
+    CompressConfig(prune_rate=0.3, prune_kind="structured", bits=8, quant_mode="ptq", finetune_epochs=0,
+                   calib_batches=1, codec="none"),
+])  # fmt: skip
+def test_compress_local(tmp_path, cfg):
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, width=0.25).eval()
+    train, evals = batches(2, 0), batches(1, 1)
+    result = compress_local(teacher, validated(cfg), lambda epoch: train, train[:1], evals, tmp_path,
+                            teacher_info={"checksum": "sha256:x"}, log=lambda line: None)  # fmt: skip
+    s, t = result["student"], result["teacher"]
+    model, payload = load_artifact(tmp_path)
+    assert payload["teacher"] == {"checksum": "sha256:x"} and payload["config"]["bits"] == cfg.bits
+    assert s["bytes"] == (tmp_path / "model.pt").stat().st_size < t["bytes"] / 3
+    assert s["vs_teacher"]["size_ratio"] > 3
+    assert {"int8_latency_ms_b256", "int8_accuracy", "latency_ms_b1"} <= set(s)
+    method = result["method"]
+    assert method["quant"]["bits_per_layer"]["s2b1.conv2"] == cfg.bits
+    if cfg.prune_kind == "unstructured":
+        assert method["prune"]["weight_sparsity"] >= 0.5 - 1e-3
+    else:
+        assert s["vs_teacher"]["macs_ratio"] > 1.3
