@@ -46,6 +46,7 @@ def _preview(cfg: Any) -> dict[str, Any]:
 
 
 def _commands() -> list[Command]:
+    from effray.compress.run import CompressRunConfig, compress
     from effray.data.prepare import PrepareConfig
     from effray.data.preview import PreviewConfig
     from effray.evaluate import EvaluateConfig, evaluate
@@ -68,6 +69,7 @@ def _commands() -> list[Command]:
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
         Command(("train",), "train a model data-parallel on Ray Train (DDP); re-running the same --storage/--name resumes", TrainConfig, train),
         Command(("evaluate",), "accuracy, per-class accuracy and loss of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate, needs_ray=False),
+        Command(("compress",), "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and metrics.json", CompressRunConfig, compress),
         Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, tune_compression),
         Command(("report",), "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a budget)", ReportConfig, report, needs_ray=False),
     ]  # fmt: skip

@@ -43,3 +43,32 @@ def tiny_cifar(ray_session, cifar_parquet, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny-cifar"
     prepare(PrepareConfig(source=str(cifar_parquet), out=str(out), limit=600, val_fraction=0.1))
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher(tiny_cifar, tmp_path_factory) -> Path:
+    """A convnet trained in-process for a few hundred steps: a real, better-than-chance teacher
+    without paying for a Ray Train fit."""
+    import torch
+
+    from effray.data.pipeline import eval_dataset, torch_batches
+    from effray.data.prepare import load_meta
+    from effray.models import build_model
+    from effray.train.checkpoint import data_summary, save_payload, train_payload
+
+    meta = load_meta(tiny_cifar)
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, 3, 0.5)
+    batches = [(b["image"], b["label"]) for b in torch_batches(eval_dataset(tiny_cifar, "train"), meta, 64)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(6):
+        for x, y in batches:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out = tmp_path_factory.mktemp("teacher")
+    save_payload(out, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
+                                    epoch=6, config={}, data=data_summary(meta), history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
+    return out

@@ -11,13 +11,30 @@ import json
 import os
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from effray.config import option, require
 from effray.errors import EffrayError
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Which experiment to aggregate, and an optional budget to pick a model for."""
+
+    experiment: str = option("", "experiment directory written by `effray tune` (finished or interrupted)")
+    out: str = option("", "where to write the report (default: EXPERIMENT/report)")
+    max_size_kb: float = option(0.0, "pick the most accurate model at most this many KB on disk (0 = no limit)")
+    max_latency_ms: float = option(0.0, "pick the most accurate model at most this batch-1 latency (0 = no limit)")
+
+    def validate(self) -> None:
+        require(bool(self.experiment), "give the experiment directory: effray report --experiment DIR")
+        require(self.max_size_kb >= 0 and self.max_latency_ms >= 0, "--max-size-kb and --max-latency-ms must be >= 0")
+
 
 COSTS = {"bytes": "bytes on disk", "macs": "MACs", "latency_ms": "latency (ms, batch 1)"}
 FINAL_KEY = "final"
@@ -77,6 +94,9 @@ def load_trials(experiment_dir: str | os.PathLike) -> pd.DataFrame:
 
 def _flatten(record: dict[str, Any], trial_dir: str) -> dict[str, Any]:
     row: dict[str, Any] = {"trial_dir": trial_dir, "trial_id": record.get("trial_id", Path(trial_dir).name)}
+    checkpoints = sorted(Path(trial_dir).glob("checkpoint_*/model.pt"))
+    if checkpoints:  # the trial kept its artifact as its (only) checkpoint
+        row["artifact"] = str(checkpoints[-1].resolve())
     for key, value in record.items():
         if key == "config" and isinstance(value, dict):
             for ck, cv in _walk(value, "config"):
@@ -201,3 +221,14 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
+
+
+def report(cfg: ReportConfig) -> dict[str, Any]:
+    """``effray report``: aggregate an experiment directory into the report files."""
+    df = load_trials(cfg.experiment)
+    teacher_file = Path(cfg.experiment) / "teacher.json"
+    teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
+    if teacher is not None and "latency_ms" not in teacher:
+        teacher["latency_ms"] = teacher.get("latency_ms_b1")
+    out = cfg.out or os.path.join(cfg.experiment, "report")
+    return write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None)

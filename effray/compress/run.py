@@ -1,0 +1,335 @@
+"""``effray compress``: one teacher -> one measured artifact, fine-tuned on Ray Train.
+
+Two levels, as in :mod:`effray.train.run` / :mod:`effray.train.loop`:
+
+* :func:`compress` (the driver) checks every user input before any worker starts (bad
+  rates or bits, a teacher that doesn't load, a student or dataset with other classes,
+  an existing ``--out``), measures the teacher, fits a ``TorchTrainer`` running
+  :func:`compress_loop_per_worker`, then loads the artifact the workers wrote, builds its
+  int8 runtime, measures the *file* and writes ``OUT/metrics.json`` atomically.
+* :func:`compress_loop_per_worker` is :func:`effray.compress.recipe.compress_local` step
+  for step, data-parallel: the same free functions, DDP through the training Strategy
+  (re-prepared whenever pruning or quantization replaces parameters), every rank
+  calibrating on the same rows, exact all-reduced validation after every epoch, and rank 0
+  writing the artifact to a temp dir that is renamed into ``OUT``.
+
+``OUT`` must be visible from the node of rank 0 (one node, or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from effray.compress.config import CompressConfig
+from effray.config import from_dict, option, require, to_dict, validated
+from effray.data.pipeline import DataConfig, torch_batches
+
+METRICS_FILE = "metrics.json"
+FINETUNE_FILE = ".finetune.json"
+
+
+@dataclass(frozen=True)
+class CompressRunConfig:
+    """What to compress (``CompressConfig``), on which data, into which directory, on how
+    many Ray Train workers."""
+
+    compress: CompressConfig = CompressConfig()
+    data: DataConfig = DataConfig()
+    out: str = option("", "output directory: the artifact (model.pt) and metrics.json")
+    overwrite: bool = option(False, "replace an existing --out")
+    workers: int = option(2, "data-parallel fine-tuning workers (Ray Train workers)")
+    cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
+    gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 fine-tunes on GPUs with NCCL, 0 on CPUs with gloo")
+    data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task")
+    eval_batch_size: int = option(256, "batch size for validation and calibration")
+
+    def validate(self) -> None:
+        require(bool(self.compress.teacher), "--teacher CKPT is required (a checkpoint from `effray train`)")
+        require(bool(self.data.data), "--data DIR is required (a dataset from `effray data prepare`)")
+        require(bool(self.out), "--out DIR is required")
+        require(isinstance(self.workers, int) and self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        require(self.cpus_per_worker > 0 and self.gpus_per_worker >= 0 and self.data_cpus > 0,
+                "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0")  # fmt: skip
+        require(self.eval_batch_size > 0, f"--eval-batch-size must be > 0, got {self.eval_batch_size}")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+# ------------------------------------------------------------------ the worker
+
+
+def _rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[Any, Any]]:
+    """A small unsplit dataset as (x, y) batches in row order (sorted by ``index``), so
+    every rank sees exactly the same batches whatever order the blocks arrive in."""
+    import torch
+
+
+    parts = list(torch_batches(shard, meta, batch))
+    if not parts:
+        return []
+    index = torch.cat([b["index"] for b in parts])
+    order = torch.argsort(index)
+    x = torch.cat([b["image"] for b in parts])[order]
+    y = torch.cat([b["label"] for b in parts])[order]
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def compress_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: the recipe of :func:`compress_local`, under DDP.
+    ``config`` = {"run": to_dict(CompressRunConfig), "ctx": what the driver resolved}."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from effray.compress.artifact import save_artifact
+    from effray.compress.distill import freeze_teacher
+    from effray.compress.prune import lock_sparsity, prune_step, weight_sparsity
+    from effray.compress.recipe import (
+        apply_quantization,
+        build_student,
+        cosine_lr,
+        finish,
+        make_optimizer,
+        method_summary,
+        prune_events,
+        quant_epoch,
+        train_step,
+    )
+    from effray.evaluate import load_checkpoint
+    from effray.train.loop import all_sum, say, seed_epoch, validate
+    from effray.train.strategy import make_strategy, prepare_model, unwrap
+
+    rc = from_dict(CompressRunConfig, config["run"])
+    cfg, ctx = rc.compress, config["ctx"]
+    meta, num_classes = ctx["meta"], int(ctx["meta"]["num_classes"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(rc.cpus_per_worker)))
+    torch.manual_seed(rc.data.seed)  # the same student init on every rank (DDP broadcasts rank 0's anyway)
+    strategy = make_strategy("ddp", device, channels_last=False, compile=False, amp=False)
+
+    teacher, _ = load_checkpoint(ctx["teacher"])
+    teacher = freeze_teacher(teacher).to(device)
+    plain = build_student(teacher, cfg).to(device)
+    calib = [(x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)]
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    per_worker = max(1, cfg.finetune_batch_size // world)
+    events, qstart = prune_events(cfg), quant_epoch(cfg)
+    epochs, steps = cfg.finetune_epochs, int(ctx["steps_per_epoch"])
+    total, step, lock = epochs * steps, 0, None
+    model = prepare_model(plain, strategy)
+    history: list[dict[str, Any]] = []
+
+    def relock() -> Any:
+        return lock_sparsity(plain) if cfg.prunes and cfg.prune_kind == "unstructured" else None
+
+    for epoch in range(max(epochs, 1)):
+        changed = False
+        if epoch in events or epoch == qstart:
+            strategy.sync_for_eval(model)  # rank 0's BN statistics everywhere: folding and scores agree
+            if lock is not None:
+                lock.release()
+                lock = None
+        if epoch in events:
+            prune_step(plain, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=calib)
+            if rank == 0:
+                say(f"[effray] epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); "
+                    f"weight sparsity {weight_sparsity(plain):.3f}")  # fmt: skip
+            changed = True
+        if epoch == qstart:
+            apply_quantization(plain, cfg, calib)
+            if rank == 0:
+                say(f"[effray] epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
+            changed = True
+        if changed:
+            lock = relock()
+            plain = plain.to(device)
+            model = prepare_model(plain, strategy)  # new parameters: a new DDP wrapper (and buckets)
+        if changed or epoch == 0:
+            optimizer = make_optimizer(plain, cosine_lr(step, total, cfg.finetune_lr))
+        if epochs == 0:
+            break
+        seed_epoch(rc.data.seed, epoch, rank)
+        model.train()
+        sums = torch.zeros(2, dtype=torch.float64)
+        batches = torch_batches(train_shard, meta, per_worker, clock=ctx["clock"], epoch=epoch,
+                                shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
+        for b in batches:
+            for g in optimizer.param_groups:
+                g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
+            x, y = b["image"].to(device), b["label"].to(device)
+            sums += torch.tensor([train_step(model, teacher, x, y, optimizer, cfg) * len(y), len(y)], dtype=torch.float64)
+            step += 1
+        sums = all_sum(sums.to(strategy.reduce_device)).cpu()
+        metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "lr": optimizer.param_groups[0]["lr"]}
+        metrics.update(validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes))
+        if rank == 0:
+            say(f"[effray] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}")
+        history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
+        ray.train.report(history[-1])
+
+    strategy.sync_for_eval(model)
+    model = finish(unwrap(model), cfg, calib, lock)  # every rank: PTQ (if any) is deterministic, calib is shared
+    final = validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes)
+    if rank == 0:
+        out = Path(rc.out)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:6]}"
+        save_artifact(tmp, model.cpu(), method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
+                      teacher=ctx["teacher_info"], data=ctx["data"], codec=cfg.codec)  # fmt: skip
+        # the epochs as the workers saw them, for the driver's metrics.json (it deletes this file)
+        (tmp / FINETUNE_FILE).write_text(json.dumps({"epochs": history, "final": final, "world": world}))
+        _replace_dir(tmp, out)
+    ray.train.report({"epoch": epochs + 1, "final": True,
+                      **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` (``--overwrite``) is moved aside first,
+    so ``dst`` never holds a half-written artifact."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:6]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def xy_batches(torch_iter: Any) -> Any:
+    """(image, label) pairs from :func:`torch_batches` dicts: what the recipe consumes."""
+    for b in torch_iter:
+        yield b["image"], b["label"]
+
+
+def eval_and_calib(data_dir: str, meta: dict[str, Any], batch: int, calib_batches: int) -> tuple[list, Any, list]:
+    """Validation batches, the calibration dataset (first rows of train, unaugmented, the
+    same on every rank) and its batches."""
+    from effray.data.pipeline import eval_dataset
+
+    evals = list(xy_batches(torch_batches(eval_dataset(data_dir, "val"), meta, batch)))
+    calib_ds = eval_dataset(data_dir, "train").limit(batch * calib_batches).materialize()
+    return evals, calib_ds, list(xy_batches(torch_batches(calib_ds, meta, batch)))
+
+
+def teacher_baseline(teacher: Any, teacher_path: str, evals: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The teacher measured as an fp32 artifact (every ratio's denominator) and where it came from."""
+    from effray.compress.artifact import file_checksum, save_artifact
+    from effray.compress.measure import measure
+    from effray.train.checkpoint import checkpoint_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_artifact(tmp, teacher)
+        metrics = measure(teacher, evals, artifact=tmp)
+    info = {"checksum": file_checksum(checkpoint_file(teacher_path)), "spec": dict(teacher.spec),
+            "path": str(Path(teacher_path).resolve())}  # fmt: skip
+    return metrics, info
+
+
+def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Every check that can fail on user input, writing nothing: ``(teacher, payload, meta)``."""
+    from effray.compress.recipe import build_student
+    from effray.data.pipeline import validate_data_dir
+    from effray.evaluate import load_checkpoint
+
+    validated(rc)
+    out = Path(rc.out)
+    require(not out.exists() or rc.overwrite or (out.is_dir() and not any(out.iterdir())),
+            f"--out {rc.out} already exists; pass --overwrite to replace it, or choose another directory")  # fmt: skip
+    require(not out.exists() or out.is_dir(), f"--out {rc.out} is a file, not a directory")
+    meta = validate_data_dir(rc.data.data)
+    require("val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
+            f"dataset {rc.data.data} has no validation split; re-prepare it with --val-fraction > 0")  # fmt: skip
+    teacher, payload = load_checkpoint(rc.compress.teacher)
+    spec = dict(getattr(teacher, "spec", {}) or payload.get("model_spec", {}))
+    require(int(spec.get("num_classes", -1)) == int(meta["num_classes"]),
+            f"teacher {rc.compress.teacher} predicts {spec.get('num_classes')} classes, {rc.data.data} has "
+            f"{meta['num_classes']}; use the dataset it was trained on")  # fmt: skip
+    teacher.spec = spec
+    build_student(teacher, rc.compress)  # a student with other classes/inputs fails here, in one line
+    return teacher, payload, meta
+
+
+def compress(rc: CompressRunConfig) -> dict[str, Any]:
+    """Compress ``--teacher`` into ``--out`` on the current Ray cluster; returns the summary
+    printed by the CLI (``OUT/metrics.json`` holds the full measurement)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from effray.compress.artifact import load_artifact
+    from effray.compress.int8 import to_int8
+    from effray.compress.measure import measure
+    from effray.data.pipeline import eval_dataset, kill_clock, train_dataset
+    from effray.train.checkpoint import checkpoint_file, data_summary
+    from effray.train.run import check_resources, provenance, train_rows
+    from effray.train.strategy import STRATEGIES
+
+    teacher, _, meta = check_inputs(rc)
+    check_resources(rc, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # type: ignore[arg-type]
+    rows = train_rows(rc.data, meta) // rc.workers
+    per_worker = max(1, rc.compress.finetune_batch_size // rc.workers)
+    require(rows >= per_worker, f"{train_rows(rc.data, meta)} training rows can't give {rc.workers} workers a batch of "
+                                f"{per_worker}; use fewer --workers or a smaller --finetune-batch-size")  # fmt: skip
+    out = Path(os.path.abspath(os.path.expanduser(rc.out)))
+    rc = dataclasses.replace(rc, out=str(out))
+
+    cfg = rc.compress
+    evals, calib_ds, calib = eval_and_calib(rc.data.data, meta, rc.eval_batch_size, cfg.calib_batches)
+    teacher_metrics, teacher_info = teacher_baseline(teacher, cfg.teacher, evals)
+    data = data_summary(meta)
+    clock = f"effray-compress-clock-{uuid.uuid4().hex[:8]}"
+    ctx = {"teacher": str(Path(cfg.teacher).resolve()), "teacher_info": teacher_info, "data": data, "meta": meta,
+           "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
+    storage = tempfile.mkdtemp(prefix="effray-compress-")  # Ray Train's run dir: nothing in it outlives the fit
+    trainer = TorchTrainer(
+        compress_loop_per_worker,
+        train_loop_config={"run": to_dict(rc), "ctx": ctx},
+        torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=rc.workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"compress-{out.name}", storage_path=storage, failure_config=FailureConfig(max_failures=0)),
+        datasets={"train": train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus),
+                  "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
+        dataset_config=STRATEGIES.get("ddp").dataset_config(),
+    )  # fmt: skip
+    try:
+        trainer.fit()
+    finally:
+        kill_clock(clock)
+        shutil.rmtree(storage, ignore_errors=True)
+    finetune = json.loads((out / FINETUNE_FILE).read_text())
+    (out / FINETUNE_FILE).unlink()
+
+    loaded, payload = load_artifact(out)  # measure the file, not the in-memory model
+    int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
+    student = measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics)
+    metrics = {**student, "teacher": teacher_metrics, "method": payload.get("method", {}), "config": to_dict(rc),
+               "finetune": finetune, "provenance": provenance(meta)}  # fmt: skip
+    _write_json(out / METRICS_FILE, metrics)
+    ratios = student.get("vs_teacher", {})
+    return {"out": str(out), "artifact": str(checkpoint_file(out)), "metrics": str(out / METRICS_FILE),
+            "accuracy": student["accuracy"], "teacher_accuracy": teacher_metrics["accuracy"], "bytes": student["bytes"],
+            "params": student["params"], "nonzero_params": student["nonzero_params"], "macs": student["macs"],
+            "size_ratio": ratios.get("size_ratio"), "macs_ratio": ratios.get("macs_ratio"),
+            "accuracy_drop_points": ratios.get("accuracy_drop_points"), "workers": rc.workers}  # fmt: skip
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
