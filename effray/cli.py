@@ -50,6 +50,7 @@ def _commands() -> list[Command]:
     from effray.data.prepare import PrepareConfig
     from effray.data.preview import PreviewConfig
     from effray.evaluate import EvaluateConfig, evaluate
+    from effray.run import RunConfig, run_all
     from effray.search.aggregate import ReportConfig, report
     from effray.search.run import TuneConfig, tune_compression
     from effray.train.config import TrainConfig
@@ -71,6 +72,7 @@ def _commands() -> list[Command]:
         Command(("evaluate",), "accuracy, per-class accuracy and loss of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate, needs_ray=False),
         Command(("compress",), "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and metrics.json", CompressRunConfig, compress),
         Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, tune_compression),
+        Command(("run",), "the main job: prepare -> train a teacher -> tune compression -> report, on the current Ray cluster", RunConfig, run_all),
         Command(("report",), "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a budget)", ReportConfig, report, needs_ray=False),
     ]  # fmt: skip
 

@@ -200,6 +200,7 @@ def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Seri
 def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str, Any] | None = None) -> None:
     """All trials per cost axis (log scale), the front highlighted, the teacher marked."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -214,10 +215,11 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
         if teacher and teacher.get(cost):
             ax.scatter([teacher[cost]], [teacher["accuracy"]], marker="*", s=160, c="C0", label="teacher")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.set_xlabel(COSTS[cost])
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(loc="lower right")
+    axes[0][0].legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -16,8 +16,11 @@ from typing import Any
 from effray.config import option, require, to_dict
 from effray.data.pipeline import DataConfig
 
-# Issue 4 adds "pipeline"; the loop only talks to a Strategy (effray.train.strategy).
-PARALLEL = ("ddp",)
+# The loop only talks to a Strategy (effray.train.strategy, effray.train.pipeline).
+PARALLEL = ("ddp", "pipeline")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+# pipeline-only knobs: left out of a DDP run's default name, so existing names don't change
+_PIPELINE_FIELDS = {"stages", "microbatches", "pipeline_schedule", "split_points"}
 SCHEDULES = ("onecycle", "cosine")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
@@ -57,7 +60,11 @@ class TrainConfig:
     wandb_project: str = option("effray", "Weights & Biases project")
     wandb: bool = option(True, "log to Weights & Biases (offline when no API key is set); --no-wandb turns it off")
     wandb_mode: str = option("auto", "wandb mode; auto = online with an API key, else offline (wandb sync later)", choices=WANDB_MODES)
-    parallel: str = option("ddp", "parallelism strategy", choices=PARALLEL)
+    parallel: str = option("ddp", "parallelism strategy: ddp, or pipeline (--stages x data-parallel replicas)", choices=PARALLEL)
+    stages: int = option(2, "pipeline stages (--parallel pipeline); --workers must be a multiple, the rest is data-parallel")
+    microbatches: int = option(4, "micro-batches per step per pipeline (--parallel pipeline; >= --stages)")
+    pipeline_schedule: str = option("gpipe", "pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b", choices=PIPELINE_SCHEDULES)
+    split_points: str = option("", "block indices where stages 2.. start, e.g. 3,7 (default: balanced by parameter count)")
     inject_failure_at_epoch: int = option(-1, "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this epoch (1-based; -1 = never)")
 
     @property
@@ -72,8 +79,12 @@ class TrainConfig:
         require(self.width > 0, f"--width must be > 0, got {self.width}")
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--workers", self.workers)):
             require(value > 0, f"{flag} must be a positive integer, got {value}")
-        require(self.batch_size % self.workers == 0,
-                f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers} (each worker takes an equal share)")  # fmt: skip
+        if self.parallel == "pipeline":
+            self._validate_pipeline()
+        require(self.batch_size % self.data_parallel == 0,
+                f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers} (each worker takes an equal share)"
+                if self.parallel != "pipeline" else
+                f"--batch-size {self.batch_size} must be a multiple of the {self.data_parallel} pipeline replicas (--workers / --stages)")  # fmt: skip
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -92,9 +103,35 @@ class TrainConfig:
         require(self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.epochs,
                 f"--inject-failure-at-epoch must be -1 or in 1..{self.epochs}")  # fmt: skip
 
+    def _validate_pipeline(self) -> None:
+        from effray.models import build_model
+        from effray.train.pipeline import stage_bounds
+
+        s, m = self.stages, self.microbatches
+        require(s >= 2, f"--stages must be >= 2 with --parallel pipeline, got {s}")
+        require(m >= s, f"--microbatches {m} must be >= --stages {s} (fewer leaves stages idle)")
+        require(self.workers % s == 0, f"--workers {self.workers} must be a multiple of --stages {s} (workers = stages x data-parallel replicas)")
+        blocks = len(build_model(self.model, 10, 3, self.width))
+        require(s <= blocks, f"--stages {s} is more than model {self.model}'s {blocks} blocks")
+        require(self.data.augment_on != "gpu", "--augment-on gpu is not supported with --parallel pipeline")
+        if self.split_points:
+            stage_bounds(build_model(self.model, 10, 3, self.width), s, self.split_points)
+        require(self.batch_size // max(1, self.workers // s) >= m,
+                f"--batch-size {self.batch_size} gives each pipeline fewer images than --microbatches {m}")
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel replicas: every worker under DDP, workers / stages for a pipeline."""
+        return self.workers // self.stages if self.parallel == "pipeline" else self.workers
+
     @property
     def per_worker_batch(self) -> int:
-        return self.batch_size // self.workers
+        """Images per step per data-parallel replica (a pipeline's stage 0 reads them)."""
+        return self.batch_size // self.data_parallel
+
+    def strategy_options(self) -> dict[str, Any]:
+        return {"stages": self.stages, "microbatches": self.microbatches,
+                "pipeline_schedule": self.pipeline_schedule, "split_points": self.split_points}
 
     @property
     def use_gpu(self) -> bool:
@@ -105,7 +142,7 @@ def default_run_name(cfg: TrainConfig) -> str:
     """``<model>-<hash of what the run computes>``: the same command gets the same name,
     so re-running it resumes instead of starting over (Ray restores by name)."""
     d = to_dict(cfg)
-    d = {k: v for k, v in d.items() if k not in _NOT_IN_NAME}
+    d = {k: v for k, v in d.items() if k not in _NOT_IN_NAME and (cfg.parallel == "pipeline" or k not in _PIPELINE_FIELDS)}
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{cfg.model}-{digest}"
 

@@ -157,7 +157,7 @@ def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[
         sums[1] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[2:2 + num_classes] += torch.bincount(labels[pred == labels], minlength=num_classes)
         sums[2 + num_classes:] += torch.bincount(labels, minlength=num_classes)
-    sums = all_sum(sums.to(strategy.reduce_device)).cpu()
+    sums = strategy.sum_replicas(sums.to(strategy.reduce_device)).cpu()
     correct, loss, per_ok, per_n = sums[0], sums[1], sums[2:2 + num_classes], sums[2 + num_classes:]
     count = float(per_n.sum())
     return {"val_accuracy": float(correct) / max(count, 1.0), "val_loss": float(loss) / max(count, 1.0),
@@ -193,7 +193,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     payload = restored[1] if restored else None
     if payload is not None:
         model.load_state_dict(payload["model"])
-    strategy = make_strategy(cfg.parallel, device, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp)
+    strategy = make_strategy(cfg.parallel, device, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
+                             **cfg.strategy_options())  # fmt: skip
     model = prepare_model(model, strategy)
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
@@ -203,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0
     if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        strategy.load_optimizer_state(model, optimizer, payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])
@@ -223,6 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     tracker = make_tracker(TrackerSettings(**run["tracker"])) if rank == 0 and run["tracker"] and start < cfg.epochs else NullTracker()
     victim = 1 if world > 1 else 0
+    replica, replicas = strategy.data_rank(rank, world)
     epoch_times: list[float] = []
     try:
         for epoch in range(start, cfg.epochs):
@@ -231,9 +233,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
             waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
-            batches = torch_batches(train_shard, meta, cfg.per_worker_batch, clock=run["clock"], epoch=epoch,
-                                    shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
-                                    normalise=gpu_policy is None)  # fmt: skip
+            batches = strategy.batches(lambda epoch=epoch: torch_batches(
+                train_shard, meta, cfg.per_worker_batch, clock=run["clock"], epoch=epoch,
+                shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, normalise=gpu_policy is None))  # fmt: skip
             for step, batch in enumerate(batches):
                 waited += time.perf_counter() - asked
                 if gpu_policy is not None:
@@ -247,13 +249,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
                     _die_once(run_dir)
                 asked = time.perf_counter()
-            sums = all_sum(torch.cat([sums, torch.tensor([waited], dtype=torch.float64, device=sums.device)])).cpu()
+            sums = strategy.sum_replicas(torch.cat([sums, torch.tensor([waited], dtype=torch.float64, device=sums.device)])).cpu()
             train_s = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
                        "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
-                       "data_wait_s": float(sums[2]) / world}  # fmt: skip
+                       "data_wait_s": float(sums[2]) / replicas}  # fmt: skip
             metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),
-                                    rank, world, num_classes))  # fmt: skip
+                                    replica, replicas, num_classes))  # fmt: skip
             epoch_times.append(time.perf_counter() - t0)
             elapsed += epoch_times[-1]
             metrics.update(epoch_s=epoch_times[-1], elapsed_s=elapsed)
@@ -268,10 +270,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory(prefix="effray-ckpt-") as tmp:
                     ckpt = None
+                    # every rank: a pipeline gathers its stages' parts to rank 0 here
+                    model_state, opt_state = strategy.state_dict(model), strategy.optimizer_state(model, optimizer)
                     if rank == 0:
                         f = save_payload(tmp, train_payload(
-                            model_state=strategy.state_dict(model), model_spec=dict(strategy.unwrap(model).spec),
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch + 1,
+                            model_state=model_state, model_spec=dict(strategy.unwrap(model).spec),
+                            optimizer=opt_state, scheduler=scheduler.state_dict(), epoch=epoch + 1,
                             config=config["train"], data=data, history=history, provenance=run["provenance"],
                             elapsed_s=elapsed))  # fmt: skip
                         if last:

@@ -30,6 +30,7 @@ from effray.data.pipeline import (
 )
 from effray.errors import EffrayError
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
+from effray.train import pipeline as _pipeline  # noqa: F401  (registers "pipeline")
 from effray.train.checkpoint import data_summary
 from effray.train.config import TrainConfig, default_run_name, model_identity
 from effray.train.loop import HISTORY_FILE, train_loop_per_worker
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_dir = Path(storage) / cfg.name if local else None
     if run_dir is not None:
         check_existing_run(run_dir, cfg, meta)
-    rows_per_rank = train_rows(cfg.data, meta) // cfg.workers
+    rows_per_rank = train_rows(cfg.data, meta) // cfg.data_parallel  # per data-parallel replica
     require(rows_per_rank >= 1, f"{train_rows(cfg.data, meta)} training rows can't feed {cfg.workers} workers; use fewer --workers")
     strategy = STRATEGIES.get(cfg.parallel)
     run_id = stable_run_id(storage, cfg.name)
@@ -174,7 +175,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         datasets={"train": train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus),
                   # decoded once here: every rank reads the whole split each epoch (see validate)
                   "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
-        dataset_config=strategy.dataset_config(),
+        dataset_config=strategy.dataset_config(cfg),
     )  # fmt: skip
     try:
         result = trainer.fit()

@@ -26,7 +26,7 @@ class Strategy:
 
     name = "base"
 
-    def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool) -> None:
+    def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool, **_: Any) -> None:
         self.device = device
         self.on_gpu = device.type == "cuda"
         # channels-last and bf16 pay off on tensor cores; on CPU they slow these nets down
@@ -37,7 +37,7 @@ class Strategy:
         self.reduce_device = device
 
     @classmethod
-    def dataset_config(cls) -> Any:
+    def dataset_config(cls, cfg: Any = None) -> Any:
         """How Ray Train hands datasets to workers.
 
         Only "train" is split: Ray's split is ``equal=True`` and drops the remainder rows,
@@ -52,6 +52,27 @@ class Strategy:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def data_rank(self, rank: int, world: int) -> tuple[int, int]:
+        """(which data replica this rank is, how many): each DDP rank is its own."""
+        return rank, world
+
+    def batches(self, make: Callable[[], Any]) -> Any:
+        """This rank's training batches for one epoch (a pipeline feeds later stages itself)."""
+        return make()
+
+    def sum_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum per-replica tallies (loss, counts) over replicas; for DDP, over all ranks."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state to checkpoint (called on every rank; rank 0's is saved)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
@@ -117,6 +138,8 @@ class DDPStrategy(Strategy):
 
 def make_strategy(name: str, device: torch.device, **kwargs: Any) -> Strategy:
     """The registered strategy ``name`` for this worker's device."""
+    if name == "pipeline":
+        import effray.train.pipeline  # noqa: F401  (registers it)
     return STRATEGIES.get(name)(device, **kwargs)
 
 

@@ -46,30 +46,6 @@ def _finals(experiment: Path) -> dict[str, list[float]]:
     return out
 
 
-@pytest.mark.slow
-def test_search_report_and_budget(ray_session, tiny_cifar, teacher, tmp_path, capsys):
-    args = ["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(_space(tmp_path)),
-            "--num-samples", "4", "--scheduler", "none", "--storage", str(tmp_path / "runs"), "--name", "t4"]  # fmt: skip
-    assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["trials"] == 4 and result["finished"] == 4
-    experiment = tmp_path / "runs" / "t4"
-    assert len(_finals(experiment)) == 4
-    assert main(["report", "--experiment", str(experiment), "--max-size-kb", "1000"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    report = experiment / "report"
-    for name in ("results.parquet", "results.csv", "report.md", "pareto.png"):
-        assert (report / name).is_file()
-    table = pd.read_parquet(report / "results.parquet")
-    assert len(table) == 4 and table["accuracy"].between(0, 1).all()
-    assert (table["bytes"] > 0).all() and table["artifact"].map(os.path.isfile).all()
-    teacher_bytes = json.loads((experiment / "teacher.json").read_text())["bytes"]
-    assert (table["bytes"] < teacher_bytes).all()  # 4/8-bit packed artifacts are smaller than fp32
-    assert summary["budget_pick"]["accuracy"] == table[table["bytes"] <= 1000 * 1024]["accuracy"].max()
-    # the picked artifact loads like any checkpoint
-    assert main(["evaluate", "--checkpoint", summary["budget_pick"]["artifact"], "--data", str(tiny_cifar)]) == 0
-
-
 def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"bits": {"choice": [4, 9]}}))
@@ -81,8 +57,9 @@ def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, 
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_without_repeating(tiny_cifar, teacher, tmp_path):
-    """Kill the driver after two trials finished, re-run: the rest run, the two don't."""
+def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsys):
+    """A 4-trial search: kill the driver after two trials finished and re-run it (the rest
+    run, the two don't), then `effray report` writes every file and picks within budget."""
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "effray.cli", "tune", "--teacher", str(teacher), "--data", str(tiny_cifar),
            "--space", str(_space(tmp_path)), "--num-samples", "4", "--scheduler", "none",
@@ -110,3 +87,16 @@ def test_killed_search_resumes_without_repeating(tiny_cifar, teacher, tmp_path):
     assert all(len(stamps) == 1 for stamps in after.values())  # no trial reported twice
     for trial, stamps in before.items():
         assert after[trial] == stamps  # finished trials were not run again
+    assert main(["report", "--experiment", str(experiment), "--max-size-kb", "1000"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = experiment / "report"
+    for name in ("results.parquet", "results.csv", "report.md", "pareto.png"):
+        assert (report / name).is_file()
+    table = pd.read_parquet(report / "results.parquet")
+    assert len(table) == 4 and table["accuracy"].between(0, 1).all()
+    assert (table["bytes"] > 0).all() and table["artifact"].map(os.path.isfile).all()
+    teacher_bytes = json.loads((experiment / "teacher.json").read_text())["bytes"]
+    assert (table["bytes"] < teacher_bytes).all()  # 4/8-bit packed artifacts are smaller than fp32
+    assert summary["budget_pick"]["accuracy"] == table[table["bytes"] <= 1000 * 1024]["accuracy"].max()
+    # the picked artifact loads like any checkpoint
+    assert main(["evaluate", "--checkpoint", summary["budget_pick"]["artifact"], "--data", str(tiny_cifar)]) == 0

@@ -1,0 +1,419 @@
+"""Pipeline parallelism (issue 4): the model's blocks split into S stages, one per Ray Train
+worker, trained with M micro-batches; W = S x D workers run D data-parallel pipelines.
+
+Mesh: rank r is stage ``r % S`` of pipeline (replica) ``r // S``, so one pipeline's ranks
+are consecutive (on one node when Ray packs them). Gradients are all-reduced (averaged)
+within each stage's data-parallel group; the optimizer steps each stage's own slice.
+
+Data: the training split is cut into D shards, one per pipeline, and only each
+pipeline's stage-0 rank reads it (:class:`PipelineDataConfig`); it sends every batch's
+labels (and mixup targets) down the pipeline ahead of the activations, with the batch
+size, so later stages need no Ray Data shard and every stage of a pipeline runs the same
+batches. An empty header ends the epoch. Validation reads the whole split on every rank
+(as DDP does) and each pipeline scores the rows ``index % D == replica``.
+
+BatchNorm: statistics are per micro-batch (as in ``torch.distributed.pipelining``), and
+running statistics are updated once per micro-batch, in micro-batch order. A pipeline
+step therefore equals single-process *gradient accumulation* over the same M
+micro-batches (loss of each scaled by its share of the batch), not one full-batch
+forward. Evaluation runs the whole eval batch through the same stages in eval mode.
+
+P2P: our own GPipe / 1F1B over plain ``dist.isend`` + blocking ``dist.recv`` of one tensor
+at a time (shape and dtype travel in a small header first), not ``torch.distributed.
+pipelining``: its schedules post batched isend/irecv (``batch_isend_irecv``), which can
+hang on gloo in some torch versions, and we need labels and end-of-epoch markers on the
+same channel. Non-blocking sends make 1F1B deadlock-free (two neighbours may send to
+each other at once); every send is waited on before the step returns. Works on gloo
+(CPU) and NCCL (GPU tensors on the worker's device).
+
+Checkpoints: every rank calls :meth:`state_dict` / :meth:`optimizer_state`; pipeline 0's
+stages gather to rank 0 one ordinary full-model state dict (keys as the unsplit model,
+because slicing an ``nn.Sequential`` keeps its keys) and a single-process-layout SGD
+state, so `effray evaluate`, compression and resume load them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from effray.errors import EffrayError
+from effray.train.strategy import STRATEGIES, LossFn, Strategy
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
+
+
+def parse_split_points(text: str) -> list[int]:
+    """``"3,7"`` -> ``[3, 7]`` (block indices where stages 2, 3... start)."""
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise EffrayError(f"--split-points must be comma-separated block indices like 3,7, got {text!r}") from None
+
+
+def balanced_split(costs: list[float], stages: int) -> list[int]:
+    """Boundaries ``[0, b1, ..., n]`` cutting ``costs`` (one per block) into ``stages``
+    contiguous non-empty parts with the smallest maximum part (linear-partition DP)."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise EffrayError(f"can't cut {n} blocks into {stages} stages")
+    pre = [0.0]
+    for c in costs:
+        pre.append(pre[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], pre[j] - pre[i])
+                if v < best[k][j]:
+                    best[k][j], cut[k][j] = v, i
+    bounds, j = [n], n
+    for k in range(stages, 0, -1):
+        j = cut[k][j]
+        bounds.append(j)
+    return bounds[::-1]
+
+
+def block_costs(model: nn.Sequential, by: str = "params", sample: torch.Tensor | None = None) -> list[float]:
+    """Per-block cost: parameter count (+1, so parameter-free blocks still weigh), or
+    measured forward+backward seconds on ``sample`` (``by="time"``)."""
+    if by == "params":
+        return [1.0 + sum(p.numel() for p in b.parameters()) for b in model]
+    import time
+
+    assert sample is not None, "by='time' needs a sample batch"
+    costs, x = [], sample
+    for b in model:
+        x = x.detach().requires_grad_()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            y = b(x)
+            y.float().sum().backward()
+        costs.append((time.perf_counter() - t0) / 3)
+        x = y
+    return costs
+
+
+def stage_bounds(model: nn.Sequential, stages: int, split_points: str = "", by: str = "params",
+                 sample: torch.Tensor | None = None) -> list[int]:
+    """Stage boundaries for ``model``: explicit ``split_points`` when given, else balanced."""
+    n = len(model)
+    if split_points:
+        pts = parse_split_points(split_points)
+        if len(pts) != stages - 1 or pts != sorted(set(pts)) or not all(0 < p < n for p in pts):
+            raise EffrayError(f"--split-points {split_points} must be {stages - 1} increasing block indices in 1..{n - 1}")
+        return [0, *pts, n]
+    return balanced_split(block_costs(model, by, sample), stages)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Where a rank sits: ``stage = rank % S``, ``replica = rank // S``."""
+
+    rank: int
+    world: int
+    stages: int
+
+    @property
+    def stage(self) -> int:
+        return self.rank % self.stages
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.stages
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.stages
+
+    def pipeline_ranks(self, replica: int) -> list[int]:
+        return [replica * self.stages + s for s in range(self.stages)]
+
+    def dp_ranks(self, stage: int) -> list[int]:
+        return [p * self.stages + stage for p in range(self.replicas)]
+
+
+def _pipeline_data_config() -> Any:
+    import ray.train
+
+    class PipelineDataConfig(ray.train.DataConfig):
+        """"train" cut into one shard per pipeline (world // stages), given to each
+        pipeline's stage-0 rank; other ranks get ``None`` for it. Other datasets
+        ("val") go whole to every rank, as for DDP."""
+
+        def __init__(self, stages: int, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.stages = stages
+
+        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                      worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                if name == "train":
+                    d = world_size // self.stages
+                    hints = [worker_node_ids[p * self.stages] for p in range(d)] if worker_node_ids and self._enable_shard_locality else None
+                    for p, split in enumerate(ds.streaming_split(d, equal=True, locality_hints=hints)):
+                        for s in range(self.stages):
+                            out[p * self.stages + s][name] = split if s == 0 else None
+                else:
+                    for i in range(world_size):
+                        out[i][name] = ds.iterator()
+            return out
+
+    return PipelineDataConfig
+
+
+@STRATEGIES.register("pipeline")
+class PipelineStrategy(Strategy):
+    """S pipeline stages x D data-parallel replicas over the default process group."""
+
+    name = "pipeline"
+
+    def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool,
+                 stages: int = 2, microbatches: int = 4, pipeline_schedule: str = "gpipe",
+                 split_points: str = "", **_: Any) -> None:
+        # channels-last and torch.compile stay off: stages exchange plain contiguous tensors
+        super().__init__(device, channels_last=False, compile=False, amp=amp)
+        if pipeline_schedule not in PIPELINE_SCHEDULES:
+            raise EffrayError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}, got {pipeline_schedule!r}")
+        self.stages, self.microbatches, self.schedule, self.split = stages, microbatches, pipeline_schedule, split_points
+        self._pending: list[tuple[Any, torch.Tensor]] = []
+
+    @classmethod
+    def dataset_config(cls, cfg: Any = None) -> Any:
+        import ray.train
+
+        options = ray.train.DataConfig.default_ingest_options()
+        options.preserve_order = True
+        stages = cfg.stages if cfg is not None else 2
+        return _pipeline_data_config()(stages, datasets_to_split=["train"], execution_options={"train": options})
+
+    # -- setup -------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        if world % self.stages or world < self.stages:
+            raise EffrayError(f"--workers {world} must be a multiple of --stages {self.stages}")
+        self.mesh = m = Mesh(rank, world, self.stages)
+        # every rank creates every group, in the same order (new_group is collective)
+        self.pipe_groups = [dist.new_group(m.pipeline_ranks(p)) for p in range(m.replicas)]
+        self.dp_groups = [dist.new_group(m.dp_ranks(s)) for s in range(self.stages)]
+        self.pipe_group, self.dp_group = self.pipe_groups[m.replica], self.dp_groups[m.stage]
+        self.bounds = stage_bounds(model, self.stages, self.split)
+        self.first, self.last = m.stage == 0, m.stage == self.stages - 1
+        self.prev, self.next = rank - 1, rank + 1
+        self.num_classes = int(model.spec["num_classes"])
+        self.full_keys = list(model.state_dict().keys())
+        self.full_order = _param_order(model)
+        stage = model[self.bounds[m.stage]:self.bounds[m.stage + 1]].to(self.device)
+        stage.spec = dict(model.spec)
+        return stage
+
+    def data_rank(self, rank: int, world: int) -> tuple[int, int]:
+        return self.mesh.replica, self.mesh.replicas
+
+    # -- point to point ------------------------------------------------------------------
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        t = t.detach().to(self.device).contiguous()  # NCCL sends CUDA tensors only
+        header = torch.zeros(8, dtype=torch.int64, device=self.device)
+        header[0], header[1] = t.ndim, _DTYPES.index(t.dtype)
+        header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+        for x in (header, t):
+            self._pending.append((dist.isend(x, dst), x))
+
+    def _recv(self, src: int) -> torch.Tensor:
+        header = torch.empty(8, dtype=torch.int64, device=self.device)
+        dist.recv(header, src)
+        h = header.tolist()
+        t = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
+        dist.recv(t, src)
+        return t
+
+    def _flush(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    # -- training --------------------------------------------------------------------------
+    def batches(self, make: Callable[[], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        """Stage 0 reads ``make()`` and sends (size, labels, targets) down the pipeline;
+        later stages yield label-only batches until the end-of-epoch header."""
+        if self.first:
+            for batch in make():
+                if not self.last:
+                    self._send_labels(batch)
+                yield batch
+            if not self.last:
+                self._send(torch.zeros(2, dtype=torch.int64), self.next)
+                self._flush()
+            return
+        while True:
+            head = self._recv(self.prev)
+            n, has_target = int(head[0]), bool(head[1])
+            if not self.last:
+                self._send(head, self.next)
+            if n == 0:
+                self._flush()
+                return
+            batch = {"label": self._recv(self.prev).cpu(), "image": None}
+            if has_target:
+                batch["target"] = self._recv(self.prev).cpu()
+            if not self.last:
+                self._send_labels(batch, header=False)
+            yield batch
+
+    def _send_labels(self, batch: dict[str, Any], header: bool = True) -> None:
+        if header:
+            self._send(torch.tensor([len(batch["label"]), int("target" in batch)], dtype=torch.int64), self.next)
+        self._send(batch["label"].to(self.device), self.next)
+        if "target" in batch:
+            self._send(batch["target"].to(self.device), self.next)
+
+    def forward_backward(self, model: nn.Module, images: torch.Tensor | None, batch: dict[str, torch.Tensor],
+                         loss_fn: LossFn) -> torch.Tensor:
+        """One optimizer step's worth of micro-batches through this stage (GPipe: all
+        forwards then all backwards; 1F1B: S-s-1 warm-up forwards, then alternate),
+        then the DP all-reduce. Returns the batch loss (the same on every stage)."""
+        n = len(batch["label"])
+        m = min(self.microbatches, n)
+        parts = {k: v.tensor_split(m) for k, v in batch.items() if k in ("label", "target")}
+        micro = [{k: parts[k][i] for k in parts} for i in range(m)]
+        inputs = self.inputs(images).tensor_split(m) if self.first else [None] * m
+        ins: list[torch.Tensor | None] = [None] * m
+        outs: list[torch.Tensor | None] = [None] * m
+        total = torch.zeros((), device=self.device)
+
+        def forward(i: int) -> None:
+            nonlocal total
+            x = inputs[i] if self.first else self._recv(self.prev).requires_grad_()
+            with self.autocast():
+                y = model(x)
+            if self.last:
+                y = loss_fn(y.float(), micro[i]) * (len(micro[i]["label"]) / n)
+                total = total + y.detach()
+            else:
+                self._send(y, self.next)
+            ins[i], outs[i] = x, y
+
+        def backward(i: int) -> None:
+            if self.last:
+                outs[i].backward()
+            else:
+                outs[i].backward(self._recv(self.next))
+            if not self.first:
+                self._send(ins[i].grad, self.prev)
+            ins[i] = outs[i] = None
+
+        warmup = m if self.schedule == "gpipe" else min(m, self.stages - 1 - self.mesh.stage)
+        for i in range(warmup):
+            forward(i)
+        for i in range(warmup, m):
+            forward(i)
+            backward(i - warmup)
+        for i in range(m - warmup, m):
+            backward(i)
+        self._flush()
+        if self.stages > 1:
+            dist.broadcast(total, src=self.mesh.pipeline_ranks(self.mesh.replica)[-1], group=self.pipe_group)
+        self._allreduce_grads(model)
+        return total
+
+    def _allreduce_grads(self, model: nn.Module) -> None:
+        if self.mesh.replicas == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.mesh.replicas
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def sum_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Every stage of a pipeline holds the same sums: add them over the D pipelines."""
+        if self.mesh.replicas > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    # -- evaluation ------------------------------------------------------------------------
+    def sync_for_eval(self, model: nn.Module) -> None:
+        if self.mesh.replicas > 1:
+            for buf in model.buffers():
+                dist.broadcast(buf.data, src=self.mesh.dp_ranks(self.mesh.stage)[0], group=self.dp_group)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The whole batch through the stages; the last stage's logits on every stage."""
+        x = self.inputs(images) if self.first else self._recv(self.prev)
+        with self.autocast():
+            y = model(x)
+        if not self.last:
+            self._send(y, self.next)
+            self._flush()
+            y = torch.empty(len(images), self.num_classes, device=self.device)
+        y = y.float().contiguous()
+        if self.stages > 1:
+            dist.broadcast(y, src=self.mesh.pipeline_ranks(self.mesh.replica)[-1], group=self.pipe_group)
+        return y
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _gather(self, obj: dict[str, Any]) -> list[dict[str, Any]] | None:
+        out = [None] * self.mesh.world if self.mesh.rank == 0 else None
+        dist.gather_object(obj if self.mesh.replica == 0 else {}, out, dst=0)
+        return out
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective: rank 0 gets the whole model's state dict, other ranks ``{}``."""
+        parts = self._gather({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        if parts is None:
+            return {}
+        merged = {k: v for p in parts for k, v in p.items()}
+        return {k: merged[k] for k in self.full_keys}
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Collective: rank 0 gets the SGD state in the layout a single-process optimizer
+        over the whole model (``param_groups`` order) would have."""
+        local = optimizer.state_dict()
+        order = _param_order(model)
+        flat = order[0] + order[1]
+        by_name = {flat[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in local["state"].items()}  # fmt: skip
+        parts = self._gather(by_name)
+        if parts is None:
+            return {}
+        index = {name: i for i, name in enumerate(self.full_order[0] + self.full_order[1])}
+        state = {index[k]: v for p in parts for k, v in p.items()}
+        groups, start = [], 0
+        for g, names in zip(local["param_groups"], self.full_order):
+            groups.append({**g, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        index = {name: i for i, name in enumerate(self.full_order[0] + self.full_order[1])}
+        order = _param_order(model)
+        flat = order[0] + order[1]
+        local = {i: state["state"][index[name]] for i, name in enumerate(flat) if index[name] in state["state"]}
+        groups, start = [], 0
+        for g, names in zip(state["param_groups"], order):
+            groups.append({**g, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        optimizer.load_state_dict({"state": local, "param_groups": groups})
+
+
+def _param_order(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names in the loop's ``param_groups`` order: decayed (ndim > 1), then not."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, p in named if p.ndim > 1], [n for n, p in named if p.ndim <= 1]
