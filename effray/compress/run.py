@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from effray.atomic import replace_dir, write_json
 from effray.compress.config import CompressConfig
 from effray.config import from_dict, option, require, to_dict, validated
 from effray.data.pipeline import DataConfig, torch_batches
@@ -189,21 +190,11 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
                       teacher=ctx["teacher_info"], data=ctx["data"], codec=cfg.codec)  # fmt: skip
         # the epochs as the workers saw them, for the driver's metrics.json (it deletes this file)
         (tmp / FINETUNE_FILE).write_text(json.dumps({"epochs": history, "final": final, "world": world}))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     ray.train.report({"epoch": epochs + 1, "final": True,
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` (``--overwrite``) is moved aside first,
-    so ``dst`` never holds a half-written artifact."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:6]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ the driver
@@ -320,7 +311,7 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     student = measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics)
     metrics = {**student, "teacher": teacher_metrics, "method": payload.get("method", {}), "config": to_dict(rc),
                "finetune": finetune, "provenance": provenance(meta)}  # fmt: skip
-    _write_json(out / METRICS_FILE, metrics)
+    write_json(out / METRICS_FILE, metrics)
     ratios = student.get("vs_teacher", {})
     return {"out": str(out), "artifact": str(checkpoint_file(out)), "metrics": str(out / METRICS_FILE),
             "accuracy": student["accuracy"], "teacher_accuracy": teacher_metrics["accuracy"], "bytes": student["bytes"],
@@ -328,8 +319,3 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
             "size_ratio": ratios.get("size_ratio"), "macs_ratio": ratios.get("macs_ratio"),
             "accuracy_drop_points": ratios.get("accuracy_drop_points"), "workers": rc.workers}  # fmt: skip
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

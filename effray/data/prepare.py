@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from effray import __version__
+from effray.atomic import replace_dir, write_json
 from effray.config import option, require
 from effray.data.sources import Chunk, SourcePlan, load_chunk, plan_source
 from effray.errors import EffrayError
@@ -175,8 +176,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         meta = _meta(cfg, plan, shape, results, time.time() - started)
         if sum(meta["counts"].values()) == 0:
             raise EffrayError(f"no usable rows in {plan.spec} (all {meta['skipped_bad']} were bad); check the source")
-        _write_json(tmp / "meta.json", meta)
-        _swap_into_place(tmp, out)
+        write_json(tmp / "meta.json", meta)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
@@ -219,21 +220,8 @@ def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (with --overwrite) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from effray.atomic import write_file
 from effray.config import option, require
 from effray.data.pipeline import (
     DataConfig,
@@ -50,11 +51,8 @@ def save_grid(images: np.ndarray, path: str | Path, rows: int) -> None:
     for i in range(k):
         r, q = divmod(i, cols)
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = images[i]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:6]}.png")
-    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(tmp)
-    tmp.replace(out)
+    image = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+    write_file(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def preview(cfg: PreviewConfig) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from effray.atomic import write_file
 from effray.config import option, require
 from effray.errors import EffrayError
 
@@ -136,10 +136,6 @@ def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_
     return within.sort_values(["accuracy", "bytes"], ascending=[False, True]).iloc[0]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str, Any] | None = None,
@@ -148,11 +144,11 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = add_pareto_columns(df).sort_values("accuracy", ascending=False).reset_index(drop=True)
-    _atomic_write(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
-    _atomic_write(out / "results.csv", lambda p: table.to_csv(p, index=False))
+    write_file(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
+    write_file(out / "results.csv", lambda p: table.to_csv(p, index=False))
     pick = best_within(table, max_size_kb, max_latency_ms) if (max_size_kb or max_latency_ms) else None
-    _atomic_write(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms)))
-    _atomic_write(out / "pareto.png", lambda p: plot_pareto(table, p, teacher))
+    write_file(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms)))
+    write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher))
     summary: dict[str, Any] = {
         "trials": len(table),
         "report": str((out / "report.md").resolve()),

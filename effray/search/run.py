@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from effray.atomic import write_json
 from effray.compress.config import CompressConfig
 from effray.config import from_dict, merge, option, require, to_dict
 from effray.errors import EffrayError
@@ -123,15 +124,8 @@ def compression_trial(config: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    import json
-    import uuid
-
-    if "://" in str(path):
-        return  # cloud storage: the trials' own results carry the ratios
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    if "://" not in str(path):  # cloud storage: the trials' own results carry the ratios
+        write_json(path, data)
 
 
 def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:

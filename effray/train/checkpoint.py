@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import random
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from effray import __version__
+from effray.atomic import write_file
 from effray.errors import EffrayError
 from effray.registry import Registry
 
@@ -42,12 +42,7 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 def save_payload(directory: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``directory/model.pt`` atomically (temp file + rename), so a
     crash mid-write never leaves a half file under the real name."""
-    out = Path(directory) / FILENAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{FILENAME}.tmp-{uuid.uuid4().hex[:6]}")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
-    return out
+    return write_file(Path(directory) / FILENAME, lambda tmp: torch.save(payload, tmp))
 
 
 def read_payload(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,10 +15,10 @@ import math
 import os
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
+from effray.atomic import write_json
 from effray.cluster import check_storage_for_cluster
 from effray.config import require, to_dict
 from effray.data.pipeline import (
@@ -103,11 +103,6 @@ def _count_lines(path: Path | None) -> int:
     return sum(1 for _ in path.open()) if path is not None and path.is_file() else 0
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _user_error(exc: BaseException) -> EffrayError | None:
@@ -153,7 +148,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         project=cfg.wandb_project, name=cfg.name, run_id=run_id, mode=mode, dir=str(run_dir) if run_dir else "",
         config={**to_dict(cfg), "provenance": prov, "data_summary": {k: data[k] for k in ("checksum", "source", "classes")}}))  # fmt: skip
     if run_dir is not None and not (run_dir / RUN_FILE).is_file():
-        _write_json(run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()})
+        write_json(run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()})
     history = run_dir / HISTORY_FILE if run_dir else None
     epochs_before = _count_lines(history)
 

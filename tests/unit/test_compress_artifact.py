@@ -30,12 +30,7 @@ from effray.train.checkpoint import load_checkpoint
 NONE = "none"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: see test_compress_prune
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n: int = 2, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -23,15 +23,7 @@ from effray.compress.prune import (
 from effray.errors import EffrayError
 from effray.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared 2-core machine: with 2 threads a busy neighbour makes OpenMP barriers cost
-    # seconds per tiny backward (measured 1.8 s vs 14 ms with 1 thread).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str = "resnet20", seed: int = 0) -> torch.nn.Module:

@@ -23,13 +23,7 @@ from effray.compress.quantize import (
 from effray.errors import EffrayError
 from effray.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: see test_compress_prune
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str = "resnet20") -> nn.Module:
