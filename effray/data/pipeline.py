@@ -21,7 +21,7 @@ from effray.data.augment import batch_rng, parse_policy
 from effray.data.prepare import load_meta, split_files
 
 MAP_BATCH_SIZE = 2048  # rows per augmentation task call: big enough to amortise Ray's per-block cost
-KEEP_COLUMNS = ("image", "label", "target", "index")
+KEEP_COLUMNS = ("image", "label", "target", "index", "synthetic")
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,18 @@ def test_preview_command_writes_grid(tiny_cifar, tmp_path, capsys):
     assert '"images_per_s"' in out
     img = np.asarray(Image.open(grid))
     assert img.shape == (4 * 34, 4 * 34, 3) and img.std() > 20
+
+
+def test_synthetic_rows_mix_in_at_the_requested_ratio(tiny_cifar, tmp_path):
+    from effray.data.prepare import PrepareConfig, prepare
+
+    synthetic = tmp_path / "synthetic"
+    prepare(PrepareConfig(source="synthetic:200", out=str(synthetic), val_fraction=0.1))
+    cfg = DataConfig(data=str(tiny_cifar), augment="flip", synthetic=str(synthetic), synthetic_ratio=0.25)
+    meta = load_meta(tiny_cifar)
+    rows = _epoch(train_dataset(cfg, clock=""), meta, "", 0)
+    n_syn = int(rows["synthetic"].sum())
+    assert n_syn == round(0.25 / 0.75 * 540) == 180  # 25% of the stream
+    assert len(rows["label"]) == 540 + n_syn
+    with pytest.raises(Exception, match="needs 270 synthetic rows"):
+        train_dataset(DataConfig(data=str(tiny_cifar), synthetic=str(synthetic), synthetic_ratio=1 / 3), clock="")
