@@ -309,6 +309,11 @@ def _die_once(run_dir: Path) -> None:
     marker = run_dir / FAILURE_MARKER
     if marker.exists():
         return
+    # die only once the previous epoch's checkpoint is durable: otherwise whether the
+    # restart resumes from it or the one before depends on when Ray Train processed the
+    # last report, and a test of "resumes from epoch N-1" would be a race
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"pid {os.getpid()} died on purpose at {time.time():.0f}\n")
     say("[effray] injected failure: this worker exits now")
