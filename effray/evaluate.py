@@ -61,8 +61,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 
 def prepared_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> tuple[dict[str, Any], Batches]:
     """(meta, batches of uint8 NHWC images + int64 labels) of one split of a prepared dataset."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from effray.data.pipeline import decode_batch
     from effray.data.prepare import load_meta, split_files
 
     meta = load_meta(data_dir)
@@ -71,9 +73,8 @@ def prepared_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -
     def gen() -> Batches:
         for f in files:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
-                raw = rb.column("image").to_pylist()
-                images = np.frombuffer(bytearray(b"".join(raw)), dtype=np.uint8).reshape(len(raw), *shape)
-                yield images, rb.column("label").to_numpy().astype(np.int64)
+                batch = decode_batch(pa.Table.from_batches([rb]), shape)  # the pipeline's own decode
+                yield batch["image"].copy(), batch["label"]
 
     return meta, gen()
 
