@@ -20,7 +20,8 @@ from effray.data.pipeline import DataConfig
 PARALLEL = ("ddp", "pipeline")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 # pipeline-only knobs: left out of a DDP run's default name, so existing names don't change
-_PIPELINE_FIELDS = {"stages", "microbatches", "pipeline_schedule", "split_points"}
+_PIPELINE_FIELDS = {"stages", "microbatches", "pipeline_schedule", "split_points", "split_by"}
+SPLIT_BY = ("params", "time")
 SCHEDULES = ("onecycle", "cosine")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
@@ -64,7 +65,8 @@ class TrainConfig:
     stages: int = option(2, "pipeline stages (--parallel pipeline); --workers must be a multiple, the rest is data-parallel")
     microbatches: int = option(4, "micro-batches per step per pipeline (--parallel pipeline; >= --stages)")
     pipeline_schedule: str = option("gpipe", "pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b", choices=PIPELINE_SCHEDULES)
-    split_points: str = option("", "block indices where stages 2.. start, e.g. 3,7 (default: balanced by parameter count)")
+    split_points: str = option("", "block indices where stages 2.. start, e.g. 3,7 (default: balanced by --split-by)")
+    split_by: str = option("params", "automatic stage balance: by parameter count, or by forward+backward time measured per block on rank 0's device", choices=SPLIT_BY)
     inject_failure_at_epoch: int = option(-1, "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this epoch (1-based; -1 = never)")
 
     @property
@@ -131,7 +133,8 @@ class TrainConfig:
 
     def strategy_options(self) -> dict[str, Any]:
         return {"stages": self.stages, "microbatches": self.microbatches,
-                "pipeline_schedule": self.pipeline_schedule, "split_points": self.split_points}
+                "pipeline_schedule": self.pipeline_schedule, "split_points": self.split_points,
+                "split_by": self.split_by, "microbatch_size": max(1, self.per_worker_batch // self.microbatches)}
 
     @property
     def use_gpu(self) -> bool:

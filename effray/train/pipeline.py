@@ -85,21 +85,35 @@ def balanced_split(costs: list[float], stages: int) -> list[int]:
 
 def block_costs(model: nn.Sequential, by: str = "params", sample: torch.Tensor | None = None) -> list[float]:
     """Per-block cost: parameter count (+1, so parameter-free blocks still weigh), or
-    measured forward+backward seconds on ``sample`` (``by="time"``)."""
+    measured forward+backward seconds on ``sample`` (``by="time"``), on ``sample``'s
+    device. Blocks visit that device one at a time (as copies), so a model too big for
+    one device (the reason to pipeline it) can still be measured."""
     if by == "params":
         return [1.0 + sum(p.numel() for p in b.parameters()) for b in model]
+    if by != "time":
+        raise EffrayError(f"--split-by must be params or time, got {by!r}")
+    import copy
     import time
 
-    assert sample is not None, "by='time' needs a sample batch"
+    if sample is None:
+        raise EffrayError("splitting by time needs a sample batch")
+    device = sample.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     costs, x = [], sample
-    for b in model:
+    for block in model:
+        # a copy in training mode: the real block's BatchNorm statistics stay untouched
+        b = copy.deepcopy(block).to(device).train()
         x = x.detach().requires_grad_()
-        t0 = time.perf_counter()
-        for _ in range(3):
+        for repeat in range(4):  # the first is a warm-up (allocator, kernels, caches)
+            if repeat == 1:
+                sync()
+                t0 = time.perf_counter()
             y = b(x)
             y.float().sum().backward()
+        sync()
         costs.append((time.perf_counter() - t0) / 3)
-        x = y
+        x = y.detach()
+        del b
     return costs
 
 
@@ -182,12 +196,13 @@ class PipelineStrategy(Strategy):
 
     def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool,
                  stages: int = 2, microbatches: int = 4, pipeline_schedule: str = "gpipe",
-                 split_points: str = "", **_: Any) -> None:
+                 split_points: str = "", split_by: str = "params", microbatch_size: int = 32, **_: Any) -> None:
         # channels-last and torch.compile stay off: stages exchange plain contiguous tensors
         super().__init__(device, channels_last=False, compile=False, amp=amp)
         if pipeline_schedule not in PIPELINE_SCHEDULES:
             raise EffrayError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}, got {pipeline_schedule!r}")
         self.stages, self.microbatches, self.schedule, self.split = stages, microbatches, pipeline_schedule, split_points
+        self.split_by, self.microbatch_size = split_by, microbatch_size
         self._pending: list[tuple[Any, torch.Tensor]] = []
 
     @classmethod
@@ -210,7 +225,7 @@ class PipelineStrategy(Strategy):
         self.pipe_groups = [dist.new_group(m.pipeline_ranks(p)) for p in range(m.replicas)]
         self.dp_groups = [dist.new_group(m.dp_ranks(s)) for s in range(self.stages)]
         self.pipe_group, self.dp_group = self.pipe_groups[m.replica], self.dp_groups[m.stage]
-        self.bounds = stage_bounds(model, self.stages, self.split)
+        self.bounds = self._bounds(model)
         self.first, self.last = m.stage == 0, m.stage == self.stages - 1
         self.prev, self.next = rank - 1, rank + 1
         self.num_classes = int(model.spec["num_classes"])
@@ -219,6 +234,19 @@ class PipelineStrategy(Strategy):
         stage = model[self.bounds[m.stage]:self.bounds[m.stage + 1]].to(self.device)
         stage.spec = dict(model.spec)
         return stage
+
+    def _bounds(self, model: nn.Module) -> list[int]:
+        """The split every rank uses. Measured times differ from rank to rank, so with
+        ``split_by="time"`` rank 0 measures and broadcasts; every rank gets the same cut."""
+        if self.split or self.split_by == "params":
+            return stage_bounds(model, self.stages, self.split)
+        got: list[Any] = [None]
+        if self.mesh.rank == 0:
+            # CIFAR-sized micro-batches: the shape every stage boundary will really carry
+            sample = torch.randn(self.microbatch_size, int(model.spec.get("in_channels", 3)), 32, 32, device=self.device)
+            got = [stage_bounds(model, self.stages, by="time", sample=sample)]
+        dist.broadcast_object_list(got, src=0)
+        return list(got[0])
 
     def data_rank(self, rank: int, world: int) -> tuple[int, int]:
         return self.mesh.replica, self.mesh.replicas

@@ -66,7 +66,7 @@ def _reference(stages_world: tuple[int, int], microbatches: int) -> dict:
     return {"losses": losses, "state": model.state_dict(), "opt": opt.state_dict(), "out": out}
 
 
-def _worker(rank: int, world: int, port: int, stages: int, microbatches: int, schedule: str, q) -> None:
+def _worker(rank: int, world: int, port: int, stages: int, microbatches: int, schedule: str, split_by: str, q) -> None:
     import torch.distributed as dist
 
     from effray.train.pipeline import PipelineStrategy
@@ -77,7 +77,8 @@ def _worker(rank: int, world: int, port: int, stages: int, microbatches: int, sc
     try:
         torch.manual_seed(0)
         strategy = PipelineStrategy(torch.device("cpu"), channels_last=False, compile=False, amp=False,
-                                    stages=stages, microbatches=microbatches, pipeline_schedule=schedule)  # fmt: skip
+                                    stages=stages, microbatches=microbatches, pipeline_schedule=schedule,
+                                    split_by=split_by, microbatch_size=BATCH // microbatches)  # fmt: skip
         model = strategy.prepare(build_model(MODEL, CLASSES))
         opt = _optimizer(model)
         losses = []
@@ -95,9 +96,9 @@ def _worker(rank: int, world: int, port: int, stages: int, microbatches: int, sc
         out = strategy.predict(model, x)
         state, opt_state = strategy.state_dict(model), strategy.optimizer_state(model, opt)
         if rank == 0:  # as bytes: shared-memory tensors die with this process
-            q.put(_bytes({"losses": losses, "state": state, "opt": opt_state, "out": out}))
+            q.put(_bytes({"losses": losses, "state": state, "opt": opt_state, "out": out, "bounds": strategy.bounds}))
         if rank == world - 1:
-            q.put(_bytes({"last_out": out}))
+            q.put(_bytes({"last_out": out, "bounds": strategy.bounds}))
     finally:
         dist.destroy_process_group()
 
@@ -108,13 +109,13 @@ def _bytes(obj: dict) -> bytes:
     return buf.getvalue()
 
 
-def _run(world: int, stages: int, microbatches: int, schedule: str) -> tuple[dict, dict]:
+def _run(world: int, stages: int, microbatches: int, schedule: str, split_by: str) -> tuple[dict, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, stages, microbatches, schedule, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, stages, microbatches, schedule, split_by, q)) for r in range(world)]
     for p in procs:
         p.start()
     got = [torch.load(io.BytesIO(q.get(timeout=240)), weights_only=True) for _ in range(2)]
@@ -126,13 +127,14 @@ def _run(world: int, stages: int, microbatches: int, schedule: str) -> tuple[dic
     return first, last
 
 
-@pytest.mark.parametrize("world, stages, microbatches, schedule", [
-    (2, 2, 4, "gpipe"),
-    (2, 2, 2, "1f1b"),
-    pytest.param(4, 2, 2, "1f1b", marks=pytest.mark.slow),  # S=2 x D=2: grads averaged per stage's DP group
+@pytest.mark.parametrize("world, stages, microbatches, schedule, split_by", [
+    (2, 2, 4, "gpipe", "params"),
+    (2, 2, 2, "1f1b", "time"),  # rank 0 measures the split and broadcasts it: every rank cuts alike
+    pytest.param(4, 2, 2, "1f1b", "params", marks=pytest.mark.slow),  # S=2 x D=2: grads averaged per stage's DP group
 ])  # fmt: skip
-def test_pipeline_matches_single_process(world, stages, microbatches, schedule):
-    got, last = _run(world, stages, microbatches, schedule)
+def test_pipeline_matches_single_process(world, stages, microbatches, schedule, split_by):
+    got, last = _run(world, stages, microbatches, schedule, split_by)
+    assert got["bounds"] == last["bounds"] and got["bounds"][0] == 0 and got["bounds"][-1] == len(build_model(MODEL, CLASSES))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same kernels, the same summation order
     try:
@@ -160,6 +162,38 @@ def test_pipeline_matches_single_process(world, stages, microbatches, schedule):
     assert got["opt"]["param_groups"][0]["params"] == ref["opt"]["param_groups"][0]["params"]
     for i, s in ref["opt"]["state"].items():
         torch.testing.assert_close(got["opt"]["state"][i]["momentum_buffer"], s["momentum_buffer"], rtol=1e-4, atol=1e-6)
+
+
+class _Burn(torch.nn.Module):
+    """Slow but parameter-free: splitting by parameter count can't see its cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.eye(64) + 0.01 * torch.randn(64, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(300):
+            x = torch.tanh(x @ self.w)
+        return x
+
+
+def test_split_by_measured_time_sees_cost_that_parameter_counts_miss():
+    from effray.train.pipeline import block_costs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)) for _ in range(3)],
+                                _Burn())  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = torch.randn(32, 64)
+    assert stage_bounds(model, 2) == [0, 2, 4]  # by parameters: the free block looks free
+    costs = block_costs(model, "time", sample)
+    assert costs[3] > sum(costs[:3])
+    assert stage_bounds(model, 2, by="time", sample=sample) == [0, 3, 4]  # by time: it gets a stage
+    # measured on copies: BatchNorm statistics and weights are exactly as before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(EffrayError, match="sample batch"):
+        block_costs(model, "time")
 
 
 def test_split_is_balanced_and_explicit_points_are_checked():
@@ -198,14 +232,21 @@ def test_bad_pipeline_requests_are_one_line(capsys, tiny_cifar, tmp_path, extra,
 def test_pipeline_x_data_parallel_fit_on_ray_trains_checkpoints_and_resumes(ray_session, tiny_cifar, tmp_path, capsys):
     from effray.cli import main
     from effray.train.checkpoint import load_checkpoint
+    from effray.train.loop import FAILURE_MARKER
 
     args = ["train", "--data", str(tiny_cifar), "--model", "convnet", "--parallel", "pipeline", "--stages", "2",
             "--microbatches", "2", "--pipeline-schedule", "1f1b", "--workers", "4", "--cpus-per-worker", "0.25",
             "--data-cpus", "0.5", "--batch-size", "64", "--lr", "0.05", "--augment", "none", "--no-wandb",
-            "--storage", str(tmp_path / "runs"), "--name", "pp"]  # fmt: skip
-    assert main([*args, "--epochs", "2"]) == 0, capsys.readouterr().err
+            "--storage", str(tmp_path / "runs"), "--name", "pp", "--split-by", "time"]  # fmt: skip
+    # worker rank 1 (stage 1 of pipeline 0) dies in epoch 2: the whole group restarts from epoch 1
+    assert main([*args, "--epochs", "2", "--max-failures", "1", "--inject-failure-at-epoch", "2"]) == 0, capsys.readouterr().err
     first = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
     assert first["epoch"] == 2 and first["val_count"] == 60
+    assert (tmp_path / "runs" / "pp" / FAILURE_MARKER).is_file()
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "pp" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # no epoch ran twice past the checkpoint
+    attempts = list(dict.fromkeys(r["attempt"] for r in rows))
+    assert len(attempts) == 2 and rows[1]["resumed_from"] == 1
     # resume: the same run, one more epoch, continues from the epoch-2 checkpoint
     assert main([*args, "--epochs", "3"]) == 0, capsys.readouterr().err
     out = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
