@@ -94,6 +94,41 @@ def nodes_not_seeing(path: Path, nodes: list[str], timeout_s: float = _PROBE_TIM
         marker.unlink(missing_ok=True)
 
 
+# Set by Ray's job supervisor in the environment of every `ray job submit` entrypoint.
+JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Config fields that name where a command writes; checked wherever they sit in a nested config.
+OUTPUT_FIELDS = ("out", "storage")
+
+
+def check_output_paths(cfg: Any, environ: Mapping[str, str]) -> None:
+    """Refuse a relative output path inside a Ray job.
+
+    ``ray job submit --working-dir .`` runs the entrypoint in a temporary copy of the
+    working dir on the cluster; a relative ``--out``/``--storage`` lands there and is
+    deleted with it, so a finished job would leave nothing. Raises :class:`EffrayError`
+    (one line naming the flag and the fix) for such a path in ``cfg`` or its nested
+    configs; outside a job, or for absolute paths and URIs, does nothing."""
+    if JOB_ENV_VAR not in environ:
+        return
+    for name, value in _fields(cfg):
+        if name in OUTPUT_FIELDS and isinstance(value, str) and value and _URI.match(value) is None \
+                and not os.path.isabs(os.path.expanduser(value)):  # fmt: skip
+            flag = "--" + name.replace("_", "-")
+            raise EffrayError(f"{flag} {value} is a relative path, and under `ray job submit` it would land in the job's "
+                              f"temporary working dir and be deleted with it; pass an absolute path on shared storage "
+                              f"(e.g. /mnt/effray/{value.strip('./') or 'out'}) or s3://BUCKET/PATH")  # fmt: skip
+
+
+def _fields(cfg: Any) -> list[tuple[str, Any]]:
+    import dataclasses
+
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        value = getattr(cfg, f.name)
+        out.extend(_fields(value) if dataclasses.is_dataclass(value) else [(f.name, value)])
+    return out
+
+
 def runtime_env(spec: str | os.PathLike, environ: Mapping[str, str], passthrough: tuple[str, ...] = PASSTHROUGH_ENV) -> dict[str, Any]:
     """``spec`` (``cluster/runtime_env.yaml``) with the ``passthrough`` variables set in
     ``environ`` added to its ``env_vars``: the dict for ``ray job submit --runtime-env-json``.

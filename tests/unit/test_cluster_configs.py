@@ -258,3 +258,19 @@ def test_local_storage_passes_on_one_node_and_fails_when_a_node_cant_see_it(ray_
     monkeypatch.setattr(cluster, "nodes_not_seeing", lambda path, nodes: nodes[1:])
     with pytest.raises(EffrayError, match=r"has 2 nodes and node\(s\) ffffffff can't see it"):
         check_storage_for_cluster(str(tmp_path / "runs"))
+
+
+def test_relative_output_paths_are_refused_only_inside_a_ray_job(tmp_path):
+    from effray.cluster import JOB_ENV_VAR, check_output_paths
+    from effray.errors import EffrayError
+    from effray.run import RunConfig
+    from effray.train.config import TrainConfig
+
+    job = {JOB_ENV_VAR: "{}"}
+    check_output_paths(TrainConfig(storage="runs"), {})  # a local shell: relative is fine
+    check_output_paths(TrainConfig(storage=str(tmp_path)), job)
+    check_output_paths(TrainConfig(storage="s3://bucket/runs"), job)
+    with pytest.raises(EffrayError, match=r"^--storage runs is a relative path, .* /mnt/effray/runs\) or s3://"):
+        check_output_paths(TrainConfig(storage="runs"), job)
+    with pytest.raises(EffrayError, match="--out runs/demo is a relative path"):  # the main job's default
+        check_output_paths(RunConfig(), job)
