@@ -20,10 +20,10 @@ import os
 import time
 from pathlib import Path
 
-import ray
 import torch
 import torch.nn.functional as F
 
+from effray.cluster import init_ray
 from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.models import build_model
@@ -69,8 +69,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cores = os.cpu_count() or 2
     # workers take the cores; one more logical CPU lets a Ray Data augmentation task run
-    ray.init(num_cpus=cores + 1, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(num_cpus=cores + 1)
     if not Path(args.data, "meta.json").is_file():
         prepare(PrepareConfig(source=args.parquet, out=args.data, limit=args.rows, val_fraction=0.1, seed=0))
     meta = load_meta(args.data)

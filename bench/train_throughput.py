@@ -30,6 +30,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from effray.cluster import init_ray
 from effray.data.pipeline import DataConfig, normalize_tensor
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.evaluate import prepared_batches
@@ -94,8 +95,7 @@ def main() -> None:
     args.epochs = max(2, args.epochs)  # the first epoch is warm-up on both sides
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # 2 workers x 1 CPU + 1 for the Ray Data task: logical CPUs, the machine has 2 cores
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(num_cpus=3, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="effray-bench-") as tmp:
         data_dir = os.path.join(tmp, "data")
         prepare(PrepareConfig(source=args.parquet, out=data_dir, limit=args.rows, val_fraction=0.02))

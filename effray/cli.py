@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from effray import __version__
+from effray.cluster import check_output_paths
 from effray.config import add_arguments, from_namespace
 from effray.errors import find_user_error
 
@@ -102,16 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def init_ray(verbose: bool = False) -> None:
     """Join the current Ray cluster (RAY_ADDRESS, as under `ray job submit`), or start a local one."""
-    import ray
+    from effray.cluster import init_ray as start
 
-    if ray.is_initialized():
-        return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None,
-             logging_level=logging.INFO if verbose else logging.WARNING,
-             log_to_driver=True, include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)  # fmt: skip
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
+    start(verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
         cfg = from_namespace(cmd.config, args)
+        check_output_paths(cfg, os.environ)  # a relative --out/--storage would vanish with a Ray job's working dir
         if cmd.needs_ray:
             init_ray(args.verbose)
         result = cmd.run(cfg)

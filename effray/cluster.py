@@ -94,6 +94,43 @@ def nodes_not_seeing(path: Path, nodes: list[str], timeout_s: float = _PROBE_TIM
         marker.unlink(missing_ok=True)
 
 
+def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_driver: bool = True) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``; ``auto``
+    joins this machine's ``ray start`` cluster), or start a private local one.
+
+    A local instance gets its dashboard on a free loopback port, and
+    ``RAY_API_SERVER_ADDRESS`` names it for every process of this instance (the raylet,
+    and so every worker, inherits the environment). Ray Train V2's detached
+    PlacementGroupCleaner asks the state API whether the Train controller is alive; with
+    no address it asks the *newest* Ray instance on the machine, so while any other Ray
+    with a dashboard runs here (a notebook, a second effray command) it finds no such
+    actor, declares the controller dead and removes the workers' placement group,
+    killing healthy training (seen here: a 30-minute run restarted after 2 minutes).
+    Without a dashboard every query fails and it logs a warning every few seconds.
+    """
+    import logging
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    level = logging.INFO if verbose else logging.WARNING
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=level, log_to_driver=log_to_driver)
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, logging_level=level, log_to_driver=log_to_driver)  # fmt: skip
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
 # Set by Ray's job supervisor in the environment of every `ray job submit` entrypoint.
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Config fields that name where a command writes; checked wherever they sit in a nested config.

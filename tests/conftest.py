@@ -33,9 +33,10 @@ def ray_session():
     """One local Ray (2 CPUs) for every test that needs it; started lazily."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    from effray.cluster import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # always a private local instance, whatever the shell says
+    init_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

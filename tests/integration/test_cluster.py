@@ -267,6 +267,16 @@ def test_bad_arguments_fail_the_job_with_the_one_line_error(cluster, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_relative_output_path_fails_the_job_before_anything_is_written(cluster):
+    done = cluster.submit("python", "jobs/prepare_data.py", "--source", "synthetic:50", "--out", "rel/data",
+                          job_id="relative-out")  # fmt: skip
+    assert done.returncode != 0
+    assert cluster.wait_for("relative-out") == "FAILED"
+    errors = [line for line in cluster.logs("relative-out").splitlines() if line.startswith("effray: error:")]
+    assert len(errors) == 1 and errors[0].startswith("effray: error: --out rel/data is a relative path"), errors
+    assert "/mnt/effray/rel/data" in errors[0]
+
+
 def test_stopped_job_is_stopped_and_leaves_no_output(cluster, cifar_parquet, tmp_path):
     out = tmp_path / "cifar10"
     started = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{cifar_parquet}",
@@ -308,3 +318,31 @@ def test_train_job_writes_a_checkpoint_and_prints_its_metrics(cluster, cifar_par
     assert checkpoint.parent == storage / "tiny" and (checkpoint / "model.pt").is_file()
     model, payload = load_checkpoint(checkpoint)  # weights_only: the saved dict, nothing executable
     assert sum(p.numel() for p in model.parameters()) > 0 and payload["format"]
+
+
+def test_state_api_in_workers_reaches_this_instance_while_another_ray_runs(ray_session, cluster):
+    """Ray Train V2's PlacementGroupCleaner asks the state API from a worker whether the
+    Train controller lives. With two Ray instances on the machine (the session's and this
+    module's head), address auto-detection fails or picks the wrong one; effray's
+    ``init_ray`` pins every worker to its own instance's API server."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self) -> int:
+            return 1
+
+    @ray.remote(num_cpus=0)
+    def actor_state(actor_id: str) -> tuple[str | None, str | None]:
+        from ray.util.state import get_actor
+
+        found = get_actor(actor_id, timeout=30)
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), found.state if found else None
+
+    assert cluster.head.poll() is None  # the other instance is up
+    probe = Probe.remote()
+    ray.get(probe.ping.remote())
+    address, state = ray.get(actor_state.remote(probe._actor_id.hex()), timeout=120)
+    assert address and address != cluster.address
+    assert state == "ALIVE"
+    ray.kill(probe)
