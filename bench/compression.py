@@ -13,7 +13,7 @@ latency at batch 256) and writes every metrics dict to ``--out/results.json``. L
 measured at ``--threads`` threads (default 1: the benchmark machine is shared and two
 threads there make OpenMP barriers, not kernels, the cost).
 
-    python bench/compression.py [--teacher RUN_DIR] [--minutes 4] [--finetune-epochs 2]
+    python bench/compression.py [--teacher RUN_DIR --data ITS_DATASET] [--minutes 4] [--finetune-epochs 2]
 
 A baseline trained here is saved as ``--out/teacher`` (an uncompressed artifact); pass it
 back as ``--teacher`` to try other recipes without retraining.
@@ -59,6 +59,23 @@ def load_images(path: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarr
     tx, ty = decode(table.slice(0, first))
     vx, vy = decode(table.slice(n - last, last))
     return tx, ty, vx, vy
+
+
+def load_prepared(data_dir: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``first`` rows of a prepared dataset's train split and the first ``last``
+    of its val split (0 = all): with a teacher trained on that dataset, validation stays
+    held out from everything the teacher and the fine-tuning saw."""
+    from effray.data.pipeline import decode_batch
+    from effray.data.prepare import load_meta, split_files
+
+    shape = tuple(load_meta(data_dir)["image_shape"])
+
+    def split(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        table = pq.read_table(split_files(data_dir, name), columns=["image", "label"])
+        rows = decode_batch(table.slice(0, n or table.num_rows), shape)
+        return rows["image"], rows["label"]
+
+    return (*split("train", first), *split("val", last))
 
 
 def to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -114,6 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parquet", default=str(PARQUET))
     p.add_argument("--teacher", default="", help="an effray checkpoint; default: train --model for --minutes here")
+    p.add_argument("--data", default="", help="a prepared dataset (the teacher's): fine-tune on its train split, score on its val split")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=4.0, help="CPU minutes for the baseline")
@@ -130,7 +148,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    tx, ty, vx, vy = load_images(Path(args.parquet), args.train_images, args.val_images)
+    if args.data:
+        tx, ty, vx, vy = load_prepared(Path(args.data), args.train_images, args.val_images)
+    else:
+        tx, ty, vx, vy = load_images(Path(args.parquet), args.train_images, args.val_images)
     if args.teacher:
         from effray.train.checkpoint import load_checkpoint
 
