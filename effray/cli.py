@@ -68,7 +68,7 @@ def _commands() -> list[Command]:
     return [
         Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
-        Command(("train",), "train a model data-parallel on Ray Train (DDP); re-running the same --storage/--name resumes", TrainConfig, train),
+        Command(("train",), "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel pipeline); re-running the same --storage/--name resumes", TrainConfig, train),
         Command(("evaluate",), "accuracy, per-class accuracy and loss of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate, needs_ray=False),
         Command(("compress",), "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and metrics.json", CompressRunConfig, compress),
         Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, tune_compression),
