@@ -40,9 +40,9 @@ class EvaluateConfig:
 
 
 def _plugins() -> None:
-    """Import the stages that register checkpoint formats (compression), when installed;
-    a stage that is present but broken fails loudly."""
-    for mod in ("effray.compress",):
+    """Import the stages that register checkpoint formats (compression, the GAN
+    generator), when installed; a stage that is present but broken fails loudly."""
+    for mod in ("effray.compress", "effray.synth"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
