@@ -53,26 +53,53 @@ def _commands() -> list[Command]:
     from effray.run import RunConfig, run_all
     from effray.search.aggregate import ReportConfig, report
     from effray.search.run import TuneConfig, tune_compression
+    from effray.synth.config import SynthSampleConfig, SynthScoreConfig, SynthTrainConfig
     from effray.train.config import TrainConfig
 
-    def train(cfg: TrainConfig) -> dict[str, Any]:
-        import dataclasses
+    def with_wandb_mode(run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+        """The one place that reads WANDB_MODE / WANDB_API_KEY; workers and trials get the decision."""
 
-        from effray.tracking import decide_wandb_mode
+        def decided(cfg: Any) -> dict[str, Any]:
+            import dataclasses
+
+            from effray.tracking import decide_wandb_mode
+
+            mode = decide_wandb_mode(cfg.wandb_mode, os.environ, disabled=not cfg.wandb)
+            return run(dataclasses.replace(cfg, wandb_mode=mode))
+
+        return decided
+
+    def train(cfg: TrainConfig) -> dict[str, Any]:
         from effray.train import train
 
-        # the one place that reads WANDB_MODE / WANDB_API_KEY; workers get the decision
-        mode = decide_wandb_mode(cfg.wandb_mode, os.environ, disabled=not cfg.wandb)
-        return train(dataclasses.replace(cfg, wandb_mode=mode))
+        return train(cfg)
+
+    def synth_train(cfg: SynthTrainConfig) -> dict[str, Any]:
+        from effray.synth.train import train_gan
+
+        return train_gan(cfg)
+
+    def synth_sample(cfg: SynthSampleConfig) -> dict[str, Any]:
+        from effray.synth.sample import sample
+
+        return sample(cfg)
+
+    def synth_score(cfg: SynthScoreConfig) -> dict[str, Any]:
+        from effray.synth.quality import score
+
+        return score(cfg)
 
     return [
         Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
-        Command(("train",), "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel pipeline); re-running the same --storage/--name resumes", TrainConfig, train),
+        Command(("train",), "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel pipeline); re-running the same --storage/--name resumes", TrainConfig, with_wandb_mode(train)),
         Command(("evaluate",), "accuracy, per-class accuracy and loss of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate, needs_ray=False),
         Command(("compress",), "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and metrics.json", CompressRunConfig, compress),
-        Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, tune_compression),
+        Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, with_wandb_mode(tune_compression)),
         Command(("run",), "the main job: prepare -> train a teacher -> tune compression -> report, on the current Ray cluster", RunConfig, run_all),
+        Command(("synth", "train"), "train a class-conditional GAN (SN projection discriminator, hinge loss) on Ray Train; re-running the same --out/--name resumes; writes OUT/generator.pt", SynthTrainConfig, synth_train),
+        Command(("synth", "sample"), "generate --per-class synthetic images per class with Ray Data into a canonical dataset (synthetic=true) + samples.png; --classifier adds quality.json", SynthSampleConfig, synth_sample),
+        Command(("synth", "score"), "class consistency, diversity and an FID-style distance (our classifier's features, not Inception) of a synthetic dataset", SynthScoreConfig, synth_score, needs_ray=False),
         Command(("report",), "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a budget)", ReportConfig, report, needs_ray=False),
     ]  # fmt: skip
 

@@ -51,7 +51,7 @@ class RunConfig:
     source: str = option("../shared/data/cifar10-train.parquet", "images to start from (any `effray data prepare --source`)")
     out: str = option("runs/demo", "directory for the dataset, teacher, experiment and report (shared storage on a cluster)")
     max_size_kb: float = option(0.0, "also pick the most accurate model at most this many KB on disk (0 = no pick)")
-    wandb: bool = option(False, "log the teacher's training to Weights & Biases (offline without a key)")
+    wandb: bool = option(False, "log the teacher's training and every compression trial (+ the search's summary) to Weights & Biases (offline without a key)")
 
     def validate(self) -> None:
         require(bool(self.source), "--source is required")
@@ -89,7 +89,8 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     timings["train_s"] = time.time() - t
 
     t = _stage("search the compression space")
-    tune_cfg = merge(TuneConfig(teacher=str(teacher), data=str(data_dir), storage=str(out), name="compress"), preset["tune"])
+    tune_cfg = merge(TuneConfig(teacher=str(teacher), data=str(data_dir), storage=str(out), name="compress",
+                                wandb=cfg.wandb), preset["tune"])  # fmt: skip
     searched = tune_compression(tune_cfg)
     timings["tune_s"] = time.time() - t
 

@@ -191,7 +191,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         # the epochs as the workers saw them, for the driver's metrics.json (it deletes this file)
         (tmp / FINETUNE_FILE).write_text(json.dumps({"epochs": history, "final": final, "world": world}))
         replace_dir(tmp, out)
-    ray.train.report({"epoch": epochs + 1, "final": True,
+    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report
+    ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world,
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
 
 
@@ -254,46 +255,46 @@ def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, 
     return teacher, payload, meta
 
 
-def compress(rc: CompressRunConfig) -> dict[str, Any]:
-    """Compress ``--teacher`` into ``--out`` on the current Ray cluster; returns the summary
-    printed by the CLI (``OUT/metrics.json`` holds the full measurement)."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def worker_batches(rc: CompressRunConfig, meta: dict[str, Any]) -> tuple[int, int]:
+    """(training rows per worker, batch per worker), refused in one line when a worker
+    would get no full batch."""
+    from effray.train.run import train_rows
 
-    from effray.compress.artifact import load_artifact
-    from effray.compress.int8 import to_int8
-    from effray.compress.measure import measure
-    from effray.data.pipeline import eval_dataset, kill_clock, train_dataset
-    from effray.train.checkpoint import checkpoint_file, data_summary
-    from effray.train.run import check_resources, provenance, train_rows
-    from effray.train.strategy import STRATEGIES
-
-    teacher, _, meta = check_inputs(rc)
-    check_resources(rc, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # type: ignore[arg-type]
     rows = train_rows(rc.data, meta) // rc.workers
     per_worker = max(1, rc.compress.finetune_batch_size // rc.workers)
     require(rows >= per_worker, f"{train_rows(rc.data, meta)} training rows can't give {rc.workers} workers a batch of "
-                                f"{per_worker}; use fewer --workers or a smaller --finetune-batch-size")  # fmt: skip
-    out = Path(os.path.abspath(os.path.expanduser(rc.out)))
-    rc = dataclasses.replace(rc, out=str(out))
+                                f"{per_worker}; use fewer workers or a smaller --finetune-batch-size")  # fmt: skip
+    return rows, per_worker
 
-    cfg = rc.compress
-    evals, calib_ds, calib = eval_and_calib(rc.data.data, meta, rc.eval_batch_size, cfg.calib_batches)
-    teacher_metrics, teacher_info = teacher_baseline(teacher, cfg.teacher, evals)
-    data = data_summary(meta)
+
+def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: Any, teacher_info: dict[str, Any], *,
+                         name: str, storage: str, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Fit the ``TorchTrainer`` running :func:`compress_loop_per_worker` on ``rc.workers``
+    workers; rank 0 writes the artifact to ``rc.out`` (absolute). ``name``/``storage`` are
+    Ray Train's run (deterministic names restore); ``callbacks`` e.g. Tune's
+    ``TuneReportCallback``. Returns the epochs as the workers saw them
+    (``{"epochs", "final", "world"}``)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from effray.data.pipeline import eval_dataset, kill_clock, train_dataset
+    from effray.train.checkpoint import data_summary
+    from effray.train.strategy import STRATEGIES
+
+    rows, per_worker = worker_batches(rc, meta)
     clock = f"effray-compress-clock-{uuid.uuid4().hex[:8]}"
-    ctx = {"teacher": str(Path(cfg.teacher).resolve()), "teacher_info": teacher_info, "data": data, "meta": meta,
-           "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
+    ctx = {"teacher": str(Path(rc.compress.teacher).resolve()), "teacher_info": teacher_info,
+           "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
+    out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
-    storage = tempfile.mkdtemp(prefix="effray-compress-")  # Ray Train's run dir: nothing in it outlives the fit
     trainer = TorchTrainer(
         compress_loop_per_worker,
         train_loop_config={"run": to_dict(rc), "ctx": ctx},
         torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=rc.workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"compress-{out.name}", storage_path=storage, failure_config=FailureConfig(max_failures=0)),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
+                             callbacks=list(callbacks or [])),
         datasets={"train": train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus),
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
         dataset_config=STRATEGIES.get("ddp").dataset_config(),
@@ -302,13 +303,48 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
         trainer.fit()
     finally:
         kill_clock(clock)
-        shutil.rmtree(storage, ignore_errors=True)
     finetune = json.loads((out / FINETUNE_FILE).read_text())
     (out / FINETUNE_FILE).unlink()
+    return finetune
 
-    loaded, payload = load_artifact(out)  # measure the file, not the in-memory model
+
+def measure_artifact(out: str | Path, cfg: CompressConfig, calib: list, evals: list,
+                     teacher_metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
+    its int8 runtime when ``cfg.int8``: ``(metrics, payload)``."""
+    from effray.compress.artifact import load_artifact
+    from effray.compress.int8 import to_int8
+    from effray.compress.measure import measure
+
+    loaded, payload = load_artifact(out)
     int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
-    student = measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics)
+    return measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics), payload
+
+
+def compress(rc: CompressRunConfig) -> dict[str, Any]:
+    """Compress ``--teacher`` into ``--out`` on the current Ray cluster; returns the summary
+    printed by the CLI (``OUT/metrics.json`` holds the full measurement)."""
+    import ray
+
+    from effray.train.checkpoint import checkpoint_file
+    from effray.train.run import check_resources, provenance
+
+    teacher, _, meta = check_inputs(rc)
+    check_resources(rc, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # type: ignore[arg-type]
+    worker_batches(rc, meta)
+    out = Path(os.path.abspath(os.path.expanduser(rc.out)))
+    rc = dataclasses.replace(rc, out=str(out))
+
+    cfg = rc.compress
+    evals, calib_ds, calib = eval_and_calib(rc.data.data, meta, rc.eval_batch_size, cfg.calib_batches)
+    teacher_metrics, teacher_info = teacher_baseline(teacher, cfg.teacher, evals)
+    storage = tempfile.mkdtemp(prefix="effray-compress-")  # Ray Train's run dir: nothing in it outlives the fit
+    try:
+        finetune = fine_tune_on_workers(rc, meta, calib_ds, teacher_info, name=f"compress-{out.name}", storage=storage)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+    student, payload = measure_artifact(out, cfg, calib, evals, teacher_metrics)
     metrics = {**student, "teacher": teacher_metrics, "method": payload.get("method", {}), "config": to_dict(rc),
                "finetune": finetune, "provenance": provenance(meta)}  # fmt: skip
     write_json(out / METRICS_FILE, metrics)
@@ -318,4 +354,3 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
             "params": student["params"], "nonzero_params": student["nonzero_params"], "macs": student["macs"],
             "size_ratio": ratios.get("size_ratio"), "macs_ratio": ratios.get("macs_ratio"),
             "accuracy_drop_points": ratios.get("accuracy_drop_points"), "workers": rc.workers}  # fmt: skip
-

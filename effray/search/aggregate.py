@@ -20,6 +20,7 @@ import pandas as pd
 from effray.atomic import write_file
 from effray.config import option, require
 from effray.errors import EffrayError
+from effray.tracking import TrackerSettings
 
 
 @dataclass(frozen=True)
@@ -221,12 +222,61 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
     plt.close(fig)
 
 
-def report(cfg: ReportConfig) -> dict[str, Any]:
-    """``effray report``: aggregate an experiment directory into the report files."""
+def log_summary(out_dir: str | os.PathLike, summary: dict[str, Any], settings: TrackerSettings,
+                teacher: dict[str, Any] | None = None) -> None:
+    """One wandb run (the experiment's summary): the results table, ``pareto.png`` and the
+    best rows as summary fields. Guarded like every tracker call: wandb never fails a report."""
+    from effray.tracking import make_tracker
+
+    out = Path(out_dir)
+    table = pd.read_parquet(out / "results.parquet")
+    tracker = make_tracker(settings)
+    try:
+        rows = [[_plain(v) for v in row] for row in table.itertuples(index=False)]
+        tracker.log_table("results", [str(c) for c in table.columns], rows)
+        tracker.log_image("pareto", str(out / "pareto.png"))
+        best = table.iloc[0]  # sorted by accuracy
+        fields: dict[str, Any] = {"trials": len(table), "best_accuracy": float(best["accuracy"]),
+                                  **{f"pareto_count_{c}": n for c, n in summary.get("pareto", {}).items()}}  # fmt: skip
+        for key in ("trial_id", "accuracy", "bytes", "macs", "latency_ms", "artifact"):
+            if key in table:
+                fields[f"best/{key}"] = _plain(best[key])
+        for cost in COSTS:  # the cheapest model on each front
+            if f"pareto_{cost}" in table and table[f"pareto_{cost}"].any():
+                cheapest = table[table[f"pareto_{cost}"]].sort_values(cost).iloc[0]
+                fields[f"cheapest_{cost}/trial_id"] = _plain(cheapest["trial_id"])
+                fields[f"cheapest_{cost}/accuracy"] = float(cheapest["accuracy"])
+                fields[f"cheapest_{cost}/{cost}"] = _plain(cheapest[cost])
+        if summary.get("budget_pick"):
+            fields.update({f"budget_pick/{k}": v for k, v in summary["budget_pick"].items()})
+        if teacher:
+            fields.update({f"teacher/{k}": teacher[k] for k in ("accuracy", "bytes", "macs") if k in teacher})
+        tracker.set_summary(fields)
+    except Exception:  # noqa: BLE001 - a malformed table still closes the run
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and NaN as plain JSON values (what wandb tables and summaries take)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def report(cfg: ReportConfig, tracking: TrackerSettings | None = None) -> dict[str, Any]:
+    """``effray report``: aggregate an experiment directory into the report files; with
+    ``tracking``, also log them as the experiment's wandb summary run."""
     df = load_trials(cfg.experiment)
     teacher_file = Path(cfg.experiment) / "teacher.json"
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     if teacher is not None and "latency_ms" not in teacher:
         teacher["latency_ms"] = teacher.get("latency_ms_b1")
     out = cfg.out or os.path.join(cfg.experiment, "report")
-    return write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None)
+    summary = write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None)
+    if tracking is not None and tracking.mode != "disabled":
+        log_summary(out, summary, tracking, teacher)
+    return summary

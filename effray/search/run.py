@@ -6,12 +6,26 @@ ends with one ``final`` report holding the full measurement of the saved artifac
 which it keeps as the trial's checkpoint. The experiment resumes when the same command
 runs again with the same ``--storage``/``--name``: finished trials are kept, errored
 ones are retried.
+
+A trial trains in its own process (``--workers-per-trial 1``) or, with more workers, runs
+a ``TorchTrainer`` of :func:`effray.compress.run.compress_loop_per_worker` inside the Tune
+function trainable (Ray 2.60 deprecates ``Tuner(trainer)``): a deterministic Ray Train run
+per trial under the trial's directory, its rank-0 epoch reports forwarded to Tune by
+``TuneReportCallback``, so on a GPU cluster each trial can be a multi-GPU run.
+
+Tracking (wandb, offline without a key): every trial is a run (``job_type="trial"``) in
+the experiment's group, with a stable id per storage/name/trial so a retried trial
+resumes its run; at the end the summary (results table, Pareto plot, best rows) is its
+own run (``job_type="summary"``). The mode is decided once, on the driver.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +34,15 @@ from effray.atomic import write_json
 from effray.compress.config import CompressConfig
 from effray.config import from_dict, merge, option, require, to_dict
 from effray.errors import EffrayError
+from effray.tracking import TrackerSettings, decide_wandb_mode, make_tracker, stable_run_id
+from effray.train.config import WANDB_MODES
+
+log = logging.getLogger(__name__)
 
 SEARCHERS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "none")
 METRIC = "val_accuracy"
+DRIVER_CPUS = 0.01  # what a trial that drives a Ray Train run reserves for itself
 
 
 @dataclass(frozen=True)
@@ -39,14 +58,19 @@ class TuneConfig:
     scheduler: str = option("asha", "early stopping of poor trials", choices=SCHEDULERS)
     grace_period: int = option(1, "ASHA: epochs every trial runs before it can be stopped")
     max_concurrent: int = option(0, "trials at once (0 = what the cluster's CPUs/GPUs allow, leaving one CPU for Ray Data)")
-    cpus_per_trial: float = option(1.0, "CPUs reserved per trial")
-    gpus_per_trial: float = option(0.0, "GPUs reserved per trial")
+    cpus_per_trial: float = option(1.0, "CPUs reserved per trial (with --workers-per-trial W: split evenly over its W workers)")
+    gpus_per_trial: float = option(0.0, "GPUs reserved per trial (with --workers-per-trial W: split evenly, a whole GPU per worker)")
+    workers_per_trial: int = option(1, "Ray Train workers per trial: 1 trains in the trial's own process, W > 1 runs a data-parallel TorchTrainer per trial")
+    data_cpus: float = option(1.0, "with --workers-per-trial > 1: logical CPUs per Ray Data decode/augment task of a trial")
     augment: str = option("standard", "augmentation policy of the fine-tuning stream")
     eval_batch_size: int = option(256, "batch size for validation and calibration")
     seed: int = option(0, "seed of the search and of every trial's data stream")
     storage: str = option("runs/tune", "experiment storage path (shared or cloud storage on a multi-node cluster)")
     name: str = option("compress", "experiment name; re-running the same name resumes it")
     max_failures: int = option(1, "retries of a trial that errored")
+    wandb_project: str = option("effray", "Weights & Biases project")
+    wandb: bool = option(True, "log every trial and the summary to Weights & Biases (offline when no API key is set); --no-wandb turns it off")
+    wandb_mode: str = option("auto", "wandb mode; auto = online with an API key, else offline (wandb sync later)", choices=WANDB_MODES)
 
     def validate(self) -> None:
         require(bool(self.teacher), "--teacher CKPT is required (a checkpoint from `effray train`)")
@@ -56,30 +80,94 @@ class TuneConfig:
         require(self.cpus_per_trial > 0 and self.gpus_per_trial >= 0, "--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         require(not self.multi_objective or self.search == "optuna", "--multi-objective needs --search optuna")
         require(self.grace_period >= 1, f"--grace-period must be >= 1, got {self.grace_period}")
+        require(isinstance(self.workers_per_trial, int) and self.workers_per_trial >= 1,
+                f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")  # fmt: skip
+        require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
+        require(not self.wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return self.cpus_per_trial / self.workers_per_trial
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.gpus_per_trial / self.workers_per_trial
 
 
 # ------------------------------------------------------------------ the trial
 
 
 def compression_trial(config: dict[str, Any]) -> None:
-    """Tune's function trainable: one compression run, reported epoch by epoch."""
+    """Tune's function trainable: one compression run, reported epoch by epoch, tracked as
+    one wandb run that ends with the trial (exit code 1 when it fails)."""
     import ray.tune
-
-    from effray.compress.recipe import compress_local
-    from effray.compress.run import eval_and_calib, xy_batches
-    from effray.data.pipeline import (
-        DataConfig,
-        kill_clock,
-        torch_batches,
-        train_dataset,
-    )
-    from effray.data.prepare import load_meta
-    from effray.evaluate import load_checkpoint
 
     ctx = config["context"]
     cfg = merge(from_dict(CompressConfig, ctx["base"]), config["compress"])
     trial = ray.tune.get_context().get_trial_id()
-    teacher, payload = load_checkpoint(ctx["teacher"])
+    tracker = make_tracker(_trial_tracking(ctx, trial, cfg))
+
+    def report_final(student: dict[str, Any], artifact_dir: str) -> None:
+        final = _final_metrics(student, cfg.finetune_epochs)
+        tracker.log({k: v for k, v in final.items() if v is not None}, step=cfg.finetune_epochs + 1)
+        tracker.set_summary({k: v for k, v in final.items() if v is not None})
+        ray.tune.report(final, checkpoint=ray.tune.Checkpoint.from_directory(artifact_dir))
+
+    try:
+        if ctx["workers_per_trial"] > 1:
+            _trial_on_ray_train(ctx, cfg, trial, tracker, report_final)
+        else:
+            _trial_in_process(ctx, cfg, trial, tracker, report_final)
+    except SystemExit:  # Tune stopped the trial (ASHA): it ended as asked
+        tracker.finish(exit_code=0)
+        raise
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish(exit_code=0)
+
+
+def _final_metrics(student: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The trial's last report: the measured artifact (what `effray report` aggregates)."""
+    return {
+        METRIC: student["accuracy"], "accuracy": student["accuracy"], "bytes": student["bytes"],
+        "macs": student["macs"], "latency_ms": student["latency_ms_b1"],
+        "latency_ms_b256": student.get("latency_ms_b256"), "params": student["params"],
+        "nonzero_params": student["nonzero_params"], "int8_latency_ms": student.get("int8_latency_ms_b1"),
+        "int8_speedup_b256": student.get("int8_speedup_b256"),
+        **{f"ratio_{k}": v for k, v in student.get("vs_teacher", {}).items()},
+        "epoch": epochs + 1, "final": True,
+    }  # fmt: skip
+
+
+def _trial_dir(ctx: dict[str, Any], trial: str) -> str:
+    """The trial's directory in the experiment's storage (a path or a URI)."""
+    return f"{ctx['experiment']}/trial_{trial}"
+
+
+def _trial_tracking(ctx: dict[str, Any], trial: str, cfg: CompressConfig) -> TrackerSettings | None:
+    t = ctx["tracking"]
+    if t is None:
+        return None
+    local = "://" not in ctx["experiment"]
+    return TrackerSettings(project=t["project"], name=f"{ctx['name']}-{trial}", mode=t["mode"],
+                           run_id=stable_run_id(ctx["storage"], f"{ctx['name']}/{trial}"),
+                           dir=_trial_dir(ctx, trial) if local else "", group=ctx["name"], job_type="trial",
+                           config={**to_dict(cfg), "trial_id": trial, "workers_per_trial": ctx["workers_per_trial"]})  # fmt: skip
+
+
+def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tracker: Any,
+                      report_final: Callable[[dict[str, Any], str], None]) -> None:
+    """One worker: the recipe of :func:`effray.compress.recipe.compress_local` in this process."""
+    import ray.tune
+
+    from effray.compress.recipe import compress_local
+    from effray.compress.run import eval_and_calib, xy_batches
+    from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
+    from effray.data.prepare import load_meta
+    from effray.evaluate import load_checkpoint
+
+    teacher, _ = load_checkpoint(ctx["teacher"])
     meta = load_meta(ctx["data"])
     data_cfg = DataConfig(data=ctx["data"], augment=ctx["augment"], seed=ctx["seed"])
     clock = f"tune-{ctx['name']}-{trial}"
@@ -96,6 +184,7 @@ def compression_trial(config: dict[str, Any]) -> None:
         from effray.compress.measure import accuracy
 
         acc, _ = accuracy(model, evals)
+        tracker.log({METRIC: acc, "epoch": epoch + 1}, step=epoch + 1)
         ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False})
 
     try:
@@ -105,27 +194,54 @@ def compression_trial(config: dict[str, Any]) -> None:
                                     teacher_metrics=ctx["teacher_metrics"], on_epoch=on_epoch,
                                     steps_per_epoch=max(1, -(-meta["counts"]["train"] // bs)),
                                     log=lambda line: None)  # fmt: skip
-            student = result["student"]
-            final = {
-                METRIC: student["accuracy"], "accuracy": student["accuracy"], "bytes": student["bytes"],
-                "macs": student["macs"], "latency_ms": student["latency_ms_b1"],
-                "latency_ms_b256": student.get("latency_ms_b256"), "params": student["params"],
-                "nonzero_params": student["nonzero_params"], "int8_latency_ms": student.get("int8_latency_ms_b1"),
-                "int8_speedup_b256": student.get("int8_speedup_b256"),
-                **{f"ratio_{k}": v for k, v in student.get("vs_teacher", {}).items()},
-                "epoch": cfg.finetune_epochs + 1, "final": True,
-            }  # fmt: skip
-            ray.tune.report(final, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+            report_final(result["student"], tmp)
     finally:
         kill_clock(clock)
+
+
+def _trial_on_ray_train(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tracker: Any,
+                        report_final: Callable[[dict[str, Any], str], None]) -> None:
+    """W workers: a TorchTrainer of :func:`compress_loop_per_worker` (the same fit as
+    `effray compress`), named per trial so a retried trial finds its run; rank 0's epoch
+    reports reach Tune through ``TuneReportCallback``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from effray.compress.run import (
+        CompressRunConfig,
+        eval_and_calib,
+        fine_tune_on_workers,
+        measure_artifact,
+    )
+    from effray.data.pipeline import DataConfig
+    from effray.data.prepare import load_meta
+
+    meta = load_meta(ctx["data"])
+    trial_dir = _trial_dir(ctx, trial)
+    local = "://" not in trial_dir
+    # rank 0 writes the artifact here: the experiment's storage (shared on a multi-node cluster)
+    out = os.path.join(trial_dir, "artifact") if local else tempfile.mkdtemp(prefix="effray-trial-")
+    rc = CompressRunConfig(compress=cfg, data=DataConfig(data=ctx["data"], augment=ctx["augment"], seed=ctx["seed"]),
+                           out=out, overwrite=True, workers=ctx["workers_per_trial"],
+                           cpus_per_worker=ctx["cpus_per_worker"], gpus_per_worker=ctx["gpus_per_worker"],
+                           data_cpus=ctx["data_cpus"], eval_batch_size=ctx["eval_batch_size"])  # fmt: skip
+    evals, calib_ds, calib = eval_and_calib(ctx["data"], meta, ctx["eval_batch_size"], cfg.calib_batches)
+    try:
+        finetune = fine_tune_on_workers(rc, meta, calib_ds, ctx["teacher_info"], name=f"{ctx['name']}-{trial}",
+                                        storage=trial_dir, callbacks=[TuneReportCallback()])  # fmt: skip
+        for e in finetune["epochs"]:  # the workers' epochs, as Tune saw them
+            tracker.log({k: e[k] for k in (METRIC, "train_loss", "epoch") if k in e}, step=e["epoch"])
+        student, _ = measure_artifact(out, cfg, calib, evals, ctx["teacher_metrics"])
+        report_final(student, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ the driver
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    if "://" not in str(path):  # cloud storage: the trials' own results carry the ratios
-        write_json(path, data)
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    if "://" not in path:  # cloud storage: the trials' own results carry the ratios
+        write_json(Path(path), data)
 
 
 def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +255,7 @@ def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
             f"teacher {cfg.teacher} predicts {spec['num_classes']} classes, {cfg.data} has {meta['num_classes']}; use the dataset it was trained on")  # fmt: skip
     evals, _, _ = eval_and_calib(cfg.data, meta, cfg.eval_batch_size, 1)
     metrics, info = teacher_baseline(teacher, cfg.teacher, evals)
-    return {"teacher": str(cfg.teacher), "teacher_metrics": metrics, "teacher_info": info}
+    return {"teacher": info["path"], "teacher_metrics": metrics, "teacher_info": info}
 
 
 def _concurrency(cfg: TuneConfig) -> int:
@@ -151,6 +267,32 @@ def _concurrency(cfg: TuneConfig) -> int:
     by_cpu = int(max(total.get("CPU", 1) - 1, 1) // cfg.cpus_per_trial)
     by_gpu = int(total.get("GPU", 0) // cfg.gpus_per_trial) if cfg.gpus_per_trial else by_cpu
     return max(1, min(by_cpu, by_gpu))
+
+
+def check_trial_resources(cfg: TuneConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Fail in one line, before any trial starts, when one trial can never be placed
+    (Tune and Ray Train would otherwise wait for the resources forever)."""
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    w = cfg.workers_per_trial
+    if w == 1:
+        require(cfg.cpus_per_trial <= cpus and cfg.gpus_per_trial <= gpus,
+                f"a trial asks for {cfg.cpus_per_trial} CPU / {cfg.gpus_per_trial} GPU, the cluster has {cpus:g} / "
+                f"{gpus:g}; lower --cpus-per-trial/--gpus-per-trial")  # fmt: skip
+        return
+    cpw, gpw = cfg.cpus_per_worker, cfg.gpus_per_worker
+    require(gpw == 0 or gpw >= 1,
+            f"--workers-per-trial {w} splits --gpus-per-trial {cfg.gpus_per_trial:g} into {gpw:g} GPU per worker; "
+            f"DDP on NCCL needs a whole GPU per worker: use --gpus-per-trial {w} (or 0 for CPUs)")  # fmt: skip
+    data = max(cfg.data_cpus, 1.0)  # Ray Data's file reads take a whole CPU whatever --data-cpus says
+    need = cfg.cpus_per_trial + data + DRIVER_CPUS
+    require(need <= cpus and cfg.gpus_per_trial <= gpus,
+            f"--workers-per-trial {w} x {cpw:g} CPUs (--cpus-per-trial {cfg.cpus_per_trial:g}) + {data:g} for one "
+            f"Ray Data task + {DRIVER_CPUS:g} for the trial needs {need:g} CPUs and {cfg.gpus_per_trial:g} GPUs, "
+            f"the cluster has {cpus:g} / {gpus:g}; lower --cpus-per-trial/--gpus-per-trial")  # fmt: skip
+    if nodes:
+        require(any(n.get("CPU", 0) >= cpw and n.get("GPU", 0) >= gpw for n in nodes),
+                f"no node has {cpw:g} CPUs and {gpw:g} GPUs for one of a trial's {w} workers; "
+                "lower --cpus-per-trial/--gpus-per-trial")  # fmt: skip
 
 
 def _searcher(cfg: TuneConfig) -> Any:
@@ -166,6 +308,26 @@ def _searcher(cfg: TuneConfig) -> Any:
     return OptunaSearch(metric=METRIC, mode="max", seed=cfg.seed)
 
 
+def _summary_run(cfg: TuneConfig, storage: str, path: str, mode: str, teacher: dict[str, Any]) -> dict[str, Any] | None:
+    """The experiment's summary run: `effray report`'s table and Pareto plot (written to
+    EXPERIMENT/report), in the trials' group. Never fails the search."""
+    from effray.search.aggregate import ReportConfig, report
+
+    if "://" in path:
+        return None  # the report reads a local experiment directory
+    settings = TrackerSettings(
+        project=cfg.wandb_project, name=f"{cfg.name}-summary", run_id=stable_run_id(storage, f"{cfg.name}/summary"),
+        mode=mode, dir=path, group=cfg.name, job_type="summary",
+        config={"tune": to_dict(cfg), "teacher": {k: v for k, v in teacher.items() if not isinstance(v, (dict, list))}},
+    )  # fmt: skip
+    try:
+        summary = report(ReportConfig(experiment=path), tracking=settings)
+    except Exception as exc:  # noqa: BLE001 - no finished trial yet, a plotting or wandb problem: the search stands
+        log.warning("no wandb summary run for %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
+    return {"run_id": settings.run_id, "report": summary["report"]}
+
+
 def tune_compression(cfg: TuneConfig) -> dict[str, Any]:
     """Run (or resume) the search; returns the experiment path and a summary."""
     import ray
@@ -178,18 +340,23 @@ def tune_compression(cfg: TuneConfig) -> dict[str, Any]:
     meta = validate_data_dir(cfg.data)
     space = load_space(cfg.space)
     require(cfg.search == "grid" or not has_grid(space), "the space has grid entries; use --search grid (or choice instead of grid)")
-    cpus = ray.cluster_resources().get("CPU", 0)
-    require(cfg.cpus_per_trial <= cpus and cfg.gpus_per_trial <= ray.cluster_resources().get("GPU", 0),
-            f"a trial asks for {cfg.cpus_per_trial} CPU / {cfg.gpus_per_trial} GPU, the cluster has {cpus:g} / "
-            f"{ray.cluster_resources().get('GPU', 0):g}; lower --cpus-per-trial/--gpus-per-trial")  # fmt: skip
-    context = {**_teacher_context(cfg, meta), "data": os.path.abspath(cfg.data), "augment": cfg.augment,
+    check_trial_resources(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    w = cfg.workers_per_trial
+    require(w == 1 or meta["counts"]["train"] >= w, f"{meta['counts']['train']} training rows can't feed {w} workers per trial")
+    mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)  # the CLI decides from its env first
+    storage = os.path.abspath(cfg.storage) if "://" not in cfg.storage else cfg.storage.rstrip("/")
+    path = f"{storage}/{cfg.name}" if "://" in storage else os.path.join(storage, cfg.name)
+    teacher = _teacher_context(cfg, meta)
+    context = {**teacher, "data": os.path.abspath(cfg.data), "augment": cfg.augment,
                "seed": cfg.seed, "eval_batch_size": cfg.eval_batch_size, "name": cfg.name,
-               "base": to_dict(CompressConfig(teacher=str(cfg.teacher))),
-               "data_info": data_summary(meta)}  # fmt: skip
-    storage = os.path.abspath(cfg.storage) if "://" not in cfg.storage else cfg.storage
-    path = os.path.join(storage, cfg.name)
-    trainable = tune.with_resources(tune.with_parameters(compression_trial),
-                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})  # fmt: skip
+               "base": to_dict(CompressConfig(teacher=teacher["teacher"])), "data_info": data_summary(meta),
+               "storage": storage, "experiment": path, "workers_per_trial": w, "cpus_per_worker": cfg.cpus_per_worker,
+               "gpus_per_worker": cfg.gpus_per_worker, "data_cpus": cfg.data_cpus,
+               "tracking": None if mode == "disabled" else {"project": cfg.wandb_project, "mode": mode}}  # fmt: skip
+    # W > 1: the trial only drives its Ray Train run, whose workers reserve the CPUs/GPUs
+    # (Tune can't place a trial that asks for nothing: a token share of a CPU)
+    trial_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial} if w == 1 else {"cpu": DRIVER_CPUS}
+    trainable = tune.with_resources(tune.with_parameters(compression_trial), trial_resources)
     param_space = {**to_param_space(space), "context": context}
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
@@ -213,9 +380,16 @@ def tune_compression(cfg: TuneConfig) -> dict[str, Any]:
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0),
         )  # fmt: skip
         resumed = False
-    _write_json(Path(path) / "teacher.json", context["teacher_metrics"])
+    _write_json(f"{path}/teacher.json", context["teacher_metrics"])
     grid = tuner.fit()
     finished = sum(1 for r in grid if r.error is None)
-    return {"experiment": path, "trials": len(grid), "finished": finished,
-            "errored": len(grid) - finished, "resumed": resumed,
-            "teacher": context["teacher_metrics"]}  # fmt: skip
+    summary = {"experiment": path, "trials": len(grid), "finished": finished,
+               "errored": len(grid) - finished, "resumed": resumed, "workers_per_trial": w,
+               "teacher": context["teacher_metrics"]}  # fmt: skip
+    if mode != "disabled":
+        run = _summary_run(cfg, storage, path, mode, context["teacher_metrics"])
+        summary["wandb"] = {"mode": mode, "project": cfg.wandb_project, "group": cfg.name,
+                            "summary_run_id": run["run_id"] if run else None}  # fmt: skip
+        if run:
+            summary["report"] = run["report"]
+    return summary

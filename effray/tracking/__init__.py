@@ -21,6 +21,12 @@ class Tracker(Protocol):
 
     def log_checkpoint(self, path: str, name: str, metadata: dict[str, Any]) -> None: ...
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+
+    def log_image(self, key: str, path: str) -> None: ...
+
+    def set_summary(self, values: dict[str, Any]) -> None: ...
+
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -31,6 +37,15 @@ class NullTracker:
         pass
 
     def log_checkpoint(self, path: str, name: str, metadata: dict[str, Any]) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        pass
+
+    def log_image(self, key: str, path: str) -> None:
+        pass
+
+    def set_summary(self, values: dict[str, Any]) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:
@@ -47,6 +62,8 @@ class TrackerSettings:
     mode: str  # online | offline | disabled
     dir: str  # where wandb writes (the run dir); "" = wandb's default
     config: dict[str, Any] = field(default_factory=dict)
+    group: str = ""  # runs of one experiment (a Tune search: its trials and its summary)
+    job_type: str = ""  # "trial", "summary"; "" = wandb's default
 
 
 def stable_run_id(storage: str, name: str) -> str:

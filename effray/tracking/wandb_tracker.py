@@ -29,7 +29,7 @@ class WandbTracker:
 
             run = wandb.init(
                 project=s.project, name=s.name, id=s.run_id, resume="allow", mode=s.mode, dir=s.dir or None,
-                config=s.config, reinit="finish_previous",
+                config=s.config, group=s.group or None, job_type=s.job_type or None, reinit="finish_previous",
                 settings=wandb.Settings(silent=True, console="off", init_timeout=90),
             )  # fmt: skip
             return cls(run)
@@ -58,6 +58,25 @@ class WandbTracker:
             self.run.log_artifact(art, aliases=["latest", f"epoch-{metadata.get('epoch', 0)}"])
 
         self._guard("artifact", upload)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        def table() -> None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+        self._guard("table", table)
+
+    def log_image(self, key: str, path: str) -> None:
+        def image() -> None:
+            import wandb
+
+            self.run.log({key: wandb.Image(path)})
+
+        self._guard("image", image)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        self._guard("summary", lambda: self.run.summary.update(values))
 
     def finish(self, exit_code: int = 0) -> None:
         self._guard("finish", lambda: self.run.finish(exit_code=exit_code))

@@ -100,3 +100,149 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
     assert summary["budget_pick"]["accuracy"] == table[table["bytes"] <= 1000 * 1024]["accuracy"].max()
     # the picked artifact loads like any checkpoint
     assert main(["evaluate", "--checkpoint", summary["budget_pick"]["artifact"], "--data", str(tiny_cifar)]) == 0
+
+
+# ------------------------------------------------------------------ tracking, workers per trial
+
+
+def read_wandb_run(path: Path) -> dict:
+    """Run record (group, job type), config, history, summary and exit code of an offline
+    run's ``run-*.wandb`` log (LevelDB-style 32 KiB blocks of protobuf Records after a
+    7-byte header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, payloads, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            payloads.append(buf + chunk if kind == 4 else chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+    out: dict = {"id": None, "group": None, "job_type": None, "config": {}, "history": [], "summary": {}, "exit_code": None}
+    for p in payloads:
+        r = pb.Record.FromString(p)
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out.update(id=r.run.run_id, group=r.run.run_group, job_type=r.run.job_type)
+        if kind in ("run", "config"):
+            items = r.run.config.update if kind == "run" else r.config.update
+            out["config"].update({i.key: json.loads(i.value_json) for i in items})
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+        elif kind == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
+    return out
+
+
+def _wandb_runs(root: Path) -> list[dict]:
+    """Every offline run below ``root``; ``dir`` is the ``wandb`` dir holding it, ``run_dir`` its own."""
+    return [{**read_wandb_run(f), "dir": f.parent.parent, "run_dir": f.parent}
+            for f in sorted(root.rglob("offline-run-*/run-*.wandb"))]  # fmt: skip
+
+
+def _trial_results(experiment: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in experiment.glob("trial_*/result.json"):
+        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+@pytest.mark.slow
+def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, tiny_cifar, teacher, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "finetune_epochs": 2}))
+    storage = tmp_path / "runs"
+    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
+                 "--num-samples", "2", "--scheduler", "none", "--max-concurrent", "1", "--cpus-per-trial", "0.5",
+                 "--storage", str(storage), "--name", "tracked", "--wandb-mode", "offline",
+                 "--wandb-project", "effray-tests"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    experiment = storage / "tracked"
+    assert result["finished"] == 2 and result["wandb"]["mode"] == "offline" and result["wandb"]["group"] == "tracked"
+
+    import wandb
+
+    wandb.teardown()  # the summary run was this process's: its offline log is flushed when wandb's service stops
+    runs = _wandb_runs(experiment)
+    assert all(str(r["dir"]).startswith(str(experiment)) for r in runs)  # offline files live in the experiment
+    trials = [r for r in runs if r["job_type"] == "trial"]
+    summaries = [r for r in runs if r["job_type"] == "summary"]
+    assert len(trials) == 2 and len(summaries) == 1 and len(runs) == 3
+    assert {r["group"] for r in runs} == {"tracked"}
+    assert len({r["id"] for r in runs}) == 3 and summaries[0]["id"] == result["wandb"]["summary_run_id"]
+    results = _trial_results(experiment)
+    for run in trials:
+        trial_dir = run["dir"].parent
+        assert trial_dir.name == f"trial_{run['config']['trial_id']}" and trial_dir.name in results
+        assert run["config"]["bits"] in (4, 8) and run["config"]["finetune_epochs"] == 2  # the trial's CompressConfig
+        epochs = [h["epoch"] for h in run["history"] if "val_accuracy" in h and "bytes" not in h]
+        assert epochs == [1, 2]
+        final = next(r for r in results[trial_dir.name] if r.get("final"))
+        assert run["summary"]["accuracy"] == pytest.approx(final["accuracy"]) and run["summary"]["bytes"] == final["bytes"]
+        assert run["exit_code"] == 0
+    summary = summaries[0]
+    fields = summary["summary"]
+    assert fields["results/_type"] == "table-file" and fields["pareto/_type"] == "image-file"
+    files = summary["run_dir"] / "files"
+    logged = json.loads((files / fields["results/path"]).read_text())
+    assert len(logged["data"]) == 2 and "accuracy" in logged["columns"]
+    assert (files / fields["pareto/path"]).read_bytes()[:4] == b"\x89PNG"
+    assert fields["trials"] == 2
+    table = pd.read_parquet(experiment / "report" / "results.parquet")
+    assert summary["summary"]["best_accuracy"] == pytest.approx(table["accuracy"].max())
+    assert summary["summary"]["best/trial_id"] == table.iloc[0]["trial_id"]
+    assert summary["exit_code"] == 0 and (experiment / "report" / "pareto.png").is_file()
+
+
+def test_workers_per_trial_that_cannot_fit_fails_in_one_line(ray_session, tiny_cifar, teacher, tmp_path, capsys):
+    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(_space(tmp_path)),
+                 "--workers-per-trial", "4", "--cpus-per-trial", "2", "--storage", str(tmp_path / "runs"),
+                 "--name", "toobig", "--no-wandb"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--workers-per-trial 4" in err and "needs 3.01 CPUs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "toobig").exists()
+
+
+@pytest.mark.slow
+def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_cifar, teacher, tmp_path, capsys):
+    """--workers-per-trial 2: the trial drives a 2-worker TorchTrainer (0.45 CPU each), whose
+    epoch reports reach Tune, then reports the measured artifact as its checkpoint."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "finetune_epochs": 2}))
+    storage = tmp_path / "runs"
+    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
+                 "--num-samples", "1", "--scheduler", "none", "--workers-per-trial", "2", "--cpus-per-trial", "0.9",
+                 "--data-cpus", "1", "--storage", str(storage), "--name", "ddp", "--wandb-mode", "offline"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["finished"] == 1 and result["workers_per_trial"] == 2
+    experiment = storage / "ddp"
+    (trial_dir, rows), = _trial_results(experiment).items()
+    trial_id = trial_dir.removeprefix("trial_")
+    # the trial's own Ray Train run: deterministic name, stored under the trial
+    assert (experiment / trial_dir / f"ddp-{trial_id}").is_dir()
+    epochs = [r for r in rows if "train_loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in epochs)
+    assert all(r["val_count"] == 60 for r in epochs)  # all-reduced validation over both workers: every row once
+    workers = next(r for r in rows if r.get("finetuned"))
+    assert workers["world"] == 2
+    finals = [r for r in rows if r.get("final")]
+    assert len(finals) == 1 and finals[0]["epoch"] == 3 and finals[0]["bytes"] > 0
+    assert sorted(os.listdir(experiment / trial_dir / finals[0]["checkpoint_dir_name"])) == ["model.pt"]
+    assert not (experiment / trial_dir / "artifact").exists()
+    (run,) = [r for r in _wandb_runs(experiment) if r["job_type"] == "trial"]
+    assert run["group"] == "ddp" and run["exit_code"] == 0 and run["config"]["workers_per_trial"] == 2
+    assert [h["epoch"] for h in run["history"] if "train_loss" in h] == [1, 2]
