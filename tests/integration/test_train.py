@@ -40,40 +40,6 @@ def history(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / HISTORY_FILE).read_text().splitlines()]
 
 
-def read_wandb_file(path: Path) -> dict:
-    """Config, history rows and artifact names from an offline run's ``.wandb`` log
-    (LevelDB-style 32 KiB blocks of protobuf Records after a 7-byte header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, payloads, buf = 7, [], b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            payloads.append(buf + chunk if kind == 4 else chunk)
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-    out: dict = {"config": {}, "history": [], "artifacts": []}
-    for p in payloads:
-        r = pb.Record.FromString(p)
-        kind = r.WhichOneof("record_type")
-        if kind in ("run", "config"):
-            items = r.run.config.update if kind == "run" else r.config.update
-            out["config"].update({i.key: json.loads(i.value_json) for i in items})
-        elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
-        elif kind == "artifact":
-            out["artifacts"].append(r.artifact.name)
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tiny_cifar, tmp_path_factory):
     """One DDP run whose worker rank 1 dies during epoch FAIL_AT (fit 1)."""
@@ -125,7 +91,9 @@ def test_evaluate_reproduces_the_reported_val_accuracy(run, tiny_cifar, cifar_pa
 def test_wandb_offline_run_has_config_metrics_and_model(run):
     dirs = sorted((run["run_dir"] / "wandb").glob("offline-run-*"))
     assert dirs and len({d.name.split("-", 3)[-1] for d in dirs}) == 1  # one stable run id across restarts
-    logs = [read_wandb_file(next(d.glob("run-*.wandb"))) for d in dirs]
+    from conftest import read_wandb_run
+
+    logs = [read_wandb_run(next(d.glob("run-*.wandb"))) for d in dirs]
     assert all(log["config"]["model"] == "convnet" and log["config"]["epochs"] == EPOCHS for log in logs)
     assert logs[0]["config"]["provenance"]["data_checksum"].startswith("sha256:")
     epochs = sorted({h["epoch"] for log in logs for h in log["history"] if "epoch" in h})

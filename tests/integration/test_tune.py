@@ -63,7 +63,7 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "effray.cli", "tune", "--teacher", str(teacher), "--data", str(tiny_cifar),
            "--space", str(_space(tmp_path)), "--num-samples", "4", "--scheduler", "none",
-           "--max-concurrent", "1", "--storage", str(storage), "--name", "resume"]  # fmt: skip
+           "--max-concurrent", "1", "--storage", str(storage), "--name", "resume", "--no-wandb"]  # fmt: skip
     # save the experiment state every second, so a kill right after a trial finishes
     # cannot leave that trial unrecorded
     env = {**os.environ, "RAY_ADDRESS": "", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -105,47 +105,10 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
 # ------------------------------------------------------------------ tracking, workers per trial
 
 
-def read_wandb_run(path: Path) -> dict:
-    """Run record (group, job type), config, history, summary and exit code of an offline
-    run's ``run-*.wandb`` log (LevelDB-style 32 KiB blocks of protobuf Records after a
-    7-byte header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, payloads, buf = 7, [], b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            payloads.append(buf + chunk if kind == 4 else chunk)
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-    out: dict = {"id": None, "group": None, "job_type": None, "config": {}, "history": [], "summary": {}, "exit_code": None}
-    for p in payloads:
-        r = pb.Record.FromString(p)
-        kind = r.WhichOneof("record_type")
-        if kind == "run":
-            out.update(id=r.run.run_id, group=r.run.run_group, job_type=r.run.job_type)
-        if kind in ("run", "config"):
-            items = r.run.config.update if kind == "run" else r.config.update
-            out["config"].update({i.key: json.loads(i.value_json) for i in items})
-        elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
-        elif kind == "summary":
-            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
-        elif kind == "exit":
-            out["exit_code"] = r.exit.exit_code
-    return out
-
-
 def _wandb_runs(root: Path) -> list[dict]:
     """Every offline run below ``root``; ``dir`` is the ``wandb`` dir holding it, ``run_dir`` its own."""
+    from conftest import read_wandb_run
+
     return [{**read_wandb_run(f), "dir": f.parent.parent, "run_dir": f.parent}
             for f in sorted(root.rglob("offline-run-*/run-*.wandb"))]  # fmt: skip
 
