@@ -193,7 +193,8 @@ def main() -> None:
         print(f"[{name}] done in {r['seconds']:.0f} s", flush=True)
 
     tm = teacher_metrics
-    print(f"\nteacher {args.model} w{args.width}: accuracy {tm['accuracy']:.4f}, {tm['params']} params, {tm['macs'] / 1e6:.1f} M MACs, "
+    spec = getattr(teacher, "spec", {"name": args.model, "width": args.width})
+    print(f"\nteacher {spec['name']} w{spec.get('width', 1.0):g}: accuracy {tm['accuracy']:.4f}, {tm['params']} params, {tm['macs'] / 1e6:.1f} M MACs, "
           f"{tm['bytes'] / 1024:.0f} KiB fp32, {tm['latency_ms_b1']:.2f} / {tm['latency_ms_b256']:.0f} ms at b1 / b256, {tm['threads']} thread(s)")  # fmt: skip
     # "int8 x": each recipe's int8 runtime vs the same weights in fp32, timed interleaved (a, b, a,
     # b, ...) so load from other processes hits both alike; vs_teacher has the cross-model ratios.
