@@ -28,6 +28,11 @@ GAN_FLAGS = [
     "32",
     "--limit",
     "96",
+    # two DDP workers (gloo), so both networks' gradient all-reduce runs
+    "--workers",
+    "2",
+    "--cpus-per-worker",
+    "0.5",
 ]
 
 
@@ -37,7 +42,7 @@ def _json(capsys) -> dict:
 
 @pytest.fixture(scope="module")
 def gan(tiny_cifar, tmp_path_factory):
-    """One epoch, then the same command again: the second run resumes from the checkpoint."""
+    """One epoch on 2 workers, then the same command again: the second run resumes from the checkpoint."""
     out = tmp_path_factory.mktemp("gan") / "out"
     runs = []
     for _ in range(2):
