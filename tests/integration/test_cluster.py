@@ -292,7 +292,8 @@ def test_stopped_job_is_stopped_and_leaves_no_output(cluster, cifar_parquet, tmp
     token = cluster.token_path.read_text()
     assert _http(f"{cluster.address}/api/jobs/long-prepare/stop", token=token, data=b"{}") == 200
     assert cluster.wait_for("long-prepare", timeout=60) == "STOPPED"
-    assert not out.exists()  # the final name appears only by an atomic rename at the very end
+    # the final name appears only by an atomic rename at the very end
+    assert not out.exists(), cluster.logs("long-prepare")[-3000:]
     assert "effray: interrupted" in cluster.logs("long-prepare")  # SIGINT (runtime_env.yaml), not SIGKILL
     time.sleep(2)  # tasks the driver had in flight are cancelled with it
     leftovers = [p.name for p in tmp_path.iterdir()]
