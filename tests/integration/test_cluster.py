@@ -278,8 +278,16 @@ def test_relative_output_path_fails_the_job_before_anything_is_written(cluster):
 
 
 def test_stopped_job_is_stopped_and_leaves_no_output(cluster, cifar_parquet, tmp_path):
+    # 200k rows (the real file four times): warm workers decode the 50k alone in ~2 s, less
+    # than a stop takes to land, and the job would rename its output first
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(cifar_parquet)
+    source = tmp_path / "cifar10x4.parquet"
+    pq.write_table(pa.concat_tables([table] * 4), source)
     out = tmp_path / "cifar10"
-    started = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{cifar_parquet}",
+    started = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{source}",
                              "--out", str(out), job_id="long-prepare", wait=False)  # fmt: skip
     assert started.returncode == 0, started.stderr[-3000:]
     # stop it mid-write, once its temporary directory exists: poll the file system and stop
@@ -296,7 +304,7 @@ def test_stopped_job_is_stopped_and_leaves_no_output(cluster, cifar_parquet, tmp
     assert not out.exists(), cluster.logs("long-prepare")[-3000:]
     assert "effray: interrupted" in cluster.logs("long-prepare")  # SIGINT (runtime_env.yaml), not SIGKILL
     time.sleep(2)  # tasks the driver had in flight are cancelled with it
-    leftovers = [p.name for p in tmp_path.iterdir()]
+    leftovers = [p.name for p in tmp_path.iterdir() if p != source]
     assert all(name.startswith(".cifar10.tmp-") for name in leftovers), leftovers
 
 
