@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ def init_ray(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and `ray job stop` (SIGINT) must interrupt cleanly even when an ancestor
+    # ignored SIGINT (anything started with `&` from a script does): ignoring survives exec
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd: Command | None = getattr(args, "_command", None)

@@ -163,6 +163,7 @@ def cluster():
          f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2", "--disable-usage-stats",
          f"--temp-dir={temp_dir}"],
         cwd=temp_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_plain_signals,
     )  # fmt: skip
     c = Cluster(f"http://127.0.0.1:{dash}", token_path, temp_dir, marker, head)
     try:
@@ -175,6 +176,16 @@ def cluster():
     finally:
         _teardown(c)
         log.close()
+
+
+def _plain_signals() -> None:
+    """Start the head as a shell would: nothing blocked or ignored. Signal masks and
+    ignored signals survive exec, and by the time the whole suite is collected this
+    process has imported libraries that change them; inherited by the job drivers, that
+    made `ray job stop`'s SIGINT never arrive (the job ran to the end)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _teardown(c: Cluster) -> None:
