@@ -32,11 +32,14 @@ class EvaluateConfig:
     data: str = option("", "a prepared dataset directory, or Parquet (file or folder) with encoded image bytes + label")
     batch_size: int = option(500, "images per forward pass")
     split: str = option("val", "split to evaluate when --data is a prepared dataset")
+    tta: int = option(-1, "test-time augmentation: -1 = the level the run validated with, 0 none, 1 mirror, 2 mirror + 1-pixel translations",
+                      choices=(-1, 0, 1, 2))  # fmt: skip
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "--checkpoint PATH is required (a run's checkpoint directory or model.pt)")
         require(bool(self.data), "--data is required (a prepared dataset directory or a Parquet file)")
         require(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
+        require(self.tta in (-1, 0, 1, 2), f"--tta must be -1, 0, 1 or 2, got {self.tta}")
 
 
 def _plugins() -> None:
@@ -95,8 +98,28 @@ def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, i
             yield np.stack([decoded.images[i] for i in ok]), labels[ok]
 
 
+def tta_logits(predict: Any, images: Any, level: int) -> Any:
+    """airbench's test-time augmentation over a normalised NCHW batch: level 1 averages the
+    image and its mirror; level 2 gives that half the weight and the mirrored pair shifted one
+    pixel up-left and down-right (reflect-padded) the other half."""
+    import torch.nn.functional as F
+
+    def mirrored(x: Any) -> Any:
+        return 0.5 * predict(x) + 0.5 * predict(x.flip(-1))
+
+    if level <= 0:
+        return predict(images)
+    logits = mirrored(images)
+    if level >= 2:
+        h, w = images.shape[-2:]
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        shifted = 0.5 * mirrored(padded[..., :h, :w]) + 0.5 * mirrored(padded[..., 2:, 2:])
+        logits = 0.5 * logits + 0.5 * shifted
+    return logits
+
+
 def score(model: Any, batches: Batches, mean: list[float], std: list[float], num_classes: int,
-          batch_size: int, image_shape: list[int] | None = None) -> dict[str, Any]:
+          batch_size: int, image_shape: list[int] | None = None, tta: int = 0) -> dict[str, Any]:
     """Accuracy, mean cross-entropy and per-class accuracy of ``model`` over ``batches``,
     normalised exactly as training normalised its validation batches."""
     import torch
@@ -117,7 +140,7 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
             for i in range(0, len(labels), batch_size):
                 x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std)
                 y = torch.from_numpy(labels[i:i + batch_size])
-                logits = model(x).float()
+                logits = tta_logits(model, x, tta).float()
                 pred = logits.argmax(dim=1)
                 correct += float((pred == y).sum())
                 loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -149,10 +172,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         require(data.exists(), f"--data {cfg.data!r} does not exist")
         batches = encoded_batches(data, int(info["image_shape"][2]), counter)
         where = {}
-    result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"))
+    tta = cfg.tta if cfg.tta >= 0 else int((payload.get("config") or {}).get("tta", 0))
+    result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"), tta)
     return {
         "accuracy": result["accuracy"], "loss": result["loss"], "count": result["count"],
         "per_class_accuracy": dict(zip([str(c) for c in classes], result["per_class"])),
         "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), **where,
-        "model": spec.get("name"), "format": payload["format"], "skipped_bad": counter["skipped_bad"],
+        "model": spec.get("name"), "format": payload["format"], "skipped_bad": counter["skipped_bad"], "tta": tta,
     }  # fmt: skip

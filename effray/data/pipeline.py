@@ -181,6 +181,25 @@ def normalize_tensor(images: Any, mean: list[float], std: list[float], channels_
     return x.float().sub_(m).div_(s)
 
 
+def sample_images(data_dir: str | os.PathLike, n: int, mean: list[float], std: list[float], split: str = "train") -> Any:
+    """The first ``n`` rows of a split, normalised float32 NCHW: a fixed sample every rank
+    reads identically, for data-dependent init (airbench's whitening stem)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    shape = tuple(load_meta(data_dir)["image_shape"])
+    tables, rows = [], 0
+    for f in split_files(data_dir, split):
+        if rows >= n:
+            break
+        t = pq.read_table(f, columns=["image", "label"])
+        tables.append(t.slice(0, n - rows))
+        rows += tables[-1].num_rows
+    images = decode_batch(pa.concat_tables(tables), shape)["image"]
+    return normalize_tensor(torch.from_numpy(np.ascontiguousarray(images)), mean, std)
+
+
 # ------------------------------------------------------------------ datasets
 
 

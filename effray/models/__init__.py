@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from effray.errors import EffrayError
-from effray.models import convnet, fastnet, resnet  # noqa: F401  (registers builders)
+from effray.models import airbench, convnet, fastnet, resnet  # noqa: F401  (registers builders)
 from effray.models.base import MODELS, Head, init_weights
 
 __all__ = ["MODELS", "Head", "build_model", "count_parameters", "model_names"]

@@ -62,7 +62,8 @@ class Head(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convs, unit BN, small-normal linears; draws only from torch's RNG.
+    """Kaiming-normal convs (identity filters first where a conv sets ``dirac_init``),
+    unit BN, small-normal linears; draws only from torch's RNG.
 
     The small head init (std 0.01, zero bias) starts every model near uniform
     predictions, so the first loss is ~log(num_classes) whatever the depth.
@@ -70,6 +71,8 @@ def init_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if getattr(m, "dirac_init", False):  # identity on the first in_channels filters
+                nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -23,6 +23,10 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 _PIPELINE_FIELDS = {"stages", "microbatches", "pipeline_schedule", "split_points", "split_by"}
 SPLIT_BY = ("params", "time")
 SCHEDULES = ("onecycle", "cosine")
+TTA_LEVELS = (0, 1, 2)
+# knobs added after runs existed: left out of the default name at their defaults, so
+# the names (and resumes) of runs that don't use them stay what they were
+_LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
 # re-running a command with another --max-failures or wandb project still resumes it.
@@ -44,6 +48,9 @@ class TrainConfig:
     nesterov: bool = option(True, "Nesterov momentum")
     weight_decay: float = option(5e-4, "weight decay (never on norm weights or biases)")
     label_smoothing: float = option(0.1, "label smoothing for the cross-entropy")
+    bias_lr_scale: float = option(1.0, "learning-rate multiplier for norm weights and biases, which never decay (airbench uses 64)")
+    lookahead: bool = option(False, "airbench's lookahead: from 30% of the steps, every 5 steps pull the weights to their EMA (decay 0.95^5 x progress^3)")
+    tta: int = option(0, "test-time augmentation in validation: 0 none, 1 mirror, 2 mirror + two 1-pixel translations", choices=TTA_LEVELS)
     schedule: str = option("onecycle", "per-step LR schedule: onecycle (linear up, linear down) or cosine (linear warm-up, cosine down)", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up to the peak LR")
     workers: int = option(2, "data-parallel workers (Ray Train workers)")
@@ -91,6 +98,8 @@ class TrainConfig:
         require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(self.bias_lr_scale > 0, f"--bias-lr-scale must be > 0, got {self.bias_lr_scale}")
+        require(self.tta in TTA_LEVELS, f"--tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {self.tta}")
         require(0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
         require(self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         require(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
@@ -145,7 +154,8 @@ def default_run_name(cfg: TrainConfig) -> str:
     """``<model>-<hash of what the run computes>``: the same command gets the same name,
     so re-running it resumes instead of starting over (Ray restores by name)."""
     d = to_dict(cfg)
-    d = {k: v for k, v in d.items() if k not in _NOT_IN_NAME and (cfg.parallel == "pipeline" or k not in _PIPELINE_FIELDS)}
+    d = {k: v for k, v in d.items() if k not in _NOT_IN_NAME and (cfg.parallel == "pipeline" or k not in _PIPELINE_FIELDS)
+         and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}  # fmt: skip
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{cfg.model}-{digest}"
 

@@ -26,9 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from effray.config import from_dict
-from effray.data.pipeline import torch_batches
+from effray.data.pipeline import sample_images, torch_batches
 from effray.errors import EffrayError
+from effray.evaluate import tta_logits
 from effray.models import build_model
+from effray.models.airbench import init_from_data, needs_data_init
 from effray.tracking import NullTracker, TrackerSettings, make_tracker
 from effray.train.checkpoint import (
     first_readable,
@@ -42,6 +44,7 @@ from effray.train.strategy import Strategy, make_strategy, prepare_model
 
 FAILURE_MARKER = ".effray-injected-failure"
 HISTORY_FILE = "history.jsonl"
+DATA_INIT_IMAGES = 5000  # training rows that set data-dependent init (airbench: 5,000)
 
 
 class Schedule:
@@ -61,12 +64,65 @@ class Schedule:
         return 1.0 - rest  # one-cycle: linear up, linear down to zero
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 bias_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Weight decay on conv/linear weights only: decaying norm scales and biases just
-    fights the normalisation (1-D tensors are exactly those)."""
+    fights the normalisation (1-D tensors are exactly those). ``bias_lr_scale`` != 1
+    moves the norm layers' parameters to a third group at ``lr * bias_lr_scale``
+    (airbench: 64x on BatchNorm biases)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bias_lr_scale == 1.0:
+        return groups  # two groups, as checkpoints from before the knob hold
+    if lr is None:
+        raise ValueError("bias_lr_scale needs the base lr")
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters() if p.requires_grad}
+    groups[1]["params"] = [p for p in no_decay if id(p) not in norm_ids]
+    groups.append({"params": [p for p in no_decay if id(p) in norm_ids], "weight_decay": 0.0, "lr": lr * bias_lr_scale})
+    return groups
+
+
+class Lookahead:
+    """airbench's lookahead (after hlb-CIFAR10): from ``start`` of the run, every ``every``
+    steps the weights (and float buffers) move to an EMA of themselves, whose decay
+    ``base**every * progress**power`` grows toward the end: fast steps early, strong
+    averaging late. Each epoch ends with weights == EMA, so a checkpoint holds all of the
+    state and a resumed run continues exactly (the EMA restarts from the loaded weights)."""
+
+    def __init__(self, total_steps: int, every: int = 5, base: float = 0.95, power: float = 3.0, start: float = 0.3) -> None:
+        self.total, self.every, self.base, self.power = max(1, total_steps), every, base, power
+        self.first = math.ceil(start * self.total)
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def _state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def begin_epoch(self, module: torch.nn.Module, step: int) -> None:
+        if self.ema is None and step >= self.first:
+            self.ema = {k: v.detach().clone() for k, v in self._state(module).items()}
+
+    @torch.no_grad()
+    def after_step(self, module: torch.nn.Module, step: int) -> None:
+        """``step``: optimizer steps done so far in the whole run (1-based)."""
+        if step < self.first or step % self.every:
+            return
+        state = self._state(module)
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in state.items()}
+            return
+        rho = self.base**self.every * (step / self.total) ** self.power
+        for k, e in self.ema.items():
+            e.lerp_(state[k], 1.0 - rho)
+            state[k].copy_(e)
+
+    @torch.no_grad()
+    def end_epoch(self, module: torch.nn.Module) -> None:
+        if self.ema is not None:
+            for k, v in self._state(module).items():
+                v.copy_(self.ema[k])
 
 
 def soft_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor], smoothing: float) -> torch.Tensor:
@@ -137,7 +193,7 @@ def restore(rank: int) -> tuple[str, dict[str, Any]] | None:
 
 
 def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[str, Any], batch: int,
-             rank: int, world: int, num_classes: int) -> dict[str, Any]:
+             rank: int, world: int, num_classes: int, tta: int = 0) -> dict[str, Any]:
     """Accuracy, loss and per-class accuracy on the *whole* validation split.
 
     Every rank reads the full split and scores the rows with ``index % world == rank``;
@@ -151,7 +207,7 @@ def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[
         if not bool(keep.any()):
             continue
         labels = b["label"][keep]
-        logits = strategy.predict(model, b["image"][keep]).cpu()
+        logits = tta_logits(lambda x: strategy.predict(model, x), b["image"][keep], tta).cpu()
         pred = logits.argmax(dim=1)
         sums[0] += (pred == labels).sum()
         sums[1] += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -193,14 +249,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     payload = restored[1] if restored else None
     if payload is not None:
         model.load_state_dict(payload["model"])
+    elif needs_data_init(model):  # e.g. airbench's whitening stem: the same rows on every rank
+        init_from_data(model, sample_images(cfg.data.data, DATA_INIT_IMAGES, data["mean"], data["std"]))
     strategy = make_strategy(cfg.parallel, device, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
                              **cfg.strategy_options())  # fmt: skip
     model = prepare_model(model, strategy)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale), lr=cfg.lr,
+                                momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
     steps = int(run["steps_per_epoch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, Schedule(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+    lookahead = Lookahead(steps * cfg.epochs) if cfg.lookahead else None
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0
     if payload is not None:
@@ -236,6 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = strategy.batches(lambda epoch=epoch: torch_batches(
                 train_shard, meta, cfg.per_worker_batch, clock=run["clock"], epoch=epoch,
                 shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, normalise=gpu_policy is None))  # fmt: skip
+            if lookahead is not None:
+                lookahead.begin_epoch(strategy.unwrap(model), epoch * steps)
             for step, batch in enumerate(batches):
                 waited += time.perf_counter() - asked
                 if gpu_policy is not None:
@@ -244,18 +305,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = strategy.forward_backward(model, batch["image"], batch, loss_fn)
                 optimizer.step()
                 scheduler.step()
+                if lookahead is not None:
+                    lookahead.after_step(strategy.unwrap(model), epoch * steps + step + 1)
                 n = len(batch["label"])
                 sums += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=loss.device)]).to(sums.device)
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
                     _die_once(run_dir)
                 asked = time.perf_counter()
+            if lookahead is not None:
+                lookahead.end_epoch(strategy.unwrap(model))
             sums = strategy.sum_replicas(torch.cat([sums, torch.tensor([waited], dtype=torch.float64, device=sums.device)])).cpu()
             train_s = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
                        "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
                        "data_wait_s": float(sums[2]) / replicas}  # fmt: skip
             metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),
-                                    replica, replicas, num_classes))  # fmt: skip
+                                    replica, replicas, num_classes, tta=cfg.tta))  # fmt: skip
             epoch_times.append(time.perf_counter() - t0)
             elapsed += epoch_times[-1]
             metrics.update(epoch_s=epoch_times[-1], elapsed_s=elapsed)

@@ -14,7 +14,7 @@ from effray.models import build_model, count_parameters, model_names
 ALL = model_names()
 # One per family, cheap enough to train 30 steps on 2 shared CPU cores in under a second;
 # resnet32/56/18 share resnet20's code and only cost time.
-TRAINABLE = ["convnet", "fastnet", "resnet20"]
+TRAINABLE = ["convnet", "fastnet", "resnet20", "airbench"]
 
 # Published counts (option-A shortcuts, 10 classes); option B adds 1x1 projections.
 PUBLISHED = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet56": 0.85e6, "resnet18": 11.17e6}
@@ -30,7 +30,7 @@ def _few_threads():
 
 
 def test_registry_has_the_contracted_models():
-    assert set(ALL) >= {"convnet", "resnet20", "resnet32", "resnet56", "resnet18", "fastnet"}
+    assert set(ALL) >= {"convnet", "resnet20", "resnet32", "resnet56", "resnet18", "fastnet", "airbench"}
     assert ALL == sorted(ALL)
 
 
@@ -52,7 +52,7 @@ def test_train_mode_forward_and_backward(name):
     x_before = x.clone()
     model(x).sum().backward()
     assert torch.equal(x, x_before), "forward modified its input in place"
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]  # frozen ones: by design
     assert not missing, f"parameters without gradient: {missing}"
 
 
@@ -65,6 +65,7 @@ def test_parameter_count_close_to_published(name):
 def test_exact_parameter_counts_pin_the_architectures():
     # Pinned so an accidental architecture change shows up here, not in a results table.
     expected = {
+        "airbench": 1_972_792,  # airbench94: 1.97M
         "convnet": 545_322,
         "fastnet": 1_978_016,
         "resnet18": 11_173_962,
@@ -117,12 +118,13 @@ def test_is_sequential_and_slices_are_pipeline_stages(name):
 def test_batchnorm_everywhere_and_no_dropout(name):
     model = build_model(name, num_classes=10)
     mods = list(model.modules())
-    convs = sum(isinstance(m, nn.Conv2d) for m in mods)
+    # airbench's frozen whitening stem is the one conv with a bias and no BN (by design)
+    convs = [m for m in mods if isinstance(m, nn.Conv2d) and not getattr(m, "whitening", False)]
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in mods)
-    assert convs == bns > 0
+    assert len(convs) == bns > 0
     assert not any(isinstance(m, nn.Dropout) for m in mods)
     assert all(not getattr(m, "inplace", False) for m in mods)
-    assert all(m.bias is None for m in mods if isinstance(m, nn.Conv2d))
+    assert all(m.bias is None for m in convs)
 
 
 def test_resnet_projects_exactly_where_shape_changes():

@@ -1,0 +1,185 @@
+"""airbench's recipe pieces: whitening + dirac init, BN-bias lr groups, lookahead, TTA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effray.data.pipeline import sample_images
+from effray.evaluate import tta_logits
+from effray.models import build_model
+from effray.models.airbench import init_from_data, needs_data_init
+from effray.train.loop import Lookahead, param_groups
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def real_images(tiny_cifar):
+    """The 540 real CIFAR-10 training rows of the session's dataset, normalised as training sees them."""
+    from effray.data.prepare import load_meta
+
+    meta = load_meta(tiny_cifar)
+    return tiny_cifar, sample_images(tiny_cifar, 1000, meta["mean"], meta["std"])
+
+
+def test_sample_images_are_the_first_rows_normalised(real_images):
+    data_dir, x = real_images
+    assert x.shape == (540, 3, 32, 32)  # asked for more: the split has 540 and x.dtype == torch.float32
+    # normalised with the split's own statistics: ~zero mean, ~unit std per channel
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 0.15
+    assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.15
+    from effray.data.prepare import load_meta
+
+    meta = load_meta(data_dir)
+    assert torch.equal(sample_images(data_dir, 10, meta["mean"], meta["std"]), x[:10])
+
+
+def test_whitening_stem_decorrelates_real_patches(real_images):
+    _, x = real_images
+    torch.manual_seed(0)
+    model = build_model("airbench", 10)
+    stem = model.stem[0]
+    assert needs_data_init(model) and not build_model("fastnet", 10).__dict__.get("whitening")
+    assert not needs_data_init(build_model("fastnet", 10))
+    before = stem.weight.clone()
+    init_from_data(model, x)
+    assert not torch.equal(before, stem.weight) and not stem.weight.requires_grad
+    # +/- pairs: the second half of the filters is the first half negated
+    half = stem.out_channels // 2
+    assert torch.equal(stem.weight[half:], -stem.weight[:half])
+    # on the images it was fitted to, each positive filter's output has variance
+    # lambda / (lambda + eps) (1 for the strong directions) and no cross-correlation
+    with torch.no_grad():
+        out = F.conv2d(x, stem.weight[:half]).permute(0, 2, 3, 1).reshape(-1, half).double()
+    cov = out.T @ out / len(out)
+    assert torch.allclose(cov.diag()[:6], torch.ones(6, dtype=torch.float64), atol=0.05)
+    assert (cov - torch.diag(cov.diag())).abs().max() < 1e-3
+    assert (cov.diag() <= 1 + 1e-4).all()
+    # deterministic given the images
+    other = build_model("airbench", 10)
+    init_from_data(other, x)
+    assert torch.equal(other.stem[0].weight, stem.weight)
+
+
+def test_dirac_init_passes_the_input_through_and_bn_scale_is_frozen():
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, width=0.5)
+    conv = model.group2.conv2  # 128 -> 128
+    w = conv.weight.detach()
+    eye = torch.zeros_like(w)
+    nn.init.dirac_(eye)
+    assert torch.equal(w, eye)  # square: every filter is the identity
+    conv1 = model.group2.conv1  # 32 -> 128: the first 32 filters are identities, the rest random
+    w1 = conv1.weight.detach()
+    identity = torch.zeros_like(w1[:32])
+    nn.init.dirac_(identity)
+    assert torch.equal(w1[:32], identity) and w1[32:].abs().sum() > 0
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(not m.weight.requires_grad and m.bias.requires_grad and m.momentum == 0.4 for m in bns)
+
+
+def test_bias_lr_scale_puts_norm_parameters_in_a_faster_group():
+    model = build_model("airbench", 10, width=0.25)
+    plain = param_groups(model, 1e-3)
+    assert len(plain) == 2 and "lr" not in plain[1]  # the layout old checkpoints hold
+    groups = param_groups(model, 1e-3, lr=0.5, bias_lr_scale=64)
+    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0, 0.0]
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert {id(p) for p in groups[2]["params"]} == norm_biases and groups[2]["lr"] == 32.0
+    assert [id(p) for p in groups[1]["params"]] == [id(model.stem[0].bias)]  # the stem's bias: base lr
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    opt = torch.optim.SGD(groups, lr=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5, 32.0]
+    with pytest.raises(ValueError):
+        param_groups(model, 1e-3, bias_lr_scale=2.0)
+
+
+def _train(model: nn.Module, lookahead: Lookahead, steps: range, total: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)) for _ in range(total)]
+    for step in steps:
+        x, y = data[step]
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        lookahead.after_step(model, step + 1)
+
+
+def test_lookahead_matches_the_hand_computed_ema():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    la = Lookahead(total_steps=20, every=5, base=0.9, power=2.0, start=0.3)
+    assert la.first == 6
+    snapshots = {}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = None
+    for step in range(1, 21):
+        opt.zero_grad()
+        F.mse_loss(model(torch.ones(1, 3) * step), torch.zeros(1, 2)).backward()
+        opt.step()
+        w = model.weight.detach().clone()
+        if step >= 6 and step % 5 == 0:
+            if ema is None:
+                ema = w.clone()
+            else:
+                rho = 0.9**5 * (step / 20) ** 2
+                ema = rho * ema + (1 - rho) * w
+        la.after_step(model, step)
+        snapshots[step] = model.weight.detach().clone()
+        if step in (10, 15, 20):
+            assert torch.allclose(snapshots[step], ema, atol=1e-6)
+    assert la.ema is not None and torch.allclose(la.ema["weight"], ema, atol=1e-6)
+
+
+def test_lookahead_resumes_exactly_from_an_epoch_boundary():
+    total, per_epoch = 30, 10
+    torch.manual_seed(0)
+    start = nn.Linear(3, 2)
+    straight, la = copy.deepcopy(start), Lookahead(total)
+    for epoch in range(3):
+        la.begin_epoch(straight, epoch * per_epoch)
+        _train(straight, la, range(epoch * per_epoch, (epoch + 1) * per_epoch), total)
+        la.end_epoch(straight)
+        if epoch == 1:
+            checkpoint = copy.deepcopy(straight.state_dict())
+    resumed = copy.deepcopy(start)
+    resumed.load_state_dict(checkpoint)  # a restart after epoch 2: a fresh Lookahead
+    la2 = Lookahead(total)
+    la2.begin_epoch(resumed, 2 * per_epoch)
+    _train(resumed, la2, range(2 * per_epoch, 3 * per_epoch), total)
+    la2.end_epoch(resumed)
+    for k, v in straight.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-7), k
+
+
+def test_tta_levels_average_the_views_they_name():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    with torch.no_grad():
+        assert torch.equal(tta_logits(model, x, 0), model(x))
+        mirror = 0.5 * model(x) + 0.5 * model(x.flip(-1))
+        assert torch.allclose(tta_logits(model, x, 1), mirror)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        up_left, down_right = padded[..., :8, :8], padded[..., 2:, 2:]
+        assert torch.equal(up_left[..., 1:, 1:], x[..., :-1, :-1])  # content moved by one pixel
+        shifted = [0.5 * model(v) + 0.5 * model(v.flip(-1)) for v in (up_left, down_right)]
+        want = 0.5 * mirror + 0.25 * shifted[0] + 0.25 * shifted[1]
+        assert torch.allclose(tta_logits(model, x, 2), want, atol=1e-6)
+        # a mirror-symmetric input gives the same answer with and without level 1
+        sym = torch.cat([x[..., :4], x[..., :4].flip(-1)], dim=-1)
+        lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 5)).eval()
+        assert torch.allclose(tta_logits(lin, sym, 1), lin(sym), atol=1e-6)
