@@ -79,8 +79,8 @@ def check_existing_run(run_dir: Path, cfg: TrainConfig, meta: dict[str, Any]) ->
     want = {**model_identity(to_dict(cfg)), "num_classes": int(meta["num_classes"])}
     have = {**model_identity(old["config"]), "num_classes": int(old["data"]["num_classes"])}
     require(want == have,
-            f"run {cfg.name!r} in {cfg.storage} holds a {have['model']} (width {have['width']:g}, {have['num_classes']} classes), "
-            f"not a {want['model']} (width {want['width']:g}, {want['num_classes']} classes); "
+            f"run {cfg.name!r} in {cfg.storage} holds model {have['model']} (width {have['width']:g}, {have['num_classes']} classes), "
+            f"not {want['model']} (width {want['width']:g}, {want['num_classes']} classes); "
             "use the same --model/--width/--data to resume it, or another --name")  # fmt: skip
     return old
 

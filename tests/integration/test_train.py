@@ -23,8 +23,12 @@ from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 EPOCHS, FAIL_AT = 5, 3
-RECIPE = ["--model", "convnet", "--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "64",
-          "--lr", "0.05", "--augment", "flip", "--keep-checkpoints", "2", "--wandb-project", "effray-tests"]  # fmt: skip
+# airbench with its whole recipe, so the fit also covers: the whitening stem set from the
+# data in every worker, 3 param groups, lookahead across a worker death and a redone
+# epoch, and TTA in validation that `effray evaluate` reproduces from the checkpoint
+RECIPE = ["--model", "airbench", "--width", "0.25", "--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "64",
+          "--lr", "0.4", "--bias-lr-scale", "8", "--lookahead", "--tta", "2", "--augment", "flip",
+          "--keep-checkpoints", "2", "--wandb-project", "effray-tests"]  # fmt: skip
 
 
 def cli(*args: str) -> tuple[int, dict | None, str]:
@@ -94,7 +98,8 @@ def test_wandb_offline_run_has_config_metrics_and_model(run):
     from conftest import read_wandb_run
 
     logs = [read_wandb_run(next(d.glob("run-*.wandb"))) for d in dirs]
-    assert all(log["config"]["model"] == "convnet" and log["config"]["epochs"] == EPOCHS for log in logs)
+    assert all(log["config"]["model"] == "airbench" and log["config"]["epochs"] == EPOCHS for log in logs)
+    assert all(log["config"]["tta"] == 2 and log["config"]["lookahead"] is True for log in logs)
     assert logs[0]["config"]["provenance"]["data_checksum"].startswith("sha256:")
     epochs = sorted({h["epoch"] for log in logs for h in log["history"] if "epoch" in h})
     assert epochs == list(range(1, EPOCHS + 1))
@@ -162,9 +167,9 @@ def test_unprepared_data_dir_is_one_line(capsys, tmp_path):
 @pytest.mark.slow
 def test_resuming_a_run_with_another_model_is_refused(capsys, run, tiny_cifar):
     before = {p: p.stat().st_mtime_ns for p in run["run_dir"].rglob("*")}
-    args = [a if a != "convnet" else "resnet20" for a in run["args"]]
+    args = [a if a != "airbench" else "resnet20" for a in run["args"]]
     err = _fails(capsys, *args)
-    assert "holds a convnet" in err and "not a resnet20" in err
+    assert "holds model airbench" in err and "not resnet20" in err
     assert {p: p.stat().st_mtime_ns for p in run["run_dir"].rglob("*")} == before
 
 
