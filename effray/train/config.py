@@ -50,7 +50,7 @@ class TrainConfig:
     label_smoothing: float = option(0.1, "label smoothing for the cross-entropy")
     bias_lr_scale: float = option(1.0, "learning-rate multiplier for the norm layers' parameters, which never decay (airbench: 64 on BatchNorm biases)")
     lookahead: bool = option(False, "airbench's lookahead: after the first 0.3 of the steps, every 5 steps pull the weights to their EMA (decay 0.95^5 x progress^3)")
-    tta: int = option(0, "test-time augmentation in validation: 0 none, 1 mirror, 2 mirror + two 1-pixel translations", choices=TTA_LEVELS)
+    tta: int = option(0, "test-time augmentation of the final validation (the score reported and checkpointed): 0 none, 1 mirror, 2 mirror + two 1-pixel translations", choices=TTA_LEVELS)
     schedule: str = option("onecycle", "per-step LR schedule: onecycle (linear up, linear down) or cosine (linear warm-up, cosine down)", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up to the peak LR")
     workers: int = option(2, "data-parallel workers (Ray Train workers)")

@@ -319,13 +319,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
                        "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
                        "data_wait_s": float(sums[2]) / replicas}  # fmt: skip
+            last = epoch + 1 == cfg.epochs
+            # TTA costs up to 6 forward passes: only the final (reported, checkpointed) score uses it
             metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),
-                                    replica, replicas, num_classes, tta=cfg.tta))  # fmt: skip
+                                    replica, replicas, num_classes, tta=cfg.tta if last else 0))  # fmt: skip
             epoch_times.append(time.perf_counter() - t0)
             elapsed += epoch_times[-1]
             metrics.update(epoch_s=epoch_times[-1], elapsed_s=elapsed)
             history.append({k: v for k, v in metrics.items() if k != "val_per_class_accuracy"})
-            last = epoch + 1 == cfg.epochs
             if rank == 0:
                 eta = (cfg.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
                 say(_progress(epoch + 1, cfg.epochs, metrics, eta))
