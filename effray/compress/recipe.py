@@ -48,10 +48,13 @@ from effray.config import to_dict
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def build_student(teacher: nn.Module, cfg: CompressConfig) -> nn.Module:
+def build_student(teacher: nn.Module, cfg: CompressConfig, images: torch.Tensor | None = None) -> nn.Module:
     """The model to compress: a trainable copy of the teacher, or a fresh ``cfg.student``
-    with the teacher's classes and input channels (checked: a mismatch is one line)."""
+    with the teacher's classes and input channels (checked: a mismatch is one line). A
+    fresh student with data-dependent init (airbench's whitening) is set from ``images``
+    (normalised NCHW, the same on every rank)."""
     from effray.models import build_model
+    from effray.models.airbench import init_from_data, needs_data_init
 
     spec = dict(teacher.spec)
     if not cfg.student:
@@ -63,7 +66,10 @@ def build_student(teacher: nn.Module, cfg: CompressConfig) -> nn.Module:
     student_spec = {"name": cfg.student, "num_classes": spec["num_classes"],
                     "in_channels": spec.get("in_channels", 3), "width": cfg.student_width}  # fmt: skip
     check_student(spec, student_spec)
-    return build_model(**student_spec).train()
+    student = build_model(**student_spec)
+    if images is not None and needs_data_init(student):
+        init_from_data(student, images)
+    return student.train()
 
 
 def prune_events(cfg: CompressConfig) -> dict[int, float]:
@@ -165,7 +171,7 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
         with tempfile.TemporaryDirectory() as tmp:  # the teacher as an fp32 artifact: the size baseline
             save_artifact(tmp, teacher)
             teacher_metrics = measure(teacher, eval_batches, artifact=tmp)
-    model = build_student(teacher, cfg)
+    model = build_student(teacher, cfg, images=torch.cat([x for x, _ in calib]) if calib else None)
     events, qstart = prune_events(cfg), quant_epoch(cfg)
     epochs = cfg.finetune_epochs
     steps_per_epoch = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule

@@ -107,8 +107,9 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         quant_epoch,
         train_step,
     )
+    from effray.data.pipeline import sample_images
     from effray.evaluate import load_checkpoint
-    from effray.train.loop import all_sum, say, seed_epoch, validate
+    from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate
     from effray.train.strategy import make_strategy, prepare_model, unwrap
 
     rc = from_dict(CompressRunConfig, config["run"])
@@ -122,7 +123,9 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
 
     teacher, _ = load_checkpoint(ctx["teacher"])
     teacher = freeze_teacher(teacher).to(device)
-    plain = build_student(teacher, cfg).to(device)
+    data = ctx["data"]
+    sample = sample_images(rc.data.data, DATA_INIT_IMAGES, data["mean"], data["std"]) if cfg.student else None
+    plain = build_student(teacher, cfg, images=sample).to(device)
     calib = [(x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     per_worker = max(1, cfg.finetune_batch_size // world)
@@ -274,11 +277,9 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     Ray Train's run (deterministic names restore); ``callbacks`` e.g. Tune's
     ``TuneReportCallback``. Returns the epochs as the workers saw them
     (``{"epochs", "final", "world"}``)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from effray.data.pipeline import eval_dataset, kill_clock, train_dataset
+    from effray.data.pipeline import eval_dataset, train_dataset
     from effray.train.checkpoint import data_summary
+    from effray.train.run import fit, torch_trainer
     from effray.train.strategy import STRATEGIES
 
     rows, per_worker = worker_batches(rc, meta)
@@ -287,22 +288,15 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
            "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
-    trainer = TorchTrainer(
-        compress_loop_per_worker,
-        train_loop_config={"run": to_dict(rc), "ctx": ctx},
-        torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=rc.workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
-                             callbacks=list(callbacks or [])),
+    trainer = torch_trainer(
+        compress_loop_per_worker, {"run": to_dict(rc), "ctx": ctx},
+        workers=rc.workers, cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
+        name=name, storage=storage, max_failures=0, callbacks=callbacks,
         datasets={"train": train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus),
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
         dataset_config=STRATEGIES.get("ddp").dataset_config(),
     )  # fmt: skip
-    try:
-        trainer.fit()
-    finally:
-        kill_clock(clock)
+    fit(trainer, clock)
     finetune = json.loads((out / FINETUNE_FILE).read_text())
     (out / FINETUNE_FILE).unlink()
     return finetune

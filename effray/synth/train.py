@@ -193,12 +193,10 @@ def _lines(path: Path) -> int:
 def train_gan(cfg: SynthTrainConfig) -> dict[str, Any]:
     """Train (or resume) the GAN on the current Ray cluster; write ``OUT/generator.pt``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from effray.data.pipeline import DataConfig, kill_clock, train_dataset, validate_data_dir
+    from effray.data.pipeline import DataConfig, train_dataset, validate_data_dir
     from effray.train.checkpoint import data_summary
-    from effray.train.run import check_resources, provenance
+    from effray.train.run import check_resources, fit, provenance, torch_trainer
 
     meta = validate_data_dir(cfg.data)
     require(
@@ -234,32 +232,14 @@ def train_gan(cfg: SynthTrainConfig) -> dict[str, Any]:
     )
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    resources = {
-        "CPU": cfg.cpus_per_worker,
-        **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
-    }
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         gan_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run": {"name": cfg.name, "run_dir": str(run_dir), "clock": clock,
-                                                          "data": data, "provenance": prov}},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=str(out), failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                                checkpoint_score_attribute="epoch", checkpoint_score_order="max")),
+        {"train": to_dict(cfg), "run": {"name": cfg.name, "run_dir": str(run_dir), "clock": clock, "data": data, "provenance": prov}},
+        workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+        name=cfg.name, storage=str(out), max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
         datasets={"train": ds},
     )  # fmt: skip
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        from effray.train.run import _user_error
-
-        user = _user_error(exc)
-        if user is not None:
-            raise user from None
-        raise
-    finally:
-        kill_clock(clock)
+    result = fit(trainer, clock)
     require(result.checkpoint is not None, f"GAN run {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = read_payload(d)

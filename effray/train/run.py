@@ -115,12 +115,49 @@ def _user_error(exc: BaseException) -> EffrayError | None:
     return None
 
 
+def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int, cpus_per_worker: float,
+                  gpus_per_worker: float, name: str, storage: str, max_failures: int, datasets: dict[str, Any],
+                  keep_checkpoints: int | None = None, dataset_config: Any = None, callbacks: list[Any] | None = None) -> Any:
+    """The ``TorchTrainer`` every stage runs (train, compress, the GAN): NCCL when the
+    workers get GPUs, gloo otherwise; ``RunConfig(name, storage)`` so a re-run restores;
+    with ``keep_checkpoints`` the newest N (not the best: resuming and the corrupt-newest
+    fallback need the latest)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    checkpoints = None if keep_checkpoints is None else CheckpointConfig(
+        num_to_keep=keep_checkpoints, checkpoint_score_attribute="epoch", checkpoint_score_order="max")
+    extra = {"dataset_config": dataset_config} if dataset_config is not None else {}
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=checkpoints, callbacks=list(callbacks or [])),
+        datasets=datasets, **extra,
+    )  # fmt: skip
+
+
+def fit(trainer: Any, clock: str) -> Any:
+    """``trainer.fit()``; an ``EffrayError`` raised in a worker comes back as itself (one
+    line for the user, not a Ray traceback); the epoch clock actor goes either way."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        user = _user_error(exc)
+        if user is not None:
+            raise user from None
+        raise
+    finally:
+        kill_clock(clock)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) one run on the current Ray cluster; returns the final metrics,
     the checkpoint path and where the run lives."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     meta = validate_data_dir(cfg.data.data)
     require("val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
@@ -153,34 +190,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     epochs_before = _count_lines(history)
 
     clock = f"effray-clock-{run_id}"
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run": {
+        {"train": to_dict(cfg), "run": {
             "name": cfg.name, "run_dir": str(run_dir) if run_dir else "", "clock": clock, "data": data, "provenance": prov,
             "steps_per_epoch": math.ceil(rows_per_rank / cfg.per_worker_batch), "tracker": tracker}},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=cfg.name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # keep the newest (not the best): resuming and the corrupt-newest fallback need them
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="epoch",
-                                               checkpoint_score_order="max")),
+        workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+        name=cfg.name, storage=storage, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
         datasets={"train": train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus),
                   # decoded once here: every rank reads the whole split each epoch (see validate)
                   "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
         dataset_config=strategy.dataset_config(cfg),
     )  # fmt: skip
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        user = _user_error(exc)
-        if user is not None:
-            raise user from None
-        raise
-    finally:
-        kill_clock(clock)
+    result = fit(trainer, clock)
     metrics = result.metrics or {}
     return {
         "run": cfg.name, "run_dir": str(run_dir) if run_dir else f"{storage}/{cfg.name}",

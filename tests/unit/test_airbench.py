@@ -183,3 +183,18 @@ def test_tta_levels_average_the_views_they_name():
         sym = torch.cat([x[..., :4], x[..., :4].flip(-1)], dim=-1)
         lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 5)).eval()
         assert torch.allclose(tta_logits(lin, sym, 1), lin(sym), atol=1e-6)
+
+
+def test_a_fresh_airbench_student_is_whitened_from_the_images_it_is_given(real_images):
+    from effray.compress.config import CompressConfig
+    from effray.compress.recipe import build_student
+
+    _, x = real_images
+    teacher = build_model("fastnet", 10, width=0.25)
+    cfg = CompressConfig(student="airbench", student_width=0.25, kd_alpha=0.5)
+    student = build_student(teacher, cfg, images=x)
+    want = build_model("airbench", 10, width=0.25)
+    init_from_data(want, x)
+    assert torch.equal(student.stem[0].weight, want.stem[0].weight) and student.training
+    untouched = build_student(teacher, cfg)  # no images: left as built (still runs)
+    assert not torch.equal(untouched.stem[0].weight, want.stem[0].weight)
