@@ -44,8 +44,8 @@ def fastnet(num_classes: int, in_channels: int, width: float) -> nn.Sequential:
     The speed comes as much from the recipe as from the net: ``bench/time_to_accuracy.py``
     trains it with label smoothing 0.2, crop + flip augmentation and large-batch Nesterov
     SGD on a one-cycle schedule. airbench94 itself reaches 94% in ~10 epochs on one GPU
-    with extras this net leaves out (whitening stem, lookahead, test-time flips); the
-    README records what this net reaches on the CPU budget.
+    with extras this net leaves out (whitening stem, dirac init, lookahead, test-time
+    flips): ``airbench`` is this net with them, ``--lookahead``/``--tta`` the recipe's.
     """
     stem, w1, w2, w3 = (scaled(c, width) for c in (32, 64, 256, 256))
     return nn.Sequential(
