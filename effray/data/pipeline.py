@@ -220,7 +220,22 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     ds = read_split(cfg.data, "train")
     if cfg.synthetic:
         ds = mix_synthetic(ds, cfg, meta)
-    return _map(ds, meta, cfg.augment if cfg.augment_on == "cpu" else "none", cfg.seed, clock, num_cpus)
+    policy = cfg.augment if cfg.augment_on == "cpu" else "none"
+    ds = _map(ds, meta, policy, cfg.seed, clock, num_cpus)
+    if parse_policy(policy, meta["num_classes"]).is_identity and _fits_object_store(meta, cfg.synthetic_ratio):
+        # nothing random runs per epoch: decode once, and every epoch streams the cached
+        # blocks instead of re-running read+decode tasks on cores the trainers need
+        ds = ds.materialize()
+    return ds
+
+
+def _fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fraction: float = 0.25) -> bool:
+    """Whether the decoded training split takes at most ``fraction`` of the cluster's
+    object store (CIFAR-10's 50k images: 150 MB)."""
+    import ray
+
+    rows = meta["counts"].get("train", 0) / max(1e-9, 1.0 - synthetic_ratio)
+    return rows * int(np.prod(meta["image_shape"])) <= fraction * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def _map(ds: Any, meta: dict[str, Any], policy: str, seed: int, clock: str, num_cpus: float) -> Any:

@@ -49,6 +49,21 @@ def test_streams_normalised_augmented_tensors(tiny_cifar):
     np.testing.assert_allclose(e0["image"], expected.transpose(0, 3, 1, 2), atol=1e-5)
 
 
+def test_without_random_ops_the_split_is_decoded_once_and_cached(tiny_cifar):
+    from ray.data.dataset import MaterializedDataset
+
+    meta = load_meta(tiny_cifar)
+    cached = train_dataset(DataConfig(data=str(tiny_cifar), augment="none"), clock="")
+    gpu_side = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip", augment_on="gpu"), clock="")
+    lazy = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip"), clock="")
+    assert isinstance(cached, MaterializedDataset) and isinstance(gpu_side, MaterializedDataset)
+    assert not isinstance(lazy, MaterializedDataset)  # random ops must re-run every epoch
+    e0, e1 = _epoch(cached, meta, "", 0), _epoch(cached, meta, "", 1)
+    assert len(e0["index"]) == 540
+    np.testing.assert_array_equal(e0["image"], e1["image"])  # the same decoded pixels every epoch
+    np.testing.assert_array_equal(e0["image"], _epoch(eval_dataset(tiny_cifar, "train"), meta, "", 0)["image"])
+
+
 def test_mixup_gives_soft_targets(tiny_cifar):
     ds = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip|mixup(0.4)"), clock="")
     batch = next(iter(torch_batches(ds, load_meta(tiny_cifar), 64)))
