@@ -15,13 +15,7 @@ from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
 from effray.train.loop import Lookahead, param_groups
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
