@@ -48,11 +48,12 @@ from effray.config import to_dict
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def build_student(teacher: nn.Module, cfg: CompressConfig, images: torch.Tensor | None = None) -> nn.Module:
+def build_student(teacher: nn.Module, cfg: CompressConfig,
+                  images: Callable[[], torch.Tensor] | None = None) -> nn.Module:
     """The model to compress: a trainable copy of the teacher, or a fresh ``cfg.student``
     with the teacher's classes and input channels (checked: a mismatch is one line). A
-    fresh student with data-dependent init (airbench's whitening) is set from ``images``
-    (normalised NCHW, the same on every rank)."""
+    fresh student with data-dependent init (airbench's whitening) is set from ``images()``
+    (normalised NCHW, the same on every rank), read only when such a student needs it."""
     from effray.models import build_model
     from effray.models.airbench import init_from_data, needs_data_init
 
@@ -68,7 +69,7 @@ def build_student(teacher: nn.Module, cfg: CompressConfig, images: torch.Tensor 
     check_student(spec, student_spec)
     student = build_model(**student_spec)
     if images is not None and needs_data_init(student):
-        init_from_data(student, images)
+        init_from_data(student, images())
     return student.train()
 
 
@@ -171,7 +172,7 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
         with tempfile.TemporaryDirectory() as tmp:  # the teacher as an fp32 artifact: the size baseline
             save_artifact(tmp, teacher)
             teacher_metrics = measure(teacher, eval_batches, artifact=tmp)
-    model = build_student(teacher, cfg, images=torch.cat([x for x, _ in calib]) if calib else None)
+    model = build_student(teacher, cfg, images=lambda: torch.cat([x for x, _ in calib]))
     events, qstart = prune_events(cfg), quant_epoch(cfg)
     epochs = cfg.finetune_epochs
     steps_per_epoch = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule

@@ -123,9 +123,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
 
     teacher, _ = load_checkpoint(ctx["teacher"])
     teacher = freeze_teacher(teacher).to(device)
-    data = ctx["data"]
-    sample = sample_images(rc.data.data, DATA_INIT_IMAGES, data["mean"], data["std"]) if cfg.student else None
-    plain = build_student(teacher, cfg, images=sample).to(device)
+    mean, std = ctx["data"]["mean"], ctx["data"]["std"]
+    plain = build_student(teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)).to(device)
     calib = [(x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     per_worker = max(1, cfg.finetune_batch_size // world)

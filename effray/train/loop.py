@@ -99,10 +99,14 @@ class Lookahead:
     def _state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
 
+    def _start(self, state: dict[str, torch.Tensor]) -> None:
+        self.ema = {k: v.detach().clone() for k, v in state.items()}
+
     @torch.no_grad()
     def begin_epoch(self, module: torch.nn.Module, step: int) -> None:
+        """``step``: optimizer steps done before this epoch (a resumed run starts here)."""
         if self.ema is None and step >= self.first:
-            self.ema = {k: v.detach().clone() for k, v in self._state(module).items()}
+            self._start(self._state(module))
 
     @torch.no_grad()
     def after_step(self, module: torch.nn.Module, step: int) -> None:
@@ -111,7 +115,7 @@ class Lookahead:
             return
         state = self._state(module)
         if self.ema is None:
-            self.ema = {k: v.detach().clone() for k, v in state.items()}
+            self._start(state)
             return
         rho = self.base**self.every * (step / self.total) ** self.power
         for k, e in self.ema.items():

@@ -186,9 +186,15 @@ def test_a_fresh_airbench_student_is_whitened_from_the_images_it_is_given(real_i
     _, x = real_images
     teacher = build_model("fastnet", 10, width=0.25)
     cfg = CompressConfig(student="airbench", student_width=0.25, kd_alpha=0.5)
-    student = build_student(teacher, cfg, images=x)
+    student = build_student(teacher, cfg, images=lambda: x)
     want = build_model("airbench", 10, width=0.25)
     init_from_data(want, x)
     assert torch.equal(student.stem[0].weight, want.stem[0].weight) and student.training
     untouched = build_student(teacher, cfg)  # no images: left as built (still runs)
     assert not torch.equal(untouched.stem[0].weight, want.stem[0].weight)
+
+    def unread() -> torch.Tensor:
+        raise AssertionError("a student without data-dependent init must not read images")
+
+    build_student(teacher, CompressConfig(student="resnet20", kd_alpha=0.5), images=unread)
+    build_student(teacher, CompressConfig(prune_rate=0.5), images=unread)  # a copy of the teacher
