@@ -119,13 +119,24 @@ def tta_logits(predict: Any, images: Any, level: int) -> Any:
 
 
 def score(model: Any, batches: Batches, mean: list[float], std: list[float], num_classes: int,
-          batch_size: int, image_shape: list[int] | None = None, tta: int = 0) -> dict[str, Any]:
+          batch_size: int, image_shape: list[int] | None = None, tta: int = 0,
+          numerics: dict[str, bool] | None = None) -> dict[str, Any]:
     """Accuracy, mean cross-entropy and per-class accuracy of ``model`` over ``batches``,
-    normalised exactly as training normalised its validation batches."""
+    normalised exactly as training normalised its validation batches and computed with
+    the checkpoint's ``numerics`` (bf16 autocast, channels-last) as training scored it."""
     import torch
     import torch.nn.functional as F
 
     from effray.data.pipeline import normalize_tensor
+    from effray.train.strategy import autocast
+
+    numerics = numerics or {}
+    memory_format = torch.channels_last if numerics.get("channels_last") else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+
+    def predict(x: Any) -> Any:
+        with autocast(x.device, bool(numerics.get("bf16"))):
+            return model(x.contiguous(memory_format=memory_format)).float()
 
     correct = loss = 0.0
     per_ok, per_n = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
@@ -138,9 +149,10 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
                 raise EffrayError(f"data has label {int(labels.max())}, the checkpoint's model predicts {num_classes} classes; "
                                   "it belongs to another dataset")  # fmt: skip
             for i in range(0, len(labels), batch_size):
-                x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std)
+                x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std,
+                                     memory_format == torch.channels_last)
                 y = torch.from_numpy(labels[i:i + batch_size])
-                logits = tta_logits(model, x, tta).float()
+                logits = tta_logits(predict, x, tta)
                 pred = logits.argmax(dim=1)
                 correct += float((pred == y).sum())
                 loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -173,10 +185,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         batches = encoded_batches(data, int(info["image_shape"][2]), counter)
         where = {}
     tta = cfg.tta if cfg.tta >= 0 else int((payload.get("config") or {}).get("tta", 0))
-    result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"), tta)
+    result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"), tta,
+                   payload.get("numerics"))
     return {
         "accuracy": result["accuracy"], "loss": result["loss"], "count": result["count"],
         "per_class_accuracy": dict(zip([str(c) for c in classes], result["per_class"])),
         "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), **where,
         "model": spec.get("name"), "format": payload["format"], "skipped_bad": counter["skipped_bad"], "tta": tta,
+        "numerics": payload.get("numerics") or {"bf16": False, "channels_last": False},
     }  # fmt: skip

@@ -120,9 +120,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def train_payload(*, model_state: dict[str, torch.Tensor], model_spec: dict[str, Any],
                   optimizer: dict[str, Any], scheduler: dict[str, Any], epoch: int,
                   config: dict[str, Any], data: dict[str, Any], history: list[dict[str, Any]],
-                  provenance: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
-    """Everything needed to resume (weights, optimizer, scheduler, epoch, RNG) and to know
-    where the weights came from (resolved config, data checksum and normalisation,
+                  provenance: dict[str, Any], elapsed_s: float,
+                  numerics: dict[str, bool] | None = None) -> dict[str, Any]:
+    """Everything needed to resume (weights, optimizer, scheduler, epoch, RNG), to score
+    the weights as training did (``numerics``: bf16 autocast, channels-last) and to know
+    where they came from (resolved config, data checksum and normalisation,
     effray version, git SHA). Metadata goes through JSON so only plain types reach the
     pickle (a str subclass like ``torch.__version__`` would make weights-only loading fail)."""
     plain = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731
@@ -139,6 +141,7 @@ def train_payload(*, model_state: dict[str, torch.Tensor], model_spec: dict[str,
         "data": data,
         "history": history,
         "elapsed_s": float(elapsed_s),
+        "numerics": {k: bool(v) for k, v in (numerics or {}).items()},
         "provenance": {"effray_version": __version__, **provenance},
     }
 

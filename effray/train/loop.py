@@ -206,7 +206,7 @@ def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[
     model.eval()  # running BN statistics, and none of them updated by validation
     strategy.sync_for_eval(model)
     sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64)
-    for b in torch_batches(shard, meta, batch):
+    for b in torch_batches(shard, meta, batch, channels_last=strategy.channels_last):
         keep = (b["index"] % world) == rank
         if not bool(keep.any()):
             continue
@@ -298,7 +298,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
             batches = strategy.batches(lambda epoch=epoch: torch_batches(
                 train_shard, meta, cfg.per_worker_batch, clock=run["clock"], epoch=epoch,
-                shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, normalise=gpu_policy is None))  # fmt: skip
+                shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, normalise=gpu_policy is None,
+                channels_last=strategy.channels_last))  # fmt: skip
             if lookahead is not None:
                 lookahead.begin_epoch(strategy.unwrap(model), epoch * steps)
             for step, batch in enumerate(batches):
@@ -347,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             model_state=model_state, model_spec=dict(strategy.unwrap(model).spec),
                             optimizer=opt_state, scheduler=scheduler.state_dict(), epoch=epoch + 1,
                             config=config["train"], data=data, history=history, provenance=run["provenance"],
-                            elapsed_s=elapsed))  # fmt: skip
+                            elapsed_s=elapsed, numerics=strategy.numerics()))  # fmt: skip
                         if last:
                             tracker.log_checkpoint(str(f), f"{run['name']}-model", {"epoch": epoch + 1, **metrics})
                         ckpt = ray.train.Checkpoint.from_directory(tmp)

@@ -16,9 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from effray.cli import main
 from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
+from effray.train.strategy import bf16_native
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -80,6 +82,8 @@ def test_evaluate_reproduces_the_reported_val_accuracy(run, tiny_cifar, cifar_pa
     assert rc == 0, err
     assert abs(res["accuracy"] - want) <= 1e-6 and res["count"] == 60
     assert abs(res["loss"] - run["result"]["val_loss"]) <= 1e-5
+    # scored as training scored it: channels-last, bf16 where this CPU computes it natively
+    assert res["numerics"] == {"bf16": bf16_native(torch.device("cpu")), "channels_last": True}
     assert set(res["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog",
                                               "frog", "horse", "ship", "truck"}  # fmt: skip
     # the same 60 images as JPEG rows in the shared file's schema (image bytes + label + name)

@@ -1,5 +1,5 @@
 """The training recipe's pieces without Ray: schedule, weight-decay groups, loss, config,
-resource checks, run names and the wandb mode decision."""
+resource checks, run names, the wandb mode decision and the numerics (bf16, channels-last)."""
 
 from __future__ import annotations
 
@@ -144,3 +144,47 @@ def test_on_device_augmentation_is_seeded_per_rank_and_step_and_normalises():
     assert not torch.equal(a["image"], other_rank["image"])
     assert a["target"].shape == (8, 10) and torch.allclose(a["target"].sum(1), torch.ones(8))
     assert torch.isfinite(soft_cross_entropy(torch.randn(8, 10), a, 0.1))
+
+
+def test_numerics_follow_the_hardware(monkeypatch):
+    from effray.train.strategy import bf16_native, make_strategy
+
+    cpu = torch.device("cpu")
+    picked = make_strategy("ddp", cpu, channels_last=True, compile=False, amp=True)
+    assert picked.numerics() == {"bf16": bf16_native(cpu), "channels_last": True}
+    assert not make_strategy("ddp", cpu, channels_last=False, compile=False, amp=False).numerics()["bf16"]
+    model, x = build_model("convnet", 10, width=0.25), torch.randn(4, 3, 32, 32)
+    with picked.autocast():
+        assert model(x).dtype == (torch.bfloat16 if bf16_native(cpu) else torch.float32)
+    # a CPU without native bf16 math (where emulated bf16 is slower than fp32) trains in fp32
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert not bf16_native(cpu)
+    assert make_strategy("ddp", cpu, channels_last=True, compile=False, amp=True).numerics()["bf16"] is False
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_evaluation_repeats_the_numerics_training_scored_with(one_thread, bf16):
+    """`effray evaluate` must reproduce the accuracy and loss training reported, so it
+    scores with the checkpoint's numerics (bf16 autocast runs on any CPU, just slower)."""
+    import numpy as np
+
+    from effray.data.pipeline import normalize_tensor
+    from effray.evaluate import score
+    from effray.train.strategy import Strategy
+
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, width=0.25).eval()
+    strategy = Strategy(torch.device("cpu"), channels_last=True, compile=False, amp=False)
+    strategy.amp = bf16  # as training resolved it on a bf16 machine, or not
+    images = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(32) % 10
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    want = strategy.predict(model.to(memory_format=torch.channels_last), normalize_tensor(images, mean, std))
+    got = score(model, [(images.numpy(), labels.numpy())], mean, std, 10, 32, numerics=strategy.numerics())
+    assert got["accuracy"] == float((want.argmax(1) == labels).float().mean())
+    assert abs(got["loss"] - float(F.cross_entropy(want, labels))) <= 1e-6
+    strategy.amp = False
+    fp32 = strategy.predict(model, normalize_tensor(images, mean, std))
+    assert torch.allclose(want, fp32, rtol=0, atol=1e-5) != bf16  # the numerics matter: bf16 rounds
+    assert np.isfinite(got["loss"])
