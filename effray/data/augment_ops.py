@@ -135,6 +135,24 @@ def _warp(images: np.ndarray, mats: np.ndarray, border: bool = False) -> np.ndar
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def _warp_nearest(images: np.ndarray, mats: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour affine warp of a uint8 NHWC batch (mats as :func:`_warp`; outside
+    reads zero): each output pixel copies the source pixel its coordinates round to. One
+    integer gather, no float image: about twice bilinear's speed."""
+    import torch
+
+    n, h, w, c = images.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    m = mats.astype(np.float32)[:, :, :, None, None]
+    sx = np.rint(m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]).astype(np.int64)
+    sy = np.rint(m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]).astype(np.int64)
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    index = torch.from_numpy(np.where(inside, sy * w + sx, h * w).reshape(n, h * w, 1)).expand(n, h * w, c)
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).reshape(n, h * w, c)
+    padded = torch.cat([pixels, torch.zeros(n, 1, c, dtype=torch.uint8)], 1)  # index h*w: a zero pixel
+    return torch.gather(padded, 1, index).reshape(n, h, w, c).numpy()
+
+
 def _rotation(deg: np.ndarray, h: int, w: int) -> np.ndarray:
     """(N,2,3) matrices rotating about the image centre by deg degrees."""
     t = np.deg2rad(deg.astype(np.float64))
@@ -230,12 +248,13 @@ def flip(batch: Batch, rng: np.random.Generator, p: float = 0.5) -> Batch:
     return {**batch, "image": np.where(hit[:, None, None, None], img[:, :, ::-1], img)}
 
 
-@register("rotate", Param("degrees", float, 10.0, 0, 180))
-def rotate(batch: Batch, rng: np.random.Generator, degrees: float = 10.0) -> Batch:
-    """Rotation by U(-degrees, degrees) about the centre; bilinear, zero fill."""
+@register("rotate", Param("degrees", float, 10.0, 0, 180), Param("bilinear", int, 0, 0, 1))
+def rotate(batch: Batch, rng: np.random.Generator, degrees: float = 10.0, bilinear: int = 0) -> Batch:
+    """Rotation by U(-degrees, degrees) about the centre, zero fill; nearest-neighbour, as
+    torchvision's RandomRotation, unless ``bilinear=1`` (smoother, about twice the cost)."""
     img = batch["image"]
-    deg = rng.uniform(-degrees, degrees, len(img))
-    return {**batch, "image": _warp(img, _rotation(deg, *img.shape[1:3]))}
+    mats = _rotation(rng.uniform(-degrees, degrees, len(img)), *img.shape[1:3])
+    return {**batch, "image": _warp(img, mats) if bilinear else _warp_nearest(img, mats)}
 
 
 @register(

@@ -80,9 +80,10 @@ def _rows(*entries: Tensor) -> Tensor:
     return torch.stack(entries, -1).float().view(-1, 2, 3)
 
 
-def _warp(images: Tensor, mats: Tensor, border: bool = False) -> Tensor:
-    """Bilinear affine warp of a uint8 NHWC batch; mats (N,2,3) map output pixels to source
-    pixels (as the numpy ``_warp``), converted to grid_sample's [-1, 1] coordinates."""
+def _warp(images: Tensor, mats: Tensor, border: bool = False, mode: str = "bilinear") -> Tensor:
+    """Affine warp (``mode`` bilinear or nearest) of a uint8 NHWC batch; mats (N,2,3) map
+    output pixels to source pixels (as the numpy ``_warp``), converted to grid_sample's
+    [-1, 1] coordinates."""
     n, h, w, c = images.shape
     if n == 0:  # affine_grid rejects empty batches
         return images.clone()
@@ -96,7 +97,7 @@ def _warp(images: Tensor, mats: Tensor, border: bool = False) -> Tensor:
     out = F.grid_sample(
         images.permute(0, 3, 1, 2).float(),
         grid,
-        mode="bilinear",
+        mode=mode,
         padding_mode="border" if border else "zeros",
         align_corners=True,
     )
@@ -180,12 +181,10 @@ def flip(batch: TBatch, g: torch.Generator, p: float = 0.5) -> TBatch:
 
 
 @torch_op("rotate")
-def rotate(batch: TBatch, g: torch.Generator, degrees: float = 10.0) -> TBatch:
+def rotate(batch: TBatch, g: torch.Generator, degrees: float = 10.0, bilinear: int = 0) -> TBatch:
     img = batch["image"]
-    return {
-        **batch,
-        "image": _warp(img, _rotation(_uniform(g, -degrees, degrees, len(img)), *img.shape[1:3])),
-    }
+    mats = _rotation(_uniform(g, -degrees, degrees, len(img)), *img.shape[1:3])
+    return {**batch, "image": _warp(img, mats, mode="bilinear" if bilinear else "nearest")}
 
 
 @torch_op("resized_crop")

@@ -253,6 +253,32 @@ def test_warp_geometry_matches_exact_rotations_and_shifts() -> None:
     assert (shifted[:, :, :3] == 0).all()
 
 
+def test_rotate_is_nearest_neighbour_as_torchvision_unless_bilinear() -> None:
+    """rotate's default copies pixels (torchvision's RandomRotation default); rotate(d,1)
+    interpolates. Both rotate by U(-d, d) with zero fill, and numpy and torch agree."""
+    from effray.data.augment_ops import _rotation, _warp_nearest
+    from effray.data.augment_torch import _warp as t_warp
+
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = (np.random.default_rng(0).beta(2, 5, (4, 16, 16, 3)) * 220).astype(np.uint8)
+    mats = _rotation(np.full(4, 20.0), 16, 16)
+    near = _warp_nearest(x, mats)
+    ref = tvf.rotate(torch.from_numpy(x).permute(0, 3, 1, 2), 20.0, tvf.InterpolationMode.NEAREST).permute(0, 2, 3, 1).numpy()
+    assert (near == ref).all(axis=-1).mean() > 0.97  # the rest: ties in rounding a coordinate
+    same_pixel = (near[..., None, None, :] == x[:, None, None]).all(-1).any((-1, -2))  # every pixel is a source pixel
+    assert (same_pixel | (near == 0).all(-1)).all()
+    t_near = t_warp(torch.from_numpy(x), torch.from_numpy(mats).float(), mode="nearest").numpy()
+    assert (near == t_near).all(axis=-1).mean() > 0.97
+    np.testing.assert_array_equal(_warp_nearest(x, _rotation(np.zeros(4), 16, 16)), x)
+    np.testing.assert_array_equal(_warp_nearest(x, _rotation(np.full(4, 90.0), 16, 16)), np.rot90(x, 1, axes=(1, 2)))
+    # the op: nearest by default, bilinear on request, the same angle draws either way
+    batch = {"image": x, "label": np.arange(4)}
+    a = np_apply("rotate(30)", batch, seed=5)["image"]
+    b = np_apply("rotate(30,1)", batch, seed=5)["image"]
+    assert not np.array_equal(a, b) and np.abs(a.astype(int) - b.astype(int)).mean() < 20  # same angles
+    assert not np.array_equal(a, x)
+
+
 def test_sub_ops_match_torchvision() -> None:
     tvf = pytest.importorskip("torchvision.transforms.v2.functional")
     x = (np.random.default_rng(0).beta(2, 5, (4, 16, 16, 3)) * 220).astype(np.uint8)
