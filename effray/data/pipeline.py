@@ -35,6 +35,7 @@ class DataConfig:
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (0 = no shuffle)")
     synthetic: str = option("", "prepared dataset of synthetic images to mix into training (effray synth sample)")
     synthetic_ratio: float = option(0.0, "fraction of the training stream drawn from --synthetic")
+    cache_decoded: bool = option(True, "keep the decoded training split in the object store when it fits a quarter of it (random ops still run fresh every epoch); --no-cache-decoded streams from Parquet every epoch")
 
     def validate(self) -> None:
         require(self.shuffle_buffer >= 0, f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
@@ -130,21 +131,24 @@ def decode_batch(table: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return out
 
 
-def augment_batch(batch: Any, *, shape: tuple[int, ...], policy: str, num_classes: int,
-                  seed: int, clock: str) -> dict[str, np.ndarray]:
-    """The ``map_batches`` UDF: decode, then augment with a (seed, epoch, row)-derived rng.
+def decode_rows(batch: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The decoding ``map_batches`` UDF: Arrow rows -> the columns training keeps, uint8
+    NHWC images (a quarter of float32's bytes through the object store; the consumer
+    normalises, :class:`ToModelInput`, where it costs one fused op)."""
+    return {k: v for k, v in decode_batch(batch, shape).items() if k in KEEP_COLUMNS}
 
-    Images leave as uint8 NHWC: a quarter of float32's bytes through the object store;
-    the consumer normalises (:class:`ToModelInput`), where it costs one fused op."""
-    out = decode_batch(batch, shape)
-    pol = parse_policy(policy, num_classes)
-    if not pol.is_identity:
-        if clock:
-            key = int(out["index"][0]) + (1 << 40 if bool(out["synthetic"][0]) else 0)
-            rng = batch_rng(seed, _current_epoch(clock), key)
-        else:  # no clock: fresh but not reproducible randomness
-            rng = np.random.default_rng()
-        out = pol(out, rng)
+
+def augment_rows(batch: dict[str, np.ndarray], *, policy: str, num_classes: int, seed: int,
+                 clock: str) -> dict[str, np.ndarray]:
+    """The augmenting ``map_batches`` UDF over decoded rows, with a (seed, epoch, first
+    row)-derived rng: the same batch gets the same draws wherever it runs, a new epoch
+    fresh ones."""
+    if clock:
+        key = int(batch["index"][0]) + (1 << 40 if bool(batch["synthetic"][0]) else 0)
+        rng = batch_rng(seed, _current_epoch(clock), key)
+    else:  # no clock: fresh but not reproducible randomness
+        rng = np.random.default_rng()
+    out = parse_policy(policy, num_classes)(dict(batch), rng)
     return {k: v for k, v in out.items() if k in KEEP_COLUMNS}
 
 
@@ -213,20 +217,25 @@ def read_split(data_dir: str | os.PathLike, split: str) -> Any:
 def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     """The augmented training stream (uint8 NHWC images; see :func:`torch_batches`).
 
-    With ``augment_on == 'gpu'`` no augmentation runs here: the training worker applies
-    the torch version of the same policy on its device."""
+    Rows are decoded, then (when the decoded split fits a quarter of the object store and
+    ``cache_decoded``) cached, so later epochs skip Parquet reads and decoding on cores the
+    trainers need; then the random ops run, fresh every epoch. With ``augment_on == 'gpu'``
+    no augmentation runs here: the training worker applies the torch version on its device."""
     meta = load_meta(cfg.data)
     parse_policy(cfg.augment, meta["num_classes"])  # fail fast, before any task starts
     ds = read_split(cfg.data, "train")
     if cfg.synthetic:
         ds = mix_synthetic(ds, cfg, meta)
-    policy = cfg.augment if cfg.augment_on == "cpu" else "none"
-    ds = _map(ds, meta, policy, cfg.seed, clock, num_cpus)
-    if parse_policy(policy, meta["num_classes"]).is_identity and _fits_object_store(meta, cfg.synthetic_ratio):
-        # nothing random runs per epoch: decode once, and every epoch streams the cached
-        # blocks instead of re-running read+decode tasks on cores the trainers need
+    ds = _decode(ds, meta, num_cpus)
+    if cfg.cache_decoded and _fits_object_store(meta, cfg.synthetic_ratio):
         ds = ds.materialize()
-    return ds
+    policy = cfg.augment if cfg.augment_on == "cpu" else "none"
+    if parse_policy(policy, meta["num_classes"]).is_identity:
+        return ds
+    return ds.map_batches(
+        augment_rows, batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=num_cpus,
+        fn_kwargs={"policy": policy, "num_classes": meta["num_classes"], "seed": cfg.seed, "clock": clock},
+    )  # fmt: skip
 
 
 def _fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fraction: float = 0.25) -> bool:
@@ -238,15 +247,9 @@ def _fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fract
     return rows * int(np.prod(meta["image_shape"])) <= fraction * ray.cluster_resources().get("object_store_memory", 0)
 
 
-def _map(ds: Any, meta: dict[str, Any], policy: str, seed: int, clock: str, num_cpus: float) -> Any:
-    return ds.map_batches(
-        augment_batch,
-        batch_size=MAP_BATCH_SIZE,
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-        fn_kwargs={"shape": tuple(meta["image_shape"]), "policy": policy,
-                   "num_classes": meta["num_classes"], "seed": seed, "clock": clock},
-    )  # fmt: skip
+def _decode(ds: Any, meta: dict[str, Any], num_cpus: float) -> Any:
+    return ds.map_batches(decode_rows, batch_size=MAP_BATCH_SIZE, batch_format="pyarrow", num_cpus=num_cpus,
+                          fn_kwargs={"shape": tuple(meta["image_shape"])})  # fmt: skip
 
 
 def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
@@ -266,7 +269,7 @@ def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
 
 def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: float = 1) -> Any:
     """Decode only, no augmentation: for validation and evaluation."""
-    return _map(read_split(data_dir, split), load_meta(data_dir), "none", 0, "", num_cpus)
+    return _decode(read_split(data_dir, split), load_meta(data_dir), num_cpus)
 
 
 def torch_batches(ds: Any, meta: dict[str, Any], batch_size: int, *, clock: str = "", epoch: int = 0,

@@ -32,6 +32,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 # re-running a command with another --max-failures or wandb project still resumes it.
 _NOT_IN_NAME = {"storage", "name", "wandb_project", "wandb", "wandb_mode", "max_failures",
                 "inject_failure_at_epoch", "keep_checkpoints", "checkpoint_every", "data_cpus"}  # fmt: skip
+_DATA_NOT_IN_NAME = {"cache_decoded"}  # the cached and the streamed split yield the same rows
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def default_run_name(cfg: TrainConfig) -> str:
     """``<model>-<hash of what the run computes>``: the same command gets the same name,
     so re-running it resumes instead of starting over (Ray restores by name)."""
     d = to_dict(cfg)
+    d["data"] = {k: v for k, v in d["data"].items() if k not in _DATA_NOT_IN_NAME}
     d = {k: v for k, v in d.items() if k not in _NOT_IN_NAME and (cfg.parallel == "pipeline" or k not in _PIPELINE_FIELDS)
          and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}  # fmt: skip
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -49,19 +49,32 @@ def test_streams_normalised_augmented_tensors(tiny_cifar):
     np.testing.assert_allclose(e0["image"], expected.transpose(0, 3, 1, 2), atol=1e-5)
 
 
-def test_without_random_ops_the_split_is_decoded_once_and_cached(tiny_cifar):
+def test_the_decoded_split_is_cached_and_only_random_ops_rerun(tiny_cifar):
     from ray.data.dataset import MaterializedDataset
 
     meta = load_meta(tiny_cifar)
     cached = train_dataset(DataConfig(data=str(tiny_cifar), augment="none"), clock="")
     gpu_side = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip", augment_on="gpu"), clock="")
-    lazy = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip"), clock="")
+    streamed = train_dataset(DataConfig(data=str(tiny_cifar), augment="none", cache_decoded=False), clock="")
     assert isinstance(cached, MaterializedDataset) and isinstance(gpu_side, MaterializedDataset)
-    assert not isinstance(lazy, MaterializedDataset)  # random ops must re-run every epoch
+    assert not isinstance(streamed, MaterializedDataset)
     e0, e1 = _epoch(cached, meta, "", 0), _epoch(cached, meta, "", 1)
     assert len(e0["index"]) == 540
     np.testing.assert_array_equal(e0["image"], e1["image"])  # the same decoded pixels every epoch
     np.testing.assert_array_equal(e0["image"], _epoch(eval_dataset(tiny_cifar, "train"), meta, "", 0)["image"])
+    np.testing.assert_array_equal(e0["image"], _epoch(streamed, meta, "", 0)["image"])
+    # random ops run on the cached rows every epoch: fresh draws per epoch, and exactly the
+    # draws the uncached stream makes for the same seed and epoch
+    clock = "cache-test"
+    try:
+        ds = train_dataset(DataConfig(data=str(tiny_cifar), augment="crop(4)|flip", seed=3), clock=clock)
+        plain = train_dataset(DataConfig(data=str(tiny_cifar), augment="crop(4)|flip", seed=3, cache_decoded=False), clock=clock)
+        a0, a1, p0 = _epoch(ds, meta, clock, 0), _epoch(ds, meta, clock, 1), _epoch(plain, meta, clock, 0)
+    finally:
+        kill_clock(clock)
+    assert np.abs(a0["image"] - a1["image"]).mean() > 0.1
+    np.testing.assert_array_equal(a0["image"], p0["image"])
+    np.testing.assert_array_equal(a0["index"], p0["index"])
 
 
 def test_mixup_gives_soft_targets(tiny_cifar):

@@ -95,6 +95,8 @@ def test_run_name_is_deterministic_and_ignores_what_doesnt_change_the_result():
     assert default_run_name(base).startswith("fastnet-")
     assert default_run_name(_cfg(max_failures=5, wandb_project="x", storage="/elsewhere")) == default_run_name(base)
     assert default_run_name(_cfg(lr=0.3)) != default_run_name(base)
+    assert default_run_name(_cfg(data={"data": "/d", "cache_decoded": False})) == default_run_name(_cfg(data={"data": "/d"}))
+    assert default_run_name(_cfg(data={"data": "/d", "augment": "flip"})) != default_run_name(_cfg(data={"data": "/d"}))
     assert _cfg().seed == 0 and _cfg(data={"data": "/d", "seed": 4}).seed == 4
     assert stable_run_id("/runs", "a") == stable_run_id("/runs/", "a") != stable_run_id("/runs", "b")
 
