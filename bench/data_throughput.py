@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
     parser.add_argument("--rows", type=int, default=50000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per measurement; the best is kept")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement; the best is kept")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="effray-bench-")
