@@ -34,7 +34,7 @@ from effray.models import build_model
 from effray.train.config import TrainConfig, default_run_name
 from effray.train.loop import HISTORY_FILE
 from effray.train.run import train
-from effray.train.strategy import make_strategy
+from effray.train.strategy import logits, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,18 +43,17 @@ def images_per_second(model_name: str, width: float, batch: int, threads: int) -
     """Training speed of the model alone (random data), a few steps after warm-up, with
     the numerics training will pick for this CPU (channels-last, bf16 where native)."""
     torch.set_num_threads(threads)
-    numerics = make_strategy("ddp", torch.device("cpu"), channels_last=True, compile=False, amp=True)
+    cpu = torch.device("cpu")
+    numerics = make_strategy("ddp", cpu, channels_last=True, compile=False, amp=True)
     model = build_model(model_name, 10, width=width).to(
         memory_format=torch.channels_last if numerics.channels_last else torch.contiguous_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    x, y = numerics.inputs(torch.randn(batch, 3, 32, 32)), torch.randint(0, 10, (batch,))
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     for i in range(4):
         if i == 1:
             t0 = time.perf_counter()
         opt.zero_grad()
-        with numerics.autocast():
-            logits = model(x)
-        F.cross_entropy(logits.float(), y).backward()
+        F.cross_entropy(logits(model, x, cpu, numerics.numerics()), y).backward()
         opt.step()
     return 3 * batch / (time.perf_counter() - t0)
 

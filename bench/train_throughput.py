@@ -39,7 +39,7 @@ from effray.models import build_model
 from effray.train.config import TrainConfig
 from effray.train.loop import HISTORY_FILE, param_groups
 from effray.train.run import train
-from effray.train.strategy import make_strategy
+from effray.train.strategy import logits, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,8 @@ def plain_torch(data_dir: str, args: argparse.Namespace) -> list[float]:
     x = normalize_tensor(torch.from_numpy(np.concatenate(xs)), meta["mean"], meta["std"])
     y = torch.from_numpy(np.concatenate(ys))
     torch.manual_seed(0)
-    numerics = make_strategy("ddp", torch.device("cpu"), channels_last=True, compile=False, amp=True)
+    cpu = torch.device("cpu")
+    numerics = make_strategy("ddp", cpu, channels_last=True, compile=False, amp=True)
     print(f"  numerics (both sides): {numerics.numerics()}", flush=True)
     model = build_model(args.model, meta["num_classes"], width=args.width)
     if numerics.channels_last:
@@ -67,9 +68,7 @@ def plain_torch(data_dir: str, args: argparse.Namespace) -> list[float]:
         for i in range(0, len(y), args.batch_size):
             idx = order[i : i + args.batch_size]
             opt.zero_grad(set_to_none=True)
-            with numerics.autocast():
-                logits = model(numerics.inputs(x[idx]))
-            F.cross_entropy(logits.float(), y[idx], label_smoothing=0.1).backward()
+            F.cross_entropy(logits(model, x[idx], cpu, numerics.numerics()), y[idx], label_smoothing=0.1).backward()
             opt.step()
         rates.append(len(y) / (time.perf_counter() - t0))
         print(f"  plain torch  epoch {epoch + 1}: {rates[-1]:8.1f} img/s", flush=True)

@@ -128,15 +128,11 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
     import torch.nn.functional as F
 
     from effray.data.pipeline import normalize_tensor
-    from effray.train.strategy import autocast
+    from effray.train.strategy import logits as model_logits
 
     numerics = numerics or {}
-    memory_format = torch.channels_last if numerics.get("channels_last") else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-
-    def predict(x: Any) -> Any:
-        with autocast(x.device, bool(numerics.get("bf16"))):
-            return model(x.contiguous(memory_format=memory_format)).float()
+    channels_last = bool(numerics.get("channels_last"))
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     correct = loss = 0.0
     per_ok, per_n = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
@@ -150,9 +146,9 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
                                   "it belongs to another dataset")  # fmt: skip
             for i in range(0, len(labels), batch_size):
                 x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std,
-                                     memory_format == torch.channels_last)
+                                     channels_last)
                 y = torch.from_numpy(labels[i:i + batch_size])
-                logits = tta_logits(predict, x, tta)
+                logits = tta_logits(lambda v: model_logits(model, v, v.device, numerics), x, tta)
                 pred = logits.argmax(dim=1)
                 correct += float((pred == y).sum())
                 loss += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -92,9 +92,7 @@ class Strategy:
                          loss_fn: LossFn) -> torch.Tensor:
         """One micro-step: loss on this rank's batch, gradients left on the parameters
         (all-reduced by DDP's hooks during backward). Returns the detached loss."""
-        with self.autocast():
-            logits = model(self.inputs(images))
-        loss = loss_fn(logits.float(), batch)
+        loss = loss_fn(logits(model, images, self.device, self.numerics()), batch)
         loss.backward()
         return loss.detach()
 
@@ -110,8 +108,7 @@ class Strategy:
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Logits from the plain module: DDP's forward broadcasts buffers (a collective),
         and ranks score different numbers of validation batches."""
-        with self.autocast():
-            return unwrap(model)(self.inputs(images)).float()
+        return logits(unwrap(model), images, self.device, self.numerics())
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The plain module's weights on CPU, whatever wraps it (DDP, torch.compile)."""
@@ -135,6 +132,16 @@ def bf16_native(device: torch.device) -> bool:
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` (norms, softmax and losses stay fp32), or nothing."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def logits(model: nn.Module, images: torch.Tensor, device: torch.device, numerics: dict[str, bool]) -> torch.Tensor:
+    """fp32 logits of ``images`` on ``device`` under ``numerics`` (bf16 autocast,
+    channels-last input): the one forward pass training, validation and evaluate share."""
+    x = images.to(device, non_blocking=True)
+    if numerics.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, bool(numerics.get("bf16"))):
+        return model(x).float()
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("parallel strategy")
