@@ -253,6 +253,20 @@ def test_warp_geometry_matches_exact_rotations_and_shifts() -> None:
     assert (shifted[:, :, :3] == 0).all()
 
 
+def test_nearest_warp_indexes_in_int64_past_int32_range(monkeypatch) -> None:
+    """Batches with 2**31 pixels or more switch the gather index to int64, same result."""
+    from effray.data import augment_ops
+    from effray.data.augment_ops import _rotation, _warp_nearest
+
+    x = np.random.default_rng(3).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    mats = _rotation(np.array([-30.0, -7.5, 0.0, 3.0, 45.0, 170.0]), 16, 16)
+    small = _warp_nearest(x, mats)
+    assert augment_ops._nearest_source_index(mats, 6, 16, 16).dtype == np.int32
+    monkeypatch.setattr(augment_ops, "INT32_INDEX_LIMIT", 100)
+    assert augment_ops._nearest_source_index(mats, 6, 16, 16).dtype == np.int64
+    np.testing.assert_array_equal(_warp_nearest(x, mats), small)
+
+
 def test_rotate_is_nearest_neighbour_as_torchvision_unless_bilinear() -> None:
     """rotate's default copies pixels (torchvision's RandomRotation default); rotate(d,1)
     interpolates. Both rotate by U(-d, d) with zero fill, and numpy and torch agree."""
