@@ -287,13 +287,14 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
            "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    train_ds = train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus)
     trainer = torch_trainer(
         compress_loop_per_worker, {"run": to_dict(rc), "ctx": ctx},
         workers=rc.workers, cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
         name=name, storage=storage, max_failures=0, callbacks=callbacks,
-        datasets={"train": train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus),
+        datasets={"train": train_ds,
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
-        dataset_config=STRATEGIES.get("ddp").dataset_config(),
+        dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
     )  # fmt: skip
     fit(trainer, clock)
     finetune = json.loads((out / FINETUNE_FILE).read_text())

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from effray.data.augment_ops import (
+    FUSED_PAIRS,
     OPS,
     Batch,
     OpSpec,
@@ -281,12 +282,22 @@ class PolicyBase:
 
 
 class Policy(PolicyBase):
-    """A parsed chain of numpy ops: ``policy(batch, rng) -> batch`` applies them in order."""
+    """A parsed chain of numpy ops: ``policy(batch, rng) -> batch`` applies them in order.
+
+    Adjacent geometric pairs with a fused version (:data:`FUSED_PAIRS`: crop then flip,
+    flip then rotate) run as one pixel gather, drawing the same numbers in the same order,
+    so the output is the pair's, pixel for pixel, at one pass's cost."""
 
     def __call__(self, batch: Batch, rng: np.random.Generator) -> Batch:
-        out = dict(batch)
-        for name, params in self.chain:
-            out = OPS.get(name).fn(out, rng, **params, **self.extra(name))
+        out, chain, i = dict(batch), self.chain, 0
+        while i < len(chain):
+            (name, params), nxt = chain[i], chain[i + 1] if i + 1 < len(chain) else None
+            fused = FUSED_PAIRS.get((name, nxt[0])) if nxt else None
+            result = fused(out, rng, dict(params), dict(nxt[1])) if fused else None
+            if result is not None:
+                out, i = result, i + 2
+                continue
+            out, i = OPS.get(name).fn(out, rng, **params, **self.extra(name)), i + 1
         return out
 
 

@@ -20,7 +20,17 @@ from effray.config import option, require
 from effray.data.augment import batch_rng, parse_policy
 from effray.data.prepare import load_meta, split_files
 
-MAP_BATCH_SIZE = 2048  # rows per augmentation task call: big enough to amortise Ray's per-block cost
+MAP_BATCH_SIZE = 2048  # rows per augmentation task call (at most): big enough to amortise Ray's per-block cost
+MAP_BATCH_BYTES = 8 << 20  # ... and at most this many decoded bytes (55 images of 224x224)
+# Ray Data block sizes. Ray's 128 MiB default packs CIFAR-10's decoded training split into
+# 2 blocks, i.e. 2 augmentation tasks however big the cluster; effray aims at BLOCKS_PER_CPU
+# blocks of the split per cluster CPU, within [MIN, MAX]: 16 MiB on 2 CPUs (each block costs
+# ~10 ms of Ray overhead there: 8 MiB blocks ran 15 % slower), 1.2 MiB on 64. MAX bounds
+# what streaming holds in flight (32 MiB: 1.2x the peak memory for 4x the data, 16: 1.0x).
+BLOCKS_PER_CPU = 2
+MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 16 << 20
+STREAM_BLOCKS_PER_CPU = 4  # object-store blocks the stream may hold ahead, per cluster CPU
+MIN_STREAM_BUFFER = 256 << 20
 KEEP_COLUMNS = ("image", "label", "target", "index", "synthetic")
 
 
@@ -36,9 +46,11 @@ class DataConfig:
     synthetic: str = option("", "prepared dataset of synthetic images to mix into training (effray synth sample)")
     synthetic_ratio: float = option(0.0, "fraction of the training stream drawn from --synthetic")
     cache_decoded: bool = option(True, "keep the decoded training split in the object store when it fits a quarter of it (random ops still run fresh every epoch); --no-cache-decoded streams from Parquet every epoch")
+    stream_buffer_mb: int = option(0, "object-store MB the pipeline may fill ahead of training; bounds memory whatever the data size (0 = 4 blocks per cluster CPU, at least 256)")
 
     def validate(self) -> None:
         require(self.shuffle_buffer >= 0, f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
+        require(self.stream_buffer_mb >= 0, f"--stream-buffer-mb must be >= 0 (0 = auto), got {self.stream_buffer_mb}")
         require(0.0 <= self.synthetic_ratio < 1.0, f"--synthetic-ratio must be in [0, 1), got {self.synthetic_ratio}")
         require(not (self.synthetic_ratio > 0 and not self.synthetic), "--synthetic-ratio needs --synthetic DIR")
 
@@ -207,11 +219,54 @@ def sample_images(data_dir: str | os.PathLike, n: int, mean: list[float], std: l
 # ------------------------------------------------------------------ datasets
 
 
-def read_split(data_dir: str | os.PathLike, split: str) -> Any:
-    """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order)."""
+def read_split(data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 0) -> Any:
+    """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order),
+    under effray's block size and stream buffer (:func:`data_context`), which every
+    dataset derived from it inherits."""
     import ray
+    from ray.data import DataContext
 
-    return ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label", "index", "synthetic"])
+    meta = load_meta(data_dir)
+    split_bytes = meta["counts"].get(split, 0) * int(np.prod(meta["image_shape"]))
+    with DataContext.current(data_context(split_bytes, stream_buffer_mb)):
+        return ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label", "index", "synthetic"])
+
+
+def data_context(split_bytes: int, stream_buffer_mb: int = 0) -> Any:
+    """The current DataContext with a block size for this split and cluster
+    (:func:`block_bytes`) and an object-store budget for the stream: the smaller of any
+    limit already set and ``stream_buffer_mb``, or 4 blocks per cluster CPU when 0.
+    Memory then stays flat however much data streams; without a budget Ray Data fills up
+    to half the object store whenever reading outpaces training, so memory grows with the
+    epoch's length until it gets there."""
+    import ray
+    from ray.data import DataContext
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ctx = DataContext.get_current().copy()
+    ctx.target_max_block_size = block_bytes(split_bytes, cpus)
+    budget = stream_buffer_mb << 20 or max(MIN_STREAM_BUFFER, STREAM_BLOCKS_PER_CPU * ctx.target_max_block_size * cpus)
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=min(limits.object_store_memory, budget))
+    return ctx
+
+
+def block_bytes(split_bytes: int, cpus: int) -> int:
+    """Block target: :data:`BLOCKS_PER_CPU` blocks of the decoded split per cluster CPU,
+    clamped to [:data:`MIN_BLOCK_BYTES`, :data:`MAX_BLOCK_BYTES`]."""
+    return int(min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, split_bytes // max(1, BLOCKS_PER_CPU * cpus))))
+
+
+def stream_limits(ds: Any) -> Any:
+    """The object-store budget a dataset was built with, for Ray Train's ingest options
+    (Train replaces a dataset's execution options with its own)."""
+    return ds.context.execution_options.resource_limits
+
+
+def map_batch_rows(meta: dict[str, Any]) -> int:
+    """Rows per map batch: :data:`MAP_BATCH_SIZE`, fewer for images so large that a batch
+    would pass :data:`MAP_BATCH_BYTES`."""
+    return int(max(1, min(MAP_BATCH_SIZE, MAP_BATCH_BYTES // int(np.prod(meta["image_shape"])))))
 
 
 def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
@@ -223,7 +278,7 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     no augmentation runs here: the training worker applies the torch version on its device."""
     meta = load_meta(cfg.data)
     parse_policy(cfg.augment, meta["num_classes"])  # fail fast, before any task starts
-    ds = read_split(cfg.data, "train")
+    ds = read_split(cfg.data, "train", cfg.stream_buffer_mb)
     if cfg.synthetic:
         ds = mix_synthetic(ds, cfg, meta)
     ds = _decode(ds, meta, num_cpus)
@@ -233,7 +288,7 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     if parse_policy(policy, meta["num_classes"]).is_identity:
         return ds
     return ds.map_batches(
-        augment_rows, batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=num_cpus,
+        augment_rows, batch_size=map_batch_rows(meta), batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"policy": policy, "num_classes": meta["num_classes"], "seed": cfg.seed, "clock": clock},
     )  # fmt: skip
 
@@ -248,7 +303,7 @@ def _fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fract
 
 
 def _decode(ds: Any, meta: dict[str, Any], num_cpus: float) -> Any:
-    return ds.map_batches(decode_rows, batch_size=MAP_BATCH_SIZE, batch_format="pyarrow", num_cpus=num_cpus,
+    return ds.map_batches(decode_rows, batch_size=map_batch_rows(meta), batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"shape": tuple(meta["image_shape"])})  # fmt: skip
 
 
@@ -264,7 +319,7 @@ def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
     n_syn = int(round(cfg.synthetic_ratio / (1.0 - cfg.synthetic_ratio) * n_real))
     available = syn_meta["counts"].get("train", 0)
     require(n_syn <= available, f"--synthetic-ratio {cfg.synthetic_ratio} needs {n_syn} synthetic rows, {cfg.synthetic} has {available}; sample more or lower the ratio")
-    return ds.union(read_split(cfg.synthetic, "train").limit(n_syn)) if n_syn else ds
+    return ds.union(read_split(cfg.synthetic, "train", cfg.stream_buffer_mb).limit(n_syn)) if n_syn else ds
 
 
 def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: float = 1) -> Any:

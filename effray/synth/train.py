@@ -29,6 +29,7 @@ from effray.config import from_dict, require, to_dict
 from effray.errors import EffrayError
 from effray.synth.config import NOT_ARCH, SynthTrainConfig
 from effray.train.checkpoint import FORMATS, checkpoint_file, read_payload, rng_state, save_payload
+from effray.train.strategy import STRATEGIES
 
 GAN_FORMAT = "effray.synth.gan/1"  # resumable training state (both networks + optimizers)
 GENERATOR_FORMAT = "effray.synth.generator/1"  # the artifact: generator weights + what they mean
@@ -237,7 +238,7 @@ def train_gan(cfg: SynthTrainConfig) -> dict[str, Any]:
         {"train": to_dict(cfg), "run": {"name": cfg.name, "run_dir": str(run_dir), "clock": clock, "data": data, "provenance": prov}},
         workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
         name=cfg.name, storage=str(out), max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-        datasets={"train": ds},
+        datasets={"train": ds}, dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=ds),
     )  # fmt: skip
     result = fit(trainer, clock)
     require(result.checkpoint is not None, f"GAN run {run_dir} finished without a checkpoint")

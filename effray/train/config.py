@@ -32,7 +32,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 # re-running a command with another --max-failures or wandb project still resumes it.
 _NOT_IN_NAME = {"storage", "name", "wandb_project", "wandb", "wandb_mode", "max_failures",
                 "inject_failure_at_epoch", "keep_checkpoints", "checkpoint_every", "data_cpus"}  # fmt: skip
-_DATA_NOT_IN_NAME = {"cache_decoded"}  # the cached and the streamed split yield the same rows
+_DATA_NOT_IN_NAME = {"cache_decoded", "stream_buffer_mb"}  # how rows reach training, not which rows
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from effray.errors import EffrayError
-from effray.train.strategy import STRATEGIES, LossFn, Strategy
+from effray.train.strategy import STRATEGIES, LossFn, Strategy, ingest_options
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
@@ -206,13 +206,9 @@ class PipelineStrategy(Strategy):
         self._pending: list[tuple[Any, torch.Tensor]] = []
 
     @classmethod
-    def dataset_config(cls, cfg: Any = None) -> Any:
-        import ray.train
-
-        options = ray.train.DataConfig.default_ingest_options()
-        options.preserve_order = True
+    def dataset_config(cls, cfg: Any = None, train_ds: Any = None) -> Any:
         stages = cfg.stages if cfg is not None else 2
-        return _pipeline_data_config()(stages, datasets_to_split=["train"], execution_options={"train": options})
+        return _pipeline_data_config()(stages, datasets_to_split=["train"], execution_options={"train": ingest_options(train_ds)})
 
     # -- setup -------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:

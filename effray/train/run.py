@@ -190,6 +190,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     epochs_before = _count_lines(history)
 
     clock = f"effray-clock-{run_id}"
+    train_ds = train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus)
     trainer = torch_trainer(
         train_loop_per_worker,
         {"train": to_dict(cfg), "run": {
@@ -197,10 +198,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "steps_per_epoch": math.ceil(rows_per_rank / cfg.per_worker_batch), "tracker": tracker}},
         workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
         name=cfg.name, storage=storage, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-        datasets={"train": train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus),
+        datasets={"train": train_ds,
                   # decoded once here: every rank reads the whole split each epoch (see validate)
                   "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
-        dataset_config=strategy.dataset_config(cfg),
+        dataset_config=strategy.dataset_config(cfg, train_ds),
     )  # fmt: skip
     result = fit(trainer, clock)
     metrics = result.metrics or {}

@@ -21,6 +21,21 @@ from effray.registry import Registry
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
+def ingest_options(train_ds: Any = None) -> Any:
+    """Ray Train's ingest options for "train": order preserved (a seeded run deals the
+    same rows to the same rank), and the stream's object-store budget the dataset was
+    built with (:func:`effray.data.pipeline.data_context`), which Train would drop."""
+    import ray.train
+
+    from effray.data.pipeline import stream_limits
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    if train_ds is not None:
+        options.resource_limits = stream_limits(train_ds)
+    return options
+
+
 class Strategy:
     """Data-parallel by default; subclasses override what differs."""
 
@@ -39,7 +54,7 @@ class Strategy:
         self.reduce_device = device
 
     @classmethod
-    def dataset_config(cls, cfg: Any = None) -> Any:
+    def dataset_config(cls, cfg: Any = None, train_ds: Any = None) -> Any:
         """How Ray Train hands datasets to workers.
 
         Only "train" is split: Ray's split is ``equal=True`` and drops the remainder rows,
@@ -48,9 +63,7 @@ class Strategy:
         the same rows to the same rank every run, so a seeded CPU run repeats exactly."""
         import ray.train
 
-        options = ray.train.DataConfig.default_ingest_options()
-        options.preserve_order = True
-        return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+        return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ingest_options(train_ds)})
 
     def prepare(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

@@ -122,3 +122,53 @@ def test_synthetic_rows_mix_in_at_the_requested_ratio(tiny_cifar, tmp_path):
     assert len(rows["label"]) == 540 + n_syn
     with pytest.raises(Exception, match="needs 270 synthetic rows"):
         train_dataset(DataConfig(data=str(tiny_cifar), synthetic=str(synthetic), synthetic_ratio=1 / 3), clock="")
+
+
+def test_datasets_carry_effray_block_size_and_a_bounded_stream_buffer(tiny_cifar, monkeypatch):
+    """Every dataset built from a split keeps effray's block size and an object-store
+    budget, through map_batches, materialize and into Ray Train's ingest options; the
+    driver's global DataContext stays as it was."""
+    import ray
+    from ray.data import DataContext, ExecutionResources
+
+    import effray.train.pipeline  # noqa: F401  (registers the "pipeline" strategy)
+    from effray.data import pipeline
+    from effray.train.strategy import STRATEGIES
+
+    mib = 1 << 20
+    cpus = int(ray.cluster_resources()["CPU"])
+    # 2 blocks of the split per CPU within [1, 16] MiB: CIFAR-10's 150 MB is 16 MiB blocks on
+    # 2 CPUs, 1.2 MiB on 64 (Ray's 128 MiB default: 2 blocks, 2 augmentation tasks)
+    assert pipeline.block_bytes(50000 * 3072, 2) == 16 * mib
+    assert pipeline.block_bytes(50000 * 3072, 64) == 50000 * 3072 // 128
+    assert pipeline.block_bytes(540 * 3072, cpus) == mib
+    auto = max(256 * mib, 4 * mib * cpus)
+    before = DataContext.get_current().target_max_block_size
+    for augment, cache in (("flip", True), ("flip", False), ("none", True)):
+        ds = train_dataset(DataConfig(data=str(tiny_cifar), augment=augment, cache_decoded=cache), clock="")
+        assert ds.context.target_max_block_size == mib
+        assert ds.context.execution_options.resource_limits.object_store_memory == auto
+    assert eval_dataset(tiny_cifar, "val").context.target_max_block_size == mib
+    assert DataContext.get_current().target_max_block_size == before
+    small = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip", stream_buffer_mb=64), clock="")
+    assert small.context.execution_options.resource_limits.object_store_memory == 64 * mib
+    # Ray Train would replace the dataset's options with the driver's: both strategies carry the budget
+    for name in ("ddp", "pipeline"):
+        options = STRATEGIES.get(name).dataset_config(train_ds=small)._resolve_execution_options("train")
+        assert options.resource_limits.object_store_memory == 64 * mib and options.preserve_order
+    # a tighter limit someone set on the driver's context wins
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx.execution_options, "resource_limits", ExecutionResources.for_limits(object_store_memory=32 * mib))
+    tight = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip"), clock="")
+    assert tight.context.execution_options.resource_limits.object_store_memory == 32 * mib
+    monkeypatch.undo()
+    # the cached split really is cut into blocks of that size, so augmentation spreads out
+    monkeypatch.setattr(pipeline, "MIN_BLOCK_BYTES", 64 << 10)
+    cut = train_dataset(DataConfig(data=str(tiny_cifar), augment="none"), clock="")
+    block = pipeline.block_bytes(540 * 3072, cpus)
+    assert block < mib and cut.num_blocks() >= 540 * 3072 // block - 1
+    monkeypatch.undo()
+    assert pipeline.map_batch_rows({"image_shape": [32, 32, 3]}) == 2048
+    assert pipeline.map_batch_rows({"image_shape": [224, 224, 3]}) == 55
+    with pytest.raises(Exception, match="--stream-buffer-mb must be >= 0"):
+        DataConfig(data=str(tiny_cifar), stream_buffer_mb=-1).validate()

@@ -18,7 +18,7 @@ from effray.data.augment import (
     parse_ops,
     parse_policy,
 )
-from effray.data.augment_ops import adjust_colour
+from effray.data.augment_ops import adjust_colour, crop
 from effray.errors import EffrayError
 
 ALL_OPS = OPS.names()
@@ -565,3 +565,36 @@ def test_torch_and_numpy_mixing_ratios_agree(text: str) -> None:
     ]
     a, t = np.array(kept).T
     assert abs(a.mean() - t.mean()) < 0.04 and abs(a.std() - t.std()) < 0.04
+
+
+@pytest.mark.parametrize("policy", [
+    "crop(4)|flip", "flip|rotate(10)", "flip(0.3)|rotate(30)", "crop(2)|flip|rotate(5)", "flip|rotate(10,1)",
+    "crop(4)|flip(1)", "rotate(20)|flip|rotate(20)", "standard", "flip|flip|rotate(15)",
+])  # fmt: skip
+def test_fused_geometric_pairs_equal_the_ops_in_sequence(policy) -> None:
+    """crop+flip and flip+rotate run as one gather; the output must be the pair's, pixel
+    for pixel, with the same draws (so later ops in the chain see the same rng state)."""
+    from effray.data.augment import parse_ops
+    from effray.data.augment_ops import OPS
+
+    x = np.random.default_rng(11).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    batch = {"image": x, "label": np.arange(64) % 10}
+    for seed in range(5):
+        fused_rng, plain_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fused = parse_policy(policy, 10)(dict(batch), fused_rng)
+        plain = dict(batch)
+        for name, params in parse_ops(policy):
+            plain = OPS.get(name).fn(plain, plain_rng, **dict(params))
+        np.testing.assert_array_equal(fused["image"], plain["image"])
+        assert fused_rng.random() == plain_rng.random()  # the same numbers were drawn
+    np.testing.assert_array_equal(batch["image"], x)  # inputs untouched
+
+
+def test_crop_gathers_what_fancy_indexing_of_the_reflect_padded_image_gives() -> None:
+    x = np.random.default_rng(5).integers(0, 256, (16, 12, 10, 3), dtype=np.uint8)
+    rng = np.random.default_rng(2)
+    out = crop({"image": x}, np.random.default_rng(2), padding=3)["image"]
+    padded = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode="reflect")
+    dy, dx = (rng.integers(0, 7, 16) for _ in range(2))
+    for i in range(16):
+        np.testing.assert_array_equal(out[i], padded[i, dy[i]:dy[i] + 12, dx[i]:dx[i] + 10])
