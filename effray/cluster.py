@@ -107,6 +107,8 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     actor, declares the controller dead and removes the workers' placement group,
     killing healthy training (seen here: a 30-minute run restarted after 2 minutes).
     Without a dashboard every query fails and it logs a warning every few seconds.
+    effray's Ray Data settings (:data:`effray.data.pipeline.RAY_DATA_ENV`) go in the same
+    environment, unless already set.
     """
     import logging
     import socket
@@ -124,6 +126,10 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        from effray.data.pipeline import RAY_DATA_ENV
+
+        for key, value in RAY_DATA_ENV.items():  # inherited by the raylet and every worker
+            os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, logging_level=level, log_to_driver=log_to_driver)  # fmt: skip
     ctx = ray.data.DataContext.get_current()

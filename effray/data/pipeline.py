@@ -31,6 +31,18 @@ BLOCKS_PER_CPU = 2
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 16 << 20
 STREAM_BLOCKS_PER_CPU = 4  # object-store blocks the stream may hold ahead, per cluster CPU
 MIN_STREAM_BUFFER = 256 << 20
+# Ray Data settings read in its worker processes, so they go in every process's environment:
+# a local Ray inherits them from the driver (effray.cluster.init_ray), `ray job submit` gets
+# them from cluster/runtime_env.yaml (a test keeps the two equal).
+RAY_DATA_ENV = {
+    # Parquet files are listed through a pool of FooterReader actors, 32 by default, started
+    # afresh every streamed epoch: up to 32 new Python processes (~110 MB each, 0.9 GB here
+    # for 88 shards) for footers that one actor, with 128 concurrent reads of its own,
+    # fetches as fast for effray's few large shards
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # read units of one block (one CIFAR shard) instead of 128 MiB: a read task holds less
+    "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(MAX_BLOCK_BYTES),
+}
 KEEP_COLUMNS = ("image", "label", "target", "index", "synthetic")
 
 

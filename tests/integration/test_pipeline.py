@@ -172,3 +172,26 @@ def test_datasets_carry_effray_block_size_and_a_bounded_stream_buffer(tiny_cifar
     assert pipeline.map_batch_rows({"image_shape": [224, 224, 3]}) == 55
     with pytest.raises(Exception, match="--stream-buffer-mb must be >= 0"):
         DataConfig(data=str(tiny_cifar), stream_buffer_mb=-1).validate()
+
+
+def test_streaming_lists_parquet_with_one_footer_reader(tiny_cifar):
+    """effray's Ray Data settings reach the workers (init_ray puts them in the local
+    instance's environment), and a streamed epoch starts one FooterReader actor instead
+    of Ray's default pool of 32 processes."""
+    import os
+
+    import ray
+    from ray.util.state import list_actors
+
+    from effray.data.pipeline import RAY_DATA_ENV
+
+    seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in RAY_DATA_ENV}).remote())
+    assert seen == RAY_DATA_ENV
+
+    def footer_readers() -> int:
+        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10000))
+
+    before = footer_readers()
+    ds = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip", cache_decoded=False), clock="")
+    assert len(_epoch(ds, load_meta(tiny_cifar), "", 0)["label"]) == 540
+    assert footer_readers() - before == 1
