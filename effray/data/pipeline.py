@@ -269,12 +269,6 @@ def block_bytes(split_bytes: int, cpus: int) -> int:
     return int(min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, split_bytes // max(1, BLOCKS_PER_CPU * cpus))))
 
 
-def stream_limits(ds: Any) -> Any:
-    """The object-store budget a dataset was built with, for Ray Train's ingest options
-    (Train replaces a dataset's execution options with its own)."""
-    return ds.context.execution_options.resource_limits
-
-
 def map_batch_rows(meta: dict[str, Any]) -> int:
     """Rows per map batch: :data:`MAP_BATCH_SIZE`, fewer for images so large that a batch
     would pass :data:`MAP_BATCH_BYTES`."""

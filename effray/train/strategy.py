@@ -27,12 +27,10 @@ def ingest_options(train_ds: Any = None) -> Any:
     built with (:func:`effray.data.pipeline.data_context`), which Train would drop."""
     import ray.train
 
-    from effray.data.pipeline import stream_limits
-
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     if train_ds is not None:
-        options.resource_limits = stream_limits(train_ds)
+        options.resource_limits = train_ds.context.execution_options.resource_limits
     return options
 
 
