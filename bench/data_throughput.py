@@ -34,7 +34,13 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from effray.data.pipeline import RAY_DATA_ENV, DataConfig, kill_clock, torch_batches, train_dataset
+from effray.data.pipeline import (
+    DataConfig,
+    kill_clock,
+    torch_batches,
+    train_dataset,
+    use_ray_data_env,
+)
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,8 +158,7 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="effray-bench-")
     try:
-        for key, value in RAY_DATA_ENV.items():  # as effray's own local Ray (effray.cluster.init_ray)
-            os.environ.setdefault(key, value)
+        use_ray_data_env()  # as effray's own local Ray (effray.cluster.init_ray)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)

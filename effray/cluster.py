@@ -126,10 +126,9 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        from effray.data.pipeline import RAY_DATA_ENV
+        from effray.data.pipeline import use_ray_data_env
 
-        for key, value in RAY_DATA_ENV.items():  # inherited by the raylet and every worker
-            os.environ.setdefault(key, value)
+        use_ray_data_env()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, logging_level=level, log_to_driver=log_to_driver)  # fmt: skip
     ctx = ray.data.DataContext.get_current()

@@ -26,7 +26,7 @@ MAP_BATCH_BYTES = 8 << 20  # ... and at most this many decoded bytes (55 images 
 # 2 blocks, i.e. 2 augmentation tasks however big the cluster; effray aims at BLOCKS_PER_CPU
 # blocks of the split per cluster CPU, within [MIN, MAX]: 16 MiB on 2 CPUs (each block costs
 # ~10 ms of Ray overhead there: 8 MiB blocks ran 15 % slower), 1.2 MiB on 64. MAX bounds
-# what streaming holds in flight (32 MiB: 1.2x the peak memory for 4x the data, 16: 1.0x).
+# what streaming holds in flight (32 MiB: 1.2x the peak memory for 4x the data, 16: 1.0-1.1x).
 BLOCKS_PER_CPU = 2
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 16 << 20
 STREAM_BLOCKS_PER_CPU = 4  # object-store blocks the stream may hold ahead, per cluster CPU
@@ -44,6 +44,13 @@ RAY_DATA_ENV = {
     "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(MAX_BLOCK_BYTES),
 }
 KEEP_COLUMNS = ("image", "label", "target", "index", "synthetic")
+
+
+def use_ray_data_env(environ: Any = os.environ) -> None:
+    """Put :data:`RAY_DATA_ENV` in ``environ`` where not already set; call before starting
+    a local Ray, whose raylet and workers inherit the driver's environment."""
+    for key, value in RAY_DATA_ENV.items():
+        environ.setdefault(key, value)
 
 
 @dataclass(frozen=True)
