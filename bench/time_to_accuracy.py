@@ -33,8 +33,9 @@ from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.models import build_model
 from effray.train.config import TrainConfig, default_run_name
 from effray.train.loop import HISTORY_FILE
+from effray.train.parallel import make_strategy
 from effray.train.run import train
-from effray.train.strategy import logits, make_strategy
+from effray.train.strategy import logits
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,8 +38,9 @@ from effray.evaluate import prepared_batches
 from effray.models import build_model
 from effray.train.config import TrainConfig
 from effray.train.loop import HISTORY_FILE, param_groups
+from effray.train.parallel import make_strategy
 from effray.train.run import train
-from effray.train.strategy import logits, make_strategy
+from effray.train.strategy import logits
 
 ROOT = Path(__file__).resolve().parents[1]
 

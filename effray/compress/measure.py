@@ -96,15 +96,18 @@ def latency_ms(*models: nn.Module, batch_size: int, input_shape: tuple[int, ...]
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
-    """(top-1 accuracy, images) over (normalised images, labels) batches."""
+    """(top-1 accuracy, images) over (normalised images, labels) batches, on the model's
+    device; the count of correct images stays there until the end (one host read)."""
     was = model.training
     model.eval()
-    correct = total = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += (model(x.to(device, non_blocking=True)).argmax(1) == y.to(device, non_blocking=True)).sum()
+            total += len(y)
     model.train(was)
-    return (correct / total if total else float("nan")), total
+    return (int(correct) / total if total else float("nan")), total
 
 
 def measure(model: nn.Module, batches: Batches | None = None, *, artifact: str | os.PathLike | None = None,

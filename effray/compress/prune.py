@@ -106,11 +106,12 @@ def classifier(model: nn.Module) -> nn.Module:
 
 def weight_sparsity(model: nn.Module) -> float:
     """Fraction of exact zeros over all conv + linear weights (what the artifact really holds)."""
-    total = zeros = 0
-    for _, m in prunable_layers(model):
-        total += m.weight.numel()
-        zeros += int((m.weight == 0).sum())
-    return zeros / max(total, 1)
+    layers = prunable_layers(model)
+    if not layers:
+        return 0.0
+    total = sum(m.weight.numel() for _, m in layers)
+    zeros = torch.stack([(m.weight == 0).sum() for _, m in layers]).sum()  # one host read, for reports
+    return int(zeros) / max(total, 1)
 
 
 def channel_counts(model: nn.Module) -> list[int]:
@@ -129,9 +130,10 @@ def channel_rate_for_macs(mac_fraction: float) -> float:
 def accumulate_grads(model: nn.Module, batches: Batches, max_batches: int = 4) -> None:
     """Fill ``.grad`` with the cross-entropy gradient of a few batches (Taylor importance)."""
     model.zero_grad(set_to_none=True)
+    device = model_device(model)
     n = 0
     for x, y in batches:
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)).backward()
         n += 1
         if n >= max_batches:
             break
@@ -165,7 +167,7 @@ def prune_unstructured(model: nn.Module, rate: float, importance: Importance, **
             scores.append(torch.where(m.weight == 0, torch.full_like(s, -1.0), s).flatten())
         flat = torch.cat(scores)
         k = int(round(rate * n_all))
-        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        drop = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         if k > 0:
             drop[torch.argsort(flat, stable=True)[:k]] = True
         start = 0
@@ -188,7 +190,6 @@ def prune_structured(model: nn.Module, rate: float, importance: Importance,
     both convs of a residual add, the shortcut projection, BNs, the next layer's input."""
     from effray.compress.quantize import is_quantized
 
-    tp = _tp()
     if is_quantized(model):
         raise EffrayError("structured pruning must come before quantization: prune, fine-tune, then quantize")
     now = channel_counts(model)
@@ -197,18 +198,32 @@ def prune_structured(model: nn.Module, rate: float, importance: Importance,
     step_ratio = 1.0 - (1.0 - rate) / kept_fraction
     if step_ratio <= 1e-9:
         return model
-    if example_inputs is None:
-        shape = (1, int(getattr(model, "spec", {}).get("in_channels", 3)), 32, 32)
-        example_inputs = torch.randn(shape)
     was_training = model.training
     model.eval()
     try:
-        pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance.group(),
-                                      pruning_ratio=step_ratio, ignored_layers=[classifier(model)])  # fmt: skip
-        pruner.step()
+        # choosing which channels go is a host decision (it sets the new shapes): the one
+        # host read of a structured pruning event, which runs between epochs, never in a step
+        structured_pruner(model, step_ratio, importance, example_inputs).step()
     finally:
         model.train(was_training)
     return model
+
+
+def structured_pruner(model: nn.Module, step_ratio: float, importance: Importance,
+                      example_inputs: torch.Tensor | None = None) -> Any:
+    """Torch-Pruning's ``MetaPruner`` over ``model`` with the classifier protected; its
+    dependency graph is traced with ``example_inputs`` (default: one random CIFAR-sized
+    image) on the model's own device."""
+    if example_inputs is None:
+        shape = (1, int(getattr(model, "spec", {}).get("in_channels", 3)), 32, 32)
+        example_inputs = torch.randn(shape, device=model_device(model))
+    return _tp().pruner.MetaPruner(model, example_inputs.to(model_device(model)), importance=importance.group(),
+                                   pruning_ratio=step_ratio, ignored_layers=[classifier(model)])  # fmt: skip
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a parameter-free module)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _base_channel_counts(model: nn.Module) -> list[int] | None:
@@ -252,10 +267,9 @@ class SparsityLock:
         self.masks: dict[nn.Module, torch.Tensor] = {}
         self.handles = []
         for _, m in prunable_layers(model):
-            mask = m.weight.detach() != 0
-            if bool(mask.all()):
-                continue
-            self.masks[m] = mask
+            # every layer, zeros or not: asking which layers have zeros would be a host read
+            # per layer, and a mask of ones costs one elementwise multiply of its weight
+            self.masks[m] = m.weight.detach() != 0
             self.handles.append(m.register_forward_pre_hook(self._hook))
 
     def _hook(self, module: nn.Module, args: Any) -> None:

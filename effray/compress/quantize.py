@@ -42,7 +42,9 @@ class FakeQuant(torch.autograd.Function):
     so the step size learns at the weights' pace. ``s`` arrives already fp16-rounded."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float, g: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, qmin: Any, qmax: Any, g: Any) -> torch.Tensor:
+        # qmin/qmax/g: Python numbers, or 0-dim tensors on x's device (an activation's
+        # zero point), so nothing here reads a value back to the host
         v = x / s
         q = v.clamp(qmin, qmax).round()
         ctx.save_for_backward(v, q, s)
@@ -70,7 +72,7 @@ class WeightQuant(nn.Module):
         super().__init__()
         self.bits = bits
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=learn)
-        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        _ready_flag(self)
 
     @property
     def qmax(self) -> int:
@@ -88,16 +90,16 @@ class WeightQuant(nn.Module):
         """Per channel, the clip ratio (of max |w|) with the least squared error."""
         amax = w.abs().flatten(1).amax(dim=1).clamp_min(MIN_SCALE)
         best, best_err = amax / self.qmax, torch.full_like(amax, float("inf"))
-        for ratio in torch.linspace(0.3, 1.0, 15):
+        for ratio in (0.3 + 0.05 * i for i in range(15)):  # 0.3 .. 1.0, as Python numbers
             s = fp16_round((amax * ratio / self.qmax).clamp_min(MIN_SCALE))
             err = (FakeQuant.apply(w, s.view(self._shape(w)), -self.qmax, self.qmax, 1.0) - w).square().flatten(1).sum(1)
             better = err < best_err
             best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
         self.scale.copy_(best)
-        self.ready.fill_(True)
+        _mark_ready(self)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not bool(self.ready):
+        if not self.is_ready:
             self.init_from(w.detach())
         g = 1.0 / (w[0].numel() * self.qmax) ** 0.5
         s = self.scale.abs().clamp_min(MIN_SCALE)
@@ -130,39 +132,59 @@ class ActQuant(nn.Module):
         self.register_buffer("zero", torch.zeros(()))
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
-        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+        _ready_flag(self)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Fold this batch's range into the running one: the first batch since ``seen`` was
+        cleared sets it, later ones move it by ``momentum`` (all on the device)."""
         lo, hi = x.min().float().clamp_max(0.0), x.max().float().clamp_min(0.0)
-        if not bool(self.seen):
-            self.lo.copy_(lo), self.hi.copy_(hi), self.seen.fill_(True)
-        else:
-            self.lo.lerp_(lo, self.momentum), self.hi.lerp_(hi, self.momentum)
+        self.lo.copy_(torch.where(self.seen, self.lo.lerp(lo, self.momentum), lo))
+        self.hi.copy_(torch.where(self.seen, self.hi.lerp(hi, self.momentum), hi))
+        self.seen.fill_(True)
 
     @torch.no_grad()
     def set_range(self) -> None:
         levels = 2**self.bits - 1
-        s = float(max(self.hi - self.lo, 1e-8)) / levels
-        self.zero.fill_(round(-float(self.lo) / s))
-        self.scale.fill_(s)
-        self.ready.fill_(True)
+        s = (self.hi - self.lo).clamp_min(1e-8) / levels
+        self.zero.copy_(torch.round(-self.lo / s))
+        self.scale.copy_(s)
+        _mark_ready(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self.observe(x)
             return x
-        if not bool(self.ready) or (self.mode == "ema" and self.training and not self.frozen):
+        if not self.is_ready or (self.mode == "ema" and self.training and not self.frozen):
             self.observe(x)
             self.set_range()
-        qmin, qmax = -float(self.zero), float(2**self.bits - 1) - float(self.zero)
+        # the zero point stays a device tensor: float(self.zero) would be a host sync per forward
+        qmin, qmax = -self.zero, (2**self.bits - 1) - self.zero
         s = self.scale.abs().clamp_min(1e-8)
-        g = 1.0 / (x[0].numel() * max(qmax, 1.0)) ** 0.5
+        g = (x[0].numel() * qmax.clamp_min(1.0)).rsqrt()
         return FakeQuant.apply(x, s, qmin, qmax, g)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
+
+
+def _ready_flag(module: nn.Module) -> None:
+    """A quantizer's "calibrated" state, twice: the ``ready`` buffer that checkpoints and
+    artifacts carry, and a Python mirror the forward reads (reading the buffer there would
+    be a host sync per forward). Loading a state dict refreshes the mirror once."""
+    module.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+    module.is_ready = False
+
+    def refresh(mod: nn.Module, _: Any) -> None:
+        mod.is_ready = bool(mod.ready)
+
+    module.register_load_state_dict_post_hook(refresh)
+
+
+def _mark_ready(module: nn.Module) -> None:
+    module.ready.fill_(True)
+    module.is_ready = True
 
 
 class _QMixin:
@@ -265,7 +287,8 @@ def quantize_model(model: nn.Module, bits: int, *, act_bits: int = 8, first_bits
         a_bits = OFF if act_bits == OFF else w_bits if (i == 0 or m is last) else act_bits
         if w_bits == OFF:
             continue
-        q = make_layer("conv" if isinstance(m, nn.Conv2d) else "linear", layer_args(m), w_bits, a_bits, act_range, learn)
+        with torch.device(m.weight.device):  # quantizer parameters and buffers beside the weights
+            q = make_layer("conv" if isinstance(m, nn.Conv2d) else "linear", layer_args(m), w_bits, a_bits, act_range, learn)
         q.weight, q.bias = m.weight, m.bias
         set_module(model, name, q.train(m.training))
     return model
@@ -285,10 +308,11 @@ def calibrate(model: nn.Module, batches: Batches, max_batches: int = 8) -> nn.Mo
     for a in acts:
         a.calibrating = True
         a.seen.fill_(False)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = 0
     try:
         for x, *_ in batches:
-            model(x)
+            model(x.to(device, non_blocking=True))
             n += 1
             if n >= max_batches:
                 break

@@ -127,8 +127,9 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
 
 
 def train_step(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
-               optimizer: torch.optim.Optimizer, cfg: CompressConfig) -> float:
-    """One optimizer step: KD against the frozen teacher when ``kd_alpha > 0``, else CE."""
+               optimizer: torch.optim.Optimizer, cfg: CompressConfig) -> torch.Tensor:
+    """One optimizer step: KD against the frozen teacher when ``kd_alpha > 0``, else CE.
+    Returns the detached loss on the device (callers sum it there and read it per epoch)."""
     logits = model(x)
     if cfg.distills and teacher is not None:
         loss = kd_loss(logits, teacher_logits(teacher, x), y, cfg.kd_temperature, cfg.kd_alpha)
@@ -137,7 +138,7 @@ def train_step(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str, Any]) -> dict[str, Any]:
@@ -161,18 +162,25 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
                    out_dir: str | Path, *, teacher_info: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
                    teacher_metrics: dict[str, Any] | None = None, steps_per_epoch: int | None = None,
                    log: Callable[[str], None] = print,
-                   on_epoch: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+                   on_epoch: Callable[[int, nn.Module], None] | None = None,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
     """Run the whole recipe in this process; returns the metrics dict (also the teacher's).
 
     ``train_batches(epoch)`` yields normalised (x, y) batches of one epoch; ``calib`` feeds
     quantizer calibration, Taylor scores and the int8 runtime; ``eval_batches`` the
-    accuracy. The artifact goes to ``out_dir/model.pt``."""
+    accuracy. Teacher, student and every batch fine-tune on ``device`` (a Tune trial's
+    GPU); measuring the saved artifact happens on the CPU, as it is deployed there.
+    The artifact goes to ``out_dir/model.pt``."""
+    device = torch.device(device)
     teacher = freeze_teacher(teacher)
     if teacher_metrics is None:
         with tempfile.TemporaryDirectory() as tmp:  # the teacher as an fp32 artifact: the size baseline
             save_artifact(tmp, teacher)
             teacher_metrics = measure(teacher, eval_batches, artifact=tmp)
-    model = build_student(teacher, cfg, images=lambda: torch.cat([x for x, _ in calib]))
+    model = build_student(teacher, cfg, images=lambda: torch.cat([x for x, _ in calib])).to(device)
+    teacher = teacher.to(device)
+    host_calib = calib  # the int8 runtime calibrates on the CPU
+    calib = [(x.to(device), y.to(device)) for x, y in calib]
     events, qstart = prune_events(cfg), quant_epoch(cfg)
     epochs = cfg.finetune_epochs
     steps_per_epoch = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule
@@ -205,22 +213,23 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
         if epochs == 0:
             break
         model.train()
-        losses = []
+        loss_sum, batches = torch.zeros((), dtype=torch.float64, device=device), 0
         for x, y in train_batches(epoch):
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
-            losses.append(train_step(model, teacher, x, y, optimizer, cfg))
-            step += 1
-        log(f"epoch {epoch}: loss {sum(losses) / max(len(losses), 1):.4f}")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss_sum += train_step(model, teacher, x, y, optimizer, cfg).double()
+            step, batches = step + 1, batches + 1
+        log(f"epoch {epoch}: loss {float(loss_sum) / max(batches, 1):.4f}")  # the epoch's one host read
         if on_epoch is not None:  # e.g. a Tune report, so a scheduler can stop poor trials
             was_training = model.training
             on_epoch(epoch, model.eval())
             model.train(was_training)
     finish(model, cfg, calib, lock)
     out = Path(out_dir)
-    save_artifact(out, model, method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
+    save_artifact(out, model.cpu(), method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
                   teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
     loaded, _ = load_artifact(out)  # measure the file, not the in-memory model
-    int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
+    int8 = to_int8(loaded, host_calib, max_batches=cfg.calib_batches) if cfg.int8 else None
     metrics = measure(loaded, eval_batches, artifact=out, int8_model=int8, teacher=teacher_metrics)
     return {"student": metrics, "teacher": teacher_metrics, "method": method_summary(loaded, cfg, teacher.spec)}

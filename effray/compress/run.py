@@ -110,7 +110,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     from effray.data.pipeline import sample_images
     from effray.evaluate import load_checkpoint
     from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate
-    from effray.train.strategy import make_strategy, prepare_model, unwrap
+    from effray.train.parallel import make_strategy, prepare_model
+    from effray.train.strategy import unwrap
 
     rc = from_dict(CompressRunConfig, config["run"])
     cfg, ctx = rc.compress, config["ctx"]
@@ -165,16 +166,17 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
             break
         seed_epoch(rc.data.seed, epoch, rank)
         model.train()
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)  # read once, after the epoch
         batches = torch_batches(train_shard, meta, per_worker, clock=ctx["clock"], epoch=epoch,
                                 shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
         for b in batches:
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
-            x, y = b["image"].to(device), b["label"].to(device)
-            sums += torch.tensor([train_step(model, teacher, x, y, optimizer, cfg) * len(y), len(y)], dtype=torch.float64)
+            x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True)
+            sums[0] += train_step(model, teacher, x, y, optimizer, cfg).double() * len(y)
+            sums[1] += len(y)
             step += 1
-        sums = all_sum(sums.to(strategy.reduce_device)).cpu()
+        sums = all_sum(sums).cpu()
         metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "lr": optimizer.param_groups[0]["lr"]}
         metrics.update(validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes))
         if rank == 0:
@@ -278,8 +280,8 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     (``{"epochs", "final", "world"}``)."""
     from effray.data.pipeline import eval_dataset, train_dataset
     from effray.train.checkpoint import data_summary
+    from effray.train.parallel import STRATEGIES
     from effray.train.run import fit, torch_trainer
-    from effray.train.strategy import STRATEGIES
 
     rows, per_worker = worker_batches(rc, meta)
     clock = f"effray-compress-clock-{uuid.uuid4().hex[:8]}"

@@ -89,11 +89,17 @@ def _warp(images: Tensor, mats: Tensor, border: bool = False, mode: str = "bilin
         return images.clone()
     dev = images.device
     sx, sy = max(w - 1, 1) / 2, max(h - 1, 1) / 2  # [-1, 1] <-> pixels, align_corners=True
-    to_norm = torch.tensor([[1 / sx, 0, -1], [0, 1 / sy, -1], [0, 0, 1]], device=dev)
-    to_px = torch.tensor([[sx, 0, sx], [0, sy, sy], [0, 0, 1]], device=dev)
-    last = torch.tensor([0.0, 0.0, 1.0], device=dev).expand(n, 1, 3)
-    theta = (to_norm @ torch.cat([mats.to(dev).float(), last], 1) @ to_px)[:, :2]
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=True)
+    # theta = to_norm @ [mats; 0 0 1] @ to_px with to_px = [[sx,0,sx],[0,sy,sy],[0,0,1]] and
+    # to_norm its inverse, written out: scalars only, no host-to-device copy of constants
+    m = mats.to(dev).float()
+    (a, b, c), (d, e, f) = m[:, 0].unbind(1), m[:, 1].unbind(1)
+    theta = torch.stack([torch.stack([a, b * (sy / sx), (a * sx + b * sy + c) / sx - 1], 1),
+                         torch.stack([d * (sx / sy), e, (d * sx + e * sy + f) / sy - 1], 1)], 1)  # fmt: skip
+    # affine_grid(theta, align_corners=True) as one batched matmul over the pixel centres
+    # (cuDNN's affine-grid kernel buys nothing at these sizes)
+    ys, xs = torch.linspace(-1, 1, h, device=dev), torch.linspace(-1, 1, w, device=dev)
+    base = torch.stack([xs.expand(h, w), ys.view(-1, 1).expand(h, w), torch.ones(h, w, device=dev)], -1)
+    grid = (base.view(1, h * w, 3) @ theta.transpose(1, 2)).view(n, h, w, 2)
     out = F.grid_sample(
         images.permute(0, 3, 1, 2).float(),
         grid,
@@ -275,7 +281,7 @@ def _gamma(g: torch.Generator, a: float) -> Tensor:
     u = _rand(g, 16)
     v = (1 + c * x) ** 3
     ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-12)))
-    out = d * v[ok.int().argmax()]
+    out = d * v.gather(0, ok.int().argmax().view(1))[0]  # a gather: a tensor index would read it on the host
     return out * _rand(g, 1)[0] ** (1 / a) if a < 1 else out
 
 
@@ -330,7 +336,10 @@ def _equalize(x: Tensor) -> Tensor:
     dev = x.device
     flat = x.permute(0, 3, 1, 2).reshape(n * c, h * w).long()
     offset = 256 * torch.arange(n * c, device=dev)[:, None]
-    hist = torch.bincount((flat + offset).flatten(), minlength=n * c * 256).view(n * c, 256)
+    # a fixed-size scatter-add, not bincount: bincount's size depends on the data's max (a host sync)
+    index = (flat + offset).flatten()
+    hist = torch.zeros(n * c * 256, dtype=torch.int64, device=dev).index_add_(0, index, torch.ones_like(index))
+    hist = hist.view(n * c, 256)
     last = hist.gather(1, 255 - (hist.flip(1) > 0).int().argmax(1, keepdim=True))
     step = (h * w - last) // 255
     lut = (hist.cumsum(1) + step // 2) // step.clamp_min(1)
@@ -387,13 +396,14 @@ SUB_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def apply_sub_ops(images: Tensor, choice: Tensor, values: Tensor) -> Tensor:
-    """Torch twin of :func:`effray.data.augment.apply_sub_ops` (one call per sub-op group;
-    finding the groups costs one host sync per sub-op)."""
-    out = images.clone()
+    """Torch twin of :func:`effray.data.augment.apply_sub_ops`: every sub-op runs on the whole
+    batch and each image keeps its chosen one. Gathering each sub-op's images first would
+    need their indices on the host (a sync per sub-op); the ops are per-image, so the
+    result is the same, and a GPU does the extra elementwise work faster than it waits."""
+    out = images
     for k, name in enumerate(AUTO_MAGNITUDES):
-        sel = torch.nonzero(choice == k).squeeze(1)
-        if sel.numel():
-            out[sel] = SUB_OPS[name](images[sel], values[sel])
+        picked = (choice == k).view(-1, *([1] * (images.dim() - 1)))
+        out = torch.where(picked, SUB_OPS[name](images, values), out)
     return out
 
 
@@ -473,9 +483,13 @@ def batch_generator(
 ) -> torch.Generator:
     """A torch generator on ``device`` seeded from ``batch_rng(seed, epoch, key)``: the same
     reproducibility rule as the numpy pipeline."""
-    return torch.Generator(device=device).manual_seed(
-        int(batch_rng(seed, epoch, key).integers(2**63))
-    )
+    return new_generator(device).manual_seed(int(batch_rng(seed, epoch, key).integers(2**63)))
+
+
+def new_generator(device: str | torch.device) -> torch.Generator:
+    """A fresh generator on ``device`` (the seam the fake-CUDA tests replace: a real CUDA
+    generator needs a driver)."""
+    return torch.Generator(device=device)
 
 
 def normalize_torch(

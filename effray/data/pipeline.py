@@ -164,8 +164,8 @@ def decode_batch(table: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 def decode_rows(batch: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """The decoding ``map_batches`` UDF: Arrow rows -> the columns training keeps, uint8
-    NHWC images (a quarter of float32's bytes through the object store; the consumer
-    normalises, :class:`ToModelInput`, where it costs one fused op)."""
+    NHWC images (a quarter of float32's bytes through the object store and over PCIe; the
+    consumer normalises them on its device, :func:`torch_batches`)."""
     return {k: v for k, v in decode_batch(batch, shape).items() if k in KEEP_COLUMNS}
 
 
@@ -184,36 +184,47 @@ def augment_rows(batch: dict[str, np.ndarray], *, policy: str, num_classes: int,
 
 
 class ToModelInput(NumpyBatchCollateFn):
-    """``collate_fn`` for ``iter_torch_batches``: uint8 NHWC -> normalised float32 NCHW.
+    """``collate_fn`` for ``iter_torch_batches``: numpy columns -> CPU tensors, images still
+    uint8 NHWC. Ray's finalize step then copies the batch to the consumer's device (inside
+    a Train worker: its GPU), a quarter of float32's bytes over PCIe; :func:`torch_batches`
+    normalises there. ``rows=(r, n)`` keeps only the rows with ``index % n == r``, chosen
+    here on the host, so a rank's validation rows reach its device without any
+    data-dependent indexing (a host sync) on the device."""
 
-    The NCHW tensor is a permuted view of NHWC memory, i.e. already channels-last; it is
-    made contiguous NCHW unless ``channels_last``. With ``normalise=False`` images stay
-    uint8 NHWC, for on-device augmentation (``--augment-on gpu``)."""
-
-    def __init__(self, mean: list[float], std: list[float], channels_last: bool = False,
-                 normalise: bool = True) -> None:
-        self.mean, self.std = mean, std
-        self.channels_last, self.normalise = channels_last, normalise
+    def __init__(self, rows: tuple[int, int] | None = None) -> None:
+        self.rows = rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
+        if self.rows is not None and self.rows[1] > 1:
+            keep = (batch["index"] % self.rows[1]) == self.rows[0]
+            batch = {k: v[keep] for k, v in batch.items()}
         # Ray hands out read-only views of the object store; torch wants writable memory
-        out = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
-        if self.normalise:
-            out["image"] = normalize_tensor(out["image"], self.mean, self.std, self.channels_last)
-        return out
+        return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
 
 
-def normalize_tensor(images: Any, mean: list[float], std: list[float], channels_last: bool = False) -> Any:
-    """uint8 NHWC tensor (any device) -> normalised float32 NCHW tensor."""
+def channel_stats(mean: list[float], std: list[float], device: Any) -> tuple[Any, Any]:
+    """``(255 * mean, 255 * std)`` as (1, C, 1, 1) float32 tensors on ``device``. Made once
+    per epoch's stream, not per batch: a copy from pageable host memory to a GPU waits for
+    the GPU to drain (a host sync)."""
     import torch
 
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return m.to(device), s.to(device)
+
+
+def normalize_tensor(images: Any, mean: Any, std: Any, channels_last: bool = False) -> Any:
+    """uint8 NHWC tensor (any device) -> normalised float32 NCHW tensor. ``mean``/``std``:
+    per-channel lists, or :func:`channel_stats` tensors already on the images' device."""
+    import torch
+
+    if not torch.is_tensor(mean):
+        mean, std = channel_stats(mean, std, images.device)
     x = images.permute(0, 3, 1, 2)  # a channels-last view; transposing uint8 is 4x cheaper than float
     x = x if channels_last else x.contiguous()
-    return x.float().sub_(m).div_(s)
+    return x.float().sub_(mean).div_(std)
 
 
 def sample_images(data_dir: str | os.PathLike, n: int, mean: list[float], std: list[float], split: str = "train") -> Any:
@@ -342,18 +353,45 @@ def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: floa
 
 def torch_batches(ds: Any, meta: dict[str, Any], batch_size: int, *, clock: str = "", epoch: int = 0,
                   shuffle_buffer: int = 0, seed: int = 0, normalise: bool = True,
-                  channels_last: bool = False, prefetch_batches: int = 2) -> Any:
-    """One epoch of torch batches from a Dataset or a Train worker's shard (DataIterator).
+                  channels_last: bool = False, prefetch_batches: int = 2,
+                  rows: tuple[int, int] | None = None) -> Any:
+    """One epoch of torch batches from a Dataset or a Train worker's shard (DataIterator),
+    on the consumer's device (a Train worker's GPU, else the CPU).
 
     Advances the epoch clock first (idempotent, so every rank may do it), then streams
-    with an optional seeded local shuffle; images come out normalised float32 NCHW."""
+    with an optional seeded local shuffle. Images travel as uint8 and are normalised to
+    float32 NCHW on the device (``normalise=False`` keeps them uint8 NHWC, for on-device
+    augmentation); ``rows=(r, n)``: only rows with ``index % n == r``."""
     if clock:
         set_epoch(clock, epoch)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "prefetch_batches": prefetch_batches,
-                              "collate_fn": ToModelInput(meta["mean"], meta["std"], channels_last, normalise)}
+                              "collate_fn": ToModelInput(rows), "pin_memory": _to_gpu()}
     if shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed * 100003 + epoch)
-    return ds.iter_torch_batches(**kwargs)
+    batches = ds.iter_torch_batches(**kwargs)
+    if not normalise:
+        return batches
+    return _normalised(batches, meta["mean"], meta["std"], channels_last)
+
+
+def _normalised(batches: Any, mean: list[float], std: list[float], channels_last: bool) -> Any:
+    stats = None
+    for b in batches:
+        if stats is None or stats[0].device != b["image"].device:
+            stats = channel_stats(mean, std, b["image"].device)
+        yield {**b, "image": normalize_tensor(b["image"], *stats, channels_last)}
+
+
+def _to_gpu() -> bool:
+    """Whether ``iter_torch_batches(device="auto")`` will copy to a GPU (then pinned host
+    memory makes the copy asynchronous)."""
+    try:
+        from ray.train.torch import get_device
+        from ray.train.utils import _in_ray_train_worker
+
+        return bool(_in_ray_train_worker() and get_device().type == "cuda")
+    except Exception:  # noqa: BLE001 - outside Ray Train, or an older Ray: plain pageable copies
+        return False
 
 
 def validate_data_dir(data_dir: str) -> dict[str, Any]:

@@ -169,6 +169,7 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
 
     teacher, _ = load_checkpoint(ctx["teacher"])
     meta = load_meta(ctx["data"])
+    device = trial_device()
     data_cfg = DataConfig(data=ctx["data"], augment=ctx["augment"], seed=ctx["seed"])
     clock = f"tune-{ctx['name']}-{trial}"
     train_ds = train_dataset(data_cfg, clock=clock)
@@ -193,10 +194,19 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
                                     teacher_info=ctx["teacher_info"], data=ctx["data_info"],
                                     teacher_metrics=ctx["teacher_metrics"], on_epoch=on_epoch,
                                     steps_per_epoch=max(1, -(-meta["counts"]["train"] // bs)),
-                                    log=lambda line: None)  # fmt: skip
+                                    log=lambda line: None, device=device)  # fmt: skip
             report_final(result["student"], tmp)
     finally:
         kill_clock(clock)
+
+
+def trial_device() -> Any:
+    """The GPU Tune gave this trial (``--gpus-per-trial`` > 0: Ray sets
+    ``CUDA_VISIBLE_DEVICES`` to it, so it is ``cuda:0`` here), else the CPU."""
+    import ray
+    import torch
+
+    return torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _trial_on_ray_train(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tracker: Any,
@@ -280,9 +290,9 @@ def check_trial_resources(cfg: TuneConfig, total: dict[str, float], nodes: list[
                 f"{gpus:g}; lower --cpus-per-trial/--gpus-per-trial")  # fmt: skip
         return
     cpw, gpw = cfg.cpus_per_worker, cfg.gpus_per_worker
-    require(gpw == 0 or gpw >= 1,
+    require(gpw == 0 or float(gpw).is_integer(),
             f"--workers-per-trial {w} splits --gpus-per-trial {cfg.gpus_per_trial:g} into {gpw:g} GPU per worker; "
-            f"DDP on NCCL needs a whole GPU per worker: use --gpus-per-trial {w} (or 0 for CPUs)")  # fmt: skip
+            f"DDP on NCCL needs whole GPUs per worker: use --gpus-per-trial {w} (or 0 for CPUs)")  # fmt: skip
     data = max(cfg.data_cpus, 1.0)  # Ray Data's file reads take a whole CPU whatever --data-cpus says
     need = cfg.cpus_per_trial + data + DRIVER_CPUS
     require(need <= cpus and cfg.gpus_per_trial <= gpus,

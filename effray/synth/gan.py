@@ -119,8 +119,9 @@ def gan_step(
     labels: torch.Tensor,
     z_dim: int,
     num_classes: int,
-) -> tuple[float, float]:
-    """One discriminator step, then one generator step; returns (d_loss, g_loss).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One discriminator step, then one generator step; returns (d_loss, g_loss), detached
+    on the device (reading them here would make the host wait for the GPU every step).
 
     Real and fake go through the discriminator in one call (one DDP forward per
     backward); fake labels are drawn uniformly so every class gets trained equally."""
@@ -141,7 +142,7 @@ def gan_step(
     d.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
-    return float(d_loss.detach()), float(g_loss.detach())
+    return d_loss.detach(), g_loss.detach()
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from effray.config import from_dict, require, to_dict
 from effray.errors import EffrayError
 from effray.synth.config import NOT_ARCH, SynthTrainConfig
 from effray.train.checkpoint import FORMATS, checkpoint_file, read_payload, rng_state, save_payload
-from effray.train.strategy import STRATEGIES
+from effray.train.parallel import STRATEGIES
 
 GAN_FORMAT = "effray.synth.gan/1"  # resumable training state (both networks + optimizers)
 GENERATOR_FORMAT = "effray.synth.generator/1"  # the artifact: generator weights + what they mean
@@ -112,13 +112,14 @@ def gan_loop_per_worker(config: dict[str, Any]) -> None:
         d.load_state_dict(payload["discriminator"])
     g, d = ray.train.torch.prepare_model(g), ray.train.torch.prepare_model(d)
     betas = (cfg.beta1, cfg.beta2)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step, step counts on the GPU
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=betas, **fused)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas, **fused)
     start, history, elapsed = 0, [], 0.0
     if payload is not None:
         opt_g.load_state_dict(payload["opt_g"])
         opt_d.load_state_dict(payload["opt_d"])
-        set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"], device)
         start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])  # fmt: skip
     token = random.SystemRandom().randrange(16**6)
     start, token = from_rank0([start, token], device)
@@ -139,9 +140,10 @@ def gan_loop_per_worker(config: dict[str, Any]) -> None:
             # BatchNorm needs two rows; shards are equal, so every rank skips the same batch
             if len(batch["label"]) < 2:
                 continue
-            real, labels = from_uint8(batch["image"]).to(device), batch["label"].to(device)
+            # uint8 to the device (a quarter of float's bytes), scaled there
+            real, labels = from_uint8(batch["image"].to(device, non_blocking=True)), batch["label"].to(device, non_blocking=True)
             d_loss, g_loss = gan_step(g, d, opt_g, opt_d, real, labels, cfg.z_dim, num_classes)
-            sums += torch.tensor([d_loss, g_loss, 1.0], dtype=torch.float64, device=device)
+            sums += torch.stack([d_loss.double(), g_loss.double(), torch.ones((), dtype=torch.float64, device=device)])
         seconds = time.perf_counter() - t0
         elapsed += seconds
         sums = all_sum(sums).cpu()  # losses averaged over every rank's steps
@@ -157,7 +159,7 @@ def gan_loop_per_worker(config: dict[str, Any]) -> None:
                 _append_history(run["run_dir"], {**metrics, "attempt": f"{token:06x}"})
                 save_payload(tmp, {
                     "format": GAN_FORMAT, "generator": unwrap(g).state_dict(), "discriminator": unwrap(d).state_dict(),
-                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
+                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch + 1, "rng": rng_state(device),
                     "g_spec": dict(unwrap(g).spec), "config": _plain(config["train"]), "data": _plain(data),
                     "history": _plain(history), "elapsed_s": elapsed})  # fmt: skip
                 ckpt = ray.train.Checkpoint.from_directory(tmp)

@@ -102,26 +102,36 @@ def first_readable(candidates: Sequence[str | os.PathLike],
     raise EffrayError(f"none of the {len(problems)} checkpoints is readable; last problem: {problems[-1] if problems else 'no checkpoints'}")
 
 
-def rng_state() -> dict[str, Any]:
-    """Torch (CPU, CUDA) and Python RNG states, as weights-only-loadable types."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Torch (CPU, and ``device``'s when it is a GPU) and Python RNG states, as
+    weights-only-loadable types. Only the worker's own GPU: ``get_rng_state_all`` would
+    create a CUDA context (~0.5 GB) on every GPU of the node in every worker."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`; the GPU part only onto this worker's ``device``."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints held every GPU's state
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def train_payload(*, model_state: dict[str, torch.Tensor], model_spec: dict[str, Any],
                   optimizer: dict[str, Any], scheduler: dict[str, Any], epoch: int,
                   config: dict[str, Any], data: dict[str, Any], history: list[dict[str, Any]],
                   provenance: dict[str, Any], elapsed_s: float,
-                  numerics: dict[str, bool] | None = None) -> dict[str, Any]:
+                  numerics: dict[str, bool] | None = None, device: torch.device | None = None) -> dict[str, Any]:
     """Everything needed to resume (weights, optimizer, scheduler, epoch, RNG), to score
     the weights as training did (``numerics``: bf16 autocast, channels-last) and to know
     where they came from (resolved config, data checksum and normalisation,
@@ -136,7 +146,7 @@ def train_payload(*, model_state: dict[str, torch.Tensor], model_spec: dict[str,
         "optimizer": optimizer,
         "scheduler": scheduler,
         "epoch": int(epoch),
-        "rng": rng_state(),
+        "rng": rng_state(device),
         "config": config,
         "data": data,
         "history": history,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from effray.config import from_dict
-from effray.data.pipeline import sample_images, torch_batches
+from effray.data.pipeline import channel_stats, normalize_tensor, sample_images, torch_batches
 from effray.errors import EffrayError
 from effray.evaluate import tta_logits
 from effray.models import build_model
@@ -40,7 +40,8 @@ from effray.train.checkpoint import (
     train_payload,
 )
 from effray.train.config import TrainConfig
-from effray.train.strategy import Strategy, make_strategy, prepare_model
+from effray.train.parallel import make_strategy, prepare_model
+from effray.train.strategy import Strategy
 
 FAILURE_MARKER = ".effray-injected-failure"
 HISTORY_FILE = "history.jsonl"
@@ -196,6 +197,50 @@ def restore(rank: int) -> tuple[str, dict[str, Any]] | None:
         return None
 
 
+def class_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[correct, loss sum, correct per class..., count per class...]`` of one batch as a
+    float64 tensor on the logits' device: fixed-size scatter adds, no boolean indexing
+    or ``bincount`` (their output size depends on the data: a host sync on a GPU)."""
+    labels = labels.to(logits.device, non_blocking=True)
+    hit = (logits.argmax(dim=1) == labels).double()
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
+    per_ok = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, labels, hit)
+    per_n = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, labels, torch.ones_like(hit))
+    return torch.cat([hit.sum().view(1), loss.view(1), per_ok, per_n])
+
+
+def validation_sums(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[str, Any], batch: int,
+                    rank: int, world: int, num_classes: int, tta: int = 0) -> torch.Tensor:
+    """:func:`class_sums` over this replica's rows (``index % world == rank``, picked on the
+    host before the copy), summed over replicas, left on the device: nothing here waits
+    for the GPU."""
+    model.eval()  # running BN statistics, and none of them updated by validation
+    strategy.sync_for_eval(model)
+    sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64, device=strategy.reduce_device)
+    for b in torch_batches(shard, meta, batch, channels_last=strategy.channels_last, rows=(rank, world)):
+        if len(b["label"]) == 0:  # a shape, known on the host
+            continue
+        sums += batch_sums(strategy, model, b["image"], b["label"], num_classes, tta).to(sums.device)
+    return strategy.sum_replicas(sums)
+
+
+@torch.no_grad()
+def batch_sums(strategy: Strategy, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               num_classes: int, tta: int = 0) -> torch.Tensor:
+    """:func:`class_sums` of one validation batch, scored with test-time augmentation
+    ``tta``, on the model's device."""
+    return class_sums(tta_logits(lambda x: strategy.predict(model, x), images, tta), labels, num_classes)
+
+
+def validation_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """The epoch's one host read of the validation sums, as the reported metrics."""
+    sums = sums.cpu()
+    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2:2 + num_classes], sums[2 + num_classes:]
+    count = float(per_n.sum())
+    return {"val_accuracy": float(correct) / max(count, 1.0), "val_loss": float(loss) / max(count, 1.0),
+            "val_count": int(count), "val_per_class_accuracy": [float(o / n) if n else None for o, n in zip(per_ok, per_n)]}  # fmt: skip
+
+
 def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[str, Any], batch: int,
              rank: int, world: int, num_classes: int, tta: int = 0) -> dict[str, Any]:
     """Accuracy, loss and per-class accuracy on the *whole* validation split.
@@ -203,25 +248,21 @@ def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[
     Every rank reads the full split and scores the rows with ``index % world == rank``;
     summing (correct, loss, count, per-class) over ranks gives exactly the full split's
     numbers, with no row dropped or counted twice."""
-    model.eval()  # running BN statistics, and none of them updated by validation
-    strategy.sync_for_eval(model)
-    sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64)
-    for b in torch_batches(shard, meta, batch, channels_last=strategy.channels_last):
-        keep = (b["index"] % world) == rank
-        if not bool(keep.any()):
-            continue
-        labels = b["label"][keep]
-        logits = tta_logits(lambda x: strategy.predict(model, x), b["image"][keep], tta).cpu()
-        pred = logits.argmax(dim=1)
-        sums[0] += (pred == labels).sum()
-        sums[1] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[2:2 + num_classes] += torch.bincount(labels[pred == labels], minlength=num_classes)
-        sums[2 + num_classes:] += torch.bincount(labels, minlength=num_classes)
-    sums = strategy.sum_replicas(sums.to(strategy.reduce_device)).cpu()
-    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2:2 + num_classes], sums[2 + num_classes:]
-    count = float(per_n.sum())
-    return {"val_accuracy": float(correct) / max(count, 1.0), "val_loss": float(loss) / max(count, 1.0),
-            "val_count": int(count), "val_per_class_accuracy": [float(o / n) if n else None for o, n in zip(per_ok, per_n)]}  # fmt: skip
+    return validation_metrics(validation_sums(strategy, model, shard, meta, batch, rank, world, num_classes, tta),
+                              num_classes)
+
+
+def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               batch: dict[str, Any], loss_fn: Any, sums: torch.Tensor) -> None:
+    """One optimizer step on ``batch``; its loss and row count are added to ``sums`` (on
+    the device) instead of being read back, so the host never waits for the GPU here."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = strategy.forward_backward(model, batch["image"], batch, loss_fn)
+    optimizer.step()
+    scheduler.step()
+    n = len(batch["label"])
+    sums[0] += loss.to(sums.device, torch.float64) * n
+    sums[1] += n
 
 
 def _progress(epoch: int, total: int, m: dict[str, Any], eta_s: float) -> str:
@@ -269,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if payload is not None:
         strategy.load_optimizer_state(model, optimizer, payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"], device)
         start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])
     token = random.SystemRandom().randrange(16**6)
     start, token = from_rank0([start, token], strategy.reduce_device)
@@ -277,12 +318,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and payload is not None:
         say(f"[effray] resuming {run['name']} from {restored[0]} (epoch {start}/{cfg.epochs})")
 
-    gpu_policy = None
+    gpu_policy = stats = None
+    meta = {"mean": data["mean"], "std": data["std"]}
     if cfg.data.augment_on == "gpu":
         from effray.data.augment_torch import parse_policy_torch
 
         gpu_policy = parse_policy_torch(cfg.data.augment, num_classes)
-    meta = {"mean": data["mean"], "std": data["std"]}
+        stats = channel_stats(meta["mean"], meta["std"], device)
     loss_fn = lambda logits, batch: soft_cross_entropy(logits, batch, cfg.label_smoothing)  # noqa: E731
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     tracker = make_tracker(TrackerSettings(**run["tracker"])) if rank == 0 and run["tracker"] and start < cfg.epochs else NullTracker()
@@ -305,21 +347,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for step, batch in enumerate(batches):
                 waited += time.perf_counter() - asked
                 if gpu_policy is not None:
-                    batch = augment_on_device(batch, gpu_policy, meta, device, (cfg.seed, epoch, rank, step))
-                optimizer.zero_grad(set_to_none=True)
-                loss = strategy.forward_backward(model, batch["image"], batch, loss_fn)
-                optimizer.step()
-                scheduler.step()
+                    batch = augment_on_device(batch, gpu_policy, stats, device, (cfg.seed, epoch, rank, step),
+                                              strategy.channels_last)  # fmt: skip
+                train_step(strategy, model, optimizer, scheduler, batch, loss_fn, sums)
                 if lookahead is not None:
                     lookahead.after_step(strategy.unwrap(model), epoch * steps + step + 1)
-                n = len(batch["label"])
-                sums += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=loss.device)]).to(sums.device)
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
                     _die_once(run_dir)
                 asked = time.perf_counter()
             if lookahead is not None:
                 lookahead.end_epoch(strategy.unwrap(model))
-            sums = strategy.sum_replicas(torch.cat([sums, torch.tensor([waited], dtype=torch.float64, device=sums.device)])).cpu()
+            sums = strategy.sum_replicas(torch.cat([sums, sums.new_tensor([waited])])).cpu()  # the epoch's host read
             train_s = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
                        "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
@@ -348,7 +386,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             model_state=model_state, model_spec=dict(strategy.unwrap(model).spec),
                             optimizer=opt_state, scheduler=scheduler.state_dict(), epoch=epoch + 1,
                             config=config["train"], data=data, history=history, provenance=run["provenance"],
-                            elapsed_s=elapsed, numerics=strategy.numerics()))  # fmt: skip
+                            elapsed_s=elapsed, numerics=strategy.numerics(), device=device))  # fmt: skip
                         if last:
                             tracker.log_checkpoint(str(f), f"{run['name']}-model", {"epoch": epoch + 1, **metrics})
                         ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -361,16 +399,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker.finish()
 
 
-def augment_on_device(batch: dict[str, Any], policy: Any, meta: dict[str, Any], device: torch.device,
-                      key: tuple[int, int, int, int]) -> dict[str, Any]:
+def augment_on_device(batch: dict[str, Any], policy: Any, stats: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                      key: tuple[int, int, int, int], channels_last: bool = False) -> dict[str, Any]:
     """``--augment-on gpu``: uint8 NHWC batch -> augmented, normalised NCHW on the device,
-    with a generator seeded from (seed, epoch, rank, step) so runs repeat exactly."""
-    from effray.data.augment_torch import batch_generator, normalize_torch
+    with a generator seeded from (seed, epoch, rank, step) so runs repeat exactly.
+    ``stats``: :func:`effray.data.pipeline.channel_stats` on ``device``, made once."""
+    from effray.data.augment_torch import batch_generator
 
     seed, epoch, rank, step = key
     g = batch_generator(seed, epoch, (rank << 32) + step, device)
     out = policy({k: v.to(device, non_blocking=True) for k, v in batch.items()}, g)
-    out["image"] = normalize_torch(out["image"], meta["mean"], meta["std"])
+    out["image"] = normalize_tensor(out["image"], *stats, channels_last)
     return out
 
 

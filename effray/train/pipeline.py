@@ -18,13 +18,17 @@ step therefore equals single-process *gradient accumulation* over the same M
 micro-batches (loss of each scaled by its share of the batch), not one full-batch
 forward. Evaluation runs the whole eval batch through the same stages in eval mode.
 
-P2P: our own GPipe / 1F1B over plain ``dist.isend`` + blocking ``dist.recv`` of one tensor
-at a time (shape and dtype travel in a small header first), not ``torch.distributed.
-pipelining``: its schedules post batched isend/irecv (``batch_isend_irecv``), which can
-hang on gloo in some torch versions, and we need labels and end-of-epoch markers on the
-same channel. Non-blocking sends make 1F1B deadlock-free (two neighbours may send to
-each other at once); every send is waited on before the step returns. Works on gloo
-(CPU) and NCCL (GPU tensors on the worker's device).
+P2P: our own GPipe / 1F1B, not ``torch.distributed.pipelining``: labels and end-of-epoch
+markers travel on the same channel. Every exchange is one ``batch_isend_irecv`` that
+both ends post in the same order, waited on before it is used. NCCL does not buffer
+sends, so 1F1B's steady state pairs "send this activation forward" with "receive that
+gradient back" (and "send this input gradient back" with "receive the next input") in
+one batched call on both ends, as Megatron-LM does; ungrouped, two neighbours sending to
+each other at once would deadlock on NCCL (gloo buffers them, which hid it). Shapes are
+known without per-message headers: each link's first activation carries a one-time
+header (per-sample shape, dtype), gradients have the shape of the activation they answer,
+labels the batch size stage 0 announces once per batch. Works on gloo (CPU) and NCCL
+(tensors on the worker's GPU).
 
 Checkpoints: every rank calls :meth:`state_dict` / :meth:`optimizer_state`; pipeline 0's
 stages gather to rank 0 one ordinary full-model state dict (keys as the unsplit model,
@@ -43,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from effray.errors import EffrayError
-from effray.train.strategy import STRATEGIES, LossFn, Strategy, ingest_options
+from effray.train.strategy import LossFn, Strategy, ingest_options
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
@@ -188,7 +192,6 @@ def _pipeline_data_config() -> Any:
     return PipelineDataConfig
 
 
-@STRATEGIES.register("pipeline")
 class PipelineStrategy(Strategy):
     """S pipeline stages x D data-parallel replicas over the default process group."""
 
@@ -203,7 +206,10 @@ class PipelineStrategy(Strategy):
             raise EffrayError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}, got {pipeline_schedule!r}")
         self.stages, self.microbatches, self.schedule, self.split = stages, microbatches, pipeline_schedule, split_points
         self.split_by, self.microbatch_size = split_by, microbatch_size
-        self._pending: list[tuple[Any, torch.Tensor]] = []
+        self._announced = False  # sent this rank's activation header downstream yet?
+        self._in_template: tuple[list[int], torch.dtype] | None = None  # learned from upstream's header
+        if device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.set_device(device)  # NCCL's batched P2P needs the current device set
 
     @classmethod
     def dataset_config(cls, cfg: Any = None, train_ds: Any = None) -> Any:
@@ -248,108 +254,159 @@ class PipelineStrategy(Strategy):
         return self.mesh.replica, self.mesh.replicas
 
     # -- point to point ------------------------------------------------------------------
-    def _send(self, t: torch.Tensor, dst: int) -> None:
-        t = t.detach().to(self.device).contiguous()  # NCCL sends CUDA tensors only
-        header = torch.zeros(8, dtype=torch.int64, device=self.device)
-        header[0], header[1] = t.ndim, _DTYPES.index(t.dtype)
-        header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
-        for x in (header, t):
-            self._pending.append((dist.isend(x, dst), x))
+    def _p2p(self, sends: list[tuple[torch.Tensor, int]] = (), recvs: list[tuple[torch.Tensor, int]] = ()) -> None:  # type: ignore[assignment]
+        """One batched exchange, posted identically by both ends and waited on (on NCCL the
+        wait orders the compute stream after the transfer; the host does not block)."""
+        ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
-    def _recv(self, src: int) -> torch.Tensor:
-        header = torch.empty(8, dtype=torch.int64, device=self.device)
-        dist.recv(header, src)
-        h = header.tolist()
-        t = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
-        dist.recv(t, src)
-        return t
+    def _ints(self, values: list[int]) -> torch.Tensor:
+        """A small int64 message on the device; on a GPU through pinned memory, so the copy
+        is asynchronous (a pageable copy would wait for the GPU)."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
-    def _flush(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
-        self._pending.clear()
+    def _recv_ints(self, count: int, src: int) -> list[int]:
+        """Receive ``count`` integers and read them on the host: only for the rare messages
+        that decide shapes (one per batch, one per link per run)."""
+        t = torch.empty(count, dtype=torch.int64, device=self.device)
+        self._p2p(recvs=[(t, src)])
+        return t.tolist()
+
+    def _act_out(self, y: torch.Tensor) -> torch.Tensor:
+        """The activation to send downstream; the first one is preceded by its header."""
+        y = y.detach().contiguous()
+        if not self._announced:
+            header = [y.ndim - 1, _DTYPES.index(y.dtype), *y.shape[1:]]
+            self._p2p(sends=[(self._ints(header + [0] * (8 - len(header))), self.next)])
+            self._announced = True
+        return y
+
+    def _act_in(self, rows: int) -> torch.Tensor:
+        """An empty buffer for ``rows`` rows of upstream's activation (its shape and dtype
+        from the link's one-time header)."""
+        if self._in_template is None:
+            h = self._recv_ints(8, self.prev)
+            self._in_template = (h[2:2 + h[0]], _DTYPES[h[1]])
+        shape, dtype = self._in_template
+        return torch.empty(rows, *shape, dtype=dtype, device=self.device)
 
     # -- training --------------------------------------------------------------------------
     def batches(self, make: Callable[[], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         """Stage 0 reads ``make()`` and sends (size, labels, targets) down the pipeline;
-        later stages yield label-only batches until the end-of-epoch header."""
+        later stages yield label-only batches until the end-of-epoch header. Reading the
+        size is a later stage's one host read per batch: its data loader, in effect."""
         if self.first:
             for batch in make():
                 if not self.last:
                     self._send_labels(batch)
                 yield batch
             if not self.last:
-                self._send(torch.zeros(2, dtype=torch.int64), self.next)
-                self._flush()
+                self._p2p(sends=[(self._ints([0, 0, 0]), self.next)])
             return
         while True:
-            head = self._recv(self.prev)
-            n, has_target = int(head[0]), bool(head[1])
+            n, has_target, target_dtype = self._recv_ints(3, self.prev)
             if not self.last:
-                self._send(head, self.next)
+                self._p2p(sends=[(self._ints([n, has_target, target_dtype]), self.next)])
             if n == 0:
-                self._flush()
                 return
-            batch = {"label": self._recv(self.prev).cpu(), "image": None}
+            batch = {"label": torch.empty(n, dtype=torch.int64, device=self.device), "image": None}
             if has_target:
-                batch["target"] = self._recv(self.prev).cpu()
+                batch["target"] = torch.empty(n, self.num_classes, dtype=_DTYPES[target_dtype], device=self.device)
+            tensors = [batch[k] for k in ("label", "target") if k in batch]
+            self._p2p(recvs=[(t, self.prev) for t in tensors])
             if not self.last:
-                self._send_labels(batch, header=False)
+                self._p2p(sends=[(t, self.next) for t in tensors])
             yield batch
 
-    def _send_labels(self, batch: dict[str, Any], header: bool = True) -> None:
-        if header:
-            self._send(torch.tensor([len(batch["label"]), int("target" in batch)], dtype=torch.int64), self.next)
-        self._send(batch["label"].to(self.device), self.next)
+    def _send_labels(self, batch: dict[str, Any]) -> None:
+        tensors = [batch["label"].to(self.device, torch.int64, non_blocking=True).contiguous()]
         if "target" in batch:
-            self._send(batch["target"].to(self.device), self.next)
+            tensors.append(batch["target"].to(self.device, non_blocking=True).contiguous())
+        head = [len(batch["label"]), int("target" in batch), _DTYPES.index(tensors[-1].dtype) if "target" in batch else 0]
+        self._p2p(sends=[(self._ints(head), self.next)])
+        self._p2p(sends=[(t, self.next) for t in tensors])
 
     def forward_backward(self, model: nn.Module, images: torch.Tensor | None, batch: dict[str, torch.Tensor],
                          loss_fn: LossFn) -> torch.Tensor:
         """One optimizer step's worth of micro-batches through this stage (GPipe: all
-        forwards then all backwards; 1F1B: S-s-1 warm-up forwards, then alternate),
-        then the DP all-reduce. Returns the batch loss (the same on every stage)."""
+        forwards then all backwards; 1F1B: S-s-1 warm-up forwards, then one forward and
+        one backward at a time, then the remaining backwards), then the DP all-reduce.
+        Returns the batch loss (the same on every stage), on the device."""
         n = len(batch["label"])
         m = min(self.microbatches, n)
         parts = {k: v.tensor_split(m) for k, v in batch.items() if k in ("label", "target")}
         micro = [{k: parts[k][i] for k in parts} for i in range(m)]
+        rows = [len(mb["label"]) for mb in micro]  # shapes: known on the host
         inputs = self.inputs(images).tensor_split(m) if self.first else [None] * m
         ins: list[torch.Tensor | None] = [None] * m
         outs: list[torch.Tensor | None] = [None] * m
         total = torch.zeros((), device=self.device)
 
-        def forward(i: int) -> None:
+        def forward(i: int, x: torch.Tensor) -> torch.Tensor | None:
+            """Micro-batch i's forward; returns the activation to send (None on the last stage)."""
             nonlocal total
-            x = inputs[i] if self.first else self._recv(self.prev).requires_grad_()
             with self.autocast():
                 y = model(x)
+            ins[i] = x
             if self.last:
-                y = loss_fn(y.float(), micro[i]) * (len(micro[i]["label"]) / n)
-                total = total + y.detach()
-            else:
-                self._send(y, self.next)
-            ins[i], outs[i] = x, y
+                outs[i] = loss_fn(y.float(), micro[i]) * (rows[i] / n)
+                total = total + outs[i].detach()
+                return None
+            outs[i] = y
+            return self._act_out(y)
 
-        def backward(i: int) -> None:
-            if self.last:
-                outs[i].backward()
-            else:
-                outs[i].backward(self._recv(self.next))
-            if not self.first:
-                self._send(ins[i].grad, self.prev)
+        def backward(i: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+            """Micro-batch i's backward; returns the input gradient to send (None on stage 0)."""
+            outs[i].backward() if self.last else outs[i].backward(grad)
+            g = None if self.first else ins[i].grad
             ins[i] = outs[i] = None
+            return g
+
+        def take_input(i: int) -> torch.Tensor:
+            if self.first:
+                return inputs[i]
+            x = self._act_in(rows[i])
+            self._p2p(recvs=[(x, self.prev)])
+            return x.requires_grad_()
+
+        def grad_buffer(i: int) -> list[tuple[torch.Tensor, int]]:
+            return [] if self.last else [(torch.empty_like(outs[i]), self.next)]
 
         warmup = m if self.schedule == "gpipe" else min(m, self.stages - 1 - self.mesh.stage)
         for i in range(warmup):
-            forward(i)
-        for i in range(warmup, m):
-            forward(i)
-            backward(i - warmup)
-        for i in range(m - warmup, m):
-            backward(i)
-        self._flush()
-        if self.stages > 1:
-            dist.broadcast(total, src=self.mesh.pipeline_ranks(self.mesh.replica)[-1], group=self.pipe_group)
+            y = forward(i, take_input(i))
+            if y is not None:
+                self._p2p(sends=[(y, self.next)])
+        x = take_input(warmup) if warmup < m else None
+        for k in range(m - warmup):  # steady 1F1B: forward warmup+k, backward k
+            i = warmup + k
+            y = forward(i, x)
+            grad = grad_buffer(k)
+            self._p2p(sends=[(y, self.next)] if y is not None else [], recvs=grad)
+            g = backward(k, grad[0][0] if grad else None)
+            if i + 1 < m:  # send this gradient back and receive the next input, together
+                if self.first:
+                    x = inputs[i + 1]
+                else:
+                    x = self._act_in(rows[i + 1])
+                    self._p2p(sends=[(g, self.prev)], recvs=[(x, self.prev)])
+                    x.requires_grad_()
+            elif g is not None:
+                self._p2p(sends=[(g, self.prev)])
+        for j in range(m - warmup, m):  # the remaining backwards
+            grad = grad_buffer(j)
+            self._p2p(recvs=grad)
+            g = backward(j, grad[0][0] if grad else None)
+            if g is not None:
+                self._p2p(sends=[(g, self.prev)])
+        if self.stages > 1:  # the last stage's loss everywhere (the others add zero)
+            dist.all_reduce(total, group=self.pipe_group)
         self._allreduce_grads(model)
         return total
 
@@ -380,16 +437,19 @@ class PipelineStrategy(Strategy):
     @torch.no_grad()
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The whole batch through the stages; the last stage's logits on every stage."""
-        x = self.inputs(images) if self.first else self._recv(self.prev)
+        if self.first:
+            x = self.inputs(images)
+        else:
+            x = self._act_in(len(images))
+            self._p2p(recvs=[(x, self.prev)])
         with self.autocast():
             y = model(x)
         if not self.last:
-            self._send(y, self.next)
-            self._flush()
-            y = torch.empty(len(images), self.num_classes, device=self.device)
+            self._p2p(sends=[(self._act_out(y), self.next)])
+            y = torch.zeros(len(images), self.num_classes, device=self.device)
         y = y.float().contiguous()
-        if self.stages > 1:
-            dist.broadcast(y, src=self.mesh.pipeline_ranks(self.mesh.replica)[-1], group=self.pipe_group)
+        if self.stages > 1:  # the last stage's logits everywhere (the others add zero)
+            dist.all_reduce(y, group=self.pipe_group)
         return y
 
     # -- checkpoints -------------------------------------------------------------------------

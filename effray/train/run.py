@@ -30,21 +30,30 @@ from effray.data.pipeline import (
 )
 from effray.errors import EffrayError
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
-from effray.train import pipeline as _pipeline  # noqa: F401  (registers "pipeline")
 from effray.train.checkpoint import data_summary
 from effray.train.config import TrainConfig, default_run_name, model_identity
 from effray.train.loop import HISTORY_FILE, train_loop_per_worker
-from effray.train.strategy import STRATEGIES
+from effray.train.parallel import STRATEGIES
 
 RUN_FILE = "effray-run.json"
 SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
                 "elapsed_s", "val_per_class_accuracy")  # fmt: skip
 
 
+def require_whole_gpus(workers: int, gpus_per_worker: float, flag: str = "--gpus-per-worker") -> None:
+    """NCCL runs one rank per GPU: with several workers, a fraction (two ranks sharing a GPU)
+    or a GPU and a half is refused in one line, before any worker starts."""
+    g = float(gpus_per_worker)
+    require(workers <= 1 or g == 0 or g.is_integer(),
+            f"{flag} {g:g} with {workers} workers would put NCCL ranks on a shared or split GPU, which NCCL refuses; "
+            f"give each worker whole GPUs ({flag} 1) or train on CPUs ({flag} 0)")  # fmt: skip
+
+
 def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
     """Fail in one line when the cluster can't ever hold the workers (plus one Ray Data
     task), instead of letting Ray wait for them forever."""
     w = cfg.workers
+    require_whole_gpus(w, cfg.gpus_per_worker)
     have_gpu = float(total.get("GPU", 0))
     need_gpu = w * cfg.gpus_per_worker
     require(need_gpu <= have_gpu,

@@ -1,9 +1,13 @@
 """Parallelism strategies: how a model is placed, stepped and saved across Ray Train workers.
 
 The training loop never touches DDP directly; it asks a :class:`Strategy` to prepare the
-model, run forward+backward on a batch, predict, and hand back a plain state dict. DDP
-lives here; pipeline parallelism (issue 4) registers a second strategy behind the same
-four methods, plus its own Ray Data split (:meth:`Strategy.dataset_config`).
+model, run forward+backward on a batch, predict, and hand back a plain state dict. The
+base class and DDP live here; pipeline parallelism (:mod:`effray.train.pipeline`)
+subclasses it behind the same methods, plus its own Ray Data split
+(:meth:`Strategy.dataset_config`). :mod:`effray.train.parallel` names them both.
+
+Device rule: every tensor a step touches lives on ``self.device`` (the model's); sums
+that cross ranks stay there too and are read on the host once per epoch.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from effray.registry import Registry
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -155,10 +157,6 @@ def logits(model: nn.Module, images: torch.Tensor, device: torch.device, numeric
         return model(x).float()
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("parallel strategy")
-
-
-@STRATEGIES.register("ddp")
 class DDPStrategy(Strategy):
     """DistributedDataParallel via ``ray.train.torch.prepare_model`` (NCCL or gloo, as the
     TorchConfig set up the process group; no wrapping with one worker)."""
@@ -173,18 +171,6 @@ class DDPStrategy(Strategy):
         model = ray.train.torch.prepare_model(model, move_to_device=self.device, parallel_strategy="ddp")
         # compile the DDP-wrapped module so DDP's optimizer splits graphs at bucket boundaries
         return torch.compile(model) if self.compile else model
-
-
-def make_strategy(name: str, device: torch.device, **kwargs: Any) -> Strategy:
-    """The registered strategy ``name`` for this worker's device."""
-    if name == "pipeline":
-        import effray.train.pipeline  # noqa: F401  (registers it)
-    return STRATEGIES.get(name)(device, **kwargs)
-
-
-def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
-    """``strategy.prepare(model)``: the one seam between the loop and the parallelism."""
-    return strategy.prepare(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

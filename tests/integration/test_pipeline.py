@@ -131,9 +131,8 @@ def test_datasets_carry_effray_block_size_and_a_bounded_stream_buffer(tiny_cifar
     import ray
     from ray.data import DataContext, ExecutionResources
 
-    import effray.train.pipeline  # noqa: F401  (registers the "pipeline" strategy)
     from effray.data import pipeline
-    from effray.train.strategy import STRATEGIES
+    from effray.train.parallel import STRATEGIES
 
     mib = 1 << 20
     cpus = int(ray.cluster_resources()["CPU"])

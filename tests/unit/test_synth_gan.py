@@ -117,7 +117,7 @@ def test_training_steps_move_the_losses_the_right_way(one_thread, real_batch):
 
     g.train(), d.train()
     assert abs(d_loss() - 2.0) < 0.5  # scores near 0 at init: hinge ~ 1 + 1
-    steps = [gan_step(g, d, opt_g, opt_d, real, labels, 32, 10) for _ in range(8)]
+    steps = [tuple(float(t) for t in gan_step(g, d, opt_g, opt_d, real, labels, 32, 10)) for _ in range(8)]
     assert all(np.isfinite(s).all() for s in steps)
     assert steps[-1][0] < steps[0][0] - 0.05  # the critic learns to separate real from fake
     # with the critic fixed, generator steps raise the fakes' scores (lower G loss)

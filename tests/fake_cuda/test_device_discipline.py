@@ -1,0 +1,340 @@
+"""Every hot path that runs on a GPU, run here under fake CUDA (see conftest.py): a test
+passes only if the code keeps every tensor on the model's device and never reads a value
+back to the host inside a step.
+
+Regression check for the first GPU bug (validation compared ``.cpu()`` logits with labels
+that Ray had moved to the GPU): ``test_validation_batch[bug1-logits-on-cpu]`` puts that
+behaviour back and asserts the error. To see the real test catch it, add ``.cpu()`` after
+``tta_logits(...)`` in ``effray.train.loop.batch_sums`` and run
+``.venv/bin/python -m pytest -q tests/fake_cuda -k validation``: every
+``test_validation_batch[*-fixed]`` case fails (``HostCopyError``: the copy to the host;
+without that guard, ``FakeTensorDeviceMismatchError`` where CPU logits meet CUDA labels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fakecuda import CUDA, HostCopyError, assert_cuda, uint8_batch
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+
+from effray.data.pipeline import channel_stats, normalize_tensor
+from effray.models import build_model
+from effray.train.strategy import DDPStrategy
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def _strategy(channels_last: bool = True) -> DDPStrategy:
+    return DDPStrategy(CUDA, channels_last=channels_last, compile=False, amp=True)
+
+
+def _on_gpu(model: torch.nn.Module, strategy: DDPStrategy) -> torch.nn.Module:
+    """What ``DDPStrategy.prepare`` does to the module (less the DDP wrapper, whose reducer
+    is C++ over real storage): the model's device and memory format."""
+    fmt = torch.channels_last if strategy.channels_last else torch.contiguous_format
+    return model.to(CUDA, memory_format=fmt)
+
+
+def _images(batch: dict[str, torch.Tensor], channels_last: bool = True) -> dict[str, torch.Tensor]:
+    """The pipeline's last step, as :func:`effray.data.pipeline.torch_batches` does it: uint8
+    arrives on the device and is normalised there."""
+    return {**batch, "image": normalize_tensor(batch["image"], *channel_stats(MEAN, STD, CUDA), channels_last)}
+
+
+# ------------------------------------------------------------------ training and validation
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet20", "fastnet", "airbench"])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_ddp_training_step(fake_cuda, name, lookahead):
+    """The loop's own step (zero_grad, forward/backward through the strategy, SGD, LR
+    schedule, device-side loss sums, lookahead), two steps so momentum buffers exist."""
+    from effray.train.loop import Lookahead, Schedule, param_groups, soft_cross_entropy, train_step
+
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3, 0.25 if name != "convnet" else 0.5)
+    strategy = _strategy()
+    with fake_cuda:
+        model = _on_gpu(model, strategy).train()
+        opt = torch.optim.SGD(param_groups(model, 5e-4, 0.1, bias_lr_scale=64.0), lr=0.1, momentum=0.9, nesterov=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule("onecycle", 10, 2))
+        ahead = Lookahead(4, every=1, start=0.0) if lookahead else None
+        sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
+        for step in range(2):
+            batch = _images(uint8_batch(), strategy.channels_last)
+            train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums)
+            if ahead is not None:
+                ahead.after_step(model, step + 1)
+        assert_cuda(sums, *model.parameters(), *(s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)))
+
+
+@pytest.mark.parametrize("variant", ["fixed", "bug1-logits-on-cpu"])
+@pytest.mark.parametrize("tta", [0, 1, 2])
+def test_validation_batch(fake_cuda, variant, tta):
+    """One validation batch with test-time augmentation into device-side sums."""
+    from effray.train.loop import batch_sums
+
+    model = build_model("resnet20", 10, 3, 0.25).eval()
+    strategy = _strategy()
+    if variant != "fixed":  # the shipped bug: logits brought to the host, labels on the GPU
+        predict = strategy.predict
+        strategy.predict = lambda m, x: predict(m, x).cpu()  # type: ignore[method-assign]
+    with fake_cuda:
+        model = _on_gpu(model, strategy)
+        batch = _images(uint8_batch(16))
+        if variant != "fixed":
+            with pytest.raises((FakeTensorDeviceMismatchError, HostCopyError)):
+                batch_sums(strategy, model, batch["image"], batch["label"], 10, tta)
+            return
+        sums = batch_sums(strategy, model, batch["image"], batch["label"], 10, tta)
+        assert_cuda(sums)
+        assert sums.shape == (2 + 2 * 10,) and sums.dtype == torch.float64
+
+
+def test_class_sums_match_a_host_count():
+    """The device-side tallies (scatter adds, no boolean indexing) equal a plain count."""
+    from effray.train.loop import class_sums
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    s = class_sums(logits, labels, 3)
+    assert s[0] == 2  # rows 0 and 2
+    torch.testing.assert_close(s[1], torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double())
+    assert s[2:5].tolist() == [1.0, 0.0, 1.0] and s[5:].tolist() == [1.0, 1.0, 2.0]
+
+
+# ------------------------------------------------------------------ GPU augmentation
+
+
+def _torch_ops() -> list[str]:
+    from effray.data.augment_torch import TORCH_OPS
+
+    return sorted(TORCH_OPS)
+
+
+@pytest.mark.parametrize("op", _torch_ops())
+def test_gpu_augmentation_op(fake_cuda, op):
+    """Every registered torch op on a uint8 CUDA batch with a CUDA generator: outputs on the
+    device, no host read (RandAugment's and mixup's draws included)."""
+    from effray.data.augment_torch import batch_generator, parse_policy_torch
+
+    policy = parse_policy_torch(op, 10)
+    with fake_cuda:
+        out = policy(uint8_batch(), batch_generator(0, 1, 2, CUDA))
+        assert_cuda(*(v for v in out.values() if torch.is_tensor(v)))
+        assert out["image"].dtype == torch.uint8 and out["image"].shape == (8, 32, 32, 3)
+
+
+def test_augment_on_device_feeds_the_step(fake_cuda):
+    """``--augment-on gpu``: augmentation, normalisation (channels-last) and the training
+    step on one device."""
+    from effray.data.augment_torch import parse_policy_torch
+    from effray.train.loop import Schedule, augment_on_device, soft_cross_entropy, train_step
+
+    model = build_model("resnet20", 10, 3, 0.25)
+    strategy = _strategy()
+    policy = parse_policy_torch("crop(4)|flip|cutout(8)|mixup(0.4)", 10)
+    with fake_cuda:
+        model = _on_gpu(model, strategy).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule("cosine", 4, 0))
+        stats = channel_stats(MEAN, STD, CUDA)
+        batch = augment_on_device(uint8_batch(), policy, stats, CUDA, (0, 0, 1, 0), channels_last=True)
+        assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+        sums = torch.zeros(2, dtype=torch.float64, device=CUDA)
+        train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.0), sums)
+        assert_cuda(batch["image"], batch["target"], sums)
+
+
+# ------------------------------------------------------------------ compression
+
+
+def _calib(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b["image"], b["label"]) for b in (_images(uint8_batch(8), False) for _ in range(n))]
+
+
+@pytest.mark.parametrize("importance", ["l1", "taylor"])
+def test_unstructured_pruning_and_lock(fake_cuda, importance):
+    """Global magnitude/Taylor pruning of a CUDA model (mask, scores, argsort on the device),
+    then a locked fine-tuning step."""
+    from effray.compress.prune import lock_sparsity, prune_step
+
+    model = build_model("resnet20", 10, 3, 0.25)
+    with fake_cuda:
+        model = model.to(CUDA).train()
+        prune_step(model, 0.5, "unstructured", importance, batches=_calib())
+        with lock_sparsity(model) as lock:
+            assert_cuda(*lock.masks.values())
+            x, y = _calib(1)[0]
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        assert_cuda(*model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["fixed", "bug2-cpu-example-inputs"])
+def test_structured_pruning_traces_and_scores_on_the_device(fake_cuda, variant):
+    """Torch-Pruning's dependency graph is traced through the CUDA model with inputs on its
+    device, and every channel group is scored there. Choosing which channels go (the new
+    shapes) is the one host read of a pruning event, between epochs; the real-CUDA test
+    (tests/cuda) runs it whole."""
+    from effray.compress.prune import IMPORTANCES, classifier, structured_pruner
+
+    model = build_model("resnet20", 10, 3, 0.25).eval()
+    with fake_cuda:
+        model = model.to(CUDA)
+        if variant != "fixed":  # the shipped bug: a CPU example batch traced through a CUDA model
+            import torch_pruning as tp
+
+            with pytest.raises(RuntimeError, match="device"):  # the conv's own check: weight cuda, input cpu
+                tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=IMPORTANCES.get("l1").group(),
+                                     pruning_ratio=0.3, ignored_layers=[classifier(model)])  # fmt: skip
+            return
+        pruner = structured_pruner(model, 0.3, IMPORTANCES.get("l1"))
+        groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                               root_module_types=pruner.root_module_types))  # fmt: skip
+        assert len(groups) > 3
+        for group in groups:
+            scores = pruner.estimate_importance(group)
+            if scores is not None:
+                assert_cuda(scores)
+
+
+@pytest.mark.parametrize("act_range", ["ema", "lsq"])
+@pytest.mark.parametrize("kd_alpha", [0.0, 0.9])
+def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
+    """BN folding, k-bit QAT modules created beside the CUDA weights, calibration, then QAT
+    fine-tuning steps (KD against a CUDA teacher when ``kd_alpha``): forward and backward
+    with no host read (activation ranges and zero points stay device tensors)."""
+    from effray.compress.config import CompressConfig
+    from effray.compress.distill import freeze_teacher
+    from effray.compress.quantize import ActQuant, WeightQuant
+    from effray.compress.recipe import apply_quantization, build_student, make_optimizer, train_step
+
+    cfg = CompressConfig(bits=4, act_bits=8, act_range=act_range, kd_alpha=kd_alpha, calib_batches=2)
+    teacher = build_model("resnet20", 10, 3, 0.25)
+    teacher.spec = dict(teacher.spec)
+    student = build_student(teacher, cfg)
+    with fake_cuda:
+        teacher, student = freeze_teacher(teacher).to(CUDA), student.to(CUDA)
+        apply_quantization(student, cfg, _calib())
+        quantizers = [m for m in student.modules() if isinstance(m, (WeightQuant, ActQuant))]
+        assert quantizers and all(q.is_ready for q in quantizers)
+        assert_cuda(*(t for q in quantizers for t in (*q.parameters(), *q.buffers())))
+        opt = make_optimizer(student, 0.01)
+        for x, y in _calib(2):
+            assert_cuda(train_step(student.train(), teacher, x, y, opt, cfg))
+
+
+def test_ptq_calibration_and_inference(fake_cuda):
+    """PTQ as ``finish`` runs it after fine-tuning: calibrate on CUDA batches, freeze, infer."""
+    from effray.compress.config import CompressConfig
+    from effray.compress.recipe import finish
+
+    cfg = CompressConfig(bits=8, quant_mode="ptq", finetune_epochs=0, calib_batches=2)
+    model = build_model("convnet", 10, 3, 0.5)
+    with fake_cuda:
+        model = finish(model.to(CUDA), cfg, _calib())
+        x, _ = _calib(1)[0]
+        assert_cuda(model(x))
+
+
+def test_kd_loss_on_device(fake_cuda):
+    from effray.compress.distill import kd_loss
+
+    with fake_cuda:
+        s = torch.randn(8, 10, device=CUDA, requires_grad=True)
+        soft_targets = torch.softmax(torch.randn(8, 10, device=CUDA), 1)
+        for targets in (torch.randint(0, 10, (8,), device=CUDA), soft_targets):
+            loss = kd_loss(s, torch.randn(8, 10, device=CUDA), targets, 4.0, 0.7)
+            loss.backward()
+            assert_cuda(loss, s.grad)
+
+
+# ------------------------------------------------------------------ GAN
+
+
+def test_gan_step(fake_cuda):
+    """One discriminator and one generator step with fused Adam (what the GAN worker builds
+    on a GPU); the losses come back as device tensors, not floats."""
+    from effray.synth.gan import Discriminator, Generator, from_uint8, gan_step
+
+    torch.manual_seed(0)
+    g, d = Generator(10, 16, 8), Discriminator(10, 8)
+    with fake_cuda:
+        g, d = g.to(CUDA), d.to(CUDA)
+        opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.0, 0.9), fused=True)
+        opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.0, 0.9), fused=True)
+        batch = uint8_batch()
+        for _ in range(2):
+            d_loss, g_loss = gan_step(g, d, opt_g, opt_d, from_uint8(batch["image"]), batch["label"], 16, 10)
+            assert_cuda(d_loss, g_loss)
+
+
+# ------------------------------------------------------------------ pipeline parallelism
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pipeline_stage_forward_backward(fake_cuda, fake_process_group, schedule, stage):
+    """One stage of a 2-stage pipeline over a process group that moves nothing: micro-batch
+    forwards/backwards, the batched sends/receives, the loss all-reduce and predict, all
+    on the device. The last stage learns the activation shape from a one-time header (a
+    host read by design); here it is given the shape stage 0 would announce."""
+    from effray.train.loop import soft_cross_entropy
+    from effray.train.pipeline import PipelineStrategy, stage_bounds
+
+    fake_process_group(stage)
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, 3, 0.5)
+    cut = stage_bounds(model, 2)[1]
+    with torch.no_grad():
+        boundary = list(model[:cut](torch.zeros(1, 3, 32, 32)).shape[1:])
+    strategy = PipelineStrategy(CUDA, channels_last=False, compile=False, amp=False, stages=2, microbatches=4,
+                                pipeline_schedule=schedule)  # fmt: skip
+    with fake_cuda:
+        part = strategy.prepare(model).train()
+        if stage == 1:
+            strategy._in_template = (boundary, torch.float32)  # stage 0's header, as received
+        batch = _images(uint8_batch(16), False)
+        images = batch["image"] if stage == 0 else None
+        loss = strategy.forward_backward(part, images, batch, lambda y, b: soft_cross_entropy(y, b, 0.1))
+        assert_cuda(loss, *(p.grad for p in part.parameters()))
+        assert_cuda(strategy.predict(part.eval(), batch["image"]))
+
+
+# ------------------------------------------------------------------ the harness itself
+
+
+def test_python_backward_matches_the_engine():
+    """The fake-CUDA backward walker gives the engine's gradients on real tensors: BN, a
+    residual net, a custom autograd.Function (4-bit QAT) and a broadcast bias."""
+    from fakecuda import python_backward
+
+    from effray.compress.config import CompressConfig
+    from effray.compress.recipe import apply_quantization
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 0.25).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    apply_quantization(model, CompressConfig(bits=4, act_bits=8), [(x, y)])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for walk in (torch.autograd.backward, python_backward):
+        model.load_state_dict(state)  # the same forward twice: BN statistics and QAT ranges move
+        model.zero_grad(set_to_none=True)
+        walk(torch.nn.functional.cross_entropy(model(x), y))
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        if walk is torch.autograd.backward:
+            expected = grads
+    assert len(grads) == len(expected) > 20
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fake_cuda_catches_a_host_sync(fake_cuda):
+    """The harness's other half: a value read on the host inside fake CUDA raises."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    with fake_cuda:
+        loss = torch.randn(4, device=CUDA).sum()
+        with pytest.raises(DataDependentOutputException):
+            float(loss)
