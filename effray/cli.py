@@ -19,7 +19,7 @@ from typing import Any
 
 from effray import __version__
 from effray.cluster import check_output_paths
-from effray.config import add_arguments, from_namespace
+from effray.config import add_arguments, from_namespace, to_dict
 from effray.errors import find_user_error
 
 
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"effray {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="parse and validate the command's flags, print the resolved config as JSON, run nothing")
     groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in _commands():
         for depth in range(1, len(cmd.path)):
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = from_namespace(cmd.config, args)
         check_output_paths(cfg, os.environ)  # a relative --out/--storage would vanish with a Ray job's working dir
+        if args.dry_run:
+            print(json.dumps({"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg)}, default=str))
+            return 0
         if cmd.needs_ray:
             init_ray(args.verbose)
         result = cmd.run(cfg)

@@ -166,3 +166,12 @@ def require(condition: bool, message: str) -> None:
     """Raise a one-line :class:`EffrayError` unless ``condition`` holds."""
     if not condition:
         raise EffrayError(message)
+
+
+def require_whole_gpus(workers: int, gpus_per_worker: float, flag: str = "--gpus-per-worker") -> None:
+    """NCCL runs one rank per GPU: with several workers, a fraction (two ranks sharing a GPU)
+    or a GPU and a half is refused in one line, before any worker starts."""
+    g = float(gpus_per_worker)
+    require(workers <= 1 or g == 0 or g.is_integer(),
+            f"{flag} {g:g} with {workers} workers would put NCCL ranks on a shared or split GPU, which NCCL refuses; "
+            f"give each worker whole GPUs ({flag} 1) or train on CPUs ({flag} 0)")  # fmt: skip

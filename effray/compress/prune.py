@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effray.compress.layers import classifier
 from effray.config import require
 from effray.errors import EffrayError
 from effray.registry import Registry
@@ -94,14 +95,6 @@ def schedule_rates(name: str, steps: int, final: float, initial: float = 0.0) ->
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every conv and linear layer (quantized subclasses included), in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
-
-
-def classifier(model: nn.Module) -> nn.Module:
-    """The output layer (the last linear): structured pruning must never remove a class."""
-    linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise EffrayError(f"{type(model).__name__} has no linear output layer; structured pruning needs one to protect")
-    return linears[-1]
 
 
 def weight_sparsity(model: nn.Module) -> float:

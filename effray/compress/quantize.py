@@ -274,7 +274,7 @@ def quantize_model(model: nn.Module, bits: int, *, act_bits: int = 8, first_bits
     not copied, so an optimizer built before still updates them (rebuild it anyway to
     add the new step-size parameters)."""
     from effray.compress.config import valid_bits
-    from effray.compress.prune import classifier
+    from effray.compress.layers import classifier
 
     for flag, b in (("bits", bits), ("act_bits", act_bits), ("first_bits", first_bits), ("last_bits", last_bits)):
         require(valid_bits(b), f"{flag} must be 2..8 (or 32 = off), got {b}")

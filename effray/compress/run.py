@@ -31,7 +31,7 @@ from typing import Any
 
 from effray.atomic import replace_dir, write_json
 from effray.compress.config import CompressConfig
-from effray.config import from_dict, option, require, to_dict, validated
+from effray.config import from_dict, option, require, require_whole_gpus, to_dict, validated
 from effray.data.pipeline import DataConfig, torch_batches
 
 METRICS_FILE = "metrics.json"
@@ -61,6 +61,7 @@ class CompressRunConfig:
         require(self.cpus_per_worker > 0 and self.gpus_per_worker >= 0 and self.data_cpus > 0,
                 "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0")  # fmt: skip
         require(self.eval_batch_size > 0, f"--eval-batch-size must be > 0, got {self.eval_batch_size}")
+        require_whole_gpus(self.workers, self.gpus_per_worker)
 
     @property
     def use_gpu(self) -> bool:

@@ -66,8 +66,8 @@ def _to_u8(x: Tensor) -> Tensor:
 def _gray(x: Tensor) -> Tensor:
     if x.shape[-1] == 1:
         return x
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device)
-    return (x[..., :3] * w).sum(-1, keepdim=True)
+    # Python-scalar weights: a weight tensor would be a host-to-device copy per call
+    return x[..., 0:1] * 0.299 + x[..., 1:2] * 0.587 + x[..., 2:3] * 0.114
 
 
 def _blend(x: Tensor, other: Tensor | float, factor: Tensor) -> Tensor:
@@ -408,10 +408,13 @@ def apply_sub_ops(images: Tensor, choice: Tensor, values: Tensor) -> Tensor:
 
 
 def auto_values(choice: Tensor, bins: Tensor, sign: Tensor, wide: bool) -> Tensor:
-    table = torch.tensor(
-        [(m[int(wide)], m[2]) for m in AUTO_MAGNITUDES.values()], device=choice.device
-    )
-    mx, signed = table[choice, 0], table[choice, 1] > 0
+    # each image's sub-op magnitude and sign rule, selected with scalars on the device (a
+    # lookup table would be a host-to-device copy per call)
+    mx = torch.zeros(choice.shape, device=choice.device)
+    signed = torch.zeros(choice.shape, dtype=torch.bool, device=choice.device)
+    for k, m in enumerate(AUTO_MAGNITUDES.values()):
+        mx = torch.where(choice == k, float(m[int(wide)]), mx)
+        signed = signed | ((choice == k) & bool(m[2]))
     return bins.float() / (MAGNITUDE_BINS - 1) * mx * torch.where(signed, sign, 1.0)
 
 

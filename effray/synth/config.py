@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from effray.config import option, require
+from effray.config import option, require, require_whole_gpus
 
 # Fields that don't change what a run computes: a re-run may change them and still resume.
 NOT_ARCH = {"data", "out", "epochs", "workers", "gpus_per_worker", "cpus_per_worker", "data_cpus",
@@ -65,6 +65,7 @@ class SynthTrainConfig:
         require(self.batch_size % self.workers == 0 and self.batch_size // self.workers >= 2,
                 f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}, >= 2 images each")  # fmt: skip
         require(self.lr_g > 0 and self.lr_d > 0, "--lr-g and --lr-d must be > 0")
+        require_whole_gpus(self.workers, self.gpus_per_worker)
         require(
             0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"
         )

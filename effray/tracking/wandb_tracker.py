@@ -10,7 +10,7 @@ import logging
 import re
 from typing import Any
 
-from effray.tracking import NullTracker, Tracker, TrackerSettings
+from effray.tracking.base import NullTracker, Tracker, TrackerSettings
 
 log = logging.getLogger(__name__)
 

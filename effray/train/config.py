@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from effray.config import option, require, to_dict
+from effray.config import option, require, require_whole_gpus, to_dict
 from effray.data.pipeline import DataConfig
 
 # The loop only talks to a Strategy (effray.train.strategy, effray.train.pipeline).
@@ -103,6 +103,7 @@ class TrainConfig:
         require(self.tta in TTA_LEVELS, f"--tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {self.tta}")
         require(0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
         require(self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        require_whole_gpus(self.workers, self.gpus_per_worker)
         require(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
         require(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")

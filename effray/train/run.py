@@ -20,7 +20,7 @@ from typing import Any
 
 from effray.atomic import write_json
 from effray.cluster import check_storage_for_cluster
-from effray.config import require, to_dict
+from effray.config import require, require_whole_gpus, to_dict
 from effray.data.pipeline import (
     DataConfig,
     eval_dataset,
@@ -38,15 +38,6 @@ from effray.train.parallel import STRATEGIES
 RUN_FILE = "effray-run.json"
 SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
                 "elapsed_s", "val_per_class_accuracy")  # fmt: skip
-
-
-def require_whole_gpus(workers: int, gpus_per_worker: float, flag: str = "--gpus-per-worker") -> None:
-    """NCCL runs one rank per GPU: with several workers, a fraction (two ranks sharing a GPU)
-    or a GPU and a half is refused in one line, before any worker starts."""
-    g = float(gpus_per_worker)
-    require(workers <= 1 or g == 0 or g.is_integer(),
-            f"{flag} {g:g} with {workers} workers would put NCCL ranks on a shared or split GPU, which NCCL refuses; "
-            f"give each worker whole GPUs ({flag} 1) or train on CPUs ({flag} 0)")  # fmt: skip
 
 
 def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
