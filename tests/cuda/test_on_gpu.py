@@ -9,15 +9,11 @@ structured pruner's channel choice, and whole commands with their GPUs.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-
 import pytest
 import torch
 import yaml
+from clihelp import cli
 
-from effray.cli import main
 from effray.models import build_model
 
 pytestmark = [
@@ -26,14 +22,6 @@ pytestmark = [
 ]
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_two = pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
-
-
-def cli(*args: str) -> tuple[int, dict | None, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
-    return rc, (json.loads(lines[-1]) if lines else None), err.getvalue()
 
 
 # ------------------------------------------------------------------ in-process, the CUDA runtime's own check

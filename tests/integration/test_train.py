@@ -7,8 +7,6 @@ a re-run after corrupting the newest checkpoint. Bad-input tests start no worker
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -17,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from clihelp import cli
 
 from effray.cli import main
 from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
@@ -31,15 +30,6 @@ EPOCHS, FAIL_AT = 5, 3
 RECIPE = ["--model", "airbench", "--width", "0.25", "--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "64",
           "--lr", "0.4", "--bias-lr-scale", "8", "--lookahead", "--tta", "2", "--augment", "flip",
           "--keep-checkpoints", "2", "--wandb-project", "effray-tests"]  # fmt: skip
-
-
-def cli(*args: str) -> tuple[int, dict | None, str]:
-    """Run the real CLI in-process: (exit code, its JSON line, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
-    return rc, (json.loads(lines[-1]) if lines else None), err.getvalue()
 
 
 def history(run_dir: Path) -> list[dict]:
