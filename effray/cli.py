@@ -37,7 +37,8 @@ def _prepare(cfg: Any) -> dict[str, Any]:
 
     meta = prepare(cfg)
     return {"out": os.path.abspath(cfg.out), "counts": meta["counts"], "classes": meta["num_classes"],
-            "image_shape": meta["image_shape"], "skipped_bad": meta["skipped_bad"]}  # fmt: skip
+            "image_shape": meta["image_shape"], "skipped_bad": meta["skipped_bad"],
+            "decoded_on_nodes": meta.get("decoded_on", [])}  # fmt: skip
 
 
 def _preview(cfg: Any) -> dict[str, Any]:

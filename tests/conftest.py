@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -85,46 +84,4 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     save_payload(out, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
                                     epoch=6, config={}, data=data_summary(meta), history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
-    return out
-
-
-def read_wandb_run(path: Path) -> dict:
-    """Run record (id, group, job type), config, history, summary, artifact names and exit
-    code of an offline run's ``run-*.wandb`` log (LevelDB-style 32 KiB blocks of protobuf Records after a
-    7-byte header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, payloads, buf = 7, [], b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            payloads.append(buf + chunk if kind == 4 else chunk)
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-    out: dict = {"id": None, "group": None, "job_type": None, "config": {}, "history": [], "summary": {}, "artifacts": [],
-                 "exit_code": None}
-    for p in payloads:
-        r = pb.Record.FromString(p)
-        kind = r.WhichOneof("record_type")
-        if kind == "run":
-            out.update(id=r.run.run_id, group=r.run.run_group, job_type=r.run.job_type)
-        if kind in ("run", "config"):
-            items = r.run.config.update if kind == "run" else r.config.update
-            out["config"].update({i.key: json.loads(i.value_json) for i in items})
-        elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
-        elif kind == "summary":
-            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
-        elif kind == "artifact":
-            out["artifacts"].append(r.artifact.name)
-        elif kind == "exit":
-            out["exit_code"] = r.exit.exit_code
     return out

@@ -13,13 +13,14 @@ Two levels, as in :mod:`effray.train.run` / :mod:`effray.train.loop`:
   calibrating on the same rows, exact all-reduced validation after every epoch, and rank 0
   writing the artifact to a temp dir that is renamed into ``OUT``.
 
-``OUT`` must be visible from the node of rank 0 (one node, or a shared filesystem).
+``OUT`` must be visible from the node of rank 0 (one node, or a shared filesystem: checked
+on a multi-node cluster); the fine-tuning epochs reach the driver through Ray Train's
+final report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -35,7 +36,6 @@ from effray.config import from_dict, option, require, require_whole_gpus, to_dic
 from effray.data.pipeline import DataConfig, torch_batches
 
 METRICS_FILE = "metrics.json"
-FINETUNE_FILE = ".finetune.json"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     )
     from effray.data.pipeline import sample_images
     from effray.evaluate import load_checkpoint
-    from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate
+    from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate, worker_nodes
     from effray.train.parallel import make_strategy, prepare_model
     from effray.train.strategy import unwrap
 
@@ -134,6 +134,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     epochs, steps = cfg.finetune_epochs, int(ctx["steps_per_epoch"])
     total, step, lock = epochs * steps, 0, None
     model = prepare_model(plain, strategy)
+    nodes = worker_nodes()
     history: list[dict[str, Any]] = []
 
     def relock() -> Any:
@@ -193,11 +194,12 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:6]}"
         save_artifact(tmp, model.cpu(), method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
                       teacher=ctx["teacher_info"], data=ctx["data"], codec=cfg.codec)  # fmt: skip
-        # the epochs as the workers saw them, for the driver's metrics.json (it deletes this file)
-        (tmp / FINETUNE_FILE).write_text(json.dumps({"epochs": history, "final": final, "world": world}))
         replace_dir(tmp, out)
-    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report
-    ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world,
+    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report.
+    # The epochs as the workers saw them reach the driver here, not through a file on rank
+    # 0's node (on a multi-node cluster the driver would not see it)
+    ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes,
+                      "finetune_epochs": history, "finetune_final": final,
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
 
 
@@ -299,10 +301,9 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
         dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
     )  # fmt: skip
-    fit(trainer, clock)
-    finetune = json.loads((out / FINETUNE_FILE).read_text())
-    (out / FINETUNE_FILE).unlink()
-    return finetune
+    metrics = fit(trainer, clock).metrics or {}
+    return {"epochs": metrics.get("finetune_epochs", []), "final": metrics.get("finetune_final", {}),
+            "world": metrics.get("world"), "nodes": metrics.get("nodes", [])}  # fmt: skip
 
 
 def measure_artifact(out: str | Path, cfg: CompressConfig, calib: list, evals: list,
@@ -323,6 +324,7 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     printed by the CLI (``OUT/metrics.json`` holds the full measurement)."""
     import ray
 
+    from effray.storage import check_storage_for_cluster
     from effray.train.checkpoint import checkpoint_file
     from effray.train.run import check_resources, provenance
 
@@ -331,6 +333,7 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     worker_batches(rc, meta)
     out = Path(os.path.abspath(os.path.expanduser(rc.out)))
     rc = dataclasses.replace(rc, out=str(out))
+    check_storage_for_cluster(str(out.parent))  # rank 0 writes the artifact there, the driver reads it
 
     cfg = rc.compress
     evals, calib_ds, calib = eval_and_calib(rc.data.data, meta, rc.eval_batch_size, cfg.calib_batches)

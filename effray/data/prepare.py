@@ -32,6 +32,7 @@ from effray.atomic import replace_dir, write_json
 from effray.config import option, require
 from effray.data.sources import Chunk, SourcePlan, load_chunk, plan_source
 from effray.errors import EffrayError
+from effray.storage import check_storage_for_cluster
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -97,7 +98,10 @@ def _decode_and_write(chunk: Chunk, splits: list[str], channels: int | None, sha
     bad = [(chunk.start + i, decoded.names[i], e) for i, e in enumerate(errors) if e]
     if bad and not skip_bad:
         return {"bad": bad[:1], "n_bad": len(bad)}
-    stats: dict[str, Any] = {"bad": bad[:5], "n_bad": len(bad), "counts": {}, "sum": None, "sumsq": None, "pixels": 0}
+    import ray
+
+    stats: dict[str, Any] = {"bad": bad[:5], "n_bad": len(bad), "counts": {}, "sum": None, "sumsq": None, "pixels": 0,
+                             "node": ray.get_runtime_context().get_node_id()}  # fmt: skip
     for split in SPLITS:
         rows = [i for i in range(chunk.count) if not errors[i] and splits[i] == split]
         if not rows:
@@ -160,6 +164,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     fixed = np.concatenate([np.full(c.count, c.fixed_split, dtype=object) for c in plan.chunks])
     splits = assign_splits(plan.labels, fixed, cfg.val_fraction, cfg.seed)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    check_storage_for_cluster(str(out.parent))  # every node's tasks write their shards there
     tmp.mkdir(parents=True)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(_decode_and_write)
@@ -180,7 +185,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+    # where the decoding ran (not in meta.json: node ids change from run to run)
+    return {**meta, "decoded_on": sorted({r["node"] for r in results if "node" in r})}
 
 
 def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict], seconds: float) -> dict[str, Any]:

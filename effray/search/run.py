@@ -100,6 +100,7 @@ class TuneConfig:
 def compression_trial(config: dict[str, Any]) -> None:
     """Tune's function trainable: one compression run, reported epoch by epoch, tracked as
     one wandb run that ends with the trial (exit code 1 when it fails)."""
+    import ray
     import ray.tune
 
     ctx = config["context"]
@@ -111,6 +112,8 @@ def compression_trial(config: dict[str, Any]) -> None:
         final = _final_metrics(student, cfg.finetune_epochs)
         tracker.log({k: v for k, v in final.items() if v is not None}, step=cfg.finetune_epochs + 1)
         tracker.set_summary({k: v for k, v in final.items() if v is not None})
+        # where the trial ran (its Ray Train workers report their own nodes in their epochs)
+        final["node"] = ray.get_runtime_context().get_node_id()
         ray.tune.report(final, checkpoint=ray.tune.Checkpoint.from_directory(artifact_dir))
 
     try:

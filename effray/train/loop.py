@@ -158,6 +158,17 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (collective): where a run really ran,
+    reported with its metrics so placement across nodes can be checked."""
+    me = ray.get_runtime_context().get_node_id()
+    if not _world():
+        return [me]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, me)
+    return [str(n) for n in nodes]
+
+
 def from_rank0(values: list[int], device: torch.device) -> list[int]:
     """Rank 0's integers on every rank (start epoch, attempt token): ranks must agree."""
     t = torch.tensor(values, dtype=torch.int64, device=device)
@@ -314,6 +325,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])
     token = random.SystemRandom().randrange(16**6)
     start, token = from_rank0([start, token], strategy.reduce_device)
+    nodes = worker_nodes()
     resumed_from = start if payload is not None else None
     if rank == 0 and payload is not None:
         say(f"[effray] resuming {run['name']} from {restored[0]} (epoch {start}/{cfg.epochs})")
@@ -361,7 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_s = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
                        "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
-                       "data_wait_s": float(sums[2]) / replicas}  # fmt: skip
+                       "data_wait_s": float(sums[2]) / replicas, "nodes": nodes}  # fmt: skip
             last = epoch + 1 == cfg.epochs
             # TTA costs up to 6 forward passes: only the final (reported, checkpointed) score uses it
             metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import write_json
-from effray.cluster import check_storage_for_cluster
 from effray.config import require, require_whole_gpus, to_dict
 from effray.data.pipeline import (
     DataConfig,
@@ -29,6 +28,7 @@ from effray.data.pipeline import (
     validate_data_dir,
 )
 from effray.errors import EffrayError
+from effray.storage import check_storage_for_cluster
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
 from effray.train.checkpoint import data_summary
 from effray.train.config import TrainConfig, default_run_name, model_identity
@@ -37,7 +37,7 @@ from effray.train.parallel import STRATEGIES
 
 RUN_FILE = "effray-run.json"
 SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
-                "elapsed_s", "val_per_class_accuracy")  # fmt: skip
+                "elapsed_s", "val_per_class_accuracy", "nodes")  # fmt: skip
 
 
 def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:

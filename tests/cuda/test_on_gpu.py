@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from clihelp import cli
+from helpers import cli
 
 from effray.models import build_model
 

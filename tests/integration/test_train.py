@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from clihelp import cli
+from helpers import cli
 
 from effray.cli import main
 from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
@@ -89,7 +89,7 @@ def test_evaluate_reproduces_the_reported_val_accuracy(run, tiny_cifar, cifar_pa
 def test_wandb_offline_run_has_config_metrics_and_model(run):
     dirs = sorted((run["run_dir"] / "wandb").glob("offline-run-*"))
     assert dirs and len({d.name.split("-", 3)[-1] for d in dirs}) == 1  # one stable run id across restarts
-    from conftest import read_wandb_run
+    from helpers import read_wandb_run
 
     logs = [read_wandb_run(next(d.glob("run-*.wandb"))) for d in dirs]
     assert all(log["config"]["model"] == "airbench" and log["config"]["epochs"] == EPOCHS for log in logs)

@@ -108,7 +108,7 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
 
 def _wandb_runs(root: Path) -> list[dict]:
     """Every offline run below ``root``; ``dir`` is the ``wandb`` dir holding it, ``run_dir`` its own."""
-    from conftest import read_wandb_run
+    from helpers import read_wandb_run
 
     return [{**read_wandb_run(f), "dir": f.parent.parent, "run_dir": f.parent}
             for f in sorted(root.rglob("offline-run-*/run-*.wandb"))]  # fmt: skip

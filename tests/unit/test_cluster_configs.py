@@ -249,7 +249,7 @@ def test_storage_error_is_one_line_that_names_the_fix():
 
 
 def test_local_storage_passes_on_one_node_and_fails_when_a_node_cant_see_it(ray_session, tmp_path, monkeypatch):
-    import effray.cluster as cluster
+    import effray.storage as storage
 
     check_storage_for_cluster(str(tmp_path / "runs"))  # the session's Ray is one node
     (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
@@ -258,7 +258,7 @@ def test_local_storage_passes_on_one_node_and_fails_when_a_node_cant_see_it(ray_
     assert not list((tmp_path / "runs").iterdir())  # the marker is removed again
     # two nodes where the second answers "not there" (what a node-local disk looks like)
     monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": node, "Alive": True}, {"NodeID": "f" * 56, "Alive": True}])
-    monkeypatch.setattr(cluster, "nodes_not_seeing", lambda path, nodes: nodes[1:])
+    monkeypatch.setattr(storage, "nodes_not_seeing", lambda path, nodes: nodes[1:])
     with pytest.raises(EffrayError, match=r"has 2 nodes and node\(s\) ffffffff can't see it"):
         check_storage_for_cluster(str(tmp_path / "runs"))
 

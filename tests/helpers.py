@@ -1,0 +1,63 @@
+"""Helpers the tests share (tests/ is on sys.path through its conftest): the real ``effray``
+CLI run in-process, and an offline wandb run read back. Not in conftest.py: a second
+conftest (tests/fake_cuda) would shadow ``from conftest import ...``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+from effray.cli import main
+
+
+def cli(*args: str) -> tuple[int, dict | None, str]:
+    """Run the real CLI in-process: (exit code, its JSON line, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
+    return rc, (json.loads(lines[-1]) if lines else None), err.getvalue()
+
+
+def read_wandb_run(path: Path) -> dict:
+    """Run record (id, group, job type), config, history, summary, artifact names and exit
+    code of an offline run's ``run-*.wandb`` log (LevelDB-style 32 KiB blocks of protobuf Records after a
+    7-byte header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, payloads, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            payloads.append(buf + chunk if kind == 4 else chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+    out: dict = {"id": None, "group": None, "job_type": None, "config": {}, "history": [], "summary": {}, "artifacts": [],
+                 "exit_code": None}
+    for p in payloads:
+        r = pb.Record.FromString(p)
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out.update(id=r.run.run_id, group=r.run.run_group, job_type=r.run.job_type)
+        if kind in ("run", "config"):
+            items = r.run.config.update if kind == "run" else r.config.update
+            out["config"].update({i.key: json.loads(i.value_json) for i in items})
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+        elif kind == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+        elif kind == "artifact":
+            out["artifacts"].append(r.artifact.name)
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
+    return out

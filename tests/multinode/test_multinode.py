@@ -1,0 +1,158 @@
+"""effray on a real multi-node Ray cluster (see conftest.py): every stage asserts where its
+workers ran (node ids the workers report), not just that it finished; a node is killed
+mid-epoch and the run survives it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import cli
+
+from effray.train.loop import HISTORY_FILE
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--model", "convnet", "--width", "0.25", "--batch-size", "64", "--workers", "2", "--cpus-per-worker", "1",
+         "--data-cpus", "1", "--augment", "flip", "--no-wandb"]  # fmt: skip
+
+
+def _history(run_dir: Path) -> list[dict]:
+    f = run_dir / HISTORY_FILE
+    return [json.loads(ln) for ln in f.read_text().splitlines()] if f.is_file() else []
+
+
+def _on_two_worker_nodes(nodes: list[str], cluster) -> None:
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one rank per node
+    assert cluster.head not in nodes  # the head has no CPUs: nothing trains there
+
+
+def test_ddp_ranks_on_two_nodes(cluster, tiny_cifar, tmp_path):
+    rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--epochs", "2", "--storage", str(tmp_path),
+                          "--name", "ddp")  # fmt: skip
+    assert rc == 0, err[-3000:]
+    _on_two_worker_nodes(result["nodes"], cluster)
+    assert result["val_count"] == 60  # validation all-reduced across the nodes: every row once
+    assert result["val_accuracy"] > 0.1
+
+
+def test_pipeline_stages_on_two_nodes(cluster, tiny_cifar, tmp_path):
+    rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--epochs", "1", "--parallel", "pipeline",
+                          "--stages", "2", "--microbatches", "2", "--pipeline-schedule", "1f1b",
+                          "--storage", str(tmp_path), "--name", "pipe")  # fmt: skip
+    assert rc == 0, err[-3000:]
+    _on_two_worker_nodes(result["nodes"], cluster)  # stage 0 on one node, stage 1 on the other
+    assert result["val_count"] == 60
+
+
+def test_compress_fine_tunes_on_two_nodes(cluster, tiny_cifar, teacher, tmp_path):
+    out = tmp_path / "artifact"
+    rc, result, err = cli("compress", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(out),
+                          "--prune-rate", "0.5", "--bits", "8", "--finetune-epochs", "1", "--finetune-batch-size", "64",
+                          "--calib-batches", "1", "--eval-batch-size", "64", "--workers", "2", "--cpus-per-worker", "1",
+                          "--data-cpus", "1", "--no-int8")  # fmt: skip
+    assert rc == 0, err[-3000:]
+    finetune = json.loads((out / "metrics.json").read_text())["finetune"]
+    _on_two_worker_nodes(finetune["nodes"], cluster)  # reached the driver through Ray Train's report
+    assert [e["epoch"] for e in finetune["epochs"]] == [1] and finetune["final"]["val_count"] == 60
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]
+
+
+def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp_path):
+    """Fixed world size 2: SIGKILL the node of rank 1 during epoch 3, add a node back; the run
+    restarts from its newest committed checkpoint, redoes no epoch before it, and finishes."""
+    epochs, run_dir = 6, tmp_path / "killed"
+    done: dict = {}
+    args = ["train", "--data", str(tiny_cifar), *TRAIN, "--epochs", str(epochs), "--storage", str(tmp_path),
+            "--name", "killed", "--max-failures", "3"]  # fmt: skip
+    thread = threading.Thread(target=lambda: done.update(zip(("rc", "result", "err"), cli(*args))))
+    thread.start()
+    deadline = time.time() + 300
+    while len(_history(run_dir)) < 2 and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    rows = _history(run_dir)
+    assert len(rows) >= 2, done.get("err", "")[-3000:]
+    victim = rows[-1]["nodes"][1]
+    cluster.kill(victim)
+    replacement = cluster.add(effray_node_replacement=1.0)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and done["rc"] == 0, done.get("err", "")[-3000:]
+    rows = _history(run_dir)
+    attempts = list(dict.fromkeys(r["attempt"] for r in rows))
+    assert len(attempts) == 2, rows  # one restart
+    second = [r for r in rows if r["attempt"] == attempts[1]]
+    resumed = second[0]["resumed_from"]
+    first_epochs = [r["epoch"] for r in rows if r["attempt"] == attempts[0]]
+    assert resumed >= 2 and resumed in first_epochs  # from a checkpoint the first attempt committed
+    assert [r["epoch"] for r in second] == list(range(resumed + 1, epochs + 1))  # no epoch twice past it
+    assert victim not in second[-1]["nodes"] and len(set(second[-1]["nodes"])) == 2
+    assert done["result"]["epoch"] == epochs
+    assert replacement in cluster.alive()
+
+
+def test_prepare_decodes_on_every_node(cluster, tmp_path):
+    """15,000 rows are 3 decode tasks of 1 CPU on 3 nodes of 1 CPU: one on each."""
+    rc, result, err = cli("data", "prepare", "--source", "synthetic:15000", "--out", str(tmp_path / "data"))
+    assert rc == 0, err[-3000:]
+    assert sum(result["counts"].values()) == 15000
+    assert len(result["decoded_on_nodes"]) == 3 and cluster.head not in result["decoded_on_nodes"]
+
+
+def test_tune_trials_run_on_different_nodes(cluster, tiny_cifar, teacher, tmp_path):
+    """Two trials of 1 CPU at once on nodes of 1 CPU: each on its own node, each reported once."""
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"prune_rate": {"choice": [0.3, 0.6]}, "bits": 8, "finetune_epochs": 1,
+                                     "finetune_batch_size": 64, "calib_batches": 1, "int8": False}))  # fmt: skip
+    rc, result, err = cli("tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
+                          "--num-samples", "2", "--scheduler", "none", "--cpus-per-trial", "1",
+                          "--storage", str(tmp_path / "runs"), "--name", "spread", "--no-wandb")  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert result["finished"] == 2
+    rows = [json.loads(ln) for f in (tmp_path / "runs" / "spread").rglob("result.json")
+            for ln in f.read_text().splitlines() if ln.strip().startswith("{")]  # fmt: skip
+    finals = [r for r in rows if r.get("final") and not r.get("done")]
+    nodes = [r["node"] for r in finals]
+    assert len(nodes) == 2 and len(set(nodes)) == 2 and cluster.head not in nodes
+
+
+def test_node_local_storage_is_refused_on_real_nodes(cluster, tiny_cifar, tmp_path):
+    """A node whose filesystem lacks the path (a private mount namespace hides it, as a
+    node-local disk would) makes `train` refuse it in one line before any worker starts;
+    a path every node sees passes. Last in the module: the extra node dies afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from effray.errors import EffrayError
+    from effray.storage import check_storage_for_cluster
+
+    local = tmp_path / "node-local"
+    local.mkdir()
+    ray_cli = Path(sys.executable).parent / "ray"
+    before = set(cluster.alive())
+    blind = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {local} && exec {ray_cli} start --block "
+         f"--address={cluster.cluster.address} --num-cpus=0 --object-store-memory={200 << 20}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not set(cluster.alive()) - before and time.time() < deadline:
+            time.sleep(0.5)
+        (node,) = set(cluster.alive()) - before
+        with pytest.raises(EffrayError, match=rf"can't see it.*{node[:8]}|{node[:8]}.*can't see it") as err:
+            check_storage_for_cluster(str(local / "runs"))
+        assert "\n" not in str(err.value) and "s3://" in str(err.value)
+        rc, _, stderr = cli("train", "--data", str(tiny_cifar), *TRAIN, "--epochs", "1", "--storage",
+                            str(local / "runs"), "--name", "refused")  # fmt: skip
+        assert rc == 2 and stderr.count("\n") == 1 and node[:8] in stderr
+        assert not (local / "runs" / "refused").exists()  # refused before anything was written
+        check_storage_for_cluster(str(tmp_path / "shared"))  # every node sees this one
+    finally:
+        os.killpg(blind.pid, signal.SIGKILL)
+        blind.wait()
