@@ -14,8 +14,8 @@ Two levels, as in :mod:`effray.train.run` / :mod:`effray.train.loop`:
   writing the artifact to a temp dir that is renamed into ``OUT``.
 
 ``OUT`` must be visible from the node of rank 0 (one node, or a shared filesystem: checked
-on a multi-node cluster); the fine-tuning epochs reach the driver through Ray Train's
-final report.
+on a multi-node cluster); the fine-tuning epochs reach the driver through a mailbox actor
+the driver owns (:func:`effray.train.run.open_mailbox`), never a file on rank 0's node.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     from effray.evaluate import load_checkpoint
     from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate, worker_nodes
     from effray.train.parallel import make_strategy, prepare_model
+    from effray.train.run import post
     from effray.train.strategy import unwrap
 
     rc = from_dict(CompressRunConfig, config["run"])
@@ -195,11 +196,11 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         save_artifact(tmp, model.cpu(), method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
                       teacher=ctx["teacher_info"], data=ctx["data"], codec=cfg.codec)  # fmt: skip
         replace_dir(tmp, out)
-    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report.
-    # The epochs as the workers saw them reach the driver here, not through a file on rank
-    # 0's node (on a multi-node cluster the driver would not see it)
+        # the epochs as the workers saw them, for the driver's metrics.json: through an actor
+        # the driver owns, not a file on rank 0's node (another node's driver can't see it)
+        post(ctx["mailbox"], {"epochs": history, "final": final, "world": world, "nodes": nodes})
+    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report
     ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes,
-                      "finetune_epochs": history, "finetune_final": final,
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
 
 
@@ -281,14 +282,18 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     Ray Train's run (deterministic names restore); ``callbacks`` e.g. Tune's
     ``TuneReportCallback``. Returns the epochs as the workers saw them
     (``{"epochs", "final", "world"}``)."""
+    import ray
+
     from effray.data.pipeline import eval_dataset, train_dataset
     from effray.train.checkpoint import data_summary
     from effray.train.parallel import STRATEGIES
-    from effray.train.run import fit, torch_trainer
+    from effray.train.run import fit, open_mailbox, torch_trainer
 
     rows, per_worker = worker_batches(rc, meta)
-    clock = f"effray-compress-clock-{uuid.uuid4().hex[:8]}"
-    ctx = {"teacher": str(Path(rc.compress.teacher).resolve()), "teacher_info": teacher_info,
+    run_id = uuid.uuid4().hex[:8]
+    clock, box = f"effray-compress-clock-{run_id}", f"effray-compress-results-{run_id}"
+    mailbox = open_mailbox(box)
+    ctx = {"teacher": str(Path(rc.compress.teacher).resolve()), "teacher_info": teacher_info, "mailbox": box,
            "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,9 +306,10 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
         dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
     )  # fmt: skip
-    metrics = fit(trainer, clock).metrics or {}
-    return {"epochs": metrics.get("finetune_epochs", []), "final": metrics.get("finetune_final", {}),
-            "world": metrics.get("world"), "nodes": metrics.get("nodes", [])}  # fmt: skip
+    fit(trainer, clock)
+    finetune = ray.get(mailbox.get.remote())
+    require(finetune is not None, f"the fine-tuning run {name} ended without its results")
+    return finetune
 
 
 def measure_artifact(out: str | Path, cfg: CompressConfig, calib: list, evals: list,

@@ -140,6 +140,35 @@ def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int, cpus_
     )  # fmt: skip
 
 
+class Mailbox:
+    """What a run's rank 0 hands its driver beyond Ray Train's metrics (Train V2 keeps only
+    the metrics reported with a checkpoint), from whatever node rank 0 is on: an actor
+    the driver owns, found by name from the workers."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def put(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
+def open_mailbox(name: str) -> Any:
+    """The driver's mailbox ``name`` (created here, owned by the caller: it goes with it)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Mailbox).options(name=name, namespace="effray").remote()
+
+
+def post(name: str, value: Any) -> None:
+    """From a worker: leave ``value`` in the driver's mailbox ``name``."""
+    import ray
+
+    ray.get(ray.get_actor(name, namespace="effray").put.remote(value))
+
+
 def fit(trainer: Any, clock: str) -> Any:
     """``trainer.fit()``; an ``EffrayError`` raised in a worker comes back as itself (one
     line for the user, not a Ray traceback); the epoch clock actor goes either way."""

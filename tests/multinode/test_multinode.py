@@ -5,7 +5,6 @@ mid-epoch and the run survives it."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -64,22 +63,34 @@ def test_compress_fine_tunes_on_two_nodes(cluster, tiny_cifar, teacher, tmp_path
 def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp_path):
     """Fixed world size 2: SIGKILL the node of rank 1 during epoch 3, add a node back; the run
     restarts from its newest committed checkpoint, redoes no epoch before it, and finishes."""
+    import os
+    import subprocess
+    import sys
+
     epochs, run_dir = 6, tmp_path / "killed"
-    done: dict = {}
     args = ["train", "--data", str(tiny_cifar), *TRAIN, "--epochs", str(epochs), "--storage", str(tmp_path),
             "--name", "killed", "--max-failures", "3"]  # fmt: skip
-    thread = threading.Thread(target=lambda: done.update(zip(("rc", "result", "err"), cli(*args))))
-    thread.start()
+    # a second driver process joins the cluster, as `ray job submit` would start one
+    driver = subprocess.Popen([sys.executable, "-m", "effray.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": cluster.cluster.address})  # fmt: skip
     deadline = time.time() + 300
-    while len(_history(run_dir)) < 2 and thread.is_alive() and time.time() < deadline:
+
+    def committed() -> list[Path]:  # epoch 2's checkpoint, written whole to the run's storage
+        return [d for d in run_dir.glob("epoch-0002-*") if (d / "model.pt").is_file()]
+
+    while not committed() and driver.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    time.sleep(1.0)  # Ray Train registers it within a health-check interval (1 s here)
     rows = _history(run_dir)
-    assert len(rows) >= 2, done.get("err", "")[-3000:]
+    if len(rows) < 2 or not committed():
+        driver.kill()
+        pytest.fail(f"no 2 epochs before the kill: {driver.communicate()[1][-3000:]}")
     victim = rows[-1]["nodes"][1]
     cluster.kill(victim)
     replacement = cluster.add(effray_node_replacement=1.0)
-    thread.join(timeout=600)
-    assert not thread.is_alive() and done["rc"] == 0, done.get("err", "")[-3000:]
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
     rows = _history(run_dir)
     attempts = list(dict.fromkeys(r["attempt"] for r in rows))
     assert len(attempts) == 2, rows  # one restart
@@ -89,7 +100,7 @@ def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp
     assert resumed >= 2 and resumed in first_epochs  # from a checkpoint the first attempt committed
     assert [r["epoch"] for r in second] == list(range(resumed + 1, epochs + 1))  # no epoch twice past it
     assert victim not in second[-1]["nodes"] and len(set(second[-1]["nodes"])) == 2
-    assert done["result"]["epoch"] == epochs
+    assert result["epoch"] == epochs and result["epochs_run_now"] == len(rows)
     assert replacement in cluster.alive()
 
 
