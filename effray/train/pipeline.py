@@ -232,7 +232,6 @@ class PipelineStrategy(Strategy):
         self.prev, self.next = rank - 1, rank + 1
         self.num_classes = int(model.spec["num_classes"])
         self.full_keys = list(model.state_dict().keys())
-        self.full_order = _param_order(model)
         stage = model[self.bounds[m.stage]:self.bounds[m.stage + 1]].to(self.device)
         stage.spec = dict(model.spec)
         return stage
@@ -468,36 +467,49 @@ class PipelineStrategy(Strategy):
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective: rank 0 gets the SGD state in the layout a single-process optimizer
-        over the whole model (``param_groups`` order) would have."""
+        over the whole model (the same ``param_groups``) would have."""
         local = optimizer.state_dict()
-        order = _param_order(model)
-        flat = order[0] + order[1]
+        mine = _group_names(model, optimizer)
+        flat = [n for names in mine for n in names]
         by_name = {flat[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
                    for i, s in local["state"].items()}  # fmt: skip
+        full = self._full_groups(mine)
         parts = self._gather(by_name)
         if parts is None:
             return {}
-        index = {name: i for i, name in enumerate(self.full_order[0] + self.full_order[1])}
+        index = {name: i for i, name in enumerate(n for names in full for n in names)}
         state = {index[k]: v for p in parts for k, v in p.items()}
         groups, start = [], 0
-        for g, names in zip(local["param_groups"], self.full_order):
+        for g, names in zip(local["param_groups"], full):
             groups.append({**g, "params": list(range(start, start + len(names)))})
             start += len(names)
         return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        index = {name: i for i, name in enumerate(self.full_order[0] + self.full_order[1])}
-        order = _param_order(model)
-        flat = order[0] + order[1]
+        """Collective: this stage's slice of a single-process-layout optimizer state."""
+        mine = _group_names(model, optimizer)
+        index = {name: i for i, name in enumerate(n for names in self._full_groups(mine) for n in names)}
+        flat = [n for names in mine for n in names]
         local = {i: state["state"][index[name]] for i, name in enumerate(flat) if index[name] in state["state"]}
         groups, start = [], 0
-        for g, names in zip(state["param_groups"], order):
+        for g, names in zip(state["param_groups"], mine):
             groups.append({**g, "params": list(range(start, start + len(names)))})
             start += len(names)
         optimizer.load_state_dict({"state": local, "param_groups": groups})
 
+    def _full_groups(self, mine: list[list[str]]) -> list[list[str]]:
+        """Collective: the whole model's parameter names per optimizer group. The loop builds
+        every stage's groups with the same rule, in module order, so the whole model's
+        group k is pipeline 0's stages' group k one after another (any number of groups:
+        ``--bias-lr-scale`` makes three)."""
+        every: list[Any] = [None] * self.mesh.world
+        dist.all_gather_object(every, mine)
+        stages = [every[r] for r in self.mesh.pipeline_ranks(0)]
+        return [[n for stage in stages for n in stage[k]] for k in range(len(mine))]
 
-def _param_order(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Parameter names in the loop's ``param_groups`` order: decayed (ndim > 1), then not."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n, p in named if p.ndim > 1], [n for n, p in named if p.ndim <= 1]
+
+def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The names of ``optimizer``'s parameters, group by group, in its own order (the order
+    its ``state_dict`` numbers them)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]

@@ -36,7 +36,10 @@ def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(param_groups(model, 5e-4), lr=LR, momentum=0.9, nesterov=True)
+    # three groups (--bias-lr-scale): decayed weights, other 1-D parameters, norm layers; the
+    # classifier's bias sits between BatchNorms in module order, so a layout that assumed
+    # two groups would put momentum buffers under the wrong names
+    return torch.optim.SGD(param_groups(model, 5e-4, LR, bias_lr_scale=4.0), lr=LR, momentum=0.9, nesterov=True)
 
 
 def _reference(stages_world: tuple[int, int], microbatches: int) -> dict:
@@ -159,7 +162,9 @@ def test_pipeline_matches_single_process(world, stages, microbatches, schedule, 
         torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last["last_out"], got["out"])
     # the optimizer state is in single-process layout, so a resume continues exactly
-    assert got["opt"]["param_groups"][0]["params"] == ref["opt"]["param_groups"][0]["params"]
+    assert [g["params"] for g in got["opt"]["param_groups"]] == [g["params"] for g in ref["opt"]["param_groups"]]
+    assert [g["lr"] for g in got["opt"]["param_groups"]] == [g["lr"] for g in ref["opt"]["param_groups"]]
+    assert len(ref["opt"]["param_groups"]) == 3
     for i, s in ref["opt"]["state"].items():
         torch.testing.assert_close(got["opt"]["state"][i]["momentum_buffer"], s["momentum_buffer"], rtol=1e-4, atol=1e-6)
 
