@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -138,12 +139,32 @@ def init_ray(verbose: bool = False) -> None:
     start(verbose=verbose)
 
 
+def _elastic_workers(argv: list[str]) -> list[str]:
+    """``train --workers MIN-MAX`` -> ``--workers MIN --max-workers MAX`` (elastic training)."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] != "train":
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        value = a.split("=", 1)[1] if a.startswith("--workers=") else argv[i + 1] if a == "--workers" and i + 1 < len(argv) else None
+        m = re.fullmatch(r"(\d+)-(\d+)", value or "")
+        if m:
+            out += ["--workers", m.group(1), "--max-workers", m.group(2)]
+            i += 1 if a.startswith("--workers=") else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and `ray job stop` (SIGINT) must interrupt cleanly even when an ancestor
     # ignored SIGINT (anything started with `&` from a script does): ignoring survives exec
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_elastic_workers(list(sys.argv[1:] if argv is None else argv)))
     cmd: Command | None = getattr(args, "_command", None)
     if cmd is None:
         args._usage.print_help()

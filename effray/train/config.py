@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ SCHEDULES = ("onecycle", "cosine")
 TTA_LEVELS = (0, 1, 2)
 # knobs added after runs existed: left out of the default name at their defaults, so
 # the names (and resumes) of runs that don't use them stay what they were
-_LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0}
+_LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0, "max_workers": 0, "worker_resources": ""}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
 # re-running a command with another --max-failures or wandb project still resumes it.
@@ -54,7 +55,11 @@ class TrainConfig:
     tta: int = option(0, "test-time augmentation of the final validation (the score reported and checkpointed): 0 none, 1 mirror, 2 mirror + two 1-pixel translations", choices=TTA_LEVELS)
     schedule: str = option("onecycle", "per-step LR schedule: onecycle (linear up, linear down) or cosine (linear warm-up, cosine down)", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up to the peak LR")
-    workers: int = option(2, "data-parallel workers (Ray Train workers)")
+    workers: int = option(2, "data-parallel workers (Ray Train workers); `--workers MIN-MAX` trains elastic")
+    worker_resources: str = option("", "extra Ray resources each worker needs, e.g. 'trainer=1': keeps workers on the nodes "
+                                       "that offer them (and the other nodes' CPUs free for Ray Data's tasks)")
+    max_workers: int = option(0, "elastic DDP: grow to this many workers while the nodes are there and keep going on as few "
+                                 "as --workers when nodes die, same global batch and schedule (0 = exactly --workers)")
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, 0 on CPUs with gloo")
     cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task; workers x cpus-per-worker + this must fit the cluster")
@@ -91,6 +96,16 @@ class TrainConfig:
             require(value > 0, f"{flag} must be a positive integer, got {value}")
         if self.parallel == "pipeline":
             self._validate_pipeline()
+        parse_resources(self.worker_resources)
+        require(self.max_workers == 0 or self.max_workers >= self.workers,
+                f"--max-workers {self.max_workers} must be >= --workers {self.workers} (or 0: a fixed world size)")
+        if self.elastic:
+            require(self.parallel == "ddp", "elastic training (--workers MIN-MAX) is for --parallel ddp; a pipeline's mesh is fixed")
+            odd = [w for w in self.world_sizes if self.batch_size % w]
+            step = math.lcm(*self.world_sizes)
+            require(not odd, f"--batch-size {self.batch_size} can't be split evenly over {odd[0] if odd else 0} workers; with "
+                             f"--workers {self.workers}-{self.max_workers} use a multiple of {step} so every world size "
+                             "keeps the same global batch")  # fmt: skip
         require(self.batch_size % self.data_parallel == 0,
                 f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers} (each worker takes an equal share)"
                 if self.parallel != "pipeline" else
@@ -133,6 +148,22 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} gives each pipeline fewer images than --microbatches {m}")
 
     @property
+    def elastic(self) -> bool:
+        return self.max_workers > self.workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every world size the run may train at."""
+        return range(self.workers, max(self.workers, self.max_workers) + 1)
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per forward per worker: the full-size world's share. A smaller world
+        takes more of them per optimizer step (gradient accumulation), so memory per worker
+        stays what it was and the global batch stays ``batch_size``."""
+        return self.batch_size // max(self.world_sizes)
+
+    @property
     def data_parallel(self) -> int:
         """Data-parallel replicas: every worker under DDP, workers / stages for a pipeline."""
         return self.workers // self.stages if self.parallel == "pipeline" else self.workers
@@ -150,6 +181,22 @@ class TrainConfig:
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``"trainer=1,ssd=0.5"`` -> ``{"trainer": 1.0, "ssd": 0.5}`` (custom Ray resources)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        require(bool(name) and amount > 0 and name not in ("CPU", "GPU"),
+                f"--worker-resources takes name=amount pairs of custom resources like 'trainer=1', got {item!r} "
+                "(CPUs and GPUs have their own flags)")  # fmt: skip
+        out[name] = amount
+    return out
 
 
 def default_run_name(cfg: TrainConfig) -> str:

@@ -8,6 +8,7 @@ all-reduced), report, and checkpoint from rank 0. Parallelism is the Strategy's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -264,16 +265,32 @@ def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[
 
 
 def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               batch: dict[str, Any], loss_fn: Any, sums: torch.Tensor) -> None:
+               batch: dict[str, Any], loss_fn: Any, sums: torch.Tensor, micro: int | None = None) -> None:
     """One optimizer step on ``batch``; its loss and row count are added to ``sums`` (on
-    the device) instead of being read back, so the host never waits for the GPU here."""
+    the device) instead of being read back, so the host never waits for the GPU here.
+
+    ``micro``: at most this many rows per forward; a larger batch is accumulated over
+    chunks (DDP syncs only the last), each chunk's loss weighted by its share, so the
+    step equals one over the whole batch (an elastic run on fewer workers)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = strategy.forward_backward(model, batch["image"], batch, loss_fn)
+    n = len(batch["label"])
+    chunks = [batch] if micro is None or n <= micro else _chunks(batch, micro)
+    loss = torch.zeros((), dtype=torch.float64, device=sums.device)
+    for i, chunk in enumerate(chunks):
+        share = len(chunk["label"]) / n
+        weighted = (lambda fn, w: lambda y, b: fn(y, b) * w)(loss_fn, share)  # noqa: E731
+        sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss += strategy.forward_backward(model, chunk["image"], chunk, weighted).to(sums.device, torch.float64)
     optimizer.step()
     scheduler.step()
-    n = len(batch["label"])
-    sums[0] += loss.to(sums.device, torch.float64) * n
+    sums[0] += loss * n
     sums[1] += n
+
+
+def _chunks(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    parts = {k: v.split(size) for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == len(batch["label"])}
+    return [{**batch, **{k: p[i] for k, p in parts.items()}} for i in range(len(parts["label"]))]
 
 
 def _progress(epoch: int, total: int, m: dict[str, Any], eta_s: float) -> str:
@@ -342,6 +359,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = make_tracker(TrackerSettings(**run["tracker"])) if rank == 0 and run["tracker"] and start < cfg.epochs else NullTracker()
     victim = 1 if world > 1 else 0
     replica, replicas = strategy.data_rank(rank, world)
+    # an elastic run's share of the global batch follows the world it has now; a fixed
+    # run's is --batch-size / --workers. Either way one optimizer step sees --batch-size rows
+    per_rank = cfg.batch_size // world if cfg.elastic else cfg.per_worker_batch
+    micro = cfg.micro_batch if cfg.elastic else None
     epoch_times: list[float] = []
     try:
         for epoch in range(start, cfg.epochs):
@@ -351,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
             waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
             batches = strategy.batches(lambda epoch=epoch: torch_batches(
-                train_shard, meta, cfg.per_worker_batch, clock=run["clock"], epoch=epoch,
+                train_shard, meta, per_rank, clock=run["clock"], epoch=epoch,
                 shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, normalise=gpu_policy is None,
                 channels_last=strategy.channels_last))  # fmt: skip
             if lookahead is not None:
@@ -361,7 +382,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if gpu_policy is not None:
                     batch = augment_on_device(batch, gpu_policy, stats, device, (cfg.seed, epoch, rank, step),
                                               strategy.channels_last)  # fmt: skip
-                train_step(strategy, model, optimizer, scheduler, batch, loss_fn, sums)
+                train_step(strategy, model, optimizer, scheduler, batch, loss_fn, sums, micro)
                 if lookahead is not None:
                     lookahead.after_step(strategy.unwrap(model), epoch * steps + step + 1)
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
@@ -373,7 +394,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_s = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
                        "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
-                       "data_wait_s": float(sums[2]) / replicas, "nodes": nodes}  # fmt: skip
+                       "data_wait_s": float(sums[2]) / replicas, "nodes": nodes, "world": world,
+                       "train_rows": int(sums[1]), "optimizer_steps": scheduler.last_epoch}  # fmt: skip
             last = epoch + 1 == cfg.epochs
             # TTA costs up to 6 forward passes: only the final (reported, checkpointed) score uses it
             metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),

@@ -31,11 +31,12 @@ from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
 from effray.train.checkpoint import data_summary
-from effray.train.config import TrainConfig, default_run_name, model_identity
+from effray.train.config import TrainConfig, default_run_name, model_identity, parse_resources
 from effray.train.loop import HISTORY_FILE, train_loop_per_worker
 from effray.train.parallel import STRATEGIES
 
 RUN_FILE = "effray-run.json"
+ELASTIC_RESIZE_S = 30.0  # how often an elastic run looks for room to grow (Ray Train's default: 60 s)
 SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
                 "elapsed_s", "val_per_class_accuracy", "nodes")  # fmt: skip
 
@@ -59,6 +60,10 @@ def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[
         require(any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= cfg.gpus_per_worker for n in nodes),
                 f"no node has {cfg.cpus_per_worker:g} CPUs and {cfg.gpus_per_worker:g} GPUs for one worker; "
                 "lower --cpus-per-worker/--gpus-per-worker")  # fmt: skip
+        extra = parse_resources(getattr(cfg, "worker_resources", ""))
+        require(not extra or any(all(n.get(k, 0) >= v for k, v in extra.items()) for n in nodes),
+                f"no node offers --worker-resources {cfg.worker_resources}; start nodes with "
+                f"`ray start --resources` naming them, or drop the flag")  # fmt: skip
 
 
 def train_rows(data: DataConfig, meta: dict[str, Any]) -> int:
@@ -115,25 +120,27 @@ def _user_error(exc: BaseException) -> EffrayError | None:
     return None
 
 
-def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int, cpus_per_worker: float,
+def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int | tuple[int, int], cpus_per_worker: float,
                   gpus_per_worker: float, name: str, storage: str, max_failures: int, datasets: dict[str, Any],
-                  keep_checkpoints: int | None = None, dataset_config: Any = None, callbacks: list[Any] | None = None) -> Any:
+                  keep_checkpoints: int | None = None, dataset_config: Any = None, callbacks: list[Any] | None = None,
+                  extra_resources: dict[str, float] | None = None) -> Any:
     """The ``TorchTrainer`` every stage runs (train, compress, the GAN): NCCL when the
     workers get GPUs, gloo otherwise; ``RunConfig(name, storage)`` so a re-run restores;
     with ``keep_checkpoints`` the newest N (not the best: resuming and the corrupt-newest
-    fallback need the latest)."""
+    fallback need the latest). ``workers=(min, max)``: Ray Train V2's elastic world size."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {}), **(extra_resources or {})}
     checkpoints = None if keep_checkpoints is None else CheckpointConfig(
         num_to_keep=keep_checkpoints, checkpoint_score_attribute="epoch", checkpoint_score_order="max")
     extra = {"dataset_config": dataset_config} if dataset_config is not None else {}
     return TorchTrainer(
         loop, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     **({"elastic_resize_monitor_interval_s": ELASTIC_RESIZE_S} if isinstance(workers, tuple) else {})),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=checkpoints, callbacks=list(callbacks or [])),
         datasets=datasets, **extra,
@@ -224,13 +231,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_loop_per_worker,
         {"train": to_dict(cfg), "run": {
             "name": cfg.name, "run_dir": str(run_dir) if run_dir else "", "clock": clock, "data": data, "provenance": prov,
-            "steps_per_epoch": math.ceil(rows_per_rank / cfg.per_worker_batch), "tracker": tracker}},
-        workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+            # elastic: optimizer steps of the whole global batch, whatever the world size
+            "steps_per_epoch": math.ceil(train_rows(cfg.data, meta) / cfg.batch_size) if cfg.elastic
+            else math.ceil(rows_per_rank / cfg.per_worker_batch), "tracker": tracker}},
+        workers=(cfg.workers, cfg.max_workers) if cfg.elastic else cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
         name=cfg.name, storage=storage, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
         datasets={"train": train_ds,
                   # decoded once here: every rank reads the whole split each epoch (see validate)
                   "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
-        dataset_config=strategy.dataset_config(cfg, train_ds),
+        dataset_config=strategy.dataset_config(cfg, train_ds), extra_resources=parse_resources(cfg.worker_resources),
     )  # fmt: skip
     result = fit(trainer, clock)
     metrics = result.metrics or {}

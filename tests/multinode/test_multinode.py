@@ -29,6 +29,16 @@ def _on_two_worker_nodes(nodes: list[str], cluster) -> None:
     assert cluster.head not in nodes  # the head has no CPUs: nothing trains there
 
 
+def _driver(cluster, *args: str):
+    """`effray` in its own driver process joined to the cluster (as under `ray job submit`)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "effray.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "RAY_ADDRESS": cluster.cluster.address})  # fmt: skip
+
+
 def test_ddp_ranks_on_two_nodes(cluster, tiny_cifar, tmp_path):
     rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--epochs", "2", "--storage", str(tmp_path),
                           "--name", "ddp")  # fmt: skip
@@ -63,16 +73,10 @@ def test_compress_fine_tunes_on_two_nodes(cluster, tiny_cifar, teacher, tmp_path
 def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp_path):
     """Fixed world size 2: SIGKILL the node of rank 1 during epoch 3, add a node back; the run
     restarts from its newest committed checkpoint, redoes no epoch before it, and finishes."""
-    import os
-    import subprocess
-    import sys
-
     epochs, run_dir = 6, tmp_path / "killed"
     args = ["train", "--data", str(tiny_cifar), *TRAIN, "--epochs", str(epochs), "--storage", str(tmp_path),
             "--name", "killed", "--max-failures", "3"]  # fmt: skip
-    # a second driver process joins the cluster, as `ray job submit` would start one
-    driver = subprocess.Popen([sys.executable, "-m", "effray.cli", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": cluster.cluster.address})  # fmt: skip
+    driver = _driver(cluster, *args)
     deadline = time.time() + 300
 
     def committed() -> list[Path]:  # epoch 2's checkpoint, written whole to the run's storage
@@ -88,7 +92,10 @@ def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp
     victim = rows[-1]["nodes"][1]
     cluster.kill(victim)
     replacement = cluster.add(effray_node_replacement=1.0)
-    out, err = driver.communicate(timeout=600)
+    try:
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
     assert driver.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     rows = _history(run_dir)
@@ -102,6 +109,43 @@ def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp
     assert victim not in second[-1]["nodes"] and len(set(second[-1]["nodes"])) == 2
     assert result["epoch"] == epochs and result["epochs_run_now"] == len(rows)
     assert replacement in cluster.alive()
+
+
+def test_elastic_training_shrinks_when_a_node_dies(cluster, tiny_cifar, tmp_path):
+    """`--workers 2-3` on 3 free nodes trains on 3; SIGKILL one of them after epoch 2 and it
+    finishes on the 2 left without waiting for a replacement. Global batch and schedule
+    stay: the same optimizer steps as an undisturbed run, every training row once per
+    epoch at either size, accuracy within noise of the undisturbed run's."""
+    # 3 nodes only workers may use (an elastic run takes every worker slot it finds: on nodes
+    # Ray Data also needs, the 3 survivors would hold 3 workers and leave its tasks no CPU)
+    trainers = [cluster.add(elastic_trainer=1.0) for _ in range(3)]
+    epochs = 4
+    elastic = [*TRAIN, "--workers", "2-3", "--worker-resources", "elastic_trainer=1", "--batch-size", "60",
+               "--epochs", str(epochs), "--max-failures", "3"]  # fmt: skip
+    results = {}
+    for name in ("calm", "shrunk"):
+        driver = _driver(cluster, "train", "--data", str(tiny_cifar), *elastic, "--storage", str(tmp_path), "--name", name)
+        run_dir = tmp_path / name
+        try:
+            if name == "shrunk":
+                deadline = time.time() + 300
+                while not [d for d in run_dir.glob("epoch-0002-*") if (d / "model.pt").is_file()] \
+                        and time.time() < deadline and driver.poll() is None:  # fmt: skip
+                    time.sleep(0.2)
+                time.sleep(1.0)  # Ray Train registers the checkpoint within a health-check interval
+                cluster.kill(_history(run_dir)[-1]["nodes"][1])
+            out, err = driver.communicate(timeout=600)
+        finally:
+            driver.kill()
+        assert driver.returncode == 0, err[-3000:]
+        results[name] = (json.loads(out.strip().splitlines()[-1]), _history(run_dir))
+    (calm, calm_rows), (shrunk, rows) = results["calm"], results["shrunk"]
+    assert {r["world"] for r in calm_rows} == {3} and set(calm_rows[-1]["nodes"]) == set(trainers)
+    assert rows[0]["world"] == 3 and rows[-1]["world"] == 2 and len(set(rows[-1]["nodes"])) == 2
+    assert [r["epoch"] for r in rows if r["world"] == 2] == list(range(rows[-1]["epoch"] - len([r for r in rows if r["world"] == 2]) + 1, epochs + 1))
+    assert all(r["train_rows"] == 540 for r in calm_rows + rows)  # each training row once per epoch, 3 or 2 workers
+    assert shrunk["epoch"] == epochs and rows[-1]["optimizer_steps"] == calm_rows[-1]["optimizer_steps"] == 9 * epochs
+    assert abs(shrunk["val_accuracy"] - calm["val_accuracy"]) <= 0.15  # 60 val images: ~0.06 sampling noise
 
 
 def test_prepare_decodes_on_every_node(cluster, tmp_path):

@@ -78,3 +78,44 @@ def test_collate_keeps_uint8_and_picks_a_ranks_rows_on_the_host():
     assert out["index"].tolist() == [10, 13]  # index % 3 == 1
     assert out["label"].tolist() == [0, 3]
     assert ToModelInput()(batch)["image"].shape == (6, 2, 2, 3)
+
+
+def test_accumulated_step_equals_one_step_over_the_whole_batch():
+    """An elastic run on fewer workers takes its bigger share in micro-batches of the full
+    world's size: the gradients (and so the step) equal one forward over the whole batch."""
+    from effray.train.loop import soft_cross_entropy, train_step
+    from effray.train.strategy import DDPStrategy
+
+    torch.manual_seed(0)
+    batch = {"image": torch.randn(30, 3, 8, 8), "label": torch.randint(0, 10, (30,)), "index": torch.arange(30)}
+    models = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    strategy = DDPStrategy(torch.device("cpu"), channels_last=False, compile=False, amp=False)
+    grads, losses = [], []
+    for model, micro in zip(models, (None, 8)):  # whole; 8 + 8 + 8 + 6 rows
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        sums = torch.zeros(2, dtype=torch.float64)
+        train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums, micro)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        losses.append(sums.clone())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    assert losses[1][1] == 30
+
+
+def test_workers_min_max_is_elastic_and_keeps_the_global_batch_whole():
+    from effray.cli import main
+
+    assert main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers", "2-4", "--batch-size", "96"]) == 0
+    assert main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers=2-3", "--batch-size", "64"]) == 2
+    assert main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers", "2-4", "--parallel", "pipeline",
+                 "--batch-size", "96"]) == 2  # fmt: skip
+    from effray.data.pipeline import DataConfig
+    from effray.train.config import TrainConfig
+
+    cfg = TrainConfig(data=DataConfig(data="d"), workers=2, max_workers=4, batch_size=96)
+    cfg.validate()
+    assert cfg.elastic and list(cfg.world_sizes) == [2, 3, 4] and cfg.micro_batch == 24
+    assert not TrainConfig(data=DataConfig(data="d"), workers=2).elastic
