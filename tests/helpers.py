@@ -61,3 +61,15 @@ def read_wandb_run(path: Path) -> dict:
         elif kind == "exit":
             out["exit_code"] = r.exit.exit_code
     return out
+
+
+def two_trial_tune(tmp_path: Path, teacher: Path, data: Path, name: str, *flags: str) -> tuple[int, dict | None, str]:
+    """`effray tune` of 2 one-epoch trials (prune rate 0.3 or 0.6, 8 bits) on tiny data, no
+    scheduler: what the GPU and multi-node tests need to see trials placed."""
+    import yaml
+
+    space = tmp_path / f"{name}-space.yaml"
+    space.write_text(yaml.safe_dump({"prune_rate": {"choice": [0.3, 0.6]}, "bits": 8, "finetune_epochs": 1,
+                                     "finetune_batch_size": 64, "calib_batches": 1, "int8": False}))  # fmt: skip
+    return cli("tune", "--teacher", str(teacher), "--data", str(data), "--space", str(space), "--num-samples", "2",
+               "--scheduler", "none", "--storage", str(tmp_path / "runs"), "--name", name, "--no-wandb", *flags)  # fmt: skip

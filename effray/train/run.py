@@ -60,10 +60,11 @@ def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[
         require(any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= cfg.gpus_per_worker for n in nodes),
                 f"no node has {cfg.cpus_per_worker:g} CPUs and {cfg.gpus_per_worker:g} GPUs for one worker; "
                 "lower --cpus-per-worker/--gpus-per-worker")  # fmt: skip
-        extra = parse_resources(getattr(cfg, "worker_resources", ""))
+        wanted = getattr(cfg, "worker_resources", "")  # train only; compress and the GAN have none
+        extra = parse_resources(wanted)
         require(not extra or any(all(n.get(k, 0) >= v for k, v in extra.items()) for n in nodes),
-                f"no node offers --worker-resources {cfg.worker_resources}; start nodes with "
-                f"`ray start --resources` naming them, or drop the flag")  # fmt: skip
+                f"no node offers --worker-resources {wanted}; start nodes with `ray start --resources` "
+                "naming them, or drop the flag")  # fmt: skip
 
 
 def train_rows(data: DataConfig, meta: dict[str, Any]) -> int:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
-from helpers import cli
+from helpers import cli, two_trial_tune
 
 from effray.models import build_model
 
@@ -129,12 +128,7 @@ def test_compress_on_a_gpu(tiny_cifar, teacher, tmp_path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_tune_trials_use_their_gpus(tiny_cifar, teacher, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"prune_rate": {"choice": [0.3, 0.6]}, "bits": 8, "finetune_epochs": 1,
-                                     "finetune_batch_size": 64, "calib_batches": 2, "int8": False}))  # fmt: skip
-    rc, result, err = cli("tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
-                          "--num-samples", "2", "--scheduler", "none", "--gpus-per-trial", "1",
-                          "--storage", str(tmp_path / "runs"), "--name", "gpu", "--no-wandb")  # fmt: skip
+    rc, result, err = two_trial_tune(tmp_path, teacher, tiny_cifar, "gpu", "--gpus-per-trial", "1")
     assert rc == 0, err[-3000:]
     assert result["finished"] == 2
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli
+from helpers import cli, two_trial_tune
 
 from effray.train.loop import HISTORY_FILE
 
@@ -158,14 +158,7 @@ def test_prepare_decodes_on_every_node(cluster, tmp_path):
 
 def test_tune_trials_run_on_different_nodes(cluster, tiny_cifar, teacher, tmp_path):
     """Two trials of 1 CPU at once on nodes of 1 CPU: each on its own node, each reported once."""
-    import yaml
-
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"prune_rate": {"choice": [0.3, 0.6]}, "bits": 8, "finetune_epochs": 1,
-                                     "finetune_batch_size": 64, "calib_batches": 1, "int8": False}))  # fmt: skip
-    rc, result, err = cli("tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
-                          "--num-samples", "2", "--scheduler", "none", "--cpus-per-trial", "1",
-                          "--storage", str(tmp_path / "runs"), "--name", "spread", "--no-wandb")  # fmt: skip
+    rc, result, err = two_trial_tune(tmp_path, teacher, tiny_cifar, "spread", "--cpus-per-trial", "1")
     assert rc == 0, err[-3000:]
     assert result["finished"] == 2
     rows = [json.loads(ln) for f in (tmp_path / "runs" / "spread").rglob("result.json")

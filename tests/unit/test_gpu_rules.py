@@ -119,3 +119,19 @@ def test_workers_min_max_is_elastic_and_keeps_the_global_batch_whole():
     cfg.validate()
     assert cfg.elastic and list(cfg.world_sizes) == [2, 3, 4] and cfg.micro_batch == 24
     assert not TrainConfig(data=DataConfig(data="d"), workers=2).elastic
+
+
+def test_worker_resources_must_be_offered_by_some_node():
+    from effray.compress.run import CompressRunConfig
+    from effray.data.pipeline import DataConfig
+    from effray.train.config import TrainConfig
+    from effray.train.run import check_resources
+
+    cluster = {"CPU": 8.0}
+    cfg = TrainConfig(data=DataConfig(data="d"), workers=2, worker_resources="trainer=1")
+    with pytest.raises(EffrayError, match="no node offers --worker-resources trainer=1"):
+        check_resources(cfg, cluster, [cluster])
+    check_resources(cfg, cluster, [{**cluster, "trainer": 2.0}])
+    check_resources(CompressRunConfig(workers=2), cluster, [cluster])  # configs without the flag pass
+    with pytest.raises(EffrayError, match="name=amount"):
+        TrainConfig(data=DataConfig(data="d"), worker_resources="CPU=2").validate()
