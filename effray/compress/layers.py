@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from effray.errors import EffrayError
@@ -13,3 +14,8 @@ def classifier(model: nn.Module) -> nn.Module:
     if not linears:
         raise EffrayError(f"{type(model).__name__} has no linear output layer; structured pruning needs one to protect")
     return linears[-1]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a parameter-free module)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

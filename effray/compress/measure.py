@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from effray.compress.layers import model_device
 from effray.compress.quantize import ActQuant, WeightQuant, dequantize, is_quantized
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -100,7 +101,7 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     device; the count of correct images stays there until the end (one host read)."""
     was = model.training
     model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
     with torch.no_grad():
         for x, y in batches:

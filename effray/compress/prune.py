@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.compress.layers import classifier
+from effray.compress.layers import classifier, model_device
 from effray.config import require
 from effray.errors import EffrayError
 from effray.registry import Registry
@@ -213,10 +213,6 @@ def structured_pruner(model: nn.Module, step_ratio: float, importance: Importanc
     return _tp().pruner.MetaPruner(model, example_inputs.to(model_device(model)), importance=importance.group(),
                                    pruning_ratio=step_ratio, ignored_layers=[classifier(model)])  # fmt: skip
 
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s parameters live (the CPU for a parameter-free module)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _base_channel_counts(model: nn.Module) -> list[int] | None:

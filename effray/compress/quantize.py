@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from effray.compress.layers import model_device
 from effray.config import require
 from effray.registry import Registry
 
@@ -308,7 +309,7 @@ def calibrate(model: nn.Module, batches: Batches, max_batches: int = 8) -> nn.Mo
     for a in acts:
         a.calibrating = True
         a.seen.fill_(False)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     n = 0
     try:
         for x, *_ in batches:

@@ -277,8 +277,9 @@ def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.opti
     chunks = [batch] if micro is None or n <= micro else _chunks(batch, micro)
     loss = torch.zeros((), dtype=torch.float64, device=sums.device)
     for i, chunk in enumerate(chunks):
-        share = len(chunk["label"]) / n
-        weighted = (lambda fn, w: lambda y, b: fn(y, b) * w)(loss_fn, share)  # noqa: E731
+        def weighted(y: torch.Tensor, b: dict[str, Any], share: float = len(chunk["label"]) / n) -> torch.Tensor:
+            return loss_fn(y, b) * share
+
         sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             loss += strategy.forward_backward(model, chunk["image"], chunk, weighted).to(sums.device, torch.float64)
