@@ -12,6 +12,12 @@ the Ray Train worker mirrors step for step:
 4. rank 0: ``save_artifact(out, model, method=method_summary(...), ...)``, then
    ``load_artifact`` and ``measure`` the loaded model: the numbers describe the file.
 
+After every epoch a loop may keep ``progress_payload(...)`` (the student as trained so far,
+its optimizer, the LR step, the RNG) as a checkpoint; ``resume_student`` turns it back into
+the loop's state, so a fine-tune killed with its node (a Tune trial, a Ray Train restart)
+goes on from its last epoch instead of from the teacher. Structural events at epochs
+before the resume point are already in the restored student and are not replayed.
+
 Epoch plan: pruning events spread over the first half of the epochs when QAT follows
 (all of them otherwise); QAT runs from the epoch after the pruning span to the end.
 """
@@ -19,6 +25,7 @@ Epoch plan: pruning events spread over the first half of the epochs when QAT fol
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import tempfile
 from collections.abc import Callable, Iterable
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.compress.artifact import load_artifact, save_artifact
+from effray.compress.artifact import load_artifact, restore, save_artifact, snapshot
 from effray.compress.config import CompressConfig
 from effray.compress.distill import check_student, freeze_teacher, kd_loss, teacher_logits
 from effray.compress.int8 import to_int8
@@ -43,9 +50,11 @@ from effray.compress.prune import (
     weight_sparsity,
 )
 from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized
-from effray.config import to_dict
+from effray.config import require, to_dict
+from effray.train.checkpoint import FORMATS, rng_state, set_rng_state
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+PROGRESS_FORMAT = "effray.compress.progress/1"
 
 
 def build_student(teacher: nn.Module, cfg: CompressConfig,
@@ -157,34 +166,80 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
     return out
 
 
+def progress_payload(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: CompressConfig, *, epochs_done: int,
+                     step: int, lock: SparsityLock | None, device: torch.device | str = "cpu",
+                     **extra: Any) -> dict[str, Any]:
+    """What a fine-tune resumes from after ``epochs_done`` epochs: the student's modules and
+    latent weights (:func:`effray.compress.artifact.snapshot`), the optimizer, the LR step,
+    the RNG, the config it belongs to, and ``extra`` (e.g. the epochs reported so far).
+    Weights-only loadable, like every effray checkpoint."""
+    if lock is not None:
+        lock.apply()  # the last optimizer step moved masked weights; the next forward would re-zero them
+    return {"format": PROGRESS_FORMAT, "epochs_done": epochs_done, "step": step, "student": snapshot(model),
+            "optimizer": optimizer.state_dict(), "rng": rng_state(torch.device(device)), "config": to_dict(cfg),
+            **extra}  # fmt: skip
+
+
+def resume_student(payload: dict[str, Any], cfg: CompressConfig,
+                   device: torch.device | str = "cpu") -> tuple[nn.Module, int, int, dict[str, Any]]:
+    """``(student on device, epochs done, LR step, optimizer state)`` from
+    :func:`progress_payload`; the RNG is restored too. A checkpoint of another config (a
+    changed search space under the same experiment name) is refused in one line."""
+    require(payload.get("format") == PROGRESS_FORMAT,
+            f"not a fine-tuning checkpoint ({payload.get('format')!r}, expected {PROGRESS_FORMAT})")  # fmt: skip
+    require(payload.get("config") == to_dict(cfg),
+            "the fine-tuning checkpoint belongs to another compression config; resume with the same config or use a new --name")  # fmt: skip
+    device = torch.device(device)
+    model = restore(payload["student"], learn=True).to(device)
+    set_rng_state(payload["rng"], device)
+    return model, int(payload["epochs_done"]), int(payload["step"]), payload["optimizer"]
+
+
+def pruned_before(cfg: CompressConfig, epoch: int) -> bool:
+    """Whether a resumed student carries unstructured zeros from before ``epoch`` (to lock again)."""
+    return cfg.prunes and cfg.prune_kind == "unstructured" and any(e < epoch for e in prune_events(cfg))
+
+
+@FORMATS.register(PROGRESS_FORMAT)
+def _progress_model(payload: dict[str, Any]) -> nn.Module:
+    """A mid-compression checkpoint opens as the student it holds (``effray evaluate`` on it)."""
+    return restore(payload["student"], learn=False).eval()
+
+
 def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Callable[[int], Batches],
                    calib: list[tuple[torch.Tensor, torch.Tensor]], eval_batches: list[tuple[torch.Tensor, torch.Tensor]],
                    out_dir: str | Path, *, teacher_info: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
                    teacher_metrics: dict[str, Any] | None = None, steps_per_epoch: int | None = None,
                    log: Callable[[str], None] = print,
-                   on_epoch: Callable[[int, nn.Module], None] | None = None,
-                   device: torch.device | str = "cpu") -> dict[str, Any]:
+                   on_epoch: Callable[[int, nn.Module, Callable[[], dict[str, Any]]], None] | None = None,
+                   resume: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Run the whole recipe in this process; returns the metrics dict (also the teacher's).
 
     ``train_batches(epoch)`` yields normalised (x, y) batches of one epoch; ``calib`` feeds
     quantizer calibration, Taylor scores and the int8 runtime; ``eval_batches`` the
     accuracy. Teacher, student and every batch fine-tune on ``device`` (a Tune trial's
     GPU); measuring the saved artifact happens on the CPU, as it is deployed there.
-    The artifact goes to ``out_dir/model.pt``."""
+    The artifact goes to ``out_dir/model.pt``. ``on_epoch(epoch, model, progress)`` runs
+    after every epoch, ``progress()`` building its :func:`progress_payload`; ``resume`` (such
+    a payload) goes on after its last epoch."""
     device = torch.device(device)
     teacher = freeze_teacher(teacher)
     if teacher_metrics is None:
         with tempfile.TemporaryDirectory() as tmp:  # the teacher as an fp32 artifact: the size baseline
             save_artifact(tmp, teacher)
             teacher_metrics = measure(teacher, eval_batches, artifact=tmp)
-    model = build_student(teacher, cfg, images=lambda: torch.cat([x for x, _ in calib])).to(device)
+    if resume is not None:
+        model, start, step, optimizer_state = resume_student(resume, cfg, device)
+    else:
+        model = build_student(teacher, cfg, images=lambda: torch.cat([x for x, _ in calib])).to(device)
+        start, step, optimizer_state = 0, 0, None
     teacher = teacher.to(device)
     host_calib = calib  # the int8 runtime calibrates on the CPU
     calib = [(x.to(device), y.to(device)) for x, y in calib]
     events, qstart = prune_events(cfg), quant_epoch(cfg)
     epochs = cfg.finetune_epochs
     steps_per_epoch = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule
-    total, step, lock = epochs * steps_per_epoch, 0, None
+    total, lock = epochs * steps_per_epoch, None
 
     def release() -> None:
         nonlocal lock
@@ -195,7 +250,7 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
     def relock() -> SparsityLock | None:
         return lock_sparsity(model) if cfg.prunes and cfg.prune_kind == "unstructured" else None
 
-    for epoch in range(max(epochs, 1)):
+    for epoch in range(start, max(epochs, 1)):
         changed = False
         if epoch in events:
             release()
@@ -207,9 +262,12 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
             apply_quantization(model, cfg, calib)
             log(f"epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
             changed = True
-        if changed or epoch == 0:
-            lock = relock() if changed else lock
+        if changed or epoch == start:
+            lock = relock() if changed or pruned_before(cfg, start) else lock
             optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
+            if optimizer_state is not None and not changed:  # resumed mid-plan: its momentum too
+                optimizer.load_state_dict(optimizer_state)
+            optimizer_state = None
         if epochs == 0:
             break
         model.train()
@@ -223,7 +281,9 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
         log(f"epoch {epoch}: loss {float(loss_sum) / max(batches, 1):.4f}")  # the epoch's one host read
         if on_epoch is not None:  # e.g. a Tune report, so a scheduler can stop poor trials
             was_training = model.training
-            on_epoch(epoch, model.eval())
+            progress = functools.partial(progress_payload, model, optimizer, cfg, epochs_done=epoch + 1, step=step,
+                                         lock=lock, device=device)  # fmt: skip
+            on_epoch(epoch, model.eval(), progress)
             model.train(was_training)
     finish(model, cfg, calib, lock)
     out = Path(out_dir)

@@ -52,6 +52,7 @@ class CompressRunConfig:
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 fine-tunes on GPUs with NCCL, 0 on CPUs with gloo")
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task")
     eval_batch_size: int = option(256, "batch size for validation and calibration")
+    max_failures: int = option(2, "fine-tuning restarts after a worker or node dies, each from the last epoch's checkpoint (-1 = forever)")
 
     def validate(self) -> None:
         require(bool(self.compress.teacher), "--teacher CKPT is required (a checkpoint from `effray train`)")
@@ -61,6 +62,7 @@ class CompressRunConfig:
         require(self.cpus_per_worker > 0 and self.gpus_per_worker >= 0 and self.data_cpus > 0,
                 "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0")  # fmt: skip
         require(self.eval_batch_size > 0, f"--eval-batch-size must be > 0, got {self.eval_batch_size}")
+        require(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
         require_whole_gpus(self.workers, self.gpus_per_worker)
 
     @property
@@ -104,12 +106,16 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         finish,
         make_optimizer,
         method_summary,
+        progress_payload,
         prune_events,
+        pruned_before,
         quant_epoch,
+        resume_student,
         train_step,
     )
     from effray.data.pipeline import sample_images
     from effray.evaluate import load_checkpoint
+    from effray.train.checkpoint import read_payload, save_payload
     from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate, worker_nodes
     from effray.train.parallel import make_strategy, prepare_model
     from effray.train.run import post
@@ -127,21 +133,30 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     teacher, _ = load_checkpoint(ctx["teacher"])
     teacher = freeze_teacher(teacher).to(device)
     mean, std = ctx["data"]["mean"], ctx["data"]["std"]
-    plain = build_student(teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)).to(device)
+    checkpoint = ray.train.get_checkpoint()  # a restart (dead worker or node) goes on after its last epoch
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            progress = read_payload(d)
+        plain, start, step, optimizer_state = resume_student(progress, cfg, device)
+        history: list[dict[str, Any]] = list(progress.get("history", []))
+        if rank == 0:
+            say(f"[effray] resuming the fine-tune after epoch {start}")
+    else:
+        plain = build_student(teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)).to(device)
+        start, step, optimizer_state, history = 0, 0, None, []
     calib = [(x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     per_worker = max(1, cfg.finetune_batch_size // world)
     events, qstart = prune_events(cfg), quant_epoch(cfg)
     epochs, steps = cfg.finetune_epochs, int(ctx["steps_per_epoch"])
-    total, step, lock = epochs * steps, 0, None
+    total, lock = epochs * steps, None
     model = prepare_model(plain, strategy)
     nodes = worker_nodes()
-    history: list[dict[str, Any]] = []
 
     def relock() -> Any:
         return lock_sparsity(plain) if cfg.prunes and cfg.prune_kind == "unstructured" else None
 
-    for epoch in range(max(epochs, 1)):
+    for epoch in range(start, max(epochs, 1)):
         changed = False
         if epoch in events or epoch == qstart:
             strategy.sync_for_eval(model)  # rank 0's BN statistics everywhere: folding and scores agree
@@ -159,12 +174,16 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 say(f"[effray] epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
             changed = True
-        if changed:
+        if changed or (epoch == start and pruned_before(cfg, start)):
             lock = relock()
+        if changed:
             plain = plain.to(device)
             model = prepare_model(plain, strategy)  # new parameters: a new DDP wrapper (and buckets)
-        if changed or epoch == 0:
+        if changed or epoch == start:
             optimizer = make_optimizer(plain, cosine_lr(step, total, cfg.finetune_lr))
+            if optimizer_state is not None and not changed:  # resumed mid-plan: its momentum too
+                optimizer.load_state_dict(optimizer_state)
+            optimizer_state = None
         if epochs == 0:
             break
         seed_epoch(rc.data.seed, epoch, rank)
@@ -185,7 +204,13 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"[effray] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}")
         history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
-        ray.train.report(history[-1])
+        if rank != 0:
+            ray.train.report(history[-1])
+            continue
+        with tempfile.TemporaryDirectory() as keep:  # rank 0's fine-tune so far: what a restart resumes
+            save_payload(keep, progress_payload(plain, optimizer, cfg, epochs_done=epoch + 1, step=step, lock=lock,
+                                                device=device, history=history))  # fmt: skip
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(keep))
 
     strategy.sync_for_eval(model)
     model = finish(unwrap(model), cfg, calib, lock)  # every rank: PTQ (if any) is deterministic, calib is shared
@@ -276,11 +301,13 @@ def worker_batches(rc: CompressRunConfig, meta: dict[str, Any]) -> tuple[int, in
 
 
 def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: Any, teacher_info: dict[str, Any], *,
-                         name: str, storage: str, callbacks: list[Any] | None = None) -> dict[str, Any]:
+                         name: str, storage: str, callbacks: list[Any] | None = None,
+                         max_failures: int = 0) -> dict[str, Any]:
     """Fit the ``TorchTrainer`` running :func:`compress_loop_per_worker` on ``rc.workers``
     workers; rank 0 writes the artifact to ``rc.out`` (absolute). ``name``/``storage`` are
-    Ray Train's run (deterministic names restore); ``callbacks`` e.g. Tune's
-    ``TuneReportCallback``. Returns the epochs as the workers saw them
+    Ray Train's run (deterministic names restore, from the last epoch's checkpoint);
+    ``callbacks`` e.g. Tune's ``TuneReportCallback``; ``max_failures`` restarts after a dead
+    worker or node, each from that checkpoint. Returns the epochs as the workers saw them
     (``{"epochs", "final", "world"}``)."""
     import ray
 
@@ -301,7 +328,7 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     trainer = torch_trainer(
         compress_loop_per_worker, {"run": to_dict(rc), "ctx": ctx},
         workers=rc.workers, cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
-        name=name, storage=storage, max_failures=0, callbacks=callbacks,
+        name=name, storage=storage, max_failures=max_failures, callbacks=callbacks,
         datasets={"train": train_ds,
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
         dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
@@ -344,9 +371,12 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     cfg = rc.compress
     evals, calib_ds, calib = eval_and_calib(rc.data.data, meta, rc.eval_batch_size, cfg.calib_batches)
     teacher_metrics, teacher_info = teacher_baseline(teacher, cfg.teacher, evals)
-    storage = tempfile.mkdtemp(prefix="effray-compress-")  # Ray Train's run dir: nothing in it outlives the fit
+    # Ray Train's run dir (the epochs' checkpoints a restart resumes from) beside OUT, on the
+    # storage every node sees; nothing in it outlives the fit
+    storage = out.parent / f".{out.name}.finetune-{uuid.uuid4().hex[:6]}"
     try:
-        finetune = fine_tune_on_workers(rc, meta, calib_ds, teacher_info, name=f"compress-{out.name}", storage=storage)
+        finetune = fine_tune_on_workers(rc, meta, calib_ds, teacher_info, name=f"compress-{out.name}",
+                                        storage=str(storage), max_failures=rc.max_failures)  # fmt: skip
     finally:
         shutil.rmtree(storage, ignore_errors=True)
 

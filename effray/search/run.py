@@ -1,11 +1,12 @@
 """``effray tune``: Ray Tune over the compression space, from one teacher to measured trials.
 
 Each trial compresses the teacher with one sampled :class:`CompressConfig`, reports
-validation accuracy after every fine-tuning epoch (so ASHA can stop poor trials), and
-ends with one ``final`` report holding the full measurement of the saved artifact,
-which it keeps as the trial's checkpoint. The experiment resumes when the same command
-runs again with the same ``--storage``/``--name``: finished trials are kept, errored
-ones are retried.
+validation accuracy after every fine-tuning epoch (so ASHA can stop poor trials) with the
+fine-tune so far as its checkpoint, and ends with one ``final`` report holding the full
+measurement of the saved artifact, which it keeps as the trial's checkpoint. A trial
+whose node dies is retried (``--max-failures``) from its last epoch's checkpoint, on any
+node. The experiment resumes when the same command runs again with the same
+``--storage``/``--name``: finished trials are kept, errored ones are retried.
 
 A trial trains in its own process (``--workers-per-trial 1``) or, with more workers, runs
 a ``TorchTrainer`` of :func:`effray.compress.run.compress_loop_per_worker` inside the Tune
@@ -184,23 +185,50 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
 
     evals, _, calib = eval_and_calib(ctx["data"], meta, ctx["eval_batch_size"], cfg.calib_batches)
 
-    def on_epoch(epoch: int, model: Any) -> None:
+    def on_epoch(epoch: int, model: Any, progress: Callable[[], dict[str, Any]]) -> None:
+        """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
+        after its node died goes on from here (Tune hands it back through get_checkpoint)."""
         from effray.compress.measure import accuracy
+        from effray.train.checkpoint import save_payload
 
         acc, _ = accuracy(model, evals)
         tracker.log({METRIC: acc, "epoch": epoch + 1}, step=epoch + 1)
-        ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False})
+        with tempfile.TemporaryDirectory() as keep:
+            save_payload(keep, progress())
+            ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False, "node": node},
+                            checkpoint=ray.tune.Checkpoint.from_directory(keep))  # fmt: skip
 
+    node = ray.get_runtime_context().get_node_id()
+    resume = _trial_progress()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = compress_local(teacher, cfg, train_batches, calib, evals, tmp,
                                     teacher_info=ctx["teacher_info"], data=ctx["data_info"],
                                     teacher_metrics=ctx["teacher_metrics"], on_epoch=on_epoch,
                                     steps_per_epoch=max(1, -(-meta["counts"]["train"] // bs)),
-                                    log=lambda line: None, device=device)  # fmt: skip
+                                    log=lambda line: None, resume=resume, device=device)  # fmt: skip
             report_final(result["student"], tmp)
     finally:
         kill_clock(clock)
+
+
+def _trial_progress() -> dict[str, Any] | None:
+    """The fine-tune a retried trial goes on from: its last epoch's checkpoint, if Tune has one."""
+    import ray.tune
+
+    from effray.train.checkpoint import read_payload
+
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    from effray.compress.recipe import PROGRESS_FORMAT
+
+    with checkpoint.as_directory() as d:
+        payload = read_payload(d)
+    if payload.get("format") != PROGRESS_FORMAT:  # its measured artifact: it had finished fine-tuning
+        return None
+    log.info("trial resumes its fine-tune after epoch %s", payload.get("epochs_done"))
+    return payload
 
 
 def trial_device() -> Any:

@@ -31,7 +31,7 @@ _LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0, "max_work
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
 # re-running a command with another --max-failures or wandb project still resumes it.
-_NOT_IN_NAME = {"storage", "name", "wandb_project", "wandb", "wandb_mode", "max_failures",
+_NOT_IN_NAME = {"storage", "name", "wandb_project", "wandb", "wandb_mode", "max_failures", "grow_check_s", "resize_timeout_s",
                 "inject_failure_at_epoch", "keep_checkpoints", "checkpoint_every", "data_cpus"}  # fmt: skip
 _DATA_NOT_IN_NAME = {"cache_decoded", "stream_buffer_mb"}  # how rows reach training, not which rows
 
@@ -60,6 +60,11 @@ class TrainConfig:
                                        "that offer them (and the other nodes' CPUs free for Ray Data's tasks)")
     max_workers: int = option(0, "elastic DDP: grow to this many workers while the nodes are there and keep going on as few "
                                  "as --workers when nodes die, same global batch and schedule (0 = exactly --workers)")
+    grow_check_s: float = option(30.0, "elastic: seconds between looks for room to grow (a growth restarts the workers "
+                                       "from the latest checkpoint, so not too often)")
+    resize_timeout_s: float = option(15.0, "elastic: seconds a new worker group may wait for its resources before the run "
+                                           "tries the size that fits (a node that just died still looks free to Ray for "
+                                           "~10 s; Ray Train's own wait is 60 s)")
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, 0 on CPUs with gloo")
     cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task; workers x cpus-per-worker + this must fit the cluster")
@@ -97,6 +102,8 @@ class TrainConfig:
         if self.parallel == "pipeline":
             self._validate_pipeline()
         parse_resources(self.worker_resources)
+        require(self.grow_check_s > 0 and self.resize_timeout_s > 0,
+                f"--grow-check-s and --resize-timeout-s must be > 0, got {self.grow_check_s} and {self.resize_timeout_s}")  # fmt: skip
         require(self.max_workers == 0 or self.max_workers >= self.workers,
                 f"--max-workers {self.max_workers} must be >= --workers {self.workers} (or 0: a fixed world size)")
         if self.elastic:

@@ -36,7 +36,6 @@ from effray.train.loop import HISTORY_FILE, train_loop_per_worker
 from effray.train.parallel import STRATEGIES
 
 RUN_FILE = "effray-run.json"
-ELASTIC_RESIZE_S = 30.0  # how often an elastic run looks for room to grow (Ray Train's default: 60 s)
 SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
                 "elapsed_s", "val_per_class_accuracy", "nodes")  # fmt: skip
 
@@ -124,11 +123,12 @@ def _user_error(exc: BaseException) -> EffrayError | None:
 def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int | tuple[int, int], cpus_per_worker: float,
                   gpus_per_worker: float, name: str, storage: str, max_failures: int, datasets: dict[str, Any],
                   keep_checkpoints: int | None = None, dataset_config: Any = None, callbacks: list[Any] | None = None,
-                  extra_resources: dict[str, float] | None = None) -> Any:
+                  extra_resources: dict[str, float] | None = None, grow_check_s: float = 30.0) -> Any:
     """The ``TorchTrainer`` every stage runs (train, compress, the GAN): NCCL when the
     workers get GPUs, gloo otherwise; ``RunConfig(name, storage)`` so a re-run restores;
     with ``keep_checkpoints`` the newest N (not the best: resuming and the corrupt-newest
-    fallback need the latest). ``workers=(min, max)``: Ray Train V2's elastic world size."""
+    fallback need the latest). ``workers=(min, max)``: Ray Train V2's elastic world size,
+    looking for room to grow every ``grow_check_s`` (Ray Train's default: 60 s)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -141,7 +141,7 @@ def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int | tupl
         loop, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     **({"elastic_resize_monitor_interval_s": ELASTIC_RESIZE_S} if isinstance(workers, tuple) else {})),
+                                     **({"elastic_resize_monitor_interval_s": grow_check_s} if isinstance(workers, tuple) else {})),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=checkpoints, callbacks=list(callbacks or [])),
         datasets=datasets, **extra,
@@ -177,9 +177,16 @@ def post(name: str, value: Any) -> None:
     ray.get(ray.get_actor(name, namespace="effray").put.remote(value))
 
 
-def fit(trainer: Any, clock: str) -> Any:
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands it to its controller
+
+
+def fit(trainer: Any, clock: str, env: dict[str, str] | None = None) -> Any:
     """``trainer.fit()``; an ``EffrayError`` raised in a worker comes back as itself (one
-    line for the user, not a Ray traceback); the epoch clock actor goes either way."""
+    line for the user, not a Ray traceback); the epoch clock actor goes either way.
+    ``env``: Ray Train settings its controller reads from the driver's environment at
+    ``fit()``, set for this fit only."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         return trainer.fit()
     except Exception as exc:
@@ -188,6 +195,11 @@ def fit(trainer: Any, clock: str) -> Any:
             raise user from None
         raise
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         kill_clock(clock)
 
 
@@ -241,8 +253,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                   # decoded once here: every rank reads the whole split each epoch (see validate)
                   "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
         dataset_config=strategy.dataset_config(cfg, train_ds), extra_resources=parse_resources(cfg.worker_resources),
+        grow_check_s=cfg.grow_check_s,
     )  # fmt: skip
-    result = fit(trainer, clock)
+    # elastic: after a node dies Ray still counts its resources for a few seconds, and a
+    # worker group sized to them would wait Ray Train's 60 s before trying the size that fits
+    result = fit(trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None)
     metrics = result.metrics or {}
     return {
         "run": cfg.name, "run_dir": str(run_dir) if run_dir else f"{storage}/{cfg.name}",

@@ -225,6 +225,40 @@ def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
             assert_cuda(train_step(student.train(), teacher, x, y, opt, cfg))
 
 
+def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
+    """A progress checkpoint (written on the CPU, as a dead node's trial left it) resumes on
+    the GPU: the restored student, its quantizers and the optimizer's momentum all land on
+    the model's device, and the next QAT steps run there with no host read."""
+    from effray.compress.config import CompressConfig
+    from effray.compress.recipe import (
+        apply_quantization,
+        build_student,
+        make_optimizer,
+        progress_payload,
+        resume_student,
+        train_step,
+    )
+
+    cfg = CompressConfig(bits=4, act_bits=8, calib_batches=1, finetune_epochs=2)
+    teacher = build_model("resnet20", 10, 3, 0.25)
+    teacher.spec = dict(teacher.spec)
+    student = apply_quantization(build_student(teacher, cfg), cfg, [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))])
+    opt = make_optimizer(student, 0.01)
+    train_step(student, None, torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), opt, cfg)  # momentum exists
+    payload = progress_payload(student, opt, cfg, epochs_done=1, step=1, lock=None)
+    # the checkpoint loads into real CPU tensors (its load hooks read the quantizers' ready
+    # flags, once); resume_student then moves the student to the device, as here
+    model, done, step, state = resume_student(payload, cfg, "cpu")
+    with fake_cuda:
+        model = model.to(CUDA)
+        opt = make_optimizer(model, 0.01)
+        opt.load_state_dict(state)
+        assert_cuda(*model.parameters(), *model.buffers(), *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()))
+        for x, y in _calib(2):
+            assert_cuda(train_step(model, None, x, y, opt, cfg))
+    assert (done, step) == (1, 1)
+
+
 def test_ptq_calibration_and_inference(fake_cuda):
     """PTQ as ``finish`` runs it after fine-tuning: calibrate on CUDA batches, freeze, infer."""
     from effray.compress.config import CompressConfig

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli, two_trial_tune
+from helpers import cli
 
+from effray.local_cluster import NODE_STORE
 from effray.train.loop import HISTORY_FILE
 
 pytestmark = pytest.mark.slow
@@ -22,6 +23,31 @@ TRAIN = ["--model", "convnet", "--width", "0.25", "--batch-size", "64", "--worke
 def _history(run_dir: Path) -> list[dict]:
     f = run_dir / HISTORY_FILE
     return [json.loads(ln) for ln in f.read_text().splitlines()] if f.is_file() else []
+
+
+def _result(stdout: str) -> dict:
+    """effray's JSON line: the last line of its stdout that is one (Ray's log monitor may
+    print a dead node's raylet log after it)."""
+    for line in reversed(stdout.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise AssertionError(f"no JSON line in: {stdout[-2000:]}")
+
+
+def _wait_registered(run_dir: Path, epoch: int, driver, timeout_s: float = 300) -> bool:
+    """Until Ray Train has registered epoch ``epoch``'s checkpoint (its checkpoint manager's
+    snapshot names it), not merely until the files exist: a kill in between resumes earlier."""
+    snapshot, name = run_dir / "checkpoint_manager_snapshot.json", f'"epoch-{epoch:04d}-'
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and driver.poll() is None:
+        if snapshot.is_file() and name in snapshot.read_text():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _on_two_worker_nodes(nodes: list[str], cluster) -> None:
@@ -36,7 +62,7 @@ def _driver(cluster, *args: str):
     import sys
 
     return subprocess.Popen([sys.executable, "-m", "effray.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "RAY_ADDRESS": cluster.cluster.address})  # fmt: skip
+                            text=True, env={**os.environ, "RAY_ADDRESS": cluster.address})  # fmt: skip
 
 
 def test_ddp_ranks_on_two_nodes(cluster, tiny_cifar, tmp_path):
@@ -71,22 +97,15 @@ def test_compress_fine_tunes_on_two_nodes(cluster, tiny_cifar, teacher, tmp_path
 
 
 def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp_path):
-    """Fixed world size 2: SIGKILL the node of rank 1 during epoch 3, add a node back; the run
+    """Fixed world size 2: SIGKILL the node of rank 1 once epoch 2 is registered, add a node back; the run
     restarts from its newest committed checkpoint, redoes no epoch before it, and finishes."""
-    epochs, run_dir = 6, tmp_path / "killed"
+    epochs, run_dir = 10, tmp_path / "killed"  # enough left after epoch 2 for the kill to land mid-run
     args = ["train", "--data", str(tiny_cifar), *TRAIN, "--epochs", str(epochs), "--storage", str(tmp_path),
             "--name", "killed", "--max-failures", "3"]  # fmt: skip
     driver = _driver(cluster, *args)
-    deadline = time.time() + 300
-
-    def committed() -> list[Path]:  # epoch 2's checkpoint, written whole to the run's storage
-        return [d for d in run_dir.glob("epoch-0002-*") if (d / "model.pt").is_file()]
-
-    while not committed() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # Ray Train registers it within a health-check interval (1 s here)
+    registered = _wait_registered(run_dir, 2, driver)
     rows = _history(run_dir)
-    if len(rows) < 2 or not committed():
+    if len(rows) < 2 or not registered:
         driver.kill()
         pytest.fail(f"no 2 epochs before the kill: {driver.communicate()[1][-3000:]}")
     victim = rows[-1]["nodes"][1]
@@ -97,7 +116,7 @@ def test_train_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp
     finally:
         driver.kill()
     assert driver.returncode == 0, err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    result = _result(out)
     rows = _history(run_dir)
     attempts = list(dict.fromkeys(r["attempt"] for r in rows))
     assert len(attempts) == 2, rows  # one restart
@@ -119,26 +138,24 @@ def test_elastic_training_shrinks_when_a_node_dies(cluster, tiny_cifar, tmp_path
     # 3 nodes only workers may use (an elastic run takes every worker slot it finds: on nodes
     # Ray Data also needs, the 3 survivors would hold 3 workers and leave its tasks no CPU)
     trainers = [cluster.add(elastic_trainer=1.0) for _ in range(3)]
-    epochs = 4
+    epochs = 6  # enough left after epoch 2 for the kill to land mid-run
+    # --resize-timeout-s 5: the first group after the kill is sized to the dead node too (Ray
+    # has not noticed it yet) and gives up on it after 5 s instead of the default 15
     elastic = [*TRAIN, "--workers", "2-3", "--worker-resources", "elastic_trainer=1", "--batch-size", "60",
-               "--epochs", str(epochs), "--max-failures", "3"]  # fmt: skip
+               "--epochs", str(epochs), "--max-failures", "3", "--resize-timeout-s", "5"]  # fmt: skip
     results = {}
     for name in ("calm", "shrunk"):
         driver = _driver(cluster, "train", "--data", str(tiny_cifar), *elastic, "--storage", str(tmp_path), "--name", name)
         run_dir = tmp_path / name
         try:
             if name == "shrunk":
-                deadline = time.time() + 300
-                while not [d for d in run_dir.glob("epoch-0002-*") if (d / "model.pt").is_file()] \
-                        and time.time() < deadline and driver.poll() is None:  # fmt: skip
-                    time.sleep(0.2)
-                time.sleep(1.0)  # Ray Train registers the checkpoint within a health-check interval
+                assert _wait_registered(run_dir, 2, driver), "no 2 epochs before the kill"
                 cluster.kill(_history(run_dir)[-1]["nodes"][1])
             out, err = driver.communicate(timeout=600)
         finally:
             driver.kill()
         assert driver.returncode == 0, err[-3000:]
-        results[name] = (json.loads(out.strip().splitlines()[-1]), _history(run_dir))
+        results[name] = (_result(out), _history(run_dir))
     (calm, calm_rows), (shrunk, rows) = results["calm"], results["shrunk"]
     assert {r["world"] for r in calm_rows} == {3} and set(calm_rows[-1]["nodes"]) == set(trainers)
     assert rows[0]["world"] == 3 and rows[-1]["world"] == 2 and len(set(rows[-1]["nodes"])) == 2
@@ -146,6 +163,35 @@ def test_elastic_training_shrinks_when_a_node_dies(cluster, tiny_cifar, tmp_path
     assert all(r["train_rows"] == 540 for r in calm_rows + rows)  # each training row once per epoch, 3 or 2 workers
     assert shrunk["epoch"] == epochs and rows[-1]["optimizer_steps"] == calm_rows[-1]["optimizer_steps"] == 9 * epochs
     assert abs(shrunk["val_accuracy"] - calm["val_accuracy"]) <= 0.15  # 60 val images: ~0.06 sampling noise
+
+
+def test_elastic_training_grows_when_a_node_joins(cluster, tiny_cifar, tmp_path):
+    """`--workers 2-3` with 2 trainer nodes (the shrink test's survivors, or new ones)
+    trains on 2; a third joins after epoch 2 and, within a growth check, the run restarts
+    from its latest checkpoint on 3 and finishes there: the same rows per epoch and
+    optimizer steps as at a fixed size, no epoch twice."""
+    import ray
+
+    trainers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "elastic_trainer" in n["Resources"]]
+    trainers += [cluster.add(elastic_trainer=1.0) for _ in range(2 - len(trainers))]
+    epochs, run_dir = 14, tmp_path / "grown"  # long enough for a growth check (2 s) and a restart mid-run
+    driver = _driver(cluster, "train", "--data", str(tiny_cifar), *TRAIN, "--workers", "2-3", "--worker-resources",
+                     "elastic_trainer=1", "--batch-size", "60", "--epochs", str(epochs), "--grow-check-s", "2",
+                     "--storage", str(tmp_path), "--name", "grown")  # fmt: skip
+    try:
+        assert _wait_registered(run_dir, 2, driver), "no 2 epochs on 2 workers"
+        joined = cluster.add(elastic_trainer=1.0)
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    result, rows = _result(out), _history(run_dir)
+    worlds = [r["world"] for r in rows]
+    assert worlds[0] == 2 and worlds[-1] == 3 and worlds == sorted(worlds), worlds  # grew once, never shrank
+    assert joined in rows[-1]["nodes"] and set(rows[-1]["nodes"]) == {*trainers, joined}
+    assert [r["epoch"] for r in rows[worlds.index(3):]] == list(range(rows[worlds.index(3)]["epoch"], epochs + 1))
+    assert all(r["train_rows"] == 540 for r in rows) and rows[-1]["optimizer_steps"] == 9 * epochs
+    assert result["epoch"] == epochs
 
 
 def test_prepare_decodes_on_every_node(cluster, tmp_path):
@@ -156,16 +202,65 @@ def test_prepare_decodes_on_every_node(cluster, tmp_path):
     assert len(result["decoded_on_nodes"]) == 3 and cluster.head not in result["decoded_on_nodes"]
 
 
-def test_tune_trials_run_on_different_nodes(cluster, tiny_cifar, teacher, tmp_path):
-    """Two trials of 1 CPU at once on nodes of 1 CPU: each on its own node, each reported once."""
-    rc, result, err = two_trial_tune(tmp_path, teacher, tiny_cifar, "spread", "--cpus-per-trial", "1")
+def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's reports so far, in order (Tune's result.json, one JSON line each)."""
+    out = {}
+    for f in experiment.glob("trial_*/result.json"):
+        out[f.parent.name] = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip().startswith("{")]
+    return out
+
+
+def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar, teacher, tmp_path):
+    """Two 1-CPU trials at once (1 fine-tuning epoch and 8) land on two nodes; SIGKILL the
+    long one's node after its second epoch: that trial is retried on another node from its
+    last epoch's checkpoint, the short one is not rerun, and the report has each trial once."""
+    import pandas as pd
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"finetune_epochs": {"grid": [1, 8]}, "prune_rate": 0.3, "bits": 8,
+                                     "finetune_batch_size": 64, "calib_batches": 1, "int8": False}))  # fmt: skip
+    experiment = tmp_path / "runs" / "killed"
+    driver = _driver(cluster, "tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
+                     "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--cpus-per-trial", "1",
+                     "--max-concurrent", "2", "--max-failures", "2", "--storage", str(tmp_path / "runs"),
+                     "--name", "killed", "--no-wandb")  # fmt: skip
+
+    def long_trial() -> list[dict]:
+        return next((rows for rows in _trial_rows(experiment).values() if rows and rows[0]["config"]["compress"]["finetune_epochs"] == 8), [])  # fmt: skip
+
+    deadline = time.time() + 300
+    while len(long_trial()) < 2 and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    before = long_trial()
+    if len(before) < 2:
+        driver.kill()
+        pytest.fail(f"the long trial reported no 2 epochs: {driver.communicate()[1][-3000:]}")
+    victim = before[-1]["node"]
+    cluster.kill(victim)
+    try:
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    assert _result(out)["finished"] == 2
+    rows = _trial_rows(experiment)
+    (short,) = [r for r in rows.values() if r[0]["config"]["compress"]["finetune_epochs"] == 1]
+    (long,) = [r for r in rows.values() if r[0]["config"]["compress"]["finetune_epochs"] == 8]
+    assert short[0]["node"] != long[0]["node"] and cluster.head not in (short[0]["node"], long[0]["node"])
+    restarts = [i for i, r in enumerate(long) if r["iterations_since_restore"] == 1]
+    assert len(restarts) == 2, [(r["epoch"], r["iterations_since_restore"]) for r in long]  # one retry
+    first, retry = long[:restarts[1]], long[restarts[1]:]
+    resumed_after = retry[0]["epoch"] - 1
+    assert resumed_after >= 2 and resumed_after in [r["epoch"] for r in first]  # its last checkpoint, not epoch 0
+    assert [r["epoch"] for r in retry] == list(range(resumed_after + 1, 10))  # epochs 1..8, then the final (9)
+    assert victim not in {r["node"] for r in retry}
+    assert [r["iterations_since_restore"] for r in short] == list(range(1, len(short) + 1))  # never rerun
+    assert sum(bool(r.get("final")) for r in short) == sum(bool(r.get("final")) for r in long) == 1
+    rc, report, err = cli("report", "--experiment", str(experiment))
     assert rc == 0, err[-3000:]
-    assert result["finished"] == 2
-    rows = [json.loads(ln) for f in (tmp_path / "runs" / "spread").rglob("result.json")
-            for ln in f.read_text().splitlines() if ln.strip().startswith("{")]  # fmt: skip
-    finals = [r for r in rows if r.get("final") and not r.get("done")]
-    nodes = [r["node"] for r in finals]
-    assert len(nodes) == 2 and len(set(nodes)) == 2 and cluster.head not in nodes
+    table = pd.read_parquet(experiment / "report" / "results.parquet")
+    assert sorted(table["trial_id"]) == sorted(r[0]["trial_id"] for r in rows.values())  # each trial once
 
 
 def test_node_local_storage_is_refused_on_real_nodes(cluster, tiny_cifar, tmp_path):
@@ -186,7 +281,7 @@ def test_node_local_storage_is_refused_on_real_nodes(cluster, tiny_cifar, tmp_pa
     before = set(cluster.alive())
     blind = subprocess.Popen(
         ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {local} && exec {ray_cli} start --block "
-         f"--address={cluster.cluster.address} --num-cpus=0 --object-store-memory={200 << 20}"],
+         f"--address={cluster.address} --num-cpus=0 --object-store-memory={NODE_STORE}"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 60

@@ -64,3 +64,48 @@ def test_compress_local(tmp_path, cfg):
         assert method["prune"]["weight_sparsity"] >= 0.5 - 1e-3
     else:
         assert s["vs_teacher"]["macs_ratio"] > 1.3
+
+
+@pytest.mark.parametrize("cfg,resume_after", [
+    (CompressConfig(prune_rate=0.6, prune_schedule="cubic", prune_steps=2, bits=4, kd_alpha=0.5, finetune_epochs=4,
+                    finetune_lr=0.02, calib_batches=1, int8=False), 3),  # unstructured zeros and QAT already in
+    (CompressConfig(prune_rate=0.4, prune_kind="structured", bits=8, finetune_epochs=3, finetune_lr=0.02,
+                    calib_batches=1, int8=False), 1),  # pruned shapes in, QAT still to come
+])  # fmt: skip
+def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg, resume_after):
+    """The progress checkpoint after an epoch (written and read back weights-only) resumes
+    the recipe to bit-identical weights: structure, latent weights, momentum, LR step, RNG."""
+    from effray.compress.recipe import resume_student
+    from effray.evaluate import load_checkpoint
+    from effray.train.checkpoint import read_payload, save_payload
+
+    cfg = validated(cfg)
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, width=0.25).eval()
+    evals = batches(1, 99)
+
+    def run(out, resume=None):
+        kept = {}
+
+        def on_epoch(epoch, model, progress):
+            kept[epoch + 1] = save_payload(tmp_path / f"{out.name}-progress-{epoch + 1}", progress())
+
+        compress_local(teacher, cfg, lambda epoch: batches(2, epoch), batches(1, 50), evals, out, log=lambda line: None,
+                       steps_per_epoch=2, on_epoch=on_epoch, resume=resume)  # fmt: skip
+        return load_artifact(out)[0], kept
+
+    whole, kept = run(tmp_path / "whole")
+    assert sorted(kept) == list(range(1, cfg.finetune_epochs + 1))
+    progress = read_payload(kept[resume_after])
+    torch.manual_seed(123)  # whatever the process did since: the checkpoint's RNG wins
+    resumed, later = run(tmp_path / "resumed", resume=progress)
+    assert sorted(later) == list(range(resume_after + 1, cfg.finetune_epochs + 1))  # no epoch twice
+    last = cfg.finetune_epochs
+    latent = [read_payload(k)["student"]["state"] for k in (kept[last], later[last])]  # below the quantizer's codes
+    for a, b in ((whole.state_dict(), resumed.state_dict()), latent):
+        for (name, x), (_, y) in zip(a.items(), b.items(), strict=True):
+            assert torch.equal(x, y), name
+    student, _ = load_checkpoint(kept[resume_after])  # `effray evaluate` opens a progress checkpoint
+    assert not student.training and student(evals[0][0]).shape == (16, 10)
+    with pytest.raises(EffrayError, match="another compression config"):
+        resume_student(progress, validated(CompressConfig(prune_rate=0.1, finetune_epochs=4)))
