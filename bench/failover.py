@@ -1,7 +1,7 @@
 """Failover: from a node's death to training progressing again, fixed-size against
 elastic, and the work each loses, on real local nodes (:mod:`effray.local_cluster`).
 
-    .venv/bin/python bench/failover.py [--rows 6000] [--epochs 6] [--kill-in-epoch 3]
+    .venv/bin/python bench/failover.py [--rows 20000] [--epochs 6] [--kill-in-epoch 3]
 
 Both runs are `effray train` (DDP, convnet) from their own driver process, on 1-CPU nodes
 offering ``trainer=1`` (workers go only there; one more node without it runs Ray Data's
@@ -11,7 +11,9 @@ tasks). Half-way through epoch ``--kill-in-epoch`` the node of rank 1 gets SIGKI
   the newest registered checkpoint once a replacement node is up (started right after the
   kill here; on a cloud the autoscaler takes minutes, not the seconds of a local node);
 * **elastic** (``--workers 2-3``, 3 trainer nodes): it goes on with the 2 left, no
-  replacement.
+  replacement; once with ``--resize-timeout-s 15`` and once with the default 5 (the first
+  group after the kill is sized to the dead node, which Ray still counts, and waits that
+  long before the run tries again with the size Ray sees then).
 
 Printed per run: seconds from the kill to the restarted run's first step (its first
 epoch's end as the history file shows it, less that epoch's training time), how long a
@@ -49,14 +51,14 @@ def _registered(run_dir: Path, epoch: int) -> bool:
 
 
 def run_and_kill(local: LocalCluster, name: str, data: str, storage: Path, workers: str, epochs: int,
-                 kill_in_epoch: int, replace: bool) -> dict:
+                 kill_in_epoch: int, replace: bool, flags: tuple[str, ...] = ()) -> dict:
     """One `effray train` run killed half-way through ``kill_in_epoch``: what it lost and
     how long it took to progress again."""
     run_dir = storage / name
     cmd = [sys.executable, "-m", "effray.cli", "train", "--data", data, "--model", "convnet", "--width", "0.5",
            "--batch-size", "120", "--workers", workers, "--worker-resources", "trainer=1", "--cpus-per-worker", "1",
            "--data-cpus", "1", "--augment", "flip", "--epochs", str(epochs), "--max-failures", "3",
-           "--storage", str(storage), "--name", name, "--no-wandb"]  # fmt: skip
+           "--storage", str(storage), "--name", name, "--no-wandb", *flags]  # fmt: skip
     driver = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": local.address},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen: list[tuple[dict, float]] = []  # every history row and when it appeared
@@ -109,7 +111,7 @@ def run_and_kill(local: LocalCluster, name: str, data: str, storage: Path, worke
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
-    p.add_argument("--rows", type=int, default=6000, help="source rows (90%% train, 10%% validation)")
+    p.add_argument("--rows", type=int, default=20000, help="source rows (90%% train, 10%% validation)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--kill-in-epoch", type=int, default=3, help="SIGKILL a node half-way through this epoch (>= 2)")
     p.add_argument("--health-check-s", type=float, default=1.0, help="Ray Train's worker health-check interval")
@@ -126,11 +128,13 @@ def main() -> None:
         with local_cluster(3, node_resources=lambda i: {"trainer": 1.0} if i < 2 else {},
                            health_check_s=args.health_check_s) as local:  # fmt: skip
             prepare(PrepareConfig(source=f"parquet:{args.parquet}", out=data, limit=args.rows, val_fraction=0.1, seed=0))
-            fixed = run_and_kill(local, "fixed", data, storage, "2", args.epochs, args.kill_in_epoch, replace=True)
-            print(f"fixed done: {fixed}", flush=True)
-            local.add(trainer=1.0)
-            elastic = run_and_kill(local, "elastic", data, storage, "2-3", args.epochs, args.kill_in_epoch, replace=False)
-            print(f"elastic done: {elastic}", flush=True)
+            runs = [run_and_kill(local, "fixed", data, storage, "2", args.epochs, args.kill_in_epoch, replace=True)]
+            for name, timeout in (("elastic", "15"), ("elastic-5", "5")):
+                local.add(trainer=1.0)  # back to 3 trainer nodes
+                runs.append(run_and_kill(local, name, data, storage, "2-3", args.epochs, args.kill_in_epoch,
+                                         replace=False, flags=("--resize-timeout-s", timeout)))  # fmt: skip
+            for r in runs:
+                print(f"{r['run']}: {r}", flush=True)
     rows = [("world size before -> after", lambda r: f"{r['world_before']} -> {r['world_after']}"),
             ("kill -> training again (s)", lambda r: f"{r['to_progress_s']:.1f}"),
             ("  of which a replacement joining (s)", lambda r: "-" if r["replacement_joined_s"] is None else f"{r['replacement_joined_s']:.1f}"),
@@ -139,11 +143,13 @@ def main() -> None:
             ("steps lost (of steps/epoch)", lambda r: f"{r['steps_lost']:.1f} (of {r['steps_per_epoch']:g})"),
             ("epoch seconds before -> after", lambda r: f"{r['epoch_s_before']:.1f} -> {r['epoch_s_after']:.1f}"),
             ("finished epoch", lambda r: str(r["final_epoch"]))]  # fmt: skip
-    print(f"\n{'':38} {'fixed (--workers 2)':>22} {'elastic (--workers 2-3)':>24}")
+    heads = ("fixed (--workers 2)", "elastic (2-3, timeout 15)", "elastic (2-3, timeout 5)")
+    print(f"\n{'':38}" + "".join(f"{h:>27}" for h in heads))
     for label, fmt in rows:
-        print(f"{label:38} {fmt(fixed):>22} {fmt(elastic):>24}")
-    ratio = elastic["to_progress_s"] / max(fixed["to_progress_s"], 1e-9)
-    print(f"\nelastic/fixed time to progress: {ratio:.2f}x   ({cpu})")
+        print(f"{label:38}" + "".join(f"{fmt(r):>27}" for r in runs))
+    fixed = runs[0]["to_progress_s"]
+    ratios = "  ".join(f"{r['run']}/fixed {r['to_progress_s'] / max(fixed, 1e-9):.2f}x" for r in runs[1:])
+    print(f"\ntime from the kill to training again: {ratios}   ({cpu})")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class CompressRunConfig:
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task")
     eval_batch_size: int = option(256, "batch size for validation and calibration")
     max_failures: int = option(2, "fine-tuning restarts after a worker or node dies, each from the last epoch's checkpoint (-1 = forever)")
+    inject_failure_at_epoch: int = option(-1, "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this fine-tuning epoch (1-based; -1 = never)")
 
     def validate(self) -> None:
         require(bool(self.compress.teacher), "--teacher CKPT is required (a checkpoint from `effray train`)")
@@ -63,6 +64,8 @@ class CompressRunConfig:
                 "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0")  # fmt: skip
         require(self.eval_batch_size > 0, f"--eval-batch-size must be > 0, got {self.eval_batch_size}")
         require(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
+        require(self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.compress.finetune_epochs,
+                f"--inject-failure-at-epoch must be -1 or 1..{self.compress.finetune_epochs} (--finetune-epochs)")  # fmt: skip
         require_whole_gpus(self.workers, self.gpus_per_worker)
 
     @property
@@ -116,7 +119,15 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     from effray.data.pipeline import sample_images
     from effray.evaluate import load_checkpoint
     from effray.train.checkpoint import read_payload, save_payload
-    from effray.train.loop import DATA_INIT_IMAGES, all_sum, say, seed_epoch, validate, worker_nodes
+    from effray.train.loop import (
+        DATA_INIT_IMAGES,
+        all_sum,
+        die_once,
+        say,
+        seed_epoch,
+        validate,
+        worker_nodes,
+    )
     from effray.train.parallel import make_strategy, prepare_model
     from effray.train.run import post
     from effray.train.strategy import unwrap
@@ -198,6 +209,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
             sums[0] += train_step(model, teacher, x, y, optimizer, cfg).double() * len(y)
             sums[1] += len(y)
             step += 1
+            if epoch + 1 == rc.inject_failure_at_epoch and rank == min(1, world - 1) and ctx.get("run_dir"):
+                die_once(Path(ctx["run_dir"]))
         sums = all_sum(sums).cpu()
         metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "lr": optimizer.param_groups[0]["lr"]}
         metrics.update(validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes))
@@ -223,7 +236,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         replace_dir(tmp, out)
         # the epochs as the workers saw them, for the driver's metrics.json: through an actor
         # the driver owns, not a file on rank 0's node (another node's driver can't see it)
-        post(ctx["mailbox"], {"epochs": history, "final": final, "world": world, "nodes": nodes})
+        post(ctx["mailbox"], {"epochs": history, "final": final, "world": world, "nodes": nodes, "resumed_from": start})
     # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report
     ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes,
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
@@ -321,6 +334,7 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     clock, box = f"effray-compress-clock-{run_id}", f"effray-compress-results-{run_id}"
     mailbox = open_mailbox(box)
     ctx = {"teacher": str(Path(rc.compress.teacher).resolve()), "teacher_info": teacher_info, "mailbox": box,
+           "run_dir": os.path.join(storage, name) if "://" not in storage else "",
            "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)

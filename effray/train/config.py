@@ -62,9 +62,9 @@ class TrainConfig:
                                  "as --workers when nodes die, same global batch and schedule (0 = exactly --workers)")
     grow_check_s: float = option(30.0, "elastic: seconds between looks for room to grow (a growth restarts the workers "
                                        "from the latest checkpoint, so not too often)")
-    resize_timeout_s: float = option(15.0, "elastic: seconds a new worker group may wait for its resources before the run "
-                                           "tries the size that fits (a node that just died still looks free to Ray for "
-                                           "~10 s; Ray Train's own wait is 60 s)")
+    resize_timeout_s: float = option(5.0, "elastic: seconds a new worker group may wait for its resources before the run "
+                                          "tries the size that fits again (a node that just died still looks free to Ray "
+                                          "for up to ~20 s; Ray Train's own wait is 60 s)")
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, 0 on CPUs with gloo")
     cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task; workers x cpus-per-worker + this must fit the cluster")

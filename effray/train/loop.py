@@ -387,7 +387,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if lookahead is not None:
                     lookahead.after_step(strategy.unwrap(model), epoch * steps + step + 1)
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
-                    _die_once(run_dir)
+                    die_once(run_dir)
                 asked = time.perf_counter()
             if lookahead is not None:
                 lookahead.end_epoch(strategy.unwrap(model))
@@ -448,7 +448,7 @@ def augment_on_device(batch: dict[str, Any], policy: Any, stats: tuple[torch.Ten
     return out
 
 
-def _die_once(run_dir: Path) -> None:
+def die_once(run_dir: Path) -> None:
     """The fault-injection knob: exit hard (as an OOM kill would) the first time only; the
     marker in the run dir stops the restarted worker from dying again."""
     marker = run_dir / FAILURE_MARKER

@@ -22,13 +22,15 @@ def _last_json(text: str) -> dict:
 @pytest.fixture(scope="module")
 def compressed(ray_session, tiny_cifar, teacher, tmp_path_factory):
     """One Ray Train fit: 2 gloo workers, 50% unstructured pruning, 4-bit QAT, KD, 2 epochs
-    (pruned at epoch 0, quantized at epoch 1: DDP is re-prepared twice)."""
+    (pruned at epoch 0, quantized at epoch 1: DDP is re-prepared twice); rank 1 dies in
+    epoch 2 and the restart goes on from epoch 1's checkpoint (pruned, not yet quantized)."""
     out = tmp_path_factory.mktemp("compress") / "artifact"
     args = ["compress", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(out),
             "--prune-rate", "0.5", "--bits", "4", "--kd-alpha", "0.5", "--kd-temperature", "4",
             "--finetune-epochs", "2", "--finetune-batch-size", "64", "--finetune-lr", "0.02",
             "--calib-batches", "2", "--eval-batch-size", "64",
-            "--workers", "2", "--cpus-per-worker", "0.5", "--data-cpus", "1"]  # fmt: skip
+            "--workers", "2", "--cpus-per-worker", "0.5", "--data-cpus", "1",
+            "--inject-failure-at-epoch", "2", "--max-failures", "1"]  # fmt: skip
     return out, args
 
 
@@ -54,6 +56,7 @@ def test_compress_on_ray_train_measures_the_file(compressed, tiny_cifar, capsys)
     assert metrics["config"]["compress"]["prune_rate"] == 0.5 and metrics["config"]["workers"] == 2
     finetune = metrics["finetune"]
     assert finetune["world"] == 2 and [e["epoch"] for e in finetune["epochs"]] == [1, 2]
+    assert finetune["resumed_from"] == 1  # the restart after the injected death: no epoch twice
     assert finetune["final"]["val_count"] == metrics["eval_images"]  # exact validation: every row once
     assert sorted(os.listdir(out)) == ["metrics.json", "model.pt"]
 

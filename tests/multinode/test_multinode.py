@@ -139,10 +139,8 @@ def test_elastic_training_shrinks_when_a_node_dies(cluster, tiny_cifar, tmp_path
     # Ray Data also needs, the 3 survivors would hold 3 workers and leave its tasks no CPU)
     trainers = [cluster.add(elastic_trainer=1.0) for _ in range(3)]
     epochs = 6  # enough left after epoch 2 for the kill to land mid-run
-    # --resize-timeout-s 5: the first group after the kill is sized to the dead node too (Ray
-    # has not noticed it yet) and gives up on it after 5 s instead of the default 15
     elastic = [*TRAIN, "--workers", "2-3", "--worker-resources", "elastic_trainer=1", "--batch-size", "60",
-               "--epochs", str(epochs), "--max-failures", "3", "--resize-timeout-s", "5"]  # fmt: skip
+               "--epochs", str(epochs), "--max-failures", "3"]  # fmt: skip
     results = {}
     for name in ("calm", "shrunk"):
         driver = _driver(cluster, "train", "--data", str(tiny_cifar), *elastic, "--storage", str(tmp_path), "--name", name)
