@@ -11,7 +11,9 @@ holds them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,34 @@ from effray.storage import (
     storage_error,
 )
 
-__all__ = ["PASSTHROUGH_ENV", "check_output_paths", "check_storage_for_cluster", "init_ray", "local_path",
-           "nodes_not_seeing", "runtime_env", "storage_error"]
+__all__ = ["PASSTHROUGH_ENV", "check_output_paths", "check_storage_for_cluster", "free_port", "init_ray", "local_path",
+           "nodes_not_seeing", "runtime_env", "storage_error", "temporary_env"]
 
 # Environment variables that travel from the submitting shell into the job, when set there.
 PASSTHROUGH_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a local Ray's dashboard)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def temporary_env(**values: str) -> Iterator[None]:
+    """Set environment variables for the ``with`` block and put back what was there (Ray
+    reads several from the driver's environment when it starts processes)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_driver: bool = True) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``; ``auto``
@@ -47,7 +72,6 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     environment, unless already set.
     """
     import logging
-    import socket
 
     import ray
 
@@ -58,9 +82,7 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     if address:
         ray.init(address=address, logging_level=level, log_to_driver=log_to_driver)
     else:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         from effray.data.pipeline import use_ray_data_env
 

@@ -9,12 +9,12 @@ own raylet and object store. :meth:`LocalCluster.kill` removes a node with
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from effray.cluster import free_port, temporary_env
 
 NODE_STORE = 200 << 20  # object store per node: small, the machine holds several
 
@@ -68,21 +68,15 @@ def refresh_resource_view() -> None:
     ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("effray-local-cluster", recompute=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def local_cluster(worker_nodes: int, node_resources: Callable[[int], dict[str, float]] = lambda i: {},
-                  health_check_s: float = 1.0, fast_node_death: bool = True) -> Iterator[LocalCluster]:
+                  health_check_s: float = 1.0) -> Iterator[LocalCluster]:
     """A head and ``worker_nodes`` 1-CPU nodes (node ``i`` offering ``node_resources(i)``),
     this process connected to it as a driver. Ray Train notices a dead worker within
-    ``health_check_s``; with ``fast_node_death`` the GCS marks a killed node dead after 3
-    missed 1-second health checks, as Ray's own node-death tests configure it, instead of
-    its defaults (the node's resources stay counted as free for ~30 s here, and an elastic
-    run sizes its next worker group to them). Every process asks this cluster's own
+    ``health_check_s``; the GCS marks a killed node dead after 3 missed 1-second health
+    checks, as Ray's own node-death tests configure it (with its defaults the node's
+    resources stayed counted as free for ~30 s here, and an elastic run sizes its next
+    worker group to them). Every process asks this cluster's own
     dashboard (see :func:`effray.cluster.init_ray`). Any Ray this process had is shut down
     first; the environment is restored afterwards."""
     import ray
@@ -91,27 +85,21 @@ def local_cluster(worker_nodes: int, node_resources: Callable[[int], dict[str, f
     from effray.data.pipeline import use_ray_data_env
 
     ray.shutdown()
-    keys = ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    saved = {k: os.environ.get(k) for k in keys}
-    port = _free_port()
-    os.environ.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=f"{health_check_s:g}")
-    use_ray_data_env()
+    port = free_port()
     gcs = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": NODE_STORE, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": port, **({"_system_config": gcs} if fast_node_death else {})})  # fmt: skip
-    try:
-        local = LocalCluster(c, head=c.head_node.node_id)
-        for i in range(worker_nodes):
-            local.add(**node_resources(i))
-        ray.init(address=c.address, log_to_driver=False)
-        refresh_resource_view()
-        yield local
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with temporary_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}",
+                       RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=f"{health_check_s:g}"):  # fmt: skip
+        use_ray_data_env()
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "object_store_memory": NODE_STORE, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": port, "_system_config": gcs})  # fmt: skip
+        try:
+            local = LocalCluster(c, head=c.head_node.node_id)
+            for i in range(worker_nodes):
+                local.add(**node_resources(i))
+            ray.init(address=c.address, log_to_driver=False)
+            refresh_resource_view()
+            yield local
+        finally:
+            ray.shutdown()
+            c.shutdown()

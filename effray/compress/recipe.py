@@ -131,6 +131,17 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
                            lr=lr, momentum=0.9, nesterov=True)  # fmt: skip
 
 
+def epoch_optimizer(model: nn.Module, cfg: CompressConfig, step: int, total: int,
+                    state: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The optimizer from the start of an epoch whose parameters are new (the first, or one
+    after pruning or quantization), at the schedule's LR; ``state`` is a resumed run's
+    momentum, for the same parameters."""
+    optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
+    if state is not None:
+        optimizer.load_state_dict(state)
+    return optimizer
+
+
 def cosine_lr(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
@@ -264,9 +275,7 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
             changed = True
         if changed or epoch == start:
             lock = relock() if changed or pruned_before(cfg, start) else lock
-            optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
-            if optimizer_state is not None and not changed:  # resumed mid-plan: its momentum too
-                optimizer.load_state_dict(optimizer_state)
+            optimizer = epoch_optimizer(model, cfg, step, total, None if changed else optimizer_state)
             optimizer_state = None
         if epochs == 0:
             break

@@ -106,8 +106,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         apply_quantization,
         build_student,
         cosine_lr,
+        epoch_optimizer,
         finish,
-        make_optimizer,
         method_summary,
         progress_payload,
         prune_events,
@@ -191,9 +191,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
             plain = plain.to(device)
             model = prepare_model(plain, strategy)  # new parameters: a new DDP wrapper (and buckets)
         if changed or epoch == start:
-            optimizer = make_optimizer(plain, cosine_lr(step, total, cfg.finetune_lr))
-            if optimizer_state is not None and not changed:  # resumed mid-plan: its momentum too
-                optimizer.load_state_dict(optimizer_state)
+            optimizer = epoch_optimizer(plain, cfg, step, total, None if changed else optimizer_state)
             optimizer_state = None
         if epochs == 0:
             break

@@ -198,8 +198,7 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
             ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False, "node": node},
                             checkpoint=ray.tune.Checkpoint.from_directory(keep))  # fmt: skip
 
-    node = ray.get_runtime_context().get_node_id()
-    resume = _trial_progress()
+    node, resume = ray.get_runtime_context().get_node_id(), _trial_progress()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = compress_local(teacher, cfg, train_batches, calib, evals, tmp,
@@ -216,13 +215,12 @@ def _trial_progress() -> dict[str, Any] | None:
     """The fine-tune a retried trial goes on from: its last epoch's checkpoint, if Tune has one."""
     import ray.tune
 
+    from effray.compress.recipe import PROGRESS_FORMAT
     from effray.train.checkpoint import read_payload
 
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is None:
         return None
-    from effray.compress.recipe import PROGRESS_FORMAT
-
     with checkpoint.as_directory() as d:
         payload = read_payload(d)
     if payload.get("format") != PROGRESS_FORMAT:  # its measured artifact: it had finished fine-tuning

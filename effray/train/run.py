@@ -185,21 +185,17 @@ def fit(trainer: Any, clock: str, env: dict[str, str] | None = None) -> Any:
     line for the user, not a Ray traceback); the epoch clock actor goes either way.
     ``env``: Ray Train settings its controller reads from the driver's environment at
     ``fit()``, set for this fit only."""
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
+    from effray.cluster import temporary_env
+
     try:
-        return trainer.fit()
+        with temporary_env(**(env or {})):
+            return trainer.fit()
     except Exception as exc:
         user = _user_error(exc)
         if user is not None:
             raise user from None
         raise
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         kill_clock(clock)
 
 
