@@ -80,3 +80,17 @@ def test_console_script_and_bad_flag():
     with pytest.raises(SystemExit) as exc:
         main(["data", "prepare", "--no-such-flag"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "d", "--workers", "2-3", "--batch-size", "60", "--resize-timeout-s", "0"], "--resize-timeout-s must be > 0"),
+    (["train", "--data", "d", "--grow-check-s", "-1"], "--grow-check-s and --resize-timeout-s must be > 0"),
+    (["compress", "--teacher", "t", "--data", "d", "--out", "o", "--max-failures", "-2"], "--max-failures must be >= -1"),
+    (["compress", "--teacher", "t", "--data", "d", "--out", "o", "--finetune-epochs", "2", "--inject-failure-at-epoch", "3"],
+     "--inject-failure-at-epoch must be -1 or 1..2"),
+])  # fmt: skip
+def test_failover_flags_refuse_bad_values_in_one_line(args, message, capsys):
+    """The elastic and restart knobs: a bad value is exit 2 and one line naming the flag."""
+    assert main(["--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
