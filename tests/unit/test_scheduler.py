@@ -1,0 +1,220 @@
+"""ParetoASHA's decisions on hand-built rung histories, with real Tune trials (no cluster)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pickle
+
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from effray.search.scheduler import ParetoASHA, dominates, nondominated_fronts
+
+STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
+
+
+@functools.cache
+def trial(tid: str) -> Trial:
+    return Trial("__fake", trial_id=tid, stub=True)  # stub: no registered trainable needed
+
+
+def report(s, tid, epoch, acc, nbytes, epochs=10, **extra):
+    """One epoch report the way the compression trial sends it, costs included."""
+    result = {"val_accuracy": acc, "predicted_bytes": nbytes, "epoch": epoch, "epochs": epochs}
+    return s.on_trial_result(None, trial(tid), {**result, "final": False, **extra})
+
+
+def test_dominated_trial_is_stopped_at_its_rung():
+    s = ParetoASHA()
+    assert report(s, "a", 1, 0.90, 100) == CONTINUE  # alone at the rung
+    assert report(s, "b", 1, 0.80, 200) == STOP  # less accurate and bigger
+    assert s.stopped["b"] == {"rung": 1, "rank": 2, "rung_size": 2, "kept": 1, "dominated_by": ["a"],
+                              "val_accuracy": 0.80, "predicted_bytes": 200, "epoch": 1}  # fmt: skip
+    assert list(s.stopped) == ["b"] and s.rungs_reached("b") == [1]
+
+
+def test_cheaper_less_accurate_trial_is_kept_where_asha_stops_it():
+    history = [("a", 0.90, 40_000), ("b", 0.80, 4_000)]  # b: the small end of the front
+    pareto = ParetoASHA()
+    asha = ASHAScheduler(
+        metric="val_accuracy",
+        mode="max",
+        time_attr="epoch",
+        max_t=100,
+        grace_period=1,
+        reduction_factor=3,
+    )
+    decisions = {"pareto": [], "asha": []}
+    for tid, acc, nbytes in history:
+        asha.on_trial_add(None, trial(tid))
+        decisions["pareto"].append(report(pareto, tid, 1, acc, nbytes))
+        decisions["asha"].append(report(asha, tid, 1, acc, nbytes))
+    assert decisions == {"pareto": [CONTINUE, CONTINUE], "asha": [CONTINUE, STOP]}
+    assert pareto.stopped == {}
+
+
+@pytest.mark.parametrize("epoch,epochs", [(1, 1), (3, 3), (4, 3)])
+def test_trial_on_its_last_epoch_is_never_stopped(epoch, epochs):
+    s = ParetoASHA()
+    report(s, "a", epoch, 0.90, 100)
+    # dominated, but its final report is next
+    assert report(s, "b", epoch, 0.50, 900, epochs=epochs) == CONTINUE
+    assert s.stopped == {} and s.spared["b"]["dominated_by"] == ["a"]
+    # the same point with an epoch to go
+    assert report(s, "c", epoch, 0.50, 900, epochs=epoch + 1) == STOP
+
+
+def test_final_report_continues_and_is_not_recorded():
+    s = ParetoASHA()
+    report(s, "a", 1, 0.90, 100)
+    # no predicted_bytes, no epochs: the measured artifact, not an epoch
+    final = {"val_accuracy": 0.10, "epoch": 3, "final": True, "bytes": 9_999}
+    assert s.on_trial_result(None, trial("b"), final) == CONTINUE
+    assert s.rungs_reached("b") == [] and s.stopped == {}
+
+
+def test_accuracy_within_the_margin_of_a_cheaper_trial_is_not_dominated():
+    s = ParetoASHA(acc_margin=0.005)
+    report(s, "cheap", 1, 0.900, 100)
+    assert report(s, "close", 1, 0.897, 200) == CONTINUE  # 0.003 behind: noise
+    assert report(s, "far", 1, 0.890, 200) == STOP  # 0.010 behind
+    assert s.stopped["far"]["dominated_by"] == ["cheap", "close"]  # close is 0.007 ahead of it
+    strict = ParetoASHA(acc_margin=0.0)
+    report(strict, "cheap", 1, 0.900, 100)
+    assert report(strict, "close", 1, 0.897, 200) == STOP
+
+
+def test_exact_ties_never_dominate_each_other():
+    s = ParetoASHA(acc_margin=0.0)
+    assert [report(s, t, 1, 0.9, 100) for t in "abc"] == [CONTINUE] * 3
+    assert nondominated_fronts({"a": [0.9, 100], "b": [0.9, 100]}) == [["a", "b"]]
+
+
+def test_first_front_is_kept_whole_even_when_larger_than_the_quota():
+    s = ParetoASHA(reduction_factor=3)
+    front = [("a", 0.90, 400), ("b", 0.85, 300), ("c", 0.80, 200), ("d", 0.75, 100)]
+    # the quota, ceil(n / 3), is at most 2 < 4: the whole first front stays anyway
+    assert [report(s, t, 1, acc, b) for t, acc, b in front] == [CONTINUE] * 4
+    assert report(s, "e", 1, 0.70, 500) == STOP
+    assert s.stopped["e"]["rank"] == 2 and s.stopped["e"]["kept"] == 4
+    assert s.stopped["e"]["dominated_by"] == ["a", "b", "c", "d"]
+
+
+def test_later_fronts_are_added_whole_until_the_quota_is_met():
+    s = ParetoASHA(reduction_factor=2, acc_margin=0.0)
+    assert report(s, "a", 1, 0.90, 100) == CONTINUE
+    assert report(s, "b", 1, 0.80, 300) == STOP  # n=2, quota 1: F1 = {a} suffices
+    assert report(s, "d", 1, 0.60, 400) == STOP  # n=3, quota 2: {a} + {b}; d is in F3
+    assert s.stopped["d"]["rank"] == 3
+    assert s.stopped["d"]["dominated_by"] == ["a", "b"]  # from F1 and F2
+    # n=4, quota 2: F1 = {a} is short, so F2 = {b, c} comes in whole (3 kept); c is dominated by a yet kept
+    assert report(s, "c", 1, 0.70, 200) == CONTINUE
+    assert nondominated_fronts(s.recorded(1), 0.0) == [["a"], ["b", "c"], ["d"]]
+
+
+def test_dominated_trial_inside_the_kept_fraction_continues():
+    s = ParetoASHA(reduction_factor=1.5)  # quota ceil(2 / 1.5) = 2: both stay
+    report(s, "a", 1, 0.90, 100)
+    assert report(s, "b", 1, 0.80, 200) == CONTINUE
+
+
+def test_fewer_than_min_rung_size_trials_stop_nobody():
+    s = ParetoASHA(min_rung_size=3)
+    assert report(s, "a", 1, 0.90, 100) == CONTINUE
+    assert report(s, "b", 1, 0.50, 900) == CONTINUE  # dominated, but only 2 at the rung
+    assert report(s, "c", 1, 0.40, 1000) == STOP
+    assert s.stopped["c"]["rung_size"] == 3 and s.stopped["c"]["dominated_by"] == ["a", "b"]
+
+
+def test_rungs_are_judged_once_and_skipped_rungs_are_not_backfilled():
+    s = ParetoASHA(grace_period=1, reduction_factor=3)  # rungs 1, 3, 9, ...
+    assert report(s, "b", 1, 0.85, 200) == CONTINUE
+    assert report(s, "b", 2, 0.10, 200) == CONTINUE  # no new rung: not judged again
+    assert report(s, "a", 4, 0.90, 100) == CONTINUE  # first report past 1 and 3: recorded at 3 only
+    assert s.rungs_reached("a") == [3]
+    assert report(s, "b", 5, 0.80, 200) == STOP  # b reached rung 3 at epoch 5, dominated by a there
+    assert s.stopped["b"]["rung"] == 3 and s.stopped["b"]["epoch"] == 5
+    assert s.rungs_reached("b") == [1, 3] and s.recorded(1) == {"b": [0.85, 200]}
+
+
+def test_stop_log_names_rung_rank_and_dominating_trials(tmp_path):
+    path = tmp_path / "logs" / "stops.json"
+    s = ParetoASHA(log_path=str(path))
+    report(s, "a", 1, 0.90, 100)
+    report(s, "b", 1, 0.95, 50)
+    assert not path.exists()  # nothing stopped yet
+    report(s, "c", 1, 0.80, 200)
+    report(s, "d", 1, 0.70, 300)
+    log = json.loads(path.read_text())
+    assert list(log) == ["c", "d"]
+    assert log["c"]["rung"] == 1 and log["c"]["rank"] == 3
+    assert log["c"]["dominated_by"] == ["b", "a"]  # F1 first, then F2
+    assert log["d"] == s.stopped["d"] and log["d"]["rank"] == 4 and log["d"]["rung_size"] == 4
+    assert [p.name for p in path.parent.iterdir()] == ["stops.json"]  # no temp files left
+
+
+def test_pickle_round_trip_mid_history_makes_the_same_decisions(tmp_path):
+    s = ParetoASHA(log_path=str(tmp_path / "stops.json"))
+    for tid, acc, b in [("a", 0.90, 400), ("b", 0.80, 100), ("c", 0.70, 500)]:
+        report(s, tid, 1, acc, b)
+    report(s, "a", 3, 0.92, 400)
+    copy = pickle.loads(pickle.dumps(s))
+    s.save(str(tmp_path / "sched.pkl"))
+    restored = ParetoASHA()
+    restored.restore(str(tmp_path / "sched.pkl"))
+    later = [("b", 3, 0.85, 100), ("d", 1, 0.60, 600), ("e", 1, 0.95, 50), ("f", 3, 0.71, 500)]
+    runs = [[report(x, tid, ep, acc, b) for tid, ep, acc, b in later] for x in (s, copy, restored)]
+    assert runs[0] == [CONTINUE, STOP, CONTINUE, STOP]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    assert copy.stopped == s.stopped == restored.stopped and set(s.stopped) == {"c", "d", "f"}
+    assert copy.debug_string() == s.debug_string()
+
+
+@pytest.mark.parametrize("missing", ["predicted_bytes", "val_accuracy", "epoch", "epochs"])
+def test_missing_key_raises_a_value_error_naming_it(missing):
+    s = ParetoASHA()
+    result = {"val_accuracy": 0.9, "predicted_bytes": 100, "epoch": 1, "epochs": 10}
+    del result[missing]
+    with pytest.raises(ValueError, match=f"needs {missing!r} in"):
+        s.on_trial_result(None, trial("a"), result)
+
+
+def test_a_second_cost_and_nan_accuracy():
+    s = ParetoASHA(costs=("predicted_bytes", "macs"))
+    assert report(s, "a", 1, 0.9, 100, macs=5e6) == CONTINUE
+    assert report(s, "b", 1, 0.8, 200, macs=1e6) == CONTINUE  # fewer MACs: not dominated
+    assert report(s, "c", 1, math.nan, 300, macs=6e6) == STOP  # diverged and costlier: ranks last
+    r = {"epoch": 1, "epochs": 10}
+    with pytest.raises(ValueError, match="'macs'"):
+        s.on_trial_result(None, trial("d"), {**r, "val_accuracy": 0.9, "predicted_bytes": 100})
+
+
+def test_cost_tolerance_and_its_cycles():
+    assert dominates([0.91, 104], [0.90, 100], 0.005, cost_rtol=0.05)  # 4% bigger: within tolerance
+    assert not dominates([0.91, 104], [0.90, 100], 0.005, cost_rtol=0.0)
+    # equal accuracy, each a little better on one cost: with tolerance each dominates the other
+    pts = {"a": [0.9, 100, 200], "b": [0.9, 101, 199], "c": [0.5, 300, 300]}
+    assert dominates(pts["a"], pts["b"], 0.0, 0.05) and dominates(pts["b"], pts["a"], 0.0, 0.05)
+    # a and b are caught in a cycle and c behind it: one last front rather than lost
+    assert nondominated_fronts(pts, 0.0, 0.05) == [["a", "b", "c"]]
+
+
+def test_tune_interface():
+    s = ParetoASHA()
+    assert s.set_search_properties(None, None)
+    assert s.set_search_properties("val_accuracy", "max", config={})
+    assert not s.set_search_properties("val_loss", "min")
+    assert not s.set_search_properties(None, "min")
+    assert s.metric == "val_accuracy"
+    report(s, "a", 1, 0.9, 100)
+    report(s, "b", 1, 0.8, 200)
+    s.on_trial_complete(None, trial("b"), {"val_accuracy": 0.8, "epoch": 1, "final": False})
+    s.on_trial_remove(None, trial("a"))
+    # finished and removed trials still count
+    assert s.recorded(1) == {"a": [0.9, 100], "b": [0.8, 200]}
+    assert "stopped 1" in s.debug_string() and "1: 2" in s.debug_string()
+    with pytest.raises(ValueError, match="reduction_factor"):
+        ParetoASHA(reduction_factor=1)
