@@ -372,3 +372,34 @@ def test_fake_cuda_catches_a_host_sync(fake_cuda):
         loss = torch.randn(4, device=CUDA).sum()
         with pytest.raises(DataDependentOutputException):
             float(loss)
+
+
+def test_a_search_trials_shared_arrays_feed_a_step_on_the_device(fake_cuda):
+    """An in-process Tune trial's epochs come from the driver's shared uint8 arrays: every
+    batch lands on the trial's GPU (images and labels), is normalised there, and feeds a
+    QAT + KD step with no host read."""
+    import numpy as np
+
+    from effray.compress.config import CompressConfig
+    from effray.compress.distill import freeze_teacher
+    from effray.compress.recipe import apply_quantization, build_student, make_optimizer, train_step
+    from effray.data.arrays import epoch_batches
+
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+              "label": rng.integers(0, 10, 20).astype(np.int64), "index": np.arange(20, dtype=np.int64)}  # fmt: skip
+    meta = {"num_classes": 10, "mean": MEAN, "std": STD}
+    cfg = CompressConfig(bits=4, kd_alpha=0.5, calib_batches=2)
+    teacher = build_model("convnet", 10, 3, 0.25)
+    teacher.spec = dict(teacher.spec)
+    student = build_student(teacher, cfg)
+    with fake_cuda:
+        teacher, student = freeze_teacher(teacher).to(CUDA), student.to(CUDA)
+        apply_quantization(student, cfg, _calib())
+        opt = make_optimizer(student, 0.01)
+        batches = list(epoch_batches(arrays, meta, 8, policy="crop(4)|flip", seed=0, epoch=1, device=CUDA))
+        assert [len(y) for _, y in batches] == [8, 8, 4]
+        for x, y in batches:
+            assert_cuda(x, y)
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert_cuda(train_step(student.train(), teacher, x, y, opt, cfg))

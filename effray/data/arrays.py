@@ -1,0 +1,81 @@
+"""A prepared split as decoded arrays in memory, and epochs of augmented batches from them.
+
+What a search shares between its trials: the driver decodes each split once and puts the
+arrays in Ray's object store; every trial on a node maps the same shared memory
+(zero-copy, read-only) instead of reading Parquet and starting a Ray Data stream of its
+own. A trial's epochs are then drawn here, in the trial's process: a seeded permutation
+per epoch, the same numpy policy functions Ray Data's augment tasks run (fresh draws per
+epoch and batch, reproducible from ``(seed, epoch, batch)``), and the uint8 images
+normalised on the trial's device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from effray.data.augment import batch_rng, parse_policy
+from effray.data.pipeline import channel_stats, decode_batch, normalize_tensor
+from effray.data.prepare import load_meta, split_files
+
+Arrays = dict[str, np.ndarray]
+
+
+def split_bytes(meta: dict[str, Any], split: str) -> int:
+    """Decoded size of a split (uint8 pixels)."""
+    return int(meta["counts"].get(split, 0)) * int(np.prod(meta["image_shape"]))
+
+
+def load_arrays(data_dir: str | os.PathLike, split: str, limit: int = 0) -> Arrays:
+    """``{"image": uint8 NHWC, "label": int64, "index": int64}`` of a split's rows in file
+    order (the first ``limit`` rows when > 0), read with pyarrow on this process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shape = tuple(load_meta(data_dir)["image_shape"])
+    tables, rows = [], 0
+    for f in split_files(data_dir, split):
+        t = pq.read_table(f, columns=["image", "label", "index"])
+        tables.append(t if not limit else t.slice(0, limit - rows))
+        rows += tables[-1].num_rows
+        if limit and rows >= limit:
+            break
+    decoded = decode_batch(pa.concat_tables(tables).combine_chunks(), shape)
+    return {"image": np.ascontiguousarray(decoded["image"]), "label": decoded["label"].astype(np.int64),
+            "index": decoded["index"].astype(np.int64)}  # fmt: skip
+
+
+def epoch_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int, *, policy: str, seed: int, epoch: int,
+                  device: Any, channels_last: bool = False) -> Iterator[tuple[Any, Any]]:
+    """One epoch of ``(normalised images, labels)`` on ``device``: rows shuffled by a
+    permutation of ``(seed, epoch)``, every batch augmented by ``policy`` with its own
+    ``(seed, epoch, batch)`` generator. The last partial batch is kept."""
+    import torch
+
+    n = len(arrays["label"])
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0x5EED])).permutation(n)
+    augment = parse_policy(policy, int(meta["num_classes"]))
+    stats = None
+    for b, start in enumerate(range(0, n, batch_size)):
+        rows = order[start:start + batch_size]
+        batch = {"image": arrays["image"][rows], "label": arrays["label"][rows], "index": arrays["index"][rows]}
+        if not augment.is_identity:
+            batch = augment(batch, batch_rng(seed, epoch, b))
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+        if stats is None:
+            stats = channel_stats(meta["mean"], meta["std"], images.device)
+        yield normalize_tensor(images, *stats, channels_last), torch.from_numpy(batch["label"]).to(device, non_blocking=True)
+
+
+def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[tuple[Any, Any]]:
+    """Unaugmented CPU batches in row order: validation and calibration."""
+    import torch
+
+    out = []
+    for start in range(0, len(arrays["label"]), batch_size):
+        images = torch.from_numpy(arrays["image"][start:start + batch_size].copy())
+        out.append((normalize_tensor(images, meta["mean"], meta["std"]), torch.from_numpy(arrays["label"][start:start + batch_size].copy())))
+    return out
