@@ -19,9 +19,15 @@ from effray.errors import EffrayError
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, choices: tuple[Any, ...] | None = None, **kw: Any) -> Any:
-    """A dataclass field with the help text (and allowed values) its CLI flag shows."""
-    meta = {"help": help}
+AUTO = 0.0  # a numeric field's "auto" (fit the cluster), as its config stores it
+
+
+def option(default: Any, help: str, choices: tuple[Any, ...] | None = None, auto: bool = False, **kw: Any) -> Any:
+    """A dataclass field with the help text (and allowed values) its CLI flag shows.
+    ``auto``: the flag also takes ``auto``, stored as :data:`AUTO` and resolved by the stage."""
+    meta: dict[str, Any] = {"help": help}
+    if auto:
+        meta["auto"] = True
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, (list, dict, set)):
@@ -77,9 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
             (item,) = typing.get_args(tp)[:1]
             kwargs["type"] = item
             kwargs["nargs"] = "*"
+        elif f.metadata.get("auto"):
+            kwargs["type"] = _auto_parser(tp)
+            kwargs["default"] = "auto" if default == AUTO else default
         else:
             kwargs["type"] = _optional_parser(tp) if optional else tp
         parser.add_argument(flag, **kwargs)
+
+
+def _auto_parser(tp: Any) -> Any:
+    def parse(text: str) -> Any:
+        return AUTO if str(text).lower() == "auto" else tp(text)
+
+    parse.__name__ = f"auto or {getattr(tp, '__name__', 'value')}"
+    return parse
 
 
 def _optional_parser(tp: Any) -> Any:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from effray.config import option, require, require_whole_gpus, to_dict
+from effray.config import AUTO, option, require, require_whole_gpus, to_dict
 from effray.data.pipeline import DataConfig
 
 # The loop only talks to a Strategy (effray.train.strategy, effray.train.pipeline).
@@ -66,7 +66,9 @@ class TrainConfig:
                                           "tries the size that fits again (a node that just died still looks free to Ray "
                                           "for up to ~20 s; Ray Train's own wait is 60 s)")
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, 0 on CPUs with gloo")
-    cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
+    cpus_per_worker: float = option(AUTO, "logical CPUs reserved per worker (torch threads = max(1, floor(this))); auto = what the "
+                                          "cluster holds: its CPUs less --data-cpus, split over --workers (on GPUs: each "
+                                          "GPU node's CPUs per GPU)", auto=True)
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task; workers x cpus-per-worker + this must fit the cluster")
     channels_last: bool = option(True, "channels-last memory format (faster convs on GPUs and x86 CPUs)")
     compile: bool = option(False, "torch.compile the model")
@@ -126,7 +128,7 @@ class TrainConfig:
         require(0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
         require(self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         require_whole_gpus(self.workers, self.gpus_per_worker)
-        require(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        require(self.cpus_per_worker >= 0, f"--cpus-per-worker must be > 0 or auto, got {self.cpus_per_worker}")
         require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
         require(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")

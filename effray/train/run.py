@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import write_json
-from effray.config import require, require_whole_gpus, to_dict
+from effray.config import AUTO, require, require_whole_gpus, to_dict
 from effray.data.pipeline import (
     DataConfig,
     eval_dataset,
@@ -38,6 +38,26 @@ from effray.train.parallel import STRATEGIES
 RUN_FILE = "effray-run.json"
 SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
                 "elapsed_s", "val_per_class_accuracy", "nodes")  # fmt: skip
+
+
+def fit_cpus_per_worker(cfg: Any, total: dict[str, float], nodes: list[dict[str, float]]) -> Any:
+    """``cfg`` with ``--cpus-per-worker auto`` resolved for this cluster: on CPUs, its CPUs
+    less one Ray Data task's, split over the workers (at most one node's CPUs, in quarter
+    CPUs); on GPUs, the CPUs per GPU of the scarcest GPU node times a worker's GPUs. So
+    ``effray train --workers 2`` fits a 2-core laptop as it fits a GPU cluster."""
+    if cfg.cpus_per_worker != AUTO:
+        return cfg
+    cpus = float(total.get("CPU", 0))
+    if cfg.gpus_per_worker > 0:
+        ratios = [n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU", 0) > 0] or [cpus / max(total.get("GPU", 1), 1)]
+        per = min(ratios) * cfg.gpus_per_worker
+    else:
+        per = (cpus - cfg.data_cpus) / cfg.workers
+        per = min(per, max((n.get("CPU", 0) for n in nodes), default=per))
+    per = math.floor(per * 4) / 4
+    require(per > 0, f"--workers {cfg.workers} and --data-cpus {cfg.data_cpus:g} leave no CPU of the cluster's {cpus:g} "
+                     "for a worker; use fewer workers or a lower --data-cpus")  # fmt: skip
+    return dataclasses.replace(cfg, cpus_per_worker=per)
 
 
 def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
@@ -207,8 +227,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     meta = validate_data_dir(cfg.data.data)
     require("val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
             f"dataset {cfg.data.data} has no validation split; re-prepare it with --val-fraction > 0")  # fmt: skip
-    check_resources(cfg, ray.cluster_resources(),
-                    [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # fmt: skip
+    total, nodes = ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cfg = fit_cpus_per_worker(cfg, total, nodes)
+    check_resources(cfg, total, nodes)
     # a URI (s3://, gs://) goes to Ray as is; the run-dir extras (run file, epoch log) are local-only
     local = "://" not in cfg.storage
     storage = os.path.abspath(os.path.expanduser(cfg.storage)) if local else cfg.storage.rstrip("/")

@@ -19,6 +19,7 @@ from helpers import cli
 
 from effray.cli import main
 from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
+from effray.train.run import RUN_FILE
 from effray.train.strategy import bf16_native
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -27,7 +28,8 @@ EPOCHS, FAIL_AT = 5, 3
 # airbench with its whole recipe, so the fit also covers: the whitening stem set from the
 # data in every worker, 3 param groups, lookahead across a worker death and a redone
 # epoch, and TTA in validation that `effray evaluate` reproduces from the checkpoint
-RECIPE = ["--model", "airbench", "--width", "0.25", "--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "64",
+# no --cpus-per-worker: "auto" fits 2 workers into the session's 2 CPUs (0.5 each, 1 left for Ray Data)
+RECIPE = ["--model", "airbench", "--width", "0.25", "--workers", "2", "--batch-size", "64",
           "--lr", "0.4", "--bias-lr-scale", "8", "--lookahead", "--tta", "2", "--augment", "flip",
           "--keep-checkpoints", "2", "--wandb-project", "effray-tests"]  # fmt: skip
 
@@ -62,6 +64,7 @@ def test_ddp_learns_and_resumes_after_a_worker_dies(run):
     assert result["epoch"] == EPOCHS and result["val_count"] == 60
     assert result["val_accuracy"] > 0.1 and result["val_loss"] < math.log(10)
     assert Path(result["checkpoint"], "model.pt").is_file()
+    assert json.loads((run_dir / RUN_FILE).read_text())["config"]["cpus_per_worker"] == 0.5  # auto, resolved
 
 
 @pytest.mark.slow

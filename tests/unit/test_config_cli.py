@@ -94,3 +94,18 @@ def test_failover_flags_refuse_bad_values_in_one_line(args, message, capsys):
     assert main(["--dry-run", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_auto_flag_parses_auto_and_numbers_and_shows_auto_in_help(capsys):
+    from effray.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    assert from_namespace(TrainConfig, parser.parse_args(["--data", "d"])).cpus_per_worker == 0.0
+    assert from_namespace(TrainConfig, parser.parse_args(["--data", "d", "--cpus-per-worker", "auto"])).cpus_per_worker == 0.0
+    assert from_namespace(TrainConfig, parser.parse_args(["--data", "d", "--cpus-per-worker", "1.5"])).cpus_per_worker == 1.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cpus-per-worker", "lots"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "(default: auto)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")

@@ -193,3 +193,23 @@ def test_evaluation_repeats_the_numerics_training_scored_with(one_thread, bf16):
     fp32 = strategy.predict(model, normalize_tensor(images, mean, std))
     assert torch.allclose(want, fp32, rtol=0, atol=1e-5) != bf16  # the numerics matter: bf16 rounds
     assert np.isfinite(got["loss"])
+
+
+def test_cpus_per_worker_auto_fits_the_cluster_it_finds():
+    from effray.train.run import fit_cpus_per_worker
+
+    auto = _cfg(workers=2, data_cpus=1.0)
+    assert auto.cpus_per_worker == 0.0  # "auto", as the config stores it
+    laptop = fit_cpus_per_worker(auto, {"CPU": 2.0}, [{"CPU": 2.0}])
+    assert laptop.cpus_per_worker == 0.5
+    check_resources(laptop, {"CPU": 2.0}, [{"CPU": 2.0}])  # what failed before on a 2-core laptop
+    # several nodes: no worker asks for more than one node holds; quarter CPUs
+    assert fit_cpus_per_worker(auto, {"CPU": 33.0}, [{"CPU": 1.0}, {"CPU": 16.0}, {"CPU": 16.0}]).cpus_per_worker == 16.0
+    assert fit_cpus_per_worker(_cfg(workers=3, batch_size=384, data_cpus=1.0), {"CPU": 8.0}, [{"CPU": 8.0}]).cpus_per_worker == 2.25
+    # GPUs: the scarcest GPU node's CPUs per GPU, times a worker's GPUs
+    gpus = fit_cpus_per_worker(_cfg(workers=4, gpus_per_worker=1.0), {"CPU": 48.0, "GPU": 6.0},
+                               [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}])  # fmt: skip
+    assert gpus.cpus_per_worker == 8.0
+    assert fit_cpus_per_worker(_cfg(workers=2, cpus_per_worker=3.0), {"CPU": 2.0}, []).cpus_per_worker == 3.0  # given: kept
+    with pytest.raises(EffrayError, match="leave no CPU"):
+        fit_cpus_per_worker(_cfg(workers=2, data_cpus=1.0), {"CPU": 1.0}, [{"CPU": 1.0}])
