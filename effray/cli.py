@@ -14,13 +14,17 @@ import os
 import re
 import signal
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from effray import __version__
 from effray.cluster import check_output_paths
 from effray.config import add_arguments, from_namespace, to_dict
+from effray.console import ray_output_to, say
 from effray.errors import find_user_error
 
 
@@ -139,6 +143,23 @@ def init_ray(verbose: bool = False) -> None:
     start(verbose=verbose)
 
 
+def _ray_running() -> bool:
+    """Whether this process already joined Ray (a test session, a notebook): then it stays up."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def log_path(command: tuple[str, ...], cfg: Any) -> Path:
+    """Where a command's Ray output goes: ``OUT/logs`` for ``effray run``, beside the
+    command's output (``--storage`` or ``--out``'s directory) otherwise, else the temp dir."""
+    name = f"{'-'.join(command)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for field in ("out", "storage"):
+        value = getattr(cfg, field, "")
+        if isinstance(value, str) and value and "://" not in value:
+            base = Path(value) if command == ("run",) or field == "storage" else Path(value).parent
+            return base.absolute() / "logs" / name
+    return Path(tempfile.gettempdir()) / "effray-logs" / name
+
+
 def _elastic_workers(argv: list[str]) -> list[str]:
     """``train --workers MIN-MAX`` -> ``--workers MIN --max-workers MAX`` (elastic training)."""
     words = [a for a in argv if not a.startswith("-")]
@@ -171,21 +192,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    log_file = None
     try:
         cfg = from_namespace(cmd.config, args)
         check_output_paths(cfg, os.environ)  # a relative --out/--storage would vanish with a Ray job's working dir
         if args.dry_run:
             print(json.dumps({"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg)}, default=str))
             return 0
-        if cmd.needs_ray:
-            init_ray(args.verbose)
-        result = cmd.run(cfg)
+        log_file = None if args.verbose or not cmd.needs_ray else log_path(cmd.path, cfg)
+        with ray_output_to(log_file):
+            if log_file is not None:
+                say(f"[effray] Ray's own output: {log_file} (--verbose shows it here)")
+            started_ray = cmd.needs_ray and not _ray_running()
+            if cmd.needs_ray:
+                init_ray(args.verbose)
+            try:
+                result = cmd.run(cfg)
+            finally:
+                if started_ray and log_file is not None:
+                    import ray
+
+                    ray.shutdown()  # its log threads flush into the log, not onto the terminal after the result
     except KeyboardInterrupt:
         print("effray: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         user_error = find_user_error(exc)
         if user_error is None:
+            if log_file is not None:
+                print(f"effray: failed; Ray's output is in {log_file}", file=sys.stderr)
             raise
         print(f"effray: error: {str(user_error.args[0]) if user_error.args else user_error}", file=sys.stderr)
         return 2
