@@ -218,3 +218,24 @@ def test_tune_interface():
     assert "stopped 1" in s.debug_string() and "1: 2" in s.debug_string()
     with pytest.raises(ValueError, match="reduction_factor"):
         ParetoASHA(reduction_factor=1)
+
+
+def test_ray_asha_stops_a_trial_after_its_last_epoch_and_the_safe_one_does_not():
+    """The bug the issue saw: Ray's ASHA judged a trial at a rung that was its last epoch,
+    after it had paid for all its training, and discarded it before its final measurement."""
+    from effray.search.scheduler import LastEpochSafeASHA
+
+    kwargs = {"metric": "val_accuracy", "mode": "max", "time_attr": "epoch", "max_t": 100, "grace_period": 1,
+              "reduction_factor": 2}  # fmt: skip
+    plain, safe = ASHAScheduler(**kwargs), LastEpochSafeASHA(**kwargs)
+    for s in (plain, safe):
+        for tid in ("long", "short", "later"):
+            s.on_trial_add(None, trial(tid))
+    decisions = {}
+    for name, s in (("plain", plain), ("safe", safe)):
+        first = report(s, "long", 1, 0.70, 100, epochs=4)
+        last = report(s, "short", 1, 0.60, 100, epochs=1)  # worse at rung 1, which is its last epoch
+        decisions[name] = (first, last)
+    assert decisions == {"plain": (CONTINUE, STOP), "safe": (CONTINUE, CONTINUE)}
+    # before its last epoch the safe one decides as ASHA does
+    assert report(safe, "later", 1, 0.50, 100, epochs=3) == report(plain, "later", 1, 0.50, 100, epochs=3) == STOP
