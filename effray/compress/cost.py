@@ -1,0 +1,142 @@
+"""What a compression config will cost, known before it trains: bytes, params, MACs.
+
+A search can drop configs that cannot meet a size or MAC budget before they take a GPU,
+and a multi-objective scheduler (accuracy vs size) needs each trial's cost from its first
+epoch, not after its last. Shapes after pruning, bits per layer and the zeros a rate
+leaves are fixed by the teacher and the config alone, so the prediction does not model
+the recipe, it runs it: the recipe's own steps replay on a CPU copy (every pruning event
+at its rate, the quantization, ``finish``), one SGD step on a random batch standing in
+for each fine-tuning phase, and the result is written by the recipe's own
+``save_artifact`` and counted by ``measure``'s own functions on the file read back.
+
+Params and MACs are exact by construction. What depends on trained values is close, not
+exact: LZMA's ratio (the step moves biases, BN shifts and statistics off their init 0s
+and 1s, which would otherwise compress to nothing), weights whose k-bit code rounds to 0
+after QAT, and, for Taylor importance (scored here on the random batch's gradients, the
+rate and so every count being the same) or a gradual unstructured schedule, which layers
+a global prune thins, i.e. ``sparse_macs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from effray.compress.artifact import load_artifact, save_artifact
+from effray.compress.config import CompressConfig
+from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
+from effray.compress.prune import lock_sparsity, prune_step
+from effray.compress.recipe import (
+    apply_quantization,
+    build_student,
+    finish,
+    make_optimizer,
+    method_summary,
+    prune_events,
+    quant_epoch,
+    train_step,
+)
+from effray.config import require, to_dict, validated
+
+SEED = 0
+BATCH = 8  # synthetic images per batch: calibration only sets scales, Taylor only ranks
+
+
+def predict_costs(
+    teacher: nn.Module,
+    cfg: CompressConfig,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, int]:
+    """``bytes`` (of the model.pt the run would save), ``params``, ``nonzero_params``,
+    ``macs`` and ``sparse_macs`` (as :func:`~effray.compress.measure.measure` reports them)
+    of compressing ``teacher`` with ``cfg``, without data or training. ``teacher_info`` and
+    ``data`` are the artifact's metadata, as the run passes them (a few hundred bytes).
+
+    Deterministic (seeded; the caller's RNG is left as it was), on the CPU whatever device
+    the teacher is on, and the teacher is not touched."""
+    cfg = validated(cfg)
+    spec = dict(teacher.spec)
+    shape = (
+        tuple(input_shape) if input_shape is not None else (int(spec.get("in_channels", 3)), 32, 32)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        batch = [(torch.randn(BATCH, *shape), torch.randint(0, int(spec["num_classes"]), (BATCH,)))]
+        model = _student(teacher, cfg, batch)
+        model = _replay(model, cfg, batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_artifact(tmp, model, method=method_summary(model, cfg, spec), config=to_dict(cfg),
+                                 teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
+            loaded, _ = load_artifact(tmp)  # measured as the run measures: the file read back
+            out = {"bytes": os.path.getsize(path), "params": parameter_count(loaded),
+                   "nonzero_params": nonzero_parameters(loaded)}  # fmt: skip
+        out.update(count_macs(loaded, shape))
+    return out
+
+
+def _student(
+    teacher: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]
+) -> nn.Module:
+    """``build_student`` from a CPU view of the teacher (it copies what it keeps)."""
+    return build_student(_on_cpu(teacher), cfg, images=lambda: batch[0][0]).cpu()
+
+
+def _on_cpu(teacher: nn.Module) -> nn.Module:
+    """The teacher itself when it lives on the CPU (``build_student`` copies it); otherwise
+    a CPU copy made tensor by tensor, never a second copy on the teacher's device."""
+    tensors = [*teacher.parameters(), *teacher.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return teacher
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(p.detach().cpu(), p.requires_grad) for p in teacher.parameters()
+    }
+    memo.update({id(b): b.detach().cpu() for b in teacher.buffers()})
+    return copy.deepcopy(teacher, memo).cpu()
+
+
+def _replay(
+    model: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]
+) -> nn.Module:
+    """The recipe's epoch plan with each fine-tuning phase cut to one SGD step on ``batch``.
+
+    Structure: every pruning event at its own rate, in order (a gradual structured
+    schedule rounds its channel counts as the run does), then the quantization. The step:
+    after fine-tuning no bias, BN shift or running statistic keeps its init value (0 or 1,
+    which LZMA squeezes to nothing and which count as zeros); one step moves them all."""
+    events, qstart = prune_events(cfg), quant_epoch(cfg)
+    phases = set(events) | ({qstart} if qstart is not None else set())
+    if cfg.finetune_epochs:
+        phases.add(0)  # a run that only distils still fine-tunes
+    lock = None
+    for epoch in sorted(phases):
+        if lock is not None:
+            lock.release()
+            lock = None
+        if epoch in events:
+            prune_step(model, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=batch,
+                       example_inputs=batch[0][0][:1])  # fmt: skip
+        if epoch == qstart:
+            apply_quantization(model, cfg, batch)
+        if cfg.prunes and cfg.prune_kind == "unstructured":
+            lock = lock_sparsity(model)
+        if cfg.finetune_epochs:
+            model.train()
+            train_step(model, None, *batch[0], make_optimizer(model, cfg.finetune_lr), cfg)
+    return finish(model, cfg, batch, lock)
+
+
+def estimate_latency_ms(macs: int, teacher_macs: int, teacher_latency_ms: float) -> float:
+    """The student's latency estimated as the teacher's measured latency scaled by MACs.
+
+    Only an estimate for ranking before training (memory traffic, kernel choice and int8
+    runtimes do not scale with MACs); the real latency is measured on the artifact at the end."""
+    require(teacher_macs > 0, f"teacher MACs must be > 0, got {teacher_macs}")
+    return float(teacher_latency_ms) * float(macs) / float(teacher_macs)
