@@ -210,7 +210,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
             if epoch + 1 == rc.inject_failure_at_epoch and rank == min(1, world - 1) and ctx.get("run_dir"):
                 die_once(Path(ctx["run_dir"]))
         sums = all_sum(sums).cpu()
-        metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "lr": optimizer.param_groups[0]["lr"],
+                   **ctx.get("report_extra", {})}  # fmt: skip
         metrics.update(validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes))
         if rank == 0:
             say(f"[effray] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}")
@@ -236,7 +237,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         # the driver owns, not a file on rank 0's node (another node's driver can't see it)
         post(ctx["mailbox"], {"epochs": history, "final": final, "world": world, "nodes": nodes, "resumed_from": start})
     # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report
-    ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes,
+    ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes, **ctx.get("report_extra", {}),
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
 
 
@@ -313,11 +314,12 @@ def worker_batches(rc: CompressRunConfig, meta: dict[str, Any]) -> tuple[int, in
 
 def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: Any, teacher_info: dict[str, Any], *,
                          name: str, storage: str, callbacks: list[Any] | None = None,
-                         max_failures: int = 0) -> dict[str, Any]:
+                         max_failures: int = 0, report_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the ``TorchTrainer`` running :func:`compress_loop_per_worker` on ``rc.workers``
     workers; rank 0 writes the artifact to ``rc.out`` (absolute). ``name``/``storage`` are
     Ray Train's run (deterministic names restore, from the last epoch's checkpoint);
-    ``callbacks`` e.g. Tune's ``TuneReportCallback``; ``max_failures`` restarts after a dead
+    ``callbacks`` e.g. Tune's ``TuneReportCallback`` (``report_extra`` joins every epoch's
+    report: a Tune trial's predicted costs); ``max_failures`` restarts after a dead
     worker or node, each from that checkpoint. Returns the epochs as the workers saw them
     (``{"epochs", "final", "world"}``)."""
     import ray
@@ -333,7 +335,8 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     mailbox = open_mailbox(box)
     ctx = {"teacher": str(Path(rc.compress.teacher).resolve()), "teacher_info": teacher_info, "mailbox": box,
            "run_dir": os.path.join(storage, name) if "://" not in storage else "",
-           "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker)}  # fmt: skip
+           "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker),
+           "report_extra": dict(report_extra or {})}  # fmt: skip
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     train_ds = train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus)

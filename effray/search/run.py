@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,11 @@ from effray.train.config import WANDB_MODES
 log = logging.getLogger(__name__)
 
 SEARCHERS = ("random", "grid", "optuna")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("pareto", "asha", "none")
+OBJECTIVES = ("bytes", "macs", "latency_ms")
 METRIC = "val_accuracy"
 DRIVER_CPUS = 0.01  # what a trial that drives a Ray Train run reserves for itself
+STOPPED_FILE = "stopped.json"  # the pareto scheduler's record of the trials it stopped, and why
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,16 @@ class TuneConfig:
     num_samples: int = option(8, "trials to sample (with --search grid: repeats of the grid)")
     search: str = option("random", "search algorithm (optuna needs `pip install effray[optuna]`)", choices=SEARCHERS)
     multi_objective: bool = option(False, "optuna only: maximise accuracy and minimise bytes together")
-    scheduler: str = option("asha", "early stopping of poor trials", choices=SCHEDULERS)
-    grace_period: int = option(1, "ASHA: epochs every trial runs before it can be stopped")
-    max_concurrent: int = option(0, "trials at once (0 = what the cluster's CPUs/GPUs allow, leaving one CPU for Ray Data)")
+    scheduler: str = option("pareto", "early stopping: pareto (multi-objective successive halving: a trial stops only when dominated in accuracy and cost), asha (Ray's, on accuracy alone) or none", choices=SCHEDULERS)
+    objective: str = option("bytes", "the cost the pareto scheduler weighs against accuracy (predicted before training)", choices=OBJECTIVES)
+    grace_period: int = option(1, "epochs every trial runs before it can be stopped")
+    reduction_factor: float = option(3.0, "successive halving: rungs every x this many epochs, about 1/x of a rung's trials go on")
+    acc_margin: float = option(0.005, "pareto: a trial is dominated only by one at least this much more accurate (noise margin) and no more costly")
+    max_size_kb: float = option(0.0, "drop configs whose predicted artifact exceeds this many KB before they run (0 = no limit)")
+    max_macs: float = option(0.0, "drop configs whose MACs per image exceed this before they run (0 = no limit)")
+    max_latency_ms: float = option(0.0, "drop configs whose estimated batch-1 latency (teacher's, scaled by MACs) exceeds this (0 = no limit)")
+    share_data: bool = option(True, "decode the splits once on the driver and share them with every in-process trial through the object store; --no-share-data streams each trial's epochs through its own Ray Data pipeline")
+    max_concurrent: int = option(0, "trials at once (0 = what the cluster's CPUs/GPUs allow)")
     cpus_per_trial: float = option(1.0, "CPUs reserved per trial (with --workers-per-trial W: split evenly over its W workers)")
     gpus_per_trial: float = option(0.0, "GPUs reserved per trial (with --workers-per-trial W: split evenly, a whole GPU per worker)")
     workers_per_trial: int = option(1, "Ray Train workers per trial: 1 trains in the trial's own process, W > 1 runs a data-parallel TorchTrainer per trial")
@@ -81,6 +91,10 @@ class TuneConfig:
         require(self.cpus_per_trial > 0 and self.gpus_per_trial >= 0, "--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         require(not self.multi_objective or self.search == "optuna", "--multi-objective needs --search optuna")
         require(self.grace_period >= 1, f"--grace-period must be >= 1, got {self.grace_period}")
+        require(self.reduction_factor > 1, f"--reduction-factor must be > 1, got {self.reduction_factor}")
+        require(self.acc_margin >= 0, f"--acc-margin must be >= 0, got {self.acc_margin}")
+        require(min(self.max_size_kb, self.max_macs, self.max_latency_ms) >= 0,
+                "--max-size-kb, --max-macs and --max-latency-ms must be >= 0")  # fmt: skip
         require(isinstance(self.workers_per_trial, int) and self.workers_per_trial >= 1,
                 f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")  # fmt: skip
         require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
@@ -98,19 +112,28 @@ class TuneConfig:
 # ------------------------------------------------------------------ the trial
 
 
-def compression_trial(config: dict[str, Any]) -> None:
+def compression_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -> None:
     """Tune's function trainable: one compression run, reported epoch by epoch, tracked as
-    one wandb run that ends with the trial (exit code 1 when it fails)."""
+    one wandb run that ends with the trial (exit code 1 when it fails). ``shared``: the
+    driver's decoded splits (object refs), when the search shares them."""
     import ray
     import ray.tune
 
+    started = time.perf_counter()
     ctx = config["context"]
     cfg = merge(from_dict(CompressConfig, ctx["base"]), config["compress"])
     trial = ray.tune.get_context().get_trial_id()
     tracker = make_tracker(_trial_tracking(ctx, trial, cfg))
+    # known before training: what the scheduler ranks every epoch by, and the last epoch
+    extra = {**{f"predicted_{k}": v for k, v in config.get("predicted", {}).items()}, "epochs": cfg.finetune_epochs}
+    clock = {"started": started}
 
     def report_final(student: dict[str, Any], artifact_dir: str) -> None:
-        final = _final_metrics(student, cfg.finetune_epochs)
+        final = {**_final_metrics(student, cfg.finetune_epochs), **extra}
+        done = time.perf_counter()
+        final.update(setup_s=clock.get("first_epoch", done) - started, trial_s=done - started,
+                     worker_start_s=_worker_start_s(started),
+                     finetune_s=clock.get("last_epoch", done) - clock.get("first_epoch", done))  # fmt: skip
         tracker.log({k: v for k, v in final.items() if v is not None}, step=cfg.finetune_epochs + 1)
         tracker.set_summary({k: v for k, v in final.items() if v is not None})
         # where the trial ran (its Ray Train workers report their own nodes in their epochs)
@@ -119,16 +142,31 @@ def compression_trial(config: dict[str, Any]) -> None:
 
     try:
         if ctx["workers_per_trial"] > 1:
-            _trial_on_ray_train(ctx, cfg, trial, tracker, report_final)
+            _trial_on_ray_train(ctx, cfg, trial, tracker, report_final, extra)
         else:
-            _trial_in_process(ctx, cfg, trial, tracker, report_final)
-    except SystemExit:  # Tune stopped the trial (ASHA): it ended as asked
+            _trial_in_process(ctx, cfg, trial, tracker, report_final, extra, shared, clock)
+    except SystemExit:  # Tune stopped the trial (the scheduler): it ended as asked
         tracker.finish(exit_code=0)
         raise
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish(exit_code=0)
+
+
+_served: set[int] = set()  # processes that already ran a trial (Tune reuses them)
+
+
+def _worker_start_s(started: float) -> float:
+    """Seconds from this process's start to the trial's first line (imports, the context
+    fetched): paid by the first trial a worker process runs, 0 for the ones it runs next."""
+    import psutil
+
+    pid = os.getpid()
+    if pid in _served:
+        return 0.0
+    _served.add(pid)
+    return max(0.0, started - (time.perf_counter() - (time.time() - psutil.Process().create_time())))
 
 
 def _final_metrics(student: dict[str, Any], epochs: int) -> dict[str, Any]:
@@ -161,29 +199,22 @@ def _trial_tracking(ctx: dict[str, Any], trial: str, cfg: CompressConfig) -> Tra
 
 
 def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tracker: Any,
-                      report_final: Callable[[dict[str, Any], str], None]) -> None:
-    """One worker: the recipe of :func:`effray.compress.recipe.compress_local` in this process."""
+                      report_final: Callable[[dict[str, Any], str], None], extra: dict[str, Any],
+                      shared: dict[str, Any] | None, clock: dict[str, float]) -> None:
+    """One worker: the recipe of :func:`effray.compress.recipe.compress_local` in this
+    process, its epochs drawn from the driver's shared arrays (or, without them, streamed
+    by a Ray Data pipeline of its own)."""
     import ray.tune
 
     from effray.compress.recipe import compress_local
-    from effray.compress.run import eval_and_calib, xy_batches
-    from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
     from effray.data.prepare import load_meta
     from effray.evaluate import load_checkpoint
 
     teacher, _ = load_checkpoint(ctx["teacher"])
     meta = load_meta(ctx["data"])
     device = trial_device()
-    data_cfg = DataConfig(data=ctx["data"], augment=ctx["augment"], seed=ctx["seed"])
-    clock = f"tune-{ctx['name']}-{trial}"
-    train_ds = train_dataset(data_cfg, clock=clock)
     bs = cfg.finetune_batch_size
-
-    def train_batches(epoch: int) -> Any:
-        return xy_batches(torch_batches(train_ds, meta, bs, clock=clock, epoch=epoch,
-                                      shuffle_buffer=data_cfg.shuffle_buffer, seed=ctx["seed"]))  # fmt: skip
-
-    evals, _, calib = eval_and_calib(ctx["data"], meta, ctx["eval_batch_size"], cfg.calib_batches)
+    train_batches, evals, calib, rows, done = _trial_data(ctx, cfg, trial, meta, device, shared)
 
     def on_epoch(epoch: int, model: Any, progress: Callable[[], dict[str, Any]]) -> None:
         """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
@@ -191,24 +222,62 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
         from effray.compress.measure import accuracy
         from effray.train.checkpoint import save_payload
 
+        clock["last_epoch"] = time.perf_counter()
         acc, _ = accuracy(model, evals)
         tracker.log({METRIC: acc, "epoch": epoch + 1}, step=epoch + 1)
         with tempfile.TemporaryDirectory() as keep:
             save_payload(keep, progress())
-            ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False, "node": node},
+            ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False, "node": node, **extra},
                             checkpoint=ray.tune.Checkpoint.from_directory(keep))  # fmt: skip
+
+    def timed_batches(epoch: int) -> Any:
+        clock.setdefault("first_epoch", time.perf_counter())
+        return train_batches(epoch)
 
     node, resume = ray.get_runtime_context().get_node_id(), _trial_progress()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            result = compress_local(teacher, cfg, train_batches, calib, evals, tmp,
+            result = compress_local(teacher, cfg, timed_batches, calib, evals, tmp,
                                     teacher_info=ctx["teacher_info"], data=ctx["data_info"],
                                     teacher_metrics=ctx["teacher_metrics"], on_epoch=on_epoch,
-                                    steps_per_epoch=max(1, -(-meta["counts"]["train"] // bs)),
+                                    steps_per_epoch=max(1, -(-rows // bs)),
                                     log=lambda line: None, resume=resume, device=device)  # fmt: skip
             report_final(result["student"], tmp)
     finally:
-        kill_clock(clock)
+        done()
+
+
+def _trial_data(ctx: dict[str, Any], cfg: CompressConfig, trial: str, meta: dict[str, Any], device: Any,
+                shared: dict[str, Any] | None) -> tuple[Callable[[int], Any], list, list, int, Callable[[], None]]:
+    """``(train_batches(epoch), evals, calib, training rows, cleanup)`` of an in-process trial."""
+    bs, ebs = cfg.finetune_batch_size, ctx["eval_batch_size"]
+    if shared is not None:
+        import ray
+
+        from effray.data.arrays import epoch_batches, eval_batches
+
+        train, val = ray.get(shared["train"]), ray.get(shared["val"])  # zero-copy views of the driver's arrays
+        calib_rows = {k: v[:ebs * cfg.calib_batches] for k, v in train.items()}
+
+        def from_arrays(epoch: int) -> Any:
+            return epoch_batches(train, meta, bs, policy=ctx["augment"], seed=ctx["seed"], epoch=epoch, device=device)
+
+        return (from_arrays, eval_batches(val, meta, ebs), eval_batches(calib_rows, meta, ebs),
+                len(train["label"]), lambda: None)  # fmt: skip
+
+    from effray.compress.run import eval_and_calib, xy_batches
+    from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
+
+    data_cfg = DataConfig(data=ctx["data"], augment=ctx["augment"], seed=ctx["seed"])
+    clock = f"tune-{ctx['name']}-{trial}"
+    train_ds = train_dataset(data_cfg, clock=clock)
+
+    def streamed(epoch: int) -> Any:
+        return xy_batches(torch_batches(train_ds, meta, bs, clock=clock, epoch=epoch,
+                                        shuffle_buffer=data_cfg.shuffle_buffer, seed=ctx["seed"]))  # fmt: skip
+
+    evals, _, calib = eval_and_calib(ctx["data"], meta, ebs, cfg.calib_batches)
+    return streamed, evals, calib, meta["counts"]["train"], lambda: kill_clock(clock)
 
 
 def _trial_progress() -> dict[str, Any] | None:
@@ -239,7 +308,7 @@ def trial_device() -> Any:
 
 
 def _trial_on_ray_train(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tracker: Any,
-                        report_final: Callable[[dict[str, Any], str], None]) -> None:
+                        report_final: Callable[[dict[str, Any], str], None], extra: dict[str, Any]) -> None:
     """W workers: a TorchTrainer of :func:`compress_loop_per_worker` (the same fit as
     `effray compress`), named per trial so a retried trial finds its run; rank 0's epoch
     reports reach Tune through ``TuneReportCallback``."""
@@ -266,7 +335,8 @@ def _trial_on_ray_train(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tr
     evals, calib_ds, calib = eval_and_calib(ctx["data"], meta, ctx["eval_batch_size"], cfg.calib_batches)
     try:
         finetune = fine_tune_on_workers(rc, meta, calib_ds, ctx["teacher_info"], name=f"{ctx['name']}-{trial}",
-                                        storage=trial_dir, callbacks=[TuneReportCallback()])  # fmt: skip
+                                        storage=trial_dir, callbacks=[TuneReportCallback()],
+                                        report_extra=extra)  # fmt: skip
         for e in finetune["epochs"]:  # the workers' epochs, as Tune saw them
             tracker.log({k: e[k] for k in (METRIC, "train_loss", "epoch") if k in e}, step=e["epoch"])
         student, _ = measure_artifact(out, cfg, calib, evals, ctx["teacher_metrics"])
@@ -285,27 +355,55 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """Load and measure the teacher once, on the driver, for every trial's ratios."""
-    from effray.compress.run import eval_and_calib, teacher_baseline
+    from effray.compress.run import teacher_baseline
+    from effray.data.arrays import eval_batches, load_arrays
     from effray.evaluate import load_checkpoint
 
     teacher, _ = load_checkpoint(cfg.teacher)
     spec = dict(teacher.spec)
     require(spec["num_classes"] == meta["num_classes"],
             f"teacher {cfg.teacher} predicts {spec['num_classes']} classes, {cfg.data} has {meta['num_classes']}; use the dataset it was trained on")  # fmt: skip
-    evals, _, _ = eval_and_calib(cfg.data, meta, cfg.eval_batch_size, 1)
+    evals = eval_batches(load_arrays(cfg.data, "val"), meta, cfg.eval_batch_size)
     metrics, info = teacher_baseline(teacher, cfg.teacher, evals)
     return {"teacher": info["path"], "teacher_metrics": metrics, "teacher_info": info}
 
 
-def _concurrency(cfg: TuneConfig) -> int:
+def _concurrency(cfg: TuneConfig, shared: bool) -> int:
+    """Trials at once: what the cluster's CPUs and GPUs hold. Trials on shared arrays need
+    nothing else; streaming trials leave one CPU for their Ray Data tasks."""
     import ray
 
     if cfg.max_concurrent:
         return cfg.max_concurrent
     total = ray.cluster_resources()
-    by_cpu = int(max(total.get("CPU", 1) - 1, 1) // cfg.cpus_per_trial)
+    spare = 0 if shared else 1
+    by_cpu = int(max(total.get("CPU", 1) - spare, 1) // cfg.cpus_per_trial)
     by_gpu = int(total.get("GPU", 0) // cfg.gpus_per_trial) if cfg.gpus_per_trial else by_cpu
     return max(1, min(by_cpu, by_gpu))
+
+
+def _shares_data(cfg: TuneConfig, meta: dict[str, Any]) -> bool:
+    """In-process trials share the decoded splits when they fit a quarter of the object store."""
+    import ray
+
+    from effray.data.arrays import split_bytes
+
+    if not cfg.share_data or cfg.workers_per_trial > 1:
+        return False
+    need = split_bytes(meta, "train") + split_bytes(meta, "val")
+    fits = need <= 0.25 * ray.cluster_resources().get("object_store_memory", 0)
+    if not fits:
+        log.warning("the decoded splits (%d MB) pass a quarter of the object store: every trial streams its own", need >> 20)
+    return fits
+
+
+def _shared_data(cfg: TuneConfig) -> dict[str, Any]:
+    """The decoded train and val splits, once, in the object store (refs for the trials)."""
+    import ray
+
+    from effray.data.arrays import load_arrays
+
+    return {split: ray.put(load_arrays(cfg.data, split)) for split in ("train", "val")}
 
 
 def check_trial_resources(cfg: TuneConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
@@ -334,17 +432,54 @@ def check_trial_resources(cfg: TuneConfig, total: dict[str, float], nodes: list[
                 "lower --cpus-per-trial/--gpus-per-trial")  # fmt: skip
 
 
-def _searcher(cfg: TuneConfig) -> Any:
+def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: Any) -> Any:
+    """Effray's cost-aware searcher over the space: its own random/grid draws, or Optuna's."""
+    from effray.search.searcher import Budget, CostAwareSearch, SpaceSampler, check_feasible
+    from effray.search.space import to_param_space
+
+    budget = Budget(cfg.max_size_kb, cfg.max_macs, cfg.max_latency_ms)
+    check_feasible(space, costs, budget, cfg.seed)
     if cfg.search != "optuna":
-        return None
+        return CostAwareSearch(costs, budget, sampler=SpaceSampler(space, cfg.seed, repeats=cfg.num_samples if cfg.search == "grid" else 1))
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise EffrayError("--search optuna needs Optuna: pip install 'effray[optuna]' (or optuna)") from None
+    domain = to_param_space(space)
     if cfg.multi_objective:
-        return OptunaSearch(metric=["accuracy", "bytes"], mode=["max", "min"], seed=cfg.seed)
-    return OptunaSearch(metric=METRIC, mode="max", seed=cfg.seed)
+        inner = OptunaSearch(domain, metric=["accuracy", "bytes"], mode=["max", "min"], seed=cfg.seed)
+    else:
+        inner = OptunaSearch(domain, metric=METRIC, mode="max", seed=cfg.seed)
+    return CostAwareSearch(costs, budget, inner=inner, constants={k: v for k, v in space.items() if not isinstance(v, dict)})
+
+
+def _trials(cfg: TuneConfig, space: dict[str, Any]) -> int:
+    """Trials Tune may start: ``--num-samples``, or with ``--search grid`` that many repeats
+    of the grid (configs over budget are skipped, so there may be fewer)."""
+    if cfg.search != "grid":
+        return cfg.num_samples
+    from effray.search.searcher import SpaceSampler
+
+    return len(SpaceSampler(space, cfg.seed).points or [None]) * cfg.num_samples
+
+
+def _scheduler(cfg: TuneConfig, path: str) -> Any:
+    """Early stopping: effray's multi-objective rungs, Ray's ASHA on accuracy, or none."""
+    from ray import tune
+
+    if cfg.scheduler == "pareto":
+        from effray.search.scheduler import ParetoASHA
+
+        return ParetoASHA(metric=METRIC, costs=(f"predicted_{cfg.objective}",), grace_period=cfg.grace_period,
+                          reduction_factor=cfg.reduction_factor, acc_margin=cfg.acc_margin,
+                          log_path=os.path.join(path, STOPPED_FILE) if "://" not in path else None)  # fmt: skip
+    if cfg.scheduler == "asha":
+        from effray.search.scheduler import LastEpochSafeASHA
+
+        return LastEpochSafeASHA(metric=METRIC, mode="max", time_attr="epoch", grace_period=cfg.grace_period,
+                                 max_t=10_000, reduction_factor=cfg.reduction_factor)  # fmt: skip
+    return tune.schedulers.FIFOScheduler()
 
 
 def _summary_run(cfg: TuneConfig, storage: str, path: str, mode: str, teacher: dict[str, Any]) -> dict[str, Any] | None:
@@ -367,13 +502,16 @@ def _summary_run(cfg: TuneConfig, storage: str, path: str, mode: str, teacher: d
     return {"run_id": settings.run_id, "report": summary["report"]}
 
 
-def tune_compression(cfg: TuneConfig) -> dict[str, Any]:
-    """Run (or resume) the search; returns the experiment path and a summary."""
+def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: Any = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the experiment path and a summary. ``callbacks``:
+    Tune callbacks on the driver (``effray run``'s progress bar); ``stop``: a Tune stopper
+    (the search benchmark's compute budget)."""
     import ray
     from ray import tune
 
     from effray.data.pipeline import validate_data_dir
-    from effray.search.space import has_grid, load_space, to_param_space
+    from effray.search.searcher import CostModel
+    from effray.search.space import has_grid, load_space
     from effray.train.checkpoint import data_summary
 
     meta = validate_data_dir(cfg.data)
@@ -392,29 +530,29 @@ def tune_compression(cfg: TuneConfig) -> dict[str, Any]:
                "storage": storage, "experiment": path, "workers_per_trial": w, "cpus_per_worker": cfg.cpus_per_worker,
                "gpus_per_worker": cfg.gpus_per_worker, "data_cpus": cfg.data_cpus,
                "tracking": None if mode == "disabled" else {"project": cfg.wandb_project, "mode": mode}}  # fmt: skip
+    shares = _shares_data(cfg, meta)
     # W > 1: the trial only drives its Ray Train run, whose workers reserve the CPUs/GPUs
     # (Tune can't place a trial that asks for nothing: a token share of a CPU)
     trial_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial} if w == 1 else {"cpu": DRIVER_CPUS}
-    trainable = tune.with_resources(tune.with_parameters(compression_trial), trial_resources)
-    param_space = {**to_param_space(space), "context": context}
+    shared = _shared_data(cfg) if shares else None
+    trainable = tune.with_resources(tune.with_parameters(compression_trial, shared=shared), trial_resources)
+    param_space = {"context": context}  # the space itself is the searcher's (with its predicted costs)
+    callbacks = list(callbacks or [])
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
         resumed = True
     else:
-        scheduler = None
-        if cfg.scheduler == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch",
-                                                      grace_period=cfg.grace_period, max_t=10_000,
-                                                      reduction_factor=2)  # fmt: skip
-        searcher = _searcher(cfg)
+        costs = CostModel(teacher["teacher"], context["base"], context["teacher_metrics"], teacher["teacher_info"],
+                          context["data_info"])  # fmt: skip
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                num_samples=cfg.num_samples, search_alg=searcher, scheduler=scheduler,
-                max_concurrent_trials=_concurrency(cfg), trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                num_samples=_trials(cfg, space), search_alg=_searcher(cfg, space, costs), scheduler=_scheduler(cfg, path),
+                max_concurrent_trials=_concurrency(cfg, shares), trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                reuse_actors=w == 1,  # a trial's process (torch imported, kernels warm) serves the next trial
             ),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
+            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, callbacks=callbacks, stop=stop,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0),
         )  # fmt: skip
@@ -422,9 +560,10 @@ def tune_compression(cfg: TuneConfig) -> dict[str, Any]:
     _write_json(f"{path}/teacher.json", context["teacher_metrics"])
     grid = tuner.fit()
     finished = sum(1 for r in grid if r.error is None)
-    summary = {"experiment": path, "trials": len(grid), "finished": finished,
-               "errored": len(grid) - finished, "resumed": resumed, "workers_per_trial": w,
-               "teacher": context["teacher_metrics"]}  # fmt: skip
+    measured = sum(1 for r in grid if r.error is None and (r.metrics or {}).get("final"))
+    summary = {"experiment": path, "trials": len(grid), "finished": finished, "measured": measured,
+               "stopped_early": finished - measured, "errored": len(grid) - finished, "resumed": resumed,
+               "workers_per_trial": w, "shared_data": shares, "teacher": context["teacher_metrics"]}  # fmt: skip
     if mode != "disabled":
         run = _summary_run(cfg, storage, path, mode, context["teacher_metrics"])
         summary["wandb"] = {"mode": mode, "project": cfg.wandb_project, "group": cfg.name,
