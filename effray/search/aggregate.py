@@ -70,6 +70,56 @@ def pareto_mask(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
     return mask
 
 
+def hypervolume(accuracy: Iterable[float], cost: Iterable[float], ref_cost: float, ref_accuracy: float = 0.0) -> float:
+    """The area a front dominates in (accuracy, ln cost) up to the reference point
+    (``ref_accuracy``, ``ref_cost``): one number for how good and how wide a front is,
+    comparable between searches with the same reference (effray: accuracy 0 and the
+    teacher's fp32 size). Points costlier than the reference or no better than its
+    accuracy add nothing."""
+    acc = np.asarray(list(accuracy), dtype=float)
+    cst = np.asarray(list(cost), dtype=float)
+    keep = np.isfinite(acc) & np.isfinite(cst) & (cst > 0) & (cst < ref_cost) & (acc > ref_accuracy)
+    if not keep.any():
+        return 0.0
+    acc, cst = acc[keep], np.log(cst[keep])
+    front = pareto_mask(acc, cst)
+    order = np.argsort(cst[front])
+    fc, fa = cst[front][order], acc[front][order]
+    edges = np.append(fc[1:], np.log(ref_cost))
+    return float(np.sum((edges - fc) * (fa - ref_accuracy)))
+
+
+def load_stopped(experiment_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per trial that ended without a final measurement: stopped early by the
+    scheduler (with its rung, rank and dominating trials when the pareto scheduler kept
+    ``stopped.json``) or errored."""
+    root = Path(experiment_dir)
+    decisions_file = root / "stopped.json"
+    decisions = json.loads(decisions_file.read_text()) if decisions_file.is_file() else {}
+    rows = []
+    for result in sorted(root.rglob("result.json")):
+        last = None
+        for line in result.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get(FINAL_KEY):
+                last = None
+                break
+            last = record
+        if last is None:
+            continue
+        row = _flatten(last, trial_dir=str(result.parent))
+        row.pop("artifact", None)  # its checkpoint is a fine-tune in progress, not a model
+        why = decisions.get(str(row["trial_id"]), {})
+        errored = any(result.parent.glob("error.*"))
+        row.update(outcome="errored" if errored else "stopped", rung=why.get("rung", last.get("epoch")),
+                   rank=why.get("rank"), dominated_by=",".join(why.get("dominated_by", [])))  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def load_trials(experiment_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per trial with a final measurement, from every ``result.json`` below the
     experiment directory (Tune writes one per trial, JSON lines, newest last)."""
@@ -140,18 +190,23 @@ def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_
 
 
 def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str, Any] | None = None,
-                 max_size_kb: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
-    """Write results.parquet/.csv, report.md and pareto.png; return the summary."""
+                 max_size_kb: float | None = None, max_latency_ms: float | None = None,
+                 stopped: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Write results.parquet/.csv, report.md and pareto.png; return the summary.
+    ``stopped``: the trials that ended before their final measurement (:func:`load_stopped`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = add_pareto_columns(df).sort_values("accuracy", ascending=False).reset_index(drop=True)
+    stopped = stopped if stopped is not None else pd.DataFrame()
+    hv = hypervolume(table["accuracy"], table["bytes"], float(teacher["bytes"])) if teacher and teacher.get("bytes") else None
     write_file(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
     write_file(out / "results.csv", lambda p: table.to_csv(p, index=False))
     pick = best_within(table, max_size_kb, max_latency_ms) if (max_size_kb or max_latency_ms) else None
-    write_file(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms)))
-    write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher))
+    write_file(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv)))
+    write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher, stopped))
     summary: dict[str, Any] = {
-        "trials": len(table),
+        "trials": len(table), "hypervolume": hv,
+        "stopped_early": int((stopped["outcome"] == "stopped").sum()) if len(stopped) else 0,
         "report": str((out / "report.md").resolve()),
         "pareto": {c: int(table[f"pareto_{c}"].sum()) for c in COSTS if f"pareto_{c}" in table},
         "best_accuracy": float(table["accuracy"].max()),
@@ -173,17 +228,30 @@ def _fmt(value: Any) -> str:
 
 
 def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Series | None,
-              max_size_kb: float | None, max_latency_ms: float | None) -> str:
+              max_size_kb: float | None, max_latency_ms: float | None, stopped: pd.DataFrame, hv: float | None) -> str:
     cols = [c for c in ("trial_id", "accuracy", "bytes", "macs", "latency_ms", "size_ratio", "pareto_bytes",
                         "pareto_macs", "pareto_latency_ms") if c in table]  # fmt: skip
-    cols += [c for c in table.columns if c.startswith("config.") and table[c].nunique(dropna=False) > 1]
+    cols += [c for c in ("predicted_bytes", "setup_s") if c in table]
+    cols += [c for c in table.columns if c.startswith("config.") and not c.startswith(("config.predicted.", "config.context."))
+             and table[c].nunique(dropna=False) > 1]  # fmt: skip
     lines = ["# effray compression report", ""]
     if teacher:
         lines += [f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}, {_fmt(teacher.get('bytes'))} bytes, "
                   f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.", ""]
-    lines += [f"{len(table)} trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost).", ""]
+    lines += [f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost).", ""]
+    if hv is not None:
+        lines += [f"Hypervolume of the accuracy-vs-bytes front: **{hv:.4f}** (the area it dominates in accuracy × "
+                  "ln(bytes), from accuracy 0 and the teacher's fp32 size).", ""]  # fmt: skip
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for _, row in table.iterrows()]
+    if len(stopped):
+        scols = [c for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by") if c in stopped]
+        scols += [c for c in cols if c.startswith("config.") and c in stopped]
+        lines += ["", f"## Ended before their final measurement ({len(stopped)})", "",
+                  "Stopped early at the rung (epoch) shown, with the accuracy it had there and its predicted size; "
+                  "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both.", ""]  # fmt: skip
+        lines += ["| " + " | ".join(scols) + " |", "|" + "---|" * len(scols)]
+        lines += ["| " + " | ".join(_fmt(row[c]) for c in scols) + " |" for _, row in stopped.iterrows()]
     if max_size_kb or max_latency_ms:
         budget = ", ".join(b for b in (f"≤ {max_size_kb} KB" if max_size_kb else "",
                                        f"≤ {max_latency_ms} ms" if max_latency_ms else "") if b)  # fmt: skip
@@ -194,8 +262,10 @@ def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Seri
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str, Any] | None = None) -> None:
-    """All trials per cost axis (log scale), the front highlighted, the teacher marked."""
+def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str, Any] | None = None,
+                stopped: pd.DataFrame | None = None) -> None:
+    """All trials per cost axis (log scale), the front as a step line, the teacher marked;
+    trials stopped early at their rung's accuracy and predicted cost (x)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -209,6 +279,10 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
         ax.scatter(table[cost], table["accuracy"], s=18, c="0.6", label="trials")
         ax.step(front[cost], front["accuracy"], where="post", c="C3")
         ax.scatter(front[cost], front["accuracy"], s=30, c="C3", label="Pareto front")
+        early = stopped[stopped["outcome"] == "stopped"] if stopped is not None and len(stopped) else None
+        if early is not None and f"predicted_{cost}" in early and len(early):
+            ax.scatter(early[f"predicted_{cost}"], early["val_accuracy"], marker="x", s=24, c="0.45",
+                       label="stopped early (at its rung)")  # fmt: skip
         if teacher and teacher.get(cost):
             ax.scatter([teacher[cost]], [teacher["accuracy"]], marker="*", s=160, c="C0", label="teacher")
         ax.set_xscale("log")
@@ -276,7 +350,8 @@ def report(cfg: ReportConfig, tracking: TrackerSettings | None = None) -> dict[s
     if teacher is not None and "latency_ms" not in teacher:
         teacher["latency_ms"] = teacher.get("latency_ms_b1")
     out = cfg.out or os.path.join(cfg.experiment, "report")
-    summary = write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None)
+    summary = write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None,
+                           stopped=load_stopped(cfg.experiment))  # fmt: skip
     if tracking is not None and tracking.mode != "disabled":
         log_summary(out, summary, tracking, teacher)
     return summary

@@ -91,3 +91,45 @@ def test_missing_or_empty_experiment(tmp_path):
         load_trials(tmp_path / "nope")
     with pytest.raises(EffrayError, match="no finished trials"):
         load_trials(tmp_path)
+
+
+def test_hypervolume_by_hand_and_its_invariances():
+    import math
+
+    from effray.search.aggregate import hypervolume
+
+    ref = 1000.0
+    # front (100 B, 0.5), (400 B, 0.8); a dominated point adds nothing
+    hv = hypervolume([0.5, 0.8, 0.4], [100.0, 400.0, 500.0], ref)
+    want = (math.log(400) - math.log(100)) * 0.5 + (math.log(1000) - math.log(400)) * 0.8
+    assert hv == pytest.approx(want)
+    assert hypervolume([0.5, 0.8], [100.0, 400.0], ref) == pytest.approx(want)
+    assert hypervolume([0.9], [2000.0], ref) == 0.0  # costlier than the reference
+    assert hypervolume([], [], ref) == 0.0
+    # a new non-dominated point only adds; scaling every cost and the reference changes nothing
+    assert hypervolume([0.5, 0.8, 0.3], [100.0, 400.0, 10.0], ref) > hv
+    assert hypervolume([0.5, 0.8], [10.0, 40.0], 100.0) == pytest.approx(want)
+
+
+def test_stopped_trials_are_listed_with_their_rung_and_who_dominated_them(tmp_path):
+    from effray.search.aggregate import load_stopped
+
+    exp = tmp_path / "exp"
+    for trial, rows in {"a": [{"val_accuracy": 0.6, "epoch": 1, "predicted_bytes": 100},
+                              {"accuracy": 0.6, "bytes": 101, "final": True, "macs": 5, "latency_ms": 1.0}],
+                        "b": [{"val_accuracy": 0.3, "epoch": 1, "predicted_bytes": 200}],
+                        "c": [{"val_accuracy": 0.5, "epoch": 1, "predicted_bytes": 300}]}.items():  # fmt: skip
+        d = exp / f"trial_{trial}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text("\n".join(json.dumps({**r, "trial_id": trial}) for r in rows) + "\n")
+    (exp / "trial_c" / "error.txt").write_text("boom")
+    (exp / "stopped.json").write_text(json.dumps({"b": {"rung": 1, "rank": 2, "dominated_by": ["a"]}}))
+    stopped = load_stopped(exp).set_index("trial_id")
+    assert sorted(stopped.index) == ["b", "c"]
+    assert stopped.loc["b", "outcome"] == "stopped" and stopped.loc["b", "rung"] == 1 and stopped.loc["b", "dominated_by"] == "a"
+    assert stopped.loc["c", "outcome"] == "errored"
+    summary = write_report(load_trials(exp), tmp_path / "report", teacher={"accuracy": 0.7, "bytes": 1000, "macs": 9},
+                           stopped=load_stopped(exp))  # fmt: skip
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert summary["stopped_early"] == 1 and summary["hypervolume"] > 0
+    assert "Ended before their final measurement (2)" in md and "| b | stopped | 1 |" in md
