@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "prune_kind": {"choice": ["unstructured", "structured"]},
         "prune_rate": {"uniform": [0.3, 0.8]},
-        "bits": {"choice": [4, 8]},
+        "bits": {"choice": [2, 4, 8]},
         "kd_alpha": {"choice": [0.0, 0.7]},
         "kd_temperature": {"choice": [4.0]},
         "finetune_epochs": 2,
