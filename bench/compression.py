@@ -42,6 +42,7 @@ from effray.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PARQUET = ROOT.parent / "shared" / "data" / "cifar10-train.parquet"
+HELD_OUT = 5000  # the parquet's last rows, never trained on: the held-out split without --data
 
 
 def load_images(path: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -56,6 +57,8 @@ def load_images(path: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarr
         imgs = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in t.column("image").to_pylist()])
         return imgs, t.column("label").to_numpy().astype(np.int64)
 
+    last = last or HELD_OUT
+    first = min(first or n - last, n - last)
     tx, ty = decode(table.slice(0, first))
     vx, vy = decode(table.slice(n - last, last))
     return tx, ty, vx, vy
@@ -136,7 +139,8 @@ def main() -> None:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=4.0, help="CPU minutes for the baseline")
     p.add_argument("--train-images", type=int, default=10000)
-    p.add_argument("--val-images", type=int, default=2000)
+    p.add_argument("--val-images", type=int, default=0,
+                   help="images scored (0 = the whole held-out split: a prepared dataset's val split, or the parquet's last 5,000 rows)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.8)

@@ -80,8 +80,12 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
     assert len(_finals(experiment)) < 3, "the search finished before it could be killed"
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    # the result line is the last JSON line; Ray may forward a worker's log line after it
-    result = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
+    # quiet: effray's lines and the result; Ray's own output went to the log file it names
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    assert all(ln.startswith(("[effray]", "{")) for ln in lines) and not done.stderr.strip(), done.stdout[-2000:] + done.stderr[-2000:]
+    log = Path(lines[0].split("output: ", 1)[1].split(" (--verbose", 1)[0])
+    assert log.parent == storage / "logs" and log.stat().st_size > 0
+    result = json.loads(lines[-1])
     assert result["resumed"] is True and result["finished"] == 3
     after = _finals(experiment)
     assert len(after) == 3
@@ -129,10 +133,11 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
     code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
                  "--num-samples", "2", "--scheduler", "none", "--max-concurrent", "1", "--cpus-per-trial", "0.5",
                  "--storage", str(storage), "--name", "tracked", "--wandb-mode", "offline",
-                 "--wandb-project", "effray-tests"])  # fmt: skip
+                 "--wandb-project", "effray-tests", "--no-share-data"])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     result = json.loads(out.strip().splitlines()[-1])
+    assert result["shared_data"] is False  # each trial streamed its epochs through its own Ray Data pipeline
     experiment = storage / "tracked"
     assert result["finished"] == 2 and result["wandb"]["mode"] == "offline" and result["wandb"]["group"] == "tracked"
 
@@ -210,3 +215,68 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     (run,) = [r for r in _wandb_runs(experiment) if r["job_type"] == "trial"]
     assert run["group"] == "ddp" and run["exit_code"] == 0 and run["config"]["workers_per_trial"] == 2
     assert [h["epoch"] for h in run["history"] if "train_loss" in h] == [1, 2]
+
+
+# ------------------------------------------------------------------ the pareto scheduler, budgets, shared data
+
+PARETO_SPACE = {
+    "prune_kind": "unstructured",
+    "prune_rate": 0.5,
+    "bits": {"grid": [4, 8, 32]},
+    # 5.0 diverges: those trials fall to chance, dominated by a cheaper trial that learned
+    "finetune_lr": {"grid": [0.01, 5.0]},
+    "finetune_epochs": 3,
+    "finetune_batch_size": 64,
+    "calib_batches": 2,
+    "int8": False,
+}
+
+
+@pytest.mark.slow
+def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, tiny_cifar, teacher, tmp_path, capsys):
+    """Grid of 6 configs under a size budget: the fp32 ones never run (predicted over
+    budget), the diverging trials are stopped at rung 1 only when dominated by a cheaper,
+    more accurate one, every trial that reached its last epoch was measured, predictions
+    match the saved artifacts, and the report marks the stopped trials."""
+    space = tmp_path / "pareto.yaml"
+    space.write_text(yaml.safe_dump(PARETO_SPACE))
+    storage = tmp_path / "runs"
+    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space), "--search", "grid",
+                 "--num-samples", "1", "--scheduler", "pareto", "--grace-period", "1", "--reduction-factor", "3",
+                 "--max-size-kb", "200", "--storage", str(storage), "--name", "pareto", "--no-wandb"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["shared_data"] is True
+    experiment = storage / "pareto"
+    results = _trial_results(experiment)
+    configs = {t: json.loads((experiment / t / "params.json").read_text()) for t in results}
+    assert len(results) == 4 and summary["trials"] == 4  # the two fp32 configs were dropped before they ran
+    assert all(c["compress"]["bits"] != 32 and c["predicted"]["bytes"] <= 200 * 1024 for c in configs.values())
+    stopped = json.loads((experiment / "stopped.json").read_text())
+    assert stopped, "no trial was stopped"
+    for trial, why in stopped.items():
+        rows = results[f"trial_{trial}"]
+        assert not any(r.get("final") for r in rows) and rows[-1]["epoch"] == why["rung"] < 3
+        assert configs[f"trial_{trial}"]["compress"]["finetune_lr"] == 5.0
+        at_rung = rows[-1]
+        assert why["dominated_by"]
+        for other in why["dominated_by"]:  # really dominated, at the same rung, beyond the margin
+            theirs = next(r for r in results[f"trial_{other}"] if r["epoch"] == why["rung"])
+            assert theirs["val_accuracy"] >= at_rung["val_accuracy"] + 0.005
+            assert theirs["predicted_bytes"] <= at_rung["predicted_bytes"]
+    for trial, rows in results.items():
+        if trial.removeprefix("trial_") in stopped:
+            continue
+        final = [r for r in rows if r.get("final")]
+        assert len(final) == 1  # never stopped on its last epoch, always measured
+        f = final[0]
+        assert abs(f["bytes"] - f["predicted_bytes"]) <= 0.02 * f["bytes"]
+        assert f["macs"] == f["predicted_macs"] and f["params"] == f["predicted_params"]
+        assert f["setup_s"] > 0 and f["trial_s"] > f["setup_s"]
+    assert main(["report", "--experiment", str(experiment)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["stopped_early"] == len(stopped) and report["hypervolume"] > 0
+    md = (experiment / "report" / "report.md").read_text()
+    assert "Hypervolume" in md and "Ended before their final measurement" in md
+    assert all(t in md for t in stopped)
