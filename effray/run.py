@@ -20,7 +20,7 @@ from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.errors import EffrayError
 from effray.search.aggregate import ReportConfig, report
-from effray.search.run import TuneConfig, tune_compression
+from effray.search.run import TuneConfig, trial_count, tune_compression
 from effray.train import train
 from effray.train.config import TrainConfig
 
@@ -30,7 +30,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prepare": {"limit": 10000, "val_fraction": 0.1},
         "train": {"model": "convnet", "width": 0.5, "epochs": 6, "batch_size": 128, "lr": 0.05,
                   "workers": 2, "data_cpus": 1.0, "data": {"augment": "standard"}},
-        "tune": {"space": "demo", "num_samples": 8, "cpus_per_trial": 1.0, "scheduler": "pareto", "grace_period": 1},
+        "tune": {"space": "demo", "search": "grid", "num_samples": 1, "cpus_per_trial": 1.0, "scheduler": "pareto",
+                 "grace_period": 1},
     },  # fmt: skip
     "cifar10": {
         "prepare": {"limit": 0, "val_fraction": 0.1},
@@ -130,7 +131,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     t = _stage("search the compression space")
     tune_cfg = merge(TuneConfig(teacher=str(teacher), data=str(data_dir), storage=str(out), name="compress",
                                 wandb=cfg.wandb, max_size_kb=cfg.max_size_kb), preset["tune"])  # fmt: skip
-    searched = tune_compression(tune_cfg, callbacks=[TrialProgress(tune_cfg.num_samples)])
+    searched = tune_compression(tune_cfg, callbacks=[TrialProgress(trial_count(tune_cfg))])
     timings["tune_s"] = time.time() - t
     say(f"[effray run] search: {searched['measured']} measured, {searched['stopped_early']} stopped early, "
         f"{searched['errored']} errored ({timings['tune_s']:.0f} s)")  # fmt: skip

@@ -454,13 +454,15 @@ def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: Any) -> Any:
     return CostAwareSearch(costs, budget, inner=inner, constants={k: v for k, v in space.items() if not isinstance(v, dict)})
 
 
-def _trials(cfg: TuneConfig, space: dict[str, Any]) -> int:
+def trial_count(cfg: TuneConfig, space: dict[str, Any] | None = None) -> int:
     """Trials Tune may start: ``--num-samples``, or with ``--search grid`` that many repeats
     of the grid (configs over budget are skipped, so there may be fewer)."""
     if cfg.search != "grid":
         return cfg.num_samples
     from effray.search.searcher import SpaceSampler
+    from effray.search.space import load_space
 
+    space = space if space is not None else load_space(cfg.space)
     return len(SpaceSampler(space, cfg.seed).points or [None]) * cfg.num_samples
 
 
@@ -548,7 +550,7 @@ def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: 
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                num_samples=_trials(cfg, space), search_alg=_searcher(cfg, space, costs), scheduler=_scheduler(cfg, path),
+                num_samples=trial_count(cfg, space), search_alg=_searcher(cfg, space, costs), scheduler=_scheduler(cfg, path),
                 max_concurrent_trials=_concurrency(cfg, shares), trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
                 reuse_actors=w == 1,  # a trial's process (torch imported, kernels warm) serves the next trial
             ),

@@ -29,13 +29,14 @@ from effray.errors import EffrayError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 PRESETS: dict[str, dict[str, Any]] = {
-    # a few-minute search on one CPU machine: pruning kind and rate, bits, KD on/off
+    # a few-minute search on one CPU machine: one trial per (pruning kind, bits) pair, so
+    # the trials spread along the size axis; prune rate and LR drawn; KD on (--search grid)
     "demo": {
-        "prune_kind": {"choice": ["unstructured", "structured"]},
-        "prune_rate": {"uniform": [0.3, 0.8]},
-        "bits": {"choice": [2, 4, 8]},
-        "kd_alpha": {"choice": [0.0, 0.7]},
-        "kd_temperature": {"choice": [4.0]},
+        "prune_kind": {"grid": ["unstructured", "structured"]},
+        "prune_rate": {"uniform": [0.4, 0.7]},
+        "bits": {"grid": [2, 3, 4, 8]},
+        "kd_alpha": 0.7,
+        "kd_temperature": 4.0,
         "finetune_epochs": 2,
         "finetune_lr": {"loguniform": [0.005, 0.03]},
     },
