@@ -89,6 +89,18 @@ def hypervolume(accuracy: Iterable[float], cost: Iterable[float], ref_cost: floa
     return float(np.sum((edges - fc) * (fa - ref_accuracy)))
 
 
+def _records(result: Path) -> list[dict[str, Any]]:
+    """A trial's reports from Tune's ``result.json`` (JSON lines, oldest first), skipping a
+    line cut off by a crash."""
+    out = []
+    for line in result.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def load_stopped(experiment_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per trial that ended without a final measurement: stopped early by the
     scheduler (with its rung, rank and dominating trials when the pareto scheduler kept
@@ -98,18 +110,10 @@ def load_stopped(experiment_dir: str | os.PathLike) -> pd.DataFrame:
     decisions = json.loads(decisions_file.read_text()) if decisions_file.is_file() else {}
     rows = []
     for result in sorted(root.rglob("result.json")):
-        last = None
-        for line in result.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get(FINAL_KEY):
-                last = None
-                break
-            last = record
-        if last is None:
+        records = _records(result)
+        if not records or any(r.get(FINAL_KEY) for r in records):
             continue
+        last = records[-1]
         row = _flatten(last, trial_dir=str(result.parent))
         row.pop("artifact", None)  # its checkpoint is a fine-tune in progress, not a model
         why = decisions.get(str(row["trial_id"]), {})
@@ -128,16 +132,9 @@ def load_trials(experiment_dir: str | os.PathLike) -> pd.DataFrame:
         raise EffrayError(f"experiment directory {str(root)!r} does not exist; pass the directory `effray tune` printed")
     rows = []
     for result in sorted(root.rglob("result.json")):
-        final = None
-        for line in result.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by a crash
-            if record.get(FINAL_KEY):
-                final = record
-        if final is not None:
-            rows.append(_flatten(final, trial_dir=str(result.parent)))
+        finals = [r for r in _records(result) if r.get(FINAL_KEY)]
+        if finals:
+            rows.append(_flatten(finals[-1], trial_dir=str(result.parent)))
     if not rows:
         raise EffrayError(f"no finished trials under {root}; let at least one trial complete (or re-run `effray tune` to resume)")
     return pd.DataFrame(rows)
