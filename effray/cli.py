@@ -149,14 +149,14 @@ def _ray_running() -> bool:
 
 
 def log_path(command: tuple[str, ...], cfg: Any) -> Path:
-    """Where a command's Ray output goes: ``OUT/logs`` for ``effray run``, beside the
-    command's output (``--storage`` or ``--out``'s directory) otherwise, else the temp dir."""
+    """Where a command's Ray output goes: ``OUT/logs`` for ``effray run``, ``STORAGE/logs``
+    for the commands that keep runs under ``--storage``, else the temp dir (an ``--out``'s
+    parent is the user's directory, not effray's to write in)."""
     name = f"{'-'.join(command)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    for field in ("out", "storage"):
-        value = getattr(cfg, field, "")
-        if isinstance(value, str) and value and "://" not in value:
-            base = Path(value) if command == ("run",) or field == "storage" else Path(value).parent
-            return base.absolute() / "logs" / name
+    field = "out" if command == ("run",) else "storage"
+    value = getattr(cfg, field, "")
+    if isinstance(value, str) and value and "://" not in value:
+        return Path(value).absolute() / "logs" / name
     return Path(tempfile.gettempdir()) / "effray-logs" / name
 
 
@@ -206,13 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             started_ray = cmd.needs_ray and not _ray_running()
             if cmd.needs_ray:
                 init_ray(args.verbose)
-            try:
-                result = cmd.run(cfg)
-            finally:
-                if started_ray and log_file is not None:
-                    import ray
+            result = cmd.run(cfg)
+            if started_ray and log_file is not None:  # not when interrupted: `ray job stop` waits only seconds
+                import ray
 
-                    ray.shutdown()  # its log threads flush into the log, not onto the terminal after the result
+                ray.shutdown()  # its log threads flush into the log, not onto the terminal after the result
     except KeyboardInterrupt:
         print("effray: interrupted", file=sys.stderr)
         return 130
