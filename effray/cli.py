@@ -149,14 +149,13 @@ def _ray_running() -> bool:
 
 
 def log_path(command: tuple[str, ...], cfg: Any) -> Path:
-    """Where a command's Ray output goes: ``OUT/logs`` for ``effray run``, ``STORAGE/logs``
-    for the commands that keep runs under ``--storage``, else the temp dir (an ``--out``'s
-    parent is the user's directory, not effray's to write in)."""
+    """Where a command's Ray output goes: ``OUT/logs`` for ``effray run`` (the main job's
+    own directory), the temp dir's ``effray-logs`` for the others, so that a command that
+    fails on bad input leaves nothing in the user's directories."""
     name = f"{'-'.join(command)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    field = "out" if command == ("run",) else "storage"
-    value = getattr(cfg, field, "")
-    if isinstance(value, str) and value and "://" not in value:
-        return Path(value).absolute() / "logs" / name
+    out = getattr(cfg, "out", "")
+    if command == ("run",) and isinstance(out, str) and out and "://" not in out:
+        return Path(out).absolute() / "logs" / name
     return Path(tempfile.gettempdir()) / "effray-logs" / name
 
 
