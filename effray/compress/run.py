@@ -236,8 +236,10 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         # the epochs as the workers saw them, for the driver's metrics.json: through an actor
         # the driver owns, not a file on rank 0's node (another node's driver can't see it)
         post(ctx["mailbox"], {"epochs": history, "final": final, "world": world, "nodes": nodes, "resumed_from": start})
-    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report
+    # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report.
+    # The accuracy under its own name too: Tune requires every report to carry the metric
     ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes, **ctx.get("report_extra", {}),
+                      "val_accuracy": final["val_accuracy"],
                       **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
 
 

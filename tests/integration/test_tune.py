@@ -46,6 +46,16 @@ def _finals(experiment: Path) -> dict[str, list[float]]:
     return out
 
 
+def _terminated(experiment: Path) -> set[str]:
+    """Ids of the trials Tune's saved experiment state holds as terminated."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id for t in ExperimentAnalysis(str(experiment)).trials if t.status == "TERMINATED"}
+    except Exception:  # no state saved yet, or caught mid-write
+        return set()
+
+
 def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"bits": {"choice": [4, 9]}}))
@@ -70,10 +80,14 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     experiment = storage / "resume"
     deadline = time.time() + 400
-    while time.time() < deadline and len(_finals(experiment)) < 1 and proc.poll() is None:
-        time.sleep(0.5)
-    before = _finals(experiment)
-    time.sleep(5)  # let Tune record those trials as terminated (state saved every second)
+    before: dict[str, list[float]] = {}
+    while time.time() < deadline and proc.poll() is None:
+        # kill as soon as Tune's saved state has every trial that reported its final
+        # measurement as terminated (trials take seconds: a fixed wait lets the search finish)
+        before = _finals(experiment)
+        if before and {Path(t).name.removeprefix("trial_") for t in before} <= _terminated(experiment):
+            break
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(before) >= 1, proc.stderr.read().decode()[-2000:]
@@ -207,7 +221,7 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in epochs)
     assert all(r["val_count"] == 60 for r in epochs)  # all-reduced validation over both workers: every row once
     workers = next(r for r in rows if r.get("finetuned"))
-    assert workers["world"] == 2
+    assert workers["world"] == 2 and workers["val_accuracy"] == workers["final_val_accuracy"]  # Tune's metric in every row
     finals = [r for r in rows if r.get("final")]
     assert len(finals) == 1 and finals[0]["epoch"] == 3 and finals[0]["bytes"] > 0
     assert sorted(os.listdir(experiment / trial_dir / finals[0]["checkpoint_dir_name"])) == ["model.pt"]
