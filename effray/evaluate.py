@@ -147,7 +147,7 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
             for i in range(0, len(labels), batch_size):
                 x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std,
                                      channels_last)
-                y = torch.from_numpy(labels[i:i + batch_size])
+                y = torch.from_numpy(np.array(labels[i:i + batch_size]))  # Ray's arrays are read-only
                 logits = tta_logits(lambda v: model_logits(model, v, v.device, numerics), x, tta)
                 pred = logits.argmax(dim=1)
                 correct += float((pred == y).sum())

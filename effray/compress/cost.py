@@ -14,7 +14,11 @@ exact: LZMA's ratio (the step moves biases, BN shifts and statistics off their i
 and 1s, which would otherwise compress to nothing), weights whose k-bit code rounds to 0
 after QAT, and, for Taylor importance (scored here on the random batch's gradients, the
 rate and so every count being the same) or a gradual unstructured schedule, which layers
-a global prune thins, i.e. ``sparse_macs``.
+a global prune thins, i.e. ``sparse_macs``. The first is the largest: fine-tuning at a
+high LR leaves k-bit codes that compress further than the stand-in's (so the prediction
+errs large, and a budget drops no config that would have fit), by more than the spread
+between two real runs of one config allows any prediction to close. Once a trial's
+weights are in their final form, :func:`bytes_so_far` measures them instead, each epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from effray.compress.artifact import load_artifact, save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
 from effray.compress.prune import lock_sparsity, prune_step
+from effray.compress.quantize import is_quantized
 from effray.compress.recipe import (
     apply_quantization,
     build_student,
@@ -82,6 +87,55 @@ def predict_costs(
     return out
 
 
+def bytes_so_far(
+    model: nn.Module,
+    cfg: CompressConfig,
+    epoch: int,
+    teacher_spec: dict[str, Any],
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> int | None:
+    """The bytes of the artifact a run would save if it stopped after ``epoch`` (0-based):
+    its current weights through the save path. ``None`` while a later epoch still prunes or
+    quantizes (or PTQ follows training): then the weights are not in their final form yet
+    and :func:`predict_costs` is the estimate.
+
+    What fine-tuning leaves in the weights decides LZMA's ratio on the k-bit codes, and no
+    prediction made before training knows it (a peak LR of 0.03 moves 8-bit artifacts 9-21 %
+    below the prediction, and two data orders of one config 8 % apart:
+    ``bench/cost_prediction.py``), so a trial reports this each epoch and the scheduler ranks
+    rungs by it. Call it after a forward pass (an unstructured run's sparsity hooks re-zero
+    the pruned weights there); one host read of the weights per epoch, never per step."""
+    if any(e > epoch for e in prune_events(cfg)) or (quant_epoch(cfg) or 0) > epoch:
+        return None
+    if cfg.quantizes and not is_quantized(model):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_artifact(tmp, _on_cpu(model), method=method_summary(model, cfg, teacher_spec),
+                             config=to_dict(cfg), teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
+        return os.path.getsize(path)
+
+
+def epoch_costs(
+    predicted: dict[str, Any],
+    model: nn.Module,
+    cfg: CompressConfig,
+    epoch: int,
+    teacher_spec: dict[str, Any],
+    **meta: Any,
+) -> dict[str, Any]:
+    """A trial's cost fields for its report after ``epoch``: ``predicted`` (its
+    ``predicted_*`` before training), with ``predicted_bytes`` replaced by
+    :func:`bytes_so_far` once the weights are final; ``bytes_from`` says which it is."""
+    if "predicted_bytes" not in predicted:
+        return dict(predicted)
+    measured = bytes_so_far(model, cfg, epoch, teacher_spec, **meta)
+    if measured is None:
+        return {**predicted, "bytes_from": "config"}
+    return {**predicted, "predicted_bytes": measured, "bytes_from": "weights"}
+
+
 def _student(
     teacher: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> nn.Module:
@@ -89,17 +143,17 @@ def _student(
     return build_student(_on_cpu(teacher), cfg, images=lambda: batch[0][0]).cpu()
 
 
-def _on_cpu(teacher: nn.Module) -> nn.Module:
-    """The teacher itself when it lives on the CPU (``build_student`` copies it); otherwise
-    a CPU copy made tensor by tensor, never a second copy on the teacher's device."""
-    tensors = [*teacher.parameters(), *teacher.buffers()]
-    if all(t.device.type == "cpu" for t in tensors):
-        return teacher
-    memo: dict[int, Any] = {
-        id(p): nn.Parameter(p.detach().cpu(), p.requires_grad) for p in teacher.parameters()
-    }
-    memo.update({id(b): b.detach().cpu() for b in teacher.buffers()})
-    return copy.deepcopy(teacher, memo).cpu()
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when it lives on the CPU (``build_student`` copies what it keeps);
+    otherwise a CPU copy made tensor by tensor without the hooks (a sparsity lock's masks
+    are not copied), never a second copy on the model's device."""
+    if all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()]):
+        return model
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().cpu(), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach().cpu() for b in model.buffers()})
+    for m in model.modules():
+        memo.update({id(m._forward_pre_hooks): type(m._forward_pre_hooks)(), id(m._forward_hooks): type(m._forward_hooks)()})
+    return copy.deepcopy(model, memo).cpu()
 
 
 def _replay(

@@ -100,6 +100,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from effray.compress.artifact import save_artifact
+    from effray.compress.cost import epoch_costs
     from effray.compress.distill import freeze_teacher
     from effray.compress.prune import lock_sparsity, prune_step, weight_sparsity
     from effray.compress.recipe import (
@@ -215,6 +216,9 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes))
         if rank == 0:
             say(f"[effray] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}")
+            # under a search: the size of rank 0's weights once final, what the scheduler ranks by
+            metrics.update(epoch_costs(ctx.get("report_extra", {}), unwrap(model), cfg, epoch, teacher.spec,
+                                       teacher_info=ctx["teacher_info"], data=ctx["data"]))  # fmt: skip
         history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
         if rank != 0:
             ray.train.report(history[-1])

@@ -219,15 +219,18 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
     def on_epoch(epoch: int, model: Any, progress: Callable[[], dict[str, Any]]) -> None:
         """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
         after its node died goes on from here (Tune hands it back through get_checkpoint)."""
+        from effray.compress.cost import epoch_costs
         from effray.compress.measure import accuracy
         from effray.train.checkpoint import save_payload
 
         clock["last_epoch"] = time.perf_counter()
         acc, _ = accuracy(model, evals)
         tracker.log({METRIC: acc, "epoch": epoch + 1}, step=epoch + 1)
+        # the rungs rank by the weights' own size once they are final
+        costs = epoch_costs(extra, model, cfg, epoch, teacher.spec, teacher_info=ctx["teacher_info"], data=ctx["data_info"])
         with tempfile.TemporaryDirectory() as keep:
             save_payload(keep, progress())
-            ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False, "node": node, **extra},
+            ray.tune.report({METRIC: acc, "epoch": epoch + 1, "final": False, "node": node, **costs},
                             checkpoint=ray.tune.Checkpoint.from_directory(keep))  # fmt: skip
 
     def timed_batches(epoch: int) -> Any:

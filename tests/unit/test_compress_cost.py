@@ -10,9 +10,9 @@ import torch
 
 from effray.compress.artifact import load_artifact
 from effray.compress.config import CompressConfig
-from effray.compress.cost import estimate_latency_ms, predict_costs
+from effray.compress.cost import bytes_so_far, estimate_latency_ms, predict_costs
 from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
-from effray.compress.recipe import compress_local, prune_events
+from effray.compress.recipe import compress_local, prune_events, quant_epoch
 from effray.config import validated
 from effray.errors import EffrayError
 from effray.models import build_model
@@ -62,10 +62,21 @@ def test_prediction_matches_the_artifact_of_a_real_fine_tune(tmp_path, case):
     model = teacher(name)
     predicted = predict_costs(model, cfg)
     train = batches(6, 0)  # 192 random images an epoch: the weights really move (lr 0.05)
+    so_far = {}
+
+    def on_epoch(epoch, student, progress):
+        student(train[0][0])  # as a trial does: a forward first (its accuracy), which re-zeroes pruned weights
+        so_far[epoch] = bytes_so_far(student, cfg, epoch, model.spec)
+
     result = compress_local(model, cfg, lambda epoch: train, train[:1], batches(1, 1), tmp_path, log=lambda line: None,
-                            teacher_metrics={})  # fmt: skip
+                            teacher_metrics={}, on_epoch=on_epoch)  # fmt: skip
     real = result["student"]
     assert real["bytes"] == (tmp_path / "model.pt").stat().st_size
+    # measured on the weights: unknown while the structure still changes, then the file's size
+    final_form = lambda e: not any(p > e for p in prune_events(cfg)) and (quant_epoch(cfg) or 0) <= e  # noqa: E731
+    assert all((b is None) == (not final_form(e) or (cfg.quantizes and quant_epoch(cfg) is None)) for e, b in so_far.items())
+    if cfg.finetune_epochs and not (cfg.quantizes and quant_epoch(cfg) is None):
+        assert so_far[cfg.finetune_epochs - 1] == real["bytes"]
     assert predicted["bytes"] == pytest.approx(real["bytes"], rel=0.02)  # measured: within 0.8 %
     assert (predicted["params"], predicted["macs"]) == (real["params"], real["macs"])
     loaded, _ = load_artifact(tmp_path)  # the same counters on the file: what the metrics say
