@@ -34,7 +34,10 @@ class Command:
     help: str
     config: type
     run: Callable[[Any], dict[str, Any]]
-    needs_ray: bool = True
+    needs_ray: bool | Callable[[Any], bool] = True  # or: whether this config needs it
+
+    def uses_ray(self, cfg: Any) -> bool:
+        return self.needs_ray(cfg) if callable(self.needs_ray) else self.needs_ray
 
 
 def _prepare(cfg: Any) -> dict[str, Any]:
@@ -100,7 +103,8 @@ def _commands() -> list[Command]:
         Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
         Command(("train",), "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel pipeline); re-running the same --storage/--name resumes", TrainConfig, with_wandb_mode(train)),
-        Command(("evaluate",), "accuracy, per-class accuracy and loss of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate, needs_ray=False),
+        Command(("evaluate",), "accuracy, loss, per-class precision/recall/F1, confusion and calibration of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate,
+                needs_ray=lambda cfg: bool(cfg.corruptions)),
         Command(("compress",), "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and metrics.json", CompressRunConfig, compress),
         Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, with_wandb_mode(tune_compression)),
         Command(("run",), "the main job: prepare -> train a teacher -> tune compression -> report, on the current Ray cluster", RunConfig, run_all),
@@ -198,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps({"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg)}, default=str))
             return 0
-        log_file = None if args.verbose or not cmd.needs_ray else log_path(cmd.path, cfg)
+        needs_ray = cmd.uses_ray(cfg)
+        log_file = None if args.verbose or not needs_ray else log_path(cmd.path, cfg)
         with ray_output_to(log_file):
             if log_file is not None:
                 say(f"[effray] Ray's own output: {log_file} (--verbose shows it here)")
-            started_ray = cmd.needs_ray and not _ray_running()
-            if cmd.needs_ray:
+            started_ray = needs_ray and not _ray_running()
+            if needs_ray:
                 init_ray(args.verbose)
             result = cmd.run(cfg)
             if started_ray and log_file is not None:  # not when interrupted: `ray job stop` waits only seconds

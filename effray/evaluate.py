@@ -1,4 +1,5 @@
-"""``effray evaluate``: accuracy, per-class accuracy and loss of any checkpoint on any data.
+"""``effray evaluate``: accuracy, loss, per-class precision/recall/F1, confusion and
+calibration (:mod:`effray.metrics`) of any checkpoint on any data; ``--out`` draws them.
 
 Data is either a prepared dataset (``effray data prepare``; raw pixels, a split) or
 Parquet with encoded image bytes + label (the shared ``cifar10-train.parquet`` schema).
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from effray.atomic import write_json
 from effray.config import option, require
 from effray.errors import EffrayError
+from effray.metrics import classification_metrics, write_figures
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
@@ -34,12 +37,25 @@ class EvaluateConfig:
     split: str = option("val", "split to evaluate when --data is a prepared dataset")
     tta: int = option(-1, "test-time augmentation: -1 = the level the run validated with, 0 none, 1 mirror, 2 mirror + 1-pixel translations",
                       choices=(-1, 0, 1, 2))  # fmt: skip
+    out: str = option("", "directory for metrics.json, confusion.png and reliability.png ('' = print only)")
+    corruptions: str = option("", "corruption robustness on Ray Data: 'all' or a comma-separated list "
+                                  "(gaussian_noise, contrast, ...); '' = none")  # fmt: skip
+    severities: str = option("1,2,3,4,5", "corruption severities to score (1-5)")
+    corruption_seed: int = option(0, "seed of the corruptions' randomness (per image, so any batching gives the same split)")
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "--checkpoint PATH is required (a run's checkpoint directory or model.pt)")
         require(bool(self.data), "--data is required (a prepared dataset directory or a Parquet file)")
         require(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
         require(self.tta in (-1, 0, 1, 2), f"--tta must be -1, 0, 1 or 2, got {self.tta}")
+        if self.corruptions:
+            from effray.data.corrupt import parse_corruptions
+            from effray.robustness import parse_severities
+
+            parse_corruptions(self.corruptions)
+            parse_severities(self.severities)
+            require((Path(self.data) / "meta.json").is_file(),
+                    f"--corruptions needs a prepared dataset (effray data prepare), not {self.data!r}")  # fmt: skip
 
 
 def _plugins() -> None:
@@ -118,17 +134,30 @@ def tta_logits(predict: Any, images: Any, level: int) -> Any:
     return logits
 
 
+def predict_logits(model: Any, images: np.ndarray, mean: list[float], std: list[float], tta: int = 0,
+                   numerics: dict[str, bool] | None = None) -> Any:
+    """The logits of uint8 NHWC ``images``, normalised as training normalised its
+    validation batches and computed with the checkpoint's ``numerics`` (call under no_grad)."""
+    import torch
+
+    from effray.data.pipeline import normalize_tensor
+    from effray.train.strategy import logits as model_logits
+
+    numerics = numerics or {}
+    pixels = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # Ray's arrays are read-only
+    x = normalize_tensor(pixels, mean, std, bool(numerics.get("channels_last")))
+    return tta_logits(lambda v: model_logits(model, v, v.device, numerics), x, tta)
+
+
 def score(model: Any, batches: Batches, mean: list[float], std: list[float], num_classes: int,
           batch_size: int, image_shape: list[int] | None = None, tta: int = 0,
           numerics: dict[str, bool] | None = None) -> dict[str, Any]:
-    """Accuracy, mean cross-entropy and per-class accuracy of ``model`` over ``batches``,
+    """Accuracy, mean cross-entropy, per-class accuracy and the logits and labels (CPU, for
+    :func:`effray.metrics.classification_metrics`) of ``model`` over ``batches``,
     normalised exactly as training normalised its validation batches and computed with
     the checkpoint's ``numerics`` (bf16 autocast, channels-last) as training scored it."""
     import torch
     import torch.nn.functional as F
-
-    from effray.data.pipeline import normalize_tensor
-    from effray.train.strategy import logits as model_logits
 
     numerics = numerics or {}
     channels_last = bool(numerics.get("channels_last"))
@@ -136,6 +165,7 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
 
     correct = loss = 0.0
     per_ok, per_n = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    all_logits, all_labels = [], []
     model.eval()
     with torch.no_grad():
         for images, labels in batches:
@@ -145,19 +175,20 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
                 raise EffrayError(f"data has label {int(labels.max())}, the checkpoint's model predicts {num_classes} classes; "
                                   "it belongs to another dataset")  # fmt: skip
             for i in range(0, len(labels), batch_size):
-                x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), mean, std,
-                                     channels_last)
                 y = torch.from_numpy(np.array(labels[i:i + batch_size]))  # Ray's arrays are read-only
-                logits = tta_logits(lambda v: model_logits(model, v, v.device, numerics), x, tta)
+                logits = predict_logits(model, images[i:i + batch_size], mean, std, tta, numerics)
                 pred = logits.argmax(dim=1)
                 correct += float((pred == y).sum())
                 loss += float(F.cross_entropy(logits, y, reduction="sum"))
                 per_ok += np.bincount(y[pred == y].numpy(), minlength=num_classes)
                 per_n += np.bincount(y.numpy(), minlength=num_classes)
+                all_logits.append(logits.float().cpu())
+                all_labels.append(y)
     count = int(per_n.sum())
     require(count > 0, "no images to evaluate (empty split or every row unreadable)")
     return {"accuracy": correct / count, "loss": loss / count, "count": count,
-            "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)]}  # fmt: skip
+            "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
+            "logits": torch.cat(all_logits), "labels": torch.cat(all_labels)}  # fmt: skip
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -183,10 +214,25 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     tta = cfg.tta if cfg.tta >= 0 else int((payload.get("config") or {}).get("tta", 0))
     result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"), tta,
                    payload.get("numerics"))
-    return {
+    scores = classification_metrics(result["logits"], result["labels"], [str(c) for c in classes])
+    out = {
         "accuracy": result["accuracy"], "loss": result["loss"], "count": result["count"],
         "per_class_accuracy": dict(zip([str(c) for c in classes], result["per_class"])),
+        **{k: scores[k] for k in ("nll", "ece", "macro_f1", "worst_class_recall", "worst_class", "per_class", "confusion")},
         "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), **where,
         "model": spec.get("name"), "format": payload["format"], "skipped_bad": counter["skipped_bad"], "tta": tta,
         "numerics": payload.get("numerics") or {"bf16": False, "channels_last": False},
     }  # fmt: skip
+    if cfg.corruptions:
+        from effray.data.corrupt import parse_corruptions
+        from effray.robustness import parse_severities, robustness
+
+        out["robustness"] = robustness(model, data, cfg.split, info, parse_corruptions(cfg.corruptions),
+                                       parse_severities(cfg.severities), clean_accuracy=result["accuracy"],
+                                       seed=cfg.corruption_seed, batch_size=cfg.batch_size, tta=tta,
+                                       numerics=payload.get("numerics"))  # fmt: skip
+        out["mean_corruption_accuracy"] = out["robustness"]["mean_corruption_accuracy"]
+    if cfg.out:
+        out["figures"] = write_figures(scores, cfg.out, title=str(spec.get("name") or ""))
+        write_json(Path(cfg.out) / "metrics.json", {**out, "reliability": scores["reliability"]})
+    return out

@@ -60,8 +60,10 @@ def test_compress_on_ray_train_measures_the_file(compressed, tiny_cifar, capsys)
     assert finetune["final"]["val_count"] == metrics["eval_images"]  # exact validation: every row once
     assert sorted(os.listdir(out)) == ["metrics.json", "model.pt"]
 
-    assert main(["evaluate", "--checkpoint", str(out), "--data", str(tiny_cifar)]) == 0
+    assert main(["evaluate", "--checkpoint", str(out), "--data", str(tiny_cifar), "--out", str(out.parent / "eval")]) == 0
     evaluated = _last_json(capsys.readouterr().out)
+    assert {"macro_f1", "ece", "nll", "worst_class_recall"} <= set(evaluated)  # a compressed artifact scores the same way
+    assert (out.parent / "eval" / "confusion.png").is_file() and (out.parent / "eval" / "reliability.png").is_file()
     assert evaluated["format"] == "effray.compressed" or evaluated["format"].startswith("effray.compress")
     assert evaluated["count"] == metrics["eval_images"]
     assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)

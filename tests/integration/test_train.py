@@ -71,9 +71,16 @@ def test_ddp_learns_and_resumes_after_a_worker_dies(run):
 def test_evaluate_reproduces_the_reported_val_accuracy(run, tiny_cifar, cifar_parquet, tmp_path):
     want = run["result"]["val_accuracy"]
     ckpt = run["result"]["checkpoint"]
-    rc, res, err = cli("evaluate", "--checkpoint", ckpt, "--data", str(tiny_cifar))
+    rc, res, err = cli("evaluate", "--checkpoint", ckpt, "--data", str(tiny_cifar), "--out", str(tmp_path / "eval"))
     assert rc == 0, err
     assert abs(res["accuracy"] - want) <= 1e-6 and res["count"] == 60
+    # beyond accuracy: the same logits' NLL is the loss, recall is per-class accuracy
+    assert res["nll"] == pytest.approx(res["loss"], rel=1e-5) and 0 <= res["ece"] <= 1
+    assert sum(map(sum, res["confusion"])) == 60 and 0 <= res["macro_f1"] <= 1
+    assert all(res["per_class"][c]["recall"] == pytest.approx(a) for c, a in res["per_class_accuracy"].items() if a is not None)
+    assert res["worst_class_recall"] == min(a for a in res["per_class_accuracy"].values() if a is not None)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["confusion.png", "metrics.json", "reliability.png"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ece"] == res["ece"]
     assert abs(res["loss"] - run["result"]["val_loss"]) <= 1e-5
     # scored as training scored it: channels-last, bf16 where this CPU computes it natively
     assert res["numerics"] == {"bf16": bf16_native(torch.device("cpu")), "channels_last": True}

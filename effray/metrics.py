@@ -1,0 +1,136 @@
+"""What accuracy hides: per-class precision/recall/F1, confusion, calibration and NLL.
+
+Pruned and low-bit models lose more on rare classes and in calibration than their top-1
+accuracy shows (Hooker et al. 2019), so ``effray evaluate`` and every search trial report
+these next to accuracy. The counting is torchmetrics' (multiclass precision, recall, F1,
+confusion matrix and the 15-bin L1 calibration error of Guo et al. 2017); this module
+only gathers them into one JSON-able dict and draws the two figures. A class the model
+never predicts has precision 0 (torchmetrics' ``zero_division=0``), so macro scores are
+not inflated by classes that were given up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+ECE_BINS = 15
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
+    """Every score of one model on one labelled set, from its ``(N, C)`` logits (any device)."""
+    import torch
+    import torch.nn.functional as F
+    from torchmetrics.functional.classification import (
+        multiclass_calibration_error,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    c = len(classes)
+    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    if logits.dim() != 2 or logits.shape[1] != c or len(labels) != len(logits):
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} don't match {c} classes")
+    probs = logits.softmax(dim=1)
+    kw = {"num_classes": c, "average": "none", "validate_args": False}
+    precision, recall, f1 = (m(probs, labels, **kw) for m in (multiclass_precision, multiclass_recall, multiclass_f1_score))
+    present = torch.bincount(labels, minlength=c) > 0  # a class absent from the data has no recall to be worst at
+    names = [str(n) for n in classes]
+    return {
+        "accuracy": float((probs.argmax(1) == labels).float().mean()),
+        "nll": float(F.cross_entropy(logits, labels)),
+        "ece": float(multiclass_calibration_error(probs, labels, num_classes=c, n_bins=ECE_BINS, norm="l1")),
+        "macro_f1": float(f1[present].mean()),
+        "worst_class_recall": float(recall[present].min()),
+        "worst_class": names[int(torch.where(present, recall, torch.inf).argmin())],
+        "per_class": {n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for n, p, r, f, s in zip(names, precision, recall, f1, torch.bincount(labels, minlength=c))},
+        "confusion": multiclass_confusion_matrix(probs, labels, num_classes=c).tolist(),  # rows: true, cols: predicted
+        "reliability": reliability_bins(probs, labels),
+        "classes": names,
+    }  # fmt: skip
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Per confidence bin (equal width on [0, 1]): images, mean confidence, accuracy. The
+    count-weighted mean gap over the bins is the ECE torchmetrics reports."""
+    import torch
+
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)  # [lo, hi) bins, binned as torchmetrics bins
+    which = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, bins - 1)
+    count = torch.bincount(which, minlength=bins).float()
+    conf = torch.bincount(which, weights=confidence, minlength=bins) / count.clamp_min(1)
+    acc = torch.bincount(which, weights=correct, minlength=bins) / count.clamp_min(1)
+    return [{"lo": i / bins, "hi": (i + 1) / bins, "count": int(n), "confidence": float(cf), "accuracy": float(a)}
+            for i, (n, cf, a) in enumerate(zip(count, conf, acc))]  # fmt: skip
+
+
+def write_figures(metrics: dict[str, Any], out: str | os.PathLike, title: str = "") -> dict[str, str]:
+    """``confusion.png`` (a heat map with the class names) and ``reliability.png`` (accuracy
+    against confidence per bin, the gap shaded) in ``out``; each written under a temporary
+    name and renamed, so a failed draw leaves no half-written figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names, cm = metrics["classes"], np.asarray(metrics["confusion"], dtype=float)
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 0.6 + 0.5 * len(names)))
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(names) <= 20:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_title(f"{title}  accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}".strip(), fontsize=9)
+    paths["confusion"] = _save(fig, out / "confusion.png")
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    bins = [b for b in metrics["reliability"] if b["count"]]
+    mids = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    width = 1.0 / max(len(metrics["reliability"]), 1)
+    ax.bar(mids, [b["accuracy"] for b in bins], width=width, edgecolor="k", lw=0.5, label="accuracy")
+    ax.bar(mids, [b["confidence"] - b["accuracy"] for b in bins], bottom=[b["accuracy"] for b in bins], width=width,
+           color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title}  ECE {metrics['ece']:.3f} ({ECE_BINS} bins), NLL {metrics['nll']:.3f}".strip(), fontsize=9)
+    paths["reliability"] = _save(fig, out / "reliability.png")
+    return paths
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return str(path)

@@ -1,0 +1,78 @@
+"""effray.metrics against cases worked out by hand: a 3-class confusion, ECE of a calibrated
+and of an over-confident predictor, and the figures written whole."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from effray.metrics import classification_metrics, write_figures
+
+
+def one_hot_logits(predicted: list[int], classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predicted), classes).float() * 20.0
+
+
+def test_three_class_confusion_by_hand():
+    # true 0 0 0 1 1 2, predicted 0 0 1 1 2 2
+    m = classification_metrics(one_hot_logits([0, 0, 1, 1, 2, 2], 3), torch.tensor([0, 0, 0, 1, 1, 2]), ["a", "b", "c"])
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    pc = m["per_class"]
+    assert [pc[c]["precision"] for c in "abc"] == pytest.approx([1.0, 0.5, 0.5])
+    assert [pc[c]["recall"] for c in "abc"] == pytest.approx([2 / 3, 0.5, 1.0])
+    assert [pc[c]["f1"] for c in "abc"] == pytest.approx([0.8, 0.5, 2 / 3])
+    assert [pc[c]["support"] for c in "abc"] == [3, 2, 1]
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert (m["worst_class"], m["worst_class_recall"]) == ("b", pytest.approx(0.5))
+    assert m["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_a_class_never_predicted_scores_zero_and_an_absent_class_is_not_the_worst():
+    # class c never occurs; class b occurs but is never predicted
+    m = classification_metrics(one_hot_logits([0, 0, 0, 0], 3), torch.tensor([0, 0, 1, 1]), ["a", "b", "c"])
+    assert m["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert m["worst_class"] == "b" and m["worst_class_recall"] == 0.0
+    assert m["macro_f1"] == pytest.approx((2 * 0.5 * 1 / 1.5 + 0.0) / 2)  # over the classes present
+
+
+def confident(p: float, n: int, correct: int, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """n predictions of class 0 at confidence p (the rest spread evenly), ``correct`` of them right."""
+    probs = torch.full((n, classes), (1 - p) / (classes - 1))
+    probs[:, 0] = p
+    labels = torch.tensor([0] * correct + [1] * (n - correct))
+    return probs.log(), labels
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_when_overconfident():
+    calibrated = classification_metrics(*confident(0.8, 100, 80), ["a", "b", "c"])
+    assert calibrated["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert calibrated["nll"] == pytest.approx(0.8 * -math.log(0.8) + 0.2 * -math.log(0.1), rel=1e-5)
+    over = classification_metrics(*confident(0.99, 100, 50), ["a", "b", "c"])
+    assert over["ece"] == pytest.approx(0.49, abs=1e-5)
+    (full,) = [b for b in over["reliability"] if b["count"]]
+    assert full["count"] == 100 and full["confidence"] == pytest.approx(0.99) and full["accuracy"] == 0.5
+    assert full["lo"] <= 0.99 < full["hi"]
+
+
+def test_reliability_bins_reproduce_torchmetrics_ece():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(1000, 10) * 2, torch.randint(0, 10, (1000,))
+    m = classification_metrics(logits, labels, [str(i) for i in range(10)])
+    gap = sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in m["reliability"]) / 1000
+    assert gap == pytest.approx(m["ece"], abs=1e-6) and sum(b["count"] for b in m["reliability"]) == 1000
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match="3 classes"):
+        classification_metrics(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), ["a", "b", "c"])
+
+
+def test_figures_are_written_whole(tmp_path):
+    m = classification_metrics(*confident(0.7, 50, 30), ["airplane", "bird", "cat"])
+    paths = write_figures(m, tmp_path / "figs", title="teacher")
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["confusion.png", "reliability.png"]
+    for p in paths.values():
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
