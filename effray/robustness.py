@@ -82,3 +82,28 @@ def robustness(model: Any, data_dir: str | os.PathLike, split: str, info: dict[s
             "mean_corruption_accuracy": mean, "clean_accuracy": float(clean_accuracy),
             "relative_drop": (clean_accuracy - mean) / clean_accuracy if clean_accuracy > 0 else None,
             "severities": list(severities), "images": int(count[0]), "seed": int(seed)}  # fmt: skip
+
+
+def corruption_accuracy(model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], names: Sequence[str],
+                        severities: Sequence[int], *, seed: int = 0, images: int = 0, batch_size: int = 256) -> float:
+    """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
+    of a split's decoded ``arrays`` (0 = all), in this process: a search trial's column. The
+    images are the ones :func:`robustness` streams (each seeded by its row id)."""
+    import torch
+
+    from effray.evaluate import predict_logits
+
+    n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
+    if n == 0 or not names:
+        return float("nan")
+    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n])
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for name in names:
+            for s in severities:
+                for i in range(0, n, batch_size):
+                    x = corrupt(clean[i:i + batch_size], name, s, seed=seed, rows=rows[i:i + batch_size])
+                    pred = predict_logits(model, x, meta["mean"], meta["std"]).argmax(dim=1).cpu().numpy()
+                    correct += int((pred == labels[i:i + batch_size]).sum())
+    return correct / (n * len(names) * len(severities))

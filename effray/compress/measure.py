@@ -111,11 +111,35 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     return (int(correct) / total if total else float("nan")), total
 
 
+@torch.no_grad()
+def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
+    """``accuracy`` and ``eval_images`` (as :func:`accuracy`) and what accuracy hides, from
+    the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
+    (:func:`effray.metrics.classification_metrics`). The logits stay on the model's device
+    until the pass ends, then go to the host once."""
+    from effray.metrics import classification_metrics
+
+    was = model.training
+    model.eval()
+    device = model_device(model)
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(model(x.to(device, non_blocking=True)).float())
+        labels.append(y.to(device, non_blocking=True))
+    model.train(was)
+    if not labels:
+        return {"accuracy": float("nan"), "eval_images": 0}
+    lg, lb = torch.cat(logits), torch.cat(labels)
+    m = classification_metrics(lg, lb, [str(i) for i in range(lg.shape[1])])
+    return {"accuracy": int((lg.argmax(1) == lb).sum()) / len(lb), "eval_images": len(lb),
+            **{k: m[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")}}  # fmt: skip
+
+
 def measure(model: nn.Module, batches: Batches | None = None, *, artifact: str | os.PathLike | None = None,
             int8_model: nn.Module | None = None, teacher: dict[str, Any] | None = None,
             input_shape: tuple[int, ...] | None = None, latency_batches: tuple[int, ...] = (1, 256),
             repeats: dict[int, int] | None = None, threads: int | None = None) -> dict[str, Any]:
-    """One metrics dict: ``accuracy`` (when ``batches``), ``params``, ``nonzero_params``,
+    """One metrics dict: ``accuracy`` and :func:`class_scores` (when ``batches``), ``params``, ``nonzero_params``,
     ``macs``, ``sparse_macs``, ``bytes`` (the file at ``artifact``), ``latency_ms_b{N}``
     for each batch size at ``threads`` threads, the same for ``int8_model`` (``int8_*``),
     and ``vs_teacher`` ratios when given the teacher's own ``measure`` dict.
@@ -126,7 +150,7 @@ def measure(model: nn.Module, batches: Batches | None = None, *, artifact: str |
     out: dict[str, Any] = {"params": parameter_count(model), "nonzero_params": nonzero_parameters(model)}
     out.update(count_macs(model, input_shape))
     if batches is not None:
-        out["accuracy"], out["eval_images"] = accuracy(model, batches)
+        out.update(class_scores(model, batches))
     if artifact is not None:
         path = os.path.join(artifact, "model.pt") if os.path.isdir(artifact) else artifact
         out["bytes"] = os.path.getsize(path)
@@ -170,6 +194,9 @@ def compare(m: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
         ratio(k, "speedup_" + k.removeprefix("latency_ms_"), m, teacher)
         if f"int8_{k}" in m and teacher.get(k):
             out["int8_speedup_" + k.removeprefix("latency_ms_")] = float(teacher[k]) / float(m[f"int8_{k}"])
-    if "accuracy" in m and "accuracy" in teacher:
-        out["accuracy_drop_points"] = 100.0 * (float(teacher["accuracy"]) - float(m["accuracy"]))
+    for key in ("accuracy", "macro_f1", "worst_class_recall", "corruption_accuracy"):  # what compression costs, in points
+        if m.get(key) is not None and teacher.get(key) is not None:
+            out[f"{key}_drop_points"] = 100.0 * (float(teacher[key]) - float(m[key]))
+    if m.get("ece") is not None and teacher.get("ece") is not None:
+        out["ece_increase_points"] = 100.0 * (float(m["ece"]) - float(teacher["ece"]))
     return out

@@ -31,13 +31,18 @@ class ReportConfig:
     out: str = option("", "where to write the report (default: EXPERIMENT/report)")
     max_size_kb: float = option(0.0, "pick the most accurate model at most this many KB on disk (0 = no limit)")
     max_latency_ms: float = option(0.0, "pick the most accurate model at most this batch-1 latency (0 = no limit)")
+    objective: str = option("accuracy", "what the budget pick maximises: accuracy, or robustness (mean corruption accuracy)",
+                            choices=("accuracy", "robustness"))  # fmt: skip
 
     def validate(self) -> None:
         require(bool(self.experiment), "give the experiment directory: effray report --experiment DIR")
+        require(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         require(self.max_size_kb >= 0 and self.max_latency_ms >= 0, "--max-size-kb and --max-latency-ms must be >= 0")
 
 
 COSTS = {"bytes": "bytes on disk", "macs": "MACs", "latency_ms": "latency (ms, batch 1)"}
+OBJECTIVES = {"accuracy": "accuracy", "robustness": "corruption_accuracy"}  # --objective -> the column it maximises
+BEYOND = ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy")  # what accuracy hides (effray.metrics)
 FINAL_KEY = "final"
 
 
@@ -168,11 +173,19 @@ def add_pareto_columns(df: pd.DataFrame) -> pd.DataFrame:
     for cost in COSTS:
         if cost in out.columns and "accuracy" in out.columns:
             out[f"pareto_{cost}"] = pareto_mask(out["accuracy"], out[cost])
+    if "corruption_accuracy" in out.columns and "bytes" in out.columns:  # the robustness front
+        out["pareto_robust_bytes"] = pareto_mask(out["corruption_accuracy"], out["bytes"])
     return out
 
 
-def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_ms: float | None = None) -> pd.Series | None:
-    """The most accurate row within the budget (smaller artifact breaks ties), or None."""
+def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_ms: float | None = None,
+                objective: str = "accuracy") -> pd.Series | None:
+    """The best row by ``objective`` (accuracy, or robustness: mean corruption accuracy)
+    within the budget (smaller artifact breaks ties), or None."""
+    score = OBJECTIVES[objective]
+    if score not in df or df[score].isna().all():
+        raise EffrayError(f"--objective {objective} needs the trials' {score}; this experiment has none "
+                          "(run `effray tune` with --robust-images > 0)")  # fmt: skip
     keep = np.ones(len(df), dtype=bool)
     if max_size_kb is not None:
         keep &= df["bytes"].to_numpy() <= max_size_kb * 1024
@@ -181,14 +194,14 @@ def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_
     within = df[keep]
     if within.empty:
         return None
-    return within.sort_values(["accuracy", "bytes"], ascending=[False, True]).iloc[0]
+    return within.sort_values([score, "bytes"], ascending=[False, True]).iloc[0]
 
 
 
 
 def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str, Any] | None = None,
                  max_size_kb: float | None = None, max_latency_ms: float | None = None,
-                 stopped: pd.DataFrame | None = None) -> dict[str, Any]:
+                 stopped: pd.DataFrame | None = None, objective: str = "accuracy") -> dict[str, Any]:
     """Write results.parquet/.csv, report.md and pareto.png; return the summary.
     ``stopped``: the trials that ended before their final measurement (:func:`load_stopped`)."""
     out = Path(out_dir)
@@ -198,8 +211,8 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str
     hv = hypervolume(table["accuracy"], table["bytes"], float(teacher["bytes"])) if teacher and teacher.get("bytes") else None
     write_file(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
     write_file(out / "results.csv", lambda p: table.to_csv(p, index=False))
-    pick = best_within(table, max_size_kb, max_latency_ms) if (max_size_kb or max_latency_ms) else None
-    write_file(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv)))
+    pick = best_within(table, max_size_kb, max_latency_ms, objective) if (max_size_kb or max_latency_ms) else None
+    write_file(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective)))
     write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher, stopped))
     summary: dict[str, Any] = {
         "trials": len(table), "hypervolume": hv,
@@ -210,8 +223,9 @@ def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str
     }
     if max_size_kb or max_latency_ms:
         summary["budget_pick"] = None if pick is None else {
-            "trial_id": pick["trial_id"], "accuracy": float(pick["accuracy"]),
+            "trial_id": pick["trial_id"], "accuracy": float(pick["accuracy"]), "objective": objective,
             "bytes": int(pick["bytes"]), "artifact": pick.get("artifact"),
+            **({"corruption_accuracy": float(pick["corruption_accuracy"])} if "corruption_accuracy" in pick else {}),
         }  # fmt: skip
     return summary
 
@@ -225,17 +239,22 @@ def _fmt(value: Any) -> str:
 
 
 def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Series | None,
-              max_size_kb: float | None, max_latency_ms: float | None, stopped: pd.DataFrame, hv: float | None) -> str:
-    cols = [c for c in ("trial_id", "accuracy", "bytes", "macs", "latency_ms", "size_ratio", "pareto_bytes",
-                        "pareto_macs", "pareto_latency_ms") if c in table]  # fmt: skip
+              max_size_kb: float | None, max_latency_ms: float | None, stopped: pd.DataFrame, hv: float | None,
+              objective: str = "accuracy") -> str:
+    cols = [c for c in ("trial_id", "accuracy", *BEYOND, "bytes", "macs", "latency_ms", "size_ratio", "pareto_bytes",
+                        "pareto_macs", "pareto_latency_ms", "pareto_robust_bytes") if c in table]  # fmt: skip
     cols += [c for c in ("predicted_bytes", "setup_s") if c in table]
     cols += [c for c in table.columns if c.startswith("config.") and not c.startswith(("config.predicted.", "config.context."))
              and table[c].nunique(dropna=False) > 1]  # fmt: skip
     lines = ["# effray compression report", ""]
     if teacher:
-        lines += [f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}, {_fmt(teacher.get('bytes'))} bytes, "
+        beyond = "".join(f", {k.replace('_', ' ')} {_fmt(teacher[k])}" for k in BEYOND if teacher.get(k) is not None)
+        lines += [f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}{beyond}, {_fmt(teacher.get('bytes'))} bytes, "
                   f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.", ""]
-    lines += [f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost).", ""]
+    lines += [f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost; "
+              "pareto_robust_bytes: mean corruption accuracy vs bytes). macro_f1, worst_class_recall and ece (15-bin "
+              "expected calibration error) are on the val split; corruption_accuracy is the mean accuracy under the "
+              "search's corruptions and severities.", ""]  # fmt: skip
     if hv is not None:
         lines += [f"Hypervolume of the accuracy-vs-bytes front: **{hv:.4f}** (the area it dominates in accuracy × "
                   "ln(bytes), from accuracy 0 and the teacher's fp32 size).", ""]  # fmt: skip
@@ -252,10 +271,11 @@ def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Seri
     if max_size_kb or max_latency_ms:
         budget = ", ".join(b for b in (f"≤ {max_size_kb} KB" if max_size_kb else "",
                                        f"≤ {max_latency_ms} ms" if max_latency_ms else "") if b)  # fmt: skip
-        lines += ["", f"## Best within budget ({budget})", ""]
+        lines += ["", f"## Best within budget ({budget}), by {OBJECTIVES[objective].replace('_', ' ')}", ""]
         lines += ["No trial fits this budget." if pick is None else
-                  f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}, {int(pick['bytes'])} bytes, "
-                  f"artifact `{pick.get('artifact')}`"]  # fmt: skip
+                  f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}"
+                  + (f", corruption accuracy {_fmt(pick['corruption_accuracy'])}" if "corruption_accuracy" in pick else "")
+                  + f", {int(pick['bytes'])} bytes, artifact `{pick.get('artifact')}`"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -270,7 +290,10 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
     import matplotlib.pyplot as plt
 
     costs = [c for c in COSTS if c in table]
-    fig, axes = plt.subplots(1, len(costs), figsize=(5 * len(costs), 4), squeeze=False)
+    robust = "pareto_robust_bytes" in table and table["corruption_accuracy"].notna().any()
+    fig, axes = plt.subplots(1, len(costs) + robust, figsize=(5 * (len(costs) + robust), 4), squeeze=False)
+    if robust:  # the second front: what survives corruption, against size
+        _robust_panel(axes[0][-1], table, teacher)
     for ax, cost in zip(axes[0], costs):
         front = table[table[f"pareto_{cost}"]].sort_values(cost)
         ax.scatter(table[cost], table["accuracy"], s=18, c="0.6", label="trials")
@@ -291,6 +314,23 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
+
+
+def _robust_panel(ax: Any, table: pd.DataFrame, teacher: dict[str, Any] | None) -> None:
+    import matplotlib.ticker
+
+    front = table[table["pareto_robust_bytes"]].sort_values("bytes")
+    ax.scatter(table["bytes"], table["corruption_accuracy"], s=18, c="0.6", label="trials")
+    ax.step(front["bytes"], front["corruption_accuracy"], where="post", c="C2")
+    ax.scatter(front["bytes"], front["corruption_accuracy"], s=30, c="C2", label="robustness front")
+    if teacher and teacher.get("bytes") and teacher.get("corruption_accuracy") is not None:
+        ax.scatter([teacher["bytes"]], [teacher["corruption_accuracy"]], marker="*", s=160, c="C0", label="teacher")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(COSTS["bytes"])
+    ax.set_ylabel("mean corruption accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
 
 
 def log_summary(out_dir: str | os.PathLike, summary: dict[str, Any], settings: TrackerSettings,
@@ -348,7 +388,7 @@ def report(cfg: ReportConfig, tracking: TrackerSettings | None = None) -> dict[s
         teacher["latency_ms"] = teacher.get("latency_ms_b1")
     out = cfg.out or os.path.join(cfg.experiment, "report")
     summary = write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None,
-                           stopped=load_stopped(cfg.experiment))  # fmt: skip
+                           stopped=load_stopped(cfg.experiment), objective=cfg.objective)  # fmt: skip
     if tracking is not None and tracking.mode != "disabled":
         log_summary(out, summary, tracking, teacher)
     return summary

@@ -75,6 +75,9 @@ class TuneConfig:
     data_cpus: float = option(1.0, "with --workers-per-trial > 1: logical CPUs per Ray Data decode/augment task of a trial")
     augment: str = option("standard", "augmentation policy of the fine-tuning stream")
     eval_batch_size: int = option(256, "batch size for validation and calibration")
+    robust_images: int = option(200, "val images every trial's final artifact is scored on under each corruption (mean corruption accuracy; 0 = off)")
+    robust_corruptions: str = option("all", "corruptions of that score: 'all' or a comma-separated list (effray.data.corrupt)")
+    robust_severities: str = option("1,3,5", "severities of that score (1-5); `effray evaluate --corruptions all` gives the full table")
     seed: int = option(0, "seed of the search and of every trial's data stream")
     storage: str = option("runs/tune", "experiment storage path (shared or cloud storage on a multi-node cluster)")
     name: str = option("compress", "experiment name; re-running the same name resumes it")
@@ -98,6 +101,13 @@ class TuneConfig:
         require(isinstance(self.workers_per_trial, int) and self.workers_per_trial >= 1,
                 f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")  # fmt: skip
         require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
+        require(self.robust_images >= 0, f"--robust-images must be >= 0, got {self.robust_images}")
+        if self.robust_images:
+            from effray.data.corrupt import parse_corruptions
+            from effray.robustness import parse_severities
+
+            parse_corruptions(self.robust_corruptions)
+            parse_severities(self.robust_severities)
         require(not self.wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
 
     @property
@@ -177,6 +187,7 @@ def _final_metrics(student: dict[str, Any], epochs: int) -> dict[str, Any]:
         "latency_ms_b256": student.get("latency_ms_b256"), "params": student["params"],
         "nonzero_params": student["nonzero_params"], "int8_latency_ms": student.get("int8_latency_ms_b1"),
         "int8_speedup_b256": student.get("int8_speedup_b256"),
+        **{k: student.get(k) for k in ("macro_f1", "worst_class_recall", "ece", "nll", "corruption_accuracy")},
         **{f"ratio_{k}": v for k, v in student.get("vs_teacher", {}).items()},
         "epoch": epochs + 1, "final": True,
     }  # fmt: skip
@@ -245,7 +256,8 @@ def _trial_in_process(ctx: dict[str, Any], cfg: CompressConfig, trial: str, trac
                                     teacher_metrics=ctx["teacher_metrics"], on_epoch=on_epoch,
                                     steps_per_epoch=max(1, -(-rows // bs)),
                                     log=lambda line: None, resume=resume, device=device)  # fmt: skip
-            report_final(result["student"], tmp)
+            val = ray.get(shared["val"]) if shared is not None else None
+            report_final(_with_robustness(result["student"], tmp, ctx, val), tmp)
     finally:
         done()
 
@@ -343,7 +355,7 @@ def _trial_on_ray_train(ctx: dict[str, Any], cfg: CompressConfig, trial: str, tr
         for e in finetune["epochs"]:  # the workers' epochs, as Tune saw them
             tracker.log({k: e[k] for k in (METRIC, "train_loss", "epoch") if k in e}, step=e["epoch"])
         student, _ = measure_artifact(out, cfg, calib, evals, ctx["teacher_metrics"])
-        report_final(student, out)
+        report_final(_with_robustness(student, out, ctx, None), out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -366,9 +378,47 @@ def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
     spec = dict(teacher.spec)
     require(spec["num_classes"] == meta["num_classes"],
             f"teacher {cfg.teacher} predicts {spec['num_classes']} classes, {cfg.data} has {meta['num_classes']}; use the dataset it was trained on")  # fmt: skip
-    evals = eval_batches(load_arrays(cfg.data, "val"), meta, cfg.eval_batch_size)
-    metrics, info = teacher_baseline(teacher, cfg.teacher, evals)
-    return {"teacher": info["path"], "teacher_metrics": metrics, "teacher_info": info}
+    val = load_arrays(cfg.data, "val")
+    metrics, info = teacher_baseline(teacher, cfg.teacher, eval_batches(val, meta, cfg.eval_batch_size))
+    robust = _robust_settings(cfg)
+    if robust is not None:  # the baseline of every trial's corruption column
+        metrics["corruption_accuracy"] = _corruption_score(teacher, val, meta, robust)
+    return {"teacher": info["path"], "teacher_metrics": metrics, "teacher_info": info, "robust": robust}
+
+
+def _robust_settings(cfg: TuneConfig) -> dict[str, Any] | None:
+    from effray.data.corrupt import parse_corruptions
+    from effray.robustness import parse_severities
+
+    if not cfg.robust_images:
+        return None
+    return {"names": parse_corruptions(cfg.robust_corruptions), "severities": parse_severities(cfg.robust_severities),
+            "images": cfg.robust_images, "seed": cfg.seed}  # fmt: skip
+
+
+def _corruption_score(model: Any, val: dict[str, Any], meta: dict[str, Any], robust: dict[str, Any]) -> float:
+    from effray.robustness import corruption_accuracy
+
+    return corruption_accuracy(model, val, meta, robust["names"], robust["severities"], seed=robust["seed"],
+                               images=robust["images"])  # fmt: skip
+
+
+def _with_robustness(student: dict[str, Any], artifact_dir: str, ctx: dict[str, Any], val: dict[str, Any] | None) -> dict[str, Any]:
+    """The final artifact's mean corruption accuracy, beside its other scores, and its
+    drop vs the teacher's (the same corrupted images)."""
+    from effray.compress.artifact import load_artifact
+    from effray.compress.measure import compare
+    from effray.data.arrays import load_arrays
+    from effray.data.prepare import load_meta
+
+    robust = ctx.get("robust")
+    if robust is None:
+        return student
+    if val is None:
+        val = load_arrays(ctx["data"], "val", limit=robust["images"])
+    model, _ = load_artifact(artifact_dir)
+    student = {**student, "corruption_accuracy": _corruption_score(model, val, load_meta(ctx["data"]), robust)}
+    return {**student, "vs_teacher": compare(student, ctx["teacher_metrics"])}
 
 
 def _concurrency(cfg: TuneConfig, shared: bool) -> int:

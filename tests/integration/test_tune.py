@@ -271,6 +271,8 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
     assert all(c["compress"]["bits"] != 32 and c["predicted"]["bytes"] <= 200 * 1024 for c in configs.values())
     stopped = json.loads((experiment / "stopped.json").read_text())
     assert stopped, "no trial was stopped"
+    teacher_scores = json.loads((experiment / "teacher.json").read_text())  # the baseline, on the same corrupted images
+    assert 0 < teacher_scores["corruption_accuracy"] <= 1 and 0 <= teacher_scores["ece"] <= 1
     for trial, why in stopped.items():
         rows = results[f"trial_{trial}"]
         assert not any(r.get("final") for r in rows) and rows[-1]["epoch"] == why["rung"] < 3
@@ -302,8 +304,16 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
             slack = 0.02 if configs[trial]["compress"]["bits"] == 4 else 0.10
             assert abs(f["bytes"] - f["predicted_bytes"]) <= slack * f["bytes"]
         assert f["setup_s"] > 0 and f["trial_s"] > f["setup_s"]
-    assert main(["report", "--experiment", str(experiment)]) == 0
+        # beyond accuracy, on the final artifact: per-class scores, calibration, corruption robustness
+        assert all(0 <= f[k] <= 1 for k in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy"))
+        assert f["worst_class_recall"] <= f["accuracy"]
+        assert f["nll"] > 0 or configs[trial]["compress"]["finetune_lr"] == 5.0  # a diverged model's logits are NaN
+        assert f["ratio_corruption_accuracy_drop_points"] == pytest.approx(100 * (teacher_scores["corruption_accuracy"] - f["corruption_accuracy"]))
+    assert main(["report", "--experiment", str(experiment), "--max-size-kb", "200", "--objective", "robustness"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finals = [r for rows in results.values() for r in rows if r.get("final")]
+    assert report["budget_pick"]["corruption_accuracy"] == max(r["corruption_accuracy"] for r in finals)
+    assert {"macro_f1", "ece", "corruption_accuracy", "pareto_robust_bytes"} <= set(pd.read_parquet(experiment / "report" / "results.parquet"))
     assert report["stopped_early"] == len(stopped) and report["hypervolume"] > 0
     md = (experiment / "report" / "report.md").read_text()
     assert "Hypervolume" in md and "Ended before their final measurement" in md

@@ -133,3 +133,28 @@ def test_stopped_trials_are_listed_with_their_rung_and_who_dominated_them(tmp_pa
     md = (tmp_path / "report" / "report.md").read_text()
     assert summary["stopped_early"] == 1 and summary["hypervolume"] > 0
     assert "Ended before their final measurement (2)" in md and "| b | stopped | 1 |" in md
+
+
+def test_robustness_columns_front_panel_and_pick(tmp_path):
+    t = _table().assign(corruption_accuracy=[0.50, 0.62, 0.60, 0.40], macro_f1=[0.9, 0.84, 0.79, 0.69],
+                        worst_class_recall=[0.8, 0.7, 0.6, 0.5], ece=[0.02, 0.03, 0.05, 0.08])  # fmt: skip
+    # within 40 KB: the most accurate is a, the most robust is b
+    assert best_within(t, max_size_kb=40)["trial_id"] == "a"
+    assert best_within(t, max_size_kb=40, objective="robustness")["trial_id"] == "b"
+    with pytest.raises(EffrayError, match="--robust-images"):
+        best_within(_table(), max_size_kb=40, objective="robustness")
+    teacher = {"accuracy": 0.92, "bytes": 1e6, "macs": 4e7, "latency_ms": 3, "corruption_accuracy": 0.66, "macro_f1": 0.91}
+    summary = write_report(t, tmp_path / "r", teacher=teacher, max_size_kb=40, objective="robustness")
+    table = pd.read_parquet(tmp_path / "r" / "results.parquet").set_index("trial_id")
+    # robustness vs bytes: d (cheapest), b (more robust than everything at or below 10 KB... and above)
+    assert table["pareto_robust_bytes"].to_dict() == {"a": False, "b": True, "c": False, "d": True}
+    assert summary["budget_pick"] == {"trial_id": "b", "accuracy": 0.85, "objective": "robustness", "bytes": 10_000,
+                                      "artifact": "/x/b", "corruption_accuracy": 0.62}  # fmt: skip
+    md = (tmp_path / "r" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| trial_id"))
+    assert "corruption accuracy 0.66" in md and "by corruption accuracy" in md  # the teacher's baseline, the pick's objective
+    assert all(f" {c} " in header for c in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy", "pareto_robust_bytes"))
+    two = np.asarray(Image.open(tmp_path / "r" / "pareto.png"))
+    write_report(_table(), tmp_path / "plain", teacher=teacher)
+    one = np.asarray(Image.open(tmp_path / "plain" / "pareto.png"))
+    assert two.shape[1] > one.shape[1] * 1.2  # a fourth panel: robustness vs bytes
