@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from search_efficiency import prepare_data, train_teacher
+from search_efficiency import prepare_data, teacher_arguments, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,11 +72,7 @@ def measure_one(teacher: Any, fields: dict[str, Any], data: Path, seeds: int) ->
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="", help="a prepared dataset (default: --images rows of the shared CIFAR-10 file)")
-    p.add_argument("--teacher", default="", help="a checkpoint trained on --data (default: trained here)")
-    p.add_argument("--images", type=int, default=5000)
-    p.add_argument("--teacher-epochs", type=int, default=8)
+    p = teacher_arguments(__doc__)
     p.add_argument("--kinds", default="unstructured,structured")
     p.add_argument("--bits", default="2,4,8")
     p.add_argument("--lrs", default="0.01,0.03", help="peak fine-tuning LRs (the 8-bit codes' size depends on it)")

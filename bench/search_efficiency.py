@@ -144,12 +144,19 @@ def run_one(args: argparse.Namespace, data: Path, teacher: Path, search: str, sc
             **overhead}  # fmt: skip
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def teacher_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the flags of :func:`prepare_data` and :func:`train_teacher` (or their
+    results, to reuse): the benches that start from a trained teacher share them."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="", help="a prepared dataset (default: --images rows of the shared CIFAR-10 file)")
     p.add_argument("--teacher", default="", help="a checkpoint trained on --data (default: trained here)")
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--teacher-epochs", type=int, default=8)
+    return p
+
+
+def main() -> int:
+    p = teacher_arguments(__doc__)
     p.add_argument("--epochs-per-trial", type=int, default=4)
     p.add_argument("--budget-epochs", type=int, default=32, help="fine-tuning epochs per search, over all its trials")
     p.add_argument("--max-trials", type=int, default=64, help="a cap the budget should end before")
