@@ -259,6 +259,10 @@ def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Seri
         lines += [f"Hypervolume of the accuracy-vs-bytes front: **{hv:.4f}** (the area it dominates in accuracy × "
                   "ln(bytes), from accuracy 0 and the teacher's fp32 size).", ""]  # fmt: skip
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    if teacher:  # the baseline every score is read against
+        base = {**teacher, "trial_id": "teacher (fp32)", "size_ratio": 1.0}
+        lines += ["| " + " | ".join(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else ""
+                                    for c in cols) + " |"]  # fmt: skip
     lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for _, row in table.iterrows()]
     if len(stopped):
         scols = [c for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by") if c in stopped]

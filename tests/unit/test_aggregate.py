@@ -152,6 +152,8 @@ def test_robustness_columns_front_panel_and_pick(tmp_path):
                                       "artifact": "/x/b", "corruption_accuracy": 0.62}  # fmt: skip
     md = (tmp_path / "r" / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| trial_id"))
+    teacher_row = next(line for line in md.splitlines() if line.startswith("| teacher (fp32)"))
+    assert "| 0.66 |" in teacher_row and "| 0.91 |" in teacher_row and "★" not in teacher_row  # its scores, no front marks
     assert "corruption accuracy 0.66" in md and "by corruption accuracy" in md  # the teacher's baseline, the pick's objective
     assert all(f" {c} " in header for c in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy", "pareto_robust_bytes"))
     two = np.asarray(Image.open(tmp_path / "r" / "pareto.png"))
