@@ -42,8 +42,8 @@ def score(model: Any, val: dict[str, Any], meta: dict[str, Any], corruptions: li
     accuracy (every corruption, every severity) on its first ``images`` rows."""
     import torch
 
-    from effray.evaluate import predict_logits
     from effray.metrics import classification_metrics
+    from effray.predict import predict_logits
     from effray.robustness import corruption_accuracy
 
     with torch.no_grad():

@@ -23,6 +23,7 @@ from effray.atomic import write_json
 from effray.config import option, require
 from effray.errors import EffrayError
 from effray.metrics import classification_metrics, write_figures
+from effray.predict import predict_logits, tta_logits  # noqa: F401  (tta_logits: part of this module's API)
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
@@ -112,41 +113,6 @@ def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, i
             shapes = {decoded.images[i].shape for i in ok}
             require(len(shapes) == 1, f"{path} mixes image sizes {sorted(shapes)}; evaluate one size at a time")
             yield np.stack([decoded.images[i] for i in ok]), labels[ok]
-
-
-def tta_logits(predict: Any, images: Any, level: int) -> Any:
-    """airbench's test-time augmentation over a normalised NCHW batch: level 1 averages the
-    image and its mirror; level 2 gives that half the weight and the mirrored pair shifted one
-    pixel up-left and down-right (reflect-padded) the other half."""
-    import torch.nn.functional as F
-
-    def mirrored(x: Any) -> Any:
-        return 0.5 * predict(x) + 0.5 * predict(x.flip(-1))
-
-    if level <= 0:
-        return predict(images)
-    logits = mirrored(images)
-    if level >= 2:
-        h, w = images.shape[-2:]
-        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-        shifted = 0.5 * mirrored(padded[..., :h, :w]) + 0.5 * mirrored(padded[..., 2:, 2:])
-        logits = 0.5 * logits + 0.5 * shifted
-    return logits
-
-
-def predict_logits(model: Any, images: np.ndarray, mean: list[float], std: list[float], tta: int = 0,
-                   numerics: dict[str, bool] | None = None) -> Any:
-    """The logits of uint8 NHWC ``images``, normalised as training normalised its
-    validation batches and computed with the checkpoint's ``numerics`` (call under no_grad)."""
-    import torch
-
-    from effray.data.pipeline import normalize_tensor
-    from effray.train.strategy import logits as model_logits
-
-    numerics = numerics or {}
-    pixels = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # Ray's arrays are read-only
-    x = normalize_tensor(pixels, mean, std, bool(numerics.get("channels_last")))
-    return tta_logits(lambda v: model_logits(model, v, v.device, numerics), x, tta)
 
 
 def score(model: Any, batches: Batches, mean: list[float], std: list[float], num_classes: int,

@@ -51,7 +51,7 @@ def robustness(model: Any, data_dir: str | os.PathLike, split: str, info: dict[s
 
     from effray.data.pipeline import eval_dataset, map_batch_rows
     from effray.data.prepare import load_meta
-    from effray.evaluate import predict_logits
+    from effray.predict import predict_logits
 
     for n in names:
         if n not in CORRUPTIONS:
@@ -91,7 +91,7 @@ def corruption_accuracy(model: Any, arrays: dict[str, np.ndarray], meta: dict[st
     images are the ones :func:`robustness` streams (each seeded by its row id)."""
     import torch
 
-    from effray.evaluate import predict_logits
+    from effray.predict import predict_logits
 
     n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
     if n == 0 or not names:

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from effray.config import from_dict
 from effray.data.pipeline import channel_stats, normalize_tensor, sample_images, torch_batches
 from effray.errors import EffrayError
-from effray.evaluate import tta_logits
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
+from effray.predict import tta_logits
 from effray.tracking import NullTracker, TrackerSettings, make_tracker
 from effray.train.checkpoint import (
     first_readable,

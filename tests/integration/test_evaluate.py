@@ -1,6 +1,7 @@
 """`effray evaluate` beyond accuracy on local Ray and tiny real data: corruption
-robustness streamed through Ray Data equals the same corruptions applied in-process,
-it is the same on a second run, and bad corruption flags fail in one line."""
+robustness streamed through Ray Data equals the same corruptions applied in-process, row
+by row (so it is deterministic, whatever batches Ray Data made), and bad corruption
+flags fail in one line."""
 
 from __future__ import annotations
 
@@ -33,8 +34,6 @@ def test_corruption_accuracy_on_ray_data_matches_the_corruptions_in_process(ray_
             images = corrupt(val["image"], name, s, seed=3, rows=val["index"])
             want = score(model, [(images, val["label"])], meta["mean"], meta["std"], 10, 32, numerics=payload.get("numerics"))
             assert rob["corruption_accuracy"][name][str(s)] == pytest.approx(want["accuracy"], abs=1e-9), (name, s)
-    rc, again, err = cli(*args)
-    assert rc == 0 and again["robustness"]["corruption_accuracy"] == rob["corruption_accuracy"]  # seeded per row
 
 
 def test_bad_corruption_flags_fail_in_one_line(tiny_cifar, teacher, cifar_parquet, tmp_path):
