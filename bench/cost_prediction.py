@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from search_efficiency import prepare_data, teacher_arguments, train_teacher
+from search_efficiency import data_and_teacher, teacher_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,17 +86,8 @@ def main() -> int:
 
     import torch
 
-    from effray.cluster import init_ray
-    from effray.evaluate import load_checkpoint
-    from effray.train.strategy import bf16_native
-
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores", flush=True)  # fmt: skip
-    if not args.data:
-        init_ray(log_to_driver=False)  # prepare runs on Ray Data
-    data = Path(args.data) if args.data else prepare_data(args.out, args.images)
-    teacher, _ = load_checkpoint(args.teacher or train_teacher(data, args.out, args.teacher_epochs))
+    data, teacher = data_and_teacher(args)
     rows = []
     print(f"{'kind':<13}{'bits':>5}{'lr':>7}{'predicted':>11}{'measured':>20}{'error':>8}{'seeds':>8}{'acc':>7}{'pred s':>8}")
     for fields in grid(args):

@@ -14,13 +14,12 @@ model sees the same corrupted images.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from search_efficiency import prepare_data, teacher_arguments, train_teacher
+from search_efficiency import data_and_teacher, teacher_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"finetune_batch_size": 128, "finetune_lr": 0.01, "calib_batches": 2, "int8": False}
@@ -66,9 +65,7 @@ def main() -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import torch
 
-    from effray.cluster import init_ray
     from effray.compress.artifact import load_artifact
     from effray.compress.config import CompressConfig
     from effray.compress.recipe import compress_local
@@ -76,15 +73,7 @@ def main() -> int:
     from effray.data.arrays import epoch_batches, eval_batches, load_arrays
     from effray.data.corrupt import CORRUPTIONS
     from effray.data.prepare import load_meta
-    from effray.evaluate import load_checkpoint
-    from effray.train.strategy import bf16_native
-
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores", flush=True)  # fmt: skip
-    if not args.data:
-        init_ray(log_to_driver=False)  # prepare runs on Ray Data
-    data = Path(args.data) if args.data else prepare_data(args.out, args.images)
-    teacher, _ = load_checkpoint(args.teacher or train_teacher(data, args.out, args.teacher_epochs))
+    data, teacher = data_and_teacher(args)
     meta = load_meta(data)
     train, val = load_arrays(data, "train"), load_arrays(data, "val")
     evals = eval_batches(val, meta, 256)

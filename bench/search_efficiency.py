@@ -155,6 +155,26 @@ def teacher_arguments(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def data_and_teacher(args: argparse.Namespace) -> tuple[Path, Any]:
+    """Print the CPU line, then ``(data dir, teacher model)`` from :func:`teacher_arguments`'
+    flags: the given ones, or prepared and trained here (Ray Data prepares)."""
+    import os
+
+    import torch
+
+    from effray.cluster import init_ray
+    from effray.evaluate import load_checkpoint
+    from effray.train.strategy import bf16_native
+
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
+          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores", flush=True)  # fmt: skip
+    if not args.data:
+        init_ray(log_to_driver=False)
+    data = Path(args.data) if args.data else prepare_data(args.out, args.images)
+    teacher, _ = load_checkpoint(args.teacher or train_teacher(data, args.out, args.teacher_epochs))
+    return data, teacher
+
+
 def main() -> int:
     p = teacher_arguments(__doc__)
     p.add_argument("--epochs-per-trial", type=int, default=4)
