@@ -153,7 +153,7 @@ def _on_cpu(model: nn.Module) -> nn.Module:
     memo.update({id(b): b.detach().cpu() for b in model.buffers()})
     for m in model.modules():
         memo.update({id(m._forward_pre_hooks): type(m._forward_pre_hooks)(), id(m._forward_hooks): type(m._forward_hooks)()})
-    return copy.deepcopy(model, memo).cpu()
+    return copy.deepcopy(model, memo)  # every parameter and buffer is a CPU copy already
 
 
 def _replay(

@@ -112,13 +112,9 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
-    """``accuracy`` and ``eval_images`` (as :func:`accuracy`) and what accuracy hides, from
-    the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
-    (:func:`effray.metrics.classification_metrics`). The logits stay on the model's device
-    until the pass ends, then go to the host once."""
-    from effray.metrics import classification_metrics
-
+def device_logits(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every batch's float logits and labels, concatenated on the model's device with no
+    host read (``None`` for no batches): the one pass :func:`class_scores` scores."""
     was = model.training
     model.eval()
     device = model_device(model)
@@ -127,9 +123,20 @@ def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
         logits.append(model(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device, non_blocking=True))
     model.train(was)
-    if not labels:
+    return (torch.cat(logits), torch.cat(labels)) if labels else None
+
+
+def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
+    """``accuracy`` and ``eval_images`` (as :func:`accuracy`) and what accuracy hides, from
+    the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
+    (:func:`effray.metrics.classification_metrics`). The logits stay on the model's device
+    until the pass ends (:func:`device_logits`), then go to the host once."""
+    from effray.metrics import classification_metrics
+
+    pass_ = device_logits(model, batches)
+    if pass_ is None:
         return {"accuracy": float("nan"), "eval_images": 0}
-    lg, lb = torch.cat(logits), torch.cat(labels)
+    lg, lb = (t.cpu() for t in pass_)
     m = classification_metrics(lg, lb, [str(i) for i in range(lg.shape[1])])
     return {"accuracy": int((lg.argmax(1) == lb).sum()) / len(lb), "eval_images": len(lb),
             **{k: m[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")}}  # fmt: skip

@@ -403,3 +403,55 @@ def test_a_search_trials_shared_arrays_feed_a_step_on_the_device(fake_cuda):
             assert_cuda(x, y)
             assert x.dtype == torch.float32 and y.dtype == torch.int64
             assert_cuda(train_step(student.train(), teacher, x, y, opt, cfg))
+
+
+def test_a_trials_final_scoring_keeps_the_logits_on_the_device(fake_cuda):
+    """The final artifact's scoring pass (``class_scores``): every batch's logits and labels
+    are gathered on the GPU with no host read; only the finished pass goes to the host."""
+    from effray.compress.measure import device_logits
+
+    model = build_model("convnet", 10, 3, 0.25)
+    with fake_cuda:
+        model = model.to(CUDA)
+        batches = _calib(3)
+        logits, labels = device_logits(model, batches)
+        assert_cuda(logits, labels)
+        assert logits.shape == (24, 10) and logits.dtype == torch.float32 and labels.shape == (24,)
+        with pytest.raises(HostCopyError):  # the one read that follows, outside the pass
+            logits.cpu()
+
+
+@pytest.mark.parametrize("recipe", ["unstructured-locked", "qat-4bit"])
+def test_the_per_epoch_size_reads_a_cpu_copy_and_leaves_the_gpu_model_alone(fake_cuda, recipe):
+    """``bytes_so_far`` saves a CPU copy of a GPU trial's model each epoch (``_on_cpu``): the
+    copy is on the host without the sparsity lock's hooks, the GPU model keeps its device
+    and its hooks, and a step still runs on the device afterwards. (The copy is the epoch's
+    one deliberate host read, so the no-copy guard is off here.)"""
+    import contextlib
+
+    from effray.compress.config import CompressConfig
+    from effray.compress.cost import _on_cpu
+    from effray.compress.prune import lock_sparsity, prune_step
+    from effray.compress.recipe import apply_quantization
+
+    def hooks(m: torch.nn.Module) -> int:
+        return sum(len(s._forward_pre_hooks) + len(s._forward_hooks) for s in m.modules())
+
+    model = build_model("resnet20", 10, 3, 0.25)
+    with fake_cuda.fake:
+        model = model.to(CUDA).train()
+        lock = contextlib.nullcontext()
+        if recipe == "qat-4bit":
+            apply_quantization(model, CompressConfig(bits=4, calib_batches=2), _calib())
+        else:
+            prune_step(model, 0.5, "unstructured", "l1", batches=_calib())
+            lock = lock_sparsity(model)
+        with lock:
+            before = hooks(model)
+            copy = _on_cpu(model)
+            assert all(t.device.type == "cpu" for t in [*copy.parameters(), *copy.buffers()])
+            assert hooks(copy) == 0 and hooks(model) == before and (before > 0) == (recipe != "qat-4bit")
+            assert_cuda(*model.parameters(), *model.buffers())
+            x, y = _calib(1)[0]
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            assert_cuda(*(p.grad for p in model.parameters() if p.grad is not None))
