@@ -128,3 +128,24 @@ def test_int8_runtime_is_close_to_float(name):
     x = calib[0][0]
     ref, out = model(x), q8(x)
     assert (out - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-3
+
+
+def test_8_bit_weight_step_sizes_stay_at_their_calibrated_value_while_4_bit_ones_learn():
+    """The 8-bit first conv and classifier of a 4-bit model keep their MSE-calibrated steps
+    (learned, they grew 6-13x in 20 fine-tuning steps of a converged convnet); the 4-bit
+    layers learn theirs, and the 8-bit steps are still in the optimizer-free state dict."""
+    from effray.compress.quantize import LEARNED_STEP_BELOW, WeightQuant
+
+    model = QUANTIZERS.get("qat")(tiny().train(), data(1), bits=4)
+    quants = {n: m for n, m in model.named_modules() if isinstance(m, WeightQuant)}
+    learned = {n for n, m in quants.items() if m.scale.requires_grad}
+    assert learned == {n for n, m in quants.items() if m.bits < LEARNED_STEP_BELOW} and learned
+    assert {m.bits for n, m in quants.items() if n not in learned} == {8}
+    before = {n: m.scale.detach().clone() for n, m in quants.items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for x, y in data(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n, m in quants.items():
+        assert torch.equal(m.scale, before[n]) == (n not in learned), n
