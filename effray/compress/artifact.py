@@ -42,6 +42,7 @@ from effray.compress.pack import (
     encode_raw,
 )
 from effray.compress.quantize import (
+    LEARNED_STEP_BELOW,
     QUANT_TYPES,
     ActQuant,
     freeze,
@@ -240,7 +241,7 @@ def restore(snap: dict[str, Any], learn: bool = True) -> nn.Module:
     if learn:
         for m in model.modules():
             if isinstance(m, QUANT_TYPES):
-                m.wq.scale.requires_grad_(True)
+                m.wq.scale.requires_grad_(m.wq.bits < LEARNED_STEP_BELOW)
                 if isinstance(m.aq, ActQuant) and m.aq.mode == "lsq":
                     m.aq.scale.requires_grad_(True)
     return model.train()
