@@ -43,8 +43,11 @@ def _free_port() -> int:
 
 
 def _client_env(**extra: str) -> dict[str, str]:
-    """The test process's environment minus anything that points Ray elsewhere."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    """The test process's environment minus anything that points Ray elsewhere: a local
+    Ray started earlier in this process (the session's, a multi-node test's) leaves
+    ``RAY_API_SERVER_ADDRESS`` naming its own dashboard, and a job client or head given it
+    talks to that instance (auth fails: "Invalid authentication token")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "RAY_API_SERVER_ADDRESS"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
 
