@@ -79,34 +79,17 @@ def prepare_data(out: Path, images: int) -> Path:
 def train_teacher(data: Path, out: Path, epochs: int) -> Path:
     """A convnet (width 0.5) trained in this process on the shared arrays: the same teacher
     for every search."""
-    import torch
-
-    from effray.data.arrays import epoch_batches, load_arrays
+    from effray.data.arrays import load_arrays
     from effray.data.prepare import load_meta
-    from effray.models import build_model
-    from effray.train.checkpoint import data_summary, save_payload, train_payload
+    from effray.train.checkpoint import save_payload
+    from effray.train.local import fit_arrays, fitted_payload
 
     path = out / "teacher"
     if (path / "model.pt").is_file():
         return path
     meta = load_meta(data)
-    train = load_arrays(data, "train")
-    torch.manual_seed(0)
-    model = build_model("convnet", meta["num_classes"], 3, 0.5)
-    steps = epochs * -(-len(train["label"]) // 128)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps)
-    model.train()
-    for epoch in range(epochs):
-        for x, y in epoch_batches(train, meta, 128, policy="standard", seed=0, epoch=epoch, device="cpu"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    save_payload(path, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
-                                     epoch=epochs, config={}, data=data_summary(meta), history=[], provenance={},
-                                     elapsed_s=0.0))  # fmt: skip
+    model = fit_arrays(load_arrays(data, "train"), meta, epochs=epochs)
+    save_payload(path, fitted_payload(model, meta, epochs))
     return path
 
 

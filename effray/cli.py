@@ -55,7 +55,14 @@ def _preview(cfg: Any) -> dict[str, Any]:
     return preview(cfg)
 
 
+def _clean(cfg: Any) -> dict[str, Any]:
+    from effray.clean.run import clean
+
+    return clean(cfg)
+
+
 def _commands() -> list[Command]:
+    from effray.clean.config import CleanConfig
     from effray.compress.run import CompressRunConfig, compress
     from effray.data.prepare import PrepareConfig
     from effray.data.preview import PreviewConfig
@@ -102,6 +109,7 @@ def _commands() -> list[Command]:
     return [
         Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
+        Command(("data", "clean"), "find exact and near duplicates, leaks between splits (and --reference) and label issues on Ray; writes removed.parquet, clean_report.md/.json, PNG grids, and with --drop a cleaned dataset", CleanConfig, _clean),
         Command(("train",), "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel pipeline); re-running the same --storage/--name resumes", TrainConfig, with_wandb_mode(train)),
         Command(("evaluate",), "accuracy, loss, per-class precision/recall/F1, confusion and calibration of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate,
                 needs_ray=lambda cfg: bool(cfg.corruptions)),

@@ -83,18 +83,29 @@ def assign_splits(labels: np.ndarray, fixed: np.ndarray, val_fraction: float, se
     return splits
 
 
+def class_in_name(name: str, class_index: dict[str, int]) -> int | None:
+    """The class a row's path names (``train/<class>/0001.jpg``), if its folder is a class."""
+    parts = str(name).replace("\\", "/").split("/")
+    return class_index.get(parts[-2]) if len(parts) >= 2 else None
+
+
 def _decode_and_write(chunk: Chunk, splits: list[str], channels: int | None, shape: tuple | None,
-                      num_classes: int, labels_checked: bool, skip_bad: bool, tmp: str, part: int) -> dict[str, Any]:
+                      classes: list[str], labels_checked: bool, skip_bad: bool, tmp: str, part: int) -> dict[str, Any]:
     """Ray task body: decode a chunk, check every row, write one shard per split."""
     decoded, labels = load_chunk(chunk, channels)
     errors = list(decoded.errors)
+    num_classes, class_index = len(classes), {c: i for i, c in enumerate(classes)}
     for i, img in enumerate(decoded.images):
         if errors[i]:
             continue
+        named = class_in_name(decoded.names[i], class_index)
         if shape is not None and img.shape != shape:
             errors[i] = f"image shape {img.shape} differs from the dataset's {shape} (mixed image sizes)"
         elif labels[i] < 0 or (labels_checked and labels[i] >= num_classes):
             errors[i] = f"label {labels[i]} outside the class range 0..{num_classes - 1}"
+        elif named is not None and named != labels[i]:
+            errors[i] = (f"label {labels[i]} ({classes[labels[i]]}) disagrees with the class "
+                         f"{classes[named]!r} its name is filed under")  # fmt: skip
     bad = [(chunk.start + i, decoded.names[i], e) for i, e in enumerate(errors) if e]
     if bad and not skip_bad:
         return {"bad": bad[:1], "n_bad": len(bad)}
@@ -124,6 +135,40 @@ def _decode_and_write(chunk: Chunk, splits: list[str], channels: int | None, sha
             stats["sumsq"] = (stack**2).sum(axis=(0, 1, 2)).tolist()
             stats["pixels"] = int(stack.shape[0] * stack.shape[1] * stack.shape[2])
     return stats
+
+
+SMALL_CLASS = 0.1  # a class under this fraction of the median class is worth a warning
+
+
+def check_labels(plan: SourcePlan) -> list[str]:
+    """Label sanity before anything is decoded. When the classes were inferred from the
+    labels (``0..max``), labels that leave classes empty mean a few stray values (one label
+    993 among 0..9 would make 984 empty classes): an error naming those rows. Empty classes
+    of a named class list, and classes far smaller than the median, are warnings (returned,
+    and said on the terminal): a subset can lack a class on purpose."""
+    from effray.console import say
+
+    classes, labels = plan.classes, plan.labels
+    counts = np.bincount(labels[(labels >= 0) & (labels < len(classes))], minlength=len(classes))
+    empty = np.flatnonzero(counts == 0)
+    if len(empty) and not plan.labels_checked:
+        first = int(empty[0])
+        rows = np.flatnonzero(labels > first)
+        shown = ", ".join(f"row {r} (label {labels[r]})" for r in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        raise EffrayError(f"labels leave {len(empty)} of the {len(classes)} classes 0..{len(classes) - 1} empty, "
+                          f"from class {first} on; labels above {first - 1}: {shown}; fix those rows, or pass "
+                          f"--classes N (or names) and --skip-bad to drop rows outside it")  # fmt: skip
+    warnings = [f"class {classes[i]!r} has no rows in {plan.spec}" for i in empty[:10]]
+    if len(empty) > 10:
+        warnings.append(f"... and {len(empty) - 10} more empty classes")
+    present = counts[counts > 0]
+    median = float(np.median(present)) if len(present) else 0.0
+    if median >= 20:
+        small = [i for i in np.flatnonzero((counts > 0) & (counts < SMALL_CLASS * median))]
+        warnings += [f"class {classes[i]!r} has {counts[i]} rows, the median class {median:.0f}" for i in small[:10]]
+    for w in warnings:
+        say(f"effray: warning: {w}")
+    return warnings
 
 
 def _probe_shape(plan: SourcePlan) -> tuple[tuple[int, ...], int]:
@@ -160,6 +205,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise EffrayError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
     started = time.time()
     plan = _limit_plan(plan_source(cfg.source, cfg.classes or None, cfg.download, cfg.seed), cfg.limit)
+    warnings = check_labels(plan)
     shape, channels = _probe_shape(plan)
     fixed = np.concatenate([np.full(c.count, c.fixed_split, dtype=object) for c in plan.chunks])
     splits = assign_splits(plan.labels, fixed, cfg.val_fraction, cfg.seed)
@@ -169,7 +215,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(_decode_and_write)
         refs = [
-            task.remote(c, splits[c.start : c.start + c.count].tolist(), channels, shape, len(plan.classes),
+            task.remote(c, splits[c.start : c.start + c.count].tolist(), channels, shape, plan.classes,
                         plan.labels_checked, cfg.skip_bad, str(tmp), i)
             for i, c in enumerate(plan.chunks)
         ]  # fmt: skip
@@ -178,7 +224,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         if first_bad is not None:
             row, name, reason = first_bad
             raise EffrayError(f"bad row {row} ({name}) in {plan.spec}: {reason}; fix or remove it, or pass --skip-bad")
-        meta = _meta(cfg, plan, shape, results, time.time() - started)
+        meta = {**_meta(cfg, plan, shape, results, time.time() - started), "warnings": warnings}
         if sum(meta["counts"].values()) == 0:
             raise EffrayError(f"no usable rows in {plan.spec} (all {meta['skipped_bad']} were bad); check the source")
         write_json(tmp / "meta.json", meta)

@@ -190,3 +190,57 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (out / "meta.json").read_text() == before
     assert main(["data", "prepare", "--source", "synthetic:30", "--out", str(out), "--overwrite"]) == 0
     assert load_meta(out)["counts"]["train"] == 27
+
+
+def _labelled_parquet(tmp_path: Path, labels: np.ndarray, names: list[str] | None = None) -> Path:
+    imgs, _ = _images(len(labels))
+    columns = {"image": [i.tobytes() for i in imgs], "label": labels}
+    path = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({**columns, **({"name": names} if names else {})}), path)
+    return path
+
+
+def test_a_stray_label_that_would_leave_empty_classes_is_one_line_naming_the_row(tmp_path, capsys):
+    """Classes inferred from the labels: one label 57 among 0..9 would make 47 empty classes."""
+    labels = np.arange(40) % 10
+    labels[13] = 57
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--source", str(_labelled_parquet(tmp_path, labels)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row 13 (label 57)" in err and "47 of the 58 classes 0..57 empty, from class 10 on" in err
+    assert "--classes" in err and not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    # named classes: the row is out of range, and --skip-bad drops it
+    assert main(["data", "prepare", "--source", str(tmp_path / "labelled.parquet"), "--out", str(out), "--classes", "10",
+                 "--skip-bad", "--val-fraction", "0"]) == 0  # fmt: skip
+    assert load_meta(out)["counts"]["train"] == 39 and load_meta(out)["warnings"] == []
+
+
+def test_a_label_that_disagrees_with_the_class_in_its_path_is_refused(tmp_path, capsys):
+    labels = np.arange(30) % 3
+    names = [f"train/{['cat', 'dog', 'ship'][c]}/{i}.png" for i, c in enumerate(labels)]
+    labels = labels.copy()
+    labels[4] = 2  # filed under dog, labelled ship
+    src = _labelled_parquet(tmp_path, labels, names)
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--source", str(src), "--out", str(out), "--classes", "cat,dog,ship"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row 4 (train/dog/4.png)" in err
+    assert "label 2 (ship) disagrees with the class 'dog'" in err and "--skip-bad" in err and not out.exists()
+    assert main(["data", "prepare", "--source", str(src), "--out", str(out), "--classes", "cat,dog,ship", "--skip-bad"]) == 0
+    assert load_meta(out)["skipped_bad"] == 1
+
+
+def test_empty_and_small_named_classes_are_warnings_with_counts(tmp_path, capsys):
+    labels = np.concatenate([np.repeat([0, 1, 2], 40), [3, 3]])  # class 3: 2 rows vs a median of 40; 4 and 5: none
+    src = _labelled_parquet(tmp_path, labels)
+    assert main(["data", "prepare", "--source", str(src), "--out", str(tmp_path / "o"), "--classes", "a,b,c,d,e,f"]) == 0
+    out = capsys.readouterr().out
+    warnings = load_meta(tmp_path / "o")["warnings"]
+    assert warnings == ["class 'e' has no rows in parquet:" + str(src), "class 'f' has no rows in parquet:" + str(src),
+                        "class 'd' has 2 rows, the median class 40"]  # fmt: skip
+    assert all(f"effray: warning: {w}" in out for w in warnings)
+
+
+def test_the_real_cifar_file_prepares_without_a_label_warning(tiny_cifar):
+    """Real CIFAR-10 rows: every label agrees with the class its path names, no class is small."""
+    assert load_meta(tiny_cifar)["warnings"] == []

@@ -1,0 +1,121 @@
+"""The near-duplicate embedding, computed by Ray Data over an actor pool holding the model.
+
+Measured on 2,000 real CIFAR-10 images (a convnet trained 10 epochs on 1,500 of them, crop
++ flip augmentation), against 400 light copies of each kind (crop: 1-3 px cut from each
+side independently and resized back; horizontal flip; JPEG q75; all three at once), the
+threshold maximising TPR - FPR, FPR = the share of real images whose nearest *other*
+image is above it:
+
+===============================================================  =====  =====
+embedding                                                        TPR    FPR
+===============================================================  =====  =====
+penultimate features, one view                                   0.62   0.16
+penultimate, zoom views                                          0.64   0.037
+penultimate, flip-symmetric + centred, one view                  0.72   0.070
+penultimate, flip-symmetric + centred, zoom views                0.96   0.013
+8x8 pixels, flip-symmetric, per-image standardised, one view     0.85   0.050
+8x8 pixels, ..., zoom views                                      0.97   0.013
+penultimate (flip-symmetric, centred) + 8x8 pixels, zoom views   0.99   0.003
+===============================================================  =====  =====
+
+So an image is embedded as :data:`ZOOMS` *views* (0-3 px cut from every side, resized
+back to full size). Each view is the concatenation of two L2-normalised parts: the
+classifier's penultimate features of the view plus those of its mirror image (flip-
+symmetric), centred by the dataset's mean; and the view's 8x8 area-averaged pixels, flip-
+symmetrised and standardised per image (brightness and contrast drop out). Two images'
+similarity (:func:`effray.clean.knn.pair_similarity`) is the best cosine between one's
+view and the other's original: the zoom that best aligns a crop with its source.
+Averaging features over views, or centring alone, did not separate crops (the crop's
+5th-percentile cosine stayed below the median nearest other image).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+ZOOMS = (0, 1, 2, 3)  # px cut from every side of a view (0 = the image itself)
+PIXEL_GRID = 8
+
+
+def zoom_views(x: torch.Tensor, zooms: tuple[int, ...] = ZOOMS) -> list[torch.Tensor]:
+    """Float NCHW images -> one tensor per zoom: ``c`` px cut from every side, resized back
+    (bilinear, antialiased); on ``x``'s device."""
+    h, w = x.shape[2:]
+    out = []
+    for c in zooms:
+        if c == 0:
+            out.append(x)
+        else:
+            out.append(F.interpolate(x[:, :, c:h - c, c:w - c], size=(h, w), mode="bilinear", align_corners=False,
+                                     antialias=True))  # fmt: skip
+    return out
+
+
+def pixel_descriptor(x: torch.Tensor, grid: int = PIXEL_GRID) -> torch.Tensor:
+    """Float NCHW images in [0, 1] -> ``grid x grid`` area averages, mirror-symmetrised,
+    standardised per image and L2-normalised."""
+    p = F.adaptive_avg_pool2d(x, grid)
+    v = (p + p.flip(3)).flatten(1)
+    v = (v - v.mean(1, keepdim=True)) / (v.std(1, keepdim=True) + 1e-6)
+    return F.normalize(v, dim=1)
+
+
+def penultimate(model: torch.nn.Module) -> torch.nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        from effray.errors import EffrayError
+
+        raise EffrayError("the classifier has no linear layer to take penultimate features from; pass an effray checkpoint")
+    return linears[-1]
+
+
+class Embedder:
+    """The ``map_batches`` callable: holds the model on its device (a GPU when the actor
+    has one). Per batch, one host -> device copy of the uint8 images, all views, features
+    and probabilities computed there, and one device -> host copy of the result:
+    ``views`` (n, V, d_model + d_pixels) float32 (the model part not yet centred) and
+    ``probs`` (n, C), the model's softmax on the image itself."""
+
+    def __init__(self, payload: dict[str, Any], mean: list[float], std: list[float]) -> None:
+        from effray.train.checkpoint import FORMATS
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = FORMATS.get(payload["format"])(payload).to(self.device).eval()
+        self.mean, self.std = mean, std
+        self.grabbed: list[torch.Tensor] = []
+        penultimate(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from effray.data.pipeline import channel_stats
+
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        mean, std = channel_stats(self.mean, self.std, self.device)
+        x = images.permute(0, 3, 1, 2).float()
+        n = len(x)
+        with torch.no_grad():
+            views = zoom_views(x / 255.0)
+            both = torch.cat([torch.cat([v, v.flip(3)]) for v in views])  # all views and mirrors: one forward
+            self.grabbed.clear()
+            logits = self.model((both * 255.0 - mean) / std)
+            feats = self.grabbed[0].float().view(len(views), 2, n, -1).sum(1)  # (V, n, f): view + its mirror
+            probs = torch.softmax(logits[:n].float(), 1)
+            pixels = torch.stack([pixel_descriptor(v) for v in views])
+            out = torch.cat([feats, pixels], 2).transpose(0, 1)  # (n, V, f + p)
+            flat = torch.cat([out.flatten(1), probs], 1).cpu().numpy()  # the one device -> host copy
+        v, d = out.shape[1], out.shape[2]
+        keep = {k: batch[k] for k in ("origin", "index", "label") if k in batch}
+        return {**keep, "views": flat[:, :v * d].reshape(n, v, d), "probs": flat[:, v * d:]}
+
+
+def finish(views: np.ndarray, feature_dim: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Centre the model part by its mean over ``rows`` (the dataset's originals; default
+    all) and L2-normalise each part and each view: the embedding the kNN compares."""
+    feats, pixels = views[..., :feature_dim], views[..., feature_dim:]
+    mu = feats[:, 0].mean(0) if rows is None else feats[rows, 0].mean(0)
+    f = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(feats - mu)), dim=2)
+    p = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(pixels)), dim=2)
+    return (torch.cat([f, p], 2) / np.sqrt(2.0)).numpy().astype(np.float32)

@@ -1,0 +1,130 @@
+"""Label issues: out-of-sample probabilities from K-fold fits on Ray Tune, ranked by cleanlab.
+
+The train split is cut into ``--folds`` stratified, seeded folds. Each fold is one Tune
+trial that trains :func:`effray.train.local.fit_arrays` in its own process on the other
+folds (the driver's decoded arrays, shared zero-copy through the object store) and
+scores its own fold; the trials run in parallel, as many as the cluster holds. One more
+trial (fold -1) trains on all train rows: the model that embeds the images and scores the
+evaluation splits, which it never saw (unless ``--checkpoint`` is given). Each trial
+hands its result back as its Tune checkpoint, so nothing depends on a shared disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+ALL_TRAIN = -1  # the trial that trains on every train row
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Stratified folds: each class's rows dealt round-robin over the folds in a seeded order."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xF01D]))
+    out = np.zeros(len(labels), np.int64)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        out[rng.permutation(rows)] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return out
+
+
+def predict_probs(model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], device: Any) -> np.ndarray:
+    """Softmax of ``model`` on ``arrays``' images, unaugmented (one host read per batch)."""
+    import torch
+
+    from effray.data.arrays import eval_batches
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for x, _ in eval_batches(arrays, meta, 512):
+            out.append(torch.softmax(model(x.to(device)).float(), 1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, int(meta["num_classes"])), np.float32)
+
+
+def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One Tune trial: fit on the other folds, score this one (or, for fold -1, fit on all
+    and hand back the model)."""
+    import ray
+    import ray.tune
+    import torch
+
+    from effray.train.checkpoint import save_payload
+    from effray.train.local import fit_arrays, fitted_payload
+
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train, folds = ray.get(shared["train"]), ray.get(shared["folds"])
+    fold, meta = int(config["fold"]), config["meta"]
+    fit_rows = np.flatnonzero(folds != fold) if fold != ALL_TRAIN else np.arange(len(folds))
+    subset = lambda rows: {k: v[rows] for k, v in train.items()}  # noqa: E731
+    model = fit_arrays(subset(fit_rows), meta, epochs=config["epochs"], model=config["model"], width=config["width"],
+                       batch_size=config["batch_size"], seed=config["seed"] + fold + 1, device=device)  # fmt: skip
+    with tempfile.TemporaryDirectory() as keep:
+        metrics: dict[str, Any] = {"fold": fold}
+        if fold == ALL_TRAIN:
+            save_payload(keep, fitted_payload(model, meta, config["epochs"], config={"clean_fold": fold}))
+        else:
+            rows = np.flatnonzero(folds == fold)
+            probs = predict_probs(model, subset(rows), meta, device)
+            np.save(os.path.join(keep, "rows.npy"), rows)
+            np.save(os.path.join(keep, "probs.npy"), probs)
+            metrics["accuracy"] = float((probs.argmax(1) == train["label"][rows]).mean()) if len(rows) else 0.0
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(keep))
+
+
+def run_folds(train: dict[str, np.ndarray], meta: dict[str, Any], folds: list[int], *, k: int, epochs: int, model: str,
+              width: float, batch_size: int, seed: int, cpus: float, gpus: float, storage: str) -> dict[str, Any]:  # fmt: skip
+    """Run the fold trials ``folds`` (fold numbers; :data:`ALL_TRAIN` for the full model) on
+    Tune; returns ``{"probs": (N, C) out-of-fold probabilities or None, "fold_accuracy":
+    [...], "model": payload or None}``."""
+    import ray
+    from ray import tune
+
+    from effray.train.checkpoint import read_payload
+
+    assignment = fold_assignment(train["label"], k, seed)
+    shared = {"train": ray.put(train), "folds": ray.put(assignment)}
+    space = {"fold": tune.grid_search(list(folds)), "meta": _plain(meta), "epochs": epochs, "model": model, "width": width,
+             "batch_size": batch_size, "seed": seed, "cpus": cpus}  # fmt: skip
+    trainable = tune.with_resources(tune.with_parameters(fold_trial, shared=shared), {"cpu": cpus, "gpu": gpus})
+    tuner = tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: f"fold_{t.config['fold']}"),
+                       run_config=tune.RunConfig(name="folds", storage_path=os.path.abspath(storage), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=1)))  # fmt: skip
+    grid = tuner.fit()
+    probs = np.full((len(train["label"]), int(meta["num_classes"])), np.nan, np.float32) if any(f >= 0 for f in folds) else None
+    accuracy: dict[int, float] = {}
+    payload = None
+    for result in grid:
+        if result.error is not None:
+            raise result.error
+        with result.checkpoint.as_directory() as d:
+            fold = int(result.metrics["fold"])
+            if fold == ALL_TRAIN:
+                payload = read_payload(d)
+            else:
+                probs[np.load(os.path.join(d, "rows.npy"))] = np.load(os.path.join(d, "probs.npy"))
+                accuracy[fold] = float(result.metrics["accuracy"])
+    return {"probs": probs, "fold_accuracy": [accuracy[f] for f in sorted(accuracy)], "model": payload}
+
+
+def _plain(meta: dict[str, Any]) -> dict[str, Any]:
+    keep = ("classes", "num_classes", "image_shape", "mean", "std", "source", "source_checksum")
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def label_issues(labels: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
+    """cleanlab's label issues (``find_label_issues``, ranked by self-confidence) as rows:
+    position, given and predicted class, and the probabilities of both."""
+    from cleanlab.filter import find_label_issues
+
+    labels = np.asarray(labels, np.int64)
+    if len(labels) < 2 or len(np.unique(labels)) < 2:
+        return []
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    return [{"position": int(i), "rank": r, "given": int(labels[i]), "predicted": int(probs[i].argmax()),
+             "given_confidence": float(probs[i, labels[i]]), "predicted_confidence": float(probs[i].max())}
+            for r, i in enumerate(ranked)]  # fmt: skip
