@@ -20,25 +20,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-# The files that run Ray Train fits, clusters and searches, longest first (measured with
-# `--durations`). With `-n 2 --dist loadfile` (pyproject) each test process takes whole
-# files in collection order as it frees up; these go first so that the two finish
-# together instead of one starting a 10-minute file while the other has nothing left.
-LONG_FILES = ("multinode/test_multinode.py", "integration/test_pipeline_parallel.py", "integration/test_cluster.py",
-              "integration/test_train.py", "integration/test_clean.py", "integration/test_synth.py",
-              "integration/test_compress_run.py", "integration/test_tune.py", "integration/test_pipeline.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-
-    def order(item: pytest.Item) -> int:
-        path = Path(str(item.fspath))
-        return rank.get(f"{path.parent.name}/{path.name}", len(LONG_FILES))
-
-    items.sort(key=order)  # stable: collection order within a file and among the rest
-
-
 @pytest.fixture
 def one_thread():
     """Torch on one thread: on a shared 2-core machine a busy neighbour makes OpenMP
