@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from effray.synth.quality import last_linear  # the penultimate features are its input
+
 ZOOMS = (0, 1, 2, 3)  # px cut from every side of a view (0 = the image itself)
 PIXEL_GRID = 8
 
@@ -64,15 +66,6 @@ def pixel_descriptor(x: torch.Tensor, grid: int = PIXEL_GRID) -> torch.Tensor:
     return F.normalize(v, dim=1)
 
 
-def penultimate(model: torch.nn.Module) -> torch.nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        from effray.errors import EffrayError
-
-        raise EffrayError("the classifier has no linear layer to take penultimate features from; pass an effray checkpoint")
-    return linears[-1]
-
-
 class Embedder:
     """The ``map_batches`` callable: holds the model on its device (a GPU when the actor
     has one). Per batch, one host -> device copy of the uint8 images, all views, features
@@ -87,7 +80,7 @@ class Embedder:
         self.model = FORMATS.get(payload["format"])(payload).to(self.device).eval()
         self.mean, self.std = mean, std
         self.grabbed: list[torch.Tensor] = []
-        penultimate(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
+        last_linear(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from effray.data.pipeline import channel_stats
