@@ -58,9 +58,8 @@ say() { echo "[gpu_check] $*"; }
 # effray NAME ARGS...: run (or dry-run) one command; its JSON line goes to $OUT/NAME.json
 effray() {
   local name="$1"; shift
-  if [[ $DRY == 1 ]]; then
-    "$PY" -m effray.cli --dry-run "$@" >"$OUT/$name.json" 2>>"$LOG" || { say "FLAGS REFUSED: $name: $(tail -1 "$LOG")"; exit 2; }
-    say "ok (dry run) $name: effray $*"
+  if [[ $DRY == 1 ]]; then  # queued: one Python parses them all at the end (torch + Ray import once)
+    printf '%s\0' "$name" "$@" >"$QUEUE/$(printf '%02d' "$(ls "$QUEUE" | wc -l)")"
     return 0
   fi
   local t0=$SECONDS
@@ -79,6 +78,8 @@ try: print(json.loads(open(sys.argv[1]).read()).get(sys.argv[2], "-"))
 except Exception: print("-")' "$OUT/$1.json" "$2"
 }
 FAILED=()
+QUEUE="$OUT/.dry-run-queue"
+[[ $DRY == 1 ]] && { rm -rf "$QUEUE"; mkdir -p "$QUEUE"; }
 
 say "$(date -u +%FT%TZ) out=$OUT gpus=$GPUS cpus=$CPUS dry_run=$DRY"
 if [[ $DRY == 0 ]]; then
@@ -147,7 +148,33 @@ effray airbench94 train "${COMMON[@]}" --name airbench94 --model airbench --epoc
   --momentum 0.85 --weight-decay 1.33e-3 --label-smoothing 0.2 --bias-lr-scale 64 --lookahead --tta 2 \
   --warmup-epochs 2.3 --augment "crop(2)|flip" --workers 1
 
-[[ $DRY == 1 ]] && { say "dry run complete: every command parsed"; exit 0; }
+if [[ $DRY == 1 ]]; then
+  # each queued command through effray's own parser (`effray --dry-run`), in order; a
+  # refused flag stops the script with exit 2, as running that command would
+  "$PY" - "$QUEUE" "$OUT" 2>>"$LOG" <<'EOF' || exit 2
+import contextlib, io, sys
+from pathlib import Path
+from effray.cli import main
+queue, out = Path(sys.argv[1]), Path(sys.argv[2])
+for item in sorted(queue.iterdir()):
+    name, *args = item.read_bytes().decode().split("\0")[:-1]
+    printed, complaint = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(complaint):
+            rc = main(["--dry-run", *args])
+    except SystemExit as exc:  # argparse: an unknown or misspelt flag
+        rc = exc.code
+    sys.stderr.write(complaint.getvalue())
+    if rc != 0:
+        last = (complaint.getvalue().strip().splitlines() or [f"exit {rc}"])[-1]
+        print(f"[gpu_check] FLAGS REFUSED: {name}: {last}")
+        sys.exit(2)
+    (out / f"{name}.json").write_text(printed.getvalue())
+    print(f"[gpu_check] ok (dry run) {name}: effray {' '.join(args)}", flush=True)
+EOF
+  say "dry run complete: every command parsed"
+  exit 0
+fi
 
 # ------------------------------------------------------------------ figures
 say "---- figures (img/s are whole-run means, validation included; ratios are the ones to quote)"
