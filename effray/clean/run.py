@@ -20,6 +20,8 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +207,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     from effray.data.arrays import load_arrays
     from effray.data.pipeline import validate_data_dir
 
-    started = time.time()
+    started, phase_s = time.time(), {}
     out = Path(cfg.out)
     require(not out.exists() or cfg.overwrite, f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
     meta = validate_data_dir(cfg.data)
@@ -218,7 +220,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         ref = _reference(cfg.reference, tmp, meta)
         sources = _sources(cfg, meta, ref)
         say(f"[effray] clean: hashing {sum(meta['counts'].values()) + (sum(ref[1]['counts'].values()) if ref else 0)} images")
-        rows = hash_pass(sources, shape)
+        with _timed(phase_s, "hash"):
+            rows = hash_pass(sources, shape)
         findings = exact_findings(rows["origin"], rows["index"], rows["label"], rows["hash"])
         already = {(f["split"], f["index"]) for f in findings}
         train = load_arrays(cfg.data, "train")
@@ -229,9 +232,10 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         if folds:
             say(f"[effray] clean: {len(folds)} Tune trials ({cfg.folds if cfg.labels else 0} folds"
                 f"{' + the embedding model' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each")
-            fits = run_folds(train, meta, folds, k=cfg.folds, epochs=cfg.epochs, model=cfg.model, width=cfg.width,
-                             batch_size=cfg.batch_size, seed=cfg.seed, cpus=cfg.cpus_per_trial, gpus=gpus,
-                             storage=str(tmp / "_folds"))  # fmt: skip
+            with _timed(phase_s, "fold_models"):
+                fits = run_folds(train, meta, folds, k=cfg.folds, epochs=cfg.epochs, model=cfg.model, width=cfg.width,
+                                 batch_size=cfg.batch_size, seed=cfg.seed, cpus=cfg.cpus_per_trial, gpus=gpus,
+                                 storage=str(tmp / "_folds"))  # fmt: skip
         payload = payload or fits["model"]
         near_info, emb = None, None
         if payload is not None and (cfg.near or evals and cfg.labels):
@@ -244,12 +248,14 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
             changed = np.any(copies.reshape(len(copies), -1) != images[source].reshape(len(copies), -1), axis=1)
             copies, source, kinds = copies[changed], source[changed], kinds[changed]  # a JPEG copy can be pixel-identical
             say(f"[effray] clean: embedding {len(rows['index'])} images + {len(copies)} light copies on {cfg.actors} actor(s)")
-            emb, copy_cols = embed_pass(sources, copies, payload, cfg, shape, gpus)
+            with _timed(phase_s, "embed"):
+                emb, copy_cols = embed_pass(sources, copies, payload, cfg, shape, gpus)
             require(np.array_equal(emb["index"], rows["index"]), "the embedding pass lost rows; re-run effray data clean")
             if cfg.near:
                 copy_cols["source"] = source
                 say("[effray] clean: blockwise kNN and threshold calibration")
-                near, near_info = _near(cfg, rows, emb, copy_cols, sample, kinds, already, shape[2])
+                with _timed(phase_s, "knn"):
+                    near, near_info = _near(cfg, rows, emb, copy_cols, sample, kinds, already, shape[2])
                 findings += near
         labels_info = None
         if cfg.labels:
@@ -307,13 +313,22 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         report = {"data": os.path.abspath(cfg.data), "data_checksum": meta.get("source_checksum", ""),
                   "reference": cfg.reference or None, "reference_rows": sum(ref[1]["counts"].values()) if ref else 0,
                   "rows": meta["counts"], "classes": classes, **summarise(findings, classes), "near": near_info,
-                  "labels": labels_info, "dropped": dropped, "files": files, "seconds": round(time.time() - started, 1)}  # fmt: skip
+                  "labels": labels_info, "dropped": dropped, "files": files, "seconds": round(time.time() - started, 1),
+                  "phase_seconds": phase_s}  # fmt: skip
         write_report(tmp, report)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out.resolve()), "counts": report["counts"], "near_threshold": near_info["threshold"] if near_info else None,
-            "dropped": dropped, "seconds": report["seconds"]}  # fmt: skip
+            "dropped": dropped, "seconds": report["seconds"], "phase_seconds": phase_s}  # fmt: skip
+
+
+@contextmanager
+def _timed(phase_s: dict[str, float], phase: str) -> Iterator[None]:
+    """Wall seconds of one phase, for the report: where a clean's time goes at this size."""
+    t0 = time.time()
+    yield
+    phase_s[phase] = round(time.time() - t0, 1)
 
 
 def _grids(cfg: CleanConfig, tmp: Path, findings: list[dict[str, Any]], train: dict[str, np.ndarray], ref: Any,
