@@ -4,7 +4,9 @@ All checks that can fail on user input run here, before any worker starts (Ray w
 wait forever for resources the cluster lacks, and a worker's error is retried
 ``max_failures`` times). The run's name is deterministic, so the same command with the
 same ``--storage`` resumes its run: Ray Train V2 restores a run by ``RunConfig(name,
-storage_path)`` and hands the newest checkpoint to the workers.
+storage_path)`` and hands the newest checkpoint to the workers. A re-run of a run that
+already trained its ``--epochs`` (and whose newest checkpoint loads) returns that run's
+result without starting a worker.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from effray.atomic import write_json
 from effray.config import AUTO, require, require_whole_gpus, to_dict
+from effray.console import say
 from effray.data.pipeline import (
     DataConfig,
     eval_dataset,
@@ -219,6 +222,31 @@ def fit(trainer: Any, clock: str, env: dict[str, str] | None = None) -> Any:
         kill_clock(clock)
 
 
+def finished_run(run_path: str, epochs: int) -> tuple[dict[str, Any], str] | None:
+    """The metrics and checkpoint of a run at ``run_path`` that already trained ``epochs``
+    epochs and whose newest checkpoint loads, from what Ray Train saved
+    (``Result.from_path``); None if it has none, is shorter, or that checkpoint is
+    unreadable (then the fit resumes, falling back to an older checkpoint)."""
+    from ray.train import Result
+
+    from effray.train.checkpoint import read_payload
+
+    try:
+        result = Result.from_path(run_path)
+    except (RuntimeError, OSError, ValueError, KeyError):  # no run there, or a snapshot of no checkpoints
+        return None
+    metrics, ckpt = result.metrics or {}, result.checkpoint
+    if ckpt is None or int(metrics.get("epoch", 0)) < epochs:
+        return None
+    try:
+        with ckpt.as_directory() as d:  # no copy on local storage
+            if int(read_payload(d)["epoch"]) != int(metrics["epoch"]):
+                return None
+    except EffrayError:
+        return None
+    return metrics, ckpt.path
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) one run on the current Ray cluster; returns the final metrics,
     the checkpoint path and where the run lives."""
@@ -254,6 +282,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         write_json(run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()})
     history = run_dir / HISTORY_FILE if run_dir else None
     epochs_before = _count_lines(history)
+    done = finished_run(str(run_dir) if run_dir else f"{storage}/{cfg.name}", cfg.epochs) if run_dir is None or run_dir.is_dir() else None
+    if done is not None:  # a re-run of a finished run: its result, without starting a worker
+        metrics, checkpoint = done
+        say(f"[effray] run {cfg.name!r} already trained {metrics['epoch']} epochs (--epochs {cfg.epochs}); "
+            f"nothing to train: its checkpoint is {checkpoint}")
+        return _summary(cfg, run_dir, storage, checkpoint, 0 if history else None, metrics, mode, run_id, tracker)
 
     clock = f"effray-clock-{run_id}"
     train_ds = train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus)
@@ -275,11 +309,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # elastic: after a node dies Ray still counts its resources for a few seconds, and a
     # worker group sized to them would wait Ray Train's 60 s before trying the size that fits
     result = fit(trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None)
-    metrics = result.metrics or {}
+    return _summary(cfg, run_dir, storage, result.checkpoint.path if result.checkpoint else None,
+                    _count_lines(history) - epochs_before if history else None, result.metrics or {}, mode, run_id, tracker)
+
+
+def _summary(cfg: TrainConfig, run_dir: Path | None, storage: str, checkpoint: str | None, epochs_run_now: int | None,
+             metrics: dict[str, Any], mode: str, run_id: str, tracker: Any) -> dict[str, Any]:
+    """The one JSON line `effray train` prints."""
     return {
         "run": cfg.name, "run_dir": str(run_dir) if run_dir else f"{storage}/{cfg.name}",
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "epochs_run_now": _count_lines(history) - epochs_before if history else None,
+        "checkpoint": checkpoint, "epochs_run_now": epochs_run_now,
         **{k: metrics[k] for k in SUMMARY_KEYS if k in metrics},
         "wandb": {"mode": mode, "run_id": run_id, "dir": str(run_dir / "wandb") if run_dir else None} if tracker else None,
     }  # fmt: skip

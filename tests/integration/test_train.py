@@ -1,8 +1,9 @@
 """`effray train` / `effray evaluate` end to end on local Ray: 2 CPU workers, 540 real CIFAR images.
 
-Three Ray Train fits in all (each costs tens of seconds on 2 cores): one module-scoped
-run with an injected worker death serves most assertions; a re-run of the same name;
-a re-run after corrupting the newest checkpoint. Bad-input tests start no workers.
+Two Ray Train fits in all (each costs tens of seconds on 2 cores): one module-scoped
+run with an injected worker death serves most assertions, and a re-run after corrupting
+the newest checkpoint. A re-run of the finished run starts no worker (it reads Ray
+Train's saved result); nor do the bad-input tests.
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ def test_wandb_offline_run_has_config_metrics_and_model(run):
 
 @pytest.mark.slow
 def test_rerunning_a_finished_run_resumes_without_new_epochs(run):
-    rc, again, err = cli(*run["args"])  # fit 2: the same command
+    before = {p: p.stat().st_mtime_ns for p in run["run_dir"].rglob("*") if p.is_file()}
+    rc, again, err = cli(*run["args"])  # the same command: no fit, the finished run's result
     assert rc == 0, err
+    assert {p: p.stat().st_mtime_ns for p in run["run_dir"].rglob("*") if p.is_file()} == before  # nothing written
     assert again["epochs_run_now"] == 0 and again["epoch"] == EPOCHS
     assert again["checkpoint"] == run["result"]["checkpoint"]
     assert again["val_accuracy"] == run["result"]["val_accuracy"]
@@ -125,7 +128,7 @@ def test_rerunning_a_finished_run_resumes_without_new_epochs(run):
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(run):
     newest = Path(run["result"]["checkpoint"], "model.pt")
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated mid-write
-    rc, res, err = cli(*run["args"])  # fit 3
+    rc, res, err = cli(*run["args"])  # fit 2
     assert rc == 0, err
     assert res["epochs_run_now"] == 1 and res["epoch"] == EPOCHS
     assert history(run["run_dir"])[-1]["resumed_from"] == EPOCHS - 1
