@@ -249,16 +249,24 @@ def test_submission_without_the_token_is_refused(cluster):
     assert listed.returncode == 0 and "no-token" not in listed.stdout and "wrong-token" not in listed.stdout
 
 
-def test_prepare_job_succeeds_with_the_shipped_runtime_env(cluster, tmp_path):
-    out = tmp_path / "synthetic"
-    done = cluster.submit("python", "jobs/prepare_data.py", "--source", "synthetic:200", "--out", str(out),
-                          job_id="prepare-ok")  # fmt: skip
+@pytest.fixture(scope="module")
+def job_prepared(cluster, cifar_parquet, tmp_path_factory):
+    """600 real CIFAR-10 rows prepared by a `jobs/prepare_data.py` job (the train job below
+    trains on them): its result and output dir."""
+    out = tmp_path_factory.mktemp("job-data") / "tiny-cifar"
+    done = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{cifar_parquet}", "--limit", "600",
+                          "--out", str(out), job_id="prepare-ok")  # fmt: skip
+    return done, out
+
+
+def test_prepare_job_succeeds_with_the_shipped_runtime_env(cluster, job_prepared, cifar_parquet):
+    done, out = job_prepared
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert cluster.status("prepare-ok") == "SUCCEEDED"
     result = _last_json(cluster.logs("prepare-ok"))
-    assert result["out"] == str(out) and result["counts"] == {"train": 180, "val": 20}
+    assert result["out"] == str(out) and result["counts"] == {"train": 540, "val": 60}
     meta = load_meta(out)
-    assert meta["counts"] == {"train": 180, "val": 20} and meta["source"] == "synthetic:200"
+    assert meta["counts"] == {"train": 540, "val": 60} and meta["source"] == f"parquet:{cifar_parquet}"
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train", "val"]
 
 
@@ -323,12 +331,10 @@ def test_stopped_job_is_stopped_and_leaves_no_output(cluster, cifar_parquet, tmp
 
 
 @pytest.mark.slow
-def test_train_job_writes_a_checkpoint_and_prints_its_metrics(cluster, cifar_parquet, tmp_path):
+def test_train_job_writes_a_checkpoint_and_prints_its_metrics(cluster, job_prepared, tmp_path):
     from effray.train.checkpoint import load_checkpoint
 
-    data, storage = tmp_path / "tiny-cifar", tmp_path / "runs"
-    prepared = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{cifar_parquet}",
-                              "--limit", "600", "--out", str(data), job_id="train-data")  # fmt: skip
+    (prepared, data), storage = job_prepared, tmp_path / "runs"
     assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
     done = cluster.submit("python", "jobs/train.py", "--data", str(data), "--model", "convnet", "--epochs", "2",
                           "--workers", "1", "--storage", str(storage), "--name", "tiny", "--no-wandb",
