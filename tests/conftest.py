@@ -89,3 +89,21 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
     save_payload(out, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
                                     epoch=6, config={}, data=data_summary(meta), history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
     return out
+
+
+def _needs_ray(item: pytest.Item) -> bool:
+    """Whether a test starts or uses Ray: the session's local Ray (directly or through a
+    dataset fixture), a cluster of its own, or a driver process."""
+    parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+    return parts[0] in ("integration", "multinode") or "ray_session" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's ``--dist loadgroup`` (the README's test command): every test
+    that needs Ray is one group, run in order on one worker with the session's one local
+    Ray; the rest (pure torch, no Ray) run on the other worker meanwhile. Two Ray
+    instances on 2 cores starve each other (startup timeouts, a dying job head); one Ray
+    next to plain torch tests does not."""
+    for item in items:
+        if _needs_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -74,17 +74,48 @@ def test_pipeline_stages_on_two_nodes(cluster, tiny_cifar, tmp_path):
     assert result["val_count"] == 60
 
 
-def test_compress_fine_tunes_on_two_nodes(cluster, tiny_cifar, teacher, tmp_path):
+def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_the_file(cluster, tiny_cifar, teacher,
+                                                                                       tmp_path, capsys):  # fmt: skip
+    """One Ray Train fine-tune on 2 nodes: 50 % unstructured pruning, 4-bit QAT, KD, 2 epochs
+    (pruned at epoch 0, quantized at epoch 1: DDP is re-prepared twice); rank 1 dies in
+    epoch 2 and the restart goes on from epoch 1's checkpoint (pruned, not yet quantized).
+    The metrics file agrees with the artifact, and `effray evaluate` scores it the same."""
     out = tmp_path / "artifact"
-    rc, result, err = cli("compress", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(out),
-                          "--prune-rate", "0.5", "--bits", "8", "--finetune-epochs", "1", "--finetune-batch-size", "64",
-                          "--calib-batches", "1", "--eval-batch-size", "64", "--workers", "2", "--cpus-per-worker", "1",
-                          "--data-cpus", "1", "--no-int8")  # fmt: skip
+    rc, printed, err = cli("compress", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(out),
+                           "--prune-rate", "0.5", "--bits", "4", "--kd-alpha", "0.5", "--kd-temperature", "4",
+                           "--finetune-epochs", "2", "--finetune-batch-size", "64", "--finetune-lr", "0.02",
+                           "--calib-batches", "2", "--eval-batch-size", "64", "--workers", "2", "--cpus-per-worker", "1",
+                           "--data-cpus", "1", "--inject-failure-at-epoch", "2", "--max-failures", "1")  # fmt: skip
     assert rc == 0, err[-3000:]
-    finetune = json.loads((out / "metrics.json").read_text())["finetune"]
+    assert printed["workers"] == 2 and printed["out"] == str(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    finetune = metrics["finetune"]
     _on_two_worker_nodes(finetune["nodes"], cluster)  # reached the driver through Ray Train's report
-    assert [e["epoch"] for e in finetune["epochs"]] == [1] and finetune["final"]["val_count"] == 60
+    assert finetune["world"] == 2 and [e["epoch"] for e in finetune["epochs"]] == [1, 2]
+    assert finetune["resumed_from"] == 1  # the restart after the injected death: no epoch twice
+    assert finetune["final"]["val_count"] == metrics["eval_images"] == 60  # exact validation: every row once
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]
+
+    assert metrics["accuracy"] > 0.2  # 10 classes: chance is 0.1
+    assert metrics["bytes"] == (out / "model.pt").stat().st_size == printed["bytes"]
+    assert metrics["nonzero_params"] < metrics["params"]
+    for key in ("macs", "latency_ms_b1", "latency_ms_b256", "int8_latency_ms_b1", "threads"):
+        assert metrics[key] > 0, key
+    ratios = metrics["vs_teacher"]
+    assert ratios["size_ratio"] > 4  # 4-bit, half the weights zero, vs fp32
+    assert ratios["accuracy_drop_points"] == pytest.approx(100 * (metrics["teacher"]["accuracy"] - metrics["accuracy"]))
+    method = metrics["method"]
+    assert method["prune"]["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert method["quant"]["bits"] == 4 and method["kd"]["alpha"] == 0.5
+    assert metrics["config"]["compress"]["prune_rate"] == 0.5 and metrics["config"]["workers"] == 2
+
+    rc, evaluated, err = cli("evaluate", "--checkpoint", str(out), "--data", str(tiny_cifar), "--out", str(tmp_path / "eval"))
+    assert rc == 0, err[-3000:]
+    assert {"macro_f1", "ece", "nll", "worst_class_recall"} <= set(evaluated)  # a compressed artifact scores the same way
+    assert (tmp_path / "eval" / "confusion.png").is_file() and (tmp_path / "eval" / "reliability.png").is_file()
+    assert evaluated["format"].startswith("effray.compress")
+    assert evaluated["count"] == metrics["eval_images"]
+    assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
 
 
 def test_ddp_on_two_nodes_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny_cifar, tmp_path):
