@@ -99,7 +99,8 @@ def _needs_ray(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's ``--dist loadgroup`` (the README's test command): every test
+    """Under pytest-xdist's ``-n 2 --dist loadgroup`` (not yet the README's command: a whole
+    run of it has not been measured here): every test
     that needs Ray is one group, run in order on one worker with the session's one local
     Ray; the rest (pure torch, no Ray) run on the other worker meanwhile. Two Ray
     instances on 2 cores starve each other (startup timeouts, a dying job head); one Ray

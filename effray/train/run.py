@@ -282,7 +282,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         write_json(run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()})
     history = run_dir / HISTORY_FILE if run_dir else None
     epochs_before = _count_lines(history)
-    done = finished_run(str(run_dir) if run_dir else f"{storage}/{cfg.name}", cfg.epochs) if run_dir is None or run_dir.is_dir() else None
+    done = finished_run(str(run_dir) if run_dir else f"{storage}/{cfg.name}", cfg.epochs)
     if done is not None:  # a re-run of a finished run: its result, without starting a worker
         metrics, checkpoint = done
         say(f"[effray] run {cfg.name!r} already trained {metrics['epoch']} epochs (--epochs {cfg.epochs}); "
