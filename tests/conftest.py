@@ -98,11 +98,14 @@ def _needs_ray(item: pytest.Item) -> bool:
     return parts[0] in ("integration", "multinode") or "ray_session" in getattr(item, "fixturenames", ())
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's ``-n 2 --dist loadgroup`` (not yet the README's command: a whole
-    run of it has not been measured here): every test
+    """Under pytest-xdist's ``-n 2 --dist loadgroup``: every test
     that needs Ray is one group, run in order on one worker with the session's one local
-    Ray; the rest (pure torch, no Ray) run on the other worker meanwhile. Two Ray
+    Ray; the rest (pure torch, no Ray) run on the other worker meanwhile. ``tryfirst``:
+    xdist's worker turns the mark into the ``@ray`` suffix of each node id in its own
+    ``pytest_collection_modifyitems``, registered after this conftest and so called before
+    it; without ``tryfirst`` the mark came too late and both workers started a Ray. Two Ray
     instances on 2 cores starve each other (startup timeouts, a dying job head); one Ray
     next to plain torch tests does not."""
     for item in items:
