@@ -93,7 +93,11 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
 
 def _needs_ray(item: pytest.Item) -> bool:
     """Whether a test starts or uses Ray: the session's local Ray (directly or through a
-    dataset fixture), a cluster of its own, or a driver process."""
+    dataset fixture), a cluster of its own, or a driver process. An integration test that
+    needs none of them (torch.distributed's own processes, say) is marked ``without_ray``
+    and runs beside the Ray group."""
+    if item.get_closest_marker("without_ray") is not None:
+        return False
     parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
     return parts[0] in ("integration", "multinode") or "ray_session" in getattr(item, "fixturenames", ())
 

@@ -130,6 +130,7 @@ def _run(world: int, stages: int, microbatches: int, schedule: str, split_by: st
     return first, last
 
 
+@pytest.mark.without_ray  # torch.multiprocessing + gloo, no Ray: runs beside the Ray group
 @pytest.mark.parametrize("world, stages, microbatches, schedule, split_by", [
     (2, 2, 4, "gpipe", "params"),
     (2, 2, 2, "1f1b", "time"),  # rank 0 measures the split and broadcasts it: every rank cuts alike
@@ -182,6 +183,7 @@ class _Burn(torch.nn.Module):
         return x
 
 
+@pytest.mark.without_ray  # pure torch, no Ray: runs beside the Ray group
 def test_split_by_measured_time_sees_cost_that_parameter_counts_miss():
     from effray.train.pipeline import block_costs
 
@@ -201,6 +203,7 @@ def test_split_by_measured_time_sees_cost_that_parameter_counts_miss():
         block_costs(model, "time")
 
 
+@pytest.mark.without_ray  # pure torch, no Ray: runs beside the Ray group
 def test_split_is_balanced_and_explicit_points_are_checked():
     assert balanced_split([1, 1, 1, 1], 2) == [0, 2, 4]
     assert balanced_split([10, 1, 1, 1, 1], 2) == [0, 1, 5]
