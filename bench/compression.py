@@ -3,7 +3,7 @@
 Trains a small baseline in-process on the shared CIFAR-10 file when no ``--teacher`` is
 given (``--minutes`` of CPU), then runs three recipes through ``effray.compress.recipe``:
 
-* ``int8``:       the teacher itself, converted to the int8 CPU runtime (FX, x86 PTQ);
+* ``int8``:       the teacher itself, converted to the int8 CPU runtime (torchao PT2E, oneDNN x86 kernels);
 * ``struct50``:   structured channel pruning sized to remove ~50% of MACs, KD fine-tune;
 * ``deep``:       Deep-Compression style: cubic unstructured pruning to ``--sparsity``,
   ``--bits``-bit QAT of every layer (first/last at 8), KD, LZMA over the packed weights.

@@ -52,7 +52,7 @@ class CompressConfig:
     finetune_lr: float = option(0.01, "peak fine-tuning learning rate (SGD, cosine decay)")
     finetune_batch_size: int = option(256, "fine-tuning batch size")
     codec: str = option("lzma", "entropy stage over the packed weights: lzma (Deep Compression's Huffman role) or none", choices=CODECS)
-    int8: bool = option(True, "also build the int8 CPU runtime (FX x86 PTQ) and measure its latency")
+    int8: bool = option(True, "also build the int8 CPU runtime (torchao PT2E, oneDNN x86 kernels) and measure its latency")
 
     @property
     def prunes(self) -> bool:

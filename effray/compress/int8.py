@@ -1,63 +1,285 @@
-"""Real int8 execution on CPU: FX graph-mode post-training quantization (x86 backend).
+"""Real int8 execution on CPU: torchao's PT2E post-training quantization, lowered for x86.
 
-torchao and the PT2E flow (``torch.ao.quantization.quantize_pt2e``) are not in this
-torch build; FX graph mode (``prepare_fx``/``convert_fx``) is, and it handles what eager
-mode can't without model edits: the residual add (quantized ``add_relu``), conv+BN+ReLU
-fusion and the quant/dequant boundaries. The result runs fbgemm/oneDNN int8 kernels
-(VNNI on AVX-512 machines) with no compiler in the loop, so there is no compile time to
-separate from latency.
+The flow: ``torch.export`` the float model (dynamic batch) -> ``prepare_pt2e`` with
+``X86InductorQuantizer`` (uint8 per-tensor affine activations, int8 per-channel symmetric
+weights) -> calibrate -> ``convert_pt2e`` (a q/dq graph: int8 weights, quantize/dequantize
+ops around every conv and linear) -> :func:`lower_x86`, which runs inductor's freezing
+passes on that graph without generating code: each dq -> conv/linear -> q pattern becomes
+one oneDNN int8 kernel (``onednn.qconv_pointwise``, ``qconv2d_pointwise.binary`` for a
+residual add, ``qlinear_pointwise``; ReLU fused, weights prepacked). The result is a plain
+``GraphModule`` that calls those kernels eagerly, any batch size: lowering takes seconds,
+once (2.7 s for the demo's convnet here, ``bench/deploy.py``), where ``torch.compile`` with
+``freezing=True`` takes 24 s for two batch shapes and recompiles for each new one, which an
+``effray compress`` timing three shapes would pay per trial. FX graph mode
+(``prepare_fx``, deprecated in torch 2.14) is gone; no measured case needs it. At one thread
+on this AVX2 box (random-init models, ms at batch 256 / batch 1): resnet20 127 / 2.6 here vs
+FX 238 / 2.0 (fp32 481 / 4.0); convnet x0.5 51 / 0.91 vs FX 37 / 0.46 (fp32 89 / 0.46): the
+eager graph pays per-op dispatch and runs max-pools on float copies, where FX's C++
+modules didn't. Compiled (inductor, freezing) the same program is the fastest torch path
+(``bench/deploy.py``: the demo's convnet at 1.9x fp32's best batch-256 throughput).
 
-The float twin of a fake-quantized model (:func:`~effray.compress.quantize.dequantize`)
-is what gets converted: at 8 bits its per-channel grid is the one QAT trained on; at fewer
-bits the k-bit values are re-expressed on the int8 grid (a superset when 127 is a
-multiple of 2^(k-1)-1, i.e. k = 2 and 8; otherwise within half an int8 step).
+On a CPU without VNNI (AVX2 only, as here) the int8 kernels sum u8 x s8 products in
+saturating int16, so activations are quantized to 7 bits (:func:`vnni`); at full range a
+4-bit convnet's lowered module agreed with its own q/dq reference on only 87 % of images.
+
+The float twin of a fake-quantized student (:func:`~effray.compress.quantize.dequantize`)
+is what gets exported, and the student's own weight grid is kept: each quantized layer's
+int8 weight scale is the student's per-channel step ``s`` (not ``max|w| / 127.5``, what the
+observer would pick), so the int8 codes are the student's k-bit codes exactly. At 8 bits
+that is the QAT grid, codes in [-127, 127]; below 8 bits the codes are a subset of int8
+([-(2^(k-1)-1), 2^(k-1)-1]): x86 has no sub-byte conv kernels, so the k-bit weights run as
+int8 with nothing re-rounded. Activations are recalibrated (HistogramObserver).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import operator
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from effray.compress.quantize import dequantize, is_quantized
+from effray.compress.quantize import MIN_SCALE, QUANT_TYPES, dequantize, fold_bn, is_quantized
 from effray.config import require
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-ENGINES = ("x86", "fbgemm", "onednn")
+ENGINES = ("x86",)
+QUANTIZED_OPS = ("onednn.qconv", "onednn.qlinear")
+SAFE_CODE = 63  # |weight code| <= 63: two u8 x s8 products always fit int16 (2 x 255 x 64 = 32,640)  # what real int8 execution calls (see :func:`int8_ops`)
 
 
 @contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():  # torch.ao announces its move to torchao on every call
+def quiet() -> Iterator[None]:
+    """torch.export / torchao / inductor warn and log on every call (deprecations, guard
+    notes): none of it is the user's to act on."""
+    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch._dynamo", "torch._inductor",
+                                              "torch.fx.experimental.symbolic_shapes", "torch.utils._pytree", "torch.utils.cpp_extension",
+                                              "torch.onnx", "onnxscript", "torchao")]  # fmt: skip
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def vnni() -> bool:
+    """Whether this CPU has VNNI (u8 x s8 dot products into int32). Without it the int8
+    kernels sum u8 x s8 pairs in saturating int16 (AVX2 ``vpmaddubsw``): full-range uint8
+    activations then overflow, so they are quantized to 7 bits (``reduce_range``), as
+    torch's FX x86 config did. Measured on this AVX2 box: a 4-bit convnet's lowered int8
+    module agreed with its q/dq reference on 87 % of images at 8-bit activations."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def float_twin(model: nn.Module, keep_activations: bool = False) -> nn.Module:
+    """The plain float model to export, ``model`` left untouched: fake-quant layers -> their
+    dequantized weights (BN was folded before quantizing), or, unquantized, a copy with
+    every conv/linear-fed BN folded in. Activation quantizers are dropped (what PTQ
+    recalibrates), or kept as plain ops with ``keep_activations`` (the exact fp32 program)."""
+    if is_quantized(model):
+        return dequantize(model, keep_activations=keep_activations).eval()
+    return fold_bn(copy.deepcopy(model)).eval()
+
+
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` taking float NCHW batches of any size. A model torch
+    can't capture fails in one line naming the layer whose forward failed."""
+    from torch.export import Dim
+
+    from effray.errors import EffrayError
+
+    require(len(example) >= 2, "the export example needs >= 2 images (batch 1 would be specialised, not dynamic)")
+    try:
+        with quiet(), torch.no_grad():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch")},))
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all mean "this model can't be captured"
+        where = failing_layer(exc, model)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EffrayError(f"torch.export can't capture {where}: {first}") from None
+
+
+def failing_layer(exc: BaseException, model: nn.Module) -> str:
+    """The innermost module of ``model`` whose forward is on ``exc``'s traceback, by name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            found = owner
+        tb = tb.tb_next
+    if found is None:
+        return f"the model ({type(model).__name__})"
+    return f"layer {names[id(found)] or '<root>'!r} ({type(found).__name__})"
+
+
+def weight_steps(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": per-channel step}`` of every fake-quant layer of ``model``: the
+    int8 scales that keep its k-bit weights exact (the float twin's parameter names)."""
+    return {f"{n}.weight": m.wq.used_scale().detach().float().cpu() for n, m in model.named_modules()
+            if isinstance(m, QUANT_TYPES)}  # fmt: skip
+
+
+def _pin_weight_grids(prepared: torch.fx.GraphModule, steps: dict[str, torch.Tensor]) -> int:
+    """Make each observed weight's int8 scale the student's step where its codes fit the
+    observer's range: the symmetric observer picks ``max(|min|, max) / ((qmax - qmin) / 2)``,
+    so a range of +-(qmax - qmin) / 2 * s gives exactly ``s`` (an fp16 value: the product
+    and the division are exact in fp32). Returns the layers pinned."""
+    pinned = 0
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) != "get_attr":
+            continue
+        step = steps.get(node.args[0].target)
+        obs = getattr(prepared, str(node.target))
+        if step is None or not hasattr(obs, "min_val") or obs.min_val.shape != step.shape:
+            continue
+        weight = operator.attrgetter(node.args[0].target)(prepared)
+        codes = weight.detach().flatten(1) / step.view(-1, 1)
+        if codes.abs().max() > obs.quant_max or not torch.equal(codes, codes.round()):
+            continue  # codes the int8 range can't hold: the observer's own scale
+        half_range = (obs.quant_max - obs.quant_min) / 2
+        obs.min_val.copy_(-half_range * step)
+        obs.max_val.copy_(half_range * step)
+        obs.eps.fill_(min(float(obs.eps), MIN_SCALE))  # the observer's 2^-12 floor would re-round tiny steps
+        pinned += 1
+    return pinned
 
 
 @torch.no_grad()
-def to_int8(model: nn.Module, batches: Batches, *, engine: str = "x86", max_batches: int = 8) -> nn.Module:
-    """An int8 ``GraphModule`` of ``model`` (left untouched), activations calibrated on up to
-    ``max_batches`` of ``batches``. Sets ``torch.backends.quantized.engine`` (process-wide:
-    the kernels are chosen at run time)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+def quantize_int8(model: nn.Module, batches: Batches, *, max_batches: int = 8,
+                  reduce_range: bool | None = None) -> torch.fx.GraphModule:
+    """The converted PT2E program of ``model``'s float twin: int8 weights (on the student's
+    own grid when ``model`` is fake-quantized) and q/dq ops around every conv/linear, uint8
+    activations calibrated on up to ``max_batches`` of ``batches``; any batch size. Runs
+    anywhere as float arithmetic on int8 values (the portable form :func:`lower_x86` and
+    ``effray export`` start from). ``reduce_range``: 7-bit activations (default: unless
+    this CPU has VNNI, see :func:`vnni`)."""
+    with quiet():  # torchao's import logs a deprecation through torch's logger
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
 
-    require(engine in torch.backends.quantized.supported_engines and engine in ENGINES,
-            f"int8 engine {engine!r} is not available here; supported: {', '.join(torch.backends.quantized.supported_engines)}")  # fmt: skip
-    torch.backends.quantized.engine = engine
-    float_model = dequantize(model) if is_quantized(model) else copy.deepcopy(model)
-    float_model.eval()
+    require(max_batches >= 1, f"max_batches must be >= 1, got {max_batches}")
     it = iter(batches)
     first = next(it, None)
     require(first is not None, "int8 conversion needs calibration batches")
-    with _quiet():
-        prepared = prepare_fx(float_model, get_default_qconfig_mapping(engine), example_inputs=(first[0][:1],))
+    twin = float_twin(model)
+    program = export_program(twin, first[0] if len(first[0]) >= 2 else first[0].repeat(2, 1, 1, 1))
+    config = get_default_x86_inductor_quantization_config(reduce_range=not vnni() if reduce_range is None else reduce_range)
+    quantizer = X86InductorQuantizer().set_global(config)
+    with quiet():
+        prepared = prepare_pt2e(program.module(), quantizer)
         prepared(first[0])
         for i, (x, *_) in enumerate(it, start=1):
             if i >= max_batches:
                 break
             prepared(x)
-        return convert_fx(prepared)
+        pinned = _pin_weight_grids(prepared, weight_steps(model))
+        converted = convert_pt2e(prepared)
+    converted.meta["student_grid_layers"] = pinned  # how many layers kept the student's k-bit grid
+    return converted
+
+
+@torch.no_grad()
+def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``converted`` (a PT2E q/dq program) with its patterns replaced by oneDNN int8
+    kernels, weights prepacked; still any batch size. Inductor's pass, no code generation."""
+    from torch._inductor.constant_folding import constant_fold
+    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+    from torch.export import Dim
+
+    require(len(example) >= 2, "the lowering example needs >= 2 images")
+    require(torch.backends.mkldnn.is_available(), "int8 x86 kernels need torch built with oneDNN (mkldnn); this build has none")
+    # torchao's lower_pt2e_quantized_to_x86, step for step, but on a dynamic-batch export:
+    # it exports with a static batch, and its module then refuses every other batch size
+    table = {k: v for k, v in torch.export.default_decompositions().items() if torch._export.utils._is_cia_op(k)}
+    with quiet():
+        lowered = (torch.export.export(converted, (example,), dynamic_shapes=({0: Dim("batch")},))
+                   .run_decompositions(table).module())  # fmt: skip
+        _replace(lowered, torch.ops.aten.t.default, lambda x: (torch.ops.aten.permute.default, (x, [1, 0])))
+        freezing_passes(lowered, (example,))
+        constant_fold(lowered)
+        # oneDNN's int8 convs return channels-last tensors, which a flatten's view can't take
+        # (inductor would pick layouts itself; run eagerly, the graph must copy where needed)
+        _replace(lowered, torch.ops.aten.view.default, lambda x, shape: (torch.ops.aten.reshape.default, (x, shape)))
+        _reshape_in_uint8(lowered)
+    # a plain GraphModule: the exported program's module refuses .eval()/.train(), which
+    # every caller timing or scoring a model makes
+    return torch.fx.GraphModule(lowered, lowered.graph, class_name="Int8Module")
+
+
+def _reshape_in_uint8(gm: torch.fx.GraphModule) -> None:
+    """``dequantize -> reshape -> quantize`` with one scale and zero point is the reshape of
+    the uint8 tensor itself: run it so, as inductor's generated code would, not on a float
+    copy; likewise drop a bare ``quantize(dequantize(x))``. Exact. (Max-pools stay on the
+    float copy: torch's integer max-pool refuses maps over 255 elements.)"""
+    q, dq = torch.ops.quantized_decomposed.quantize_per_tensor.default, torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    for node in list(gm.graph.nodes):
+        if node.target != q:
+            continue
+        between = node.args[0] if getattr(node.args[0], "target", None) == torch.ops.aten.reshape.default else None
+        src = between.args[0] if between is not None else node.args[0]
+        if getattr(src, "target", None) != dq or tuple(src.args[1:6]) != tuple(node.args[1:6]) or src.kwargs:
+            continue
+        if between is None:
+            node.replace_all_uses_with(src.args[0])
+        elif len(src.users) == 1 and len(between.users) == 1:
+            between.replace_input_with(src, src.args[0])
+            node.replace_all_uses_with(between)
+        else:
+            continue
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _replace(gm: torch.fx.GraphModule, target: Any, make: Any) -> None:
+    """Every call of ``target`` replaced by the ``(op, args)`` that ``make(*args)`` names."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == target:
+            op, args = make(*node.args)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(op, args=args)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def int8_ops(module: nn.Module) -> list[str]:
+    """The oneDNN int8 kernels ``module``'s graph calls (empty: it runs no int8 kernel)."""
+    graph = getattr(module, "graph", None)
+    calls = [str(n.target) for n in graph.nodes if n.op == "call_function"] if graph is not None else []
+    return sorted({c for c in calls if c.startswith(QUANTIZED_OPS)})
+
+
+@torch.no_grad()
+def to_int8(model: nn.Module, batches: Batches, *, engine: str = "x86", max_batches: int = 8) -> nn.Module:
+    """An int8 ``GraphModule`` of ``model`` (left untouched) running oneDNN int8 kernels on
+    x86, activations calibrated on up to ``max_batches`` of ``batches``; any batch size."""
+    require(engine in ENGINES, f"int8 engine {engine!r} is not supported; supported: {', '.join(ENGINES)} (PT2E + oneDNN)")
+    batches = list(_take(batches, max_batches))
+    converted = quantize_int8(model, batches, max_batches=max_batches)
+    x = batches[0][0]
+    return lower_x86(converted, x if len(x) >= 2 else x.repeat(2, 1, 1, 1))
+
+
+def _take(batches: Batches, n: int) -> Iterator[Any]:
+    for i, b in enumerate(batches):
+        if i >= n:
+            return
+        yield b

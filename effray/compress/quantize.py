@@ -395,11 +395,29 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return model.train(was)
 
 
+class FixedActQuant(nn.Module):
+    """A calibrated :class:`ActQuant` as plain ops on constant buffers (divide, clamp,
+    round, multiply: FakeQuant's forward, in its order), so a model keeps computing exactly
+    what it computed where an autograd Function can't go (``torch.export``, ONNX)."""
+
+    def __init__(self, aq: ActQuant) -> None:
+        super().__init__()
+        require(aq.is_ready, "an uncalibrated activation quantizer has no range to fix; calibrate the model first")
+        self.register_buffer("scale", aq.scale.detach().abs().clamp_min(1e-8).clone())
+        self.register_buffer("qmin", (-aq.zero).detach().clone())
+        self.register_buffer("qmax", ((2**aq.bits - 1) - aq.zero).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.scale).clamp(self.qmin, self.qmax).round() * self.scale
+
+
 @torch.no_grad()
-def dequantize(model: nn.Module) -> nn.Module:
+def dequantize(model: nn.Module, keep_activations: bool = False) -> nn.Module:
     """A float copy: each QConv2d/QLinear becomes a plain layer holding its fake-quant
-    weight (and fp16 bias); activation quantizers are dropped. The float twin the int8
-    runtime converts, and what to export where fake-quant modules can't go."""
+    weight (and fp16 bias). Activation quantizers are dropped (the float twin the int8
+    runtime converts, calibrating its own activation ranges), or with ``keep_activations``
+    kept as :class:`FixedActQuant` in front of the layer: then the copy computes exactly
+    what ``model`` does, which is what ``effray export`` writes as the fp32 program."""
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, QUANT_TYPES):
@@ -407,5 +425,8 @@ def dequantize(model: nn.Module) -> nn.Module:
             plain.weight.copy_(m.qweight())
             if m.bias is not None:
                 plain.bias.copy_(fp16_round(m.bias))
-            set_module(out, name, plain.train(m.training))
+            plain.train(m.training)
+            if keep_activations and isinstance(m.aq, ActQuant):
+                plain = nn.Sequential(FixedActQuant(m.aq), plain)
+            set_module(out, name, plain)
     return out

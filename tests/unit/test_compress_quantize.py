@@ -1,5 +1,6 @@
 """Quantization: every conv and linear really k-bit, gradients through fake quant, BN
-folding exact, PTQ frozen, and the int8 runtime close to float."""
+folding exact, PTQ frozen, and the int8 runtime (PT2E, oneDNN kernels) close to float, on
+the student's own weight grid."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.compress.int8 import to_int8
+from effray.compress.int8 import export_program, int8_ops, quantize_int8, to_int8
 from effray.compress.quantize import (
     QUANT_TYPES,
     QUANTIZERS,
@@ -123,11 +124,41 @@ def test_bad_bits_is_one_line(bad):
 def test_int8_runtime_is_close_to_float(name):
     model = tiny(name)
     calib = data(2)
-    q8 = to_int8(model, calib)
-    assert any("quantized" in type(m).__module__ for m in q8.modules())  # real int8 kernels
-    x = calib[0][0]
-    ref, out = model(x), q8(x)
-    assert (out - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-3
+    q8 = to_int8(model, calib).eval()  # eval(): as every caller (measure, accuracy) does
+    ops = int8_ops(q8)  # real int8 kernels, not float arithmetic on int8 values
+    assert any(op.startswith("onednn.qconv") for op in ops), ops
+    assert any(op.startswith("onednn.qlinear") for op in ops), ops
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in q8.modules())  # no float layer left behind
+    for x in (calib[0][0], calib[1][0][:1], calib[1][0][:3]):  # the calibration batch size and others
+        ref, out = model(x), q8(x)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() <= 0.1 * ref.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_weights_are_the_students_k_bit_weights(bits):
+    """Each int8 weight, dequantized, is the fake-quant weight the student trained with,
+    bit for bit: the int8 scale is the student's step, the codes its k-bit codes (the
+    observer's own max|w|/127.5 scale would re-round them)."""
+    model = QUANTIZERS.get("ptq")(fold_bn(tiny("convnet")), data(1), bits=bits, first_bits=bits, last_bits=bits)
+    converted = quantize_int8(model, data(2))
+    fetch = lambda a: getattr(converted, a.target) if isinstance(a, torch.fx.Node) else a  # noqa: E731
+    int8_weights = [n.target(*[fetch(a) for a in n.args]) for n in converted.graph.nodes
+                    if "dequantize_per_channel" in str(n.target) and n.args[0].op == "get_attr"]  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, QUANT_TYPES)]
+    assert len(int8_weights) == len(layers) == 4
+    for m in layers:
+        assert any(w.shape == m.weight.shape and torch.equal(w, m.qweight()) for w in int8_weights), m
+
+
+def test_a_model_torch_export_cannot_capture_names_its_layer():
+    class Branchy(nn.Module):  # control flow on a tensor's value: not capturable
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Branchy())
+    with pytest.raises(EffrayError, match=r"torch.export can't capture layer '1' \(Branchy\)"):
+        export_program(model, torch.randn(2, 3, 8, 8))
 
 
 def test_8_bit_weight_step_sizes_stay_at_their_calibrated_value_while_4_bit_ones_learn():
