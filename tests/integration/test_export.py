@@ -1,0 +1,156 @@
+"""``effray export`` on a real compressed artifact of a real (tiny) CIFAR-10 teacher: every
+format written, loaded back and checked against the artifact; bad inputs fail in one line
+with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import cli
+
+from effray.compress.config import CompressConfig
+from effray.compress.quantize import QUANT_TYPES
+from effray.compress.recipe import compress_local
+from effray.config import validated
+from effray.data.arrays import epoch_batches, eval_batches, load_arrays
+from effray.data.prepare import load_meta
+from effray.deploy.export import ExportConfig, check_dataset, export
+from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, open_checkpoint
+from effray.errors import EffrayError
+from effray.evaluate import load_checkpoint, prepared_batches
+from effray.train.checkpoint import data_summary, read_payload, save_payload
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _compress(tiny_cifar: Path, teacher: Path, out: Path, cfg: CompressConfig) -> Path:
+    """A compressed artifact from the in-process recipe, its teacher recording its dataset
+    as a training run's config does (what ``--data ''`` follows)."""
+    recorded = out.parent / f"{out.name}-teacher"
+    save_payload(recorded, {**read_payload(teacher), "config": {"data": {"data": str(tiny_cifar)}}})
+    meta, arrays = load_meta(tiny_cifar), load_arrays(tiny_cifar, "train")
+    model, _ = load_checkpoint(recorded)
+    train = lambda epoch: epoch_batches(arrays, meta, 64, policy="flip", seed=0, epoch=epoch, device="cpu")  # noqa: E731
+    calib = eval_batches(arrays, meta, 128)[:2]
+    evals = eval_batches(load_arrays(tiny_cifar, "val"), meta, 128)
+    compress_local(model, validated(cfg), train, calib, evals, out, teacher_info={"path": str(recorded)},
+                   data=data_summary(meta), teacher_metrics={}, log=lambda line: None)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_cifar, teacher, tmp_path_factory) -> Path:
+    """Half the weights pruned, 4-bit QAT weights (first/last layers 8), float activations:
+    the exported float graph is then the artifact's own arithmetic (8-bit activation
+    quantizers, which it drops, flip near-tied images of this tiny model now and then)."""
+    cfg = CompressConfig(prune_rate=0.5, bits=4, act_bits=32, finetune_epochs=1, finetune_lr=0.01, calib_batches=2,
+                         int8=False)  # fmt: skip
+    return _compress(tiny_cifar, teacher, tmp_path_factory.mktemp("export") / "artifact", cfg)
+
+
+def _images(data: Path, split: str) -> np.ndarray:
+    return np.concatenate([x for x, _ in prepared_batches(data, split, 256)[1]])
+
+
+def test_every_format_is_written_checked_and_opens_like_the_artifact(artifact, tiny_cifar, tmp_path):
+    """Parity runs on the 540 training rows: the tiny teacher is near chance on its 60
+    held-out rows (27 %), where top-2 logits tie and int8 noise alone flips 2 of 60."""
+    out = tmp_path / "deploy"
+    rc, summary, err = cli("export", "--artifact", str(artifact), "--format", "all", "--int8", "--out", str(out),
+                           "--split", "train", "--batch-size", "64", "--calib-batches", "4")  # fmt: skip
+    assert rc == 0, err
+    assert "W1" not in err and "Warning" not in err, err  # torch's and torchao's chatter stays off the terminal
+    kinds = ["torch", "torch-int8", "onnx", "onnx-int8"]
+    assert summary["data"] == str(tiny_cifar.resolve())  # --data '': the dataset the teacher recorded
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR, *(EXPORT_FILES[k] for k in kinds)])
+    sidecar = json.loads((out / SIDECAR).read_text())
+    assert sidecar["files"] == {k: EXPORT_FILES[k] for k in kinds} and sidecar["parity"] == summary["parity"]
+    for kind in kinds:
+        p = summary["parity"][kind]
+        assert p["images"] == 540
+        assert p["agreement"] >= (0.995 if kind.endswith("int8") else 0.999), (kind, p)
+        assert p["max_abs_logit_diff"] < (1e-3 if kind in ("torch", "onnx") else 5.0), (kind, p)  # logits span ~20
+        assert abs(p["accuracy"] - p["source_accuracy"]) <= 1 - p["agreement"] + 1e-9
+
+    model, _, _ = open_checkpoint(artifact)
+    layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+    limit = 7 if summary["int8"]["reduce_range"] else 8  # ONNX: 7-bit weights under reduce_range
+    assert summary["int8"]["student_grid_layers"] == {"torch-int8": len(layers),
+                                                      "onnx-int8": sum(m.bits <= limit for m in layers.values())}  # fmt: skip
+
+    import onnx
+    from onnx import numpy_helper
+
+    int8_graph = onnx.load(str(out / EXPORT_FILES["onnx-int8"])).graph
+    fp32 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / EXPORT_FILES["onnx"])).graph.initializer}
+    q8 = {i.name: numpy_helper.to_array(i) for i in int8_graph.initializer}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in int8_graph.node}
+    for name, m in layers.items():  # the student's k-bit weights, exactly, where the int8 range holds them
+        w, codes, scale = fp32[name], q8[f"{name}_quantized"], q8[f"{name}_scale"]
+        assert codes.dtype == np.int8
+        exact = np.array_equal(codes * scale.reshape(-1, *[1] * (w.ndim - 1)), w)
+        assert exact == (m.bits <= limit), name
+    assert int8_graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named (dynamic) batch axis
+    program = torch.export.load(str(out / EXPORT_FILES["torch-int8"]))
+    assert any("quantize_per_tensor" in str(n.target) for n in program.graph.nodes)
+
+    images = _images(tiny_cifar, "train")
+    source = load_deployable(artifact, device="cpu")
+    expected = source.logits(images).argmax(1)
+    for kind in kinds:  # the round trip: each file opens by itself and predicts as the check measured
+        loaded = load_deployable(out, device="cpu", kind=kind)
+        assert (loaded.info.classes, loaded.info.mean) == (source.info.classes, source.info.mean)
+        assert loaded.info.kind == kind and loaded.info.source == str((out / EXPORT_FILES[kind]).resolve())
+        agreement = float((loaded.logits(images).argmax(1) == expected).mean())
+        assert agreement == summary["parity"][kind]["agreement"]
+    assert load_deployable(out, device="cpu").info.kind == "torch"
+
+
+def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
+    """2-bit activations: the fp32 program keeps the artifact's activation quantizers and
+    agrees, the int8 runtime calibrates its own 8-bit activations and disagrees; the check
+    catches it and nothing is left behind, the fp32 file written before it included."""
+    cfg = CompressConfig(bits=4, act_bits=2, quant_mode="ptq", finetune_epochs=0, calib_batches=2, int8=False)
+    art = _compress(tiny_cifar, teacher, tmp_path / "art2", cfg)
+    with pytest.raises(EffrayError, match=r"model.int8.pt2 failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"):
+        export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "deploy"), int8=True,
+                                      min_int8_agreement=0.999, calib_batches=1)))
+    assert not (tmp_path / "deploy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]
+    exact = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "fp32"))))
+    assert exact["parity"]["torch"]["agreement"] == 1.0 and exact["parity"]["torch"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(artifact, tiny_cifar, tmp_path):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"not a checkpoint")
+    out = tmp_path / "deploy"
+    rc, summary, err = cli("export", "--artifact", str(junk), "--data", str(tiny_cifar), "--out", str(out))
+    assert rc == 2 and summary is None
+    assert len(err.strip().splitlines()) == 1 and "model.pt" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no --out, no temp sibling
+
+    # an artifact that records no dataset that exists here, and no --data
+    payload = read_payload(artifact)
+    save_payload(tmp_path / "orphan", {**payload, "teacher": {}})
+    with pytest.raises(EffrayError, match="records no dataset.*pass --data"):
+        export(validated(ExportConfig(artifact=str(tmp_path / "orphan"), out=str(out))))
+    # --out that holds something else
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(EffrayError, match="is not an `effray export` output"):
+        export(validated(ExportConfig(artifact=str(artifact), data=str(tiny_cifar), out=str(tmp_path / "busy"))))
+    assert not out.exists()
+
+
+def test_a_dataset_of_another_kind_is_refused(artifact, tiny_cifar):
+    _, _, info = open_checkpoint(artifact)
+    meta = load_meta(tiny_cifar)
+    check_dataset(meta, info, tiny_cifar)
+    with pytest.raises(EffrayError, match="has 100 classes, the model predicts 10"):
+        check_dataset({**meta, "num_classes": 100, "classes": [str(i) for i in range(100)]}, info, tiny_cifar)
+    with pytest.raises(EffrayError, match=r"has \[64, 64, 3\] \(HWC\) images, the model takes \[32, 32, 3\]"):
+        check_dataset({**meta, "image_shape": [64, 64, 3]}, info, tiny_cifar)
