@@ -66,6 +66,9 @@ def _commands() -> list[Command]:
     from effray.compress.run import CompressRunConfig, compress
     from effray.data.prepare import PrepareConfig
     from effray.data.preview import PreviewConfig
+    from effray.deploy.batch import PredictConfig
+    from effray.deploy.export import ExportConfig
+    from effray.deploy.serve import ServeConfig
     from effray.evaluate import EvaluateConfig, evaluate
     from effray.run import RunConfig, run_all
     from effray.search.aggregate import ReportConfig, report
@@ -106,6 +109,21 @@ def _commands() -> list[Command]:
 
         return score(cfg)
 
+    def export(cfg: ExportConfig) -> dict[str, Any]:
+        from effray.deploy.export import export as run
+
+        return run(cfg)
+
+    def predict(cfg: PredictConfig) -> dict[str, Any]:
+        from effray.deploy.batch import predict as run
+
+        return run(cfg)
+
+    def serve(cfg: ServeConfig) -> dict[str, Any]:
+        from effray.deploy.serve import serve as run
+
+        return run(cfg)
+
     return [
         Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
         Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
@@ -119,6 +137,9 @@ def _commands() -> list[Command]:
         Command(("synth", "train"), "train a class-conditional GAN (SN projection discriminator, hinge loss) on Ray Train; re-running the same --out/--name resumes; writes OUT/generator.pt", SynthTrainConfig, synth_train),
         Command(("synth", "sample"), "generate --per-class synthetic images per class with Ray Data into a canonical dataset (synthetic=true) + samples.png; --classifier adds quality.json", SynthSampleConfig, synth_sample),
         Command(("synth", "score"), "class consistency, diversity and an FID-style distance (our classifier's features, not Inception) of a synthetic dataset", SynthScoreConfig, synth_score, needs_ray=False),
+        Command(("export",), "export a compressed artifact or checkpoint as a torch.export program (.pt2) or ONNX, optionally int8, each checked against the artifact on held-out data", ExportConfig, export, needs_ray=False),
+        Command(("predict",), "batch inference on Ray Data: predictions (class, probability, top-k) of a model over a dataset or a folder of images, as Parquet", PredictConfig, predict),
+        Command(("serve",), "serve a model over HTTP on Ray Serve (POST /predict, GET /healthz), with dynamic batching; binds 127.0.0.1 unless --host says otherwise", ServeConfig, serve),
         Command(("report",), "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a budget)", ReportConfig, report, needs_ray=False),
     ]  # fmt: skip
 
