@@ -18,9 +18,18 @@ eager graph pays per-op dispatch and runs max-pools on float copies, where FX's 
 modules didn't. Compiled (inductor, freezing) the same program is the fastest torch path
 (``bench/deploy.py``: the demo's convnet at 1.9x fp32's best batch-256 throughput).
 
-On a CPU without VNNI (AVX2 only, as here) the int8 kernels sum u8 x s8 products in
-saturating int16, so activations are quantized to 7 bits (:func:`vnni`); at full range a
-4-bit convnet's lowered module agreed with its own q/dq reference on only 87 % of images.
+A student whose activations were quantized in training (QAT/PTQ) gets an int8 program that
+rounds where it rounded, on its grids, and nowhere else: each int8 layer's input takes the
+student's own activation scale and zero point (:func:`_pin_activation_grids`), the pools
+stay float, and so it computes the student's logits (the demo's budget pick: 100 % top-1
+agreement on 1,000 val images, max |logit difference| 0.005, where calibrated ranges gave
+99.2 %). On a CPU without VNNI (AVX2 only, as here) the int8 kernels sum u8 x s8 products
+in saturating int16: a student's layers whose weight codes fit 7 bits (|w| <= 63, so
+255 * 63 * 2 < 2^15) still run int8 with 8-bit activations, its 8-bit-weight layers (the
+first and last of every recipe) stay float with their activation quantizer
+(:func:`int8_layers`); a float model's activations are calibrated at 7 bits there
+(``reduce_range``). At full range a 4-bit convnet's lowered module agreed with its own
+q/dq reference on only 87 % of images.
 
 The float twin of a fake-quantized student (:func:`~effray.compress.quantize.dequantize`)
 is what gets exported, and the student's own weight grid is kept: each quantized layer's
@@ -44,7 +53,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from effray.compress.quantize import MIN_SCALE, QUANT_TYPES, dequantize, fold_bn, is_quantized
+from effray.compress.quantize import (
+    MIN_SCALE,
+    QUANT_TYPES,
+    ActQuant,
+    FixedActQuant,
+    dequantize,
+    fold_bn,
+    is_quantized,
+    set_module,
+)
 from effray.config import require
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -155,15 +173,69 @@ def _pin_weight_grids(prepared: torch.fx.GraphModule, steps: dict[str, torch.Ten
     return pinned
 
 
+def activation_quantized(model: nn.Module) -> bool:
+    """Whether every fake-quant layer of ``model`` quantizes its input (a QAT/PTQ student)."""
+    layers = [m for m in model.modules() if isinstance(m, QUANT_TYPES)]
+    return bool(layers) and all(isinstance(m.aq, ActQuant) and m.aq.is_ready for m in layers)
+
+
+def int8_layers(model: nn.Module, reduce_range: bool) -> list[str]:
+    """The student's layers that run int8 kernels. With ``reduce_range`` (no VNNI: the
+    kernels sum uint8 x int8 pairs in int16) only those whose weight codes fit 7 bits
+    (255 * 63 * 2 < 2^15), with 8-bit activations; the others (8-bit weights: every
+    recipe's first and last layer) stay float and exact. With VNNI, every layer."""
+    return [n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES) and (not reduce_range or m.bits < 8)]
+
+
+def student_twin(model: nn.Module, int8_names: list[str]) -> nn.Module:
+    """The float twin of a student, its activation quantizers kept (as
+    :class:`~effray.compress.quantize.FixedActQuant`) on the layers that stay float, so
+    those compute exactly what the student does; the int8 layers quantize their own input
+    on the student's grid (:func:`_pin_activation_grids`)."""
+    twin = dequantize(model).eval()
+    plain = dict(twin.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_TYPES) and name not in int8_names:
+            set_module(twin, name, nn.Sequential(FixedActQuant(m.aq), plain[name]))
+    return twin
+
+
+def _pin_activation_grids(prepared: torch.fx.GraphModule, model: nn.Module) -> int:
+    """Give each int8 conv/linear input the student's own activation scale and zero point
+    (a fixed-range observer in place of the calibrated one): uint8 codes equal to the
+    student's k-bit activation codes, which is how its int8 program agrees with it."""
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    quantizers = {n: m.aq for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+    pinned = 0
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            continue
+        source, stack = node.args[0], node.meta.get("nn_module_stack") or {}
+        aq = quantizers.get(list(stack.values())[-1][0] if stack else "")
+        if aq is None or getattr(source, "op", None) != "call_module":
+            continue
+        old = getattr(prepared, str(source.target))
+        s, z = float(aq.scale.detach().abs().clamp_min(1e-8)), float(aq.zero)
+        fixed = MinMaxObserver(dtype=old.dtype, qscheme=torch.per_tensor_affine, quant_min=old.quant_min,
+                               quant_max=old.quant_max, eps=1e-12)  # fmt: skip
+        fixed.min_val, fixed.max_val = torch.tensor(-z * s), torch.tensor((old.quant_max - z) * s)
+        setattr(prepared, str(source.target), fixed)
+        pinned += 1
+    return pinned
+
+
 @torch.no_grad()
 def quantize_int8(model: nn.Module, batches: Batches, *, max_batches: int = 8,
                   reduce_range: bool | None = None) -> torch.fx.GraphModule:
     """The converted PT2E program of ``model``'s float twin: int8 weights (on the student's
-    own grid when ``model`` is fake-quantized) and q/dq ops around every conv/linear, uint8
-    activations calibrated on up to ``max_batches`` of ``batches``; any batch size. Runs
-    anywhere as float arithmetic on int8 values (the portable form :func:`lower_x86` and
-    ``effray export`` start from). ``reduce_range``: 7-bit activations (default: unless
-    this CPU has VNNI, see :func:`vnni`)."""
+    own grid when ``model`` is fake-quantized) and q/dq ops around every int8 conv/linear;
+    uint8 activations on a student's own grids, else calibrated on up to ``max_batches``
+    of ``batches``; any batch size. Runs anywhere as float arithmetic on int8 values (the
+    portable form :func:`lower_x86` and ``effray export`` start from). ``reduce_range``
+    (default: unless this CPU has VNNI, see :func:`vnni`): a student's 8-bit-weight layers
+    stay float, a float model's activations get 7 bits. ``meta["float_layers"]``: the
+    student's layers left float."""
     with quiet():  # torchao's import logs a deprecation through torch's logger
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -175,10 +247,23 @@ def quantize_int8(model: nn.Module, batches: Batches, *, max_batches: int = 8,
     it = iter(batches)
     first = next(it, None)
     require(first is not None, "int8 conversion needs calibration batches")
-    twin = float_twin(model)
+    reduce_range = not vnni() if reduce_range is None else reduce_range
+    student = activation_quantized(model)
+    on_int8 = int8_layers(model, reduce_range) if student else []
+    twin = student_twin(model, on_int8) if student else float_twin(model)
     program = export_program(twin, first[0] if len(first[0]) >= 2 else first[0].repeat(2, 1, 1, 1))
-    config = get_default_x86_inductor_quantization_config(reduce_range=not vnni() if reduce_range is None else reduce_range)
+    # a student whose activations were quantized in training: the int8 program rounds where it
+    # rounded, on its grid, and nowhere else. Full-range activations on its int8 layers
+    # (their weights can't overflow even without VNNI), the pools left in float (they would
+    # add rounding points the student never had); a plain float model: calibrated ranges
+    config = get_default_x86_inductor_quantization_config(reduce_range=reduce_range and not student)
     quantizer = X86InductorQuantizer().set_global(config)
+    if student:
+        for op in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, torch.flatten):
+            quantizer.set_module_type_qconfig(op, None)
+        for name, m in model.named_modules():
+            if isinstance(m, QUANT_TYPES) and name not in on_int8:
+                quantizer.set_module_name_qconfig(name, None)
     with quiet():
         prepared = prepare_pt2e(program.module(), quantizer)
         prepared(first[0])
@@ -186,8 +271,11 @@ def quantize_int8(model: nn.Module, batches: Batches, *, max_batches: int = 8,
             if i >= max_batches:
                 break
             prepared(x)
+        if student:
+            _pin_activation_grids(prepared, model)
         pinned = _pin_weight_grids(prepared, weight_steps(model))
         converted = convert_pt2e(prepared)
+    converted.meta["float_layers"] = [n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES) and n not in on_int8] if student else []
     converted.meta["student_grid_layers"] = pinned  # how many layers kept the student's k-bit grid
     return converted
 

@@ -18,10 +18,14 @@ normalisation, classes and provenance; :func:`effray.deploy.model.load_deployabl
   (per-channel int8 weights, uint8 activations calibrated on the training split).
 
 Both int8 files keep a compressed student's k-bit weights exactly where the int8 range
-holds them (its per-channel step as the int8 scale). On a CPU without VNNI their kernels
-would overflow at full range (measured here: ONNX Runtime's int8 file agreed on 87 % of
-images at full range, 95 % with 7-bit weights), so ``--int8-reduce-range auto`` quantizes
-activations (torch) / weights (ONNX Runtime) to 7 bits there; ``deploy.json`` records it.
+holds them (its per-channel step as the int8 scale). The torch int8 program also keeps a
+student's activation grids and rounding points (:func:`effray.compress.int8.quantize_int8`),
+so it computes the student's logits; ONNX Runtime's calibrates its own activation ranges
+(pinned, with no output rounding, ORT would no longer fuse its int8 kernels). On a CPU
+without VNNI the kernels would overflow at full range (measured here: ONNX Runtime's int8
+file agreed on 87 % of images at full range, 95 % with 7-bit weights), so ``--int8-reduce-
+range auto`` keeps a student's 8-bit-weight layers float (torch) / quantizes weights to 7
+bits (ONNX Runtime) there; ``deploy.json`` records it.
 
 Every file is loaded back once written and run beside the source on the held-out split:
 top-1 agreement must reach ``--min-agreement`` (fp32) / ``--min-int8-agreement``, else
@@ -67,7 +71,7 @@ class ExportConfig:
     min_agreement: float = option(0.999, "top-1 agreement with the source an fp32 file must reach")
     min_int8_agreement: float = option(0.995, "top-1 agreement with the source an int8 file must reach")
     int8_reduce_range: str = option("auto", "int8 range for CPUs without VNNI, whose kernels would overflow at full range: "
-                                            "on = 7-bit activations (torch) / weights (ONNX), off = full 8 bits, "
+                                            "on = a student's 8-bit-weight layers stay float and a float model's activations get 7 bits (torch), 7-bit weights (ONNX); off = full 8 bits everywhere; "
                                             "auto = on unless this CPU has VNNI", choices=("auto", "on", "off"))  # fmt: skip
 
     def validate(self) -> None:
@@ -267,15 +271,15 @@ def _reference(model: Any, info: Any, images: np.ndarray, batch_size: int) -> np
 
 
 def _why(model: Any, kind: str) -> str:
-    """A likely cause of an int8 file's disagreement: activations the artifact rounds to
-    fewer bits than the int8 runtime, which recalibrates its own (the fp32 files keep the
-    artifact's activation quantizers, so they agree to the rounding)."""
+    """A likely cause of an ONNX int8 file's disagreement: activations the artifact rounds
+    to fewer bits than ONNX Runtime's int8 model, which calibrates its own (the fp32 files
+    keep the artifact's activation quantizers, and the torch int8 file its grids)."""
     from effray.compress.quantize import ActQuant
 
     bits = sorted({m.bits for m in model.modules() if isinstance(m, ActQuant)})
-    if not kind.endswith("int8") or not bits or bits[0] >= 8:
+    if kind != "onnx-int8" or not bits or bits[0] >= 8:
         return ""
-    return f" (the artifact quantizes activations to {bits[0]}-bit, the int8 runtime calibrates its own 8-bit ones)"
+    return f" (the artifact quantizes activations to {bits[0]}-bit, ONNX Runtime's int8 model calibrates its own 8-bit ones)"
 
 
 def _out_dir(cfg: ExportConfig, artifact: Path) -> Path:
@@ -319,6 +323,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     # compute what the artifact computes, activation quantizers included (exact parity);
     # the int8 files start from the plain float twin and calibrate activations themselves
     program = export_program(float_twin(model, keep_activations=True), example)
+    # ONNX Runtime's int8 model starts from the plain float twin and calibrates its own
+    # activation ranges: pinned to a student's grids with no output rounding it would agree
+    # exactly, but ORT then runs float kernels (DequantizeLinear + Conv), not QLinearConv
     plain = export_program(float_twin(model), example) if cfg.int8 and "onnx-int8" in cfg.kinds else None
     reference = _reference(model, info, images, cfg.batch_size)
 
@@ -345,7 +352,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             elif kind == "onnx":
                 write_onnx(path, program, example)
             else:
-                base = tmp / ".float-twin.onnx"  # the int8 model's input: weights as the student's, no activation rounding
+                base = tmp / ".float-twin.onnx"
                 try:
                     write_onnx(base, plain, example)
                     pinned["onnx-int8"] = write_onnx_int8(path, base, calib, steps, cfg.reduce_range)

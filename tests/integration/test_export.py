@@ -111,16 +111,19 @@ def test_every_format_is_written_checked_and_opens_like_the_artifact(artifact, t
 
 
 def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
-    """2-bit activations: the fp32 program keeps the artifact's activation quantizers and
-    agrees, the int8 runtime calibrates its own 8-bit activations and disagrees; the check
-    catches it and nothing is left behind, the fp32 file written before it included."""
+    """2-bit activations: the fp32 programs keep the artifact's activation quantizers and
+    the torch int8 program its grids, so they agree; ONNX Runtime's int8 model calibrates
+    its own 8-bit activations and disagrees. The check catches it and nothing is left
+    behind, the files written before it included."""
     cfg = CompressConfig(bits=4, act_bits=2, quant_mode="ptq", finetune_epochs=0, calib_batches=2, int8=False)
     art = _compress(tiny_cifar, teacher, tmp_path / "art2", cfg)
-    with pytest.raises(EffrayError, match=r"model.int8.pt2 failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"):
-        export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "deploy"), int8=True,
-                                      min_int8_agreement=0.999, calib_batches=1)))
+    with pytest.raises(EffrayError, match=r"model.int8.onnx failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"):
+        export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "deploy"), format="onnx",
+                                      int8=True, min_int8_agreement=0.999, calib_batches=1)))
     assert not (tmp_path / "deploy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]
-    exact = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "fp32"))))
+    exact = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "fp32"), int8=True,
+                                          min_int8_agreement=1.0, calib_batches=1)))
+    assert exact["parity"]["torch-int8"]["agreement"] == 1.0
     assert exact["parity"]["torch"]["agreement"] == 1.0 and exact["parity"]["torch"]["max_abs_logit_diff"] < 1e-4
 
 

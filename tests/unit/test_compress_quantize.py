@@ -141,7 +141,7 @@ def test_int8_weights_are_the_students_k_bit_weights(bits):
     bit for bit: the int8 scale is the student's step, the codes its k-bit codes (the
     observer's own max|w|/127.5 scale would re-round them)."""
     model = QUANTIZERS.get("ptq")(fold_bn(tiny("convnet")), data(1), bits=bits, first_bits=bits, last_bits=bits)
-    converted = quantize_int8(model, data(2))
+    converted = quantize_int8(model, data(2), reduce_range=False)  # as with VNNI: every layer int8
     fetch = lambda a: getattr(converted, a.target) if isinstance(a, torch.fx.Node) else a  # noqa: E731
     int8_weights = [n.target(*[fetch(a) for a in n.args]) for n in converted.graph.nodes
                     if "dequantize_per_channel" in str(n.target) and n.args[0].op == "get_attr"]  # fmt: skip
@@ -149,6 +149,29 @@ def test_int8_weights_are_the_students_k_bit_weights(bits):
     assert len(int8_weights) == len(layers) == 4
     for m in layers:
         assert any(w.shape == m.weight.shape and torch.equal(w, m.qweight()) for w in int8_weights), m
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_a_students_int8_program_computes_what_the_student_does(reduce_range):
+    """A student with 8-bit activations (4-bit weights, first/last layer 8): its int8
+    program rounds where the student rounds, on the student's grids, and nowhere else (the
+    pools stay float), so it computes the student's logits. Without VNNI (``reduce_range``)
+    the 8-bit-weight layers stay float and exact, the 4-bit ones run int8 at full range
+    (their int16 pair sums can't overflow); with it every layer is int8."""
+    from effray.compress.int8 import lower_x86
+
+    model = QUANTIZERS.get("ptq")(fold_bn(tiny("convnet")), data(1), bits=4)
+    converted = quantize_int8(model, data(2), reduce_range=reduce_range)
+    eight = [n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES) and m.bits == 8]
+    assert eight and converted.meta["float_layers"] == (eight if reduce_range else [])
+    x = data(1, size=32)[0][0]
+    ref = model(x)
+    assert (converted(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    if reduce_range:  # this CPU's own kernels (oneDNN int8 without VNNI) on the int8 layers
+        lowered = lower_x86(converted, x[:2])
+        assert any(op.startswith("onednn.qconv") for op in int8_ops(lowered))
+        assert torch.equal(lowered(x).argmax(1), ref.argmax(1))
+        assert (lowered(x) - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
 def test_a_model_torch_export_cannot_capture_names_its_layer():
