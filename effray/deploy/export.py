@@ -337,6 +337,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     steps = {k: v.tolist() for k, v in weight_steps(model).items()}
     pinned: dict[str, int] = {}  # int8 files: student layers whose k-bit grid the int8 weights keep
+    # read back by load_deployable: a full-range int8 program runs its int8 kernels only on a VNNI CPU
+    int8_info = {"reduce_range": cfg.reduce_range, "student_grid_layers": pinned, "student_layers": len(steps)} if cfg.int8 else {}
     try:
         tmp.mkdir(parents=True)
         for kind in cfg.kinds:
@@ -360,7 +362,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                     base.unlink(missing_ok=True)
             seconds[f"{kind}_write_s"] = time.perf_counter() - t
             files[kind] = path.name
-            write_sidecar(tmp, exported, files=files, parity=figures)  # load_deployable finds the file through it
+            write_sidecar(tmp, exported, files=files, parity=figures, int8=int8_info)  # load_deployable finds the file through it
             t = time.perf_counter()
             loaded = load_deployable(tmp, device="cpu", kind=kind)
             seconds[f"{kind}_load_s"] = time.perf_counter() - t
@@ -373,7 +375,6 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 raise EffrayError(f"{path.name} failed the parity check: top-1 agreement {f['agreement']:.4f} < {need} with "
                                   f"the source on {f['images']} {cfg.split} images (max |logit diff| {f['max_abs_logit_diff']:.3g})"
                                   f"{_why(model, kind)}; nothing written")  # fmt: skip
-        int8_info = {"reduce_range": cfg.reduce_range, "student_grid_layers": pinned, "student_layers": len(steps)} if cfg.int8 else {}
         write_sidecar(tmp, exported, files=files, parity=figures, data={"path": str(data.resolve()), "split": cfg.split},
                       exported_from=str(artifact.resolve()), int8=int8_info)  # fmt: skip
         replace_dir(tmp, out)

@@ -200,7 +200,8 @@ def _load_export(p: Path, device: str, kind: str) -> Deployable:
                      numerics=dict(sidecar.get("numerics") or {}), provenance=dict(sidecar.get("provenance") or {}))  # fmt: skip
     if kind.startswith("onnx"):
         return Deployable(info, _onnx_forward(f, info, device), device)
-    return Deployable(info, _program_forward(f, info, device, kind), device)
+    full_range = not (sidecar.get("int8") or {}).get("reduce_range", True)
+    return Deployable(info, _program_forward(f, info, device, kind, full_range), device)
 
 
 def _onnx_forward(f: Path, info: ModelInfo, device: str) -> Any:
@@ -219,11 +220,14 @@ def _onnx_forward(f: Path, info: ModelInfo, device: str) -> Any:
     return forward
 
 
-def load_program(f: str | os.PathLike, kind: str = "torch", device: str = "cpu", image_shape: list[int] | None = None) -> Any:
+def load_program(f: str | os.PathLike, kind: str = "torch", device: str = "cpu", image_shape: list[int] | None = None,
+                 full_range: bool = False) -> Any:
     """The torch module of a ``.pt2`` export, on ``device``. The int8 one is a PT2E q/dq
     program (portable: float arithmetic on int8 values anywhere); on an x86 CPU it is
     lowered here to oneDNN's int8 kernels (:func:`effray.compress.int8.lower_x86`: seconds,
-    once per load), which needs an ``image_shape`` (HWC) to trace with."""
+    once per load), which needs an ``image_shape`` (HWC) to trace with. ``full_range``: the
+    program was written on a VNNI CPU with 8-bit activations into 8-bit weights, which a CPU
+    without VNNI would overflow in its int16 pair sums; there it runs unlowered (exact, slower)."""
     import torch
 
     if kind == "torch-int8":
@@ -236,7 +240,10 @@ def load_program(f: str | os.PathLike, kind: str = "torch", device: str = "cpu",
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
         raise EffrayError(f"{f} is not a loadable torch.export program ({type(exc).__name__}); re-run `effray export`") from None
     if kind == "torch-int8" and device == "cpu" and torch.backends.mkldnn.is_available():
-        from effray.compress.int8 import lower_x86
+        from effray.compress.int8 import lower_x86, vnni
+
+        if full_range and not vnni():
+            return module.to(device)
 
         require(image_shape is not None, "lowering an int8 program needs the image shape")
         h, w, c = image_shape
@@ -244,10 +251,10 @@ def load_program(f: str | os.PathLike, kind: str = "torch", device: str = "cpu",
     return module.to(device)
 
 
-def _program_forward(f: Path, info: ModelInfo, device: str, kind: str = "torch") -> Any:
+def _program_forward(f: Path, info: ModelInfo, device: str, kind: str = "torch", full_range: bool = False) -> Any:
     import torch
 
-    module = load_program(f, kind, device, info.image_shape)
+    module = load_program(f, kind, device, info.image_shape, full_range)
 
     def forward(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -125,6 +125,11 @@ def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
                                           min_int8_agreement=1.0, calib_batches=1)))
     assert exact["parity"]["torch-int8"]["agreement"] == 1.0
     assert exact["parity"]["torch"]["agreement"] == 1.0 and exact["parity"]["torch"]["max_abs_logit_diff"] < 1e-4
+    # every layer int8 at full range, as written on a VNNI CPU: where the CPU has no VNNI the
+    # loader runs it unlowered instead of overflowing oneDNN's int16 pair sums
+    full = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "full"), int8=True,
+                                         int8_reduce_range="off", min_int8_agreement=1.0, calib_batches=1)))
+    assert full["int8"]["reduce_range"] is False and full["parity"]["torch-int8"]["agreement"] == 1.0
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(artifact, tiny_cifar, tmp_path):
