@@ -29,12 +29,13 @@ from effray.errors import EffrayError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 PRESETS: dict[str, dict[str, Any]] = {
-    # a few-minute search on one CPU machine: one trial per (pruning kind, bits) pair, so
-    # the trials spread along the size axis; prune rate and LR drawn; KD on (--search grid)
+    # a few-minute search on one CPU machine: one trial per (pruning kind, prune rate, bits),
+    # 12 configs spread along the size axis (10-80 KB) so the front has points all along it;
+    # LR drawn; KD on (--search grid)
     "demo": {
         "prune_kind": {"grid": ["unstructured", "structured"]},
-        "prune_rate": {"uniform": [0.4, 0.7]},
-        "bits": {"grid": [2, 3, 4, 8]},
+        "prune_rate": {"grid": [0.5, 0.8]},
+        "bits": {"grid": [2, 4, 8]},
         "kd_alpha": 0.7,
         "kd_temperature": 4.0,
         "finetune_epochs": 2,
