@@ -148,6 +148,14 @@ def weight_steps(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, QUANT_TYPES)}  # fmt: skip
 
 
+def activation_grids(model: nn.Module) -> dict[str, tuple[float, int, int]]:
+    """``{"<layer>.weight": (scale, zero point, bits)}`` of every fake-quant layer of ``model``
+    that quantizes its input: the grid the student rounds that input to."""
+    return {f"{n}.weight": (float(m.aq.scale.detach().abs().clamp_min(1e-8)), int(m.aq.zero), int(m.aq.bits))
+            for n, m in model.named_modules()
+            if isinstance(m, QUANT_TYPES) and isinstance(m.aq, ActQuant) and m.aq.is_ready}  # fmt: skip
+
+
 def _pin_weight_grids(prepared: torch.fx.GraphModule, steps: dict[str, torch.Tensor]) -> int:
     """Make each observed weight's int8 scale the student's step where its codes fit the
     observer's range: the symmetric observer picks ``max(|min|, max) / ((qmax - qmin) / 2)``,

@@ -15,17 +15,17 @@ normalisation, classes and provenance; :func:`effray.deploy.model.load_deployabl
   an x86 CPU when it opens it (elsewhere it runs as float arithmetic on the int8 values);
 * ``onnx``: ``model.onnx`` (torch.export-based exporter, dynamic batch axis);
 * ``onnx-int8`` (``--int8``): ``model.int8.onnx``, static QDQ from ONNX Runtime
-  (per-channel int8 weights, uint8 activations calibrated on the training split).
+  (per-channel int8 weights, uint8 activations; what the student doesn't fix is calibrated
+  on the training split).
 
-Both int8 files keep a compressed student's k-bit weights exactly where the int8 range
-holds them (its per-channel step as the int8 scale). The torch int8 program also keeps a
-student's activation grids and rounding points (:func:`effray.compress.int8.quantize_int8`),
-so it computes the student's logits; ONNX Runtime's calibrates its own activation ranges
-(pinned, with no output rounding, ORT would no longer fuse its int8 kernels). On a CPU
-without VNNI the kernels would overflow at full range (measured here: ONNX Runtime's int8
-file agreed on 87 % of images at full range, 95 % with 7-bit weights), so ``--int8-reduce-
-range auto`` keeps a student's 8-bit-weight layers float (torch) / quantizes weights to 7
-bits (ONNX Runtime) there; ``deploy.json`` records it.
+Both int8 files compute a compressed student on its own grids: its k-bit weights exactly
+(its per-channel step as the int8 scale) and its activations rounded where it rounds them,
+to its scale and zero point (:func:`effray.compress.int8.quantize_int8`,
+:func:`onnx_overrides`). A CPU without VNNI sums uint8 x int8 pairs in int16, which
+overflows at full range: there ``--int8-reduce-range auto`` keeps the torch program's
+8-bit-weight layers float, and the ONNX file always stores codes beyond 7 bits as uint8
+(ORT's uint8 x uint8 kernels widen first), so the same file is exact on either CPU;
+``deploy.json`` records which.
 
 Every file is loaded back once written and run beside the source on the held-out split:
 top-1 agreement must reach ``--min-agreement`` (fp32) / ``--min-int8-agreement``, else
@@ -181,20 +181,62 @@ def write_onnx(path: Path, program: Any, example: Any) -> None:
         raise EffrayError(f"the ONNX exporter failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from None
 
 
-def onnx_weight_overrides(onnx_path: Path, steps: dict[str, Any], max_code: int) -> dict[str, list[dict[str, Any]]]:
-    """ONNX Runtime ``TensorQuantOverrides`` giving each student layer's weight its own
-    per-channel step as the int8 scale (zero point 0), so the int8 codes are its k-bit
-    codes, as :func:`effray.compress.int8.quantize_int8` does for torch; only where those
-    codes fit ``max_code`` (63 under ``reduce_range``: 7-bit weights). The channel axis is
-    the output one: 0 for Conv and Gemm(transB), the last for MatMul/Gemm."""
+# ops between a layer and the next one's input that commute with rounding on one grid
+# (a grid that holds 0 for ReLU): the next layer's input grid can round there instead
+_COMMUTING = ("Relu", "MaxPool", "Reshape", "Flatten")
+
+
+def _identity_pool(node: Any) -> bool:
+    """An ``AveragePool`` over 1x1 windows (``AdaptiveAvgPool2d`` to the size it is given)."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return node.op_type == "AveragePool" and all(k == 1 for k in attrs.get("kernel_shape", [0]))
+
+
+def onnx_overrides(onnx_path: Path, steps: dict[str, Any], grids: dict[str, tuple[float, int, int]]
+                   ) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """ONNX Runtime ``TensorQuantOverrides`` that make its int8 model round where the student
+    rounds, on the student's grids; returns them and how many layers' weights they pin.
+
+    * Weights: each student layer's per-channel step is the int8 scale, so the codes are
+      its k-bit codes. Codes beyond 7 bits (the 8-bit first and last layers) are stored
+      uint8 with zero point 128: ONNX Runtime's x86 kernels without VNNI sum uint8 x int8
+      pairs in int16, which overflows at full range (64 % agreement measured), while its
+      uint8 x uint8 kernels widen first. Codes within 7 bits stay int8 (fast everywhere).
+    * Activations: a layer's input tensor takes the student's activation scale and zero
+      point (``grids``), and so do the tensors upstream of it through ReLU, max-pool and
+      reshapes back to the previous layer's output, which ORT must quantize to fuse its
+      int8 kernel: rounding there, on the same grid, equals rounding at the input. A grid
+      of ``2^k`` levels (k < 8) is placed at the top of the uint8 range (zero point
+      ``255 - (2^k - 1 - zero)``) so uint8 saturation is the student's clamp; that is exact
+      for the non-negative inputs that follow a ReLU."""
     import onnx
     from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType
 
     graph = onnx.load(str(onnx_path)).graph
     weights = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
     out: dict[str, list[dict[str, Any]]] = {}
+    pinned = 0
     for node in graph.node:
         name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else ""
+        if name in grids and grids[name][2] <= 8:
+            scale, zero, bits = grids[name]
+            chain, tensor, rectified = [], node.input[0], False
+            while True:
+                chain.append(tensor)
+                up = producer.get(tensor)
+                if up is None or not (up.op_type in _COMMUTING or _identity_pool(up)):
+                    break
+                rectified |= up.op_type == "Relu"
+                tensor = up.input[0]
+            top = 2**bits - 1 - zero
+            zero_point = 255 - top if rectified and bits < 8 else zero
+            for t in chain:
+                out[t] = [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8),
+                           "quant_type": QuantType.QUInt8}]  # fmt: skip
         if name not in steps or name not in weights:
             continue
         w, step = numpy_helper.to_array(weights[name]), np.asarray(steps[name], np.float32)
@@ -203,16 +245,22 @@ def onnx_weight_overrides(onnx_path: Path, steps: dict[str, Any], max_code: int)
         if w.shape[axis] != len(step):
             continue
         codes = w / step.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
-        if np.abs(codes).max() <= max_code and np.array_equal(codes, np.round(codes)):
-            out[name] = [{"axis": axis, "scale": float(v), "zero_point": 0} for v in step]
-    return out
+        if np.abs(codes).max() > 127 or not np.array_equal(codes, np.round(codes)):
+            continue
+        wide = np.abs(codes).max() > 63
+        out[name] = [{"axis": axis, "scale": float(v), "zero_point": 128 if wide else 0,
+                      **({"quant_type": QuantType.QUInt8} if wide else {})} for v in step]  # fmt: skip
+        pinned += 1
+    return out, pinned
 
 
-def write_onnx_int8(path: Path, fp32: Path, calib: list[np.ndarray], steps: dict[str, Any], reduce_range: bool) -> int:
-    """Static QDQ: per-channel symmetric int8 weights, uint8 activations (what ORT's x86
-    kernels take) calibrated by min/max on ``calib``, after ORT's pre-processing. A
-    student's layers (``steps``, :func:`effray.compress.int8.weight_steps`) keep their own
-    grid where it fits; returns how many did."""
+def write_onnx_int8(path: Path, fp32: Path, calib: list[np.ndarray], steps: dict[str, Any],
+                    grids: dict[str, tuple[float, int, int]], reduce_range: bool) -> int:
+    """Static QDQ after ORT's pre-processing: per-channel symmetric weights, uint8
+    activations; a student's layers on its own grids (:func:`onnx_overrides`), anything
+    else calibrated by min/max on ``calib`` (``reduce_range``: 7-bit weights, for CPUs
+    without VNNI). Linear layers keep float outputs (ORT's ``QGemm`` takes that), so the
+    logits are not rounded to 8 bits. Returns how many student layers keep their grid."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -233,13 +281,14 @@ def write_onnx_int8(path: Path, fp32: Path, calib: list[np.ndarray], steps: dict
     try:
         with _silent():
             quant_pre_process(str(fp32), str(pre))
-            overrides = onnx_weight_overrides(pre, steps, 63 if reduce_range else 127)
+            overrides, pinned = onnx_overrides(pre, steps, grids)
             quantize_static(str(pre), str(path), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"TensorQuantOverrides": overrides})  # fmt: skip
+                            extra_options={"TensorQuantOverrides": overrides,
+                                           "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})  # fmt: skip
     finally:
         pre.unlink(missing_ok=True)
-    return len(overrides)
+    return pinned
 
 
 # ------------------------------------------------------------------ parity
@@ -271,15 +320,15 @@ def _reference(model: Any, info: Any, images: np.ndarray, batch_size: int) -> np
 
 
 def _why(model: Any, kind: str) -> str:
-    """A likely cause of an ONNX int8 file's disagreement: activations the artifact rounds
-    to fewer bits than ONNX Runtime's int8 model, which calibrates its own (the fp32 files
-    keep the artifact's activation quantizers, and the torch int8 file its grids)."""
+    """A likely cause of an ONNX int8 file's disagreement: an activation grid of fewer than
+    8 bits, which uint8 holds exactly only after a ReLU (where its clamp is uint8's
+    saturation); on a signed input, such as the image, it rounds but can't clamp."""
     from effray.compress.quantize import ActQuant
 
     bits = sorted({m.bits for m in model.modules() if isinstance(m, ActQuant)})
     if kind != "onnx-int8" or not bits or bits[0] >= 8:
         return ""
-    return f" (the artifact quantizes activations to {bits[0]}-bit, ONNX Runtime's int8 model calibrates its own 8-bit ones)"
+    return f" (the artifact quantizes activations to {bits[0]}-bit; ONNX Runtime's uint8 clamps such a grid only after a ReLU)"
 
 
 def _out_dir(cfg: ExportConfig, artifact: Path) -> Path:
@@ -298,7 +347,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     import torch
 
     from effray.atomic import replace_dir, temp_sibling
-    from effray.compress.int8 import export_program, float_twin, quantize_int8, weight_steps
+    from effray.compress.int8 import activation_grids, export_program, float_twin, quantize_int8, weight_steps
     from effray.data.prepare import load_meta
     from effray.deploy.model import (
         EXPORT_FILES,
@@ -323,9 +372,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     # compute what the artifact computes, activation quantizers included (exact parity);
     # the int8 files start from the plain float twin and calibrate activations themselves
     program = export_program(float_twin(model, keep_activations=True), example)
-    # ONNX Runtime's int8 model starts from the plain float twin and calibrates its own
-    # activation ranges: pinned to a student's grids with no output rounding it would agree
-    # exactly, but ORT then runs float kernels (DequantizeLinear + Conv), not QLinearConv
+    # ONNX Runtime's int8 model starts from the plain float twin: its QDQ nodes take the
+    # activation quantizers' place, on the student's grids (onnx_overrides)
     plain = export_program(float_twin(model), example) if cfg.int8 and "onnx-int8" in cfg.kinds else None
     reference = _reference(model, info, images, cfg.batch_size)
 
@@ -336,6 +384,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     figures: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     steps = {k: v.tolist() for k, v in weight_steps(model).items()}
+    grids = activation_grids(model)
     pinned: dict[str, int] = {}  # int8 files: student layers whose k-bit grid the int8 weights keep
     # read back by load_deployable: a full-range int8 program runs its int8 kernels only on a VNNI CPU
     int8_info = {"reduce_range": cfg.reduce_range, "student_grid_layers": pinned, "student_layers": len(steps)} if cfg.int8 else {}
@@ -357,7 +406,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 base = tmp / ".float-twin.onnx"
                 try:
                     write_onnx(base, plain, example)
-                    pinned["onnx-int8"] = write_onnx_int8(path, base, calib, steps, cfg.reduce_range)
+                    pinned["onnx-int8"] = write_onnx_int8(path, base, calib, steps, grids, cfg.reduce_range)
                 finally:
                     base.unlink(missing_ok=True)
             seconds[f"{kind}_write_s"] = time.perf_counter() - t
