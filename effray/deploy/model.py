@@ -158,22 +158,30 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], Model
     return model, payload, info_from_payload(payload, str(p))
 
 
-def _load_checkpoint(p: Path, device: str) -> Deployable:
+def device_logits(model: Any, images: Any, info: ModelInfo, tta: int = 0) -> Any:
+    """Float32 logits of uint8 NHWC ``images`` that are already on the model's device,
+    left there: normalised on the device, in the numerics (bf16, channels-last) the model
+    was trained with, averaged over ``tta`` test-time views. No host sync."""
     import torch
 
     from effray.data.pipeline import normalize_tensor
     from effray.predict import tta_logits
     from effray.train.strategy import logits as model_logits
 
+    with torch.no_grad():
+        x = normalize_tensor(images, info.mean, info.std, bool(info.numerics.get("channels_last")))
+        return tta_logits(lambda v: model_logits(model, v, v.device, info.numerics), x, tta).float()
+
+
+def _load_checkpoint(p: Path, device: str) -> Deployable:
+    import torch
+
     model, payload, info = open_checkpoint(p)
     model = model.to(device).eval()
     tta = int((payload.get("config") or {}).get("tta", 0)) if info.kind == "checkpoint" else 0
 
-    def forward(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():  # uint8 to the device (a quarter of float32's bytes), normalised there
-            x = normalize_tensor(torch.from_numpy(images).to(device), info.mean, info.std,
-                                 bool(info.numerics.get("channels_last")))
-            return tta_logits(lambda v: model_logits(model, v, v.device, info.numerics), x, tta).float().cpu().numpy()
+    def forward(images: np.ndarray) -> np.ndarray:  # uint8 to the device: a quarter of float32's bytes
+        return device_logits(model, torch.from_numpy(images).to(device), info, tta).cpu().numpy()
 
     return Deployable(info, forward, device)
 

@@ -455,3 +455,30 @@ def test_the_per_epoch_size_reads_a_cpu_copy_and_leaves_the_gpu_model_alone(fake
             x, y = _calib(1)[0]
             torch.nn.functional.cross_entropy(model(x), y).backward()
             assert_cuda(*(p.grad for p in model.parameters() if p.grad is not None))
+
+
+@pytest.mark.parametrize("numerics", [{}, {"bf16": True, "channels_last": True}])
+@pytest.mark.parametrize("student", [False, True])
+def test_deployed_models_logits_stay_on_the_gpu(fake_cuda, numerics, student):
+    """What ``effray predict``'s actors and ``effray serve``'s replicas run per batch on a
+    GPU (:func:`effray.deploy.model.device_logits`): uint8 images copied to the device,
+    normalised there, a trained model or a compressed student (fake-quant layers), with
+    test-time views; the logits stay on the device until the caller takes them."""
+    from effray.compress.config import CompressConfig
+    from effray.compress.recipe import finish
+    from effray.deploy.model import ModelInfo, device_logits
+
+    info = ModelInfo(classes=[str(c) for c in range(10)], image_shape=[32, 32, 3], mean=MEAN, std=STD,
+                     kind="artifact" if student else "checkpoint", source="-", numerics=numerics)  # fmt: skip
+    model = build_model("convnet", 10, 3, 0.5)
+    with fake_cuda:
+        model = model.to(CUDA)
+        if student:
+            model = finish(model, CompressConfig(bits=4, act_bits=8, quant_mode="ptq", finetune_epochs=0, calib_batches=2),
+                           _calib())  # fmt: skip
+        model = model.eval()
+        for tta in (0, 2):
+            out = device_logits(model, uint8_batch(8)["image"], info, tta)
+            assert_cuda(out)
+            assert out.shape == (8, 10) and out.dtype == torch.float32
+
