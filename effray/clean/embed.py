@@ -83,25 +83,34 @@ class Embedder:
         last_linear(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from effray.data.pipeline import channel_stats
-
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
-        mean, std = channel_stats(self.mean, self.std, self.device)
-        x = images.permute(0, 3, 1, 2).float()
-        n = len(x)
-        with torch.no_grad():
-            views = zoom_views(x / 255.0)
-            both = torch.cat([torch.cat([v, v.flip(3)]) for v in views])  # all views and mirrors: one forward
-            self.grabbed.clear()
-            logits = self.model((both * 255.0 - mean) / std)
-            feats = self.grabbed[0].float().view(len(views), 2, n, -1).sum(1)  # (V, n, f): view + its mirror
-            probs = torch.softmax(logits[:n].float(), 1)
-            pixels = torch.stack([pixel_descriptor(v) for v in views])
-            out = torch.cat([feats, pixels], 2).transpose(0, 1)  # (n, V, f + p)
-            flat = torch.cat([out.flatten(1), probs], 1).cpu().numpy()  # the one device -> host copy
-        v, d = out.shape[1], out.shape[2]
+        out, probs = device_embedding(self.model, self.grabbed, images, self.mean, self.std)
+        n, v, d = out.shape
+        flat = torch.cat([out.flatten(1), probs], 1).cpu().numpy()  # the one device -> host copy
         keep = {k: batch[k] for k in ("origin", "index", "label") if k in batch}
         return {**keep, "views": flat[:, :v * d].reshape(n, v, d), "probs": flat[:, v * d:]}
+
+
+def device_embedding(model: torch.nn.Module, grabbed: list[torch.Tensor], images: torch.Tensor, mean: list[float],
+                     std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC ``images`` on the model's device -> ``views`` (n, V, f + p) and ``probs``
+    (n, C), float32 on that device: every zoom view and its mirror in one forward, the
+    penultimate features (``grabbed`` by the hook on the last linear layer) summed over each
+    mirror pair, beside the views' pixel descriptors. No host read."""
+    from effray.data.pipeline import channel_stats
+
+    mean_t, std_t = channel_stats(mean, std, images.device)
+    x = images.permute(0, 3, 1, 2).float()
+    n = len(x)
+    with torch.no_grad():
+        views = zoom_views(x / 255.0)
+        both = torch.cat([torch.cat([v, v.flip(3)]) for v in views])  # all views and mirrors: one forward
+        grabbed.clear()
+        logits = model((both * 255.0 - mean_t) / std_t)
+        feats = grabbed[0].float().view(len(views), 2, n, -1).sum(1)  # (V, n, f): view + its mirror
+        probs = torch.softmax(logits[:n].float(), 1)
+        pixels = torch.stack([pixel_descriptor(v) for v in views])
+        return torch.cat([feats, pixels], 2).transpose(0, 1), probs  # (n, V, f + p), (n, C)
 
 
 def finish(views: np.ndarray, feature_dim: int, rows: np.ndarray | None = None) -> np.ndarray:

@@ -16,6 +16,9 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from ray.tune import Callback
+
+from effray import console
 
 ALL_TRAIN = -1  # the trial that trains on every train row
 
@@ -61,9 +64,10 @@ def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     fit_rows = np.flatnonzero(folds != fold) if fold != ALL_TRAIN else np.arange(len(folds))
     subset = lambda rows: {k: v[rows] for k, v in train.items()}  # noqa: E731
     model = fit_arrays(subset(fit_rows), meta, epochs=config["epochs"], model=config["model"], width=config["width"],
-                       batch_size=config["batch_size"], seed=config["seed"] + fold + 1, device=device)  # fmt: skip
+                       batch_size=config["batch_size"], seed=config["seed"] + fold + 1, device=device,
+                       on_epoch=lambda epoch: ray.tune.report({"fold": fold, "epoch": epoch + 1}))  # fmt: skip
     with tempfile.TemporaryDirectory() as keep:
-        metrics: dict[str, Any] = {"fold": fold}
+        metrics: dict[str, Any] = {"fold": fold, "final": True}
         if fold == ALL_TRAIN:
             save_payload(keep, fitted_payload(model, meta, config["epochs"], config={"clean_fold": fold}))
         else:
@@ -73,6 +77,27 @@ def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
             np.save(os.path.join(keep, "probs.npy"), probs)
             metrics["accuracy"] = float((probs.argmax(1) == train["label"][rows]).mean()) if len(rows) else 0.0
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(keep))
+
+
+class EpochProgress(Callback):
+    """One bar over every fold trial's epochs, drawn on the driver from the trials' reports."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self._bar = total, None
+
+    def __reduce__(self) -> Any:
+        return (EpochProgress, (self.total,))
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        if "epoch" in result and not result.get("final"):
+            if self._bar is None:
+                self._bar = console.bar(self.total, "fold models", "epoch")
+            self._bar.update(1)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def run_folds(train: dict[str, np.ndarray], meta: dict[str, Any], folds: list[int], *, k: int, epochs: int, model: str,
@@ -93,7 +118,8 @@ def run_folds(train: dict[str, np.ndarray], meta: dict[str, Any], folds: list[in
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: f"fold_{t.config['fold']}"),
                        run_config=tune.RunConfig(name="folds", storage_path=os.path.abspath(storage), verbose=0,
-                                                 failure_config=tune.FailureConfig(max_failures=1)))  # fmt: skip
+                                                 failure_config=tune.FailureConfig(max_failures=1),
+                                                 callbacks=[EpochProgress(len(folds) * epochs)]))  # fmt: skip
     grid = tuner.fit()
     probs = np.full((len(train["label"]), int(meta["num_classes"])), np.nan, np.float32) if any(f >= 0 for f in folds) else None
     accuracy: dict[int, float] = {}

@@ -482,3 +482,40 @@ def test_deployed_models_logits_stay_on_the_gpu(fake_cuda, numerics, student):
             assert_cuda(out)
             assert out.shape == (8, 10) and out.dtype == torch.float32
 
+
+def test_cleaning_embeds_on_the_gpu(fake_cuda):
+    """``effray data clean``'s embedding actor on a GPU: uint8 images copied once to the
+    device, every zoom view and mirror through the classifier there, the features, pixel
+    descriptors and probabilities left on it (the actor then makes its one host copy)."""
+    from effray.clean.embed import ZOOMS, device_embedding, last_linear
+
+    model = build_model("convnet", 10, 3, 0.5).eval()
+    grabbed: list[torch.Tensor] = []
+    last_linear(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].flatten(1)))
+    with fake_cuda:
+        model = model.to(CUDA)
+        views, probs = device_embedding(model, grabbed, uint8_batch(6)["image"], MEAN, STD)
+        assert_cuda(views, probs)
+        assert views.shape[:2] == (6, len(ZOOMS)) and probs.shape == (6, 10)
+
+
+def test_cleaning_fold_models_train_on_the_gpu(fake_cuda, monkeypatch):
+    """A label-issue fold's (and the embedding model's) training, :func:`fit_arrays`, on a
+    GPU: host arrays in, batches moved to the device, every step there. The model is built
+    for real before fake CUDA starts (see conftest.py) and handed to ``fit_arrays``."""
+    import numpy as np
+
+    from effray.train import local
+    from effray.train.local import fit_arrays
+
+    built = build_model("convnet", 10, 3, 0.5)
+    monkeypatch.setattr(local, "build_model", lambda *args, **kwargs: built)
+
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 10, 64),
+              "index": np.arange(64)}  # fmt: skip
+    meta = {"num_classes": 10, "image_shape": [32, 32, 3], "mean": MEAN, "std": STD}
+    with fake_cuda:
+        net = fit_arrays(arrays, meta, epochs=1, batch_size=32, device=CUDA)
+        assert_cuda(*net.parameters(), *net.buffers())
+
