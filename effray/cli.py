@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_namespace(cmd.config, args)
         check_output_paths(cfg, os.environ)  # a relative --out/--storage would vanish with a Ray job's working dir
         if args.dry_run:
-            print(json.dumps({"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg)}, default=str))
+            plan = {"plan": cfg.plan()} if hasattr(cfg, "plan") else {}  # a multi-stage command: each stage's config
+            print(json.dumps({"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg), **plan}, default=str))
             return 0
         needs_ray = cmd.uses_ray(cfg)
         log_file = None if args.verbose or not needs_ray else log_path(cmd.path, cfg)

@@ -145,3 +145,49 @@ def runtime_env(spec: str | os.PathLike, environ: Mapping[str, str], passthrough
     if env_vars:
         env["env_vars"] = env_vars
     return env
+
+
+# ------------------------------------------------------------------ a launcher config's capacity
+
+
+def launcher_node_types(path: str | os.PathLike) -> dict[str, tuple[dict[str, float], int]]:
+    """``{node type: (resources, most nodes of it)}`` of a Ray cluster launcher YAML
+    (``cluster.yaml``): the head type counts once, a worker type ``max_workers`` times.
+    Each type must state its ``resources`` (CPU, GPU) for the check to mean anything."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text())
+    types = doc.get("available_node_types") or {}
+    out: dict[str, tuple[dict[str, float], int]] = {}
+    for name, spec in types.items():
+        res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        if "CPU" not in res:
+            raise EffrayError(f"{path}: node type {name} states no resources.CPU; write its CPUs (and GPUs) so "
+                              "effray can check what fits")  # fmt: skip
+        count = 1 if name == doc.get("head_node_type") else int(spec.get("max_workers", doc.get("max_workers", 0)))
+        out[name] = (res, count)
+    return out
+
+
+def bundles_that_fit(bundle: Mapping[str, float], node_types: Mapping[str, tuple[dict[str, float], int]]) -> int:
+    """How many copies of a resource ``bundle`` (``{"CPU": c, "GPU": g}``) the cluster holds
+    at its largest, each copy on one node."""
+    total = 0
+    for res, count in node_types.values():
+        per_node = min((int(res.get(k, 0.0) // v) for k, v in bundle.items() if v > 0), default=0)
+        total += per_node * count
+    return total
+
+
+def fit_problems(requests: Mapping[str, tuple[Mapping[str, float], int]],
+                 node_types: Mapping[str, tuple[dict[str, float], int]]) -> list[str]:
+    """One line per request ``{what: (bundle, copies)}`` that the cluster can't hold even
+    at its largest (each request alone: the stages run one after another)."""
+    problems = []
+    for what, (bundle, copies) in requests.items():
+        room = bundles_that_fit(bundle, node_types)
+        if room < copies:
+            want = ", ".join(f"{v:g} {k}" for k, v in bundle.items() if v > 0)
+            problems.append(f"{what} needs {copies} x ({want}) on one node each; the cluster holds {room} at most")
+    return problems
+

@@ -8,6 +8,8 @@ dataset is reused, the teacher run and the Tune experiment resume by name).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -44,19 +46,125 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+STAGES = ("prepare", "train", "tune")  # a preset's sections, each its stage config's fields
+
+
+def _deep_merge(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    for k, v in upd.items():
+        into[k] = _deep_merge(dict(into[k]), v) if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+    return into
+
+
+def load_preset(spec: str) -> dict[str, dict[str, Any]]:
+    """A built-in preset by name, or a YAML file of the same shape: ``prepare``, ``train``
+    and ``tune`` sections holding those stages' config fields (nested as in the configs,
+    e.g. ``train: {data: {augment: strong}}``), on top of an optional ``base`` preset
+    (``demo`` or ``cifar10``; without one, the configs' own defaults)."""
+    if spec in PRESETS:
+        return copy.deepcopy(PRESETS[spec])
+    import yaml
+
+    path = Path(spec).expanduser()
+    require(path.suffix in (".yaml", ".yml") and path.is_file(),
+            f"--preset {spec}: neither a built-in preset ({', '.join(PRESETS)}) nor a YAML file that exists")  # fmt: skip
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = (str(exc).strip().splitlines() or ["invalid YAML"])[0]
+        raise EffrayError(f"--preset {path}: not valid YAML ({first}); fix the file") from None
+    require(isinstance(doc, dict), f"--preset {path}: expected a mapping with {', '.join(STAGES)} sections, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - {"base", *STAGES})
+    require(not unknown, f"--preset {path}: unknown section(s) {', '.join(map(str, unknown))}; a preset has base, {', '.join(STAGES)}")
+    base = doc.get("base")
+    require(base is None or base in PRESETS, f"--preset {path}: base {base!r} is not a built-in preset; use one of {', '.join(PRESETS)}")
+    preset = copy.deepcopy(PRESETS[base]) if base else {stage: {} for stage in STAGES}
+    for stage in STAGES:
+        section = doc.get(stage) or {}
+        require(isinstance(section, dict), f"--preset {path}: section {stage} must be a mapping of {stage} settings")
+        preset[stage] = _deep_merge(preset.get(stage, {}), section)
+    return preset
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The configs every stage of ``effray run`` will run with, built (and validated) before
+    the first one starts; ``tune.teacher`` is where the teacher's checkpoint will be."""
+
+    prepare: PrepareConfig
+    train: TrainConfig
+    tune: TuneConfig
+
+
+def plan_stages(cfg: RunConfig) -> StagePlan:
+    """``cfg``'s preset applied to each stage's config; a bad preset value fails here, in
+    one line naming the section, before any stage has run."""
+    from effray.search.space import space_from_file_or_preset, validate_space
+
+    preset, out = load_preset(cfg.preset), Path(os.path.abspath(cfg.out))
+
+    def build(stage: str, base: Any) -> Any:
+        try:
+            return merge(base, preset.get(stage, {}))
+        except EffrayError as exc:
+            raise EffrayError(f"--preset {cfg.preset}: {stage}: {exc}") from None
+
+    data_dir = out / "data"
+    plan = StagePlan(
+        prepare=build("prepare", PrepareConfig(source=cfg.source, out=str(data_dir))),
+        train=build("train", TrainConfig(data=DataConfig(data=str(data_dir)), storage=str(out / "teacher"), name="teacher",
+                                         wandb=cfg.wandb)),
+        tune=build("tune", TuneConfig(teacher=str(out / "teacher" / "teacher"), data=str(data_dir), storage=str(out),
+                                      name="compress", wandb=cfg.wandb, max_size_kb=cfg.max_size_kb)),
+    )  # fmt: skip
+    try:
+        validate_space(space_from_file_or_preset(plan.tune.space))
+    except EffrayError as exc:
+        raise EffrayError(f"--preset {cfg.preset}: tune: {exc}") from None
+    return plan
+
+
+def resource_requests(plan: StagePlan) -> dict[str, tuple[dict[str, float], int]]:
+    """What each stage asks Ray for: ``{what: (one bundle, how many)}``. The teacher's
+    workers (an elastic run's most), a search trial's workers, a Ray Data task; a CPU
+    count of 0 is ``auto``, which takes what is there."""
+    train, tune = plan.train, plan.tune
+    return {
+        "the teacher's workers": ({"CPU": train.cpus_per_worker, "GPU": train.gpus_per_worker},
+                                  max(train.workers, train.max_workers)),
+        "a search trial": ({"CPU": tune.cpus_per_worker, "GPU": tune.gpus_per_worker}, tune.workers_per_trial),
+        "a data task": ({"CPU": train.data_cpus}, 1),
+    }  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The main job: a preset, the source of the images, and where everything goes."""
 
-    preset: str = option("demo", "demo (minutes on a CPU box) or cifar10 (the full run for a GPU cluster)", choices=tuple(PRESETS))
+    preset: str = option("demo", "demo (minutes on a CPU box), cifar10 (the full run for a GPU cluster) or a YAML file (base, prepare, train, tune sections)")
     source: str = option("../shared/data/cifar10-train.parquet", "images to start from (any `effray data prepare --source`)")
     out: str = option("runs/demo", "directory for the dataset, teacher, experiment and report (shared storage on a cluster)")
     max_size_kb: float = option(0.0, "search only configs predicted to fit this many KB on disk, and pick the most accurate that does (0 = no limit)")
     wandb: bool = option(False, "log the teacher's training and every compression trial (+ the search's summary) to Weights & Biases (offline without a key)")
+    cluster_config: str = option("", "a Ray cluster launcher YAML (e.g. cluster.yaml): fail before anything runs if the teacher's workers or a search trial can't fit its node types")
 
     def validate(self) -> None:
         require(bool(self.source), "--source is required")
         require(self.max_size_kb >= 0, f"--max-size-kb must be >= 0, got {self.max_size_kb}")
+        plan = plan_stages(self)  # the preset, every stage's config and the search space: checked before anything runs
+        if self.cluster_config:
+            from effray.cluster import fit_problems, launcher_node_types
+
+            require(Path(self.cluster_config).is_file(), f"--cluster-config {self.cluster_config} does not exist")
+            problems = fit_problems(resource_requests(plan), launcher_node_types(self.cluster_config))
+            require(not problems, f"--preset {self.preset} doesn't fit {self.cluster_config}: {'; '.join(problems)}")
+
+    def plan(self) -> dict[str, Any]:
+        """What ``--dry-run`` prints besides the flags: every stage's resolved config."""
+        from effray.config import to_dict
+
+        plan = plan_stages(self)
+        requests = {what: {"bundle": dict(bundle), "copies": copies} for what, (bundle, copies) in resource_requests(plan).items()}
+        return {**{stage: to_dict(getattr(plan, stage)) for stage in STAGES}, "resources": requests}
 
 
 def _stage(name: str) -> float:
@@ -99,7 +207,7 @@ def front_table(results: str | os.PathLike, teacher: dict[str, Any] | None = Non
 
 def run_all(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage; returns where the report and the best artifacts are."""
-    preset = PRESETS[cfg.preset]
+    plan = plan_stages(cfg)
     out = Path(os.path.abspath(cfg.out))
     data_dir = out / "data"
     timings: dict[str, float] = {}
@@ -112,12 +220,11 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         require(meta["source"].endswith(cfg.source.split(":", 1)[-1].lstrip("./")) or cfg.source in meta["source"],
                 f"{data_dir} was prepared from {meta['source']}, not {cfg.source}; use another --out")  # fmt: skip
     else:
-        prepare(merge(PrepareConfig(source=cfg.source, out=str(data_dir)), preset["prepare"]))
+        prepare(plan.prepare)
     timings["prepare_s"] = time.time() - t
 
     t = _stage("train the teacher")
-    train_cfg = merge(TrainConfig(data=DataConfig(data=str(data_dir)), storage=str(out / "teacher"), name="teacher",
-                                  wandb=cfg.wandb), preset["train"])  # fmt: skip
+    train_cfg = plan.train
     progress, follow = _teacher_bar(out / "teacher" / "teacher", train_cfg.epochs)
     with follow:
         trained = train(train_cfg)
@@ -129,8 +236,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     say(f"[effray run] teacher: val accuracy {trained.get('val_accuracy', float('nan')):.4f} ({timings['train_s']:.0f} s)")
 
     t = _stage("search the compression space")
-    tune_cfg = merge(TuneConfig(teacher=str(teacher), data=str(data_dir), storage=str(out), name="compress",
-                                wandb=cfg.wandb, max_size_kb=cfg.max_size_kb), preset["tune"])  # fmt: skip
+    tune_cfg = dataclasses.replace(plan.tune, teacher=str(teacher))
     searched = tune_compression(tune_cfg, callbacks=[TrialProgress(trial_count(tune_cfg))])
     timings["tune_s"] = time.time() - t
     say(f"[effray run] search: {searched['measured']} measured, {searched['stopped_early']} stopped early, "
