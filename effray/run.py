@@ -1,9 +1,10 @@
 """``effray run``: the whole chain on the current Ray cluster, one stage after another.
 
-prepare -> train the teacher -> Tune the compression space -> report. Each stage is the
-same function its own command calls, with the preset's settings; every stage resumes,
-so running the command again after an interruption continues where it stopped (the
-dataset is reused, the teacher run and the Tune experiment resume by name).
+prepare -> train the teacher -> Tune the compression space -> report -> export the front.
+Each stage is the same function its own command calls, with the preset's settings; every
+stage resumes, so running the command again after an interruption continues where it
+stopped (the dataset is reused, the teacher run and the Tune experiment resume by name,
+an export made from the same artifact is kept).
 """
 
 from __future__ import annotations
@@ -186,23 +187,62 @@ def _teacher_bar(run_dir: Path, epochs: int) -> Any:
     return progress, follow_jsonl(run_dir / HISTORY_FILE, on_record)
 
 
-def front_table(results: str | os.PathLike, teacher: dict[str, Any] | None = None) -> list[str]:
-    """The accuracy-vs-bytes front of a report's results, as terminal lines."""
+def front_table(results: str | os.PathLike, teacher: dict[str, Any] | None = None, pick: str | None = None) -> list[str]:
+    """The accuracy-vs-bytes front of a report's results, as terminal lines (``*``: the pick)."""
     import pandas as pd
 
     table = pd.read_parquet(results)
     front = table[table["pareto_bytes"]].sort_values("bytes")
     size = teacher.get("bytes") if teacher else None
-    lines = [f"  {'trial':<12}{'accuracy':>9}{'KB':>9}{'smaller':>9}{'MACs':>12}{'ms (b1)':>9}  config"]
+    lines = [f"  {'trial':<10}{'accuracy':>9}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{'ms (b1)':>9}  config"]
     for _, r in front.iterrows():
         how = ", ".join(x for x in (
             f"{r.get('config.compress.prune_kind', '')} {r['config.compress.prune_rate']:.2f}" if r.get("config.compress.prune_rate") else "",
             f"{int(r['config.compress.bits'])}-bit" if r.get("config.compress.bits", 32) != 32 else "",
             f"KD T={r['config.compress.kd_temperature']:g}" if r.get("config.compress.kd_alpha") else "") if x)  # fmt: skip
         smaller = f"{size / r['bytes']:.1f}x" if size else ""
-        lines.append(f"  {r['trial_id']:<12}{r['accuracy']:>9.4f}{r['bytes'] / 1024:>9.1f}{smaller:>9}"
-                     f"{int(r['macs']):>12,}{r['latency_ms']:>9.3f}  {how}")  # fmt: skip
+        corrupt = f"{r['corruption_accuracy']:.4f}" if r.get("corruption_accuracy") == r.get("corruption_accuracy") else "-"
+        star = "*" if r["trial_id"] == pick else " "
+        lines.append(f" {star}{r['trial_id']:<10}{r['accuracy']:>9.4f}{r.get('macro_f1', float('nan')):>9.4f}{corrupt:>9}"
+                     f"{r['bytes'] / 1024:>8.1f}{smaller:>9}{r['latency_ms']:>9.3f}  {how}")  # fmt: skip
     return lines
+
+
+def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Export every model on the accuracy-vs-bytes front (and the budget pick, with its int8
+    files) to ``out/<trial_id>`` as ``.pt2`` + ONNX, each parity-checked by
+    :func:`effray.deploy.export.export`. An export already made from the same artifact is
+    kept, so a re-run resumes here. A model that fails its check is reported, not fatal
+    (the pick falls back to its fp32 files). Returns ``{trial_id: {"dir", "int8", "error"}}``."""
+    import pandas as pd
+
+    from effray.config import validated
+    from effray.deploy.export import ExportConfig, export
+    from effray.deploy.model import SIDECAR, read_sidecar
+
+    table = pd.read_parquet(results)
+    ids = list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])
+    ids = list(dict.fromkeys(ids))
+    done: dict[str, dict[str, Any]] = {}
+    progress = bar(len(ids), "export", "model")
+    for tid in ids:
+        artifact = Path(table.loc[table["trial_id"] == tid, "artifact"].iloc[0]).resolve()
+        dest, int8 = out / tid, tid == pick
+        record: dict[str, Any] = {"dir": str(dest), "int8": int8, "error": ""}
+        kept = read_sidecar(dest) if (dest / SIDECAR).is_file() else {}
+        if kept.get("exported_from") != str(artifact) or (int8 and "onnx-int8" not in kept.get("files", {})):
+            for attempt in ((True, False) if int8 else (False,)):
+                try:
+                    export(validated(ExportConfig(artifact=str(artifact), format="all", int8=attempt, data=str(data_dir),
+                                                  out=str(dest))))  # fmt: skip
+                    record.update(int8=attempt, error="")
+                    break
+                except EffrayError as exc:
+                    record.update(int8=False, error=str(exc))
+        done[tid] = record
+        progress.update(1)
+    progress.close()
+    return done
 
 
 def run_all(cfg: RunConfig) -> dict[str, Any]:
@@ -246,15 +286,31 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     summary = report(ReportConfig(experiment=searched["experiment"], max_size_kb=cfg.max_size_kb))
     timings["report_s"] = time.time() - t
     results = Path(summary["report"]).with_name("results.parquet")
+    pick = (summary.get("budget_pick") or {}).get("trial_id")
+
+    t = _stage("export the front")
+    exports = export_front(results, pick, out / "export", data_dir)
+    timings["export_s"] = time.time() - t
+    for tid, e in exports.items():
+        if e["error"]:
+            say(f"[effray run] export {tid}: {e['error']}")
+
     say(f"[effray run] the front ({summary['pareto'].get('bytes', 0)} non-dominated of {summary['trials']} measured, "
-        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}):")  # fmt: skip
-    for line in front_table(results, searched.get("teacher")):
+        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; * the most accurate within the budget):")  # fmt: skip
+    for line in front_table(results, searched.get("teacher"), pick):
         say(line)
     say(f"[effray run] report: {summary['report']}")
+    say(f"[effray run] exported (.pt2 + ONNX, each checked against its artifact): {out / 'export'}/<trial>")
+    if pick and pick in exports:
+        model, kind = exports[pick]["dir"], "onnx-int8" if exports[pick]["int8"] else "onnx"
+        say(f"[effray run] serve the pick:   effray serve --model {model} --kind {kind}")
+        say(f"[effray run] batch inference:  effray predict --model {model} --kind {kind} --data {cfg.source} "
+            f"--out {out / 'predictions'}")  # fmt: skip
     return {
         "report": summary["report"], "pareto_png": str(Path(summary["report"]).with_name("pareto.png")),
         "teacher": {"checkpoint": teacher, "val_accuracy": trained.get("val_accuracy")},
         "trials": summary["trials"], "front": summary["pareto"].get("bytes", 0),
         "hypervolume": summary.get("hypervolume"), "best_accuracy": summary["best_accuracy"],
-        "budget_pick": summary.get("budget_pick"), "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "budget_pick": summary.get("budget_pick"), "exports": exports,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
     }  # fmt: skip

@@ -152,6 +152,39 @@ def test_onnx_int8_runs_a_students_grids_on_int8_kernels(tiny_cifar, teacher, tm
     assert not {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"} & set(ops), ops
 
 
+def test_effray_runs_export_stage_exports_the_front_and_resumes(artifact, tiny_cifar, tmp_path):
+    """``effray run``'s last stage (:func:`effray.run.export_front`) on a report's results:
+    every front model and the pick exported (the pick with int8 unless its check fails),
+    nothing for a model off the front, a broken artifact reported without stopping the
+    others, and a re-run keeps what was exported from the same artifact."""
+    import pandas as pd
+
+    from effray.run import export_front
+
+    junk = tmp_path / "junk" / "model.pt"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not a checkpoint")
+    results = tmp_path / "results.parquet"
+    pd.DataFrame({"trial_id": ["pick", "front", "off", "broken"],
+                  "artifact": [str(artifact), str(artifact), str(artifact), str(junk)],
+                  "pareto_bytes": [True, True, False, True]}).to_parquet(results)  # fmt: skip
+    out = tmp_path / "export"
+    done = export_front(results, "pick", out, tiny_cifar)
+    assert sorted(done) == ["broken", "front", "pick"] and sorted(p.name for p in out.iterdir()) == ["front", "pick"]
+    assert "refusing to load" in done["broken"]["error"] and str(junk) in done["broken"]["error"]
+    for tid in ("pick", "front"):
+        sidecar = json.loads((out / tid / SIDECAR).read_text())
+        assert sidecar["exported_from"] == str(artifact.resolve()) and {"torch", "onnx"} <= set(sidecar["files"])
+        assert not done[tid]["error"]
+    pick = json.loads((out / "pick" / SIDECAR).read_text())
+    assert done["pick"]["int8"] == ("onnx-int8" in pick["files"]) and "onnx-int8" not in json.loads(
+        (out / "front" / SIDECAR).read_text())["files"]  # fmt: skip
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = export_front(results, "pick", out, tiny_cifar)
+    assert {k: v["dir"] for k, v in again.items()} == {k: v["dir"] for k, v in done.items()}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # nothing re-exported
+
+
 def test_bad_inputs_are_one_line_and_write_nothing(artifact, tiny_cifar, tmp_path):
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"not a checkpoint")
