@@ -1,6 +1,7 @@
 """``effray run``: the whole chain on the current Ray cluster, one stage after another.
 
-prepare -> train the teacher -> Tune the compression space -> report -> export the front.
+prepare -> clean -> train the teacher -> Tune the compression space -> report -> export the
+front.
 Each stage is the same function its own command calls, with the preset's settings; every
 stage resumes, so running the command again after an interruption continues where it
 stopped (the dataset is reused, the teacher run and the Tune experiment resume by name,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from effray.clean.config import CleanConfig
 from effray.config import merge, option, require
 from effray.console import bar, follow_jsonl, say
 from effray.data.pipeline import DataConfig
@@ -31,6 +33,7 @@ from effray.train.config import TrainConfig
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "prepare": {"limit": 10000, "val_fraction": 0.1},
+        "clean": {"near": False, "labels": False},  # exact copies and leaks: one hash pass, seconds
         "train": {"model": "convnet", "width": 0.5, "epochs": 6, "batch_size": 128, "lr": 0.05,
                   "workers": 2, "data_cpus": 1.0, "data": {"augment": "standard"}},
         "tune": {"space": "demo", "search": "grid", "num_samples": 1, "cpus_per_trial": 1.0, "scheduler": "pareto",
@@ -38,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },  # fmt: skip
     "cifar10": {
         "prepare": {"limit": 0, "val_fraction": 0.1},
+        "clean": {"near": True, "labels": False, "gpus_per_actor": 1.0},  # + near copies, embedded on GPUs
         "train": {"model": "resnet20", "epochs": 60, "batch_size": 512, "lr": 0.4, "workers": 4,
                   "gpus_per_worker": 1.0, "cpus_per_worker": 4.0, "data_cpus": 1.0,
                   "data": {"augment": "standard"}},
@@ -47,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-STAGES = ("prepare", "train", "tune")  # a preset's sections, each its stage config's fields
+STAGES = ("prepare", "clean", "train", "tune")  # a preset's sections, each its stage config's fields
 
 
 def _deep_merge(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
@@ -57,8 +61,8 @@ def _deep_merge(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_preset(spec: str) -> dict[str, dict[str, Any]]:
-    """A built-in preset by name, or a YAML file of the same shape: ``prepare``, ``train``
-    and ``tune`` sections holding those stages' config fields (nested as in the configs,
+    """A built-in preset by name, or a YAML file of the same shape: ``prepare``, ``clean``,
+    ``train`` and ``tune`` sections holding those stages' config fields (nested as in the configs,
     e.g. ``train: {data: {augment: strong}}``), on top of an optional ``base`` preset
     (``demo`` or ``cifar10``; without one, the configs' own defaults)."""
     if spec in PRESETS:
@@ -92,6 +96,7 @@ class StagePlan:
     the first one starts; ``tune.teacher`` is where the teacher's checkpoint will be."""
 
     prepare: PrepareConfig
+    clean: CleanConfig
     train: TrainConfig
     tune: TuneConfig
 
@@ -109,12 +114,14 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
         except EffrayError as exc:
             raise EffrayError(f"--preset {cfg.preset}: {stage}: {exc}") from None
 
-    data_dir = out / "data"
+    data_dir, drop = out / "data", cfg.clean.removeprefix("drop=") if cfg.clean.startswith("drop=") else ""
+    trained_on = out / "clean" / "data" if drop else data_dir  # dropped rows leave before the teacher trains
     plan = StagePlan(
         prepare=build("prepare", PrepareConfig(source=cfg.source, out=str(data_dir))),
-        train=build("train", TrainConfig(data=DataConfig(data=str(data_dir)), storage=str(out / "teacher"), name="teacher",
-                                         wandb=cfg.wandb)),
-        tune=build("tune", TuneConfig(teacher=str(out / "teacher" / "teacher"), data=str(data_dir), storage=str(out),
+        clean=build("clean", CleanConfig(data=str(data_dir), out=str(out / "clean"), drop=drop, overwrite=True)),
+        train=build("train", TrainConfig(data=DataConfig(data=str(trained_on)), storage=str(out / "teacher"),
+                                         name="teacher", wandb=cfg.wandb)),
+        tune=build("tune", TuneConfig(teacher=str(out / "teacher" / "teacher"), data=str(trained_on), storage=str(out),
                                       name="compress", wandb=cfg.wandb, max_size_kb=cfg.max_size_kb)),
     )  # fmt: skip
     try:
@@ -146,11 +153,17 @@ class RunConfig:
     out: str = option("runs/demo", "directory for the dataset, teacher, experiment and report (shared storage on a cluster)")
     max_size_kb: float = option(0.0, "search only configs predicted to fit this many KB on disk, and pick the most accurate that does (0 = no limit)")
     wandb: bool = option(False, "log the teacher's training and every compression trial (+ the search's summary) to Weights & Biases (offline without a key)")
+    clean: str = option("report", "the cleaning stage: report (flag duplicates and leaks before the teacher, label issues on val from the teacher; drop nothing), off, or drop=duplicates,leaks (those train rows leave before the teacher trains)")
     cluster_config: str = option("", "a Ray cluster launcher YAML (e.g. cluster.yaml): fail before anything runs if the teacher's workers or a search trial can't fit its node types")
 
     def validate(self) -> None:
         require(bool(self.source), "--source is required")
         require(self.max_size_kb >= 0, f"--max-size-kb must be >= 0, got {self.max_size_kb}")
+        require(self.clean in ("report", "off") or self.clean.startswith("drop="),
+                f"--clean {self.clean!r}: use report, off or drop=duplicates,leaks")  # fmt: skip
+        require("labels" not in self.clean.removeprefix("drop=").split(","),
+                "--clean drop=labels: label issues are found with the teacher, after it trained; drop duplicates/leaks, "
+                "or run `effray data clean --drop labels` (K-fold) first")  # fmt: skip
         plan = plan_stages(self)  # the preset, every stage's config and the search space: checked before anything runs
         if self.cluster_config:
             from effray.cluster import fit_problems, launcher_node_types
@@ -245,6 +258,61 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
     return done
 
 
+def clean_stage(plan: StagePlan) -> dict[str, Any]:
+    """``effray data clean`` with the preset's settings, kept if an earlier run made it with
+    the same ones (``clean_report.json`` records them); returns the report's counts."""
+    import json
+
+    from effray.atomic import write_json
+    from effray.clean.config import drop_reasons
+    from effray.clean.run import clean
+
+    report = Path(plan.clean.out) / "clean_report.json"
+    if report.is_file():
+        kept = json.loads(report.read_text())
+        if (kept.get("settings") or {}) == _clean_settings(plan.clean):
+            return {"counts": kept.get("counts", {}), "dropped": kept.get("dropped"), "kept": True}
+    done = clean(plan.clean)
+    doc = json.loads(report.read_text())
+    doc["settings"] = _clean_settings(plan.clean)
+    write_json(report, doc)
+    return {"counts": done["counts"], "dropped": done["dropped"], "kept": False, "reasons": drop_reasons(plan.clean.drop)}
+
+
+def _clean_settings(cfg: CleanConfig) -> dict[str, Any]:
+    return {"near": cfg.near, "labels": cfg.labels, "drop": cfg.drop, "reference": cfg.reference}
+
+
+def val_label_issues(teacher: str, data_dir: str | os.PathLike, out: Path) -> int:
+    """Label issues of the val split (cleanlab on the teacher's predictions: out of sample,
+    it never trained on val), written to ``out`` as Parquet; returns how many."""
+    import pandas as pd
+
+    from effray.atomic import write_file
+    from effray.clean.labels import label_issues, predict_probs
+    from effray.data.arrays import load_arrays
+    from effray.evaluate import load_checkpoint
+
+    meta, val = load_meta(data_dir), load_arrays(data_dir, "val")
+    model, _ = load_checkpoint(teacher)
+    probs = predict_probs(model, val, meta, "cpu")
+    classes = list(meta["classes"])
+    rows = [{"split": "val", "index": int(val["index"][r["position"]]), "rank": r["rank"], "given": classes[r["given"]],
+             "predicted": classes[r["predicted"]], "given_confidence": r["given_confidence"],
+             "predicted_confidence": r["predicted_confidence"]} for r in label_issues(val["label"], probs)]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["split", "index", "rank", "given", "predicted", "given_confidence", "predicted_confidence"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file(out, lambda tmp: table.to_parquet(tmp, index=False))
+    return len(rows)
+
+
+def _most_accurate(results: str | os.PathLike) -> str | None:
+    import pandas as pd
+
+    table = pd.read_parquet(results, columns=["trial_id", "accuracy"])
+    return None if table.empty else str(table.sort_values("accuracy", ascending=False)["trial_id"].iloc[0])
+
+
 def run_all(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage; returns where the report and the best artifacts are."""
     plan = plan_stages(cfg)
@@ -263,6 +331,16 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         prepare(plan.prepare)
     timings["prepare_s"] = time.time() - t
 
+    cleaned: dict[str, Any] = {}
+    if cfg.clean != "off":
+        t = _stage("clean")
+        cleaned = clean_stage(plan)
+        timings["clean_s"] = time.time() - t
+        found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(cleaned["counts"].items()) if v) or "nothing"
+        what = f"dropped {cleaned['dropped']['rows']} train rows" if cleaned.get("dropped") else "report only, nothing dropped"
+        say(f"[effray run] clean: {found} ({what}{'; kept from the last run' if cleaned['kept'] else ''}): "
+            f"{Path(plan.clean.out) / 'clean_report.md'}")  # fmt: skip
+
     t = _stage("train the teacher")
     train_cfg = plan.train
     progress, follow = _teacher_bar(out / "teacher" / "teacher", train_cfg.epochs)
@@ -275,6 +353,12 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     timings["train_s"] = time.time() - t
     say(f"[effray run] teacher: val accuracy {trained.get('val_accuracy', float('nan')):.4f} ({timings['train_s']:.0f} s)")
 
+    if cfg.clean != "off":
+        issues = val_label_issues(teacher, plan.tune.data, Path(plan.clean.out) / "val_label_issues.parquet")
+        cleaned["val_label_issues"] = issues
+        say(f"[effray run] {issues} possible label issues in val (cleanlab on the teacher's predictions): "
+            f"{Path(plan.clean.out) / 'val_label_issues.parquet'}")  # fmt: skip
+
     t = _stage("search the compression space")
     tune_cfg = dataclasses.replace(plan.tune, teacher=str(teacher))
     searched = tune_compression(tune_cfg, callbacks=[TrialProgress(trial_count(tune_cfg))])
@@ -286,7 +370,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     summary = report(ReportConfig(experiment=searched["experiment"], max_size_kb=cfg.max_size_kb))
     timings["report_s"] = time.time() - t
     results = Path(summary["report"]).with_name("results.parquet")
-    pick = (summary.get("budget_pick") or {}).get("trial_id")
+    pick = (summary.get("budget_pick") or {}).get("trial_id") or _most_accurate(results)  # no budget: the best model
 
     t = _stage("export the front")
     exports = export_front(results, pick, out / "export", data_dir)
@@ -296,7 +380,8 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
             say(f"[effray run] export {tid}: {e['error']}")
 
     say(f"[effray run] the front ({summary['pareto'].get('bytes', 0)} non-dominated of {summary['trials']} measured, "
-        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; * the most accurate within the budget):")  # fmt: skip
+        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; * the most accurate"
+        f"{f' within {cfg.max_size_kb:g} KB' if cfg.max_size_kb else ''}):")  # fmt: skip
     for line in front_table(results, searched.get("teacher"), pick):
         say(line)
     say(f"[effray run] report: {summary['report']}")
@@ -311,6 +396,6 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         "teacher": {"checkpoint": teacher, "val_accuracy": trained.get("val_accuracy")},
         "trials": summary["trials"], "front": summary["pareto"].get("bytes", 0),
         "hypervolume": summary.get("hypervolume"), "best_accuracy": summary["best_accuracy"],
-        "budget_pick": summary.get("budget_pick"), "exports": exports,
+        "budget_pick": summary.get("budget_pick"), "exports": exports, "clean": cleaned,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }  # fmt: skip
