@@ -1,0 +1,46 @@
+"""``effray run``'s cleaning stages on the tiny real CIFAR-10 dataset: the clean stage
+(kept on a re-run with the same settings, redone when they change) and the val label
+issues the teacher's predictions flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from effray.data.arrays import load_arrays
+from effray.data.prepare import load_meta
+from effray.run import RunConfig, clean_stage, plan_stages, val_label_issues
+
+
+def test_the_clean_stage_is_kept_on_a_rerun_and_redone_when_its_settings_change(tiny_cifar, tmp_path):
+    plan = plan_stages(RunConfig(preset="demo", out=str(tmp_path / "run")))
+    plan = dataclasses.replace(plan, clean=dataclasses.replace(plan.clean, data=str(tiny_cifar)))
+    first = clean_stage(plan)
+    report = Path(plan.clean.out) / "clean_report.json"
+    assert not first["kept"] and first["dropped"] is None  # report only by default
+    assert json.loads(report.read_text())["settings"] == {"near": False, "labels": False, "drop": "", "reference": ""}
+    stamp = report.stat().st_mtime_ns
+    again = clean_stage(plan)
+    assert again["kept"] and again["counts"] == first["counts"] and report.stat().st_mtime_ns == stamp
+    dropping = dataclasses.replace(plan, clean=dataclasses.replace(plan.clean, drop="duplicates,leaks"))
+    redone = clean_stage(dropping)
+    assert not redone["kept"] and redone["dropped"]["reasons"] == ["duplicates", "leaks"]
+    assert (Path(plan.clean.out) / "data" / "meta.json").is_file()  # the split the teacher then trains on
+
+
+def test_val_label_issues_come_from_the_teachers_predictions(tiny_cifar, teacher, tmp_path):
+    out = tmp_path / "val_label_issues.parquet"
+    n = val_label_issues(str(teacher), tiny_cifar, out)
+    table = pd.read_parquet(out)
+    val, classes = load_arrays(tiny_cifar, "val"), load_meta(tiny_cifar)["classes"]
+    assert len(table) == n and n > 0  # a teacher near chance on 60 images disagrees with many labels
+    assert set(table["index"]) <= set(val["index"].tolist()) and table["index"].is_unique
+    assert set(table["given"]) | set(table["predicted"]) <= set(classes)
+    given = dict(zip(val["index"].tolist(), val["label"].tolist(), strict=True))
+    assert all(classes[given[i]] == g for i, g in zip(table["index"], table["given"], strict=True))
+    assert list(table["rank"]) == sorted(table["rank"])
+    assert np.all(table["given_confidence"] <= table["predicted_confidence"] + 1e-6)
