@@ -1,0 +1,101 @@
+"""``effray run`` killed mid-stage and run again: the real CLI as a driver process on the
+session's Ray, killed with SIGKILL (its whole process group) once while the teacher trains
+and once while the search runs. Each re-run continues from there: the dataset and the
+clean report are not redone, the teacher's epochs are each trained once, the search's
+trials are not started twice, and the last run ends with the front exported."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+EFFRAY = Path(sys.executable).parent / "effray"
+SPACE = """prune_kind: unstructured
+prune_rate: 0.5
+bits: {grid: [4, 8]}
+kd_alpha: 0.7
+finetune_epochs: 2
+finetune_lr: 0.01
+"""
+
+
+def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([str(EFFRAY), *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, settle_s: float, timeout: float = 240) -> None:
+    """SIGKILL the driver's process group ``settle_s`` after ``ready()`` first holds (time for
+    Ray to record the checkpoint that made it true)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no kill point within {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    time.sleep(settle_s)
+    assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _history(out: Path) -> list[dict]:
+    path = out / "teacher" / "teacher" / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _teacher_checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "teacher" / "teacher").glob("epoch-*"))
+
+
+def _trial_checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "compress").glob("trial_*/checkpoint_*"))
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_the_teacher_and_from_the_search(ray_session, cifar_parquet, tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"base: demo\nprepare: {{limit: 600}}\ntrain: {{epochs: 6, batch_size: 64}}\n"
+                      f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20}}\n")  # fmt: skip
+    out = tmp_path / "run"
+    args = ["run", "--preset", str(preset), "--source", str(cifar_parquet), "--out", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "WANDB_MODE": "offline"}
+
+    # 1: killed while the teacher trains, after its first checkpoint
+    first = _start(args, tmp_path / "first.log", env)
+    _kill_when(first, lambda: bool(_teacher_checkpoints(out)), tmp_path / "first.log", settle_s=1.0)
+    meta, report = out / "data" / "meta.json", out / "clean" / "clean_report.json"
+    stamps = {p: p.stat().st_mtime_ns for p in (meta, report)}
+    killed_at = len(_history(out))
+    assert 1 <= killed_at < 6 and not (out / "compress").exists()
+
+    # 2: killed while the search runs, after a trial's first checkpoint
+    second = _start(args, tmp_path / "second.log", env)
+    _kill_when(second, lambda: bool(_trial_checkpoints(out)), tmp_path / "second.log", settle_s=1.0)
+    log = (tmp_path / "second.log").read_text()
+    assert "kept from the last run" in log and "[effray run] prepare" in log
+    assert {p: p.stat().st_mtime_ns for p in (meta, report)} == stamps  # neither the dataset nor the cleaning redone
+    history = _history(out)
+    resumed = [r for r in history if r["attempt"] != history[0]["attempt"]]
+    assert resumed and resumed[0]["resumed_from"] is not None and resumed[0]["resumed_from"] >= 1  # not from scratch
+    assert [r["epoch"] for r in resumed] == list(range(resumed[0]["resumed_from"] + 1, 7))
+    assert not (out / "compress" / "report").exists()
+
+    # 3: runs to the end
+    third = subprocess.run([str(EFFRAY), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    summary = json.loads([ln for ln in third.stdout.splitlines() if ln.startswith("{")][-1])
+    assert summary["trials"] == 2 and _history(out) == history  # the teacher was done
+    assert len(list((out / "compress").glob("trial_*"))) == 2  # the killed search's trials resumed, none started anew
+    pick = [e for e in summary["exports"].values() if e["int8"]]
+    assert len(pick) == 1 and (Path(pick[0]["dir"]) / "deploy.json").is_file()
+    assert "effray serve --model" in third.stdout  # the summary names the pick's serve command
+    assert {p: p.stat().st_mtime_ns for p in (meta, report)} == stamps
