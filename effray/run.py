@@ -200,6 +200,17 @@ def _teacher_bar(run_dir: Path, epochs: int) -> Any:
     return progress, follow_jsonl(run_dir / HISTORY_FILE, on_record)
 
 
+def config_summary(row: Any) -> str:
+    """A results row's searched compression settings in words; a setting the search space
+    fixed has no column, and is left out."""
+    get = lambda key: row.get(f"config.compress.{key}")  # noqa: E731
+    temperature = get("kd_temperature")
+    return ", ".join(x for x in (
+        f"{get('prune_kind') or ''} {get('prune_rate'):.2f}".strip() if get("prune_rate") else "",
+        f"{int(get('bits'))}-bit" if get("bits") not in (None, 32) else "",
+        ("KD" + (f" T={temperature:g}" if temperature is not None else "")) if get("kd_alpha") else "") if x)  # fmt: skip
+
+
 def front_table(results: str | os.PathLike, teacher: dict[str, Any] | None = None, pick: str | None = None) -> list[str]:
     """The accuracy-vs-bytes front of a report's results, as terminal lines (``*``: the pick)."""
     import pandas as pd
@@ -209,10 +220,7 @@ def front_table(results: str | os.PathLike, teacher: dict[str, Any] | None = Non
     size = teacher.get("bytes") if teacher else None
     lines = [f"  {'trial':<10}{'accuracy':>9}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{'ms (b1)':>9}  config"]
     for _, r in front.iterrows():
-        how = ", ".join(x for x in (
-            f"{r.get('config.compress.prune_kind', '')} {r['config.compress.prune_rate']:.2f}" if r.get("config.compress.prune_rate") else "",
-            f"{int(r['config.compress.bits'])}-bit" if r.get("config.compress.bits", 32) != 32 else "",
-            f"KD T={r['config.compress.kd_temperature']:g}" if r.get("config.compress.kd_alpha") else "") if x)  # fmt: skip
+        how = config_summary(r)
         smaller = f"{size / r['bytes']:.1f}x" if size else ""
         corrupt = f"{r['corruption_accuracy']:.4f}" if r.get("corruption_accuracy") == r.get("corruption_accuracy") else "-"
         star = "*" if r["trial_id"] == pick else " "
@@ -307,10 +315,12 @@ def val_label_issues(teacher: str, data_dir: str | os.PathLike, out: Path) -> in
 
 
 def _most_accurate(results: str | os.PathLike) -> str | None:
+    """The front's most accurate model (of equally accurate ones, the smallest)."""
     import pandas as pd
 
-    table = pd.read_parquet(results, columns=["trial_id", "accuracy"])
-    return None if table.empty else str(table.sort_values("accuracy", ascending=False)["trial_id"].iloc[0])
+    table = pd.read_parquet(results, columns=["trial_id", "accuracy", "bytes", "pareto_bytes"])
+    front = table[table["pareto_bytes"]].sort_values(["accuracy", "bytes"], ascending=[False, True])
+    return None if front.empty else str(front["trial_id"].iloc[0])
 
 
 def run_all(cfg: RunConfig) -> dict[str, Any]:

@@ -167,6 +167,24 @@ def test_drop_writes_a_loadable_cleaned_dataset(dirty, cleaned):
     assert meta["counts"]["val"] == N_VAL - len({g for g in gone if g[0] == "val"})  # val loses only label issues
 
 
+def test_a_given_checkpoint_embeds_without_training_anything(dirty, teacher, capsys):
+    """``--checkpoint``: the given classifier embeds every image (no Tune trial trains one),
+    and near copies and near leaks are still found."""
+    out = dirty["root"] / "with-checkpoint"
+    rc = main(["data", "clean", "--data", str(dirty["data"]), "--out", str(out), "--reference", str(dirty["reference"]),
+               "--checkpoint", str(teacher), "--no-labels", "--calibration", "200", "--max-fpr", "0.03"])  # fmt: skip
+    assert rc == 0
+    assert "Tune trials" not in capsys.readouterr().out  # nothing trained
+    report = json.loads((out / "clean_report.json").read_text())
+    removed = pq.read_table(out / "removed.parquet").to_pylist()
+    truth = dirty["truth"]
+    near = _flagged(removed, "near_duplicate") | _flagged(removed, "leak", "near")
+    p, r = _pr(near, truth["near_duplicate"] | truth["leak_near"])
+    print(f"--checkpoint: near copies precision {p:.2f} recall {r:.2f}, threshold {report['near']['threshold']:.4f}")
+    assert p >= 0.8 and r >= 0.8, (p, r)
+    assert report["labels"] is None and "label_issue" not in report["counts"]
+
+
 def test_report_files(cleaned):
     out, report = cleaned["out"], cleaned["report"]
     for name in ("removed.parquet", "clean_report.json", "clean_report.md", "duplicates.png", "label_issues.png"):
