@@ -347,7 +347,13 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     import torch
 
     from effray.atomic import replace_dir, temp_sibling
-    from effray.compress.int8 import activation_grids, export_program, float_twin, quantize_int8, weight_steps
+    from effray.compress.int8 import (
+        activation_grids,
+        export_program,
+        float_twin,
+        quantize_int8,
+        weight_steps,
+    )
     from effray.data.prepare import load_meta
     from effray.deploy.model import (
         EXPORT_FILES,
