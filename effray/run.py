@@ -232,35 +232,44 @@ def front_table(results: str | os.PathLike, teacher: dict[str, Any] | None = Non
 def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
     """Export every model on the accuracy-vs-bytes front (and the budget pick, with its int8
     files) to ``out/<trial_id>`` as ``.pt2`` + ONNX, each parity-checked by
-    :func:`effray.deploy.export.export`. An export already made from the same artifact is
-    kept, so a re-run resumes here. A model that fails its check is reported, not fatal
-    (the pick falls back to its fp32 files). Returns ``{trial_id: {"dir", "int8", "error"}}``."""
+    :func:`effray.deploy.export.export`. ``out/exports.json`` records what was done, so a
+    re-run keeps an export made from the same artifact (an int8 file that failed its check
+    is not retried). A model that fails its check is reported, not fatal (the pick falls
+    back to its fp32 files). Returns ``{trial_id: {"dir", "int8", "error"}}``."""
+    import json
+
     import pandas as pd
 
+    from effray.atomic import write_json
     from effray.config import validated
     from effray.deploy.export import ExportConfig, export
-    from effray.deploy.model import SIDECAR, read_sidecar
+    from effray.deploy.model import SIDECAR
 
     table = pd.read_parquet(results)
-    ids = list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])
-    ids = list(dict.fromkeys(ids))
+    ids = list(dict.fromkeys(list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])))
+    state_file = out / "exports.json"
+    state: dict[str, dict[str, Any]] = json.loads(state_file.read_text()) if state_file.is_file() else {}
     done: dict[str, dict[str, Any]] = {}
     progress = bar(len(ids), "export", "model")
     for tid in ids:
-        artifact = Path(table.loc[table["trial_id"] == tid, "artifact"].iloc[0]).resolve()
+        artifact = str(Path(table.loc[table["trial_id"] == tid, "artifact"].iloc[0]).resolve())
         dest, int8 = out / tid, tid == pick
-        record: dict[str, Any] = {"dir": str(dest), "int8": int8, "error": ""}
-        kept = read_sidecar(dest) if (dest / SIDECAR).is_file() else {}
-        if kept.get("exported_from") != str(artifact) or (int8 and "onnx-int8" not in kept.get("files", {})):
+        kept = state.get(tid, {})
+        ok = kept.get("artifact") == artifact and (dest / SIDECAR).is_file() and (kept.get("int8_tried") or not int8)
+        if not ok:
+            record = {"dir": str(dest), "int8": False, "error": "", "artifact": artifact, "int8_tried": int8}
             for attempt in ((True, False) if int8 else (False,)):
                 try:
-                    export(validated(ExportConfig(artifact=str(artifact), format="all", int8=attempt, data=str(data_dir),
+                    export(validated(ExportConfig(artifact=artifact, format="all", int8=attempt, data=str(data_dir),
                                                   out=str(dest))))  # fmt: skip
                     record.update(int8=attempt, error="")
                     break
                 except EffrayError as exc:
                     record.update(int8=False, error=str(exc))
-        done[tid] = record
+            state[tid] = record
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(state_file, state)
+        done[tid] = {k: state[tid][k] for k in ("dir", "int8", "error")}
         progress.update(1)
     progress.close()
     return done

@@ -1,8 +1,10 @@
 """``effray run`` killed mid-stage and run again: the real CLI as a driver process on the
-session's Ray, killed with SIGKILL (its whole process group) once while the teacher trains
-and once while the search runs. Each re-run continues from there: the dataset and the
-clean report are not redone, the teacher's epochs are each trained once, the search's
-trials are not started twice, and the last run ends with the front exported."""
+session's Ray, killed with SIGKILL (its whole process group) once while the search runs
+and once while the front is exported. Each re-run continues from there: the dataset, the
+clean report and the teacher are not redone, the search's trials are restored rather than
+started again, a model already exported is kept, and the last run ends with the whole
+front exported. (A training run killed mid-fit resuming from its checkpoint is
+``effray train``'s, tested in test_train.py and test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -60,42 +62,41 @@ def _trial_checkpoints(out: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_the_teacher_and_from_the_search(ray_session, cifar_parquet, tmp_path):
+def test_a_killed_run_resumes_from_the_search_and_from_the_export(ray_session, cifar_parquet, tmp_path):
     (tmp_path / "space.yaml").write_text(SPACE)
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(f"base: demo\nprepare: {{limit: 600}}\ntrain: {{epochs: 6, batch_size: 64}}\n"
+    preset.write_text(f"base: demo\nprepare: {{limit: 600}}\ntrain: {{epochs: 2, batch_size: 64}}\n"
                       f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20}}\n")  # fmt: skip
     out = tmp_path / "run"
     args = ["run", "--preset", str(preset), "--source", str(cifar_parquet), "--out", str(out)]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "WANDB_MODE": "offline"}
 
-    # 1: killed while the teacher trains, after its first checkpoint
+    # 1: killed while the search runs, after a trial's first checkpoint
     first = _start(args, tmp_path / "first.log", env)
-    _kill_when(first, lambda: bool(_teacher_checkpoints(out)), tmp_path / "first.log", settle_s=1.0)
+    _kill_when(first, lambda: bool(_trial_checkpoints(out)), tmp_path / "first.log", settle_s=1.0)
     meta, report = out / "data" / "meta.json", out / "clean" / "clean_report.json"
-    stamps = {p: p.stat().st_mtime_ns for p in (meta, report)}
-    killed_at = len(_history(out))
-    assert 1 <= killed_at < 6 and not (out / "compress").exists()
-
-    # 2: killed while the search runs, after a trial's first checkpoint
-    second = _start(args, tmp_path / "second.log", env)
-    _kill_when(second, lambda: bool(_trial_checkpoints(out)), tmp_path / "second.log", settle_s=1.0)
-    log = (tmp_path / "second.log").read_text()
-    assert "kept from the last run" in log and "[effray run] prepare" in log
-    assert {p: p.stat().st_mtime_ns for p in (meta, report)} == stamps  # neither the dataset nor the cleaning redone
+    stamps = {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))}
     history = _history(out)
-    resumed = [r for r in history if r["attempt"] != history[0]["attempt"]]
-    assert resumed and resumed[0]["resumed_from"] is not None and resumed[0]["resumed_from"] >= 1  # not from scratch
-    assert [r["epoch"] for r in resumed] == list(range(resumed[0]["resumed_from"] + 1, 7))
-    assert not (out / "compress" / "report").exists()
+    assert [r["epoch"] for r in history] == [1, 2] and not (out / "compress" / "report").exists()
+
+    # 2: killed while the front is exported, after the first model's export
+    second = _start(args, tmp_path / "second.log", env)
+    _kill_when(second, lambda: (out / "export" / "exports.json").is_file(), tmp_path / "second.log", settle_s=0.0)
+    log = (tmp_path / "second.log").read_text()
+    assert "kept from the last run" in log and "nothing to train" in log  # the clean report and the teacher kept
+    assert {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))} == stamps
+    assert _history(out) == history and (out / "compress" / "report" / "results.parquet").is_file()
+    exported = {p: p.stat().st_mtime_ns for p in (out / "export").glob("*/*")}
+    assert exported
 
     # 3: runs to the end
     third = subprocess.run([str(EFFRAY), *args], capture_output=True, text=True, env=env, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     summary = json.loads([ln for ln in third.stdout.splitlines() if ln.startswith("{")][-1])
-    assert summary["trials"] == 2 and _history(out) == history  # the teacher was done
+    assert summary["trials"] == 2 and _history(out) == history
     assert len(list((out / "compress").glob("trial_*"))) == 2  # the killed search's trials resumed, none started anew
-    pick = [e for e in summary["exports"].values() if e["int8"]]
-    assert len(pick) == 1 and (Path(pick[0]["dir"]) / "deploy.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in exported} == exported  # what the killed run exported is kept
+    assert {Path(e["dir"]).name for e in summary["exports"].values()} == {p.name for p in (out / "export").iterdir() if p.is_dir()}
+    assert all((Path(e["dir"]) / "deploy.json").is_file() for e in summary["exports"].values())
     assert "effray serve --model" in third.stdout  # the summary names the pick's serve command
-    assert {p: p.stat().st_mtime_ns for p in (meta, report)} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))} == stamps

@@ -17,19 +17,21 @@ from effray.run import RunConfig, clean_stage, plan_stages, val_label_issues
 
 
 def test_the_clean_stage_is_kept_on_a_rerun_and_redone_when_its_settings_change(tiny_cifar, tmp_path):
-    plan = plan_stages(RunConfig(preset="demo", out=str(tmp_path / "run")))
+    plan = plan_stages(RunConfig(preset="demo", out=str(tmp_path / "run"), clean="drop=duplicates,leaks"))
+    assert plan.train.data.data == str(tmp_path / "run" / "clean" / "data") == plan.tune.data  # what the teacher trains on
     plan = dataclasses.replace(plan, clean=dataclasses.replace(plan.clean, data=str(tiny_cifar)))
     first = clean_stage(plan)
     report = Path(plan.clean.out) / "clean_report.json"
-    assert not first["kept"] and first["dropped"] is None  # report only by default
-    assert json.loads(report.read_text())["settings"] == {"near": False, "labels": False, "drop": "", "reference": ""}
+    assert not first["kept"] and first["dropped"]["reasons"] == ["duplicates", "leaks"]
+    assert (Path(plan.clean.out) / "data" / "meta.json").is_file()
+    assert json.loads(report.read_text())["settings"] == {"near": False, "labels": False, "drop": "duplicates,leaks",
+                                                          "reference": ""}  # fmt: skip
     stamp = report.stat().st_mtime_ns
     again = clean_stage(plan)
     assert again["kept"] and again["counts"] == first["counts"] and report.stat().st_mtime_ns == stamp
-    dropping = dataclasses.replace(plan, clean=dataclasses.replace(plan.clean, drop="duplicates,leaks"))
-    redone = clean_stage(dropping)
-    assert not redone["kept"] and redone["dropped"]["reasons"] == ["duplicates", "leaks"]
-    assert (Path(plan.clean.out) / "data" / "meta.json").is_file()  # the split the teacher then trains on
+    report_only = clean_stage(dataclasses.replace(plan, clean=dataclasses.replace(plan.clean, drop="")))
+    assert not report_only["kept"] and report_only["dropped"] is None  # other settings: the stage runs again
+    assert json.loads(report.read_text())["settings"]["drop"] == ""
 
 
 def test_val_label_issues_come_from_the_teachers_predictions(tiny_cifar, teacher, tmp_path):
