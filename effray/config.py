@@ -166,17 +166,17 @@ def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
 
 def merge(cfg: C, overrides: dict[str, Any]) -> C:
     """A copy of ``cfg`` with nested ``overrides`` applied (strict), e.g. a Tune trial's sample."""
-    base = to_dict(cfg)
+    return from_dict(type(cfg), deep_update(to_dict(cfg), overrides))
 
-    def deep(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-        for k, v in upd.items():
-            if isinstance(v, dict) and isinstance(into.get(k), dict):
-                deep(into[k], v)
-            else:
-                into[k] = v
-        return into
 
-    return from_dict(type(cfg), deep(base, overrides))
+def deep_update(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    """``into`` with ``upd`` applied in place, nested mappings merged key by key."""
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            deep_update(into[k], v)
+        else:
+            into[k] = v
+    return into
 
 
 def require(condition: bool, message: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from effray.clean.config import CleanConfig
-from effray.config import merge, option, require
+from effray.config import deep_update, merge, option, require
 from effray.console import bar, follow_jsonl, say
 from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig, load_meta, prepare
@@ -54,12 +54,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 STAGES = ("prepare", "clean", "train", "tune")  # a preset's sections, each its stage config's fields
 
 
-def _deep_merge(into: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-    for k, v in upd.items():
-        into[k] = _deep_merge(dict(into[k]), v) if isinstance(v, dict) and isinstance(into.get(k), dict) else v
-    return into
-
-
 def load_preset(spec: str) -> dict[str, dict[str, Any]]:
     """A built-in preset by name, or a YAML file of the same shape: ``prepare``, ``clean``,
     ``train`` and ``tune`` sections holding those stages' config fields (nested as in the configs,
@@ -86,7 +80,7 @@ def load_preset(spec: str) -> dict[str, dict[str, Any]]:
     for stage in STAGES:
         section = doc.get(stage) or {}
         require(isinstance(section, dict), f"--preset {path}: section {stage} must be a mapping of {stage} settings")
-        preset[stage] = _deep_merge(preset.get(stage, {}), section)
+        preset[stage] = deep_update(copy.deepcopy(preset.get(stage, {})), section)
     return preset
 
 
@@ -280,24 +274,15 @@ def clean_stage(plan: StagePlan) -> dict[str, Any]:
     the same ones (``clean_report.json`` records them); returns the report's counts."""
     import json
 
-    from effray.atomic import write_json
-    from effray.clean.config import drop_reasons
     from effray.clean.run import clean
 
     report = Path(plan.clean.out) / "clean_report.json"
     if report.is_file():
         kept = json.loads(report.read_text())
-        if (kept.get("settings") or {}) == _clean_settings(plan.clean):
+        if kept.get("settings") == plan.clean.settings():
             return {"counts": kept.get("counts", {}), "dropped": kept.get("dropped"), "kept": True}
     done = clean(plan.clean)
-    doc = json.loads(report.read_text())
-    doc["settings"] = _clean_settings(plan.clean)
-    write_json(report, doc)
-    return {"counts": done["counts"], "dropped": done["dropped"], "kept": False, "reasons": drop_reasons(plan.clean.drop)}
-
-
-def _clean_settings(cfg: CleanConfig) -> dict[str, Any]:
-    return {"near": cfg.near, "labels": cfg.labels, "drop": cfg.drop, "reference": cfg.reference}
+    return {"counts": done["counts"], "dropped": done["dropped"], "kept": False}
 
 
 def val_label_issues(teacher: str, data_dir: str | os.PathLike, out: Path) -> int:

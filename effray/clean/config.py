@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from effray.config import option, require
 
@@ -38,6 +39,11 @@ class CleanConfig:
     grid_groups: int = option(16, "flagged groups shown per PNG grid")
     seed: int = option(0, "seed for the folds, the calibration sample and training")
     overwrite: bool = option(False, "replace an existing --out")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides which rows a clean flags and drops (the report records it, so a
+        re-run with the same settings can keep it)."""
+        return {"near": self.near, "labels": self.labels, "drop": self.drop, "reference": self.reference}
 
     def validate(self) -> None:
         require(bool(self.data), "--data DIR is required (a dataset from `effray data prepare`)")

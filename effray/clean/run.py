@@ -313,7 +313,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         report = {"data": os.path.abspath(cfg.data), "data_checksum": meta.get("source_checksum", ""),
                   "reference": cfg.reference or None, "reference_rows": sum(ref[1]["counts"].values()) if ref else 0,
                   "rows": meta["counts"], "classes": classes, **summarise(findings, classes), "near": near_info,
-                  "labels": labels_info, "dropped": dropped, "files": files, "seconds": round(time.time() - started, 1),
+                  "labels": labels_info, "dropped": dropped, "files": files, "settings": cfg.settings(),
+                  "seconds": round(time.time() - started, 1),
                   "phase_seconds": phase_s}  # fmt: skip
         write_report(tmp, report)
         replace_dir(tmp, out)
