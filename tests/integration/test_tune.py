@@ -67,7 +67,7 @@ def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, 
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsys):
+def test_killed_search_resumes_then_reports(ray_session, tiny_cifar, teacher, tmp_path, capsys):
     """A 3-trial search: kill the driver after a trial finished and re-run it (the rest run,
     the finished one doesn't), then `effray report` writes every file and picks within budget."""
     storage = tmp_path / "runs"
@@ -75,8 +75,9 @@ def test_killed_search_resumes_then_reports(tiny_cifar, teacher, tmp_path, capsy
            "--space", str(_space(tmp_path)), "--num-samples", "3", "--scheduler", "none",
            "--max-concurrent", "1", "--storage", str(storage), "--name", "resume", "--no-wandb"]  # fmt: skip
     # save the experiment state every second, so a kill right after a trial finishes
-    # cannot leave that trial unrecorded
-    env = {**os.environ, "RAY_ADDRESS": "", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    # cannot leave that trial unrecorded; both drivers join the session's Ray (as under
+    # `ray job submit`), whose job cleanup ends the killed driver's trials
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     experiment = storage / "resume"
     deadline = time.time() + 400

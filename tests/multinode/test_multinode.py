@@ -123,7 +123,7 @@ def test_ddp_on_two_nodes_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny
     row once): SIGKILL the node of rank 1 once epoch 2 is registered and add a node back;
     the run restarts from its newest committed checkpoint, redoes no epoch before it, and
     finishes on the survivor and the new node."""
-    epochs, run_dir = 10, tmp_path / "killed"  # enough left after epoch 2 for the kill to land mid-run
+    epochs, run_dir = 6, tmp_path / "killed"  # 4 epochs left after epoch 2 (~2 s each) for the kill to land mid-run
     args = ["train", "--data", str(tiny_cifar), *TRAIN, "--epochs", str(epochs), "--storage", str(tmp_path),
             "--name", "killed", "--max-failures", "3"]  # fmt: skip
     driver = _driver(cluster, *args)
