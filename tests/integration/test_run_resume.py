@@ -2,9 +2,10 @@
 session's Ray, killed with SIGKILL (its whole process group) once the search has a trial
 checkpoint. The re-run continues from there: the dataset, the clean report and the teacher
 are not redone, the search's trials are restored rather than started again, and it ends
-with the whole front exported. (The export stage resuming after a kill mid-export is
-test_export.py's; a training run killed mid-fit resuming from its checkpoint is
-``effray train``'s, tested in test_train.py and test_multinode.py.)"""
+with the whole front exported. (A re-run of the export stage keeping what it exported is
+test_export.py's, in-process: nothing here kills a run mid-export any more. A training
+run killed mid-fit resuming from its checkpoint is ``effray train``'s, tested in
+test_train.py and test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
 
     # 2: runs to the end
     second = subprocess.run([str(EFFRAY), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    said = f"\n{second.stdout[-3000:]}\n{second.stderr[-2000:]}"  # what the re-run printed, for every assert below
+    assert second.returncode == 0, said
     summary = json.loads([ln for ln in second.stdout.splitlines() if ln.startswith("{")][-1])
-    said = f"\n{second.stdout[-3000:]}\n{second.stderr[-2000:]}"  # what the re-run printed, for any assert below
     printed = second.stdout + second.stderr
     assert "kept from the last run" in printed and "nothing to train" in printed, said  # the clean report and the teacher kept
     assert summary["trials"] == 2 and _history(out) == history, said
