@@ -19,6 +19,10 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # workers are up and done sooner, ~3 s of the ~30 s a tiny fit costs here (every fit the
 # suite runs, in-process or in a driver it starts, reads it at fit time)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a PreemptionWatcher actor per worker group: one more Python process
+# (~1 CPU-second here) polling for node *drains*, which local nodes never announce (the
+# node-kill tests SIGKILL them, as a preemption without notice does)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture

@@ -1,13 +1,11 @@
-"""`effray tune` + `effray report` on local Ray with tiny real data: trials, resume, files."""
+"""`effray tune` + `effray report` on local Ray with tiny real data: trials, tracking, the
+Pareto scheduler, files. (A search killed and resumed is test_run_resume.py's, under
+`effray run`; a trial on a killed node resuming, test_multinode.py's.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +14,6 @@ import yaml
 
 from effray.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
 SPACE = {
     "prune_kind": {"choice": ["unstructured", "structured"]},
     "prune_rate": {"uniform": [0.3, 0.6]},
@@ -35,27 +32,6 @@ def _space(tmp_path: Path) -> Path:
     return path
 
 
-def _finals(experiment: Path) -> dict[str, list[float]]:
-    """trial dir -> timestamps of its final reports (a trial run twice would have two)."""
-    out = {}
-    for f in experiment.rglob("result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip().startswith("{")]
-        stamps = [r["timestamp"] for r in rows if r.get("final") and not r.get("done")]
-        if stamps:
-            out[str(f.parent)] = stamps
-    return out
-
-
-def _terminated(experiment: Path) -> set[str]:
-    """Ids of the trials Tune's saved experiment state holds as terminated."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id for t in ExperimentAnalysis(str(experiment)).trials if t.status == "TERMINATED"}
-    except Exception:  # no state saved yet, or caught mid-write
-        return set()
-
-
 def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"bits": {"choice": [4, 9]}}))
@@ -64,62 +40,6 @@ def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, 
     err = capsys.readouterr().err
     assert code == 2 and "bits=9" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "bad").exists()
-
-
-@pytest.mark.slow
-def test_killed_search_resumes_then_reports(ray_session, tiny_cifar, teacher, tmp_path, capsys):
-    """A 3-trial search: kill the driver after a trial finished and re-run it (the rest run,
-    the finished one doesn't), then `effray report` writes every file and picks within budget."""
-    storage = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "effray.cli", "tune", "--teacher", str(teacher), "--data", str(tiny_cifar),
-           "--space", str(_space(tmp_path)), "--num-samples", "3", "--scheduler", "none",
-           "--max-concurrent", "1", "--storage", str(storage), "--name", "resume", "--no-wandb"]  # fmt: skip
-    # save the experiment state every second, so a kill right after a trial finishes
-    # cannot leave that trial unrecorded; both drivers join the session's Ray (as under
-    # `ray job submit`), whose job cleanup ends the killed driver's trials
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    experiment = storage / "resume"
-    deadline = time.time() + 400
-    before: dict[str, list[float]] = {}
-    while time.time() < deadline and proc.poll() is None:
-        # kill as soon as Tune's saved state has every trial that reported its final
-        # measurement as terminated (trials take seconds: a fixed wait lets the search finish)
-        before = _finals(experiment)
-        if before and {Path(t).name.removeprefix("trial_") for t in before} <= _terminated(experiment):
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(before) >= 1, proc.stderr.read().decode()[-2000:]
-    assert len(_finals(experiment)) < 3, "the search finished before it could be killed"
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    # quiet: effray's lines and the result; Ray's own output went to the log file it names
-    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
-    assert all(ln.startswith(("[effray]", "{")) for ln in lines) and not done.stderr.strip(), done.stdout[-2000:] + done.stderr[-2000:]
-    log = Path(lines[0].split("output: ", 1)[1].split(" (--verbose", 1)[0])
-    assert log.parent.name == "effray-logs" and log.stat().st_size > 0
-    result = json.loads(lines[-1])
-    assert result["resumed"] is True and result["finished"] == 3
-    after = _finals(experiment)
-    assert len(after) == 3
-    assert all(len(stamps) == 1 for stamps in after.values())  # no trial reported twice
-    for trial, stamps in before.items():
-        assert after[trial] == stamps  # finished trials were not run again
-    assert main(["report", "--experiment", str(experiment), "--max-size-kb", "1000"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    report = experiment / "report"
-    for name in ("results.parquet", "results.csv", "report.md", "pareto.png"):
-        assert (report / name).is_file()
-    table = pd.read_parquet(report / "results.parquet")
-    assert len(table) == 3 and table["accuracy"].between(0, 1).all()
-    assert (table["bytes"] > 0).all() and table["artifact"].map(os.path.isfile).all()
-    teacher_bytes = json.loads((experiment / "teacher.json").read_text())["bytes"]
-    assert (table["bytes"] < teacher_bytes).all()  # 4/8-bit packed artifacts are smaller than fp32
-    assert summary["budget_pick"]["accuracy"] == table[table["bytes"] <= 1000 * 1024]["accuracy"].max()
-    # the picked artifact loads like any checkpoint
-    assert main(["evaluate", "--checkpoint", summary["budget_pick"]["artifact"], "--data", str(tiny_cifar)]) == 0
 
 
 # ------------------------------------------------------------------ tracking, workers per trial
@@ -314,7 +234,10 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     finals = [r for rows in results.values() for r in rows if r.get("final")]
     assert report["budget_pick"]["corruption_accuracy"] == max(r["corruption_accuracy"] for r in finals)
-    assert {"macro_f1", "ece", "corruption_accuracy", "pareto_robust_bytes"} <= set(pd.read_parquet(experiment / "report" / "results.parquet"))
+    table = pd.read_parquet(experiment / "report" / "results.parquet")
+    assert {"macro_f1", "ece", "corruption_accuracy", "pareto_robust_bytes"} <= set(table)
+    assert all((experiment / "report" / name).is_file() for name in ("results.csv", "report.md", "pareto.png"))
+    assert table["artifact"].map(os.path.isfile).all() and (table["bytes"] < teacher_scores["bytes"]).all()  # packed < fp32
     assert report["stopped_early"] == len(stopped) and report["hypervolume"] > 0
     md = (experiment / "report" / "report.md").read_text()
     assert "Hypervolume" in md and "Ended before their final measurement" in md
