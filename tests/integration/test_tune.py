@@ -66,7 +66,7 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
     space.write_text(yaml.safe_dump({**SPACE, "finetune_epochs": 2}))
     storage = tmp_path / "runs"
     code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
-                 "--num-samples", "2", "--scheduler", "none", "--max-concurrent", "1", "--cpus-per-trial", "0.5",
+                 "--num-samples", "2", "--scheduler", "none", "--cpus-per-trial", "0.5",
                  "--storage", str(storage), "--name", "tracked", "--wandb-mode", "offline",
                  "--wandb-project", "effray-tests", "--no-share-data"])  # fmt: skip
     out, err = capsys.readouterr()
