@@ -9,7 +9,16 @@ few steps, picks as many epochs as fit in ``--minutes`` (the one-cycle schedule 
 its length up front), trains with `effray train` (Ray Train DDP) and prints validation
 accuracy after every epoch against the cumulative training wall-clock (validation
 included; Ray start-up and data preparation not). Target on the 2-core machine:
->= 90% within 30 minutes. Last line: ``val_accuracy=<x> minutes=<y> minutes_to_90=<z|none>``.
+>= 90% within 30 minutes.
+
+Wall-clock on a CPU says more about the CPU than about effray, so it also prints the
+machine-independent figures: accuracy after each epoch beside airbench94's published
+anchor (94.01 % mean after 9.9 epochs of 50,000 images; effray's goal is >= 93.5 % on its
+5,000 held-out images after 10 epochs of 45,000), effray's training images/s as a ratio of
+the bare model's measured in the same run, and the wall-clock with and without Ray
+start-up and data preparation; the CPU's capability and whether bf16 is native head it.
+Last line: ``val_accuracy=<x> minutes=<y> minutes_to_90=<z|none> val_accuracy_epoch10=<a|none>
+ratio_train_vs_bare=<r>``.
 
     python bench/time_to_accuracy.py --minutes 30 [--data runs/cifar10-45k] [--epochs N]
 """
@@ -35,9 +44,13 @@ from effray.train.config import TrainConfig, default_run_name
 from effray.train.loop import HISTORY_FILE
 from effray.train.parallel import make_strategy
 from effray.train.run import train
-from effray.train.strategy import logits
+from effray.train.strategy import bf16_native, logits
 
 ROOT = Path(__file__).resolve().parents[1]
+# airbench94.py's published mean (github.com/KellerJordan/cifar10-airbench): its only
+# per-run figure is the end of training; it publishes no per-epoch table
+AIRBENCH94 = {"epochs": 9.9, "train_images": 50_000, "accuracy": 0.9401, "a100_seconds": 3.83}
+GOAL_EPOCHS, GOAL_ACCURACY = 10, 0.935
 
 
 def images_per_second(model_name: str, width: float, batch: int, threads: int) -> float:
@@ -87,10 +100,16 @@ def main() -> None:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cores = os.cpu_count() or 2
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
+          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {cores} cores", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
     # workers take the cores; one more logical CPU lets a Ray Data augmentation task run
     init_ray(num_cpus=cores + 1)
+    ray_start_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if not Path(args.data, "meta.json").is_file():
         prepare(PrepareConfig(source=args.parquet, out=args.data, limit=args.rows, val_fraction=0.1, seed=0))
+    prepare_s = time.perf_counter() - t0
     meta = load_meta(args.data)
     n_train = meta["counts"]["train"]
     speed = images_per_second(args.model, args.width, args.batch_size, cores)
@@ -109,15 +128,31 @@ def main() -> None:
     )  # fmt: skip
     # the name says what ran (and a changed recipe never resumes an older run by accident)
     cfg = dataclasses.replace(cfg, name=f"tta-{default_run_name(cfg)}-w{args.width:g}-e{epochs}")
+    t0 = time.perf_counter()
     result = train(cfg)
+    train_call_s = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in Path(result["run_dir"], HISTORY_FILE).read_text().splitlines()]
-    print(f"{'epoch':>5} {'minutes':>8} {'train_loss':>10} {'val_acc':>8} {'img/s':>7}")
+    print(f"{'epoch':>5} {'minutes':>8} {'train_loss':>10} {'val_acc':>8} {'img/s':>7} {'÷ bare':>7}")
     for r in rows:
-        print(f"{r['epoch']:>5} {r['elapsed_s'] / 60:8.2f} {r['train_loss']:10.4f} {r['val_accuracy']:8.4f} {r['images_per_s']:7.0f}")
+        print(f"{r['epoch']:>5} {r['elapsed_s'] / 60:8.2f} {r['train_loss']:10.4f} {r['val_accuracy']:8.4f} "
+              f"{r['images_per_s']:7.0f} {r['images_per_s'] / speed:7.2f}")  # fmt: skip
+    print(f"anchor: airbench94 {AIRBENCH94['accuracy']:.2%} (published mean, official test split) after "
+          f"{AIRBENCH94['epochs']:g} epochs of {AIRBENCH94['train_images']:,} ({AIRBENCH94['a100_seconds']:g} s on an A100); "
+          f"goal: >= {GOAL_ACCURACY:.1%} on the held-out {meta['counts']['val']:,} after {GOAL_EPOCHS} epochs of 45,000")  # fmt: skip
     hit = next((r["elapsed_s"] / 60 for r in rows if r["val_accuracy"] >= 0.90), None)
+    at_goal = next((r["val_accuracy"] for r in rows if r["epoch"] == GOAL_EPOCHS), None)
+    # the first epoch carries the workers' warm-up: the steady rate is the later epochs'
+    steady = [r["images_per_s"] for r in rows[1:]] or [r["images_per_s"] for r in rows]
+    ratio = sum(steady) / len(steady) / speed
+    train_s = result["elapsed_s"]
+    print(f"images/s: effray {sum(steady) / len(steady):.0f} (epochs 2+) vs the bare model {speed:.0f}, ratio {ratio:.2f}")
+    print(f"wall-clock: training {train_s / 60:.2f} min; + Ray Train start-up and the final checkpoint "
+          f"{train_call_s / 60:.2f} min; + Ray start {ray_start_s:.0f} s and data preparation {prepare_s:.0f} s "
+          f"{(train_call_s + ray_start_s + prepare_s) / 60:.2f} min")  # fmt: skip
     print(f"checkpoint: {result['checkpoint']}")
-    print(f"val_accuracy={result['val_accuracy']:.4f} minutes={result['elapsed_s'] / 60:.2f} "
-          f"minutes_to_90={'none' if hit is None else f'{hit:.2f}'}")  # fmt: skip
+    print(f"val_accuracy={result['val_accuracy']:.4f} minutes={train_s / 60:.2f} "
+          f"minutes_to_90={'none' if hit is None else f'{hit:.2f}'} "
+          f"val_accuracy_epoch{GOAL_EPOCHS}={'none' if at_goal is None else f'{at_goal:.4f}'} ratio_train_vs_bare={ratio:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
