@@ -1,10 +1,15 @@
 """Images/s of effray's Ray Data pipeline vs the seed's torchvision DataLoader, side by side.
 
-(a) the seed's way: torchvision per-sample PIL transforms (RandomHorizontalFlip,
-    RandomRotation(10), ToTensor) in a torch DataLoader with one worker per core,
-    decoding the shared CIFAR-10 JPEG Parquet file;
+(a) torchvision per-sample PIL transforms (RandomHorizontalFlip, RandomRotation(10),
+    ToTensor) in a torch DataLoader with one worker per core, decoding the shared CIFAR-10
+    JPEG Parquet file per sample;
+(a') the seed's actual data path: torchvision's ``CIFAR10`` keeps the decoded uint8 images
+    in memory and makes a PIL image of each per sample (``Image.fromarray``), then the same
+    transforms in the same DataLoader;
 (b) effray: the canonical Parquet streamed through Ray Data with the same augmentations
-    (``flip|rotate(10)``), vectorised over batches, normalised float32 NCHW out.
+    (``flip|rotate(10)``), vectorised over batches, normalised float32 NCHW out; both its
+    cached rate (the default) and its streaming rate (``--no-cache-decoded``) are printed
+    beside (a) and (a').
 
 effray decodes the split once into the object store when it fits (CIFAR: 150 MB) and runs
 the random ops fresh every epoch. Also prints the peak memory (PSS) of this process and all
@@ -42,6 +47,7 @@ from effray.data.pipeline import (
     use_ray_data_env,
 )
 from effray.data.prepare import PrepareConfig, load_meta, prepare
+from effray.train.strategy import bf16_native
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "flip|rotate(10)"
@@ -70,8 +76,24 @@ class JpegParquet(torch.utils.data.Dataset):
         return self.transform(img), self.labels[i]
 
 
-def torch_dataloader_rate(path: str, rows: int, batch_size: int, epochs: int) -> float:
-    loader = torch.utils.data.DataLoader(JpegParquet(path, rows), batch_size=batch_size, shuffle=True,
+class DecodedCifar(JpegParquet):
+    """torchvision's ``CIFAR10``: decoded uint8 images in memory, a PIL image made of one
+    per __getitem__, then the transforms."""
+
+    def __init__(self, path: str, rows: int) -> None:
+        from PIL import Image
+
+        super().__init__(path, rows)
+        self.images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in self.images])
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def torch_dataloader_rate(dataset: torch.utils.data.Dataset, batch_size: int, epochs: int) -> float:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          num_workers=os.cpu_count(), persistent_workers=True)  # fmt: skip
     rates = []
     for _ in range(epochs):
@@ -165,6 +187,8 @@ def main() -> None:
         data = os.path.join(work, "data")
         prepare(PrepareConfig(source=args.parquet, out=data, limit=args.rows, val_fraction=0.0))
         n = load_meta(data)["counts"]["train"]
+        print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
+              f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}")  # fmt: skip
         print(f"rows={n} batch_size={args.batch_size} cores={os.cpu_count()} policy={POLICY!r}")
 
         # the default: the decoded split cached in the object store, flip + rotate fresh per epoch
@@ -183,9 +207,12 @@ def main() -> None:
         print(f"peak_pss_4x_mb={peak4 / 2**20:.0f} (first pass: {cold4 / 2**20:.0f}) peak_pss_ratio_4x_vs_1x={peak4 / peak1:.2f} (streaming)")
         ray.shutdown()
 
-        theirs = torch_dataloader_rate(args.parquet, args.rows, args.batch_size, args.epochs)
-        print(f"torch_dataloader_images_per_s={theirs:.0f} (workers={os.cpu_count()})")
+        theirs = torch_dataloader_rate(JpegParquet(args.parquet, args.rows), args.batch_size, args.epochs)
+        print(f"torch_dataloader_images_per_s={theirs:.0f} (workers={os.cpu_count()}, a JPEG decoded per sample)")
+        seed = torch_dataloader_rate(DecodedCifar(args.parquet, args.rows), args.batch_size, args.epochs)
+        print(f"seed_cifar10_images_per_s={seed:.0f} (workers={os.cpu_count()}, decoded uint8 in memory, PIL per sample)")
         print(f"ratio_vs_torch_dataloader={ours / theirs:.2f}")
+        print(f"ratio_vs_seed_cifar10={ours / seed:.2f} ratio_streaming_vs_seed_cifar10={streamed / seed:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
