@@ -8,8 +8,8 @@
     transforms in the same DataLoader;
 (b) effray: the canonical Parquet streamed through Ray Data with the same augmentations
     (``flip|rotate(10)``), vectorised over batches, normalised float32 NCHW out; both its
-    cached rate (the default) and its streaming rate (``--no-cache-decoded``) are printed
-    beside (a) and (a').
+    cached rate (the default) and its streaming rate (``--no-cache-decoded``, one pass,
+    so a little below a best-of-epochs figure) are printed beside (a) and (a').
 
 effray decodes the split once into the object store when it fits (CIFAR: 150 MB) and runs
 the random ops fresh every epoch. Also prints the peak memory (PSS) of this process and all
@@ -212,6 +212,7 @@ def main() -> None:
         seed = torch_dataloader_rate(DecodedCifar(args.parquet, args.rows), args.batch_size, args.epochs)
         print(f"seed_cifar10_images_per_s={seed:.0f} (workers={os.cpu_count()}, decoded uint8 in memory, PIL per sample)")
         print(f"ratio_vs_torch_dataloader={ours / theirs:.2f}")
+        # (streaming is one pass, the second of two; the other rates are the best of --epochs)
         print(f"ratio_vs_seed_cifar10={ours / seed:.2f} ratio_streaming_vs_seed_cifar10={streamed / seed:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

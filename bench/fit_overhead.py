@@ -135,8 +135,12 @@ def main() -> None:
           f"{args.fits} fits of {args.workers} worker(s) per setting", flush=True)  # fmt: skip
     busy = {}
     for setting in ("on", "off"):
-        out = subprocess.run([sys.executable, __file__, "--fits", str(args.fits), "--workers", str(args.workers),
-                              "--child", setting], capture_output=True, text=True, check=True).stdout  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray
+        child = subprocess.run([sys.executable, __file__, "--fits", str(args.fits), "--workers", str(args.workers),
+                                "--child", setting], capture_output=True, text=True, env=env)  # fmt: skip
+        if child.returncode != 0:
+            raise SystemExit(f"the PreemptionWatcher-{setting} run failed:\n{child.stderr[-3000:]}")
+        out = child.stdout
         print("\n".join(ln for ln in out.splitlines() if not ln.startswith("RESULT")), flush=True)
         busy[setting] = float(out.rsplit("busy_per_fit=", 1)[1].split()[0])
     print(f"ratio_busy_cpu_watcher_off_vs_on={busy['off'] / busy['on']:.2f}")

@@ -20,8 +20,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # suite runs, in-process or in a driver it starts, reads it at fit time)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train starts a PreemptionWatcher actor per worker group: one more Python process
-# (~1 CPU-second here) polling for node *drains*, which local nodes never announce (the
-# node-kill tests SIGKILL them, as a preemption without notice does)
+# polling for node *drains*, which local nodes never announce (the node-kill tests SIGKILL
+# them, as a preemption without notice does); off, a trivial fit costs 0.81-0.90x the CPU
+# here (bench/fit_overhead.py)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 

@@ -2,8 +2,9 @@
 session's Ray, killed with SIGKILL (its whole process group) once one of the search's two
 trials has finished and Tune's saved state holds it, while the other is still training.
 The re-run continues from there: the dataset, the clean report and the teacher are not
-redone, the finished trial is not run again, the other is restored rather than started
-anew, and it ends with the whole front exported. (A re-run of the export stage keeping what
+redone, the finished trial is not run again, the other goes on from its checkpoint (the
+re-run measures it and reports no epoch 1 again), and it ends with the whole front
+exported, printing only effray's lines. (A re-run of the export stage keeping what
 it exported is test_export.py's, in-process. A training run killed mid-fit resuming from
 its checkpoint is ``effray train``'s, in test_train.py and test_multinode.py; a trial on a
 killed node resuming from its checkpoint is test_multinode.py's.)"""
@@ -11,6 +12,7 @@ killed node resuming from its checkpoint is test_multinode.py's.)"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -23,7 +25,8 @@ from pathlib import Path
 import pytest
 
 EFFRAY = Path(sys.executable).parent / "effray"
-# two trials run side by side: the 1-epoch one finishes while the 6-epoch one still trains
+# two trials side by side: the 1-epoch one finishes (its final measurement takes seconds)
+# while the 6-epoch one still trains or measures
 SPACE = """prune_kind: unstructured
 prune_rate: 0.5
 bits: 4
@@ -59,13 +62,21 @@ def _teacher_checkpoints(out: Path) -> list[Path]:
     return sorted((out / "teacher" / "teacher").glob("epoch-*"))
 
 
+def _rows(trial: Path) -> list[dict]:
+    """A trial's reported rows. Tune re-copies ``result.json`` into the experiment every
+    second, so a line caught mid-copy is skipped."""
+    rows = []
+    for line in (trial / "result.json").read_text().splitlines() if (trial / "result.json").is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def _finals(experiment: Path) -> dict[str, list[float]]:
-    """Trial directory -> the timestamps of every final measurement it reported."""
-    out = {}
-    for f in experiment.glob("trial_*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip().startswith("{")]
-        out[f.parent.name] = [r["timestamp"] for r in rows if r.get("final") and not r.get("done")]
-    return out
+    """Trial directory name -> the timestamps of every final measurement it reported."""
+    return {t.name: [r["timestamp"] for r in _rows(t) if r.get("final") and not r.get("done")] for t in experiment.glob("trial_*")}
 
 
 def _terminated(experiment: Path) -> set[str]:
@@ -78,11 +89,19 @@ def _terminated(experiment: Path) -> set[str]:
         return set()
 
 
-def _one_finished_and_saved(experiment: Path) -> bool:
-    """A trial reported its final measurement and Tune's saved state (every second here)
-    holds it as terminated: a kill now cannot leave that trial unrecorded."""
-    finished = {t for t, stamps in _finals(experiment).items() if stamps}
-    return bool(finished) and finished <= _terminated(experiment)
+def _kill_point(experiment: Path) -> dict[str, list[float]] | None:
+    """The trials' finals once one trial has measured its final and Tune's saved state
+    (every second here) holds it terminated, while the other still trains with a checkpoint
+    older than that save: a kill then leaves one trial to skip and one to restore."""
+    finals = _finals(experiment)
+    finished = {t for t, stamps in finals.items() if stamps}
+    if len(finals) != 2 or len(finished) != 1 or not finished <= _terminated(experiment):
+        return None
+    (running,) = set(finals) - finished
+    states, checkpoints = list(experiment.glob("experiment_state-*.json")), list((experiment / running).glob("checkpoint_*"))
+    if not (states and checkpoints) or max(p.stat().st_mtime for p in states) <= min(p.stat().st_mtime for p in checkpoints):
+        return None
+    return finals
 
 
 @pytest.mark.slow
@@ -97,17 +116,23 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
            "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # fmt: skip
 
     # 1: killed while the search runs: one trial finished and recorded, the other still training
-    experiment = out / "compress"
+    experiment, seen = out / "compress", {}
+
+    def ready() -> bool:
+        seen.update(_kill_point(experiment) or {})
+        return bool(seen)
+
     first = _start(args, tmp_path / "first.log", env)
-    _kill_when(first, lambda: _one_finished_and_saved(experiment), tmp_path / "first.log")
-    finished = {t: stamps for t, stamps in _finals(experiment).items() if stamps}
-    assert len(finished) == 1, f"not one trial finished at the kill: {finished}\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+    _kill_when(first, ready, tmp_path / "first.log")
+    finished = {t: stamps for t, stamps in seen.items() if stamps}
+    (running,) = set(seen) - set(finished)
     meta, report = out / "data" / "meta.json", out / "clean" / "clean_report.json"
     stamps = {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))}
     history = _history(out)
     assert [r["epoch"] for r in history] == [1, 2] and not (experiment / "report").exists()
 
     # 2: runs to the end
+    rerun_at = math.ceil(time.time())  # the rows it reports carry this timestamp or later
     second = subprocess.run([str(EFFRAY), *args], capture_output=True, text=True, env=env, timeout=600)
     said = f"\n{second.stdout[-3000:]}\n{second.stderr[-2000:]}"  # what the re-run printed, for every assert below
     assert second.returncode == 0, said
@@ -123,6 +148,12 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     after = _finals(experiment)
     assert sorted(map(len, after.values())) == [1, 1], f"{after}{said}"  # each trial measured once
     assert all(after[t] == stamps for t, stamps in finished.items()), f"{after}{said}"  # the finished one not run again
+    # the other went on from its checkpoint (its epochs take ~1 s and its final measurement
+    # several, so the kill may find it past its last epoch): the re-run measured it and
+    # reported no epoch 1 again, as a trial started anew would
+    rows = [(r["epoch"], r["timestamp"], bool(r.get("final"))) for r in _rows(experiment / running)]
+    again = [epoch for epoch, stamp, final in rows if stamp >= rerun_at and not final]
+    assert after[running][0] >= rerun_at and 1 not in again, f"{rows}{said}"
     assert {Path(e["dir"]).name for e in summary["exports"].values()} == {p.name for p in (out / "export").iterdir() if p.is_dir()}
     assert all((Path(e["dir"]) / "deploy.json").is_file() for e in summary["exports"].values()), said
     assert "effray serve --model" in second.stdout  # the summary names the pick's serve command
