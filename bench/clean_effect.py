@@ -34,7 +34,7 @@ from effray.clean.labels import predict_probs
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
 from effray.train.local import fit_arrays
-from effray.train.strategy import bf16_native
+from effray.train.strategy import cpu_summary
 
 VARIANTS = {"raw": (), "- duplicates, leaks": ("duplicates", "leaks"), "- duplicates, leaks, labels": ("duplicates", "leaks", "labels")}
 
@@ -62,8 +62,7 @@ def main() -> None:
     meta = load_meta(args.data)
     train, val = load_arrays(args.data, "train"), load_arrays(args.data, "val")
     seeds = [int(s) for s in args.seeds.split(",")]
-    cpu = (f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-           f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {args.threads} threads")  # fmt: skip
+    cpu = f"{cpu_summary()}, {args.threads} threads"
     print(f"# {args.model} x{args.width}, {args.epochs} epochs, batch {args.batch_size}, standard augmentation; "
           f"val: {len(val['label'])} held-out images; {cpu}", flush=True)  # fmt: skip
     rows: list[dict[str, Any]] = []

@@ -49,7 +49,7 @@ from effray.clean.knn import knn
 from effray.clean.run import _check_checkpoint, _gpus, embed_pass, hash_pass
 from effray.data.pipeline import use_ray_data_env
 from effray.data.prepare import PrepareConfig, load_meta, prepare
-from effray.train.strategy import bf16_native
+from effray.train.strategy import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -212,8 +212,7 @@ def main() -> int:
     args = p.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
 
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores, Ray num_cpus={args.cpus}", flush=True)  # fmt: skip
+    print(f"{cpu_summary()}, {os.cpu_count()} cores, Ray num_cpus={args.cpus}", flush=True)
     work = tempfile.mkdtemp(prefix="effray-bench-clean-")
     try:
         use_ray_data_env()  # as effray's own local Ray (effray.cluster.init_ray)

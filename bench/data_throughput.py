@@ -47,7 +47,7 @@ from effray.data.pipeline import (
     use_ray_data_env,
 )
 from effray.data.prepare import PrepareConfig, load_meta, prepare
-from effray.train.strategy import bf16_native
+from effray.train.strategy import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "flip|rotate(10)"
@@ -187,8 +187,7 @@ def main() -> None:
         data = os.path.join(work, "data")
         prepare(PrepareConfig(source=args.parquet, out=data, limit=args.rows, val_fraction=0.0))
         n = load_meta(data)["counts"]["train"]
-        print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-              f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}")  # fmt: skip
+        print(cpu_summary())
         print(f"rows={n} batch_size={args.batch_size} cores={os.cpu_count()} policy={POLICY!r}")
 
         # the default: the decoded split cached in the object store, flip + rotate fresh per epoch

@@ -35,11 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from effray.local_cluster import LocalCluster, local_cluster
 from effray.train.loop import HISTORY_FILE
-from effray.train.strategy import bf16_native
+from effray.train.strategy import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +118,7 @@ def main() -> None:
         raise SystemExit("--kill-in-epoch must be >= 2 and < --epochs (a checkpoint before it, epochs after it)")
     from effray.data.prepare import PrepareConfig, prepare
 
-    cpu = f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native {'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores"
+    cpu = f"{cpu_summary()}, {os.cpu_count()} cores"
     print(f"# failover on real local nodes; {cpu}", flush=True)
     with tempfile.TemporaryDirectory(prefix="effray-failover-") as tmp:
         data, storage = f"{tmp}/data", Path(tmp) / "runs"

@@ -22,9 +22,7 @@ import threading
 import time
 from collections import defaultdict
 
-import torch
-
-from effray.train.strategy import bf16_native
+from effray.train.strategy import cpu_summary
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -130,9 +128,7 @@ def main() -> None:
     if args.child:
         run_fits(args.fits, args.workers, args.child == "on")
         return
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores; "
-          f"{args.fits} fits of {args.workers} worker(s) per setting", flush=True)  # fmt: skip
+    print(f"{cpu_summary()}, {os.cpu_count()} cores; {args.fits} fits of {args.workers} worker(s) per setting", flush=True)
     busy = {}
     for setting in ("on", "off"):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray

@@ -143,14 +143,11 @@ def data_and_teacher(args: argparse.Namespace) -> tuple[Path, Any]:
     flags: the given ones, or prepared and trained here (Ray Data prepares)."""
     import os
 
-    import torch
-
     from effray.cluster import init_ray
     from effray.evaluate import load_checkpoint
-    from effray.train.strategy import bf16_native
+    from effray.train.strategy import cpu_summary
 
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores", flush=True)  # fmt: skip
+    print(f"{cpu_summary()}, {os.cpu_count()} cores", flush=True)
     if not args.data:
         init_ray(log_to_driver=False)
     data = Path(args.data) if args.data else prepare_data(args.out, args.images)
@@ -174,14 +171,11 @@ def main() -> int:
 
     import os
 
-    import torch
-
     from effray.cluster import init_ray
-    from effray.train.strategy import bf16_native
+    from effray.train.strategy import cpu_summary
 
     init_ray(log_to_driver=False)
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {os.cpu_count()} cores", flush=True)  # fmt: skip
+    print(f"{cpu_summary()}, {os.cpu_count()} cores", flush=True)
     (args.out / "space.yaml").write_text(yaml.safe_dump({**SPACE, "finetune_epochs": args.epochs_per_trial}))
     data = Path(args.data) if args.data else prepare_data(args.out, args.images)
     teacher = Path(args.teacher) if args.teacher else train_teacher(data, args.out, args.teacher_epochs)

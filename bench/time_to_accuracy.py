@@ -44,7 +44,7 @@ from effray.train.config import TrainConfig, default_run_name
 from effray.train.loop import HISTORY_FILE
 from effray.train.parallel import make_strategy
 from effray.train.run import train
-from effray.train.strategy import bf16_native, logits
+from effray.train.strategy import cpu_summary, logits
 
 ROOT = Path(__file__).resolve().parents[1]
 # airbench94.py's published mean (github.com/KellerJordan/cifar10-airbench): its only
@@ -100,8 +100,7 @@ def main() -> None:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cores = os.cpu_count() or 2
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-          f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}, {cores} cores", flush=True)  # fmt: skip
+    print(f"{cpu_summary()}, {cores} cores", flush=True)
     t0 = time.perf_counter()
     # workers take the cores; one more logical CPU lets a Ray Data augmentation task run
     init_ray(num_cpus=cores + 1)
