@@ -1,5 +1,5 @@
 """Helpers the tests share (tests/ is on sys.path through its conftest): the real ``effray``
-CLI run in-process, and an offline wandb run read back. Not in conftest.py: a second
+CLI run in-process, an offline wandb run read back, and a Tune experiment's trial reports. Not in conftest.py: a second
 conftest (tests/fake_cuda) would shadow ``from conftest import ...``."""
 
 from __future__ import annotations
@@ -19,6 +19,20 @@ def cli(*args: str) -> tuple[int, dict | None, str]:
         rc = main(list(args))
     lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
     return rc, (json.loads(lines[-1]) if lines else None), err.getvalue()
+
+
+def trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's reports so far, in order (Tune's ``result.json``, one JSON line each),
+    by trial directory name. While a search runs Tune re-copies the file into the
+    experiment every second, so a line caught mid-copy is skipped."""
+    out = {}
+    for f in sorted(experiment.glob("trial_*/result.json")):
+        rows = []
+        for line in f.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+        out[f.parent.name] = rows
+    return out
 
 
 def read_wandb_run(path: Path) -> dict:

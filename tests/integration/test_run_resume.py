@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import trial_rows
 
 EFFRAY = Path(sys.executable).parent / "effray"
 # two trials side by side: the 1-epoch one finishes (its final measurement takes seconds)
@@ -62,21 +63,9 @@ def _teacher_checkpoints(out: Path) -> list[Path]:
     return sorted((out / "teacher" / "teacher").glob("epoch-*"))
 
 
-def _rows(trial: Path) -> list[dict]:
-    """A trial's reported rows. Tune re-copies ``result.json`` into the experiment every
-    second, so a line caught mid-copy is skipped."""
-    rows = []
-    for line in (trial / "result.json").read_text().splitlines() if (trial / "result.json").is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
 def _finals(experiment: Path) -> dict[str, list[float]]:
     """Trial directory name -> the timestamps of every final measurement it reported."""
-    return {t.name: [r["timestamp"] for r in _rows(t) if r.get("final") and not r.get("done")] for t in experiment.glob("trial_*")}
+    return {t: [r["timestamp"] for r in rows if r.get("final") and not r.get("done")] for t, rows in trial_rows(experiment).items()}
 
 
 def _terminated(experiment: Path) -> set[str]:
@@ -151,7 +140,7 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     # the other went on from its checkpoint (its epochs take ~1 s and its final measurement
     # several, so the kill may find it past its last epoch): the re-run measured it and
     # reported no epoch 1 again, as a trial started anew would
-    rows = [(r["epoch"], r["timestamp"], bool(r.get("final"))) for r in _rows(experiment / running)]
+    rows = [(r["epoch"], r["timestamp"], bool(r.get("final"))) for r in trial_rows(experiment)[running]]
     again = [epoch for epoch, stamp, final in rows if stamp >= rerun_at and not final]
     assert after[running][0] >= rerun_at and 1 not in again, f"{rows}{said}"
     assert {Path(e["dir"]).name for e in summary["exports"].values()} == {p.name for p in (out / "export").iterdir() if p.is_dir()}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import trial_rows
 
 from effray.cli import main
 
@@ -53,13 +54,6 @@ def _wandb_runs(root: Path) -> list[dict]:
             for f in sorted(root.rglob("offline-run-*/run-*.wandb"))]  # fmt: skip
 
 
-def _trial_results(experiment: Path) -> dict[str, list[dict]]:
-    out = {}
-    for f in experiment.glob("trial_*/result.json"):
-        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return out
-
-
 @pytest.mark.slow
 def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, tiny_cifar, teacher, tmp_path, capsys):
     space = tmp_path / "space.yaml"
@@ -86,7 +80,7 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
     assert len(trials) == 2 and len(summaries) == 1 and len(runs) == 3
     assert {r["group"] for r in runs} == {"tracked"}
     assert len({r["id"] for r in runs}) == 3 and summaries[0]["id"] == result["wandb"]["summary_run_id"]
-    results = _trial_results(experiment)
+    results = trial_rows(experiment)
     for run in trials:
         trial_dir = run["dir"].parent
         assert trial_dir.name == f"trial_{run['config']['trial_id']}" and trial_dir.name in results
@@ -134,7 +128,7 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     result = json.loads(out.strip().splitlines()[-1])
     assert result["finished"] == 1 and result["workers_per_trial"] == 2
     experiment = storage / "ddp"
-    (trial_dir, rows), = _trial_results(experiment).items()
+    (trial_dir, rows), = trial_rows(experiment).items()
     trial_id = trial_dir.removeprefix("trial_")
     # the trial's own Ray Train run: deterministic name, stored under the trial
     assert (experiment / trial_dir / f"ddp-{trial_id}").is_dir()
@@ -186,7 +180,7 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["shared_data"] is True
     experiment = storage / "pareto"
-    results = _trial_results(experiment)
+    results = trial_rows(experiment)
     configs = {t: json.loads((experiment / t / "params.json").read_text()) for t in results}
     assert len(results) == 4 and summary["trials"] == 4  # the two fp32 configs were dropped before they ran
     assert all(c["compress"]["bits"] != 32 and c["predicted"]["bytes"] <= 200 * 1024 for c in configs.values())

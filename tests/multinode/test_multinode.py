@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli
+from helpers import cli, trial_rows
 
 from effray.local_cluster import NODE_STORE
 from effray.train.loop import HISTORY_FILE
@@ -208,14 +208,6 @@ def test_prepare_decodes_on_every_node(cluster, tmp_path):
     assert len(result["decoded_on_nodes"]) == 3 and cluster.head not in result["decoded_on_nodes"]
 
 
-def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
-    """Each trial's reports so far, in order (Tune's result.json, one JSON line each)."""
-    out = {}
-    for f in experiment.glob("trial_*/result.json"):
-        out[f.parent.name] = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip().startswith("{")]
-    return out
-
-
 def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar, teacher, tmp_path):
     """Two 1-CPU trials at once (1 fine-tuning epoch and 8) land on two nodes; SIGKILL the
     long one's node after its second epoch: that trial is retried on another node from its
@@ -233,7 +225,7 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
                      "--name", "killed", "--no-wandb")  # fmt: skip
 
     def long_trial() -> list[dict]:
-        return next((rows for rows in _trial_rows(experiment).values() if rows and rows[0]["config"]["compress"]["finetune_epochs"] == 8), [])  # fmt: skip
+        return next((rows for rows in trial_rows(experiment).values() if rows and rows[0]["config"]["compress"]["finetune_epochs"] == 8), [])  # fmt: skip
 
     deadline = time.time() + 300
     while len(long_trial()) < 2 and driver.poll() is None and time.time() < deadline:
@@ -250,7 +242,7 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
         driver.kill()
     assert driver.returncode == 0, err[-3000:]
     assert _result(out)["finished"] == 2
-    rows = _trial_rows(experiment)
+    rows = trial_rows(experiment)
     (short,) = [r for r in rows.values() if r[0]["config"]["compress"]["finetune_epochs"] == 1]
     (long,) = [r for r in rows.values() if r[0]["config"]["compress"]["finetune_epochs"] == 8]
     assert short[0]["node"] != long[0]["node"] and cluster.head not in (short[0]["node"], long[0]["node"])
