@@ -38,14 +38,26 @@ def load_arrays(data_dir: str | os.PathLike, split: str, limit: int = 0) -> Arra
     shape = tuple(load_meta(data_dir)["image_shape"])
     tables, rows = [], 0
     for f in split_files(data_dir, split):
-        t = pq.read_table(f, columns=["image", "label", "index"])
+        t = pq.read_table(f, columns=[c for c in ("image", "label", "index", "synthetic") if c in pq.read_schema(f).names])
         tables.append(t if not limit else t.slice(0, limit - rows))
         rows += tables[-1].num_rows
         if limit and rows >= limit:
             break
     decoded = decode_batch(pa.concat_tables(tables).combine_chunks(), shape)
+    synthetic = decoded.get("synthetic", np.zeros(len(decoded["label"]), bool))
     return {"image": np.ascontiguousarray(decoded["image"]), "label": decoded["label"].astype(np.int64),
-            "index": decoded["index"].astype(np.int64)}  # fmt: skip
+            "index": decoded["index"].astype(np.int64), "synthetic": np.asarray(synthetic, bool)}  # fmt: skip
+
+
+def concat_arrays(first: Arrays, second: Arrays) -> Arrays:
+    """Rows of ``first`` then ``second`` (the columns both have)."""
+    return {k: np.concatenate([first[k], second[k]]) for k in first if k in second}
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of ``range(rows)``: a pure function of (seed, epoch), so
+    every rank, a resumed run and a search trial draw the same one."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0x5EED])).permutation(rows)
 
 
 def epoch_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int, *, policy: str, seed: int, epoch: int,
@@ -56,14 +68,14 @@ def epoch_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int, *, poli
     import torch
 
     n = len(arrays["label"])
-    order = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0x5EED])).permutation(n)
+    order = epoch_order(n, seed, epoch)
     augment = parse_policy(policy, int(meta["num_classes"]))
     stats = None
     for b, start in enumerate(range(0, n, batch_size)):
         rows = order[start:start + batch_size]
         batch = {"image": arrays["image"][rows], "label": arrays["label"][rows], "index": arrays["index"][rows]}
         if not augment.is_identity:
-            batch = augment(batch, batch_rng(seed, epoch, b))
+            batch = augment(batch, batch_rng(seed, epoch, b), seed=seed, epoch=epoch)
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
         if stats is None:
             stats = channel_stats(meta["mean"], meta["std"], images.device)

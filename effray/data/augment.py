@@ -276,9 +276,12 @@ class PolicyBase:
     def __str__(self) -> str:
         return format_ops(self.chain)
 
-    def extra(self, name: str) -> dict[str, Any]:
-        """What an op gets besides its parameters: num_classes for the label mixers."""
-        return {"num_classes": self.num_classes} if OPS.get(name).mixes_labels else {}
+    def extra(self, name: str, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
+        """What an op gets besides its parameters: num_classes for the label mixers, the
+        seed and epoch for ops keyed by row (``altflip``)."""
+        spec = OPS.get(name)
+        return {**({"num_classes": self.num_classes} if spec.mixes_labels else {}),
+                **({"seed": int(seed), "epoch": int(epoch)} if spec.keyed else {})}  # fmt: skip
 
 
 class Policy(PolicyBase):
@@ -288,7 +291,7 @@ class Policy(PolicyBase):
     flip then rotate) run as one pixel gather, drawing the same numbers in the same order,
     so the output is the pair's, pixel for pixel, at one pass's cost."""
 
-    def __call__(self, batch: Batch, rng: np.random.Generator) -> Batch:
+    def __call__(self, batch: Batch, rng: np.random.Generator, *, seed: int = 0, epoch: int = 0) -> Batch:
         out, chain, i = dict(batch), self.chain, 0
         while i < len(chain):
             (name, params), nxt = chain[i], chain[i + 1] if i + 1 < len(chain) else None
@@ -297,7 +300,7 @@ class Policy(PolicyBase):
             if result is not None:
                 out, i = result, i + 2
                 continue
-            out, i = OPS.get(name).fn(out, rng, **params, **self.extra(name)), i + 1
+            out, i = OPS.get(name).fn(out, rng, **params, **self.extra(name, seed, epoch)), i + 1
         return out
 
 

@@ -68,6 +68,7 @@ class OpSpec:
     fn: Callable[..., Batch]
     params: tuple[Param, ...]
     mixes_labels: bool = False  # also gets num_classes; writes batch["target"]
+    keyed: bool = False  # also gets seed and epoch: draws per row from (seed, row index), not from the batch's rng
     check: Callable[[dict[str, Any]], str | None] | None = None  # cross-parameter rule
 
     def signature(self) -> str:
@@ -82,11 +83,12 @@ def register(
     *params: Param,
     mixes_labels: bool = False,
     check: Callable[[dict[str, Any]], str | None] | None = None,
+    keyed: bool = False,
 ) -> Callable:
     """Decorator: declare an op's parameters next to its numpy implementation."""
 
     def deco(fn: Callable[..., Batch]) -> Callable[..., Batch]:
-        OPS.register(name)(OpSpec(name, fn, params, mixes_labels, check))
+        OPS.register(name)(OpSpec(name, fn, params, mixes_labels=mixes_labels, keyed=keyed, check=check))
         return fn
 
     return deco
@@ -269,6 +271,38 @@ def flip(batch: Batch, rng: np.random.Generator, p: float = 0.5) -> Batch:
     img = batch["image"]
     hit = rng.random(len(img)) < p
     out = img.copy()  # then mirror only the hits: 4x cheaper than a where over the batch
+    out[hit] = img[hit, :, ::-1]
+    return {**batch, "image": out}
+
+
+def row_keys(batch: Batch) -> np.ndarray:
+    """Each row's identity across epochs and ranks: its index, synthetic rows (which
+    number their own) moved past every real one."""
+    keys = np.asarray(batch["index"]).astype(np.int64)
+    if "synthetic" in batch:
+        keys = keys + np.where(np.asarray(batch["synthetic"]).astype(bool), np.int64(1 << 40), np.int64(0))
+    return keys
+
+
+def row_bits(keys: Any, seed: int) -> Any:
+    """One pseudo-random bit per row key (numpy or torch int64, same bits on both): a
+    31-bit integer hash of (seed, key), all in non-negative int64 so nothing overflows."""
+    mask = 0x7FFFFFFF
+    h = (keys ^ (keys >> 31) ^ ((int(seed) * 0x9E3779B1) & mask)) & mask
+    for _ in range(2):
+        h = (h * 0x045D9F3B) & mask
+        h = h ^ (h >> 16)
+    return (h >> 11) & 1
+
+
+@register("altflip", keyed=True)
+def altflip(batch: Batch, rng: np.random.Generator, seed: int = 0, epoch: int = 0) -> Batch:
+    """airbench's alternating flip: each image mirrored at random in epoch 0 (a bit of
+    (seed, row index)) and then on every other epoch, so over two epochs every image is
+    seen both ways (plain ``flip`` leaves a quarter of them one way only)."""
+    hit = (row_bits(row_keys(batch), seed) ^ (int(epoch) & 1)).astype(bool)
+    img = batch["image"]
+    out = img.copy()
     out[hit] = img[hit, :, ::-1]
     return {**batch, "image": out}
 

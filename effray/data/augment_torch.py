@@ -25,7 +25,7 @@ from effray.data.augment import (
     batch_rng,
     parse_ops,
 )
-from effray.data.augment_ops import OPS
+from effray.data.augment_ops import OPS, row_bits
 from effray.errors import EffrayError
 
 TBatch = dict[str, Any]
@@ -183,6 +183,15 @@ def _reflect(i: Tensor, size: int) -> Tensor:
 def flip(batch: TBatch, g: torch.Generator, p: float = 0.5) -> TBatch:
     img = batch["image"]
     hit = _rand(g, len(img)) < p
+    return {**batch, "image": torch.where(hit.view(-1, 1, 1, 1), img.flip(2), img)}
+
+
+@torch_op("altflip")
+def altflip(batch: TBatch, g: torch.Generator, seed: int = 0, epoch: int = 0) -> TBatch:
+    img, keys = batch["image"], batch["index"].to(torch.int64)
+    if "synthetic" in batch:
+        keys = keys + batch["synthetic"].to(torch.int64) * (1 << 40)
+    hit = (row_bits(keys, seed) ^ (int(epoch) & 1)).bool()
     return {**batch, "image": torch.where(hit.view(-1, 1, 1, 1), img.flip(2), img)}
 
 
@@ -451,7 +460,7 @@ def trivialaugment(batch: TBatch, g: torch.Generator) -> TBatch:
 class TorchPolicy(PolicyBase):
     """A parsed chain of torch ops: ``policy(batch, generator) -> batch``."""
 
-    def __call__(self, batch: TBatch, generator: torch.Generator) -> TBatch:
+    def __call__(self, batch: TBatch, generator: torch.Generator, *, seed: int = 0, epoch: int = 0) -> TBatch:
         img = batch["image"]
         if img.dtype != torch.uint8 or img.dim() != 4 or img.shape[-1] not in (1, 3):
             raise EffrayError(
@@ -464,7 +473,7 @@ class TorchPolicy(PolicyBase):
             )
         out = dict(batch)
         for name, params in self.chain:
-            out = TORCH_OPS[name](out, generator, **params, **self.extra(name))
+            out = TORCH_OPS[name](out, generator, **params, **self.extra(name, seed, epoch))
         return out
 
 

@@ -18,6 +18,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from effray.config import option, require
 from effray.data.augment import batch_rng, parse_policy
+from effray.data.augment_ops import row_keys
 from effray.data.prepare import load_meta, split_files
 
 MAP_BATCH_SIZE = 2048  # rows per augmentation task call (at most): big enough to amortise Ray's per-block cost
@@ -170,16 +171,17 @@ def decode_rows(batch: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 
 def augment_rows(batch: dict[str, np.ndarray], *, policy: str, num_classes: int, seed: int,
-                 clock: str) -> dict[str, np.ndarray]:
+                 clock: str = "", epoch: int | None = None) -> dict[str, np.ndarray]:
     """The augmenting ``map_batches`` UDF over decoded rows, with a (seed, epoch, first
     row)-derived rng: the same batch gets the same draws wherever it runs, a new epoch
-    fresh ones."""
-    if clock:
-        key = int(batch["index"][0]) + (1 << 40 if bool(batch["synthetic"][0]) else 0)
-        rng = batch_rng(seed, _current_epoch(clock), key)
+    fresh ones. The epoch is ``epoch`` when given, else the ``clock``'s."""
+    if epoch is None and clock:
+        epoch = _current_epoch(clock)
+    if epoch is not None:
+        rng = batch_rng(seed, epoch, int(row_keys({k: batch[k][:1] for k in ("index", "synthetic") if k in batch})[0]))
     else:  # no clock: fresh but not reproducible randomness
         rng = np.random.default_rng()
-    out = parse_policy(policy, num_classes)(dict(batch), rng)
+    out = parse_policy(policy, num_classes)(dict(batch), rng, seed=seed, epoch=epoch or 0)
     return {k: v for k, v in out.items() if k in KEEP_COLUMNS}
 
 
@@ -249,17 +251,20 @@ def sample_images(data_dir: str | os.PathLike, n: int, mean: list[float], std: l
 # ------------------------------------------------------------------ datasets
 
 
-def read_split(data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 0) -> Any:
-    """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order),
-    under effray's block size and stream buffer (:func:`data_context`), which every
-    dataset derived from it inherits."""
+def read_split(data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 0, shuffle_seed: int | None = None) -> Any:
+    """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order; with
+    ``shuffle_seed`` the shard order is permuted afresh every time the dataset runs, i.e.
+    every epoch), under effray's block size and stream buffer (:func:`data_context`),
+    which every dataset derived from it inherits."""
     import ray
-    from ray.data import DataContext
+    from ray.data import DataContext, FileShuffleConfig
 
     meta = load_meta(data_dir)
     split_bytes = meta["counts"].get(split, 0) * int(np.prod(meta["image_shape"]))
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     with DataContext.current(data_context(split_bytes, stream_buffer_mb)):
-        return ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label", "index", "synthetic"])
+        return ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label", "index", "synthetic"],
+                                     shuffle=shuffle)  # fmt: skip
 
 
 def data_context(split_bytes: int, stream_buffer_mb: int = 0) -> Any:
@@ -302,11 +307,13 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     no augmentation runs here: the training worker applies the torch version on its device."""
     meta = load_meta(cfg.data)
     parse_policy(cfg.augment, meta["num_classes"])  # fail fast, before any task starts
-    ds = read_split(cfg.data, "train", cfg.stream_buffer_mb)
+    cache = cfg.cache_decoded and fits_object_store(meta, cfg.synthetic_ratio)
+    # streamed: a new shard order every epoch, so no rank sees the same shards each time
+    ds = read_split(cfg.data, "train", cfg.stream_buffer_mb, shuffle_seed=None if cache else cfg.seed)
     if cfg.synthetic:
         ds = mix_synthetic(ds, cfg, meta)
     ds = _decode(ds, meta, num_cpus)
-    if cfg.cache_decoded and _fits_object_store(meta, cfg.synthetic_ratio):
+    if cache:
         ds = ds.materialize()
     policy = cfg.augment if cfg.augment_on == "cpu" else "none"
     if parse_policy(policy, meta["num_classes"]).is_identity:
@@ -317,7 +324,7 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     )  # fmt: skip
 
 
-def _fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fraction: float = 0.25) -> bool:
+def fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fraction: float = 0.25) -> bool:
     """Whether the decoded training split takes at most ``fraction`` of the cluster's
     object store (CIFAR-10's 50k images: 150 MB)."""
     import ray
@@ -333,17 +340,23 @@ def _decode(ds: Any, meta: dict[str, Any], num_cpus: float) -> Any:
 
 def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
     """Add synthetic rows so they make up ``synthetic_ratio`` of the training stream."""
+    n_syn = synthetic_rows(cfg, meta)
+    return ds.union(read_split(cfg.synthetic, "train", cfg.stream_buffer_mb).limit(n_syn)) if n_syn else ds
+
+
+def synthetic_rows(cfg: DataConfig, meta: dict[str, Any]) -> int:
+    """How many rows of ``--synthetic`` make them ``--synthetic-ratio`` of the training
+    stream; checks the synthetic set matches the data and holds that many."""
     syn_meta = validate_data_dir(cfg.synthetic)
     require(
         syn_meta["image_shape"] == meta["image_shape"] and syn_meta["num_classes"] == meta["num_classes"],
         f"--synthetic {cfg.synthetic} has shape {syn_meta['image_shape']} / {syn_meta['num_classes']} classes, "
         f"the data has {meta['image_shape']} / {meta['num_classes']}; sample it from a generator trained on this data",
     )
-    n_real = meta["counts"]["train"]
-    n_syn = int(round(cfg.synthetic_ratio / (1.0 - cfg.synthetic_ratio) * n_real))
+    n_syn = int(round(cfg.synthetic_ratio / (1.0 - cfg.synthetic_ratio) * meta["counts"]["train"]))
     available = syn_meta["counts"].get("train", 0)
     require(n_syn <= available, f"--synthetic-ratio {cfg.synthetic_ratio} needs {n_syn} synthetic rows, {cfg.synthetic} has {available}; sample more or lower the ratio")
-    return ds.union(read_split(cfg.synthetic, "train", cfg.stream_buffer_mb).limit(n_syn)) if n_syn else ds
+    return n_syn
 
 
 def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: float = 1) -> Any:

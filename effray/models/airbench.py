@@ -63,6 +63,12 @@ def airbench(num_classes: int, in_channels: int, width: float) -> nn.Sequential:
     ))  # fmt: skip
 
 
+def whitening_biases(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The whitening stems' biases: airbench trains them for the first 3 epochs only
+    (``--whiten-bias-epochs``), after which the stem is fixed and cheaper to step."""
+    return tuple(m.bias for m in model.modules() if getattr(m, "whitening", False) and m.bias is not None)
+
+
 def needs_data_init(model: nn.Module) -> bool:
     return any(getattr(m, "whitening", False) for m in model.modules())
 

@@ -27,7 +27,8 @@ SCHEDULES = ("onecycle", "cosine")
 TTA_LEVELS = (0, 1, 2)
 # knobs added after runs existed: left out of the default name at their defaults, so
 # the names (and resumes) of runs that don't use them stay what they were
-_LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0, "max_workers": 0, "worker_resources": ""}
+_LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0, "max_workers": 0, "worker_resources": "",
+                   "whiten_bias_epochs": 0}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
 # re-running a command with another --max-failures or wandb project still resumes it.
@@ -52,6 +53,7 @@ class TrainConfig:
     label_smoothing: float = option(0.1, "label smoothing for the cross-entropy")
     bias_lr_scale: float = option(1.0, "learning-rate multiplier for the norm layers' parameters, which never decay (airbench: 64 on BatchNorm biases)")
     lookahead: bool = option(False, "airbench's lookahead: after the first 0.3 of the steps, every 5 steps pull the weights to their EMA (decay 0.95^5 x progress^3)")
+    whiten_bias_epochs: int = option(0, "airbench: train the whitening stem's bias for the first N epochs only, then freeze it (airbench: 3); 0 = train it throughout")
     tta: int = option(0, "test-time augmentation of the final validation (the score reported and checkpointed): 0 none, 1 mirror, 2 mirror + two 1-pixel translations", choices=TTA_LEVELS)
     schedule: str = option("onecycle", "per-step LR schedule: onecycle (linear up, linear down) or cosine (linear warm-up, cosine down)", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up to the peak LR")
@@ -124,6 +126,7 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         require(self.bias_lr_scale > 0, f"--bias-lr-scale must be > 0, got {self.bias_lr_scale}")
+        require(self.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be >= 0 (0 = never freeze), got {self.whiten_bias_epochs}")
         require(self.tta in TTA_LEVELS, f"--tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {self.tta}")
         require(0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")
         require(self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")

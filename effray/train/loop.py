@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from effray.config import from_dict
 from effray.data.pipeline import channel_stats, normalize_tensor, sample_images, torch_batches
+from effray.data.shuffle import epoch_dataset
 from effray.errors import EffrayError
 from effray.models import build_model
-from effray.models.airbench import init_from_data, needs_data_init
+from effray.models.airbench import init_from_data, needs_data_init, whitening_biases
 from effray.predict import tta_logits
 from effray.tracking import NullTracker, TrackerSettings, make_tracker
 from effray.train.checkpoint import (
@@ -265,13 +266,18 @@ def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[
 
 
 def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               batch: dict[str, Any], loss_fn: Any, sums: torch.Tensor, micro: int | None = None) -> None:
+               batch: dict[str, Any], loss_fn: Any, sums: torch.Tensor, micro: int | None = None,
+               frozen: tuple[torch.Tensor, ...] = ()) -> None:
     """One optimizer step on ``batch``; its loss and row count are added to ``sums`` (on
     the device) instead of being read back, so the host never waits for the GPU here.
 
     ``micro``: at most this many rows per forward; a larger batch is accumulated over
     chunks (DDP syncs only the last), each chunk's loss weighted by its share, so the
-    step equals one over the whole batch (an elastic run on fewer workers)."""
+    step equals one over the whole batch (an elastic run on fewer workers).
+
+    ``frozen``: parameters this step leaves alone, momentum and weight decay included
+    (their gradients are dropped before the step; DDP has already reduced them, so its
+    bookkeeping is untouched, as it would not be by flipping ``requires_grad``)."""
     optimizer.zero_grad(set_to_none=True)
     n = len(batch["label"])
     chunks = [batch] if micro is None or n <= micro else _chunks(batch, micro)
@@ -283,6 +289,8 @@ def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.opti
         sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             loss += strategy.forward_backward(model, chunk["image"], chunk, weighted).to(sums.device, torch.float64)
+    for p in frozen:
+        p.grad = None
     optimizer.step()
     scheduler.step()
     sums[0] += loss * n
@@ -356,7 +364,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gpu_policy = parse_policy_torch(cfg.data.augment, num_classes)
         stats = channel_stats(meta["mean"], meta["std"], device)
     loss_fn = lambda logits, batch: soft_cross_entropy(logits, batch, cfg.label_smoothing)  # noqa: E731
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    source = run.get("train_source")  # the cached split, reshuffled exactly every epoch; None: streamed
+    train_shard = None if source is not None else ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
     tracker = make_tracker(TrackerSettings(**run["tracker"])) if rank == 0 and run["tracker"] and start < cfg.epochs else NullTracker()
     victim = 1 if world > 1 else 0
     replica, replicas = strategy.data_rank(rank, world)
@@ -365,6 +375,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_rank = cfg.batch_size // world if cfg.elastic else cfg.per_worker_batch
     micro = cfg.micro_batch if cfg.elastic else None
     epoch_times: list[float] = []
+    whiten_biases = whitening_biases(strategy.unwrap(model))
     try:
         for epoch in range(start, cfg.epochs):
             seed_epoch(cfg.seed, epoch, rank)
@@ -373,9 +384,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
             waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
             batches = strategy.batches(lambda epoch=epoch: torch_batches(
-                train_shard, meta, per_rank, clock=run["clock"], epoch=epoch,
-                shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, normalise=gpu_policy is None,
-                channels_last=strategy.channels_last))  # fmt: skip
+                epoch_dataset(source, epoch, replica, replicas, cfg.batch_size) if source is not None else train_shard,
+                meta, per_rank, clock="" if source is not None else run["clock"], epoch=epoch,
+                shuffle_buffer=0 if source is not None else cfg.data.shuffle_buffer, seed=cfg.seed,
+                normalise=gpu_policy is None, channels_last=strategy.channels_last))  # fmt: skip
             if lookahead is not None:
                 lookahead.begin_epoch(strategy.unwrap(model), epoch * steps)
             for step, batch in enumerate(batches):
@@ -383,7 +395,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if gpu_policy is not None:
                     batch = augment_on_device(batch, gpu_policy, stats, device, (cfg.seed, epoch, rank, step),
                                               strategy.channels_last)  # fmt: skip
-                train_step(strategy, model, optimizer, scheduler, batch, loss_fn, sums, micro)
+                train_step(strategy, model, optimizer, scheduler, batch, loss_fn, sums, micro,
+                           whiten_biases if epoch >= cfg.whiten_bias_epochs > 0 else ())  # fmt: skip
                 if lookahead is not None:
                     lookahead.after_step(strategy.unwrap(model), epoch * steps + step + 1)
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
@@ -443,7 +456,7 @@ def augment_on_device(batch: dict[str, Any], policy: Any, stats: tuple[torch.Ten
 
     seed, epoch, rank, step = key
     g = batch_generator(seed, epoch, (rank << 32) + step, device)
-    out = policy({k: v.to(device, non_blocking=True) for k, v in batch.items()}, g)
+    out = policy({k: v.to(device, non_blocking=True) for k, v in batch.items()}, g, seed=seed, epoch=epoch)
     out["image"] = normalize_tensor(out["image"], *stats, channels_last)
     return out
 

@@ -30,6 +30,7 @@ from effray.data.pipeline import (
     train_dataset,
     validate_data_dir,
 )
+from effray.data.shuffle import cache_split, steps_per_epoch
 from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
@@ -290,17 +291,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return _summary(cfg, run_dir, storage, checkpoint, 0 if history else None, metrics, mode, run_id, tracker)
 
     clock = f"effray-clock-{run_id}"
-    train_ds = train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus)
+    # a split that fits the object store is cached there and reshuffled exactly every
+    # epoch (effray.data.shuffle); a bigger one streams through Ray Train's split
+    source = cache_split(cfg.data, num_cpus=cfg.data_cpus)
+    train_ds = None if source is not None else train_dataset(cfg.data, clock=clock, num_cpus=cfg.data_cpus)
+    if source is not None:
+        steps = steps_per_epoch(source.rows, cfg.batch_size, cfg.data_parallel)
+    elif cfg.elastic:  # optimizer steps of the whole global batch, whatever the world size
+        steps = math.ceil(train_rows(cfg.data, meta) / cfg.batch_size)
+    else:
+        steps = math.ceil(rows_per_rank / cfg.per_worker_batch)
     trainer = torch_trainer(
         train_loop_per_worker,
         {"train": to_dict(cfg), "run": {
             "name": cfg.name, "run_dir": str(run_dir) if run_dir else "", "clock": clock, "data": data, "provenance": prov,
-            # elastic: optimizer steps of the whole global batch, whatever the world size
-            "steps_per_epoch": math.ceil(train_rows(cfg.data, meta) / cfg.batch_size) if cfg.elastic
-            else math.ceil(rows_per_rank / cfg.per_worker_batch), "tracker": tracker}},
+            "steps_per_epoch": steps, "tracker": tracker, "train_source": source}},
         workers=(cfg.workers, cfg.max_workers) if cfg.elastic else cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
         name=cfg.name, storage=storage, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-        datasets={"train": train_ds,
+        datasets={**({"train": train_ds} if train_ds is not None else {}),
                   # decoded once here: every rank reads the whole split each epoch (see validate)
                   "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
         dataset_config=strategy.dataset_config(cfg, train_ds), extra_resources=parse_resources(cfg.worker_resources),

@@ -50,6 +50,7 @@ def _images(batch: dict[str, torch.Tensor], channels_last: bool = True) -> dict[
 def test_ddp_training_step(fake_cuda, name, lookahead):
     """The loop's own step (zero_grad, forward/backward through the strategy, SGD, LR
     schedule, device-side loss sums, lookahead), two steps so momentum buffers exist."""
+    from effray.models.airbench import whitening_biases
     from effray.train.loop import Lookahead, Schedule, param_groups, soft_cross_entropy, train_step
 
     torch.manual_seed(0)
@@ -63,7 +64,8 @@ def test_ddp_training_step(fake_cuda, name, lookahead):
         sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
         for step in range(2):
             batch = _images(uint8_batch(), strategy.channels_last)
-            train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums)
+            frozen = whitening_biases(model) if step else ()  # airbench's stem bias, frozen on the 2nd step
+            train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums, frozen=frozen)
             if ahead is not None:
                 ahead.after_step(model, step + 1)
         assert_cuda(sums, *model.parameters(), *(s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)))

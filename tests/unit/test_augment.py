@@ -45,11 +45,11 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def np_apply(text: str, batch: dict, seed: int = 0, num_classes: int = 10) -> dict:
-    return parse_policy(text, num_classes)(batch, np.random.default_rng(seed))
+    return parse_policy(text, num_classes)(batch, np.random.default_rng(seed), seed=seed)
 
 
 def t_apply(text: str, batch: dict, seed: int = 0, num_classes: int = 10) -> dict:
-    return T.parse_policy_torch(text, num_classes)(to_torch(batch), gen(seed))
+    return T.parse_policy_torch(text, num_classes)(to_torch(batch), gen(seed), seed=seed)
 
 
 def as_np(out: dict) -> dict[str, np.ndarray]:
@@ -404,7 +404,7 @@ def test_policy_ops_are_copies() -> None:
 
 
 BAD = {
-    "flp": "unknown augment op 'flp'; valid: crop, cutmix",
+    "flp": "unknown augment op 'flp'; valid: altflip, crop, cutmix",
     "standrd|flip": "or a preset: none, standard, strong",
     "crop(4": "cannot parse augment op",
     "crop(*x)": "cannot parse augment op",
@@ -524,6 +524,7 @@ def pattern_batch(n: int = 1024, size: int = 12) -> dict[str, np.ndarray]:
     return {
         "image": np.broadcast_to(img.astype(np.uint8), (n, size, size, 3)).copy(),
         "label": np.zeros(n, np.int64),
+        "index": np.arange(n, dtype=np.int64),
     }
 
 
@@ -598,3 +599,43 @@ def test_crop_gathers_what_fancy_indexing_of_the_reflect_padded_image_gives() ->
     dy, dx = (rng.integers(0, 7, 16) for _ in range(2))
     for i in range(16):
         np.testing.assert_array_equal(out[i], padded[i, dy[i]:dy[i] + 12, dx[i]:dx[i] + 10])
+
+
+# ------------------------------------------------------------------ alternating flip
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_altflip_mirrors_each_image_on_alternate_epochs(backend: str) -> None:
+    """airbench's alternating flip: a row's first-epoch flip is a bit of (seed, row
+    index), whatever batch it lands in, and it flips back and forth from then on."""
+    policy = parse_policy("altflip", 10) if backend == "numpy" else T.parse_policy_torch("altflip", 10)
+    batch = make_batch(n=400)
+
+    def flipped(b: dict, epoch: int, seed: int = 7) -> np.ndarray:
+        args = (b, np.random.default_rng(epoch)) if backend == "numpy" else (to_torch(b), gen(epoch))
+        out = as_np(policy(*args, seed=seed, epoch=epoch))["image"]
+        mirror = np.array_equal
+        assert all(mirror(o, i) or mirror(o, i[:, ::-1]) for o, i in zip(out, b["image"]))  # whole mirrors only
+        return np.array([not np.array_equal(o, i) for o, i in zip(out, b["image"])])
+
+    first = flipped(batch, 0)
+    assert 0.4 < first.mean() < 0.6  # a fair coin per image
+    for epoch in (1, 2, 3, 6, 9):
+        np.testing.assert_array_equal(flipped(batch, epoch), first ^ bool(epoch % 2))
+    # in another batch, in another order, a row flips exactly as it did
+    order = np.random.default_rng(0).permutation(400)[:150]
+    np.testing.assert_array_equal(flipped({k: v[order] for k, v in batch.items()}, 3), ~first[order])
+    assert not np.array_equal(flipped(batch, 0, seed=8), first)  # another seed, other first flips
+    # synthetic rows number their own indexes: the same index there is another row
+    synthetic = {**batch, "synthetic": np.ones(400, dtype=bool)}
+    assert not np.array_equal(flipped(synthetic, 0), first)
+
+
+def test_altflip_is_the_same_on_both_backends() -> None:
+    batch = make_batch(n=64)
+    for epoch in (0, 1):
+        out = np_apply("crop(2)|altflip", batch, seed=3)  # crop draws differ by backend; compare the flip alone
+        np.testing.assert_array_equal(
+            parse_policy("altflip", 10)(batch, None, seed=3, epoch=epoch)["image"],
+            as_np(T.parse_policy_torch("altflip", 10)(to_torch(batch), gen(0), seed=3, epoch=epoch))["image"])
+        assert out["image"].shape == batch["image"].shape

@@ -135,3 +135,32 @@ def test_worker_resources_must_be_offered_by_some_node():
     check_resources(CompressRunConfig(workers=2), cluster, [cluster])  # configs without the flag pass
     with pytest.raises(EffrayError, match="name=amount"):
         TrainConfig(data=DataConfig(data="d"), worker_resources="CPU=2").validate()
+
+
+def test_a_frozen_whitening_bias_stays_put_while_the_rest_trains():
+    """--whiten-bias-epochs: past it the stem's bias gets no step, momentum or decay
+    included, although DDP-style gradients for it were computed."""
+    from effray.models import build_model
+    from effray.models.airbench import whitening_biases
+    from effray.train.loop import param_groups, soft_cross_entropy, train_step
+    from effray.train.strategy import DDPStrategy
+
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, 3, 0.25).train()
+    (bias,) = whitening_biases(model)
+    strategy = DDPStrategy(torch.device("cpu"), channels_last=False, compile=False, amp=False)
+    opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    batch = {"image": torch.randn(16, 3, 32, 32), "label": torch.randint(0, 10, (16,))}
+    loss = lambda y, b: soft_cross_entropy(y, b, 0.1)  # noqa: E731
+    sums = torch.zeros(2, dtype=torch.float64)
+    train_step(strategy, model, opt, sched, batch, loss, sums)  # while it trains
+    trained = bias.detach().clone()
+    assert trained.abs().sum() > 0 and bias in opt.state
+    head = model.head.fc.weight.detach().clone()
+    for _ in range(2):
+        train_step(strategy, model, opt, sched, batch, loss, sums, frozen=(bias,))
+    torch.testing.assert_close(bias.detach(), trained, rtol=0, atol=0)  # momentum would have moved it on
+    moved = [p for p in model.parameters() if p.requires_grad and p is not bias]
+    assert moved and all(p.grad is not None for p in moved)
+    assert not torch.equal(head, model.head.fc.weight)
