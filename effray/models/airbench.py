@@ -9,7 +9,8 @@ the airbench ablations measured to roughly halve the epochs to a given accuracy:
   (``effray train`` does it from the first training rows); until then it is identity-like
   noise and the model still runs.
 * **dirac** (identity) init of every 3x3 conv's first ``in_channels`` filters: an
-  implicit residual path through a net without residual connections.
+  implicit residual path through a net without residual connections; the other filters
+  and the head keep PyTorch's default init, as in airbench.
 * BatchNorm without a learned scale (only the bias trains, see ``--bias-lr-scale``) and a
   fast running-stat momentum (0.4 in PyTorch's convention).
 """
@@ -36,6 +37,9 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
     conv.dirac_init = True  # read by effray.models.base.init_weights
+    # PyTorch's default init, as airbench keeps it: ~2.5x smaller weights than Kaiming's
+    # fan-out normal, which under BatchNorm means larger effective steps for the same lr
+    conv.default_init = True
     return conv
 
 
@@ -54,12 +58,14 @@ def airbench(num_classes: int, in_channels: int, width: float) -> nn.Sequential:
     whiten.weight.requires_grad_(False)
     whiten.whitening = True  # init_from_data sets it
     w1, w2, w3 = (scaled(c, width) for c in (64, 256, 256))
+    head = Head(w3, num_classes, pool="max", bias=False, scale=1 / 9)
+    head.fc.default_init = True  # PyTorch's, as airbench: the 1/9 scale keeps the first logits small
     return nn.Sequential(OrderedDict(
         stem=nn.Sequential(whiten, nn.GELU()),
         group1=_group(whiten.out_channels, w1),
         group2=_group(w1, w2),
         group3=_group(w2, w3),
-        head=Head(w3, num_classes, pool="max", bias=False, scale=1 / 9),
+        head=head,
     ))  # fmt: skip
 
 

@@ -63,13 +63,20 @@ class Head(nn.Module):
 
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal convs (identity filters first where a conv sets ``dirac_init``),
-    unit BN, small-normal linears; draws only from torch's RNG.
+    unit BN, small-normal linears; draws only from torch's RNG. A layer that sets
+    ``default_init`` keeps PyTorch's own (uniform, 1/sqrt(fan_in)) with zero bias.
 
     The small head init (std 0.01, zero bias) starts every model near uniform
     predictions, so the first loss is ~log(num_classes) whatever the depth.
     """
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if getattr(m, "default_init", False):  # PyTorch's own init, kept on purpose (airbench)
+            m.reset_parameters()
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if getattr(m, "dirac_init", False):
+                nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])
+        elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if getattr(m, "dirac_init", False):  # identity on the first in_channels filters
                 nn.init.dirac_(m.weight[: min(m.in_channels, m.out_channels)])

@@ -28,7 +28,7 @@ TTA_LEVELS = (0, 1, 2)
 # knobs added after runs existed: left out of the default name at their defaults, so
 # the names (and resumes) of runs that don't use them stay what they were
 _LATER_DEFAULTS = {"bias_lr_scale": 1.0, "lookahead": False, "tta": 0, "max_workers": 0, "worker_resources": "",
-                   "whiten_bias_epochs": 0}
+                   "whiten_bias_epochs": 0, "decay_biases": False, "lr_start": 0.1, "lr_end": 0.0}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
 # re-running a command with another --max-failures or wandb project still resumes it.
@@ -49,7 +49,8 @@ class TrainConfig:
     lr: float = option(0.2, "peak learning rate (for the global batch)")
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(True, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "weight decay (never on norm weights or biases)")
+    weight_decay: float = option(5e-4, "weight decay (on norm weights and biases only with --decay-biases)")
+    decay_biases: bool = option(False, "decay biases and norm shifts too, at the weights' rate per step whatever their lr (airbench)")
     label_smoothing: float = option(0.1, "label smoothing for the cross-entropy")
     bias_lr_scale: float = option(1.0, "learning-rate multiplier for the norm layers' parameters, which never decay (airbench: 64 on BatchNorm biases)")
     lookahead: bool = option(False, "airbench's lookahead: after the first 0.3 of the steps, every 5 steps pull the weights to their EMA (decay 0.95^5 x progress^3)")
@@ -57,6 +58,8 @@ class TrainConfig:
     tta: int = option(0, "test-time augmentation of the final validation (the score reported and checkpointed): 0 none, 1 mirror, 2 mirror + two 1-pixel translations", choices=TTA_LEVELS)
     schedule: str = option("onecycle", "per-step LR schedule: onecycle (linear up, linear down) or cosine (linear warm-up, cosine down)", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "epochs of linear warm-up to the peak LR")
+    lr_start: float = option(0.1, "LR at the first step, as a fraction of --lr (airbench: 0.2)")
+    lr_end: float = option(0.0, "LR at the last step, as a fraction of --lr (airbench: 0.07)")
     workers: int = option(2, "data-parallel workers (Ray Train workers); `--workers MIN-MAX` trains elastic")
     worker_resources: str = option("", "extra Ray resources each worker needs, e.g. 'trainer=1': keeps workers on the nodes "
                                        "that offer them (and the other nodes' CPUs free for Ray Data's tasks)")
@@ -126,6 +129,8 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         require(self.bias_lr_scale > 0, f"--bias-lr-scale must be > 0, got {self.bias_lr_scale}")
+        require(0 <= self.lr_start <= 1 and 0 <= self.lr_end <= 1,
+                f"--lr-start and --lr-end are fractions of --lr in [0, 1], got {self.lr_start} and {self.lr_end}")
         require(self.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be >= 0 (0 = never freeze), got {self.whiten_bias_epochs}")
         require(self.tta in TTA_LEVELS, f"--tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {self.tta}")
         require(0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}")

@@ -54,28 +54,33 @@ class Schedule:
     """LR multiplier per optimizer step. A callable object (not a lambda) so LambdaLR's
     state_dict round-trips through a weights-only checkpoint."""
 
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int) -> None:
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, start: float = 0.1, end: float = 0.0) -> None:
         self.kind, self.total, self.warmup = kind, max(1, total_steps), max(0, min(warmup_steps, total_steps))
+        self.start, self.end = start, end  # multipliers at step 0 and at the last step (airbench: 0.2, 0.07)
 
     def __call__(self, step: int) -> float:
         t = min(step, self.total)
+        start, end = getattr(self, "start", 0.1), getattr(self, "end", 0.0)  # a checkpoint from before the knobs
         if t < self.warmup:
-            return 0.1 + 0.9 * t / self.warmup
+            return start + (1.0 - start) * t / self.warmup
         rest = (t - self.warmup) / max(1, self.total - self.warmup)
         if self.kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * rest))
-        return 1.0 - rest  # one-cycle: linear up, linear down to zero
+            return end + (1.0 - end) * 0.5 * (1 + math.cos(math.pi * rest))
+        return 1.0 - (1.0 - end) * rest  # one-cycle: linear up, linear down to `end`
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
-                 bias_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+                 bias_lr_scale: float = 1.0, decay_biases: bool = False) -> list[dict[str, Any]]:
     """Weight decay on conv/linear weights only: decaying norm scales and biases just
     fights the normalisation (1-D tensors are exactly those). ``bias_lr_scale`` != 1
     moves the norm layers' parameters to a third group at ``lr * bias_lr_scale``
-    (airbench: 64x on BatchNorm biases)."""
+    (airbench: 64x on BatchNorm biases). ``decay_biases`` decays the 1-D tensors too, at
+    the weights' rate per step (their group's decay divided by its lr multiplier), as
+    airbench does."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    bias_decay = weight_decay if decay_biases else 0.0
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": bias_decay}]
     if bias_lr_scale == 1.0:
         return groups  # two groups, as checkpoints from before the knob hold
     if lr is None:
@@ -83,7 +88,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
     norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
     norm_ids = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters() if p.requires_grad}
     groups[1]["params"] = [p for p in no_decay if id(p) not in norm_ids]
-    groups.append({"params": [p for p in no_decay if id(p) in norm_ids], "weight_decay": 0.0, "lr": lr * bias_lr_scale})
+    groups.append({"params": [p for p in no_decay if id(p) in norm_ids], "weight_decay": bias_decay / bias_lr_scale,
+                   "lr": lr * bias_lr_scale})  # fmt: skip
     return groups
 
 
@@ -336,11 +342,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     strategy = make_strategy(cfg.parallel, device, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
                              **cfg.strategy_options())  # fmt: skip
     model = prepare_model(model, strategy)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale), lr=cfg.lr,
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, cfg.decay_biases), lr=cfg.lr,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
     steps = int(run["steps_per_epoch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, Schedule(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps)))
+        optimizer, Schedule(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps), cfg.lr_start, cfg.lr_end))
     lookahead = Lookahead(steps * cfg.epochs) if cfg.lookahead else None
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0

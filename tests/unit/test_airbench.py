@@ -198,3 +198,27 @@ def test_a_fresh_airbench_student_is_whitened_from_the_images_it_is_given(real_i
 
     build_student(teacher, CompressConfig(student="resnet20", kd_alpha=0.5), images=unread)
     build_student(teacher, CompressConfig(prune_rate=0.5), images=unread)  # a copy of the teacher
+
+
+def test_decay_biases_gives_every_parameter_the_weights_decay_per_step():
+    """airbench decays BatchNorm biases at wd / (their lr) so that lr x decay, the shrink
+    per step, is the same for every parameter; --decay-biases does the same."""
+    model = build_model("airbench", 10, width=0.25)
+    groups = param_groups(model, 1e-3, lr=0.5, bias_lr_scale=64, decay_biases=True)
+    opt = torch.optim.SGD(groups, lr=0.5)
+    assert [g["lr"] * g["weight_decay"] for g in opt.param_groups] == pytest.approx([5e-4] * 3)
+    assert [g["weight_decay"] for g in param_groups(model, 1e-3, decay_biases=True)] == [1e-3, 1e-3]
+
+
+def test_convs_and_head_keep_pytorchs_default_init_as_airbench():
+    """Uniform(+-1/sqrt(fan_in)) outside the identity filters (std 1/sqrt(3 fan_in)),
+    not Kaiming's fan-out normal, which is ~2.5x larger: under BatchNorm that scales the
+    effective step down ~6x for the same lr."""
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, width=1.0)
+    for conv, fan_in in ((model.group1.conv1, 24 * 9), (model.group2.conv1, 64 * 9)):
+        rest = conv.weight.detach()[conv.in_channels:]  # past the dirac filters
+        assert rest.abs().max() <= 1 / fan_in**0.5
+        assert rest.std().item() == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.05)
+    fc = model.head.fc.weight.detach()
+    assert fc.abs().max() <= 1 / 256**0.5 and fc.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.1)

@@ -77,6 +77,8 @@ def _cfg(**kw) -> TrainConfig:
     ({"workers": -1}, "--workers must be a positive integer"),
     ({"batch_size": 100, "workers": 3}, "multiple of --workers"),
     ({"warmup_epochs": 20}, "--warmup-epochs"),
+    ({"lr_end": 1.5}, "--lr-start and --lr-end"),
+    ({"whiten_bias_epochs": -1}, "--whiten-bias-epochs"),
     ({"name": "../escape"}, "--name"),
     ({"inject_failure_at_epoch": 99}, "--inject-failure-at-epoch"),
     ({"parallel": "zero3"}, None),  # argparse enforces choices; a dict with it still validates
@@ -213,3 +215,13 @@ def test_cpus_per_worker_auto_fits_the_cluster_it_finds():
     assert fit_cpus_per_worker(_cfg(workers=2, cpus_per_worker=3.0), {"CPU": 2.0}, []).cpus_per_worker == 3.0  # given: kept
     with pytest.raises(EffrayError, match="leave no CPU"):
         fit_cpus_per_worker(_cfg(workers=2, data_cpus=1.0), {"CPU": 1.0}, [{"CPU": 1.0}])
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cosine"])
+def test_schedule_starts_and_ends_where_asked(kind):
+    s = Schedule(kind, total_steps=100, warmup_steps=23, start=0.2, end=0.07)  # airbench's
+    assert s(0) == pytest.approx(0.2) and s(23) == pytest.approx(1.0) and s(100) == pytest.approx(0.07)
+    assert min(s(t) for t in range(101)) == pytest.approx(0.07)
+    old = Schedule(kind, 100, 10)
+    del old.start, old.end  # a schedule restored from a checkpoint written before the knobs
+    assert old(0) == pytest.approx(0.1) and old(100) == pytest.approx(0.0)
