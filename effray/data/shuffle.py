@@ -29,6 +29,7 @@ from effray.data.augment import parse_policy
 from effray.data.pipeline import (
     DataConfig,
     augment_rows,
+    block_bytes,
     data_context,
     fits_object_store,
     map_batch_rows,
@@ -49,7 +50,8 @@ class CachedSplit:
     num_classes: int
     seed: int
     num_cpus: float
-    map_rows: int
+    map_rows: int  # rows per augmentation call (bounds a call's float32 intermediates)
+    task_rows: int  # rows per Ray Data task: effray's block size (a task costs Ray ~10-40 ms)
     stream_buffer_mb: int
 
 
@@ -68,11 +70,14 @@ def cache_split(cfg: DataConfig, num_cpus: float = 1) -> CachedSplit | None:
         n_syn = synthetic_rows(cfg, meta)
         if n_syn:
             arrays = concat_arrays(arrays, load_arrays(cfg.synthetic, "train", limit=n_syn))
-    rows = len(arrays["label"])
+    rows, row_bytes = len(arrays["label"]), int(np.prod(meta["image_shape"]))
+    map_rows = map_batch_rows(meta)
+    block = block_bytes(rows * row_bytes, int(ray.cluster_resources().get("CPU", 1)))
     return CachedSplit(
-        ref=ray.put(arrays), rows=rows, row_bytes=int(np.prod(meta["image_shape"])),
+        ref=ray.put(arrays), rows=rows, row_bytes=row_bytes,
         policy=cfg.augment if cfg.augment_on == "cpu" else "none", num_classes=int(meta["num_classes"]),
-        seed=cfg.seed, num_cpus=num_cpus, map_rows=map_batch_rows(meta), stream_buffer_mb=cfg.stream_buffer_mb,
+        seed=cfg.seed, num_cpus=num_cpus, map_rows=map_rows, task_rows=max(map_rows, block // row_bytes),
+        stream_buffer_mb=cfg.stream_buffer_mb,
     )  # fmt: skip
 
 
@@ -102,29 +107,33 @@ def steps_per_epoch(rows: int, batch_size: int, replicas: int) -> int:
 def gather_rows(batch: dict[str, np.ndarray], *, source: CachedSplit, epoch: int, replica: int, replicas: int,
                 batch_size: int) -> dict[str, np.ndarray]:
     """The ``map_batches`` UDF: chunk ``batch["id"][0]`` of this replica's epoch, gathered
-    from the cached arrays (a zero-copy map on this node) and augmented with a
-    (seed, epoch, first row)-derived generator: the same draws wherever it runs."""
+    from the cached arrays (a zero-copy map on this node) and augmented ``map_rows`` at
+    a time, each with a (seed, epoch, first row)-derived generator: the same draws
+    wherever it runs."""
     import ray
 
     chunk = int(batch["id"][0])
     positions = replica_rows(source.rows, source.seed, epoch, replica, replicas, batch_size)
-    positions = positions[chunk * source.map_rows:(chunk + 1) * source.map_rows]
+    positions = positions[chunk * source.task_rows:(chunk + 1) * source.task_rows]
     arrays: Arrays = ray.get(source.ref)
-    rows = {k: v[positions] for k, v in arrays.items()}
     if parse_policy(source.policy, source.num_classes).is_identity:
-        return rows
-    return augment_rows(rows, policy=source.policy, num_classes=source.num_classes, seed=source.seed, epoch=epoch)
+        return {k: v[positions] for k, v in arrays.items()}
+    parts = [augment_rows({k: v[positions[i:i + source.map_rows]] for k, v in arrays.items()}, policy=source.policy,
+                          num_classes=source.num_classes, seed=source.seed, epoch=epoch)
+             for i in range(0, len(positions), source.map_rows)]  # fmt: skip
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def epoch_dataset(source: CachedSplit, epoch: int, replica: int = 0, replicas: int = 1, batch_size: int = 1) -> Any:
     """This replica's rows of ``epoch`` as a Ray Dataset, in permutation order: one
-    gather-and-augment task per :data:`effray.data.pipeline.MAP_BATCH_SIZE` rows, under
-    the run's object-store budget. Built afresh each epoch (on the replica's process)."""
+    gather-and-augment task per block of rows (effray's block size for the split and the
+    cluster, :func:`effray.data.pipeline.block_bytes`), under the run's object-store
+    budget. Built afresh each epoch (on the replica's process)."""
     import ray
     from ray.data import DataContext
 
     count = len(replica_rows(source.rows, source.seed, epoch, replica, replicas, batch_size))
-    chunks = max(1, -(-count // source.map_rows))
+    chunks = max(1, -(-count // source.task_rows))
     ctx = data_context(source.rows * source.row_bytes, source.stream_buffer_mb)
     ctx.execution_options.preserve_order = True  # the order *is* the shuffle
     ctx.enable_progress_bars = False

@@ -203,8 +203,13 @@ def test_exact_shuffle_deals_each_row_once_per_epoch_over_1_2_3_ranks(tiny_cifar
     from effray.data.shuffle import cache_split, epoch_dataset, replica_rows
 
     meta = load_meta(tiny_cifar)
+    import dataclasses
+
     source = cache_split(DataConfig(data=str(tiny_cifar), augment="crop(2)|altflip", seed=3))
     assert source is not None and source.rows == 540
+    # CIFAR-sized tasks would take these 540 rows in one: cut them smaller, so that an
+    # epoch spans several tasks, each augmenting in several calls
+    source = dataclasses.replace(source, task_rows=100, map_rows=40)
 
     def stream(epoch: int, rank: int, world: int, src=source) -> dict[str, np.ndarray]:
         batches = list(torch_batches(epoch_dataset(src, epoch, rank, world, 60), meta, 60 // world, normalise=False))
