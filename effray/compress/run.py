@@ -34,6 +34,7 @@ from effray.atomic import replace_dir, write_json
 from effray.compress.config import CompressConfig
 from effray.config import from_dict, option, require, require_whole_gpus, to_dict, validated
 from effray.data.pipeline import DataConfig, torch_batches
+from effray.data.shuffle import epoch_dataset
 
 METRICS_FILE = "metrics.json"
 
@@ -157,7 +158,9 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         plain = build_student(teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)).to(device)
         start, step, optimizer_state, history = 0, 0, None, []
     calib = [(x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)]
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    source = ctx.get("train_source")  # the cached split, reshuffled exactly every epoch; None: streamed
+    train_shard = None if source is not None else ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
     per_worker = max(1, cfg.finetune_batch_size // world)
     events, qstart = prune_events(cfg), quant_epoch(cfg)
     epochs, steps = cfg.finetune_epochs, int(ctx["steps_per_epoch"])
@@ -199,8 +202,11 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         seed_epoch(rc.data.seed, epoch, rank)
         model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)  # read once, after the epoch
-        batches = torch_batches(train_shard, meta, per_worker, clock=ctx["clock"], epoch=epoch,
-                                shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
+        if source is not None:
+            batches = torch_batches(epoch_dataset(source, epoch, rank, world, per_worker * world), meta, per_worker)
+        else:
+            batches = torch_batches(train_shard, meta, per_worker, clock=ctx["clock"], epoch=epoch,
+                                    shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
         for b in batches:
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
@@ -331,6 +337,7 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     import ray
 
     from effray.data.pipeline import eval_dataset, train_dataset
+    from effray.data.shuffle import cache_split, steps_per_epoch
     from effray.train.checkpoint import data_summary
     from effray.train.parallel import STRATEGIES
     from effray.train.run import fit, open_mailbox, torch_trainer
@@ -345,12 +352,16 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
            "report_extra": dict(report_extra or {})}  # fmt: skip
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    train_ds = train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus)
+    # as `effray train`: a split that fits the object store is reshuffled exactly every epoch
+    source = cache_split(rc.data, num_cpus=rc.data_cpus)
+    train_ds = None if source is not None else train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus)
+    if source is not None:
+        ctx.update(train_source=source, steps_per_epoch=steps_per_epoch(source.rows, per_worker * rc.workers, rc.workers))
     trainer = torch_trainer(
         compress_loop_per_worker, {"run": to_dict(rc), "ctx": ctx},
         workers=rc.workers, cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
         name=name, storage=storage, max_failures=max_failures, callbacks=callbacks,
-        datasets={"train": train_ds,
+        datasets={**({"train": train_ds} if train_ds is not None else {}),
                   "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
         dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
     )  # fmt: skip

@@ -122,6 +122,14 @@ def test_synthetic_rows_mix_in_at_the_requested_ratio(tiny_cifar, tmp_path):
     assert len(rows["label"]) == 540 + n_syn
     with pytest.raises(Exception, match="needs 270 synthetic rows"):
         train_dataset(DataConfig(data=str(tiny_cifar), synthetic=str(synthetic), synthetic_ratio=1 / 3), clock="")
+    # the exact-shuffle cache holds the same mix, synthetic rows flagged (their keys apart)
+    import ray
+
+    from effray.data.shuffle import cache_split
+
+    cached = ray.get(cache_split(cfg).ref)
+    assert len(cached["label"]) == 720 and int(cached["synthetic"].sum()) == 180
+    assert sorted(cached["index"][cached["synthetic"]].tolist()) == sorted(rows["index"][rows["synthetic"]].tolist())
 
 
 def test_datasets_carry_effray_block_size_and_a_bounded_stream_buffer(tiny_cifar, monkeypatch):
