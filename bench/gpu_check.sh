@@ -144,9 +144,9 @@ effray gan synth train --data "$DATA" --out "$OUT/gan" --epochs 1 --workers 1 --
   --cpus-per-worker "$CPW" --batch-size 256
 
 # 9. airbench94's recipe (as bench/time_to_accuracy.py runs it), 10 epochs of the 45k split
-effray airbench94 train "${COMMON[@]}" --name airbench94 --model airbench --epochs 10 --batch-size 1024 --lr 0.75 \
-  --momentum 0.85 --weight-decay 1.33e-3 --label-smoothing 0.2 --bias-lr-scale 64 --lookahead --tta 2 \
-  --warmup-epochs 2.3 --augment "crop(2)|flip" --workers 1
+effray airbench94 train "${COMMON[@]}" --name airbench94 --model airbench --epochs 10 --batch-size 1024 --lr 1.5 \
+  --momentum 0.85 --weight-decay 1.33e-3 --decay-biases --label-smoothing 0.2 --bias-lr-scale 64 --lookahead --tta 2 \
+  --warmup-epochs 2.3 --lr-start 0.2 --lr-end 0.07 --whiten-bias-epochs 3 --augment "crop(2)|altflip" --workers 1
 
 if [[ $DRY == 1 ]]; then
   # each queued command through effray's own parser (`effray --dry-run`), in order; a
