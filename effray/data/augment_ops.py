@@ -2,6 +2,8 @@
 
 Every op is ``op(batch, rng, **params) -> batch``: pure (a new dict, inputs untouched),
 vectorised over the batch, images uint8 NHWC in and out (float32 inside, rounded back).
+An op declared ``keyed`` (``altflip``) also gets the seed and epoch and draws per row
+from ``(seed, row index)`` instead of ``rng``, so a row is treated alike in any batch.
 ``@register`` puts the op and its declared parameters in :data:`OPS`; the parser in
 :mod:`effray.data.augment` and the torch twins in :mod:`effray.data.augment_torch` are
 driven by that table, so an op's name and signature are written once.
