@@ -34,7 +34,7 @@ from effray.atomic import replace_dir, write_json
 from effray.compress.config import CompressConfig
 from effray.config import from_dict, option, require, require_whole_gpus, to_dict, validated
 from effray.data.pipeline import DataConfig, torch_batches
-from effray.data.shuffle import epoch_dataset
+from effray.data.shuffle import training_batches
 
 METRICS_FILE = "metrics.json"
 
@@ -202,11 +202,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         seed_epoch(rc.data.seed, epoch, rank)
         model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)  # read once, after the epoch
-        if source is not None:
-            batches = torch_batches(epoch_dataset(source, epoch, rank, world, per_worker * world), meta, per_worker)
-        else:
-            batches = torch_batches(train_shard, meta, per_worker, clock=ctx["clock"], epoch=epoch,
-                                    shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
+        batches = training_batches(source, train_shard, meta, per_worker, epoch=epoch, replica=rank, replicas=world,
+                                   clock=ctx["clock"], shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
         for b in batches:
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, cfg.finetune_lr)

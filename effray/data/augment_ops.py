@@ -277,13 +277,17 @@ def flip(batch: Batch, rng: np.random.Generator, p: float = 0.5) -> Batch:
     return {**batch, "image": out}
 
 
+def row_key(index: Any, synthetic: Any = None) -> Any:
+    """Each row's identity across epochs and ranks, from int64 ``index`` and 0/1 int64
+    ``synthetic`` (numpy or torch alike): its index, synthetic rows (which number their
+    own) moved past every real one."""
+    return index if synthetic is None else index + synthetic * (1 << 40)
+
+
 def row_keys(batch: Batch) -> np.ndarray:
-    """Each row's identity across epochs and ranks: its index, synthetic rows (which
-    number their own) moved past every real one."""
-    keys = np.asarray(batch["index"]).astype(np.int64)
-    if "synthetic" in batch:
-        keys = keys + np.where(np.asarray(batch["synthetic"]).astype(bool), np.int64(1 << 40), np.int64(0))
-    return keys
+    """:func:`row_key` of every row of a numpy batch."""
+    synthetic = np.asarray(batch["synthetic"]).astype(np.int64) if "synthetic" in batch else None
+    return row_key(np.asarray(batch["index"]).astype(np.int64), synthetic)
 
 
 def row_bits(keys: Any, seed: int) -> Any:

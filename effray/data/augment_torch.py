@@ -25,7 +25,7 @@ from effray.data.augment import (
     batch_rng,
     parse_ops,
 )
-from effray.data.augment_ops import OPS, row_bits
+from effray.data.augment_ops import OPS, row_bits, row_key
 from effray.errors import EffrayError
 
 TBatch = dict[str, Any]
@@ -188,9 +188,8 @@ def flip(batch: TBatch, g: torch.Generator, p: float = 0.5) -> TBatch:
 
 @torch_op("altflip")
 def altflip(batch: TBatch, g: torch.Generator, seed: int = 0, epoch: int = 0) -> TBatch:
-    img, keys = batch["image"], batch["index"].to(torch.int64)
-    if "synthetic" in batch:
-        keys = keys + batch["synthetic"].to(torch.int64) * (1 << 40)
+    img = batch["image"]
+    keys = row_key(batch["index"].to(torch.int64), batch["synthetic"].to(torch.int64) if "synthetic" in batch else None)
     hit = (row_bits(keys, seed) ^ (int(epoch) & 1)).bool()
     return {**batch, "image": torch.where(hit.view(-1, 1, 1, 1), img.flip(2), img)}
 

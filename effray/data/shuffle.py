@@ -34,6 +34,7 @@ from effray.data.pipeline import (
     fits_object_store,
     map_batch_rows,
     synthetic_rows,
+    torch_batches,
 )
 from effray.data.prepare import load_meta
 
@@ -143,3 +144,14 @@ def epoch_dataset(source: CachedSplit, epoch: int, replica: int = 0, replicas: i
             fn_kwargs={"source": source, "epoch": epoch, "replica": replica, "replicas": replicas,
                        "batch_size": batch_size},
         )  # fmt: skip
+
+
+def training_batches(source: CachedSplit | None, shard: Any, meta: dict[str, Any], batch_size: int, *, epoch: int,
+                     replica: int, replicas: int, clock: str, shuffle_buffer: int, seed: int, **kw: Any) -> Any:
+    """One epoch of a replica's torch batches of ``batch_size``: from the cached split in
+    the exact shuffle's order when there is one (the global batch is ``batch_size x
+    replicas``), else from its Ray Train ``shard`` (clock-keyed augmentation, local
+    buffer). ``kw``: the rest of :func:`torch_batches`."""
+    if source is not None:
+        return torch_batches(epoch_dataset(source, epoch, replica, replicas, batch_size * replicas), meta, batch_size, **kw)
+    return torch_batches(shard, meta, batch_size, clock=clock, epoch=epoch, shuffle_buffer=shuffle_buffer, seed=seed, **kw)

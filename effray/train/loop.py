@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from effray.config import from_dict
 from effray.data.pipeline import channel_stats, normalize_tensor, sample_images, torch_batches
-from effray.data.shuffle import epoch_dataset
+from effray.data.shuffle import training_batches
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init, whitening_biases
@@ -389,10 +389,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
             waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
-            batches = strategy.batches(lambda epoch=epoch: torch_batches(
-                epoch_dataset(source, epoch, replica, replicas, cfg.batch_size) if source is not None else train_shard,
-                meta, per_rank, clock="" if source is not None else run["clock"], epoch=epoch,
-                shuffle_buffer=0 if source is not None else cfg.data.shuffle_buffer, seed=cfg.seed,
+            batches = strategy.batches(lambda epoch=epoch: training_batches(
+                source, train_shard, meta, per_rank, epoch=epoch, replica=replica, replicas=replicas,
+                clock=run["clock"], shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
                 normalise=gpu_policy is None, channels_last=strategy.channels_last))  # fmt: skip
             if lookahead is not None:
                 lookahead.begin_epoch(strategy.unwrap(model), epoch * steps)
