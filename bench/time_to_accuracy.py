@@ -22,7 +22,10 @@ start-up and data preparation; the CPU's capability and whether bf16 is native h
 Last line: ``val_accuracy=<x> minutes=<y> minutes_to_90=<z|none> val_accuracy_epoch10=<a|none>
 ratio_train_vs_bare=<r>``.
 
-    python bench/time_to_accuracy.py --minutes 30 [--data runs/cifar10-45k] [--epochs N]
+``--reference`` then trains airbench94's own loop (``bench/airbench_reference.py``) on the
+same split, width, epochs and seed and prints the two curves side by side.
+
+    python bench/time_to_accuracy.py --minutes 30 [--data runs/cifar10-45k] [--epochs N] [--reference]
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ def main() -> None:
     p.add_argument("--whiten-bias-epochs", type=int, default=3)
     p.add_argument("--augment", default="crop(2)|altflip")
     p.add_argument("--seed", type=int, default=0, help="init, shuffle and augmentation seed (the 45k/5k split stays seed 0)")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=False,
+                   help="then run airbench94's own loop (bench/airbench_reference.py) on the same split, "
+                        "width, epochs and seed, and print both curves side by side")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--storage", default=str(ROOT / "runs"))
     args = p.parse_args()
@@ -167,6 +173,27 @@ def main() -> None:
     print(f"val_accuracy={result['val_accuracy']:.4f} minutes={train_s / 60:.2f} "
           f"minutes_to_90={'none' if hit is None else f'{hit:.2f}'} "
           f"val_accuracy_epoch{GOAL_EPOCHS}={'none' if at_goal is None else f'{at_goal:.4f}'} ratio_train_vs_bare={ratio:.2f}")  # fmt: skip
+    if args.reference:
+        compare_with_reference(args, rows, result["val_accuracy"], epochs)
+
+
+def compare_with_reference(args: argparse.Namespace, rows: list[dict], effray_final: float, epochs: int) -> None:
+    """airbench94's own loop on the same split, width, epochs and seed, after Ray has let
+    go of the cores: a gap between the two curves is effray's, the rest is the data's."""
+    import ray
+    from airbench_reference import run as run_reference  # bench/ is this script's directory
+
+    ray.shutdown()
+    ref = run_reference(args.data, epochs, args.width, args.seed, args.batch_size,
+                        log=lambda line: print(line, flush=True))  # fmt: skip
+    print(f"{'epoch':>5} {'effray':>8} {'airbench94 code':>16}   (same split, width {args.width:g}, seed {args.seed}; "
+          f"no TTA but effray's last epoch, marked *)")  # fmt: skip
+    for ours, theirs in zip(rows, ref["epochs"]):
+        mark = "*" if ours["epoch"] == epochs and args.tta else " "
+        print(f"{ours['epoch']:>5} {ours['val_accuracy']:7.4f}{mark} {theirs['val_accuracy']:16.4f}")
+    print(f"final with TTA {args.tta}: effray {effray_final:.4f}, airbench94 code {ref['val_accuracy']:.4f} "
+          f"(difference {effray_final - ref['val_accuracy']:+.4f}); airbench94 code {ref['train_s'] / 60:.1f} min")  # fmt: skip
+    print(f"reference_val_accuracy={ref['val_accuracy']:.4f} effray_minus_reference={effray_final - ref['val_accuracy']:+.4f}")
 
 
 if __name__ == "__main__":

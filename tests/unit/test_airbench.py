@@ -222,3 +222,66 @@ def test_convs_and_head_keep_pytorchs_default_init_as_airbench():
         assert rest.std().item() == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.05)
     fc = model.head.fc.weight.detach()
     assert fc.abs().max() <= 1 / 256**0.5 and fc.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.1)
+
+
+def _reference():
+    """bench/airbench_reference.py: airbench94's code path, written out independently of effray."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "airbench_reference.py"
+    spec = importlib.util.spec_from_file_location("airbench_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_effray_flags_step_airbench_exactly_as_airbench94s_own_formulation():
+    """The bench's translation of airbench94's hyperparameters (lr 11.5 and wd 0.0153 per
+    1,024 on a summed loss, momentum 0.85) into effray's flags (lr 11.5 B / (1024 (1 +
+    1/0.15)) = 1.5 at B = 1024, wd 0.0153 / 11.5, --bias-lr-scale 64, --decay-biases,
+    label smoothing 0.2, the 0.2 -> 1 -> 0.07 one-cycle, the whitening bias frozen by
+    dropping its gradient) gives the same weights and BatchNorm statistics, step for
+    step, as airbench94's optimizer, loss and schedule on the same net."""
+    from effray.train.loop import Schedule, soft_cross_entropy
+
+    ref = _reference()
+    torch.manual_seed(0)
+    theirs = ref.make_net(0.125)
+    ours = build_model("airbench", 10, width=0.125).to(memory_format=torch.channels_last)
+    pairs = list(zip(theirs.state_dict().values(), ours.state_dict().values(), strict=True))
+    assert all(a.shape == b.shape for a, b in pairs)
+    initial = [a.clone() for a, _ in pairs]
+    ours.load_state_dict(dict(zip(ours.state_dict(), initial)))
+    batch, steps, freeze_at = 64, 6, 2
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(steps)]  # fmt: skip
+
+    opt_theirs = ref.make_optimizer(theirs, batch)
+    sched_theirs = torch.optim.lr_scheduler.LambdaLR(opt_theirs, ref.lr_factor(steps))
+    kilostep_scale = 1024 * (1 + 1 / 0.15)
+    lr = 11.5 * batch / kilostep_scale
+    assert 11.5 * 1024 / kilostep_scale == pytest.approx(1.5, abs=1e-3)  # the bench's --lr at batch 1024
+    opt_ours = torch.optim.SGD(param_groups(ours, 0.0153 / 11.5, lr, bias_lr_scale=64, decay_biases=True),
+                               lr=lr, momentum=0.85, nesterov=True)  # fmt: skip
+    sched_ours = torch.optim.lr_scheduler.LambdaLR(opt_ours, Schedule("onecycle", steps, int(0.23 * steps), 0.2, 0.07))
+    loss_theirs = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="none")
+    for step, (x, y) in enumerate(data):
+        theirs[0].bias.requires_grad = step < freeze_at
+        loss = loss_theirs(theirs(x), y).sum()
+        opt_theirs.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_theirs.step()
+        sched_theirs.step()
+
+        opt_ours.zero_grad(set_to_none=True)
+        soft_cross_entropy(ours(x), {"label": y}, 0.2).backward()
+        if step >= freeze_at:
+            ours.stem[0].bias.grad = None  # what train_step does with --whiten-bias-epochs
+        opt_ours.step()
+        sched_ours.step()
+    moved = [not torch.equal(a, b) for a, b in zip(initial, theirs.state_dict().values())]
+    assert sum(moved) > len(moved) // 2  # the steps did something
+    for (name, b), a in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
