@@ -172,9 +172,8 @@ def run(data: str, epochs: float = 10, width: float = 1.0, seed: int = 0, batch:
     "train_loss", "val_accuracy", "images_per_s"}...], "val_accuracy": <with TTA>,
     "train_s": ..., "steps": ...}``."""
     meta = load_meta(data)
-    # airbench normalises with the CIFAR-10 mean/std; effray's prepared split carries its own
+    # airbench normalises with CIFAR-10's mean/std; the prepared split carries its own (fractions of 255)
     mean, std = (torch.tensor(meta[k], dtype=torch.float32) for k in ("mean", "std"))
-    mean, std = (t / 255 if t.max() > 1 else t for t in (mean, std))
     train, val = load_arrays(data, "train"), load_arrays(data, "val")
     images, labels = normalised(train, mean, std), torch.from_numpy(train["label"])
     val_images, val_labels = normalised(val, mean, std), torch.from_numpy(val["label"])

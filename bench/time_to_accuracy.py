@@ -191,7 +191,7 @@ def compare_with_reference(args: argparse.Namespace, rows: list[dict], effray_fi
     for ours, theirs in zip(rows, ref["epochs"]):
         mark = "*" if ours["epoch"] == epochs and args.tta else " "
         print(f"{ours['epoch']:>5} {ours['val_accuracy']:7.4f}{mark} {theirs['val_accuracy']:16.4f}")
-    print(f"final with TTA {args.tta}: effray {effray_final:.4f}, airbench94 code {ref['val_accuracy']:.4f} "
+    print(f"final: effray {effray_final:.4f} (TTA {args.tta}), airbench94 code {ref['val_accuracy']:.4f} (TTA 2) "
           f"(difference {effray_final - ref['val_accuracy']:+.4f}); airbench94 code {ref['train_s'] / 60:.1f} min")  # fmt: skip
     print(f"reference_val_accuracy={ref['val_accuracy']:.4f} effray_minus_reference={effray_final - ref['val_accuracy']:+.4f}")
 
