@@ -34,8 +34,18 @@ from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
 from effray.train.strategy import cpu_summary
 
-HYP = {"lr": 11.5, "momentum": 0.85, "weight_decay": 0.0153, "bias_scaler": 64.0, "label_smoothing": 0.2,
-       "whiten_bias_epochs": 3, "translate": 2, "batchnorm_momentum": 0.6, "scaling_factor": 1 / 9, "tta_level": 2}  # fmt: skip
+HYP = {
+    "lr": 11.5,
+    "momentum": 0.85,
+    "weight_decay": 0.0153,
+    "bias_scaler": 64.0,
+    "label_smoothing": 0.2,
+    "whiten_bias_epochs": 3,
+    "translate": 2,
+    "batchnorm_momentum": 0.6,
+    "scaling_factor": 1 / 9,
+    "tta_level": 2,
+}
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -78,12 +88,16 @@ def make_net(width: float) -> nn.Sequential:
     w1, w2, w3 = (max(1, round(c * width)) for c in (64, 256, 256))
     whiten_width = 2 * 3 * 2**2
     net = nn.Sequential(
-        nn.Conv2d(3, whiten_width, 2, padding=0, bias=True), nn.GELU(),
+        nn.Conv2d(3, whiten_width, 2, padding=0, bias=True),
+        nn.GELU(),
         ConvGroup(whiten_width, w1, HYP["batchnorm_momentum"]),
         ConvGroup(w1, w2, HYP["batchnorm_momentum"]),
         ConvGroup(w2, w3, HYP["batchnorm_momentum"]),
-        nn.MaxPool2d(3), nn.Flatten(), nn.Linear(w3, 10, bias=False), Mul(HYP["scaling_factor"]),
-    )  # fmt: skip
+        nn.MaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(w3, 10, bias=False),
+        Mul(HYP["scaling_factor"]),
+    )
     net[0].weight.requires_grad = False
     return net.to(memory_format=torch.channels_last)
 
@@ -149,8 +163,14 @@ def make_optimizer(net: nn.Module, batch: int) -> torch.optim.SGD:
     lr_biases = lr * HYP["bias_scaler"]
     norm_biases = [p for k, p in net.named_parameters() if "norm" in k and p.requires_grad]
     other = [p for k, p in net.named_parameters() if "norm" not in k and p.requires_grad]
-    return torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
-                            dict(params=other, lr=lr, weight_decay=wd / lr)], momentum=HYP["momentum"], nesterov=True)  # fmt: skip
+    return torch.optim.SGD(
+        [
+            dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
+            dict(params=other, lr=lr, weight_decay=wd / lr),
+        ],
+        momentum=HYP["momentum"],
+        nesterov=True,
+    )
 
 
 def lr_factor(total_steps: int) -> Callable[[int], float]:
@@ -165,8 +185,15 @@ def lr_factor(total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def run(data: str, epochs: float = 10, width: float = 1.0, seed: int = 0, batch: int = 1024,
-        drop_last: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    data: str,
+    epochs: float = 10,
+    width: float = 1.0,
+    seed: int = 0,
+    batch: int = 1024,
+    drop_last: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train airbench94 on ``data``'s train split; score its val split after every epoch
     (no TTA, as airbench prints) and at the end with TTA. Returns ``{"epochs": [{"epoch",
     "train_loss", "val_accuracy", "images_per_s"}...], "val_accuracy": <with TTA>,
@@ -192,8 +219,10 @@ def run(data: str, epochs: float = 10, width: float = 1.0, seed: int = 0, batch:
     # epoch 0's random flips are baked in, then every odd epoch flips all: the alternating flip
     flipped = torch.where(torch.rand(len(images), 1, 1, 1, generator=g) < 0.5, images.flip(-1), images)
     padded = F.pad(flipped, (HYP["translate"],) * 4, "reflect")
-    log(f"airbench94 reference: {len(images):,} train / {len(val_images):,} val images, {steps_per_epoch} steps "
-        f"per epoch, {total_steps} steps, width {width:g}, seed {seed}")  # fmt: skip
+    log(
+        f"airbench94 reference: {len(images):,} train / {len(val_images):,} val images, {steps_per_epoch} steps "
+        f"per epoch, {total_steps} steps, width {width:g}, seed {seed}"
+    )
     step, t_train, history = 0, 0.0, []
     for epoch in range(math.ceil(epochs)):
         t0 = time.perf_counter()
@@ -227,10 +256,18 @@ def run(data: str, epochs: float = 10, width: float = 1.0, seed: int = 0, batch:
         train_s = time.perf_counter() - t0
         t_train += train_s
         acc = (infer(net, val_images, 0).argmax(1) == val_labels).float().mean().item()
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_accuracy": acc,
-                        "images_per_s": rows / train_s})  # fmt: skip
-        log(f"airbench94 reference epoch {epoch + 1}: train_loss {history[-1]['train_loss']:.4f} "
-            f"val_acc {acc:.4f} ({rows / train_s:.0f} img/s)")  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "val_accuracy": acc,
+                "images_per_s": rows / train_s,
+            }
+        )
+        log(
+            f"airbench94 reference epoch {epoch + 1}: train_loss {history[-1]['train_loss']:.4f} "
+            f"val_acc {acc:.4f} ({rows / train_s:.0f} img/s)"
+        )
         if step >= total_steps:
             break
     tta = (infer(net, val_images, HYP["tta_level"]).argmax(1) == val_labels).float().mean().item()
@@ -239,7 +276,9 @@ def run(data: str, epochs: float = 10, width: float = 1.0, seed: int = 0, batch:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="runs/cifar10-45k", help="a prepared split (effray data prepare / time_to_accuracy)")
+    p.add_argument(
+        "--data", default="runs/cifar10-45k", help="a prepared split (effray data prepare / time_to_accuracy)"
+    )
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--width", type=float, default=1.0)
@@ -250,11 +289,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{cpu_summary()}, {torch.get_num_threads()} threads", flush=True)
-    out = run(args.data, args.epochs, args.width, args.seed, args.batch_size, args.drop_last,
-              log=lambda line: print(line, flush=True))  # fmt: skip
-    print(f"val_accuracy={out['val_accuracy']:.4f} (tta {HYP['tta_level']}) "
-          f"val_accuracy_no_tta={out['epochs'][-1]['val_accuracy']:.4f} steps={out['steps']} "
-          f"train_minutes={out['train_s'] / 60:.1f}")  # fmt: skip
+    out = run(
+        args.data,
+        args.epochs,
+        args.width,
+        args.seed,
+        args.batch_size,
+        args.drop_last,
+        log=lambda line: print(line, flush=True),
+    )
+    print(
+        f"val_accuracy={out['val_accuracy']:.4f} (tta {HYP['tta_level']}) "
+        f"val_accuracy_no_tta={out['epochs'][-1]['val_accuracy']:.4f} steps={out['steps']} "
+        f"train_minutes={out['train_s'] / 60:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,14 +36,21 @@ from effray.data.prepare import load_meta
 from effray.train.local import fit_arrays
 from effray.train.strategy import cpu_summary
 
-VARIANTS = {"raw": (), "- duplicates, leaks": ("duplicates", "leaks"), "- duplicates, leaks, labels": ("duplicates", "leaks", "labels")}
+VARIANTS = {
+    "raw": (),
+    "- duplicates, leaks": ("duplicates", "leaks"),
+    "- duplicates, leaks, labels": ("duplicates", "leaks", "labels"),
+}
 
 
 def flagged_train_rows(removed: Path, reasons: tuple[str, ...]) -> set[int]:
     """Train-split ``index`` values that ``removed.parquet`` flags for any of ``reasons``."""
     table = pq.read_table(removed, columns=["split", "index", "reason"]).to_pydict()
-    return {i for s, i, r in zip(table["split"], table["index"], table["reason"], strict=True)
-            if s == "train" and ROW_REASONS.get(r) in reasons}  # fmt: skip
+    return {
+        i
+        for s, i, r in zip(table["split"], table["index"], table["reason"], strict=True)
+        if s == "train" and ROW_REASONS.get(r) in reasons
+    }
 
 
 def main() -> None:
@@ -63,8 +70,11 @@ def main() -> None:
     train, val = load_arrays(args.data, "train"), load_arrays(args.data, "val")
     seeds = [int(s) for s in args.seeds.split(",")]
     cpu = f"{cpu_summary()}, {args.threads} threads"
-    print(f"# {args.model} x{args.width}, {args.epochs} epochs, batch {args.batch_size}, standard augmentation; "
-          f"val: {len(val['label'])} held-out images; {cpu}", flush=True)  # fmt: skip
+    print(
+        f"# {args.model} x{args.width}, {args.epochs} epochs, batch {args.batch_size}, standard augmentation; "
+        f"val: {len(val['label'])} held-out images; {cpu}",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     for name, reasons in VARIANTS.items():
         drop = flagged_train_rows(args.clean / "removed.parquet", reasons) if reasons else set()
@@ -73,12 +83,22 @@ def main() -> None:
         accs = []
         for seed in seeds:
             t = time.perf_counter()
-            model = fit_arrays(subset, meta, epochs=args.epochs, model=args.model, width=args.width,
-                               batch_size=args.batch_size, seed=seed)  # fmt: skip
+            model = fit_arrays(
+                subset,
+                meta,
+                epochs=args.epochs,
+                model=args.model,
+                width=args.width,
+                batch_size=args.batch_size,
+                seed=seed,
+            )
             acc = float((predict_probs(model, val, meta, "cpu").argmax(1) == val["label"]).mean())
             accs.append(acc)
-            print(f"{name}: {int(keep.sum())} train rows, seed {seed}: val accuracy {acc:.4f} "
-                  f"({time.perf_counter() - t:.0f} s; {cpu})", flush=True)  # fmt: skip
+            print(
+                f"{name}: {int(keep.sum())} train rows, seed {seed}: val accuracy {acc:.4f} "
+                f"({time.perf_counter() - t:.0f} s; {cpu})",
+                flush=True,
+            )
         rows.append({"variant": name, "rows": int(keep.sum()), "removed": len(drop), "accs": accs})
     raw = float(np.mean(rows[0]["accs"]))
     print("\n| train split | rows | removed | val accuracy (per seed) | mean | vs raw |")
@@ -86,8 +106,8 @@ def main() -> None:
     for r in rows:
         mean = float(np.mean(r["accs"]))
         per = " / ".join(f"{a:.2%}" for a in r["accs"])
-        print(f"| {r['variant']} | {r['rows']:,} | {r['removed']:,} | {per} | {mean:.2%} | {100 * (mean - raw):+.2f} |"
-              .replace("%", " %"))  # fmt: skip
+        row = f"| {r['variant']} | {r['rows']:,} | {r['removed']:,} | {per} | {mean:.2%} | {100 * (mean - raw):+.2f} |"
+        print(row.replace("%", " %"))
     if len(seeds) > 1:
         spread = max(float(np.ptp(r["accs"])) for r in rows)
         print(f"\nlargest spread between seeds of one variant: {100 * spread:.2f} points")

@@ -67,8 +67,13 @@ def subsets(data: str, sizes: list[int], work: str) -> dict[int, str]:
             out[n] = data
             continue
         d = os.path.join(work, f"n{n}")
-        write_dataset(d, {"train": table.slice(0, n)}, meta["classes"], meta["image_shape"],
-                      {"source": f"{meta['source']}[:{n}]", "source_checksum": f"{meta.get('source_checksum', '')}:{n}"})  # fmt: skip
+        write_dataset(
+            d,
+            {"train": table.slice(0, n)},
+            meta["classes"],
+            meta["image_shape"],
+            {"source": f"{meta['source']}[:{n}]", "source_checksum": f"{meta.get('source_checksum', '')}:{n}"},
+        )
         out[n] = d
     return out
 
@@ -89,8 +94,10 @@ def make_checkpoint(args: argparse.Namespace, data: str, work: str) -> tuple[str
         train = load_arrays(data, "train")
         started = time.perf_counter()
         model = fit_arrays(train, meta, epochs=args.train_epochs, model=args.model, width=args.width, seed=0)
-        what = (f"{args.model} x{args.width} trained {args.train_epochs} epoch(s) on {len(train['label'])} rows "
-                f"({time.perf_counter() - started:.0f} s, not timed)")  # fmt: skip
+        what = (
+            f"{args.model} x{args.width} trained {args.train_epochs} epoch(s) on {len(train['label'])} rows "
+            f"({time.perf_counter() - started:.0f} s, not timed)"
+        )
     else:
         model = build_model(args.model, int(meta["num_classes"]), int(meta["image_shape"][2]), args.width)
         what = f"{args.model} x{args.width}, randomly initialised (same forward cost as a trained one)"
@@ -117,7 +124,9 @@ def time_embed(data: str, payload: dict[str, Any], cfg: CleanConfig) -> tuple[fl
     return time.perf_counter() - started, rows
 
 
-def time_knn(emb: dict[str, np.ndarray], channels: int, k: int, block: int, repeat: int = 1) -> tuple[list[float], np.ndarray]:
+def time_knn(
+    emb: dict[str, np.ndarray], channels: int, k: int, block: int, repeat: int = 1
+) -> tuple[list[float], np.ndarray]:
     """Seconds of each of ``repeat`` blockwise kNNs of every row against all (the finished
     embeddings are made first, untimed), and those embeddings."""
     fdim = int(emb["views"].shape[2] - channels * PIXEL_GRID * PIXEL_GRID)
@@ -140,8 +149,20 @@ def time_labels(data: str, args: argparse.Namespace, work: str) -> float:
     train = load_arrays(data, "train")
     storage = tempfile.mkdtemp(prefix="folds-", dir=work)
     started = time.perf_counter()
-    fits = run_folds(train, meta, list(range(args.folds)), k=args.folds, epochs=args.label_epochs, model=args.model,
-                     width=args.width, batch_size=128, seed=0, cpus=1.0, gpus=0.0, storage=storage)  # fmt: skip
+    fits = run_folds(
+        train,
+        meta,
+        list(range(args.folds)),
+        k=args.folds,
+        epochs=args.label_epochs,
+        model=args.model,
+        width=args.width,
+        batch_size=128,
+        seed=0,
+        cpus=1.0,
+        gpus=0.0,
+        storage=storage,
+    )
     label_issues(train["label"], fits["probs"])
     seconds = time.perf_counter() - started
     shutil.rmtree(storage, ignore_errors=True)
@@ -158,15 +179,32 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     base = results[0]
     per_n2 = lambda r: r["knn_s"] / r["n"] ** 2  # noqa: E731
     labels = args.labels
-    head = ["N", "hash rows/s", "embed rows/s", "kNN rows/s", "kNN s", "kNN s/N² (rel.)",
-            "kNN task MiB (b²+b·k)", "N×N MiB", "keys MiB (shared)"] + (["labels rows/s"] if labels else [])  # fmt: skip
+    head = [
+        "N",
+        "hash rows/s",
+        "embed rows/s",
+        "kNN rows/s",
+        "kNN s",
+        "kNN s/N² (rel.)",
+        "kNN task MiB (b²+b·k)",
+        "N×N MiB",
+        "keys MiB (shared)",
+    ] + (["labels rows/s"] if labels else [])
     print("\n| " + " | ".join(head) + " |")
     print("|" + "|".join("---:" for _ in head) + "|")
     for r in results:
         b = min(args.block_rows, r["n"])
-        cells = [f"{r['n']}", f"{r['n'] / r['hash_s']:.0f}", f"{r['n'] / r['embed_s']:.0f}", f"{r['n'] / r['knn_s']:.0f}",
-                 f"{r['knn_s']:.2f}", f"{per_n2(r) / per_n2(base):.2f}", mib(b * b + b * args.neighbours),
-                 mib(r["n"] ** 2), mib(r["keys_floats"])]  # fmt: skip
+        cells = [
+            f"{r['n']}",
+            f"{r['n'] / r['hash_s']:.0f}",
+            f"{r['n'] / r['embed_s']:.0f}",
+            f"{r['n'] / r['knn_s']:.0f}",
+            f"{r['knn_s']:.2f}",
+            f"{per_n2(r) / per_n2(base):.2f}",
+            mib(b * b + b * args.neighbours),
+            mib(r["n"] ** 2),
+            mib(r["keys_floats"]),
+        ]
         if labels:
             cells.append(f"{r['n'] / r['labels_s']:.0f}")
         print("| " + " | ".join(cells) + " |")
@@ -180,20 +218,31 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         g = top[key] / base[key]
         dt = top[key] - base[key]
         marginal = f"{(top['n'] - base['n']) / dt:.0f}" if dt > 0 and name != "kNN" else "—"
-        print(f"| {name} | {base[key]:.2f} | {top[key]:.2f} | {g:.2f} | {g / n_ratio:.2f} | {g / n_ratio**2:.2f} | {marginal} |")
-    print("\n(÷ N ratio ≈ 1: linear; ÷ N² ratio ≈ 1: quadratic; below both: a fixed per-pass cost (Ray Data planning, "
-          "actor start-up, task dispatch) still dominates at these sizes. Marginal rows/s leaves that fixed cost out; "
-          "not given for the kNN, whose cost per row grows with N.)")
+        print(
+            f"| {name} | {base[key]:.2f} | {top[key]:.2f} | {g:.2f} | {g / n_ratio:.2f} | {g / n_ratio**2:.2f} | "
+            f"{marginal} |"
+        )
+    print(
+        "\n(÷ N ratio ≈ 1: linear; ÷ N² ratio ≈ 1: quadratic; below both: a fixed per-pass cost (Ray Data planning, "
+        "actor start-up, task dispatch) still dominates at these sizes. Marginal rows/s leaves that fixed cost out; "
+        "not given for the kNN, whose cost per row grows with N.)"
+    )
     b = args.block_rows
-    print(f"\nkNN memory per task: at most {b}² + {b}·{args.neighbours} floats = {mib(b * b + b * args.neighbours)} MiB "
-          f"of similarities (block_rows={b}, k={args.neighbours}) whatever N; the keys (N·views·d floats) sit once in "
-          "the object store, mapped zero-copy by every task: linear in N.")  # fmt: skip
+    print(
+        f"\nkNN memory per task: at most {b}² + {b}·{args.neighbours} floats = {mib(b * b + b * args.neighbours)} MiB "
+        f"of similarities (block_rows={b}, k={args.neighbours}) whatever N; the keys (N·views·d floats) sit once in "
+        "the object store, mapped zero-copy by every task: linear in N."
+    )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
-    p.add_argument("--data", default="", help="a prepared dataset to take the sizes from (its train split); default: prepare one from --parquet")
+    p.add_argument(
+        "--data",
+        default="",
+        help="a prepared dataset to take the sizes from (its train split); default: prepare one from --parquet",
+    )
     p.add_argument("--sizes", default="2500,5000,10000", help="comma-separated row counts")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--actors", type=int, default=2, help="most embedding actors (effray data clean --actors)")
@@ -202,12 +251,22 @@ def main() -> int:
     p.add_argument("--model", default="convnet")
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--checkpoint", default="", help="embed with this effray checkpoint instead of a fresh convnet")
-    p.add_argument("--train-epochs", type=int, default=0, help="train the embedding model this long on the smallest size first (0 = random init)")
+    p.add_argument(
+        "--train-epochs",
+        type=int,
+        default=0,
+        help="train the embedding model this long on the smallest size first (0 = random init)",
+    )
     p.add_argument("--labels", action="store_true", help="also time label issues (trains --folds models per size)")
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--label-epochs", type=int, default=1)
-    p.add_argument("--knn-repeat", type=int, default=2, help="kNN runs per size, the fastest kept (Ray may have to start "
-                   "fresh worker processes for the first: the passes before it recycle the pool)")
+    p.add_argument(
+        "--knn-repeat",
+        type=int,
+        default=2,
+        help="kNN runs per size, the fastest kept (Ray may have to start "
+        "fresh worker processes for the first: the passes before it recycle the pool)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
     args = p.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -232,10 +291,16 @@ def main() -> int:
         ckpt, what = make_checkpoint(args, dirs[sizes[0]], work)
         payload = _check_checkpoint(ckpt, meta)  # as `effray data clean --checkpoint` loads it
         cfg = CleanConfig(actors=args.actors, block_rows=args.block_rows, neighbours=args.neighbours)
-        print(f"sizes {sizes}; embedding model: {what}; {args.actors} embedding actor(s), GPUs per actor {_gpus(cfg):g}; "
-              f"kNN k={args.neighbours}, block_rows={args.block_rows}"
-              + (f"; labels: {args.folds} folds x {args.label_epochs} epoch(s) of {args.model} x{args.width}" if args.labels else ""),
-              flush=True)  # fmt: skip
+        print(
+            f"sizes {sizes}; embedding model: {what}; {args.actors} embedding actor(s), GPUs per actor {_gpus(cfg):g}; "
+            f"kNN k={args.neighbours}, block_rows={args.block_rows}"
+            + (
+                f"; labels: {args.folds} folds x {args.label_epochs} epoch(s) of {args.model} x{args.width}"
+                if args.labels
+                else ""
+            ),
+            flush=True,
+        )
         if not args.no_warmup:
             time_hash(dirs[sizes[0]])
             _, emb = time_embed(dirs[sizes[0]], payload, cfg)
@@ -245,15 +310,20 @@ def main() -> int:
             d = dirs[n]
             hash_s, _ = time_hash(d)
             embed_s, emb = time_embed(d, payload, cfg)
-            knn_times, keys = time_knn(emb, int(meta["image_shape"][2]), args.neighbours, args.block_rows, args.knn_repeat)
+            knn_times, keys = time_knn(
+                emb, int(meta["image_shape"][2]), args.neighbours, args.block_rows, args.knn_repeat
+            )
             knn_s = min(knn_times)
             r = {"n": n, "hash_s": hash_s, "embed_s": embed_s, "knn_s": knn_s, "keys_floats": keys.size}
             if args.labels:
                 r["labels_s"] = time_labels(d, args, work)
             results.append(r)
-            print(f"N={n}: hash {hash_s:.2f} s, embed {embed_s:.2f} s, kNN {knn_s:.2f} s "
-                  f"(best of {', '.join(f'{t:.2f}' for t in knn_times)})"
-                  + (f", labels {r['labels_s']:.2f} s" if args.labels else ""), flush=True)  # fmt: skip
+            print(
+                f"N={n}: hash {hash_s:.2f} s, embed {embed_s:.2f} s, kNN {knn_s:.2f} s "
+                f"(best of {', '.join(f'{t:.2f}' for t in knn_times)})"
+                + (f", labels {r['labels_s']:.2f} s" if args.labels else ""),
+                flush=True,
+            )
         report(results, args)
     finally:
         ray.shutdown()

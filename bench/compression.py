@@ -92,18 +92,20 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
-    return padded[:, :, dy:dy + 32, dx:dx + 32]
+    return padded[:, :, dy : dy + 32, dx : dx + 32]
 
 
 def epoch_batches(x: torch.Tensor, y: torch.Tensor, batch: int, epoch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(x), generator=g)
     for i in range(0, len(x) - batch + 1, batch):
-        idx = order[i:i + batch]
+        idx = order[i : i + batch]
         yield augment(x[idx], g), y[idx]
 
 
-def train_teacher(name: str, width: float, x: torch.Tensor, y: torch.Tensor, minutes: float, batch: int) -> torch.nn.Module:
+def train_teacher(
+    name: str, width: float, x: torch.Tensor, y: torch.Tensor, minutes: float, batch: int
+) -> torch.nn.Module:
     """SGD on a time budget: the step count that fits ``minutes`` (from the first steps'
     speed) sets a warm-up + cosine schedule, so the run ends annealed, not cut off."""
     torch.manual_seed(0)
@@ -114,7 +116,9 @@ def train_teacher(name: str, width: float, x: torch.Tensor, y: torch.Tensor, min
         for xb, yb in epoch_batches(x, y, batch, epoch, seed=1):
             if total is not None and step >= total:
                 break
-            lr = 0.1 * min(1.0, (step + 1) / 50) if total is None else 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
+            lr = (
+                0.1 * min(1.0, (step + 1) / 50) if total is None else 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
+            )
             for gr in opt.param_groups:
                 gr["lr"] = lr
             loss = F.cross_entropy(model(xb), yb, label_smoothing=0.1)
@@ -125,7 +129,10 @@ def train_teacher(name: str, width: float, x: torch.Tensor, y: torch.Tensor, min
             if total is None and step == 20:
                 per_step = (time.perf_counter() - start) / step
                 total = max(step + 1, int(minutes * 60 / per_step))
-                print(f"teacher: {per_step * 1000:.0f} ms/step -> {total} steps ({total / steps_per_epoch:.1f} epochs)", flush=True)
+                print(
+                    f"teacher: {per_step * 1000:.0f} ms/step -> {total} steps ({total / steps_per_epoch:.1f} epochs)",
+                    flush=True,
+                )
         epoch += 1
     return model.eval()
 
@@ -134,13 +141,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parquet", default=str(PARQUET))
     p.add_argument("--teacher", default="", help="an effray checkpoint; default: train --model for --minutes here")
-    p.add_argument("--data", default="", help="a prepared dataset (the teacher's): fine-tune on its train split, score on its val split")
+    p.add_argument(
+        "--data",
+        default="",
+        help="a prepared dataset (the teacher's): fine-tune on its train split, score on its val split",
+    )
     p.add_argument("--model", default="resnet20")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=4.0, help="CPU minutes for the baseline")
     p.add_argument("--train-images", type=int, default=10000)
-    p.add_argument("--val-images", type=int, default=0,
-                   help="images scored (0 = the whole held-out split: a prepared dataset's val split, or the parquet's last 5,000 rows)")
+    p.add_argument(
+        "--val-images",
+        type=int,
+        default=0,
+        help="images scored (0 = the whole held-out split: a prepared dataset's val split, or the parquet's last "
+        "5,000 rows)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.8)
@@ -167,7 +183,7 @@ def main() -> None:
         std = torch.from_numpy(tx.reshape(-1, 3).std(0) / 255.0).float()
         info = {"path": "", "trained_here": {"model": args.model, "minutes": args.minutes, "images": args.train_images}}
     x, y = to_tensor(tx, mean, std), torch.from_numpy(ty)
-    val = [(to_tensor(vx[i:i + 500], mean, std), torch.from_numpy(vy[i:i + 500])) for i in range(0, len(vx), 500)]
+    val = [(to_tensor(vx[i : i + 500], mean, std), torch.from_numpy(vy[i : i + 500])) for i in range(0, len(vx), 500)]
     print(f"data: {len(x)} train / {len(vx)} val images in {time.perf_counter() - t0:.0f} s", flush=True)
     data = {"mean": mean.tolist(), "std": std.tolist(), "num_classes": 10, "image_shape": [32, 32, 3]}
     if not args.teacher:
@@ -179,18 +195,41 @@ def main() -> None:
     kd = {"kd_alpha": 0.9, "kd_temperature": 4.0}
     recipes = {
         "int8": CompressConfig(finetune_epochs=0, codec="none"),
-        "struct50": CompressConfig(prune_rate=round(channel_rate_for_macs(0.5), 4), prune_kind="structured",
-                                   finetune_epochs=args.finetune_epochs, finetune_lr=0.02, codec="none", **kd),
-        "deep": CompressConfig(prune_rate=args.sparsity, prune_schedule="cubic", prune_steps=max(1, args.finetune_epochs // 2),
-                               bits=args.bits, act_bits=8, finetune_epochs=args.finetune_epochs, finetune_lr=0.01, **kd),
-    }  # fmt: skip
+        "struct50": CompressConfig(
+            prune_rate=round(channel_rate_for_macs(0.5), 4),
+            prune_kind="structured",
+            finetune_epochs=args.finetune_epochs,
+            finetune_lr=0.02,
+            codec="none",
+            **kd,
+        ),
+        "deep": CompressConfig(
+            prune_rate=args.sparsity,
+            prune_schedule="cubic",
+            prune_steps=max(1, args.finetune_epochs // 2),
+            bits=args.bits,
+            act_bits=8,
+            finetune_epochs=args.finetune_epochs,
+            finetune_lr=0.01,
+            **kd,
+        ),
+    }
     results, teacher_metrics = {}, None
     for name in args.recipes.split(","):
         t = time.perf_counter()
         cfg = validated(recipes[name])
-        r = compress_local(teacher, cfg, lambda e: epoch_batches(x, y, args.batch_size, e), calib, val,
-                           Path(args.out) / name, teacher_info=info, data=data, teacher_metrics=teacher_metrics,
-                           log=lambda line, n=name: print(f"[{n}] {line}", flush=True))  # fmt: skip
+        r = compress_local(
+            teacher,
+            cfg,
+            lambda e: epoch_batches(x, y, args.batch_size, e),
+            calib,
+            val,
+            Path(args.out) / name,
+            teacher_info=info,
+            data=data,
+            teacher_metrics=teacher_metrics,
+            log=lambda line, n=name: print(f"[{n}] {line}", flush=True),
+        )
         teacher_metrics = r["teacher"]
         r["seconds"] = time.perf_counter() - t
         results[name] = r
@@ -198,18 +237,27 @@ def main() -> None:
 
     tm = teacher_metrics
     spec = getattr(teacher, "spec", {"name": args.model, "width": args.width})
-    print(f"\nteacher {spec['name']} w{spec.get('width', 1.0):g}: accuracy {tm['accuracy']:.4f}, {tm['params']} params, {tm['macs'] / 1e6:.1f} M MACs, "
-          f"{tm['bytes'] / 1024:.0f} KiB fp32, {tm['latency_ms_b1']:.2f} / {tm['latency_ms_b256']:.0f} ms at b1 / b256, {tm['threads']} thread(s)")  # fmt: skip
+    print(
+        f"\nteacher {spec['name']} w{spec.get('width', 1.0):g}: accuracy {tm['accuracy']:.4f}, {tm['params']} "
+        f"params, {tm['macs'] / 1e6:.1f} M MACs, "
+        f"{tm['bytes'] / 1024:.0f} KiB fp32, {tm['latency_ms_b1']:.2f} / {tm['latency_ms_b256']:.0f} ms at b1 / "
+        f"b256, {tm['threads']} thread(s)"
+    )
     # "int8 x": each recipe's int8 runtime vs the same weights in fp32, timed interleaved (a, b, a,
     # b, ...) so load from other processes hits both alike; vs_teacher has the cross-model ratios.
-    print(f"{'recipe':<10}{'acc':>8}{'int8 acc':>10}{'drop pts':>10}{'KiB':>9}{'size x':>8}{'params x':>10}{'MACs x':>8}"
-          f"{'sparse MACs x':>15}{'int8 x b1':>11}{'int8 x b256':>13}")  # fmt: skip
+    print(
+        f"{'recipe':<10}{'acc':>8}{'int8 acc':>10}{'drop pts':>10}{'KiB':>9}{'size x':>8}{'params x':>10}{'MACs x':>8}"
+        f"{'sparse MACs x':>15}{'int8 x b1':>11}{'int8 x b256':>13}"
+    )
     for name, r in results.items():
         s, v = r["student"], r["student"]["vs_teacher"]
-        print(f"{name:<10}{s['accuracy']:>8.4f}{s.get('int8_accuracy', float('nan')):>10.4f}{v['accuracy_drop_points']:>10.2f}"
-              f"{s['bytes'] / 1024:>9.1f}{v['size_ratio']:>8.1f}{v['params_ratio']:>10.2f}{v['macs_ratio']:>8.2f}"
-              f"{v['sparse_macs_ratio']:>15.2f}{s.get('int8_speedup_b1', float('nan')):>11.2f}"
-              f"{s.get('int8_speedup_b256', float('nan')):>13.2f}")  # fmt: skip
+        print(
+            f"{name:<10}{s['accuracy']:>8.4f}{s.get('int8_accuracy', float('nan')):>10.4f}"
+            f"{v['accuracy_drop_points']:>10.2f}"
+            f"{s['bytes'] / 1024:>9.1f}{v['size_ratio']:>8.1f}{v['params_ratio']:>10.2f}{v['macs_ratio']:>8.2f}"
+            f"{v['sparse_macs_ratio']:>15.2f}{s.get('int8_speedup_b1', float('nan')):>11.2f}"
+            f"{s.get('int8_speedup_b256', float('nan')):>13.2f}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))

@@ -65,9 +65,13 @@ class JpegParquet(torch.utils.data.Dataset):
         self.labels = table.column("label").to_pylist()
         from torchvision import transforms
 
-        self.transform = transforms.Compose([
-            transforms.RandomHorizontalFlip(), transforms.RandomRotation(10), transforms.ToTensor(),
-        ])  # fmt: skip
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomRotation(10),
+                transforms.ToTensor(),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -96,8 +100,9 @@ class DecodedCifar(JpegParquet):
 
 
 def torch_dataloader_rate(dataset: torch.utils.data.Dataset, batch_size: int, epochs: int) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=os.cpu_count(), persistent_workers=True)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=os.cpu_count(), persistent_workers=True
+    )
     rates = []
     for _ in range(epochs):
         start, seen = time.perf_counter(), 0
@@ -144,7 +149,9 @@ class PeakMemory:
         self._thread.join()
 
 
-def effray_rate(data_dir: str, batch_size: int, epochs: int, cache: bool = True, exact: bool = False) -> tuple[float, int]:
+def effray_rate(
+    data_dir: str, batch_size: int, epochs: int, cache: bool = True, exact: bool = False
+) -> tuple[float, int]:
     """Best images/s over ``epochs`` and the peak memory: ``exact`` is what `effray train`
     streams from a cached split (a fresh permutation of every row each epoch, gathered and
     augmented by Ray Data tasks, effray.data.shuffle); otherwise the Ray Data stream of
@@ -184,7 +191,12 @@ def main() -> None:
     parser.add_argument("--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
     parser.add_argument("--rows", type=int, default=50000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per measurement, both sides; the best is kept (a 2-core box is noisy)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=5,
+        help="epochs per measurement, both sides; the best is kept (a 2-core box is noisy)",
+    )
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="effray-bench-")
@@ -203,7 +215,10 @@ def main() -> None:
         # every epoch a new permutation of all rows (what training streams); and the same
         # cached rows in block order (as before the exact shuffle): what the shuffle costs
         ours, cached_peak = effray_rate(data, args.batch_size, args.epochs, exact=True)
-        print(f"effray_ray_data_images_per_s={ours:.0f} peak_pss_mb={cached_peak / 2**20:.0f} (decoded split cached, exact per-epoch shuffle)")
+        print(
+            f"effray_ray_data_images_per_s={ours:.0f} peak_pss_mb={cached_peak / 2**20:.0f} (decoded split cached, "
+            "exact per-epoch shuffle)"
+        )
         in_order, _ = effray_rate(data, args.batch_size, args.epochs)
         print(f"cached_block_order_images_per_s={in_order:.0f} exact_shuffle_vs_block_order={ours / in_order:.2f}")
         # streaming (--no-cache-decoded, as for data bigger than the object store) must keep memory
@@ -213,16 +228,24 @@ def main() -> None:
         x4 = replicate(data, 4, os.path.join(work, "x4"))
         _, cold1 = effray_rate(data, args.batch_size, 1, cache=False)
         streamed, peak1 = effray_rate(data, args.batch_size, 1, cache=False)
-        print(f"streaming_images_per_s={streamed:.0f} peak_pss_1x_mb={peak1 / 2**20:.0f} (first pass: {cold1 / 2**20:.0f})")
+        print(
+            f"streaming_images_per_s={streamed:.0f} peak_pss_1x_mb={peak1 / 2**20:.0f} (first pass: "
+            f"{cold1 / 2**20:.0f})"
+        )
         _, cold4 = effray_rate(x4, args.batch_size, 1, cache=False)
         _, peak4 = effray_rate(x4, args.batch_size, 1, cache=False)
-        print(f"peak_pss_4x_mb={peak4 / 2**20:.0f} (first pass: {cold4 / 2**20:.0f}) peak_pss_ratio_4x_vs_1x={peak4 / peak1:.2f} (streaming)")
+        print(
+            f"peak_pss_4x_mb={peak4 / 2**20:.0f} (first pass: {cold4 / 2**20:.0f}) "
+            f"peak_pss_ratio_4x_vs_1x={peak4 / peak1:.2f} (streaming)"
+        )
         ray.shutdown()
 
         theirs = torch_dataloader_rate(JpegParquet(args.parquet, args.rows), args.batch_size, args.epochs)
         print(f"torch_dataloader_images_per_s={theirs:.0f} (workers={os.cpu_count()}, a JPEG decoded per sample)")
         seed = torch_dataloader_rate(DecodedCifar(args.parquet, args.rows), args.batch_size, args.epochs)
-        print(f"seed_cifar10_images_per_s={seed:.0f} (workers={os.cpu_count()}, decoded uint8 in memory, PIL per sample)")
+        print(
+            f"seed_cifar10_images_per_s={seed:.0f} (workers={os.cpu_count()}, decoded uint8 in memory, PIL per sample)"
+        )
         print(f"ratio_vs_torch_dataloader={ours / theirs:.2f}")
         # (streaming is one pass, the second of two; the other rates are the best of --epochs)
         print(f"ratio_vs_seed_cifar10={ours / seed:.2f} ratio_streaming_vs_seed_cifar10={streamed / seed:.2f}")

@@ -83,7 +83,9 @@ def train(data: Path, out: Path, model: str, width: float, epochs: int) -> Path:
     return path
 
 
-def best_fp32(model: torch.nn.Module, x1: torch.Tensor, x256: torch.Tensor, bf16: bool) -> tuple[str, Callable, dict[str, float]]:
+def best_fp32(
+    model: torch.nn.Module, x1: torch.Tensor, x256: torch.Tensor, bf16: bool
+) -> tuple[str, Callable, dict[str, float]]:
     """The fastest fp32 path at batch 256 among folded / channels-last / compiled (and bf16
     where native), with torch.compile's seconds."""
     from effray.compress.int8 import quiet
@@ -103,6 +105,7 @@ def best_fp32(model: torch.nn.Module, x1: torch.Tensor, x256: torch.Tensor, bf16
     seconds = {"fp32 torch.compile (2 shapes)": time.perf_counter() - t}
     candidates["BN folded, channels-last, torch.compile"] = cl(compiled)
     if bf16:
+
         def autocast(fn: Callable) -> Callable:
             return lambda x: _bf16(fn, x)
 
@@ -128,15 +131,21 @@ def ort_session(path: Path, threads: int) -> Callable:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", default="", help="a prepared dataset (default: --images rows of the shared CIFAR-10 file)")
     p.add_argument("--teacher", default="", help="a checkpoint trained on --data (default: trained here)")
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--model", default="convnet", help="the demo preset's teacher by default")
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and ONNX Runtime threads (1: on a shared machine 2 threads time OpenMP barriers, not kernels)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and ONNX Runtime threads (1: on a shared machine 2 threads time OpenMP barriers, not kernels)",
+    )
     p.add_argument("--repeats", type=int, default=30, help="timed batch-1 calls per path (batch 256: a fifth)")
     p.add_argument("--min-int8-agreement", type=float, default=0.97, help="export's parity bar for the int8 files")
     p.add_argument("--requests", type=int, default=300, help="Serve requests per run (0 = skip the Serve rows)")
@@ -154,8 +163,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     bf16 = bf16_native(torch.device("cpu"))
-    cpu = (f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native {'yes' if bf16 else 'no'}, "
-           f"{os.cpu_count()} cores, {args.threads} threads")  # fmt: skip
+    cpu = (
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native {'yes' if bf16 else 'no'}, "
+        f"{os.cpu_count()} cores, {args.threads} threads"
+    )
     print(f"# deploy paths; {cpu}", flush=True)
     data = Path(args.data) if args.data else prepare(args.out, args.images)
     teacher = Path(args.teacher) if args.teacher else train(data, args.out, args.model, args.width, args.teacher_epochs)
@@ -163,8 +174,16 @@ def main() -> None:
     exported = args.out / "export"
     # int8 PTQ of the demo teacher agrees with fp32 on ~99 % of held-out images (even as a
     # q/dq reference), under export's 99.5 % default: the bench records the figure instead
-    summary = export(ExportConfig(artifact=str(teacher), format="all", int8=True, out=str(exported), data=str(data),
-                                  min_int8_agreement=args.min_int8_agreement))  # fmt: skip
+    summary = export(
+        ExportConfig(
+            artifact=str(teacher),
+            format="all",
+            int8=True,
+            out=str(exported),
+            data=str(data),
+            min_int8_agreement=args.min_int8_agreement,
+        )
+    )
     print("export:", json.dumps({k: summary[k] for k in ("parity", "seconds")}), flush=True)
     model, _ = load_checkpoint(teacher)
     info = load_deployable(teacher, device="cpu").info
@@ -172,7 +191,9 @@ def main() -> None:
     images, labels = np.concatenate([x for x, _ in held_out]), np.concatenate([y for _, y in held_out])
     x_all = torch.from_numpy(normalise(images, info.mean, info.std))
     x256, x1 = x_all[:256].contiguous(), x_all[:1].contiguous()
-    calib = [(torch.from_numpy(normalise(x, info.mean, info.std)), y) for x, y in prepared_batches(data, "train", 256)[1]][:8]
+    calib = [
+        (torch.from_numpy(normalise(x, info.mean, info.std)), y) for x, y in prepared_batches(data, "train", 256)[1]
+    ][:8]
 
     t = time.perf_counter()
     int8 = to_int8(model, calib)
@@ -191,8 +212,9 @@ def main() -> None:
         f"fp32 best ({best_name})": best,
         "torchao int8 (PT2E, oneDNN, eager)": int8,
         "torchao int8 (PT2E, torch.compile)": compiled_int8,
-        "torchao int8 (model.int8.pt2 loaded)": load_program(exported / EXPORT_FILES["torch-int8"], "torch-int8",
-                                                             image_shape=info.image_shape),
+        "torchao int8 (model.int8.pt2 loaded)": load_program(
+            exported / EXPORT_FILES["torch-int8"], "torch-int8", image_shape=info.image_shape
+        ),
         "onnxruntime fp32": ort_session(exported / EXPORT_FILES["onnx"], args.threads),
         "onnxruntime int8 (QDQ)": ort_session(exported / EXPORT_FILES["onnx-int8"], args.threads),
     }
@@ -200,11 +222,17 @@ def main() -> None:
     with torch.no_grad():
         for name, fn in paths.items():
             # whole batches of 256 only: a compiled path would recompile for the remainder
-            logits = torch.cat([fn(x_all[i:i + 256]) for i in range(0, len(x_all) - 255, 256)])
+            logits = torch.cat([fn(x_all[i : i + 256]) for i in range(0, len(x_all) - 255, 256)])
             b1 = timed(fn, x1, args.repeats)
             b256 = timed(fn, x256, max(3, args.repeats // 5))
-            rows.append({"path": name, "b1_ms": b1 * 1000, "b256_img_s": 256 / b256,
-                         "accuracy": float((logits.argmax(1).numpy() == labels[:len(logits)]).mean())})  # fmt: skip
+            rows.append(
+                {
+                    "path": name,
+                    "b1_ms": b1 * 1000,
+                    "b256_img_s": 256 / b256,
+                    "accuracy": float((logits.argmax(1).numpy() == labels[: len(logits)]).mean()),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
 
     ref = rows[1]
@@ -212,8 +240,10 @@ def main() -> None:
     print("| path | batch 1 (ms) | batch 256 (img/s) | top-1 | b1 speedup vs fp32 best | b256 speedup vs fp32 best |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['path']} | {r['b1_ms']:.2f} | {r['b256_img_s']:.0f} | {r['accuracy']:.4f} | "
-              f"{ref['b1_ms'] / r['b1_ms']:.2f}x | {r['b256_img_s'] / ref['b256_img_s']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['path']} | {r['b1_ms']:.2f} | {r['b256_img_s']:.0f} | {r['accuracy']:.4f} | "
+            f"{ref['b1_ms'] / r['b1_ms']:.2f}x | {r['b256_img_s'] / ref['b256_img_s']:.2f}x |"
+        )
     print("\n| one-off cost | seconds |\n| --- | --- |")
     for k, v in seconds.items():
         print(f"| {k} | {v:.1f} |")
@@ -229,12 +259,17 @@ def serve_rows(args: argparse.Namespace, model_path: Path) -> None:
     except ModuleNotFoundError as exc:
         print(f"\n(Serve rows skipped: {exc.name} is not here; bench/serve_load.py provides measure_serve)")
         return
-    print(f"\n# effray serve, {args.requests} requests from {args.clients} clients on 127.0.0.1 (clients share the cores)")
+    print(
+        f"\n# effray serve, {args.requests} requests from {args.clients} clients on 127.0.0.1 (clients share the cores)"
+    )
     print("| batching | requests/s | p50 (ms) | p99 (ms) | errors |\n| --- | --- | --- | --- | --- |")
     for batching in (False, True):
         r = measure_serve(str(model_path), requests=args.requests, clients=args.clients, batching=batching)
-        print(f"| {'on' if batching else 'off'} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r.get('errors', 0)} |",
-              flush=True)  # fmt: skip
+        print(
+            f"| {'on' if batching else 'off'} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r.get('errors', 0)} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

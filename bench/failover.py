@@ -48,24 +48,69 @@ def _registered(run_dir: Path, epoch: int) -> bool:
     return snapshot.is_file() and f'"epoch-{epoch:04d}-' in snapshot.read_text()
 
 
-def run_and_kill(local: LocalCluster, name: str, data: str, storage: Path, workers: str, epochs: int,
-                 kill_in_epoch: int, replace: bool, flags: tuple[str, ...] = ()) -> dict:
+def run_and_kill(
+    local: LocalCluster,
+    name: str,
+    data: str,
+    storage: Path,
+    workers: str,
+    epochs: int,
+    kill_in_epoch: int,
+    replace: bool,
+    flags: tuple[str, ...] = (),
+) -> dict:
     """One `effray train` run killed half-way through ``kill_in_epoch``: what it lost and
     how long it took to progress again."""
     run_dir = storage / name
-    cmd = [sys.executable, "-m", "effray.cli", "train", "--data", data, "--model", "convnet", "--width", "0.5",
-           "--batch-size", "120", "--workers", workers, "--worker-resources", "trainer=1", "--cpus-per-worker", "1",
-           "--data-cpus", "1", "--augment", "flip", "--epochs", str(epochs), "--max-failures", "3",
-           "--storage", str(storage), "--name", name, "--no-wandb", *flags]  # fmt: skip
-    driver = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": local.address},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "effray.cli",
+        "train",
+        "--data",
+        data,
+        "--model",
+        "convnet",
+        "--width",
+        "0.5",
+        "--batch-size",
+        "120",
+        "--workers",
+        workers,
+        "--worker-resources",
+        "trainer=1",
+        "--cpus-per-worker",
+        "1",
+        "--data-cpus",
+        "1",
+        "--augment",
+        "flip",
+        "--epochs",
+        str(epochs),
+        "--max-failures",
+        "3",
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--no-wandb",
+        *flags,
+    ]
+    driver = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": local.address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: list[tuple[dict, float]] = []  # every history row and when it appeared
 
     def poll() -> None:
         f = run_dir / HISTORY_FILE
         lines = f.read_text().splitlines() if f.is_file() else []
         now = time.time()
-        seen.extend((json.loads(ln), now) for ln in lines[len(seen):] if ln.strip())
+        seen.extend((json.loads(ln), now) for ln in lines[len(seen) :] if ln.strip())
 
     while driver.poll() is None and not (_registered(run_dir, kill_in_epoch - 1) and seen):
         poll()
@@ -98,12 +143,20 @@ def run_and_kill(local: LocalCluster, name: str, data: str, storage: Path, worke
     partial = min(1.0, (killed_at - last_seen) / last_row["epoch_s"])  # of the interrupted epoch
     redone = last_row["epoch"] - resumed
     return {
-        "run": name, "workers": workers, "world_before": last_row["world"], "world_after": first["world"],
-        "to_progress_s": first_seen - first["epoch_s"] - killed_at, "replacement_joined_s": joined_s,
-        "resumed_from": resumed, "epochs_redone": redone, "steps_lost": (redone + partial) * steps_per_epoch,
-        "steps_per_epoch": steps_per_epoch, "epoch_s_before": last_row["epoch_s"], "epoch_s_after": seen[-1][0]["epoch_s"],
+        "run": name,
+        "workers": workers,
+        "world_before": last_row["world"],
+        "world_after": first["world"],
+        "to_progress_s": first_seen - first["epoch_s"] - killed_at,
+        "replacement_joined_s": joined_s,
+        "resumed_from": resumed,
+        "epochs_redone": redone,
+        "steps_lost": (redone + partial) * steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "epoch_s_before": last_row["epoch_s"],
+        "epoch_s_after": seen[-1][0]["epoch_s"],
         "final_epoch": json.loads(out.strip().splitlines()[-1])["epoch"],
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -123,24 +176,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="effray-failover-") as tmp:
         data, storage = f"{tmp}/data", Path(tmp) / "runs"
         # 2 trainer nodes + 1 for Ray Data; the elastic run gets a third trainer
-        with local_cluster(3, node_resources=lambda i: {"trainer": 1.0} if i < 2 else {},
-                           health_check_s=args.health_check_s) as local:  # fmt: skip
-            prepare(PrepareConfig(source=f"parquet:{args.parquet}", out=data, limit=args.rows, val_fraction=0.1, seed=0))
+        with local_cluster(
+            3, node_resources=lambda i: {"trainer": 1.0} if i < 2 else {}, health_check_s=args.health_check_s
+        ) as local:
+            prepare(
+                PrepareConfig(source=f"parquet:{args.parquet}", out=data, limit=args.rows, val_fraction=0.1, seed=0)
+            )
             runs = [run_and_kill(local, "fixed", data, storage, "2", args.epochs, args.kill_in_epoch, replace=True)]
             for name, timeout in (("elastic", "15"), ("elastic-5", "5")):
                 local.add(trainer=1.0)  # back to 3 trainer nodes
-                runs.append(run_and_kill(local, name, data, storage, "2-3", args.epochs, args.kill_in_epoch,
-                                         replace=False, flags=("--resize-timeout-s", timeout)))  # fmt: skip
+                runs.append(
+                    run_and_kill(
+                        local,
+                        name,
+                        data,
+                        storage,
+                        "2-3",
+                        args.epochs,
+                        args.kill_in_epoch,
+                        replace=False,
+                        flags=("--resize-timeout-s", timeout),
+                    )
+                )
             for r in runs:
                 print(f"{r['run']}: {r}", flush=True)
-    rows = [("world size before -> after", lambda r: f"{r['world_before']} -> {r['world_after']}"),
-            ("kill -> training again (s)", lambda r: f"{r['to_progress_s']:.1f}"),
-            ("  of which a replacement joining (s)", lambda r: "-" if r["replacement_joined_s"] is None else f"{r['replacement_joined_s']:.1f}"),
-            ("resumed from epoch", lambda r: str(r["resumed_from"])),
-            ("epochs redone", lambda r: str(r["epochs_redone"])),
-            ("steps lost (of steps/epoch)", lambda r: f"{r['steps_lost']:.1f} (of {r['steps_per_epoch']:g})"),
-            ("epoch seconds before -> after", lambda r: f"{r['epoch_s_before']:.1f} -> {r['epoch_s_after']:.1f}"),
-            ("finished epoch", lambda r: str(r["final_epoch"]))]  # fmt: skip
+    rows = [
+        ("world size before -> after", lambda r: f"{r['world_before']} -> {r['world_after']}"),
+        ("kill -> training again (s)", lambda r: f"{r['to_progress_s']:.1f}"),
+        (
+            "  of which a replacement joining (s)",
+            lambda r: "-" if r["replacement_joined_s"] is None else f"{r['replacement_joined_s']:.1f}",
+        ),
+        ("resumed from epoch", lambda r: str(r["resumed_from"])),
+        ("epochs redone", lambda r: str(r["epochs_redone"])),
+        ("steps lost (of steps/epoch)", lambda r: f"{r['steps_lost']:.1f} (of {r['steps_per_epoch']:g})"),
+        ("epoch seconds before -> after", lambda r: f"{r['epoch_s_before']:.1f} -> {r['epoch_s_after']:.1f}"),
+        ("finished epoch", lambda r: str(r["final_epoch"])),
+    ]
     heads = ("fixed (--workers 2)", "elastic (2-3, timeout 15)", "elastic (2-3, timeout 5)")
     print(f"\n{'':38}" + "".join(f"{h:>27}" for h in heads))
     for label, fmt in rows:

@@ -68,7 +68,11 @@ class Sampler(threading.Thread):
     def by_role(self) -> dict[str, float]:
         roles: dict[str, float] = defaultdict(float)
         for pid, (cpu, name) in self.last.items():
-            role = name if name.startswith("ray::") else ("this driver" if pid == str(os.getpid()) else name or "(exited before a later sample)")
+            role = (
+                name
+                if name.startswith("ray::")
+                else ("this driver" if pid == str(os.getpid()) else name or "(exited before a later sample)")
+            )
             roles[role] += cpu - self.start_cpu.get(pid, 0.0)
         return dict(roles)
 
@@ -93,15 +97,21 @@ def run_fits(fits: int, workers: int, preemption_watcher: bool) -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     work = tempfile.mkdtemp(prefix="effray-bench-fit-")
     mark = os.path.join(work, "loop-started")
-    TorchTrainer(lambda: _probe(mark), scaling_config=ScalingConfig(num_workers=workers),
-                 run_config=RunConfig(storage_path=work, name="warm")).fit()  # fmt: skip  # Ray's own start-up
+    TorchTrainer(
+        lambda: _probe(mark),
+        scaling_config=ScalingConfig(num_workers=workers),
+        run_config=RunConfig(storage_path=work, name="warm"),
+    ).fit()  # Ray's own start-up
     sampler, busy0 = Sampler(), _busy_cpu_s()
     sampler.start()
     to_loop, to_end = [], []
     for i in range(fits):
         t0 = time.time()
-        TorchTrainer(lambda: _probe(mark), scaling_config=ScalingConfig(num_workers=workers),
-                     run_config=RunConfig(storage_path=work, name=f"fit{i}")).fit()  # fmt: skip
+        TorchTrainer(
+            lambda: _probe(mark),
+            scaling_config=ScalingConfig(num_workers=workers),
+            run_config=RunConfig(storage_path=work, name=f"fit{i}"),
+        ).fit()
         to_end.append(time.time() - t0)
         with open(mark) as f:
             to_loop.append(float(f.read()) - t0)
@@ -110,8 +120,11 @@ def run_fits(fits: int, workers: int, preemption_watcher: bool) -> None:
     busy = _busy_cpu_s() - busy0
     roles = sampler.by_role()
     watcher = "on " if preemption_watcher else "off"
-    print(f"PreemptionWatcher {watcher}: loop starts {sum(to_loop) / fits:.1f} s after fit(), fit() returns after "
-          f"{sum(to_end) / fits:.1f} s; machine busy {busy / fits:.1f} CPU-s per fit", flush=True)  # fmt: skip
+    print(
+        f"PreemptionWatcher {watcher}: loop starts {sum(to_loop) / fits:.1f} s after fit(), fit() returns after "
+        f"{sum(to_end) / fits:.1f} s; machine busy {busy / fits:.1f} CPU-s per fit",
+        flush=True,
+    )
     for role, cpu in sorted(roles.items(), key=lambda kv: -kv[1]):
         if cpu / fits >= 0.05:
             print(f"    {role:<40} {cpu / fits:5.2f} CPU-s per fit", flush=True)
@@ -128,12 +141,18 @@ def main() -> None:
     if args.child:
         run_fits(args.fits, args.workers, args.child == "on")
         return
-    print(f"{cpu_summary()}, {os.cpu_count()} cores; {args.fits} fits of {args.workers} worker(s) per setting", flush=True)
+    print(
+        f"{cpu_summary()}, {os.cpu_count()} cores; {args.fits} fits of {args.workers} worker(s) per setting", flush=True
+    )
     busy = {}
     for setting in ("on", "off"):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray
-        child = subprocess.run([sys.executable, __file__, "--fits", str(args.fits), "--workers", str(args.workers),
-                                "--child", setting], capture_output=True, text=True, env=env)  # fmt: skip
+        child = subprocess.run(
+            [sys.executable, __file__, "--fits", str(args.fits), "--workers", str(args.workers), "--child", setting],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if child.returncode != 0:
             raise SystemExit(f"the PreemptionWatcher-{setting} run failed:\n{child.stderr[-3000:]}")
         out = child.stdout

@@ -42,7 +42,9 @@ def memory_table(model_name: str) -> None:
 
 def _stack(stages: int) -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()) for _ in range(stages * BLOCKS_PER_STAGE)])
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()) for _ in range(stages * BLOCKS_PER_STAGE)]
+    )
     model.spec = {"num_classes": WIDTH}
     return model
 
@@ -57,8 +59,15 @@ def _worker(rank: int, world: int, port: int, micro: int, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    strategy = PipelineStrategy(torch.device("cpu"), channels_last=False, compile=False, amp=False,
-                                stages=world, microbatches=micro, pipeline_schedule="gpipe")  # fmt: skip
+    strategy = PipelineStrategy(
+        torch.device("cpu"),
+        channels_last=False,
+        compile=False,
+        amp=False,
+        stages=world,
+        microbatches=micro,
+        pipeline_schedule="gpipe",
+    )
     model = strategy.prepare(_stack(world))
     x, y = torch.randn(BATCH, WIDTH), torch.randint(0, WIDTH, (BATCH,))
     batch = {"image": x, "label": y}
@@ -116,7 +125,9 @@ def main() -> None:
     args = ap.parse_args()
     memory_table(args.model)
     s = args.stages
-    print(f"\nGPipe bubble, S={s}, {s * BLOCKS_PER_STAGE} x Linear({WIDTH}) blocks, batch {BATCH}, gloo, 1 thread/stage")
+    print(
+        f"\nGPipe bubble, S={s}, {s * BLOCKS_PER_STAGE} x Linear({WIDTH}) blocks, batch {BATCH}, gloo, 1 thread/stage"
+    )
     print(f"{'M':>3} {'step ms':>9} {'img/s':>8} {'measured bubble':>16} {'(S-1)/(M+S-1)':>14}")
     for m in (int(v) for v in args.microbatches.split(",")):
         wall, measured = bubble(s, m)

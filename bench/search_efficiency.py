@@ -93,7 +93,9 @@ def train_teacher(data: Path, out: Path, epochs: int) -> Path:
     return path
 
 
-def run_one(args: argparse.Namespace, data: Path, teacher: Path, search: str, scheduler: str, seed: int) -> dict[str, Any]:
+def run_one(
+    args: argparse.Namespace, data: Path, teacher: Path, search: str, scheduler: str, seed: int
+) -> dict[str, Any]:
     import shutil
 
     from effray.errors import EffrayError
@@ -102,10 +104,19 @@ def run_one(args: argparse.Namespace, data: Path, teacher: Path, search: str, sc
 
     name = f"{search}-{scheduler}-s{seed}"
     shutil.rmtree(args.out / "runs" / name, ignore_errors=True)  # a fresh search, not a resumed one
-    cfg = TuneConfig(teacher=str(teacher), data=str(data), space=str(args.out / "space.yaml"),
-                     num_samples=args.max_trials, search="optuna" if search == "optuna" else "random",
-                     multi_objective=search == "optuna", scheduler=scheduler, seed=seed,
-                     storage=str(args.out / "runs"), name=name, wandb=False)  # fmt: skip
+    cfg = TuneConfig(
+        teacher=str(teacher),
+        data=str(data),
+        space=str(args.out / "space.yaml"),
+        num_samples=args.max_trials,
+        search="optuna" if search == "optuna" else "random",
+        multi_objective=search == "optuna",
+        scheduler=scheduler,
+        seed=seed,
+        storage=str(args.out / "runs"),
+        name=name,
+        wandb=False,
+    )
     stopper = _stopper(args.budget_epochs)
     t = time.perf_counter()
     summary = tune_compression(cfg, stop=stopper)
@@ -121,10 +132,19 @@ def run_one(args: argparse.Namespace, data: Path, teacher: Path, search: str, sc
     if len(table):
         overhead = {k: float(table[k].median()) for k in ("worker_start_s", "setup_s") if k in table}
         overhead["measure_s"] = float((table["trial_s"] - table["setup_s"] - table["finetune_s"]).median())
-    return {"search": search, "scheduler": scheduler, "seed": seed, "hypervolume": rep["hypervolume"] or 0.0,
-            "front": rep["pareto"].get("bytes", 0), "measured": rep["trials"], "started": summary["trials"],
-            "stopped": int(len(load_stopped(summary["experiment"]))), "epochs": stopper.used, "wall_s": wall,
-            **overhead}  # fmt: skip
+    return {
+        "search": search,
+        "scheduler": scheduler,
+        "seed": seed,
+        "hypervolume": rep["hypervolume"] or 0.0,
+        "front": rep["pareto"].get("bytes", 0),
+        "measured": rep["trials"],
+        "started": summary["trials"],
+        "stopped": int(len(load_stopped(summary["experiment"]))),
+        "epochs": stopper.used,
+        "wall_s": wall,
+        **overhead,
+    }
 
 
 def teacher_arguments(doc: str | None) -> argparse.ArgumentParser:
@@ -199,9 +219,14 @@ def main() -> int:
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\nbudget {args.budget_epochs} fine-tuning epochs per search ({args.epochs_per_trial} per trial), "
-          f"{args.seeds} seeds; hypervolume of (accuracy, ln bytes) from accuracy 0 and the teacher's size")  # fmt: skip
-    print(f"{'search':<8}{'scheduler':<10}{'HV mean':>9}{'HV sd':>8}{'front':>7}{'measured':>9}{'stopped':>8}{'started':>8}")
+    print(
+        f"\nbudget {args.budget_epochs} fine-tuning epochs per search ({args.epochs_per_trial} per trial), "
+        f"{args.seeds} seeds; hypervolume of (accuracy, ln bytes) from accuracy 0 and the teacher's size"
+    )
+    print(
+        f"{'search':<8}{'scheduler':<10}{'HV mean':>9}{'HV sd':>8}"
+        f"{'front':>7}{'measured':>9}{'stopped':>8}{'started':>8}"
+    )
     means: dict[tuple[str, str], float] = {}
     for search in dict.fromkeys(r["search"] for r in rows):
         for scheduler in dict.fromkeys(r["scheduler"] for r in rows):
@@ -212,8 +237,10 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             means[search, scheduler] = statistics.mean(hv)
             sd = statistics.stdev(hv) if len(hv) > 1 else 0.0
             avg = {k: statistics.mean(r[k] for r in group) for k in ("front", "measured", "stopped", "started")}
-            print(f"{search:<8}{scheduler:<10}{means[search, scheduler]:>9.4f}{sd:>8.4f}{avg['front']:>7.1f}"
-                  f"{avg['measured']:>9.1f}{avg['stopped']:>8.1f}{avg['started']:>8.1f}")  # fmt: skip
+            print(
+                f"{search:<8}{scheduler:<10}{means[search, scheduler]:>9.4f}{sd:>8.4f}{avg['front']:>7.1f}"
+                f"{avg['measured']:>9.1f}{avg['stopped']:>8.1f}{avg['started']:>8.1f}"
+            )
     ours = [v for (_, s), v in means.items() if s == "pareto"]
     others = [v for (_, s), v in means.items() if s != "pareto"]
     if ours and others:
@@ -222,8 +249,11 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             rest = [v for (q, s), v in means.items() if q == search and s != "pareto"]
             if (search, "pareto") in means and rest:
                 print(f"  {search}: pareto / best other {means[search, 'pareto'] / max(rest):.3f}")
-    overhead = {k: statistics.median(r[k] for r in rows if k in r) for k in ("worker_start_s", "setup_s", "measure_s")
-                if any(k in r for r in rows)}  # fmt: skip
+    overhead = {
+        k: statistics.median(r[k] for r in rows if k in r)
+        for k in ("worker_start_s", "setup_s", "measure_s")
+        if any(k in r for r in rows)
+    }
     if overhead:
         print("trial overhead (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in overhead.items()))
 

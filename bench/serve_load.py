@@ -52,7 +52,9 @@ def _get_json(port: int, path: str) -> dict[str, Any]:
         conn.close()
 
 
-def _client(port: int, payloads: list[bytes], count: int, deadline: float, latencies: list[float], errors: list[str]) -> None:
+def _client(
+    port: int, payloads: list[bytes], count: int, deadline: float, latencies: list[float], errors: list[str]
+) -> None:
     """One client: ``count`` POSTs on one keep-alive connection (reopened after a failure)."""
     conn = None
     for i in range(count):
@@ -79,8 +81,16 @@ def _client(port: int, payloads: list[bytes], count: int, deadline: float, laten
         conn.close()
 
 
-def measure_serve(model_path: str, *, requests: int, clients: int, batching: bool, max_batch_size: int = MAX_BATCH,
-                  batch_wait_timeout_s: float = 0.005, run_timeout_s: float = 300.0) -> dict[str, Any]:
+def measure_serve(
+    model_path: str,
+    *,
+    requests: int,
+    clients: int,
+    batching: bool,
+    max_batch_size: int = MAX_BATCH,
+    batch_wait_timeout_s: float = 0.005,
+    run_timeout_s: float = 300.0,
+) -> dict[str, Any]:
     """Serve ``model_path`` on a free loopback port, send ``requests`` single-image POSTs
     from ``clients`` threads, shut Serve down. Batching on: ``max_batch_size`` per model
     call; off: 1. Returns ``requests_per_s``, ``p50_ms``, ``p99_ms``, ``errors`` and the
@@ -96,21 +106,30 @@ def measure_serve(model_path: str, *, requests: int, clients: int, batching: boo
         init_ray(log_to_driver=False)
     info = load_deployable(model_path, device="cpu").info
     port = free_port()
-    cfg = ServeConfig(model=model_path, host="127.0.0.1", port=port, max_batch_size=max_batch_size if batching else 1,
-                      batch_wait_timeout_s=batch_wait_timeout_s if batching else 0.0)  # fmt: skip
+    cfg = ServeConfig(
+        model=model_path,
+        host="127.0.0.1",
+        port=port,
+        max_batch_size=max_batch_size if batching else 1,
+        batch_wait_timeout_s=batch_wait_timeout_s if batching else 0.0,
+    )
     payloads = png_payloads(info.image_shape, 16)
     url = start(cfg)
     assert url == f"http://127.0.0.1:{port}", url  # only ever loopback
     try:
         warm_lat: list[float] = []
-        _client(port, payloads, 2 * clients, time.monotonic() + run_timeout_s, warm_lat, [])  # first calls pay for lazy init
+        _client(
+            port, payloads, 2 * clients, time.monotonic() + run_timeout_s, warm_lat, []
+        )  # first calls pay for lazy init
         before = _get_json(port, "/stats")
         latencies: list[float] = []
         errors: list[str] = []
         per_client = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
         deadline = time.monotonic() + run_timeout_s
-        threads = [threading.Thread(target=_client, args=(port, payloads, n, deadline, latencies, errors), daemon=True)
-                   for n in per_client]  # fmt: skip
+        threads = [
+            threading.Thread(target=_client, args=(port, payloads, n, deadline, latencies, errors), daemon=True)
+            for n in per_client
+        ]
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -123,13 +142,23 @@ def measure_serve(model_path: str, *, requests: int, clients: int, batching: boo
     calls = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
     n_calls = sum(calls.values())
     ms = np.asarray(latencies) * 1000.0
-    return {"batching": batching, "max_batch_size": cfg.max_batch_size, "requests": requests, "clients": clients,
-            "ok": len(latencies), "errors": len(errors), "error_examples": sorted(set(errors))[:5],
-            "seconds": round(seconds, 3), "requests_per_s": round(len(latencies) / max(seconds, 1e-9), 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
-            "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
-            "model_calls": n_calls, "mean_batch": round(sum(k * v for k, v in calls.items()) / max(n_calls, 1), 2),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "model_kind": info.kind}  # fmt: skip
+    return {
+        "batching": batching,
+        "max_batch_size": cfg.max_batch_size,
+        "requests": requests,
+        "clients": clients,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:5],
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(len(latencies) / max(seconds, 1e-9), 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
+        "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
+        "model_calls": n_calls,
+        "mean_batch": round(sum(k * v for k, v in calls.items()) / max(n_calls, 1), 2),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "model_kind": info.kind,
+    }
 
 
 def main() -> None:
@@ -145,18 +174,33 @@ def main() -> None:
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's per-start INFO lines; the table is the output
     off = measure_serve(args.model, requests=args.requests, clients=args.clients, batching=False)
-    on = measure_serve(args.model, requests=args.requests, clients=args.clients, batching=True,
-                       max_batch_size=args.max_batch_size)  # fmt: skip
-    print(f"# effray serve, {args.requests} PNG requests from {args.clients} client threads on 127.0.0.1; "
-          f"{on['model_kind']} model; cpu capability {on['cpu_capability']}, {os.cpu_count()} cores")  # fmt: skip
+    on = measure_serve(
+        args.model, requests=args.requests, clients=args.clients, batching=True, max_batch_size=args.max_batch_size
+    )
+    print(
+        f"# effray serve, {args.requests} PNG requests from {args.clients} client threads on 127.0.0.1; "
+        f"{on['model_kind']} model; cpu capability {on['cpu_capability']}, {os.cpu_count()} cores"
+    )
     print(f"| | batching off (max_batch_size 1) | batching on (max_batch_size {on['max_batch_size']}) | on / off |")
     print("| --- | --- | --- | --- |")
-    for label, key, better in (("requests/s", "requests_per_s", "higher"), ("p50 latency (ms)", "p50_ms", "lower"),
-                               ("p99 latency (ms)", "p99_ms", "lower"), ("images per model call", "mean_batch", ""),
-                               ("errors", "errors", "")):  # fmt: skip
+    for label, key, better in (
+        ("requests/s", "requests_per_s", "higher"),
+        ("p50 latency (ms)", "p50_ms", "lower"),
+        ("p99 latency (ms)", "p99_ms", "lower"),
+        ("images per model call", "mean_batch", ""),
+        ("errors", "errors", ""),
+    ):
         ratio = f"{on[key] / off[key]:.2f}x" if better and on[key] and off[key] else ""
         print(f"| {label} | {off[key]} | {on[key]} | {ratio} |")
-    print(json.dumps({"off": off, "on": on, "ratio_requests_per_s": round(on["requests_per_s"] / max(off["requests_per_s"], 1e-9), 3)}))
+    print(
+        json.dumps(
+            {
+                "off": off,
+                "on": on,
+                "ratio_requests_per_s": round(on["requests_per_s"] / max(off["requests_per_s"], 1e-9), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

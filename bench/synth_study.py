@@ -48,9 +48,7 @@ def train_classifier(
     torch.manual_seed(args.seed)
     model = build_model(args.model, meta["num_classes"], 3, args.width)
     opt = torch.optim.SGD(param_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, Schedule("onecycle", args.steps, args.steps // 5)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule("onecycle", args.steps, args.steps // 5))
     clock = f"effray-synth-study-{int(ratio * 100)}"
     epoch_clock(clock)
     cfg = DataConfig(
@@ -70,9 +68,7 @@ def train_classifier(
             ):
                 if step == args.steps:
                     break
-                loss = torch.nn.functional.cross_entropy(
-                    model(batch["image"]), batch["label"], label_smoothing=0.1
-                )
+                loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"], label_smoothing=0.1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -91,23 +87,15 @@ def val_accuracy(model: torch.nn.Module, data: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet")
-    )
+    p.add_argument("--parquet", default=str(ROOT.parent / "shared" / "data" / "cifar10-train.parquet"))
     p.add_argument("--work", default=str(ROOT / "runs" / "synth-study"))
-    p.add_argument(
-        "--rows", type=int, default=10000, help="source rows used (90%% train, 10%% val)"
-    )
+    p.add_argument("--rows", type=int, default=10000, help="source rows used (90%% train, 10%% val)")
     p.add_argument("--gan-epochs", type=int, default=3)
-    p.add_argument(
-        "--gan-width", type=int, default=32, help="generator and discriminator base channels"
-    )
+    p.add_argument("--gan-width", type=int, default=32, help="generator and discriminator base channels")
     p.add_argument("--generator", default="", help="use this generator.pt instead of training one")
     p.add_argument("--model", default="convnet")
     p.add_argument("--width", type=float, default=0.5)
-    p.add_argument(
-        "--steps", type=int, default=700, help="classifier optimizer steps (every ratio)"
-    )
+    p.add_argument("--steps", type=int, default=700, help="classifier optimizer steps (every ratio)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--ratios", default="0,0.1,0.25")
@@ -136,12 +124,21 @@ def main() -> None:
     generator = args.generator
     if not generator:
         t0 = time.perf_counter()
-        gan = train_gan(SynthTrainConfig(data=str(data), out=str(work / "gan"), epochs=args.gan_epochs,
-                                         gen_width=args.gan_width, disc_width=args.gan_width, seed=args.seed))  # fmt: skip
+        gan = train_gan(
+            SynthTrainConfig(
+                data=str(data),
+                out=str(work / "gan"),
+                epochs=args.gan_epochs,
+                gen_width=args.gan_width,
+                disc_width=args.gan_width,
+                seed=args.seed,
+            )
+        )
         results["gan"] = {**gan, "wall_s": time.perf_counter() - t0}
         generator = gan["generator"]
         print(
-            f"GAN: {gan['epochs']} epochs, {results['gan']['wall_s']:.0f} s wall, d_loss {gan['d_loss']:.3f}, g_loss {gan['g_loss']:.3f}"
+            f"GAN: {gan['epochs']} epochs, {results['gan']['wall_s']:.0f} s wall, d_loss {gan['d_loss']:.3f}, g_loss "
+            f"{gan['g_loss']:.3f}"
         )
 
     rows = []
@@ -155,24 +152,46 @@ def main() -> None:
         }
     )
     classifier = work / "classifier-real"
-    save_payload(classifier, train_payload(model_state=real_model.state_dict(), model_spec=real_model.spec, optimizer={},
-                                           scheduler={}, epoch=epochs, config=vars(args), data=data_summary(meta),
-                                           history=[], provenance={}, elapsed_s=secs))  # fmt: skip
+    save_payload(
+        classifier,
+        train_payload(
+            model_state=real_model.state_dict(),
+            model_spec=real_model.spec,
+            optimizer={},
+            scheduler={},
+            epoch=epochs,
+            config=vars(args),
+            data=data_summary(meta),
+            history=[],
+            provenance={},
+            elapsed_s=secs,
+        ),
+    )
     need = max(ratios)
     per_class = math.ceil(round(need / (1 - need) * n_train) / meta["num_classes"]) if need else 1
     syn = work / "synthetic"
     t0 = time.perf_counter()
-    sampled = sample(SynthSampleConfig(generator=generator, per_class=per_class, out=str(syn), seed=args.seed,
-                                       classifier=str(classifier), real=str(data), overwrite=True))  # fmt: skip
+    sampled = sample(
+        SynthSampleConfig(
+            generator=generator,
+            per_class=per_class,
+            out=str(syn),
+            seed=args.seed,
+            classifier=str(classifier),
+            real=str(data),
+            overwrite=True,
+        )
+    )
     q = sampled["quality"]
     results.update(sample={"rows": sampled["rows"], "wall_s": time.perf_counter() - t0}, quality=q)
+    print(f"synthetic: {sampled['rows']} rows in {results['sample']['wall_s']:.0f} s; grid {sampled['grid']}")
     print(
-        f"synthetic: {sampled['rows']} rows in {results['sample']['wall_s']:.0f} s; grid {sampled['grid']}"
+        f"quality ({q['rows']} images per side, our convnet's {q['feature_dim']}-d features): "
+        f"class consistency {q['class_consistency']:.3f} (the classifier on real val: "
+        f"{q['classifier_real_accuracy']:.3f}), "
+        f"diversity ratio {q['diversity_ratio']:.3f}, FID-style {q['fid_style']:.2f} "
+        f"(real train vs val: {q.get('fid_style_real_reference', float('nan')):.2f})"
     )
-    print(f"quality ({q['rows']} images per side, our convnet's {q['feature_dim']}-d features): "
-          f"class consistency {q['class_consistency']:.3f} (the classifier on real val: {q['classifier_real_accuracy']:.3f}), "
-          f"diversity ratio {q['diversity_ratio']:.3f}, FID-style {q['fid_style']:.2f} "
-          f"(real train vs val: {q.get('fid_style_real_reference', float('nan')):.2f})")  # fmt: skip
     for ratio in ratios:
         if ratio == 0:
             continue
@@ -189,9 +208,7 @@ def main() -> None:
     write_json(work / "results.json", results)
     print(f"\n{'synthetic':>9}  {'val acc':>7}  {'steps':>5}  {'epochs':>6}  {'train s':>7}")
     for r in rows:
-        print(
-            f"{r['ratio']:>9.0%}  {r['val_accuracy']:>7.4f}  {args.steps:>5}  {r['epochs']:>6}  {r['train_s']:>7.0f}"
-        )
+        print(f"{r['ratio']:>9.0%}  {r['val_accuracy']:>7.4f}  {args.steps:>5}  {r['epochs']:>6}  {r['train_s']:>7.0f}")
     print(f"results: {work / 'results.json'}")
 
 

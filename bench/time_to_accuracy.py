@@ -65,7 +65,8 @@ def images_per_second(model_name: str, width: float, batch: int, threads: int) -
     cpu = torch.device("cpu")
     numerics = make_strategy("ddp", cpu, channels_last=True, compile=False, amp=True)
     model = build_model(model_name, 10, width=width).to(
-        memory_format=torch.channels_last if numerics.channels_last else torch.contiguous_format)
+        memory_format=torch.channels_last if numerics.channels_last else torch.contiguous_format
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     for i in range(4):
@@ -105,10 +106,16 @@ def main() -> None:
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--whiten-bias-epochs", type=int, default=3)
     p.add_argument("--augment", default="crop(2)|altflip")
-    p.add_argument("--seed", type=int, default=0, help="init, shuffle and augmentation seed (the 45k/5k split stays seed 0)")
-    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=False,
-                   help="then run airbench94's own loop (bench/airbench_reference.py) on the same split, "
-                        "width, epochs and seed, and print both curves side by side")  # fmt: skip
+    p.add_argument(
+        "--seed", type=int, default=0, help="init, shuffle and augmentation seed (the 45k/5k split stays seed 0)"
+    )
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="then run airbench94's own loop (bench/airbench_reference.py) on the same split, "
+        "width, epochs and seed, and print both curves side by side",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--storage", default=str(ROOT / "runs"))
     args = p.parse_args()
@@ -130,18 +137,37 @@ def main() -> None:
     # 2 DDP workers x 1 thread train about as fast as the bare 2-thread model (439 vs 434
     # img/s for airbench at width 1); validation, checkpoints and the final TTA take ~7%
     epochs = args.epochs or max(1, math.floor(args.minutes * 60 * 0.93 * speed / n_train))
-    print(f"{args.model} width {args.width}: ~{speed:.0f} img/s bare on {cores} threads; {n_train} train / "
-          f"{meta['counts']['val']} val images; {epochs} epochs for a {args.minutes:g}-minute budget", flush=True)  # fmt: skip
+    print(
+        f"{args.model} width {args.width}: ~{speed:.0f} img/s bare on {cores} threads; {n_train} train / "
+        f"{meta['counts']['val']} val images; {epochs} epochs for a {args.minutes:g}-minute budget",
+        flush=True,
+    )
 
     cfg = TrainConfig(
-        data=DataConfig(data=args.data, augment=args.augment, seed=args.seed), model=args.model, width=args.width,
-        epochs=epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, bias_lr_scale=args.bias_lr_scale, lookahead=args.lookahead, tta=args.tta,
-        whiten_bias_epochs=args.whiten_bias_epochs, lr_start=args.lr_start, lr_end=args.lr_end,
+        data=DataConfig(data=args.data, augment=args.augment, seed=args.seed),
+        model=args.model,
+        width=args.width,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        bias_lr_scale=args.bias_lr_scale,
+        lookahead=args.lookahead,
+        tta=args.tta,
+        whiten_bias_epochs=args.whiten_bias_epochs,
+        lr_start=args.lr_start,
+        lr_end=args.lr_end,
         decay_biases=args.decay_biases,
-        schedule="onecycle", warmup_epochs=args.warmup_frac * epochs, workers=args.workers,
-        cpus_per_worker=float(cores // args.workers or 1), data_cpus=1.0, storage=args.storage, wandb=False,
-    )  # fmt: skip
+        schedule="onecycle",
+        warmup_epochs=args.warmup_frac * epochs,
+        workers=args.workers,
+        cpus_per_worker=float(cores // args.workers or 1),
+        data_cpus=1.0,
+        storage=args.storage,
+        wandb=False,
+    )
     # the name says what ran (and a changed recipe never resumes an older run by accident)
     cfg = dataclasses.replace(cfg, name=f"tta-{default_run_name(cfg)}-w{args.width:g}-e{epochs}")
     t0 = time.perf_counter()
@@ -150,15 +176,22 @@ def main() -> None:
     rows = [json.loads(ln) for ln in Path(result["run_dir"], HISTORY_FILE).read_text().splitlines()]
     print(f"{'epoch':>5} {'minutes':>8} {'train_loss':>10} {'val_acc':>8} {'img/s':>7} {'÷ bare':>7}")
     for r in rows:
-        print(f"{r['epoch']:>5} {r['elapsed_s'] / 60:8.2f} {r['train_loss']:10.4f} {r['val_accuracy']:8.4f} "
-              f"{r['images_per_s']:7.0f} {r['images_per_s'] / speed:7.2f}")  # fmt: skip
-    print(f"anchor: airbench94 {AIRBENCH94['accuracy']:.2%} (published mean, official test split) after "
-          f"{AIRBENCH94['epochs']:g} epochs of {AIRBENCH94['train_images']:,} ({AIRBENCH94['a100_seconds']:g} s on an A100); "
-          f"goal: >= {GOAL_ACCURACY:.1%} on the held-out 5,000 after {GOAL_EPOCHS} epochs of 45,000 "
-          f"(this run: {meta['counts']['val']:,} held out, {n_train:,} train, {epochs} epochs)")  # fmt: skip
+        print(
+            f"{r['epoch']:>5} {r['elapsed_s'] / 60:8.2f} {r['train_loss']:10.4f} {r['val_accuracy']:8.4f} "
+            f"{r['images_per_s']:7.0f} {r['images_per_s'] / speed:7.2f}"
+        )
+    print(
+        f"anchor: airbench94 {AIRBENCH94['accuracy']:.2%} (published mean, official test split) after "
+        f"{AIRBENCH94['epochs']:g} epochs of {AIRBENCH94['train_images']:,} ({AIRBENCH94['a100_seconds']:g} s on an "
+        "A100); "
+        f"goal: >= {GOAL_ACCURACY:.1%} on the held-out 5,000 after {GOAL_EPOCHS} epochs of 45,000 "
+        f"(this run: {meta['counts']['val']:,} held out, {n_train:,} train, {epochs} epochs)"
+    )
     hit = next((r["elapsed_s"] / 60 for r in rows if r["val_accuracy"] >= 0.90), None)
     # only a 10-epoch schedule's epoch 10 is the figure: a longer one is mid-schedule there
-    at_goal = next((r["val_accuracy"] for r in rows if r["epoch"] == GOAL_EPOCHS), None) if epochs == GOAL_EPOCHS else None
+    at_goal = (
+        next((r["val_accuracy"] for r in rows if r["epoch"] == GOAL_EPOCHS), None) if epochs == GOAL_EPOCHS else None
+    )
     # the first epoch carries the workers' warm-up: the steady rate is the later epochs'
     # (equal-sized epochs: their images over their time, the harmonic mean of the rates)
     steady = [r["images_per_s"] for r in rows[1:]] or [r["images_per_s"] for r in rows]
@@ -166,13 +199,18 @@ def main() -> None:
     ratio = rate / speed
     train_s = result["elapsed_s"]
     print(f"images/s: effray {rate:.0f} (epochs 2+) vs the bare model {speed:.0f}, ratio {ratio:.2f}")
-    print(f"wall-clock: training {train_s / 60:.2f} min; + Ray Train start-up and the final checkpoint "
-          f"{train_call_s / 60:.2f} min; + Ray start {ray_start_s:.0f} s and data preparation {prepare_s:.0f} s "
-          f"{(train_call_s + ray_start_s + prepare_s) / 60:.2f} min")  # fmt: skip
+    print(
+        f"wall-clock: training {train_s / 60:.2f} min; + Ray Train start-up and the final checkpoint "
+        f"{train_call_s / 60:.2f} min; + Ray start {ray_start_s:.0f} s and data preparation {prepare_s:.0f} s "
+        f"{(train_call_s + ray_start_s + prepare_s) / 60:.2f} min"
+    )
     print(f"checkpoint: {result['checkpoint']}")
-    print(f"val_accuracy={result['val_accuracy']:.4f} minutes={train_s / 60:.2f} "
-          f"minutes_to_90={'none' if hit is None else f'{hit:.2f}'} "
-          f"val_accuracy_epoch{GOAL_EPOCHS}={'none' if at_goal is None else f'{at_goal:.4f}'} ratio_train_vs_bare={ratio:.2f}")  # fmt: skip
+    print(
+        f"val_accuracy={result['val_accuracy']:.4f} minutes={train_s / 60:.2f} "
+        f"minutes_to_90={'none' if hit is None else f'{hit:.2f}'} "
+        f"val_accuracy_epoch{GOAL_EPOCHS}={'none' if at_goal is None else f'{at_goal:.4f}'} "
+        f"ratio_train_vs_bare={ratio:.2f}"
+    )
     if args.reference:
         compare_with_reference(args, rows, result["val_accuracy"], epochs)
 
@@ -184,16 +222,24 @@ def compare_with_reference(args: argparse.Namespace, rows: list[dict], effray_fi
     from airbench_reference import run as run_reference  # bench/ is this script's directory
 
     ray.shutdown()
-    ref = run_reference(args.data, epochs, args.width, args.seed, args.batch_size,
-                        log=lambda line: print(line, flush=True))  # fmt: skip
-    print(f"{'epoch':>5} {'effray':>8} {'airbench94 code':>16}   (same split, width {args.width:g}, seed {args.seed}; "
-          f"no TTA but effray's last epoch, marked *)")  # fmt: skip
+    ref = run_reference(
+        args.data, epochs, args.width, args.seed, args.batch_size, log=lambda line: print(line, flush=True)
+    )
+    print(
+        f"{'epoch':>5} {'effray':>8} {'airbench94 code':>16}   (same split, width {args.width:g}, seed {args.seed}; "
+        f"no TTA but effray's last epoch, marked *)"
+    )
     for ours, theirs in zip(rows, ref["epochs"]):
         mark = "*" if ours["epoch"] == epochs and args.tta else " "
         print(f"{ours['epoch']:>5} {ours['val_accuracy']:7.4f}{mark} {theirs['val_accuracy']:16.4f}")
-    print(f"final: effray {effray_final:.4f} (TTA {args.tta}), airbench94 code {ref['val_accuracy']:.4f} (TTA 2) "
-          f"(difference {effray_final - ref['val_accuracy']:+.4f}); airbench94 code {ref['train_s'] / 60:.1f} min")  # fmt: skip
-    print(f"reference_val_accuracy={ref['val_accuracy']:.4f} effray_minus_reference={effray_final - ref['val_accuracy']:+.4f}")
+    print(
+        f"final: effray {effray_final:.4f} (TTA {args.tta}), airbench94 code {ref['val_accuracy']:.4f} (TTA 2) "
+        f"(difference {effray_final - ref['val_accuracy']:+.4f}); airbench94 code {ref['train_s'] / 60:.1f} min"
+    )
+    print(
+        f"reference_val_accuracy={ref['val_accuracy']:.4f} "
+        f"effray_minus_reference={effray_final - ref['val_accuracy']:+.4f}"
+    )
 
 
 if __name__ == "__main__":

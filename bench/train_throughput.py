@@ -79,15 +79,29 @@ def plain_torch(data_dir: str, args: argparse.Namespace) -> list[float]:
 def ray_ddp(data_dir: str, storage: str, args: argparse.Namespace) -> list[float]:
     """Images/s per epoch of effray's Ray Train DDP run (from its per-epoch history)."""
     cfg = TrainConfig(
-        data=DataConfig(data=data_dir, augment="none", shuffle_buffer=0), model=args.model, width=args.width,
-        epochs=args.epochs, batch_size=args.batch_size, lr=0.05, workers=2, cpus_per_worker=1.0, data_cpus=1.0,
-        checkpoint_every=args.epochs, storage=storage, name="throughput", wandb=False, max_failures=0,
-    )  # fmt: skip
+        data=DataConfig(data=data_dir, augment="none", shuffle_buffer=0),
+        model=args.model,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=0.05,
+        workers=2,
+        cpus_per_worker=1.0,
+        data_cpus=1.0,
+        checkpoint_every=args.epochs,
+        storage=storage,
+        name="throughput",
+        wandb=False,
+        max_failures=0,
+    )
     result = train(cfg)
     rows = [json.loads(ln) for ln in Path(result["run_dir"], HISTORY_FILE).read_text().splitlines()]
     for r in rows:
-        print(f"  effray DDP   epoch {r['epoch']}: {r['images_per_s']:8.1f} img/s  "
-              f"(waiting for data {r['data_wait_s']:.1f} s of {r['epoch_s']:.1f} s)", flush=True)
+        print(
+            f"  effray DDP   epoch {r['epoch']}: {r['images_per_s']:8.1f} img/s  "
+            f"(waiting for data {r['data_wait_s']:.1f} s of {r['epoch_s']:.1f} s)",
+            flush=True,
+        )
     return [r["images_per_s"] for r in rows]
 
 
@@ -110,8 +124,11 @@ def main() -> None:
         data_dir = os.path.join(tmp, "data")
         prepare(PrepareConfig(source=args.parquet, out=data_dir, limit=args.rows, val_fraction=0.02))
         n = load_meta(data_dir)["counts"]["train"]
-        print(f"{args.model} width {args.width}, global batch {args.batch_size}, {n} training rows, {args.epochs} epochs "
-              "(first dropped)", flush=True)  # fmt: skip
+        print(
+            f"{args.model} width {args.width}, global batch {args.batch_size}, {n} training rows, {args.epochs} epochs "
+            "(first dropped)",
+            flush=True,
+        )
         plain = statistics.median(plain_torch(data_dir, args)[1:])
         ddp = statistics.median(ray_ddp(data_dir, os.path.join(tmp, "runs"), args)[1:])
     ray.shutdown()

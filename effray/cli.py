@@ -44,9 +44,14 @@ def _prepare(cfg: Any) -> dict[str, Any]:
     from effray.data.prepare import prepare
 
     meta = prepare(cfg)
-    return {"out": os.path.abspath(cfg.out), "counts": meta["counts"], "classes": meta["num_classes"],
-            "image_shape": meta["image_shape"], "skipped_bad": meta["skipped_bad"],
-            "decoded_on_nodes": meta.get("decoded_on", [])}  # fmt: skip
+    return {
+        "out": os.path.abspath(cfg.out),
+        "counts": meta["counts"],
+        "classes": meta["num_classes"],
+        "image_shape": meta["image_shape"],
+        "skipped_bad": meta["skipped_bad"],
+        "decoded_on_nodes": meta.get("decoded_on", []),
+    }
 
 
 def _preview(cfg: Any) -> dict[str, Any]:
@@ -125,32 +130,126 @@ def _commands() -> list[Command]:
         return run(cfg)
 
     return [
-        Command(("data", "prepare"), "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset", PrepareConfig, _prepare),
-        Command(("data", "preview"), "stream the augmented training split through Ray Data: throughput and a PNG grid", PreviewConfig, _preview),
-        Command(("data", "clean"), "find exact and near duplicates, leaks between splits (and --reference) and label issues on Ray; writes removed.parquet, clean_report.md/.json, PNG grids, and with --drop a cleaned dataset", CleanConfig, _clean),
-        Command(("train",), "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel pipeline); re-running the same --storage/--name resumes", TrainConfig, with_wandb_mode(train)),
-        Command(("evaluate",), "accuracy, loss, per-class precision/recall/F1, confusion and calibration of a checkpoint on a prepared dataset or image Parquet", EvaluateConfig, evaluate,
-                needs_ray=lambda cfg: bool(cfg.corruptions)),
-        Command(("compress",), "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and metrics.json", CompressRunConfig, compress),
-        Command(("tune",), "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same --storage/--name resumes", TuneConfig, with_wandb_mode(tune_compression)),
-        Command(("run",), "the main job: prepare -> train a teacher -> tune compression -> report, on the current Ray cluster", RunConfig, run_all),
-        Command(("synth", "train"), "train a class-conditional GAN (SN projection discriminator, hinge loss) on Ray Train; re-running the same --out/--name resumes; writes OUT/generator.pt", SynthTrainConfig, synth_train),
-        Command(("synth", "sample"), "generate --per-class synthetic images per class with Ray Data into a canonical dataset (synthetic=true) + samples.png; --classifier adds quality.json", SynthSampleConfig, synth_sample),
-        Command(("synth", "score"), "class consistency, diversity and an FID-style distance (our classifier's features, not Inception) of a synthetic dataset", SynthScoreConfig, synth_score, needs_ray=False),
-        Command(("export",), "export a compressed artifact or checkpoint as a torch.export program (.pt2) or ONNX, optionally int8, each checked against the artifact on held-out data", ExportConfig, export, needs_ray=False),
-        Command(("predict",), "batch inference on Ray Data: predictions (class, probability, top-k) of a model over a dataset or a folder of images, as Parquet", PredictConfig, predict),
-        Command(("serve",), "serve a model over HTTP on Ray Serve (POST /predict, GET /healthz), with dynamic batching; binds 127.0.0.1 unless --host says otherwise", ServeConfig, serve),
-        Command(("report",), "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a budget)", ReportConfig, report, needs_ray=False),
-    ]  # fmt: skip
+        Command(
+            ("data", "prepare"),
+            "convert a CIFAR/folder/Parquet/synthetic source into effray's canonical Parquet dataset",
+            PrepareConfig,
+            _prepare,
+        ),
+        Command(
+            ("data", "preview"),
+            "stream the augmented training split through Ray Data: throughput and a PNG grid",
+            PreviewConfig,
+            _preview,
+        ),
+        Command(
+            ("data", "clean"),
+            "find exact and near duplicates, leaks between splits (and --reference) and label issues on Ray; writes "
+            "removed.parquet, clean_report.md/.json, PNG grids, and with --drop a cleaned dataset",
+            CleanConfig,
+            _clean,
+        ),
+        Command(
+            ("train",),
+            "train a model on Ray Train: data-parallel (DDP) or pipeline stages x data-parallel (--parallel "
+            "pipeline); re-running the same --storage/--name resumes",
+            TrainConfig,
+            with_wandb_mode(train),
+        ),
+        Command(
+            ("evaluate",),
+            "accuracy, loss, per-class precision/recall/F1, confusion and calibration of a checkpoint on a prepared "
+            "dataset or image Parquet",
+            EvaluateConfig,
+            evaluate,
+            needs_ray=lambda cfg: bool(cfg.corruptions),
+        ),
+        Command(
+            ("compress",),
+            "compress a teacher (prune, k-bit quantize, distil), fine-tuning on Ray Train; writes the artifact and "
+            "metrics.json",
+            CompressRunConfig,
+            compress,
+        ),
+        Command(
+            ("tune",),
+            "Ray Tune search over pruning/quantization/distillation of a teacher; re-running the same "
+            "--storage/--name resumes",
+            TuneConfig,
+            with_wandb_mode(tune_compression),
+        ),
+        Command(
+            ("run",),
+            "the main job: prepare -> train a teacher -> tune compression -> report, on the current Ray cluster",
+            RunConfig,
+            run_all,
+        ),
+        Command(
+            ("synth", "train"),
+            "train a class-conditional GAN (SN projection discriminator, hinge loss) on Ray Train; re-running the "
+            "same --out/--name resumes; writes OUT/generator.pt",
+            SynthTrainConfig,
+            synth_train,
+        ),
+        Command(
+            ("synth", "sample"),
+            "generate --per-class synthetic images per class with Ray Data into a canonical dataset (synthetic=true) "
+            "+ samples.png; --classifier adds quality.json",
+            SynthSampleConfig,
+            synth_sample,
+        ),
+        Command(
+            ("synth", "score"),
+            "class consistency, diversity and an FID-style distance (our classifier's features, not Inception) of a "
+            "synthetic dataset",
+            SynthScoreConfig,
+            synth_score,
+            needs_ray=False,
+        ),
+        Command(
+            ("export",),
+            "export a compressed artifact or checkpoint as a torch.export program (.pt2) or ONNX, optionally int8, "
+            "each checked against the artifact on held-out data",
+            ExportConfig,
+            export,
+            needs_ray=False,
+        ),
+        Command(
+            ("predict",),
+            "batch inference on Ray Data: predictions (class, probability, top-k) of a model over a dataset or a "
+            "folder of images, as Parquet",
+            PredictConfig,
+            predict,
+        ),
+        Command(
+            ("serve",),
+            "serve a model over HTTP on Ray Serve (POST /predict, GET /healthz), with dynamic batching; binds "
+            "127.0.0.1 unless --host says otherwise",
+            ServeConfig,
+            serve,
+        ),
+        Command(
+            ("report",),
+            "aggregate an experiment into results.parquet/.csv, report.md and pareto.png (+ the best model within a "
+            "budget)",
+            ReportConfig,
+            report,
+            needs_ray=False,
+        ),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="effray", description="Train, compress and measure CIFAR classifiers on Ray.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="effray", description="Train, compress and measure CIFAR classifiers on Ray.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"effray {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="parse and validate the command's flags, print the resolved config as JSON, run nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse and validate the command's flags, print the resolved config as JSON, run nothing",
+    )
     groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(title="commands", metavar="COMMAND")}
     for cmd in _commands():
         for depth in range(1, len(cmd.path)):
@@ -160,9 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[prefix] = sub.add_subparsers(title=f"{prefix[-1]} commands", metavar="COMMAND")
                 sub.set_defaults(_usage=sub)
         p = groups[cmd.path[:-1]].add_parser(
-            cmd.path[-1], help=cmd.help, description=cmd.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
-        )  # fmt: skip
+            cmd.path[-1],
+            help=cmd.help,
+            description=cmd.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            allow_abbrev=False,
+        )
         add_arguments(p, cmd.config)
         p.set_defaults(_command=cmd)
     parser.set_defaults(_usage=parser)
@@ -201,7 +303,13 @@ def _elastic_workers(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         a = argv[i]
-        value = a.split("=", 1)[1] if a.startswith("--workers=") else argv[i + 1] if a == "--workers" and i + 1 < len(argv) else None
+        value = (
+            a.split("=", 1)[1]
+            if a.startswith("--workers=")
+            else argv[i + 1]
+            if a == "--workers" and i + 1 < len(argv)
+            else None
+        )
         m = re.fullmatch(r"(\d+)-(\d+)", value or "")
         if m:
             out += ["--workers", m.group(1), "--max-workers", m.group(2)]
@@ -230,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         check_output_paths(cfg, os.environ)  # a relative --out/--storage would vanish with a Ray job's working dir
         if args.dry_run:
             plan = {"plan": cfg.plan()} if hasattr(cfg, "plan") else {}  # a multi-stage command: each stage's config
-            print(json.dumps({"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg), **plan}, default=str))
+            print(
+                json.dumps(
+                    {"dry_run": True, "command": " ".join(cmd.path), "config": to_dict(cfg), **plan}, default=str
+                )
+            )
             return 0
         needs_ray = cmd.uses_ray(cfg)
         log_file = None if args.verbose or not needs_ray else log_path(cmd.path, cfg)

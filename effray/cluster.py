@@ -26,11 +26,22 @@ from effray.storage import (
     storage_error,
 )
 
-__all__ = ["PASSTHROUGH_ENV", "check_output_paths", "check_storage_for_cluster", "free_port", "init_ray", "local_path",
-           "nodes_not_seeing", "runtime_env", "storage_error", "temporary_env"]
+__all__ = [
+    "PASSTHROUGH_ENV",
+    "check_output_paths",
+    "check_storage_for_cluster",
+    "free_port",
+    "init_ray",
+    "local_path",
+    "nodes_not_seeing",
+    "runtime_env",
+    "storage_error",
+    "temporary_env",
+]
 
 # Environment variables that travel from the submitting shell into the job, when set there.
 PASSTHROUGH_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
+
 
 def free_port() -> int:
     """A loopback port nothing listens on now (for a local Ray's dashboard)."""
@@ -87,8 +98,15 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
         from effray.data.pipeline import use_ray_data_env
 
         use_ray_data_env()
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, logging_level=level, log_to_driver=log_to_driver)  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            logging_level=level,
+            log_to_driver=log_to_driver,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
@@ -111,12 +129,19 @@ def check_output_paths(cfg: Any, environ: Mapping[str, str]) -> None:
     if JOB_ENV_VAR not in environ:
         return
     for name, value in _fields(cfg):
-        if name in OUTPUT_FIELDS and isinstance(value, str) and value and URI.match(value) is None \
-                and not os.path.isabs(os.path.expanduser(value)):  # fmt: skip
+        if (
+            name in OUTPUT_FIELDS
+            and isinstance(value, str)
+            and value
+            and URI.match(value) is None
+            and not os.path.isabs(os.path.expanduser(value))
+        ):
             flag = "--" + name.replace("_", "-")
-            raise EffrayError(f"{flag} {value} is a relative path, and under `ray job submit` it would land in the job's "
-                              f"temporary working dir and be deleted with it; pass an absolute path on shared storage "
-                              f"(e.g. /mnt/effray/{value.strip('./') or 'out'}) or s3://BUCKET/PATH")  # fmt: skip
+            raise EffrayError(
+                f"{flag} {value} is a relative path, and under `ray job submit` it would land in the job's "
+                f"temporary working dir and be deleted with it; pass an absolute path on shared storage "
+                f"(e.g. /mnt/effray/{value.strip('./') or 'out'}) or s3://BUCKET/PATH"
+            )
 
 
 def _fields(cfg: Any) -> list[tuple[str, Any]]:
@@ -129,7 +154,9 @@ def _fields(cfg: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def runtime_env(spec: str | os.PathLike, environ: Mapping[str, str], passthrough: tuple[str, ...] = PASSTHROUGH_ENV) -> dict[str, Any]:
+def runtime_env(
+    spec: str | os.PathLike, environ: Mapping[str, str], passthrough: tuple[str, ...] = PASSTHROUGH_ENV
+) -> dict[str, Any]:
     """``spec`` (``cluster/runtime_env.yaml``) with the ``passthrough`` variables set in
     ``environ`` added to its ``env_vars``: the dict for ``ray job submit --runtime-env-json``.
 
@@ -162,8 +189,10 @@ def launcher_node_types(path: str | os.PathLike) -> dict[str, tuple[dict[str, fl
     for name, spec in types.items():
         res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
         if "CPU" not in res:
-            raise EffrayError(f"{path}: node type {name} states no resources.CPU; write its CPUs (and GPUs) so "
-                              "effray can check what fits")  # fmt: skip
+            raise EffrayError(
+                f"{path}: node type {name} states no resources.CPU; write its CPUs (and GPUs) so "
+                "effray can check what fits"
+            )
         count = 1 if name == doc.get("head_node_type") else int(spec.get("max_workers", doc.get("max_workers", 0)))
         out[name] = (res, count)
     return out
@@ -179,8 +208,9 @@ def bundles_that_fit(bundle: Mapping[str, float], node_types: Mapping[str, tuple
     return total
 
 
-def fit_problems(requests: Mapping[str, tuple[Mapping[str, float], int]],
-                 node_types: Mapping[str, tuple[dict[str, float], int]]) -> list[str]:
+def fit_problems(
+    requests: Mapping[str, tuple[Mapping[str, float], int]], node_types: Mapping[str, tuple[dict[str, float], int]]
+) -> list[str]:
     """One line per request ``{what: (bundle, copies)}`` that the cluster can't hold even
     at its largest (each request alone: the stages run one after another)."""
     problems = []
@@ -190,4 +220,3 @@ def fit_problems(requests: Mapping[str, tuple[Mapping[str, float], int]],
             want = ", ".join(f"{v:g} {k}" for k, v in bundle.items() if v > 0)
             problems.append(f"{what} needs {copies} x ({want}) on one node each; the cluster holds {room} at most")
     return problems
-

@@ -149,9 +149,7 @@ def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown and strict:
-        raise EffrayError(
-            f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
-        )
+        raise EffrayError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
     values: dict[str, Any] = {}
     for name in names & set(data):
         tp, _ = _strip_optional(hints[name])
@@ -189,6 +187,8 @@ def require_whole_gpus(workers: int, gpus_per_worker: float, flag: str = "--gpus
     """NCCL runs one rank per GPU: with several workers, a fraction (two ranks sharing a GPU)
     or a GPU and a half is refused in one line, before any worker starts."""
     g = float(gpus_per_worker)
-    require(workers <= 1 or g == 0 or g.is_integer(),
-            f"{flag} {g:g} with {workers} workers would put NCCL ranks on a shared or split GPU, which NCCL refuses; "
-            f"give each worker whole GPUs ({flag} 1) or train on CPUs ({flag} 0)")  # fmt: skip
+    require(
+        workers <= 1 or g == 0 or g.is_integer(),
+        f"{flag} {g:g} with {workers} workers would put NCCL ranks on a shared or split GPU, which NCCL refuses; "
+        f"give each worker whole GPUs ({flag} 1) or train on CPUs ({flag} 0)",
+    )

@@ -38,8 +38,17 @@ def bar(total: int, desc: str, unit: str) -> Any:
     from tqdm import tqdm
 
     out = terminal()
-    return tqdm(total=total, desc=desc, unit=unit, file=out, dynamic_ncols=True, mininterval=0.5, leave=True,
-                disable=False, ascii=not (hasattr(out, "isatty") and out.isatty()) or None)  # fmt: skip
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=out,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        leave=True,
+        disable=False,
+        ascii=not (hasattr(out, "isatty") and out.isatty()) or None,
+    )
 
 
 @contextmanager
@@ -83,8 +92,9 @@ def ray_output_to(log_file: str | os.PathLike | None) -> Iterator[Path | None]:
 
 
 @contextmanager
-def follow_jsonl(path: str | os.PathLike, on_record: Callable[[dict[str, Any]], None],
-                 every_s: float = 0.5) -> Iterator[None]:
+def follow_jsonl(
+    path: str | os.PathLike, on_record: Callable[[dict[str, Any]], None], every_s: float = 0.5
+) -> Iterator[None]:
     """Call ``on_record`` for each line appended to ``path`` while the block runs (a Ray
     Train run's ``history.jsonl``, written by rank 0), then for any left at the end."""
     path = Path(path)

@@ -36,13 +36,21 @@ class EvaluateConfig:
     data: str = option("", "a prepared dataset directory, or Parquet (file or folder) with encoded image bytes + label")
     batch_size: int = option(500, "images per forward pass")
     split: str = option("val", "split to evaluate when --data is a prepared dataset")
-    tta: int = option(-1, "test-time augmentation: -1 = the level the run validated with, 0 none, 1 mirror, 2 mirror + 1-pixel translations",
-                      choices=(-1, 0, 1, 2))  # fmt: skip
+    tta: int = option(
+        -1,
+        "test-time augmentation: -1 = the level the run validated with, 0 none, 1 mirror, 2 mirror + 1-pixel "
+        "translations",
+        choices=(-1, 0, 1, 2),
+    )
     out: str = option("", "directory for metrics.json, confusion.png and reliability.png ('' = print only)")
-    corruptions: str = option("", "corruption robustness on Ray Data: 'all' or a comma-separated list "
-                                  "(gaussian_noise, contrast, ...); '' = none")  # fmt: skip
+    corruptions: str = option(
+        "",
+        "corruption robustness on Ray Data: 'all' or a comma-separated list (gaussian_noise, contrast, ...); '' = none",
+    )
     severities: str = option("1,2,3,4,5", "corruption severities to score (1-5)")
-    corruption_seed: int = option(0, "seed of the corruptions' randomness (per image, so any batching gives the same split)")
+    corruption_seed: int = option(
+        0, "seed of the corruptions' randomness (per image, so any batching gives the same split)"
+    )
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "--checkpoint PATH is required (a run's checkpoint directory or model.pt)")
@@ -55,8 +63,10 @@ class EvaluateConfig:
 
             parse_corruptions(self.corruptions)
             parse_severities(self.severities)
-            require((Path(self.data) / "meta.json").is_file(),
-                    f"--corruptions needs a prepared dataset (effray data prepare), not {self.data!r}")  # fmt: skip
+            require(
+                (Path(self.data) / "meta.json").is_file(),
+                f"--corruptions needs a prepared dataset (effray data prepare), not {self.data!r}",
+            )
 
 
 def _plugins() -> None:
@@ -115,9 +125,17 @@ def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, i
             yield np.stack([decoded.images[i] for i in ok]), labels[ok]
 
 
-def score(model: Any, batches: Batches, mean: list[float], std: list[float], num_classes: int,
-          batch_size: int, image_shape: list[int] | None = None, tta: int = 0,
-          numerics: dict[str, bool] | None = None) -> dict[str, Any]:
+def score(
+    model: Any,
+    batches: Batches,
+    mean: list[float],
+    std: list[float],
+    num_classes: int,
+    batch_size: int,
+    image_shape: list[int] | None = None,
+    tta: int = 0,
+    numerics: dict[str, bool] | None = None,
+) -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy and the logits and labels (CPU, for
     :func:`effray.metrics.classification_metrics`) of ``model`` over ``batches``,
     normalised exactly as training normalised its validation batches and computed with
@@ -136,13 +154,17 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
     with torch.no_grad():
         for images, labels in batches:
             if image_shape is not None and list(images.shape[1:]) != list(image_shape):
-                raise EffrayError(f"images are {list(images.shape[1:])} (HWC), the model was trained on {list(image_shape)}")
+                raise EffrayError(
+                    f"images are {list(images.shape[1:])} (HWC), the model was trained on {list(image_shape)}"
+                )
             if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-                raise EffrayError(f"data has label {int(labels.max())}, the checkpoint's model predicts {num_classes} classes; "
-                                  "it belongs to another dataset")  # fmt: skip
+                raise EffrayError(
+                    f"data has label {int(labels.max())}, the checkpoint's model predicts {num_classes} classes; "
+                    "it belongs to another dataset"
+                )
             for i in range(0, len(labels), batch_size):
-                y = torch.from_numpy(np.array(labels[i:i + batch_size]))  # Ray's arrays are read-only
-                logits = predict_logits(model, images[i:i + batch_size], mean, std, tta, numerics)
+                y = torch.from_numpy(np.array(labels[i : i + batch_size]))  # Ray's arrays are read-only
+                logits = predict_logits(model, images[i : i + batch_size], mean, std, tta, numerics)
                 pred = logits.argmax(dim=1)
                 correct += float((pred == y).sum())
                 loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -152,9 +174,14 @@ def score(model: Any, batches: Batches, mean: list[float], std: list[float], num
                 all_labels.append(y)
     count = int(per_n.sum())
     require(count > 0, "no images to evaluate (empty split or every row unreadable)")
-    return {"accuracy": correct / count, "loss": loss / count, "count": count,
-            "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
-            "logits": torch.cat(all_logits), "labels": torch.cat(all_labels)}  # fmt: skip
+    return {
+        "accuracy": correct / count,
+        "loss": loss / count,
+        "count": count,
+        "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
+        "logits": torch.cat(all_logits),
+        "labels": torch.cat(all_labels),
+    }
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -162,41 +189,73 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model, payload = load_checkpoint(cfg.checkpoint)
     spec, info = payload.get("model_spec", {}), payload.get("data")
     if not info or "mean" not in info:
-        raise EffrayError(f"checkpoint {cfg.checkpoint} (format {payload['format']}) has no data normalisation; can't evaluate it")
+        raise EffrayError(
+            f"checkpoint {cfg.checkpoint} (format {payload['format']}) has no data normalisation; can't evaluate it"
+        )
     num_classes = int(spec.get("num_classes", info["num_classes"]))
     classes = list(info.get("classes") or range(num_classes))
     counter = {"skipped_bad": 0}
     data = Path(cfg.data)
     if (data / "meta.json").is_file():
         meta, batches = prepared_batches(data, cfg.split, cfg.batch_size)
-        require(int(meta["num_classes"]) == num_classes,
-                f"checkpoint {cfg.checkpoint} is a {num_classes}-class {spec.get('name', 'model')}, "
-                f"dataset {cfg.data} has {meta['num_classes']} classes: a checkpoint from another model/dataset")  # fmt: skip
+        require(
+            int(meta["num_classes"]) == num_classes,
+            f"checkpoint {cfg.checkpoint} is a {num_classes}-class {spec.get('name', 'model')}, "
+            f"dataset {cfg.data} has {meta['num_classes']} classes: a checkpoint from another model/dataset",
+        )
         where = {"split": cfg.split}
     else:
         require(data.exists(), f"--data {cfg.data!r} does not exist")
         batches = encoded_batches(data, int(info["image_shape"][2]), counter)
         where = {}
     tta = cfg.tta if cfg.tta >= 0 else int((payload.get("config") or {}).get("tta", 0))
-    result = score(model, batches, info["mean"], info["std"], num_classes, cfg.batch_size, info.get("image_shape"), tta,
-                   payload.get("numerics"))
+    result = score(
+        model,
+        batches,
+        info["mean"],
+        info["std"],
+        num_classes,
+        cfg.batch_size,
+        info.get("image_shape"),
+        tta,
+        payload.get("numerics"),
+    )
     scores = classification_metrics(result["logits"], result["labels"], [str(c) for c in classes])
     out = {
-        "accuracy": result["accuracy"], "loss": result["loss"], "count": result["count"],
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "count": result["count"],
         "per_class_accuracy": dict(zip([str(c) for c in classes], result["per_class"])),
-        **{k: scores[k] for k in ("nll", "ece", "macro_f1", "worst_class_recall", "worst_class", "per_class", "confusion")},
-        "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), **where,
-        "model": spec.get("name"), "format": payload["format"], "skipped_bad": counter["skipped_bad"], "tta": tta,
+        **{
+            k: scores[k]
+            for k in ("nll", "ece", "macro_f1", "worst_class_recall", "worst_class", "per_class", "confusion")
+        },
+        "checkpoint": os.path.abspath(cfg.checkpoint),
+        "data": os.path.abspath(cfg.data),
+        **where,
+        "model": spec.get("name"),
+        "format": payload["format"],
+        "skipped_bad": counter["skipped_bad"],
+        "tta": tta,
         "numerics": payload.get("numerics") or {"bf16": False, "channels_last": False},
-    }  # fmt: skip
+    }
     if cfg.corruptions:
         from effray.data.corrupt import parse_corruptions
         from effray.robustness import parse_severities, robustness
 
-        out["robustness"] = robustness(model, data, cfg.split, info, parse_corruptions(cfg.corruptions),
-                                       parse_severities(cfg.severities), clean_accuracy=result["accuracy"],
-                                       seed=cfg.corruption_seed, batch_size=cfg.batch_size, tta=tta,
-                                       numerics=payload.get("numerics"))  # fmt: skip
+        out["robustness"] = robustness(
+            model,
+            data,
+            cfg.split,
+            info,
+            parse_corruptions(cfg.corruptions),
+            parse_severities(cfg.severities),
+            clean_accuracy=result["accuracy"],
+            seed=cfg.corruption_seed,
+            batch_size=cfg.batch_size,
+            tta=tta,
+            numerics=payload.get("numerics"),
+        )
         out["mean_corruption_accuracy"] = out["robustness"]["mean_corruption_accuracy"]
     if cfg.out:
         out["figures"] = write_figures(scores, cfg.out, title=str(spec.get("name") or ""))

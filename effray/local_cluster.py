@@ -65,12 +65,15 @@ def refresh_resource_view() -> None:
         get_or_create_autoscaling_coordinator,
     )
 
-    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("effray-local-cluster", recompute=True))
+    ray.get(
+        get_or_create_autoscaling_coordinator().get_reserved_resources.remote("effray-local-cluster", recompute=True)
+    )
 
 
 @contextmanager
-def local_cluster(worker_nodes: int, node_resources: Callable[[int], dict[str, float]] = lambda i: {},
-                  health_check_s: float = 1.0) -> Iterator[LocalCluster]:
+def local_cluster(
+    worker_nodes: int, node_resources: Callable[[int], dict[str, float]] = lambda i: {}, health_check_s: float = 1.0
+) -> Iterator[LocalCluster]:
     """A head and ``worker_nodes`` 1-CPU nodes (node ``i`` offering ``node_resources(i)``),
     this process connected to it as a driver. Ray Train notices a dead worker within
     ``health_check_s``; the GCS marks a killed node dead after 3 missed 1-second health
@@ -87,12 +90,21 @@ def local_cluster(worker_nodes: int, node_resources: Callable[[int], dict[str, f
     ray.shutdown()
     port = free_port()
     gcs = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
-    with temporary_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}",
-                       RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=f"{health_check_s:g}"):  # fmt: skip
+    with temporary_env(
+        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=f"{health_check_s:g}"
+    ):
         use_ray_data_env()
-        c = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": NODE_STORE, "include_dashboard": True,
-            "dashboard_host": "127.0.0.1", "dashboard_port": port, "_system_config": gcs})  # fmt: skip
+        c = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "object_store_memory": NODE_STORE,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": port,
+                "_system_config": gcs,
+            },
+        )
         try:
             local = LocalCluster(c, head=c.head_node.node_id)
             for i in range(worker_nodes):

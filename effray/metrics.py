@@ -40,7 +40,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} don't match {c} classes")
     probs = logits.softmax(dim=1)
     kw = {"num_classes": c, "average": "none", "validate_args": False}
-    precision, recall, f1 = (m(probs, labels, **kw) for m in (multiclass_precision, multiclass_recall, multiclass_f1_score))
+    precision, recall, f1 = (
+        m(probs, labels, **kw) for m in (multiclass_precision, multiclass_recall, multiclass_f1_score)
+    )
     present = torch.bincount(labels, minlength=c) > 0  # a class absent from the data has no recall to be worst at
     names = [str(n) for n in classes]
     return {
@@ -50,12 +52,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         "macro_f1": float(f1[present].mean()),
         "worst_class_recall": float(recall[present].min()),
         "worst_class": names[int(torch.where(present, recall, torch.inf).argmin())],
-        "per_class": {n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for n, p, r, f, s in zip(names, precision, recall, f1, torch.bincount(labels, minlength=c))},
+        "per_class": {
+            n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for n, p, r, f, s in zip(names, precision, recall, f1, torch.bincount(labels, minlength=c))
+        },
         "confusion": multiclass_confusion_matrix(probs, labels, num_classes=c).tolist(),  # rows: true, cols: predicted
         "reliability": reliability_bins(probs, labels),
         "classes": names,
-    }  # fmt: skip
+    }
 
 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[dict[str, float]]:
@@ -70,8 +74,10 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_
     count = torch.bincount(which, minlength=bins).float()
     conf = torch.bincount(which, weights=confidence, minlength=bins) / count.clamp_min(1)
     acc = torch.bincount(which, weights=correct, minlength=bins) / count.clamp_min(1)
-    return [{"lo": i / bins, "hi": (i + 1) / bins, "count": int(n), "confidence": float(cf), "accuracy": float(a)}
-            for i, (n, cf, a) in enumerate(zip(count, conf, acc))]  # fmt: skip
+    return [
+        {"lo": i / bins, "hi": (i + 1) / bins, "count": int(n), "confidence": float(cf), "accuracy": float(a)}
+        for i, (n, cf, a) in enumerate(zip(count, conf, acc))
+    ]
 
 
 def write_figures(metrics: dict[str, Any], out: str | os.PathLike, title: str = "") -> dict[str, str]:
@@ -99,8 +105,15 @@ def write_figures(metrics: dict[str, Any], out: str | os.PathLike, title: str = 
     if len(names) <= 20:
         for i in range(len(names)):
             for j in range(len(names)):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=6,
-                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set_title(f"{title}  accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}".strip(), fontsize=9)
     paths["confusion"] = _save(fig, out / "confusion.png")
 
@@ -109,8 +122,15 @@ def write_figures(metrics: dict[str, Any], out: str | os.PathLike, title: str = 
     mids = [(b["lo"] + b["hi"]) / 2 for b in bins]
     width = 1.0 / max(len(metrics["reliability"]), 1)
     ax.bar(mids, [b["accuracy"] for b in bins], width=width, edgecolor="k", lw=0.5, label="accuracy")
-    ax.bar(mids, [b["confidence"] - b["accuracy"] for b in bins], bottom=[b["accuracy"] for b in bins], width=width,
-           color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
+    ax.bar(
+        mids,
+        [b["confidence"] - b["accuracy"] for b in bins],
+        bottom=[b["accuracy"] for b in bins],
+        width=width,
+        color="tab:red",
+        alpha=0.3,
+        label="gap to confidence",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

@@ -29,8 +29,14 @@ def tta_logits(predict: Any, images: Any, level: int) -> Any:
     return logits
 
 
-def predict_logits(model: Any, images: np.ndarray, mean: list[float], std: list[float], tta: int = 0,
-                   numerics: dict[str, bool] | None = None) -> Any:
+def predict_logits(
+    model: Any,
+    images: np.ndarray,
+    mean: list[float],
+    std: list[float],
+    tta: int = 0,
+    numerics: dict[str, bool] | None = None,
+) -> Any:
     """The logits of uint8 NHWC ``images``, normalised as training normalised its
     validation batches and computed with the checkpoint's ``numerics`` (call under no_grad)."""
     import torch

@@ -34,9 +34,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise EffrayError(
-                f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}"
-            ) from None
+            raise EffrayError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

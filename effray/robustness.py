@@ -20,14 +20,19 @@ from effray.data.corrupt import CORRUPTIONS, SEVERITIES, corrupt
 from effray.errors import EffrayError
 
 
-def all_variants(batch: dict[str, np.ndarray], names: Sequence[str], severities: Sequence[int], seed: int) -> dict[str, np.ndarray]:
+def all_variants(
+    batch: dict[str, np.ndarray], names: Sequence[str], severities: Sequence[int], seed: int
+) -> dict[str, np.ndarray]:
     """A decoded batch -> every (corruption, severity) copy of it, tagged by ``variant``
     (the position in ``names`` x ``severities``). A Ray Data batch function."""
     images, rows = batch["image"], batch["index"]
     parts = [corrupt(images, n, s, seed=seed, rows=rows) for n in names for s in severities]
     k = len(parts)
-    return {"image": np.concatenate(parts) if parts else images[:0], "label": np.tile(batch["label"], k),
-            "variant": np.repeat(np.arange(k, dtype=np.int32), len(images))}  # fmt: skip
+    return {
+        "image": np.concatenate(parts) if parts else images[:0],
+        "label": np.tile(batch["label"], k),
+        "variant": np.repeat(np.arange(k, dtype=np.int32), len(images)),
+    }
 
 
 def parse_severities(spec: str) -> list[int]:
@@ -40,9 +45,21 @@ def parse_severities(spec: str) -> list[int]:
     return values
 
 
-def robustness(model: Any, data_dir: str | os.PathLike, split: str, info: dict[str, Any], names: Sequence[str],
-               severities: Sequence[int], *, clean_accuracy: float, seed: int = 0, batch_size: int = 500, tta: int = 0,
-               numerics: dict[str, bool] | None = None, num_cpus: float = 1.0) -> dict[str, Any]:
+def robustness(
+    model: Any,
+    data_dir: str | os.PathLike,
+    split: str,
+    info: dict[str, Any],
+    names: Sequence[str],
+    severities: Sequence[int],
+    *,
+    clean_accuracy: float,
+    seed: int = 0,
+    batch_size: int = 500,
+    tta: int = 0,
+    numerics: dict[str, bool] | None = None,
+    num_cpus: float = 1.0,
+) -> dict[str, Any]:
     """Accuracy of ``model`` under each corruption at each severity, on Ray Data.
 
     ``info`` is the checkpoint's data summary (normalisation); ``clean_accuracy`` the
@@ -62,8 +79,12 @@ def robustness(model: Any, data_dir: str | os.PathLike, split: str, info: dict[s
     keys = [(n, s) for n in names for s in severities]
     per_map = max(1, map_batch_rows(meta) // max(len(keys), 1))  # rows in, len(keys) x rows out
     ds = eval_dataset(data_dir, split).map_batches(
-        all_variants, batch_size=per_map, batch_format="numpy", num_cpus=num_cpus,
-        fn_kwargs={"names": list(names), "severities": list(severities), "seed": int(seed)})  # fmt: skip
+        all_variants,
+        batch_size=per_map,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        fn_kwargs={"names": list(names), "severities": list(severities), "seed": int(seed)},
+    )
     correct, count = np.zeros(len(keys), np.int64), np.zeros(len(keys), np.int64)
     model.eval()
     with torch.no_grad():
@@ -77,15 +98,29 @@ def robustness(model: Any, data_dir: str | os.PathLike, split: str, info: dict[s
     acc = correct / count
     table = {n: {str(s): float(acc[keys.index((n, s))]) for s in severities} for n in names}
     mean = float(acc.mean())
-    return {"corruption_accuracy": table,
-            "per_corruption": {n: float(np.mean(list(v.values()))) for n, v in table.items()},
-            "mean_corruption_accuracy": mean, "clean_accuracy": float(clean_accuracy),
-            "relative_drop": (clean_accuracy - mean) / clean_accuracy if clean_accuracy > 0 else None,
-            "severities": list(severities), "images": int(count[0]), "seed": int(seed)}  # fmt: skip
+    return {
+        "corruption_accuracy": table,
+        "per_corruption": {n: float(np.mean(list(v.values()))) for n, v in table.items()},
+        "mean_corruption_accuracy": mean,
+        "clean_accuracy": float(clean_accuracy),
+        "relative_drop": (clean_accuracy - mean) / clean_accuracy if clean_accuracy > 0 else None,
+        "severities": list(severities),
+        "images": int(count[0]),
+        "seed": int(seed),
+    }
 
 
-def corruption_accuracy(model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], names: Sequence[str],
-                        severities: Sequence[int], *, seed: int = 0, images: int = 0, batch_size: int = 256) -> float:
+def corruption_accuracy(
+    model: Any,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    names: Sequence[str],
+    severities: Sequence[int],
+    *,
+    seed: int = 0,
+    images: int = 0,
+    batch_size: int = 256,
+) -> float:
     """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
     of a split's decoded ``arrays`` (0 = all), in this process: a search trial's column. The
     images are the ones :func:`robustness` streams (each seeded by its row id)."""
@@ -103,7 +138,7 @@ def corruption_accuracy(model: Any, arrays: dict[str, np.ndarray], meta: dict[st
         for name in names:
             for s in severities:
                 for i in range(0, n, batch_size):
-                    x = corrupt(clean[i:i + batch_size], name, s, seed=seed, rows=rows[i:i + batch_size])
+                    x = corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size])
                     pred = predict_logits(model, x, meta["mean"], meta["std"]).argmax(dim=1).cpu().numpy()
-                    correct += int((pred == labels[i:i + batch_size]).sum())
+                    correct += int((pred == labels[i : i + batch_size]).sum())
     return correct / (n * len(names) * len(severities))

@@ -54,9 +54,11 @@ def check_storage_for_cluster(storage: str) -> None:
 def storage_error(storage: str, blind: list[str], num_nodes: int) -> str:
     """The one-line message for a ``storage`` path that the nodes ``blind`` can't see."""
     names = ", ".join(n[:8] for n in blind[:3]) + (f" and {len(blind) - 3} more" if len(blind) > 3 else "")
-    return (f"--storage {storage} is local to one node, but this Ray cluster has {num_nodes} nodes and "
-            f"node(s) {names} can't see it, so their checkpoints would be lost; use s3://BUCKET/PATH, "
-            f"gs://BUCKET/PATH or a shared filesystem (NFS) mounted at the same path on every node")  # fmt: skip
+    return (
+        f"--storage {storage} is local to one node, but this Ray cluster has {num_nodes} nodes and "
+        f"node(s) {names} can't see it, so their checkpoints would be lost; use s3://BUCKET/PATH, "
+        f"gs://BUCKET/PATH or a shared filesystem (NFS) mounted at the same path on every node"
+    )
 
 
 def nodes_not_seeing(path: Path, nodes: list[str], timeout_s: float = _PROBE_TIMEOUT_S) -> list[str]:
@@ -73,11 +75,18 @@ def nodes_not_seeing(path: Path, nodes: list[str], timeout_s: float = _PROBE_TIM
         marker = path / f".effray-shared-check-{uuid.uuid4().hex[:12]}"
         marker.write_text("written by effray.cluster.check_storage_for_cluster; safe to delete\n")
     except OSError as exc:
-        raise EffrayError(f"--storage {path} is not writable ({exc.strerror}); choose a directory you can write or an s3:// / gs:// URI") from exc
+        raise EffrayError(
+            f"--storage {path} is not writable ({exc.strerror}); choose a directory you can write or an s3:// / "
+            "gs:// URI"
+        ) from exc
     try:
         probe = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
-        refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker))
-                for node in nodes}  # fmt: skip
+        refs = {
+            node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                str(marker)
+            )
+            for node in nodes
+        }
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         done = set(ready)
         return [node for node, ref in refs.items() if ref in done and not ray.get(ref)]

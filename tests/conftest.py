@@ -92,8 +92,21 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
             loss.backward()
             opt.step()
     out = tmp_path_factory.mktemp("teacher")
-    save_payload(out, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
-                                    epoch=6, config={}, data=data_summary(meta), history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
+    save_payload(
+        out,
+        train_payload(
+            model_state=model.state_dict(),
+            model_spec=model.spec,
+            optimizer={},
+            scheduler={},
+            epoch=6,
+            config={},
+            data=data_summary(meta),
+            history=[],
+            provenance={},
+            elapsed_s=0.0,
+        ),
+    )
     return out
 
 
@@ -128,7 +141,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     (niceness 10, one torch thread): the Ray group is the suite's critical path, and its
     first fixture (the clean run) took 122 s beside the ~720 pure tests against 57 s alone.
     Measured gain so far: within the suite's run-to-run spread (105 s for that fixture)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and not _needs_ray(item) and not getattr(pytest_runtest_setup, "done", False):
+    if (
+        os.environ.get("PYTEST_XDIST_WORKER")
+        and not _needs_ray(item)
+        and not getattr(pytest_runtest_setup, "done", False)
+    ):
         import torch
 
         for task in Path("/proc/self/task").iterdir():  # niceness is per thread on Linux

@@ -56,8 +56,16 @@ def read_wandb_run(path: Path) -> dict:
             buf = chunk
         elif kind == 3:
             buf += chunk
-    out: dict = {"id": None, "group": None, "job_type": None, "config": {}, "history": [], "summary": {}, "artifacts": [],
-                 "exit_code": None}
+    out: dict = {
+        "id": None,
+        "group": None,
+        "job_type": None,
+        "config": {},
+        "history": [],
+        "summary": {},
+        "artifacts": [],
+        "exit_code": None,
+    }
     for p in payloads:
         r = pb.Record.FromString(p)
         kind = r.WhichOneof("record_type")
@@ -83,7 +91,34 @@ def two_trial_tune(tmp_path: Path, teacher: Path, data: Path, name: str, *flags:
     import yaml
 
     space = tmp_path / f"{name}-space.yaml"
-    space.write_text(yaml.safe_dump({"prune_rate": {"choice": [0.3, 0.6]}, "bits": 8, "finetune_epochs": 1,
-                                     "finetune_batch_size": 64, "calib_batches": 1, "int8": False}))  # fmt: skip
-    return cli("tune", "--teacher", str(teacher), "--data", str(data), "--space", str(space), "--num-samples", "2",
-               "--scheduler", "none", "--storage", str(tmp_path / "runs"), "--name", name, "--no-wandb", *flags)  # fmt: skip
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "prune_rate": {"choice": [0.3, 0.6]},
+                "bits": 8,
+                "finetune_epochs": 1,
+                "finetune_batch_size": 64,
+                "calib_batches": 1,
+                "int8": False,
+            }
+        )
+    )
+    return cli(
+        "tune",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--space",
+        str(space),
+        "--num-samples",
+        "2",
+        "--scheduler",
+        "none",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        name,
+        "--no-wandb",
+        *flags,
+    )

@@ -20,8 +20,10 @@ import numpy as np
 KINDS = ("crop", "flip", "jpeg", "crop+flip+jpeg")
 CROP_PX = (1, 3)
 JPEG_QUALITY = 75
-DEFINITION = (f"a near duplicate is a light copy: cut {CROP_PX[0]}-{CROP_PX[1]} px from each side and resized back "
-              f"(crop), mirrored (flip), re-encoded as JPEG q{JPEG_QUALITY}, or all three")  # fmt: skip
+DEFINITION = (
+    f"a near duplicate is a light copy: cut {CROP_PX[0]}-{CROP_PX[1]} px from each side and resized back "
+    f"(crop), mirrored (flip), re-encoded as JPEG q{JPEG_QUALITY}, or all three"
+)
 
 
 def crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -29,7 +31,7 @@ def crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     h, w = image.shape[:2]
     left, right, top, bottom = (int(v) for v in rng.integers(CROP_PX[0], CROP_PX[1] + 1, 4))
-    cut = image[top:h - bottom, left:w - right]
+    cut = image[top : h - bottom, left : w - right]
     return _from_pil(Image.fromarray(_to_pil(cut)).resize((w, h), Image.BILINEAR), image.shape)
 
 
@@ -64,7 +66,9 @@ def light_copy(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.nda
     return image
 
 
-def light_copies(images: np.ndarray, kinds: tuple[str, ...] = KINDS, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def light_copies(
+    images: np.ndarray, kinds: tuple[str, ...] = KINDS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every kind of copy of every image: ``(copies, source position, kind)``, reproducible
     from ``seed``."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0B1]))
@@ -75,7 +79,11 @@ def light_copies(images: np.ndarray, kinds: tuple[str, ...] = KINDS, seed: int =
             source.append(i)
             kind.append(k)
     shape = (0, *images.shape[1:])
-    return (np.stack(out) if out else np.zeros(shape, np.uint8)), np.array(source, np.int64), np.array(kind, dtype=object)
+    return (
+        (np.stack(out) if out else np.zeros(shape, np.uint8)),
+        np.array(source, np.int64),
+        np.array(kind, dtype=object),
+    )
 
 
 MAX_FPR = 0.01
@@ -107,5 +115,9 @@ def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_fpr: floa
         j = np.where(fpr == fpr.min(), tpr, -np.inf)
     best = int(np.flatnonzero(j == j.max())[-1])
     threshold = float(cands[best] if best == 0 else (cands[best] + cands[best - 1]) / 2)
-    return {"threshold": threshold, "tpr": float((pos >= threshold).mean()), "fpr": float((neg >= threshold).mean()),
-            "trimmed": trimmed}
+    return {
+        "threshold": threshold,
+        "tpr": float((pos >= threshold).mean()),
+        "fpr": float((neg >= threshold).mean()),
+        "trimmed": trimmed,
+    }

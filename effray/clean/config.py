@@ -17,24 +17,44 @@ class CleanConfig:
     """What to clean, against what, and how hard to look."""
 
     data: str = option("", "prepared dataset directory (from `effray data prepare`)")
-    out: str = option("", "output directory: removed.parquet, clean_report.md/.json, PNG grids (+ OUT/data with --drop)")
-    reference: str = option("", "another dataset whose images must not be in train (a prepared directory or any `data prepare` source, e.g. someone else's test set)")
-    checkpoint: str = option("", "classifier for the eval splits' label issues (default: one trained here on train, as a Tune trial)")
-    drop: str = option("", "comma-separated reasons to drop into OUT/data: duplicates, leaks, labels (default: report only)")
-    folds: int = option(4, "cross-validation folds for the train split's out-of-sample probabilities (each a Tune trial)")
+    out: str = option(
+        "", "output directory: removed.parquet, clean_report.md/.json, PNG grids (+ OUT/data with --drop)"
+    )
+    reference: str = option(
+        "",
+        "another dataset whose images must not be in train (a prepared directory or any `data prepare` source, e.g. "
+        "someone else's test set)",
+    )
+    checkpoint: str = option(
+        "", "classifier for the eval splits' label issues (default: one trained here on train, as a Tune trial)"
+    )
+    drop: str = option(
+        "", "comma-separated reasons to drop into OUT/data: duplicates, leaks, labels (default: report only)"
+    )
+    folds: int = option(
+        4, "cross-validation folds for the train split's out-of-sample probabilities (each a Tune trial)"
+    )
     epochs: int = option(12, "epochs of each fold's (and the eval model's) training")
     model: str = option("convnet", "model the folds train")
     width: float = option(0.5, "width multiplier of --model")
     batch_size: int = option(128, "training batch size of the folds")
     labels: bool = option(True, "look for label issues (--no-labels: duplicates and leaks only, no training)")
     near: bool = option(True, "look for near duplicates (--no-near: exact copies only)")
-    near_threshold: float = option(0.0, "similarity above which two images are near duplicates (0 = calibrate on light copies of --calibration train images)")
-    max_fpr: float = option(0.01, "calibration: the most real images (share) the threshold may flag as having a near duplicate")
+    near_threshold: float = option(
+        0.0,
+        "similarity above which two images are near duplicates (0 = calibrate on light copies of --calibration train "
+        "images)",
+    )
+    max_fpr: float = option(
+        0.01, "calibration: the most real images (share) the threshold may flag as having a near duplicate"
+    )
     calibration: int = option(400, "train images whose light copies (crop/flip/JPEG) calibrate the threshold")
     neighbours: int = option(5, "nearest neighbours kept per image")
     block_rows: int = option(2048, "rows per kNN block: each task holds block x block similarities, never N x N")
     actors: int = option(2, "most embedding actors (each holds the model; one GPU each when the cluster has GPUs)")
-    gpus_per_actor: float = option(-1.0, "GPUs per embedding actor and fold trial (-1 = 1 when the cluster has GPUs, else 0)")
+    gpus_per_actor: float = option(
+        -1.0, "GPUs per embedding actor and fold trial (-1 = 1 when the cluster has GPUs, else 0)"
+    )
     cpus_per_trial: float = option(1.0, "CPUs per fold trial")
     grid_groups: int = option(16, "flagged groups shown per PNG grid")
     seed: int = option(0, "seed for the folds, the calibration sample and training")
@@ -48,13 +68,28 @@ class CleanConfig:
     def validate(self) -> None:
         require(bool(self.data), "--data DIR is required (a dataset from `effray data prepare`)")
         require(bool(self.out), "--out DIR is required (where the report and the cleaned dataset go)")
-        require(self.folds >= 2, f"--folds must be >= 2 (each fold's rows are scored by a model trained on the others), got {self.folds}")
+        require(
+            self.folds >= 2,
+            f"--folds must be >= 2 (each fold's rows are scored by a model trained on the others), got {self.folds}",
+        )
         unknown = sorted(set(drop_reasons(self.drop)) - set(REASONS))
-        require(not unknown, f"unknown --drop reason {', '.join(unknown)}; choose from {', '.join(REASONS)} (comma-separated)")
-        require(not ("labels" in drop_reasons(self.drop) and not self.labels), "--drop labels needs label issues found: drop --no-labels")
+        require(
+            not unknown,
+            f"unknown --drop reason {', '.join(unknown)}; choose from {', '.join(REASONS)} (comma-separated)",
+        )
+        require(
+            not ("labels" in drop_reasons(self.drop) and not self.labels),
+            "--drop labels needs label issues found: drop --no-labels",
+        )
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        require(0.0 <= self.near_threshold <= 1.0, f"--near-threshold must be in [0, 1] (0 = calibrate), got {self.near_threshold}")
-        require(self.calibration >= 20 or self.near_threshold > 0, f"--calibration must be >= 20 images, got {self.calibration}")
+        require(
+            0.0 <= self.near_threshold <= 1.0,
+            f"--near-threshold must be in [0, 1] (0 = calibrate), got {self.near_threshold}",
+        )
+        require(
+            self.calibration >= 20 or self.near_threshold > 0,
+            f"--calibration must be >= 20 images, got {self.calibration}",
+        )
         require(0.0 < self.max_fpr < 1.0, f"--max-fpr must be in (0, 1), got {self.max_fpr}")
         require(self.neighbours >= 1, f"--neighbours must be >= 1, got {self.neighbours}")
         require(self.block_rows >= 16, f"--block-rows must be >= 16, got {self.block_rows}")

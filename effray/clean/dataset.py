@@ -22,22 +22,36 @@ from effray.data.prepare import FORMAT_VERSION, SCHEMA, SPLITS
 SHARD_ROWS = 10_000
 
 
-def arrays_table(images: np.ndarray, labels: np.ndarray, index: np.ndarray, split: str,
-                 names: list[str] | None = None, synthetic: bool = False) -> pa.Table:  # fmt: skip
+def arrays_table(
+    images: np.ndarray,
+    labels: np.ndarray,
+    index: np.ndarray,
+    split: str,
+    names: list[str] | None = None,
+    synthetic: bool = False,
+) -> pa.Table:
     """uint8 NHWC images and their labels/indices as rows of the canonical schema."""
     n = len(labels)
-    return pa.table({
-        "image": pa.array([np.ascontiguousarray(im).tobytes() for im in images], pa.binary()),
-        "label": pa.array(np.asarray(labels, np.int64), pa.int64()),
-        "index": pa.array(np.asarray(index, np.int64), pa.int64()),
-        "split": pa.array([split] * n, pa.string()),
-        "synthetic": pa.array([synthetic] * n, pa.bool_()),
-        "name": pa.array(names if names is not None else [f"{split}/{int(i)}" for i in index], pa.string()),
-    }, schema=SCHEMA)  # fmt: skip
+    return pa.table(
+        {
+            "image": pa.array([np.ascontiguousarray(im).tobytes() for im in images], pa.binary()),
+            "label": pa.array(np.asarray(labels, np.int64), pa.int64()),
+            "index": pa.array(np.asarray(index, np.int64), pa.int64()),
+            "split": pa.array([split] * n, pa.string()),
+            "synthetic": pa.array([synthetic] * n, pa.bool_()),
+            "name": pa.array(names if names is not None else [f"{split}/{int(i)}" for i in index], pa.string()),
+        },
+        schema=SCHEMA,
+    )
 
 
-def write_dataset(out: str | Path, tables: dict[str, pa.Table], classes: list[str], image_shape: list[int],
-                  base: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def write_dataset(
+    out: str | Path,
+    tables: dict[str, pa.Table],
+    classes: list[str],
+    image_shape: list[int],
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write ``{split: table}`` as a canonical dataset at ``out`` (atomically); ``base``:
     meta.json fields to keep (source, seed, ...). Returns the written meta."""
     out = Path(out)
@@ -54,23 +68,45 @@ def write_dataset(out: str | Path, tables: dict[str, pa.Table], classes: list[st
             table = table.select(SCHEMA.names).cast(SCHEMA)
             (tmp / split).mkdir()
             for part, start in enumerate(range(0, table.num_rows, SHARD_ROWS)):
-                pq.write_table(table.slice(start, SHARD_ROWS), tmp / split / f"part-{part:05d}.parquet", row_group_size=1024)
+                pq.write_table(
+                    table.slice(start, SHARD_ROWS), tmp / split / f"part-{part:05d}.parquet", row_group_size=1024
+                )
             counts[split] = np.bincount(table.column("label").to_numpy(), minlength=c).tolist()
             if split == "train":
                 for start in range(0, table.num_rows, SHARD_ROWS):
-                    x = decode_batch(table.slice(start, SHARD_ROWS), tuple(image_shape))["image"].astype(np.float64) / 255.0
+                    x = (
+                        decode_batch(table.slice(start, SHARD_ROWS), tuple(image_shape))["image"].astype(np.float64)
+                        / 255.0
+                    )
                     total += x.sum(axis=(0, 1, 2))
                     totalsq += (x**2).sum(axis=(0, 1, 2))
                     pixels += x.shape[0] * x.shape[1] * x.shape[2]
         mean = total / max(pixels, 1)
         std = np.sqrt(np.maximum(totalsq / max(pixels, 1) - mean**2, 1e-12))
-        meta = {**(base or {}), "format_version": FORMAT_VERSION, "classes": list(classes), "num_classes": c,
-                "image_shape": list(image_shape), "splits": list(counts),
-                "counts": {s: int(sum(v)) for s, v in counts.items()}, "counts_per_class": counts,
-                "mean": mean.tolist(), "std": std.tolist()}  # fmt: skip
+        meta = {
+            **(base or {}),
+            "format_version": FORMAT_VERSION,
+            "classes": list(classes),
+            "num_classes": c,
+            "image_shape": list(image_shape),
+            "splits": list(counts),
+            "counts": {s: int(sum(v)) for s, v in counts.items()},
+            "counts_per_class": counts,
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+        }
         meta.setdefault("effray_version", __import__("effray").__version__)
-        for key, default in (("source", str(out)), ("source_kind", "arrays"), ("source_checksum", ""), ("val_fraction", 0.0),
-                             ("seed", 0), ("limit", 0), ("skipped_bad", 0), ("bad_examples", []), ("warnings", [])):
+        for key, default in (
+            ("source", str(out)),
+            ("source_kind", "arrays"),
+            ("source_checksum", ""),
+            ("val_fraction", 0.0),
+            ("seed", 0),
+            ("limit", 0),
+            ("skipped_bad", 0),
+            ("bad_examples", []),
+            ("warnings", []),
+        ):
             meta.setdefault(key, default)
         write_json(tmp / "meta.json", meta)
         replace_dir(tmp, out)

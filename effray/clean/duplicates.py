@@ -28,23 +28,41 @@ EVAL_ORDER = ("val", "test", "reference")  # which copy a leak names when it has
 def image_hashes(images: np.ndarray) -> np.ndarray:
     """blake2b-128 hex digest of each decoded uint8 image's bytes, keyed by its shape (two
     images of different shapes but the same bytes are not copies)."""
-    return np.array([hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16,
-                                     person=str(im.shape).encode()[:16]).hexdigest() for im in images], dtype=object)  # fmt: skip
+    return np.array(
+        [
+            hashlib.blake2b(
+                np.ascontiguousarray(im).tobytes(), digest_size=16, person=str(im.shape).encode()[:16]
+            ).hexdigest()
+            for im in images
+        ],
+        dtype=object,
+    )
 
 
 def hash_rows(batch: Any, *, shape: tuple[int, ...], origin: str) -> dict[str, np.ndarray]:
     """The hashing ``map_batches`` UDF: Arrow rows -> ``origin, index, label, hash``."""
     decoded = decode_batch(batch, shape)
     n = len(decoded["label"])
-    return {"origin": np.array([origin] * n, dtype=object), "index": decoded["index"].astype(np.int64),
-            "label": decoded["label"], "hash": image_hashes(decoded["image"])}  # fmt: skip
+    return {
+        "origin": np.array([origin] * n, dtype=object),
+        "index": decoded["index"].astype(np.int64),
+        "label": decoded["label"],
+        "hash": image_hashes(decoded["image"]),
+    }
 
 
 def finding(row: dict[str, Any], reason: str, match: str, of: dict[str, Any] | None, score: float) -> dict[str, Any]:
     """One removed.parquet row (label columns are filled in by the label step, if any)."""
-    return {"split": row["origin"], "index": int(row["index"]), "label": int(row["label"]), "reason": reason,
-            "match": match, "duplicate_of_split": of["origin"] if of else None,
-            "duplicate_of_index": int(of["index"]) if of else None, "score": float(score)}  # fmt: skip
+    return {
+        "split": row["origin"],
+        "index": int(row["index"]),
+        "label": int(row["label"]),
+        "reason": reason,
+        "match": match,
+        "duplicate_of_split": of["origin"] if of else None,
+        "duplicate_of_index": int(of["index"]) if of else None,
+        "score": float(score),
+    }
 
 
 def _first_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -52,7 +70,9 @@ def _first_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(evals, key=lambda r: (EVAL_ORDER.index(r["origin"]), r["index"])) if evals else None
 
 
-def exact_findings(origin: np.ndarray, index: np.ndarray, label: np.ndarray, hashes: np.ndarray) -> list[dict[str, Any]]:
+def exact_findings(
+    origin: np.ndarray, index: np.ndarray, label: np.ndarray, hashes: np.ndarray
+) -> list[dict[str, Any]]:
     """Duplicates within each split and train leaks, from one hash per row."""
     order = np.lexsort((index, hashes.astype(str)))
     h = hashes[order]
@@ -73,9 +93,16 @@ def exact_findings(origin: np.ndarray, index: np.ndarray, label: np.ndarray, has
     return out
 
 
-def near_findings(origin: np.ndarray, index: np.ndarray, label: np.ndarray, neighbours: np.ndarray,
-                  scores: np.ndarray, queries: np.ndarray, threshold: float,
-                  already: set[tuple[str, int]]) -> list[dict[str, Any]]:  # fmt: skip
+def near_findings(
+    origin: np.ndarray,
+    index: np.ndarray,
+    label: np.ndarray,
+    neighbours: np.ndarray,
+    scores: np.ndarray,
+    queries: np.ndarray,
+    threshold: float,
+    already: set[tuple[str, int]],
+) -> list[dict[str, Any]]:
     """Near duplicates and near leaks from kNN results. Rows are numbered by position in
     ``origin``/``index``/``label`` (sorted by (origin, index) within each origin, so position
     order is index order); ``neighbours[q]``/``scores[q]`` are query row ``queries[q]``'s
@@ -102,4 +129,6 @@ def near_findings(origin: np.ndarray, index: np.ndarray, label: np.ndarray, neig
             if a not in pick or s > pick[a][0]:
                 pick[a] = (float(s), b)
     out = [finding(row(a), "leak", "near", row(b), s) for a, (s, b) in sorted(leaks.items())]
-    return out + [finding(row(a), "near_duplicate", "near", row(b), s) for a, (s, b) in sorted(copies.items()) if a not in leaks]
+    return out + [
+        finding(row(a), "near_duplicate", "near", row(b), s) for a, (s, b) in sorted(copies.items()) if a not in leaks
+    ]

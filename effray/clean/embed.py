@@ -52,8 +52,11 @@ def zoom_views(x: torch.Tensor, zooms: tuple[int, ...] = ZOOMS) -> list[torch.Te
         if c == 0:
             out.append(x)
         else:
-            out.append(F.interpolate(x[:, :, c:h - c, c:w - c], size=(h, w), mode="bilinear", align_corners=False,
-                                     antialias=True))  # fmt: skip
+            out.append(
+                F.interpolate(
+                    x[:, :, c : h - c, c : w - c], size=(h, w), mode="bilinear", align_corners=False, antialias=True
+                )
+            )
     return out
 
 
@@ -88,11 +91,12 @@ class Embedder:
         n, v, d = out.shape
         flat = torch.cat([out.flatten(1), probs], 1).cpu().numpy()  # the one device -> host copy
         keep = {k: batch[k] for k in ("origin", "index", "label") if k in batch}
-        return {**keep, "views": flat[:, :v * d].reshape(n, v, d), "probs": flat[:, v * d:]}
+        return {**keep, "views": flat[:, : v * d].reshape(n, v, d), "probs": flat[:, v * d :]}
 
 
-def device_embedding(model: torch.nn.Module, grabbed: list[torch.Tensor], images: torch.Tensor, mean: list[float],
-                     std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def device_embedding(
+    model: torch.nn.Module, grabbed: list[torch.Tensor], images: torch.Tensor, mean: list[float], std: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 NHWC ``images`` on the model's device -> ``views`` (n, V, f + p) and ``probs``
     (n, C), float32 on that device: every zoom view and its mirror in one forward, the
     penultimate features (``grabbed`` by the hook on the last linear layer) summed over each

@@ -30,8 +30,16 @@ def pair_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sims
 
 
-def block_topk(queries: np.ndarray, keys: np.ndarray, start: int, stop: int, k: int, block: int,
-               query_ids: np.ndarray, key_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def block_topk(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    start: int,
+    stop: int,
+    k: int,
+    block: int,
+    query_ids: np.ndarray,
+    key_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` keys of queries ``start:stop``: ``(similarities, key positions)``, best
     first; ``-1`` / ``-inf`` pad when there are fewer than ``k`` other keys."""
     q = torch.from_numpy(np.ascontiguousarray(queries[start:stop]))
@@ -39,9 +47,9 @@ def block_topk(queries: np.ndarray, keys: np.ndarray, start: int, stop: int, k: 
     best = torch.full((len(q), k), -torch.inf)
     where = torch.full((len(q), k), -1, dtype=torch.int64)
     for s in range(0, len(keys), block):
-        kb = torch.from_numpy(np.ascontiguousarray(keys[s:s + block]))
+        kb = torch.from_numpy(np.ascontiguousarray(keys[s : s + block]))
         sims = pair_similarity(q, kb)
-        sims.masked_fill_(qid[:, None] == torch.from_numpy(np.asarray(key_ids[s:s + block]))[None, :], -torch.inf)
+        sims.masked_fill_(qid[:, None] == torch.from_numpy(np.asarray(key_ids[s : s + block]))[None, :], -torch.inf)
         pos = torch.arange(s, s + len(kb)).expand(len(q), -1)
         best, pick = torch.topk(torch.cat([best, sims], 1), k, dim=1)
         where = torch.gather(torch.cat([where, pos], 1), 1, pick)
@@ -49,8 +57,14 @@ def block_topk(queries: np.ndarray, keys: np.ndarray, start: int, stop: int, k: 
     return best.numpy(), where.numpy()
 
 
-def knn(queries: np.ndarray, keys: np.ndarray, k: int, block: int = 2048, query_ids: np.ndarray | None = None,
-        key_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def knn(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    block: int = 2048,
+    query_ids: np.ndarray | None = None,
+    key_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` most similar keys on the current Ray cluster: ``(similarities
     (Nq, k), key positions (Nq, k))``. ``query_ids``/``key_ids`` (default: positions) say
     which query is which key, so it is not its own neighbour."""
@@ -65,15 +79,19 @@ def knn(queries: np.ndarray, keys: np.ndarray, k: int, block: int = 2048, query_
     q_ref = k_ref if same else ray.put(queries)
     task = ray.remote(num_cpus=1, max_retries=2)(block_topk)
     qid_ref, kid_ref = ray.put(query_ids), ray.put(key_ids)
-    refs = [task.remote(q_ref, k_ref, s, min(s + block, len(queries)), k, block, qid_ref, kid_ref)
-            for s in range(0, len(queries), block)]  # fmt: skip
+    refs = [
+        task.remote(q_ref, k_ref, s, min(s + block, len(queries)), k, block, qid_ref, kid_ref)
+        for s in range(0, len(queries), block)
+    ]
     parts = ray.get(refs)
     if not parts:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def brute_knn(queries: np.ndarray, keys: np.ndarray, k: int, query_ids: Any = None, key_ids: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def brute_knn(
+    queries: np.ndarray, keys: np.ndarray, k: int, query_ids: Any = None, key_ids: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The reference: the whole (Nq, Nk) similarity matrix at once (tests only)."""
     q, kk = torch.from_numpy(_views(queries)), torch.from_numpy(_views(keys))
     sims = pair_similarity(q, kk)

@@ -63,9 +63,17 @@ def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     fold, meta = int(config["fold"]), config["meta"]
     fit_rows = np.flatnonzero(folds != fold) if fold != ALL_TRAIN else np.arange(len(folds))
     subset = lambda rows: {k: v[rows] for k, v in train.items()}  # noqa: E731
-    model = fit_arrays(subset(fit_rows), meta, epochs=config["epochs"], model=config["model"], width=config["width"],
-                       batch_size=config["batch_size"], seed=config["seed"] + fold + 1, device=device,
-                       on_epoch=lambda epoch: ray.tune.report({"fold": fold, "epoch": epoch + 1}))  # fmt: skip
+    model = fit_arrays(
+        subset(fit_rows),
+        meta,
+        epochs=config["epochs"],
+        model=config["model"],
+        width=config["width"],
+        batch_size=config["batch_size"],
+        seed=config["seed"] + fold + 1,
+        device=device,
+        on_epoch=lambda epoch: ray.tune.report({"fold": fold, "epoch": epoch + 1}),
+    )
     with tempfile.TemporaryDirectory() as keep:
         metrics: dict[str, Any] = {"fold": fold, "final": True}
         if fold == ALL_TRAIN:
@@ -88,7 +96,9 @@ class EpochProgress(Callback):
     def __reduce__(self) -> Any:
         return (EpochProgress, (self.total,))
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         if "epoch" in result and not result.get("final"):
             if self._bar is None:
                 self._bar = console.bar(self.total, "fold models", "epoch")
@@ -100,8 +110,21 @@ class EpochProgress(Callback):
             self._bar = None
 
 
-def run_folds(train: dict[str, np.ndarray], meta: dict[str, Any], folds: list[int], *, k: int, epochs: int, model: str,
-              width: float, batch_size: int, seed: int, cpus: float, gpus: float, storage: str) -> dict[str, Any]:  # fmt: skip
+def run_folds(
+    train: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    folds: list[int],
+    *,
+    k: int,
+    epochs: int,
+    model: str,
+    width: float,
+    batch_size: int,
+    seed: int,
+    cpus: float,
+    gpus: float,
+    storage: str,
+) -> dict[str, Any]:
     """Run the fold trials ``folds`` (fold numbers; :data:`ALL_TRAIN` for the full model) on
     Tune; returns ``{"probs": (N, C) out-of-fold probabilities or None, "fold_accuracy":
     [...], "model": payload or None}``."""
@@ -112,16 +135,35 @@ def run_folds(train: dict[str, np.ndarray], meta: dict[str, Any], folds: list[in
 
     assignment = fold_assignment(train["label"], k, seed)
     shared = {"train": ray.put(train), "folds": ray.put(assignment)}
-    space = {"fold": tune.grid_search(list(folds)), "meta": _plain(meta), "epochs": epochs, "model": model, "width": width,
-             "batch_size": batch_size, "seed": seed, "cpus": cpus}  # fmt: skip
+    space = {
+        "fold": tune.grid_search(list(folds)),
+        "meta": _plain(meta),
+        "epochs": epochs,
+        "model": model,
+        "width": width,
+        "batch_size": batch_size,
+        "seed": seed,
+        "cpus": cpus,
+    }
     trainable = tune.with_resources(tune.with_parameters(fold_trial, shared=shared), {"cpu": cpus, "gpu": gpus})
-    tuner = tune.Tuner(trainable, param_space=space,
-                       tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: f"fold_{t.config['fold']}"),
-                       run_config=tune.RunConfig(name="folds", storage_path=os.path.abspath(storage), verbose=0,
-                                                 failure_config=tune.FailureConfig(max_failures=1),
-                                                 callbacks=[EpochProgress(len(folds) * epochs)]))  # fmt: skip
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: f"fold_{t.config['fold']}"),
+        run_config=tune.RunConfig(
+            name="folds",
+            storage_path=os.path.abspath(storage),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[EpochProgress(len(folds) * epochs)],
+        ),
+    )
     grid = tuner.fit()
-    probs = np.full((len(train["label"]), int(meta["num_classes"])), np.nan, np.float32) if any(f >= 0 for f in folds) else None
+    probs = (
+        np.full((len(train["label"]), int(meta["num_classes"])), np.nan, np.float32)
+        if any(f >= 0 for f in folds)
+        else None
+    )
     accuracy: dict[int, float] = {}
     payload = None
     for result in grid:
@@ -151,6 +193,14 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
     if len(labels) < 2 or len(np.unique(labels)) < 2:
         return []
     ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
-    return [{"position": int(i), "rank": r, "given": int(labels[i]), "predicted": int(probs[i].argmax()),
-             "given_confidence": float(probs[i, labels[i]]), "predicted_confidence": float(probs[i].max())}
-            for r, i in enumerate(ranked)]  # fmt: skip
+    return [
+        {
+            "position": int(i),
+            "rank": r,
+            "given": int(labels[i]),
+            "predicted": int(probs[i].argmax()),
+            "given_confidence": float(probs[i, labels[i]]),
+            "predicted_confidence": float(probs[i].max()),
+        }
+        for r, i in enumerate(ranked)
+    ]

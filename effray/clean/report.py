@@ -12,12 +12,22 @@ import pyarrow.parquet as pq
 
 from effray.atomic import write_file, write_json
 
-REMOVED = pa.schema([
-    ("split", pa.string()), ("index", pa.int64()), ("reason", pa.string()), ("match", pa.string()),
-    ("duplicate_of_split", pa.string()), ("duplicate_of_index", pa.int64()), ("score", pa.float64()),
-    ("given", pa.int64()), ("predicted", pa.int64()), ("given_confidence", pa.float64()),
-    ("predicted_confidence", pa.float64()), ("dropped", pa.bool_()),
-])  # fmt: skip
+REMOVED = pa.schema(
+    [
+        ("split", pa.string()),
+        ("index", pa.int64()),
+        ("reason", pa.string()),
+        ("match", pa.string()),
+        ("duplicate_of_split", pa.string()),
+        ("duplicate_of_index", pa.int64()),
+        ("score", pa.float64()),
+        ("given", pa.int64()),
+        ("predicted", pa.int64()),
+        ("given_confidence", pa.float64()),
+        ("predicted_confidence", pa.float64()),
+        ("dropped", pa.bool_()),
+    ]
+)
 
 
 def write_removed(path: Path, findings: list[dict[str, Any]]) -> None:
@@ -38,45 +48,85 @@ def summarise(findings: list[dict[str, Any]], classes: list[str]) -> dict[str, A
         c[classes[given]] = c.get(classes[given], 0) + 1
         s = per_split.setdefault(r["reason"], {})
         s[r["split"]] = s.get(r["split"], 0) + 1
-    return {"counts": dict(sorted(Counter(r["reason"] for r in findings).items())),
-            "per_split": per_split, "per_class": per_class,
-            "matches": {reason: dict(Counter(r["match"] for r in findings if r["reason"] == reason))
-                        for reason in ("duplicate", "near_duplicate", "leak")}}  # fmt: skip
+    return {
+        "counts": dict(sorted(Counter(r["reason"] for r in findings).items())),
+        "per_split": per_split,
+        "per_class": per_class,
+        "matches": {
+            reason: dict(Counter(r["match"] for r in findings if r["reason"] == reason))
+            for reason in ("duplicate", "near_duplicate", "leak")
+        },
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
     """clean_report.md: the same figures as the JSON, for people."""
-    lines = [f"# Cleaning report: {report['data']}", "",
-             f"Dataset checksum `{report['data_checksum']}`; rows {report['rows']}"
-             + (f"; reference `{report['reference']}` ({report['reference_rows']} rows)" if report.get("reference") else "") + ".", "",
-             "| reason | rows | " + " | ".join(report["classes"]) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in report["classes"]) + " |"]  # fmt: skip
+    lines = [
+        f"# Cleaning report: {report['data']}",
+        "",
+        f"Dataset checksum `{report['data_checksum']}`; rows {report['rows']}"
+        + (f"; reference `{report['reference']}` ({report['reference_rows']} rows)" if report.get("reference") else "")
+        + ".",
+        "",
+        "| reason | rows | " + " | ".join(report["classes"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in report["classes"]) + " |",
+    ]
     for reason, n in report["counts"].items():
         per = report["per_class"].get(reason, {})
         lines.append(f"| {reason} | {n} | " + " | ".join(str(per.get(c, 0)) for c in report["classes"]) + " |")
     if not report["counts"]:
         lines.append("| (nothing flagged) | 0 | " + " | ".join("0" for _ in report["classes"]) + " |")
     leak = report["matches"].get("leak") or {}
-    lines += ["", f"Leaks: {leak.get('exact', 0)} exact, {leak.get('near', 0)} near (train rows only; the evaluation side and the reference are never touched)."]
+    lines += [
+        "",
+        f"Leaks: {leak.get('exact', 0)} exact, {leak.get('near', 0)} near (train rows only; the evaluation side and "
+        "the reference are never touched).",
+    ]
     near = report.get("near")
     if near:
-        lines += ["", "## Near duplicates", "", f"Threshold **{near['threshold']:.4f}** ({near['source']}). {near['meaning']}", "",
-                  f"Definition: {near['definition']}.", f"Embedding: {near['embedding']}", "",
-                  "| copy kind | recall at the threshold |", "| --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            "## Near duplicates",
+            "",
+            f"Threshold **{near['threshold']:.4f}** ({near['source']}). {near['meaning']}",
+            "",
+            f"Definition: {near['definition']}.",
+            f"Embedding: {near['embedding']}",
+            "",
+            "| copy kind | recall at the threshold |",
+            "| --- | --- |",
+        ]
         lines += [f"| {k} | {v:.3f} |" for k, v in near["recall_per_kind"].items()]
     labels = report.get("labels")
     if labels:
-        lines += ["", "## Label issues", "", f"{labels['method']}; train: {labels['folds']}-fold out-of-sample probabilities "
-                  f"(fold accuracy {', '.join(f'{a:.3f}' for a in labels['fold_accuracy'])}); evaluation splits: {labels['eval_model']}"
-                  + (f" (accuracy {labels['eval_accuracy']})" if labels.get("eval_accuracy") else "") + ".", ""]  # fmt: skip
+        lines += [
+            "",
+            "## Label issues",
+            "",
+            f"{labels['method']}; train: {labels['folds']}-fold out-of-sample probabilities "
+            f"(fold accuracy {', '.join(f'{a:.3f}' for a in labels['fold_accuracy'])}); evaluation splits: "
+            f"{labels['eval_model']}"
+            + (f" (accuracy {labels['eval_accuracy']})" if labels.get("eval_accuracy") else "")
+            + ".",
+            "",
+        ]
         if labels["top"]:
-            lines += ["| split | index | given | predicted | p(given) | p(predicted) |", "| --- | --- | --- | --- | --- | --- |"]
-            lines += [f"| {t['split']} | {t['index']} | {t['given']} | {t['predicted']} | {t['given_confidence']:.3f} | {t['predicted_confidence']:.3f} |"
-                      for t in labels["top"]]  # fmt: skip
+            lines += [
+                "| split | index | given | predicted | p(given) | p(predicted) |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {t['split']} | {t['index']} | {t['given']} | {t['predicted']} | {t['given_confidence']:.3f} | "
+                f"{t['predicted_confidence']:.3f} |"
+                for t in labels["top"]
+            ]
     dropped = report.get("dropped")
     lines += ["", "## Output", ""]
     if dropped:
-        lines.append(f"Dropped {dropped['rows']} rows ({', '.join(dropped['reasons'])}) into `data/`: {dropped['counts']} remain.")
+        lines.append(
+            f"Dropped {dropped['rows']} rows ({', '.join(dropped['reasons'])}) into `data/`: {dropped['counts']} "
+            "remain."
+        )
     else:
         lines.append("Report only: nothing dropped (pass --drop duplicates,leaks,labels to write a cleaned dataset).")
     lines += [f"- `{name}`" for name in report["files"]]
@@ -85,8 +135,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def save_pairs_grid(path: Path, pairs: list[tuple[np.ndarray, np.ndarray, str]]) -> None:
     """Flagged row | the row it copies, side by side, a caption above each pair."""
-    _grid(path, [(np.concatenate([a, np.full((a.shape[0], 2, a.shape[2]), 255, np.uint8), b], 1), c) for a, b, c in pairs],
-          "duplicate pairs: flagged row (left), its match (right)")  # fmt: skip
+    _grid(
+        path,
+        [(np.concatenate([a, np.full((a.shape[0], 2, a.shape[2]), 255, np.uint8), b], 1), c) for a, b, c in pairs],
+        "duplicate pairs: flagged row (left), its match (right)",
+    )
 
 
 def save_issue_grid(path: Path, items: list[tuple[np.ndarray, str]]) -> None:
@@ -105,8 +158,11 @@ def _grid(path: Path, items: list[tuple[np.ndarray, str]], title: str) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, caption) in zip(axes.flat, items):
-        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None,
-                  interpolation="nearest")  # fmt: skip
+        ax.imshow(
+            image[:, :, 0] if image.shape[2] == 1 else image,
+            cmap="gray" if image.shape[2] == 1 else None,
+            interpolation="nearest",
+        )
         ax.set_title(caption, fontsize=7)
     if not items:
         axes.flat[0].text(0.5, 0.5, "nothing flagged", ha="center", va="center")

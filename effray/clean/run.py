@@ -44,10 +44,15 @@ def _check_checkpoint(path: str, meta: dict[str, Any]) -> dict[str, Any]:
     _, payload = load_checkpoint(path)
     info = payload.get("data") or {}
     classes, shape = info.get("num_classes"), info.get("image_shape")
-    require(classes == meta["num_classes"], f"--checkpoint {path} is for {classes} classes, {meta['source']} has "
-            f"{meta['num_classes']}; pass a checkpoint trained on this dataset's classes (or none: one is trained here)")  # fmt: skip
-    require(shape is None or list(shape) == list(meta["image_shape"]),
-            f"--checkpoint {path} takes {shape} images, the dataset's are {meta['image_shape']}; pass one trained on them")  # fmt: skip
+    require(
+        classes == meta["num_classes"],
+        f"--checkpoint {path} is for {classes} classes, {meta['source']} has "
+        f"{meta['num_classes']}; pass a checkpoint trained on this dataset's classes (or none: one is trained here)",
+    )
+    require(
+        shape is None or list(shape) == list(meta["image_shape"]),
+        f"--checkpoint {path} takes {shape} images, the dataset's are {meta['image_shape']}; pass one trained on them",
+    )
     require("mean" in info, f"--checkpoint {path} records no normalisation; pass a checkpoint from effray train")
     return payload
 
@@ -64,12 +69,17 @@ def _reference(spec: str, tmp: Path, meta: dict[str, Any]) -> tuple[str, dict[st
         ref = str(tmp / "_reference")
         prepare(PrepareConfig(source=spec, out=ref, val_fraction=0.0, classes=",".join(meta["classes"])))
     ref_meta = load_meta(ref)
-    require(list(ref_meta["image_shape"]) == list(meta["image_shape"]),
-            f"--reference {spec} has {ref_meta['image_shape']} images, the dataset {meta['image_shape']}; copies can't match across sizes")  # fmt: skip
+    require(
+        list(ref_meta["image_shape"]) == list(meta["image_shape"]),
+        f"--reference {spec} has {ref_meta['image_shape']} images, the dataset {meta['image_shape']}; copies can't "
+        "match across sizes",
+    )
     return ref, ref_meta
 
 
-def _sources(cfg: CleanConfig, meta: dict[str, Any], ref: tuple[str, dict[str, Any]] | None) -> list[tuple[str, str, str]]:
+def _sources(
+    cfg: CleanConfig, meta: dict[str, Any], ref: tuple[str, dict[str, Any]] | None
+) -> list[tuple[str, str, str]]:
     """``(directory, split, origin)`` of everything read, in :data:`ORIGINS` order."""
     out = [(cfg.data, s, s) for s in ORIGINS if s in meta["splits"]]
     if ref is not None:
@@ -81,8 +91,12 @@ def _decode_tagged(batch: Any, *, shape: tuple[int, ...], origin: str) -> dict[s
     from effray.data.pipeline import decode_batch
 
     d = decode_batch(batch, shape)
-    return {"image": d["image"], "label": d["label"], "index": d["index"].astype(np.int64),
-            "origin": np.array([origin] * len(d["label"]), dtype=object)}  # fmt: skip
+    return {
+        "image": d["image"],
+        "label": d["label"],
+        "index": d["index"].astype(np.int64),
+        "origin": np.array([origin] * len(d["label"]), dtype=object),
+    }
 
 
 def _collect(ds: Any, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -106,31 +120,56 @@ def hash_pass(sources: list[tuple[str, str, str]], shape: tuple[int, ...]) -> di
 
     from effray.clean.duplicates import hash_rows
 
-    parts = [ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"])
-             .map_batches(hash_rows, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o})
-             for d, s, o in sources]  # fmt: skip
-    return _ordered(_collect(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], ("origin", "index", "label", "hash")))
+    parts = [
+        ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]).map_batches(
+            hash_rows, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}
+        )
+        for d, s, o in sources
+    ]
+    return _ordered(
+        _collect(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], ("origin", "index", "label", "hash"))
+    )
 
 
-def embed_pass(sources: list[tuple[str, str, str]], copies: np.ndarray, payload: dict[str, Any], cfg: CleanConfig,
-               shape: tuple[int, ...], gpus: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+def embed_pass(
+    sources: list[tuple[str, str, str]],
+    copies: np.ndarray,
+    payload: dict[str, Any],
+    cfg: CleanConfig,
+    shape: tuple[int, ...],
+    gpus: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Views and probabilities of every row, and of the calibration copies (origin "copy")."""
     import ray
 
     from effray.clean.dataset import arrays_table
     from effray.clean.embed import Embedder
 
-    parts = [ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]) .map_batches(
-             _decode_tagged, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}) for d, s, o in sources]  # fmt: skip
+    parts = [
+        ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]).map_batches(
+            _decode_tagged, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}
+        )
+        for d, s, o in sources
+    ]
     if len(copies):
-        table = arrays_table(copies, np.zeros(len(copies), np.int64), np.arange(len(copies)), "train").select(["image", "label", "index"])
-        parts.append(ray.data.from_arrow(table).map_batches(_decode_tagged, batch_format="pyarrow",
-                                                            fn_kwargs={"shape": shape, "origin": "copy"}))  # fmt: skip
+        table = arrays_table(copies, np.zeros(len(copies), np.int64), np.arange(len(copies)), "train").select(
+            ["image", "label", "index"]
+        )
+        parts.append(
+            ray.data.from_arrow(table).map_batches(
+                _decode_tagged, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": "copy"}
+            )
+        )
     info = payload["data"]
     ds = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).map_batches(
-        Embedder, fn_constructor_kwargs={"payload": payload, "mean": info["mean"], "std": info["std"]},
-        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
-        num_cpus=1, num_gpus=gpus)  # fmt: skip
+        Embedder,
+        fn_constructor_kwargs={"payload": payload, "mean": info["mean"], "std": info["std"]},
+        batch_size=256,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        num_cpus=1,
+        num_gpus=gpus,
+    )
     cols = _collect(ds, ("origin", "index", "label", "views", "probs"))
     is_copy = cols["origin"] == "copy"
     rows = _ordered({k: v[~is_copy] for k, v in cols.items()})
@@ -146,8 +185,16 @@ def _gpus(cfg: CleanConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _near(cfg: CleanConfig, rows: dict[str, np.ndarray], emb: dict[str, np.ndarray], copies: dict[str, np.ndarray],
-          sample: np.ndarray, kinds: np.ndarray, already: set[tuple[str, int]], channels: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+def _near(
+    cfg: CleanConfig,
+    rows: dict[str, np.ndarray],
+    emb: dict[str, np.ndarray],
+    copies: dict[str, np.ndarray],
+    sample: np.ndarray,
+    kinds: np.ndarray,
+    already: set[tuple[str, int]],
+    channels: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """kNN over the embeddings, the calibrated threshold and the near findings."""
     from effray.clean.calibrate import DEFINITION, choose_threshold
     from effray.clean.duplicates import near_findings
@@ -175,19 +222,35 @@ def _near(cfg: CleanConfig, rows: dict[str, np.ndarray], emb: dict[str, np.ndarr
     tpr = float((positives >= threshold).mean())
     clean_neg = np.array(negatives)[np.array(negatives) < np.median(positives)]
     fpr = float((clean_neg >= threshold).mean()) if len(clean_neg) else 0.0
-    found = near_findings(rows["origin"], rows["index"], rows["label"], neighbours, scores, np.arange(nq), threshold, already)
+    found = near_findings(
+        rows["origin"], rows["index"], rows["label"], neighbours, scores, np.arange(nq), threshold, already
+    )
     info = {
-        "threshold": float(threshold), "source": "--near-threshold" if cfg.near_threshold else f"calibrated: largest TPR - FPR at FPR <= {cfg.max_fpr:g}",
-        "calibrated_threshold": calibrated["threshold"], "definition": DEFINITION,
-        "calibration_images": int(len(sample)), "copies": int(len(positives)),
-        "recall": tpr, "recall_per_kind": recall, "real_images_above": fpr, "with_own_copy": calibrated["trimmed"],
-        "meaning": (f"At this similarity {tpr:.1%} of {len(positives)} light copies of {len(sample)} train images are "
-                    f"found, and {fpr:.1%} of those real images have a different real image above it "
-                    f"(leaving out {calibrated['trimmed']} whose nearest image is as close as a typical copy: they have copies of their own)."),
-        "embedding": (f"classifier penultimate features (flip-symmetric, centred) + {PIXEL_GRID}x{PIXEL_GRID} pixels, "
-                      f"best of {len(ZOOMS)} zoom views ({', '.join(map(str, ZOOMS))} px cut per side)"),
-        "neighbours": cfg.neighbours, "block_rows": cfg.block_rows,
-    }  # fmt: skip
+        "threshold": float(threshold),
+        "source": "--near-threshold"
+        if cfg.near_threshold
+        else f"calibrated: largest TPR - FPR at FPR <= {cfg.max_fpr:g}",
+        "calibrated_threshold": calibrated["threshold"],
+        "definition": DEFINITION,
+        "calibration_images": int(len(sample)),
+        "copies": int(len(positives)),
+        "recall": tpr,
+        "recall_per_kind": recall,
+        "real_images_above": fpr,
+        "with_own_copy": calibrated["trimmed"],
+        "meaning": (
+            f"At this similarity {tpr:.1%} of {len(positives)} light copies of {len(sample)} train images are "
+            f"found, and {fpr:.1%} of those real images have a different real image above it "
+            f"(leaving out {calibrated['trimmed']} whose nearest image is as close as a typical copy: they have "
+            "copies of their own)."
+        ),
+        "embedding": (
+            f"classifier penultimate features (flip-symmetric, centred) + {PIXEL_GRID}x{PIXEL_GRID} pixels, "
+            f"best of {len(ZOOMS)} zoom views ({', '.join(map(str, ZOOMS))} px cut per side)"
+        ),
+        "neighbours": cfg.neighbours,
+        "block_rows": cfg.block_rows,
+    }
     return found, info
 
 
@@ -209,7 +272,10 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
 
     started, phase_s = time.time(), {}
     out = Path(cfg.out)
-    require(not out.exists() or cfg.overwrite, f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
+    require(
+        not out.exists() or cfg.overwrite,
+        f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out",
+    )
     meta = validate_data_dir(cfg.data)
     require("train" in meta["splits"], f"{cfg.data} has no train split to clean")
     payload = _check_checkpoint(cfg.checkpoint, meta) if cfg.checkpoint else None
@@ -219,38 +285,73 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     try:
         ref = _reference(cfg.reference, tmp, meta)
         sources = _sources(cfg, meta, ref)
-        say(f"[effray] clean: hashing {sum(meta['counts'].values()) + (sum(ref[1]['counts'].values()) if ref else 0)} images")
+        say(
+            "[effray] clean: hashing "
+            f"{sum(meta['counts'].values()) + (sum(ref[1]['counts'].values()) if ref else 0)} images"
+        )
         with _timed(phase_s, "hash"):
             rows = hash_pass(sources, shape)
         findings = exact_findings(rows["origin"], rows["index"], rows["label"], rows["hash"])
         already = {(f["split"], f["index"]) for f in findings}
         train = load_arrays(cfg.data, "train")
         evals = [s for s in ("val", "test") if s in meta["splits"]]
-        folds = (list(range(cfg.folds)) if cfg.labels else []) + ([ALL_TRAIN] if payload is None and (cfg.near or evals and cfg.labels) else [])
+        folds = (list(range(cfg.folds)) if cfg.labels else []) + (
+            [ALL_TRAIN] if payload is None and (cfg.near or evals and cfg.labels) else []
+        )
         gpus = _gpus(cfg)
         fits: dict[str, Any] = {"probs": None, "fold_accuracy": [], "model": None}
         if folds:
-            say(f"[effray] clean: {len(folds)} Tune trials ({cfg.folds if cfg.labels else 0} folds"
-                f"{' + the embedding model' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each")
+            say(
+                f"[effray] clean: {len(folds)} Tune trials ({cfg.folds if cfg.labels else 0} folds"
+                f"{' + the embedding model' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each"
+            )
             with _timed(phase_s, "fold_models"):
-                fits = run_folds(train, meta, folds, k=cfg.folds, epochs=cfg.epochs, model=cfg.model, width=cfg.width,
-                                 batch_size=cfg.batch_size, seed=cfg.seed, cpus=cfg.cpus_per_trial, gpus=gpus,
-                                 storage=str(tmp / "_folds"))  # fmt: skip
+                fits = run_folds(
+                    train,
+                    meta,
+                    folds,
+                    k=cfg.folds,
+                    epochs=cfg.epochs,
+                    model=cfg.model,
+                    width=cfg.width,
+                    batch_size=cfg.batch_size,
+                    seed=cfg.seed,
+                    cpus=cfg.cpus_per_trial,
+                    gpus=gpus,
+                    storage=str(tmp / "_folds"),
+                )
         payload = payload or fits["model"]
         near_info, emb = None, None
         if payload is not None and (cfg.near or evals and cfg.labels):
             train_pos = {int(i): p for p, i in enumerate(train["index"])}
             n_train = int(np.sum(rows["origin"] == "train"))
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xCA1B]))
-            sample = np.sort(rng.choice(n_train, min(cfg.calibration, n_train), replace=False)) if cfg.near else np.zeros(0, np.int64)
-            images = train["image"][[train_pos[int(i)] for i in rows["index"][sample]]] if len(sample) else train["image"][:0]
+            sample = (
+                np.sort(rng.choice(n_train, min(cfg.calibration, n_train), replace=False))
+                if cfg.near
+                else np.zeros(0, np.int64)
+            )
+            images = (
+                train["image"][[train_pos[int(i)] for i in rows["index"][sample]]]
+                if len(sample)
+                else train["image"][:0]
+            )
             copies, source, kinds = light_copies(images, seed=cfg.seed)
             changed = np.any(copies.reshape(len(copies), -1) != images[source].reshape(len(copies), -1), axis=1)
-            copies, source, kinds = copies[changed], source[changed], kinds[changed]  # a JPEG copy can be pixel-identical
-            say(f"[effray] clean: embedding {len(rows['index'])} images + {len(copies)} light copies on {cfg.actors} actor(s)")
+            copies, source, kinds = (
+                copies[changed],
+                source[changed],
+                kinds[changed],
+            )  # a JPEG copy can be pixel-identical
+            say(
+                f"[effray] clean: embedding {len(rows['index'])} images + {len(copies)} light copies on {cfg.actors} "
+                "actor(s)"
+            )
             with _timed(phase_s, "embed"):
                 emb, copy_cols = embed_pass(sources, copies, payload, cfg, shape, gpus)
-            require(np.array_equal(emb["index"], rows["index"]), "the embedding pass lost rows; re-run effray data clean")
+            require(
+                np.array_equal(emb["index"], rows["index"]), "the embedding pass lost rows; re-run effray data clean"
+            )
             if cfg.near:
                 copy_cols["source"] = source
                 say("[effray] clean: blockwise kNN and threshold calibration")
@@ -272,18 +373,48 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
                 for issue in label_issues(labels, probs):
                     label_rows.append({**issue, "split": split, "index": int(emb["index"][mask][issue["position"]])})
             for r in label_rows:
-                findings.append({"split": r["split"], "index": r["index"], "label": r["given"], "reason": "label_issue", "match": None,
-                                 "duplicate_of_split": None, "duplicate_of_index": None, "score": r["given_confidence"],
-                                 "given": r["given"], "predicted": r["predicted"], "given_confidence": r["given_confidence"],
-                                 "predicted_confidence": r["predicted_confidence"], "rank": r["rank"]})  # fmt: skip
-            top = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])[:TOP_ISSUES]
-            labels_info = {"method": "cleanlab.filter.find_label_issues, ranked by self-confidence", "folds": cfg.folds,
-                           "epochs": cfg.epochs, "model": f"{cfg.model} x{cfg.width}",
-                           "fold_accuracy": [round(a, 4) for a in fits["fold_accuracy"]],
-                           "eval_model": f"--checkpoint {cfg.checkpoint}" if cfg.checkpoint else "a model trained on all train rows (Tune trial fold -1)",
-                           "eval_accuracy": eval_acc,
-                           "top": [{"split": f["split"], "index": f["index"], "given": classes[f["given"]], "predicted": classes[f["predicted"]],
-                                    "given_confidence": f["given_confidence"], "predicted_confidence": f["predicted_confidence"]} for f in top]}  # fmt: skip
+                findings.append(
+                    {
+                        "split": r["split"],
+                        "index": r["index"],
+                        "label": r["given"],
+                        "reason": "label_issue",
+                        "match": None,
+                        "duplicate_of_split": None,
+                        "duplicate_of_index": None,
+                        "score": r["given_confidence"],
+                        "given": r["given"],
+                        "predicted": r["predicted"],
+                        "given_confidence": r["given_confidence"],
+                        "predicted_confidence": r["predicted_confidence"],
+                        "rank": r["rank"],
+                    }
+                )
+            top = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])[
+                :TOP_ISSUES
+            ]
+            labels_info = {
+                "method": "cleanlab.filter.find_label_issues, ranked by self-confidence",
+                "folds": cfg.folds,
+                "epochs": cfg.epochs,
+                "model": f"{cfg.model} x{cfg.width}",
+                "fold_accuracy": [round(a, 4) for a in fits["fold_accuracy"]],
+                "eval_model": f"--checkpoint {cfg.checkpoint}"
+                if cfg.checkpoint
+                else "a model trained on all train rows (Tune trial fold -1)",
+                "eval_accuracy": eval_acc,
+                "top": [
+                    {
+                        "split": f["split"],
+                        "index": f["index"],
+                        "given": classes[f["given"]],
+                        "predicted": classes[f["predicted"]],
+                        "given_confidence": f["given_confidence"],
+                        "predicted_confidence": f["predicted_confidence"],
+                    }
+                    for f in top
+                ],
+            }
         reasons = drop_reasons(cfg.drop)
         for f in findings:
             f["dropped"] = ROW_REASONS[f["reason"]] in reasons
@@ -302,26 +433,50 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
             checksum = hashlib.sha256(f"{meta.get('source_checksum', '')}|{ids}".encode()).hexdigest()[:16]
             counts_removed = dict(sorted(summarise([f for f in findings if f["dropped"]], classes)["counts"].items()))
             base = {k: v for k, v in meta.items() if k not in ("counts", "counts_per_class", "mean", "std", "splits")}
-            base.update(source=f"clean:{os.path.abspath(cfg.data)}", source_checksum=checksum,
-                        cleaning={"source": os.path.abspath(cfg.data), "source_checksum": meta.get("source_checksum", ""),
-                                  "reasons": reasons, "removed": {s: len(v) for s, v in gone.items()},
-                                  "removed_by_reason": counts_removed, "reference": cfg.reference or None,
-                                  "near_threshold": near_info["threshold"] if near_info else None})  # fmt: skip
+            base.update(
+                source=f"clean:{os.path.abspath(cfg.data)}",
+                source_checksum=checksum,
+                cleaning={
+                    "source": os.path.abspath(cfg.data),
+                    "source_checksum": meta.get("source_checksum", ""),
+                    "reasons": reasons,
+                    "removed": {s: len(v) for s, v in gone.items()},
+                    "removed_by_reason": counts_removed,
+                    "reference": cfg.reference or None,
+                    "near_threshold": near_info["threshold"] if near_info else None,
+                },
+            )
             new_meta = write_dataset(tmp / "data", tables, classes, list(shape), base)
             dropped = {"reasons": reasons, "rows": sum(len(v) for v in gone.values()), "counts": new_meta["counts"]}
             files.append("data/")
-        report = {"data": os.path.abspath(cfg.data), "data_checksum": meta.get("source_checksum", ""),
-                  "reference": cfg.reference or None, "reference_rows": sum(ref[1]["counts"].values()) if ref else 0,
-                  "rows": meta["counts"], "classes": classes, **summarise(findings, classes), "near": near_info,
-                  "labels": labels_info, "dropped": dropped, "files": files, "settings": cfg.settings(),
-                  "seconds": round(time.time() - started, 1),
-                  "phase_seconds": phase_s}  # fmt: skip
+        report = {
+            "data": os.path.abspath(cfg.data),
+            "data_checksum": meta.get("source_checksum", ""),
+            "reference": cfg.reference or None,
+            "reference_rows": sum(ref[1]["counts"].values()) if ref else 0,
+            "rows": meta["counts"],
+            "classes": classes,
+            **summarise(findings, classes),
+            "near": near_info,
+            "labels": labels_info,
+            "dropped": dropped,
+            "files": files,
+            "settings": cfg.settings(),
+            "seconds": round(time.time() - started, 1),
+            "phase_seconds": phase_s,
+        }
         write_report(tmp, report)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out.resolve()), "counts": report["counts"], "near_threshold": near_info["threshold"] if near_info else None,
-            "dropped": dropped, "seconds": report["seconds"], "phase_seconds": phase_s}  # fmt: skip
+    return {
+        "out": str(out.resolve()),
+        "counts": report["counts"],
+        "near_threshold": near_info["threshold"] if near_info else None,
+        "dropped": dropped,
+        "seconds": report["seconds"],
+        "phase_seconds": phase_s,
+    }
 
 
 @contextmanager
@@ -332,8 +487,17 @@ def _timed(phase_s: dict[str, float], phase: str) -> Iterator[None]:
     phase_s[phase] = round(time.time() - t0, 1)
 
 
-def _grids(cfg: CleanConfig, tmp: Path, findings: list[dict[str, Any]], train: dict[str, np.ndarray], ref: Any,
-           classes: list[str], save_pairs: Any, save_issues: Any, load_arrays: Any) -> None:  # fmt: skip
+def _grids(
+    cfg: CleanConfig,
+    tmp: Path,
+    findings: list[dict[str, Any]],
+    train: dict[str, np.ndarray],
+    ref: Any,
+    classes: list[str],
+    save_pairs: Any,
+    save_issues: Any,
+    load_arrays: Any,
+) -> None:
     """duplicates.png (the highest-scoring pairs of each reason) and label_issues.png (the
     least self-confident issues)."""
     cache: dict[str, dict[int, np.ndarray]] = {"train": dict(zip(train["index"].tolist(), train["image"]))}
@@ -353,10 +517,29 @@ def _grids(cfg: CleanConfig, tmp: Path, findings: list[dict[str, Any]], train: d
     chosen = []
     for reason in ("leak", "duplicate", "near_duplicate"):
         chosen += sorted((f for f in dups if f["reason"] == reason), key=lambda f: -f["score"])[:per]
-    save_pairs(tmp / "duplicates.png", [(image(f["split"], f["index"]), image(f["duplicate_of_split"], f["duplicate_of_index"]),
-                                         f"{f['reason']} ({f['match']}) {f['score']:.3f}\n{f['split']} {f['index']} ~ {f['duplicate_of_split']} {f['duplicate_of_index']}")
-                                        for f in chosen[:cfg.grid_groups]])  # fmt: skip
-    issues = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])[:cfg.grid_groups]
-    save_issues(tmp / "label_issues.png", [(image(f["split"], f["index"]),
-                                            f"{f['split']} {f['index']}: {classes[f['given']]} -> {classes[f['predicted']]}\n({f['predicted_confidence']:.2f})")
-                                           for f in issues])  # fmt: skip
+    save_pairs(
+        tmp / "duplicates.png",
+        [
+            (
+                image(f["split"], f["index"]),
+                image(f["duplicate_of_split"], f["duplicate_of_index"]),
+                f"{f['reason']} ({f['match']}) {f['score']:.3f}\n{f['split']} {f['index']} ~ "
+                f"{f['duplicate_of_split']} {f['duplicate_of_index']}",
+            )
+            for f in chosen[: cfg.grid_groups]
+        ],
+    )
+    issues = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])[
+        : cfg.grid_groups
+    ]
+    save_issues(
+        tmp / "label_issues.png",
+        [
+            (
+                image(f["split"], f["index"]),
+                f"{f['split']} {f['index']}: {classes[f['given']]} -> "
+                f"{classes[f['predicted']]}\n({f['predicted_confidence']:.2f})",
+            )
+            for f in issues
+        ],
+    )

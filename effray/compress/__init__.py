@@ -20,18 +20,34 @@ from effray.compress.distill import kd_loss
 from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
 from effray.compress.prune import (
-                                   IMPORTANCES,
-                                   PRUNERS,
-                                   SCHEDULES,
-                                   lock_sparsity,
-                                   prune_step,
-                                   schedule_rates,
-                                   weight_sparsity,
+    IMPORTANCES,
+    PRUNERS,
+    SCHEDULES,
+    lock_sparsity,
+    prune_step,
+    schedule_rates,
+    weight_sparsity,
 )
 from effray.compress.quantize import QUANTIZERS, calibrate, dequantize, fold_bn, quantize_model
 
 __all__ = [
-    "FORMAT", "IMPORTANCES", "PRUNERS", "QUANTIZERS", "SCHEDULES", "CompressConfig", "calibrate", "dequantize",
-    "fold_bn", "kd_loss", "load_artifact", "lock_sparsity", "measure", "prune_step", "quantize_model",
-    "save_artifact", "schedule_rates", "to_int8", "weight_sparsity",
-]  # fmt: skip
+    "FORMAT",
+    "IMPORTANCES",
+    "PRUNERS",
+    "QUANTIZERS",
+    "SCHEDULES",
+    "CompressConfig",
+    "calibrate",
+    "dequantize",
+    "fold_bn",
+    "kd_loss",
+    "load_artifact",
+    "lock_sparsity",
+    "measure",
+    "prune_step",
+    "quantize_model",
+    "save_artifact",
+    "schedule_rates",
+    "to_int8",
+    "weight_sparsity",
+]

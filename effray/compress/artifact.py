@@ -54,8 +54,13 @@ from effray.errors import EffrayError
 from effray.train.checkpoint import FORMATS, read_payload, save_payload
 
 FORMAT = "effray.compressed"
-_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear, "BatchNorm1d": nn.BatchNorm1d,
-          "BatchNorm2d": nn.BatchNorm2d, "Identity": nn.Identity}  # fmt: skip
+_TYPES = {
+    "Conv2d": nn.Conv2d,
+    "Linear": nn.Linear,
+    "BatchNorm1d": nn.BatchNorm1d,
+    "BatchNorm2d": nn.BatchNorm2d,
+    "Identity": nn.Identity,
+}
 
 
 def file_checksum(path: str | os.PathLike) -> str:
@@ -80,12 +85,15 @@ def describe_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             info = {"type": "Conv2d" if isinstance(m, nn.Conv2d) else "Linear", "args": layer_args(m)}
             if isinstance(m, QUANT_TYPES):
-                info.update(bits=m.bits, act_bits=m.act_bits,
-                            act_range=m.aq.mode if isinstance(m.aq, ActQuant) else "ema")  # fmt: skip
+                info.update(
+                    bits=m.bits, act_bits=m.act_bits, act_range=m.aq.mode if isinstance(m.aq, ActQuant) else "ema"
+                )
             out[name] = info
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            out[name] = {"type": type(m).__name__, "args": {"num_features": m.num_features, "eps": m.eps,
-                                                            "momentum": m.momentum, "affine": m.affine}}  # fmt: skip
+            out[name] = {
+                "type": type(m).__name__,
+                "args": {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine},
+            }
         elif isinstance(m, nn.Identity):
             out[name] = {"type": "Identity", "args": {}}
     return out
@@ -104,8 +112,14 @@ def build_from(spec: dict[str, Any], modules: dict[str, dict[str, Any]]) -> nn.M
             raise EffrayError(f"artifact names a layer {name!r} that {spec.get('name')} does not have") from None
         kind = info["type"]
         if kind in ("Conv2d", "Linear"):
-            new = make_layer("conv" if kind == "Conv2d" else "linear", info["args"], info.get("bits", 32),
-                             info.get("act_bits", 32), info.get("act_range", "ema"), learn=False)  # fmt: skip
+            new = make_layer(
+                "conv" if kind == "Conv2d" else "linear",
+                info["args"],
+                info.get("bits", 32),
+                info.get("act_bits", 32),
+                info.get("act_range", "ema"),
+                learn=False,
+            )
         else:
             new = _TYPES[kind](**info["args"])
         set_module(model, name, new)
@@ -149,7 +163,7 @@ def decode_state(blob: torch.Tensor, table: list[list[Any]]) -> dict[str, torch.
     state: dict[str, torch.Tensor] = {}
     codes = []
     for key, enc, dtype, shape, offset, nbytes, bits in table:
-        data = blob[offset:offset + nbytes]
+        data = blob[offset : offset + nbytes]
         count = int(torch.Size(shape).numel())
         if enc in ("qdense", "qsparse"):
             codes.append((key, enc, shape, data, bits, count))
@@ -164,17 +178,26 @@ def decode_state(blob: torch.Tensor, table: list[list[Any]]) -> dict[str, torch.
     return state
 
 
-def artifact_payload(model: nn.Module, *, method: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                     teacher: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-                     codec: str = "none") -> dict[str, Any]:
+def artifact_payload(
+    model: nn.Module,
+    *,
+    method: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    teacher: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    codec: str = "none",
+) -> dict[str, Any]:
     """The artifact as a dict (what :func:`save_artifact` writes)."""
     spec = getattr(model, "spec", None)
     if not spec:
-        raise EffrayError("model has no .spec (build it with effray.models.build_model) so its artifact could not be rebuilt")
+        raise EffrayError(
+            "model has no .spec (build it with effray.models.build_model) so its artifact could not be rebuilt"
+        )
     blob, table = encode_state(model)
     if codec == "lzma":
-        blob = torch.frombuffer(bytearray(lzma.compress(blob.numpy().tobytes(), preset=9 | lzma.PRESET_EXTREME)),
-                                dtype=torch.uint8)  # fmt: skip
+        blob = torch.frombuffer(
+            bytearray(lzma.compress(blob.numpy().tobytes(), preset=9 | lzma.PRESET_EXTREME)), dtype=torch.uint8
+        )
     elif codec != "none":
         raise EffrayError(f"unknown artifact codec {codec!r}; valid: none, lzma")
     plain = lambda x: json.loads(json.dumps(x, default=str))  # noqa: E731  (only plain types reach the pickle)
@@ -214,7 +237,9 @@ def model_from_payload(payload: dict[str, Any]) -> nn.Module:
             blob = torch.frombuffer(bytearray(lzma.decompress(blob.numpy().tobytes())), dtype=torch.uint8)
         model.load_state_dict(decode_state(blob, layout["tensors"]), strict=True)
     except (KeyError, RuntimeError, lzma.LZMAError, TypeError) as exc:
-        raise EffrayError(f"compressed artifact is damaged or from another effray version: {str(exc).splitlines()[0][:200]}") from None
+        raise EffrayError(
+            f"compressed artifact is damaged or from another effray version: {str(exc).splitlines()[0][:200]}"
+        ) from None
     model.spec = dict(payload["model_spec"])
     return freeze(model).eval()
 
@@ -227,8 +252,11 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     raw state dict (latent fp32 weights, step sizes, ranges), unpacked. What a fine-tuning
     checkpoint stores: the packed artifact keeps only the dequantized weights, and resuming
     QAT from those would lose the latent weights' sub-step detail."""
-    return {"model_spec": dict(model.spec), "modules": describe_modules(model),
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}  # fmt: skip
+    return {
+        "model_spec": dict(model.spec),
+        "modules": describe_modules(model),
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
 
 
 def restore(snap: dict[str, Any], learn: bool = True) -> nn.Module:

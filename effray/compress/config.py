@@ -34,25 +34,47 @@ class CompressConfig:
     teacher: str = option("", "checkpoint to compress (a run directory or its model.pt); also the KD teacher")
     student: str = option("", "student model name for distillation; empty = compress the teacher's own architecture")
     student_width: float = option(1.0, "student channel width multiplier (with --student)")
-    prune_rate: float = option(0.0, "unstructured: fraction of conv+linear weights set to zero; structured: fraction of channels removed (0 = no pruning)")
-    prune_kind: str = option("unstructured", "unstructured (zeros in the weights) or structured (channels physically removed)", choices=PRUNE_KINDS)
-    prune_importance: str = option("l1", "what ranks weights/channels: l1, l2 (magnitude) or taylor (|weight x gradient|)", choices=IMPORTANCES)
-    prune_schedule: str = option("oneshot", "oneshot (all at once) or cubic (Zhu & Gupta 2017 gradual) over --prune-steps events", choices=SCHEDULES)
+    prune_rate: float = option(
+        0.0,
+        "unstructured: fraction of conv+linear weights set to zero; structured: fraction of channels removed (0 = no "
+        "pruning)",
+    )
+    prune_kind: str = option(
+        "unstructured",
+        "unstructured (zeros in the weights) or structured (channels physically removed)",
+        choices=PRUNE_KINDS,
+    )
+    prune_importance: str = option(
+        "l1", "what ranks weights/channels: l1, l2 (magnitude) or taylor (|weight x gradient|)", choices=IMPORTANCES
+    )
+    prune_schedule: str = option(
+        "oneshot",
+        "oneshot (all at once) or cubic (Zhu & Gupta 2017 gradual) over --prune-steps events",
+        choices=SCHEDULES,
+    )
     prune_steps: int = option(1, "pruning events, each followed by fine-tuning (cubic schedule)")
     bits: int = option(OFF, "weight bits of every conv and linear layer: 2..8, or 32 = no quantization")
     first_layer_bits: int = option(8, "bits of the first conv (weights and its input): 2..8 or 32")
     last_layer_bits: int = option(8, "bits of the classifier (weights and its input): 2..8 or 32")
     act_bits: int = option(8, "bits of every layer's input activation when quantizing: 2..8 or 32 = float activations")
-    act_range: str = option("ema", "activation ranges: ema (calibrated running min/max) or lsq (learned step size)", choices=ACT_RANGES)
-    quant_mode: str = option("qat", "qat (fake-quant during fine-tuning) or ptq (calibrate only, no training)", choices=QUANT_MODES)
+    act_range: str = option(
+        "ema", "activation ranges: ema (calibrated running min/max) or lsq (learned step size)", choices=ACT_RANGES
+    )
+    quant_mode: str = option(
+        "qat", "qat (fake-quant during fine-tuning) or ptq (calibrate only, no training)", choices=QUANT_MODES
+    )
     calib_batches: int = option(8, "batches used to calibrate quantizer ranges")
     kd_temperature: float = option(4.0, "distillation temperature T (> 0)")
     kd_alpha: float = option(0.0, "weight of the soft (teacher) loss vs the hard labels; 0 = no distillation")
     finetune_epochs: int = option(1, "fine-tuning epochs after pruning / during QAT (0 = one-shot, PTQ)")
     finetune_lr: float = option(0.01, "peak fine-tuning learning rate (SGD, cosine decay)")
     finetune_batch_size: int = option(256, "fine-tuning batch size")
-    codec: str = option("lzma", "entropy stage over the packed weights: lzma (Deep Compression's Huffman role) or none", choices=CODECS)
-    int8: bool = option(True, "also build the int8 CPU runtime (torchao PT2E, oneDNN x86 kernels) and measure its latency")
+    codec: str = option(
+        "lzma", "entropy stage over the packed weights: lzma (Deep Compression's Huffman role) or none", choices=CODECS
+    )
+    int8: bool = option(
+        True, "also build the int8 CPU runtime (torchao PT2E, oneDNN x86 kernels) and measure its latency"
+    )
 
     @property
     def prunes(self) -> bool:
@@ -68,18 +90,40 @@ class CompressConfig:
         return self.kd_alpha > 0
 
     def validate(self) -> None:
-        require(isinstance(self.prune_rate, (int, float)) and 0.0 <= self.prune_rate < 1.0,
-                f"--prune-rate must be in [0, 1), got {self.prune_rate}")  # fmt: skip
-        require(self.prune_kind in PRUNE_KINDS, f"--prune-kind must be one of {', '.join(PRUNE_KINDS)}, got {self.prune_kind!r}")
-        require(self.prune_importance in IMPORTANCES,
-                f"--prune-importance must be one of {', '.join(IMPORTANCES)}, got {self.prune_importance!r}")  # fmt: skip
-        require(self.prune_schedule in SCHEDULES, f"--prune-schedule must be one of {', '.join(SCHEDULES)}, got {self.prune_schedule!r}")
-        require(isinstance(self.prune_steps, int) and self.prune_steps >= 1, f"--prune-steps must be >= 1, got {self.prune_steps}")
-        for flag, bits in (("--bits", self.bits), ("--first-layer-bits", self.first_layer_bits),
-                           ("--last-layer-bits", self.last_layer_bits), ("--act-bits", self.act_bits)):  # fmt: skip
+        require(
+            isinstance(self.prune_rate, (int, float)) and 0.0 <= self.prune_rate < 1.0,
+            f"--prune-rate must be in [0, 1), got {self.prune_rate}",
+        )
+        require(
+            self.prune_kind in PRUNE_KINDS,
+            f"--prune-kind must be one of {', '.join(PRUNE_KINDS)}, got {self.prune_kind!r}",
+        )
+        require(
+            self.prune_importance in IMPORTANCES,
+            f"--prune-importance must be one of {', '.join(IMPORTANCES)}, got {self.prune_importance!r}",
+        )
+        require(
+            self.prune_schedule in SCHEDULES,
+            f"--prune-schedule must be one of {', '.join(SCHEDULES)}, got {self.prune_schedule!r}",
+        )
+        require(
+            isinstance(self.prune_steps, int) and self.prune_steps >= 1,
+            f"--prune-steps must be >= 1, got {self.prune_steps}",
+        )
+        for flag, bits in (
+            ("--bits", self.bits),
+            ("--first-layer-bits", self.first_layer_bits),
+            ("--last-layer-bits", self.last_layer_bits),
+            ("--act-bits", self.act_bits),
+        ):
             require(valid_bits(bits), f"{flag} must be 2..8 (or 32 = off), got {bits}")
-        require(self.act_range in ACT_RANGES, f"--act-range must be one of {', '.join(ACT_RANGES)}, got {self.act_range!r}")
-        require(self.quant_mode in QUANT_MODES, f"--quant-mode must be one of {', '.join(QUANT_MODES)}, got {self.quant_mode!r}")
+        require(
+            self.act_range in ACT_RANGES, f"--act-range must be one of {', '.join(ACT_RANGES)}, got {self.act_range!r}"
+        )
+        require(
+            self.quant_mode in QUANT_MODES,
+            f"--quant-mode must be one of {', '.join(QUANT_MODES)}, got {self.quant_mode!r}",
+        )
         require(self.calib_batches >= 1, f"--calib-batches must be >= 1, got {self.calib_batches}")
         require(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
         require(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
@@ -91,4 +135,6 @@ class CompressConfig:
         if self.student:
             from effray.models import model_names
 
-            require(self.student in model_names(), f"unknown --student {self.student!r}; valid: {', '.join(model_names())}")
+            require(
+                self.student in model_names(), f"unknown --student {self.student!r}; valid: {', '.join(model_names())}"
+            )

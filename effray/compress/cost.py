@@ -69,20 +69,28 @@ def predict_costs(
     the teacher is on, and the teacher is not touched."""
     cfg = validated(cfg)
     spec = dict(teacher.spec)
-    shape = (
-        tuple(input_shape) if input_shape is not None else (int(spec.get("in_channels", 3)), 32, 32)
-    )
+    shape = tuple(input_shape) if input_shape is not None else (int(spec.get("in_channels", 3)), 32, 32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         batch = [(torch.randn(BATCH, *shape), torch.randint(0, int(spec["num_classes"]), (BATCH,)))]
         model = _student(teacher, cfg, batch)
         model = _replay(model, cfg, batch)
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_artifact(tmp, model, method=method_summary(model, cfg, spec), config=to_dict(cfg),
-                                 teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
+            path = save_artifact(
+                tmp,
+                model,
+                method=method_summary(model, cfg, spec),
+                config=to_dict(cfg),
+                teacher=teacher_info or {},
+                data=data,
+                codec=cfg.codec,
+            )
             loaded, _ = load_artifact(tmp)  # measured as the run measures: the file read back
-            out = {"bytes": os.path.getsize(path), "params": parameter_count(loaded),
-                   "nonzero_params": nonzero_parameters(loaded)}  # fmt: skip
+            out = {
+                "bytes": os.path.getsize(path),
+                "params": parameter_count(loaded),
+                "nonzero_params": nonzero_parameters(loaded),
+            }
         out.update(count_macs(loaded, shape))
     return out
 
@@ -112,8 +120,15 @@ def bytes_so_far(
     if cfg.quantizes and not is_quantized(model):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_artifact(tmp, _on_cpu(model), method=method_summary(model, cfg, teacher_spec),
-                             config=to_dict(cfg), teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
+        path = save_artifact(
+            tmp,
+            _on_cpu(model),
+            method=method_summary(model, cfg, teacher_spec),
+            config=to_dict(cfg),
+            teacher=teacher_info or {},
+            data=data,
+            codec=cfg.codec,
+        )
         return os.path.getsize(path)
 
 
@@ -136,9 +151,7 @@ def epoch_costs(
     return {**predicted, "predicted_bytes": measured, "bytes_from": "weights"}
 
 
-def _student(
-    teacher: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]
-) -> nn.Module:
+def _student(teacher: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
     """``build_student`` from a CPU view of the teacher (it copies what it keeps)."""
     return build_student(_on_cpu(teacher), cfg, images=lambda: batch[0][0]).cpu()
 
@@ -152,13 +165,13 @@ def _on_cpu(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().cpu(), p.requires_grad) for p in model.parameters()}
     memo.update({id(b): b.detach().cpu() for b in model.buffers()})
     for m in model.modules():
-        memo.update({id(m._forward_pre_hooks): type(m._forward_pre_hooks)(), id(m._forward_hooks): type(m._forward_hooks)()})
+        memo.update(
+            {id(m._forward_pre_hooks): type(m._forward_pre_hooks)(), id(m._forward_hooks): type(m._forward_hooks)()}
+        )
     return copy.deepcopy(model, memo)  # every parameter and buffer is a CPU copy already
 
 
-def _replay(
-    model: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]
-) -> nn.Module:
+def _replay(model: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
     """The recipe's epoch plan with each fine-tuning phase cut to one SGD step on ``batch``.
 
     Structure: every pruning event at its own rate, in order (a gradual structured
@@ -175,8 +188,14 @@ def _replay(
             lock.release()
             lock = None
         if epoch in events:
-            prune_step(model, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=batch,
-                       example_inputs=batch[0][0][:1])  # fmt: skip
+            prune_step(
+                model,
+                events[epoch],
+                cfg.prune_kind,
+                cfg.prune_importance,
+                batches=batch,
+                example_inputs=batch[0][0][:1],
+            )
         if epoch == qstart:
             apply_quantization(model, cfg, batch)
         if cfg.prunes and cfg.prune_kind == "unstructured":

@@ -16,20 +16,30 @@ from effray.config import require
 from effray.errors import EffrayError
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """Hinton KD loss (mean over the batch). ``targets`` are class indices (N,) or soft
     targets (N, C) (label smoothing, mixup); the teacher's logits are detached, so no
     gradient ever reaches the teacher."""
     require(temperature > 0, f"KD temperature must be > 0, got {temperature}")
     require(0.0 <= alpha <= 1.0, f"KD alpha must be in [0, 1], got {alpha}")
     if student_logits.shape != teacher_logits.shape:
-        raise EffrayError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                          f"{tuple(teacher_logits.shape)} differ: the models predict different classes")  # fmt: skip
+        raise EffrayError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: the models predict different classes"
+        )
     t = teacher_logits.detach().float()
     s = student_logits.float()
-    soft = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
-                    reduction="batchmean", log_target=True) * temperature**2  # fmt: skip
+    soft = (
+        F.kl_div(
+            F.log_softmax(s / temperature, dim=1),
+            F.log_softmax(t / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     hard = F.cross_entropy(s, targets)  # index or probability targets
     return alpha * soft + (1.0 - alpha) * hard
 
@@ -46,8 +56,10 @@ def check_student(teacher_spec: dict, student_spec: dict) -> None:
     """A student must predict the teacher's classes from the same inputs."""
     for key, what in (("num_classes", "classes"), ("in_channels", "input channels")):
         if key in teacher_spec and key in student_spec and teacher_spec[key] != student_spec[key]:
-            raise EffrayError(f"student {student_spec.get('name')} has {student_spec[key]} {what}, the teacher "
-                              f"{teacher_spec.get('name')} has {teacher_spec[key]}; they must match to distil")  # fmt: skip
+            raise EffrayError(
+                f"student {student_spec.get('name')} has {student_spec[key]} {what}, the teacher "
+                f"{teacher_spec.get('name')} has {teacher_spec[key]}; they must match to distil"
+            )
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:

@@ -67,17 +67,29 @@ from effray.config import require
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 ENGINES = ("x86",)
-QUANTIZED_OPS = ("onednn.qconv", "onednn.qlinear")
-SAFE_CODE = 63  # |weight code| <= 63: two u8 x s8 products always fit int16 (2 x 255 x 64 = 32,640)  # what real int8 execution calls (see :func:`int8_ops`)
+QUANTIZED_OPS = ("onednn.qconv", "onednn.qlinear")  # what real int8 execution calls (see :func:`int8_ops`)
+SAFE_CODE = 63  # |weight code| <= 63: two u8 x s8 products always fit int16 (2 x 255 x 64 = 32,640)
 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """torch.export / torchao / inductor warn and log on every call (deprecations, guard
     notes): none of it is the user's to act on."""
-    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch._dynamo", "torch._inductor",
-                                              "torch.fx.experimental.symbolic_shapes", "torch.utils._pytree", "torch.utils.cpp_extension",
-                                              "torch.onnx", "onnxscript", "torchao")]  # fmt: skip
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "torch._export",
+            "torch.export",
+            "torch._dynamo",
+            "torch._inductor",
+            "torch.fx.experimental.symbolic_shapes",
+            "torch.utils._pytree",
+            "torch.utils.cpp_extension",
+            "torch.onnx",
+            "onnxscript",
+            "torchao",
+        )
+    ]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,16 +156,21 @@ def failing_layer(exc: BaseException, model: nn.Module) -> str:
 def weight_steps(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<layer>.weight": per-channel step}`` of every fake-quant layer of ``model``: the
     int8 scales that keep its k-bit weights exact (the float twin's parameter names)."""
-    return {f"{n}.weight": m.wq.used_scale().detach().float().cpu() for n, m in model.named_modules()
-            if isinstance(m, QUANT_TYPES)}  # fmt: skip
+    return {
+        f"{n}.weight": m.wq.used_scale().detach().float().cpu()
+        for n, m in model.named_modules()
+        if isinstance(m, QUANT_TYPES)
+    }
 
 
 def activation_grids(model: nn.Module) -> dict[str, tuple[float, int, int]]:
     """``{"<layer>.weight": (scale, zero point, bits)}`` of every fake-quant layer of ``model``
     that quantizes its input: the grid the student rounds that input to."""
-    return {f"{n}.weight": (float(m.aq.scale.detach().abs().clamp_min(1e-8)), int(m.aq.zero), int(m.aq.bits))
-            for n, m in model.named_modules()
-            if isinstance(m, QUANT_TYPES) and isinstance(m.aq, ActQuant) and m.aq.is_ready}  # fmt: skip
+    return {
+        f"{n}.weight": (float(m.aq.scale.detach().abs().clamp_min(1e-8)), int(m.aq.zero), int(m.aq.bits))
+        for n, m in model.named_modules()
+        if isinstance(m, QUANT_TYPES) and isinstance(m.aq, ActQuant) and m.aq.is_ready
+    }
 
 
 def _pin_weight_grids(prepared: torch.fx.GraphModule, steps: dict[str, torch.Tensor]) -> int:
@@ -217,7 +234,10 @@ def _pin_activation_grids(prepared: torch.fx.GraphModule, model: nn.Module) -> i
     quantizers = {n: m.aq for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
     pinned = 0
     for node in prepared.graph.nodes:
-        if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+        if node.op != "call_function" or node.target not in (
+            torch.ops.aten.conv2d.default,
+            torch.ops.aten.linear.default,
+        ):
             continue
         source, stack = node.args[0], node.meta.get("nn_module_stack") or {}
         aq = quantizers.get(list(stack.values())[-1][0] if stack else "")
@@ -225,8 +245,13 @@ def _pin_activation_grids(prepared: torch.fx.GraphModule, model: nn.Module) -> i
             continue
         old = getattr(prepared, str(source.target))
         s, z = float(aq.scale.detach().abs().clamp_min(1e-8)), float(aq.zero)
-        fixed = MinMaxObserver(dtype=old.dtype, qscheme=torch.per_tensor_affine, quant_min=old.quant_min,
-                               quant_max=old.quant_max, eps=1e-12)  # fmt: skip
+        fixed = MinMaxObserver(
+            dtype=old.dtype,
+            qscheme=torch.per_tensor_affine,
+            quant_min=old.quant_min,
+            quant_max=old.quant_max,
+            eps=1e-12,
+        )
         fixed.min_val, fixed.max_val = torch.tensor(-z * s), torch.tensor((old.quant_max - z) * s)
         setattr(prepared, str(source.target), fixed)
         pinned += 1
@@ -234,8 +259,9 @@ def _pin_activation_grids(prepared: torch.fx.GraphModule, model: nn.Module) -> i
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, batches: Batches, *, max_batches: int = 8,
-                  reduce_range: bool | None = None) -> torch.fx.GraphModule:
+def quantize_int8(
+    model: nn.Module, batches: Batches, *, max_batches: int = 8, reduce_range: bool | None = None
+) -> torch.fx.GraphModule:
     """The converted PT2E program of ``model``'s float twin: int8 weights (on the student's
     own grid when ``model`` is fake-quantized) and q/dq ops around every int8 conv/linear;
     uint8 activations on a student's own grids, else calibrated on up to ``max_batches``
@@ -283,7 +309,9 @@ def quantize_int8(model: nn.Module, batches: Batches, *, max_batches: int = 8,
             _pin_activation_grids(prepared, model)
         pinned = _pin_weight_grids(prepared, weight_steps(model))
         converted = convert_pt2e(prepared)
-    converted.meta["float_layers"] = [n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES) and n not in on_int8] if student else []
+    converted.meta["float_layers"] = (
+        [n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES) and n not in on_int8] if student else []
+    )
     converted.meta["student_grid_layers"] = pinned  # how many layers kept the student's k-bit grid
     return converted
 
@@ -297,13 +325,19 @@ def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.f
     from torch.export import Dim
 
     require(len(example) >= 2, "the lowering example needs >= 2 images")
-    require(torch.backends.mkldnn.is_available(), "int8 x86 kernels need torch built with oneDNN (mkldnn); this build has none")
+    require(
+        torch.backends.mkldnn.is_available(),
+        "int8 x86 kernels need torch built with oneDNN (mkldnn); this build has none",
+    )
     # torchao's lower_pt2e_quantized_to_x86, step for step, but on a dynamic-batch export:
     # it exports with a static batch, and its module then refuses every other batch size
     table = {k: v for k, v in torch.export.default_decompositions().items() if torch._export.utils._is_cia_op(k)}
     with quiet():
-        lowered = (torch.export.export(converted, (example,), dynamic_shapes=({0: Dim("batch")},))
-                   .run_decompositions(table).module())  # fmt: skip
+        lowered = (
+            torch.export.export(converted, (example,), dynamic_shapes=({0: Dim("batch")},))
+            .run_decompositions(table)
+            .module()
+        )
         _replace(lowered, torch.ops.aten.t.default, lambda x: (torch.ops.aten.permute.default, (x, [1, 0])))
         freezing_passes(lowered, (example,))
         constant_fold(lowered)
@@ -321,7 +355,10 @@ def _reshape_in_uint8(gm: torch.fx.GraphModule) -> None:
     the uint8 tensor itself: run it so, as inductor's generated code would, not on a float
     copy; likewise drop a bare ``quantize(dequantize(x))``. Exact. (Max-pools stay on the
     float copy: torch's integer max-pool refuses maps over 255 elements.)"""
-    q, dq = torch.ops.quantized_decomposed.quantize_per_tensor.default, torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    q, dq = (
+        torch.ops.quantized_decomposed.quantize_per_tensor.default,
+        torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+    )
     for node in list(gm.graph.nodes):
         if node.target != q:
             continue
@@ -367,7 +404,9 @@ def int8_ops(module: nn.Module) -> list[str]:
 def to_int8(model: nn.Module, batches: Batches, *, engine: str = "x86", max_batches: int = 8) -> nn.Module:
     """An int8 ``GraphModule`` of ``model`` (left untouched) running oneDNN int8 kernels on
     x86, activations calibrated on up to ``max_batches`` of ``batches``; any batch size."""
-    require(engine in ENGINES, f"int8 engine {engine!r} is not supported; supported: {', '.join(ENGINES)} (PT2E + oneDNN)")
+    require(
+        engine in ENGINES, f"int8 engine {engine!r} is not supported; supported: {', '.join(ENGINES)} (PT2E + oneDNN)"
+    )
     batches = list(_take(batches, max_batches))
     converted = quantize_int8(model, batches, max_batches=max_batches)
     x = batches[0][0]

@@ -75,8 +75,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
 
 
 @torch.no_grad()
-def latency_ms(*models: nn.Module, batch_size: int, input_shape: tuple[int, ...] | None = None,
-               repeats: int = 10, warmup: int = 2) -> list[float]:
+def latency_ms(
+    *models: nn.Module, batch_size: int, input_shape: tuple[int, ...] | None = None, repeats: int = 10, warmup: int = 2
+) -> list[float]:
     """Median wall time (ms) of one forward of each model at ``batch_size``, threads as set.
 
     Several models are timed interleaved (a, b, a, b, ...), so load from other processes
@@ -138,14 +139,25 @@ def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
         return {"accuracy": float("nan"), "eval_images": 0}
     lg, lb = (t.cpu() for t in pass_)
     m = classification_metrics(lg, lb, [str(i) for i in range(lg.shape[1])])
-    return {"accuracy": int((lg.argmax(1) == lb).sum()) / len(lb), "eval_images": len(lb),
-            **{k: m[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")}}  # fmt: skip
+    return {
+        "accuracy": int((lg.argmax(1) == lb).sum()) / len(lb),
+        "eval_images": len(lb),
+        **{k: m[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")},
+    }
 
 
-def measure(model: nn.Module, batches: Batches | None = None, *, artifact: str | os.PathLike | None = None,
-            int8_model: nn.Module | None = None, teacher: dict[str, Any] | None = None,
-            input_shape: tuple[int, ...] | None = None, latency_batches: tuple[int, ...] = (1, 256),
-            repeats: dict[int, int] | None = None, threads: int | None = None) -> dict[str, Any]:
+def measure(
+    model: nn.Module,
+    batches: Batches | None = None,
+    *,
+    artifact: str | os.PathLike | None = None,
+    int8_model: nn.Module | None = None,
+    teacher: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    latency_batches: tuple[int, ...] = (1, 256),
+    repeats: dict[int, int] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """One metrics dict: ``accuracy`` and :func:`class_scores` (when ``batches``), ``params``, ``nonzero_params``,
     ``macs``, ``sparse_macs``, ``bytes`` (the file at ``artifact``), ``latency_ms_b{N}``
     for each batch size at ``threads`` threads, the same for ``int8_model`` (``int8_*``),
@@ -201,7 +213,12 @@ def compare(m: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
         ratio(k, "speedup_" + k.removeprefix("latency_ms_"), m, teacher)
         if f"int8_{k}" in m and teacher.get(k):
             out["int8_speedup_" + k.removeprefix("latency_ms_")] = float(teacher[k]) / float(m[f"int8_{k}"])
-    for key in ("accuracy", "macro_f1", "worst_class_recall", "corruption_accuracy"):  # what compression costs, in points
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "worst_class_recall",
+        "corruption_accuracy",
+    ):  # what compression costs, in points
         if m.get(key) is not None and teacher.get(key) is not None:
             out[f"{key}_drop_points"] = 100.0 * (float(teacher[key]) - float(m[key]))
     if m.get("ece") is not None and teacher.get("ece") is not None:

@@ -27,10 +27,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
         raise ValueError(f"values outside [0, 2^{bits})")
     shifts = torch.arange(bits, dtype=torch.int64)
-    weights = (1 << torch.arange(8, dtype=torch.int64))
+    weights = 1 << torch.arange(8, dtype=torch.int64)
     out = []
     for i in range(0, v.numel(), CHUNK):
-        b = ((v[i:i + CHUNK, None] >> shifts) & 1).flatten()
+        b = ((v[i : i + CHUNK, None] >> shifts) & 1).flatten()
         pad = (-b.numel()) % 8
         if pad:
             b = torch.cat([b, b.new_zeros(pad)])
@@ -41,11 +41,11 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` values, as int64."""
     shifts = torch.arange(8, dtype=torch.int64)
-    weights = (1 << torch.arange(bits, dtype=torch.int64))
+    weights = 1 << torch.arange(bits, dtype=torch.int64)
     out = []
     step = CHUNK * bits // 8  # bytes holding exactly CHUNK values
     for i in range(0, data.numel(), step):
-        b = ((data[i:i + step].to(torch.int64)[:, None] >> shifts) & 1).flatten()
+        b = ((data[i : i + step].to(torch.int64)[:, None] >> shifts) & 1).flatten()
         n = b.numel() // bits
         out.append((b[: n * bits].view(n, bits) * weights).sum(1))
     return (torch.cat(out) if out else torch.zeros(0, dtype=torch.int64))[:count]

@@ -57,8 +57,9 @@ def _tp() -> Any:
 IMPORTANCES.register("l1")(Importance(lambda w, g: w.abs(), lambda: _tp().importance.GroupMagnitudeImportance(p=1)))
 # element-wise l2 ranks like l1; it differs per group, where squares favour a few large weights
 IMPORTANCES.register("l2")(Importance(lambda w, g: w.square(), lambda: _tp().importance.GroupMagnitudeImportance(p=2)))
-IMPORTANCES.register("taylor")(Importance(lambda w, g: (w * g).abs(), lambda: _tp().importance.GroupTaylorImportance(),
-                                          needs_grad=True))  # fmt: skip
+IMPORTANCES.register("taylor")(
+    Importance(lambda w, g: (w * g).abs(), lambda: _tp().importance.GroupTaylorImportance(), needs_grad=True)
+)
 
 
 # ---------------------------------------------------------------- schedules
@@ -152,7 +153,10 @@ def prune_unstructured(model: nn.Module, rate: float, importance: Importance, **
     layers = [m for m in all_layers if m is not out]
     n_all = sum(m.weight.numel() for m in all_layers)
     room = sum(m.weight.numel() for m in layers)
-    require(round(rate * n_all) <= room, f"prune rate {rate} would need the classifier's weights too; at most {room / n_all:.3f}")
+    require(
+        round(rate * n_all) <= room,
+        f"prune rate {rate} would need the classifier's weights too; at most {room / n_all:.3f}",
+    )
     with torch.no_grad():
         scores = []
         for m in layers:
@@ -166,14 +170,15 @@ def prune_unstructured(model: nn.Module, rate: float, importance: Importance, **
         start = 0
         for m in layers:
             n = m.weight.numel()
-            m.weight.masked_fill_(drop[start:start + n].view_as(m.weight), 0.0)
+            m.weight.masked_fill_(drop[start : start + n].view_as(m.weight), 0.0)
             start += n
     return model
 
 
 @PRUNERS.register("structured")
-def prune_structured(model: nn.Module, rate: float, importance: Importance,
-                     example_inputs: torch.Tensor | None = None, **_: Any) -> nn.Module:
+def prune_structured(
+    model: nn.Module, rate: float, importance: Importance, example_inputs: torch.Tensor | None = None, **_: Any
+) -> nn.Module:
     """Remove a ``rate`` fraction of the channels of every prunable group, counted against the
     base architecture (``model.spec``), so calling it again with a higher rate removes
     only the difference: that is how the gradual schedule runs.
@@ -202,17 +207,22 @@ def prune_structured(model: nn.Module, rate: float, importance: Importance,
     return model
 
 
-def structured_pruner(model: nn.Module, step_ratio: float, importance: Importance,
-                      example_inputs: torch.Tensor | None = None) -> Any:
+def structured_pruner(
+    model: nn.Module, step_ratio: float, importance: Importance, example_inputs: torch.Tensor | None = None
+) -> Any:
     """Torch-Pruning's ``MetaPruner`` over ``model`` with the classifier protected; its
     dependency graph is traced with ``example_inputs`` (default: one random CIFAR-sized
     image) on the model's own device."""
     if example_inputs is None:
         shape = (1, int(getattr(model, "spec", {}).get("in_channels", 3)), 32, 32)
         example_inputs = torch.randn(shape, device=model_device(model))
-    return _tp().pruner.MetaPruner(model, example_inputs.to(model_device(model)), importance=importance.group(),
-                                   pruning_ratio=step_ratio, ignored_layers=[classifier(model)])  # fmt: skip
-
+    return _tp().pruner.MetaPruner(
+        model,
+        example_inputs.to(model_device(model)),
+        importance=importance.group(),
+        pruning_ratio=step_ratio,
+        ignored_layers=[classifier(model)],
+    )
 
 
 def _base_channel_counts(model: nn.Module) -> list[int] | None:
@@ -224,8 +234,15 @@ def _base_channel_counts(model: nn.Module) -> list[int] | None:
     return channel_counts(build_model(**spec))
 
 
-def prune_step(model: nn.Module, rate: float, kind: str = "unstructured", importance: str = "l1", *,
-               example_inputs: torch.Tensor | None = None, batches: Batches | None = None) -> nn.Module:
+def prune_step(
+    model: nn.Module,
+    rate: float,
+    kind: str = "unstructured",
+    importance: str = "l1",
+    *,
+    example_inputs: torch.Tensor | None = None,
+    batches: Batches | None = None,
+) -> nn.Module:
     """Prune ``model`` (in place; also returned) to ``rate``: the one call a fine-tuning loop
     makes at each pruning event. ``batches`` of (x, y) feed the gradients Taylor needs;
     without them the gradients already in ``.grad`` are used.

@@ -102,7 +102,9 @@ class WeightQuant(nn.Module):
         best, best_err = amax / self.qmax, torch.full_like(amax, float("inf"))
         for ratio in (0.3 + 0.05 * i for i in range(15)):  # 0.3 .. 1.0, as Python numbers
             s = fp16_round((amax * ratio / self.qmax).clamp_min(MIN_SCALE))
-            err = (FakeQuant.apply(w, s.view(self._shape(w)), -self.qmax, self.qmax, 1.0) - w).square().flatten(1).sum(1)
+            err = (
+                (FakeQuant.apply(w, s.view(self._shape(w)), -self.qmax, self.qmax, 1.0) - w).square().flatten(1).sum(1)
+            )
             better = err < best_err
             best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
         self.scale.copy_(best)
@@ -221,7 +223,9 @@ class _QMixin:
 class QConv2d(_QMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight and input are fake-quantized in every forward."""
 
-    def __init__(self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self._attach(bits, act_bits, act_range, learn)
 
@@ -232,7 +236,9 @@ class QConv2d(_QMixin, nn.Conv2d):
 class QLinear(_QMixin, nn.Linear):
     """``nn.Linear`` whose weight and input are fake-quantized in every forward."""
 
-    def __init__(self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self._attach(bits, act_bits, act_range, learn)
 
@@ -246,14 +252,22 @@ QUANT_TYPES = (QConv2d, QLinear)
 def layer_args(m: nn.Module) -> dict[str, Any]:
     """Constructor arguments of a conv/linear: enough to rebuild it at its (pruned) shape."""
     if isinstance(m, nn.Conv2d):
-        return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-                "stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
-                "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None}  # fmt: skip
+        return {
+            "in_channels": m.in_channels,
+            "out_channels": m.out_channels,
+            "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride),
+            "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
+            "dilation": list(m.dilation),
+            "groups": m.groups,
+            "bias": m.bias is not None,
+        }
     return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
 
 
-def make_layer(kind: str, args: dict[str, Any], bits: int = OFF, act_bits: int = OFF,
-               act_range: str = "ema", learn: bool = True) -> nn.Module:
+def make_layer(
+    kind: str, args: dict[str, Any], bits: int = OFF, act_bits: int = OFF, act_range: str = "ema", learn: bool = True
+) -> nn.Module:
     """A conv/linear (quantized when ``bits`` < 32) from :func:`layer_args` output."""
     conv = kind == "conv"
     if bits == OFF:
@@ -276,8 +290,16 @@ def bits_per_layer(model: nn.Module) -> dict[str, int]:
     return {n: getattr(m, "bits", OFF) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def quantize_model(model: nn.Module, bits: int, *, act_bits: int = 8, first_bits: int = 8, last_bits: int = 8,
-                   act_range: str = "ema", learn: bool = True) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    bits: int,
+    *,
+    act_bits: int = 8,
+    first_bits: int = 8,
+    last_bits: int = 8,
+    act_range: str = "ema",
+    learn: bool = True,
+) -> nn.Module:
     """Replace every Conv2d/Linear of ``model`` (in place; also returned) by its fake-quant
     twin. The first layer and the classifier get ``first_bits``/``last_bits`` for weights
     and input; ``act_bits=32`` leaves every activation in float. Parameters are shared,
@@ -298,7 +320,9 @@ def quantize_model(model: nn.Module, bits: int, *, act_bits: int = 8, first_bits
         if w_bits == OFF:
             continue
         with torch.device(m.weight.device):  # quantizer parameters and buffers beside the weights
-            q = make_layer("conv" if isinstance(m, nn.Conv2d) else "linear", layer_args(m), w_bits, a_bits, act_range, learn)
+            q = make_layer(
+                "conv" if isinstance(m, nn.Conv2d) else "linear", layer_args(m), w_bits, a_bits, act_range, learn
+            )
         q.weight, q.bias = m.weight, m.bias
         set_module(model, name, q.train(m.training))
     return model

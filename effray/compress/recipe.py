@@ -57,8 +57,9 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 PROGRESS_FORMAT = "effray.compress.progress/1"
 
 
-def build_student(teacher: nn.Module, cfg: CompressConfig,
-                  images: Callable[[], torch.Tensor] | None = None) -> nn.Module:
+def build_student(
+    teacher: nn.Module, cfg: CompressConfig, images: Callable[[], torch.Tensor] | None = None
+) -> nn.Module:
     """The model to compress: a trainable copy of the teacher, or a fresh ``cfg.student``
     with the teacher's classes and input channels (checked: a mismatch is one line). A
     fresh student with data-dependent init (airbench's whitening) is set from ``images()``
@@ -73,8 +74,12 @@ def build_student(teacher: nn.Module, cfg: CompressConfig,
             p.requires_grad_(True)
         student.spec = spec
         return student.train()
-    student_spec = {"name": cfg.student, "num_classes": spec["num_classes"],
-                    "in_channels": spec.get("in_channels", 3), "width": cfg.student_width}  # fmt: skip
+    student_spec = {
+        "name": cfg.student,
+        "num_classes": spec["num_classes"],
+        "in_channels": spec.get("in_channels", 3),
+        "width": cfg.student_width,
+    }
     check_student(spec, student_spec)
     student = build_model(**student_spec)
     if images is not None and needs_data_init(student):
@@ -107,8 +112,13 @@ def quant_epoch(cfg: CompressConfig) -> int | None:
 def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mode: str | None = None) -> nn.Module:
     """Fold BN, then replace every conv/linear with its k-bit fake-quant twin, calibrated."""
     fold_bn(model)
-    bits = {"bits": cfg.bits, "act_bits": cfg.act_bits, "first_bits": cfg.first_layer_bits,
-            "last_bits": cfg.last_layer_bits, "act_range": cfg.act_range}  # fmt: skip
+    bits = {
+        "bits": cfg.bits,
+        "act_bits": cfg.act_bits,
+        "first_bits": cfg.first_layer_bits,
+        "last_bits": cfg.last_layer_bits,
+        "act_range": cfg.act_range,
+    }
     return QUANTIZERS.get(mode or cfg.quant_mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
 
 
@@ -127,12 +137,17 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and p.dim() > 1]
     ids = {id(p) for p in decay}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.9, nesterov=True)  # fmt: skip
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
 
 
-def epoch_optimizer(model: nn.Module, cfg: CompressConfig, step: int, total: int,
-                    state: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+def epoch_optimizer(
+    model: nn.Module, cfg: CompressConfig, step: int, total: int, state: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
     """The optimizer from the start of an epoch whose parameters are new (the first, or one
     after pruning or quantization), at the schedule's LR; ``state`` is a resumed run's
     momentum, for the same parameters."""
@@ -146,8 +161,14 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-def train_step(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
-               optimizer: torch.optim.Optimizer, cfg: CompressConfig) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cfg: CompressConfig,
+) -> torch.Tensor:
     """One optimizer step: KD against the frozen teacher when ``kd_alpha > 0``, else CE.
     Returns the detached loss on the device (callers sum it there and read it per epoch)."""
     logits = model(x)
@@ -165,41 +186,75 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
     """What was done, measured on the model itself (sparsity, per-layer bits, channels)."""
     out: dict[str, Any] = {"student": dict(model.spec), "teacher_model": dict(teacher_spec)}
     if cfg.prunes:
-        out["prune"] = {"kind": cfg.prune_kind, "rate": cfg.prune_rate, "importance": cfg.prune_importance,
-                        "schedule": cfg.prune_schedule, "steps": cfg.prune_steps,
-                        "weight_sparsity": weight_sparsity(model), "channels": channel_counts(model)}  # fmt: skip
+        out["prune"] = {
+            "kind": cfg.prune_kind,
+            "rate": cfg.prune_rate,
+            "importance": cfg.prune_importance,
+            "schedule": cfg.prune_schedule,
+            "steps": cfg.prune_steps,
+            "weight_sparsity": weight_sparsity(model),
+            "channels": channel_counts(model),
+        }
     if is_quantized(model):
-        out["quant"] = {"mode": cfg.quant_mode, "bits": cfg.bits, "act_bits": cfg.act_bits, "act_range": cfg.act_range,
-                        "first_layer_bits": cfg.first_layer_bits, "last_layer_bits": cfg.last_layer_bits,
-                        "bn_folded": True, "bits_per_layer": bits_per_layer(model)}  # fmt: skip
+        out["quant"] = {
+            "mode": cfg.quant_mode,
+            "bits": cfg.bits,
+            "act_bits": cfg.act_bits,
+            "act_range": cfg.act_range,
+            "first_layer_bits": cfg.first_layer_bits,
+            "last_layer_bits": cfg.last_layer_bits,
+            "bn_folded": True,
+            "bits_per_layer": bits_per_layer(model),
+        }
     if cfg.distills:
         out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
     return out
 
 
-def progress_payload(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: CompressConfig, *, epochs_done: int,
-                     step: int, lock: SparsityLock | None, device: torch.device | str = "cpu",
-                     **extra: Any) -> dict[str, Any]:
+def progress_payload(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: CompressConfig,
+    *,
+    epochs_done: int,
+    step: int,
+    lock: SparsityLock | None,
+    device: torch.device | str = "cpu",
+    **extra: Any,
+) -> dict[str, Any]:
     """What a fine-tune resumes from after ``epochs_done`` epochs: the student's modules and
     latent weights (:func:`effray.compress.artifact.snapshot`), the optimizer, the LR step,
     the RNG, the config it belongs to, and ``extra`` (e.g. the epochs reported so far).
     Weights-only loadable, like every effray checkpoint."""
     if lock is not None:
         lock.apply()  # the last optimizer step moved masked weights; the next forward would re-zero them
-    return {"format": PROGRESS_FORMAT, "epochs_done": epochs_done, "step": step, "student": snapshot(model),
-            "optimizer": optimizer.state_dict(), "rng": rng_state(torch.device(device)), "config": to_dict(cfg),
-            **extra}  # fmt: skip
+    return {
+        "format": PROGRESS_FORMAT,
+        "epochs_done": epochs_done,
+        "step": step,
+        "student": snapshot(model),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(torch.device(device)),
+        "config": to_dict(cfg),
+        **extra,
+    }
 
 
-def resume_student(payload: dict[str, Any], cfg: CompressConfig,
-                   device: torch.device | str = "cpu") -> tuple[nn.Module, int, int, dict[str, Any]]:
+def resume_student(
+    payload: dict[str, Any], cfg: CompressConfig, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, int, int, dict[str, Any]]:
     """``(student on device, epochs done, LR step, optimizer state)`` from
     :func:`progress_payload`; the RNG is restored too. A checkpoint of another config (a
     changed search space under the same experiment name) is refused in one line."""
-    require(payload.get("format") == PROGRESS_FORMAT,
-            f"not a fine-tuning checkpoint ({payload.get('format')!r}, expected {PROGRESS_FORMAT})")  # fmt: skip
-    require(payload.get("config") == to_dict(cfg),
-            "the fine-tuning checkpoint belongs to another compression config; resume with the same config or use a new --name")  # fmt: skip
+    require(
+        payload.get("format") == PROGRESS_FORMAT,
+        f"not a fine-tuning checkpoint ({payload.get('format')!r}, expected {PROGRESS_FORMAT})",
+    )
+    require(
+        payload.get("config") == to_dict(cfg),
+        "the fine-tuning checkpoint belongs to another compression config; resume with the same config or use a new "
+        "--name",
+    )
     device = torch.device(device)
     model = restore(payload["student"], learn=True).to(device)
     set_rng_state(payload["rng"], device)
@@ -217,13 +272,23 @@ def _progress_model(payload: dict[str, Any]) -> nn.Module:
     return restore(payload["student"], learn=False).eval()
 
 
-def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Callable[[int], Batches],
-                   calib: list[tuple[torch.Tensor, torch.Tensor]], eval_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                   out_dir: str | Path, *, teacher_info: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-                   teacher_metrics: dict[str, Any] | None = None, steps_per_epoch: int | None = None,
-                   log: Callable[[str], None] = print,
-                   on_epoch: Callable[[int, nn.Module, Callable[[], dict[str, Any]]], None] | None = None,
-                   resume: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+def compress_local(
+    teacher: nn.Module,
+    cfg: CompressConfig,
+    train_batches: Callable[[int], Batches],
+    calib: list[tuple[torch.Tensor, torch.Tensor]],
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    teacher_metrics: dict[str, Any] | None = None,
+    steps_per_epoch: int | None = None,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, nn.Module, Callable[[], dict[str, Any]]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
     """Run the whole recipe in this process; returns the metrics dict (also the teacher's).
 
     ``train_batches(epoch)`` yields normalised (x, y) batches of one epoch; ``calib`` feeds
@@ -266,7 +331,10 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
         if epoch in events:
             release()
             prune_step(model, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=calib)
-            log(f"epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); weight sparsity {weight_sparsity(model):.3f}")
+            log(
+                f"epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); weight sparsity "
+                f"{weight_sparsity(model):.3f}"
+            )
             changed = True
         if epoch == qstart:
             release()
@@ -290,14 +358,22 @@ def compress_local(teacher: nn.Module, cfg: CompressConfig, train_batches: Calla
         log(f"epoch {epoch}: loss {float(loss_sum) / max(batches, 1):.4f}")  # the epoch's one host read
         if on_epoch is not None:  # e.g. a Tune report, so a scheduler can stop poor trials
             was_training = model.training
-            progress = functools.partial(progress_payload, model, optimizer, cfg, epochs_done=epoch + 1, step=step,
-                                         lock=lock, device=device)  # fmt: skip
+            progress = functools.partial(
+                progress_payload, model, optimizer, cfg, epochs_done=epoch + 1, step=step, lock=lock, device=device
+            )
             on_epoch(epoch, model.eval(), progress)
             model.train(was_training)
     finish(model, cfg, calib, lock)
     out = Path(out_dir)
-    save_artifact(out, model.cpu(), method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
-                  teacher=teacher_info or {}, data=data, codec=cfg.codec)  # fmt: skip
+    save_artifact(
+        out,
+        model.cpu(),
+        method=method_summary(model, cfg, teacher.spec),
+        config=to_dict(cfg),
+        teacher=teacher_info or {},
+        data=data,
+        codec=cfg.codec,
+    )
     loaded, _ = load_artifact(out)  # measure the file, not the in-memory model
     int8 = to_int8(loaded, host_calib, max_batches=cfg.calib_batches) if cfg.int8 else None
     metrics = measure(loaded, eval_batches, artifact=out, int8_model=int8, teacher=teacher_metrics)

@@ -53,20 +53,30 @@ class CompressRunConfig:
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 fine-tunes on GPUs with NCCL, 0 on CPUs with gloo")
     data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task")
     eval_batch_size: int = option(256, "batch size for validation and calibration")
-    max_failures: int = option(2, "fine-tuning restarts after a worker or node dies, each from the last epoch's checkpoint (-1 = forever)")
-    inject_failure_at_epoch: int = option(-1, "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this fine-tuning epoch (1-based; -1 = never)")
+    max_failures: int = option(
+        2, "fine-tuning restarts after a worker or node dies, each from the last epoch's checkpoint (-1 = forever)"
+    )
+    inject_failure_at_epoch: int = option(
+        -1,
+        "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this fine-tuning epoch (1-based; "
+        "-1 = never)",
+    )
 
     def validate(self) -> None:
         require(bool(self.compress.teacher), "--teacher CKPT is required (a checkpoint from `effray train`)")
         require(bool(self.data.data), "--data DIR is required (a dataset from `effray data prepare`)")
         require(bool(self.out), "--out DIR is required")
         require(isinstance(self.workers, int) and self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
-        require(self.cpus_per_worker > 0 and self.gpus_per_worker >= 0 and self.data_cpus > 0,
-                "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0")  # fmt: skip
+        require(
+            self.cpus_per_worker > 0 and self.gpus_per_worker >= 0 and self.data_cpus > 0,
+            "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0",
+        )
         require(self.eval_batch_size > 0, f"--eval-batch-size must be > 0, got {self.eval_batch_size}")
         require(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
-        require(self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.compress.finetune_epochs,
-                f"--inject-failure-at-epoch must be -1 or 1..{self.compress.finetune_epochs} (--finetune-epochs)")  # fmt: skip
+        require(
+            self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.compress.finetune_epochs,
+            f"--inject-failure-at-epoch must be -1 or 1..{self.compress.finetune_epochs} (--finetune-epochs)",
+        )
         require_whole_gpus(self.workers, self.gpus_per_worker)
 
     @property
@@ -82,7 +92,6 @@ def _rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[Any, Any]]
     every rank sees exactly the same batches whatever order the blocks arrive in."""
     import torch
 
-
     parts = list(torch_batches(shard, meta, batch))
     if not parts:
         return []
@@ -90,7 +99,7 @@ def _rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[Any, Any]]
     order = torch.argsort(index)
     x = torch.cat([b["image"] for b in parts])[order]
     y = torch.cat([b["label"] for b in parts])[order]
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
 
 
 def compress_loop_per_worker(config: dict[str, Any]) -> None:
@@ -155,9 +164,13 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"[effray] resuming the fine-tune after epoch {start}")
     else:
-        plain = build_student(teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)).to(device)
+        plain = build_student(teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)).to(
+            device
+        )
         start, step, optimizer_state, history = 0, 0, None, []
-    calib = [(x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)]
+    calib = [
+        (x.to(device), y.to(device)) for x, y in _rows(ray.train.get_dataset_shard("calib"), meta, rc.eval_batch_size)
+    ]
     source = ctx.get("train_source")  # the cached split, reshuffled exactly every epoch; None: streamed
     train_shard = None if source is not None else ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -181,8 +194,10 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch in events:
             prune_step(plain, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=calib)
             if rank == 0:
-                say(f"[effray] epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); "
-                    f"weight sparsity {weight_sparsity(plain):.3f}")  # fmt: skip
+                say(
+                    f"[effray] epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); "
+                    f"weight sparsity {weight_sparsity(plain):.3f}"
+                )
             changed = True
         if epoch == qstart:
             apply_quantization(plain, cfg, calib)
@@ -202,8 +217,18 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         seed_epoch(rc.data.seed, epoch, rank)
         model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)  # read once, after the epoch
-        batches = training_batches(source, train_shard, meta, per_worker, epoch=epoch, replica=rank, replicas=world,
-                                   clock=ctx["clock"], shuffle_buffer=rc.data.shuffle_buffer, seed=rc.data.seed)  # fmt: skip
+        batches = training_batches(
+            source,
+            train_shard,
+            meta,
+            per_worker,
+            epoch=epoch,
+            replica=rank,
+            replicas=world,
+            clock=ctx["clock"],
+            shuffle_buffer=rc.data.shuffle_buffer,
+            seed=rc.data.seed,
+        )
         for b in batches:
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
@@ -214,21 +239,41 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
             if epoch + 1 == rc.inject_failure_at_epoch and rank == min(1, world - 1) and ctx.get("run_dir"):
                 die_once(Path(ctx["run_dir"]))
         sums = all_sum(sums).cpu()
-        metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "lr": optimizer.param_groups[0]["lr"],
-                   **ctx.get("report_extra", {})}  # fmt: skip
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(sums[0] / max(sums[1], 1)),
+            "lr": optimizer.param_groups[0]["lr"],
+            **ctx.get("report_extra", {}),
+        }
         metrics.update(validate(strategy, model, val_shard, meta, rc.eval_batch_size, rank, world, num_classes))
         if rank == 0:
-            say(f"[effray] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}")
+            say(
+                f"[effray] epoch {epoch + 1}/{epochs}  loss {metrics['train_loss']:.4f}  val_acc "
+                f"{metrics['val_accuracy']:.4f}"
+            )
             # under a search: the size of rank 0's weights once final, what the scheduler ranks by
-            metrics.update(epoch_costs(ctx.get("report_extra", {}), unwrap(model), cfg, epoch, teacher.spec,
-                                       teacher_info=ctx["teacher_info"], data=ctx["data"]))  # fmt: skip
+            metrics.update(
+                epoch_costs(
+                    ctx.get("report_extra", {}),
+                    unwrap(model),
+                    cfg,
+                    epoch,
+                    teacher.spec,
+                    teacher_info=ctx["teacher_info"],
+                    data=ctx["data"],
+                )
+            )
         history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
         if rank != 0:
             ray.train.report(history[-1])
             continue
         with tempfile.TemporaryDirectory() as keep:  # rank 0's fine-tune so far: what a restart resumes
-            save_payload(keep, progress_payload(plain, optimizer, cfg, epochs_done=epoch + 1, step=step, lock=lock,
-                                                device=device, history=history))  # fmt: skip
+            save_payload(
+                keep,
+                progress_payload(
+                    plain, optimizer, cfg, epochs_done=epoch + 1, step=step, lock=lock, device=device, history=history
+                ),
+            )
             ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(keep))
 
     strategy.sync_for_eval(model)
@@ -237,19 +282,32 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         out = Path(rc.out)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:6]}"
-        save_artifact(tmp, model.cpu(), method=method_summary(model, cfg, teacher.spec), config=to_dict(cfg),
-                      teacher=ctx["teacher_info"], data=ctx["data"], codec=cfg.codec)  # fmt: skip
+        save_artifact(
+            tmp,
+            model.cpu(),
+            method=method_summary(model, cfg, teacher.spec),
+            config=to_dict(cfg),
+            teacher=ctx["teacher_info"],
+            data=ctx["data"],
+            codec=cfg.codec,
+        )
         replace_dir(tmp, out)
         # the epochs as the workers saw them, for the driver's metrics.json: through an actor
         # the driver owns, not a file on rank 0's node (another node's driver can't see it)
         post(ctx["mailbox"], {"epochs": history, "final": final, "world": world, "nodes": nodes, "resumed_from": start})
     # not "final": under Tune (TuneReportCallback) that key marks the measured artifact's report.
     # The accuracy under its own name too: Tune requires every report to carry the metric
-    ray.train.report({"epoch": epochs + 1, "finetuned": True, "world": world, "nodes": nodes, **ctx.get("report_extra", {}),
-                      "val_accuracy": final["val_accuracy"],
-                      **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)}})  # fmt: skip
-
-
+    ray.train.report(
+        {
+            "epoch": epochs + 1,
+            "finetuned": True,
+            "world": world,
+            "nodes": nodes,
+            **ctx.get("report_extra", {}),
+            "val_accuracy": final["val_accuracy"],
+            **{f"final_{k}": v for k, v in final.items() if not isinstance(v, list)},
+        }
+    )
 
 
 # ------------------------------------------------------------------ the driver
@@ -280,8 +338,11 @@ def teacher_baseline(teacher: Any, teacher_path: str, evals: list) -> tuple[dict
     with tempfile.TemporaryDirectory() as tmp:
         save_artifact(tmp, teacher)
         metrics = measure(teacher, evals, artifact=tmp)
-    info = {"checksum": file_checksum(checkpoint_file(teacher_path)), "spec": dict(teacher.spec),
-            "path": str(Path(teacher_path).resolve())}  # fmt: skip
+    info = {
+        "checksum": file_checksum(checkpoint_file(teacher_path)),
+        "spec": dict(teacher.spec),
+        "path": str(Path(teacher_path).resolve()),
+    }
     return metrics, info
 
 
@@ -293,17 +354,23 @@ def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, 
 
     validated(rc)
     out = Path(rc.out)
-    require(not out.exists() or rc.overwrite or (out.is_dir() and not any(out.iterdir())),
-            f"--out {rc.out} already exists; pass --overwrite to replace it, or choose another directory")  # fmt: skip
+    require(
+        not out.exists() or rc.overwrite or (out.is_dir() and not any(out.iterdir())),
+        f"--out {rc.out} already exists; pass --overwrite to replace it, or choose another directory",
+    )
     require(not out.exists() or out.is_dir(), f"--out {rc.out} is a file, not a directory")
     meta = validate_data_dir(rc.data.data)
-    require("val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
-            f"dataset {rc.data.data} has no validation split; re-prepare it with --val-fraction > 0")  # fmt: skip
+    require(
+        "val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
+        f"dataset {rc.data.data} has no validation split; re-prepare it with --val-fraction > 0",
+    )
     teacher, payload = load_checkpoint(rc.compress.teacher)
     spec = dict(getattr(teacher, "spec", {}) or payload.get("model_spec", {}))
-    require(int(spec.get("num_classes", -1)) == int(meta["num_classes"]),
-            f"teacher {rc.compress.teacher} predicts {spec.get('num_classes')} classes, {rc.data.data} has "
-            f"{meta['num_classes']}; use the dataset it was trained on")  # fmt: skip
+    require(
+        int(spec.get("num_classes", -1)) == int(meta["num_classes"]),
+        f"teacher {rc.compress.teacher} predicts {spec.get('num_classes')} classes, {rc.data.data} has "
+        f"{meta['num_classes']}; use the dataset it was trained on",
+    )
     teacher.spec = spec
     build_student(teacher, rc.compress)  # a student with other classes/inputs fails here, in one line
     return teacher, payload, meta
@@ -316,14 +383,26 @@ def worker_batches(rc: CompressRunConfig, meta: dict[str, Any]) -> tuple[int, in
 
     rows = train_rows(rc.data, meta) // rc.workers
     per_worker = max(1, rc.compress.finetune_batch_size // rc.workers)
-    require(rows >= per_worker, f"{train_rows(rc.data, meta)} training rows can't give {rc.workers} workers a batch of "
-                                f"{per_worker}; use fewer workers or a smaller --finetune-batch-size")  # fmt: skip
+    require(
+        rows >= per_worker,
+        f"{train_rows(rc.data, meta)} training rows can't give {rc.workers} workers a batch of "
+        f"{per_worker}; use fewer workers or a smaller --finetune-batch-size",
+    )
     return rows, per_worker
 
 
-def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: Any, teacher_info: dict[str, Any], *,
-                         name: str, storage: str, callbacks: list[Any] | None = None,
-                         max_failures: int = 0, report_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def fine_tune_on_workers(
+    rc: CompressRunConfig,
+    meta: dict[str, Any],
+    calib_ds: Any,
+    teacher_info: dict[str, Any],
+    *,
+    name: str,
+    storage: str,
+    callbacks: list[Any] | None = None,
+    max_failures: int = 0,
+    report_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Fit the ``TorchTrainer`` running :func:`compress_loop_per_worker` on ``rc.workers``
     workers; rank 0 writes the artifact to ``rc.out`` (absolute). ``name``/``storage`` are
     Ray Train's run (deterministic names restore, from the last epoch's checkpoint);
@@ -343,33 +422,52 @@ def fine_tune_on_workers(rc: CompressRunConfig, meta: dict[str, Any], calib_ds: 
     run_id = uuid.uuid4().hex[:8]
     clock, box = f"effray-compress-clock-{run_id}", f"effray-compress-results-{run_id}"
     mailbox = open_mailbox(box)
-    ctx = {"teacher": str(Path(rc.compress.teacher).resolve()), "teacher_info": teacher_info, "mailbox": box,
-           "run_dir": os.path.join(storage, name) if "://" not in storage else "",
-           "data": data_summary(meta), "meta": meta, "clock": clock, "steps_per_epoch": math.ceil(rows / per_worker),
-           "report_extra": dict(report_extra or {})}  # fmt: skip
+    ctx = {
+        "teacher": str(Path(rc.compress.teacher).resolve()),
+        "teacher_info": teacher_info,
+        "mailbox": box,
+        "run_dir": os.path.join(storage, name) if "://" not in storage else "",
+        "data": data_summary(meta),
+        "meta": meta,
+        "clock": clock,
+        "steps_per_epoch": math.ceil(rows / per_worker),
+        "report_extra": dict(report_extra or {}),
+    }
     out = Path(rc.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # as `effray train`: a split that fits the object store is reshuffled exactly every epoch
     source = cache_split(rc.data, num_cpus=rc.data_cpus)
     train_ds = None if source is not None else train_dataset(rc.data, clock=clock, num_cpus=rc.data_cpus)
     if source is not None:
-        ctx.update(train_source=source, steps_per_epoch=steps_per_epoch(source.rows, per_worker * rc.workers, rc.workers))
+        ctx.update(
+            train_source=source, steps_per_epoch=steps_per_epoch(source.rows, per_worker * rc.workers, rc.workers)
+        )
     trainer = torch_trainer(
-        compress_loop_per_worker, {"run": to_dict(rc), "ctx": ctx},
-        workers=rc.workers, cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
-        name=name, storage=storage, max_failures=max_failures, callbacks=callbacks,
-        datasets={**({"train": train_ds} if train_ds is not None else {}),
-                  "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(), "calib": calib_ds},
+        compress_loop_per_worker,
+        {"run": to_dict(rc), "ctx": ctx},
+        workers=rc.workers,
+        cpus_per_worker=rc.cpus_per_worker,
+        gpus_per_worker=rc.gpus_per_worker,
+        name=name,
+        storage=storage,
+        max_failures=max_failures,
+        callbacks=callbacks,
+        datasets={
+            **({"train": train_ds} if train_ds is not None else {}),
+            "val": eval_dataset(rc.data.data, "val", num_cpus=rc.data_cpus).materialize(),
+            "calib": calib_ds,
+        },
         dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
-    )  # fmt: skip
+    )
     fit(trainer, clock)
     finetune = ray.get(mailbox.get.remote())
     require(finetune is not None, f"the fine-tuning run {name} ended without its results")
     return finetune
 
 
-def measure_artifact(out: str | Path, cfg: CompressConfig, calib: list, evals: list,
-                     teacher_metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_artifact(
+    out: str | Path, cfg: CompressConfig, calib: list, evals: list, teacher_metrics: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
     its int8 runtime when ``cfg.int8``: ``(metrics, payload)``."""
     from effray.compress.artifact import load_artifact
@@ -404,18 +502,41 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     # storage every node sees; nothing in it outlives the fit
     storage = out.parent / f".{out.name}.finetune-{uuid.uuid4().hex[:6]}"
     try:
-        finetune = fine_tune_on_workers(rc, meta, calib_ds, teacher_info, name=f"compress-{out.name}",
-                                        storage=str(storage), max_failures=rc.max_failures)  # fmt: skip
+        finetune = fine_tune_on_workers(
+            rc,
+            meta,
+            calib_ds,
+            teacher_info,
+            name=f"compress-{out.name}",
+            storage=str(storage),
+            max_failures=rc.max_failures,
+        )
     finally:
         shutil.rmtree(storage, ignore_errors=True)
 
     student, payload = measure_artifact(out, cfg, calib, evals, teacher_metrics)
-    metrics = {**student, "teacher": teacher_metrics, "method": payload.get("method", {}), "config": to_dict(rc),
-               "finetune": finetune, "provenance": provenance(meta)}  # fmt: skip
+    metrics = {
+        **student,
+        "teacher": teacher_metrics,
+        "method": payload.get("method", {}),
+        "config": to_dict(rc),
+        "finetune": finetune,
+        "provenance": provenance(meta),
+    }
     write_json(out / METRICS_FILE, metrics)
     ratios = student.get("vs_teacher", {})
-    return {"out": str(out), "artifact": str(checkpoint_file(out)), "metrics": str(out / METRICS_FILE),
-            "accuracy": student["accuracy"], "teacher_accuracy": teacher_metrics["accuracy"], "bytes": student["bytes"],
-            "params": student["params"], "nonzero_params": student["nonzero_params"], "macs": student["macs"],
-            "size_ratio": ratios.get("size_ratio"), "macs_ratio": ratios.get("macs_ratio"),
-            "accuracy_drop_points": ratios.get("accuracy_drop_points"), "workers": rc.workers}  # fmt: skip
+    return {
+        "out": str(out),
+        "artifact": str(checkpoint_file(out)),
+        "metrics": str(out / METRICS_FILE),
+        "accuracy": student["accuracy"],
+        "teacher_accuracy": teacher_metrics["accuracy"],
+        "bytes": student["bytes"],
+        "params": student["params"],
+        "nonzero_params": student["nonzero_params"],
+        "macs": student["macs"],
+        "size_ratio": ratios.get("size_ratio"),
+        "macs_ratio": ratios.get("macs_ratio"),
+        "accuracy_drop_points": ratios.get("accuracy_drop_points"),
+        "workers": rc.workers,
+    }

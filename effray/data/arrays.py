@@ -38,15 +38,21 @@ def load_arrays(data_dir: str | os.PathLike, split: str, limit: int = 0) -> Arra
     shape = tuple(load_meta(data_dir)["image_shape"])
     tables, rows = [], 0
     for f in split_files(data_dir, split):
-        t = pq.read_table(f, columns=[c for c in ("image", "label", "index", "synthetic") if c in pq.read_schema(f).names])
+        t = pq.read_table(
+            f, columns=[c for c in ("image", "label", "index", "synthetic") if c in pq.read_schema(f).names]
+        )
         tables.append(t if not limit else t.slice(0, limit - rows))
         rows += tables[-1].num_rows
         if limit and rows >= limit:
             break
     decoded = decode_batch(pa.concat_tables(tables).combine_chunks(), shape)
     synthetic = decoded.get("synthetic", np.zeros(len(decoded["label"]), bool))
-    return {"image": np.ascontiguousarray(decoded["image"]), "label": decoded["label"].astype(np.int64),
-            "index": decoded["index"].astype(np.int64), "synthetic": np.asarray(synthetic, bool)}  # fmt: skip
+    return {
+        "image": np.ascontiguousarray(decoded["image"]),
+        "label": decoded["label"].astype(np.int64),
+        "index": decoded["index"].astype(np.int64),
+        "synthetic": np.asarray(synthetic, bool),
+    }
 
 
 def concat_arrays(first: Arrays, second: Arrays) -> Arrays:
@@ -60,8 +66,17 @@ def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0x5EED])).permutation(rows)
 
 
-def epoch_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int, *, policy: str, seed: int, epoch: int,
-                  device: Any, channels_last: bool = False) -> Iterator[tuple[Any, Any]]:
+def epoch_batches(
+    arrays: Arrays,
+    meta: dict[str, Any],
+    batch_size: int,
+    *,
+    policy: str,
+    seed: int,
+    epoch: int,
+    device: Any,
+    channels_last: bool = False,
+) -> Iterator[tuple[Any, Any]]:
     """One epoch of ``(normalised images, labels)`` on ``device``: rows shuffled by a
     permutation of ``(seed, epoch)``, every batch augmented by ``policy`` with its own
     ``(seed, epoch, batch)`` generator. The last partial batch is kept."""
@@ -72,14 +87,17 @@ def epoch_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int, *, poli
     augment = parse_policy(policy, int(meta["num_classes"]))
     stats = None
     for b, start in enumerate(range(0, n, batch_size)):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         batch = {"image": arrays["image"][rows], "label": arrays["label"][rows], "index": arrays["index"][rows]}
         if not augment.is_identity:
             batch = augment(batch, batch_rng(seed, epoch, b), seed=seed, epoch=epoch)
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
         if stats is None:
             stats = channel_stats(meta["mean"], meta["std"], images.device)
-        yield normalize_tensor(images, *stats, channels_last), torch.from_numpy(batch["label"]).to(device, non_blocking=True)
+        yield (
+            normalize_tensor(images, *stats, channels_last),
+            torch.from_numpy(batch["label"]).to(device, non_blocking=True),
+        )
 
 
 def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[tuple[Any, Any]]:
@@ -88,6 +106,11 @@ def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[
 
     out = []
     for start in range(0, len(arrays["label"]), batch_size):
-        images = torch.from_numpy(arrays["image"][start:start + batch_size].copy())
-        out.append((normalize_tensor(images, meta["mean"], meta["std"]), torch.from_numpy(arrays["label"][start:start + batch_size].copy())))
+        images = torch.from_numpy(arrays["image"][start : start + batch_size].copy())
+        out.append(
+            (
+                normalize_tensor(images, meta["mean"], meta["std"]),
+                torch.from_numpy(arrays["label"][start : start + batch_size].copy()),
+            )
+        )
     return out

@@ -45,12 +45,21 @@ OpList = tuple[tuple[str, dict[str, Any]], ...]
 # b of 31 gives value = b/30 * max. Translations are fractions of the image side (TA's 32 px
 # on CIFAR = 1.0); posterize's value is bits dropped, solarize's is 255 - threshold.
 AUTO_MAGNITUDES: dict[str, tuple[float, float, bool]] = {
-    "identity": (0.0, 0.0, False), "autocontrast": (0.0, 0.0, False), "equalize": (0.0, 0.0, False),
-    "rotate": (30.0, 135.0, True), "solarize": (255.0, 255.0, False), "color": (0.9, 0.99, True),
-    "posterize": (4.0, 6.0, False), "contrast": (0.9, 0.99, True), "brightness": (0.9, 0.99, True),
-    "sharpness": (0.9, 0.99, True), "shear_x": (0.3, 0.99, True), "shear_y": (0.3, 0.99, True),
-    "translate_x": (150 / 331, 1.0, True), "translate_y": (150 / 331, 1.0, True),
-}  # fmt: skip
+    "identity": (0.0, 0.0, False),
+    "autocontrast": (0.0, 0.0, False),
+    "equalize": (0.0, 0.0, False),
+    "rotate": (30.0, 135.0, True),
+    "solarize": (255.0, 255.0, False),
+    "color": (0.9, 0.99, True),
+    "posterize": (4.0, 6.0, False),
+    "contrast": (0.9, 0.99, True),
+    "brightness": (0.9, 0.99, True),
+    "sharpness": (0.9, 0.99, True),
+    "shear_x": (0.3, 0.99, True),
+    "shear_y": (0.3, 0.99, True),
+    "translate_x": (150 / 331, 1.0, True),
+    "translate_y": (150 / 331, 1.0, True),
+}
 MAGNITUDE_BINS = 31
 
 
@@ -72,18 +81,14 @@ def _equalize(x: np.ndarray) -> np.ndarray:
     lut = (np.cumsum(hist, 1) + step // 2) // np.maximum(step, 1)
     lut = np.clip(np.concatenate([np.zeros((n * c, 1), np.int64), lut[:, :-1]], 1), 0, 255)
     lut = np.where(step == 0, np.arange(256), lut)
-    return (
-        np.take_along_axis(lut, flat, 1).reshape(n, c, h, w).transpose(0, 2, 3, 1).astype(np.uint8)
-    )
+    return np.take_along_axis(lut, flat, 1).reshape(n, c, h, w).transpose(0, 2, 3, 1).astype(np.uint8)
 
 
 def _sharpen_base(x: np.ndarray) -> np.ndarray:
     """PIL's SMOOTH kernel (1s around a 5, /13) on the interior; borders stay put."""
     f = x.astype(np.float32)
     h, w = f.shape[1:3]
-    s = sum(
-        f[:, 1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-    )
+    s = sum(f[:, 1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     out = f.copy()
     out[:, 1:-1, 1:-1] = np.rint((s + 4 * f[:, 1:-1, 1:-1]) / 13)
     return out
@@ -96,10 +101,11 @@ def _geo(x: np.ndarray, v: np.ndarray, kind: str) -> np.ndarray:
         return _warp(x, _rotation(v, h, w))
     mats = {
         # shears pivot on (-0.5, -0.5), the image's corner, as torchvision's do
-        "shear_x": (one, v, v / 2, z, one, z), "shear_y": (one, z, z, v, one, v / 2),
+        "shear_x": (one, v, v / 2, z, one, z),
+        "shear_y": (one, z, z, v, one, v / 2),
         "translate_x": (one, z, -np.rint(v * w), z, one, z),
         "translate_y": (one, z, z, z, one, -np.rint(v * h)),
-    }[kind]  # fmt: skip
+    }[kind]
     return _warp(x, _affine_rows(*mats))
 
 
@@ -122,7 +128,7 @@ SUB_OPS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "shear_y": lambda x, v: _geo(x, v, "shear_y"),
     "translate_x": lambda x, v: _geo(x, v, "translate_x"),
     "translate_y": lambda x, v: _geo(x, v, "translate_y"),
-}  # fmt: skip
+}
 
 
 def apply_sub_ops(images: np.ndarray, choice: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -150,9 +156,7 @@ def randaugment(batch: Batch, rng: np.random.Generator, n: int = 2, m: int = 9) 
     for _ in range(n):
         choice = rng.integers(0, len(AUTO_MAGNITUDES), len(img))
         sign = np.where(rng.random(len(img)) < 0.5, -1.0, 1.0)
-        img = apply_sub_ops(
-            img, choice, auto_values(choice, np.full(len(img), m), sign, wide=False)
-        )
+        img = apply_sub_ops(img, choice, auto_values(choice, np.full(len(img), m), sign, wide=False))
     return {**batch, "image": img}
 
 
@@ -183,12 +187,8 @@ def _parse_one(text: str) -> tuple[str, dict[str, Any]]:
         node = None
     call = node if isinstance(node, ast.Call) else None
     name_node = call.func if call else node
-    if not isinstance(name_node, ast.Name) or (
-        call and any(isinstance(a, ast.Starred) for a in call.args)
-    ):
-        raise EffrayError(
-            f"cannot parse augment op {text!r}; write name or name(arg, key=value), e.g. cutout(8)"
-        )
+    if not isinstance(name_node, ast.Name) or (call and any(isinstance(a, ast.Starred) for a in call.args)):
+        raise EffrayError(f"cannot parse augment op {text!r}; write name or name(arg, key=value), e.g. cutout(8)")
     try:
         spec = OPS.get(name_node.id)
     except EffrayError as e:
@@ -224,15 +224,11 @@ def parse_ops(text: str) -> OpList:
     """Text -> checked ``((name, params), ...)``: a preset or ``|``-chain (presets may appear
     in a chain). Every parameter is filled in, so the result is the canonical form."""
     if not isinstance(text, str) or not text.strip():
-        raise EffrayError(
-            f"empty augmentation policy {text!r}; use 'none' or a chain like 'crop(4)|flip'"
-        )
+        raise EffrayError(f"empty augmentation policy {text!r}; use 'none' or a chain like 'crop(4)|flip'")
     ops: list[tuple[str, dict[str, Any]]] = []
     for part in (s.strip() for s in text.split("|")):
         if not part:
-            raise EffrayError(
-                f"empty op in augmentation policy {text!r}; ops are separated by single '|'"
-            )
+            raise EffrayError(f"empty op in augmentation policy {text!r}; ops are separated by single '|'")
         if part in PRESETS:
             ops.extend(parse_ops(PRESETS[part]) if PRESETS[part] else ())
         else:
@@ -280,8 +276,10 @@ class PolicyBase:
         """What an op gets besides its parameters: num_classes for the label mixers, the
         seed and epoch for ops keyed by row (``altflip``)."""
         spec = OPS.get(name)
-        return {**({"num_classes": self.num_classes} if spec.mixes_labels else {}),
-                **({"seed": int(seed), "epoch": int(epoch)} if spec.keyed else {})}  # fmt: skip
+        return {
+            **({"num_classes": self.num_classes} if spec.mixes_labels else {}),
+            **({"seed": int(seed), "epoch": int(epoch)} if spec.keyed else {}),
+        }
 
 
 class Policy(PolicyBase):

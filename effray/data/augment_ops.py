@@ -54,11 +54,7 @@ class Param:
 
     def __str__(self) -> str:
         kind = "(float, float)" if self.kind == PAIR else self.kind.__name__
-        default = (
-            f"({self.default[0]:.4g}, {self.default[1]:.4g})"
-            if self.kind == PAIR
-            else repr(self.default)
-        )
+        default = f"({self.default[0]:.4g}, {self.default[1]:.4g})" if self.kind == PAIR else repr(self.default)
         return f"{self.name}: {kind} = {default} in [{self.lo:g}, {self.hi:g}]"
 
 
@@ -134,8 +130,9 @@ def _warp(images: np.ndarray, mats: np.ndarray, border: bool = False) -> np.ndar
     sy = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
     grid = np.stack([sx * (2.0 / max(w - 1, 1)) - 1.0, sy * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     src = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    out = torch.nn.functional.grid_sample(src, torch.from_numpy(grid), mode="bilinear",
-                                          padding_mode="border" if border else "zeros", align_corners=True)
+    out = torch.nn.functional.grid_sample(
+        src, torch.from_numpy(grid), mode="bilinear", padding_mode="border" if border else "zeros", align_corners=True
+    )
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -194,18 +191,14 @@ def _rotation(deg: np.ndarray, h: int, w: int) -> np.ndarray:
     t = np.deg2rad(deg.astype(np.float64))
     c, s = np.cos(t), np.sin(t)
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    return np.stack(
-        [np.stack([c, -s, cx - c * cx + s * cy], -1), np.stack([s, c, cy - s * cx - c * cy], -1)], 1
-    )
+    return np.stack([np.stack([c, -s, cx - c * cx + s * cy], -1), np.stack([s, c, cy - s * cx - c * cy], -1)], 1)
 
 
 def _zoom(scale: np.ndarray, h: int, w: int) -> np.ndarray:
     """(N,2,3) matrices zooming about the centre by scale (>1 magnifies)."""
     z, inv = np.zeros_like(scale), 1 / scale
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    return np.stack(
-        [np.stack([inv, z, cx - inv * cx], -1), np.stack([z, inv, cy - inv * cy], -1)], 1
-    )
+    return np.stack([np.stack([inv, z, cx - inv * cx], -1), np.stack([z, inv, cy - inv * cy], -1)], 1)
 
 
 def _affine_rows(
@@ -324,8 +317,9 @@ def rotate(batch: Batch, rng: np.random.Generator, degrees: float = 10.0, biline
 # sequence (the policy uses them where the chain allows; tests hold them to the pair)
 
 
-def crop_flip(batch: Batch, rng: np.random.Generator, crop_params: dict[str, Any],
-              flip_params: dict[str, Any] | None) -> Batch:
+def crop_flip(
+    batch: Batch, rng: np.random.Generator, crop_params: dict[str, Any], flip_params: dict[str, Any] | None
+) -> Batch:
     """``crop`` then (unless None) ``flip``: the flip reverses the crop's column index."""
     img = batch["image"]
     n, h, w, _ = img.shape
@@ -343,8 +337,9 @@ def crop_flip(batch: Batch, rng: np.random.Generator, crop_params: dict[str, Any
     return {**batch, "image": _gather_pixels(img, index)}
 
 
-def flip_rotate(batch: Batch, rng: np.random.Generator, flip_params: dict[str, Any] | None,
-                rotate_params: dict[str, Any]) -> Batch | None:
+def flip_rotate(
+    batch: Batch, rng: np.random.Generator, flip_params: dict[str, Any] | None, rotate_params: dict[str, Any]
+) -> Batch | None:
     """(unless None) ``flip`` then ``rotate``: nearest rotation mirrors its source index;
     None when the rotation is bilinear (no exact fusion: the pair runs in turn)."""
     img = batch["image"]
@@ -460,9 +455,7 @@ def soft_target(batch: Batch, num_classes: int) -> np.ndarray:
         return batch["target"].astype(np.float32)
     label = np.asarray(batch["label"])
     if label.size and (label.min() < 0 or label.max() >= num_classes):
-        raise EffrayError(
-            f"labels must be in [0, {num_classes}) to mix them, got {label.min()}..{label.max()}"
-        )
+        raise EffrayError(f"labels must be in [0, {num_classes}) to mix them, got {label.min()}..{label.max()}")
     return np.eye(num_classes, dtype=np.float32)[label]
 
 
@@ -471,9 +464,7 @@ def _beta(rng: np.random.Generator, alpha: float) -> float:
 
 
 @register("mixup", Param("alpha", float, 0.2, 0, 100), mixes_labels=True)
-def mixup(
-    batch: Batch, rng: np.random.Generator, alpha: float = 0.2, num_classes: int = 10
-) -> Batch:
+def mixup(batch: Batch, rng: np.random.Generator, alpha: float = 0.2, num_classes: int = 10) -> Batch:
     """Mix each image with a random partner: lam ~ Beta(alpha, alpha), one lam per batch."""
     img = batch["image"]
     lam, perm = _beta(rng, alpha), rng.permutation(len(img))
@@ -483,9 +474,7 @@ def mixup(
 
 
 @register("cutmix", Param("alpha", float, 1.0, 0, 100), mixes_labels=True)
-def cutmix(
-    batch: Batch, rng: np.random.Generator, alpha: float = 1.0, num_classes: int = 10
-) -> Batch:
+def cutmix(batch: Batch, rng: np.random.Generator, alpha: float = 1.0, num_classes: int = 10) -> Batch:
     """Paste one box from a random partner (area 1-lam, lam ~ Beta); labels weighted by the
     pasted area after clipping to the image, so targets match pixels exactly."""
     img = batch["image"]

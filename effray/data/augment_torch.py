@@ -93,8 +93,13 @@ def _warp(images: Tensor, mats: Tensor, border: bool = False, mode: str = "bilin
     # to_norm its inverse, written out: scalars only, no host-to-device copy of constants
     m = mats.to(dev).float()
     (a, b, c), (d, e, f) = m[:, 0].unbind(1), m[:, 1].unbind(1)
-    theta = torch.stack([torch.stack([a, b * (sy / sx), (a * sx + b * sy + c) / sx - 1], 1),
-                         torch.stack([d * (sx / sy), e, (d * sx + e * sy + f) / sy - 1], 1)], 1)  # fmt: skip
+    theta = torch.stack(
+        [
+            torch.stack([a, b * (sy / sx), (a * sx + b * sy + c) / sx - 1], 1),
+            torch.stack([d * (sx / sy), e, (d * sx + e * sy + f) / sy - 1], 1),
+        ],
+        1,
+    )
     # affine_grid(theta, align_corners=True) as one batched matmul over the pixel centres
     # (cuDNN's affine-grid kernel buys nothing at these sizes)
     ys, xs = torch.linspace(-1, 1, h, device=dev), torch.linspace(-1, 1, w, device=dev)
@@ -137,9 +142,7 @@ def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     return torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], -1)
 
 
-def adjust_colour(
-    images: Tensor, bright: Tensor, contrast: Tensor, sat: Tensor, hue: Tensor | None
-) -> Tensor:
+def adjust_colour(images: Tensor, bright: Tensor, contrast: Tensor, sat: Tensor, hue: Tensor | None) -> Tensor:
     """Torch twin of :func:`effray.data.augment_ops.adjust_colour`."""
     x = _blend(images.float(), 0.0, bright)
     x = _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), contrast)
@@ -159,18 +162,14 @@ def crop(batch: TBatch, g: torch.Generator, padding: int = 4) -> TBatch:
     img = batch["image"]
     n, h, w, _ = img.shape
     if padding >= min(h, w):
-        raise EffrayError(
-            f"crop(padding={padding}) needs images larger than {padding} px, got {h}x{w}"
-        )
+        raise EffrayError(f"crop(padding={padding}) needs images larger than {padding} px, got {h}x{w}")
     dev = img.device
     dy, dx = (_randint(g, 2 * padding + 1, n) - padding for _ in range(2))
     rows = _reflect(dy[:, None] + torch.arange(h, device=dev), h)
     cols = _reflect(dx[:, None] + torch.arange(w, device=dev), w)
     return {
         **batch,
-        "image": img[
-            torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]
-        ],
+        "image": img[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]],
     }
 
 
@@ -334,9 +333,7 @@ def _autocontrast(x: Tensor) -> Tensor:
     lo = x.amin(dim=(1, 2), keepdim=True).float()
     hi = x.amax(dim=(1, 2), keepdim=True).float()
     flat = hi <= lo
-    return _to_u8(
-        (x - torch.where(flat, 0, lo)) * torch.where(flat, 1, 255 / torch.where(flat, 1, hi - lo))
-    )
+    return _to_u8((x - torch.where(flat, 0, lo)) * torch.where(flat, 1, 255 / torch.where(flat, 1, hi - lo)))
 
 
 def _equalize(x: Tensor) -> Tensor:
@@ -359,9 +356,7 @@ def _equalize(x: Tensor) -> Tensor:
 def _sharpen_base(x: Tensor) -> Tensor:
     f = x.float()
     h, w = f.shape[1:3]
-    s = sum(
-        f[:, 1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-    )
+    s = sum(f[:, 1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     out = f.clone()
     out[:, 1:-1, 1:-1] = ((s + 4 * f[:, 1:-1, 1:-1]) / 13).round()
     return out
@@ -374,10 +369,11 @@ def _geo(x: Tensor, v: Tensor, kind: str) -> Tensor:
     one, z = torch.ones_like(v), torch.zeros_like(v)
     mats = {
         # shears pivot on (-0.5, -0.5), the image's corner, as torchvision's do
-        "shear_x": (one, v, v / 2, z, one, z), "shear_y": (one, z, z, v, one, v / 2),
+        "shear_x": (one, v, v / 2, z, one, z),
+        "shear_y": (one, z, z, v, one, v / 2),
         "translate_x": (one, z, -(v * w).round(), z, one, z),
         "translate_y": (one, z, z, z, one, -(v * h).round()),
-    }[kind]  # fmt: skip
+    }[kind]
     return _warp(x, _rows(*mats))
 
 
@@ -400,7 +396,7 @@ SUB_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "shear_y": lambda x, v: _geo(x, v, "shear_y"),
     "translate_x": lambda x, v: _geo(x, v, "translate_x"),
     "translate_y": lambda x, v: _geo(x, v, "translate_y"),
-}  # fmt: skip
+}
 
 
 def apply_sub_ops(images: Tensor, choice: Tensor, values: Tensor) -> Tensor:
@@ -447,9 +443,7 @@ def trivialaugment(batch: TBatch, g: torch.Generator) -> TBatch:
     bins = _randint(g, MAGNITUDE_BINS, len(img))
     return {
         **batch,
-        "image": apply_sub_ops(
-            img, choice, auto_values(choice, bins, _sign(g, len(img)), wide=True)
-        ),
+        "image": apply_sub_ops(img, choice, auto_values(choice, bins, _sign(g, len(img)), wide=True)),
     }
 
 
@@ -462,9 +456,7 @@ class TorchPolicy(PolicyBase):
     def __call__(self, batch: TBatch, generator: torch.Generator, *, seed: int = 0, epoch: int = 0) -> TBatch:
         img = batch["image"]
         if img.dtype != torch.uint8 or img.dim() != 4 or img.shape[-1] not in (1, 3):
-            raise EffrayError(
-                f"augment expects uint8 NHWC images (C=1 or 3), got {img.dtype} {tuple(img.shape)}"
-            )
+            raise EffrayError(f"augment expects uint8 NHWC images (C=1 or 3), got {img.dtype} {tuple(img.shape)}")
         if generator.device.type != img.device.type:
             raise EffrayError(
                 f"the generator is on {generator.device}, the images on {img.device}; "
@@ -483,15 +475,11 @@ def parse_policy_torch(text: str, num_classes: int) -> TorchPolicy:
     chain = parse_ops(text)
     for name, _ in chain:
         if name not in TORCH_OPS:
-            raise EffrayError(
-                f"augment op {name} has no torch version; use --augment-on cpu for {text!r}"
-            )
+            raise EffrayError(f"augment op {name} has no torch version; use --augment-on cpu for {text!r}")
     return TorchPolicy(chain, num_classes)
 
 
-def batch_generator(
-    seed: int, epoch: int, key: int, device: str | torch.device = "cpu"
-) -> torch.Generator:
+def batch_generator(seed: int, epoch: int, key: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator on ``device`` seeded from ``batch_rng(seed, epoch, key)``: the same
     reproducibility rule as the numpy pipeline."""
     return new_generator(device).manual_seed(int(batch_rng(seed, epoch, key).integers(2**63)))
@@ -512,9 +500,6 @@ def normalize_torch(
     """uint8 NHWC tensor -> float32 (x/255 - mean)/std, NCHW unless channels_last: the numpy
     ``normalize`` on the device."""
     c = images.shape[-1]
-    m, s = (
-        torch.as_tensor(_stats(v, c, k).copy(), device=images.device)
-        for v, k in ((mean, "mean"), (std, "std"))
-    )
+    m, s = (torch.as_tensor(_stats(v, c, k).copy(), device=images.device) for v, k in ((mean, "mean"), (std, "std")))
     out = (images.float() * (1 / 255) - m) / s
     return out if channels_last else out.permute(0, 3, 1, 2).contiguous()

@@ -98,7 +98,7 @@ def _correlate(x: np.ndarray, kernel: np.ndarray, pad_mode: str) -> np.ndarray:
     for i in range(kh):
         for j in range(kw):
             if kernel[i, j]:
-                out += kernel[i, j] * padded[:, i:i + h, j:j + w]
+                out += kernel[i, j] * padded[:, i : i + h, j : j + w]
     return out
 
 
@@ -128,7 +128,7 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     smooth = _correlate(disk[None, :, :, None], np.outer(g, g), "reflect")[0, :, :, 0]
     rows, cols = np.nonzero(smooth > 1e-12)
     r = max(8 - rows.min(), rows.max() - 8, 8 - cols.min(), cols.max() - 8)
-    return smooth[8 - r:9 + r, 8 - r:9 + r]
+    return smooth[8 - r : 9 + r, 8 - r : 9 + r]
 
 
 @_corruption("defocus_blur")
@@ -213,7 +213,9 @@ def jpeg_compression(images: np.ndarray, rngs: list[np.random.Generator], severi
 # ------------------------------------------------------------------ batches
 
 
-def corrupt(images: np.ndarray, name: str, severity: int, *, seed: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
+def corrupt(
+    images: np.ndarray, name: str, severity: int, *, seed: int = 0, rows: np.ndarray | None = None
+) -> np.ndarray:
     """``images`` (uint8 NHWC) under corruption ``name`` at ``severity`` (0 = unchanged).
     ``rows``: each image's row id in its split, which seeds its own randomness."""
     if name not in CORRUPTIONS:

@@ -59,14 +59,26 @@ class DataConfig:
     """Which prepared dataset to stream and how to augment it."""
 
     data: str = option("", "prepared dataset directory (from `effray data prepare`)")
-    augment: str = option("standard", "augmentation policy: none|standard|strong or a chain like 'crop(4)|flip|cutout(8)'")
-    augment_on: str = option("cpu", "where augmentation runs: cpu (Ray Data tasks) or gpu (on the training device)", choices=("cpu", "gpu"))
+    augment: str = option(
+        "standard", "augmentation policy: none|standard|strong or a chain like 'crop(4)|flip|cutout(8)'"
+    )
+    augment_on: str = option(
+        "cpu", "where augmentation runs: cpu (Ray Data tasks) or gpu (on the training device)", choices=("cpu", "gpu")
+    )
     seed: int = option(0, "seed for augmentation and shuffling")
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (0 = no shuffle)")
     synthetic: str = option("", "prepared dataset of synthetic images to mix into training (effray synth sample)")
     synthetic_ratio: float = option(0.0, "fraction of the training stream drawn from --synthetic")
-    cache_decoded: bool = option(True, "keep the decoded training split in the object store when it fits a quarter of it (random ops still run fresh every epoch); --no-cache-decoded streams from Parquet every epoch")
-    stream_buffer_mb: int = option(0, "object-store MB the pipeline may fill ahead of training; bounds memory whatever the data size (0 = 4 blocks per cluster CPU, at least 256)")
+    cache_decoded: bool = option(
+        True,
+        "keep the decoded training split in the object store when it fits a quarter of it (random ops still run "
+        "fresh every epoch); --no-cache-decoded streams from Parquet every epoch",
+    )
+    stream_buffer_mb: int = option(
+        0,
+        "object-store MB the pipeline may fill ahead of training; bounds memory whatever the data size (0 = 4 blocks "
+        "per cluster CPU, at least 256)",
+    )
 
     def validate(self) -> None:
         require(self.shuffle_buffer >= 0, f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
@@ -153,7 +165,9 @@ def decode_batch(table: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         if pa.types.is_binary(chunk.type) and chunk.null_count == 0:
             offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
             if offsets[-1] - offsets[0] == size * len(chunk):
-                parts.append(np.frombuffer(chunk.buffers()[2], dtype=np.uint8, count=size * len(chunk), offset=int(offsets[0])))
+                parts.append(
+                    np.frombuffer(chunk.buffers()[2], dtype=np.uint8, count=size * len(chunk), offset=int(offsets[0]))
+                )
                 continue
         parts.append(np.frombuffer(b"".join(chunk.to_pylist()), dtype=np.uint8))
     flat = np.concatenate(parts) if len(parts) != 1 else parts[0]
@@ -170,8 +184,9 @@ def decode_rows(batch: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return {k: v for k, v in decode_batch(batch, shape).items() if k in KEEP_COLUMNS}
 
 
-def augment_rows(batch: dict[str, np.ndarray], *, policy: str, num_classes: int, seed: int,
-                 clock: str = "", epoch: int | None = None) -> dict[str, np.ndarray]:
+def augment_rows(
+    batch: dict[str, np.ndarray], *, policy: str, num_classes: int, seed: int, clock: str = "", epoch: int | None = None
+) -> dict[str, np.ndarray]:
     """The augmenting ``map_batches`` UDF over decoded rows, with a (seed, epoch, first
     row)-derived rng: the same batch gets the same draws wherever it runs, a new epoch
     fresh ones. The epoch is ``epoch`` when given, else the ``clock``'s."""
@@ -229,7 +244,9 @@ def normalize_tensor(images: Any, mean: Any, std: Any, channels_last: bool = Fal
     return x.float().sub_(mean).div_(std)
 
 
-def sample_images(data_dir: str | os.PathLike, n: int, mean: list[float], std: list[float], split: str = "train") -> Any:
+def sample_images(
+    data_dir: str | os.PathLike, n: int, mean: list[float], std: list[float], split: str = "train"
+) -> Any:
     """The first ``n`` rows of a split, normalised float32 NCHW: a fixed sample every rank
     reads identically, for data-dependent init (airbench's whitening stem)."""
     import pyarrow as pa
@@ -251,7 +268,9 @@ def sample_images(data_dir: str | os.PathLike, n: int, mean: list[float], std: l
 # ------------------------------------------------------------------ datasets
 
 
-def read_split(data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 0, shuffle_seed: int | None = None) -> Any:
+def read_split(
+    data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 0, shuffle_seed: int | None = None
+) -> Any:
     """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order; with
     ``shuffle_seed`` the shard order is permuted afresh every time the dataset runs, i.e.
     every epoch), under effray's block size and stream buffer (:func:`data_context`),
@@ -263,8 +282,9 @@ def read_split(data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 
     split_bytes = meta["counts"].get(split, 0) * int(np.prod(meta["image_shape"]))
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     with DataContext.current(data_context(split_bytes, stream_buffer_mb)):
-        return ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label", "index", "synthetic"],
-                                     shuffle=shuffle)  # fmt: skip
+        return ray.data.read_parquet(
+            split_files(data_dir, split), columns=["image", "label", "index", "synthetic"], shuffle=shuffle
+        )
 
 
 def data_context(split_bytes: int, stream_buffer_mb: int = 0) -> Any:
@@ -319,9 +339,12 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     if parse_policy(policy, meta["num_classes"]).is_identity:
         return ds
     return ds.map_batches(
-        augment_rows, batch_size=map_batch_rows(meta), batch_format="numpy", num_cpus=num_cpus,
+        augment_rows,
+        batch_size=map_batch_rows(meta),
+        batch_format="numpy",
+        num_cpus=num_cpus,
         fn_kwargs={"policy": policy, "num_classes": meta["num_classes"], "seed": cfg.seed, "clock": clock},
-    )  # fmt: skip
+    )
 
 
 def fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fraction: float = 0.25) -> bool:
@@ -334,8 +357,13 @@ def fits_object_store(meta: dict[str, Any], synthetic_ratio: float = 0.0, fracti
 
 
 def _decode(ds: Any, meta: dict[str, Any], num_cpus: float) -> Any:
-    return ds.map_batches(decode_rows, batch_size=map_batch_rows(meta), batch_format="pyarrow", num_cpus=num_cpus,
-                          fn_kwargs={"shape": tuple(meta["image_shape"])})  # fmt: skip
+    return ds.map_batches(
+        decode_rows,
+        batch_size=map_batch_rows(meta),
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        fn_kwargs={"shape": tuple(meta["image_shape"])},
+    )
 
 
 def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
@@ -355,7 +383,11 @@ def synthetic_rows(cfg: DataConfig, meta: dict[str, Any]) -> int:
     )
     n_syn = int(round(cfg.synthetic_ratio / (1.0 - cfg.synthetic_ratio) * meta["counts"]["train"]))
     available = syn_meta["counts"].get("train", 0)
-    require(n_syn <= available, f"--synthetic-ratio {cfg.synthetic_ratio} needs {n_syn} synthetic rows, {cfg.synthetic} has {available}; sample more or lower the ratio")
+    require(
+        n_syn <= available,
+        f"--synthetic-ratio {cfg.synthetic_ratio} needs {n_syn} synthetic rows, {cfg.synthetic} has {available}; "
+        "sample more or lower the ratio",
+    )
     return n_syn
 
 
@@ -364,10 +396,20 @@ def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: floa
     return _decode(read_split(data_dir, split), load_meta(data_dir), num_cpus)
 
 
-def torch_batches(ds: Any, meta: dict[str, Any], batch_size: int, *, clock: str = "", epoch: int = 0,
-                  shuffle_buffer: int = 0, seed: int = 0, normalise: bool = True,
-                  channels_last: bool = False, prefetch_batches: int = 2,
-                  rows: tuple[int, int] | None = None) -> Any:
+def torch_batches(
+    ds: Any,
+    meta: dict[str, Any],
+    batch_size: int,
+    *,
+    clock: str = "",
+    epoch: int = 0,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    normalise: bool = True,
+    channels_last: bool = False,
+    prefetch_batches: int = 2,
+    rows: tuple[int, int] | None = None,
+) -> Any:
     """One epoch of torch batches from a Dataset or a Train worker's shard (DataIterator),
     on the consumer's device (a Train worker's GPU, else the CPU).
 
@@ -377,8 +419,12 @@ def torch_batches(ds: Any, meta: dict[str, Any], batch_size: int, *, clock: str 
     augmentation); ``rows=(r, n)``: only rows with ``index % n == r``."""
     if clock:
         set_epoch(clock, epoch)
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "prefetch_batches": prefetch_batches,
-                              "collate_fn": ToModelInput(rows), "pin_memory": _to_gpu()}
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "prefetch_batches": prefetch_batches,
+        "collate_fn": ToModelInput(rows),
+        "pin_memory": _to_gpu(),
+    }
     if shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed * 100003 + epoch)
     batches = ds.iter_torch_batches(**kwargs)

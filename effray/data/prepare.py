@@ -36,10 +36,16 @@ from effray.storage import check_storage_for_cluster
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-SCHEMA = pa.schema([
-    ("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64()),
-    ("split", pa.string()), ("synthetic", pa.bool_()), ("name", pa.string()),
-])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("label", pa.int64()),
+        ("index", pa.int64()),
+        ("split", pa.string()),
+        ("synthetic", pa.bool_()),
+        ("name", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,10 @@ class PrepareConfig:
     overwrite: bool = option(False, "replace an existing output directory")
 
     def validate(self) -> None:
-        require(bool(self.source), "--source is required (e.g. parquet:../shared/data/cifar10-train.parquet or synthetic:500)")
+        require(
+            bool(self.source),
+            "--source is required (e.g. parquet:../shared/data/cifar10-train.parquet or synthetic:500)",
+        )
         require(bool(self.out), "--out DIR is required")
         require(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         require(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
@@ -89,8 +98,17 @@ def class_in_name(name: str, class_index: dict[str, int]) -> int | None:
     return class_index.get(parts[-2]) if len(parts) >= 2 else None
 
 
-def _decode_and_write(chunk: Chunk, splits: list[str], channels: int | None, shape: tuple | None,
-                      classes: list[str], labels_checked: bool, skip_bad: bool, tmp: str, part: int) -> dict[str, Any]:
+def _decode_and_write(
+    chunk: Chunk,
+    splits: list[str],
+    channels: int | None,
+    shape: tuple | None,
+    classes: list[str],
+    labels_checked: bool,
+    skip_bad: bool,
+    tmp: str,
+    part: int,
+) -> dict[str, Any]:
     """Ray task body: decode a chunk, check every row, write one shard per split."""
     decoded, labels = load_chunk(chunk, channels)
     errors = list(decoded.errors)
@@ -104,28 +122,40 @@ def _decode_and_write(chunk: Chunk, splits: list[str], channels: int | None, sha
         elif labels[i] < 0 or (labels_checked and labels[i] >= num_classes):
             errors[i] = f"label {labels[i]} outside the class range 0..{num_classes - 1}"
         elif named is not None and named != labels[i]:
-            errors[i] = (f"label {labels[i]} ({classes[labels[i]]}) disagrees with the class "
-                         f"{classes[named]!r} its name is filed under")  # fmt: skip
+            errors[i] = (
+                f"label {labels[i]} ({classes[labels[i]]}) disagrees with the class "
+                f"{classes[named]!r} its name is filed under"
+            )
     bad = [(chunk.start + i, decoded.names[i], e) for i, e in enumerate(errors) if e]
     if bad and not skip_bad:
         return {"bad": bad[:1], "n_bad": len(bad)}
     import ray
 
-    stats: dict[str, Any] = {"bad": bad[:5], "n_bad": len(bad), "counts": {}, "sum": None, "sumsq": None, "pixels": 0,
-                             "node": ray.get_runtime_context().get_node_id()}  # fmt: skip
+    stats: dict[str, Any] = {
+        "bad": bad[:5],
+        "n_bad": len(bad),
+        "counts": {},
+        "sum": None,
+        "sumsq": None,
+        "pixels": 0,
+        "node": ray.get_runtime_context().get_node_id(),
+    }
     for split in SPLITS:
         rows = [i for i in range(chunk.count) if not errors[i] and splits[i] == split]
         if not rows:
             continue
         images = [decoded.images[i] for i in rows]
-        table = pa.table({
-            "image": pa.array([im.tobytes() for im in images], pa.binary()),
-            "label": pa.array(labels[rows], pa.int64()),
-            "index": pa.array([chunk.start + i for i in rows], pa.int64()),
-            "split": pa.array([split] * len(rows), pa.string()),
-            "synthetic": pa.array([chunk.kind == "synthetic"] * len(rows), pa.bool_()),
-            "name": pa.array([str(decoded.names[i]) for i in rows], pa.string()),
-        }, schema=SCHEMA)  # fmt: skip
+        table = pa.table(
+            {
+                "image": pa.array([im.tobytes() for im in images], pa.binary()),
+                "label": pa.array(labels[rows], pa.int64()),
+                "index": pa.array([chunk.start + i for i in rows], pa.int64()),
+                "split": pa.array([split] * len(rows), pa.string()),
+                "synthetic": pa.array([chunk.kind == "synthetic"] * len(rows), pa.bool_()),
+                "name": pa.array([str(decoded.names[i]) for i in rows], pa.string()),
+            },
+            schema=SCHEMA,
+        )
         os.makedirs(os.path.join(tmp, split), exist_ok=True)
         pq.write_table(table, os.path.join(tmp, split, f"part-{part:05d}.parquet"), row_group_size=1024)
         stats["counts"][split] = np.bincount(labels[rows], minlength=num_classes).tolist()
@@ -154,10 +184,14 @@ def check_labels(plan: SourcePlan) -> list[str]:
     if len(empty) and not plan.labels_checked:
         first = int(empty[0])
         rows = np.flatnonzero(labels > first)
-        shown = ", ".join(f"row {r} (label {labels[r]})" for r in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-        raise EffrayError(f"labels leave {len(empty)} of the {len(classes)} classes 0..{len(classes) - 1} empty, "
-                          f"from class {first} on; labels above {first - 1}: {shown}; fix those rows, or pass "
-                          f"--classes N (or names) and --skip-bad to drop rows outside it")  # fmt: skip
+        shown = ", ".join(f"row {r} (label {labels[r]})" for r in rows[:5]) + (
+            f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        )
+        raise EffrayError(
+            f"labels leave {len(empty)} of the {len(classes)} classes 0..{len(classes) - 1} empty, "
+            f"from class {first} on; labels above {first - 1}: {shown}; fix those rows, or pass "
+            f"--classes N (or names) and --skip-bad to drop rows outside it"
+        )
     warnings = [f"class {classes[i]!r} has no rows in {plan.spec}" for i in empty[:10]]
     if len(empty) > 10:
         warnings.append(f"... and {len(empty) - 10} more empty classes")
@@ -190,8 +224,9 @@ def _first_rows(chunk: Chunk, n: int) -> Chunk:
 def _limit_plan(plan: SourcePlan, limit: int) -> SourcePlan:
     if not limit or limit >= len(plan.labels):
         return plan
-    chunks = [c if c.start + c.count <= limit else _first_rows(c, limit - c.start)
-              for c in plan.chunks if c.start < limit]
+    chunks = [
+        c if c.start + c.count <= limit else _first_rows(c, limit - c.start) for c in plan.chunks if c.start < limit
+    ]
     plan.chunks, plan.labels = chunks, plan.labels[:limit]
     return plan
 
@@ -215,10 +250,19 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(_decode_and_write)
         refs = [
-            task.remote(c, splits[c.start : c.start + c.count].tolist(), channels, shape, plan.classes,
-                        plan.labels_checked, cfg.skip_bad, str(tmp), i)
+            task.remote(
+                c,
+                splits[c.start : c.start + c.count].tolist(),
+                channels,
+                shape,
+                plan.classes,
+                plan.labels_checked,
+                cfg.skip_bad,
+                str(tmp),
+                i,
+            )
             for i, c in enumerate(plan.chunks)
-        ]  # fmt: skip
+        ]
         results = ray.get(refs)
         first_bad = next((r["bad"][0] for r in results if r["bad"] and not cfg.skip_bad), None)
         if first_bad is not None:
@@ -272,18 +316,20 @@ def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict
     }
 
 
-
-
-
-
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Read a prepared dataset's meta.json; a directory that is not one is a clear error."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise EffrayError(f"{str(data_dir)!r} is not a prepared dataset (no meta.json); run `effray data prepare --out {data_dir}` first")
+        raise EffrayError(
+            f"{str(data_dir)!r} is not a prepared dataset (no meta.json); run `effray data prepare --out {data_dir}` "
+            "first"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise EffrayError(f"{data_dir} has dataset format {meta.get('format_version')}, this effray reads {FORMAT_VERSION}; re-run effray data prepare")
+        raise EffrayError(
+            f"{data_dir} has dataset format {meta.get('format_version')}, this effray reads {FORMAT_VERSION}; re-run "
+            "effray data prepare"
+        )
     return meta
 
 
@@ -291,5 +337,8 @@ def split_files(data_dir: str | os.PathLike, split: str) -> list[str]:
     """The Parquet shards of one split (sorted, so reads are reproducible)."""
     meta = load_meta(data_dir)
     if split not in meta["splits"]:
-        raise EffrayError(f"dataset {data_dir} has no {split!r} split (has {', '.join(meta['splits'])}); re-prepare with --val-fraction > 0")
+        raise EffrayError(
+            f"dataset {data_dir} has no {split!r} split (has {', '.join(meta['splits'])}); re-prepare with "
+            "--val-fraction > 0"
+        )
     return sorted(str(p) for p in (Path(data_dir) / split).glob("*.parquet"))

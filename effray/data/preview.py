@@ -67,8 +67,16 @@ def preview(cfg: PreviewConfig) -> dict[str, Any]:
     try:
         for epoch in range(cfg.epochs):
             start, seen = time.perf_counter(), 0
-            batches = torch_batches(ds, meta, cfg.batch_size, clock=clock, epoch=epoch, seed=cfg.data.seed,
-                                    shuffle_buffer=cfg.data.shuffle_buffer, normalise=False)
+            batches = torch_batches(
+                ds,
+                meta,
+                cfg.batch_size,
+                clock=clock,
+                epoch=epoch,
+                seed=cfg.data.seed,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                normalise=False,
+            )
             for batch in batches:
                 seen += len(batch["label"])
                 if first is None:

@@ -75,11 +75,17 @@ def cache_split(cfg: DataConfig, num_cpus: float = 1) -> CachedSplit | None:
     map_rows = map_batch_rows(meta)
     block = block_bytes(rows * row_bytes, int(ray.cluster_resources().get("CPU", 1)))
     return CachedSplit(
-        ref=ray.put(arrays), rows=rows, row_bytes=row_bytes,
-        policy=cfg.augment if cfg.augment_on == "cpu" else "none", num_classes=int(meta["num_classes"]),
-        seed=cfg.seed, num_cpus=num_cpus, map_rows=map_rows, task_rows=max(map_rows, block // row_bytes),
+        ref=ray.put(arrays),
+        rows=rows,
+        row_bytes=row_bytes,
+        policy=cfg.augment if cfg.augment_on == "cpu" else "none",
+        num_classes=int(meta["num_classes"]),
+        seed=cfg.seed,
+        num_cpus=num_cpus,
+        map_rows=map_rows,
+        task_rows=max(map_rows, block // row_bytes),
         stream_buffer_mb=cfg.stream_buffer_mb,
-    )  # fmt: skip
+    )
 
 
 def kept_rows(rows: int, batch_size: int, replicas: int) -> int:
@@ -105,8 +111,9 @@ def steps_per_epoch(rows: int, batch_size: int, replicas: int) -> int:
     return -(-kept_rows(rows, batch_size, replicas) // batch_size)
 
 
-def gather_rows(batch: dict[str, np.ndarray], *, source: CachedSplit, epoch: int, replica: int, replicas: int,
-                batch_size: int) -> dict[str, np.ndarray]:
+def gather_rows(
+    batch: dict[str, np.ndarray], *, source: CachedSplit, epoch: int, replica: int, replicas: int, batch_size: int
+) -> dict[str, np.ndarray]:
     """The ``map_batches`` UDF: chunk ``batch["id"][0]`` of this replica's epoch, gathered
     from the cached arrays (a zero-copy map on this node) and augmented ``map_rows`` at
     a time, each with a (seed, epoch, first row)-derived generator: the same draws
@@ -115,13 +122,20 @@ def gather_rows(batch: dict[str, np.ndarray], *, source: CachedSplit, epoch: int
 
     chunk = int(batch["id"][0])
     positions = replica_rows(source.rows, source.seed, epoch, replica, replicas, batch_size)
-    positions = positions[chunk * source.task_rows:(chunk + 1) * source.task_rows]
+    positions = positions[chunk * source.task_rows : (chunk + 1) * source.task_rows]
     arrays: Arrays = ray.get(source.ref)
     if parse_policy(source.policy, source.num_classes).is_identity:
         return {k: v[positions] for k, v in arrays.items()}
-    parts = [augment_rows({k: v[positions[i:i + source.map_rows]] for k, v in arrays.items()}, policy=source.policy,
-                          num_classes=source.num_classes, seed=source.seed, epoch=epoch)
-             for i in range(0, len(positions), source.map_rows)]  # fmt: skip
+    parts = [
+        augment_rows(
+            {k: v[positions[i : i + source.map_rows]] for k, v in arrays.items()},
+            policy=source.policy,
+            num_classes=source.num_classes,
+            seed=source.seed,
+            epoch=epoch,
+        )
+        for i in range(0, len(positions), source.map_rows)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -140,18 +154,42 @@ def epoch_dataset(source: CachedSplit, epoch: int, replica: int = 0, replicas: i
     ctx.enable_progress_bars = False
     with DataContext.current(ctx):
         return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
-            gather_rows, batch_size=1, batch_format="numpy", num_cpus=source.num_cpus,
-            fn_kwargs={"source": source, "epoch": epoch, "replica": replica, "replicas": replicas,
-                       "batch_size": batch_size},
-        )  # fmt: skip
+            gather_rows,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=source.num_cpus,
+            fn_kwargs={
+                "source": source,
+                "epoch": epoch,
+                "replica": replica,
+                "replicas": replicas,
+                "batch_size": batch_size,
+            },
+        )
 
 
-def training_batches(source: CachedSplit | None, shard: Any, meta: dict[str, Any], batch_size: int, *, epoch: int,
-                     replica: int, replicas: int, clock: str, shuffle_buffer: int, seed: int, **kw: Any) -> Any:
+def training_batches(
+    source: CachedSplit | None,
+    shard: Any,
+    meta: dict[str, Any],
+    batch_size: int,
+    *,
+    epoch: int,
+    replica: int,
+    replicas: int,
+    clock: str,
+    shuffle_buffer: int,
+    seed: int,
+    **kw: Any,
+) -> Any:
     """One epoch of a replica's torch batches of ``batch_size``: from the cached split in
     the exact shuffle's order when there is one (the global batch is ``batch_size x
     replicas``), else from its Ray Train ``shard`` (clock-keyed augmentation, local
     buffer). ``kw``: the rest of :func:`torch_batches`."""
     if source is not None:
-        return torch_batches(epoch_dataset(source, epoch, replica, replicas, batch_size * replicas), meta, batch_size, **kw)
-    return torch_batches(shard, meta, batch_size, clock=clock, epoch=epoch, shuffle_buffer=shuffle_buffer, seed=seed, **kw)
+        return torch_batches(
+            epoch_dataset(source, epoch, replica, replicas, batch_size * replicas), meta, batch_size, **kw
+        )
+    return torch_batches(
+        shard, meta, batch_size, clock=clock, epoch=epoch, shuffle_buffer=shuffle_buffer, seed=seed, **kw
+    )

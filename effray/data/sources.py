@@ -26,8 +26,17 @@ import pyarrow.parquet as pq
 from effray.errors import EffrayError
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*")
 CHUNK_ROWS = 5000
@@ -96,7 +105,9 @@ def plan_source(spec: str, classes: str | None = None, download: bool = False, s
             raise EffrayError("--download works with cifar10:DIR or cifar100:DIR sources only")
         _download(kind, path)
     if not path.exists():
-        raise EffrayError(f"source path {str(path)!r} does not exist; check the path (or use --download for cifar10:/cifar100:)")
+        raise EffrayError(
+            f"source path {str(path)!r} does not exist; check the path (or use --download for cifar10:/cifar100:)"
+        )
     kind = kind or _detect(path)
     if kind in ("cifar10", "cifar100"):
         return _plan_cifar(kind, path)
@@ -126,8 +137,13 @@ def _detect(path: Path) -> str:
     if path.is_file():
         if path.suffix == ".parquet":
             return "parquet"
-        raise EffrayError(f"cannot tell what {str(path)!r} is; give a .parquet file, a folder, or prefix cifar10:/folder:/parquet:")
-    for kind, sub, marker in (("cifar10", "cifar-10-batches-py", "data_batch_1"), ("cifar100", "cifar-100-python", "train")):
+        raise EffrayError(
+            f"cannot tell what {str(path)!r} is; give a .parquet file, a folder, or prefix cifar10:/folder:/parquet:"
+        )
+    for kind, sub, marker in (
+        ("cifar10", "cifar-10-batches-py", "data_batch_1"),
+        ("cifar100", "cifar-100-python", "train"),
+    ):
         if (path / marker).is_file() or (path / sub / marker).is_file():
             return kind
     if any(path.rglob("*.parquet")):
@@ -143,7 +159,9 @@ def _download(kind: str, root: Path) -> None:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as exc:  # noqa: BLE001 - network errors come in many types
-        raise EffrayError(f"could not download {kind} into {root}: {exc}; download it elsewhere and pass {kind}:DIR") from None
+        raise EffrayError(
+            f"could not download {kind} into {root}: {exc}; download it elsewhere and pass {kind}:DIR"
+        ) from None
 
 
 def _sha256_files(files: list[Path], root: Path | None = None) -> str:
@@ -165,10 +183,14 @@ class _CifarUnpickler(pickle.Unpickler):
     pickle that asks for more is refused instead of running its code."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }  # fmt: skip
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
@@ -219,8 +241,9 @@ def _plan_cifar(kind: str, path: Path) -> SourcePlan:
         labels.append(lab)
         chunks.append(Chunk(kind, start, len(lab), str(f), split, {"label_key": label_key}))
         start += len(lab)
-    return SourcePlan(kind, f"{kind}:{path}", classes, np.concatenate(labels), chunks,
-                      _sha256_files([f for f, _ in present]))
+    return SourcePlan(
+        kind, f"{kind}:{path}", classes, np.concatenate(labels), chunks, _sha256_files([f for f, _ in present])
+    )
 
 
 def _load_cifar(chunk: Chunk) -> tuple[DecodedChunk, np.ndarray]:
@@ -258,12 +281,18 @@ def _plan_folder(path: Path, classes: list[str] | None) -> SourcePlan:
     if not files:
         raise EffrayError(f"folder source {str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     chunks = [
-        Chunk("folder", s, len(files[s : s + CHUNK_ROWS]), str(path),
-              extra={"files": [str(f) for f in files[s : s + CHUNK_ROWS]], "labels": labels[s : s + CHUNK_ROWS]})
+        Chunk(
+            "folder",
+            s,
+            len(files[s : s + CHUNK_ROWS]),
+            str(path),
+            extra={"files": [str(f) for f in files[s : s + CHUNK_ROWS]], "labels": labels[s : s + CHUNK_ROWS]},
+        )
         for s in range(0, len(files), CHUNK_ROWS)
-    ]  # fmt: skip
-    return SourcePlan("folder", f"folder:{path}", classes, np.asarray(labels, dtype=np.int64), chunks,
-                      _sha256_files(files, root=path))
+    ]
+    return SourcePlan(
+        "folder", f"folder:{path}", classes, np.asarray(labels, dtype=np.int64), chunks, _sha256_files(files, root=path)
+    )
 
 
 # ---------------------------------------------------------------- parquet
@@ -283,7 +312,9 @@ def _label_column(schema: pa.Schema, f: Path) -> str:
     for name in _LABEL_COLUMNS:
         if name in schema.names:
             return name
-    raise EffrayError(f"{f} has no label column (one of {', '.join(_LABEL_COLUMNS)}); columns: {', '.join(schema.names)}")
+    raise EffrayError(
+        f"{f} has no label column (one of {', '.join(_LABEL_COLUMNS)}); columns: {', '.join(schema.names)}"
+    )
 
 
 def _plan_parquet(path: Path, classes: list[str] | None) -> SourcePlan:
@@ -309,7 +340,15 @@ def _plan_parquet(path: Path, classes: list[str] | None) -> SourcePlan:
                 names.extend(table.column("name").to_pylist())
             for off in range(0, n, CHUNK_ROWS):
                 cnt = min(CHUNK_ROWS, n - off)
-                chunks.append(Chunk("parquet", start + off, cnt, str(f), extra={"row_group": rg, "offset": off, "label_col": label_col}))
+                chunks.append(
+                    Chunk(
+                        "parquet",
+                        start + off,
+                        cnt,
+                        str(f),
+                        extra={"row_group": rg, "offset": off, "label_col": label_col},
+                    )
+                )
             start += n
     if not chunks:
         raise EffrayError(f"parquet source {str(path)!r} has no rows")
@@ -319,7 +358,10 @@ def _plan_parquet(path: Path, classes: list[str] | None) -> SourcePlan:
         import json
 
         meta = json.loads(meta_file.read_text())
-        chunks = [Chunk(c.kind, c.start, c.count, c.path, c.fixed_split, {**c.extra, "raw_shape": meta["image_shape"]}) for c in chunks]
+        chunks = [
+            Chunk(c.kind, c.start, c.count, c.path, c.fixed_split, {**c.extra, "raw_shape": meta["image_shape"]})
+            for c in chunks
+        ]
         classes = classes or list(meta["classes"])
     checked = True
     if classes is None:
@@ -348,8 +390,11 @@ def _load_parquet(chunk: Chunk, channels: int | None) -> tuple[DecodedChunk, np.
     pf = pq.ParquetFile(chunk.path)
     table = pf.read_row_group(chunk.extra["row_group"]).slice(chunk.extra["offset"], chunk.count)
     labels = table.column(chunk.extra["label_col"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    names = (table.column("name").to_pylist() if "name" in table.column_names
-             else [f"{Path(chunk.path).name}#row{chunk.start + i}" for i in range(chunk.count)])
+    names = (
+        table.column("name").to_pylist()
+        if "name" in table.column_names
+        else [f"{Path(chunk.path).name}#row{chunk.start + i}" for i in range(chunk.count)]
+    )
     column = table.column("image")
     if pa.types.is_struct(column.type):  # Hugging Face style {"bytes", "path"}
         column = pa.chunked_array([c.field("bytes") for c in column.chunks])
@@ -400,8 +445,9 @@ def decode_image(data: bytes, channels: int | None) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _decode_all(encoded: list[bytes | None], names: list[str], channels: int | None,
-                raw_shape: Any = None) -> DecodedChunk:
+def _decode_all(
+    encoded: list[bytes | None], names: list[str], channels: int | None, raw_shape: Any = None
+) -> DecodedChunk:
     images: list[np.ndarray | None] = []
     errors: list[str] = []
     for data in encoded:
@@ -429,14 +475,17 @@ def _decode_all(encoded: list[bytes | None], names: list[str], channels: int | N
 
 def _plan_synthetic(n: int, classes: list[str], seed: int) -> SourcePlan:
     labels = np.arange(n, dtype=np.int64) % len(classes)
-    chunks = [Chunk("synthetic", s, min(CHUNK_ROWS, n - s), extra={"seed": seed, "num_classes": len(classes)})
-              for s in range(0, n, CHUNK_ROWS)]
+    chunks = [
+        Chunk("synthetic", s, min(CHUNK_ROWS, n - s), extra={"seed": seed, "num_classes": len(classes)})
+        for s in range(0, n, CHUNK_ROWS)
+    ]
     checksum = "sha256:" + hashlib.sha256(f"synthetic:{n}:{seed}:{len(classes)}".encode()).hexdigest()
     return SourcePlan("synthetic", f"synthetic:{n}", classes, labels, chunks, checksum)
 
 
-def synthetic_images(labels: np.ndarray, num_classes: int, rng: np.random.Generator,
-                     size: int = SYNTHETIC_SIZE) -> np.ndarray:
+def synthetic_images(
+    labels: np.ndarray, num_classes: int, rng: np.random.Generator, size: int = SYNTHETIC_SIZE
+) -> np.ndarray:
     """Class-learnable images: each class has its own colour and stripe orientation, plus
     noise and a random shift, so a small net can learn them but not trivially by one pixel."""
     n = len(labels)

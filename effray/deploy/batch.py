@@ -37,10 +37,20 @@ class PredictConfig:
     """Which model over which images, where the predictions go."""
 
     model: str = option("", "checkpoint, compressed artifact or `effray export` output")
-    data: str = option("", "a prepared dataset, any `effray data prepare` source (CIFAR folder, image folder, Parquet) or a folder of images")
-    out: str = option("", "output directory: predictions.parquet, skipped.parquet (unusable images and why), predict.json; written whole or not at all")
+    data: str = option(
+        "",
+        "a prepared dataset, any `effray data prepare` source (CIFAR folder, image folder, Parquet) or a folder of "
+        "images",
+    )
+    out: str = option(
+        "",
+        "output directory: predictions.parquet, skipped.parquet (unusable images and why), predict.json; written "
+        "whole or not at all",
+    )
     split: str = option("val", "split to predict when --data is a prepared dataset")
-    kind: str = option("", "which file of an export directory: torch, onnx, onnx-int8, torch-int8 ('' = the first present)")
+    kind: str = option(
+        "", "which file of an export directory: torch, onnx, onnx-int8, torch-int8 ('' = the first present)"
+    )
     batch_size: int = option(256, "images per model call")
     actors: int = option(0, "model replicas in the actor pool (0 = one per GPU, else one per 2 CPUs)")
     gpus_per_actor: float = option(-1.0, "GPUs per model actor (-1 = 1 when the cluster has GPUs, else 0)")
@@ -55,8 +65,10 @@ class PredictConfig:
         require(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
         require(self.actors >= 0, f"--actors must be >= 0 (0 = auto), got {self.actors}")
         require(self.top_k > 0, f"--top-k must be a positive integer, got {self.top_k}")
-        require(self.gpus_per_actor == -1 or self.gpus_per_actor >= 0,
-                f"--gpus-per-actor must be >= 0 (or -1 = auto), got {self.gpus_per_actor}")  # fmt: skip
+        require(
+            self.gpus_per_actor == -1 or self.gpus_per_actor >= 0,
+            f"--gpus-per-actor must be >= 0 (or -1 = auto), got {self.gpus_per_actor}",
+        )
         require(self.cpus_per_actor > 0, f"--cpus-per-actor must be positive, got {self.cpus_per_actor}")
 
 
@@ -112,9 +124,11 @@ def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int) 
     meta = load_meta(path)
     files = split_files(path, split)
     shape = [int(v) for v in meta["image_shape"]]
-    require(shape == list(image_shape),
-            f"{path} holds {shape[0]}x{shape[1]}x{shape[2]} images, the model takes "
-            f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]}; predict data of the size it was trained on")  # fmt: skip
+    require(
+        shape == list(image_shape),
+        f"{path} holds {shape[0]}x{shape[1]}x{shape[2]} images, the model takes "
+        f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]}; predict data of the size it was trained on",
+    )
     rows = int(meta["counts"].get(split, 0))
     with DataContext.current(data_context(rows * int(np.prod(shape)))):
         ds = ray.data.read_parquet(files, columns=["image", "label", "index", "name"])
@@ -128,8 +142,13 @@ def _image_folder(path: Path, image_shape: list[int]) -> Inputs:
     files = image_files(path)
     items = [{"index": i, "path": str(f)} for i, f in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / FILES_PER_BLOCK))
-    ds = ds.map_batches(decode_files, batch_size=FILES_PER_BLOCK, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"shape": tuple(image_shape)})  # fmt: skip
+    ds = ds.map_batches(
+        decode_files,
+        batch_size=FILES_PER_BLOCK,
+        batch_format="numpy",
+        num_cpus=1,
+        fn_kwargs={"shape": tuple(image_shape)},
+    )
     return Inputs("images", str(path), len(items), False, ds)
 
 
@@ -141,8 +160,13 @@ def _source(spec: str, image_shape: list[int], num_classes: int) -> Inputs:
     plan = plan_source(spec)
     pieces = [p for c in plan.chunks for p in split_chunk(c, SOURCE_PIECE_ROWS)]
     ds = ray.data.from_items([{"piece": i} for i in range(len(pieces))], override_num_blocks=len(pieces))
-    ds = ds.map_batches(decode_pieces, batch_size=1, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"pieces": pieces, "shape": tuple(image_shape)})  # fmt: skip
+    ds = ds.map_batches(
+        decode_pieces,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        fn_kwargs={"pieces": pieces, "shape": tuple(image_shape)},
+    )
     return Inputs("source", plan.spec, len(plan.labels), _same_classes(len(plan.classes), num_classes, plan.spec), ds)
 
 
@@ -150,8 +174,10 @@ def _same_classes(data_classes: int, model_classes: int, where: str) -> bool:
     """Whether the data's labels can be scored against the model's classes."""
     if int(data_classes) == int(model_classes):
         return True
-    say(f"effray: warning: {where} has {data_classes} classes, the model {model_classes}: its labels are kept, "
-        "no accuracy is computed")  # fmt: skip
+    say(
+        f"effray: warning: {where} has {data_classes} classes, the model {model_classes}: its labels are kept, "
+        "no accuracy is computed"
+    )
     return False
 
 
@@ -167,7 +193,7 @@ def split_chunk(chunk: Any, rows: int) -> list[Any]:
         n = min(rows, chunk.count - off)
         extra = dict(chunk.extra)
         if chunk.kind == "folder":
-            extra["files"], extra["labels"] = extra["files"][off:off + n], extra["labels"][off:off + n]
+            extra["files"], extra["labels"] = extra["files"][off : off + n], extra["labels"][off : off + n]
         else:
             extra["offset"] = extra["offset"] + off
         pieces.append(Chunk(chunk.kind, chunk.start + off, n, chunk.path, chunk.fixed_split, extra))
@@ -184,8 +210,14 @@ def size_error(img: np.ndarray, shape: tuple[int, ...]) -> str:
     return f"image is {'x'.join(map(str, img.shape))} (HxWxC), the model takes {'x'.join(map(str, shape))}"
 
 
-def _rows(index: list[int], names: list[str], labels: list[int], images: list[np.ndarray | None],
-          errors: list[str], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _rows(
+    index: list[int],
+    names: list[str],
+    labels: list[int],
+    images: list[np.ndarray | None],
+    errors: list[str],
+    shape: tuple[int, ...],
+) -> dict[str, np.ndarray]:
     """Decoded rows as one batch; a bad row keeps its reason and a blank image of the
     model's size, so every image column is one fixed-shape tensor."""
     out = np.zeros((len(images), *shape), np.uint8)
@@ -196,8 +228,13 @@ def _rows(index: list[int], names: list[str], labels: list[int], images: list[np
         errors[i] = size_error(img, shape)
         if not errors[i]:
             out[i] = img
-    return {"index": np.asarray(index, np.int64), "name": np.asarray([str(n) for n in names], dtype=object),
-            "label": np.asarray(labels, np.int64), "error": np.asarray(errors, dtype=object), "image": out}  # fmt: skip
+    return {
+        "index": np.asarray(index, np.int64),
+        "name": np.asarray([str(n) for n in names], dtype=object),
+        "label": np.asarray(labels, np.int64),
+        "error": np.asarray(errors, dtype=object),
+        "image": out,
+    }
 
 
 def decode_prepared(table: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -206,8 +243,13 @@ def decode_prepared(table: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarr
 
     rows = decode_batch(table, shape)
     n = len(rows["label"])
-    return {"index": rows["index"].astype(np.int64), "name": rows["name"].astype(object), "label": rows["label"],
-            "error": np.full(n, "", dtype=object), "image": rows["image"]}  # fmt: skip
+    return {
+        "index": rows["index"].astype(np.int64),
+        "name": rows["name"].astype(object),
+        "label": rows["label"],
+        "error": np.full(n, "", dtype=object),
+        "image": rows["image"],
+    }
 
 
 def decode_files(batch: dict[str, np.ndarray], *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -287,19 +329,30 @@ class Classifier:
             top[ok], top_p[ok] = order, np.take_along_axis(probs, order, axis=1)
         seconds = time.perf_counter() - started
         predicted = top[:, 0]
-        return {"index": batch["index"], "name": batch["name"], "label": batch["label"], "error": batch["error"],
-                "predicted": predicted, "class_name": np.where(ok, self.classes[np.maximum(predicted, 0)], ""),
-                "probability": top_p[:, 0], "top_k_labels": top, "top_k_probabilities": top_p,
-                # this call's model time, spread over its rows: the sum over rows is the time in the model
-                "model_s": np.where(ok, seconds / max(1, int(ok.sum())), 0.0)}  # fmt: skip
+        return {
+            "index": batch["index"],
+            "name": batch["name"],
+            "label": batch["label"],
+            "error": batch["error"],
+            "predicted": predicted,
+            "class_name": np.where(ok, self.classes[np.maximum(predicted, 0)], ""),
+            "probability": top_p[:, 0],
+            "top_k_labels": top,
+            "top_k_probabilities": top_p,
+            # this call's model time, spread over its rows: the sum over rows is the time in the model
+            "model_s": np.where(ok, seconds / max(1, int(ok.sum())), 0.0),
+        }
 
 
 def resolve_resources(cfg: PredictConfig, cluster: dict[str, float]) -> tuple[int, float]:
     """(actors, GPUs per actor): ``-1`` GPUs means one when the cluster has any; ``0``
     actors means one per GPU share, else one per 2 CPUs."""
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if cluster.get("GPU", 0) > 0 else 0.0)
-    require(gpus == 0 or cluster.get("GPU", 0) >= gpus,
-            f"--gpus-per-actor {gpus:g} but the cluster has {cluster.get('GPU', 0):g} GPUs; pass --gpus-per-actor 0 to run on CPUs")  # fmt: skip
+    require(
+        gpus == 0 or cluster.get("GPU", 0) >= gpus,
+        f"--gpus-per-actor {gpus:g} but the cluster has {cluster.get('GPU', 0):g} GPUs; pass --gpus-per-actor 0 to "
+        "run on CPUs",
+    )
     if cfg.actors:
         return cfg.actors, gpus
     if gpus > 0:
@@ -326,11 +379,19 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     require(inputs.rows > 0, f"{inputs.spec} has no rows to predict")
     actors, gpus = resolve_resources(cfg, ray.cluster_resources())
     scored = inputs.dataset.map_batches(
-        Classifier, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
+        Classifier,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs={"model": str(Path(cfg.model).absolute()), "kind": cfg.kind, "top_k": cfg.top_k,
-                               "threads": int(cfg.cpus_per_actor)},
-    )  # fmt: skip
+        fn_constructor_kwargs={
+            "model": str(Path(cfg.model).absolute()),
+            "kind": cfg.kind,
+            "top_k": cfg.top_k,
+            "threads": int(cfg.cpus_per_actor),
+        },
+    )
     tmp = temp_sibling(out)
     tmp.mkdir(parents=True)
     try:
@@ -342,9 +403,12 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"[effray] predict: {tally['predicted']} images in {seconds:.1f} s (actor start included), "
-        f"{result['images_per_s']:.0f} images/s ({actors} actor{'s' if actors > 1 else ''}, {gpus:g} GPU each; in the model "
-        f"{result['model_images_per_s']:.0f} images/s per actor); {tally['skipped']} skipped -> {out}")  # fmt: skip
+    say(
+        f"[effray] predict: {tally['predicted']} images in {seconds:.1f} s (actor start included), "
+        f"{result['images_per_s']:.0f} images/s ({actors} actor{'s' if actors > 1 else ''}, {gpus:g} GPU each; in "
+        "the model "
+        f"{result['model_images_per_s']:.0f} images/s per actor); {tally['skipped']} skipped -> {out}"
+    )
     return result
 
 
@@ -354,30 +418,51 @@ def write_predictions(batches: Any, out_dir: Path, labelled: bool) -> dict[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pred_schema = pa.schema([("index", pa.int64()), ("name", pa.string()), ("label", pa.int64()),
-                             ("predicted", pa.int64()), ("class_name", pa.string()), ("probability", pa.float32()),
-                             ("top_k_labels", pa.list_(pa.int64())), ("top_k_probabilities", pa.list_(pa.float32()))])  # fmt: skip
+    pred_schema = pa.schema(
+        [
+            ("index", pa.int64()),
+            ("name", pa.string()),
+            ("label", pa.int64()),
+            ("predicted", pa.int64()),
+            ("class_name", pa.string()),
+            ("probability", pa.float32()),
+            ("top_k_labels", pa.list_(pa.int64())),
+            ("top_k_probabilities", pa.list_(pa.float32())),
+        ]
+    )
     skip_schema = pa.schema([("index", pa.int64()), ("name", pa.string()), ("reason", pa.string())])
     tally: dict[str, Any] = {"predicted": 0, "skipped": 0, "correct": 0, "model_s": 0.0, "skipped_examples": []}
-    with pq.ParquetWriter(out_dir / "predictions.parquet", pred_schema) as preds, \
-            pq.ParquetWriter(out_dir / "skipped.parquet", skip_schema) as skipped:  # fmt: skip
+    with (
+        pq.ParquetWriter(out_dir / "predictions.parquet", pred_schema) as preds,
+        pq.ParquetWriter(out_dir / "skipped.parquet", skip_schema) as skipped,
+    ):
         for b in batches:
             ok = b["error"] == ""
             if (~ok).any():
                 rows = {"index": b["index"][~ok], "name": b["name"][~ok].tolist(), "reason": b["error"][~ok].tolist()}
                 skipped.write_table(pa.table(rows, schema=skip_schema))
                 tally["skipped"] += int((~ok).sum())
-                tally["skipped_examples"] += [f"{n}: {r}" for n, r in zip(rows["name"], rows["reason"])][:10 - len(tally["skipped_examples"])]
+                tally["skipped_examples"] += [f"{n}: {r}" for n, r in zip(rows["name"], rows["reason"])][
+                    : 10 - len(tally["skipped_examples"])
+                ]
             if not ok.any():
                 continue
             k = b["top_k_labels"].shape[1]
             labels = b["label"][ok]
-            rows = {"index": b["index"][ok], "name": b["name"][ok].tolist(),
-                    "label": pa.array(labels, pa.int64(), mask=labels == NO_LABEL),
-                    "predicted": b["predicted"][ok], "class_name": b["class_name"][ok].tolist(),
-                    "probability": b["probability"][ok],
-                    "top_k_labels": pa.FixedSizeListArray.from_arrays(pa.array(b["top_k_labels"][ok].ravel()), k).cast(pa.list_(pa.int64())),
-                    "top_k_probabilities": pa.FixedSizeListArray.from_arrays(pa.array(b["top_k_probabilities"][ok].ravel()), k).cast(pa.list_(pa.float32()))}  # fmt: skip
+            rows = {
+                "index": b["index"][ok],
+                "name": b["name"][ok].tolist(),
+                "label": pa.array(labels, pa.int64(), mask=labels == NO_LABEL),
+                "predicted": b["predicted"][ok],
+                "class_name": b["class_name"][ok].tolist(),
+                "probability": b["probability"][ok],
+                "top_k_labels": pa.FixedSizeListArray.from_arrays(pa.array(b["top_k_labels"][ok].ravel()), k).cast(
+                    pa.list_(pa.int64())
+                ),
+                "top_k_probabilities": pa.FixedSizeListArray.from_arrays(
+                    pa.array(b["top_k_probabilities"][ok].ravel()), k
+                ).cast(pa.list_(pa.float32())),
+            }
             preds.write_table(pa.table(rows, schema=pred_schema))
             tally["predicted"] += int(ok.sum())
             tally["model_s"] += float(b["model_s"][ok].sum())
@@ -386,17 +471,26 @@ def write_predictions(batches: Any, out_dir: Path, labelled: bool) -> dict[str, 
     return tally
 
 
-def _result(info: Any, inputs: Inputs, tally: dict[str, Any], seconds: float, actors: int,
-            gpus: float, out: Path) -> dict[str, Any]:
+def _result(
+    info: Any, inputs: Inputs, tally: dict[str, Any], seconds: float, actors: int, gpus: float, out: Path
+) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "out": str(out.absolute()), "predictions": str((out / "predictions.parquet").absolute()),
-        "skipped_file": str((out / "skipped.parquet").absolute()), "data": inputs.spec, "data_kind": inputs.kind,
-        "rows": tally["predicted"] + tally["skipped"], "predicted": tally["predicted"], "skipped": tally["skipped"],
-        "skipped_examples": tally["skipped_examples"], "seconds": round(seconds, 3),
+        "out": str(out.absolute()),
+        "predictions": str((out / "predictions.parquet").absolute()),
+        "skipped_file": str((out / "skipped.parquet").absolute()),
+        "data": inputs.spec,
+        "data_kind": inputs.kind,
+        "rows": tally["predicted"] + tally["skipped"],
+        "predicted": tally["predicted"],
+        "skipped": tally["skipped"],
+        "skipped_examples": tally["skipped_examples"],
+        "seconds": round(seconds, 3),
         "images_per_s": round(tally["predicted"] / max(seconds, 1e-9), 1),
         "model_images_per_s": round(tally["predicted"] / max(tally["model_s"], 1e-9), 1) if tally["predicted"] else 0.0,
-        "actors": actors, "gpus_per_actor": gpus, "model": {"kind": info.kind, "source": info.source},
-    }  # fmt: skip
+        "actors": actors,
+        "gpus_per_actor": gpus,
+        "model": {"kind": info.kind, "source": info.source},
+    }
     if inputs.labelled and tally["predicted"]:
         result["accuracy"] = tally["correct"] / tally["predicted"]
     return json.loads(json.dumps(result, default=str))

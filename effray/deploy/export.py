@@ -61,18 +61,29 @@ class ExportConfig:
     """Which model to export, to what, checked against which data."""
 
     artifact: str = option("", "compressed artifact or training checkpoint (directory or model.pt)")
-    format: str = option("torch", "torch: a torch.export program (.pt2); onnx: ONNX (fp32); all: both", choices=tuple(FORMATS))
-    int8: bool = option(False, "also write the int8 model: torchao PT2E (x86) for torch, onnxruntime static QDQ for onnx")
+    format: str = option(
+        "torch", "torch: a torch.export program (.pt2); onnx: ONNX (fp32); all: both", choices=tuple(FORMATS)
+    )
+    int8: bool = option(
+        False, "also write the int8 model: torchao PT2E (x86) for torch, onnxruntime static QDQ for onnx"
+    )
     out: str = option("", "output directory ('' = ARTIFACT_DIR/export); an earlier export there is replaced")
-    data: str = option("", "prepared dataset for the parity check and int8 calibration ('' = the one the artifact records)")
+    data: str = option(
+        "", "prepared dataset for the parity check and int8 calibration ('' = the one the artifact records)"
+    )
     split: str = option("val", "split the parity check runs on")
     batch_size: int = option(256, "images per forward pass in the parity check and per calibration batch")
     calib_batches: int = option(8, "batches of the training split that calibrate int8 activations")
     min_agreement: float = option(0.999, "top-1 agreement with the source an fp32 file must reach")
     min_int8_agreement: float = option(0.995, "top-1 agreement with the source an int8 file must reach")
-    int8_reduce_range: str = option("auto", "int8 range for CPUs without VNNI, whose kernels would overflow at full range: "
-                                            "on = a student's 8-bit-weight layers stay float and a float model's activations get 7 bits (torch), 7-bit weights (ONNX); off = full 8 bits everywhere; "
-                                            "auto = on unless this CPU has VNNI", choices=("auto", "on", "off"))  # fmt: skip
+    int8_reduce_range: str = option(
+        "auto",
+        "int8 range for CPUs without VNNI, whose kernels would overflow at full range: "
+        "on = a student's 8-bit-weight layers stay float and a float model's activations get 7 bits (torch), 7-bit "
+        "weights (ONNX); off = full 8 bits everywhere; "
+        "auto = on unless this CPU has VNNI",
+        choices=("auto", "on", "off"),
+    )
 
     def validate(self) -> None:
         require(bool(self.artifact), "--artifact PATH is required (a compressed artifact or checkpoint)")
@@ -81,7 +92,10 @@ class ExportConfig:
         require(self.calib_batches > 0, f"--calib-batches must be a positive integer, got {self.calib_batches}")
         for flag, v in (("--min-agreement", self.min_agreement), ("--min-int8-agreement", self.min_int8_agreement)):
             require(0.0 <= v <= 1.0, f"{flag} must be in [0, 1], got {v}")
-        require(self.int8_reduce_range in ("auto", "on", "off"), f"--int8-reduce-range must be auto, on or off, got {self.int8_reduce_range!r}")
+        require(
+            self.int8_reduce_range in ("auto", "on", "off"),
+            f"--int8-reduce-range must be auto, on or off, got {self.int8_reduce_range!r}",
+        )
 
     @property
     def reduce_range(self) -> bool:
@@ -130,12 +144,16 @@ def recorded_data(payload: dict[str, Any], path: Path) -> Path | None:
 def check_dataset(meta: dict[str, Any], info: Any, data: Path) -> None:
     """The dataset must be the model's kind: same classes, same image shape."""
     classes = [str(c) for c in meta.get("classes", [])]
-    require(int(meta["num_classes"]) == info.num_classes and (not classes or classes == info.classes),
-            f"dataset {data} has {meta['num_classes']} classes, the model predicts {info.num_classes} "
-            f"({', '.join(info.classes[:4])}...): pass the dataset it was trained on")  # fmt: skip
-    require(list(meta["image_shape"]) == list(info.image_shape),
-            f"dataset {data} has {list(meta['image_shape'])} (HWC) images, the model takes {list(info.image_shape)}: "
-            "pass the dataset it was trained on")  # fmt: skip
+    require(
+        int(meta["num_classes"]) == info.num_classes and (not classes or classes == info.classes),
+        f"dataset {data} has {meta['num_classes']} classes, the model predicts {info.num_classes} "
+        f"({', '.join(info.classes[:4])}...): pass the dataset it was trained on",
+    )
+    require(
+        list(meta["image_shape"]) == list(info.image_shape),
+        f"dataset {data} has {list(meta['image_shape'])} (HWC) images, the model takes {list(info.image_shape)}: "
+        "pass the dataset it was trained on",
+    )
 
 
 def split_batches(data: Path, split: str, batch_size: int, limit: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -175,10 +193,20 @@ def write_onnx(path: Path, program: Any, example: Any) -> None:
 
     try:
         with _silent():
-            torch.onnx.export(program, (example,), str(path), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                              external_data=False, optimize=True)  # fmt: skip
+            torch.onnx.export(
+                program,
+                (example,),
+                str(path),
+                dynamo=True,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                external_data=False,
+                optimize=True,
+            )
     except Exception as exc:  # noqa: BLE001 - the ONNX exporter raises many kinds
-        raise EffrayError(f"the ONNX exporter failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from None
+        raise EffrayError(
+            f"the ONNX exporter failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
+        ) from None
 
 
 # ops between a layer and the next one's input that commute with rounding on one grid
@@ -194,8 +222,9 @@ def _identity_pool(node: Any) -> bool:
     return node.op_type == "AveragePool" and all(k == 1 for k in attrs.get("kernel_shape", [0]))
 
 
-def onnx_overrides(onnx_path: Path, steps: dict[str, Any], grids: dict[str, tuple[float, int, int]]
-                   ) -> tuple[dict[str, list[dict[str, Any]]], int]:
+def onnx_overrides(
+    onnx_path: Path, steps: dict[str, Any], grids: dict[str, tuple[float, int, int]]
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
     """ONNX Runtime ``TensorQuantOverrides`` that make its int8 model round where the student
     rounds, on the student's grids; returns them and how many layers' weights they pin.
 
@@ -235,8 +264,13 @@ def onnx_overrides(onnx_path: Path, steps: dict[str, Any], grids: dict[str, tupl
             top = 2**bits - 1 - zero
             zero_point = 255 - top if rectified and bits < 8 else zero
             for t in chain:
-                out[t] = [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8),
-                           "quant_type": QuantType.QUInt8}]  # fmt: skip
+                out[t] = [
+                    {
+                        "scale": np.array(scale, np.float32),
+                        "zero_point": np.array(zero_point, np.uint8),
+                        "quant_type": QuantType.QUInt8,
+                    }
+                ]
         if name not in steps or name not in weights:
             continue
         w, step = numpy_helper.to_array(weights[name]), np.asarray(steps[name], np.float32)
@@ -248,14 +282,27 @@ def onnx_overrides(onnx_path: Path, steps: dict[str, Any], grids: dict[str, tupl
         if np.abs(codes).max() > 127 or not np.array_equal(codes, np.round(codes)):
             continue
         wide = np.abs(codes).max() > 63
-        out[name] = [{"axis": axis, "scale": float(v), "zero_point": 128 if wide else 0,
-                      **({"quant_type": QuantType.QUInt8} if wide else {})} for v in step]  # fmt: skip
+        out[name] = [
+            {
+                "axis": axis,
+                "scale": float(v),
+                "zero_point": 128 if wide else 0,
+                **({"quant_type": QuantType.QUInt8} if wide else {}),
+            }
+            for v in step
+        ]
         pinned += 1
     return out, pinned
 
 
-def write_onnx_int8(path: Path, fp32: Path, calib: list[np.ndarray], steps: dict[str, Any],
-                    grids: dict[str, tuple[float, int, int]], reduce_range: bool) -> int:
+def write_onnx_int8(
+    path: Path,
+    fp32: Path,
+    calib: list[np.ndarray],
+    steps: dict[str, Any],
+    grids: dict[str, tuple[float, int, int]],
+    reduce_range: bool,
+) -> int:
     """Static QDQ after ORT's pre-processing: per-channel symmetric weights, uint8
     activations; a student's layers on its own grids (:func:`onnx_overrides`), anything
     else calibrated by min/max on ``calib`` (``reduce_range``: 7-bit weights, for CPUs
@@ -282,10 +329,20 @@ def write_onnx_int8(path: Path, fp32: Path, calib: list[np.ndarray], steps: dict
         with _silent():
             quant_pre_process(str(fp32), str(pre))
             overrides, pinned = onnx_overrides(pre, steps, grids)
-            quantize_static(str(pre), str(path), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"TensorQuantOverrides": overrides,
-                                           "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})  # fmt: skip
+            quantize_static(
+                str(pre),
+                str(path),
+                Calibration(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={
+                    "TensorQuantOverrides": overrides,
+                    "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
+                },
+            )
     finally:
         pre.unlink(missing_ok=True)
     return pinned
@@ -294,14 +351,20 @@ def write_onnx_int8(path: Path, fp32: Path, calib: list[np.ndarray], steps: dict
 # ------------------------------------------------------------------ parity
 
 
-def parity(deployable: Any, images: np.ndarray, labels: np.ndarray, reference: np.ndarray, batch_size: int) -> dict[str, Any]:
+def parity(
+    deployable: Any, images: np.ndarray, labels: np.ndarray, reference: np.ndarray, batch_size: int
+) -> dict[str, Any]:
     """Top-1 agreement and max |logit difference| of ``deployable`` against ``reference``
     logits on ``images``, and both accuracies."""
-    logits = np.concatenate([deployable.logits(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    logits = np.concatenate([deployable.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     pred, ref = logits.argmax(1), reference.argmax(1)
-    return {"agreement": float((pred == ref).mean()), "max_abs_logit_diff": float(np.abs(logits - reference).max()),
-            "accuracy": float((pred == labels).mean()), "source_accuracy": float((ref == labels).mean()),
-            "images": int(len(images))}  # fmt: skip
+    return {
+        "agreement": float((pred == ref).mean()),
+        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "accuracy": float((pred == labels).mean()),
+        "source_accuracy": float((ref == labels).mean()),
+        "images": int(len(images)),
+    }
 
 
 def _reference(model: Any, info: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -312,7 +375,9 @@ def _reference(model: Any, info: Any, images: np.ndarray, batch_size: int) -> np
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            out.append(model(torch.from_numpy(normalise(images[i:i + batch_size], info.mean, info.std))).float().numpy())
+            out.append(
+                model(torch.from_numpy(normalise(images[i : i + batch_size], info.mean, info.std))).float().numpy()
+            )
     return np.concatenate(out)
 
 
@@ -328,7 +393,10 @@ def _why(model: Any, kind: str) -> str:
     bits = sorted({m.bits for m in model.modules() if isinstance(m, ActQuant)})
     if kind != "onnx-int8" or not bits or bits[0] >= 8:
         return ""
-    return f" (the artifact quantizes activations to {bits[0]}-bit; ONNX Runtime's uint8 clamps such a grid only after a ReLU)"
+    return (
+        f" (the artifact quantizes activations to {bits[0]}-bit; ONNX Runtime's uint8 clamps such a grid only "
+        "after a ReLU)"
+    )
 
 
 def _out_dir(cfg: ExportConfig, artifact: Path) -> Path:
@@ -336,8 +404,10 @@ def _out_dir(cfg: ExportConfig, artifact: Path) -> Path:
 
     out = Path(cfg.out).expanduser() if cfg.out else (artifact if artifact.is_dir() else artifact.parent) / "export"
     out = out.resolve()
-    require(not out.exists() or (out.is_dir() and ((out / SIDECAR).is_file() or not any(out.iterdir()))),
-            f"--out {out} exists and is not an `effray export` output; pass another --out")  # fmt: skip
+    require(
+        not out.exists() or (out.is_dir() and ((out / SIDECAR).is_file() or not any(out.iterdir()))),
+        f"--out {out} exists and is not an `effray export` output; pass another --out",
+    )
     return out
 
 
@@ -371,9 +441,14 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     out = _out_dir(cfg, artifact)
     held_out = split_batches(data, cfg.split, cfg.batch_size)
     images, labels = np.concatenate([x for x, _ in held_out]), np.concatenate([y for _, y in held_out])
-    calib = [normalise(x, info.mean, info.std) for x, _ in split_batches(data, "train", cfg.batch_size, cfg.calib_batches)
-             ] if cfg.int8 else []  # fmt: skip
-    example = torch.from_numpy(normalise(images[:2] if len(images) >= 2 else np.repeat(images, 2, 0), info.mean, info.std))
+    calib = (
+        [normalise(x, info.mean, info.std) for x, _ in split_batches(data, "train", cfg.batch_size, cfg.calib_batches)]
+        if cfg.int8
+        else []
+    )
+    example = torch.from_numpy(
+        normalise(images[:2] if len(images) >= 2 else np.repeat(images, 2, 0), info.mean, info.std)
+    )
     # before anything is written: a model torch can't capture fails here. The fp32 files
     # compute what the artifact computes, activation quantizers included (exact parity);
     # the int8 files start from the plain float twin and calibrate activations themselves
@@ -383,8 +458,12 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     plain = export_program(float_twin(model), example) if cfg.int8 and "onnx-int8" in cfg.kinds else None
     reference = _reference(model, info, images, cfg.batch_size)
 
-    exported = dataclasses.replace(info, kind="export", numerics={"bf16": False, "channels_last": False},
-                                   provenance={**info.provenance, "torch": torch.__version__})  # fmt: skip
+    exported = dataclasses.replace(
+        info,
+        kind="export",
+        numerics={"bf16": False, "channels_last": False},
+        provenance={**info.provenance, "torch": torch.__version__},
+    )
     tmp = temp_sibling(out, "export")
     files: dict[str, str] = {}
     figures: dict[str, dict[str, Any]] = {}
@@ -393,7 +472,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     grids = activation_grids(model)
     pinned: dict[str, int] = {}  # int8 files: student layers whose k-bit grid the int8 weights keep
     # read back by load_deployable: a full-range int8 program runs its int8 kernels only on a VNNI CPU
-    int8_info = {"reduce_range": cfg.reduce_range, "student_grid_layers": pinned, "student_layers": len(steps)} if cfg.int8 else {}
+    int8_info = (
+        {"reduce_range": cfg.reduce_range, "student_grid_layers": pinned, "student_layers": len(steps)}
+        if cfg.int8
+        else {}
+    )
     try:
         tmp.mkdir(parents=True)
         for kind in cfg.kinds:
@@ -402,8 +485,12 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             if kind == "torch":
                 write_torch(path, program)
             elif kind == "torch-int8":
-                int8 = quantize_int8(model, [(torch.from_numpy(x), None) for x in calib], max_batches=cfg.calib_batches,
-                                     reduce_range=cfg.reduce_range)  # fmt: skip
+                int8 = quantize_int8(
+                    model,
+                    [(torch.from_numpy(x), None) for x in calib],
+                    max_batches=cfg.calib_batches,
+                    reduce_range=cfg.reduce_range,
+                )
                 pinned["torch-int8"] = int(int8.meta.get("student_grid_layers", 0))
                 write_torch(path, export_program(int8, example))
             elif kind == "onnx":
@@ -417,7 +504,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                     base.unlink(missing_ok=True)
             seconds[f"{kind}_write_s"] = time.perf_counter() - t
             files[kind] = path.name
-            write_sidecar(tmp, exported, files=files, parity=figures, int8=int8_info)  # load_deployable finds the file through it
+            write_sidecar(
+                tmp, exported, files=files, parity=figures, int8=int8_info
+            )  # load_deployable finds the file through it
             t = time.perf_counter()
             loaded = load_deployable(tmp, device="cpu", kind=kind)
             seconds[f"{kind}_load_s"] = time.perf_counter() - t
@@ -427,15 +516,29 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             if figures[kind]["agreement"] < need:
                 path.unlink(missing_ok=True)
                 f = figures[kind]
-                raise EffrayError(f"{path.name} failed the parity check: top-1 agreement {f['agreement']:.4f} < {need} with "
-                                  f"the source on {f['images']} {cfg.split} images (max |logit diff| {f['max_abs_logit_diff']:.3g})"
-                                  f"{_why(model, kind)}; nothing written")  # fmt: skip
-        write_sidecar(tmp, exported, files=files, parity=figures, data={"path": str(data.resolve()), "split": cfg.split},
-                      exported_from=str(artifact.resolve()), int8=int8_info)  # fmt: skip
+                raise EffrayError(
+                    f"{path.name} failed the parity check: top-1 agreement {f['agreement']:.4f} < {need} with "
+                    f"the source on {f['images']} {cfg.split} images (max |logit diff| {f['max_abs_logit_diff']:.3g})"
+                    f"{_why(model, kind)}; nothing written"
+                )
+        write_sidecar(
+            tmp,
+            exported,
+            files=files,
+            parity=figures,
+            data={"path": str(data.resolve()), "split": cfg.split},
+            exported_from=str(artifact.resolve()),
+            int8=int8_info,
+        )
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "files": {k: str(out / v) for k, v in files.items()}, "parity": figures,
-            "data": str(data.resolve()), "split": cfg.split, "seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "int8": int8_info}  # fmt: skip
-
+    return {
+        "out": str(out),
+        "files": {k: str(out / v) for k, v in files.items()},
+        "parity": figures,
+        "data": str(data.resolve()),
+        "split": cfg.split,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "int8": int8_info,
+    }

@@ -23,7 +23,12 @@ from effray.config import require
 from effray.errors import EffrayError
 
 SIDECAR = "deploy.json"
-EXPORT_FILES = {"torch": "model.pt2", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torch-int8": "model.int8.pt2"}
+EXPORT_FILES = {
+    "torch": "model.pt2",
+    "onnx": "model.onnx",
+    "onnx-int8": "model.int8.onnx",
+    "torch-int8": "model.int8.pt2",
+}
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,10 @@ class Deployable:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         h, w, c = self.info.image_shape
-        require(images.ndim == 4 and tuple(images.shape[1:]) == (h, w, c),
-                f"images are {list(images.shape[1:])} (HWC), the model takes {[h, w, c]}")  # fmt: skip
+        require(
+            images.ndim == 4 and tuple(images.shape[1:]) == (h, w, c),
+            f"images are {list(images.shape[1:])} (HWC), the model takes {[h, w, c]}",
+        )
         if len(images) == 0:
             return np.zeros((0, self.info.num_classes), np.float32)
         return self._forward(np.ascontiguousarray(images, dtype=np.uint8))
@@ -107,16 +114,30 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 def info_from_payload(payload: dict[str, Any], source: str) -> ModelInfo:
     """A checkpoint's or artifact's :class:`ModelInfo` (its recorded data summary)."""
     spec, data = payload.get("model_spec") or {}, payload.get("data") or {}
-    require("mean" in data and "image_shape" in data,
-            f"{source} (format {payload.get('format')}) records no data normalisation; it can't be deployed")  # fmt: skip
+    require(
+        "mean" in data and "image_shape" in data,
+        f"{source} (format {payload.get('format')}) records no data normalisation; it can't be deployed",
+    )
     num_classes = int(spec.get("num_classes", data.get("num_classes", 0)))
     classes = [str(c) for c in (data.get("classes") or range(num_classes))]
     kind = "artifact" if payload.get("format") == "effray.compressed" else "checkpoint"
-    provenance = {**(payload.get("provenance") or {}), "format": payload.get("format"), "model": spec.get("name"),
-                  "method": payload.get("method") or {}, "data_checksum": data.get("checksum", "")}  # fmt: skip
-    return ModelInfo(classes=classes, image_shape=[int(v) for v in data["image_shape"]], mean=list(data["mean"]),
-                     std=list(data["std"]), kind=kind, source=os.path.abspath(source),
-                     numerics=dict(payload.get("numerics") or {}), provenance=provenance)  # fmt: skip
+    provenance = {
+        **(payload.get("provenance") or {}),
+        "format": payload.get("format"),
+        "model": spec.get("name"),
+        "method": payload.get("method") or {},
+        "data_checksum": data.get("checksum", ""),
+    }
+    return ModelInfo(
+        classes=classes,
+        image_shape=[int(v) for v in data["image_shape"]],
+        mean=list(data["mean"]),
+        std=list(data["std"]),
+        kind=kind,
+        source=os.path.abspath(source),
+        numerics=dict(payload.get("numerics") or {}),
+        provenance=provenance,
+    )
 
 
 def _is_export(path: Path) -> bool:
@@ -129,7 +150,9 @@ def load_deployable(path: str | os.PathLike, device: str = "auto", kind: str = "
     (``torch``, ``onnx``, ``onnx-int8``, ``torch-int8``; default: the first present in
     that order). Bad paths fail in one line."""
     p = Path(path)
-    require(p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output")
+    require(
+        p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output"
+    )
     device = resolve_device(device)
     if _is_export(p):
         return _load_export(p, device, kind)
@@ -144,17 +167,27 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], Model
     from effray.train.checkpoint import TRAIN_FORMAT
 
     p = Path(path)
-    require(p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output")
-    require(not _is_export(p), f"{p} is an `effray export` output, not a checkpoint or artifact; pass the artifact it came from")
+    require(
+        p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output"
+    )
+    require(
+        not _is_export(p),
+        f"{p} is an `effray export` output, not a checkpoint or artifact; pass the artifact it came from",
+    )
     try:
         model, payload = load_checkpoint(p)
     except EffrayError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise EffrayError(f"{p} is not an effray checkpoint or artifact ({type(exc).__name__}); "
-                          "pass a `effray train` checkpoint, a compressed artifact or an `effray export` output") from None  # fmt: skip
-    require(payload.get("format") in (TRAIN_FORMAT, ARTIFACT_FORMAT),  # classifiers, not a GAN's generator
-            f"{p} is a {payload.get('format')!r} checkpoint, not a classifier; pass a `effray train` checkpoint or a compressed artifact")  # fmt: skip
+        raise EffrayError(
+            f"{p} is not an effray checkpoint or artifact ({type(exc).__name__}); "
+            "pass a `effray train` checkpoint, a compressed artifact or an `effray export` output"
+        ) from None
+    require(
+        payload.get("format") in (TRAIN_FORMAT, ARTIFACT_FORMAT),  # classifiers, not a GAN's generator
+        f"{p} is a {payload.get('format')!r} checkpoint, not a classifier; pass a `effray train` checkpoint or a "
+        "compressed artifact",
+    )
     return model, payload, info_from_payload(payload, str(p))
 
 
@@ -196,16 +229,25 @@ def _export_file(p: Path, sidecar: dict[str, Any], kind: str) -> tuple[str, Path
     for k in order:
         if k in files and (p / files[k]).is_file():
             return k, p / files[k]
-    raise EffrayError(f"{p} holds no {kind or 'exported'} model (has: {', '.join(sorted(files)) or 'nothing'}); "
-                      "run `effray export` with that --format")  # fmt: skip
+    raise EffrayError(
+        f"{p} holds no {kind or 'exported'} model (has: {', '.join(sorted(files)) or 'nothing'}); "
+        "run `effray export` with that --format"
+    )
 
 
 def _load_export(p: Path, device: str, kind: str) -> Deployable:
     sidecar = read_sidecar(p)
     kind, f = _export_file(p, sidecar, kind)
-    info = ModelInfo(classes=list(sidecar["classes"]), image_shape=list(sidecar["image_shape"]),
-                     mean=list(sidecar["mean"]), std=list(sidecar["std"]), kind=kind, source=str(f.resolve()),
-                     numerics=dict(sidecar.get("numerics") or {}), provenance=dict(sidecar.get("provenance") or {}))  # fmt: skip
+    info = ModelInfo(
+        classes=list(sidecar["classes"]),
+        image_shape=list(sidecar["image_shape"]),
+        mean=list(sidecar["mean"]),
+        std=list(sidecar["std"]),
+        kind=kind,
+        source=str(f.resolve()),
+        numerics=dict(sidecar.get("numerics") or {}),
+        provenance=dict(sidecar.get("provenance") or {}),
+    )
     if kind.startswith("onnx"):
         return Deployable(info, _onnx_forward(f, info, device), device)
     full_range = not (sidecar.get("int8") or {}).get("reduce_range", True)
@@ -215,11 +257,15 @@ def _load_export(p: Path, device: str, kind: str) -> Deployable:
 def _onnx_forward(f: Path, info: ModelInfo, device: str) -> Any:
     import onnxruntime as ort
 
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+    )
     try:
         session = ort.InferenceSession(str(f), providers=[p for p in providers if p in ort.get_available_providers()])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise EffrayError(f"{f} is not a loadable ONNX model ({str(exc).splitlines()[0][:200]}); re-run `effray export`") from None
+        raise EffrayError(
+            f"{f} is not a loadable ONNX model ({str(exc).splitlines()[0][:200]}); re-run `effray export`"
+        ) from None
     name = session.get_inputs()[0].name
 
     def forward(images: np.ndarray) -> np.ndarray:
@@ -228,8 +274,13 @@ def _onnx_forward(f: Path, info: ModelInfo, device: str) -> Any:
     return forward
 
 
-def load_program(f: str | os.PathLike, kind: str = "torch", device: str = "cpu", image_shape: list[int] | None = None,
-                 full_range: bool = False) -> Any:
+def load_program(
+    f: str | os.PathLike,
+    kind: str = "torch",
+    device: str = "cpu",
+    image_shape: list[int] | None = None,
+    full_range: bool = False,
+) -> Any:
     """The torch module of a ``.pt2`` export, on ``device``. The int8 one is a PT2E q/dq
     program (portable: float arithmetic on int8 values anywhere); on an x86 CPU it is
     lowered here to oneDNN's int8 kernels (:func:`effray.compress.int8.lower_x86`: seconds,
@@ -246,7 +297,9 @@ def load_program(f: str | os.PathLike, kind: str = "torch", device: str = "cpu",
     try:
         module = torch.export.load(str(f)).module()
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
-        raise EffrayError(f"{f} is not a loadable torch.export program ({type(exc).__name__}); re-run `effray export`") from None
+        raise EffrayError(
+            f"{f} is not a loadable torch.export program ({type(exc).__name__}); re-run `effray export`"
+        ) from None
     if kind == "torch-int8" and device == "cpu" and torch.backends.mkldnn.is_available():
         from effray.compress.int8 import lower_x86, vnni
 

@@ -51,8 +51,13 @@ class ServeConfig:
     """Which model to serve, where, on what."""
 
     model: str = option("", "checkpoint, compressed artifact or `effray export` output")
-    kind: str = option("", "which file of an export directory: torch, onnx, onnx-int8, torch-int8 ('' = the first present)")
-    host: str = option("127.0.0.1", "address to bind; anything but loopback is reachable by others and has no authentication of its own")
+    kind: str = option(
+        "", "which file of an export directory: torch, onnx, onnx-int8, torch-int8 ('' = the first present)"
+    )
+    host: str = option(
+        "127.0.0.1",
+        "address to bind; anything but loopback is reachable by others and has no authentication of its own",
+    )
     port: int = option(8000, "HTTP port")
     replicas: int = option(1, "model replicas")
     gpus_per_replica: float = option(-1.0, "GPUs per replica (-1 = 1 when the cluster has GPUs, else 0)")
@@ -69,9 +74,14 @@ class ServeConfig:
         require(self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         require(self.batch_wait_timeout_s >= 0, f"--batch-wait-timeout-s must be >= 0, got {self.batch_wait_timeout_s}")
         require(self.max_request_bytes > 0, f"--max-request-bytes must be positive, got {self.max_request_bytes}")
-        require(self.max_images_per_request >= 1, f"--max-images-per-request must be >= 1, got {self.max_images_per_request}")
-        require(self.gpus_per_replica == -1 or self.gpus_per_replica >= 0,
-                f"--gpus-per-replica must be >= 0 (or -1 = auto), got {self.gpus_per_replica}")  # fmt: skip
+        require(
+            self.max_images_per_request >= 1,
+            f"--max-images-per-request must be >= 1, got {self.max_images_per_request}",
+        )
+        require(
+            self.gpus_per_replica == -1 or self.gpus_per_replica >= 0,
+            f"--gpus-per-replica must be >= 0 (or -1 = auto), got {self.gpus_per_replica}",
+        )
         require(self.cpus_per_replica > 0, f"--cpus-per-replica must be positive, got {self.cpus_per_replica}")
 
 
@@ -98,7 +108,9 @@ def decode_request_image(data: bytes, image_shape: list[int]) -> np.ndarray:
     except UnidentifiedImageError:
         raise BadRequest(400, "body is not an image (PNG/JPEG expected)") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
-        raise BadRequest(400, f"corrupt image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise BadRequest(
+            400, f"corrupt image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -108,10 +120,14 @@ def answer(logits: np.ndarray, classes: list[str], model: dict[str, Any]) -> dic
     p = np.exp(z) / np.exp(z).sum()
     order = np.argsort(-logits, kind="stable")[:TOP]
     best = int(order[0])
-    return {"class_name": classes[best], "label": best, "probability": float(p[best]),
-            "probabilities": {c: float(v) for c, v in zip(classes, p)},
-            "top5": [{"label": int(i), "class_name": classes[int(i)], "probability": float(p[i])} for i in order],
-            "model": model}  # fmt: skip
+    return {
+        "class_name": classes[best],
+        "label": best,
+        "probability": float(p[best]),
+        "probabilities": {c: float(v) for c, v in zip(classes, p)},
+        "top5": [{"label": int(i), "class_name": classes[int(i)], "probability": float(p[i])} for i in order],
+        "model": model,
+    }
 
 
 class ClassifierServer:
@@ -128,12 +144,15 @@ class ClassifierServer:
         self.deployable = load_deployable(cfg.model, device="auto", kind=cfg.kind)
         info = self.deployable.info
         self.model = {"kind": info.kind, "source": info.source, "provenance": info.provenance}
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="effray-model")  # one model call at a time
+        self.model_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="effray-model"
+        )  # one model call at a time
         self.batch_sizes: Counter[int] = Counter()
         self.counts: Counter[str] = Counter()
         # one image in, its logits out; Serve gathers concurrent calls into one model_call
-        self.infer = serve.batch(max_batch_size=cfg.max_batch_size,
-                                 batch_wait_timeout_s=cfg.batch_wait_timeout_s)(self.model_call)  # fmt: skip
+        self.infer = serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)(
+            self.model_call
+        )
 
     async def model_call(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Logits of images queued by concurrent requests, in one model call; the call runs
@@ -160,11 +179,24 @@ class ClassifierServer:
                 return reply({"predictions": answers} if batched else answers[0])
             if route == ("GET", "/healthz"):
                 info = self.deployable.info
-                return reply({"status": "ok", "model": info.provenance.get("model") or info.source, "kind": info.kind,
-                              "classes": info.classes, "image_shape": info.image_shape, "source": info.source})  # fmt: skip
+                return reply(
+                    {
+                        "status": "ok",
+                        "model": info.provenance.get("model") or info.source,
+                        "kind": info.kind,
+                        "classes": info.classes,
+                        "image_shape": info.image_shape,
+                        "source": info.source,
+                    }
+                )
             if route == ("GET", "/stats"):
-                return reply({**self.counts, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                              "max_batch_size": self.cfg.max_batch_size})  # fmt: skip
+                return reply(
+                    {
+                        **self.counts,
+                        "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                        "max_batch_size": self.cfg.max_batch_size,
+                    }
+                )
             known = {"/predict": "POST", "/healthz": "GET", "/stats": "GET"}
             if route[1] in known:
                 raise BadRequest(405, f"{route[0]} {route[1]} is not served; use {known[route[1]]} {route[1]}")
@@ -174,7 +206,13 @@ class ClassifierServer:
             return reply({"error": bad.reason}, bad.status)
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the replica down
             self.counts["failed_requests"] += 1
-            return reply({"error": f"prediction failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"}, 500)
+            return reply(
+                {
+                    "error": f"prediction failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+                },
+                500,
+            )
 
     async def read_body(self, request: Any) -> bytes:
         """The body, refused with 413 once it passes the limit: from Content-Length before
@@ -185,7 +223,9 @@ class ClassifierServer:
             if not declared.isdigit():
                 raise BadRequest(400, f"Content-Length {declared!r} is not a byte count")
             if int(declared) > limit:
-                raise BadRequest(413, f"body of {int(declared)} bytes is over the {limit}-byte limit (--max-request-bytes)")
+                raise BadRequest(
+                    413, f"body of {int(declared)} bytes is over the {limit}-byte limit (--max-request-bytes)"
+                )
         parts, size = [], 0
         async for part in request.stream():
             size += len(part)
@@ -194,7 +234,9 @@ class ClassifierServer:
             parts.append(part)
         body = b"".join(parts)
         if not body:
-            raise BadRequest(400, 'empty body: POST one PNG/JPEG image (Content-Type image/png) or JSON {"images": [base64, ...]}')
+            raise BadRequest(
+                400, 'empty body: POST one PNG/JPEG image (Content-Type image/png) or JSON {"images": [base64, ...]}'
+            )
         return body
 
     async def read_images(self, request: Any) -> tuple[list[np.ndarray], bool]:
@@ -206,13 +248,21 @@ class ClassifierServer:
         try:
             doc = json.loads(body)
         except ValueError as exc:
-            raise BadRequest(400, f"body is not valid JSON ({exc.msg} at byte {exc.pos})" if hasattr(exc, "msg") else "body is not valid JSON") from None
+            raise BadRequest(
+                400,
+                f"body is not valid JSON ({exc.msg} at byte {exc.pos})"
+                if hasattr(exc, "msg")
+                else "body is not valid JSON",
+            ) from None
         items = doc.get("images") if isinstance(doc, dict) else None
         if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
             raise BadRequest(400, 'JSON body must be {"images": ["<base64 PNG/JPEG>", ...]} with at least one image')
         if len(items) > self.cfg.max_images_per_request:
-            raise BadRequest(400, f"{len(items)} images in one request, at most {self.cfg.max_images_per_request} "
-                                  "(--max-images-per-request); split the batch")  # fmt: skip
+            raise BadRequest(
+                400,
+                f"{len(items)} images in one request, at most {self.cfg.max_images_per_request} "
+                "(--max-images-per-request); split the batch",
+            )
         images = []
         for i, text in enumerate(items):
             try:
@@ -247,7 +297,9 @@ def is_loopback(host: str) -> bool:
 
 def url_of(host: str, port: int) -> str:
     """Where this machine reaches the endpoint (a wildcard bind is reached on loopback)."""
-    reach = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    reach = (
+        "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    )
     return f"http://{reach}:{port}"
 
 
@@ -256,15 +308,21 @@ def build_app(cfg: ServeConfig, cluster: dict[str, float]) -> Any:
     from ray import serve
 
     gpus = resolve_gpus(cfg.gpus_per_replica, cluster)
-    require(gpus == 0 or cluster.get("GPU", 0) >= gpus,
-            f"--gpus-per-replica {gpus:g} but the cluster has {cluster.get('GPU', 0):g} GPUs; pass --gpus-per-replica 0 to serve on CPUs")  # fmt: skip
+    require(
+        gpus == 0 or cluster.get("GPU", 0) >= gpus,
+        f"--gpus-per-replica {gpus:g} but the cluster has {cluster.get('GPU', 0):g} GPUs; pass --gpus-per-replica 0 "
+        "to serve on CPUs",
+    )
     deployment = serve.deployment(
-        ClassifierServer, name=DEPLOYMENT_NAME, num_replicas=cfg.replicas,
+        ClassifierServer,
+        name=DEPLOYMENT_NAME,
+        num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus},
         # a replica must accept a whole batch's requests at once, or batches never fill; and as
         # many with batching off, so that requests wait in its queue, not in the router's backoff
-        max_ongoing_requests=max(2 * cfg.max_batch_size, MIN_ONGOING_REQUESTS), max_constructor_retry_count=2,
-    )  # fmt: skip
+        max_ongoing_requests=max(2 * cfg.max_batch_size, MIN_ONGOING_REQUESTS),
+        max_constructor_retry_count=2,
+    )
     return deployment.bind(cfg)
 
 
@@ -272,8 +330,10 @@ def bind_warning(host: str, port: int) -> str | None:
     """The line said when the endpoint is reachable from other machines, else None."""
     if is_loopback(host):
         return None
-    return (f"effray: warning: serving on {host}:{port}, reachable from other machines; the endpoint has no "
-            "authentication of its own, so put it behind the cluster's ingress (auth, TLS)")  # fmt: skip
+    return (
+        f"effray: warning: serving on {host}:{port}, reachable from other machines; the endpoint has no "
+        "authentication of its own, so put it behind the cluster's ingress (auth, TLS)"
+    )
 
 
 def start(cfg: ServeConfig) -> str:
@@ -290,9 +350,11 @@ def start(cfg: ServeConfig) -> str:
     load_deployable(cfg.model, device="cpu", kind=cfg.kind)  # a bad model fails here, not in a replica's retries
     app = build_app(cfg, ray.cluster_resources())
     running = serve.status()
-    require(not running.applications and not running.proxies,
-            f"Ray Serve is already running on this cluster (applications: {', '.join(running.applications) or 'none'}); "
-            "stop it first (`serve shutdown -y`): its HTTP host and port can't change while it runs")  # fmt: skip
+    require(
+        not running.applications and not running.proxies,
+        f"Ray Serve is already running on this cluster (applications: {', '.join(running.applications) or 'none'}); "
+        "stop it first (`serve shutdown -y`): its HTTP host and port can't change while it runs",
+    )
     warning = bind_warning(cfg.host, cfg.port)
     if warning:
         say(warning)
@@ -318,8 +380,10 @@ def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - not up yet: connection refused, 404 while routes settle
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.2)
-    raise EffrayError(f"{url}/healthz did not answer within {timeout_s:.0f} s ({last}); is --port {url.rsplit(':', 1)[1]} "
-                      "free and reachable, or is Serve already running on this cluster with other HTTP options?")  # fmt: skip
+    raise EffrayError(
+        f"{url}/healthz did not answer within {timeout_s:.0f} s ({last}); is --port {url.rsplit(':', 1)[1]} "
+        "free and reachable, or is Serve already running on this cluster with other HTTP options?"
+    )
 
 
 def stop() -> None:
@@ -336,8 +400,10 @@ def serve_forever(cfg: ServeConfig) -> dict[str, Any]:
     and the requests a single replica answered."""
     started = time.monotonic()
     url = start(cfg)
-    say(f"[effray] serving {cfg.model} at {url}: POST {url}/predict (an image, or JSON {{\"images\": [base64, ...]}}), "
-        f"GET {url}/healthz; Ctrl-C stops")  # fmt: skip
+    say(
+        f'[effray] serving {cfg.model} at {url}: POST {url}/predict (an image, or JSON {{"images": [base64, ...]}}), '
+        f"GET {url}/healthz; Ctrl-C stops"
+    )
     previous = _sigterm_interrupts()
     stats: dict[str, Any] = {}
     try:
@@ -350,8 +416,14 @@ def serve_forever(cfg: ServeConfig) -> dict[str, Any]:
         stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return {"url": url, "model": cfg.model, "replicas": cfg.replicas, "max_batch_size": cfg.max_batch_size,
-            "served_s": round(time.monotonic() - started, 1), **({"replica_stats": stats} if stats else {})}  # fmt: skip
+    return {
+        "url": url,
+        "model": cfg.model,
+        "replicas": cfg.replicas,
+        "max_batch_size": cfg.max_batch_size,
+        "served_s": round(time.monotonic() - started, 1),
+        **({"replica_stats": stats} if stats else {}),
+    }
 
 
 def _sigterm_interrupts() -> Any:

@@ -17,9 +17,7 @@ from effray.models.base import MODELS, Head, init_weights
 __all__ = ["MODELS", "Head", "build_model", "count_parameters", "model_names"]
 
 
-def build_model(
-    name: str, num_classes: int, in_channels: int = 3, width: float = 1.0
-) -> nn.Sequential:
+def build_model(name: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Sequential:
     """Build and initialise a registered model; deterministic under ``torch.manual_seed``.
 
     The returned module carries ``spec`` (a plain dict of these four arguments) so a

@@ -44,10 +44,17 @@ def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
 
 
 def _group(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        conv1=_conv(in_ch, out_ch), pool=nn.MaxPool2d(2), bn1=_bn(out_ch), act1=nn.GELU(),
-        conv2=_conv(out_ch, out_ch), bn2=_bn(out_ch), act2=nn.GELU(),
-    ))  # fmt: skip
+    return nn.Sequential(
+        OrderedDict(
+            conv1=_conv(in_ch, out_ch),
+            pool=nn.MaxPool2d(2),
+            bn1=_bn(out_ch),
+            act1=nn.GELU(),
+            conv2=_conv(out_ch, out_ch),
+            bn2=_bn(out_ch),
+            act2=nn.GELU(),
+        )
+    )
 
 
 @MODELS.register("airbench")
@@ -60,13 +67,15 @@ def airbench(num_classes: int, in_channels: int, width: float) -> nn.Sequential:
     w1, w2, w3 = (scaled(c, width) for c in (64, 256, 256))
     head = Head(w3, num_classes, pool="max", bias=False, scale=1 / 9)
     head.fc.default_init = True  # PyTorch's, as airbench: the 1/9 scale keeps the first logits small
-    return nn.Sequential(OrderedDict(
-        stem=nn.Sequential(whiten, nn.GELU()),
-        group1=_group(whiten.out_channels, w1),
-        group2=_group(w1, w2),
-        group3=_group(w2, w3),
-        head=head,
-    ))  # fmt: skip
+    return nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(whiten, nn.GELU()),
+            group1=_group(whiten.out_channels, w1),
+            group2=_group(w1, w2),
+            group3=_group(w2, w3),
+            head=head,
+        )
+    )
 
 
 def whitening_biases(model: nn.Module) -> tuple[torch.Tensor, ...]:

@@ -19,10 +19,15 @@ def conv_group(in_ch: int, out_ch: int) -> nn.Sequential:
     conv2, bn2 = conv_bn(out_ch, out_ch)
     return nn.Sequential(
         OrderedDict(
-            conv1=conv1, pool=nn.MaxPool2d(2), bn1=bn1, act1=nn.GELU(),
-            conv2=conv2, bn2=bn2, act2=nn.GELU(),
+            conv1=conv1,
+            pool=nn.MaxPool2d(2),
+            bn1=bn1,
+            act1=nn.GELU(),
+            conv2=conv2,
+            bn2=bn2,
+            act2=nn.GELU(),
         )
-    )  # fmt: skip
+    )
 
 
 @MODELS.register("fastnet")

@@ -39,18 +39,14 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
-def resnet(
-    stages: list[tuple[int, int]], num_classes: int, in_channels: int, width: float
-) -> nn.Sequential:
+def resnet(stages: list[tuple[int, int]], num_classes: int, in_channels: int, width: float) -> nn.Sequential:
     """A flat ResNet: 3x3 stem, then ``(channels, blocks)`` stages, then the head.
 
     The first stage keeps the resolution, each later one halves it. Every block is a
     top-level child (``s1b0``, ``s1b1``, ...) so pipeline stages can cut between any two.
     """
     channels = [scaled(c, width) for c, _ in stages]
-    layers: OrderedDict[str, nn.Module] = OrderedDict(
-        stem=nn.Sequential(*conv_bn(in_channels, channels[0]), nn.ReLU())
-    )
+    layers: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Sequential(*conv_bn(in_channels, channels[0]), nn.ReLU()))
     in_ch = channels[0]
     for s, ((_, blocks), out_ch) in enumerate(zip(stages, channels, strict=True), start=1):
         for b in range(blocks):

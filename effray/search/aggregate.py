@@ -31,12 +31,17 @@ class ReportConfig:
     out: str = option("", "where to write the report (default: EXPERIMENT/report)")
     max_size_kb: float = option(0.0, "pick the most accurate model at most this many KB on disk (0 = no limit)")
     max_latency_ms: float = option(0.0, "pick the most accurate model at most this batch-1 latency (0 = no limit)")
-    objective: str = option("accuracy", "what the budget pick maximises: accuracy, or robustness (mean corruption accuracy)",
-                            choices=("accuracy", "robustness"))  # fmt: skip
+    objective: str = option(
+        "accuracy",
+        "what the budget pick maximises: accuracy, or robustness (mean corruption accuracy)",
+        choices=("accuracy", "robustness"),
+    )
 
     def validate(self) -> None:
         require(bool(self.experiment), "give the experiment directory: effray report --experiment DIR")
-        require(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        require(
+            self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+        )
         require(self.max_size_kb >= 0 and self.max_latency_ms >= 0, "--max-size-kb and --max-latency-ms must be >= 0")
 
 
@@ -123,8 +128,12 @@ def load_stopped(experiment_dir: str | os.PathLike) -> pd.DataFrame:
         row.pop("artifact", None)  # its checkpoint is a fine-tune in progress, not a model
         why = decisions.get(str(row["trial_id"]), {})
         errored = any(result.parent.glob("error.*"))
-        row.update(outcome="errored" if errored else "stopped", rung=why.get("rung", last.get("epoch")),
-                   rank=why.get("rank"), dominated_by=",".join(why.get("dominated_by", [])))  # fmt: skip
+        row.update(
+            outcome="errored" if errored else "stopped",
+            rung=why.get("rung", last.get("epoch")),
+            rank=why.get("rank"),
+            dominated_by=",".join(why.get("dominated_by", [])),
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -134,14 +143,18 @@ def load_trials(experiment_dir: str | os.PathLike) -> pd.DataFrame:
     experiment directory (Tune writes one per trial, JSON lines, newest last)."""
     root = Path(experiment_dir)
     if not root.is_dir():
-        raise EffrayError(f"experiment directory {str(root)!r} does not exist; pass the directory `effray tune` printed")
+        raise EffrayError(
+            f"experiment directory {str(root)!r} does not exist; pass the directory `effray tune` printed"
+        )
     rows = []
     for result in sorted(root.rglob("result.json")):
         finals = [r for r in _records(result) if r.get(FINAL_KEY)]
         if finals:
             rows.append(_flatten(finals[-1], trial_dir=str(result.parent)))
     if not rows:
-        raise EffrayError(f"no finished trials under {root}; let at least one trial complete (or re-run `effray tune` to resume)")
+        raise EffrayError(
+            f"no finished trials under {root}; let at least one trial complete (or re-run `effray tune` to resume)"
+        )
     return pd.DataFrame(rows)
 
 
@@ -178,14 +191,17 @@ def add_pareto_columns(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_ms: float | None = None,
-                objective: str = "accuracy") -> pd.Series | None:
+def best_within(
+    df: pd.DataFrame, max_size_kb: float | None = None, max_latency_ms: float | None = None, objective: str = "accuracy"
+) -> pd.Series | None:
     """The best row by ``objective`` (accuracy, or robustness: mean corruption accuracy)
     within the budget (smaller artifact breaks ties), or None."""
     score = OBJECTIVES[objective]
     if score not in df or df[score].isna().all():
-        raise EffrayError(f"--objective {objective} needs the trials' {score}; this experiment has none "
-                          "(run `effray tune` with --robust-images > 0)")  # fmt: skip
+        raise EffrayError(
+            f"--objective {objective} needs the trials' {score}; this experiment has none "
+            "(run `effray tune` with --robust-images > 0)"
+        )
     keep = np.ones(len(df), dtype=bool)
     if max_size_kb is not None:
         keep &= df["bytes"].to_numpy() <= max_size_kb * 1024
@@ -197,36 +213,57 @@ def best_within(df: pd.DataFrame, max_size_kb: float | None = None, max_latency_
     return within.sort_values([score, "bytes"], ascending=[False, True]).iloc[0]
 
 
-
-
-def write_report(df: pd.DataFrame, out_dir: str | os.PathLike, teacher: dict[str, Any] | None = None,
-                 max_size_kb: float | None = None, max_latency_ms: float | None = None,
-                 stopped: pd.DataFrame | None = None, objective: str = "accuracy") -> dict[str, Any]:
+def write_report(
+    df: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    teacher: dict[str, Any] | None = None,
+    max_size_kb: float | None = None,
+    max_latency_ms: float | None = None,
+    stopped: pd.DataFrame | None = None,
+    objective: str = "accuracy",
+) -> dict[str, Any]:
     """Write results.parquet/.csv, report.md and pareto.png; return the summary.
     ``stopped``: the trials that ended before their final measurement (:func:`load_stopped`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = add_pareto_columns(df).sort_values("accuracy", ascending=False).reset_index(drop=True)
     stopped = stopped if stopped is not None else pd.DataFrame()
-    hv = hypervolume(table["accuracy"], table["bytes"], float(teacher["bytes"])) if teacher and teacher.get("bytes") else None
+    hv = (
+        hypervolume(table["accuracy"], table["bytes"], float(teacher["bytes"]))
+        if teacher and teacher.get("bytes")
+        else None
+    )
     write_file(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
     write_file(out / "results.csv", lambda p: table.to_csv(p, index=False))
     pick = best_within(table, max_size_kb, max_latency_ms, objective) if (max_size_kb or max_latency_ms) else None
-    write_file(out / "report.md", lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective)))
+    write_file(
+        out / "report.md",
+        lambda p: p.write_text(_markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective)),
+    )
     write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher, stopped))
     summary: dict[str, Any] = {
-        "trials": len(table), "hypervolume": hv,
+        "trials": len(table),
+        "hypervolume": hv,
         "stopped_early": int((stopped["outcome"] == "stopped").sum()) if len(stopped) else 0,
         "report": str((out / "report.md").resolve()),
         "pareto": {c: int(table[f"pareto_{c}"].sum()) for c in COSTS if f"pareto_{c}" in table},
         "best_accuracy": float(table["accuracy"].max()),
     }
     if max_size_kb or max_latency_ms:
-        summary["budget_pick"] = None if pick is None else {
-            "trial_id": pick["trial_id"], "accuracy": float(pick["accuracy"]), "objective": objective,
-            "bytes": int(pick["bytes"]), "artifact": pick.get("artifact"),
-            **({"corruption_accuracy": float(pick["corruption_accuracy"])} if "corruption_accuracy" in pick else {}),
-        }  # fmt: skip
+        summary["budget_pick"] = (
+            None
+            if pick is None
+            else {
+                "trial_id": pick["trial_id"],
+                "accuracy": float(pick["accuracy"]),
+                "objective": objective,
+                "bytes": int(pick["bytes"]),
+                "artifact": pick.get("artifact"),
+                **(
+                    {"corruption_accuracy": float(pick["corruption_accuracy"])} if "corruption_accuracy" in pick else {}
+                ),
+            }
+        )
     return summary
 
 
@@ -238,53 +275,111 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _markdown(table: pd.DataFrame, teacher: dict[str, Any] | None, pick: pd.Series | None,
-              max_size_kb: float | None, max_latency_ms: float | None, stopped: pd.DataFrame, hv: float | None,
-              objective: str = "accuracy") -> str:
-    cols = [c for c in ("trial_id", "accuracy", *BEYOND, "bytes", "macs", "latency_ms", "size_ratio", "pareto_bytes",
-                        "pareto_macs", "pareto_latency_ms", "pareto_robust_bytes") if c in table]  # fmt: skip
+def _markdown(
+    table: pd.DataFrame,
+    teacher: dict[str, Any] | None,
+    pick: pd.Series | None,
+    max_size_kb: float | None,
+    max_latency_ms: float | None,
+    stopped: pd.DataFrame,
+    hv: float | None,
+    objective: str = "accuracy",
+) -> str:
+    cols = [
+        c
+        for c in (
+            "trial_id",
+            "accuracy",
+            *BEYOND,
+            "bytes",
+            "macs",
+            "latency_ms",
+            "size_ratio",
+            "pareto_bytes",
+            "pareto_macs",
+            "pareto_latency_ms",
+            "pareto_robust_bytes",
+        )
+        if c in table
+    ]
     cols += [c for c in ("predicted_bytes", "setup_s") if c in table]
-    cols += [c for c in table.columns if c.startswith("config.") and not c.startswith(("config.predicted.", "config.context."))
-             and table[c].nunique(dropna=False) > 1]  # fmt: skip
+    cols += [
+        c
+        for c in table.columns
+        if c.startswith("config.")
+        and not c.startswith(("config.predicted.", "config.context."))
+        and table[c].nunique(dropna=False) > 1
+    ]
     lines = ["# effray compression report", ""]
     if teacher:
         beyond = "".join(f", {k.replace('_', ' ')} {_fmt(teacher[k])}" for k in BEYOND if teacher.get(k) is not None)
-        lines += [f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}{beyond}, {_fmt(teacher.get('bytes'))} bytes, "
-                  f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.", ""]
-    lines += [f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost; "
-              "pareto_robust_bytes: mean corruption accuracy vs bytes). macro_f1, worst_class_recall and ece (15-bin "
-              "expected calibration error) are on the val split; corruption_accuracy is the mean accuracy under the "
-              "search's corruptions and severities.", ""]  # fmt: skip
+        lines += [
+            f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}{beyond}, {_fmt(teacher.get('bytes'))} bytes, "
+            f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.",
+            "",
+        ]
+    lines += [
+        f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost; "
+        "pareto_robust_bytes: mean corruption accuracy vs bytes). macro_f1, worst_class_recall and ece (15-bin "
+        "expected calibration error) are on the val split; corruption_accuracy is the mean accuracy under the "
+        "search's corruptions and severities.",
+        "",
+    ]
     if hv is not None:
-        lines += [f"Hypervolume of the accuracy-vs-bytes front: **{hv:.4f}** (the area it dominates in accuracy × "
-                  "ln(bytes), from accuracy 0 and the teacher's fp32 size).", ""]  # fmt: skip
+        lines += [
+            f"Hypervolume of the accuracy-vs-bytes front: **{hv:.4f}** (the area it dominates in accuracy × "
+            "ln(bytes), from accuracy 0 and the teacher's fp32 size).",
+            "",
+        ]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if teacher:  # the baseline every score is read against
         base = {**teacher, "trial_id": "teacher (fp32)", "size_ratio": 1.0}
-        lines += ["| " + " | ".join(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else ""
-                                    for c in cols) + " |"]  # fmt: skip
+        lines += [
+            "| "
+            + " | ".join(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else "" for c in cols)
+            + " |"
+        ]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for _, row in table.iterrows()]
     if len(stopped):
-        scols = [c for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by") if c in stopped]
+        scols = [
+            c
+            for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by")
+            if c in stopped
+        ]
         scols += [c for c in cols if c.startswith("config.") and c in stopped]
-        lines += ["", f"## Ended before their final measurement ({len(stopped)})", "",
-                  "Stopped early at the rung (epoch) shown, with the accuracy it had there and its predicted size; "
-                  "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both.", ""]  # fmt: skip
+        lines += [
+            "",
+            f"## Ended before their final measurement ({len(stopped)})",
+            "",
+            "Stopped early at the rung (epoch) shown, with the accuracy it had there and its predicted size; "
+            "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both.",
+            "",
+        ]
         lines += ["| " + " | ".join(scols) + " |", "|" + "---|" * len(scols)]
         lines += ["| " + " | ".join(_fmt(row[c]) for c in scols) + " |" for _, row in stopped.iterrows()]
     if max_size_kb or max_latency_ms:
-        budget = ", ".join(b for b in (f"≤ {max_size_kb} KB" if max_size_kb else "",
-                                       f"≤ {max_latency_ms} ms" if max_latency_ms else "") if b)  # fmt: skip
+        budget = ", ".join(
+            b
+            for b in (f"≤ {max_size_kb} KB" if max_size_kb else "", f"≤ {max_latency_ms} ms" if max_latency_ms else "")
+            if b
+        )
         lines += ["", f"## Best within budget ({budget}), by {OBJECTIVES[objective].replace('_', ' ')}", ""]
-        lines += ["No trial fits this budget." if pick is None else
-                  f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}"
-                  + (f", corruption accuracy {_fmt(pick['corruption_accuracy'])}" if "corruption_accuracy" in pick else "")
-                  + f", {int(pick['bytes'])} bytes, artifact `{pick.get('artifact')}`"]  # fmt: skip
+        lines += [
+            "No trial fits this budget."
+            if pick is None
+            else f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}"
+            + (f", corruption accuracy {_fmt(pick['corruption_accuracy'])}" if "corruption_accuracy" in pick else "")
+            + f", {int(pick['bytes'])} bytes, artifact `{pick.get('artifact')}`"
+        ]
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str, Any] | None = None,
-                stopped: pd.DataFrame | None = None) -> None:
+def plot_pareto(
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    teacher: dict[str, Any] | None = None,
+    stopped: pd.DataFrame | None = None,
+) -> None:
     """All trials per cost axis (log scale), the front as a step line, the teacher marked;
     trials stopped early at their rung's accuracy and predicted cost (x)."""
     import matplotlib
@@ -305,8 +400,14 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, teacher: dict[str,
         ax.scatter(front[cost], front["accuracy"], s=30, c="C3", label="Pareto front")
         early = stopped[stopped["outcome"] == "stopped"] if stopped is not None and len(stopped) else None
         if early is not None and f"predicted_{cost}" in early and len(early):
-            ax.scatter(early[f"predicted_{cost}"], early["val_accuracy"], marker="x", s=24, c="0.45",
-                       label="stopped early (at its rung)")  # fmt: skip
+            ax.scatter(
+                early[f"predicted_{cost}"],
+                early["val_accuracy"],
+                marker="x",
+                s=24,
+                c="0.45",
+                label="stopped early (at its rung)",
+            )
         if teacher and teacher.get(cost):
             ax.scatter([teacher[cost]], [teacher["accuracy"]], marker="*", s=160, c="C0", label="teacher")
         ax.set_xscale("log")
@@ -337,8 +438,12 @@ def _robust_panel(ax: Any, table: pd.DataFrame, teacher: dict[str, Any] | None) 
     ax.legend(loc="best")
 
 
-def log_summary(out_dir: str | os.PathLike, summary: dict[str, Any], settings: TrackerSettings,
-                teacher: dict[str, Any] | None = None) -> None:
+def log_summary(
+    out_dir: str | os.PathLike,
+    summary: dict[str, Any],
+    settings: TrackerSettings,
+    teacher: dict[str, Any] | None = None,
+) -> None:
     """One wandb run (the experiment's summary): the results table, ``pareto.png`` and the
     best rows as summary fields. Guarded like every tracker call: wandb never fails a report."""
     from effray.tracking import make_tracker
@@ -351,8 +456,11 @@ def log_summary(out_dir: str | os.PathLike, summary: dict[str, Any], settings: T
         tracker.log_table("results", [str(c) for c in table.columns], rows)
         tracker.log_image("pareto", str(out / "pareto.png"))
         best = table.iloc[0]  # sorted by accuracy
-        fields: dict[str, Any] = {"trials": len(table), "best_accuracy": float(best["accuracy"]),
-                                  **{f"pareto_count_{c}": n for c, n in summary.get("pareto", {}).items()}}  # fmt: skip
+        fields: dict[str, Any] = {
+            "trials": len(table),
+            "best_accuracy": float(best["accuracy"]),
+            **{f"pareto_count_{c}": n for c, n in summary.get("pareto", {}).items()},
+        }
         for key in ("trial_id", "accuracy", "bytes", "macs", "latency_ms", "artifact"):
             if key in table:
                 fields[f"best/{key}"] = _plain(best[key])
@@ -391,8 +499,15 @@ def report(cfg: ReportConfig, tracking: TrackerSettings | None = None) -> dict[s
     if teacher is not None and "latency_ms" not in teacher:
         teacher["latency_ms"] = teacher.get("latency_ms_b1")
     out = cfg.out or os.path.join(cfg.experiment, "report")
-    summary = write_report(df, out, teacher, cfg.max_size_kb or None, cfg.max_latency_ms or None,
-                           stopped=load_stopped(cfg.experiment), objective=cfg.objective)  # fmt: skip
+    summary = write_report(
+        df,
+        out,
+        teacher,
+        cfg.max_size_kb or None,
+        cfg.max_latency_ms or None,
+        stopped=load_stopped(cfg.experiment),
+        objective=cfg.objective,
+    )
     if tracking is not None and tracking.mode != "disabled":
         log_summary(out, summary, tracking, teacher)
     return summary

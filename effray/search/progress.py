@@ -34,7 +34,9 @@ class TrialProgress(Callback):
         best = "" if self.best != self.best else f" best {self.best:.4f}"
         self._bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in self.counts.items() if v) + best)
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         if result.get("final"):
             self._finals.add(trial.trial_id)
             acc = float(result.get("accuracy", 0.0))

@@ -29,8 +29,18 @@ from effray.errors import EffrayError
 log = logging.getLogger(__name__)
 
 # fields that change how a student is trained, not what the artifact holds
-_TRAINING_ONLY = ("finetune_epochs", "finetune_lr", "finetune_batch_size", "kd_alpha", "kd_temperature",
-                  "calib_batches", "quant_mode", "prune_schedule", "prune_steps", "int8")  # fmt: skip
+_TRAINING_ONLY = (
+    "finetune_epochs",
+    "finetune_lr",
+    "finetune_batch_size",
+    "kd_alpha",
+    "kd_temperature",
+    "calib_batches",
+    "quant_mode",
+    "prune_schedule",
+    "prune_steps",
+    "int8",
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,14 @@ class CostModel:
     """Predicted costs of a trial's config (cached by what decides the artifact). The
     teacher is loaded on first use and not pickled with the searcher."""
 
-    def __init__(self, teacher_path: str, base: dict[str, Any], teacher_metrics: dict[str, Any],
-                 teacher_info: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        teacher_path: str,
+        base: dict[str, Any],
+        teacher_metrics: dict[str, Any],
+        teacher_info: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
         self.teacher_path, self.base, self.teacher_metrics = teacher_path, dict(base), dict(teacher_metrics)
         self.meta = {"teacher_info": teacher_info, "data": data}  # what the artifact records of both: its bytes too
         self._teacher: Any = None
@@ -133,9 +149,17 @@ class CostAwareSearch(Searcher):
     scored nothing at its predicted cost. ``constants``: the space's fixed entries, added
     to every suggestion of ``inner``."""
 
-    def __init__(self, costs: CostModel, budget: Budget, *, sampler: SpaceSampler | None = None,
-                 inner: Searcher | None = None, constants: dict[str, Any] | None = None,
-                 metric: str = "val_accuracy", max_tries: int = 64) -> None:
+    def __init__(
+        self,
+        costs: CostModel,
+        budget: Budget,
+        *,
+        sampler: SpaceSampler | None = None,
+        inner: Searcher | None = None,
+        constants: dict[str, Any] | None = None,
+        metric: str = "val_accuracy",
+        max_tries: int = 64,
+    ) -> None:
         super().__init__(metric=metric, mode="max")
         if (sampler is None) == (inner is None):
             raise ValueError("give exactly one of sampler and inner")
@@ -209,5 +233,7 @@ def check_feasible(space: dict[str, Any], costs: CostModel, budget: Budget, seed
             return
         smallest = predicted if smallest is None or predicted["bytes"] < smallest["bytes"] else smallest
     detail = f"; the smallest drawn is {budget.violation(smallest)}" if smallest else ""
-    raise EffrayError(f"no config of the space fits the budget in {draws} draws{detail}; raise the budget or "
-                      "widen the space (higher --prune-rate, fewer --bits)")  # fmt: skip
+    raise EffrayError(
+        f"no config of the space fits the budget in {draws} draws{detail}; raise the budget or "
+        "widen the space (higher --prune-rate, fewer --bits)"
+    )

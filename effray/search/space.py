@@ -80,14 +80,18 @@ def _values(name: str, spec: Any) -> tuple[str, list[Any]]:
     if not isinstance(spec, dict):
         return "constant", [spec]
     if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise EffrayError(f"space entry {name}: {spec!r} must be a constant or one of {{{', '.join(DISTRIBUTIONS)}: ...}}")
+        raise EffrayError(
+            f"space entry {name}: {spec!r} must be a constant or one of {{{', '.join(DISTRIBUTIONS)}: ...}}"
+        )
     kind, args = next(iter(spec.items()))
     if not isinstance(args, list) or not args:
         raise EffrayError(f"space entry {name}: {kind} needs a non-empty list, got {args!r}")
     if kind in ("choice", "grid"):
         return kind, args
     if len(args) != (3 if kind == "quniform" else 2) or not all(isinstance(a, (int, float)) for a in args):
-        raise EffrayError(f"space entry {name}: {kind} takes [low, high{', q' if kind == 'quniform' else ''}] numbers, got {args!r}")
+        raise EffrayError(
+            f"space entry {name}: {kind} takes [low, high{', q' if kind == 'quniform' else ''}] numbers, got {args!r}"
+        )
     low, high = args[0], args[1]
     if not low < high or (kind == "loguniform" and low <= 0):
         raise EffrayError(f"space entry {name}: {kind} needs 0 < low < high (log) or low < high, got {args!r}")
@@ -119,10 +123,13 @@ def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
     make = {
-        "choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
-        "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
         "quniform": lambda a: tune.quniform(*a),
-    }  # fmt: skip
+    }
     out = {}
     for name, spec in space.items():
         kind = next(iter(spec)) if isinstance(spec, dict) else None

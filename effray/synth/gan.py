@@ -53,18 +53,25 @@ class UpBlock(nn.Module):
 class Generator(nn.Module):
     """z, y -> 32x32 image in [-1, 1]: linear to 4x4x(4w), three up-blocks, a 3x3 conv."""
 
-    def __init__(self, num_classes: int, z_dim: int = 128, width: int = 64, channels: int = 3,
-                 image_size: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self, num_classes: int, z_dim: int = 128, width: int = 64, channels: int = 3, image_size: int = 32
+    ) -> None:
         super().__init__()
         if image_size != 32:
             raise ValueError(f"the generator makes 32x32 images, not {image_size}x{image_size}")
-        self.spec = {"num_classes": num_classes, "z_dim": z_dim, "width": width, "channels": channels,
-                     "image_size": image_size}  # fmt: skip
+        self.spec = {
+            "num_classes": num_classes,
+            "z_dim": z_dim,
+            "width": width,
+            "channels": channels,
+            "image_size": image_size,
+        }
         self.z_dim, self.num_classes = z_dim, num_classes
         w = width
         self.fc = nn.Linear(z_dim, 4 * 4 * 4 * w)
-        self.blocks = nn.ModuleList([UpBlock(4 * w, 2 * w, num_classes), UpBlock(2 * w, w, num_classes),
-                                     UpBlock(w, w, num_classes)])  # fmt: skip
+        self.blocks = nn.ModuleList(
+            [UpBlock(4 * w, 2 * w, num_classes), UpBlock(2 * w, w, num_classes), UpBlock(w, w, num_classes)]
+        )
         self.out_norm = nn.BatchNorm2d(w)
         self.out = nn.Conv2d(w, channels, 3, padding=1)
         self.start = 4 * w
@@ -84,11 +91,16 @@ class Discriminator(nn.Module):
         super().__init__()
         self.spec = {"num_classes": num_classes, "width": width, "channels": channels}
         w = width
-        plan = [(channels, w, 3, 1), (w, w, 4, 2), (w, 2 * w, 3, 1), (2 * w, 2 * w, 4, 2),
-                (2 * w, 4 * w, 3, 1), (4 * w, 4 * w, 4, 2), (4 * w, 8 * w, 3, 1)]  # fmt: skip
-        self.convs = nn.ModuleList(
-            spectral_norm(nn.Conv2d(i, o, k, stride=s, padding=1)) for i, o, k, s in plan
-        )
+        plan = [
+            (channels, w, 3, 1),
+            (w, w, 4, 2),
+            (w, 2 * w, 3, 1),
+            (2 * w, 2 * w, 4, 2),
+            (2 * w, 4 * w, 3, 1),
+            (4 * w, 4 * w, 4, 2),
+            (4 * w, 8 * w, 3, 1),
+        ]
+        self.convs = nn.ModuleList(spectral_norm(nn.Conv2d(i, o, k, stride=s, padding=1)) for i, o, k, s in plan)
         self.linear = spectral_norm(nn.Linear(8 * w, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, 8 * w))
 
@@ -163,9 +175,7 @@ def row_noise(seed: int, ids: np.ndarray, z_dim: int) -> torch.Tensor:
     return torch.from_numpy(z.astype(np.float32))
 
 
-def generate(
-    g: Generator, labels: np.ndarray, ids: np.ndarray, seed: int, device: Any = "cpu"
-) -> np.ndarray:
+def generate(g: Generator, labels: np.ndarray, ids: np.ndarray, seed: int, device: Any = "cpu") -> np.ndarray:
     """uint8 NHWC images for ``labels``, row ``i`` drawn from ``row_noise(seed, ids[i])``;
     eval mode (running BN statistics), so images don't depend on the batch either."""
     g.eval()

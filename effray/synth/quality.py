@@ -50,17 +50,14 @@ def mean_pairwise_distance(features: np.ndarray) -> float:
     return float(torch.cdist(x, x).sum() / (n * (n - 1)))
 
 
-def diversity_ratio(syn: np.ndarray, syn_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
-                    num_classes: int) -> tuple[float, list[float | None]]:  # fmt: skip
+def diversity_ratio(
+    syn: np.ndarray, syn_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray, num_classes: int
+) -> tuple[float, list[float | None]]:
     """Per class: synthetic mean pairwise distance / real mean pairwise distance; and their mean."""
     per: list[float | None] = []
     for c in range(num_classes):
         s, r = syn[syn_labels == c], real[real_labels == c]
-        per.append(
-            mean_pairwise_distance(s) / mean_pairwise_distance(r)
-            if len(s) > 1 and len(r) > 1
-            else None
-        )
+        per.append(mean_pairwise_distance(s) / mean_pairwise_distance(r) if len(s) > 1 and len(r) > 1 else None)
     valid = [p for p in per if p is not None and np.isfinite(p)]
     return (float(np.mean(valid)) if valid else float("nan")), per
 
@@ -71,23 +68,20 @@ def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     return linears[-1]
 
 
-def features_and_logits(model: torch.nn.Module, images: np.ndarray, mean: list[float], std: list[float],
-                        batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def features_and_logits(
+    model: torch.nn.Module, images: np.ndarray, mean: list[float], std: list[float], batch_size: int = 500
+) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features (the final linear layer's input) and logits of uint8 NHWC images."""
     from effray.data.pipeline import normalize_tensor
 
     grabbed: list[torch.Tensor] = []
-    hook = last_linear(model).register_forward_hook(
-        lambda m, inp, out: grabbed.append(inp[0].detach().flatten(1))
-    )
+    hook = last_linear(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].detach().flatten(1)))
     logits = []
     model.eval()
     try:
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                x = normalize_tensor(
-                    torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), mean, std
-                )
+                x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), mean, std)
                 logits.append(model(x).float())
     finally:
         hook.remove()
@@ -123,8 +117,11 @@ def score_synthetic(
     )
     num_classes = int(info["num_classes"])
     syn_meta, real_meta = load_meta(synthetic), load_meta(real)
-    require(syn_meta["num_classes"] == num_classes == real_meta["num_classes"],
-            f"classifier ({num_classes}), synthetic ({syn_meta['num_classes']}) and real ({real_meta['num_classes']}) class counts differ")  # fmt: skip
+    require(
+        syn_meta["num_classes"] == num_classes == real_meta["num_classes"],
+        f"classifier ({num_classes}), synthetic ({syn_meta['num_classes']}) and real ({real_meta['num_classes']}) "
+        "class counts differ",
+    )
     syn_x, syn_y = _read(synthetic, "train", max_rows)
     real_x, real_y = _read(real, split, max_rows)
     n = min(len(syn_y), len(real_y))
@@ -136,7 +133,9 @@ def score_synthetic(
     result: dict[str, Any] = {
         "rows": n,
         "class_consistency": float(syn_ok.mean()),
-        "class_consistency_per_class": [float(syn_ok[syn_y == c].mean()) if (syn_y == c).any() else None for c in range(num_classes)],
+        "class_consistency_per_class": [
+            float(syn_ok[syn_y == c].mean()) if (syn_y == c).any() else None for c in range(num_classes)
+        ],
         "classifier_real_accuracy": float(real_ok.mean()),
         "diversity_ratio": diversity,
         "diversity_ratio_per_class": per_class_div,
@@ -144,7 +143,7 @@ def score_synthetic(
         "feature_dim": int(syn_f.shape[1]),
         "real_split": split,
         "note": "FID-style = Fréchet distance of OUR classifier's penultimate features, not Inception FID",
-    }  # fmt: skip
+    }
     if split != "train" and "train" in real_meta["splits"]:
         train_x, _ = _read(real, "train", n)
         if len(train_x) == n:

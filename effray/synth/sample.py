@@ -56,22 +56,29 @@ class GenerateShards:
         c = len(self.classes)
         labels = ids % c
         images = generate(self.g, labels, ids, self.seed, self.device)
-        table = pa.table({
-            "image": pa.array([im.tobytes() for im in images], pa.binary()),
-            "label": pa.array(labels, pa.int64()),
-            "index": pa.array(ids, pa.int64()),
-            "split": pa.array(["train"] * len(ids), pa.string()),
-            "synthetic": pa.array([True] * len(ids), pa.bool_()),
-            "name": pa.array([f"synth-{self.classes[y]}-{i // c:06d}" for i, y in zip(ids, labels)], pa.string()),
-        }, schema=SCHEMA)  # fmt: skip
+        table = pa.table(
+            {
+                "image": pa.array([im.tobytes() for im in images], pa.binary()),
+                "label": pa.array(labels, pa.int64()),
+                "index": pa.array(ids, pa.int64()),
+                "split": pa.array(["train"] * len(ids), pa.string()),
+                "synthetic": pa.array([True] * len(ids), pa.bool_()),
+                "name": pa.array([f"synth-{self.classes[y]}-{i // c:06d}" for i, y in zip(ids, labels)], pa.string()),
+            },
+            schema=SCHEMA,
+        )
         # named by the first row id: sorted shard names give the rows in id order
-        write_file(self.out_dir / "train" / f"part-{int(ids.min()):09d}.parquet",
-                   lambda tmp: pq.write_table(table, tmp, row_group_size=1024))  # fmt: skip
+        write_file(
+            self.out_dir / "train" / f"part-{int(ids.min()):09d}.parquet",
+            lambda tmp: pq.write_table(table, tmp, row_group_size=1024),
+        )
         pixels = images.astype(np.float64) / 255.0
-        return {"rows": np.array([len(ids)]),
-                "counts": np.bincount(labels, minlength=c)[None, :],
-                "sum": pixels.sum(axis=(0, 1, 2))[None, :],
-                "sumsq": (pixels**2).sum(axis=(0, 1, 2))[None, :]}  # fmt: skip
+        return {
+            "rows": np.array([len(ids)]),
+            "counts": np.bincount(labels, minlength=c)[None, :],
+            "sum": pixels.sum(axis=(0, 1, 2))[None, :],
+            "sumsq": (pixels**2).sum(axis=(0, 1, 2))[None, :],
+        }
 
 
 def class_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -81,9 +88,7 @@ def class_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     grid = np.full((rows * (h + 2), cols * (w + 2), ch), 255, dtype=np.uint8)
     for k in range(min(n, rows * cols)):
         r, q = divmod(k, cols)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = images[
-            k
-        ]
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = images[k]
     return grid
 
 
@@ -134,39 +139,54 @@ def sample(cfg: SynthSampleConfig) -> dict[str, Any]:
     tmp = temp_sibling(out, "tmp")
     tmp.mkdir(parents=True)
     try:
-        stats = ray.data.range(n).map_batches(
-            GenerateShards,
-            fn_constructor_kwargs={"payload": payload, "seed": cfg.seed, "out_dir": str(tmp)},
-            batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
-            num_cpus=1,
-            num_gpus=gpus,
-        ).take_all()  # fmt: skip
+        stats = (
+            ray.data.range(n)
+            .map_batches(
+                GenerateShards,
+                fn_constructor_kwargs={"payload": payload, "seed": cfg.seed, "out_dir": str(tmp)},
+                batch_size=cfg.batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+                num_cpus=1,
+                num_gpus=gpus,
+            )
+            .take_all()
+        )
         counts = np.sum([s["counts"] for s in stats], axis=0)
         pixels = sum(int(s["rows"]) for s in stats) * shape[0] * shape[1]
         mean = np.sum([s["sum"] for s in stats], axis=0) / max(pixels, 1)
-        std = np.sqrt(
-            np.maximum(
-                np.sum([s["sumsq"] for s in stats], axis=0) / max(pixels, 1) - mean**2, 1e-12
-            )
-        )
+        std = np.sqrt(np.maximum(np.sum([s["sumsq"] for s in stats], axis=0) / max(pixels, 1) - mean**2, 1e-12))
         if int(counts.sum()) != n:
-            raise EffrayError(
-                f"generated {int(counts.sum())} rows, expected {n}; re-run effray synth sample"
-            )
+            raise EffrayError(f"generated {int(counts.sum())} rows, expected {n}; re-run effray synth sample")
         with open(cfg.generator, "rb") as fh:
             checksum = hashlib.sha256(fh.read()).hexdigest()[:16]
         meta = {
-            "format_version": 1, "effray_version": __version__, "source": f"synth:{Path(cfg.generator).resolve()}",
-            "source_kind": "synthetic", "source_checksum": checksum, "classes": list(payload["classes"]),
-            "num_classes": c, "image_shape": shape, "splits": ["train"], "counts": {"train": n},
-            "counts_per_class": {"train": counts.astype(int).tolist()}, "mean": mean.tolist(), "std": std.tolist(),
-            "val_fraction": 0.0, "seed": cfg.seed, "limit": 0, "skipped_bad": 0, "bad_examples": [],
+            "format_version": 1,
+            "effray_version": __version__,
+            "source": f"synth:{Path(cfg.generator).resolve()}",
+            "source_kind": "synthetic",
+            "source_checksum": checksum,
+            "classes": list(payload["classes"]),
+            "num_classes": c,
+            "image_shape": shape,
+            "splits": ["train"],
+            "counts": {"train": n},
+            "counts_per_class": {"train": counts.astype(int).tolist()},
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+            "val_fraction": 0.0,
+            "seed": cfg.seed,
+            "limit": 0,
+            "skipped_bad": 0,
+            "bad_examples": [],
             "prepare_seconds": round(time.time() - started, 2),
-            "synthetic": {"generator": str(Path(cfg.generator).resolve()), "per_class": cfg.per_class,
-                          "generator_data_checksum": payload["data"].get("checksum", ""),
-                          "generator_epochs": len(payload.get("history", [])), "gpus_per_actor": gpus},
-        }  # fmt: skip
+            "synthetic": {
+                "generator": str(Path(cfg.generator).resolve()),
+                "per_class": cfg.per_class,
+                "generator_data_checksum": payload["data"].get("checksum", ""),
+                "generator_epochs": len(payload.get("history", [])),
+                "gpus_per_actor": gpus,
+            },
+        }
         write_json(tmp / "meta.json", meta)
         cols = min(cfg.grid_columns, cfg.per_class)
         save_class_grid(g, payload, cfg.seed, cols, tmp / GRID_FILE)
@@ -175,14 +195,18 @@ def sample(cfg: SynthSampleConfig) -> dict[str, Any]:
             from effray.synth.quality import score_synthetic
 
             real = cfg.real or payload["config"].get("data", "")
-            require(
-                bool(real), "--classifier needs --real DIR (the generator doesn't record its data)"
-            )
+            require(bool(real), "--classifier needs --real DIR (the generator doesn't record its data)")
             quality = score_synthetic(str(tmp), cfg.classifier, real, "val", 5000)
             write_json(tmp / QUALITY_FILE, quality)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out.resolve()), "rows": n, "classes": c, "per_class": cfg.per_class,
-            "grid": str(out.resolve() / GRID_FILE), "seconds": round(time.time() - started, 2),
-            **({"quality": quality} if quality else {})}  # fmt: skip
+    return {
+        "out": str(out.resolve()),
+        "rows": n,
+        "classes": c,
+        "per_class": cfg.per_class,
+        "grid": str(out.resolve() / GRID_FILE),
+        "seconds": round(time.time() - started, 2),
+        **({"quality": quality} if quality else {}),
+    }

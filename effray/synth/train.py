@@ -43,13 +43,27 @@ def _plain(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
-def generator_payload(g_state: dict[str, torch.Tensor], spec: dict[str, Any], data: dict[str, Any],
-                      config: dict[str, Any], history: list[dict[str, Any]], provenance: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def generator_payload(
+    g_state: dict[str, torch.Tensor],
+    spec: dict[str, Any],
+    data: dict[str, Any],
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
     """The self-describing generator: ``load_generator`` needs nothing else."""
-    return {"format": GENERATOR_FORMAT, "generator": g_state, "spec": _plain(spec),
-            "num_classes": int(spec["num_classes"]), "classes": list(data["classes"]), "z_dim": int(spec["z_dim"]),
-            "data": _plain(data), "config": _plain(config), "history": _plain(history),
-            "provenance": {"effray_version": __version__, **_plain(provenance)}}  # fmt: skip
+    return {
+        "format": GENERATOR_FORMAT,
+        "generator": g_state,
+        "spec": _plain(spec),
+        "num_classes": int(spec["num_classes"]),
+        "classes": list(data["classes"]),
+        "z_dim": int(spec["z_dim"]),
+        "data": _plain(data),
+        "config": _plain(config),
+        "history": _plain(history),
+        "provenance": {"effray_version": __version__, **_plain(provenance)},
+    }
 
 
 @FORMATS.register(GENERATOR_FORMAT)
@@ -60,18 +74,18 @@ def _build_generator(payload: dict[str, Any]) -> nn.Module:
     try:
         g.load_state_dict(payload["generator"])
     except RuntimeError as exc:
-        raise EffrayError(
-            f"generator weights don't fit {payload['spec']}: {str(exc).splitlines()[0]}"
-        ) from None
+        raise EffrayError(f"generator weights don't fit {payload['spec']}: {str(exc).splitlines()[0]}") from None
     return g
 
 
 def load_generator(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """``(generator in eval mode, payload)``; anything else is a one-line EffrayError."""
     payload = read_payload(path)
-    require(payload.get("format") == GENERATOR_FORMAT,
-            f"{checkpoint_file(path)} is a {payload.get('format')!r} checkpoint, not a generator; "
-            f"pass the {GENERATOR_FILE} written by `effray synth train`")  # fmt: skip
+    require(
+        payload.get("format") == GENERATOR_FORMAT,
+        f"{checkpoint_file(path)} is a {payload.get('format')!r} checkpoint, not a generator; "
+        f"pass the {GENERATOR_FILE} written by `effray synth train`",
+    )
     for key in ("spec", "generator", "classes", "num_classes", "z_dim"):
         require(
             key in payload,
@@ -120,7 +134,7 @@ def gan_loop_per_worker(config: dict[str, Any]) -> None:
         opt_g.load_state_dict(payload["opt_g"])
         opt_d.load_state_dict(payload["opt_d"])
         set_rng_state(payload["rng"], device)
-        start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])  # fmt: skip
+        start, history, elapsed = int(payload["epoch"]), list(payload["history"]), float(payload["elapsed_s"])
     token = random.SystemRandom().randrange(16**6)
     start, token = from_rank0([start, token], device)
     if rank == 0 and payload is not None:
@@ -135,37 +149,66 @@ def gan_loop_per_worker(config: dict[str, Any]) -> None:
         d.train()
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # NCCL reduces device tensors
-        for batch in torch_batches(shard, meta, per_worker, clock=run["clock"], epoch=epoch, shuffle_buffer=1024,
-                                   seed=cfg.seed, normalise=False):  # fmt: skip
+        for batch in torch_batches(
+            shard,
+            meta,
+            per_worker,
+            clock=run["clock"],
+            epoch=epoch,
+            shuffle_buffer=1024,
+            seed=cfg.seed,
+            normalise=False,
+        ):
             # BatchNorm needs two rows; shards are equal, so every rank skips the same batch
             if len(batch["label"]) < 2:
                 continue
             # uint8 to the device (a quarter of float's bytes), scaled there
-            real, labels = from_uint8(batch["image"].to(device, non_blocking=True)), batch["label"].to(device, non_blocking=True)
+            real, labels = (
+                from_uint8(batch["image"].to(device, non_blocking=True)),
+                batch["label"].to(device, non_blocking=True),
+            )
             d_loss, g_loss = gan_step(g, d, opt_g, opt_d, real, labels, cfg.z_dim, num_classes)
             sums += torch.stack([d_loss.double(), g_loss.double(), torch.ones((), dtype=torch.float64, device=device)])
         seconds = time.perf_counter() - t0
         elapsed += seconds
         sums = all_sum(sums).cpu()  # losses averaged over every rank's steps
         steps = max(float(sums[2]), 1.0)
-        metrics = {"epoch": epoch + 1, "d_loss": float(sums[0]) / steps, "g_loss": float(sums[1]) / steps,
-                   "steps": int(sums[2]) // ctx.get_world_size(), "epoch_s": seconds, "elapsed_s": elapsed}  # fmt: skip
+        metrics = {
+            "epoch": epoch + 1,
+            "d_loss": float(sums[0]) / steps,
+            "g_loss": float(sums[1]) / steps,
+            "steps": int(sums[2]) // ctx.get_world_size(),
+            "epoch_s": seconds,
+            "elapsed_s": elapsed,
+        }
         history.append(metrics)
         with tempfile.TemporaryDirectory(prefix="effray-gan-") as tmp:
             ckpt = None
             if rank == 0:
-                say(f"[effray] GAN epoch {epoch + 1}/{cfg.epochs}  d_loss {metrics['d_loss']:.4f}  "
-                    f"g_loss {metrics['g_loss']:.4f}  {seconds:.1f}s")  # fmt: skip
+                say(
+                    f"[effray] GAN epoch {epoch + 1}/{cfg.epochs}  d_loss {metrics['d_loss']:.4f}  "
+                    f"g_loss {metrics['g_loss']:.4f}  {seconds:.1f}s"
+                )
                 _append_history(run["run_dir"], {**metrics, "attempt": f"{token:06x}"})
-                save_payload(tmp, {
-                    "format": GAN_FORMAT, "generator": unwrap(g).state_dict(), "discriminator": unwrap(d).state_dict(),
-                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch + 1, "rng": rng_state(device),
-                    "g_spec": dict(unwrap(g).spec), "config": _plain(config["train"]), "data": _plain(data),
-                    "history": _plain(history), "elapsed_s": elapsed})  # fmt: skip
+                save_payload(
+                    tmp,
+                    {
+                        "format": GAN_FORMAT,
+                        "generator": unwrap(g).state_dict(),
+                        "discriminator": unwrap(d).state_dict(),
+                        "opt_g": opt_g.state_dict(),
+                        "opt_d": opt_d.state_dict(),
+                        "epoch": epoch + 1,
+                        "rng": rng_state(device),
+                        "g_spec": dict(unwrap(g).spec),
+                        "config": _plain(config["train"]),
+                        "data": _plain(data),
+                        "history": _plain(history),
+                        "elapsed_s": elapsed,
+                    },
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(
-                metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}-{token:06x}"
-            )
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}-{token:06x}")
 
 
 def _append_history(run_dir: str, record: dict[str, Any]) -> None:
@@ -185,8 +228,11 @@ def _check_existing(run_dir: Path, cfg: SynthTrainConfig) -> None:
     old = {k: v for k, v in json.loads(f.read_text())["config"].items() if k not in NOT_ARCH}
     new = {k: v for k, v in to_dict(cfg).items() if k not in NOT_ARCH}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    require(not diff, f"run {cfg.name!r} in {cfg.out} was trained with other {', '.join('--' + k.replace('_', '-') for k in diff)}; "
-                      "use the same values to resume it, or another --name/--out")  # fmt: skip
+    require(
+        not diff,
+        f"run {cfg.name!r} in {cfg.out} was trained with other {', '.join('--' + k.replace('_', '-') for k in diff)}; "
+        "use the same values to resume it, or another --name/--out",
+    )
 
 
 def _lines(path: Path) -> int:
@@ -207,9 +253,7 @@ def train_gan(cfg: SynthTrainConfig) -> dict[str, Any]:
         f"the GAN makes 32x32 images; {cfg.data} holds {meta['image_shape']}",
     )
     require(meta["counts"].get("train", 0) > 0, f"dataset {cfg.data} has no training rows")
-    check_resources(
-        cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    )
+    check_resources(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
     rows = min(meta["counts"]["train"], cfg.limit or meta["counts"]["train"])
     require(
         rows // cfg.workers >= 2,
@@ -237,23 +281,34 @@ def train_gan(cfg: SynthTrainConfig) -> dict[str, Any]:
         ds = ds.limit(cfg.limit)
     trainer = torch_trainer(
         gan_loop_per_worker,
-        {"train": to_dict(cfg), "run": {"name": cfg.name, "run_dir": str(run_dir), "clock": clock, "data": data, "provenance": prov}},
-        workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-        name=cfg.name, storage=str(out), max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-        datasets={"train": ds}, dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=ds),
-    )  # fmt: skip
+        {
+            "train": to_dict(cfg),
+            "run": {"name": cfg.name, "run_dir": str(run_dir), "clock": clock, "data": data, "provenance": prov},
+        },
+        workers=cfg.workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+        gpus_per_worker=cfg.gpus_per_worker,
+        name=cfg.name,
+        storage=str(out),
+        max_failures=cfg.max_failures,
+        keep_checkpoints=cfg.keep_checkpoints,
+        datasets={"train": ds},
+        dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=ds),
+    )
     result = fit(trainer, clock)
     require(result.checkpoint is not None, f"GAN run {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = read_payload(d)
     require(state.get("format") == GAN_FORMAT, f"{result.checkpoint.path} is not a GAN checkpoint")
     f = out / GENERATOR_FILE
-    artifact = generator_payload(
-        state["generator"], state["g_spec"], data, to_dict(cfg), state["history"], prov
-    )
+    artifact = generator_payload(state["generator"], state["g_spec"], data, to_dict(cfg), state["history"], prov)
     write_file(f, lambda tmp: torch.save(artifact, tmp))
     last = state["history"][-1] if state["history"] else {}
-    return {"generator": str(f), "run_dir": str(run_dir), "epochs": int(state["epoch"]),
-            "epochs_run_now": _lines(run_dir / HISTORY_FILE) - before,
-            **{k: last[k] for k in ("d_loss", "g_loss", "elapsed_s") if k in last},
-            "steps_per_epoch": math.ceil(rows / cfg.batch_size)}  # fmt: skip
+    return {
+        "generator": str(f),
+        "run_dir": str(run_dir),
+        "epochs": int(state["epoch"]),
+        "epochs_run_now": _lines(run_dir / HISTORY_FILE) - before,
+        **{k: last[k] for k in ("d_loss", "g_loss", "elapsed_s") if k in last},
+        "steps_per_epoch": math.ceil(rows / cfg.batch_size),
+    }

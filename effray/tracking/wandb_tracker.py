@@ -28,10 +28,18 @@ class WandbTracker:
             import wandb
 
             run = wandb.init(
-                project=s.project, name=s.name, id=s.run_id, resume="allow", mode=s.mode, dir=s.dir or None,
-                config=s.config, group=s.group or None, job_type=s.job_type or None, reinit="finish_previous",
+                project=s.project,
+                name=s.name,
+                id=s.run_id,
+                resume="allow",
+                mode=s.mode,
+                dir=s.dir or None,
+                config=s.config,
+                group=s.group or None,
+                job_type=s.job_type or None,
+                reinit="finish_previous",
                 settings=wandb.Settings(silent=True, console="off", init_timeout=90),
-            )  # fmt: skip
+            )
             return cls(run)
         except Exception as exc:  # noqa: BLE001 - any wandb problem means "no tracking"
             log.warning("wandb disabled for this run: could not start (%s: %s)", type(exc).__name__, exc)

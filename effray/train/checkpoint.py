@@ -86,8 +86,9 @@ def _build_trained(payload: dict[str, Any]) -> nn.Module:
     return model
 
 
-def first_readable(candidates: Sequence[str | os.PathLike],
-                   read: Callable[[str], dict[str, Any]] = read_payload) -> tuple[str, dict[str, Any]]:
+def first_readable(
+    candidates: Sequence[str | os.PathLike], read: Callable[[str], dict[str, Any]] = read_payload
+) -> tuple[str, dict[str, Any]]:
     """The first checkpoint in ``candidates`` (newest first) that loads; unreadable ones are
     skipped with a warning. A crash while a checkpoint was written, or a disk that ate
     the newest file, then costs a few epochs instead of the run. ``read`` fetches one
@@ -99,7 +100,10 @@ def first_readable(candidates: Sequence[str | os.PathLike],
         except EffrayError as exc:
             log.warning("skipping checkpoint %s: %s", c, exc)
             problems.append(str(exc))
-    raise EffrayError(f"none of the {len(problems)} checkpoints is readable; last problem: {problems[-1] if problems else 'no checkpoints'}")
+    raise EffrayError(
+        f"none of the {len(problems)} checkpoints is readable; last problem: "
+        f"{problems[-1] if problems else 'no checkpoints'}"
+    )
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -127,11 +131,21 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     torch.cuda.set_rng_state(cuda, device)
 
 
-def train_payload(*, model_state: dict[str, torch.Tensor], model_spec: dict[str, Any],
-                  optimizer: dict[str, Any], scheduler: dict[str, Any], epoch: int,
-                  config: dict[str, Any], data: dict[str, Any], history: list[dict[str, Any]],
-                  provenance: dict[str, Any], elapsed_s: float,
-                  numerics: dict[str, bool] | None = None, device: torch.device | None = None) -> dict[str, Any]:
+def train_payload(
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_spec: dict[str, Any],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    epoch: int,
+    config: dict[str, Any],
+    data: dict[str, Any],
+    history: list[dict[str, Any]],
+    provenance: dict[str, Any],
+    elapsed_s: float,
+    numerics: dict[str, bool] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Everything needed to resume (weights, optimizer, scheduler, epoch, RNG), to score
     the weights as training did (``numerics``: bf16 autocast, channels-last) and to know
     where they came from (resolved config, data checksum and normalisation,

@@ -16,9 +16,20 @@ from effray.models import build_model
 from effray.train.checkpoint import data_summary, train_payload
 
 
-def fit_arrays(arrays: Arrays, meta: dict[str, Any], *, epochs: int, model: str = "convnet", width: float = 0.5,
-               batch_size: int = 128, peak_lr: float = 0.1, seed: int = 0, device: Any = "cpu",
-               policy: str = "standard", on_epoch: Callable[[int], None] | None = None) -> nn.Module:
+def fit_arrays(
+    arrays: Arrays,
+    meta: dict[str, Any],
+    *,
+    epochs: int,
+    model: str = "convnet",
+    width: float = 0.5,
+    batch_size: int = 128,
+    peak_lr: float = 0.1,
+    seed: int = 0,
+    device: Any = "cpu",
+    policy: str = "standard",
+    on_epoch: Callable[[int], None] | None = None,
+) -> nn.Module:
     """A ``model`` trained ``epochs`` epochs on ``arrays`` (built under ``seed``); the loss
     stays on ``device``: no host read in a step."""
     torch.manual_seed(seed)
@@ -39,9 +50,21 @@ def fit_arrays(arrays: Arrays, meta: dict[str, Any], *, epochs: int, model: str 
     return net.eval()
 
 
-def fitted_payload(model: nn.Module, meta: dict[str, Any], epochs: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+def fitted_payload(
+    model: nn.Module, meta: dict[str, Any], epochs: int, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A training checkpoint of a :func:`fit_arrays` model: ``effray evaluate``, compression
     and the search load it like a Ray Train run's."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return train_payload(model_state=state, model_spec=model.spec, optimizer={}, scheduler={}, epoch=epochs,
-                         config=config or {}, data=data_summary(meta), history=[], provenance={}, elapsed_s=0.0)  # fmt: skip
+    return train_payload(
+        model_state=state,
+        model_spec=model.spec,
+        optimizer={},
+        scheduler={},
+        epoch=epochs,
+        config=config or {},
+        data=data_summary(meta),
+        history=[],
+        provenance={},
+        elapsed_s=0.0,
+    )

@@ -69,8 +69,13 @@ class Schedule:
         return 1.0 - (1.0 - end) * rest  # one-cycle: linear up, linear down to `end`
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
-                 bias_lr_scale: float = 1.0, decay_biases: bool = False) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    bias_lr_scale: float = 1.0,
+    decay_biases: bool = False,
+) -> list[dict[str, Any]]:
     """Weight decay on conv/linear weights only: decaying norm scales and biases just
     fights the normalisation (1-D tensors are exactly those). ``bias_lr_scale`` != 1
     moves the norm layers' parameters to a third group at ``lr * bias_lr_scale``
@@ -88,8 +93,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
     norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
     norm_ids = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters() if p.requires_grad}
     groups[1]["params"] = [p for p in no_decay if id(p) not in norm_ids]
-    groups.append({"params": [p for p in no_decay if id(p) in norm_ids], "weight_decay": bias_decay / bias_lr_scale,
-                   "lr": lr * bias_lr_scale})  # fmt: skip
+    groups.append(
+        {
+            "params": [p for p in no_decay if id(p) in norm_ids],
+            "weight_decay": bias_decay / bias_lr_scale,
+            "lr": lr * bias_lr_scale,
+        }
+    )
     return groups
 
 
@@ -100,7 +110,9 @@ class Lookahead:
     averaging late. Each epoch ends with weights == EMA, so a checkpoint holds all of the
     state and a resumed run continues exactly (the EMA restarts from the loaded weights)."""
 
-    def __init__(self, total_steps: int, every: int = 5, base: float = 0.95, power: float = 3.0, start: float = 0.3) -> None:
+    def __init__(
+        self, total_steps: int, every: int = 5, base: float = 0.95, power: float = 3.0, start: float = 0.3
+    ) -> None:
         self.total, self.every, self.base, self.power = max(1, total_steps), every, base, power
         self.first = math.ceil(start * self.total)
         self.ema: dict[str, torch.Tensor] | None = None
@@ -199,9 +211,12 @@ def restore(rank: int) -> tuple[str, dict[str, Any]] | None:
     if ray.train.get_checkpoint() is None:
         return None
     reported = ray.train.get_all_reported_checkpoints(
-        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+    )
     order = sorted(enumerate(reported), key=lambda ic: (ic[1].metrics.get("epoch", 0), ic[0]), reverse=True)
-    by_path = {r.checkpoint.path: r.checkpoint for _, r in order} or {ray.train.get_checkpoint().path: ray.train.get_checkpoint()}
+    by_path = {r.checkpoint.path: r.checkpoint for _, r in order} or {
+        ray.train.get_checkpoint().path: ray.train.get_checkpoint()
+    }
     paths = list(by_path)
 
     def read(path: str) -> dict[str, Any]:
@@ -224,12 +239,23 @@ def class_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     hit = (logits.argmax(dim=1) == labels).double()
     loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
     per_ok = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, labels, hit)
-    per_n = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, labels, torch.ones_like(hit))
+    per_n = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(
+        0, labels, torch.ones_like(hit)
+    )
     return torch.cat([hit.sum().view(1), loss.view(1), per_ok, per_n])
 
 
-def validation_sums(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[str, Any], batch: int,
-                    rank: int, world: int, num_classes: int, tta: int = 0) -> torch.Tensor:
+def validation_sums(
+    strategy: Strategy,
+    model: torch.nn.Module,
+    shard: Any,
+    meta: dict[str, Any],
+    batch: int,
+    rank: int,
+    world: int,
+    num_classes: int,
+    tta: int = 0,
+) -> torch.Tensor:
     """:func:`class_sums` over this replica's rows (``index % world == rank``, picked on the
     host before the copy), summed over replicas, left on the device: nothing here waits
     for the GPU."""
@@ -244,8 +270,14 @@ def validation_sums(strategy: Strategy, model: torch.nn.Module, shard: Any, meta
 
 
 @torch.no_grad()
-def batch_sums(strategy: Strategy, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               num_classes: int, tta: int = 0) -> torch.Tensor:
+def batch_sums(
+    strategy: Strategy,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    tta: int = 0,
+) -> torch.Tensor:
     """:func:`class_sums` of one validation batch, scored with test-time augmentation
     ``tta``, on the model's device."""
     return class_sums(tta_logits(lambda x: strategy.predict(model, x), images, tta), labels, num_classes)
@@ -254,26 +286,48 @@ def batch_sums(strategy: Strategy, model: torch.nn.Module, images: torch.Tensor,
 def validation_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The epoch's one host read of the validation sums, as the reported metrics."""
     sums = sums.cpu()
-    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2:2 + num_classes], sums[2 + num_classes:]
+    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2 : 2 + num_classes], sums[2 + num_classes :]
     count = float(per_n.sum())
-    return {"val_accuracy": float(correct) / max(count, 1.0), "val_loss": float(loss) / max(count, 1.0),
-            "val_count": int(count), "val_per_class_accuracy": [float(o / n) if n else None for o, n in zip(per_ok, per_n)]}  # fmt: skip
+    return {
+        "val_accuracy": float(correct) / max(count, 1.0),
+        "val_loss": float(loss) / max(count, 1.0),
+        "val_count": int(count),
+        "val_per_class_accuracy": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
+    }
 
 
-def validate(strategy: Strategy, model: torch.nn.Module, shard: Any, meta: dict[str, Any], batch: int,
-             rank: int, world: int, num_classes: int, tta: int = 0) -> dict[str, Any]:
+def validate(
+    strategy: Strategy,
+    model: torch.nn.Module,
+    shard: Any,
+    meta: dict[str, Any],
+    batch: int,
+    rank: int,
+    world: int,
+    num_classes: int,
+    tta: int = 0,
+) -> dict[str, Any]:
     """Accuracy, loss and per-class accuracy on the *whole* validation split.
 
     Every rank reads the full split and scores the rows with ``index % world == rank``;
     summing (correct, loss, count, per-class) over ranks gives exactly the full split's
     numbers, with no row dropped or counted twice."""
-    return validation_metrics(validation_sums(strategy, model, shard, meta, batch, rank, world, num_classes, tta),
-                              num_classes)
+    return validation_metrics(
+        validation_sums(strategy, model, shard, meta, batch, rank, world, num_classes, tta), num_classes
+    )
 
 
-def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               batch: dict[str, Any], loss_fn: Any, sums: torch.Tensor, micro: int | None = None,
-               frozen: tuple[torch.Tensor, ...] = ()) -> None:
+def train_step(
+    strategy: Strategy,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: dict[str, Any],
+    loss_fn: Any,
+    sums: torch.Tensor,
+    micro: int | None = None,
+    frozen: tuple[torch.Tensor, ...] = (),
+) -> None:
     """One optimizer step on ``batch``; its loss and row count are added to ``sums`` (on
     the device) instead of being read back, so the host never waits for the GPU here.
 
@@ -289,6 +343,7 @@ def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.opti
     chunks = [batch] if micro is None or n <= micro else _chunks(batch, micro)
     loss = torch.zeros((), dtype=torch.float64, device=sums.device)
     for i, chunk in enumerate(chunks):
+
         def weighted(y: torch.Tensor, b: dict[str, Any], share: float = len(chunk["label"]) / n) -> torch.Tensor:
             return loss_fn(y, b) * share
 
@@ -304,14 +359,18 @@ def train_step(strategy: Strategy, model: torch.nn.Module, optimizer: torch.opti
 
 
 def _chunks(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
-    parts = {k: v.split(size) for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == len(batch["label"])}
+    parts = {
+        k: v.split(size) for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == len(batch["label"])
+    }
     return [{**batch, **{k: p[i] for k, p in parts.items()}} for i in range(len(parts["label"]))]
 
 
 def _progress(epoch: int, total: int, m: dict[str, Any], eta_s: float) -> str:
     eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
-    return (f"[effray] epoch {epoch}/{total}  loss {m['train_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
-            f"val_loss {m['val_loss']:.4f}  {m['images_per_s']:,.0f} img/s  lr {m['lr']:.4g}  ETA {eta}")  # fmt: skip
+    return (
+        f"[effray] epoch {epoch}/{total}  loss {m['train_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+        f"val_loss {m['val_loss']:.4f}  {m['images_per_s']:,.0f} img/s  lr {m['lr']:.4g}  ETA {eta}"
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -339,14 +398,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(payload["model"])
     elif needs_data_init(model):  # e.g. airbench's whitening stem: the same rows on every rank
         init_from_data(model, sample_images(cfg.data.data, DATA_INIT_IMAGES, data["mean"], data["std"]))
-    strategy = make_strategy(cfg.parallel, device, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
-                             **cfg.strategy_options())  # fmt: skip
+    strategy = make_strategy(
+        cfg.parallel,
+        device,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        amp=cfg.amp,
+        **cfg.strategy_options(),
+    )
     model = prepare_model(model, strategy)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, cfg.decay_biases), lr=cfg.lr,
-                                momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, cfg.decay_biases),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
     steps = int(run["steps_per_epoch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, Schedule(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps), cfg.lr_start, cfg.lr_end))
+        optimizer,
+        Schedule(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps), cfg.lr_start, cfg.lr_end),
+    )
     lookahead = Lookahead(steps * cfg.epochs) if cfg.lookahead else None
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0
@@ -373,7 +444,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source = run.get("train_source")  # the cached split, reshuffled exactly every epoch; None: streamed
     train_shard = None if source is not None else ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    tracker = make_tracker(TrackerSettings(**run["tracker"])) if rank == 0 and run["tracker"] and start < cfg.epochs else NullTracker()
+    tracker = (
+        make_tracker(TrackerSettings(**run["tracker"]))
+        if rank == 0 and run["tracker"] and start < cfg.epochs
+        else NullTracker()
+    )
     victim = 1 if world > 1 else 0
     replica, replicas = strategy.data_rank(rank, world)
     # an elastic run's share of the global batch follows the world it has now; a fixed
@@ -389,19 +464,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
             waited, asked = 0.0, time.perf_counter()  # time blocked on the input pipeline
-            batches = strategy.batches(lambda epoch=epoch: training_batches(
-                source, train_shard, meta, per_rank, epoch=epoch, replica=replica, replicas=replicas,
-                clock=run["clock"], shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
-                normalise=gpu_policy is None, channels_last=strategy.channels_last))  # fmt: skip
+            batches = strategy.batches(
+                lambda epoch=epoch: training_batches(
+                    source,
+                    train_shard,
+                    meta,
+                    per_rank,
+                    epoch=epoch,
+                    replica=replica,
+                    replicas=replicas,
+                    clock=run["clock"],
+                    shuffle_buffer=cfg.data.shuffle_buffer,
+                    seed=cfg.seed,
+                    normalise=gpu_policy is None,
+                    channels_last=strategy.channels_last,
+                )
+            )
             if lookahead is not None:
                 lookahead.begin_epoch(strategy.unwrap(model), epoch * steps)
             for step, batch in enumerate(batches):
                 waited += time.perf_counter() - asked
                 if gpu_policy is not None:
-                    batch = augment_on_device(batch, gpu_policy, stats, device, (cfg.seed, epoch, rank, step),
-                                              strategy.channels_last)  # fmt: skip
-                train_step(strategy, model, optimizer, scheduler, batch, loss_fn, sums, micro,
-                           whiten_biases if epoch >= cfg.whiten_bias_epochs > 0 else ())  # fmt: skip
+                    batch = augment_on_device(
+                        batch, gpu_policy, stats, device, (cfg.seed, epoch, rank, step), strategy.channels_last
+                    )
+                train_step(
+                    strategy,
+                    model,
+                    optimizer,
+                    scheduler,
+                    batch,
+                    loss_fn,
+                    sums,
+                    micro,
+                    whiten_biases if epoch >= cfg.whiten_bias_epochs > 0 else (),
+                )
                 if lookahead is not None:
                     lookahead.after_step(strategy.unwrap(model), epoch * steps + step + 1)
                 if epoch + 1 == cfg.inject_failure_at_epoch and rank == victim and step == 0 and run_dir:
@@ -411,14 +508,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 lookahead.end_epoch(strategy.unwrap(model))
             sums = strategy.sum_replicas(torch.cat([sums, sums.new_tensor([waited])])).cpu()  # the epoch's host read
             train_s = time.perf_counter() - t0
-            metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)),
-                       "images_per_s": float(sums[1]) / train_s, "lr": optimizer.param_groups[0]["lr"],
-                       "data_wait_s": float(sums[2]) / replicas, "nodes": nodes, "world": world,
-                       "train_rows": int(sums[1]), "optimizer_steps": scheduler.last_epoch}  # fmt: skip
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": float(sums[0] / max(sums[1], 1)),
+                "images_per_s": float(sums[1]) / train_s,
+                "lr": optimizer.param_groups[0]["lr"],
+                "data_wait_s": float(sums[2]) / replicas,
+                "nodes": nodes,
+                "world": world,
+                "train_rows": int(sums[1]),
+                "optimizer_steps": scheduler.last_epoch,
+            }
             last = epoch + 1 == cfg.epochs
             # TTA costs up to 6 forward passes: only the final (reported, checkpointed) score uses it
-            metrics.update(validate(strategy, model, val_shard, meta, max(256, cfg.per_worker_batch),
-                                    replica, replicas, num_classes, tta=cfg.tta if last else 0))  # fmt: skip
+            metrics.update(
+                validate(
+                    strategy,
+                    model,
+                    val_shard,
+                    meta,
+                    max(256, cfg.per_worker_batch),
+                    replica,
+                    replicas,
+                    num_classes,
+                    tta=cfg.tta if last else 0,
+                )
+            )
             epoch_times.append(time.perf_counter() - t0)
             elapsed += epoch_times[-1]
             metrics.update(epoch_s=epoch_times[-1], elapsed_s=elapsed)
@@ -435,11 +550,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # every rank: a pipeline gathers its stages' parts to rank 0 here
                     model_state, opt_state = strategy.state_dict(model), strategy.optimizer_state(model, optimizer)
                     if rank == 0:
-                        f = save_payload(tmp, train_payload(
-                            model_state=model_state, model_spec=dict(strategy.unwrap(model).spec),
-                            optimizer=opt_state, scheduler=scheduler.state_dict(), epoch=epoch + 1,
-                            config=config["train"], data=data, history=history, provenance=run["provenance"],
-                            elapsed_s=elapsed, numerics=strategy.numerics(), device=device))  # fmt: skip
+                        f = save_payload(
+                            tmp,
+                            train_payload(
+                                model_state=model_state,
+                                model_spec=dict(strategy.unwrap(model).spec),
+                                optimizer=opt_state,
+                                scheduler=scheduler.state_dict(),
+                                epoch=epoch + 1,
+                                config=config["train"],
+                                data=data,
+                                history=history,
+                                provenance=run["provenance"],
+                                elapsed_s=elapsed,
+                                numerics=strategy.numerics(),
+                                device=device,
+                            ),
+                        )
                         if last:
                             tracker.log_checkpoint(str(f), f"{run['name']}-model", {"epoch": epoch + 1, **metrics})
                         ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -452,8 +579,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker.finish()
 
 
-def augment_on_device(batch: dict[str, Any], policy: Any, stats: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-                      key: tuple[int, int, int, int], channels_last: bool = False) -> dict[str, Any]:
+def augment_on_device(
+    batch: dict[str, Any],
+    policy: Any,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    key: tuple[int, int, int, int],
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """``--augment-on gpu``: uint8 NHWC batch -> augmented, normalised NCHW on the device,
     with a generator seeded from (seed, epoch, rank, step) so runs repeat exactly.
     ``stats``: :func:`effray.data.pipeline.channel_stats` on ``device``, made once."""
@@ -476,7 +609,8 @@ def die_once(run_dir: Path) -> None:
     # restart resumes from it or the one before depends on when Ray Train processed the
     # last report, and a test of "resumes from epoch N-1" would be a race
     ray.train.get_all_reported_checkpoints(
-        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+    )
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"pid {os.getpid()} died on purpose at {time.time():.0f}\n")
     say("[effray] injected failure: this worker exits now")

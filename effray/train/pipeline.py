@@ -121,14 +121,17 @@ def block_costs(model: nn.Sequential, by: str = "params", sample: torch.Tensor |
     return costs
 
 
-def stage_bounds(model: nn.Sequential, stages: int, split_points: str = "", by: str = "params",
-                 sample: torch.Tensor | None = None) -> list[int]:
+def stage_bounds(
+    model: nn.Sequential, stages: int, split_points: str = "", by: str = "params", sample: torch.Tensor | None = None
+) -> list[int]:
     """Stage boundaries for ``model``: explicit ``split_points`` when given, else balanced."""
     n = len(model)
     if split_points:
         pts = parse_split_points(split_points)
         if len(pts) != stages - 1 or pts != sorted(set(pts)) or not all(0 < p < n for p in pts):
-            raise EffrayError(f"--split-points {split_points} must be {stages - 1} increasing block indices in 1..{n - 1}")
+            raise EffrayError(
+                f"--split-points {split_points} must be {stages - 1} increasing block indices in 1..{n - 1}"
+            )
         return [0, *pts, n]
     return balanced_split(block_costs(model, by, sample), stages)
 
@@ -164,7 +167,7 @@ def _pipeline_data_config() -> Any:
     import ray.train
 
     class PipelineDataConfig(ray.train.DataConfig):
-        """"train" cut into one shard per pipeline (world // stages), given to each
+        """ "train" cut into one shard per pipeline (world // stages), given to each
         pipeline's stage-0 rank; other ranks get ``None`` for it. Other datasets
         ("val") go whole to every rank, as for DDP."""
 
@@ -172,15 +175,20 @@ def _pipeline_data_config() -> Any:
             super().__init__(**kw)
             self.stages = stages
 
-        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
-                      worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        def configure(
+            self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
+        ) -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
                 if name == "train":
                     d = world_size // self.stages
-                    hints = [worker_node_ids[p * self.stages] for p in range(d)] if worker_node_ids and self._enable_shard_locality else None
+                    hints = (
+                        [worker_node_ids[p * self.stages] for p in range(d)]
+                        if worker_node_ids and self._enable_shard_locality
+                        else None
+                    )
                     for p, split in enumerate(ds.streaming_split(d, equal=True, locality_hints=hints)):
                         for s in range(self.stages):
                             out[p * self.stages + s][name] = split if s == 0 else None
@@ -197,14 +205,33 @@ class PipelineStrategy(Strategy):
 
     name = "pipeline"
 
-    def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool,
-                 stages: int = 2, microbatches: int = 4, pipeline_schedule: str = "gpipe",
-                 split_points: str = "", split_by: str = "params", microbatch_size: int = 32, **_: Any) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        channels_last: bool,
+        compile: bool,
+        amp: bool,
+        stages: int = 2,
+        microbatches: int = 4,
+        pipeline_schedule: str = "gpipe",
+        split_points: str = "",
+        split_by: str = "params",
+        microbatch_size: int = 32,
+        **_: Any,
+    ) -> None:
         # channels-last and torch.compile stay off: stages exchange plain contiguous tensors
         super().__init__(device, channels_last=False, compile=False, amp=amp)
         if pipeline_schedule not in PIPELINE_SCHEDULES:
-            raise EffrayError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}, got {pipeline_schedule!r}")
-        self.stages, self.microbatches, self.schedule, self.split = stages, microbatches, pipeline_schedule, split_points
+            raise EffrayError(
+                f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}, got {pipeline_schedule!r}"
+            )
+        self.stages, self.microbatches, self.schedule, self.split = (
+            stages,
+            microbatches,
+            pipeline_schedule,
+            split_points,
+        )
         self.split_by, self.microbatch_size = split_by, microbatch_size
         self._announced = False  # sent this rank's activation header downstream yet?
         self._in_template: tuple[list[int], torch.dtype] | None = None  # learned from upstream's header
@@ -214,7 +241,9 @@ class PipelineStrategy(Strategy):
     @classmethod
     def dataset_config(cls, cfg: Any = None, train_ds: Any = None) -> Any:
         stages = cfg.stages if cfg is not None else 2
-        return _pipeline_data_config()(stages, datasets_to_split=["train"], execution_options={"train": ingest_options(train_ds)})
+        return _pipeline_data_config()(
+            stages, datasets_to_split=["train"], execution_options={"train": ingest_options(train_ds)}
+        )
 
     # -- setup -------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -232,7 +261,7 @@ class PipelineStrategy(Strategy):
         self.prev, self.next = rank - 1, rank + 1
         self.num_classes = int(model.spec["num_classes"])
         self.full_keys = list(model.state_dict().keys())
-        stage = model[self.bounds[m.stage]:self.bounds[m.stage + 1]].to(self.device)
+        stage = model[self.bounds[m.stage] : self.bounds[m.stage + 1]].to(self.device)
         stage.spec = dict(model.spec)
         return stage
 
@@ -244,7 +273,9 @@ class PipelineStrategy(Strategy):
         got: list[Any] = [None]
         if self.mesh.rank == 0:
             # CIFAR-sized micro-batches: the shape every stage boundary will really carry
-            sample = torch.randn(self.microbatch_size, int(model.spec.get("in_channels", 3)), 32, 32, device=self.device)
+            sample = torch.randn(
+                self.microbatch_size, int(model.spec.get("in_channels", 3)), 32, 32, device=self.device
+            )
             got = [stage_bounds(model, self.stages, by="time", sample=sample)]
         dist.broadcast_object_list(got, src=0)
         return list(got[0])
@@ -291,7 +322,7 @@ class PipelineStrategy(Strategy):
         from the link's one-time header)."""
         if self._in_template is None:
             h = self._recv_ints(8, self.prev)
-            self._in_template = (h[2:2 + h[0]], _DTYPES[h[1]])
+            self._in_template = (h[2 : 2 + h[0]], _DTYPES[h[1]])
         shape, dtype = self._in_template
         return torch.empty(rows, *shape, dtype=dtype, device=self.device)
 
@@ -327,12 +358,17 @@ class PipelineStrategy(Strategy):
         tensors = [batch["label"].to(self.device, torch.int64, non_blocking=True).contiguous()]
         if "target" in batch:
             tensors.append(batch["target"].to(self.device, non_blocking=True).contiguous())
-        head = [len(batch["label"]), int("target" in batch), _DTYPES.index(tensors[-1].dtype) if "target" in batch else 0]
+        head = [
+            len(batch["label"]),
+            int("target" in batch),
+            _DTYPES.index(tensors[-1].dtype) if "target" in batch else 0,
+        ]
         self._p2p(sends=[(self._ints(head), self.next)])
         self._p2p(sends=[(t, self.next) for t in tensors])
 
-    def forward_backward(self, model: nn.Module, images: torch.Tensor | None, batch: dict[str, torch.Tensor],
-                         loss_fn: LossFn) -> torch.Tensor:
+    def forward_backward(
+        self, model: nn.Module, images: torch.Tensor | None, batch: dict[str, torch.Tensor], loss_fn: LossFn
+    ) -> torch.Tensor:
         """One optimizer step's worth of micro-batches through this stage (GPipe: all
         forwards then all backwards; 1F1B: S-s-1 warm-up forwards, then one forward and
         one backward at a time, then the remaining backwards), then the DP all-reduce.
@@ -418,7 +454,7 @@ class PipelineStrategy(Strategy):
         flat /= self.mesh.replicas
         offset = 0
         for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
     def sum_replicas(self, t: torch.Tensor) -> torch.Tensor:
@@ -471,8 +507,9 @@ class PipelineStrategy(Strategy):
         local = optimizer.state_dict()
         mine = _group_names(model, optimizer)
         flat = [n for names in mine for n in names]
-        by_name = {flat[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                   for i, s in local["state"].items()}  # fmt: skip
+        by_name = {
+            flat[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in local["state"].items()
+        }
         full = self._full_groups(mine)
         parts = self._gather(by_name)
         if parts is None:

@@ -40,8 +40,18 @@ from effray.train.loop import HISTORY_FILE, train_loop_per_worker
 from effray.train.parallel import STRATEGIES
 
 RUN_FILE = "effray-run.json"
-SUMMARY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss", "val_count", "images_per_s", "lr",
-                "elapsed_s", "val_per_class_accuracy", "nodes")  # fmt: skip
+SUMMARY_KEYS = (
+    "epoch",
+    "train_loss",
+    "val_accuracy",
+    "val_loss",
+    "val_count",
+    "images_per_s",
+    "lr",
+    "elapsed_s",
+    "val_per_class_accuracy",
+    "nodes",
+)
 
 
 def fit_cpus_per_worker(cfg: Any, total: dict[str, float], nodes: list[dict[str, float]]) -> Any:
@@ -53,14 +63,19 @@ def fit_cpus_per_worker(cfg: Any, total: dict[str, float], nodes: list[dict[str,
         return cfg
     cpus = float(total.get("CPU", 0))
     if cfg.gpus_per_worker > 0:
-        ratios = [n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU", 0) > 0] or [cpus / max(total.get("GPU", 1), 1)]
+        ratios = [n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU", 0) > 0] or [
+            cpus / max(total.get("GPU", 1), 1)
+        ]
         per = min(ratios) * cfg.gpus_per_worker
     else:
         per = (cpus - cfg.data_cpus) / cfg.workers
         per = min(per, max((n.get("CPU", 0) for n in nodes), default=per))
     per = math.floor(per * 4) / 4
-    require(per > 0, f"--workers {cfg.workers} and --data-cpus {cfg.data_cpus:g} leave no CPU of the cluster's {cpus:g} "
-                     "for a worker; use fewer workers or a lower --data-cpus")  # fmt: skip
+    require(
+        per > 0,
+        f"--workers {cfg.workers} and --data-cpus {cfg.data_cpus:g} leave no CPU of the cluster's {cpus:g} "
+        "for a worker; use fewer workers or a lower --data-cpus",
+    )
     return dataclasses.replace(cfg, cpus_per_worker=per)
 
 
@@ -71,23 +86,33 @@ def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[
     require_whole_gpus(w, cfg.gpus_per_worker)
     have_gpu = float(total.get("GPU", 0))
     need_gpu = w * cfg.gpus_per_worker
-    require(need_gpu <= have_gpu,
-            f"--workers {w} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} GPUs, the cluster has {have_gpu:g}; "
-            "lower them (--gpus-per-worker 0 trains on CPUs) or add GPU nodes")  # fmt: skip
+    require(
+        need_gpu <= have_gpu,
+        f"--workers {w} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} GPUs, the cluster has "
+        f"{have_gpu:g}; "
+        "lower them (--gpus-per-worker 0 trains on CPUs) or add GPU nodes",
+    )
     have_cpu = float(total.get("CPU", 0))
     need_cpu = w * cfg.cpus_per_worker + cfg.data_cpus
-    require(need_cpu <= have_cpu,
-            f"--workers {w} x --cpus-per-worker {cfg.cpus_per_worker:g} + --data-cpus {cfg.data_cpus:g} (one Ray Data task) "
-            f"needs {need_cpu:g} CPUs, the cluster has {have_cpu:g}; lower them")  # fmt: skip
+    require(
+        need_cpu <= have_cpu,
+        f"--workers {w} x --cpus-per-worker {cfg.cpus_per_worker:g} + --data-cpus {cfg.data_cpus:g} (one Ray Data "
+        "task) "
+        f"needs {need_cpu:g} CPUs, the cluster has {have_cpu:g}; lower them",
+    )
     if nodes:
-        require(any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= cfg.gpus_per_worker for n in nodes),
-                f"no node has {cfg.cpus_per_worker:g} CPUs and {cfg.gpus_per_worker:g} GPUs for one worker; "
-                "lower --cpus-per-worker/--gpus-per-worker")  # fmt: skip
+        require(
+            any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= cfg.gpus_per_worker for n in nodes),
+            f"no node has {cfg.cpus_per_worker:g} CPUs and {cfg.gpus_per_worker:g} GPUs for one worker; "
+            "lower --cpus-per-worker/--gpus-per-worker",
+        )
         wanted = getattr(cfg, "worker_resources", "")  # train only; compress and the GAN have none
         extra = parse_resources(wanted)
-        require(not extra or any(all(n.get(k, 0) >= v for k, v in extra.items()) for n in nodes),
-                f"no node offers --worker-resources {wanted}; start nodes with `ray start --resources` "
-                "naming them, or drop the flag")  # fmt: skip
+        require(
+            not extra or any(all(n.get(k, 0) >= v for k, v in extra.items()) for n in nodes),
+            f"no node offers --worker-resources {wanted}; start nodes with `ray start --resources` "
+            "naming them, or drop the flag",
+        )
 
 
 def train_rows(data: DataConfig, meta: dict[str, Any]) -> int:
@@ -107,10 +132,13 @@ def check_existing_run(run_dir: Path, cfg: TrainConfig, meta: dict[str, Any]) ->
     old = json.loads(f.read_text())
     want = {**model_identity(to_dict(cfg)), "num_classes": int(meta["num_classes"])}
     have = {**model_identity(old["config"]), "num_classes": int(old["data"]["num_classes"])}
-    require(want == have,
-            f"run {cfg.name!r} in {cfg.storage} holds model {have['model']} (width {have['width']:g}, {have['num_classes']} classes), "
-            f"not {want['model']} (width {want['width']:g}, {want['num_classes']} classes); "
-            "use the same --model/--width/--data to resume it, or another --name")  # fmt: skip
+    require(
+        want == have,
+        f"run {cfg.name!r} in {cfg.storage} holds model {have['model']} (width {have['width']:g}, "
+        f"{have['num_classes']} classes), "
+        f"not {want['model']} (width {want['width']:g}, {want['num_classes']} classes); "
+        "use the same --model/--width/--data to resume it, or another --name",
+    )
     return old
 
 
@@ -120,18 +148,24 @@ def provenance(meta: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5).stdout.strip() or None  # fmt: skip
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         sha = None
-    return {"git_sha": sha, "torch": str(torch.__version__), "ray": str(ray.__version__),
-            "data_checksum": meta.get("source_checksum", "")}  # fmt: skip
+    return {
+        "git_sha": sha,
+        "torch": str(torch.__version__),
+        "ray": str(ray.__version__),
+        "data_checksum": meta.get("source_checksum", ""),
+    }
 
 
 def _count_lines(path: Path | None) -> int:
     return sum(1 for _ in path.open()) if path is not None and path.is_file() else 0
-
-
 
 
 def _user_error(exc: BaseException) -> EffrayError | None:
@@ -144,10 +178,23 @@ def _user_error(exc: BaseException) -> EffrayError | None:
     return None
 
 
-def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int | tuple[int, int], cpus_per_worker: float,
-                  gpus_per_worker: float, name: str, storage: str, max_failures: int, datasets: dict[str, Any],
-                  keep_checkpoints: int | None = None, dataset_config: Any = None, callbacks: list[Any] | None = None,
-                  extra_resources: dict[str, float] | None = None, grow_check_s: float = 30.0) -> Any:
+def torch_trainer(
+    loop: Any,
+    loop_config: dict[str, Any],
+    *,
+    workers: int | tuple[int, int],
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    name: str,
+    storage: str,
+    max_failures: int,
+    datasets: dict[str, Any],
+    keep_checkpoints: int | None = None,
+    dataset_config: Any = None,
+    callbacks: list[Any] | None = None,
+    extra_resources: dict[str, float] | None = None,
+    grow_check_s: float = 30.0,
+) -> Any:
     """The ``TorchTrainer`` every stage runs (train, compress, the GAN): NCCL when the
     workers get GPUs, gloo otherwise; ``RunConfig(name, storage)`` so a re-run restores;
     with ``keep_checkpoints`` the newest N (not the best: resuming and the corrupt-newest
@@ -158,18 +205,34 @@ def torch_trainer(loop: Any, loop_config: dict[str, Any], *, workers: int | tupl
 
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {}), **(extra_resources or {})}
-    checkpoints = None if keep_checkpoints is None else CheckpointConfig(
-        num_to_keep=keep_checkpoints, checkpoint_score_attribute="epoch", checkpoint_score_order="max")
+    checkpoints = (
+        None
+        if keep_checkpoints is None
+        else CheckpointConfig(
+            num_to_keep=keep_checkpoints, checkpoint_score_attribute="epoch", checkpoint_score_order="max"
+        )
+    )
     extra = {"dataset_config": dataset_config} if dataset_config is not None else {}
     return TorchTrainer(
-        loop, train_loop_config=loop_config,
+        loop,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     **({"elastic_resize_monitor_interval_s": grow_check_s} if isinstance(workers, tuple) else {})),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=checkpoints, callbacks=list(callbacks or [])),
-        datasets=datasets, **extra,
-    )  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            **({"elastic_resize_monitor_interval_s": grow_check_s} if isinstance(workers, tuple) else {}),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=checkpoints,
+            callbacks=list(callbacks or []),
+        ),
+        datasets=datasets,
+        **extra,
+    )
 
 
 class Mailbox:
@@ -254,8 +317,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import ray
 
     meta = validate_data_dir(cfg.data.data)
-    require("val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
-            f"dataset {cfg.data.data} has no validation split; re-prepare it with --val-fraction > 0")  # fmt: skip
+    require(
+        "val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
+        f"dataset {cfg.data.data} has no validation split; re-prepare it with --val-fraction > 0",
+    )
     total, nodes = ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     cfg = fit_cpus_per_worker(cfg, total, nodes)
     check_resources(cfg, total, nodes)
@@ -269,25 +334,47 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if run_dir is not None:
         check_existing_run(run_dir, cfg, meta)
     rows_per_rank = train_rows(cfg.data, meta) // cfg.data_parallel  # per data-parallel replica
-    require(rows_per_rank >= 1, f"{train_rows(cfg.data, meta)} training rows can't feed {cfg.workers} workers; use fewer --workers")
+    require(
+        rows_per_rank >= 1,
+        f"{train_rows(cfg.data, meta)} training rows can't feed {cfg.workers} workers; use fewer --workers",
+    )
     strategy = STRATEGIES.get(cfg.parallel)
     run_id = stable_run_id(storage, cfg.name)
     mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)
     cfg = dataclasses.replace(cfg, wandb_mode=mode)
     prov = provenance(meta)
     data = data_summary(meta)
-    tracker = None if mode == "disabled" else dataclasses.asdict(TrackerSettings(
-        project=cfg.wandb_project, name=cfg.name, run_id=run_id, mode=mode, dir=str(run_dir) if run_dir else "",
-        config={**to_dict(cfg), "provenance": prov, "data_summary": {k: data[k] for k in ("checksum", "source", "classes")}}))  # fmt: skip
+    tracker = (
+        None
+        if mode == "disabled"
+        else dataclasses.asdict(
+            TrackerSettings(
+                project=cfg.wandb_project,
+                name=cfg.name,
+                run_id=run_id,
+                mode=mode,
+                dir=str(run_dir) if run_dir else "",
+                config={
+                    **to_dict(cfg),
+                    "provenance": prov,
+                    "data_summary": {k: data[k] for k in ("checksum", "source", "classes")},
+                },
+            )
+        )
+    )
     if run_dir is not None and not (run_dir / RUN_FILE).is_file():
-        write_json(run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()})
+        write_json(
+            run_dir / RUN_FILE, {"config": to_dict(cfg), "data": data, "provenance": prov, "created": time.time()}
+        )
     history = run_dir / HISTORY_FILE if run_dir else None
     epochs_before = _count_lines(history)
     done = finished_run(str(run_dir) if run_dir else f"{storage}/{cfg.name}", cfg.epochs)
     if done is not None:  # a re-run of a finished run: its result, without starting a worker
         metrics, checkpoint = done
-        say(f"[effray] run {cfg.name!r} already trained {metrics['epoch']} epochs (--epochs {cfg.epochs}); "
-            f"nothing to train: its checkpoint is {checkpoint}")
+        say(
+            f"[effray] run {cfg.name!r} already trained {metrics['epoch']} epochs (--epochs {cfg.epochs}); "
+            f"nothing to train: its checkpoint is {checkpoint}"
+        )
         return _summary(cfg, run_dir, storage, checkpoint, 0 if history else None, metrics, mode, run_id, tracker)
 
     clock = f"effray-clock-{run_id}"
@@ -303,30 +390,70 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         steps = math.ceil(rows_per_rank / cfg.per_worker_batch)
     trainer = torch_trainer(
         train_loop_per_worker,
-        {"train": to_dict(cfg), "run": {
-            "name": cfg.name, "run_dir": str(run_dir) if run_dir else "", "clock": clock, "data": data, "provenance": prov,
-            "steps_per_epoch": steps, "tracker": tracker, "train_source": source}},
-        workers=(cfg.workers, cfg.max_workers) if cfg.elastic else cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-        name=cfg.name, storage=storage, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
-        datasets={**({"train": train_ds} if train_ds is not None else {}),
-                  # decoded once here: every rank reads the whole split each epoch (see validate)
-                  "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize()},
-        dataset_config=strategy.dataset_config(cfg, train_ds), extra_resources=parse_resources(cfg.worker_resources),
+        {
+            "train": to_dict(cfg),
+            "run": {
+                "name": cfg.name,
+                "run_dir": str(run_dir) if run_dir else "",
+                "clock": clock,
+                "data": data,
+                "provenance": prov,
+                "steps_per_epoch": steps,
+                "tracker": tracker,
+                "train_source": source,
+            },
+        },
+        workers=(cfg.workers, cfg.max_workers) if cfg.elastic else cfg.workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+        gpus_per_worker=cfg.gpus_per_worker,
+        name=cfg.name,
+        storage=storage,
+        max_failures=cfg.max_failures,
+        keep_checkpoints=cfg.keep_checkpoints,
+        datasets={
+            **({"train": train_ds} if train_ds is not None else {}),
+            # decoded once here: every rank reads the whole split each epoch (see validate)
+            "val": eval_dataset(cfg.data.data, "val", num_cpus=cfg.data_cpus).materialize(),
+        },
+        dataset_config=strategy.dataset_config(cfg, train_ds),
+        extra_resources=parse_resources(cfg.worker_resources),
         grow_check_s=cfg.grow_check_s,
-    )  # fmt: skip
+    )
     # elastic: after a node dies Ray still counts its resources for a few seconds, and a
     # worker group sized to them would wait Ray Train's 60 s before trying the size that fits
     result = fit(trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None)
-    return _summary(cfg, run_dir, storage, result.checkpoint.path if result.checkpoint else None,
-                    _count_lines(history) - epochs_before if history else None, result.metrics or {}, mode, run_id, tracker)
+    return _summary(
+        cfg,
+        run_dir,
+        storage,
+        result.checkpoint.path if result.checkpoint else None,
+        _count_lines(history) - epochs_before if history else None,
+        result.metrics or {},
+        mode,
+        run_id,
+        tracker,
+    )
 
 
-def _summary(cfg: TrainConfig, run_dir: Path | None, storage: str, checkpoint: str | None, epochs_run_now: int | None,
-             metrics: dict[str, Any], mode: str, run_id: str, tracker: Any) -> dict[str, Any]:
+def _summary(
+    cfg: TrainConfig,
+    run_dir: Path | None,
+    storage: str,
+    checkpoint: str | None,
+    epochs_run_now: int | None,
+    metrics: dict[str, Any],
+    mode: str,
+    run_id: str,
+    tracker: Any,
+) -> dict[str, Any]:
     """The one JSON line `effray train` prints."""
     return {
-        "run": cfg.name, "run_dir": str(run_dir) if run_dir else f"{storage}/{cfg.name}",
-        "checkpoint": checkpoint, "epochs_run_now": epochs_run_now,
+        "run": cfg.name,
+        "run_dir": str(run_dir) if run_dir else f"{storage}/{cfg.name}",
+        "checkpoint": checkpoint,
+        "epochs_run_now": epochs_run_now,
         **{k: metrics[k] for k in SUMMARY_KEYS if k in metrics},
-        "wandb": {"mode": mode, "run_id": run_id, "dir": str(run_dir / "wandb") if run_dir else None} if tracker else None,
-    }  # fmt: skip
+        "wandb": {"mode": mode, "run_id": run_id, "dir": str(run_dir / "wandb") if run_dir else None}
+        if tracker
+        else None,
+    }

@@ -101,8 +101,9 @@ class Strategy:
         images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    def forward_backward(self, model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor],
-                         loss_fn: LossFn) -> torch.Tensor:
+    def forward_backward(
+        self, model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor], loss_fn: LossFn
+    ) -> torch.Tensor:
         """One micro-step: loss on this rank's batch, gradients left on the parameters
         (all-reduced by DDP's hooks during backward). Returns the detached loss."""
         loss = loss_fn(logits(model, images, self.device, self.numerics()), batch)
@@ -145,8 +146,10 @@ def bf16_native(device: torch.device) -> bool:
 def cpu_summary() -> str:
     """What every CPU time is printed beside: the kernels torch picked for this CPU and
     whether bf16 is native (the two together move CPU times ~3x between machines)."""
-    return (f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-            f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}")  # fmt: skip
+    return (
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
+        f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}"
+    )
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

@@ -27,8 +27,10 @@ needs_two = pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
 
 
 def _uint8_batch(n: int = 64) -> dict[str, torch.Tensor]:
-    return {"image": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, device="cuda"),
-            "label": torch.randint(0, 10, (n,), device="cuda")}  # fmt: skip
+    return {
+        "image": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, device="cuda"),
+        "label": torch.randint(0, 10, (n,), device="cuda"),
+    }
 
 
 def test_training_step_never_syncs():
@@ -81,15 +83,42 @@ def test_checkpoint_rng_is_the_workers_own_gpu():
 
 # ------------------------------------------------------------------ commands on local Ray
 
-TRAIN = ["--model", "resnet20", "--width", "0.5", "--epochs", "2", "--batch-size", "128", "--augment", "standard",
-         "--gpus-per-worker", "1", "--cpus-per-worker", "1", "--no-wandb"]  # fmt: skip
+TRAIN = [
+    "--model",
+    "resnet20",
+    "--width",
+    "0.5",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--augment",
+    "standard",
+    "--gpus-per-worker",
+    "1",
+    "--cpus-per-worker",
+    "1",
+    "--no-wandb",
+]
 
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("augment_on", ["cpu", "gpu"])
 def test_train_ddp_on_one_gpu(tiny_cifar, tmp_path, augment_on):
-    rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--workers", "1", "--augment-on", augment_on,
-                          "--storage", str(tmp_path), "--name", f"gpu-{augment_on}")  # fmt: skip
+    rc, result, err = cli(
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *TRAIN,
+        "--workers",
+        "1",
+        "--augment-on",
+        augment_on,
+        "--storage",
+        str(tmp_path),
+        "--name",
+        f"gpu-{augment_on}",
+    )
     assert rc == 0, err[-3000:]
     assert result["epoch"] == 2 and result["val_count"] == 60 and result["val_accuracy"] > 0.1
     rc, ev, err = cli("evaluate", "--checkpoint", result["checkpoint"], "--data", str(tiny_cifar))
@@ -99,8 +128,18 @@ def test_train_ddp_on_one_gpu(tiny_cifar, tmp_path, augment_on):
 @needs_two
 @pytest.mark.usefixtures("ray_session")
 def test_train_ddp_on_every_gpu_with_nccl(tiny_cifar, tmp_path):
-    rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--workers", str(GPUS),
-                          "--storage", str(tmp_path), "--name", "gpu-all")  # fmt: skip
+    rc, result, err = cli(
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *TRAIN,
+        "--workers",
+        str(GPUS),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "gpu-all",
+    )
     assert rc == 0, err[-3000:]
     assert result["val_count"] == 60
 
@@ -109,19 +148,57 @@ def test_train_ddp_on_every_gpu_with_nccl(tiny_cifar, tmp_path):
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_pipeline_on_two_gpus(tiny_cifar, tmp_path, schedule):
-    rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--workers", "2", "--parallel", "pipeline",
-                          "--stages", "2", "--microbatches", "4", "--pipeline-schedule", schedule,
-                          "--storage", str(tmp_path), "--name", f"pipe-{schedule}")  # fmt: skip
+    rc, result, err = cli(
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *TRAIN,
+        "--workers",
+        "2",
+        "--parallel",
+        "pipeline",
+        "--stages",
+        "2",
+        "--microbatches",
+        "4",
+        "--pipeline-schedule",
+        schedule,
+        "--storage",
+        str(tmp_path),
+        "--name",
+        f"pipe-{schedule}",
+    )
     assert rc == 0, err[-3000:]
     assert result["val_count"] == 60 and result["val_accuracy"] > 0.1
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_compress_on_a_gpu(tiny_cifar, teacher, tmp_path):
-    rc, result, err = cli("compress", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(tmp_path / "a"),
-                          "--prune-rate", "0.5", "--bits", "4", "--kd-alpha", "0.5", "--finetune-epochs", "2",
-                          "--finetune-batch-size", "64", "--calib-batches", "2", "--workers", "1",
-                          "--gpus-per-worker", "1")  # fmt: skip
+    rc, result, err = cli(
+        "compress",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(tiny_cifar),
+        "--out",
+        str(tmp_path / "a"),
+        "--prune-rate",
+        "0.5",
+        "--bits",
+        "4",
+        "--kd-alpha",
+        "0.5",
+        "--finetune-epochs",
+        "2",
+        "--finetune-batch-size",
+        "64",
+        "--calib-batches",
+        "2",
+        "--workers",
+        "1",
+        "--gpus-per-worker",
+        "1",
+    )
     assert rc == 0, err[-3000:]
     assert result["bytes"] > 0 and 0 <= result["accuracy"] <= 1
 
@@ -135,8 +212,27 @@ def test_tune_trials_use_their_gpus(tiny_cifar, teacher, tmp_path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_gan_epoch_on_a_gpu(tiny_cifar, tmp_path):
-    rc, result, err = cli("synth", "train", "--data", str(tiny_cifar), "--out", str(tmp_path / "gan"), "--epochs", "1",
-                          "--gen-width", "8", "--disc-width", "8", "--z-dim", "16", "--batch-size", "32",
-                          "--workers", "1", "--gpus-per-worker", "1")  # fmt: skip
+    rc, result, err = cli(
+        "synth",
+        "train",
+        "--data",
+        str(tiny_cifar),
+        "--out",
+        str(tmp_path / "gan"),
+        "--epochs",
+        "1",
+        "--gen-width",
+        "8",
+        "--disc-width",
+        "8",
+        "--z-dim",
+        "16",
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+        "--gpus-per-worker",
+        "1",
+    )
     assert rc == 0, err[-3000:]
     assert result["epochs"] == 1

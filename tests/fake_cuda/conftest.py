@@ -17,8 +17,9 @@ from fakecuda import FakeCuda, FakeCudaGenerator, python_backward
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """Fake CUDA for ``with fake_cuda:`` (no device-to-host copies either: ``FakeCuda``). Build models before entering it, for real,
-    on the CPU: real tensors become fake on first use inside (``allow_non_fake_inputs``),
+    """Fake CUDA for ``with fake_cuda:`` (no device-to-host copies either: ``FakeCuda``).
+    Build models before entering it, for real, on the CPU: real tensors become fake on first
+    use inside (``allow_non_fake_inputs``),
     so ``model.to("cuda")`` there takes the same path a worker's does. The augmentation
     ops' generators become fake CUDA ones, and ``Tensor.backward`` walks the graph in Python
     (:func:`fakecuda.python_backward`: the C++ engine needs a driver for CUDA tensors)."""

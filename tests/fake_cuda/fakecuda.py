@@ -21,9 +21,11 @@ class FakeCudaGenerator(torch.Generator):
 def uint8_batch(n: int = 8, num_classes: int = 10, hw: int = 32) -> dict[str, torch.Tensor]:
     """What ``iter_torch_batches`` hands a GPU worker: uint8 NHWC images and int64 labels,
     already on the device (Ray's finalize step copied them)."""
-    return {"image": torch.randint(0, 256, (n, hw, hw, 3), dtype=torch.uint8, device=CUDA),
-            "label": torch.randint(0, num_classes, (n,), device=CUDA),
-            "index": torch.arange(n, device=CUDA)}  # fmt: skip
+    return {
+        "image": torch.randint(0, 256, (n, hw, hw, 3), dtype=torch.uint8, device=CUDA),
+        "label": torch.randint(0, num_classes, (n,), device=CUDA),
+        "index": torch.arange(n, device=CUDA),
+    }
 
 
 def assert_cuda(*tensors: torch.Tensor) -> None:
@@ -31,8 +33,13 @@ def assert_cuda(*tensors: torch.Tensor) -> None:
         assert t.device.type == "cuda", f"expected a CUDA tensor, got one on {t.device}"
 
 
-def python_backward(root: torch.Tensor, gradient: torch.Tensor | None = None, retain_graph: bool | None = None,
-                    create_graph: bool = False, inputs: object = None) -> None:
+def python_backward(
+    root: torch.Tensor,
+    gradient: torch.Tensor | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: object = None,
+) -> None:
     """``Tensor.backward`` without the C++ autograd engine, for fake CUDA.
 
     The engine refuses fake CUDA tensors on a machine without a driver (its stream

@@ -65,10 +65,14 @@ def test_ddp_training_step(fake_cuda, name, lookahead):
         for step in range(2):
             batch = _images(uint8_batch(), strategy.channels_last)
             frozen = whitening_biases(model) if step else ()  # airbench's stem bias, frozen on the 2nd step
-            train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums, frozen=frozen)
+            train_step(
+                strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums, frozen=frozen
+            )
             if ahead is not None:
                 ahead.after_step(model, step + 1)
-        assert_cuda(sums, *model.parameters(), *(s for st in opt.state.values() for s in st.values() if torch.is_tensor(s)))
+        assert_cuda(
+            sums, *model.parameters(), *(s for st in opt.state.values() for s in st.values() if torch.is_tensor(s))
+        )
 
 
 @pytest.mark.parametrize("variant", ["fixed", "bug1-logits-on-cpu"])
@@ -188,12 +192,18 @@ def test_structured_pruning_traces_and_scores_on_the_device(fake_cuda, variant):
             import torch_pruning as tp
 
             with pytest.raises(RuntimeError, match="device"):  # the conv's own check: weight cuda, input cpu
-                tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=IMPORTANCES.get("l1").group(),
-                                     pruning_ratio=0.3, ignored_layers=[classifier(model)])  # fmt: skip
+                tp.pruner.MetaPruner(
+                    model,
+                    torch.randn(1, 3, 32, 32),
+                    importance=IMPORTANCES.get("l1").group(),
+                    pruning_ratio=0.3,
+                    ignored_layers=[classifier(model)],
+                )
             return
         pruner = structured_pruner(model, 0.3, IMPORTANCES.get("l1"))
-        groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                               root_module_types=pruner.root_module_types))  # fmt: skip
+        groups = list(
+            pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
+        )
         assert len(groups) > 3
         for group in groups:
             scores = pruner.estimate_importance(group)
@@ -244,7 +254,9 @@ def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
     cfg = CompressConfig(bits=4, act_bits=8, calib_batches=1, finetune_epochs=2)
     teacher = build_model("resnet20", 10, 3, 0.25)
     teacher.spec = dict(teacher.spec)
-    student = apply_quantization(build_student(teacher, cfg), cfg, [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))])
+    student = apply_quantization(
+        build_student(teacher, cfg), cfg, [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))]
+    )
     opt = make_optimizer(student, 0.01)
     train_step(student, None, torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), opt, cfg)  # momentum exists
     payload = progress_payload(student, opt, cfg, epochs_done=1, step=1, lock=None)
@@ -255,7 +267,11 @@ def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
         model = model.to(CUDA)
         opt = make_optimizer(model, 0.01)
         opt.load_state_dict(state)
-        assert_cuda(*model.parameters(), *model.buffers(), *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()))
+        assert_cuda(
+            *model.parameters(),
+            *model.buffers(),
+            *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()),
+        )
         for x, y in _calib(2):
             assert_cuda(train_step(model, None, x, y, opt, cfg))
     assert (done, step) == (1, 1)
@@ -325,8 +341,9 @@ def test_pipeline_stage_forward_backward(fake_cuda, fake_process_group, schedule
     cut = stage_bounds(model, 2)[1]
     with torch.no_grad():
         boundary = list(model[:cut](torch.zeros(1, 3, 32, 32)).shape[1:])
-    strategy = PipelineStrategy(CUDA, channels_last=False, compile=False, amp=False, stages=2, microbatches=4,
-                                pipeline_schedule=schedule)  # fmt: skip
+    strategy = PipelineStrategy(
+        CUDA, channels_last=False, compile=False, amp=False, stages=2, microbatches=4, pipeline_schedule=schedule
+    )
     with fake_cuda:
         part = strategy.prepare(model).train()
         if stage == 1:
@@ -388,8 +405,11 @@ def test_a_search_trials_shared_arrays_feed_a_step_on_the_device(fake_cuda):
     from effray.data.arrays import epoch_batches
 
     rng = np.random.default_rng(0)
-    arrays = {"image": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
-              "label": rng.integers(0, 10, 20).astype(np.int64), "index": np.arange(20, dtype=np.int64)}  # fmt: skip
+    arrays = {
+        "image": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, 20).astype(np.int64),
+        "index": np.arange(20, dtype=np.int64),
+    }
     meta = {"num_classes": 10, "mean": MEAN, "std": STD}
     cfg = CompressConfig(bits=4, kd_alpha=0.5, calib_batches=2)
     teacher = build_model("convnet", 10, 3, 0.25)
@@ -470,14 +490,24 @@ def test_deployed_models_logits_stay_on_the_gpu(fake_cuda, numerics, student):
     from effray.compress.recipe import finish
     from effray.deploy.model import ModelInfo, device_logits
 
-    info = ModelInfo(classes=[str(c) for c in range(10)], image_shape=[32, 32, 3], mean=MEAN, std=STD,
-                     kind="artifact" if student else "checkpoint", source="-", numerics=numerics)  # fmt: skip
+    info = ModelInfo(
+        classes=[str(c) for c in range(10)],
+        image_shape=[32, 32, 3],
+        mean=MEAN,
+        std=STD,
+        kind="artifact" if student else "checkpoint",
+        source="-",
+        numerics=numerics,
+    )
     model = build_model("convnet", 10, 3, 0.5)
     with fake_cuda:
         model = model.to(CUDA)
         if student:
-            model = finish(model, CompressConfig(bits=4, act_bits=8, quant_mode="ptq", finetune_epochs=0, calib_batches=2),
-                           _calib())  # fmt: skip
+            model = finish(
+                model,
+                CompressConfig(bits=4, act_bits=8, quant_mode="ptq", finetune_epochs=0, calib_batches=2),
+                _calib(),
+            )
         model = model.eval()
         for tta in (0, 2):
             out = device_logits(model, uint8_batch(8)["image"], info, tta)
@@ -514,10 +544,12 @@ def test_cleaning_fold_models_train_on_the_gpu(fake_cuda, monkeypatch):
     monkeypatch.setattr(local, "build_model", lambda *args, **kwargs: built)
 
     rng = np.random.default_rng(0)
-    arrays = {"image": rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 10, 64),
-              "index": np.arange(64)}  # fmt: skip
+    arrays = {
+        "image": rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, 64),
+        "index": np.arange(64),
+    }
     meta = {"num_classes": 10, "image_shape": [32, 32, 3], "mean": MEAN, "std": STD}
     with fake_cuda:
         net = fit_arrays(arrays, meta, epochs=1, batch_size=32, device=CUDA)
         assert_cuda(*net.parameters(), *net.buffers())
-

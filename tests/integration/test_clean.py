@@ -73,7 +73,7 @@ def dirty(ray_session, cifar_parquet, tmp_path_factory):
         i = next(used)
         add(light_copy(images[i], KINDS[j % 4], rng), labels[i], "near_duplicate", images[i], KINDS[j % 4])
     for base, n in ((N_TRAIN, N_VAL), (N_TRAIN + N_VAL, N_REF)):
-        picks = rng.permutation(n)[:(12 if base == N_TRAIN else 8) * 2] + base
+        picks = rng.permutation(n)[: (12 if base == N_TRAIN else 8) * 2] + base
         half = len(picks) // 2
         for i in picks[:half]:
             add(images[i], labels[i], "leak_exact")
@@ -89,19 +89,48 @@ def dirty(ray_session, cifar_parquet, tmp_path_factory):
         truth["label"].add(("val", int(N_TRAIN + i)))
     n = len(train_y)
     data = root / "dirty"
-    write_dataset(data, {"train": arrays_table(np.stack(train_x), train_y, np.arange(n), "train"),
-                         "val": arrays_table(images[va], val_y, np.arange(N_TRAIN, N_TRAIN + N_VAL), "val")},
-                  classes, [32, 32, 3], {"source": "test:dirty", "source_checksum": "dirty0"})  # fmt: skip
+    write_dataset(
+        data,
+        {
+            "train": arrays_table(np.stack(train_x), train_y, np.arange(n), "train"),
+            "val": arrays_table(images[va], val_y, np.arange(N_TRAIN, N_TRAIN + N_VAL), "val"),
+        },
+        classes,
+        [32, 32, 3],
+        {"source": "test:dirty", "source_checksum": "dirty0"},
+    )
     reference = root / "reference"
-    write_dataset(reference, {"test": arrays_table(images[rf], labels[rf], np.arange(N_REF), "test")}, classes, [32, 32, 3])
+    write_dataset(
+        reference, {"test": arrays_table(images[rf], labels[rf], np.arange(N_REF), "test")}, classes, [32, 32, 3]
+    )
     return {"data": data, "reference": reference, "truth": truth, "root": root, "train_rows": n, "copy_kind": copy_kind}
 
 
 @pytest.fixture(scope="module")
 def cleaned(dirty):
     out = dirty["root"] / "out"
-    rc = main(["data", "clean", "--data", str(dirty["data"]), "--out", str(out), "--reference", str(dirty["reference"]),
-               "--folds", "2", "--epochs", "5", "--drop", "duplicates,leaks,labels", "--calibration", "200", "--max-fpr", "0.03"])  # fmt: skip
+    rc = main(
+        [
+            "data",
+            "clean",
+            "--data",
+            str(dirty["data"]),
+            "--out",
+            str(out),
+            "--reference",
+            str(dirty["reference"]),
+            "--folds",
+            "2",
+            "--epochs",
+            "5",
+            "--drop",
+            "duplicates,leaks,labels",
+            "--calibration",
+            "200",
+            "--max-fpr",
+            "0.03",
+        ]
+    )
     assert rc == 0
     removed = pq.read_table(out / "removed.parquet").to_pylist()
     return {"out": out, "removed": removed, "report": json.loads((out / "clean_report.json").read_text())}
@@ -133,7 +162,9 @@ def _check_near_recall(found: set, truth: set, copy_kind: dict, near: dict) -> f
 
 
 def _flagged(removed, reason, match=None):
-    return {(r["split"], r["index"]) for r in removed if r["reason"] == reason and (match is None or r["match"] == match)}
+    return {
+        (r["split"], r["index"]) for r in removed if r["reason"] == reason and (match is None or r["match"] == match)
+    }
 
 
 def test_exact_duplicates_and_leaks_are_found(dirty, cleaned):
@@ -151,8 +182,11 @@ def test_near_duplicates_and_near_leaks_are_found(dirty, cleaned):
     p, r = _pr(_flagged(removed, "near_duplicate"), truth["near_duplicate"])
     p2, r2 = _pr(_flagged(removed, "leak", "near"), truth["leak_near"])
     near = cleaned["report"]["near"]
-    print(f"near duplicates: precision {p:.2f} recall {r:.2f}; near leaks: precision {p2:.2f} recall {r2:.2f}; "
-          f"threshold {near['threshold']:.4f}, calibration recall {near['recall']:.3f}, real images above {near['real_images_above']:.3f}")
+    print(
+        f"near duplicates: precision {p:.2f} recall {r:.2f}; near leaks: precision {p2:.2f} recall {r2:.2f}; "
+        f"threshold {near['threshold']:.4f}, calibration recall {near['recall']:.3f}, real images above "
+        f"{near['real_images_above']:.3f}"
+    )
     assert p >= 0.8 and p2 >= 0.8, (p, p2)
     _check_near_recall(_flagged(removed, "near_duplicate"), truth["near_duplicate"], dirty["copy_kind"], near)
     _check_near_recall(_flagged(removed, "leak", "near"), truth["leak_near"], dirty["copy_kind"], near)
@@ -178,7 +212,11 @@ def test_drop_writes_a_loadable_cleaned_dataset(dirty, cleaned):
     meta = load_meta(data)
     gone = {(r["split"], r["index"]) for r in cleaned["removed"] if r["dropped"]}
     train = load_arrays(data, "train")
-    assert meta["counts"]["train"] == len(train["label"]) == dirty["train_rows"] - len({g for g in gone if g[0] == "train"})
+    assert (
+        meta["counts"]["train"]
+        == len(train["label"])
+        == dirty["train_rows"] - len({g for g in gone if g[0] == "train"})
+    )
     assert not ({("train", int(i)) for i in train["index"]} & gone)
     assert sum(meta["counts_per_class"]["train"]) == meta["counts"]["train"]
     x = train["image"].astype(np.float64) / 255
@@ -193,8 +231,25 @@ def test_a_given_checkpoint_embeds_without_training_anything(dirty, teacher, cap
     """``--checkpoint``: the given classifier embeds every image (no Tune trial trains one),
     and near copies and near leaks are still found."""
     out = dirty["root"] / "with-checkpoint"
-    rc = main(["data", "clean", "--data", str(dirty["data"]), "--out", str(out), "--reference", str(dirty["reference"]),
-               "--checkpoint", str(teacher), "--no-labels", "--calibration", "200", "--max-fpr", "0.03"])  # fmt: skip
+    rc = main(
+        [
+            "data",
+            "clean",
+            "--data",
+            str(dirty["data"]),
+            "--out",
+            str(out),
+            "--reference",
+            str(dirty["reference"]),
+            "--checkpoint",
+            str(teacher),
+            "--no-labels",
+            "--calibration",
+            "200",
+            "--max-fpr",
+            "0.03",
+        ]
+    )
     assert rc == 0
     assert "Tune trials" not in capsys.readouterr().out  # nothing trained
     report = json.loads((out / "clean_report.json").read_text())
@@ -219,13 +274,16 @@ def test_report_files(cleaned):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]  # no temporary left
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "{root}", "--out", "{root}/o1"], "is not a prepared dataset"),
-    (["--data", "{data}", "--out", "{root}/o2", "--folds", "1"], "--folds must be >= 2"),
-    (["--data", "{data}", "--out", "{root}/o3", "--drop", "duplicates,typos"], "unknown --drop reason typos"),
-    (["--data", "{data}", "--out", "{data}"], "already exists; pass --overwrite"),
-    (["--data", "{data}", "--out", "{root}/o4", "--checkpoint", "{ckpt}"], "is for 5 classes"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "{root}", "--out", "{root}/o1"], "is not a prepared dataset"),
+        (["--data", "{data}", "--out", "{root}/o2", "--folds", "1"], "--folds must be >= 2"),
+        (["--data", "{data}", "--out", "{root}/o3", "--drop", "duplicates,typos"], "unknown --drop reason typos"),
+        (["--data", "{data}", "--out", "{data}"], "already exists; pass --overwrite"),
+        (["--data", "{data}", "--out", "{root}/o4", "--checkpoint", "{ckpt}"], "is for 5 classes"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(dirty, args, message, capsys):
     import torch
 
@@ -235,7 +293,13 @@ def test_bad_input_is_one_line_and_writes_nothing(dirty, args, message, capsys):
 
     root, ckpt = dirty["root"], dirty["root"] / "ckpt5"
     if not ckpt.exists():
-        meta5 = {"classes": list("abcde"), "num_classes": 5, "image_shape": [32, 32, 3], "mean": [0.5] * 3, "std": [0.25] * 3}
+        meta5 = {
+            "classes": list("abcde"),
+            "num_classes": 5,
+            "image_shape": [32, 32, 3],
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        }
         torch.manual_seed(0)
         save_payload(ckpt, fitted_payload(build_model("convnet", 5, 3, 0.5), meta5, 0))
     before = sorted(p.name for p in root.iterdir())

@@ -47,7 +47,9 @@ def _client_env(**extra: str) -> dict[str, str]:
     Ray started earlier in this process (the session's, a multi-node test's) leaves
     ``RAY_API_SERVER_ADDRESS`` naming its own dashboard, and a job client or head given it
     talks to that instance (auth fails: "Invalid authentication token")."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "RAY_API_SERVER_ADDRESS"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "RAY_API_SERVER_ADDRESS"))
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
 
@@ -65,20 +67,36 @@ class Cluster:
         return _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path), **extra)
 
     def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=env or self.env(), capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            [str(BIN / "ray"), *args], cwd=ROOT, env=env or self.env(), capture_output=True, text=True, timeout=timeout
+        )
 
-    def submit(self, *entrypoint: str, job_id: str, wait: bool = True, runtime_env_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    def submit(
+        self, *entrypoint: str, job_id: str, wait: bool = True, runtime_env_args: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
         renv = runtime_env_args or ("--runtime-env", RUNTIME_ENV)
-        return self.ray("job", "submit", "--address", self.address, "--submission-id", job_id, *renv,
-                        "--working-dir", ".", *(() if wait else ("--no-wait",)), "--", *entrypoint,
-                        timeout=300)  # fmt: skip
+        return self.ray(
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--submission-id",
+            job_id,
+            *renv,
+            "--working-dir",
+            ".",
+            *(() if wait else ("--no-wait",)),
+            "--",
+            *entrypoint,
+            timeout=300,
+        )
 
     def status(self, job_id: str) -> str:
         """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED, from the job REST API (the CLI's
         `ray job status` prints prose)."""
-        req = urllib.request.Request(f"{self.address}/api/jobs/{job_id}",
-                                     headers={"Authorization": f"Bearer {self.token_path.read_text()}"})  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.address}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {self.token_path.read_text()}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["status"]
 
@@ -152,22 +170,39 @@ def cluster():
     marker = uuid.uuid4().hex
     port, dash = _free_port(), _free_port()
     env = _client_env(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
         # Ray swaps 127.0.0.1 for the host's routable IP unless this is 0; with it, GCS, raylet
         # and object manager stay on loopback too (and no other node can join, as wanted here).
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         **{MARKER: marker},
-    )  # fmt: skip
+    )
     log = open(temp_dir / "head.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
-        cwd=temp_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        cwd=temp_dir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         preexec_fn=_plain_signals,
-    )  # fmt: skip
+    )
     c = Cluster(f"http://127.0.0.1:{dash}", token_path, temp_dir, marker, head)
     try:
         deadline = time.monotonic() + 90
@@ -238,12 +273,32 @@ def test_cluster_listens_on_loopback_only_and_requires_the_token(cluster):
 
 def test_submission_without_the_token_is_refused(cluster):
     no_token = _client_env()  # RAY_AUTH_MODE unset: the client sends no token
-    refused = cluster.ray("job", "submit", "--address", cluster.address, "--submission-id", "no-token",
-                          "--", "echo", "pwned", env=no_token)  # fmt: skip
+    refused = cluster.ray(
+        "job",
+        "submit",
+        "--address",
+        cluster.address,
+        "--submission-id",
+        "no-token",
+        "--",
+        "echo",
+        "pwned",
+        env=no_token,
+    )
     assert refused.returncode != 0
     assert "Unauthorized: Missing authentication token" in refused.stderr
-    wrong = cluster.ray("job", "submit", "--address", cluster.address, "--submission-id", "wrong-token",
-                        "--", "echo", "pwned", env=_client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 64))  # fmt: skip
+    wrong = cluster.ray(
+        "job",
+        "submit",
+        "--address",
+        cluster.address,
+        "--submission-id",
+        "wrong-token",
+        "--",
+        "echo",
+        "pwned",
+        env=_client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 64),
+    )
     assert wrong.returncode != 0 and "Forbidden: Invalid authentication token" in wrong.stderr
     listed = cluster.ray("job", "list", "--address", cluster.address)
     assert listed.returncode == 0 and "no-token" not in listed.stdout and "wrong-token" not in listed.stdout
@@ -254,8 +309,17 @@ def job_prepared(cluster, cifar_parquet, tmp_path_factory):
     """600 real CIFAR-10 rows prepared by a `jobs/prepare_data.py` job (the train job below
     trains on them): its result and output dir."""
     out = tmp_path_factory.mktemp("job-data") / "tiny-cifar"
-    done = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{cifar_parquet}", "--limit", "600",
-                          "--out", str(out), job_id="prepare-ok")  # fmt: skip
+    done = cluster.submit(
+        "python",
+        "jobs/prepare_data.py",
+        "--source",
+        f"parquet:{cifar_parquet}",
+        "--limit",
+        "600",
+        "--out",
+        str(out),
+        job_id="prepare-ok",
+    )
     return done, out
 
 
@@ -274,7 +338,9 @@ def test_secret_from_the_submitting_shell_reaches_the_job(cluster):
     key = secrets.token_hex(8)
     renv = json.dumps(runtime_env(ROOT / RUNTIME_ENV, {"WANDB_API_KEY": key}))
     probe = "import os, sys; print('key ok' if os.environ['WANDB_API_KEY'] == sys.argv[1] else 'key wrong')"
-    done = cluster.submit("python", "-c", probe, key, job_id="secret-env", runtime_env_args=("--runtime-env-json", renv))
+    done = cluster.submit(
+        "python", "-c", probe, key, job_id="secret-env", runtime_env_args=("--runtime-env-json", renv)
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "key ok" in cluster.logs("secret-env")
 
@@ -282,8 +348,9 @@ def test_secret_from_the_submitting_shell_reaches_the_job(cluster):
 def test_relative_output_path_fails_the_job_before_anything_is_written(cluster):
     """Bad input in a job: the job FAILED, with effray's one-line error in its logs. (Each
     flag's own check is tested in-process, e.g. test_prepare.py's --val-fraction.)"""
-    done = cluster.submit("python", "jobs/prepare_data.py", "--source", "synthetic:50", "--out", "rel/data",
-                          job_id="relative-out")  # fmt: skip
+    done = cluster.submit(
+        "python", "jobs/prepare_data.py", "--source", "synthetic:50", "--out", "rel/data", job_id="relative-out"
+    )
     assert done.returncode != 0
     assert cluster.wait_for("relative-out") == "FAILED"
     errors = [line for line in cluster.logs("relative-out").splitlines() if line.startswith("effray: error:")]
@@ -301,15 +368,25 @@ def test_stopped_job_is_stopped_and_leaves_no_output(cluster, cifar_parquet, tmp
     source = tmp_path / "cifar10x4.parquet"
     pq.write_table(pa.concat_tables([table] * 4), source)
     out = tmp_path / "cifar10"
-    started = cluster.submit("python", "jobs/prepare_data.py", "--source", f"parquet:{source}",
-                             "--out", str(out), job_id="long-prepare", wait=False)  # fmt: skip
+    started = cluster.submit(
+        "python",
+        "jobs/prepare_data.py",
+        "--source",
+        f"parquet:{source}",
+        "--out",
+        str(out),
+        job_id="long-prepare",
+        wait=False,
+    )
     assert started.returncode == 0, started.stderr[-3000:]
     # stop it mid-write, once its temporary directory exists: poll the file system and stop
     # through the REST API, because a `ray job` CLI call costs seconds on a loaded machine
     # and the whole decode-and-write takes only a few
     deadline = time.monotonic() + 90
     while not list(tmp_path.glob(".cifar10.tmp-*")):
-        assert time.monotonic() < deadline, "the prepare job never started writing: " + cluster.logs("long-prepare")[-3000:]
+        assert time.monotonic() < deadline, (
+            "the prepare job never started writing: " + cluster.logs("long-prepare")[-3000:]
+        )
         time.sleep(0.02)
     token = cluster.token_path.read_text()
     assert _http(f"{cluster.address}/api/jobs/long-prepare/stop", token=token, data=b"{}") == 200
@@ -328,9 +405,26 @@ def test_train_job_writes_a_checkpoint_and_prints_its_metrics(cluster, job_prepa
 
     (prepared, data), storage = job_prepared, tmp_path / "runs"
     assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
-    done = cluster.submit("python", "jobs/train.py", "--data", str(data), "--model", "convnet", "--epochs", "1",
-                          "--width", "0.25", "--workers", "1", "--storage", str(storage), "--name", "tiny", "--no-wandb",
-                          job_id="train-tiny")  # fmt: skip
+    done = cluster.submit(
+        "python",
+        "jobs/train.py",
+        "--data",
+        str(data),
+        "--model",
+        "convnet",
+        "--epochs",
+        "1",
+        "--width",
+        "0.25",
+        "--workers",
+        "1",
+        "--storage",
+        str(storage),
+        "--name",
+        "tiny",
+        "--no-wandb",
+        job_id="train-tiny",
+    )
     logs = cluster.logs("train-tiny")
     assert done.returncode == 0 and cluster.status("train-tiny") == "SUCCEEDED", logs[-3000:]
     result = _last_json(logs)

@@ -24,14 +24,28 @@ def five_class_teacher(tiny_cifar, tmp_path_factory) -> Path:
     meta = load_meta(tiny_cifar)
     model = build_model("convnet", 5, 3, 0.25)
     out = tmp_path_factory.mktemp("teacher5")
-    save_payload(out, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
-                                    epoch=0, config={}, data=data_summary(meta), history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
+    save_payload(
+        out,
+        train_payload(
+            model_state=model.state_dict(),
+            model_spec=model.spec,
+            optimizer={},
+            scheduler={},
+            epoch=0,
+            config={},
+            data=data_summary(meta),
+            history=[],
+            provenance={},
+            elapsed_s=0.0,
+        ),
+    )
     return out
 
 
 @pytest.mark.parametrize("case", ["prune-rate", "bits", "temperature", "teacher", "classes", "existing-out"])
-def test_bad_input_is_one_line_exit_2_nothing_written(ray_session, tiny_cifar, teacher, five_class_teacher, tmp_path,
-                                                      capsys, case):  # fmt: skip
+def test_bad_input_is_one_line_exit_2_nothing_written(
+    ray_session, tiny_cifar, teacher, five_class_teacher, tmp_path, capsys, case
+):
     out = tmp_path / "out"
     extra: list[str] = []
     ckpt = str(teacher)
@@ -52,8 +66,22 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ray_session, tiny_cifar, t
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    code = main(["compress", "--teacher", ckpt, "--data", str(tiny_cifar), "--out", str(out),
-                 "--workers", "2", "--cpus-per-worker", "0.5", *extra])  # fmt: skip
+    code = main(
+        [
+            "compress",
+            "--teacher",
+            ckpt,
+            "--data",
+            str(tiny_cifar),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--cpus-per-worker",
+            "0.5",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("effray: error:"), err

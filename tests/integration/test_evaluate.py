@@ -16,12 +16,31 @@ from effray.evaluate import load_checkpoint, score
 
 
 def test_corruption_accuracy_on_ray_data_matches_the_corruptions_in_process(ray_session, tiny_cifar, teacher, tmp_path):
-    args = ["evaluate", "--checkpoint", str(teacher), "--data", str(tiny_cifar), "--corruptions", "gaussian_noise,contrast",
-            "--severities", "1,5", "--corruption-seed", "3", "--batch-size", "32", "--out", str(tmp_path / "eval")]  # fmt: skip
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(teacher),
+        "--data",
+        str(tiny_cifar),
+        "--corruptions",
+        "gaussian_noise,contrast",
+        "--severities",
+        "1,5",
+        "--corruption-seed",
+        "3",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     rc, res, err = cli(*args)
     assert rc == 0, err
     rob = res["robustness"]
-    assert rob["images"] == 60 and rob["severities"] == [1, 5] and set(rob["corruption_accuracy"]) == {"gaussian_noise", "contrast"}
+    assert (
+        rob["images"] == 60
+        and rob["severities"] == [1, 5]
+        and set(rob["corruption_accuracy"]) == {"gaussian_noise", "contrast"}
+    )
     table = [a for per in rob["corruption_accuracy"].values() for a in per.values()]
     assert res["mean_corruption_accuracy"] == pytest.approx(np.mean(table))
     assert rob["clean_accuracy"] == res["accuracy"]
@@ -32,15 +51,28 @@ def test_corruption_accuracy_on_ray_data_matches_the_corruptions_in_process(ray_
     for name in ("gaussian_noise", "contrast"):
         for s in (1, 5):
             images = corrupt(val["image"], name, s, seed=3, rows=val["index"])
-            want = score(model, [(images, val["label"])], meta["mean"], meta["std"], 10, 32, numerics=payload.get("numerics"))
+            want = score(
+                model, [(images, val["label"])], meta["mean"], meta["std"], 10, 32, numerics=payload.get("numerics")
+            )
             assert rob["corruption_accuracy"][name][str(s)] == pytest.approx(want["accuracy"], abs=1e-9), (name, s)
 
 
 def test_bad_corruption_flags_fail_in_one_line(tiny_cifar, teacher, cifar_parquet, tmp_path):
-    for extra, message in [(["--corruptions", "fog"], "unknown corruption 'fog'"),
-                           (["--corruptions", "contrast", "--severities", "0,6"], "--severities must be"),
-                           (["--corruptions", "all", "--data", str(cifar_parquet)], "needs a prepared dataset")]:  # fmt: skip
-        args = ["evaluate", "--checkpoint", str(teacher), "--data", str(tiny_cifar), "--out", str(tmp_path / "x"), *extra]
+    for extra, message in [
+        (["--corruptions", "fog"], "unknown corruption 'fog'"),
+        (["--corruptions", "contrast", "--severities", "0,6"], "--severities must be"),
+        (["--corruptions", "all", "--data", str(cifar_parquet)], "needs a prepared dataset"),
+    ]:
+        args = [
+            "evaluate",
+            "--checkpoint",
+            str(teacher),
+            "--data",
+            str(tiny_cifar),
+            "--out",
+            str(tmp_path / "x"),
+            *extra,
+        ]
         rc, res, err = cli(*args)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x").exists()

@@ -37,8 +37,18 @@ def _compress(tiny_cifar: Path, teacher: Path, out: Path, cfg: CompressConfig) -
     train = lambda epoch: epoch_batches(arrays, meta, 64, policy="flip", seed=0, epoch=epoch, device="cpu")  # noqa: E731
     calib = eval_batches(arrays, meta, 128)[:2]
     evals = eval_batches(load_arrays(tiny_cifar, "val"), meta, 128)
-    compress_local(model, validated(cfg), train, calib, evals, out, teacher_info={"path": str(recorded)},
-                   data=data_summary(meta), teacher_metrics={}, log=lambda line: None)  # fmt: skip
+    compress_local(
+        model,
+        validated(cfg),
+        train,
+        calib,
+        evals,
+        out,
+        teacher_info={"path": str(recorded)},
+        data=data_summary(meta),
+        teacher_metrics={},
+        log=lambda line: None,
+    )
     return out
 
 
@@ -47,8 +57,9 @@ def artifact(tiny_cifar, teacher, tmp_path_factory) -> Path:
     """Half the weights pruned, 4-bit QAT weights (first/last layers 8), float activations:
     the exported float graph is then the artifact's own arithmetic (8-bit activation
     quantizers, which it drops, flip near-tied images of this tiny model now and then)."""
-    cfg = CompressConfig(prune_rate=0.5, bits=4, act_bits=32, finetune_epochs=1, finetune_lr=0.01, calib_batches=2,
-                         int8=False)  # fmt: skip
+    cfg = CompressConfig(
+        prune_rate=0.5, bits=4, act_bits=32, finetune_epochs=1, finetune_lr=0.01, calib_batches=2, int8=False
+    )
     return _compress(tiny_cifar, teacher, tmp_path_factory.mktemp("export") / "artifact", cfg)
 
 
@@ -60,8 +71,22 @@ def test_every_format_is_written_checked_and_opens_like_the_artifact(artifact, t
     """Parity runs on the 540 training rows: the tiny teacher is near chance on its 60
     held-out rows (27 %), where top-2 logits tie and int8 noise alone flips 2 of 60."""
     out = tmp_path / "deploy"
-    rc, summary, err = cli("export", "--artifact", str(artifact), "--format", "all", "--int8", "--out", str(out),
-                           "--split", "train", "--batch-size", "64", "--calib-batches", "4")  # fmt: skip
+    rc, summary, err = cli(
+        "export",
+        "--artifact",
+        str(artifact),
+        "--format",
+        "all",
+        "--int8",
+        "--out",
+        str(out),
+        "--split",
+        "train",
+        "--batch-size",
+        "64",
+        "--calib-batches",
+        "4",
+    )
     assert rc == 0, err
     assert "W1" not in err and "Warning" not in err, err  # torch's and torchao's chatter stays off the terminal
     kinds = ["torch", "torch-int8", "onnx", "onnx-int8"]
@@ -115,18 +140,52 @@ def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
     behind, the files written before it included."""
     cfg = CompressConfig(bits=4, act_bits=2, quant_mode="ptq", finetune_epochs=0, calib_batches=2, int8=False)
     art = _compress(tiny_cifar, teacher, tmp_path / "art2", cfg)
-    with pytest.raises(EffrayError, match=r"model.int8.onnx failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"):
-        export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "deploy"), format="onnx",
-                                      int8=True, min_int8_agreement=0.999, calib_batches=1)))
+    with pytest.raises(
+        EffrayError, match=r"model.int8.onnx failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"
+    ):
+        export(
+            validated(
+                ExportConfig(
+                    artifact=str(art),
+                    data=str(tiny_cifar),
+                    out=str(tmp_path / "deploy"),
+                    format="onnx",
+                    int8=True,
+                    min_int8_agreement=0.999,
+                    calib_batches=1,
+                )
+            )
+        )
     assert not (tmp_path / "deploy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]
-    exact = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "fp32"), int8=True,
-                                          min_int8_agreement=1.0, calib_batches=1)))
+    exact = export(
+        validated(
+            ExportConfig(
+                artifact=str(art),
+                data=str(tiny_cifar),
+                out=str(tmp_path / "fp32"),
+                int8=True,
+                min_int8_agreement=1.0,
+                calib_batches=1,
+            )
+        )
+    )
     assert exact["parity"]["torch-int8"]["agreement"] == 1.0
     assert exact["parity"]["torch"]["agreement"] == 1.0 and exact["parity"]["torch"]["max_abs_logit_diff"] < 1e-4
     # every layer int8 at full range, as written on a VNNI CPU: where the CPU has no VNNI the
     # loader runs it unlowered instead of overflowing oneDNN's int16 pair sums
-    full = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / "full"), int8=True,
-                                         int8_reduce_range="off", min_int8_agreement=1.0, calib_batches=1)))
+    full = export(
+        validated(
+            ExportConfig(
+                artifact=str(art),
+                data=str(tiny_cifar),
+                out=str(tmp_path / "full"),
+                int8=True,
+                int8_reduce_range="off",
+                min_int8_agreement=1.0,
+                calib_batches=1,
+            )
+        )
+    )
     assert full["int8"]["reduce_range"] is False and full["parity"]["torch-int8"]["agreement"] == 1.0
 
 
@@ -140,8 +199,20 @@ def test_onnx_int8_runs_a_students_grids_on_int8_kernels(tiny_cifar, teacher, tm
     cfg = CompressConfig(bits=4, act_bits=8, quant_mode="ptq", finetune_epochs=0, calib_batches=2, int8=False)
     art = _compress(tiny_cifar, teacher, tmp_path / "art8", cfg)
     out = tmp_path / "deploy"
-    summary = export(validated(ExportConfig(artifact=str(art), data=str(tiny_cifar), out=str(out), format="onnx",
-                                            split="train", int8=True, min_int8_agreement=0.995, calib_batches=1)))
+    summary = export(
+        validated(
+            ExportConfig(
+                artifact=str(art),
+                data=str(tiny_cifar),
+                out=str(out),
+                format="onnx",
+                split="train",
+                int8=True,
+                min_int8_agreement=0.995,
+                calib_batches=1,
+            )
+        )
+    )
     p = summary["parity"]["onnx-int8"]
     assert p["agreement"] >= 0.995 and p["max_abs_logit_diff"] < 0.1, p  # logits span ~20; ORT rounds the bias to int32
     options = ort.SessionOptions()
@@ -165,9 +236,13 @@ def test_effray_runs_export_stage_exports_the_front_and_resumes(artifact, tiny_c
     junk.parent.mkdir()
     junk.write_bytes(b"not a checkpoint")
     results = tmp_path / "results.parquet"
-    pd.DataFrame({"trial_id": ["pick", "front", "off", "broken"],
-                  "artifact": [str(artifact), str(artifact), str(artifact), str(junk)],
-                  "pareto_bytes": [True, True, False, True]}).to_parquet(results)  # fmt: skip
+    pd.DataFrame(
+        {
+            "trial_id": ["pick", "front", "off", "broken"],
+            "artifact": [str(artifact), str(artifact), str(artifact), str(junk)],
+            "pareto_bytes": [True, True, False, True],
+        }
+    ).to_parquet(results)
     out = tmp_path / "export"
     done = export_front(results, "pick", out, tiny_cifar)
     assert sorted(done) == ["broken", "front", "pick"]
@@ -178,8 +253,10 @@ def test_effray_runs_export_stage_exports_the_front_and_resumes(artifact, tiny_c
         assert sidecar["exported_from"] == str(artifact.resolve()) and {"torch", "onnx"} <= set(sidecar["files"])
         assert not done[tid]["error"]
     pick = json.loads((out / "pick" / SIDECAR).read_text())
-    assert done["pick"]["int8"] == ("onnx-int8" in pick["files"]) and "onnx-int8" not in json.loads(
-        (out / "front" / SIDECAR).read_text())["files"]  # fmt: skip
+    assert (
+        done["pick"]["int8"] == ("onnx-int8" in pick["files"])
+        and "onnx-int8" not in json.loads((out / "front" / SIDECAR).read_text())["files"]
+    )
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*")}
     again = export_front(results, "pick", out, tiny_cifar)
     assert again == done  # the same outcome, an int8 file that failed its check included

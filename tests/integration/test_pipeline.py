@@ -68,7 +68,9 @@ def test_the_decoded_split_is_cached_and_only_random_ops_rerun(tiny_cifar):
     clock = "cache-test"
     try:
         ds = train_dataset(DataConfig(data=str(tiny_cifar), augment="crop(4)|flip", seed=3), clock=clock)
-        plain = train_dataset(DataConfig(data=str(tiny_cifar), augment="crop(4)|flip", seed=3, cache_decoded=False), clock=clock)
+        plain = train_dataset(
+            DataConfig(data=str(tiny_cifar), augment="crop(4)|flip", seed=3, cache_decoded=False), clock=clock
+        )
         a0, a1, p0 = _epoch(ds, meta, clock, 0), _epoch(ds, meta, clock, 1), _epoch(plain, meta, clock, 0)
     finally:
         kill_clock(clock)
@@ -94,7 +96,9 @@ def test_eval_dataset_is_deterministic_and_complete(tiny_cifar):
 
 
 def test_unknown_policy_fails_before_streaming(tiny_cifar, capsys, tmp_path):
-    code = main(["data", "preview", "--data", str(tiny_cifar), "--augment", "crop(4)|twirl", "--grid", str(tmp_path / "g.png")])
+    code = main(
+        ["data", "preview", "--data", str(tiny_cifar), "--augment", "crop(4)|twirl", "--grid", str(tmp_path / "g.png")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "twirl" in err and "flip" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "g.png").exists()
@@ -102,7 +106,25 @@ def test_unknown_policy_fails_before_streaming(tiny_cifar, capsys, tmp_path):
 
 def test_preview_command_writes_grid(tiny_cifar, tmp_path, capsys):
     grid = tmp_path / "grid.png"
-    assert main(["data", "preview", "--data", str(tiny_cifar), "--augment", "strong", "--epochs", "1", "--grid", str(grid), "--grid-rows", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "preview",
+                "--data",
+                str(tiny_cifar),
+                "--augment",
+                "strong",
+                "--epochs",
+                "1",
+                "--grid",
+                str(grid),
+                "--grid-rows",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"images_per_s"' in out
     img = np.asarray(Image.open(grid))
@@ -165,7 +187,9 @@ def test_datasets_carry_effray_block_size_and_a_bounded_stream_buffer(tiny_cifar
         assert options.resource_limits.object_store_memory == 64 * mib and options.preserve_order
     # a tighter limit someone set on the driver's context wins
     ctx = DataContext.get_current()
-    monkeypatch.setattr(ctx.execution_options, "resource_limits", ExecutionResources.for_limits(object_store_memory=32 * mib))
+    monkeypatch.setattr(
+        ctx.execution_options, "resource_limits", ExecutionResources.for_limits(object_store_memory=32 * mib)
+    )
     tight = train_dataset(DataConfig(data=str(tiny_cifar), augment="flip"), clock="")
     assert tight.context.execution_options.resource_limits.object_store_memory == 32 * mib
     monkeypatch.undo()
@@ -238,8 +262,13 @@ def test_exact_shuffle_deals_each_row_once_per_epoch_over_1_2_3_ranks(tiny_cifar
     seen = {}
     for world in (1, 3):
         shares = [stream(4, r, world, flip_only) for r in range(world)]
-        seen[world] = dict(zip(np.concatenate([s["index"] for s in shares]).tolist(),
-                               np.concatenate([s["image"] for s in shares]), strict=True))
+        seen[world] = dict(
+            zip(
+                np.concatenate([s["index"] for s in shares]).tolist(),
+                np.concatenate([s["image"] for s in shares]),
+                strict=True,
+            )
+        )
     assert all(np.array_equal(seen[1][i], seen[3][i]) for i in seen[1])
 
     again = stream(1, 1, 2)

@@ -79,9 +79,17 @@ def _worker(rank: int, world: int, port: int, stages: int, microbatches: int, sc
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        strategy = PipelineStrategy(torch.device("cpu"), channels_last=False, compile=False, amp=False,
-                                    stages=stages, microbatches=microbatches, pipeline_schedule=schedule,
-                                    split_by=split_by, microbatch_size=BATCH // microbatches)  # fmt: skip
+        strategy = PipelineStrategy(
+            torch.device("cpu"),
+            channels_last=False,
+            compile=False,
+            amp=False,
+            stages=stages,
+            microbatches=microbatches,
+            pipeline_schedule=schedule,
+            split_by=split_by,
+            microbatch_size=BATCH // microbatches,
+        )
         model = strategy.prepare(build_model(MODEL, CLASSES))
         opt = _optimizer(model)
         losses = []
@@ -118,7 +126,10 @@ def _run(world: int, stages: int, microbatches: int, schedule: str, split_by: st
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, stages, microbatches, schedule, split_by, q)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, stages, microbatches, schedule, split_by, q))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     got = [torch.load(io.BytesIO(q.get(timeout=240)), weights_only=True) for _ in range(2)]
@@ -131,14 +142,23 @@ def _run(world: int, stages: int, microbatches: int, schedule: str, split_by: st
 
 
 @pytest.mark.without_ray  # torch.multiprocessing + gloo, no Ray: runs beside the Ray group
-@pytest.mark.parametrize("world, stages, microbatches, schedule, split_by", [
-    (2, 2, 4, "gpipe", "params"),
-    (2, 2, 2, "1f1b", "time"),  # rank 0 measures the split and broadcasts it: every rank cuts alike
-    pytest.param(4, 2, 2, "1f1b", "params", marks=pytest.mark.slow),  # S=2 x D=2: grads averaged per stage's DP group
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "world, stages, microbatches, schedule, split_by",
+    [
+        (2, 2, 4, "gpipe", "params"),
+        (2, 2, 2, "1f1b", "time"),  # rank 0 measures the split and broadcasts it: every rank cuts alike
+        pytest.param(
+            4, 2, 2, "1f1b", "params", marks=pytest.mark.slow
+        ),  # S=2 x D=2: grads averaged per stage's DP group
+    ],
+)
 def test_pipeline_matches_single_process(world, stages, microbatches, schedule, split_by):
     got, last = _run(world, stages, microbatches, schedule, split_by)
-    assert got["bounds"] == last["bounds"] and got["bounds"][0] == 0 and got["bounds"][-1] == len(build_model(MODEL, CLASSES))
+    assert (
+        got["bounds"] == last["bounds"]
+        and got["bounds"][0] == 0
+        and got["bounds"][-1] == len(build_model(MODEL, CLASSES))
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same kernels, the same summation order
     try:
@@ -167,7 +187,9 @@ def test_pipeline_matches_single_process(world, stages, microbatches, schedule, 
     assert [g["lr"] for g in got["opt"]["param_groups"]] == [g["lr"] for g in ref["opt"]["param_groups"]]
     assert len(ref["opt"]["param_groups"]) == 3
     for i, s in ref["opt"]["state"].items():
-        torch.testing.assert_close(got["opt"]["state"][i]["momentum_buffer"], s["momentum_buffer"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            got["opt"]["state"][i]["momentum_buffer"], s["momentum_buffer"], rtol=1e-4, atol=1e-6
+        )
 
 
 class _Burn(torch.nn.Module):
@@ -188,8 +210,9 @@ def test_split_by_measured_time_sees_cost_that_parameter_counts_miss():
     from effray.train.pipeline import block_costs
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)) for _ in range(3)],
-                                _Burn())  # fmt: skip
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)) for _ in range(3)], _Burn()
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sample = torch.randn(32, 64)
     assert stage_bounds(model, 2) == [0, 2, 4]  # by parameters: the free block looks free
@@ -217,19 +240,41 @@ def test_split_is_balanced_and_explicit_points_are_checked():
         stage_bounds(build_model("convnet", 10), 2, "0")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--stages", "4", "--workers", "4", "--microbatches", "4"], "more than model convnet's 3 blocks"),
-    (["--stages", "2", "--microbatches", "1"], "--microbatches 1 must be >= --stages 2"),
-    (["--workers", "3", "--batch-size", "48"], "--workers 3 must be a multiple of --stages 2"),
-    (["--stages", "1"], "--stages must be >= 2"),
-    (["--split-points", "1,2"], "--split-points 1,2 must be 1 increasing block indices"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stages", "4", "--workers", "4", "--microbatches", "4"], "more than model convnet's 3 blocks"),
+        (["--stages", "2", "--microbatches", "1"], "--microbatches 1 must be >= --stages 2"),
+        (["--workers", "3", "--batch-size", "48"], "--workers 3 must be a multiple of --stages 2"),
+        (["--stages", "1"], "--stages must be >= 2"),
+        (["--split-points", "1,2"], "--split-points 1,2 must be 1 increasing block indices"),
+    ],
+)
 def test_bad_pipeline_requests_are_one_line(capsys, tiny_cifar, tmp_path, extra, message):
     from effray.cli import main
 
     storage = tmp_path / "runs"
-    rc = main(["train", "--data", str(tiny_cifar), "--model", "convnet", "--parallel", "pipeline", "--workers", "2",
-               "--batch-size", "32", "--epochs", "1", "--no-wandb", "--storage", str(storage), *extra])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(tiny_cifar),
+            "--model",
+            "convnet",
+            "--parallel",
+            "pipeline",
+            "--workers",
+            "2",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--no-wandb",
+            "--storage",
+            str(storage),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("effray: error: ") and "\n" not in err, err
     assert message in err
@@ -242,12 +287,44 @@ def test_pipeline_x_data_parallel_fit_on_ray_trains_checkpoints_and_restarts(ray
     from effray.train.checkpoint import load_checkpoint
     from effray.train.loop import FAILURE_MARKER
 
-    args = ["train", "--data", str(tiny_cifar), "--model", "convnet", "--parallel", "pipeline", "--stages", "2",
-            "--microbatches", "2", "--pipeline-schedule", "1f1b", "--workers", "4", "--cpus-per-worker", "0.25",
-            "--data-cpus", "0.5", "--batch-size", "64", "--lr", "0.05", "--augment", "none", "--no-wandb",
-            "--storage", str(tmp_path / "runs"), "--name", "pp", "--split-by", "time"]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(tiny_cifar),
+        "--model",
+        "convnet",
+        "--parallel",
+        "pipeline",
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--pipeline-schedule",
+        "1f1b",
+        "--workers",
+        "4",
+        "--cpus-per-worker",
+        "0.25",
+        "--data-cpus",
+        "0.5",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--augment",
+        "none",
+        "--no-wandb",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "pp",
+        "--split-by",
+        "time",
+    ]
     # worker rank 1 (stage 1 of pipeline 0) dies in epoch 2: the whole group restarts from epoch 1
-    assert main([*args, "--epochs", "2", "--max-failures", "1", "--inject-failure-at-epoch", "2"]) == 0, capsys.readouterr().err
+    assert main([*args, "--epochs", "2", "--max-failures", "1", "--inject-failure-at-epoch", "2"]) == 0, (
+        capsys.readouterr().err
+    )
     first = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
     assert first["epoch"] == 2 and first["val_count"] == 60
     assert (tmp_path / "runs" / "pp" / FAILURE_MARKER).is_file()

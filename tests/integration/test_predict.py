@@ -32,8 +32,21 @@ def in_process(teacher, images: np.ndarray) -> np.ndarray:
 
 def test_predictions_of_a_prepared_split_equal_the_model_in_process(ray_session, tiny_cifar, teacher, tmp_path):
     out = tmp_path / "pred"
-    rc, res, err = cli("predict", "--model", str(teacher), "--data", str(tiny_cifar), "--split", "val", "--out", str(out),
-                       "--batch-size", "16", "--top-k", "3")  # fmt: skip
+    rc, res, err = cli(
+        "predict",
+        "--model",
+        str(teacher),
+        "--data",
+        str(tiny_cifar),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--top-k",
+        "3",
+    )
     assert rc == 0, err
     assert (res["rows"], res["predicted"], res["skipped"], res["data_kind"]) == (60, 60, 0, "prepared")
     assert res["images_per_s"] > 0 and res["model"]["kind"] == "checkpoint"
@@ -59,8 +72,9 @@ def test_predictions_of_a_prepared_split_equal_the_model_in_process(ray_session,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # the temp directory was renamed, nothing left beside
 
 
-def test_a_folder_of_pngs_skips_the_corrupt_and_the_wrong_size_image_and_predicts_the_rest(ray_session, tiny_cifar,
-                                                                                            teacher, tmp_path):  # fmt: skip
+def test_a_folder_of_pngs_skips_the_corrupt_and_the_wrong_size_image_and_predicts_the_rest(
+    ray_session, tiny_cifar, teacher, tmp_path
+):
     images = load_arrays(tiny_cifar, "val", limit=12)["image"]
     folder = tmp_path / "images"
     folder.mkdir()
@@ -69,12 +83,15 @@ def test_a_folder_of_pngs_skips_the_corrupt_and_the_wrong_size_image_and_predict
     (folder / "broken.png").write_bytes(png(images[0])[:60])  # a PNG cut off mid-stream
     (folder / "small.png").write_bytes(png(images[0][:16, :16]))
     (folder / "notes.txt").write_text("not an image file: not listed")
-    rc, res, err = cli("predict", "--model", str(teacher), "--data", str(folder), "--out", str(tmp_path / "pred"),
-                       "--batch-size", "5")  # fmt: skip
+    rc, res, err = cli(
+        "predict", "--model", str(teacher), "--data", str(folder), "--out", str(tmp_path / "pred"), "--batch-size", "5"
+    )
     assert rc == 0, err
     assert (res["rows"], res["predicted"], res["skipped"], res["data_kind"]) == (14, 12, 2, "images")
     assert "accuracy" not in res  # no labels in a plain folder
-    skipped = dict(zip(*pq.read_table(tmp_path / "pred" / "skipped.parquet", columns=["name", "reason"]).to_pydict().values()))
+    skipped = dict(
+        zip(*pq.read_table(tmp_path / "pred" / "skipped.parquet", columns=["name", "reason"]).to_pydict().values())
+    )
     assert set(skipped) == {"broken.png", "small.png"}
     assert skipped["broken.png"].startswith("corrupt image")
     assert "16x16x3" in skipped["small.png"] and "32x32x3" in skipped["small.png"]
@@ -85,21 +102,31 @@ def test_a_folder_of_pngs_skips_the_corrupt_and_the_wrong_size_image_and_predict
     assert table["label"] == [None] * 12
 
 
-def test_a_parquet_source_with_encoded_images_reports_accuracy_and_skips_a_bad_row(ray_session, tiny_cifar, teacher,
-                                                                                    tmp_path):  # fmt: skip
+def test_a_parquet_source_with_encoded_images_reports_accuracy_and_skips_a_bad_row(
+    ray_session, tiny_cifar, teacher, tmp_path
+):
     val = load_arrays(tiny_cifar, "val", limit=20)
     encoded = [png(img) for img in val["image"]] + [b"\x89PNG\r\n\x1a\n garbage"]
     labels = val["label"].tolist() + [3]
     pq.write_table(pa.table({"image": encoded, "label": labels}), tmp_path / "src.parquet")
-    rc, res, err = cli("predict", "--model", str(teacher), "--data", f"parquet:{tmp_path / 'src.parquet'}",
-                       "--out", str(tmp_path / "pred"))  # fmt: skip
+    rc, res, err = cli(
+        "predict",
+        "--model",
+        str(teacher),
+        "--data",
+        f"parquet:{tmp_path / 'src.parquet'}",
+        "--out",
+        str(tmp_path / "pred"),
+    )
     assert rc == 0, err
     assert (res["predicted"], res["skipped"], res["data_kind"]) == (20, 1, "source")
     assert res["skipped_examples"][0].startswith("src.parquet#row20: corrupt image")
     want = in_process(teacher, val["image"]).argmax(axis=1)
     table = pq.read_table(tmp_path / "pred" / "predictions.parquet").to_pydict()
     got = dict(zip(table["index"], table["predicted"]))
-    assert got == {i: int(want[i]) for i in range(20)} and dict(zip(table["index"], table["label"])) == dict(enumerate(labels[:20]))
+    assert got == {i: int(want[i]) for i in range(20)} and dict(zip(table["index"], table["label"])) == dict(
+        enumerate(labels[:20])
+    )
     assert res["accuracy"] == pytest.approx(float((want == val["label"]).mean()))
 
 
@@ -107,14 +134,16 @@ def test_bad_flags_fail_in_one_line_and_write_nothing(ray_session, tiny_cifar, t
     taken = tmp_path / "taken"
     taken.mkdir()
     base = ["predict", "--model", str(teacher), "--data", str(tiny_cifar)]
-    for extra, message in [(["--top-k", "0"], "--top-k must be a positive integer"),
-                           (["--top-k", "11"], "--top-k 11 is more than the model's 10 classes"),
-                           (["--batch-size", "-1"], "--batch-size must be a positive integer"),
-                           (["--split", "test"], "has no 'test' split"),
-                           (["--gpus-per-actor", "1"], "--gpus-per-actor 1 but the cluster has 0 GPUs"),
-                           (["--model", str(tmp_path / "nope")], "does not exist"),
-                           (["--data", str(tmp_path / "nope")], "does not exist"),
-                           (["--out", str(taken)], "already exists; pass --overwrite")]:  # fmt: skip
+    for extra, message in [
+        (["--top-k", "0"], "--top-k must be a positive integer"),
+        (["--top-k", "11"], "--top-k 11 is more than the model's 10 classes"),
+        (["--batch-size", "-1"], "--batch-size must be a positive integer"),
+        (["--split", "test"], "has no 'test' split"),
+        (["--gpus-per-actor", "1"], "--gpus-per-actor 1 but the cluster has 0 GPUs"),
+        (["--model", str(tmp_path / "nope")], "does not exist"),
+        (["--data", str(tmp_path / "nope")], "does not exist"),
+        (["--out", str(taken)], "already exists; pass --overwrite"),
+    ]:
         out = [] if "--out" in extra else ["--out", str(tmp_path / "x")]
         rc, res, err = cli(*base, *out, *extra)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)

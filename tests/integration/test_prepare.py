@@ -43,7 +43,9 @@ def test_real_cifar_parquet(tiny_cifar, cifar_parquet):
     assert meta["counts"] == {"train": 540, "val": 60}
     # stratified: each class holds out 10 % of its own rows in the slice (the shared file
     # interleaves the classes, so there 6 of each; another row order gives other counts)
-    per_class = np.bincount(pq.read_table(cifar_parquet, columns=["label"]).slice(0, 600).column("label").to_numpy(), minlength=10)
+    per_class = np.bincount(
+        pq.read_table(cifar_parquet, columns=["label"]).slice(0, 600).column("label").to_numpy(), minlength=10
+    )
     val_per_class = np.array(meta["counts_per_class"]["val"])
     assert val_per_class.sum() == 60 and np.all(np.abs(val_per_class - 0.1 * per_class) < 1), (val_per_class, per_class)
     assert meta["classes"][:3] == ["airplane", "automobile", "bird"]
@@ -70,7 +72,11 @@ def test_torchvision_cifar10_pickles_roundtrip(tmp_path):
         imgs, labels = _images(40, seed)
         all_imgs.append(imgs)
         data = imgs.transpose(0, 3, 1, 2).reshape(40, -1)
-        batch = {b"data": data, b"labels": labels.tolist(), b"filenames": [f"{name}_{i}.png".encode() for i in range(40)]}
+        batch = {
+            b"data": data,
+            b"labels": labels.tolist(),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(40)],
+        }
         (root / name).write_bytes(pickle.dumps(batch, protocol=2))
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     out = tmp_path / "out"
@@ -99,7 +105,9 @@ def test_cifar100_pickles(tmp_path):
     root.mkdir()
     imgs, _ = _images(30)
     labels = (np.arange(30) * 7) % 100
-    (root / "train").write_bytes(pickle.dumps({b"data": imgs.transpose(0, 3, 1, 2).reshape(30, -1), b"fine_labels": labels.tolist()}))
+    (root / "train").write_bytes(
+        pickle.dumps({b"data": imgs.transpose(0, 3, 1, 2).reshape(30, -1), b"fine_labels": labels.tolist()})
+    )
     (root / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
     meta = prepare(PrepareConfig(source=str(tmp_path), out=str(tmp_path / "o"), val_fraction=0.0))
     assert meta["num_classes"] == 100 and meta["counts"] == {"train": 30}
@@ -153,11 +161,14 @@ def _bad_parquet(tmp_path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("kind", "fragment"), [
-    ("corrupt", "bad row 5 (train/c5/5.png)"),
-    ("label", "label 12 outside the class range 0..9"),
-    ("size", "mixed image sizes"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("corrupt", "bad row 5 (train/c5/5.png)"),
+        ("label", "label 12 outside the class range 0..9"),
+        ("size", "mixed image sizes"),
+    ],
+)
 def test_bad_rows_fail_cleanly_or_are_skipped(tmp_path, capsys, kind, fragment):
     src = _bad_parquet(tmp_path, kind)
     out = tmp_path / "out"
@@ -166,17 +177,37 @@ def test_bad_rows_fail_cleanly_or_are_skipped(tmp_path, capsys, kind, fragment):
     assert err.startswith("effray: error:") and fragment in err and "--skip-bad" in err
     assert len(err.splitlines()) == 1
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    assert main(["data", "prepare", "--source", str(src), "--out", str(out), "--classes", "cifar10", "--skip-bad", "--val-fraction", "0"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                str(src),
+                "--out",
+                str(out),
+                "--classes",
+                "cifar10",
+                "--skip-bad",
+                "--val-fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["skipped_bad"] == 1 and meta["counts"]["train"] == 11
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--source", "/nonexistent/x"], "does not exist"),
-    (["--source", "synthetic:0"], "positive count"),
-    (["--source", "synthetic:10", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
-    (["--source", "EMPTY"], "has no class subfolders"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--source", "/nonexistent/x"], "does not exist"),
+        (["--source", "synthetic:0"], "positive count"),
+        (["--source", "synthetic:10", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+        (["--source", "EMPTY"], "has no class subfolders"),
+    ],
+)
 def test_bad_sources(tmp_path, capsys, args, fragment):
     (tmp_path / "empty").mkdir()
     args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
@@ -211,11 +242,31 @@ def test_a_stray_label_that_would_leave_empty_classes_is_one_line_naming_the_row
     out = tmp_path / "out"
     assert main(["data", "prepare", "--source", str(_labelled_parquet(tmp_path, labels)), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "row 13 (label 57)" in err and "47 of the 58 classes 0..57 empty, from class 10 on" in err
+    assert (
+        len(err.splitlines()) == 1
+        and "row 13 (label 57)" in err
+        and "47 of the 58 classes 0..57 empty, from class 10 on" in err
+    )
     assert "--classes" in err and not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     # named classes: the row is out of range, and --skip-bad drops it
-    assert main(["data", "prepare", "--source", str(tmp_path / "labelled.parquet"), "--out", str(out), "--classes", "10",
-                 "--skip-bad", "--val-fraction", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                str(tmp_path / "labelled.parquet"),
+                "--out",
+                str(out),
+                "--classes",
+                "10",
+                "--skip-bad",
+                "--val-fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert load_meta(out)["counts"]["train"] == 39 and load_meta(out)["warnings"] == []
 
 
@@ -230,18 +281,26 @@ def test_a_label_that_disagrees_with_the_class_in_its_path_is_refused(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "row 4 (train/dog/4.png)" in err
     assert "label 2 (ship) disagrees with the class 'dog'" in err and "--skip-bad" in err and not out.exists()
-    assert main(["data", "prepare", "--source", str(src), "--out", str(out), "--classes", "cat,dog,ship", "--skip-bad"]) == 0
+    assert (
+        main(["data", "prepare", "--source", str(src), "--out", str(out), "--classes", "cat,dog,ship", "--skip-bad"])
+        == 0
+    )
     assert load_meta(out)["skipped_bad"] == 1
 
 
 def test_empty_and_small_named_classes_are_warnings_with_counts(tmp_path, capsys):
     labels = np.concatenate([np.repeat([0, 1, 2], 40), [3, 3]])  # class 3: 2 rows vs a median of 40; 4 and 5: none
     src = _labelled_parquet(tmp_path, labels)
-    assert main(["data", "prepare", "--source", str(src), "--out", str(tmp_path / "o"), "--classes", "a,b,c,d,e,f"]) == 0
+    assert (
+        main(["data", "prepare", "--source", str(src), "--out", str(tmp_path / "o"), "--classes", "a,b,c,d,e,f"]) == 0
+    )
     out = capsys.readouterr().out
     warnings = load_meta(tmp_path / "o")["warnings"]
-    assert warnings == ["class 'e' has no rows in parquet:" + str(src), "class 'f' has no rows in parquet:" + str(src),
-                        "class 'd' has 2 rows, the median class 40"]  # fmt: skip
+    assert warnings == [
+        "class 'e' has no rows in parquet:" + str(src),
+        "class 'f' has no rows in parquet:" + str(src),
+        "class 'd' has 2 rows, the median class 40",
+    ]
     assert all(f"effray: warning: {w}" in out for w in warnings)
 
 

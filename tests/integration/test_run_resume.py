@@ -38,15 +38,18 @@ finetune_lr: 0.01
 
 
 def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(EFFRAY), *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [str(EFFRAY), *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float = 240) -> None:
     """SIGKILL the driver's process group as soon as ``ready()`` holds."""
     deadline = time.monotonic() + timeout
     while not ready():
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}"
+        assert proc.poll() is None, (
+            f"the run ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}"
+        )
         assert time.monotonic() < deadline, f"no kill point within {timeout:.0f} s:\n{log.read_text()[-3000:]}"
         time.sleep(0.1)
     assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
@@ -65,7 +68,10 @@ def _teacher_checkpoints(out: Path) -> list[Path]:
 
 def _finals(experiment: Path) -> dict[str, list[float]]:
     """Trial directory name -> the timestamps of every final measurement it reported."""
-    return {t: [r["timestamp"] for r in rows if r.get("final") and not r.get("done")] for t, rows in trial_rows(experiment).items()}
+    return {
+        t: [r["timestamp"] for r in rows if r.get("final") and not r.get("done")]
+        for t, rows in trial_rows(experiment).items()
+    }
 
 
 def _terminated(experiment: Path) -> set[str]:
@@ -87,8 +93,13 @@ def _kill_point(experiment: Path) -> dict[str, list[float]] | None:
     if len(finals) != 2 or len(finished) != 1 or not finished <= _terminated(experiment):
         return None
     (running,) = set(finals) - finished
-    states, checkpoints = list(experiment.glob("experiment_state-*.json")), list((experiment / running).glob("checkpoint_*"))
-    if not (states and checkpoints) or max(p.stat().st_mtime for p in states) <= min(p.stat().st_mtime for p in checkpoints):
+    states, checkpoints = (
+        list(experiment.glob("experiment_state-*.json")),
+        list((experiment / running).glob("checkpoint_*")),
+    )
+    if not (states and checkpoints) or max(p.stat().st_mtime for p in states) <= min(
+        p.stat().st_mtime for p in checkpoints
+    ):
         return None
     return finals
 
@@ -97,12 +108,18 @@ def _kill_point(experiment: Path) -> dict[str, list[float]] | None:
 def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_session, cifar_parquet, tmp_path):
     (tmp_path / "space.yaml").write_text(SPACE)
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(f"base: demo\nprepare: {{limit: 600}}\ntrain: {{epochs: 2, batch_size: 64}}\n"
-                      f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20, scheduler: none}}\n")  # fmt: skip
+    preset.write_text(
+        f"base: demo\nprepare: {{limit: 600}}\ntrain: {{epochs: 2, batch_size: 64}}\n"
+        f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20, scheduler: none}}\n"
+    )
     out = tmp_path / "run"
     args = ["run", "--preset", str(preset), "--source", str(cifar_parquet), "--out", str(out)]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "WANDB_MODE": "offline",
-           "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "WANDB_MODE": "offline",
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    }
 
     # 1: killed while the search runs: one trial finished and recorded, the other still training
     experiment, seen = out / "compress", {}
@@ -128,10 +145,14 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     summary = json.loads([ln for ln in second.stdout.splitlines() if ln.startswith("{")][-1])
     printed = second.stdout + second.stderr
     # quiet: effray's lines, its bars and its table; Ray's own output went to the log file it names
-    assert not second.stderr.strip() and all(re.match(r"(\[effray|\{|\s|\w+: +\d+%)", ln) for ln in second.stdout.splitlines() if ln.strip()), said
+    assert not second.stderr.strip() and all(
+        re.match(r"(\[effray|\{|\s|\w+: +\d+%)", ln) for ln in second.stdout.splitlines() if ln.strip()
+    ), said
     log = Path(second.stdout.split("Ray's own output: ", 1)[1].split(" (--verbose", 1)[0])
     assert log.parent == out / "logs" and log.stat().st_size > 0, said
-    assert "kept from the last run" in printed and "nothing to train" in printed, said  # the clean report and the teacher kept
+    assert "kept from the last run" in printed and "nothing to train" in printed, (
+        said
+    )  # the clean report and the teacher kept
     assert summary["trials"] == 2 and _history(out) == history, said
     assert len(list(experiment.glob("trial_*"))) == 2, said  # the killed search's trials resumed, none started anew
     after = _finals(experiment)
@@ -143,7 +164,9 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     rows = [(r["epoch"], r["timestamp"], bool(r.get("final"))) for r in trial_rows(experiment)[running]]
     again = [epoch for epoch, stamp, final in rows if stamp >= rerun_at and not final]
     assert after[running][0] >= rerun_at and 1 not in again, f"{rows}{said}"
-    assert {Path(e["dir"]).name for e in summary["exports"].values()} == {p.name for p in (out / "export").iterdir() if p.is_dir()}
+    assert {Path(e["dir"]).name for e in summary["exports"].values()} == {
+        p.name for p in (out / "export").iterdir() if p.is_dir()
+    }
     assert all((Path(e["dir"]) / "deploy.json").is_file() for e in summary["exports"].values()), said
     assert "effray serve --model" in second.stdout  # the summary names the pick's serve command
     assert {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))} == stamps

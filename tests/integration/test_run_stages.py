@@ -18,14 +18,20 @@ from effray.run import RunConfig, clean_stage, plan_stages, val_label_issues
 
 def test_the_clean_stage_is_kept_on_a_rerun_and_redone_when_its_settings_change(tiny_cifar, tmp_path):
     plan = plan_stages(RunConfig(preset="demo", out=str(tmp_path / "run"), clean="drop=duplicates,leaks"))
-    assert plan.train.data.data == str(tmp_path / "run" / "clean" / "data") == plan.tune.data  # what the teacher trains on
+    assert (
+        plan.train.data.data == str(tmp_path / "run" / "clean" / "data") == plan.tune.data
+    )  # what the teacher trains on
     plan = dataclasses.replace(plan, clean=dataclasses.replace(plan.clean, data=str(tiny_cifar)))
     first = clean_stage(plan)
     report = Path(plan.clean.out) / "clean_report.json"
     assert not first["kept"] and first["dropped"]["reasons"] == ["duplicates", "leaks"]
     assert (Path(plan.clean.out) / "data" / "meta.json").is_file()
-    assert json.loads(report.read_text())["settings"] == {"near": False, "labels": False, "drop": "duplicates,leaks",
-                                                          "reference": ""}  # fmt: skip
+    assert json.loads(report.read_text())["settings"] == {
+        "near": False,
+        "labels": False,
+        "drop": "duplicates,leaks",
+        "reference": "",
+    }
     stamp = report.stat().st_mtime_ns
     again = clean_stage(plan)
     assert again["kept"] and again["counts"] == first["counts"] and report.stat().st_mtime_ns == stamp

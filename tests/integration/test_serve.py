@@ -37,12 +37,17 @@ def png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def call(url: str, path: str, body: bytes | None = None, content_type: str = "image/png",
-         chunked: bool = False) -> tuple[int, dict]:  # fmt: skip
+def call(
+    url: str, path: str, body: bytes | None = None, content_type: str = "image/png", chunked: bool = False
+) -> tuple[int, dict]:
     """(status, JSON body) of one request; ``chunked`` sends the body without a Content-Length."""
-    data = iter([body[i:i + 4096] for i in range(0, len(body), 4096)]) if chunked and body else body
-    req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST",
-                                 headers={"Content-Type": content_type} if body is not None else {})  # fmt: skip
+    data = iter([body[i : i + 4096] for i in range(0, len(body), 4096)]) if chunked and body else body
+    req = urllib.request.Request(
+        url + path,
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": content_type} if body is not None else {},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -54,8 +59,15 @@ def call(url: str, path: str, body: bytes | None = None, content_type: str = "im
 def endpoint(ray_session, tiny_cifar, teacher):
     """The app on a free loopback port; batches of up to 8, filled for up to 0.2 s, so
     concurrent requests from a test's threads meet in one model call."""
-    cfg = ServeConfig(model=str(teacher), host="127.0.0.1", port=free_port(), max_batch_size=BATCH,
-                      batch_wait_timeout_s=0.2, max_request_bytes=MAX_REQUEST_BYTES, max_images_per_request=MAX_IMAGES)  # fmt: skip
+    cfg = ServeConfig(
+        model=str(teacher),
+        host="127.0.0.1",
+        port=free_port(),
+        max_batch_size=BATCH,
+        batch_wait_timeout_s=0.2,
+        max_request_bytes=MAX_REQUEST_BYTES,
+        max_images_per_request=MAX_IMAGES,
+    )
     url = start(cfg)
     try:
         yield url
@@ -75,8 +87,11 @@ def endpoint(ray_session, tiny_cifar, teacher):
 def val(tiny_cifar, teacher):
     """Eight validation images, their PNGs, and the teacher's in-process probabilities."""
     images = load_arrays(tiny_cifar, "val", limit=8)["image"]
-    return {"images": images, "pngs": [png(img) for img in images],
-            "probs": softmax(load_deployable(teacher, device="cpu").logits(images))}  # fmt: skip
+    return {
+        "images": images,
+        "pngs": [png(img) for img in images],
+        "probs": softmax(load_deployable(teacher, device="cpu").logits(images)),
+    }
 
 
 def assert_same_answer(got: dict, want: dict) -> None:
@@ -142,8 +157,21 @@ def test_concurrent_requests_share_model_calls(endpoint, val):
         np.testing.assert_allclose(list(body["probabilities"].values()), val["probs"][i], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["not an image", "wrong size", "too large", "too large, no length", "empty", "too many images",
-                                  "bad json", "bad base64", "unknown route", "wrong method"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not an image",
+        "wrong size",
+        "too large",
+        "too large, no length",
+        "empty",
+        "too many images",
+        "bad json",
+        "bad base64",
+        "unknown route",
+        "wrong method",
+    ],
+)
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(endpoint, val, case):
     small = png(val["images"][0][:16, :16])
     b64 = base64.b64encode(val["pngs"][0]).decode()
@@ -153,21 +181,28 @@ def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(e
         "too large": lambda: call(endpoint, "/predict", b"\x89PNG" + bytes(MAX_REQUEST_BYTES)),
         "too large, no length": lambda: call(endpoint, "/predict", b"\x89PNG" + bytes(MAX_REQUEST_BYTES), chunked=True),
         "empty": lambda: call(endpoint, "/predict", b""),
-        "too many images": lambda: call(endpoint, "/predict", json.dumps({"images": [b64] * (MAX_IMAGES + 1)}).encode(),
-                                        "application/json"),
+        "too many images": lambda: call(
+            endpoint, "/predict", json.dumps({"images": [b64] * (MAX_IMAGES + 1)}).encode(), "application/json"
+        ),
         "bad json": lambda: call(endpoint, "/predict", b'{"images": [', "application/json"),
-        "bad base64": lambda: call(endpoint, "/predict", json.dumps({"images": [b64, "%%%"]}).encode(), "application/json"),
+        "bad base64": lambda: call(
+            endpoint, "/predict", json.dumps({"images": [b64, "%%%"]}).encode(), "application/json"
+        ),
         "unknown route": lambda: call(endpoint, "/nope"),
         "wrong method": lambda: call(endpoint, "/healthz", b"x"),
-    }[case]()  # fmt: skip
+    }[case]()
     want_status, want_reason = {
-        "not an image": (400, "not an image"), "wrong size": (400, "16x16 (WxH), the model takes 32x32"),
+        "not an image": (400, "not an image"),
+        "wrong size": (400, "16x16 (WxH), the model takes 32x32"),
         "too large": (413, f"over the {MAX_REQUEST_BYTES}-byte limit"),
-        "too large, no length": (413, f"over the {MAX_REQUEST_BYTES}-byte limit"), "empty": (400, "empty body"),
+        "too large, no length": (413, f"over the {MAX_REQUEST_BYTES}-byte limit"),
+        "empty": (400, "empty body"),
         "too many images": (400, f"{MAX_IMAGES + 1} images in one request, at most {MAX_IMAGES}"),
-        "bad json": (400, "not valid JSON"), "bad base64": (400, "images[1] is not valid base64"),
-        "unknown route": (404, "no route /nope"), "wrong method": (405, "use GET /healthz"),
-    }[case]  # fmt: skip
+        "bad json": (400, "not valid JSON"),
+        "bad base64": (400, "images[1] is not valid base64"),
+        "unknown route": (404, "no route /nope"),
+        "wrong method": (405, "use GET /healthz"),
+    }[case]
     assert status == want_status and want_reason in body["error"] and "\n" not in body["error"], body
     status, good = call(endpoint, "/predict", val["pngs"][1])
     assert status == 200 and good["label"] == int(val["probs"][1].argmax())
@@ -189,10 +224,12 @@ def test_only_a_loopback_bind_is_quiet():
 
 
 def test_bad_serve_flags_fail_in_one_line_before_serve_is_touched(endpoint, teacher, tmp_path):
-    for extra, message in [(["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
-                           (["--port", "70000"], "--port must be in 1..65535"),
-                           (["--model", str(tmp_path / "nope")], "does not exist"),
-                           (["--gpus-per-replica", "1"], "--gpus-per-replica 1 but the cluster has 0 GPUs")]:  # fmt: skip
+    for extra, message in [
+        (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (["--port", "70000"], "--port must be in 1..65535"),
+        (["--model", str(tmp_path / "nope")], "does not exist"),
+        (["--gpus-per-replica", "1"], "--gpus-per-replica 1 but the cluster has 0 GPUs"),
+    ]:
         rc, res, err = cli("serve", "--model", str(teacher), "--port", str(free_port()), *extra)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and res is None, (extra, err)
     assert call(endpoint, "/healthz")[0] == 200  # the running app was left alone

@@ -73,19 +73,13 @@ def test_gan_trains_on_ray_train_and_resumes(gan):
     out, (first, second) = gan
     assert first["epochs"] == 1 and first["epochs_run_now"] == 1
     assert second["epochs"] == 1 and second["epochs_run_now"] == 0  # restored, nothing left to run
-    history = [
-        json.loads(line) for line in (out / "gan" / "history.jsonl").read_text().splitlines()
-    ]
+    history = [json.loads(line) for line in (out / "gan" / "history.jsonl").read_text().splitlines()]
     # no epoch ran twice; 96 rows / batch 32 = 3 steps
     assert [h["epoch"] for h in history] == [1] and history[0]["steps"] == 3
     # the generator was re-exported from the restored checkpoint
     assert second["d_loss"] == first["d_loss"]
     g, payload = load_generator(out / "generator.pt")
-    assert (
-        payload["format"] == GENERATOR_FORMAT
-        and payload["num_classes"] == 10
-        and payload["z_dim"] == 16
-    )
+    assert payload["format"] == GENERATOR_FORMAT and payload["num_classes"] == 10 and payload["z_dim"] == 16
     assert (
         payload["classes"][0] == "airplane"
         and payload["data"]["checksum"] == load_meta(payload["config"]["data"])["source_checksum"]
@@ -98,8 +92,24 @@ def sampled(gan, teacher, tiny_cifar, tmp_path_factory):
     out = tmp_path_factory.mktemp("sampled") / "syn"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["synth", "sample", "--generator", str(gan[0] / "generator.pt"), "--per-class", "30", "--out", str(out),
-                   "--batch-size", "64", "--classifier", str(teacher), "--grid-columns", "4"])  # fmt: skip
+        rc = main(
+            [
+                "synth",
+                "sample",
+                "--generator",
+                str(gan[0] / "generator.pt"),
+                "--per-class",
+                "30",
+                "--out",
+                str(out),
+                "--batch-size",
+                "64",
+                "--classifier",
+                str(teacher),
+                "--grid-columns",
+                "4",
+            ]
+        )
     assert rc == 0
     return out, json.loads(buf.getvalue().strip().splitlines()[-1])
 
@@ -108,9 +118,7 @@ def sampled(gan, teacher, tiny_cifar, tmp_path_factory):
 def test_sample_writes_a_canonical_synthetic_dataset(sampled, tiny_cifar):
     out, result = sampled
     meta, real = load_meta(out), load_meta(tiny_cifar)
-    assert (
-        result["rows"] == 300 and meta["counts"] == {"train": 300} and meta["splits"] == ["train"]
-    )
+    assert result["rows"] == 300 and meta["counts"] == {"train": 300} and meta["splits"] == ["train"]
     assert meta["counts_per_class"]["train"] == [30] * 10
     assert meta["classes"] == real["classes"] and meta["image_shape"] == real["image_shape"]
     table = pq.read_table(split_files(out, "train"))
@@ -166,12 +174,20 @@ def test_bad_input_is_one_line(tiny_cifar, teacher, tmp_path, capsys):
     exists = tmp_path / "exists"
     exists.mkdir()
     cases = [
-        (["synth", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")], "not a prepared dataset", "o1"),
-        (["synth", "sample", "--generator", str(garbage), "--per-class", "0", "--out", str(tmp_path / "o2")], "--per-class must be >= 1", "o2"),
+        (
+            ["synth", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")],
+            "not a prepared dataset",
+            "o1",
+        ),
+        (
+            ["synth", "sample", "--generator", str(garbage), "--per-class", "0", "--out", str(tmp_path / "o2")],
+            "--per-class must be >= 1",
+            "o2",
+        ),
         (["synth", "sample", "--generator", str(garbage), "--out", str(tmp_path / "o3")], "garbage.pt", "o3"),
         (["synth", "sample", "--generator", str(teacher), "--out", str(tmp_path / "o4")], "not a generator", "o4"),
         (["synth", "sample", "--generator", str(garbage), "--out", str(exists)], "already exists", None),
-    ]  # fmt: skip
+    ]
     for argv, message, out in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -30,9 +30,29 @@ EPOCHS, FAIL_AT = 5, 3
 # data in every worker, 3 param groups, lookahead across a worker death and a redone
 # epoch, and TTA in validation that `effray evaluate` reproduces from the checkpoint
 # no --cpus-per-worker: "auto" fits 2 workers into the session's 2 CPUs (0.5 each, 1 left for Ray Data)
-RECIPE = ["--model", "airbench", "--width", "0.25", "--workers", "2", "--batch-size", "64",
-          "--lr", "0.4", "--bias-lr-scale", "8", "--lookahead", "--tta", "2", "--augment", "flip",
-          "--keep-checkpoints", "2", "--wandb-project", "effray-tests"]  # fmt: skip
+RECIPE = [
+    "--model",
+    "airbench",
+    "--width",
+    "0.25",
+    "--workers",
+    "2",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.4",
+    "--bias-lr-scale",
+    "8",
+    "--lookahead",
+    "--tta",
+    "2",
+    "--augment",
+    "flip",
+    "--keep-checkpoints",
+    "2",
+    "--wandb-project",
+    "effray-tests",
+]
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -43,8 +63,22 @@ def history(run_dir: Path) -> list[dict]:
 def run(tiny_cifar, tmp_path_factory):
     """One DDP run whose worker rank 1 dies during epoch FAIL_AT (fit 1)."""
     storage = tmp_path_factory.mktemp("runs")
-    args = ["train", "--data", str(tiny_cifar), *RECIPE, "--epochs", str(EPOCHS), "--storage", str(storage),
-            "--name", "ddp", "--max-failures", "2", "--inject-failure-at-epoch", str(FAIL_AT)]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *RECIPE,
+        "--epochs",
+        str(EPOCHS),
+        "--storage",
+        str(storage),
+        "--name",
+        "ddp",
+        "--max-failures",
+        "2",
+        "--inject-failure-at-epoch",
+        str(FAIL_AT),
+    ]
     rc, result, err = cli(*args)
     assert rc == 0, err
     return {"args": args, "result": result, "run_dir": Path(storage) / "ddp", "storage": storage}
@@ -78,20 +112,34 @@ def test_evaluate_reproduces_the_reported_val_accuracy(run, tiny_cifar, cifar_pa
     # beyond accuracy: the same logits' NLL is the loss, recall is per-class accuracy
     assert res["nll"] == pytest.approx(res["loss"], rel=1e-5) and 0 <= res["ece"] <= 1
     assert sum(map(sum, res["confusion"])) == 60 and 0 <= res["macro_f1"] <= 1
-    assert all(res["per_class"][c]["recall"] == pytest.approx(a) for c, a in res["per_class_accuracy"].items() if a is not None)
+    assert all(
+        res["per_class"][c]["recall"] == pytest.approx(a) for c, a in res["per_class_accuracy"].items() if a is not None
+    )
     assert res["worst_class_recall"] == min(a for a in res["per_class_accuracy"].values() if a is not None)
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["confusion.png", "metrics.json", "reliability.png"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ece"] == res["ece"]
     assert abs(res["loss"] - run["result"]["val_loss"]) <= 1e-5
     # scored as training scored it: channels-last, bf16 where this CPU computes it natively
     assert res["numerics"] == {"bf16": bf16_native(torch.device("cpu")), "channels_last": True}
-    assert set(res["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog",
-                                              "frog", "horse", "ship", "truck"}  # fmt: skip
+    assert set(res["per_class_accuracy"]) == {
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    }
     # the same 60 images as JPEG rows in the shared file's schema (image bytes + label + name)
     val_rows = pq.read_table(sorted(Path(tiny_cifar, "val").glob("*.parquet"))).column("index")
     jpeg = tmp_path / "val-jpeg.parquet"
     pq.write_table(pq.read_table(cifar_parquet).take(pa.array(val_rows.to_pylist())), jpeg)
-    rc, res2, err = cli("evaluate", "--checkpoint", str(Path(ckpt, "model.pt")), "--data", str(jpeg), "--batch-size", "7")
+    rc, res2, err = cli(
+        "evaluate", "--checkpoint", str(Path(ckpt, "model.pt")), "--data", str(jpeg), "--batch-size", "7"
+    )
     assert rc == 0, err
     assert abs(res2["accuracy"] - want) <= 1e-6 and 0.0 <= res2["accuracy"] <= 1.0
 
@@ -149,18 +197,23 @@ def _fails(capsys, *args: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "resnet7"], "unknown model 'resnet7'"),
-    (["--epochs", "0"], "--epochs must be a positive integer"),
-    (["--batch-size", "-8"], "--batch-size must be a positive integer"),
-    (["--workers", "0"], "--workers must be a positive integer"),
-    (["--batch-size", "63"], "multiple of --workers"),
-    (["--gpus-per-worker", "1"], "needs 2 GPUs, the cluster has 0"),
-    (["--cpus-per-worker", "8"], "needs 17 CPUs, the cluster has 2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "resnet7"], "unknown model 'resnet7'"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--batch-size", "-8"], "--batch-size must be a positive integer"),
+        (["--workers", "0"], "--workers must be a positive integer"),
+        (["--batch-size", "63"], "multiple of --workers"),
+        (["--gpus-per-worker", "1"], "needs 2 GPUs, the cluster has 0"),
+        (["--cpus-per-worker", "8"], "needs 17 CPUs, the cluster has 2"),
+    ],
+)
 def test_bad_train_flags_fail_before_any_worker_starts(capsys, tiny_cifar, tmp_path, extra, message):
     storage = tmp_path / "runs"
-    err = _fails(capsys, "train", "--data", str(tiny_cifar), *RECIPE, "--epochs", "1", "--storage", str(storage), *extra)
+    err = _fails(
+        capsys, "train", "--data", str(tiny_cifar), *RECIPE, "--epochs", "1", "--storage", str(storage), *extra
+    )
     assert message in err
     assert not storage.exists()
 
@@ -189,9 +242,21 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(capsys, tiny_cifar, tmp_
 
     model = build_model("convnet", num_classes=5)
     data = {**data_summary(load_meta(tiny_cifar)), "num_classes": 5, "classes": list("abcde")}
-    save_payload(tmp_path / "five", train_payload(
-        model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={}, epoch=1, config={},
-        data=data, history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
+    save_payload(
+        tmp_path / "five",
+        train_payload(
+            model_state=model.state_dict(),
+            model_spec=model.spec,
+            optimizer={},
+            scheduler={},
+            epoch=1,
+            config={},
+            data=data,
+            history=[],
+            provenance={},
+            elapsed_s=0.0,
+        ),
+    )
     err = _fails(capsys, "evaluate", "--checkpoint", str(tmp_path / "five"), "--data", str(tiny_cifar))
     assert "5-class convnet" in err and "another model" in err
     err = _fails(capsys, "evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tiny_cifar))

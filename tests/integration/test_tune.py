@@ -36,8 +36,21 @@ def _space(tmp_path: Path) -> Path:
 def test_invalid_space_fails_before_any_trial(ray_session, tiny_cifar, teacher, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"bits": {"choice": [4, 9]}}))
-    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(bad),
-                 "--storage", str(tmp_path / "runs"), "--name", "bad"])  # fmt: skip
+    code = main(
+        [
+            "tune",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(tiny_cifar),
+            "--space",
+            str(bad),
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "bad",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "bits=9" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "bad").exists()
@@ -50,8 +63,10 @@ def _wandb_runs(root: Path) -> list[dict]:
     """Every offline run below ``root``; ``dir`` is the ``wandb`` dir holding it, ``run_dir`` its own."""
     from helpers import read_wandb_run
 
-    return [{**read_wandb_run(f), "dir": f.parent.parent, "run_dir": f.parent}
-            for f in sorted(root.rglob("offline-run-*/run-*.wandb"))]  # fmt: skip
+    return [
+        {**read_wandb_run(f), "dir": f.parent.parent, "run_dir": f.parent}
+        for f in sorted(root.rglob("offline-run-*/run-*.wandb"))
+    ]
 
 
 @pytest.mark.slow
@@ -59,10 +74,32 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({**SPACE, "finetune_epochs": 2}))
     storage = tmp_path / "runs"
-    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
-                 "--num-samples", "2", "--scheduler", "none", "--cpus-per-trial", "0.5",
-                 "--storage", str(storage), "--name", "tracked", "--wandb-mode", "offline",
-                 "--wandb-project", "effray-tests", "--no-share-data"])  # fmt: skip
+    code = main(
+        [
+            "tune",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(tiny_cifar),
+            "--space",
+            str(space),
+            "--num-samples",
+            "2",
+            "--scheduler",
+            "none",
+            "--cpus-per-trial",
+            "0.5",
+            "--storage",
+            str(storage),
+            "--name",
+            "tracked",
+            "--wandb-mode",
+            "offline",
+            "--wandb-project",
+            "effray-tests",
+            "--no-share-data",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     result = json.loads(out.strip().splitlines()[-1])
@@ -88,7 +125,9 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
         epochs = [h["epoch"] for h in run["history"] if "val_accuracy" in h and "bytes" not in h]
         assert epochs == [1, 2]
         final = next(r for r in results[trial_dir.name] if r.get("final"))
-        assert run["summary"]["accuracy"] == pytest.approx(final["accuracy"]) and run["summary"]["bytes"] == final["bytes"]
+        assert (
+            run["summary"]["accuracy"] == pytest.approx(final["accuracy"]) and run["summary"]["bytes"] == final["bytes"]
+        )
         assert run["exit_code"] == 0
     summary = summaries[0]
     fields = summary["summary"]
@@ -105,11 +144,30 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
 
 
 def test_workers_per_trial_that_cannot_fit_fails_in_one_line(ray_session, tiny_cifar, teacher, tmp_path, capsys):
-    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(_space(tmp_path)),
-                 "--workers-per-trial", "4", "--cpus-per-trial", "2", "--storage", str(tmp_path / "runs"),
-                 "--name", "toobig", "--no-wandb"])  # fmt: skip
+    code = main(
+        [
+            "tune",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(tiny_cifar),
+            "--space",
+            str(_space(tmp_path)),
+            "--workers-per-trial",
+            "4",
+            "--cpus-per-trial",
+            "2",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "toobig",
+            "--no-wandb",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "--workers-per-trial 4" in err and "needs 3.01 CPUs" in err and len(err.strip().splitlines()) == 1
+    assert (
+        code == 2 and "--workers-per-trial 4" in err and "needs 3.01 CPUs" in err and len(err.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "runs" / "toobig").exists()
 
 
@@ -120,15 +178,39 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({**SPACE, "finetune_epochs": 2}))
     storage = tmp_path / "runs"
-    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
-                 "--num-samples", "1", "--scheduler", "none", "--workers-per-trial", "2", "--cpus-per-trial", "0.9",
-                 "--data-cpus", "1", "--storage", str(storage), "--name", "ddp", "--wandb-mode", "offline"])  # fmt: skip
+    code = main(
+        [
+            "tune",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(tiny_cifar),
+            "--space",
+            str(space),
+            "--num-samples",
+            "1",
+            "--scheduler",
+            "none",
+            "--workers-per-trial",
+            "2",
+            "--cpus-per-trial",
+            "0.9",
+            "--data-cpus",
+            "1",
+            "--storage",
+            str(storage),
+            "--name",
+            "ddp",
+            "--wandb-mode",
+            "offline",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["finished"] == 1 and result["workers_per_trial"] == 2
     experiment = storage / "ddp"
-    (trial_dir, rows), = trial_rows(experiment).items()
+    ((trial_dir, rows),) = trial_rows(experiment).items()
     trial_id = trial_dir.removeprefix("trial_")
     # the trial's own Ray Train run: deterministic name, stored under the trial
     assert (experiment / trial_dir / f"ddp-{trial_id}").is_dir()
@@ -136,7 +218,9 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in epochs)
     assert all(r["val_count"] == 60 for r in epochs)  # all-reduced validation over both workers: every row once
     workers = next(r for r in rows if r.get("finetuned"))
-    assert workers["world"] == 2 and workers["val_accuracy"] == workers["final_val_accuracy"]  # Tune's metric in every row
+    assert (
+        workers["world"] == 2 and workers["val_accuracy"] == workers["final_val_accuracy"]
+    )  # Tune's metric in every row
     finals = [r for r in rows if r.get("final")]
     assert len(finals) == 1 and finals[0]["epoch"] == 3 and finals[0]["bytes"] > 0
     # rank 0 measured its final-form weights each epoch: the last is the saved artifact's size
@@ -172,9 +256,34 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
     space = tmp_path / "pareto.yaml"
     space.write_text(yaml.safe_dump(PARETO_SPACE))
     storage = tmp_path / "runs"
-    code = main(["tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space), "--search", "grid",
-                 "--num-samples", "1", "--scheduler", "pareto", "--grace-period", "1", "--reduction-factor", "3",
-                 "--max-size-kb", "200", "--storage", str(storage), "--name", "pareto", "--no-wandb"])  # fmt: skip
+    code = main(
+        [
+            "tune",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(tiny_cifar),
+            "--space",
+            str(space),
+            "--search",
+            "grid",
+            "--num-samples",
+            "1",
+            "--scheduler",
+            "pareto",
+            "--grace-period",
+            "1",
+            "--reduction-factor",
+            "3",
+            "--max-size-kb",
+            "200",
+            "--storage",
+            str(storage),
+            "--name",
+            "pareto",
+            "--no-wandb",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -223,7 +332,9 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
         assert all(0 <= f[k] <= 1 for k in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy"))
         assert f["worst_class_recall"] <= f["accuracy"]
         assert f["nll"] > 0 or configs[trial]["compress"]["finetune_lr"] == 5.0  # a diverged model's logits are NaN
-        assert f["ratio_corruption_accuracy_drop_points"] == pytest.approx(100 * (teacher_scores["corruption_accuracy"] - f["corruption_accuracy"]))
+        assert f["ratio_corruption_accuracy_drop_points"] == pytest.approx(
+            100 * (teacher_scores["corruption_accuracy"] - f["corruption_accuracy"])
+        )
     assert main(["report", "--experiment", str(experiment), "--max-size-kb", "200", "--objective", "robustness"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     finals = [r for rows in results.values() for r in rows if r.get("final")]
@@ -231,7 +342,9 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
     table = pd.read_parquet(experiment / "report" / "results.parquet")
     assert {"macro_f1", "ece", "corruption_accuracy", "pareto_robust_bytes"} <= set(table)
     assert all((experiment / "report" / name).is_file() for name in ("results.csv", "report.md", "pareto.png"))
-    assert table["artifact"].map(os.path.isfile).all() and (table["bytes"] < teacher_scores["bytes"]).all()  # packed < fp32
+    assert (
+        table["artifact"].map(os.path.isfile).all() and (table["bytes"] < teacher_scores["bytes"]).all()
+    )  # packed < fp32
     assert report["stopped_early"] == len(stopped) and report["hypervolume"] > 0
     md = (experiment / "report" / "report.md").read_text()
     assert "Hypervolume" in md and "Ended before their final measurement" in md

@@ -16,8 +16,23 @@ from effray.train.loop import HISTORY_FILE
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["--model", "convnet", "--width", "0.25", "--batch-size", "64", "--workers", "2", "--cpus-per-worker", "1",
-         "--data-cpus", "1", "--augment", "flip", "--no-wandb"]  # fmt: skip
+TRAIN = [
+    "--model",
+    "convnet",
+    "--width",
+    "0.25",
+    "--batch-size",
+    "64",
+    "--workers",
+    "2",
+    "--cpus-per-worker",
+    "1",
+    "--data-cpus",
+    "1",
+    "--augment",
+    "flip",
+    "--no-wandb",
+]
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -61,31 +76,86 @@ def _driver(cluster, *args: str):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "effray.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "RAY_ADDRESS": cluster.address})  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "effray.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": cluster.address},
+    )
 
 
 def test_pipeline_stages_on_two_nodes(cluster, tiny_cifar, tmp_path):
-    rc, result, err = cli("train", "--data", str(tiny_cifar), *TRAIN, "--epochs", "1", "--parallel", "pipeline",
-                          "--stages", "2", "--microbatches", "2", "--pipeline-schedule", "1f1b",
-                          "--storage", str(tmp_path), "--name", "pipe")  # fmt: skip
+    rc, result, err = cli(
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *TRAIN,
+        "--epochs",
+        "1",
+        "--parallel",
+        "pipeline",
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--pipeline-schedule",
+        "1f1b",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "pipe",
+    )
     assert rc == 0, err[-3000:]
     _on_two_worker_nodes(result["nodes"], cluster)  # stage 0 on one node, stage 1 on the other
     assert result["val_count"] == 60
 
 
-def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_the_file(cluster, tiny_cifar, teacher,
-                                                                                       tmp_path, capsys):  # fmt: skip
+def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_the_file(
+    cluster, tiny_cifar, teacher, tmp_path, capsys
+):
     """One Ray Train fine-tune on 2 nodes: 50 % unstructured pruning, 4-bit QAT, KD, 2 epochs
     (pruned at epoch 0, quantized at epoch 1: DDP is re-prepared twice); rank 1 dies in
     epoch 2 and the restart goes on from epoch 1's checkpoint (pruned, not yet quantized).
     The metrics file agrees with the artifact, and `effray evaluate` scores it the same."""
     out = tmp_path / "artifact"
-    rc, printed, err = cli("compress", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(out),
-                           "--prune-rate", "0.5", "--bits", "4", "--kd-alpha", "0.5", "--kd-temperature", "4",
-                           "--finetune-epochs", "2", "--finetune-batch-size", "64", "--finetune-lr", "0.02",
-                           "--calib-batches", "2", "--eval-batch-size", "64", "--workers", "2", "--cpus-per-worker", "1",
-                           "--data-cpus", "1", "--inject-failure-at-epoch", "2", "--max-failures", "1")  # fmt: skip
+    rc, printed, err = cli(
+        "compress",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(tiny_cifar),
+        "--out",
+        str(out),
+        "--prune-rate",
+        "0.5",
+        "--bits",
+        "4",
+        "--kd-alpha",
+        "0.5",
+        "--kd-temperature",
+        "4",
+        "--finetune-epochs",
+        "2",
+        "--finetune-batch-size",
+        "64",
+        "--finetune-lr",
+        "0.02",
+        "--calib-batches",
+        "2",
+        "--eval-batch-size",
+        "64",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--data-cpus",
+        "1",
+        "--inject-failure-at-epoch",
+        "2",
+        "--max-failures",
+        "1",
+    )
     assert rc == 0, err[-3000:]
     assert printed["workers"] == 2 and printed["out"] == str(out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -109,9 +179,13 @@ def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_t
     assert method["quant"]["bits"] == 4 and method["kd"]["alpha"] == 0.5
     assert metrics["config"]["compress"]["prune_rate"] == 0.5 and metrics["config"]["workers"] == 2
 
-    rc, evaluated, err = cli("evaluate", "--checkpoint", str(out), "--data", str(tiny_cifar), "--out", str(tmp_path / "eval"))
+    rc, evaluated, err = cli(
+        "evaluate", "--checkpoint", str(out), "--data", str(tiny_cifar), "--out", str(tmp_path / "eval")
+    )
     assert rc == 0, err[-3000:]
-    assert {"macro_f1", "ece", "nll", "worst_class_recall"} <= set(evaluated)  # a compressed artifact scores the same way
+    assert {"macro_f1", "ece", "nll", "worst_class_recall"} <= set(
+        evaluated
+    )  # a compressed artifact scores the same way
     assert (tmp_path / "eval" / "confusion.png").is_file() and (tmp_path / "eval" / "reliability.png").is_file()
     assert evaluated["format"].startswith("effray.compress")
     assert evaluated["count"] == metrics["eval_images"]
@@ -124,8 +198,20 @@ def test_ddp_on_two_nodes_resumes_after_a_node_is_killed_mid_epoch(cluster, tiny
     the run restarts from its newest committed checkpoint, redoes no epoch before it, and
     finishes on the survivor and the new node."""
     epochs, run_dir = 6, tmp_path / "killed"  # 4 epochs left after epoch 2 (~2 s each) for the kill to land mid-run
-    args = ["train", "--data", str(tiny_cifar), *TRAIN, "--epochs", str(epochs), "--storage", str(tmp_path),
-            "--name", "killed", "--max-failures", "3"]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *TRAIN,
+        "--epochs",
+        str(epochs),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "killed",
+        "--max-failures",
+        "3",
+    ]
     driver = _driver(cluster, *args)
     registered = _wait_registered(run_dir, 2, driver)
     rows = _history(run_dir)
@@ -167,9 +253,29 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_when_one_joins(clus
     # Ray Data also needs, the 3 survivors would hold 3 workers and leave its tasks no CPU)
     trainers = [cluster.add(elastic_trainer=1.0) for _ in range(3)]
     epochs, run_dir = 10, tmp_path / "elastic"  # after the shrink, enough left for a growth check (2 s) and a restart
-    driver = _driver(cluster, "train", "--data", str(tiny_cifar), *TRAIN, "--workers", "2-3", "--worker-resources",
-                     "elastic_trainer=1", "--batch-size", "60", "--epochs", str(epochs), "--max-failures", "3",
-                     "--grow-check-s", "2", "--storage", str(tmp_path), "--name", "elastic")  # fmt: skip
+    driver = _driver(
+        cluster,
+        "train",
+        "--data",
+        str(tiny_cifar),
+        *TRAIN,
+        "--workers",
+        "2-3",
+        "--worker-resources",
+        "elastic_trainer=1",
+        "--batch-size",
+        "60",
+        "--epochs",
+        str(epochs),
+        "--max-failures",
+        "3",
+        "--grow-check-s",
+        "2",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "elastic",
+    )
     try:
         assert _wait_registered(run_dir, 2, driver), "no 2 epochs before the kill"
         killed = _history(run_dir)[-1]["nodes"][1]
@@ -187,10 +293,16 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_when_one_joins(clus
     worlds = [r["world"] for r in rows]
     first_two = worlds.index(2)
     assert worlds[0] == 3 and worlds[-1] == 3 and 2 in worlds, worlds  # shrank, then grew
-    assert set(worlds[first_two:]) == {2, 3} and worlds[first_two:] == sorted(worlds[first_two:]), worlds  # shrank once, grew once
+    assert set(worlds[first_two:]) == {2, 3} and worlds[first_two:] == sorted(worlds[first_two:]), (
+        worlds
+    )  # shrank once, grew once
     assert killed not in rows[first_two]["nodes"] and len(set(rows[first_two]["nodes"])) == 2
     assert joined in rows[-1]["nodes"] and set(rows[-1]["nodes"]) == {*trainers, joined} - {killed}
-    calm, two, regrown = rows[:first_two], [r["epoch"] for r in rows if r["world"] == 2], rows[worlds.index(3, first_two):]
+    calm, two, regrown = (
+        rows[:first_two],
+        [r["epoch"] for r in rows if r["world"] == 2],
+        rows[worlds.index(3, first_two) :],
+    )
     assert 3 <= two[0] <= calm[-1]["epoch"] + 1  # resumed from a checkpoint the 3-node stretch committed
     assert two == list(range(two[0], two[0] + len(two)))  # on 2 nodes: each epoch once, none skipped
     assert regrown[0]["epoch"] <= two[-1] + 1  # grown from the latest checkpoint, nothing skipped
@@ -216,16 +328,56 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
     import yaml
 
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"finetune_epochs": {"grid": [1, 8]}, "prune_rate": 0.3, "bits": 8,
-                                     "finetune_batch_size": 64, "calib_batches": 1, "int8": False}))  # fmt: skip
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "finetune_epochs": {"grid": [1, 8]},
+                "prune_rate": 0.3,
+                "bits": 8,
+                "finetune_batch_size": 64,
+                "calib_batches": 1,
+                "int8": False,
+            }
+        )
+    )
     experiment = tmp_path / "runs" / "killed"
-    driver = _driver(cluster, "tune", "--teacher", str(teacher), "--data", str(tiny_cifar), "--space", str(space),
-                     "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--cpus-per-trial", "1",
-                     "--max-concurrent", "2", "--max-failures", "2", "--storage", str(tmp_path / "runs"),
-                     "--name", "killed", "--no-wandb")  # fmt: skip
+    driver = _driver(
+        cluster,
+        "tune",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(tiny_cifar),
+        "--space",
+        str(space),
+        "--search",
+        "grid",
+        "--num-samples",
+        "1",
+        "--scheduler",
+        "none",
+        "--cpus-per-trial",
+        "1",
+        "--max-concurrent",
+        "2",
+        "--max-failures",
+        "2",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "killed",
+        "--no-wandb",
+    )
 
     def long_trial() -> list[dict]:
-        return next((rows for rows in trial_rows(experiment).values() if rows and rows[0]["config"]["compress"]["finetune_epochs"] == 8), [])  # fmt: skip
+        return next(
+            (
+                rows
+                for rows in trial_rows(experiment).values()
+                if rows and rows[0]["config"]["compress"]["finetune_epochs"] == 8
+            ),
+            [],
+        )
 
     deadline = time.time() + 300
     while len(long_trial()) < 2 and driver.poll() is None and time.time() < deadline:
@@ -248,7 +400,7 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
     assert short[0]["node"] != long[0]["node"] and cluster.head not in (short[0]["node"], long[0]["node"])
     restarts = [i for i, r in enumerate(long) if r["iterations_since_restore"] == 1]
     assert len(restarts) == 2, [(r["epoch"], r["iterations_since_restore"]) for r in long]  # one retry
-    first, retry = long[:restarts[1]], long[restarts[1]:]
+    first, retry = long[: restarts[1]], long[restarts[1] :]
     resumed_after = retry[0]["epoch"] - 1
     assert resumed_after >= 2 and resumed_after in [r["epoch"] for r in first]  # its last checkpoint, not epoch 0
     assert [r["epoch"] for r in retry] == list(range(resumed_after + 1, 10))  # epochs 1..8, then the final (9)
@@ -278,9 +430,18 @@ def test_node_local_storage_is_refused_on_real_nodes(cluster, tiny_cifar, tmp_pa
     ray_cli = Path(sys.executable).parent / "ray"
     before = set(cluster.alive())
     blind = subprocess.Popen(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {local} && exec {ray_cli} start --block "
-         f"--address={cluster.address} --num-cpus=0 --object-store-memory={NODE_STORE}"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount -t tmpfs tmpfs {local} && exec {ray_cli} start --block "
+            f"--address={cluster.address} --num-cpus=0 --object-store-memory={NODE_STORE}",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not set(cluster.alive()) - before and time.time() < deadline:
@@ -289,8 +450,18 @@ def test_node_local_storage_is_refused_on_real_nodes(cluster, tiny_cifar, tmp_pa
         with pytest.raises(EffrayError, match=rf"can't see it.*{node[:8]}|{node[:8]}.*can't see it") as err:
             check_storage_for_cluster(str(local / "runs"))
         assert "\n" not in str(err.value) and "s3://" in str(err.value)
-        rc, _, stderr = cli("train", "--data", str(tiny_cifar), *TRAIN, "--epochs", "1", "--storage",
-                            str(local / "runs"), "--name", "refused")  # fmt: skip
+        rc, _, stderr = cli(
+            "train",
+            "--data",
+            str(tiny_cifar),
+            *TRAIN,
+            "--epochs",
+            "1",
+            "--storage",
+            str(local / "runs"),
+            "--name",
+            "refused",
+        )
         assert rc == 2 and stderr.count("\n") == 1 and node[:8] in stderr
         assert not (local / "runs" / "refused").exists()  # refused before anything was written
         check_storage_for_cluster(str(tmp_path / "shared"))  # every node sees this one

@@ -15,10 +15,14 @@ from effray.search.aggregate import best_within, load_trials, pareto_mask, write
 
 def brute_force(acc, cost):
     n = len(acc)
-    return np.array([
-        not any(acc[j] >= acc[i] and cost[j] <= cost[i] and (acc[j] > acc[i] or cost[j] < cost[i]) for j in range(n))
-        for i in range(n)
-    ])  # fmt: skip
+    return np.array(
+        [
+            not any(
+                acc[j] >= acc[i] and cost[j] <= cost[i] and (acc[j] > acc[i] or cost[j] < cost[i]) for j in range(n)
+            )
+            for i in range(n)
+        ]
+    )
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -40,15 +44,17 @@ def test_pareto_edge_cases():
 
 
 def _table():
-    return pd.DataFrame({
-        "trial_id": ["a", "b", "c", "d"],
-        "accuracy": [0.90, 0.85, 0.80, 0.70],
-        "bytes": [40_000, 10_000, 20_000, 4_000],
-        "macs": [4e7, 2e7, 1e7, 5e6],
-        "latency_ms": [2.0, 1.5, 1.0, 1.2],
-        "artifact": ["/x/a", "/x/b", "/x/c", "/x/d"],
-        "config.bits": [8, 4, 4, 2],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "accuracy": [0.90, 0.85, 0.80, 0.70],
+            "bytes": [40_000, 10_000, 20_000, 4_000],
+            "macs": [4e7, 2e7, 1e7, 5e6],
+            "latency_ms": [2.0, 1.5, 1.0, 1.2],
+            "artifact": ["/x/a", "/x/b", "/x/c", "/x/d"],
+            "config.bits": [8, 4, 4, 2],
+        }
+    )
 
 
 def test_budget_selection():
@@ -64,15 +70,22 @@ def test_report_files_from_trial_dirs(tmp_path):
     for _, row in _table().iterrows():
         d = exp / f"trial_{row['trial_id']}"
         d.mkdir(parents=True)
-        lines = [{"accuracy": 0.1, "epoch": 0}, {**{k: v for k, v in row.items() if not k.startswith("config.")},
-                 "final": True, "config": {"bits": int(row["config.bits"])}}]  # fmt: skip
-        (d / "result.json").write_text("\n".join(json.dumps(x, default=float) for x in lines) + "\n{\"trunc")
+        lines = [
+            {"accuracy": 0.1, "epoch": 0},
+            {
+                **{k: v for k, v in row.items() if not k.startswith("config.")},
+                "final": True,
+                "config": {"bits": int(row["config.bits"])},
+            },
+        ]
+        (d / "result.json").write_text("\n".join(json.dumps(x, default=float) for x in lines) + '\n{"trunc')
     (exp / "trial_unfinished").mkdir()
     (exp / "trial_unfinished" / "result.json").write_text(json.dumps({"accuracy": 0.5}) + "\n")
     df = load_trials(exp)
     assert sorted(df["trial_id"]) == ["a", "b", "c", "d"]
-    summary = write_report(df, tmp_path / "report", teacher={"accuracy": 0.92, "bytes": 1e6, "macs": 4e7, "latency_ms": 3},
-                           max_size_kb=20)  # fmt: skip
+    summary = write_report(
+        df, tmp_path / "report", teacher={"accuracy": 0.92, "bytes": 1e6, "macs": 4e7, "latency_ms": 3}, max_size_kb=20
+    )
     out = tmp_path / "report"
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["trial_id"]) == ["a", "b", "c", "d"]  # sorted by accuracy
@@ -115,10 +128,14 @@ def test_stopped_trials_are_listed_with_their_rung_and_who_dominated_them(tmp_pa
     from effray.search.aggregate import load_stopped
 
     exp = tmp_path / "exp"
-    for trial, rows in {"a": [{"val_accuracy": 0.6, "epoch": 1, "predicted_bytes": 100},
-                              {"accuracy": 0.6, "bytes": 101, "final": True, "macs": 5, "latency_ms": 1.0}],
-                        "b": [{"val_accuracy": 0.3, "epoch": 1, "predicted_bytes": 200}],
-                        "c": [{"val_accuracy": 0.5, "epoch": 1, "predicted_bytes": 300}]}.items():  # fmt: skip
+    for trial, rows in {
+        "a": [
+            {"val_accuracy": 0.6, "epoch": 1, "predicted_bytes": 100},
+            {"accuracy": 0.6, "bytes": 101, "final": True, "macs": 5, "latency_ms": 1.0},
+        ],
+        "b": [{"val_accuracy": 0.3, "epoch": 1, "predicted_bytes": 200}],
+        "c": [{"val_accuracy": 0.5, "epoch": 1, "predicted_bytes": 300}],
+    }.items():
         d = exp / f"trial_{trial}"
         d.mkdir(parents=True)
         (d / "result.json").write_text("\n".join(json.dumps({**r, "trial_id": trial}) for r in rows) + "\n")
@@ -126,36 +143,68 @@ def test_stopped_trials_are_listed_with_their_rung_and_who_dominated_them(tmp_pa
     (exp / "stopped.json").write_text(json.dumps({"b": {"rung": 1, "rank": 2, "dominated_by": ["a"]}}))
     stopped = load_stopped(exp).set_index("trial_id")
     assert sorted(stopped.index) == ["b", "c"]
-    assert stopped.loc["b", "outcome"] == "stopped" and stopped.loc["b", "rung"] == 1 and stopped.loc["b", "dominated_by"] == "a"
+    assert (
+        stopped.loc["b", "outcome"] == "stopped"
+        and stopped.loc["b", "rung"] == 1
+        and stopped.loc["b", "dominated_by"] == "a"
+    )
     assert stopped.loc["c", "outcome"] == "errored"
-    summary = write_report(load_trials(exp), tmp_path / "report", teacher={"accuracy": 0.7, "bytes": 1000, "macs": 9},
-                           stopped=load_stopped(exp))  # fmt: skip
+    summary = write_report(
+        load_trials(exp),
+        tmp_path / "report",
+        teacher={"accuracy": 0.7, "bytes": 1000, "macs": 9},
+        stopped=load_stopped(exp),
+    )
     md = (tmp_path / "report" / "report.md").read_text()
     assert summary["stopped_early"] == 1 and summary["hypervolume"] > 0
     assert "Ended before their final measurement (2)" in md and "| b | stopped | 1 |" in md
 
 
 def test_robustness_columns_front_panel_and_pick(tmp_path):
-    t = _table().assign(corruption_accuracy=[0.50, 0.62, 0.60, 0.40], macro_f1=[0.9, 0.84, 0.79, 0.69],
-                        worst_class_recall=[0.8, 0.7, 0.6, 0.5], ece=[0.02, 0.03, 0.05, 0.08])  # fmt: skip
+    t = _table().assign(
+        corruption_accuracy=[0.50, 0.62, 0.60, 0.40],
+        macro_f1=[0.9, 0.84, 0.79, 0.69],
+        worst_class_recall=[0.8, 0.7, 0.6, 0.5],
+        ece=[0.02, 0.03, 0.05, 0.08],
+    )
     # within 40 KB: the most accurate is a, the most robust is b
     assert best_within(t, max_size_kb=40)["trial_id"] == "a"
     assert best_within(t, max_size_kb=40, objective="robustness")["trial_id"] == "b"
     with pytest.raises(EffrayError, match="--robust-images"):
         best_within(_table(), max_size_kb=40, objective="robustness")
-    teacher = {"accuracy": 0.92, "bytes": 1e6, "macs": 4e7, "latency_ms": 3, "corruption_accuracy": 0.66, "macro_f1": 0.91}
+    teacher = {
+        "accuracy": 0.92,
+        "bytes": 1e6,
+        "macs": 4e7,
+        "latency_ms": 3,
+        "corruption_accuracy": 0.66,
+        "macro_f1": 0.91,
+    }
     summary = write_report(t, tmp_path / "r", teacher=teacher, max_size_kb=40, objective="robustness")
     table = pd.read_parquet(tmp_path / "r" / "results.parquet").set_index("trial_id")
     # robustness vs bytes: d (cheapest), b (more robust than everything at or below 10 KB... and above)
     assert table["pareto_robust_bytes"].to_dict() == {"a": False, "b": True, "c": False, "d": True}
-    assert summary["budget_pick"] == {"trial_id": "b", "accuracy": 0.85, "objective": "robustness", "bytes": 10_000,
-                                      "artifact": "/x/b", "corruption_accuracy": 0.62}  # fmt: skip
+    assert summary["budget_pick"] == {
+        "trial_id": "b",
+        "accuracy": 0.85,
+        "objective": "robustness",
+        "bytes": 10_000,
+        "artifact": "/x/b",
+        "corruption_accuracy": 0.62,
+    }
     md = (tmp_path / "r" / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| trial_id"))
     teacher_row = next(line for line in md.splitlines() if line.startswith("| teacher (fp32)"))
-    assert "| 0.66 |" in teacher_row and "| 0.91 |" in teacher_row and "★" not in teacher_row  # its scores, no front marks
-    assert "corruption accuracy 0.66" in md and "by corruption accuracy" in md  # the teacher's baseline, the pick's objective
-    assert all(f" {c} " in header for c in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy", "pareto_robust_bytes"))
+    assert (
+        "| 0.66 |" in teacher_row and "| 0.91 |" in teacher_row and "★" not in teacher_row
+    )  # its scores, no front marks
+    assert (
+        "corruption accuracy 0.66" in md and "by corruption accuracy" in md
+    )  # the teacher's baseline, the pick's objective
+    assert all(
+        f" {c} " in header
+        for c in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy", "pareto_robust_bytes")
+    )
     two = np.asarray(Image.open(tmp_path / "r" / "pareto.png"))
     write_report(_table(), tmp_path / "plain", teacher=teacher)
     one = np.asarray(Image.open(tmp_path / "plain" / "pareto.png"))

@@ -217,7 +217,7 @@ def test_convs_and_head_keep_pytorchs_default_init_as_airbench():
     torch.manual_seed(0)
     model = build_model("airbench", 10, width=1.0)
     for conv, fan_in in ((model.group1.conv1, 24 * 9), (model.group2.conv1, 64 * 9)):
-        rest = conv.weight.detach()[conv.in_channels:]  # past the dirac filters
+        rest = conv.weight.detach()[conv.in_channels :]  # past the dirac filters
         assert rest.abs().max() <= 1 / fan_in**0.5
         assert rest.std().item() == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.05)
     fc = model.head.fc.weight.detach()
@@ -255,16 +255,18 @@ def test_effray_flags_step_airbench_exactly_as_airbench94s_own_formulation():
     ours.load_state_dict(dict(zip(ours.state_dict(), initial)))
     batch, steps, freeze_at = 64, 6, 2
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(steps)]  # fmt: skip
+    data = [
+        (torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(steps)
+    ]
 
     opt_theirs = ref.make_optimizer(theirs, batch)
     sched_theirs = torch.optim.lr_scheduler.LambdaLR(opt_theirs, ref.lr_factor(steps))
     kilostep_scale = 1024 * (1 + 1 / 0.15)
     lr = 11.5 * batch / kilostep_scale
     assert 11.5 * 1024 / kilostep_scale == pytest.approx(1.5, abs=1e-3)  # the bench's --lr at batch 1024
-    opt_ours = torch.optim.SGD(param_groups(ours, 0.0153 / 11.5, lr, bias_lr_scale=64, decay_biases=True),
-                               lr=lr, momentum=0.85, nesterov=True)  # fmt: skip
+    opt_ours = torch.optim.SGD(
+        param_groups(ours, 0.0153 / 11.5, lr, bias_lr_scale=64, decay_biases=True), lr=lr, momentum=0.85, nesterov=True
+    )
     sched_ours = torch.optim.lr_scheduler.LambdaLR(opt_ours, Schedule("onecycle", steps, int(0.23 * steps), 0.2, 0.07))
     loss_theirs = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="none")
     for step, (x, y) in enumerate(data):

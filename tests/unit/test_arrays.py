@@ -16,8 +16,11 @@ META = {"num_classes": 10, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
 
 def _arrays(n: int = 50) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
-    return {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-            "label": rng.integers(0, 10, n).astype(np.int64), "index": np.arange(n, dtype=np.int64) * 3}  # fmt: skip
+    return {
+        "image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, n).astype(np.int64),
+        "index": np.arange(n, dtype=np.int64) * 3,
+    }
 
 
 def test_epochs_are_seeded_fresh_and_cover_every_row_once():
@@ -47,15 +50,28 @@ def test_load_arrays_reads_a_prepared_split_in_file_order(tmp_path):
     arrays = _arrays(30)
     (tmp_path / "train").mkdir()
     for i, rows in enumerate((slice(0, 20), slice(20, 30))):
-        pq.write_table(pa.table({"image": [x.tobytes() for x in arrays["image"][rows]], "label": arrays["label"][rows],
-                                 "index": arrays["index"][rows], "synthetic": [False] * len(arrays["label"][rows])}),
-                       tmp_path / "train" / f"part-{i:05d}.parquet")  # fmt: skip
-    (tmp_path / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "splits": ["train"],
-                                                    "image_shape": [32, 32, 3], "counts": {"train": 30}}))  # fmt: skip
+        pq.write_table(
+            pa.table(
+                {
+                    "image": [x.tobytes() for x in arrays["image"][rows]],
+                    "label": arrays["label"][rows],
+                    "index": arrays["index"][rows],
+                    "synthetic": [False] * len(arrays["label"][rows]),
+                }
+            ),
+            tmp_path / "train" / f"part-{i:05d}.parquet",
+        )
+    (tmp_path / "meta.json").write_text(
+        json.dumps(
+            {"format_version": FORMAT_VERSION, "splits": ["train"], "image_shape": [32, 32, 3], "counts": {"train": 30}}
+        )
+    )
     got = load_arrays(tmp_path, "train")
     assert all(np.array_equal(got[k], arrays[k]) for k in ("image", "label", "index"))
     first = load_arrays(tmp_path, "train", limit=25)
     assert len(first["label"]) == 25 and np.array_equal(first["image"], arrays["image"][:25])
     batches = eval_batches(got, META, 16)
     assert [len(y) for _, y in batches] == [16, 14]
-    assert torch.allclose(batches[0][0], torch.from_numpy(normalize(arrays["image"][:16], META["mean"], META["std"])), atol=1e-5)
+    assert torch.allclose(
+        batches[0][0], torch.from_numpy(normalize(arrays["image"][:16], META["mean"], META["std"])), atol=1e-5
+    )

@@ -24,9 +24,7 @@ from effray.errors import EffrayError
 ALL_OPS = OPS.names()
 
 
-def make_batch(
-    n: int = 16, h: int = 12, w: int = 12, c: int = 3, seed: int = 0
-) -> dict[str, np.ndarray]:
+def make_batch(n: int = 16, h: int = 12, w: int = 12, c: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "image": rng.integers(0, 256, (n, h, w, c), dtype=np.uint8),
@@ -113,12 +111,8 @@ def test_batch_rng_epochs_give_fresh_but_reproducible_randomness() -> None:
     assert not np.array_equal(a, pol(batch, batch_rng(0, 0, 116))["image"])
     assert not np.array_equal(a, pol(batch, batch_rng(1, 0, 100))["image"])
     g0, g1 = T.batch_generator(0, 0, 100), T.batch_generator(0, 1, 100)
-    assert torch.equal(
-        torch.rand(4, generator=g0), torch.rand(4, generator=T.batch_generator(0, 0, 100))
-    )
-    assert not torch.equal(
-        torch.rand(4, generator=g1), torch.rand(4, generator=T.batch_generator(0, 0, 100))
-    )
+    assert torch.equal(torch.rand(4, generator=g0), torch.rand(4, generator=T.batch_generator(0, 0, 100)))
+    assert not torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=T.batch_generator(0, 0, 100)))
 
 
 # ------------------------------------------------------------------ what each op does
@@ -206,9 +200,7 @@ def two_class_batch(n: int = 64) -> dict[str, np.ndarray]:
     """Class-0 images are all 0, class-1 images all 200: a pixel tells how much of each it holds."""
     label = np.arange(n) % 2
     return {
-        "image": np.broadcast_to(
-            (label * 200).astype(np.uint8)[:, None, None, None], (n, 8, 8, 3)
-        ).copy(),
+        "image": np.broadcast_to((label * 200).astype(np.uint8)[:, None, None, None], (n, 8, 8, 3)).copy(),
         "label": label.astype(np.int64),
         "index": np.arange(n),
     }
@@ -223,14 +215,10 @@ def test_mixup_and_cutmix_targets_match_the_pixels(seed: int, backend: str, appl
     np.testing.assert_allclose(mix["target"][:, 1], share, atol=0.5 / 200 + 1e-6)
     assert 0 < np.abs(mix["target"] - np.eye(2)[b["label"]]).max()
     cut = as_np(apply("cutmix(1.0)", b, seed=seed, num_classes=2))
-    np.testing.assert_allclose(
-        cut["target"][:, 1], (cut["image"] == 200).mean(axis=(1, 2, 3)), atol=1e-6
-    )
+    np.testing.assert_allclose(cut["target"][:, 1], (cut["image"] == 200).mean(axis=(1, 2, 3)), atol=1e-6)
     both = as_np(apply("mixup(1.0)|cutmix(1.0)", b, seed=seed, num_classes=2))  # a mix of a mix
     np.testing.assert_allclose(both["target"].sum(1), 1, atol=1e-5)
-    np.testing.assert_allclose(
-        both["target"][:, 1], both["image"].mean(axis=(1, 2, 3)) / 200, atol=0.5 / 200 + 1e-6
-    )
+    np.testing.assert_allclose(both["target"][:, 1], both["image"].mean(axis=(1, 2, 3)) / 200, atol=0.5 / 200 + 1e-6)
 
 
 def test_mixing_rejects_labels_outside_num_classes() -> None:
@@ -245,9 +233,7 @@ def test_crop_padding_must_fit_the_image() -> None:
 
 def test_warp_geometry_matches_exact_rotations_and_shifts() -> None:
     x = make_batch(n=4)["image"]
-    np.testing.assert_array_equal(
-        SUB_OPS["rotate"](x, np.full(4, 90.0)), np.rot90(x, 1, axes=(1, 2))
-    )
+    np.testing.assert_array_equal(SUB_OPS["rotate"](x, np.full(4, 90.0)), np.rot90(x, 1, axes=(1, 2)))
     shifted = SUB_OPS["translate_x"](x, np.full(4, 3 / 12))
     np.testing.assert_array_equal(shifted[:, :, 3:], x[:, :, :-3])
     assert (shifted[:, :, :3] == 0).all()
@@ -277,7 +263,11 @@ def test_rotate_is_nearest_neighbour_as_torchvision_unless_bilinear() -> None:
     x = (np.random.default_rng(0).beta(2, 5, (4, 16, 16, 3)) * 220).astype(np.uint8)
     mats = _rotation(np.full(4, 20.0), 16, 16)
     near = _warp_nearest(x, mats)
-    ref = tvf.rotate(torch.from_numpy(x).permute(0, 3, 1, 2), 20.0, tvf.InterpolationMode.NEAREST).permute(0, 2, 3, 1).numpy()
+    ref = (
+        tvf.rotate(torch.from_numpy(x).permute(0, 3, 1, 2), 20.0, tvf.InterpolationMode.NEAREST)
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     assert (near == ref).all(axis=-1).mean() > 0.97  # the rest: ties in rounding a coordinate
     same_pixel = (near[..., None, None, :] == x[:, None, None]).all(-1).any((-1, -2))  # every pixel is a source pixel
     assert (same_pixel | (near == 0).all(-1)).all()
@@ -368,10 +358,7 @@ def test_presets_and_canonical_text() -> None:
         "randaugment",
         "cutout",
     ]
-    assert (
-        parse_policy(" standard | cutout(8) ", 10).ops
-        == parse_policy("crop(4)|flip|cutout(size=8)", 10).ops
-    )
+    assert parse_policy(" standard | cutout(8) ", 10).ops == parse_policy("crop(4)|flip|cutout(size=8)", 10).ops
     for text in [
         *PRESETS,
         "jitter(0.4,0.4,0.4,0.1)|mixup",
@@ -383,11 +370,7 @@ def test_presets_and_canonical_text() -> None:
 
 def test_positional_and_keyword_params_agree() -> None:
     assert parse_ops("cutout(8)") == parse_ops("cutout(size=8)")
-    assert (
-        parse_ops("jitter(0.4,0.4,0.4,0.1)")
-        == parse_ops("jitter")
-        == parse_ops("jitter(0.4, hue=0.1)")
-    )
+    assert parse_ops("jitter(0.4,0.4,0.4,0.1)") == parse_ops("jitter") == parse_ops("jitter(0.4, hue=0.1)")
     assert parse_ops("flip(1)") == (("flip", {"p": 1.0}),)  # ints are fine for floats
     assert parse_ops("resized_crop(0.5, ratio=(1, 2))")[0][1] == {
         "min_scale": 0.5,
@@ -464,12 +447,8 @@ def test_normalize_both_backends() -> None:
     out = normalize(x, mean, std)
     assert out.dtype == np.float32 and out.shape == (2, 3, 12, 12) and out.flags.c_contiguous
     np.testing.assert_allclose(out[:, 1], (x[..., 1] / 255 - 0.4) / 0.25, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(
-        normalize(x, mean, std, channels_last=True), out.transpose(0, 2, 3, 1)
-    )
-    np.testing.assert_allclose(
-        T.normalize_torch(torch.from_numpy(x), mean, std).numpy(), out, atol=1e-5
-    )
+    np.testing.assert_array_equal(normalize(x, mean, std, channels_last=True), out.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(T.normalize_torch(torch.from_numpy(x), mean, std).numpy(), out, atol=1e-5)
     gray = normalize(x[..., :1], 0.5, 0.25)
     assert gray.shape == (2, 1, 12, 12)
     with pytest.raises(EffrayError, match="mean has 2 values"):
@@ -498,29 +477,21 @@ def test_torch_colour_equals_numpy() -> None:
     f = np.random.default_rng(0).uniform(0.5, 1.5, (3, 8))
     hue = np.linspace(-0.4, 0.4, 8)
     ours = adjust_colour(x, *f, hue).astype(int)
-    theirs = T.adjust_colour(
-        torch.from_numpy(x), *map(torch.from_numpy, f), torch.from_numpy(hue)
-    ).numpy()
+    theirs = T.adjust_colour(torch.from_numpy(x), *map(torch.from_numpy, f), torch.from_numpy(hue)).numpy()
     assert np.abs(ours - theirs.astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize(
-    "text", ["flip(1)", "grayscale(1)", "jitter(0,0,0,0)", "rotate(0)", "scale(1,1)"]
-)
+@pytest.mark.parametrize("text", ["flip(1)", "grayscale(1)", "jitter(0,0,0,0)", "rotate(0)", "scale(1,1)"])
 def test_torch_deterministic_ops_equal_numpy(text: str) -> None:
     b = make_batch()
-    assert (
-        np.abs(np_apply(text, b)["image"].astype(int) - as_np(t_apply(text, b))["image"]).max() <= 1
-    )
+    assert np.abs(np_apply(text, b)["image"].astype(int) - as_np(t_apply(text, b))["image"]).max() <= 1
 
 
 def pattern_batch(n: int = 1024, size: int = 12) -> dict[str, np.ndarray]:
     """One structured image (gradients, a bright square) repeated: the batch mean shows where
     an op moves content and how often, the batch std how much it varies."""
     y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    img = np.stack(
-        [x * 255, y * 200 + 30, np.where((abs(x - 0.3) < 0.2) & (abs(y - 0.6) < 0.2), 250, 60)], -1
-    )
+    img = np.stack([x * 255, y * 200 + 30, np.where((abs(x - 0.3) < 0.2) & (abs(y - 0.6) < 0.2), 250, 60)], -1)
     return {
         "image": np.broadcast_to(img.astype(np.uint8), (n, size, size, 3)).copy(),
         "label": np.zeros(n, np.int64),
@@ -568,10 +539,20 @@ def test_torch_and_numpy_mixing_ratios_agree(text: str) -> None:
     assert abs(a.mean() - t.mean()) < 0.04 and abs(a.std() - t.std()) < 0.04
 
 
-@pytest.mark.parametrize("policy", [
-    "crop(4)|flip", "flip|rotate(10)", "flip(0.3)|rotate(30)", "crop(2)|flip|rotate(5)", "flip|rotate(10,1)",
-    "crop(4)|flip(1)", "rotate(20)|flip|rotate(20)", "standard", "flip|flip|rotate(15)",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "crop(4)|flip",
+        "flip|rotate(10)",
+        "flip(0.3)|rotate(30)",
+        "crop(2)|flip|rotate(5)",
+        "flip|rotate(10,1)",
+        "crop(4)|flip(1)",
+        "rotate(20)|flip|rotate(20)",
+        "standard",
+        "flip|flip|rotate(15)",
+    ],
+)
 def test_fused_geometric_pairs_equal_the_ops_in_sequence(policy) -> None:
     """crop+flip and flip+rotate run as one gather; the output must be the pair's, pixel
     for pixel, with the same draws (so later ops in the chain see the same rng state)."""
@@ -598,7 +579,7 @@ def test_crop_gathers_what_fancy_indexing_of_the_reflect_padded_image_gives() ->
     padded = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode="reflect")
     dy, dx = (rng.integers(0, 7, 16) for _ in range(2))
     for i in range(16):
-        np.testing.assert_array_equal(out[i], padded[i, dy[i]:dy[i] + 12, dx[i]:dx[i] + 10])
+        np.testing.assert_array_equal(out[i], padded[i, dy[i] : dy[i] + 12, dx[i] : dx[i] + 10])
 
 
 # ------------------------------------------------------------------ alternating flip
@@ -637,5 +618,6 @@ def test_altflip_is_the_same_on_both_backends() -> None:
         out = np_apply("crop(2)|altflip", batch, seed=3)  # crop draws differ by backend; compare the flip alone
         np.testing.assert_array_equal(
             parse_policy("altflip", 10)(batch, None, seed=3, epoch=epoch)["image"],
-            as_np(T.parse_policy_torch("altflip", 10)(to_torch(batch), gen(0), seed=3, epoch=epoch))["image"])
+            as_np(T.parse_policy_torch("altflip", 10)(to_torch(batch), gen(0), seed=3, epoch=epoch))["image"],
+        )
         assert out["image"].shape == batch["image"].shape

@@ -21,8 +21,15 @@ from effray.train.checkpoint import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = {"checksum": "sha256:abc", "source": "test", "classes": [str(i) for i in range(10)], "num_classes": 10,
-        "image_shape": [32, 32, 3], "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+DATA = {
+    "checksum": "sha256:abc",
+    "source": "test",
+    "classes": [str(i) for i in range(10)],
+    "num_classes": 10,
+    "image_shape": [32, 32, 3],
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+}
 
 
 def _save(directory: Path, epoch: int = 1, name: str = "convnet") -> torch.nn.Module:
@@ -31,10 +38,21 @@ def _save(directory: Path, epoch: int = 1, name: str = "convnet") -> torch.nn.Mo
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     opt.step()
-    save_payload(directory, train_payload(
-        model_state=model.state_dict(), model_spec=model.spec, optimizer=opt.state_dict(), scheduler={},
-        epoch=epoch, config={"model": name, "epochs": 3}, data=DATA, history=[{"epoch": epoch}],
-        provenance={"git_sha": None, "torch": torch.__version__}, elapsed_s=1.5))  # fmt: skip
+    save_payload(
+        directory,
+        train_payload(
+            model_state=model.state_dict(),
+            model_spec=model.spec,
+            optimizer=opt.state_dict(),
+            scheduler={},
+            epoch=epoch,
+            config={"model": name, "epochs": 3},
+            data=DATA,
+            history=[{"epoch": epoch}],
+            provenance={"git_sha": None, "torch": torch.__version__},
+            elapsed_s=1.5,
+        ),
+    )
     return model.eval()
 
 
@@ -80,10 +98,17 @@ def _torch_load_calls(path: Path) -> list[ast.Call]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Call):
             fn = node.func
-            if isinstance(fn, ast.Attribute) and fn.attr == "load" and isinstance(fn.value, ast.Name) and fn.value.id == "torch":
+            if (
+                isinstance(fn, ast.Attribute)
+                and fn.attr == "load"
+                and isinstance(fn.value, ast.Name)
+                and fn.value.id == "torch"
+            ):
                 calls.append(node)
         if isinstance(node, ast.ImportFrom) and node.module == "torch":
-            assert "load" not in {a.name for a in node.names}, f"{path}: import torch.load by name; call torch.load(...)"
+            assert "load" not in {a.name for a in node.names}, (
+                f"{path}: import torch.load by name; call torch.load(...)"
+            )
     return calls
 
 

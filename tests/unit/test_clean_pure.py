@@ -55,7 +55,10 @@ def test_near_pairs_do_not_chain_and_leaks_go_to_train():
     neighbours = np.array([[1, 2], [0, 2], [3, 0], [2, 1]])
     scores = np.array([[0.95, 0.5], [0.95, 0.5], [0.97, 0.5], [0.97, 0.2]])
     found = near_findings(origin, index, label, neighbours, scores, np.arange(4), 0.9, set())
-    assert {(f["index"], f["reason"], f["duplicate_of_index"]) for f in found} == {(1, "near_duplicate", 0), (2, "leak", 3)}
+    assert {(f["index"], f["reason"], f["duplicate_of_index"]) for f in found} == {
+        (1, "near_duplicate", 0),
+        (2, "leak", 3),
+    }
 
 
 def test_row_similarity_is_the_knn_measure():

@@ -169,19 +169,29 @@ def test_rayjob_runs_train_on_a_cluster_sized_for_it():
 def test_kuberay_pod_templates_pass_the_kubernetes_schema(name):
     """Each pod template, wrapped as a core/v1 PodTemplate, against Kubernetes' own OpenAPI
     schema in strict mode (unknown fields are errors), as `kubectl apply` would check it."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' (kubernetes-validate)")
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="pip install -e '.[dev]' (kubernetes-validate)"
+    )
     for i, template in enumerate(_templates(_cluster_spec(name))):
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": template}
         kubernetes_validate.validate(wrapped, "1.30.0", strict=True)
-    bad = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "bad"},
-           "template": {"spec": {"containers": [{"name": "x", "image": "y", "resources": {"limit": {}}}]}}}  # fmt: skip
+    bad = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "bad"},
+        "template": {"spec": {"containers": [{"name": "x", "image": "y", "resources": {"limit": {}}}]}},
+    }
     with pytest.raises(kubernetes_validate.ValidationError):  # strict mode does bite
         kubernetes_validate.validate(bad, "1.30.0", strict=True)
     volume = _load(ROOT / "cluster" / "storage.yaml")
     kubernetes_validate.validate(volume, "1.30.0", strict=True)
     assert volume["spec"]["accessModes"] == ["ReadWriteMany"]
-    claims = {v["persistentVolumeClaim"]["claimName"] for t in _templates(_cluster_spec(name))
-              for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v}  # fmt: skip
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for t in _templates(_cluster_spec(name))
+        for v in t["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {volume["metadata"]["name"]}
 
 

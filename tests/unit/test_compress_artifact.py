@@ -93,7 +93,9 @@ def test_contract(tmp_path, name, pruner, quantizer):
 
     # the file is the bits: weights at their theoretical size + a few KB of layout
     floor, size = size_floor(model), os.path.getsize(path)
-    others = sum(t.numel() * 4 for k, t in model.state_dict().items() if not k.endswith("weight") and t.is_floating_point())
+    others = sum(
+        t.numel() * 4 for k, t in model.state_dict().items() if not k.endswith("weight") and t.is_floating_point()
+    )
     assert floor <= size <= floor + others + 5000, (floor, others, size)
 
 
@@ -111,8 +113,13 @@ def test_quantized_weights_pack_at_theory(tmp_path):
 
 def test_structured_artifact_records_shapes_and_loads_through_the_checkpoint_loader(tmp_path):
     model = compressed("resnet20", "structured", "qat")
-    save_artifact(tmp_path, model, config={"prune_rate": 0.5}, teacher={"checksum": "sha256:abc"},
-                  data={"mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 10})
+    save_artifact(
+        tmp_path,
+        model,
+        config={"prune_rate": 0.5},
+        teacher={"checksum": "sha256:abc"},
+        data={"mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 10},
+    )
     loaded, payload = load_checkpoint(tmp_path)  # what effray evaluate calls
     modules = read_layout(payload)["modules"]
     assert modules["s1b0.conv1"]["args"]["out_channels"] == model.s1b0.conv1.out_channels < 4

@@ -12,20 +12,23 @@ from effray.data.pipeline import DataConfig
 from effray.errors import EffrayError
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("prune_rate", 1.0, r"--prune-rate must be in \[0, 1\)"),
-    ("prune_rate", -0.2, r"--prune-rate must be in \[0, 1\)"),
-    ("bits", 1, "--bits must be 2..8"),
-    ("bits", 9, "--bits must be 2..8"),
-    ("first_layer_bits", 16, "--first-layer-bits must be 2..8"),
-    ("act_bits", 0, "--act-bits must be 2..8"),
-    ("kd_temperature", 0.0, "--kd-temperature must be > 0"),
-    ("kd_temperature", -2.0, "--kd-temperature must be > 0"),
-    ("kd_alpha", 1.5, r"--kd-alpha must be in \[0, 1\]"),
-    ("prune_kind", "random", "--prune-kind must be one of"),
-    ("student", "resnet7", "unknown --student 'resnet7'"),
-    ("prune_steps", 0, "--prune-steps must be >= 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("prune_rate", 1.0, r"--prune-rate must be in \[0, 1\)"),
+        ("prune_rate", -0.2, r"--prune-rate must be in \[0, 1\)"),
+        ("bits", 1, "--bits must be 2..8"),
+        ("bits", 9, "--bits must be 2..8"),
+        ("first_layer_bits", 16, "--first-layer-bits must be 2..8"),
+        ("act_bits", 0, "--act-bits must be 2..8"),
+        ("kd_temperature", 0.0, "--kd-temperature must be > 0"),
+        ("kd_temperature", -2.0, "--kd-temperature must be > 0"),
+        ("kd_alpha", 1.5, r"--kd-alpha must be in \[0, 1\]"),
+        ("prune_kind", "random", "--prune-kind must be one of"),
+        ("student", "resnet7", "unknown --student 'resnet7'"),
+        ("prune_steps", 0, "--prune-steps must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line(field, value, message):
     with pytest.raises(EffrayError, match=message) as err:
         validated(CompressConfig(**{field: value}))
@@ -42,8 +45,21 @@ def test_flags_and_dicts_round_trip_next_to_the_data_flags():
     parser = argparse.ArgumentParser()
     add_arguments(parser, CompressConfig)
     add_arguments(parser, DataConfig)  # no flag clashes with the data pipeline's
-    ns = parser.parse_args(["--prune-rate", "0.5", "--prune-kind", "structured", "--bits", "4",
-                            "--kd-alpha", "0.9", "--no-int8", "--data", "d"])  # fmt: skip
+    ns = parser.parse_args(
+        [
+            "--prune-rate",
+            "0.5",
+            "--prune-kind",
+            "structured",
+            "--bits",
+            "4",
+            "--kd-alpha",
+            "0.9",
+            "--no-int8",
+            "--data",
+            "d",
+        ]
+    )
     cfg = from_namespace(CompressConfig, ns)
     assert (cfg.prune_rate, cfg.prune_kind, cfg.bits, cfg.kd_alpha, cfg.int8) == (0.5, "structured", 4, 0.9, False)
     assert from_dict(CompressConfig, to_dict(cfg)) == cfg

@@ -32,14 +32,25 @@ CASES = {
     "unstructured-0.7-float": ("resnet20", {"prune_rate": 0.7}),
     "quant-only-2bit-act8": ("convnet", {"bits": 2, "act_bits": 8}),
     "kd-student-qat4": ("resnet20", {"student": "resnet20", "student_width": 0.125, "kd_alpha": 0.5, "bits": 4}),
-    "structured-cubic-3-steps": ("resnet20", {"prune_rate": 0.6, "prune_kind": "structured", "prune_schedule": "cubic",
-                                              "prune_steps": 3, "bits": 8, "finetune_epochs": 6}),
-    "structured-taylor-qat4": ("resnet20", {"prune_rate": 0.5, "prune_kind": "structured", "prune_importance": "taylor",
-                                            "bits": 4}),
+    "structured-cubic-3-steps": (
+        "resnet20",
+        {
+            "prune_rate": 0.6,
+            "prune_kind": "structured",
+            "prune_schedule": "cubic",
+            "prune_steps": 3,
+            "bits": 8,
+            "finetune_epochs": 6,
+        },
+    ),
+    "structured-taylor-qat4": (
+        "resnet20",
+        {"prune_rate": 0.5, "prune_kind": "structured", "prune_importance": "taylor", "bits": 4},
+    ),
     "unstructured-taylor-0.8-float": ("resnet20", {"prune_rate": 0.8, "prune_importance": "taylor"}),
     "ptq": ("resnet20", {"prune_rate": 0.5, "bits": 4, "quant_mode": "ptq", "finetune_epochs": 0}),
     "codec-none": ("convnet", {"prune_rate": 0.5, "bits": 4, "codec": "none"}),
-}  # fmt: skip
+}
 
 
 def teacher(name: str) -> torch.nn.Module:
@@ -49,10 +60,7 @@ def teacher(name: str) -> torch.nn.Module:
 
 def batches(n: int, seed: int, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
-        for _ in range(n)
-    ]
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -68,13 +76,24 @@ def test_prediction_matches_the_artifact_of_a_real_fine_tune(tmp_path, case):
         student(train[0][0])  # as a trial does: a forward first (its accuracy), which re-zeroes pruned weights
         so_far[epoch] = bytes_so_far(student, cfg, epoch, model.spec)
 
-    result = compress_local(model, cfg, lambda epoch: train, train[:1], batches(1, 1), tmp_path, log=lambda line: None,
-                            teacher_metrics={}, on_epoch=on_epoch)  # fmt: skip
+    result = compress_local(
+        model,
+        cfg,
+        lambda epoch: train,
+        train[:1],
+        batches(1, 1),
+        tmp_path,
+        log=lambda line: None,
+        teacher_metrics={},
+        on_epoch=on_epoch,
+    )
     real = result["student"]
     assert real["bytes"] == (tmp_path / "model.pt").stat().st_size
     # measured on the weights: unknown while the structure still changes, then the file's size
     final_form = lambda e: not any(p > e for p in prune_events(cfg)) and (quant_epoch(cfg) or 0) <= e  # noqa: E731
-    assert all((b is None) == (not final_form(e) or (cfg.quantizes and quant_epoch(cfg) is None)) for e, b in so_far.items())
+    assert all(
+        (b is None) == (not final_form(e) or (cfg.quantizes and quant_epoch(cfg) is None)) for e, b in so_far.items()
+    )
     if cfg.finetune_epochs and not (cfg.quantizes and quant_epoch(cfg) is None):
         assert so_far[cfg.finetune_epochs - 1] == real["bytes"]
     assert predicted["bytes"] == pytest.approx(real["bytes"], rel=0.02)  # measured: within 0.8 %
@@ -85,9 +104,7 @@ def test_prediction_matches_the_artifact_of_a_real_fine_tune(tmp_path, case):
     # codes a fine-tuned weight rounds to 0 (QAT), and which layer a global unstructured
     # prune hits when it ranks by Taylor scores or by already fine-tuned weights
     qat = cfg.quantizes and cfg.finetune_epochs > 0
-    spread = cfg.prune_kind == "unstructured" and (
-        cfg.prune_importance == "taylor" or len(prune_events(cfg)) > 1
-    )
+    spread = cfg.prune_kind == "unstructured" and (cfg.prune_importance == "taylor" or len(prune_events(cfg)) > 1)
     if qat:  # measured: nonzero_params within 1.5 %, sparse_macs within 2.2 %
         assert predicted["nonzero_params"] == pytest.approx(real["nonzero_params"], rel=0.02)
     else:
@@ -99,9 +116,7 @@ def test_prediction_matches_the_artifact_of_a_real_fine_tune(tmp_path, case):
 
 
 def test_prediction_leaves_the_teacher_alone_and_is_deterministic():
-    cfg = validated(
-        CompressConfig(prune_rate=0.5, prune_kind="structured", prune_importance="taylor", bits=4)
-    )
+    cfg = validated(CompressConfig(prune_rate=0.5, prune_kind="structured", prune_importance="taylor", bits=4))
     model = teacher("resnet20").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_macs_by_hand():
     torch.manual_seed(0)  # unseeded, one init weight in ~200 draws is an exact 0.0 and counts as pruned
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 10)
+    )
     expected = 8 * 32 * 32 * 3 * 9 + 8 * 32 * 32 * 10
     assert count_macs(model, (3, 32, 32)) == {"macs": expected, "sparse_macs": expected}
     with torch.no_grad():
@@ -34,8 +36,17 @@ def test_measure_reports_what_the_model_and_file_are(tmp_path):
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))]
     save_artifact(tmp_path / "t", teacher)
     t = measure(teacher, batches, artifact=tmp_path / "t", latency_batches=(1, 4), repeats={1: 3, 4: 2}, threads=1)
-    assert {"accuracy", "params", "nonzero_params", "macs", "sparse_macs", "bytes", "latency_ms_b1", "latency_ms_b4",
-            "threads"} <= set(t)
+    assert {
+        "accuracy",
+        "params",
+        "nonzero_params",
+        "macs",
+        "sparse_macs",
+        "bytes",
+        "latency_ms_b1",
+        "latency_ms_b4",
+        "threads",
+    } <= set(t)
     assert t["threads"] == 1 and t["eval_images"] == 8 and 0 <= t["accuracy"] <= 1
     assert t["params"] == sum(p.numel() for p in teacher.parameters())
     assert t["bytes"] == (tmp_path / "t" / "model.pt").stat().st_size
@@ -53,7 +64,10 @@ def test_measure_reports_what_the_model_and_file_are(tmp_path):
 
 
 def test_compare_ratios():
-    r = compare({"bytes": 10, "macs": 50, "latency_ms_b1": 2.0, "int8_latency_ms_b1": 1.0, "accuracy": 0.9},
-                {"bytes": 200, "macs": 100, "latency_ms_b1": 4.0, "accuracy": 0.92})
-    assert r == pytest.approx({"size_ratio": 20.0, "macs_ratio": 2.0, "speedup_b1": 2.0, "int8_speedup_b1": 4.0,
-                               "accuracy_drop_points": 2.0})
+    r = compare(
+        {"bytes": 10, "macs": 50, "latency_ms_b1": 2.0, "int8_latency_ms_b1": 1.0, "accuracy": 0.9},
+        {"bytes": 200, "macs": 100, "latency_ms_b1": 4.0, "accuracy": 0.92},
+    )
+    assert r == pytest.approx(
+        {"size_ratio": 20.0, "macs_ratio": 2.0, "speedup_b1": 2.0, "int8_speedup_b1": 4.0, "accuracy_drop_points": 2.0}
+    )

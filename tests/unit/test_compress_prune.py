@@ -109,7 +109,11 @@ def test_structured_removes_channels_and_keeps_residuals_valid(name, importance)
     assert out.shape == (3, 10) and torch.isfinite(out).all()
     if name == "resnet20":
         for block in (m for m in model.modules() if type(m).__name__ == "BasicBlock"):
-            shortcut_out = block.shortcut[0].out_channels if isinstance(block.shortcut, torch.nn.Sequential) else block.conv1.in_channels
+            shortcut_out = (
+                block.shortcut[0].out_channels
+                if isinstance(block.shortcut, torch.nn.Sequential)
+                else block.conv1.in_channels
+            )
             assert block.conv2.out_channels == shortcut_out == block.bn2.num_features
 
 

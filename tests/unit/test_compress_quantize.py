@@ -143,8 +143,11 @@ def test_int8_weights_are_the_students_k_bit_weights(bits):
     model = QUANTIZERS.get("ptq")(fold_bn(tiny("convnet")), data(1), bits=bits, first_bits=bits, last_bits=bits)
     converted = quantize_int8(model, data(2), reduce_range=False)  # as with VNNI: every layer int8
     fetch = lambda a: getattr(converted, a.target) if isinstance(a, torch.fx.Node) else a  # noqa: E731
-    int8_weights = [n.target(*[fetch(a) for a in n.args]) for n in converted.graph.nodes
-                    if "dequantize_per_channel" in str(n.target) and n.args[0].op == "get_attr"]  # fmt: skip
+    int8_weights = [
+        n.target(*[fetch(a) for a in n.args])
+        for n in converted.graph.nodes
+        if "dequantize_per_channel" in str(n.target) and n.args[0].op == "get_attr"
+    ]
     layers = [m for m in model.modules() if isinstance(m, QUANT_TYPES)]
     assert len(int8_weights) == len(layers) == 4
     for m in layers:

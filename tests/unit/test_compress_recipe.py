@@ -40,18 +40,44 @@ def test_student_with_other_classes_is_one_line():
         check_student(teacher.spec, build_model("convnet", 100).spec)
 
 
-@pytest.mark.parametrize("cfg", [
-    CompressConfig(prune_rate=0.5, prune_schedule="cubic", prune_steps=2, bits=4, kd_alpha=0.5, finetune_epochs=2,
-                   finetune_lr=0.01, calib_batches=1),
-    CompressConfig(prune_rate=0.3, prune_kind="structured", bits=8, quant_mode="ptq", finetune_epochs=0,
-                   calib_batches=1, codec="none"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CompressConfig(
+            prune_rate=0.5,
+            prune_schedule="cubic",
+            prune_steps=2,
+            bits=4,
+            kd_alpha=0.5,
+            finetune_epochs=2,
+            finetune_lr=0.01,
+            calib_batches=1,
+        ),
+        CompressConfig(
+            prune_rate=0.3,
+            prune_kind="structured",
+            bits=8,
+            quant_mode="ptq",
+            finetune_epochs=0,
+            calib_batches=1,
+            codec="none",
+        ),
+    ],
+)
 def test_compress_local(tmp_path, cfg):
     torch.manual_seed(0)
     teacher = build_model("resnet20", 10, width=0.25).eval()
     train, evals = batches(2, 0), batches(1, 1)
-    result = compress_local(teacher, validated(cfg), lambda epoch: train, train[:1], evals, tmp_path,
-                            teacher_info={"checksum": "sha256:x"}, log=lambda line: None)  # fmt: skip
+    result = compress_local(
+        teacher,
+        validated(cfg),
+        lambda epoch: train,
+        train[:1],
+        evals,
+        tmp_path,
+        teacher_info={"checksum": "sha256:x"},
+        log=lambda line: None,
+    )
     s, t = result["student"], result["teacher"]
     model, payload = load_artifact(tmp_path)
     assert payload["teacher"] == {"checksum": "sha256:x"} and payload["config"]["bits"] == cfg.bits
@@ -66,12 +92,37 @@ def test_compress_local(tmp_path, cfg):
         assert s["vs_teacher"]["macs_ratio"] > 1.3
 
 
-@pytest.mark.parametrize("cfg,resume_after", [
-    (CompressConfig(prune_rate=0.6, prune_schedule="cubic", prune_steps=2, bits=4, kd_alpha=0.5, finetune_epochs=4,
-                    finetune_lr=0.02, calib_batches=1, int8=False), 3),  # unstructured zeros and QAT already in
-    (CompressConfig(prune_rate=0.4, prune_kind="structured", bits=8, finetune_epochs=3, finetune_lr=0.02,
-                    calib_batches=1, int8=False), 1),  # pruned shapes in, QAT still to come
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "cfg,resume_after",
+    [
+        (
+            CompressConfig(
+                prune_rate=0.6,
+                prune_schedule="cubic",
+                prune_steps=2,
+                bits=4,
+                kd_alpha=0.5,
+                finetune_epochs=4,
+                finetune_lr=0.02,
+                calib_batches=1,
+                int8=False,
+            ),
+            3,
+        ),  # unstructured zeros and QAT already in
+        (
+            CompressConfig(
+                prune_rate=0.4,
+                prune_kind="structured",
+                bits=8,
+                finetune_epochs=3,
+                finetune_lr=0.02,
+                calib_batches=1,
+                int8=False,
+            ),
+            1,
+        ),  # pruned shapes in, QAT still to come
+    ],
+)
 def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg, resume_after):
     """The progress checkpoint after an epoch (written and read back weights-only) resumes
     the recipe to bit-identical weights: structure, latent weights, momentum, LR step, RNG."""
@@ -90,8 +141,18 @@ def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg
         def on_epoch(epoch, model, progress):
             kept[epoch + 1] = save_payload(tmp_path / f"{out.name}-progress-{epoch + 1}", progress())
 
-        compress_local(teacher, cfg, lambda epoch: batches(2, epoch), batches(1, 50), evals, out, log=lambda line: None,
-                       steps_per_epoch=2, on_epoch=on_epoch, resume=resume)  # fmt: skip
+        compress_local(
+            teacher,
+            cfg,
+            lambda epoch: batches(2, epoch),
+            batches(1, 50),
+            evals,
+            out,
+            log=lambda line: None,
+            steps_per_epoch=2,
+            on_epoch=on_epoch,
+            resume=resume,
+        )
         return load_artifact(out)[0], kept
 
     whole, kept = run(tmp_path / "whole")

@@ -34,7 +34,9 @@ class Outer:
 def test_flags_from_dataclass_roundtrip():
     parser = argparse.ArgumentParser()
     add_arguments(parser, Outer)
-    cfg = from_namespace(Outer, parser.parse_args(["--rate", "0.25", "--kind", "b", "--epochs", "3", "--fast", "--sizes", "4", "5"]))
+    cfg = from_namespace(
+        Outer, parser.parse_args(["--rate", "0.25", "--kind", "b", "--epochs", "3", "--fast", "--sizes", "4", "5"])
+    )
     assert cfg == Outer(Inner(0.25, "b"), 3, True, (4, 5))
     assert to_dict(cfg) == {"inner": {"rate": 0.25, "kind": "b"}, "epochs": 3, "fast": True, "sizes": [4, 5]}
     assert from_dict(Outer, to_dict(cfg)) == cfg
@@ -82,13 +84,36 @@ def test_console_script_and_bad_flag():
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--data", "d", "--workers", "2-3", "--batch-size", "60", "--resize-timeout-s", "0"], "--resize-timeout-s must be > 0"),
-    (["train", "--data", "d", "--grow-check-s", "-1"], "--grow-check-s and --resize-timeout-s must be > 0"),
-    (["compress", "--teacher", "t", "--data", "d", "--out", "o", "--max-failures", "-2"], "--max-failures must be >= -1"),
-    (["compress", "--teacher", "t", "--data", "d", "--out", "o", "--finetune-epochs", "2", "--inject-failure-at-epoch", "3"],
-     "--inject-failure-at-epoch must be -1 or 1..2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", "--data", "d", "--workers", "2-3", "--batch-size", "60", "--resize-timeout-s", "0"],
+            "--resize-timeout-s must be > 0",
+        ),
+        (["train", "--data", "d", "--grow-check-s", "-1"], "--grow-check-s and --resize-timeout-s must be > 0"),
+        (
+            ["compress", "--teacher", "t", "--data", "d", "--out", "o", "--max-failures", "-2"],
+            "--max-failures must be >= -1",
+        ),
+        (
+            [
+                "compress",
+                "--teacher",
+                "t",
+                "--data",
+                "d",
+                "--out",
+                "o",
+                "--finetune-epochs",
+                "2",
+                "--inject-failure-at-epoch",
+                "3",
+            ],
+            "--inject-failure-at-epoch must be -1 or 1..2",
+        ),
+    ],
+)
 def test_failover_flags_refuse_bad_values_in_one_line(args, message, capsys):
     """The elastic and restart knobs: a bad value is exit 2 and one line naming the flag."""
     assert main(["--dry-run", *args]) == 2
@@ -102,8 +127,14 @@ def test_auto_flag_parses_auto_and_numbers_and_shows_auto_in_help(capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser, TrainConfig)
     assert from_namespace(TrainConfig, parser.parse_args(["--data", "d"])).cpus_per_worker == 0.0
-    assert from_namespace(TrainConfig, parser.parse_args(["--data", "d", "--cpus-per-worker", "auto"])).cpus_per_worker == 0.0
-    assert from_namespace(TrainConfig, parser.parse_args(["--data", "d", "--cpus-per-worker", "1.5"])).cpus_per_worker == 1.5
+    assert (
+        from_namespace(TrainConfig, parser.parse_args(["--data", "d", "--cpus-per-worker", "auto"])).cpus_per_worker
+        == 0.0
+    )
+    assert (
+        from_namespace(TrainConfig, parser.parse_args(["--data", "d", "--cpus-per-worker", "1.5"])).cpus_per_worker
+        == 1.5
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--cpus-per-worker", "lots"])
     with pytest.raises(SystemExit):

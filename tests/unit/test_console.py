@@ -48,5 +48,7 @@ def test_follow_jsonl_sees_appended_lines(tmp_path):
     seen = []
     with console.follow_jsonl(history, seen.append, every_s=0.05):
         with open(history, "a") as f:
-            f.write(json.dumps({"epoch": 1}) + "\n" + json.dumps({"epoch": 2}) + "\n" + '{"epoch": 3')  # the last is cut
+            f.write(
+                json.dumps({"epoch": 1}) + "\n" + json.dumps({"epoch": 2}) + "\n" + '{"epoch": 3'
+            )  # the last is cut
     assert [r["epoch"] for r in seen] == [1, 2]

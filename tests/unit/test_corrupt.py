@@ -26,8 +26,15 @@ def images(cifar_parquet) -> np.ndarray:
 
 
 def test_the_issue_s_corruptions_are_all_there():
-    assert set(NOISY) | {"gaussian_blur", "defocus_blur", "contrast", "brightness", "saturate", "pixelate",
-                         "jpeg_compression"} <= set(CORRUPTIONS)  # fmt: skip
+    assert set(NOISY) | {
+        "gaussian_blur",
+        "defocus_blur",
+        "contrast",
+        "brightness",
+        "saturate",
+        "pixelate",
+        "jpeg_compression",
+    } <= set(CORRUPTIONS)
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
@@ -43,8 +50,9 @@ def test_severity_zero_is_the_identity_and_every_severity_keeps_the_format(image
 def test_noise_is_seeded_per_row_whatever_the_batching(images, name):
     rows = np.arange(100, 100 + len(images))
     whole = corrupt(images, name, 3, seed=7, rows=rows)
-    split = np.concatenate([corrupt(images[:17], name, 3, seed=7, rows=rows[:17]),
-                            corrupt(images[17:], name, 3, seed=7, rows=rows[17:])])  # fmt: skip
+    split = np.concatenate(
+        [corrupt(images[:17], name, 3, seed=7, rows=rows[:17]), corrupt(images[17:], name, 3, seed=7, rows=rows[17:])]
+    )
     assert np.array_equal(whole, split)
     assert not np.array_equal(whole, corrupt(images, name, 3, seed=8, rows=rows))
     batch = corrupt_batch({"image": images, "label": np.zeros(len(images)), "index": rows}, name, 3, seed=7)
@@ -88,8 +96,12 @@ def test_saturate_follows_the_published_parameters_which_are_not_monotone(images
 def test_pixelate_matches_pil_box_resizes_within_one_level(images):
     for s, c in enumerate([0.95, 0.9, 0.85, 0.75, 0.65], start=1):
         small = int(32 * c)
-        ref = np.stack([np.asarray(Image.fromarray(im).resize((small, small), Image.BOX).resize((32, 32), Image.BOX))
-                        for im in images])  # fmt: skip
+        ref = np.stack(
+            [
+                np.asarray(Image.fromarray(im).resize((small, small), Image.BOX).resize((32, 32), Image.BOX))
+                for im in images
+            ]
+        )
         assert np.abs(corrupt(images, "pixelate", s).astype(int) - ref).max() <= 1
 
 

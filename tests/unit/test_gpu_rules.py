@@ -12,11 +12,18 @@ import torch
 from effray.errors import EffrayError
 
 
-@pytest.mark.parametrize("workers,gpus,ok", [
-    (2, 0.5, False), (4, 0.25, False), (2, 1.5, False),  # two NCCL ranks on one GPU, or a split GPU
-    (2, 1.0, True), (4, 2.0, True), (2, 0.0, True),      # whole GPUs, or CPUs
-    (1, 0.5, True),                                      # one rank: nobody to share a GPU with
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "workers,gpus,ok",
+    [
+        (2, 0.5, False),
+        (4, 0.25, False),
+        (2, 1.5, False),  # two NCCL ranks on one GPU, or a split GPU
+        (2, 1.0, True),
+        (4, 2.0, True),
+        (2, 0.0, True),  # whole GPUs, or CPUs
+        (1, 0.5, True),  # one rank: nobody to share a GPU with
+    ],
+)
 def test_nccl_workers_need_whole_gpus(workers, gpus, ok):
     from effray.data.pipeline import DataConfig
     from effray.train.config import TrainConfig
@@ -71,8 +78,11 @@ def test_rng_state_holds_no_gpu_state_for_a_cpu_worker():
 def test_collate_keeps_uint8_and_picks_a_ranks_rows_on_the_host():
     from effray.data.pipeline import ToModelInput
 
-    batch = {"image": np.arange(6 * 2 * 2 * 3, dtype=np.uint8).reshape(6, 2, 2, 3),
-             "label": np.arange(6, dtype=np.int64), "index": np.array([10, 11, 12, 13, 14, 15])}  # fmt: skip
+    batch = {
+        "image": np.arange(6 * 2 * 2 * 3, dtype=np.uint8).reshape(6, 2, 2, 3),
+        "label": np.arange(6, dtype=np.int64),
+        "index": np.array([10, 11, 12, 13, 14, 15]),
+    }
     out = ToModelInput(rows=(1, 3))(batch)
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (2, 2, 2, 3)
     assert out["index"].tolist() == [10, 13]  # index % 3 == 1
@@ -108,10 +118,32 @@ def test_accumulated_step_equals_one_step_over_the_whole_batch():
 def test_workers_min_max_is_elastic_and_keeps_the_global_batch_whole():
     from effray.cli import main
 
-    assert main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers", "2-4", "--batch-size", "96"]) == 0
-    assert main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers=2-3", "--batch-size", "64"]) == 2
-    assert main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers", "2-4", "--parallel", "pipeline",
-                 "--batch-size", "96"]) == 2  # fmt: skip
+    assert (
+        main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers", "2-4", "--batch-size", "96"])
+        == 0
+    )
+    assert (
+        main(["--dry-run", "train", "--data", "d", "--storage", "/tmp/s", "--workers=2-3", "--batch-size", "64"]) == 2
+    )
+    assert (
+        main(
+            [
+                "--dry-run",
+                "train",
+                "--data",
+                "d",
+                "--storage",
+                "/tmp/s",
+                "--workers",
+                "2-4",
+                "--parallel",
+                "pipeline",
+                "--batch-size",
+                "96",
+            ]
+        )
+        == 2
+    )
     from effray.data.pipeline import DataConfig
     from effray.train.config import TrainConfig
 

@@ -129,11 +129,7 @@ def test_batchnorm_everywhere_and_no_dropout(name):
 
 def test_resnet_projects_exactly_where_shape_changes():
     model = build_model("resnet20", num_classes=10)
-    projections = [
-        n
-        for n, m in model.named_modules()
-        if n.endswith("shortcut") and not isinstance(m, nn.Identity)
-    ]
+    projections = [n for n, m in model.named_modules() if n.endswith("shortcut") and not isinstance(m, nn.Identity)]
     assert projections == ["s2b0.shortcut", "s3b0.shortcut"]
     assert isinstance(model.s2b0.shortcut[0], nn.Conv2d)
     assert model.s2b0.shortcut[0].kernel_size == (1, 1)
@@ -205,7 +201,7 @@ def _halve_conv_out(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[nn.Conv2d, nn.
 
 
 def _halve_conv_in(conv: nn.Conv2d) -> nn.Conv2d:
-    return nn.Conv2d(conv.in_channels // 2, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)  # fmt: skip
+    return nn.Conv2d(conv.in_channels // 2, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
 
 
 @pytest.mark.parametrize("name", ["convnet", "fastnet", "resnet20"])

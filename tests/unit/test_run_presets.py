@@ -28,9 +28,13 @@ def test_a_yaml_preset_is_its_base_with_the_files_settings_on_top(tmp_path):
     plan = plan_stages(RunConfig(preset=spec, out=str(tmp_path / "run")))
     assert (plan.train.epochs, plan.train.data.augment, plan.tune.num_samples) == (3, "strong", 2)
     demo = PRESETS["demo"]
-    assert plan.train.model == demo["train"]["model"] and plan.train.width == demo["train"]["width"]  # kept from the base
+    assert (
+        plan.train.model == demo["train"]["model"] and plan.train.width == demo["train"]["width"]
+    )  # kept from the base
     assert plan.prepare.limit == demo["prepare"]["limit"] and plan.tune.scheduler == "pareto"
-    assert plan.tune.teacher == str(tmp_path / "run" / "teacher" / "teacher") and plan.train.data.data == str(tmp_path / "run" / "data")
+    assert plan.tune.teacher == str(tmp_path / "run" / "teacher" / "teacher") and plan.train.data.data == str(
+        tmp_path / "run" / "data"
+    )
     assert load_preset("demo") == demo and load_preset("demo") is not demo  # a copy: the built-in stays as it is
 
 
@@ -39,15 +43,18 @@ def test_a_preset_without_base_starts_from_the_configs_defaults(tmp_path):
     assert plan.train.epochs == 2 and plan.tune.space == "demo" and plan.prepare.limit == 0
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("base: demo\ntrain:\n  epoch: 3\n", r"train: unknown TrainConfig key\(s\) epoch"),
-    ("base: demo\ntrain:\n  epochs: -1\n", r"train: --epochs must be a positive integer"),
-    ("base: demo\ntune:\n  space: nospace\n", r"tune: --space 'nospace' is neither a preset"),
-    ("train: [1\n", r"not valid YAML"),
-    ("base: big\n", r"base 'big' is not a built-in preset"),
-    ("teacher:\n  epochs: 3\n", r"unknown section\(s\) teacher"),
-    ("- 1\n- 2\n", r"expected a mapping"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: demo\ntrain:\n  epoch: 3\n", r"train: unknown TrainConfig key\(s\) epoch"),
+        ("base: demo\ntrain:\n  epochs: -1\n", r"train: --epochs must be a positive integer"),
+        ("base: demo\ntune:\n  space: nospace\n", r"tune: --space 'nospace' is neither a preset"),
+        ("train: [1\n", r"not valid YAML"),
+        ("base: big\n", r"base 'big' is not a built-in preset"),
+        ("teacher:\n  epochs: 3\n", r"unknown section\(s\) teacher"),
+        ("- 1\n- 2\n", r"expected a mapping"),
+    ],
+)
 def test_a_bad_preset_fails_in_one_line_before_anything_runs(tmp_path, text, message):
     spec, out = _write(tmp_path, text), tmp_path / "run"
     with pytest.raises(EffrayError, match=message):
@@ -63,8 +70,18 @@ def test_an_unknown_preset_name_names_the_choices(tmp_path):
 
 
 def test_dry_run_prints_every_stage_and_its_resources():
-    rc, summary, err = cli("--dry-run", "run", "--preset", "cifar10", "--source", "s3://bucket/cifar10.parquet",
-                           "--out", "/mnt/effray/cifar10", "--cluster-config", str(CLUSTER_YAML))  # fmt: skip
+    rc, summary, err = cli(
+        "--dry-run",
+        "run",
+        "--preset",
+        "cifar10",
+        "--source",
+        "s3://bucket/cifar10.parquet",
+        "--out",
+        "/mnt/effray/cifar10",
+        "--cluster-config",
+        str(CLUSTER_YAML),
+    )
     assert rc == 0, err
     plan = summary["plan"]
     assert plan["train"]["workers"] == 4 and plan["train"]["gpus_per_worker"] == 1.0 and plan["prepare"]["limit"] == 0
@@ -82,9 +99,12 @@ def test_the_cifar10_preset_fits_the_shipped_cluster_yaml():
 
 def test_a_preset_too_big_for_the_cluster_is_refused(tmp_path):
     spec = _write(tmp_path, "base: cifar10\ntrain:\n  workers: 16\ntune:\n  cpus_per_trial: 6.0\n")
-    with pytest.raises(EffrayError, match=r"doesn't fit .*cluster.yaml: the teacher's workers needs 16 x \(4 CPU, 1 GPU\) "
-                                          r"on one node each; the cluster holds 8 at most; a search trial needs 1 x "
-                                          r"\(6 CPU, 1 GPU\) .* holds 0 at most"):  # fmt: skip
+    with pytest.raises(
+        EffrayError,
+        match=r"doesn't fit .*cluster.yaml: the teacher's workers needs 16 x \(4 CPU, 1 GPU\) "
+        r"on one node each; the cluster holds 8 at most; a search trial needs 1 x "
+        r"\(6 CPU, 1 GPU\) .* holds 0 at most",
+    ):
         RunConfig(preset=spec, source="s3://b/c.parquet", out="/mnt/e", cluster_config=str(CLUSTER_YAML)).validate()
 
 

@@ -31,8 +31,16 @@ def test_dominated_trial_is_stopped_at_its_rung():
     s = ParetoASHA()
     assert report(s, "a", 1, 0.90, 100) == CONTINUE  # alone at the rung
     assert report(s, "b", 1, 0.80, 200) == STOP  # less accurate and bigger
-    assert s.stopped["b"] == {"rung": 1, "rank": 2, "rung_size": 2, "kept": 1, "dominated_by": ["a"],
-                              "val_accuracy": 0.80, "predicted_bytes": 200, "epoch": 1}  # fmt: skip
+    assert s.stopped["b"] == {
+        "rung": 1,
+        "rank": 2,
+        "rung_size": 2,
+        "kept": 1,
+        "dominated_by": ["a"],
+        "val_accuracy": 0.80,
+        "predicted_bytes": 200,
+        "epoch": 1,
+    }
     assert list(s.stopped) == ["b"] and s.rungs_reached("b") == [1]
 
 
@@ -225,8 +233,14 @@ def test_ray_asha_stops_a_trial_after_its_last_epoch_and_the_safe_one_does_not()
     after it had paid for all its training, and discarded it before its final measurement."""
     from effray.search.scheduler import LastEpochSafeASHA
 
-    kwargs = {"metric": "val_accuracy", "mode": "max", "time_attr": "epoch", "max_t": 100, "grace_period": 1,
-              "reduction_factor": 2}  # fmt: skip
+    kwargs = {
+        "metric": "val_accuracy",
+        "mode": "max",
+        "time_attr": "epoch",
+        "max_t": 100,
+        "grace_period": 1,
+        "reduction_factor": 2,
+    }
     plain, safe = ASHAScheduler(**kwargs), LastEpochSafeASHA(**kwargs)
     for s in (plain, safe):
         for tid in ("long", "short", "later"):

@@ -28,8 +28,21 @@ def costs(tmp_path_factory) -> CostModel:
     torch.manual_seed(0)
     model = build_model("convnet", 10, 3, 0.25)
     path = tmp_path_factory.mktemp("teacher")
-    save_payload(path, train_payload(model_state=model.state_dict(), model_spec=model.spec, optimizer={}, scheduler={},
-                                     epoch=1, config={}, data={}, history=[], provenance={}, elapsed_s=0.0))  # fmt: skip
+    save_payload(
+        path,
+        train_payload(
+            model_state=model.state_dict(),
+            model_spec=model.spec,
+            optimizer={},
+            scheduler={},
+            epoch=1,
+            config={},
+            data={},
+            history=[],
+            provenance={},
+            elapsed_s=0.0,
+        ),
+    )
     teacher = {"macs": 1_000_000, "latency_ms_b1": 2.0}
     return CostModel(str(path), to_dict(CompressConfig(teacher=str(path))), teacher)
 
@@ -41,7 +54,11 @@ def test_sampler_is_seeded_in_range_and_expands_grids():
     assert draws != [SpaceSampler(SPACE, 4).next() for _ in range(50)]
     assert all(0.2 <= d["prune_rate"] <= 0.8 and 0.001 <= d["finetune_lr"] <= 0.1 for d in draws)
     assert {d["bits"] for d in draws} == {4, 8, 32} and all(isinstance(d["bits"], int) for d in draws)
-    grid = SpaceSampler({"bits": {"grid": [4, 8]}, "prune_rate": {"grid": [0.3, 0.6]}, "finetune_lr": {"uniform": [0.01, 0.02]}}, 0, repeats=2)
+    grid = SpaceSampler(
+        {"bits": {"grid": [4, 8]}, "prune_rate": {"grid": [0.3, 0.6]}, "finetune_lr": {"uniform": [0.01, 0.02]}},
+        0,
+        repeats=2,
+    )
     points = [grid.next() for _ in range(8)]
     assert grid.next() is None
     assert sorted((p["bits"], p["prune_rate"]) for p in points) == sorted([(4, 0.3), (4, 0.6), (8, 0.3), (8, 0.6)] * 2)

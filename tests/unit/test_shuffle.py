@@ -23,8 +23,8 @@ def test_every_row_once_per_epoch_disjoint_across_replicas(rows: int, replicas: 
     # step k of every replica together is exactly rows k*B..(k+1)*B of one permutation
     whole = replica_rows(rows, 5, 2, 0, 1, batch)
     for k in range(steps_per_epoch(rows, batch, replicas)):
-        step = np.concatenate([s[k * per:(k + 1) * per] for s in shares])
-        assert sorted(step.tolist()) == sorted(whole[k * batch:(k + 1) * batch].tolist())
+        step = np.concatenate([s[k * per : (k + 1) * per] for s in shares])
+        assert sorted(step.tolist()) == sorted(whole[k * batch : (k + 1) * batch].tolist())
 
 
 def test_epochs_differ_and_a_seed_repeats() -> None:

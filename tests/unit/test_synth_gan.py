@@ -143,18 +143,16 @@ def test_training_steps_move_the_losses_the_right_way(one_thread, real_batch):
 def test_frechet_distance_math():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 6))
-    assert frechet_distance(
-        a.mean(0), np.cov(a, rowvar=False), a.mean(0), np.cov(a, rowvar=False)
-    ) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(a.mean(0), np.cov(a, rowvar=False), a.mean(0), np.cov(a, rowvar=False)) == pytest.approx(
+        0, abs=1e-6
+    )
     assert feature_frechet(a, a.copy()) == pytest.approx(0, abs=1e-6)
     # N(0, I) vs N(m, 4I) in d dims: |m|^2 + d (1 + 4 - 2 * 2)
     d, m = 4, np.array([1.0, 2.0, 0.0, -1.0])
     assert frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(m @ m + d)
     # diagonal covariances: sum (sqrt(a) - sqrt(b))^2
     s1, s2 = np.diag([1.0, 9.0]), np.diag([4.0, 1.0])
-    assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(
-        (1 - 2) ** 2 + (3 - 1) ** 2
-    )
+    assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx((1 - 2) ** 2 + (3 - 1) ** 2)
     # from samples: close to the closed form
     x = rng.normal(size=(20000, d))
     y = m + 2 * rng.normal(size=(20000, d))

@@ -50,8 +50,12 @@ def test_scheduler_state_survives_a_weights_only_checkpoint():
 def test_no_weight_decay_on_norms_and_biases():
     model = build_model("resnet20", num_classes=10, width=0.5)
     decay, no_decay = param_groups(model, 5e-4)
-    bn_and_bias = [p for m in model.modules() for p in m.parameters(recurse=False)
-                   if isinstance(m, torch.nn.BatchNorm2d) or p.ndim == 1]  # fmt: skip
+    bn_and_bias = [
+        p
+        for m in model.modules()
+        for p in m.parameters(recurse=False)
+        if isinstance(m, torch.nn.BatchNorm2d) or p.ndim == 1
+    ]
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in bn_and_bias} and no_decay["weight_decay"] == 0
     assert decay["weight_decay"] == 5e-4 and all(p.ndim > 1 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -70,19 +74,22 @@ def _cfg(**kw) -> TrainConfig:
     return from_dict(TrainConfig, {**to_dict(TrainConfig(data=DataConfig(data="/d"))), **kw})
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"model": "vgg99"}, "unknown model 'vgg99'; valid: airbench, convnet"),
-    ({"epochs": 0}, "--epochs must be a positive integer"),
-    ({"batch_size": 0}, "--batch-size must be a positive integer"),
-    ({"workers": -1}, "--workers must be a positive integer"),
-    ({"batch_size": 100, "workers": 3}, "multiple of --workers"),
-    ({"warmup_epochs": 20}, "--warmup-epochs"),
-    ({"lr_end": 1.5}, "--lr-start and --lr-end"),
-    ({"whiten_bias_epochs": -1}, "--whiten-bias-epochs"),
-    ({"name": "../escape"}, "--name"),
-    ({"inject_failure_at_epoch": 99}, "--inject-failure-at-epoch"),
-    ({"parallel": "zero3"}, None),  # argparse enforces choices; a dict with it still validates
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"model": "vgg99"}, "unknown model 'vgg99'; valid: airbench, convnet"),
+        ({"epochs": 0}, "--epochs must be a positive integer"),
+        ({"batch_size": 0}, "--batch-size must be a positive integer"),
+        ({"workers": -1}, "--workers must be a positive integer"),
+        ({"batch_size": 100, "workers": 3}, "multiple of --workers"),
+        ({"warmup_epochs": 20}, "--warmup-epochs"),
+        ({"lr_end": 1.5}, "--lr-start and --lr-end"),
+        ({"whiten_bias_epochs": -1}, "--whiten-bias-epochs"),
+        ({"name": "../escape"}, "--name"),
+        ({"inject_failure_at_epoch": 99}, "--inject-failure-at-epoch"),
+        ({"parallel": "zero3"}, None),  # argparse enforces choices; a dict with it still validates
+    ],
+)
 def test_bad_configs_are_one_line_errors(kw, message):
     if message is None:
         _cfg(**kw)
@@ -97,7 +104,9 @@ def test_run_name_is_deterministic_and_ignores_what_doesnt_change_the_result():
     assert default_run_name(base).startswith("fastnet-")
     assert default_run_name(_cfg(max_failures=5, wandb_project="x", storage="/elsewhere")) == default_run_name(base)
     assert default_run_name(_cfg(lr=0.3)) != default_run_name(base)
-    assert default_run_name(_cfg(data={"data": "/d", "cache_decoded": False})) == default_run_name(_cfg(data={"data": "/d"}))
+    assert default_run_name(_cfg(data={"data": "/d", "cache_decoded": False})) == default_run_name(
+        _cfg(data={"data": "/d"})
+    )
     assert default_run_name(_cfg(data={"data": "/d", "augment": "flip"})) != default_run_name(_cfg(data={"data": "/d"}))
     assert _cfg().seed == 0 and _cfg(data={"data": "/d", "seed": 4}).seed == 4
     assert stable_run_id("/runs", "a") == stable_run_id("/runs/", "a") != stable_run_id("/runs", "b")
@@ -114,14 +123,17 @@ def test_resource_check_refuses_what_the_cluster_can_never_hold():
         check_resources(_cfg(cpus_per_worker=4.0), {"CPU": 10.0}, [{"CPU": 2.0}] * 5)
 
 
-@pytest.mark.parametrize("requested, env, disabled, want", [
-    ("auto", {"WANDB_MODE": "offline", "WANDB_API_KEY": "k"}, False, "offline"),
-    ("auto", {"WANDB_API_KEY": "k"}, False, "online"),
-    ("auto", {"WANDB_MODE": "dryrun"}, False, "offline"),
-    ("online", {}, False, "online"),
-    ("online", {}, True, "disabled"),
-    ("disabled", {"WANDB_API_KEY": "k"}, False, "disabled"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "requested, env, disabled, want",
+    [
+        ("auto", {"WANDB_MODE": "offline", "WANDB_API_KEY": "k"}, False, "offline"),
+        ("auto", {"WANDB_API_KEY": "k"}, False, "online"),
+        ("auto", {"WANDB_MODE": "dryrun"}, False, "offline"),
+        ("online", {}, False, "online"),
+        ("online", {}, True, "disabled"),
+        ("disabled", {"WANDB_API_KEY": "k"}, False, "disabled"),
+    ],
+)
 def test_wandb_mode_decision(requested, env, disabled, want):
     assert decide_wandb_mode(requested, env, disabled=disabled) == want
 
@@ -206,13 +218,25 @@ def test_cpus_per_worker_auto_fits_the_cluster_it_finds():
     assert laptop.cpus_per_worker == 0.5
     check_resources(laptop, {"CPU": 2.0}, [{"CPU": 2.0}])  # what failed before on a 2-core laptop
     # several nodes: no worker asks for more than one node holds; quarter CPUs
-    assert fit_cpus_per_worker(auto, {"CPU": 33.0}, [{"CPU": 1.0}, {"CPU": 16.0}, {"CPU": 16.0}]).cpus_per_worker == 16.0
-    assert fit_cpus_per_worker(_cfg(workers=3, batch_size=384, data_cpus=1.0), {"CPU": 8.0}, [{"CPU": 8.0}]).cpus_per_worker == 2.25
+    assert (
+        fit_cpus_per_worker(auto, {"CPU": 33.0}, [{"CPU": 1.0}, {"CPU": 16.0}, {"CPU": 16.0}]).cpus_per_worker == 16.0
+    )
+    assert (
+        fit_cpus_per_worker(
+            _cfg(workers=3, batch_size=384, data_cpus=1.0), {"CPU": 8.0}, [{"CPU": 8.0}]
+        ).cpus_per_worker
+        == 2.25
+    )
     # GPUs: the scarcest GPU node's CPUs per GPU, times a worker's GPUs
-    gpus = fit_cpus_per_worker(_cfg(workers=4, gpus_per_worker=1.0), {"CPU": 48.0, "GPU": 6.0},
-                               [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}])  # fmt: skip
+    gpus = fit_cpus_per_worker(
+        _cfg(workers=4, gpus_per_worker=1.0),
+        {"CPU": 48.0, "GPU": 6.0},
+        [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}],
+    )
     assert gpus.cpus_per_worker == 8.0
-    assert fit_cpus_per_worker(_cfg(workers=2, cpus_per_worker=3.0), {"CPU": 2.0}, []).cpus_per_worker == 3.0  # given: kept
+    assert (
+        fit_cpus_per_worker(_cfg(workers=2, cpus_per_worker=3.0), {"CPU": 2.0}, []).cpus_per_worker == 3.0
+    )  # given: kept
     with pytest.raises(EffrayError, match="leave no CPU"):
         fit_cpus_per_worker(_cfg(workers=2, data_cpus=1.0), {"CPU": 1.0}, [{"CPU": 1.0}])
 
