@@ -32,7 +32,7 @@ from torch import nn
 
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
-from effray.train.strategy import cpu_summary
+from effray.hardware import cpu_summary
 
 HYP = {
     "lr": 11.5,

@@ -33,8 +33,8 @@ from effray.clean.config import ROW_REASONS
 from effray.clean.labels import predict_probs
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
+from effray.hardware import cpu_summary
 from effray.train.local import fit_arrays
-from effray.train.strategy import cpu_summary
 
 VARIANTS = {
     "raw": (),

@@ -47,9 +47,9 @@ from effray.clean.dataset import without_rows, write_dataset
 from effray.clean.embed import PIXEL_GRID, finish
 from effray.clean.knn import knn
 from effray.clean.run import _check_checkpoint, _gpus, embed_pass, hash_pass
-from effray.data.pipeline import use_ray_data_env
+from effray.cluster import use_ray_data_env
 from effray.data.prepare import PrepareConfig, load_meta, prepare
-from effray.train.strategy import cpu_summary
+from effray.hardware import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -41,16 +41,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from effray.data.pipeline import (
-    DataConfig,
-    kill_clock,
-    torch_batches,
-    train_dataset,
-    use_ray_data_env,
-)
+from effray.cluster import use_ray_data_env
+from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.data.shuffle import cache_split, epoch_dataset
-from effray.train.strategy import cpu_summary
+from effray.hardware import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "flip|rotate(10)"

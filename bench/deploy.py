@@ -156,10 +156,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from effray.compress.int8 import int8_ops, quantize_int8, quiet, to_int8
+    from effray.data.arrays import prepared_batches
     from effray.deploy.export import ExportConfig, export
     from effray.deploy.model import EXPORT_FILES, load_deployable, load_program, normalise
-    from effray.evaluate import load_checkpoint, prepared_batches
-    from effray.train.strategy import bf16_native
+    from effray.hardware import bf16_native
+    from effray.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
     bf16 = bf16_native(torch.device("cpu"))

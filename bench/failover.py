@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from effray.hardware import cpu_summary
 from effray.local_cluster import LocalCluster, local_cluster
 from effray.train.loop import HISTORY_FILE
-from effray.train.strategy import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

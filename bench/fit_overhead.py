@@ -22,7 +22,7 @@ import threading
 import time
 from collections import defaultdict
 
-from effray.train.strategy import cpu_summary
+from effray.hardware import cpu_summary
 
 TICK = os.sysconf("SC_CLK_TCK")
 

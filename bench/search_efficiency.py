@@ -164,8 +164,8 @@ def data_and_teacher(args: argparse.Namespace) -> tuple[Path, Any]:
     import os
 
     from effray.cluster import init_ray
-    from effray.evaluate import load_checkpoint
-    from effray.train.strategy import cpu_summary
+    from effray.hardware import cpu_summary
+    from effray.train.checkpoint import load_checkpoint
 
     print(f"{cpu_summary()}, {os.cpu_count()} cores", flush=True)
     if not args.data:
@@ -192,7 +192,7 @@ def main() -> int:
     import os
 
     from effray.cluster import init_ray
-    from effray.train.strategy import cpu_summary
+    from effray.hardware import cpu_summary
 
     init_ray(log_to_driver=False)
     print(f"{cpu_summary()}, {os.cpu_count()} cores", flush=True)

@@ -44,12 +44,13 @@ import torch.nn.functional as F
 from effray.cluster import init_ray
 from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig, load_meta, prepare
+from effray.hardware import cpu_summary
 from effray.models import build_model
+from effray.models.predict import logits
 from effray.train.config import TrainConfig, default_run_name
 from effray.train.loop import HISTORY_FILE
 from effray.train.parallel import make_strategy
 from effray.train.run import train
-from effray.train.strategy import cpu_summary, logits
 
 ROOT = Path(__file__).resolve().parents[1]
 # airbench94.py's published mean (github.com/KellerJordan/cifar10-airbench): its only

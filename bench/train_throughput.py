@@ -32,15 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from effray.cluster import init_ray
+from effray.data.arrays import prepared_batches
 from effray.data.pipeline import DataConfig, normalize_tensor
 from effray.data.prepare import PrepareConfig, load_meta, prepare
-from effray.evaluate import prepared_batches
 from effray.models import build_model
+from effray.models.predict import logits
 from effray.train.config import TrainConfig
 from effray.train.loop import HISTORY_FILE, param_groups
 from effray.train.parallel import make_strategy
 from effray.train.run import train
-from effray.train.strategy import logits
 
 ROOT = Path(__file__).resolve().parents[1]
 

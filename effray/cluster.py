@@ -43,6 +43,30 @@ __all__ = [
 PASSTHROUGH_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
 
 
+# The largest Ray Data block effray makes (effray.data.pipeline.block_bytes), and Ray
+# Data's Parquet read unit below
+MAX_BLOCK_BYTES = 16 << 20
+# Ray Data settings read in its worker processes, so they go in every process's environment:
+# a local Ray inherits them from the driver (effray.cluster.init_ray), `ray job submit` gets
+# them from cluster/runtime_env.yaml (a test keeps the two equal).
+RAY_DATA_ENV = {
+    # Parquet files are listed through a pool of FooterReader actors, 32 by default, started
+    # afresh every streamed epoch: up to 32 new Python processes (~110 MB each, 0.9 GB here
+    # for 88 shards) for footers that one actor, with 128 concurrent reads of its own,
+    # fetches as fast for effray's few large shards
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # read units of one block (one CIFAR shard) instead of 128 MiB: a read task holds less
+    "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(MAX_BLOCK_BYTES),
+}
+
+
+def use_ray_data_env(environ: Any = os.environ) -> None:
+    """Put :data:`RAY_DATA_ENV` in ``environ`` where not already set; call before starting
+    a local Ray, whose raylet and workers inherit the driver's environment."""
+    for key, value in RAY_DATA_ENV.items():
+        environ.setdefault(key, value)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now (for a local Ray's dashboard)."""
     with socket.socket() as sock:
@@ -79,7 +103,7 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     actor, declares the controller dead and removes the workers' placement group,
     killing healthy training (seen here: a 30-minute run restarted after 2 minutes).
     Without a dashboard every query fails and it logs a warning every few seconds.
-    effray's Ray Data settings (:data:`effray.data.pipeline.RAY_DATA_ENV`) go in the same
+    effray's Ray Data settings (:data:`RAY_DATA_ENV`) go in the same
     environment, unless already set.
     """
     import logging
@@ -95,8 +119,6 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     else:
         port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        from effray.data.pipeline import use_ray_data_env
-
         use_ray_data_env()
         ray.init(
             address="local",

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from effray.cluster import free_port, temporary_env
+from effray.cluster import free_port, temporary_env, use_ray_data_env
 
 NODE_STORE = 200 << 20  # object store per node: small, the machine holds several
 
@@ -84,8 +84,6 @@ def local_cluster(
     first; the environment is restored afterwards."""
     import ray
     from ray.cluster_utils import Cluster
-
-    from effray.data.pipeline import use_ray_data_env
 
     ray.shutdown()
     port = free_port()

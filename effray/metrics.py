@@ -1,4 +1,9 @@
-"""What accuracy hides: per-class precision/recall/F1, confusion, calibration and NLL.
+"""The one metrics pass, and what accuracy hides: per-class precision/recall/F1,
+confusion, calibration and NLL.
+
+:func:`score_batches` is the pass every stage scores a model with (training's validation,
+compression's measurement, ``effray evaluate``, robustness, cleaning's folds, export's
+parity): counts summed on the model's device by :func:`class_sums`, read once at the end.
 
 Pruned and low-bit models lose more on rare classes and in calibration than their top-1
 accuracy shows (Hooker et al. 2019), so ``effray evaluate`` and every search trial report
@@ -12,20 +17,77 @@ not inflated by classes that were given up.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+import torch.nn.functional as F
 
 ECE_BINS = 15
 
 
+def class_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[correct, loss sum, correct per class..., count per class...]`` of one batch as a
+    float64 tensor on the logits' device: fixed-size scatter adds, no boolean indexing
+    or ``bincount`` (their output size depends on the data: a host sync on a GPU)."""
+    labels = labels.to(logits.device, non_blocking=True)
+    hit = (logits.argmax(dim=1) == labels).double()
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
+    zeros = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+    per_ok = zeros.index_add(0, labels, hit)
+    per_n = zeros.index_add(0, labels, torch.ones_like(hit))
+    return torch.cat([hit.sum().view(1), loss.view(1), per_ok, per_n])
+
+
+def sums_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """The one host read of :func:`class_sums` (added over batches and ranks): accuracy,
+    mean loss, count and per-class accuracy (None for a class with no rows)."""
+    sums = sums.cpu()
+    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2 : 2 + num_classes], sums[2 + num_classes :]
+    count = float(per_n.sum())
+    return {
+        "accuracy": float(correct) / max(count, 1.0),
+        "loss": float(loss) / max(count, 1.0),
+        "count": int(count),
+        "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
+    }
+
+
+@torch.no_grad()
+def score_batches(
+    predict: Callable[[Any], torch.Tensor],
+    batches: Iterable[tuple[Any, Any]],
+    num_classes: int,
+    *,
+    keep_logits: bool = False,
+) -> dict[str, Any]:
+    """:func:`sums_metrics` of ``predict(images)`` over ``(images, labels)`` batches, the
+    sums kept on the logits' device until the end; with ``keep_logits`` also the logits
+    and labels on the CPU (for :func:`classification_metrics`)."""
+    sums: torch.Tensor | None = None
+    kept_logits, kept_labels = [], []
+    for images, labels in batches:
+        labels = labels if torch.is_tensor(labels) else torch.as_tensor(labels)
+        if len(labels) == 0:
+            continue
+        out = predict(images)
+        batch = class_sums(out, labels, num_classes)
+        sums = batch if sums is None else sums + batch
+        if keep_logits:
+            kept_logits.append(out.float().cpu())
+            kept_labels.append(labels.long().cpu())
+    if sums is None:
+        sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64)
+    result = sums_metrics(sums, num_classes)
+    if keep_logits:
+        result["logits"] = torch.cat(kept_logits) if kept_logits else torch.zeros(0, num_classes)
+        result["labels"] = torch.cat(kept_labels) if kept_labels else torch.zeros(0, dtype=torch.long)
+    return result
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
     """Every score of one model on one labelled set, from its ``(N, C)`` logits (any device)."""
-    import torch
-    import torch.nn.functional as F
     from torchmetrics.functional.classification import (
         multiclass_calibration_error,
         multiclass_confusion_matrix,
@@ -65,8 +127,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[dict[str, float]]:
     """Per confidence bin (equal width on [0, 1]): images, mean confidence, accuracy. The
     count-weighted mean gap over the bins is the ECE torchmetrics reports."""
-    import torch
-
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)  # [lo, hi) bins, binned as torchmetrics bins

@@ -18,16 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from effray.atomic import write_file, write_json
 from effray.clean.config import CleanConfig
-from effray.config import deep_update, merge, option, require
+from effray.clean.labels import label_issues, predict_probs
+from effray.clean.run import clean
+from effray.cluster import fit_problems, launcher_node_types
+from effray.config import deep_update, merge, option, require, to_dict, validated
 from effray.console import bar, follow_jsonl, say
+from effray.data.arrays import load_arrays
 from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig, load_meta, prepare
+from effray.deploy.export import ExportConfig, export
+from effray.deploy.model import SIDECAR
 from effray.errors import EffrayError
 from effray.search.aggregate import ReportConfig, report
+from effray.search.progress import TrialProgress
 from effray.search.run import TuneConfig, trial_count, tune_compression
+from effray.search.space import space_from_file_or_preset, validate_space
 from effray.train import train
+from effray.train.checkpoint import load_checkpoint
 from effray.train.config import TrainConfig
+from effray.train.loop import HISTORY_FILE
 
 # demo: ~10 minutes on a 2-core CPU box with the real CIFAR-10 file; cifar10: a GPU cluster
 PRESETS: dict[str, dict[str, Any]] = {
@@ -137,7 +148,6 @@ class StagePlan:
 def plan_stages(cfg: RunConfig) -> StagePlan:
     """``cfg``'s preset applied to each stage's config; a bad preset value fails here, in
     one line naming the section, before any stage has run."""
-    from effray.search.space import space_from_file_or_preset, validate_space
 
     preset, out = load_preset(cfg.preset), Path(os.path.abspath(cfg.out))
 
@@ -242,15 +252,12 @@ class RunConfig:
         )
         plan = plan_stages(self)  # the preset, every stage's config and the search space: checked before anything runs
         if self.cluster_config:
-            from effray.cluster import fit_problems, launcher_node_types
-
             require(Path(self.cluster_config).is_file(), f"--cluster-config {self.cluster_config} does not exist")
             problems = fit_problems(resource_requests(plan), launcher_node_types(self.cluster_config))
             require(not problems, f"--preset {self.preset} doesn't fit {self.cluster_config}: {'; '.join(problems)}")
 
     def plan(self) -> dict[str, Any]:
         """What ``--dry-run`` prints besides the flags: every stage's resolved config."""
-        from effray.config import to_dict
 
         plan = plan_stages(self)
         requests = {
@@ -267,7 +274,6 @@ def _stage(name: str) -> float:
 
 def _teacher_bar(run_dir: Path, epochs: int) -> Any:
     """The teacher's epochs as a bar, from rank 0's ``history.jsonl`` (its lines go to Ray's log)."""
-    from effray.train.loop import HISTORY_FILE
 
     progress = bar(epochs, "teacher", "epoch")
 
@@ -332,11 +338,6 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
 
     import pandas as pd
 
-    from effray.atomic import write_json
-    from effray.config import validated
-    from effray.deploy.export import ExportConfig, export
-    from effray.deploy.model import SIDECAR
-
     table = pd.read_parquet(results)
     ids = list(dict.fromkeys(list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])))
     state_file = out / "exports.json"
@@ -377,8 +378,6 @@ def clean_stage(plan: StagePlan) -> dict[str, Any]:
     the same ones (``clean_report.json`` records them); returns the report's counts."""
     import json
 
-    from effray.clean.run import clean
-
     report = Path(plan.clean.out) / "clean_report.json"
     if report.is_file():
         kept = json.loads(report.read_text())
@@ -392,11 +391,6 @@ def val_label_issues(teacher: str, data_dir: str | os.PathLike, out: Path) -> in
     """Label issues of the val split (cleanlab on the teacher's predictions: out of sample,
     it never trained on val), written to ``out`` as Parquet; returns how many."""
     import pandas as pd
-
-    from effray.atomic import write_file
-    from effray.clean.labels import label_issues, predict_probs
-    from effray.data.arrays import load_arrays
-    from effray.evaluate import load_checkpoint
 
     meta, val = load_meta(data_dir), load_arrays(data_dir, "val")
     model, _ = load_checkpoint(teacher)
@@ -437,8 +431,6 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     out = Path(os.path.abspath(cfg.out))
     data_dir = out / "data"
     timings: dict[str, float] = {}
-
-    from effray.search.progress import TrialProgress
 
     t = _stage("prepare")
     if (data_dir / "meta.json").is_file():

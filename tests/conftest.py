@@ -72,17 +72,23 @@ def tiny_cifar(ray_session, cifar_parquet, tmp_path_factory) -> Path:
 def teacher(tiny_cifar, tmp_path_factory) -> Path:
     """A convnet trained in-process for a few hundred steps: a real, better-than-chance teacher
     without paying for a Ray Train fit."""
+    import numpy as np
     import torch
 
-    from effray.data.pipeline import eval_dataset, torch_batches
+    from effray.data.arrays import load_arrays
+    from effray.data.pipeline import normalize_tensor
     from effray.data.prepare import load_meta
     from effray.models import build_model
     from effray.train.checkpoint import data_summary, save_payload, train_payload
 
     meta = load_meta(tiny_cifar)
+    arrays = load_arrays(tiny_cifar, "train")
+    order = np.argsort(arrays["index"])  # the same rows in the same order on every run: the same teacher
+    images = normalize_tensor(torch.from_numpy(arrays["image"][order]), meta["mean"], meta["std"])
+    labels = torch.from_numpy(arrays["label"][order])
     torch.manual_seed(0)
     model = build_model("convnet", 10, 3, 0.5)
-    batches = [(b["image"], b["label"]) for b in torch_batches(eval_dataset(tiny_cifar, "train"), meta, 64)]
+    batches = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, len(labels), 64)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for _ in range(6):

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from effray import __version__
 from effray.atomic import replace_dir, temp_sibling, write_json
 from effray.data.pipeline import decode_batch
-from effray.data.prepare import FORMAT_VERSION, SCHEMA, SPLITS
+from effray.data.prepare import FORMAT_VERSION, SCHEMA, SPLITS, split_files
 
 SHARD_ROWS = 10_000
 
@@ -95,7 +96,7 @@ def write_dataset(
             "mean": mean.tolist(),
             "std": std.tolist(),
         }
-        meta.setdefault("effray_version", __import__("effray").__version__)
+        meta.setdefault("effray_version", __version__)
         for key, default in (
             ("source", str(out)),
             ("source_kind", "arrays"),
@@ -118,8 +119,6 @@ def write_dataset(
 def without_rows(data_dir: str | Path, split: str, drop: set[int]) -> pa.Table:
     """A split's rows (every shard, in order) less those whose ``index`` is in ``drop``."""
     import pyarrow.compute as pc
-
-    from effray.data.prepare import split_files
 
     tables = [pq.read_table(f) for f in split_files(data_dir, split)]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()

@@ -37,7 +37,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from effray.synth.quality import last_linear  # the penultimate features are its input
+import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
+from effray.data.pipeline import channel_stats
+from effray.models.predict import last_linear  # the penultimate features are its input
+from effray.train.checkpoint import FORMATS
 
 ZOOMS = (0, 1, 2, 3)  # px cut from every side of a view (0 = the image itself)
 PIXEL_GRID = 8
@@ -77,7 +80,6 @@ class Embedder:
     ``probs`` (n, C), the model's softmax on the image itself."""
 
     def __init__(self, payload: dict[str, Any], mean: list[float], std: list[float]) -> None:
-        from effray.train.checkpoint import FORMATS
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = FORMATS.get(payload["format"])(payload).to(self.device).eval()
@@ -101,7 +103,6 @@ def device_embedding(
     (n, C), float32 on that device: every zoom view and its mirror in one forward, the
     penultimate features (``grabbed`` by the hook on the last linear layer) summed over each
     mirror pair, beside the views' pixel descriptors. No host read."""
-    from effray.data.pipeline import channel_stats
 
     mean_t, std_t = channel_stats(mean, std, images.device)
     x = images.permute(0, 3, 1, 2).float()

@@ -19,6 +19,9 @@ import numpy as np
 from ray.tune import Callback
 
 from effray import console
+from effray.data.arrays import eval_batches
+from effray.train.checkpoint import read_payload, save_payload
+from effray.train.local import fit_arrays, fitted_payload
 
 ALL_TRAIN = -1  # the trial that trains on every train row
 
@@ -37,8 +40,6 @@ def predict_probs(model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any
     """Softmax of ``model`` on ``arrays``' images, unaugmented (one host read per batch)."""
     import torch
 
-    from effray.data.arrays import eval_batches
-
     out = []
     model.eval()
     with torch.no_grad():
@@ -53,9 +54,6 @@ def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     import ray
     import ray.tune
     import torch
-
-    from effray.train.checkpoint import save_payload
-    from effray.train.local import fit_arrays, fitted_payload
 
     torch.set_num_threads(max(1, int(config["cpus"])))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,8 +128,6 @@ def run_folds(
     [...], "model": payload or None}``."""
     import ray
     from ray import tune
-
-    from effray.train.checkpoint import read_payload
 
     assignment = fold_assignment(train["label"], k, seed)
     shared = {"train": ray.put(train), "folds": ray.put(assignment)}

@@ -27,11 +27,22 @@ from typing import Any
 
 import numpy as np
 
+import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray.atomic import replace_dir, temp_sibling
+from effray.clean.calibrate import DEFINITION, choose_threshold, light_copies
 from effray.clean.config import ROW_REASONS, CleanConfig, drop_reasons
+from effray.clean.dataset import arrays_table, without_rows, write_dataset
+from effray.clean.duplicates import exact_findings, hash_rows, near_findings
+from effray.clean.embed import PIXEL_GRID, ZOOMS, Embedder, finish
+from effray.clean.knn import knn, row_similarity
+from effray.clean.labels import ALL_TRAIN, label_issues, run_folds
+from effray.clean.report import save_issue_grid, save_pairs_grid, summarise, write_removed, write_report
 from effray.config import require
 from effray.console import say
-from effray.data.prepare import load_meta, split_files
+from effray.data.arrays import load_arrays
+from effray.data.pipeline import decode_batch, validate_data_dir
+from effray.data.prepare import PrepareConfig, load_meta, prepare, split_files
+from effray.train.checkpoint import load_checkpoint
 
 ORIGINS = ("train", "val", "test", "reference")
 TOP_ISSUES = 20  # label issues listed in clean_report.md
@@ -39,7 +50,6 @@ TOP_ISSUES = 20  # label issues listed in clean_report.md
 
 def _check_checkpoint(path: str, meta: dict[str, Any]) -> dict[str, Any]:
     """The --checkpoint's payload, if it fits the dataset (class count, image shape)."""
-    from effray.train.checkpoint import load_checkpoint
 
     _, payload = load_checkpoint(path)
     info = payload.get("data") or {}
@@ -64,8 +74,6 @@ def _reference(spec: str, tmp: Path, meta: dict[str, Any]) -> tuple[str, dict[st
     if (Path(spec) / "meta.json").is_file():
         ref = spec
     else:
-        from effray.data.prepare import PrepareConfig, prepare
-
         ref = str(tmp / "_reference")
         prepare(PrepareConfig(source=spec, out=ref, val_fraction=0.0, classes=",".join(meta["classes"])))
     ref_meta = load_meta(ref)
@@ -88,7 +96,6 @@ def _sources(
 
 
 def _decode_tagged(batch: Any, *, shape: tuple[int, ...], origin: str) -> dict[str, np.ndarray]:
-    from effray.data.pipeline import decode_batch
 
     d = decode_batch(batch, shape)
     return {
@@ -118,8 +125,6 @@ def hash_pass(sources: list[tuple[str, str, str]], shape: tuple[int, ...]) -> di
     """origin, index, label, hash of every row: one Ray Data ``map_batches`` of pure hashing."""
     import ray
 
-    from effray.clean.duplicates import hash_rows
-
     parts = [
         ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]).map_batches(
             hash_rows, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}
@@ -141,9 +146,6 @@ def embed_pass(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Views and probabilities of every row, and of the calibration copies (origin "copy")."""
     import ray
-
-    from effray.clean.dataset import arrays_table
-    from effray.clean.embed import Embedder
 
     parts = [
         ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]).map_batches(
@@ -196,10 +198,6 @@ def _near(
     channels: int,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """kNN over the embeddings, the calibrated threshold and the near findings."""
-    from effray.clean.calibrate import DEFINITION, choose_threshold
-    from effray.clean.duplicates import near_findings
-    from effray.clean.embed import PIXEL_GRID, ZOOMS, finish
-    from effray.clean.knn import knn, row_similarity
 
     fdim = int(emb["views"].shape[2] - channels * PIXEL_GRID * PIXEL_GRID)  # the model part; the rest is pixels
     dataset_rows = np.flatnonzero(emb["origin"] != "reference")
@@ -256,19 +254,6 @@ def _near(
 
 def clean(cfg: CleanConfig) -> dict[str, Any]:
     """Run the whole step on the current Ray cluster; returns a summary of what it wrote."""
-    from effray.clean.calibrate import light_copies
-    from effray.clean.dataset import without_rows, write_dataset
-    from effray.clean.duplicates import exact_findings
-    from effray.clean.labels import ALL_TRAIN, label_issues, run_folds
-    from effray.clean.report import (
-        save_issue_grid,
-        save_pairs_grid,
-        summarise,
-        write_removed,
-        write_report,
-    )
-    from effray.data.arrays import load_arrays
-    from effray.data.pipeline import validate_data_dir
 
     started, phase_s = time.time(), {}
     out = Path(cfg.out)

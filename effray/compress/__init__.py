@@ -11,7 +11,8 @@
 * :mod:`~effray.compress.measure`: accuracy, params, MACs, bytes, latency, ratios.
 * :mod:`~effray.compress.recipe`: the steps in order, and the whole recipe in-process.
 
-Importing the package registers the artifact format with the checkpoint loader.
+Importing the package registers its checkpoint formats (the artifact, a fine-tune in
+progress) with the one loader, :func:`effray.train.checkpoint.load_checkpoint`.
 """
 
 from effray.compress.artifact import FORMAT, load_artifact, save_artifact
@@ -29,9 +30,11 @@ from effray.compress.prune import (
     weight_sparsity,
 )
 from effray.compress.quantize import QUANTIZERS, calibrate, dequantize, fold_bn, quantize_model
+from effray.compress.recipe import PROGRESS_FORMAT
 
 __all__ = [
     "FORMAT",
+    "PROGRESS_FORMAT",
     "IMPORTANCES",
     "PRUNERS",
     "QUANTIZERS",

@@ -51,7 +51,8 @@ from effray.compress.quantize import (
     set_module,
 )
 from effray.errors import EffrayError
-from effray.train.checkpoint import FORMATS, read_payload, save_payload
+from effray.models import build_model
+from effray.train.checkpoint import FORMATS, checkpoint_file, read_payload, save_payload
 
 FORMAT = "effray.compressed"
 _TYPES = {
@@ -65,7 +66,6 @@ _TYPES = {
 
 def file_checksum(path: str | os.PathLike) -> str:
     """sha256 of a file (a teacher's model.pt): ties an artifact to the weights it came from."""
-    from effray.train.checkpoint import checkpoint_file
 
     h = hashlib.sha256()
     with open(checkpoint_file(path), "rb") as fh:
@@ -102,7 +102,6 @@ def describe_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
 def build_from(spec: dict[str, Any], modules: dict[str, dict[str, Any]]) -> nn.Module:
     """The base architecture with every recorded module replaced by one of the saved type
     and shape (weights still to load)."""
-    from effray.models import build_model
 
     model = build_model(**spec)
     for name, info in modules.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from effray.config import option, require
+from effray.models import model_names
 
 PRUNE_KINDS = ("unstructured", "structured")
 IMPORTANCES = ("l1", "l2", "taylor")
@@ -133,8 +134,6 @@ class CompressConfig:
         require(self.finetune_batch_size > 0, f"--finetune-batch-size must be > 0, got {self.finetune_batch_size}")
         require(self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.student:
-            from effray.models import model_names
-
             require(
                 self.student in model_names(), f"unknown --student {self.student!r}; valid: {', '.join(model_names())}"
             )

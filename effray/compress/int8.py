@@ -64,6 +64,7 @@ from effray.compress.quantize import (
     set_module,
 )
 from effray.config import require
+from effray.errors import EffrayError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 ENGINES = ("x86",)
@@ -126,8 +127,6 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
     """``torch.export`` of ``model`` taking float NCHW batches of any size. A model torch
     can't capture fails in one line naming the layer whose forward failed."""
     from torch.export import Dim
-
-    from effray.errors import EffrayError
 
     require(len(example) >= 2, "the export example needs >= 2 images (batch 1 would be specialised, not dynamic)")
     try:

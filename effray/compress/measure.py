@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from effray.compress.layers import model_device
 from effray.compress.quantize import ActQuant, WeightQuant, dequantize, is_quantized
+from effray.metrics import classification_metrics
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -132,7 +133,6 @@ def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
     the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
     (:func:`effray.metrics.classification_metrics`). The logits stay on the model's device
     until the pass ends (:func:`device_logits`), then go to the host once."""
-    from effray.metrics import classification_metrics
 
     pass_ = device_logits(model, batches)
     if pass_ is None:

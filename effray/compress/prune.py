@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from effray.compress.layers import classifier, model_device
+from effray.compress.quantize import is_quantized
 from effray.config import require
 from effray.errors import EffrayError
+from effray.models import build_model
 from effray.registry import Registry
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -186,7 +188,6 @@ def prune_structured(
     Torch-Pruning traces the model once (in eval mode: a batch-1 trace through BatchNorm1d
     would fail in train mode) and groups every layer that must lose the same channels:
     both convs of a residual add, the shortcut projection, BNs, the next layer's input."""
-    from effray.compress.quantize import is_quantized
 
     if is_quantized(model):
         raise EffrayError("structured pruning must come before quantization: prune, fine-tune, then quantize")
@@ -229,7 +230,6 @@ def _base_channel_counts(model: nn.Module) -> list[int] | None:
     spec = getattr(model, "spec", None)
     if not spec:
         return None
-    from effray.models import build_model
 
     return channel_counts(build_model(**spec))
 

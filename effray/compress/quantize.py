@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from effray.compress.layers import model_device
+from effray.compress.config import valid_bits
+from effray.compress.layers import classifier, model_device
 from effray.config import require
 from effray.registry import Registry
 
@@ -305,8 +306,6 @@ def quantize_model(
     and input; ``act_bits=32`` leaves every activation in float. Parameters are shared,
     not copied, so an optimizer built before still updates them (rebuild it anyway to
     add the new step-size parameters)."""
-    from effray.compress.config import valid_bits
-    from effray.compress.layers import classifier
 
     for flag, b in (("bits", bits), ("act_bits", act_bits), ("first_bits", first_bits), ("last_bits", last_bits)):
         require(valid_bits(b), f"{flag} must be 2..8 (or 32 = off), got {b}")

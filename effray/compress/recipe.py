@@ -51,6 +51,8 @@ from effray.compress.prune import (
 )
 from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized
 from effray.config import require, to_dict
+from effray.models import build_model
+from effray.models.airbench import init_from_data, needs_data_init
 from effray.train.checkpoint import FORMATS, rng_state, set_rng_state
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -64,8 +66,6 @@ def build_student(
     with the teacher's classes and input channels (checked: a mismatch is one line). A
     fresh student with data-dependent init (airbench's whitening) is set from ``images()``
     (normalised NCHW, the same on every rank), read only when such a student needs it."""
-    from effray.models import build_model
-    from effray.models.airbench import init_from_data, needs_data_init
 
     spec = dict(teacher.spec)
     if not cfg.student:

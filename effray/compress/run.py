@@ -31,10 +31,43 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import replace_dir, write_json
+from effray.compress.artifact import file_checksum, load_artifact, save_artifact
 from effray.compress.config import CompressConfig
+from effray.compress.cost import epoch_costs
+from effray.compress.distill import freeze_teacher
+from effray.compress.int8 import to_int8
+from effray.compress.measure import measure
+from effray.compress.prune import lock_sparsity, prune_step, weight_sparsity
+from effray.compress.recipe import (
+    apply_quantization,
+    build_student,
+    cosine_lr,
+    epoch_optimizer,
+    finish,
+    method_summary,
+    progress_payload,
+    prune_events,
+    pruned_before,
+    quant_epoch,
+    resume_student,
+    train_step,
+)
 from effray.config import from_dict, option, require, require_whole_gpus, to_dict, validated
-from effray.data.pipeline import DataConfig, torch_batches
-from effray.data.shuffle import training_batches
+from effray.data.pipeline import (
+    DataConfig,
+    eval_dataset,
+    sample_images,
+    torch_batches,
+    train_dataset,
+    validate_data_dir,
+)
+from effray.data.shuffle import cache_split, steps_per_epoch, training_batches
+from effray.storage import check_storage_for_cluster
+from effray.train.checkpoint import checkpoint_file, data_summary, load_checkpoint, read_payload, save_payload
+from effray.train.loop import DATA_INIT_IMAGES, all_sum, die_once, say, seed_epoch, validate, worker_nodes
+from effray.train.parallel import STRATEGIES, make_strategy, prepare_model
+from effray.train.run import check_resources, fit, open_mailbox, post, provenance, torch_trainer, train_rows
+from effray.train.strategy import unwrap
 
 METRICS_FILE = "metrics.json"
 
@@ -108,40 +141,6 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-
-    from effray.compress.artifact import save_artifact
-    from effray.compress.cost import epoch_costs
-    from effray.compress.distill import freeze_teacher
-    from effray.compress.prune import lock_sparsity, prune_step, weight_sparsity
-    from effray.compress.recipe import (
-        apply_quantization,
-        build_student,
-        cosine_lr,
-        epoch_optimizer,
-        finish,
-        method_summary,
-        progress_payload,
-        prune_events,
-        pruned_before,
-        quant_epoch,
-        resume_student,
-        train_step,
-    )
-    from effray.data.pipeline import sample_images
-    from effray.evaluate import load_checkpoint
-    from effray.train.checkpoint import read_payload, save_payload
-    from effray.train.loop import (
-        DATA_INIT_IMAGES,
-        all_sum,
-        die_once,
-        say,
-        seed_epoch,
-        validate,
-        worker_nodes,
-    )
-    from effray.train.parallel import make_strategy, prepare_model
-    from effray.train.run import post
-    from effray.train.strategy import unwrap
 
     rc = from_dict(CompressRunConfig, config["run"])
     cfg, ctx = rc.compress, config["ctx"]
@@ -322,7 +321,6 @@ def xy_batches(torch_iter: Any) -> Any:
 def eval_and_calib(data_dir: str, meta: dict[str, Any], batch: int, calib_batches: int) -> tuple[list, Any, list]:
     """Validation batches, the calibration dataset (first rows of train, unaugmented, the
     same on every rank) and its batches."""
-    from effray.data.pipeline import eval_dataset
 
     evals = list(xy_batches(torch_batches(eval_dataset(data_dir, "val"), meta, batch)))
     calib_ds = eval_dataset(data_dir, "train").limit(batch * calib_batches).materialize()
@@ -331,9 +329,6 @@ def eval_and_calib(data_dir: str, meta: dict[str, Any], batch: int, calib_batche
 
 def teacher_baseline(teacher: Any, teacher_path: str, evals: list) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher measured as an fp32 artifact (every ratio's denominator) and where it came from."""
-    from effray.compress.artifact import file_checksum, save_artifact
-    from effray.compress.measure import measure
-    from effray.train.checkpoint import checkpoint_file
 
     with tempfile.TemporaryDirectory() as tmp:
         save_artifact(tmp, teacher)
@@ -348,9 +343,6 @@ def teacher_baseline(teacher: Any, teacher_path: str, evals: list) -> tuple[dict
 
 def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Every check that can fail on user input, writing nothing: ``(teacher, payload, meta)``."""
-    from effray.compress.recipe import build_student
-    from effray.data.pipeline import validate_data_dir
-    from effray.evaluate import load_checkpoint
 
     validated(rc)
     out = Path(rc.out)
@@ -379,7 +371,6 @@ def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, 
 def worker_batches(rc: CompressRunConfig, meta: dict[str, Any]) -> tuple[int, int]:
     """(training rows per worker, batch per worker), refused in one line when a worker
     would get no full batch."""
-    from effray.train.run import train_rows
 
     rows = train_rows(rc.data, meta) // rc.workers
     per_worker = max(1, rc.compress.finetune_batch_size // rc.workers)
@@ -411,12 +402,6 @@ def fine_tune_on_workers(
     worker or node, each from that checkpoint. Returns the epochs as the workers saw them
     (``{"epochs", "final", "world"}``)."""
     import ray
-
-    from effray.data.pipeline import eval_dataset, train_dataset
-    from effray.data.shuffle import cache_split, steps_per_epoch
-    from effray.train.checkpoint import data_summary
-    from effray.train.parallel import STRATEGIES
-    from effray.train.run import fit, open_mailbox, torch_trainer
 
     rows, per_worker = worker_batches(rc, meta)
     run_id = uuid.uuid4().hex[:8]
@@ -470,9 +455,6 @@ def measure_artifact(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
     its int8 runtime when ``cfg.int8``: ``(metrics, payload)``."""
-    from effray.compress.artifact import load_artifact
-    from effray.compress.int8 import to_int8
-    from effray.compress.measure import measure
 
     loaded, payload = load_artifact(out)
     int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
@@ -483,10 +465,6 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     """Compress ``--teacher`` into ``--out`` on the current Ray cluster; returns the summary
     printed by the CLI (``OUT/metrics.json`` holds the full measurement)."""
     import ray
-
-    from effray.storage import check_storage_for_cluster
-    from effray.train.checkpoint import checkpoint_file
-    from effray.train.run import check_resources, provenance
 
     teacher, _, meta = check_inputs(rc)
     check_resources(rc, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # type: ignore[arg-type]

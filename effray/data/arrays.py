@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from effray.config import require
 from effray.data.augment import batch_rng, parse_policy
 from effray.data.pipeline import channel_stats, decode_batch, normalize_tensor
 from effray.data.prepare import load_meta, split_files
+from effray.data.sources import load_chunk, plan_source
 
 Arrays = dict[str, np.ndarray]
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 def split_bytes(meta: dict[str, Any], split: str) -> int:
@@ -114,3 +117,34 @@ def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[
             )
         )
     return out
+
+
+def prepared_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> tuple[dict[str, Any], Batches]:
+    """(meta, batches of uint8 NHWC images + int64 labels) of one split of a prepared dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = load_meta(data_dir)
+    files, shape = split_files(data_dir, split), tuple(meta["image_shape"])
+
+    def gen() -> Batches:
+        for f in files:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
+                batch = decode_batch(pa.Table.from_batches([rb]), shape)  # the pipeline's own decode
+                yield batch["image"].copy(), batch["label"]
+
+    return meta, gen()
+
+
+def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, int]) -> Batches:
+    """Batches from Parquet with encoded image bytes + label; unreadable rows are skipped
+    and counted in ``counter["skipped_bad"]``."""
+    plan = plan_source(f"parquet:{path}")
+    for chunk in plan.chunks:
+        decoded, labels = load_chunk(chunk, channels)
+        ok = [i for i, e in enumerate(decoded.errors) if not e]
+        counter["skipped_bad"] += len(decoded.errors) - len(ok)
+        if ok:
+            shapes = {decoded.images[i].shape for i in ok}
+            require(len(shapes) == 1, f"{path} mixes image sizes {sorted(shapes)}; evaluate one size at a time")
+            yield np.stack([decoded.images[i] for i in ok]), labels[ok]

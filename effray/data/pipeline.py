@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from effray.cluster import MAX_BLOCK_BYTES
 from effray.config import option, require
 from effray.data.augment import batch_rng, parse_policy
 from effray.data.augment_ops import row_keys
@@ -29,29 +30,10 @@ MAP_BATCH_BYTES = 8 << 20  # ... and at most this many decoded bytes (55 images 
 # ~10 ms of Ray overhead there: 8 MiB blocks ran 15 % slower), 1.2 MiB on 64. MAX bounds
 # what streaming holds in flight (32 MiB: 1.2x the peak memory for 4x the data, 16: 1.0-1.1x).
 BLOCKS_PER_CPU = 2
-MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 16 << 20
+MIN_BLOCK_BYTES = 1 << 20  # MAX_BLOCK_BYTES: effray.cluster, which also sets it as Ray Data read unit
 STREAM_BLOCKS_PER_CPU = 4  # object-store blocks the stream may hold ahead, per cluster CPU
 MIN_STREAM_BUFFER = 256 << 20
-# Ray Data settings read in its worker processes, so they go in every process's environment:
-# a local Ray inherits them from the driver (effray.cluster.init_ray), `ray job submit` gets
-# them from cluster/runtime_env.yaml (a test keeps the two equal).
-RAY_DATA_ENV = {
-    # Parquet files are listed through a pool of FooterReader actors, 32 by default, started
-    # afresh every streamed epoch: up to 32 new Python processes (~110 MB each, 0.9 GB here
-    # for 88 shards) for footers that one actor, with 128 concurrent reads of its own,
-    # fetches as fast for effray's few large shards
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-    # read units of one block (one CIFAR shard) instead of 128 MiB: a read task holds less
-    "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(MAX_BLOCK_BYTES),
-}
 KEEP_COLUMNS = ("image", "label", "target", "index", "synthetic")
-
-
-def use_ray_data_env(environ: Any = os.environ) -> None:
-    """Put :data:`RAY_DATA_ENV` in ``environ`` where not already set; call before starting
-    a local Ray, whose raylet and workers inherit the driver's environment."""
-    for key, value in RAY_DATA_ENV.items():
-        environ.setdefault(key, value)
 
 
 @dataclass(frozen=True)

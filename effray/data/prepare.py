@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from effray import __version__
 from effray.atomic import replace_dir, write_json
 from effray.config import option, require
+from effray.console import say
 from effray.data.sources import Chunk, SourcePlan, load_chunk, plan_source
 from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
@@ -176,7 +177,6 @@ def check_labels(plan: SourcePlan) -> list[str]:
     993 among 0..9 would make 984 empty classes): an error naming those rows. Empty classes
     of a named class list, and classes far smaller than the median, are warnings (returned,
     and said on the terminal): a subset can lack a class on purpose."""
-    from effray.console import say
 
     classes, labels = plan.classes, plan.labels
     counts = np.bincount(labels[(labels >= 0) & (labels < len(classes))], minlength=len(classes))

@@ -25,6 +25,10 @@ import numpy as np
 from effray.atomic import replace_dir, temp_sibling, write_json
 from effray.config import option, require, to_dict
 from effray.console import say
+from effray.data.pipeline import data_context, decode_batch
+from effray.data.prepare import load_meta, split_files
+from effray.data.sources import IMAGE_SUFFIXES, Chunk, decode_image, load_chunk, plan_source
+from effray.deploy.model import load_deployable
 from effray.errors import EffrayError
 
 FILES_PER_BLOCK = 256  # image files one decode task reads: enough to amortise a task, small enough to spread out
@@ -88,7 +92,6 @@ class Inputs:
 
 def image_files(folder: Path) -> list[Path]:
     """The image files directly in ``folder`` (sorted: a reproducible ``index``)."""
-    from effray.data.sources import IMAGE_SUFFIXES
 
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -117,9 +120,6 @@ def absolute_spec(spec: str) -> str:
 def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int) -> Inputs:
     import ray
     from ray.data import DataContext
-
-    from effray.data.pipeline import data_context
-    from effray.data.prepare import load_meta, split_files
 
     meta = load_meta(path)
     files = split_files(path, split)
@@ -155,8 +155,6 @@ def _image_folder(path: Path, image_shape: list[int]) -> Inputs:
 def _source(spec: str, image_shape: list[int], num_classes: int) -> Inputs:
     import ray
 
-    from effray.data.sources import plan_source
-
     plan = plan_source(spec)
     pieces = [p for c in plan.chunks for p in split_chunk(c, SOURCE_PIECE_ROWS)]
     ds = ray.data.from_items([{"piece": i} for i in range(len(pieces))], override_num_blocks=len(pieces))
@@ -184,7 +182,6 @@ def _same_classes(data_classes: int, model_classes: int, where: str) -> bool:
 def split_chunk(chunk: Any, rows: int) -> list[Any]:
     """A prepare source's chunk as pieces of at most ``rows`` rows, so decoding spreads over
     the cluster (folder and Parquet chunks; a CIFAR pickle is read whole anyway)."""
-    from effray.data.sources import Chunk
 
     if chunk.kind not in ("folder", "parquet") or chunk.count <= rows:
         return [chunk]
@@ -239,7 +236,6 @@ def _rows(
 
 def decode_prepared(table: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """A prepared split's Arrow rows (raw pixels, all one size) -> rows to predict."""
-    from effray.data.pipeline import decode_batch
 
     rows = decode_batch(table, shape)
     n = len(rows["label"])
@@ -254,7 +250,6 @@ def decode_prepared(table: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarr
 
 def decode_files(batch: dict[str, np.ndarray], *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Image files -> rows to predict; an unreadable or corrupt file is a row with its reason."""
-    from effray.data.sources import decode_image
 
     images: list[np.ndarray | None] = []
     errors: list[str] = []
@@ -280,7 +275,6 @@ def decode_files(batch: dict[str, np.ndarray], *, shape: tuple[int, ...]) -> dic
 def decode_pieces(batch: dict[str, np.ndarray], *, pieces: list[Any], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Pieces of a prepare source (CIFAR pickles, class folders, Parquet) -> rows to predict,
     with the source's labels; bad rows carry the source reader's reason."""
-    from effray.data.sources import load_chunk
 
     parts = []
     for i in batch["piece"]:
@@ -308,8 +302,6 @@ class Classifier:
 
     def __init__(self, model: str, kind: str, top_k: int, threads: int) -> None:
         import torch
-
-        from effray.deploy.model import load_deployable
 
         torch.set_num_threads(max(1, threads))
         self.deployable = load_deployable(model, device="auto", kind=kind)
@@ -367,8 +359,6 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     """Predict every row of ``--data`` with ``--model`` on the current Ray cluster; write
     ``OUT/predictions.parquet``, ``OUT/skipped.parquet`` and ``OUT/predict.json``."""
     import ray
-
-    from effray.deploy.model import load_deployable
 
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:

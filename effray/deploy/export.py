@@ -49,8 +49,15 @@ from typing import Any
 
 import numpy as np
 
+from effray.atomic import replace_dir, temp_sibling
+from effray.compress.int8 import activation_grids, export_program, float_twin, quantize_int8, quiet, vnni, weight_steps
+from effray.compress.quantize import ActQuant
 from effray.config import option, require
+from effray.data.arrays import prepared_batches
+from effray.data.prepare import load_meta
+from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, normalise, open_checkpoint, write_sidecar
 from effray.errors import EffrayError
+from effray.train.checkpoint import read_payload
 
 FORMATS = {"torch": ("torch",), "onnx": ("onnx",), "all": ("torch", "onnx")}
 INPUT, OUTPUT = "image", "logits"  # the ONNX graph's tensor names
@@ -99,7 +106,6 @@ class ExportConfig:
 
     @property
     def reduce_range(self) -> bool:
-        from effray.compress.int8 import vnni
 
         return self.int8_reduce_range == "on" or (self.int8_reduce_range == "auto" and not vnni())
 
@@ -117,7 +123,6 @@ def recorded_data(payload: dict[str, Any], path: Path) -> Path | None:
     """The prepared dataset a checkpoint or artifact came from, if it is still here: the
     training run's ``--data`` (a checkpoint's config), the compress run's (``metrics.json``
     beside the artifact), or its teacher's. Preferring one whose checksum matches."""
-    from effray.train.checkpoint import read_payload
 
     def data_dir(config: dict[str, Any] | None) -> str:
         data = (config or {}).get("data")
@@ -159,7 +164,6 @@ def check_dataset(meta: dict[str, Any], info: Any, data: Path) -> None:
 def split_batches(data: Path, split: str, batch_size: int, limit: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """uint8 NHWC image and label batches of a split, in file order (the first ``limit``
     batches when > 0)."""
-    from effray.evaluate import prepared_batches
 
     out = []
     for x, y in prepared_batches(data, split, batch_size)[1]:
@@ -176,7 +180,6 @@ def split_batches(data: Path, split: str, batch_size: int, limit: int = 0) -> li
 @contextlib.contextmanager
 def _silent() -> Any:
     """The exporters print progress and warnings: none of it belongs on the user's terminal."""
-    from effray.compress.int8 import quiet
 
     with quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
@@ -370,8 +373,6 @@ def parity(
 def _reference(model: Any, info: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     import torch
 
-    from effray.deploy.model import normalise
-
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
@@ -388,7 +389,6 @@ def _why(model: Any, kind: str) -> str:
     """A likely cause of an ONNX int8 file's disagreement: an activation grid of fewer than
     8 bits, which uint8 holds exactly only after a ReLU (where its clamp is uint8's
     saturation); on a signed input, such as the image, it rounds but can't clamp."""
-    from effray.compress.quantize import ActQuant
 
     bits = sorted({m.bits for m in model.modules() if isinstance(m, ActQuant)})
     if kind != "onnx-int8" or not bits or bits[0] >= 8:
@@ -400,7 +400,6 @@ def _why(model: Any, kind: str) -> str:
 
 
 def _out_dir(cfg: ExportConfig, artifact: Path) -> Path:
-    from effray.deploy.model import SIDECAR
 
     out = Path(cfg.out).expanduser() if cfg.out else (artifact if artifact.is_dir() else artifact.parent) / "export"
     out = out.resolve()
@@ -415,23 +414,6 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     """Write the requested files to ``--out``, each checked against the source; returns the
     summary the CLI prints (files, parity figures, seconds)."""
     import torch
-
-    from effray.atomic import replace_dir, temp_sibling
-    from effray.compress.int8 import (
-        activation_grids,
-        export_program,
-        float_twin,
-        quantize_int8,
-        weight_steps,
-    )
-    from effray.data.prepare import load_meta
-    from effray.deploy.model import (
-        EXPORT_FILES,
-        load_deployable,
-        normalise,
-        open_checkpoint,
-        write_sidecar,
-    )
 
     artifact = Path(cfg.artifact).expanduser()
     model, payload, info = open_checkpoint(artifact)

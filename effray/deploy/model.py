@@ -19,8 +19,14 @@ from typing import Any
 import numpy as np
 
 from effray.atomic import write_json
+from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
+from effray.compress.int8 import lower_x86, quiet, vnni
 from effray.config import require
+from effray.data.pipeline import normalize_tensor
 from effray.errors import EffrayError
+from effray.models.predict import logits as model_logits
+from effray.models.predict import tta_logits
+from effray.train.checkpoint import TRAIN_FORMAT, load_checkpoint
 
 SIDECAR = "deploy.json"
 EXPORT_FILES = {
@@ -162,9 +168,6 @@ def load_deployable(path: str | os.PathLike, device: str = "auto", kind: str = "
 def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], ModelInfo]:
     """``(model in eval mode on the CPU, payload, info)`` of a training checkpoint or a
     compressed artifact; anything else (an export, a generator, a stray file) fails in one line."""
-    from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
-    from effray.evaluate import load_checkpoint
-    from effray.train.checkpoint import TRAIN_FORMAT
 
     p = Path(path)
     require(
@@ -196,10 +199,6 @@ def device_logits(model: Any, images: Any, info: ModelInfo, tta: int = 0) -> Any
     left there: normalised on the device, in the numerics (bf16, channels-last) the model
     was trained with, averaged over ``tta`` test-time views. No host sync."""
     import torch
-
-    from effray.data.pipeline import normalize_tensor
-    from effray.predict import tta_logits
-    from effray.train.strategy import logits as model_logits
 
     with torch.no_grad():
         x = normalize_tensor(images, info.mean, info.std, bool(info.numerics.get("channels_last")))
@@ -290,8 +289,6 @@ def load_program(
     import torch
 
     if kind == "torch-int8":
-        from effray.compress.int8 import quiet
-
         with quiet():
             import torchao.quantization.pt2e  # noqa: F401  (registers the q/dq ops the program calls)
     try:
@@ -301,8 +298,6 @@ def load_program(
             f"{f} is not a loadable torch.export program ({type(exc).__name__}); re-run `effray export`"
         ) from None
     if kind == "torch-int8" and device == "cpu" and torch.backends.mkldnn.is_available():
-        from effray.compress.int8 import lower_x86, vnni
-
         if full_range and not vnni():
             return module.to(device)
 

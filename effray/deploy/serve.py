@@ -37,6 +37,7 @@ import numpy as np
 
 from effray.config import option, require
 from effray.console import say
+from effray.deploy.model import load_deployable
 from effray.errors import EffrayError
 
 APP_NAME = "effray"
@@ -136,8 +137,6 @@ class ClassifierServer:
     def __init__(self, cfg: ServeConfig) -> None:
         import torch
         from ray import serve
-
-        from effray.deploy.model import load_deployable
 
         self.cfg = cfg
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
@@ -344,8 +343,6 @@ def start(cfg: ServeConfig) -> str:
     down again."""
     import ray
     from ray import serve
-
-    from effray.deploy.model import load_deployable
 
     load_deployable(cfg.model, device="cpu", kind=cfg.kind)  # a bad model fails here, not in a replica's retries
     app = build_app(cfg, ray.cluster_resources())

@@ -20,7 +20,7 @@ import pandas as pd
 from effray.atomic import write_file
 from effray.config import option, require
 from effray.errors import EffrayError
-from effray.tracking import TrackerSettings
+from effray.tracking import TrackerSettings, make_tracker
 
 
 @dataclass(frozen=True)
@@ -446,7 +446,6 @@ def log_summary(
 ) -> None:
     """One wandb run (the experiment's summary): the results table, ``pareto.png`` and the
     best rows as summary fields. Guarded like every tracker call: wandb never fails a report."""
-    from effray.tracking import make_tracker
 
     out = Path(out_dir)
     table = pd.read_parquet(out / "results.parquet")

@@ -33,10 +33,32 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import write_json
+from effray.compress.artifact import load_artifact
 from effray.compress.config import CompressConfig
+from effray.compress.cost import epoch_costs
+from effray.compress.measure import accuracy, compare
+from effray.compress.recipe import PROGRESS_FORMAT, compress_local
+from effray.compress.run import (
+    CompressRunConfig,
+    eval_and_calib,
+    fine_tune_on_workers,
+    measure_artifact,
+    teacher_baseline,
+    xy_batches,
+)
 from effray.config import from_dict, merge, option, require, to_dict
+from effray.data.arrays import epoch_batches, eval_batches, load_arrays, split_bytes
+from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset, validate_data_dir
+from effray.data.prepare import load_meta
 from effray.errors import EffrayError
+from effray.evaluate.corrupt import parse_corruptions
+from effray.evaluate.robustness import corruption_accuracy, parse_severities
+from effray.search.aggregate import ReportConfig, report
+from effray.search.scheduler import LastEpochSafeASHA, ParetoASHA
+from effray.search.searcher import Budget, CostAwareSearch, CostModel, SpaceSampler, check_feasible
+from effray.search.space import has_grid, load_space, to_param_space
 from effray.tracking import TrackerSettings, decide_wandb_mode, make_tracker, stable_run_id
+from effray.train.checkpoint import data_summary, load_checkpoint, read_payload, save_payload
 from effray.train.config import WANDB_MODES
 
 log = logging.getLogger(__name__)
@@ -153,9 +175,6 @@ class TuneConfig:
         require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
         require(self.robust_images >= 0, f"--robust-images must be >= 0, got {self.robust_images}")
         if self.robust_images:
-            from effray.data.corrupt import parse_corruptions
-            from effray.robustness import parse_severities
-
             parse_corruptions(self.robust_corruptions)
             parse_severities(self.robust_severities)
         require(not self.wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
@@ -289,10 +308,6 @@ def _trial_in_process(
     by a Ray Data pipeline of its own)."""
     import ray.tune
 
-    from effray.compress.recipe import compress_local
-    from effray.data.prepare import load_meta
-    from effray.evaluate import load_checkpoint
-
     teacher, _ = load_checkpoint(ctx["teacher"])
     meta = load_meta(ctx["data"])
     device = trial_device()
@@ -302,9 +317,6 @@ def _trial_in_process(
     def on_epoch(epoch: int, model: Any, progress: Callable[[], dict[str, Any]]) -> None:
         """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
         after its node died goes on from here (Tune hands it back through get_checkpoint)."""
-        from effray.compress.cost import epoch_costs
-        from effray.compress.measure import accuracy
-        from effray.train.checkpoint import save_payload
 
         clock["last_epoch"] = time.perf_counter()
         acc, _ = accuracy(model, evals)
@@ -362,8 +374,6 @@ def _trial_data(
     if shared is not None:
         import ray
 
-        from effray.data.arrays import epoch_batches, eval_batches
-
         train, val = ray.get(shared["train"]), ray.get(shared["val"])  # zero-copy views of the driver's arrays
         calib_rows = {k: v[: ebs * cfg.calib_batches] for k, v in train.items()}
 
@@ -377,9 +387,6 @@ def _trial_data(
             len(train["label"]),
             lambda: None,
         )
-
-    from effray.compress.run import eval_and_calib, xy_batches
-    from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
 
     data_cfg = DataConfig(data=ctx["data"], augment=ctx["augment"], seed=ctx["seed"])
     clock = f"tune-{ctx['name']}-{trial}"
@@ -399,9 +406,6 @@ def _trial_data(
 def _trial_progress() -> dict[str, Any] | None:
     """The fine-tune a retried trial goes on from: its last epoch's checkpoint, if Tune has one."""
     import ray.tune
-
-    from effray.compress.recipe import PROGRESS_FORMAT
-    from effray.train.checkpoint import read_payload
 
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is None:
@@ -435,15 +439,6 @@ def _trial_on_ray_train(
     `effray compress`), named per trial so a retried trial finds its run; rank 0's epoch
     reports reach Tune through ``TuneReportCallback``."""
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from effray.compress.run import (
-        CompressRunConfig,
-        eval_and_calib,
-        fine_tune_on_workers,
-        measure_artifact,
-    )
-    from effray.data.pipeline import DataConfig
-    from effray.data.prepare import load_meta
 
     meta = load_meta(ctx["data"])
     trial_dir = _trial_dir(ctx, trial)
@@ -491,9 +486,6 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """Load and measure the teacher once, on the driver, for every trial's ratios."""
-    from effray.compress.run import teacher_baseline
-    from effray.data.arrays import eval_batches, load_arrays
-    from effray.evaluate import load_checkpoint
 
     teacher, _ = load_checkpoint(cfg.teacher)
     spec = dict(teacher.spec)
@@ -511,8 +503,6 @@ def _teacher_context(cfg: TuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _robust_settings(cfg: TuneConfig) -> dict[str, Any] | None:
-    from effray.data.corrupt import parse_corruptions
-    from effray.robustness import parse_severities
 
     if not cfg.robust_images:
         return None
@@ -525,7 +515,6 @@ def _robust_settings(cfg: TuneConfig) -> dict[str, Any] | None:
 
 
 def _corruption_score(model: Any, val: dict[str, Any], meta: dict[str, Any], robust: dict[str, Any]) -> float:
-    from effray.robustness import corruption_accuracy
 
     return corruption_accuracy(
         model, val, meta, robust["names"], robust["severities"], seed=robust["seed"], images=robust["images"]
@@ -537,10 +526,6 @@ def _with_robustness(
 ) -> dict[str, Any]:
     """The final artifact's mean corruption accuracy, beside its other scores, and its
     drop vs the teacher's (the same corrupted images)."""
-    from effray.compress.artifact import load_artifact
-    from effray.compress.measure import compare
-    from effray.data.arrays import load_arrays
-    from effray.data.prepare import load_meta
 
     robust = ctx.get("robust")
     if robust is None:
@@ -570,8 +555,6 @@ def _shares_data(cfg: TuneConfig, meta: dict[str, Any]) -> bool:
     """In-process trials share the decoded splits when they fit a quarter of the object store."""
     import ray
 
-    from effray.data.arrays import split_bytes
-
     if not cfg.share_data or cfg.workers_per_trial > 1:
         return False
     need = split_bytes(meta, "train") + split_bytes(meta, "val")
@@ -586,8 +569,6 @@ def _shares_data(cfg: TuneConfig, meta: dict[str, Any]) -> bool:
 def _shared_data(cfg: TuneConfig) -> dict[str, Any]:
     """The decoded train and val splits, once, in the object store (refs for the trials)."""
     import ray
-
-    from effray.data.arrays import load_arrays
 
     return {split: ray.put(load_arrays(cfg.data, split)) for split in ("train", "val")}
 
@@ -628,8 +609,6 @@ def check_trial_resources(cfg: TuneConfig, total: dict[str, float], nodes: list[
 
 def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: Any) -> Any:
     """Effray's cost-aware searcher over the space: its own random/grid draws, or Optuna's."""
-    from effray.search.searcher import Budget, CostAwareSearch, SpaceSampler, check_feasible
-    from effray.search.space import to_param_space
 
     budget = Budget(cfg.max_size_kb, cfg.max_macs, cfg.max_latency_ms)
     check_feasible(space, costs, budget, cfg.seed)
@@ -657,8 +636,6 @@ def trial_count(cfg: TuneConfig, space: dict[str, Any] | None = None) -> int:
     of the grid (configs over budget are skipped, so there may be fewer)."""
     if cfg.search != "grid":
         return cfg.num_samples
-    from effray.search.searcher import SpaceSampler
-    from effray.search.space import load_space
 
     space = space if space is not None else load_space(cfg.space)
     return len(SpaceSampler(space, cfg.seed).points or [None]) * cfg.num_samples
@@ -669,8 +646,6 @@ def _scheduler(cfg: TuneConfig, path: str) -> Any:
     from ray import tune
 
     if cfg.scheduler == "pareto":
-        from effray.search.scheduler import ParetoASHA
-
         return ParetoASHA(
             metric=METRIC,
             costs=(f"predicted_{cfg.objective}",),
@@ -680,8 +655,6 @@ def _scheduler(cfg: TuneConfig, path: str) -> Any:
             log_path=os.path.join(path, STOPPED_FILE) if "://" not in path else None,
         )
     if cfg.scheduler == "asha":
-        from effray.search.scheduler import LastEpochSafeASHA
-
         return LastEpochSafeASHA(
             metric=METRIC,
             mode="max",
@@ -696,7 +669,6 @@ def _scheduler(cfg: TuneConfig, path: str) -> Any:
 def _summary_run(cfg: TuneConfig, storage: str, path: str, mode: str, teacher: dict[str, Any]) -> dict[str, Any] | None:
     """The experiment's summary run: `effray report`'s table and Pareto plot (written to
     EXPERIMENT/report), in the trials' group. Never fails the search."""
-    from effray.search.aggregate import ReportConfig, report
 
     if "://" in path:
         return None  # the report reads a local experiment directory
@@ -724,11 +696,6 @@ def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: 
     (the search benchmark's compute budget)."""
     import ray
     from ray import tune
-
-    from effray.data.pipeline import validate_data_dir
-    from effray.search.searcher import CostModel
-    from effray.search.space import has_grid, load_space
-    from effray.train.checkpoint import data_summary
 
     meta = validate_data_dir(cfg.data)
     space = load_space(cfg.space)

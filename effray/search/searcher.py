@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 from ray.tune.search import Searcher
 
+from effray.compress.config import CompressConfig
+from effray.compress.cost import estimate_latency_ms, predict_costs
+from effray.config import from_dict, merge
 from effray.errors import EffrayError
+from effray.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +92,11 @@ class CostModel:
         return {**self.__dict__, "_teacher": None}
 
     def __call__(self, compress: dict[str, Any]) -> dict[str, float]:
-        from effray.compress.config import CompressConfig
-        from effray.compress.cost import estimate_latency_ms, predict_costs
-        from effray.config import from_dict, merge
 
         cfg = merge(from_dict(CompressConfig, self.base), compress)
         key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in _TRAINING_ONLY}, default=str)
         if key not in self._cache:
             if self._teacher is None:
-                from effray.evaluate import load_checkpoint
-
                 self._teacher, _ = load_checkpoint(self.teacher_path)
             costs: dict[str, float] = dict(predict_costs(self._teacher, cfg, **self.meta))
             t = self.teacher_metrics

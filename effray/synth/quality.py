@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray.config import require
+from effray.data.arrays import prepared_batches
+from effray.data.pipeline import normalize_tensor
+from effray.data.prepare import load_meta
+from effray.models.predict import last_linear
+from effray.train.checkpoint import load_checkpoint
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -62,17 +68,10 @@ def diversity_ratio(
     return (float(np.mean(valid)) if valid else float("nan")), per
 
 
-def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    require(bool(linears), "the classifier has no linear layer to take penultimate features from")
-    return linears[-1]
-
-
 def features_and_logits(
     model: torch.nn.Module, images: np.ndarray, mean: list[float], std: list[float], batch_size: int = 500
 ) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features (the final linear layer's input) and logits of uint8 NHWC images."""
-    from effray.data.pipeline import normalize_tensor
 
     grabbed: list[torch.Tensor] = []
     hook = last_linear(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].detach().flatten(1)))
@@ -89,7 +88,6 @@ def features_and_logits(
 
 
 def _read(data_dir: str, split: str, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    from effray.evaluate import prepared_batches
 
     images, labels, n = [], [], 0
     for x, y in prepared_batches(data_dir, split, 1000)[1]:
@@ -106,8 +104,6 @@ def score_synthetic(
     synthetic: str, classifier: str, real: str, split: str = "val", max_rows: int = 5000
 ) -> dict[str, Any]:
     """The three figures (plus the real-data references they are read against)."""
-    from effray.data.prepare import load_meta
-    from effray.evaluate import load_checkpoint
 
     model, payload = load_checkpoint(classifier)
     info = payload.get("data") or {}

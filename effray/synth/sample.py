@@ -21,11 +21,17 @@ from typing import Any
 
 import numpy as np
 
+import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray import __version__
 from effray.atomic import replace_dir, temp_sibling, write_file, write_json
 from effray.config import require
+from effray.data.prepare import SCHEMA
 from effray.errors import EffrayError
 from effray.synth.config import SynthSampleConfig
+from effray.synth.gan import generate
+from effray.synth.quality import score_synthetic
+from effray.synth.train import _build_generator, load_generator
+from effray.train.checkpoint import load_checkpoint
 
 GRID_FILE = "samples.png"
 QUALITY_FILE = "quality.json"
@@ -38,8 +44,6 @@ class GenerateShards:
     def __init__(self, payload: dict[str, Any], seed: int, out_dir: str) -> None:
         import torch
 
-        from effray.synth.train import _build_generator
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.g = _build_generator(payload).to(self.device).eval()
         self.classes = list(payload["classes"])
@@ -48,9 +52,6 @@ class GenerateShards:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import pyarrow as pa
         import pyarrow.parquet as pq
-
-        from effray.data.prepare import SCHEMA
-        from effray.synth.gan import generate
 
         ids = np.asarray(batch["id"], dtype=np.int64)
         c = len(self.classes)
@@ -96,8 +97,6 @@ def save_class_grid(g: Any, payload: dict[str, Any], seed: int, cols: int, path:
     """``samples.png``: one row per class, the same images as that class's first rows."""
     from PIL import Image
 
-    from effray.synth.gan import generate
-
     c = int(payload["num_classes"])
     ids = np.array([j * c + y for y in range(c) for j in range(cols)], dtype=np.int64)
     grid = class_grid(generate(g, ids % c, ids, seed), c, cols)
@@ -118,16 +117,12 @@ def sample(cfg: SynthSampleConfig) -> dict[str, Any]:
     summary (and the quality figures when ``--classifier`` is given)."""
     import ray
 
-    from effray.synth.train import load_generator
-
     out = Path(cfg.out)
     require(
         not out.exists() or cfg.overwrite,
         f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out",
     )
     if cfg.classifier:  # fail before generating anything
-        from effray.evaluate import load_checkpoint
-
         load_checkpoint(cfg.classifier)
     g, payload = load_generator(cfg.generator)
     c = int(payload["num_classes"])
@@ -192,8 +187,6 @@ def sample(cfg: SynthSampleConfig) -> dict[str, Any]:
         save_class_grid(g, payload, cfg.seed, cols, tmp / GRID_FILE)
         quality = None
         if cfg.classifier:
-            from effray.synth.quality import score_synthetic
-
             real = cfg.real or payload["config"].get("data", "")
             require(bool(real), "--classifier needs --real DIR (the generator doesn't record its data)")
             quality = score_synthetic(str(tmp), cfg.classifier, real, "val", 5000)

@@ -26,10 +26,22 @@ from torch import nn
 from effray import __version__
 from effray.atomic import write_file, write_json
 from effray.config import from_dict, require, to_dict
+from effray.data.pipeline import DataConfig, torch_batches, train_dataset, validate_data_dir
 from effray.errors import EffrayError
 from effray.synth.config import NOT_ARCH, SynthTrainConfig
-from effray.train.checkpoint import FORMATS, checkpoint_file, read_payload, rng_state, save_payload
+from effray.synth.gan import Discriminator, Generator, from_uint8, gan_step
+from effray.train.checkpoint import (
+    FORMATS,
+    checkpoint_file,
+    data_summary,
+    read_payload,
+    rng_state,
+    save_payload,
+    set_rng_state,
+)
+from effray.train.loop import all_sum, from_rank0, restore, say, seed_epoch
 from effray.train.parallel import STRATEGIES
+from effray.train.run import check_resources, fit, provenance, torch_trainer
 
 GAN_FORMAT = "effray.synth.gan/1"  # resumable training state (both networks + optimizers)
 GENERATOR_FORMAT = "effray.synth.generator/1"  # the artifact: generator weights + what they mean
@@ -68,7 +80,6 @@ def generator_payload(
 
 @FORMATS.register(GENERATOR_FORMAT)
 def _build_generator(payload: dict[str, Any]) -> nn.Module:
-    from effray.synth.gan import Generator
 
     g = Generator(**payload["spec"])
     try:
@@ -102,11 +113,6 @@ def gan_loop_per_worker(config: dict[str, Any]) -> None:
     of real images (flipped), take one D and one G step per batch, report and checkpoint."""
     import ray.train
     import ray.train.torch
-
-    from effray.data.pipeline import torch_batches
-    from effray.synth.gan import Discriminator, Generator, from_uint8, gan_step
-    from effray.train.checkpoint import set_rng_state
-    from effray.train.loop import all_sum, from_rank0, restore, say, seed_epoch
 
     cfg = from_dict(SynthTrainConfig, config["train"])
     run = config["run"]
@@ -242,10 +248,6 @@ def _lines(path: Path) -> int:
 def train_gan(cfg: SynthTrainConfig) -> dict[str, Any]:
     """Train (or resume) the GAN on the current Ray cluster; write ``OUT/generator.pt``."""
     import ray
-
-    from effray.data.pipeline import DataConfig, train_dataset, validate_data_dir
-    from effray.train.checkpoint import data_summary
-    from effray.train.run import check_resources, fit, provenance, torch_trainer
 
     meta = validate_data_dir(cfg.data)
     require(

@@ -14,6 +14,7 @@ from effray.tracking.base import (
     decide_wandb_mode,
     stable_run_id,
 )
+from effray.tracking.wandb_tracker import WandbTracker
 
 __all__ = ["NullTracker", "Tracker", "TrackerSettings", "decide_wandb_mode", "make_tracker", "stable_run_id"]
 
@@ -22,6 +23,4 @@ def make_tracker(settings: TrackerSettings | None) -> Tracker:
     """A wandb tracker, or a no-op one when tracking is off or wandb can't start."""
     if settings is None or settings.mode == "disabled":
         return NullTracker()
-    from effray.tracking.wandb_tracker import WandbTracker
-
     return WandbTracker.start(settings)

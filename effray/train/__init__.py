@@ -5,12 +5,6 @@
 """
 
 from effray.train.config import TrainConfig
+from effray.train.run import train
 
 __all__ = ["TrainConfig", "train"]
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Train or resume the run ``cfg`` describes (see :func:`effray.train.run.train`)."""
-    from effray.train.run import train as _train
-
-    return _train(cfg)

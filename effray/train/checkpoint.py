@@ -23,6 +23,7 @@ from torch import nn
 from effray import __version__
 from effray.atomic import write_file
 from effray.errors import EffrayError
+from effray.models import build_model
 from effray.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
 
 @FORMATS.register(TRAIN_FORMAT)
 def _build_trained(payload: dict[str, Any]) -> nn.Module:
-    from effray.models import build_model
 
     spec = payload["model_spec"]
     model = build_model(**spec)

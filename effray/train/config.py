@@ -16,6 +16,8 @@ from typing import Any
 
 from effray.config import AUTO, option, require, require_whole_gpus, to_dict
 from effray.data.pipeline import DataConfig
+from effray.models import build_model, model_names
+from effray.train.pipeline import stage_bounds
 
 # The loop only talks to a Strategy (effray.train.strategy, effray.train.pipeline).
 PARALLEL = ("ddp", "pipeline")
@@ -180,7 +182,6 @@ class TrainConfig:
         return self.data.seed
 
     def validate(self) -> None:
-        from effray.models import model_names
 
         require(self.model in model_names(), f"unknown model {self.model!r}; valid: {', '.join(model_names())}")
         require(self.width > 0, f"--width must be > 0, got {self.width}")
@@ -255,8 +256,6 @@ class TrainConfig:
         )
 
     def _validate_pipeline(self) -> None:
-        from effray.models import build_model
-        from effray.train.pipeline import stage_bounds
 
         s, m = self.stages, self.microbatches
         require(s >= 2, f"--stages must be >= 2 with --parallel pipeline, got {s}")

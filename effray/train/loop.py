@@ -27,12 +27,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from effray.config import from_dict
+from effray.data.augment_torch import batch_generator, parse_policy_torch
 from effray.data.pipeline import channel_stats, normalize_tensor, sample_images, torch_batches
 from effray.data.shuffle import training_batches
 from effray.errors import EffrayError
+from effray.metrics import class_sums, sums_metrics
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init, whitening_biases
-from effray.predict import tta_logits
+from effray.models.predict import tta_logits
 from effray.tracking import NullTracker, TrackerSettings, make_tracker
 from effray.train.checkpoint import (
     first_readable,
@@ -231,20 +233,6 @@ def restore(rank: int) -> tuple[str, dict[str, Any]] | None:
         return None
 
 
-def class_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``[correct, loss sum, correct per class..., count per class...]`` of one batch as a
-    float64 tensor on the logits' device: fixed-size scatter adds, no boolean indexing
-    or ``bincount`` (their output size depends on the data: a host sync on a GPU)."""
-    labels = labels.to(logits.device, non_blocking=True)
-    hit = (logits.argmax(dim=1) == labels).double()
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
-    per_ok = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, labels, hit)
-    per_n = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(
-        0, labels, torch.ones_like(hit)
-    )
-    return torch.cat([hit.sum().view(1), loss.view(1), per_ok, per_n])
-
-
 def validation_sums(
     strategy: Strategy,
     model: torch.nn.Module,
@@ -285,14 +273,12 @@ def batch_sums(
 
 def validation_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The epoch's one host read of the validation sums, as the reported metrics."""
-    sums = sums.cpu()
-    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2 : 2 + num_classes], sums[2 + num_classes :]
-    count = float(per_n.sum())
+    m = sums_metrics(sums, num_classes)
     return {
-        "val_accuracy": float(correct) / max(count, 1.0),
-        "val_loss": float(loss) / max(count, 1.0),
-        "val_count": int(count),
-        "val_per_class_accuracy": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
+        "val_accuracy": m["accuracy"],
+        "val_loss": m["loss"],
+        "val_count": m["count"],
+        "val_per_class_accuracy": m["per_class"],
     }
 
 
@@ -436,8 +422,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gpu_policy = stats = None
     meta = {"mean": data["mean"], "std": data["std"]}
     if cfg.data.augment_on == "gpu":
-        from effray.data.augment_torch import parse_policy_torch
-
         gpu_policy = parse_policy_torch(cfg.data.augment, num_classes)
         stats = channel_stats(meta["mean"], meta["std"], device)
     loss_fn = lambda logits, batch: soft_cross_entropy(logits, batch, cfg.label_smoothing)  # noqa: E731
@@ -590,7 +574,6 @@ def augment_on_device(
     """``--augment-on gpu``: uint8 NHWC batch -> augmented, normalised NCHW on the device,
     with a generator seeded from (seed, epoch, rank, step) so runs repeat exactly.
     ``stats``: :func:`effray.data.pipeline.channel_stats` on ``device``, made once."""
-    from effray.data.augment_torch import batch_generator
 
     seed, epoch, rank, step = key
     g = batch_generator(seed, epoch, (rank << 32) + step, device)

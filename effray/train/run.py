@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import write_json
+from effray.cluster import temporary_env
 from effray.config import AUTO, require, require_whole_gpus, to_dict
 from effray.console import say
 from effray.data.pipeline import (
@@ -34,7 +35,7 @@ from effray.data.shuffle import cache_split, steps_per_epoch
 from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
-from effray.train.checkpoint import data_summary
+from effray.train.checkpoint import data_summary, read_payload
 from effray.train.config import TrainConfig, default_run_name, model_identity, parse_resources
 from effray.train.loop import HISTORY_FILE, train_loop_per_worker
 from effray.train.parallel import STRATEGIES
@@ -272,7 +273,6 @@ def fit(trainer: Any, clock: str, env: dict[str, str] | None = None) -> Any:
     line for the user, not a Ray traceback); the epoch clock actor goes either way.
     ``env``: Ray Train settings its controller reads from the driver's environment at
     ``fit()``, set for this fit only."""
-    from effray.cluster import temporary_env
 
     try:
         with temporary_env(**(env or {})):
@@ -292,8 +292,6 @@ def finished_run(run_path: str, epochs: int) -> tuple[dict[str, Any], str] | Non
     (``Result.from_path``); None if it has none, is shorter, or that checkpoint is
     unreadable (then the fit resumes, falling back to an older checkpoint)."""
     from ray.train import Result
-
-    from effray.train.checkpoint import read_payload
 
     try:
         result = Result.from_path(run_path)

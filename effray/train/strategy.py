@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from effray.hardware import bf16_native
+from effray.models.predict import autocast, logits
+
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -130,41 +133,6 @@ class Strategy:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return unwrap(model)
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 convolutions/matmuls in hardware: CUDA GPUs from
-    Ampere on, x86 CPUs with AVX512-BF16 or AMX (2-2.5x fp32's speed per thread here)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return False
-
-
-def cpu_summary() -> str:
-    """What every CPU time is printed beside: the kernels torch picked for this CPU and
-    whether bf16 is native (the two together move CPU times ~3x between machines)."""
-    return (
-        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, bf16 native "
-        f"{'yes' if bf16_native(torch.device('cpu')) else 'no'}"
-    )
-
-
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` (norms, softmax and losses stay fp32), or nothing."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def logits(model: nn.Module, images: torch.Tensor, device: torch.device, numerics: dict[str, bool]) -> torch.Tensor:
-    """fp32 logits of ``images`` on ``device`` under ``numerics`` (bf16 autocast,
-    channels-last input): the one forward pass training, validation and evaluate share."""
-    x = images.to(device, non_blocking=True)
-    if numerics.get("channels_last"):
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, bool(numerics.get("bf16"))):
-        return model(x).float()
 
 
 class DDPStrategy(Strategy):

@@ -100,7 +100,7 @@ def test_validation_batch(fake_cuda, variant, tta):
 
 def test_class_sums_match_a_host_count():
     """The device-side tallies (scatter adds, no boolean indexing) equal a plain count."""
-    from effray.train.loop import class_sums
+    from effray.metrics import class_sums
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
     labels = torch.tensor([0, 2, 2, 1])
@@ -519,7 +519,8 @@ def test_cleaning_embeds_on_the_gpu(fake_cuda):
     """``effray data clean``'s embedding actor on a GPU: uint8 images copied once to the
     device, every zoom view and mirror through the classifier there, the features, pixel
     descriptors and probabilities left on it (the actor then makes its one host copy)."""
-    from effray.clean.embed import ZOOMS, device_embedding, last_linear
+    from effray.clean.embed import ZOOMS, device_embedding
+    from effray.models.predict import last_linear
 
     model = build_model("convnet", 10, 3, 0.5).eval()
     grabbed: list[torch.Tensor] = []

@@ -10,9 +10,10 @@ import pytest
 from helpers import cli
 
 from effray.data.arrays import load_arrays
-from effray.data.corrupt import corrupt
 from effray.data.prepare import load_meta
-from effray.evaluate import load_checkpoint, score
+from effray.evaluate import score
+from effray.evaluate.corrupt import corrupt
+from effray.train.checkpoint import load_checkpoint
 
 
 def test_corruption_accuracy_on_ray_data_matches_the_corruptions_in_process(ray_session, tiny_cifar, teacher, tmp_path):

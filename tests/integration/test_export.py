@@ -16,13 +16,12 @@ from effray.compress.config import CompressConfig
 from effray.compress.quantize import QUANT_TYPES
 from effray.compress.recipe import compress_local
 from effray.config import validated
-from effray.data.arrays import epoch_batches, eval_batches, load_arrays
+from effray.data.arrays import epoch_batches, eval_batches, load_arrays, prepared_batches
 from effray.data.prepare import load_meta
 from effray.deploy.export import ExportConfig, check_dataset, export
 from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, open_checkpoint
 from effray.errors import EffrayError
-from effray.evaluate import load_checkpoint, prepared_batches
-from effray.train.checkpoint import data_summary, read_payload, save_payload
+from effray.train.checkpoint import data_summary, load_checkpoint, read_payload, save_payload
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

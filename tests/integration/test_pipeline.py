@@ -214,7 +214,7 @@ def test_streaming_lists_parquet_with_one_footer_reader(tiny_cifar):
     import ray
     from ray.util.state import list_actors
 
-    from effray.data.pipeline import RAY_DATA_ENV
+    from effray.cluster import RAY_DATA_ENV
 
     seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in RAY_DATA_ENV}).remote())
     assert seen == RAY_DATA_ENV

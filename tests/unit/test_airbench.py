@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effray.data.pipeline import sample_images
-from effray.evaluate import tta_logits
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
+from effray.models.predict import tta_logits
 from effray.train.loop import Lookahead, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -127,8 +127,7 @@ def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg
     """The progress checkpoint after an epoch (written and read back weights-only) resumes
     the recipe to bit-identical weights: structure, latent weights, momentum, LR step, RNG."""
     from effray.compress.recipe import resume_student
-    from effray.evaluate import load_checkpoint
-    from effray.train.checkpoint import read_payload, save_payload
+    from effray.train.checkpoint import load_checkpoint, read_payload, save_payload
 
     cfg = validated(cfg)
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
-"""Imports flow one way: no effray module imports another that (directly or through
-others) imports it back, lazy imports inside functions included. There were three:
-``train.strategy`` <-> ``train.pipeline`` (now both are named in ``train.parallel``),
-``compress.prune`` <-> ``compress.quantize`` (``compress.layers``) and ``tracking`` <->
-``tracking.wandb_tracker`` (``tracking.base``)."""
+"""Imports flow one way. At package level, in the order of :data:`LAYERS` (core ->
+data/models -> train -> compress -> evaluate -> synth -> clean -> search -> deploy ->
+run/cli): a module imports only its own package and packages of its layer or below, lazy
+imports inside functions included, and no effray module loads code by name
+(``importlib``/``__import__``), which this graph could not see. Within that, no module
+imports another that (directly or through others) imports it back."""
 
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ from pathlib import Path
 import effray
 
 ROOT = Path(effray.__file__).parent
+# effray's packages and top-level modules, lowest first; a name imports only its own
+# layer and those before it (and never the other name of its layer back: no circles)
+LAYERS = (
+    ("errors", "config", "registry", "console", "atomic", "storage", "hardware", "tracking", "cluster"),
+    ("data", "models", "metrics"),
+    ("train",),
+    ("compress",),
+    ("evaluate",),
+    ("synth",),
+    ("clean",),
+    ("search",),
+    ("deploy",),
+    ("run", "cli", "local_cluster"),
+)
 
 
 def _module(path: Path) -> str:
@@ -38,6 +53,28 @@ def import_graph() -> dict[str, set[str]]:
                 if t.startswith("effray") and t in modules and t != name:
                     graph[name].add(t)
     return graph
+
+
+def package(module: str) -> str:
+    """``effray.train.loop`` -> ``train``; ``effray.cli`` -> ``cli``; ``effray`` -> ``effray``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer(name: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if name in names)
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a package from a lower layer's module (``effray/__init__`` aside)."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        if module == "effray":
+            continue
+        for t in sorted(targets):
+            if package(t) != package(module) and package(t) != "effray" and layer(package(t)) > layer(package(module)):
+                out.append(f"{module} -> {t}")
+    return out
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -78,6 +115,36 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_package_has_a_layer():
+    names = {package(m) for m in import_graph()} - {"effray"}
+    layered = {n for names_ in LAYERS for n in names_}
+    assert names <= layered, sorted(names - layered)
+
+
+def test_the_order_check_finds_an_import_that_runs_back_up():
+    assert upward({"effray.train.loop": {"effray.evaluate.run"}, "effray.evaluate.run": {"effray.train.loop"}}) == [
+        "effray.train.loop -> effray.evaluate.run"
+    ]
+
+
+def test_imports_flow_one_way_at_package_level():
+    assert upward(import_graph()) == []
+
+
+def test_no_module_loads_code_by_name():
+    """``importlib.import_module`` or ``__import__`` would hide an arrow from the graph."""
+    hits = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if name in ("import_module", "__import__"):
+                hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                hits += [f"{path.relative_to(ROOT)}:{node.lineno}" for m in mods if m.split(".")[0] == "importlib"]
+    assert hits == []
 
 
 def test_effray_has_no_import_circle():

@@ -165,8 +165,8 @@ def test_on_device_augmentation_is_seeded_per_rank_and_step_and_normalises():
 
 
 def test_numerics_follow_the_hardware(monkeypatch):
+    from effray.hardware import bf16_native
     from effray.train.parallel import make_strategy
-    from effray.train.strategy import bf16_native
 
     cpu = torch.device("cpu")
     picked = make_strategy("ddp", cpu, channels_last=True, compile=False, amp=True)

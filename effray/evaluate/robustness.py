@@ -1,7 +1,7 @@
 """Corruption robustness of a model: accuracy under every corruption and severity.
 
 The evaluation split streams once through Ray Data; one ``map_batches`` stage makes every
-(corruption, severity) copy of each batch (:mod:`effray.data.corrupt`, seeded per row, so
+(corruption, severity) copy of each batch (:mod:`effray.evaluate.corrupt`, seeded per row, so
 the corrupted split is the same on every run and every cluster), and the driver scores
 them as they arrive. Reported as CIFAR-10-C reports it: accuracy per corruption and
 severity, the mean over all of them (mean corruption accuracy), and its drop relative
@@ -15,9 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-from effray.data.corrupt import CORRUPTIONS, SEVERITIES, corrupt
+from effray.data.pipeline import eval_dataset, map_batch_rows
+from effray.data.prepare import load_meta
 from effray.errors import EffrayError
+from effray.evaluate.corrupt import CORRUPTIONS, SEVERITIES, corrupt
+from effray.models.predict import predict_logits
 
 
 def all_variants(
@@ -64,12 +68,6 @@ def robustness(
 
     ``info`` is the checkpoint's data summary (normalisation); ``clean_accuracy`` the
     model's on the same split, for the relative drop."""
-    import torch
-
-    from effray.data.pipeline import eval_dataset, map_batch_rows
-    from effray.data.prepare import load_meta
-    from effray.predict import predict_logits
-
     for n in names:
         if n not in CORRUPTIONS:
             raise EffrayError(f"unknown corruption {n!r}; valid: {', '.join(CORRUPTIONS)}")
@@ -124,10 +122,6 @@ def corruption_accuracy(
     """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
     of a split's decoded ``arrays`` (0 = all), in this process: a search trial's column. The
     images are the ones :func:`robustness` streams (each seeded by its row id)."""
-    import torch
-
-    from effray.predict import predict_logits
-
     n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
     if n == 0 or not names:
         return float("nan")

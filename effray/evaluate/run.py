@@ -5,12 +5,12 @@ Data is either a prepared dataset (``effray data prepare``; raw pixels, a split)
 Parquet with encoded image bytes + label (the shared ``cifar10-train.parquet`` schema).
 The checkpoint is opened by :func:`effray.train.checkpoint.load_checkpoint`, which
 dispatches on the payload's ``format``: a compressed artifact evaluates the same way
-once its stage registers its format. Runs in-process, without Ray: one model, one pass.
+(importing :mod:`effray.compress` registers its formats). The clean score runs
+in-process, without Ray: one model, one pass (:func:`effray.metrics.score_batches`).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,12 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray.atomic import write_json
 from effray.config import option, require
+from effray.data.arrays import encoded_batches, prepared_batches
 from effray.errors import EffrayError
-from effray.metrics import classification_metrics, write_figures
-from effray.predict import predict_logits, tta_logits  # noqa: F401  (tta_logits: part of this module's API)
+from effray.evaluate.corrupt import parse_corruptions
+from effray.evaluate.robustness import parse_severities, robustness
+from effray.metrics import classification_metrics, score_batches, write_figures
+from effray.models.predict import predict_logits
+from effray.train.checkpoint import load_checkpoint
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
@@ -58,71 +64,12 @@ class EvaluateConfig:
         require(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
         require(self.tta in (-1, 0, 1, 2), f"--tta must be -1, 0, 1 or 2, got {self.tta}")
         if self.corruptions:
-            from effray.data.corrupt import parse_corruptions
-            from effray.robustness import parse_severities
-
             parse_corruptions(self.corruptions)
             parse_severities(self.severities)
             require(
                 (Path(self.data) / "meta.json").is_file(),
                 f"--corruptions needs a prepared dataset (effray data prepare), not {self.data!r}",
             )
-
-
-def _plugins() -> None:
-    """Import the stages that register checkpoint formats (compression, the GAN
-    generator), when installed; a stage that is present but broken fails loudly."""
-    for mod in ("effray.compress", "effray.synth"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """:func:`effray.train.checkpoint.load_checkpoint` with every stage's format registered:
-    ``(model in eval mode, payload)`` for a trained checkpoint or a compressed artifact."""
-    from effray.train.checkpoint import load_checkpoint as load
-
-    _plugins()
-    return load(path)
-
-
-def prepared_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -> tuple[dict[str, Any], Batches]:
-    """(meta, batches of uint8 NHWC images + int64 labels) of one split of a prepared dataset."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from effray.data.pipeline import decode_batch
-    from effray.data.prepare import load_meta, split_files
-
-    meta = load_meta(data_dir)
-    files, shape = split_files(data_dir, split), tuple(meta["image_shape"])
-
-    def gen() -> Batches:
-        for f in files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
-                batch = decode_batch(pa.Table.from_batches([rb]), shape)  # the pipeline's own decode
-                yield batch["image"].copy(), batch["label"]
-
-    return meta, gen()
-
-
-def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, int]) -> Batches:
-    """Batches from Parquet with encoded image bytes + label; unreadable rows are skipped
-    and counted in ``counter["skipped_bad"]``."""
-    from effray.data.sources import load_chunk, plan_source
-
-    plan = plan_source(f"parquet:{path}")
-    for chunk in plan.chunks:
-        decoded, labels = load_chunk(chunk, channels)
-        ok = [i for i, e in enumerate(decoded.errors) if not e]
-        counter["skipped_bad"] += len(decoded.errors) - len(ok)
-        if ok:
-            shapes = {decoded.images[i].shape for i in ok}
-            require(len(shapes) == 1, f"{path} mixes image sizes {sorted(shapes)}; evaluate one size at a time")
-            yield np.stack([decoded.images[i] for i in ok]), labels[ok]
 
 
 def score(
@@ -137,21 +84,14 @@ def score(
     numerics: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy and the logits and labels (CPU, for
-    :func:`effray.metrics.classification_metrics`) of ``model`` over ``batches``,
-    normalised exactly as training normalised its validation batches and computed with
-    the checkpoint's ``numerics`` (bf16 autocast, channels-last) as training scored it."""
-    import torch
-    import torch.nn.functional as F
-
+    :func:`effray.metrics.classification_metrics`) of ``model`` over ``batches`` of uint8
+    images, normalised exactly as training normalised its validation batches and computed
+    with the checkpoint's ``numerics`` (bf16 autocast, channels-last) as training scored it."""
     numerics = numerics or {}
     channels_last = bool(numerics.get("channels_last"))
-    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
 
-    correct = loss = 0.0
-    per_ok, per_n = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
-    all_logits, all_labels = [], []
-    model.eval()
-    with torch.no_grad():
+    def checked() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for images, labels in batches:
             if image_shape is not None and list(images.shape[1:]) != list(image_shape):
                 raise EffrayError(
@@ -163,25 +103,14 @@ def score(
                     "it belongs to another dataset"
                 )
             for i in range(0, len(labels), batch_size):
-                y = torch.from_numpy(np.array(labels[i : i + batch_size]))  # Ray's arrays are read-only
-                logits = predict_logits(model, images[i : i + batch_size], mean, std, tta, numerics)
-                pred = logits.argmax(dim=1)
-                correct += float((pred == y).sum())
-                loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                per_ok += np.bincount(y[pred == y].numpy(), minlength=num_classes)
-                per_n += np.bincount(y.numpy(), minlength=num_classes)
-                all_logits.append(logits.float().cpu())
-                all_labels.append(y)
-    count = int(per_n.sum())
-    require(count > 0, "no images to evaluate (empty split or every row unreadable)")
-    return {
-        "accuracy": correct / count,
-        "loss": loss / count,
-        "count": count,
-        "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
-        "logits": torch.cat(all_logits),
-        "labels": torch.cat(all_labels),
-    }
+                yield images[i : i + batch_size], torch.from_numpy(np.array(labels[i : i + batch_size]))
+
+    def predict(images: np.ndarray) -> torch.Tensor:
+        return predict_logits(model, images, mean, std, tta, numerics)
+
+    result = score_batches(predict, checked(), num_classes, keep_logits=True)
+    require(result["count"] > 0, "no images to evaluate (empty split or every row unreadable)")
+    return result
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -240,9 +169,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "numerics": payload.get("numerics") or {"bf16": False, "channels_last": False},
     }
     if cfg.corruptions:
-        from effray.data.corrupt import parse_corruptions
-        from effray.robustness import parse_severities, robustness
-
         out["robustness"] = robustness(
             model,
             data,
