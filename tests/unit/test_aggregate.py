@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from effray.errors import EffrayError
-from effray.search.aggregate import best_within, load_trials, pareto_mask, write_report
+from effray.search.aggregate import write_report
+from effray.search.fronts import best_within, hypervolume, pareto_mask
+from effray.search.results import load_stopped, load_trials
 
 
 def brute_force(acc, cost):
@@ -109,8 +111,6 @@ def test_missing_or_empty_experiment(tmp_path):
 def test_hypervolume_by_hand_and_its_invariances():
     import math
 
-    from effray.search.aggregate import hypervolume
-
     ref = 1000.0
     # front (100 B, 0.5), (400 B, 0.8); a dominated point adds nothing
     hv = hypervolume([0.5, 0.8, 0.4], [100.0, 400.0, 500.0], ref)
@@ -125,8 +125,6 @@ def test_hypervolume_by_hand_and_its_invariances():
 
 
 def test_stopped_trials_are_listed_with_their_rung_and_who_dominated_them(tmp_path):
-    from effray.search.aggregate import load_stopped
-
     exp = tmp_path / "exp"
     for trial, rows in {
         "a": [

@@ -1,0 +1,147 @@
+"""``report.md``: the measured trials as a Markdown table, read against the teacher.
+
+The table shows the scores and costs, the Pareto marks, and only the config fields that
+vary between trials; the trials that ended early get their own table, with the rung
+where they were stopped and who dominated them, so a surprising stop can be explained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from effray.search.results import BEYOND, OBJECTIVES
+
+
+def markdown(
+    table: pd.DataFrame,
+    teacher: dict[str, Any] | None,
+    pick: pd.Series | None,
+    max_size_kb: float | None,
+    max_latency_ms: float | None,
+    stopped: pd.DataFrame,
+    hv: float | None,
+    objective: str = "accuracy",
+) -> str:
+    """The report: the teacher's line, how to read the table, the hypervolume, the measured
+    trials (the teacher's row first), then those that ended early and the budget's pick."""
+    cols = _columns(table)
+    lines = ["# effray compression report", ""]
+    if teacher:
+        beyond = "".join(f", {k.replace('_', ' ')} {_fmt(teacher[k])}" for k in BEYOND if teacher.get(k) is not None)
+        lines += [
+            f"Teacher: accuracy {_fmt(teacher.get('accuracy'))}{beyond}, {_fmt(teacher.get('bytes'))} bytes, "
+            f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.",
+            "",
+        ]
+    lines += [
+        f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost; "
+        "pareto_robust_bytes: mean corruption accuracy vs bytes). macro_f1, worst_class_recall and ece (15-bin "
+        "expected calibration error) are on the val split; corruption_accuracy is the mean accuracy under the "
+        "search's corruptions and severities.",
+        "",
+    ]
+    if hv is not None:
+        lines += [
+            f"Hypervolume of the accuracy-vs-bytes front: **{hv:.4f}** (the area it dominates in accuracy × "
+            "ln(bytes), from accuracy 0 and the teacher's fp32 size).",
+            "",
+        ]
+    lines += _header(cols)
+    if teacher:  # the baseline every score is read against
+        base = {**teacher, "trial_id": "teacher (fp32)", "size_ratio": 1.0}
+        lines += [_row(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else "" for c in cols)]
+    lines += [_row(_fmt(row[c]) for c in cols) for _, row in table.iterrows()]
+    if len(stopped):
+        lines += _stopped_section(stopped, cols)
+    if max_size_kb or max_latency_ms:
+        lines += _budget_section(pick, max_size_kb, max_latency_ms, objective)
+    return "\n".join(lines) + "\n"
+
+
+def _columns(table: pd.DataFrame) -> list[str]:
+    """Scores, costs and Pareto marks, then the config fields that differ between trials
+    (the constants of the space and the predicted costs would only repeat)."""
+    cols = [
+        c
+        for c in (
+            "trial_id",
+            "accuracy",
+            *BEYOND,
+            "bytes",
+            "macs",
+            "latency_ms",
+            "size_ratio",
+            "pareto_bytes",
+            "pareto_macs",
+            "pareto_latency_ms",
+            "pareto_robust_bytes",
+        )
+        if c in table
+    ]
+    cols += [c for c in ("predicted_bytes", "setup_s") if c in table]
+    cols += [
+        c
+        for c in table.columns
+        if c.startswith("config.")
+        and not c.startswith(("config.predicted.", "config.context."))
+        and table[c].nunique(dropna=False) > 1
+    ]
+    return cols
+
+
+def _stopped_section(stopped: pd.DataFrame, cols: list[str]) -> list[str]:
+    """The trials that ended before their final measurement: where, and who beat them."""
+    scols = [
+        c
+        for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by")
+        if c in stopped
+    ]
+    scols += [c for c in cols if c.startswith("config.") and c in stopped]
+    lines = [
+        "",
+        f"## Ended before their final measurement ({len(stopped)})",
+        "",
+        "Stopped early at the rung (epoch) shown, with the accuracy it had there and its predicted size; "
+        "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both.",
+        "",
+    ]
+    return lines + _header(scols) + [_row(_fmt(row[c]) for c in scols) for _, row in stopped.iterrows()]
+
+
+def _budget_section(
+    pick: pd.Series | None, max_size_kb: float | None, max_latency_ms: float | None, objective: str
+) -> list[str]:
+    budget = ", ".join(
+        b
+        for b in (f"≤ {max_size_kb} KB" if max_size_kb else "", f"≤ {max_latency_ms} ms" if max_latency_ms else "")
+        if b
+    )
+    lines = ["", f"## Best within budget ({budget}), by {OBJECTIVES[objective].replace('_', ' ')}", ""]
+    if pick is None:
+        return [*lines, "No trial fits this budget."]
+    robust = f", corruption accuracy {_fmt(pick['corruption_accuracy'])}" if "corruption_accuracy" in pick else ""
+    return [
+        *lines,
+        f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}{robust}, {int(pick['bytes'])} bytes, "
+        f"artifact `{pick.get('artifact')}`",
+    ]
+
+
+def _header(cols: list[str]) -> list[str]:
+    return [_row(cols), "|" + "---|" * len(cols)]
+
+
+def _row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "★" if value else ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
