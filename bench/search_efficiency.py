@@ -99,8 +99,10 @@ def run_one(
     import shutil
 
     from effray.errors import EffrayError
-    from effray.search.aggregate import ReportConfig, load_stopped, report
-    from effray.search.run import TuneConfig, tune_compression
+    from effray.search.aggregate import ReportConfig, report
+    from effray.search.config import TuneConfig
+    from effray.search.driver import tune_compression
+    from effray.search.results import load_stopped
 
     name = f"{search}-{scheduler}-s{seed}"
     shutil.rmtree(args.out / "runs" / name, ignore_errors=True)  # a fresh search, not a resumed one

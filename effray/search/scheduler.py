@@ -6,8 +6,8 @@ models that make up the cheap end of the accuracy/size Pareto front. :class:`Par
 judges a trial at a rung by non-dominated rank over (accuracy, costs) instead: it is
 stopped only when it is dominated *and* outside the best fraction of the rung's trials by
 front. The costs (predicted bytes, MACs) are known before training, so each trial reports
-the same values with every epoch; accuracy gets a noise margin, since one epoch's
-validation accuracy on a small split moves by a few tenths of a percent.
+the same values with every epoch; accuracy gets a noise margin (``--acc-margin``), since
+one epoch's validation accuracy on a small split is noisy.
 
 A trial on its last epoch (``epoch >= epochs``) or sending its ``final`` report is never
 stopped: when a short trial's last epoch lands on a rung, stopping it there would throw

@@ -168,7 +168,7 @@ class CostAwareSearch(Searcher):
         self.rejected = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
-        return True  # the space is ours (or the inner searcher's); the param_space holds constants only
+        return True  # the space is ours (or the inner searcher's); Tune's param_space is empty
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         for attempt in range(self.max_tries):

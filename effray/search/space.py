@@ -29,9 +29,9 @@ from effray.errors import EffrayError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 PRESETS: dict[str, dict[str, Any]] = {
-    # a few-minute search on one CPU machine: one trial per (pruning kind, prune rate, bits),
-    # 12 configs spread along the size axis (10-80 KB) so the front has points all along it;
-    # LR drawn; KD on (--search grid)
+    # a search one CPU machine runs: one trial per (pruning kind, prune rate, bits), configs
+    # spread along the size axis so the front has points all along it; LR drawn; KD on
+    # (--search grid)
     "demo": {
         "prune_kind": {"grid": ["unstructured", "structured"]},
         "prune_rate": {"grid": [0.5, 0.8]},
@@ -138,8 +138,10 @@ def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
 
 
 def has_grid(space: dict[str, Any]) -> bool:
+    """Whether the space has grid entries, which only ``--search grid`` enumerates."""
     return any(isinstance(s, dict) and "grid" in s for s in space.values())
 
 
 def space_from_file_or_preset(text: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load_space` for a path as well as a string (what ``effray run`` passes)."""
     return load_space(str(text))

@@ -1,0 +1,229 @@
+"""``effray tune``'s driver: the Tuner over the compression space, started or resumed.
+
+The experiment lives at ``--storage``/``--name``, a deterministic place, so running the
+same command again resumes it: finished trials are kept, errored ones are retried, and
+the searcher's and scheduler's state come back with Tune's. Before any trial the driver
+checks that one can be placed, measures the teacher once (:mod:`effray.search.context`)
+and, when they fit, puts the decoded splits in the object store
+(:mod:`effray.search.splits`). Trials on shared arrays run in reused worker processes
+(torch imported, kernels warm).
+
+Tracking (wandb, offline without a key) is decided once, here: every trial is its own
+run (:mod:`effray.search.trial`), and at the end the summary (results table, Pareto
+plot, best rows) is one more run in the experiment's group (``job_type="summary"``).
+The terminal stays quiet: Tune's own output is off and progress is the caller's
+callbacks' (``effray run``'s bar).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from effray.atomic import write_json
+from effray.config import require, to_dict
+from effray.data.pipeline import validate_data_dir
+from effray.errors import EffrayError
+from effray.search.aggregate import ReportConfig, report
+from effray.search.config import METRIC, TuneConfig
+from effray.search.context import TrialContext, trial_context
+from effray.search.resources import check_trial_resources, concurrency, trial_resources
+from effray.search.results import STOPPED_FILE, TEACHER_FILE
+from effray.search.scheduler import LastEpochSafeASHA, ParetoASHA
+from effray.search.searcher import Budget, CostAwareSearch, CostModel, SpaceSampler, check_feasible
+from effray.search.space import has_grid, load_space, to_param_space
+from effray.search.splits import share_splits, shares_data
+from effray.search.trial import compression_trial
+from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
+
+log = logging.getLogger(__name__)
+
+
+def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: Any = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the experiment path and a summary. ``callbacks``:
+    Tune callbacks on the driver (``effray run``'s progress bar); ``stop``: a Tune stopper
+    (the search benchmark's compute budget)."""
+    import ray
+    from ray import tune
+
+    meta = validate_data_dir(cfg.data)
+    space = load_space(cfg.space)
+    require(
+        cfg.search == "grid" or not has_grid(space),
+        "the space has grid entries; use --search grid (or choice instead of grid)",
+    )
+    check_trial_resources(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    w = cfg.workers_per_trial
+    require(
+        w == 1 or meta["counts"]["train"] >= w,
+        f"{meta['counts']['train']} training rows can't feed {w} workers per trial",
+    )
+    mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)  # the CLI decides from its env first
+    path = cfg.experiment
+    context = trial_context(cfg, meta, mode)
+    shares = shares_data(cfg, meta)
+    shared = share_splits(cfg.data) if shares else None
+    trainable = tune.with_resources(
+        tune.with_parameters(compression_trial, context=context, shared=shared), trial_resources(cfg)
+    )
+    resumed = tune.Tuner.can_restore(path)
+    if resumed:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = _new_tuner(cfg, space, context, trainable, shares, list(callbacks or []), stop)
+    if context.local:  # cloud storage: the trials' own results carry the ratios
+        write_json(Path(path) / TEACHER_FILE, context.teacher.metrics)
+    grid = tuner.fit()
+    summary = _results(grid, path, resumed, w, shares, context.teacher.metrics)
+    if mode != "disabled":
+        run = _summary_run(cfg, mode, context.teacher.metrics)
+        summary["wandb"] = {
+            "mode": mode,
+            "project": cfg.wandb_project,
+            "group": cfg.name,
+            "summary_run_id": run["run_id"] if run else None,
+        }
+        if run:
+            summary["report"] = run["report"]
+    return summary
+
+
+def _new_tuner(
+    cfg: TuneConfig,
+    space: dict[str, Any],
+    context: TrialContext,
+    trainable: Any,
+    shares: bool,
+    callbacks: list[Any],
+    stop: Any,
+) -> Any:
+    """A fresh experiment under ``cfg.experiment``. The cost-aware searcher owns the space
+    (each suggestion carries its predicted costs), so the Tuner gets no ``param_space``."""
+    import ray
+    from ray import tune
+
+    teacher = context.teacher
+    costs = CostModel(teacher.path, to_dict(context.base), teacher.metrics, teacher.info, context.data_info)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            num_samples=trial_count(cfg, space),
+            search_alg=_searcher(cfg, space, costs),
+            scheduler=_scheduler(cfg, cfg.experiment),
+            max_concurrent_trials=concurrency(cfg, ray.cluster_resources(), shares),
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            reuse_actors=cfg.workers_per_trial == 1,  # a trial's process (torch imported, kernels warm) serves the next
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_root,
+            callbacks=callbacks,
+            stop=stop,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+        ),
+    )
+
+
+def trial_count(cfg: TuneConfig, space: dict[str, Any] | None = None) -> int:
+    """Trials Tune may start: ``--num-samples``, or with ``--search grid`` that many repeats
+    of the grid (configs over budget are skipped, so there may be fewer)."""
+    if cfg.search != "grid":
+        return cfg.num_samples
+    space = space if space is not None else load_space(cfg.space)
+    return len(SpaceSampler(space, cfg.seed).points or [None]) * cfg.num_samples
+
+
+def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: CostModel) -> CostAwareSearch:
+    """Effray's cost-aware searcher over the space: its own random/grid draws, or Optuna's."""
+    budget = Budget(cfg.max_size_kb, cfg.max_macs, cfg.max_latency_ms)
+    check_feasible(space, costs, budget, cfg.seed)
+    if cfg.search != "optuna":
+        return CostAwareSearch(
+            costs, budget, sampler=SpaceSampler(space, cfg.seed, repeats=cfg.num_samples if cfg.search == "grid" else 1)
+        )
+    try:
+        import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise EffrayError("--search optuna needs Optuna: pip install 'effray[optuna]' (or optuna)") from None
+    domain = to_param_space(space)
+    if cfg.multi_objective:
+        inner = OptunaSearch(domain, metric=["accuracy", "bytes"], mode=["max", "min"], seed=cfg.seed)
+    else:
+        inner = OptunaSearch(domain, metric=METRIC, mode="max", seed=cfg.seed)
+    return CostAwareSearch(
+        costs, budget, inner=inner, constants={k: v for k, v in space.items() if not isinstance(v, dict)}
+    )
+
+
+def _scheduler(cfg: TuneConfig, path: str) -> Any:
+    """Early stopping: effray's multi-objective rungs, Ray's ASHA on accuracy, or none."""
+    from ray import tune
+
+    if cfg.scheduler == "pareto":
+        return ParetoASHA(
+            metric=METRIC,
+            costs=(f"predicted_{cfg.objective}",),
+            grace_period=cfg.grace_period,
+            reduction_factor=cfg.reduction_factor,
+            acc_margin=cfg.acc_margin,
+            log_path=os.path.join(path, STOPPED_FILE) if "://" not in path else None,
+        )
+    if cfg.scheduler == "asha":
+        return LastEpochSafeASHA(
+            metric=METRIC,
+            mode="max",
+            time_attr="epoch",
+            grace_period=cfg.grace_period,
+            max_t=10_000,
+            reduction_factor=cfg.reduction_factor,
+        )
+    return tune.schedulers.FIFOScheduler()
+
+
+def _results(
+    grid: Any, path: str, resumed: bool, workers: int, shares: bool, teacher: dict[str, Any]
+) -> dict[str, Any]:
+    """The search's one-line summary: trials measured, stopped early by the scheduler, errored."""
+    finished = sum(1 for r in grid if r.error is None)
+    measured = sum(1 for r in grid if r.error is None and (r.metrics or {}).get("final"))
+    return {
+        "experiment": path,
+        "trials": len(grid),
+        "finished": finished,
+        "measured": measured,
+        "stopped_early": finished - measured,
+        "errored": len(grid) - finished,
+        "resumed": resumed,
+        "workers_per_trial": workers,
+        "shared_data": shares,
+        "teacher": teacher,
+    }
+
+
+def _summary_run(cfg: TuneConfig, mode: str, teacher: dict[str, Any]) -> dict[str, Any] | None:
+    """The experiment's summary run: `effray report`'s table and Pareto plot (written to
+    EXPERIMENT/report), in the trials' group. Never fails the search."""
+    path = cfg.experiment
+    if "://" in path:
+        return None  # the report reads a local experiment directory
+    settings = TrackerSettings(
+        project=cfg.wandb_project,
+        name=f"{cfg.name}-summary",
+        run_id=stable_run_id(cfg.storage_root, f"{cfg.name}/summary"),
+        mode=mode,
+        dir=path,
+        group=cfg.name,
+        job_type="summary",
+        config={"tune": to_dict(cfg), "teacher": {k: v for k, v in teacher.items() if not isinstance(v, (dict, list))}},
+    )
+    try:
+        summary = report(ReportConfig(experiment=path), tracking=settings)
+    except Exception as exc:  # noqa: BLE001 - no finished trial yet, a plotting or wandb problem: the search stands
+        log.warning("no wandb summary run for %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
+    return {"run_id": settings.run_id, "report": summary["report"]}
