@@ -394,7 +394,7 @@ def val_label_issues(teacher: str, data_dir: str | os.PathLike, out: Path) -> in
 
     meta, val = load_meta(data_dir), load_arrays(data_dir, "val")
     model, _ = load_checkpoint(teacher)
-    probs = predict_probs(model, val, meta, "cpu")
+    probs, _ = predict_probs(model, val, meta)
     classes = list(meta["classes"])
     rows = [
         {
