@@ -1,7 +1,7 @@
 """``effray predict``: batch inference on Ray Data.
 
-read -> decode -> the model in an actor pool -> ``OUT/predictions.parquet`` +
-``OUT/skipped.parquet``. An image that can't be used (unreadable, corrupt, the wrong size)
+read -> decode (:mod:`effray.deploy.inputs`) -> the model in an actor pool ->
+``OUT/predictions.parquet`` + ``OUT/skipped.parquet``. An image that can't be used (unreadable, corrupt, the wrong size)
 is a skipped row with its reason, never an error: one bad file in a million must not cost
 the other 999,999. Images travel as uint8 (a quarter of float32's bytes) and each actor's
 :class:`~effray.deploy.model.Deployable`, loaded once in ``__init__``, normalises them on
