@@ -69,7 +69,7 @@ def variant_scores(
     for batch in batches:
         logits = predict_logits(model, batch["image"], info["mean"], info["std"], tta, numerics)
         classes = logits.shape[1]
-        labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
+        labels = torch.from_numpy(np.array(batch["label"], np.int64))  # a copy: Ray's arrays are read-only
         for v in np.unique(batch["variant"]).tolist():
             rows = torch.from_numpy(np.flatnonzero(batch["variant"] == v))
             counted = class_sums(logits[rows.to(logits.device)], labels[rows], classes)
