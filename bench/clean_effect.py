@@ -92,7 +92,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 seed=seed,
             )
-            acc = float((predict_probs(model, val, meta, "cpu").argmax(1) == val["label"]).mean())
+            _, acc = predict_probs(model, val, meta)
             accs.append(acc)
             print(
                 f"{name}: {int(keep.sum())} train rows, seed {seed}: val accuracy {acc:.4f} "

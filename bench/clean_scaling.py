@@ -3,9 +3,9 @@
 For each size N (the first N rows of the shared CIFAR-10 Parquet file, prepared as
 effray's canonical dataset, train split only), in one local Ray session, timed apart:
 
-1. exact-duplicate hashing: :func:`effray.clean.run.hash_pass` (Ray Data read + decode +
+1. exact-duplicate hashing: :func:`effray.clean.passes.hash_pass` (Ray Data read + decode +
    blake2b per image, collected on the driver);
-2. embedding: :func:`effray.clean.run.embed_pass` (Ray Data over an actor pool holding the
+2. embedding: :func:`effray.clean.passes.embed_pass` (Ray Data over an actor pool holding the
    classifier; 4 zoom views x 2 mirrors per image), from a checkpoint made once up front
    (a randomly initialised ``convnet`` by default: the cost of a forward does not depend
    on the weights; ``--train-epochs`` trains one instead, ``--checkpoint`` takes yours),
@@ -46,7 +46,8 @@ from effray.clean.config import CleanConfig
 from effray.clean.dataset import without_rows, write_dataset
 from effray.clean.embed import PIXEL_GRID, finish
 from effray.clean.knn import knn
-from effray.clean.run import _check_checkpoint, _gpus, embed_pass, hash_pass
+from effray.clean.passes import embed_gpus, embed_pass, hash_pass
+from effray.clean.run import check_checkpoint
 from effray.cluster import use_ray_data_env
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.hardware import cpu_summary
@@ -120,7 +121,7 @@ def time_embed(data: str, payload: dict[str, Any], cfg: CleanConfig) -> tuple[fl
     shape = tuple(meta["image_shape"])
     no_copies = np.zeros((0, *shape), np.uint8)
     started = time.perf_counter()
-    rows, _ = embed_pass([(data, "train", "train")], no_copies, payload, cfg, shape, _gpus(cfg))
+    rows, _ = embed_pass([(data, "train", "train")], no_copies, payload, cfg, shape, embed_gpus(cfg))
     return time.perf_counter() - started, rows
 
 
@@ -289,10 +290,11 @@ def main() -> int:
         dirs = subsets(data, sizes, work)
         meta = load_meta(dirs[sizes[0]])
         ckpt, what = make_checkpoint(args, dirs[sizes[0]], work)
-        payload = _check_checkpoint(ckpt, meta)  # as `effray data clean --checkpoint` loads it
+        payload = check_checkpoint(ckpt, meta)  # as `effray data clean --checkpoint` loads it
         cfg = CleanConfig(actors=args.actors, block_rows=args.block_rows, neighbours=args.neighbours)
         print(
-            f"sizes {sizes}; embedding model: {what}; {args.actors} embedding actor(s), GPUs per actor {_gpus(cfg):g}; "
+            f"sizes {sizes}; embedding model: {what}; {args.actors} embedding actor(s), "
+            f"GPUs per actor {embed_gpus(cfg):g}; "
             f"kNN k={args.neighbours}, block_rows={args.block_rows}"
             + (
                 f"; labels: {args.folds} folds x {args.label_epochs} epoch(s) of {args.model} x{args.width}"

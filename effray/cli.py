@@ -9,6 +9,7 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -22,10 +23,30 @@ from pathlib import Path
 from typing import Any
 
 from effray import __version__
-from effray.cluster import check_output_paths
+from effray.clean.config import CleanConfig
+from effray.clean.run import clean
+from effray.cluster import check_output_paths, init_ray
+from effray.compress.run import CompressRunConfig, compress
 from effray.config import add_arguments, from_namespace, to_dict
 from effray.console import ray_output_to, say
+from effray.data.prepare import PrepareConfig, prepare
+from effray.data.preview import PreviewConfig, preview
+from effray.deploy.batch import predict
+from effray.deploy.config import ExportConfig, PredictConfig, ServeConfig
+from effray.deploy.export import export
+from effray.deploy.serve import serve
 from effray.errors import find_user_error
+from effray.evaluate import EvaluateConfig, evaluate
+from effray.run import RunConfig, run_all
+from effray.search.aggregate import ReportConfig, report
+from effray.search.run import TuneConfig, tune_compression
+from effray.synth.config import SynthSampleConfig, SynthScoreConfig, SynthTrainConfig
+from effray.synth.quality import score as synth_score
+from effray.synth.sample import sample as synth_sample
+from effray.synth.train import train_gan
+from effray.tracking import decide_wandb_mode
+from effray.train import train
+from effray.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -40,9 +61,7 @@ class Command:
         return self.needs_ray(cfg) if callable(self.needs_ray) else self.needs_ray
 
 
-def _prepare(cfg: Any) -> dict[str, Any]:
-    from effray.data.prepare import prepare
-
+def _prepare(cfg: PrepareConfig) -> dict[str, Any]:
     meta = prepare(cfg)
     return {
         "out": os.path.abspath(cfg.out),
@@ -54,81 +73,18 @@ def _prepare(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _preview(cfg: Any) -> dict[str, Any]:
-    from effray.data.preview import preview
+def with_wandb_mode(run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """The one place that reads WANDB_MODE / WANDB_API_KEY; workers and trials get the decision."""
 
-    return preview(cfg)
+    def decided(cfg: Any) -> dict[str, Any]:
+        mode = decide_wandb_mode(cfg.wandb_mode, os.environ, disabled=not cfg.wandb)
+        return run(dataclasses.replace(cfg, wandb_mode=mode))
 
-
-def _clean(cfg: Any) -> dict[str, Any]:
-    from effray.clean.run import clean
-
-    return clean(cfg)
+    return decided
 
 
 def _commands() -> list[Command]:
-    from effray.clean.config import CleanConfig
-    from effray.compress.run import CompressRunConfig, compress
-    from effray.data.prepare import PrepareConfig
-    from effray.data.preview import PreviewConfig
-    from effray.deploy.batch import PredictConfig
-    from effray.deploy.export import ExportConfig
-    from effray.deploy.serve import ServeConfig
-    from effray.evaluate import EvaluateConfig, evaluate
-    from effray.run import RunConfig, run_all
-    from effray.search.aggregate import ReportConfig, report
-    from effray.search.run import TuneConfig, tune_compression
-    from effray.synth.config import SynthSampleConfig, SynthScoreConfig, SynthTrainConfig
-    from effray.train.config import TrainConfig
-
-    def with_wandb_mode(run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-        """The one place that reads WANDB_MODE / WANDB_API_KEY; workers and trials get the decision."""
-
-        def decided(cfg: Any) -> dict[str, Any]:
-            import dataclasses
-
-            from effray.tracking import decide_wandb_mode
-
-            mode = decide_wandb_mode(cfg.wandb_mode, os.environ, disabled=not cfg.wandb)
-            return run(dataclasses.replace(cfg, wandb_mode=mode))
-
-        return decided
-
-    def train(cfg: TrainConfig) -> dict[str, Any]:
-        from effray.train import train
-
-        return train(cfg)
-
-    def synth_train(cfg: SynthTrainConfig) -> dict[str, Any]:
-        from effray.synth.train import train_gan
-
-        return train_gan(cfg)
-
-    def synth_sample(cfg: SynthSampleConfig) -> dict[str, Any]:
-        from effray.synth.sample import sample
-
-        return sample(cfg)
-
-    def synth_score(cfg: SynthScoreConfig) -> dict[str, Any]:
-        from effray.synth.quality import score
-
-        return score(cfg)
-
-    def export(cfg: ExportConfig) -> dict[str, Any]:
-        from effray.deploy.export import export as run
-
-        return run(cfg)
-
-    def predict(cfg: PredictConfig) -> dict[str, Any]:
-        from effray.deploy.batch import predict as run
-
-        return run(cfg)
-
-    def serve(cfg: ServeConfig) -> dict[str, Any]:
-        from effray.deploy.serve import serve as run
-
-        return run(cfg)
-
+    """Every command: its words, its help, its config (the flags) and the function it runs."""
     return [
         Command(
             ("data", "prepare"),
@@ -140,14 +96,14 @@ def _commands() -> list[Command]:
             ("data", "preview"),
             "stream the augmented training split through Ray Data: throughput and a PNG grid",
             PreviewConfig,
-            _preview,
+            preview,
         ),
         Command(
             ("data", "clean"),
             "find exact and near duplicates, leaks between splits (and --reference) and label issues on Ray; writes "
             "removed.parquet, clean_report.md/.json, PNG grids, and with --drop a cleaned dataset",
             CleanConfig,
-            _clean,
+            clean,
         ),
         Command(
             ("train",),
@@ -189,7 +145,7 @@ def _commands() -> list[Command]:
             "train a class-conditional GAN (SN projection discriminator, hinge loss) on Ray Train; re-running the "
             "same --out/--name resumes; writes OUT/generator.pt",
             SynthTrainConfig,
-            synth_train,
+            train_gan,
         ),
         Command(
             ("synth", "sample"),
@@ -271,13 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def init_ray(verbose: bool = False) -> None:
-    """Join the current Ray cluster (RAY_ADDRESS, as under `ray job submit`), or start a local one."""
-    from effray.cluster import init_ray as start
-
-    start(verbose=verbose)
-
-
 def _ray_running() -> bool:
     """Whether this process already joined Ray (a test session, a notebook): then it stays up."""
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
@@ -351,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"[effray] Ray's own output: {log_file} (--verbose shows it here)")
             started_ray = needs_ray and not _ray_running()
             if needs_ray:
-                init_ray(args.verbose)
+                init_ray(verbose=args.verbose)  # RAY_ADDRESS's cluster (as under `ray job submit`), or a local one
             result = cmd.run(cfg)
             if started_ray and log_file is not None:  # not when interrupted: `ray job stop` waits only seconds
                 import ray

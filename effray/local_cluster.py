@@ -1,6 +1,11 @@
 """Several real Ray nodes on one machine, for the tests and benchmarks of what happens
 across nodes (placement, a node's death, elastic training).
 
+Scaffolding, not a pipeline stage: nothing in effray imports it. It lives in the package
+because both ``tests/multinode`` and ``bench/failover.py`` (run as a script, with only
+``bench/`` on its path) need it, and the installed package is the one place both import
+from without editing ``sys.path``.
+
 ``ray.cluster_utils.Cluster``, as Ray's own Train tests use it: a head with no CPUs, which
 is never removed and runs only the drivers, and worker nodes of 1 CPU each, every one its
 own raylet and object store. :meth:`LocalCluster.kill` removes a node with
@@ -77,11 +82,11 @@ def local_cluster(
     """A head and ``worker_nodes`` 1-CPU nodes (node ``i`` offering ``node_resources(i)``),
     this process connected to it as a driver. Ray Train notices a dead worker within
     ``health_check_s``; the GCS marks a killed node dead after 3 missed 1-second health
-    checks, as Ray's own node-death tests configure it (with its defaults the node's
-    resources stayed counted as free for ~30 s here, and an elastic run sizes its next
-    worker group to them). Every process asks this cluster's own
-    dashboard (see :func:`effray.cluster.init_ray`). Any Ray this process had is shut down
-    first; the environment is restored afterwards."""
+    checks, as Ray's own node-death tests configure it (with its defaults a killed node's
+    resources stay counted as free for a long while, and an elastic run sizes its next
+    worker group to them). Every process asks this cluster's own dashboard (see
+    :func:`effray.cluster.init_ray`). Any Ray this process had is shut down first; the
+    environment is restored afterwards."""
     import ray
     from ray.cluster_utils import Cluster
 

@@ -94,8 +94,8 @@ def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_fpr: floa
     the real images (``score >= threshold`` is flagged; ties go to the highest), placed
     halfway to the next lower score. Near duplicates are rare and every real image is a
     candidate false positive, so the rate is capped: the unconstrained best TPR - FPR
-    on a 1,100-image test set flagged 9.5 % of real images for 99.5 % recall. Returns it with its TPR (copies
-    found) and FPR (real images above it).
+    buys its last few points of recall by flagging many real images. Returns it with its
+    TPR (copies found) and FPR (real images above it).
 
     A sampled image whose nearest other image is at least as similar as the median light
     copy has a near duplicate of its own in the data: it is no negative and is left out

@@ -1,4 +1,5 @@
-"""Writing canonical datasets: the cleaned copy ``--drop`` makes, or one built from arrays.
+"""Writing canonical datasets: the cleaned copy ``--drop`` makes (:func:`write_cleaned`), or one
+built from arrays.
 
 Same layout, schema and ``meta.json`` as :mod:`effray.data.prepare` (counts per split and
 class, the train split's mean/std recomputed), written into a temporary sibling and
@@ -7,7 +8,10 @@ renamed into place.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +129,39 @@ def without_rows(data_dir: str | Path, split: str, drop: set[int]) -> pa.Table:
     if drop:
         table = table.filter(pc.invert(pc.is_in(table.column("index"), pa.array(sorted(drop), pa.int64()))))
     return table
+
+
+def write_cleaned(
+    out: Path,
+    data: str,
+    meta: dict[str, Any],
+    findings: list[dict[str, Any]],
+    reasons: list[str],
+    cleaning: dict[str, Any],
+) -> dict[str, Any]:
+    """``out``: the dataset at ``data`` less every row of a dropped finding, a dataset of its
+    own (``source`` ``clean:DATA``, a checksum of the source's and the dropped rows' ids,
+    ``cleaning`` plus what was removed in its meta.json). Returns what ``--drop`` did."""
+    gone: dict[str, set[int]] = {}
+    for f in findings:
+        if f["dropped"]:
+            gone.setdefault(f["split"], set()).add(f["index"])
+    tables = {s: without_rows(data, s, gone.get(s, set())) for s in meta["splits"]}
+    ids = ",".join(f"{s}:{i}" for s in sorted(gone) for i in sorted(gone[s]))
+    checksum = hashlib.sha256(f"{meta.get('source_checksum', '')}|{ids}".encode()).hexdigest()[:16]
+    removed_by_reason = dict(sorted(Counter(f["reason"] for f in findings if f["dropped"]).items()))
+    base = {k: v for k, v in meta.items() if k not in ("counts", "counts_per_class", "mean", "std", "splits")}
+    base.update(
+        source=f"clean:{os.path.abspath(data)}",
+        source_checksum=checksum,
+        cleaning={
+            "source": os.path.abspath(data),
+            "source_checksum": meta.get("source_checksum", ""),
+            "reasons": reasons,
+            "removed": {s: len(v) for s, v in gone.items()},
+            "removed_by_reason": removed_by_reason,
+            **cleaning,
+        },
+    )
+    new_meta = write_dataset(out, tables, list(meta["classes"]), list(meta["image_shape"]), base)
+    return {"reasons": reasons, "rows": sum(len(v) for v in gone.values()), "counts": new_meta["counts"]}

@@ -1,32 +1,19 @@
 """The near-duplicate embedding, computed by Ray Data over an actor pool holding the model.
 
-Measured on 2,000 real CIFAR-10 images (a convnet trained 10 epochs on 1,500 of them, crop
-+ flip augmentation), against 400 light copies of each kind (crop: 1-3 px cut from each
-side independently and resized back; horizontal flip; JPEG q75; all three at once), the
-threshold maximising TPR - FPR, FPR = the share of real images whose nearest *other*
-image is above it:
+An image is embedded as :data:`ZOOMS` *views* (0-3 px cut from every side, resized back to
+full size). Each view is the concatenation of two L2-normalised parts: the classifier's
+penultimate features of the view plus those of its mirror image (flip-symmetric), centred
+by the dataset's mean; and the view's 8x8 area-averaged pixels, flip-symmetrised and
+standardised per image (brightness and contrast drop out). Two images' similarity
+(:func:`effray.clean.knn.pair_similarity`) is the best cosine between one's view and the
+other's original: the zoom that best aligns a crop with its source.
 
-===============================================================  =====  =====
-embedding                                                        TPR    FPR
-===============================================================  =====  =====
-penultimate features, one view                                   0.62   0.16
-penultimate, zoom views                                          0.64   0.037
-penultimate, flip-symmetric + centred, one view                  0.72   0.070
-penultimate, flip-symmetric + centred, zoom views                0.96   0.013
-8x8 pixels, flip-symmetric, per-image standardised, one view     0.85   0.050
-8x8 pixels, ..., zoom views                                      0.97   0.013
-penultimate (flip-symmetric, centred) + 8x8 pixels, zoom views   0.99   0.003
-===============================================================  =====  =====
-
-So an image is embedded as :data:`ZOOMS` *views* (0-3 px cut from every side, resized
-back to full size). Each view is the concatenation of two L2-normalised parts: the
-classifier's penultimate features of the view plus those of its mirror image (flip-
-symmetric), centred by the dataset's mean; and the view's 8x8 area-averaged pixels, flip-
-symmetrised and standardised per image (brightness and contrast drop out). Two images'
-similarity (:func:`effray.clean.knn.pair_similarity`) is the best cosine between one's
-view and the other's original: the zoom that best aligns a crop with its source.
-Averaging features over views, or centring alone, did not separate crops (the crop's
-5th-percentile cosine stayed below the median nearest other image).
+Why all of it: scored against light copies (a few pixels cropped, mirrored, JPEG-compressed,
+or all three) and each image's nearest other real image, the penultimate features of one
+view miss most crops; flip symmetry with centring and the zoom views each close part of
+that gap, the pixel part another, and the two parts over the zoom views separate copies
+from distinct images best. Averaging features over views, or centring alone, did not
+separate crops.
 """
 
 from __future__ import annotations
@@ -38,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
-from effray.data.pipeline import channel_stats
+from effray.data.pipeline import normalize_tensor
 from effray.models.predict import last_linear  # the penultimate features are its input
 from effray.train.checkpoint import FORMATS
 
@@ -104,14 +91,14 @@ def device_embedding(
     penultimate features (``grabbed`` by the hook on the last linear layer) summed over each
     mirror pair, beside the views' pixel descriptors. No host read."""
 
-    mean_t, std_t = channel_stats(mean, std, images.device)
     x = images.permute(0, 3, 1, 2).float()
     n = len(x)
     with torch.no_grad():
         views = zoom_views(x / 255.0)
         both = torch.cat([torch.cat([v, v.flip(3)]) for v in views])  # all views and mirrors: one forward
         grabbed.clear()
-        logits = model((both * 255.0 - mean_t) / std_t)
+        # the pipeline's normalisation; it takes NHWC pixel values, and a view of these is free
+        logits = model(normalize_tensor((both * 255.0).permute(0, 2, 3, 1), mean, std))
         feats = grabbed[0].float().view(len(views), 2, n, -1).sum(1)  # (V, n, f): view + its mirror
         probs = torch.softmax(logits[:n].float(), 1)
         pixels = torch.stack([pixel_descriptor(v) for v in views])

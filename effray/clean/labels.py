@@ -16,10 +16,12 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 from ray.tune import Callback
 
 from effray import console
-from effray.data.arrays import eval_batches
+from effray.metrics import score_batches
+from effray.models.predict import predict_logits
 from effray.train.checkpoint import read_payload, save_payload
 from effray.train.local import fit_arrays, fitted_payload
 
@@ -36,16 +38,24 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def predict_probs(model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], device: Any) -> np.ndarray:
-    """Softmax of ``model`` on ``arrays``' images, unaugmented (one host read per batch)."""
-    import torch
-
-    out = []
+def predict_probs(
+    model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], batch_size: int = 512
+) -> tuple[np.ndarray, float]:
+    """Softmax probabilities of ``model`` on ``arrays``' images (unaugmented, fp32, on the
+    model's device) and its accuracy on their labels: the one metrics pass
+    (:func:`effray.metrics.score_batches`), which keeps the logits cleanlab needs."""
     model.eval()
-    with torch.no_grad():
-        for x, _ in eval_batches(arrays, meta, 512):
-            out.append(torch.softmax(model(x.to(device)).float(), 1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, int(meta["num_classes"])), np.float32)
+    rows = len(arrays["label"])
+    scored = score_batches(
+        lambda images: predict_logits(model, images, meta["mean"], meta["std"]),
+        (
+            (arrays["image"][i : i + batch_size], arrays["label"][i : i + batch_size])
+            for i in range(0, rows, batch_size)
+        ),
+        int(meta["num_classes"]),
+        keep_logits=True,
+    )
+    return torch.softmax(scored["logits"], 1).numpy(), scored["accuracy"]
 
 
 def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
@@ -53,7 +63,6 @@ def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     and hand back the model)."""
     import ray
     import ray.tune
-    import torch
 
     torch.set_num_threads(max(1, int(config["cpus"])))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,10 +87,9 @@ def fold_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
             save_payload(keep, fitted_payload(model, meta, config["epochs"], config={"clean_fold": fold}))
         else:
             rows = np.flatnonzero(folds == fold)
-            probs = predict_probs(model, subset(rows), meta, device)
+            probs, metrics["accuracy"] = predict_probs(model, subset(rows), meta)
             np.save(os.path.join(keep, "rows.npy"), rows)
             np.save(os.path.join(keep, "probs.npy"), probs)
-            metrics["accuracy"] = float((probs.argmax(1) == train["label"][rows]).mean()) if len(rows) else 0.0
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(keep))
 
 
@@ -199,4 +207,63 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
             "predicted_confidence": float(probs[i].max()),
         }
         for r, i in enumerate(ranked)
+    ]
+
+
+def label_findings(
+    train: dict[str, np.ndarray],
+    train_probs: np.ndarray,
+    emb: dict[str, np.ndarray] | None,
+    evals: list[str],
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The label issues of every split as findings (removed.parquet's rows): train's from the
+    folds' out-of-sample probabilities, each evaluation split's from the embedding pass's
+    (a model that never saw it); and that model's accuracy on each evaluation split."""
+    found = [
+        {**issue, "split": "train", "index": int(train["index"][issue["position"]])}
+        for issue in label_issues(train["label"], train_probs)
+    ]
+    eval_accuracy = {}
+    for split in evals:
+        mask = emb["origin"] == split
+        probs, labels = emb["probs"][mask], emb["label"][mask]
+        eval_accuracy[split] = round(float((probs.argmax(1) == labels).mean()), 4)
+        found += [
+            {**issue, "split": split, "index": int(emb["index"][mask][issue["position"]])}
+            for issue in label_issues(labels, probs)
+        ]
+    findings = [
+        {
+            "split": r["split"],
+            "index": r["index"],
+            "label": r["given"],
+            "reason": "label_issue",
+            "match": None,
+            "duplicate_of_split": None,
+            "duplicate_of_index": None,
+            "score": r["given_confidence"],
+            "given": r["given"],
+            "predicted": r["predicted"],
+            "given_confidence": r["given_confidence"],
+            "predicted_confidence": r["predicted_confidence"],
+            "rank": r["rank"],
+        }
+        for r in found
+    ]
+    return findings, eval_accuracy
+
+
+def least_confident(findings: list[dict[str, Any]], classes: list[str], n: int) -> list[dict[str, Any]]:
+    """The ``n`` label issues whose given label the model believes least, for the report."""
+    issues = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])
+    return [
+        {
+            "split": f["split"],
+            "index": f["index"],
+            "given": classes[f["given"]],
+            "predicted": classes[f["predicted"]],
+            "given_confidence": f["given_confidence"],
+            "predicted_confidence": f["predicted_confidence"],
+        }
+        for f in issues[:n]
     ]

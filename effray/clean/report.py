@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from effray.atomic import write_file, write_json
+from effray.data.arrays import load_arrays
 
 REMOVED = pa.schema(
     [
@@ -175,3 +176,57 @@ def _grid(path: Path, items: list[tuple[np.ndarray, str]], title: str) -> None:
 def write_report(out: Path, report: dict[str, Any]) -> None:
     write_json(out / "clean_report.json", report)
     write_file(out / "clean_report.md", lambda tmp: tmp.write_text(markdown(report)))
+
+
+def save_grids(
+    out: Path,
+    findings: list[dict[str, Any]],
+    data: str,
+    train: dict[str, np.ndarray],
+    ref: tuple[str, dict[str, Any]] | None,
+    classes: list[str],
+    groups: int,
+) -> None:
+    """``out/duplicates.png`` (the highest-scoring pairs of each reason) and
+    ``out/label_issues.png`` (the least self-confident issues), ``groups`` of each at most;
+    the images of a split other than train are read when a finding first needs one."""
+    cache: dict[str, dict[int, np.ndarray]] = {"train": dict(zip(train["index"].tolist(), train["image"]))}
+
+    def image(origin: str, index: int) -> np.ndarray:
+        if origin not in cache:
+            d, splits = (ref[0], ref[1]["splits"]) if origin == "reference" else (data, [origin])
+            cache[origin] = {}
+            for s in splits:
+                a = load_arrays(d, s)
+                cache[origin].update(zip(a["index"].tolist(), a["image"]))
+        return cache[origin][index]
+
+    dups = [f for f in findings if f["duplicate_of_index"] is not None]
+    per = max(1, groups // max(1, len({f["reason"] for f in dups})))
+    chosen = []
+    for reason in ("leak", "duplicate", "near_duplicate"):
+        chosen += sorted((f for f in dups if f["reason"] == reason), key=lambda f: -f["score"])[:per]
+    save_pairs_grid(
+        out / "duplicates.png",
+        [
+            (
+                image(f["split"], f["index"]),
+                image(f["duplicate_of_split"], f["duplicate_of_index"]),
+                f"{f['reason']} ({f['match']}) {f['score']:.3f}\n{f['split']} {f['index']} ~ "
+                f"{f['duplicate_of_split']} {f['duplicate_of_index']}",
+            )
+            for f in chosen[:groups]
+        ],
+    )
+    issues = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])
+    save_issue_grid(
+        out / "label_issues.png",
+        [
+            (
+                image(f["split"], f["index"]),
+                f"{f['split']} {f['index']}: {classes[f['given']]} -> "
+                f"{classes[f['predicted']]}\n({f['predicted_confidence']:.2f})",
+            )
+            for f in issues[:groups]
+        ],
+    )

@@ -24,8 +24,7 @@ from effray.compress.int8 import lower_x86, quiet, vnni
 from effray.config import require
 from effray.data.pipeline import normalize_tensor
 from effray.errors import EffrayError
-from effray.models.predict import logits as model_logits
-from effray.models.predict import tta_logits
+from effray.models.predict import predict_logits
 from effray.train.checkpoint import TRAIN_FORMAT, load_checkpoint
 
 SIDECAR = "deploy.json"
@@ -74,21 +73,28 @@ class Deployable:
         )
         if len(images) == 0:
             return np.zeros((0, self.info.num_classes), np.float32)
-        return self._forward(np.ascontiguousarray(images, dtype=np.uint8))
+        return self._forward(np.require(images, np.uint8, requirements=["C", "W"]))  # torch takes no read-only array
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        z = self.logits(images).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(self.logits(images)).astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (the max subtracted first): the one the batch job, the
+    server and :meth:`Deployable.probabilities` report, each storing it at its own width."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
 
 
 def normalise(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW, ``(x/255 - mean)/std``: what exported graphs take (the
-    same arithmetic as :func:`effray.data.pipeline.normalize_tensor`)."""
-    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1) * 255.0
-    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1) * 255.0
-    return (images.transpose(0, 3, 1, 2).astype(np.float32) - m) / s
+    """uint8 NHWC -> float32 NCHW as numpy, for ONNX Runtime and the exporters:
+    :func:`effray.data.pipeline.normalize_tensor`, the pipeline's own arithmetic."""
+    import torch
+
+    images = np.require(images, np.uint8, requirements=["C", "W"])  # Ray's arrays are read-only
+    return normalize_tensor(torch.from_numpy(images), mean, std).numpy()
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -201,8 +207,7 @@ def device_logits(model: Any, images: Any, info: ModelInfo, tta: int = 0) -> Any
     import torch
 
     with torch.no_grad():
-        x = normalize_tensor(images, info.mean, info.std, bool(info.numerics.get("channels_last")))
-        return tta_logits(lambda v: model_logits(model, v, v.device, info.numerics), x, tta).float()
+        return predict_logits(model, images, info.mean, info.std, tta, info.numerics)
 
 
 def _load_checkpoint(p: Path, device: str) -> Deployable:
@@ -312,9 +317,8 @@ def _program_forward(f: Path, info: ModelInfo, device: str, kind: str = "torch",
 
     module = load_program(f, kind, device, info.image_shape, full_range)
 
-    def forward(images: np.ndarray) -> np.ndarray:
+    def forward(images: np.ndarray) -> np.ndarray:  # fp32 and no TTA: what the program was exported as
         with torch.no_grad():
-            x = torch.from_numpy(normalise(images, info.mean, info.std)).to(device)
-            return module(x).float().cpu().numpy()
+            return predict_logits(module, torch.from_numpy(images).to(device), info.mean, info.std).cpu().numpy()
 
     return forward

@@ -11,7 +11,7 @@ to the clean accuracy, so models of different clean accuracy compare fairly.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from effray.data.pipeline import eval_dataset, map_batch_rows
 from effray.data.prepare import load_meta
 from effray.errors import EffrayError
 from effray.evaluate.corrupt import CORRUPTIONS, SEVERITIES, corrupt
+from effray.metrics import class_sums, score_batches, sums_metrics
 from effray.models.predict import predict_logits
 
 
@@ -47,6 +48,34 @@ def parse_severities(spec: str) -> list[int]:
     if not values or not set(values) <= set(SEVERITIES):
         raise EffrayError(f"--severities must be a comma-separated list of 1-5, got {spec!r}")
     return values
+
+
+@torch.no_grad()
+def variant_scores(
+    model: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    variants: int,
+    info: dict[str, Any],
+    tta: int = 0,
+    numerics: dict[str, bool] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`effray.metrics.sums_metrics` of each variant of ``batches`` (rows tagged by
+    ``variant``, mixed within a batch): one forward per batch, the rows of each variant
+    gathered on the model's device by an index of known size and counted by
+    :func:`effray.metrics.class_sums`, the sums read back at the end."""
+    model.eval()
+    sums: dict[int, torch.Tensor] = {}
+    classes = 0
+    for batch in batches:
+        logits = predict_logits(model, batch["image"], info["mean"], info["std"], tta, numerics)
+        classes = logits.shape[1]
+        labels = torch.from_numpy(np.array(batch["label"], np.int64))  # a copy: Ray's arrays are read-only
+        for v in np.unique(batch["variant"]).tolist():
+            rows = torch.from_numpy(np.flatnonzero(batch["variant"] == v))
+            counted = class_sums(logits[rows.to(logits.device)], labels[rows], classes)
+            sums[v] = sums[v] + counted if v in sums else counted
+    empty = torch.zeros(2 + 2 * classes, dtype=torch.float64)
+    return [sums_metrics(sums.get(v, empty), classes) for v in range(variants)]
 
 
 def robustness(
@@ -83,17 +112,13 @@ def robustness(
         num_cpus=num_cpus,
         fn_kwargs={"names": list(names), "severities": list(severities), "seed": int(seed)},
     )
-    correct, count = np.zeros(len(keys), np.int64), np.zeros(len(keys), np.int64)
-    model.eval()
-    with torch.no_grad():
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            logits = predict_logits(model, batch["image"], info["mean"], info["std"], tta, numerics)
-            hit = (logits.argmax(dim=1).cpu().numpy() == batch["label"]).astype(np.int64)
-            np.add.at(correct, batch["variant"], hit)
-            np.add.at(count, batch["variant"], 1)
+    scores = variant_scores(
+        model, ds.iter_batches(batch_size=batch_size, batch_format="numpy"), len(keys), info, tta, numerics
+    )
+    count = np.array([s["count"] for s in scores])
     if not count.all():
         raise EffrayError(f"split {split!r} of {data_dir} has no images to corrupt")
-    acc = correct / count
+    acc = np.array([s["accuracy"] for s in scores])
     table = {n: {str(s): float(acc[keys.index((n, s))]) for s in severities} for n in names}
     mean = float(acc.mean())
     return {
@@ -125,14 +150,16 @@ def corruption_accuracy(
     n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
     if n == 0 or not names:
         return float("nan")
-    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n])
-    correct = 0
+    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n], np.int64)
+    batches = (
+        (
+            corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size]),
+            labels[i : i + batch_size],
+        )
+        for name in names
+        for s in severities
+        for i in range(0, n, batch_size)
+    )
     model.eval()
-    with torch.no_grad():
-        for name in names:
-            for s in severities:
-                for i in range(0, n, batch_size):
-                    x = corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size])
-                    pred = predict_logits(model, x, meta["mean"], meta["std"]).argmax(dim=1).cpu().numpy()
-                    correct += int((pred == labels[i : i + batch_size]).sum())
-    return correct / (n * len(names) * len(severities))
+    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"])  # noqa: E731
+    return score_batches(predict, batches, int(meta["num_classes"]))["accuracy"]

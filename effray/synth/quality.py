@@ -22,9 +22,9 @@ import torch
 import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray.config import require
 from effray.data.arrays import prepared_batches
-from effray.data.pipeline import normalize_tensor
 from effray.data.prepare import load_meta
-from effray.models.predict import last_linear
+from effray.metrics import score_batches
+from effray.models.predict import last_linear, predict_logits
 from effray.train.checkpoint import load_checkpoint
 
 
@@ -68,23 +68,30 @@ def diversity_ratio(
     return (float(np.mean(valid)) if valid else float("nan")), per
 
 
-def features_and_logits(
-    model: torch.nn.Module, images: np.ndarray, mean: list[float], std: list[float], batch_size: int = 500
-) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features (the final linear layer's input) and logits of uint8 NHWC images."""
-
+def features_and_scores(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 500,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Penultimate features (the final linear layer's input) of uint8 NHWC images, and the
+    model's scores on their labels (:func:`effray.metrics.score_batches`: accuracy and
+    per-class accuracy), from one forward pass."""
     grabbed: list[torch.Tensor] = []
     hook = last_linear(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].detach().flatten(1)))
-    logits = []
     model.eval()
     try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                x = normalize_tensor(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), mean, std)
-                logits.append(model(x).float())
+        scores = score_batches(
+            lambda x: predict_logits(model, x, mean, std),
+            ((images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)),
+            num_classes,
+        )
     finally:
         hook.remove()
-    return torch.cat(grabbed).double().numpy(), torch.cat(logits).numpy()
+    return torch.cat(grabbed).double().cpu().numpy(), scores
 
 
 def _read(data_dir: str, split: str, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,18 +128,15 @@ def score_synthetic(
     syn_x, syn_y = _read(synthetic, "train", max_rows)
     real_x, real_y = _read(real, split, max_rows)
     n = min(len(syn_y), len(real_y))
-    syn_f, syn_logits = features_and_logits(model, syn_x[:n], info["mean"], info["std"])
-    real_f, real_logits = features_and_logits(model, real_x[:n], info["mean"], info["std"])
     syn_y, real_y = syn_y[:n], real_y[:n]
-    syn_ok, real_ok = syn_logits.argmax(1) == syn_y, real_logits.argmax(1) == real_y
+    syn_f, syn_scores = features_and_scores(model, syn_x[:n], syn_y, num_classes, info["mean"], info["std"])
+    real_f, real_scores = features_and_scores(model, real_x[:n], real_y, num_classes, info["mean"], info["std"])
     diversity, per_class_div = diversity_ratio(syn_f, syn_y, real_f, real_y, num_classes)
     result: dict[str, Any] = {
         "rows": n,
-        "class_consistency": float(syn_ok.mean()),
-        "class_consistency_per_class": [
-            float(syn_ok[syn_y == c].mean()) if (syn_y == c).any() else None for c in range(num_classes)
-        ],
-        "classifier_real_accuracy": float(real_ok.mean()),
+        "class_consistency": syn_scores["accuracy"],
+        "class_consistency_per_class": syn_scores["per_class"],
+        "classifier_real_accuracy": real_scores["accuracy"],
         "diversity_ratio": diversity,
         "diversity_ratio_per_class": per_class_div,
         "fid_style": feature_frechet(real_f, syn_f),
@@ -141,9 +145,9 @@ def score_synthetic(
         "note": "FID-style = Fréchet distance of OUR classifier's penultimate features, not Inception FID",
     }
     if split != "train" and "train" in real_meta["splits"]:
-        train_x, _ = _read(real, "train", n)
+        train_x, train_y = _read(real, "train", n)
         if len(train_x) == n:
-            train_f, _ = features_and_logits(model, train_x, info["mean"], info["std"])
+            train_f, _ = features_and_scores(model, train_x, train_y, num_classes, info["mean"], info["std"])
             result["fid_style_real_reference"] = feature_frechet(real_f, train_f)
     return result
 

@@ -30,7 +30,7 @@ from effray.errors import EffrayError
 from effray.synth.config import SynthSampleConfig
 from effray.synth.gan import generate
 from effray.synth.quality import score_synthetic
-from effray.synth.train import _build_generator, load_generator
+from effray.synth.train import build_generator, load_generator
 from effray.train.checkpoint import load_checkpoint
 
 GRID_FILE = "samples.png"
@@ -45,7 +45,7 @@ class GenerateShards:
         import torch
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.g = _build_generator(payload).to(self.device).eval()
+        self.g = build_generator(payload).to(self.device).eval()
         self.classes = list(payload["classes"])
         self.seed, self.out_dir = seed, Path(out_dir)
 

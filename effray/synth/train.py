@@ -79,8 +79,9 @@ def generator_payload(
 
 
 @FORMATS.register(GENERATOR_FORMAT)
-def _build_generator(payload: dict[str, Any]) -> nn.Module:
-
+def build_generator(payload: dict[str, Any]) -> nn.Module:
+    """The generator a ``effray synth train`` payload describes, its weights loaded: what the
+    checkpoint loader returns for that format, and what each sampling actor holds."""
     g = Generator(**payload["spec"])
     try:
         g.load_state_dict(payload["generator"])
@@ -102,7 +103,7 @@ def load_generator(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
             key in payload,
             f"{checkpoint_file(path)} lacks {key!r}; re-export it with `effray synth train`",
         )
-    return _build_generator(payload).eval(), payload
+    return build_generator(payload).eval(), payload
 
 
 # ------------------------------------------------------------------ worker

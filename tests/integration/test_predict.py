@@ -16,8 +16,7 @@ from PIL import Image
 
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
-from effray.deploy.batch import softmax
-from effray.deploy.model import load_deployable
+from effray.deploy.model import load_deployable, softmax
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -21,8 +21,7 @@ from PIL import Image
 from effray.cluster import free_port
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
-from effray.deploy.batch import softmax
-from effray.deploy.model import load_deployable
+from effray.deploy.model import load_deployable, softmax
 from effray.deploy.serve import ServeConfig, bind_warning, start, stop, url_of
 from effray.errors import EffrayError
 

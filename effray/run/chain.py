@@ -1,0 +1,133 @@
+"""``effray run``, top to bottom: prepare -> clean -> train the teacher -> search the
+compression space -> report -> export the front, each stage the function its own command
+calls, with the plan's configs (:func:`effray.run.plan.plan_stages`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from effray.config import require
+from effray.console import say
+from effray.data.prepare import load_meta, prepare
+from effray.errors import EffrayError
+from effray.run.front import export_front, front_table, most_accurate
+from effray.run.plan import RunConfig, plan_stages
+from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
+from effray.search.aggregate import ReportConfig, report
+from effray.search.progress import TrialProgress
+from effray.search.run import trial_count, tune_compression
+from effray.train import train
+
+
+def run_all(cfg: RunConfig) -> dict[str, Any]:
+    """Run every stage; returns where the report and the best artifacts are."""
+    plan = plan_stages(cfg)
+    out = Path(os.path.abspath(cfg.out))
+    data_dir = out / "data"
+    timings: dict[str, float] = {}
+
+    t = stage("prepare")
+    if (data_dir / "meta.json").is_file():
+        meta = load_meta(data_dir)
+        require(
+            meta["source"].endswith(cfg.source.split(":", 1)[-1].lstrip("./")) or cfg.source in meta["source"],
+            f"{data_dir} was prepared from {meta['source']}, not {cfg.source}; use another --out",
+        )
+    else:
+        prepare(plan.prepare)
+    timings["prepare_s"] = time.time() - t
+
+    cleaned: dict[str, Any] = {}
+    if cfg.clean != "off":
+        t = stage("clean")
+        cleaned = clean_stage(plan)
+        timings["clean_s"] = time.time() - t
+        found = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(cleaned["counts"].items()) if v) or "nothing"
+        what = (
+            f"dropped {cleaned['dropped']['rows']} train rows"
+            if cleaned.get("dropped")
+            else "report only, nothing dropped"
+        )
+        say(
+            f"[effray run] clean: {found} ({what}{'; kept from the last run' if cleaned['kept'] else ''}): "
+            f"{Path(plan.clean.out) / 'clean_report.md'}"
+        )
+
+    t = stage("train the teacher")
+    train_cfg = plan.train
+    progress, follow = teacher_bar(out / "teacher" / "teacher", train_cfg.epochs)
+    with follow:
+        trained = train(train_cfg)
+    progress.close()
+    teacher = trained.get("checkpoint")
+    if not teacher:
+        raise EffrayError(f"the teacher run in {out / 'teacher'} produced no checkpoint; see its log above")
+    timings["train_s"] = time.time() - t
+    say(
+        f"[effray run] teacher: val accuracy {trained.get('val_accuracy', float('nan')):.4f} "
+        f"({timings['train_s']:.0f} s)"
+    )
+
+    if cfg.clean != "off":
+        issues = val_label_issues(teacher, plan.tune.data, Path(plan.clean.out) / "val_label_issues.parquet")
+        cleaned["val_label_issues"] = issues
+        say(
+            f"[effray run] {issues} possible label issues in val (cleanlab on the teacher's predictions): "
+            f"{Path(plan.clean.out) / 'val_label_issues.parquet'}"
+        )
+
+    t = stage("search the compression space")
+    tune_cfg = dataclasses.replace(plan.tune, teacher=str(teacher))
+    searched = tune_compression(tune_cfg, callbacks=[TrialProgress(trial_count(tune_cfg))])
+    timings["tune_s"] = time.time() - t
+    say(
+        f"[effray run] search: {searched['measured']} measured, {searched['stopped_early']} stopped early, "
+        f"{searched['errored']} errored ({timings['tune_s']:.0f} s)"
+    )
+
+    t = stage("report")
+    summary = report(ReportConfig(experiment=searched["experiment"], max_size_kb=cfg.max_size_kb))
+    timings["report_s"] = time.time() - t
+    results = Path(summary["report"]).with_name("results.parquet")
+    pick = (summary.get("budget_pick") or {}).get("trial_id") or most_accurate(results)  # no budget: the best model
+
+    t = stage("export the front")
+    exports = export_front(results, pick, out / "export", data_dir)
+    timings["export_s"] = time.time() - t
+    for tid, e in exports.items():
+        if e["error"]:
+            say(f"[effray run] export {tid}: {e['error']}")
+
+    say(
+        f"[effray run] the front ({summary['pareto'].get('bytes', 0)} non-dominated of {summary['trials']} measured, "
+        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; * the most accurate"
+        f"{f' within {cfg.max_size_kb:g} KB' if cfg.max_size_kb else ''}):"
+    )
+    for line in front_table(results, searched.get("teacher"), pick):
+        say(line)
+    say(f"[effray run] report: {summary['report']}")
+    say(f"[effray run] exported (.pt2 + ONNX, each checked against its artifact): {out / 'export'}/<trial>")
+    if pick and pick in exports:
+        model, kind = exports[pick]["dir"], "onnx-int8" if exports[pick]["int8"] else "onnx"
+        say(f"[effray run] serve the pick:   effray serve --model {model} --kind {kind}")
+        say(
+            f"[effray run] batch inference:  effray predict --model {model} --kind {kind} --data {cfg.source} "
+            f"--out {out / 'predictions'}"
+        )
+    return {
+        "report": summary["report"],
+        "pareto_png": str(Path(summary["report"]).with_name("pareto.png")),
+        "teacher": {"checkpoint": teacher, "val_accuracy": trained.get("val_accuracy")},
+        "trials": summary["trials"],
+        "front": summary["pareto"].get("bytes", 0),
+        "hypervolume": summary.get("hypervolume"),
+        "best_accuracy": summary["best_accuracy"],
+        "budget_pick": summary.get("budget_pick"),
+        "exports": exports,
+        "clean": cleaned,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }

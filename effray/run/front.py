@@ -1,0 +1,108 @@
+"""The end of ``effray run``: the accuracy-vs-bytes front of the search as a table, the
+model to pick from it, and every model on it exported and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from effray.atomic import write_json
+from effray.config import validated
+from effray.console import bar
+from effray.deploy.config import ExportConfig
+from effray.deploy.export import export
+from effray.deploy.model import SIDECAR
+from effray.errors import EffrayError
+
+
+def config_summary(row: Any) -> str:
+    """A results row's searched compression settings in words; a setting the search space
+    fixed has no column, and is left out."""
+    get = lambda key: row.get(f"config.compress.{key}")  # noqa: E731
+    temperature = get("kd_temperature")
+    return ", ".join(
+        x
+        for x in (
+            f"{get('prune_kind') or ''} {get('prune_rate'):.2f}".strip() if get("prune_rate") else "",
+            f"{int(get('bits'))}-bit" if get("bits") not in (None, 32) else "",
+            ("KD" + (f" T={temperature:g}" if temperature is not None else "")) if get("kd_alpha") else "",
+        )
+        if x
+    )
+
+
+def front_table(
+    results: str | os.PathLike, teacher: dict[str, Any] | None = None, pick: str | None = None
+) -> list[str]:
+    """The accuracy-vs-bytes front of a report's results, as terminal lines (``*``: the pick)."""
+    table = pd.read_parquet(results)
+    front = table[table["pareto_bytes"]].sort_values("bytes")
+    size = teacher.get("bytes") if teacher else None
+    lines = [
+        f"  {'trial':<10}{'accuracy':>9}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{'ms (b1)':>9}  config"
+    ]
+    for _, r in front.iterrows():
+        how = config_summary(r)
+        smaller = f"{size / r['bytes']:.1f}x" if size else ""
+        corrupt = (
+            f"{r['corruption_accuracy']:.4f}" if r.get("corruption_accuracy") == r.get("corruption_accuracy") else "-"
+        )
+        star = "*" if r["trial_id"] == pick else " "
+        lines.append(
+            f" {star}{r['trial_id']:<10}{r['accuracy']:>9.4f}{r.get('macro_f1', float('nan')):>9.4f}{corrupt:>9}"
+            f"{r['bytes'] / 1024:>8.1f}{smaller:>9}{r['latency_ms']:>9.3f}  {how}"
+        )
+    return lines
+
+
+def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Export every model on the accuracy-vs-bytes front (and the budget pick, with its int8
+    files) to ``out/<trial_id>`` as ``.pt2`` + ONNX, each parity-checked by
+    :func:`effray.deploy.export.export`. ``out/exports.json`` records what was done, so a
+    re-run keeps an export made from the same artifact (an int8 file that failed its check
+    is not retried). A model that fails its check is reported, not fatal (the pick falls
+    back to its fp32 files). Returns ``{trial_id: {"dir", "int8", "error"}}``."""
+    table = pd.read_parquet(results)
+    ids = list(dict.fromkeys(list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])))
+    state_file = out / "exports.json"
+    state: dict[str, dict[str, Any]] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    done: dict[str, dict[str, Any]] = {}
+    progress = bar(len(ids), "export", "model")
+    for tid in ids:
+        artifact = str(Path(table.loc[table["trial_id"] == tid, "artifact"].iloc[0]).resolve())
+        dest, int8 = out / tid, tid == pick
+        kept = state.get(tid, {})
+        ok = kept.get("artifact") == artifact and (dest / SIDECAR).is_file() and (kept.get("int8_tried") or not int8)
+        if not ok:
+            record = {"dir": str(dest), "int8": False, "error": "", "artifact": artifact, "int8_tried": int8}
+            for attempt in (True, False) if int8 else (False,):
+                try:
+                    export(
+                        validated(
+                            ExportConfig(
+                                artifact=artifact, format="all", int8=attempt, data=str(data_dir), out=str(dest)
+                            )
+                        )
+                    )
+                    record.update(int8=attempt, error="")
+                    break
+                except EffrayError as exc:
+                    record.update(int8=False, error=str(exc))
+            state[tid] = record
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(state_file, state)
+        done[tid] = {k: state[tid][k] for k in ("dir", "int8", "error")}
+        progress.update(1)
+    progress.close()
+    return done
+
+
+def most_accurate(results: str | os.PathLike) -> str | None:
+    """The front's most accurate model (of equally accurate ones, the smallest)."""
+    table = pd.read_parquet(results, columns=["trial_id", "accuracy", "bytes", "pareto_bytes"])
+    front = table[table["pareto_bytes"]].sort_values(["accuracy", "bytes"], ascending=[False, True])
+    return None if front.empty else str(front["trial_id"].iloc[0])
