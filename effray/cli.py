@@ -39,7 +39,8 @@ from effray.errors import find_user_error
 from effray.evaluate import EvaluateConfig, evaluate
 from effray.run import RunConfig, run_all
 from effray.search.aggregate import ReportConfig, report
-from effray.search.run import TuneConfig, tune_compression
+from effray.search.config import TuneConfig
+from effray.search.driver import tune_compression
 from effray.synth.config import SynthSampleConfig, SynthScoreConfig, SynthTrainConfig
 from effray.synth.quality import score as synth_score
 from effray.synth.sample import sample as synth_sample

@@ -18,8 +18,8 @@ from effray.run.front import export_front, front_table, most_accurate
 from effray.run.plan import RunConfig, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
+from effray.search.driver import trial_count, tune_compression
 from effray.search.progress import TrialProgress
-from effray.search.run import trial_count, tune_compression
 from effray.train import train
 
 

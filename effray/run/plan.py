@@ -15,8 +15,8 @@ from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig
 from effray.errors import EffrayError
 from effray.run.presets import STAGES, load_preset
-from effray.search.run import TuneConfig
-from effray.search.space import space_from_file_or_preset, validate_space
+from effray.search.config import TuneConfig
+from effray.search.space import load_space, validate_space
 from effray.train.config import TrainConfig
 
 
@@ -132,7 +132,7 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
         ),
     )
     try:
-        validate_space(space_from_file_or_preset(plan.tune.space))
+        validate_space(load_space(str(plan.tune.space)))
     except EffrayError as exc:
         raise EffrayError(f"--preset {cfg.preset}: tune: {exc}") from None
     return plan

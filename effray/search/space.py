@@ -17,7 +17,6 @@ every range a valid config) and then becomes Ray Tune's ``param_space`` under
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +139,3 @@ def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
 def has_grid(space: dict[str, Any]) -> bool:
     """Whether the space has grid entries, which only ``--search grid`` enumerates."""
     return any(isinstance(s, dict) and "grid" in s for s in space.values())
-
-
-def space_from_file_or_preset(text: str | os.PathLike) -> dict[str, Any]:
-    """:func:`load_space` for a path as well as a string (what ``effray run`` passes)."""
-    return load_space(str(text))
