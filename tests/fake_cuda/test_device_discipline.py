@@ -428,16 +428,19 @@ def test_a_search_trials_shared_arrays_feed_a_step_on_the_device(fake_cuda):
 
 
 def test_a_trials_final_scoring_keeps_the_logits_on_the_device(fake_cuda):
-    """The final artifact's scoring pass (``class_scores``): every batch's logits and labels
-    are gathered on the GPU with no host read; only the finished pass goes to the host."""
-    from effray.compress.measure import device_logits
+    """The scoring pass (``effray.metrics.device_pass``, under compression's ``accuracy`` and
+    ``class_scores``, evaluation and training's validation): every batch's class sums,
+    logits and labels are gathered on the GPU with no host read; only the finished pass
+    goes to the host."""
+    from effray.metrics import device_pass
 
-    model = build_model("convnet", 10, 3, 0.25)
+    model = build_model("convnet", 10, 3, 0.25).eval()
     with fake_cuda:
         model = model.to(CUDA)
         batches = _calib(3)
-        logits, labels = device_logits(model, batches)
-        assert_cuda(logits, labels)
+        sums, logits, labels = device_pass(lambda x: model(x.to(CUDA)), batches, keep_logits=True)
+        assert_cuda(sums, logits, labels)
+        assert sums.shape == (2 + 2 * 10,) and sums.dtype == torch.float64
         assert logits.shape == (24, 10) and logits.dtype == torch.float32 and labels.shape == (24,)
         with pytest.raises(HostCopyError):  # the one read that follows, outside the pass
             logits.cpu()
