@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.train.loop import param_groups
-from effray.train.pipeline import balanced_split, stage_bounds
+from effray.train.stages import balanced_split, stage_bounds
 
 MODEL, CLASSES, BATCH, STEPS, LR = "convnet", 10, 16, 3, 0.05
 
@@ -207,7 +207,7 @@ class _Burn(torch.nn.Module):
 
 @pytest.mark.without_ray  # pure torch, no Ray: runs beside the Ray group
 def test_split_by_measured_time_sees_cost_that_parameter_counts_miss():
-    from effray.train.pipeline import block_costs
+    from effray.train.stages import block_costs
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
