@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from effray.compress.artifact import save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.prune import channel_rate_for_macs
-from effray.compress.recipe import compress_local, make_optimizer
+from effray.compress.recipe import compress_local
+from effray.compress.steps import make_optimizer
 from effray.config import validated
 from effray.models import build_model
 

@@ -38,9 +38,10 @@ from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.models import build_model
 from effray.models.predict import logits
 from effray.train.config import TrainConfig
-from effray.train.loop import HISTORY_FILE, param_groups
+from effray.train.loop import HISTORY_FILE
 from effray.train.parallel import make_strategy
 from effray.train.run import train
+from effray.train.step import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 

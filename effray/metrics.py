@@ -3,7 +3,8 @@ confusion, calibration and NLL.
 
 :func:`score_batches` is the pass every stage scores a model with (training's validation,
 compression's measurement, ``effray evaluate``, robustness, cleaning's folds, export's
-parity): counts summed on the model's device by :func:`class_sums`, read once at the end.
+parity): counts summed on the model's device by :func:`class_sums` (:func:`device_pass`),
+read once at the end.
 
 Pruned and low-bit models lose more on rare classes and in calibration than their top-1
 accuracy shows (Hooker et al. 2019), so ``effray evaluate`` and every search trial report
@@ -55,34 +56,53 @@ def sums_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def score_batches(
+def device_pass(
     predict: Callable[[Any], torch.Tensor],
     batches: Iterable[tuple[Any, Any]],
-    num_classes: int,
+    num_classes: int | None = None,
     *,
     keep_logits: bool = False,
-) -> dict[str, Any]:
-    """:func:`sums_metrics` of ``predict(images)`` over ``(images, labels)`` batches, the
-    sums kept on the logits' device until the end; with ``keep_logits`` also the logits
-    and labels on the CPU (for :func:`classification_metrics`)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The pass itself, with no host read: ``(sums, logits, labels)``, the
+    :func:`class_sums` of ``predict(images)`` added over ``(images, labels)`` batches and,
+    with ``keep_logits``, every batch's float logits and labels concatenated, all on the
+    logits' device (``None`` for no batches). ``num_classes`` None: the logits' width."""
     sums: torch.Tensor | None = None
     kept_logits, kept_labels = [], []
     for images, labels in batches:
         labels = labels if torch.is_tensor(labels) else torch.as_tensor(labels)
-        if len(labels) == 0:
+        if len(labels) == 0:  # a shape, known on the host
             continue
         out = predict(images)
-        batch = class_sums(out, labels, num_classes)
+        batch = class_sums(out, labels, num_classes if num_classes is not None else out.shape[1])
         sums = batch if sums is None else sums + batch
         if keep_logits:
-            kept_logits.append(out.float().cpu())
-            kept_labels.append(labels.long().cpu())
+            kept_logits.append(out.float())
+            kept_labels.append(labels.to(out.device, non_blocking=True).long())
+    if not kept_logits:
+        return sums, None, None
+    return sums, torch.cat(kept_logits), torch.cat(kept_labels)
+
+
+def score_batches(
+    predict: Callable[[Any], torch.Tensor],
+    batches: Iterable[tuple[Any, Any]],
+    num_classes: int | None,
+    *,
+    keep_logits: bool = False,
+) -> dict[str, Any]:
+    """:func:`sums_metrics` of ``predict(images)`` over ``(images, labels)`` batches: the
+    :func:`device_pass`, then its one host read; with ``keep_logits`` also the logits and
+    labels on the CPU (for :func:`classification_metrics`). ``num_classes`` None: the
+    logits' width (0 when there are no batches)."""
+    sums, logits, labels = device_pass(predict, batches, num_classes, keep_logits=keep_logits)
     if sums is None:
-        sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64)
-    result = sums_metrics(sums, num_classes)
+        sums = torch.zeros(2 + 2 * (num_classes or 0), dtype=torch.float64)
+    classes = (len(sums) - 2) // 2
+    result = sums_metrics(sums, classes)
     if keep_logits:
-        result["logits"] = torch.cat(kept_logits) if kept_logits else torch.zeros(0, num_classes)
-        result["labels"] = torch.cat(kept_labels) if kept_labels else torch.zeros(0, dtype=torch.long)
+        result["logits"] = logits.cpu() if logits is not None else torch.zeros(0, classes)
+        result["labels"] = labels.cpu() if labels is not None else torch.zeros(0, dtype=torch.long)
     return result
 
 

@@ -9,7 +9,11 @@
 * :mod:`~effray.compress.pack` + :mod:`~effray.compress.artifact`: bit-packed, sparse,
   self-describing artifacts (``format: effray.compressed``) that load with nothing else.
 * :mod:`~effray.compress.measure`: accuracy, params, MACs, bytes, latency, ratios.
-* :mod:`~effray.compress.recipe`: the steps in order, and the whole recipe in-process.
+* :mod:`~effray.compress.steps`: the recipe's steps in order, as free functions;
+  :mod:`~effray.compress.progress`: a fine-tune in progress as a checkpoint.
+* :mod:`~effray.compress.recipe`: the steps as hooks on the one training loop, and the
+  whole recipe in-process; :mod:`~effray.compress.worker` / :mod:`~effray.compress.run`:
+  the same on Ray Train workers, and `effray compress`'s driver.
 
 Importing the package registers its checkpoint formats (the artifact, a fine-tune in
 progress) with the one loader, :func:`effray.train.checkpoint.load_checkpoint`.
@@ -20,6 +24,7 @@ from effray.compress.config import CompressConfig
 from effray.compress.distill import kd_loss
 from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
+from effray.compress.progress import PROGRESS_FORMAT
 from effray.compress.prune import (
     IMPORTANCES,
     PRUNERS,
@@ -30,7 +35,6 @@ from effray.compress.prune import (
     weight_sparsity,
 )
 from effray.compress.quantize import QUANTIZERS, calibrate, dequantize, fold_bn, quantize_model
-from effray.compress.recipe import PROGRESS_FORMAT
 
 __all__ = [
     "FORMAT",

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from effray import __version__
+from effray.compress.fakequant import LEARNED_STEP_BELOW, QUANT_TYPES, ActQuant, layer_args, make_layer
 from effray.compress.pack import (
     decode_codes,
     decode_float,
@@ -41,15 +42,7 @@ from effray.compress.pack import (
     encode_float,
     encode_raw,
 )
-from effray.compress.quantize import (
-    LEARNED_STEP_BELOW,
-    QUANT_TYPES,
-    ActQuant,
-    freeze,
-    layer_args,
-    make_layer,
-    set_module,
-)
+from effray.compress.quantize import freeze, set_module
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.train.checkpoint import FORMATS, checkpoint_file, read_payload, save_payload

@@ -1,4 +1,5 @@
-"""``CompressConfig``: every knob of a compression run, one frozen dataclass of plain fields.
+"""``CompressConfig``: every knob of a compression run, one frozen dataclass of plain fields;
+``CompressRunConfig``: that, the data, the output and the Ray Train workers of `effray compress`.
 
 Plain fields (no nesting, no unions) so the same definition is the ``effray compress``
 flags, the Ray Tune search space (``tune.choice`` over ``bits``, ``prune_rate``, ...),
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effray.config import option, require
+from effray.config import option, require, require_whole_gpus
+from effray.data.pipeline import DataConfig
 from effray.models import model_names
 
 PRUNE_KINDS = ("unstructured", "structured")
@@ -137,3 +139,48 @@ class CompressConfig:
             require(
                 self.student in model_names(), f"unknown --student {self.student!r}; valid: {', '.join(model_names())}"
             )
+
+
+@dataclass(frozen=True)
+class CompressRunConfig:
+    """What to compress (``CompressConfig``), on which data, into which directory, on how
+    many Ray Train workers."""
+
+    compress: CompressConfig = CompressConfig()
+    data: DataConfig = DataConfig()
+    out: str = option("", "output directory: the artifact (model.pt) and metrics.json")
+    overwrite: bool = option(False, "replace an existing --out")
+    workers: int = option(2, "data-parallel fine-tuning workers (Ray Train workers)")
+    cpus_per_worker: float = option(1.0, "logical CPUs reserved per worker (torch threads = max(1, floor(this)))")
+    gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 fine-tunes on GPUs with NCCL, 0 on CPUs with gloo")
+    data_cpus: float = option(1.0, "logical CPUs per Ray Data decode/augment task")
+    eval_batch_size: int = option(256, "batch size for validation and calibration")
+    max_failures: int = option(
+        2, "fine-tuning restarts after a worker or node dies, each from the last epoch's checkpoint (-1 = forever)"
+    )
+    inject_failure_at_epoch: int = option(
+        -1,
+        "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this fine-tuning epoch (1-based; "
+        "-1 = never)",
+    )
+
+    def validate(self) -> None:
+        require(bool(self.compress.teacher), "--teacher CKPT is required (a checkpoint from `effray train`)")
+        require(bool(self.data.data), "--data DIR is required (a dataset from `effray data prepare`)")
+        require(bool(self.out), "--out DIR is required")
+        require(isinstance(self.workers, int) and self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        require(
+            self.cpus_per_worker > 0 and self.gpus_per_worker >= 0 and self.data_cpus > 0,
+            "--cpus-per-worker and --data-cpus must be > 0, --gpus-per-worker >= 0",
+        )
+        require(self.eval_batch_size > 0, f"--eval-batch-size must be > 0, got {self.eval_batch_size}")
+        require(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
+        require(
+            self.inject_failure_at_epoch == -1 or 1 <= self.inject_failure_at_epoch <= self.compress.finetune_epochs,
+            f"--inject-failure-at-epoch must be -1 or 1..{self.compress.finetune_epochs} (--finetune-epochs)",
+        )
+        require_whole_gpus(self.workers, self.gpus_per_worker)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0

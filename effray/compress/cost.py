@@ -36,17 +36,20 @@ from effray.compress.config import CompressConfig
 from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
 from effray.compress.prune import lock_sparsity, prune_step
 from effray.compress.quantize import is_quantized
-from effray.compress.recipe import (
+from effray.compress.steps import (
+    CosineSteps,
     apply_quantization,
     build_student,
+    fine_tune_loss,
     finish,
     make_optimizer,
     method_summary,
     prune_events,
     quant_epoch,
-    train_step,
 )
 from effray.config import require, to_dict, validated
+from effray.train.parallel import make_strategy
+from effray.train.step import train_step
 
 SEED = 0
 BATCH = 8  # synthetic images per batch: calibration only sets scales, Taylor only ranks
@@ -110,8 +113,7 @@ def bytes_so_far(
     and :func:`predict_costs` is the estimate.
 
     What fine-tuning leaves in the weights decides LZMA's ratio on the k-bit codes, and no
-    prediction made before training knows it (a peak LR of 0.03 moves 8-bit artifacts 9-21 %
-    below the prediction, and two data orders of one config 8 % apart:
+    prediction made before training knows it (the LR and even the data order move it:
     ``bench/cost_prediction.py``), so a trial reports this each epoch and the scheduler ranks
     rungs by it. Call it after a forward pass (an unstructured run's sparsity hooks re-zero
     the pruned weights there); one host read of the weights per epoch, never per step."""
@@ -179,6 +181,7 @@ def _replay(model: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tenso
     after fine-tuning no bias, BN shift or running statistic keeps its init value (0 or 1,
     which LZMA squeezes to nothing and which count as zeros); one step moves them all."""
     events, qstart = prune_events(cfg), quant_epoch(cfg)
+    cpu = make_strategy("ddp", torch.device("cpu"), channels_last=False, compile=False, amp=False)
     phases = set(events) | ({qstart} if qstart is not None else set())
     if cfg.finetune_epochs:
         phases.add(0)  # a run that only distils still fine-tunes
@@ -202,7 +205,11 @@ def _replay(model: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tenso
             lock = lock_sparsity(model)
         if cfg.finetune_epochs:
             model.train()
-            train_step(model, None, *batch[0], make_optimizer(model, cfg.finetune_lr), cfg)
+            optimizer = make_optimizer(model, cfg.finetune_lr)
+            x, y = batch[0]
+            sums = torch.zeros(2, dtype=torch.float64)
+            step = CosineSteps(optimizer, 0, 1, cfg.finetune_lr)
+            train_step(cpu, model, optimizer, step, {"image": x, "label": y}, fine_tune_loss(cfg, None), sums)
     return finish(model, cfg, batch, lock)
 
 

@@ -1,35 +1,26 @@
 """Real int8 execution on CPU: torchao's PT2E post-training quantization, lowered for x86.
 
-The flow: ``torch.export`` the float model (dynamic batch) -> ``prepare_pt2e`` with
-``X86InductorQuantizer`` (uint8 per-tensor affine activations, int8 per-channel symmetric
-weights) -> calibrate -> ``convert_pt2e`` (a q/dq graph: int8 weights, quantize/dequantize
-ops around every conv and linear) -> :func:`lower_x86`, which runs inductor's freezing
-passes on that graph without generating code: each dq -> conv/linear -> q pattern becomes
-one oneDNN int8 kernel (``onednn.qconv_pointwise``, ``qconv2d_pointwise.binary`` for a
-residual add, ``qlinear_pointwise``; ReLU fused, weights prepacked). The result is a plain
-``GraphModule`` that calls those kernels eagerly, any batch size: lowering takes seconds,
-once (2.7 s for the demo's convnet here, ``bench/deploy.py``), where ``torch.compile`` with
-``freezing=True`` takes 24 s for two batch shapes and recompiles for each new one, which an
-``effray compress`` timing three shapes would pay per trial. FX graph mode
-(``prepare_fx``, deprecated in torch 2.14) is gone; no measured case needs it. At one thread
-on this AVX2 box (random-init models, ms at batch 256 / batch 1): resnet20 127 / 2.6 here vs
-FX 238 / 2.0 (fp32 481 / 4.0); convnet x0.5 51 / 0.91 vs FX 37 / 0.46 (fp32 89 / 0.46): the
-eager graph pays per-op dispatch and runs max-pools on float copies, where FX's C++
-modules didn't. Compiled (inductor, freezing) the same program is the fastest torch path
-(``bench/deploy.py``: the demo's convnet at 1.9x fp32's best batch-256 throughput).
+The flow: ``torch.export`` the float model (dynamic batch, :mod:`effray.compress.program`)
+-> ``prepare_pt2e`` with ``X86InductorQuantizer`` (uint8 per-tensor affine activations,
+int8 per-channel symmetric weights) -> calibrate -> ``convert_pt2e`` (a q/dq graph: int8
+weights, quantize/dequantize ops around every conv and linear) -> :func:`lower_x86`, which
+runs inductor's freezing passes on that graph without generating code: each dq ->
+conv/linear -> q pattern becomes one oneDNN int8 kernel (``onednn.qconv_pointwise``,
+``qconv2d_pointwise.binary`` for a residual add, ``qlinear_pointwise``; ReLU fused, weights
+prepacked). The result is a plain ``GraphModule`` that calls those kernels eagerly, at any
+batch size: lowering happens once, where ``torch.compile`` with ``freezing=True`` would
+recompile for every new batch shape (an ``effray compress`` timing three shapes would pay
+that per trial). The eager graph pays per-op dispatch and runs max-pools on float copies.
 
 A student whose activations were quantized in training (QAT/PTQ) gets an int8 program that
 rounds where it rounded, on its grids, and nowhere else: each int8 layer's input takes the
 student's own activation scale and zero point (:func:`_pin_activation_grids`), the pools
-stay float, and so it computes the student's logits (the demo's budget pick: 100 % top-1
-agreement on 1,000 val images, max |logit difference| 0.005, where calibrated ranges gave
-99.2 %). On a CPU without VNNI (AVX2 only, as here) the int8 kernels sum u8 x s8 products
-in saturating int16: a student's layers whose weight codes fit 7 bits (|w| <= 63, so
-255 * 63 * 2 < 2^15) still run int8 with 8-bit activations, its 8-bit-weight layers (the
-first and last of every recipe) stay float with their activation quantizer
-(:func:`int8_layers`); a float model's activations are calibrated at 7 bits there
-(``reduce_range``). At full range a 4-bit convnet's lowered module agreed with its own
-q/dq reference on only 87 % of images.
+stay float, and so it computes the student's logits. On a CPU without VNNI (AVX2 only) the
+int8 kernels sum u8 x s8 products in saturating int16: a student's layers whose weight
+codes fit 7 bits (|w| <= 63, so 255 * 63 * 2 < 2^15) still run int8 with 8-bit
+activations, its 8-bit-weight layers (the first and last of every recipe) stay float with
+their activation quantizer (:func:`int8_layers`); a float model's activations are
+calibrated at 7 bits there (``reduce_range``).
 
 The float twin of a fake-quantized student (:func:`~effray.compress.quantize.dequantize`)
 is what gets exported, and the student's own weight grid is kept: each quantized layer's
@@ -42,114 +33,22 @@ int8 with nothing re-rounded. Activations are recalibrated (HistogramObserver).
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import logging
 import operator
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from effray.compress.quantize import (
-    MIN_SCALE,
-    QUANT_TYPES,
-    ActQuant,
-    FixedActQuant,
-    dequantize,
-    fold_bn,
-    is_quantized,
-    set_module,
-)
+from effray.compress.fakequant import MIN_SCALE, QUANT_TYPES, ActQuant
+from effray.compress.program import export_program, float_twin, quiet, vnni
+from effray.compress.quantize import FixedActQuant, dequantize, set_module
 from effray.config import require
-from effray.errors import EffrayError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 ENGINES = ("x86",)
 QUANTIZED_OPS = ("onednn.qconv", "onednn.qlinear")  # what real int8 execution calls (see :func:`int8_ops`)
 SAFE_CODE = 63  # |weight code| <= 63: two u8 x s8 products always fit int16 (2 x 255 x 64 = 32,640)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """torch.export / torchao / inductor warn and log on every call (deprecations, guard
-    notes): none of it is the user's to act on."""
-    loggers = [
-        logging.getLogger(n)
-        for n in (
-            "torch._export",
-            "torch.export",
-            "torch._dynamo",
-            "torch._inductor",
-            "torch.fx.experimental.symbolic_shapes",
-            "torch.utils._pytree",
-            "torch.utils.cpp_extension",
-            "torch.onnx",
-            "onnxscript",
-            "torchao",
-        )
-    ]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
-def vnni() -> bool:
-    """Whether this CPU has VNNI (u8 x s8 dot products into int32). Without it the int8
-    kernels sum u8 x s8 pairs in saturating int16 (AVX2 ``vpmaddubsw``): full-range uint8
-    activations then overflow, so they are quantized to 7 bits (``reduce_range``), as
-    torch's FX x86 config did. Measured on this AVX2 box: a 4-bit convnet's lowered int8
-    module agreed with its q/dq reference on 87 % of images at 8-bit activations."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-def float_twin(model: nn.Module, keep_activations: bool = False) -> nn.Module:
-    """The plain float model to export, ``model`` left untouched: fake-quant layers -> their
-    dequantized weights (BN was folded before quantizing), or, unquantized, a copy with
-    every conv/linear-fed BN folded in. Activation quantizers are dropped (what PTQ
-    recalibrates), or kept as plain ops with ``keep_activations`` (the exact fp32 program)."""
-    if is_quantized(model):
-        return dequantize(model, keep_activations=keep_activations).eval()
-    return fold_bn(copy.deepcopy(model)).eval()
-
-
-def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model`` taking float NCHW batches of any size. A model torch
-    can't capture fails in one line naming the layer whose forward failed."""
-    from torch.export import Dim
-
-    require(len(example) >= 2, "the export example needs >= 2 images (batch 1 would be specialised, not dynamic)")
-    try:
-        with quiet(), torch.no_grad():
-            return torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch")},))
-    except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all mean "this model can't be captured"
-        where = failing_layer(exc, model)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise EffrayError(f"torch.export can't capture {where}: {first}") from None
-
-
-def failing_layer(exc: BaseException, model: nn.Module) -> str:
-    """The innermost module of ``model`` whose forward is on ``exc``'s traceback, by name."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found, tb = None, exc.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if id(owner) in names:
-            found = owner
-        tb = tb.tb_next
-    if found is None:
-        return f"the model ({type(model).__name__})"
-    return f"layer {names[id(found)] or '<root>'!r} ({type(found).__name__})"
 
 
 def weight_steps(model: nn.Module) -> dict[str, torch.Tensor]:

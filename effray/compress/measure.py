@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from effray.compress.layers import model_device
 from effray.compress.quantize import ActQuant, WeightQuant, dequantize, is_quantized
-from effray.metrics import classification_metrics
+from effray.metrics import classification_metrics, score_batches
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -97,52 +97,38 @@ def latency_ms(
     return [statistics.median(t) * 1000.0 for t in times]
 
 
-@torch.no_grad()
+def scored(model: nn.Module, batches: Batches, keep_logits: bool = False) -> dict[str, Any]:
+    """:func:`effray.metrics.score_batches` of ``model`` (in eval mode, on its device) over
+    (normalised images, labels) batches: the sums stay on the device until the end."""
+    was = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        return score_batches(lambda x: model(x.to(device, non_blocking=True)), batches, None, keep_logits=keep_logits)
+    finally:
+        model.train(was)
+
+
 def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     """(top-1 accuracy, images) over (normalised images, labels) batches, on the model's
-    device; the count of correct images stays there until the end (one host read)."""
-    was = model.training
-    model.eval()
-    device = model_device(model)
-    correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += (model(x.to(device, non_blocking=True)).argmax(1) == y.to(device, non_blocking=True)).sum()
-            total += len(y)
-    model.train(was)
-    return (int(correct) / total if total else float("nan")), total
-
-
-@torch.no_grad()
-def device_logits(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Every batch's float logits and labels, concatenated on the model's device with no
-    host read (``None`` for no batches): the one pass :func:`class_scores` scores."""
-    was = model.training
-    model.eval()
-    device = model_device(model)
-    logits, labels = [], []
-    for x, y in batches:
-        logits.append(model(x.to(device, non_blocking=True)).float())
-        labels.append(y.to(device, non_blocking=True))
-    model.train(was)
-    return (torch.cat(logits), torch.cat(labels)) if labels else None
+    device (one host read, at the end)."""
+    m = scored(model, batches)
+    return (m["accuracy"] if m["count"] else float("nan")), m["count"]
 
 
 def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
     """``accuracy`` and ``eval_images`` (as :func:`accuracy`) and what accuracy hides, from
     the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
     (:func:`effray.metrics.classification_metrics`). The logits stay on the model's device
-    until the pass ends (:func:`device_logits`), then go to the host once."""
-
-    pass_ = device_logits(model, batches)
-    if pass_ is None:
+    until the pass ends, then go to the host once."""
+    m = scored(model, batches, keep_logits=True)
+    if not m["count"]:
         return {"accuracy": float("nan"), "eval_images": 0}
-    lg, lb = (t.cpu() for t in pass_)
-    m = classification_metrics(lg, lb, [str(i) for i in range(lg.shape[1])])
+    c = classification_metrics(m["logits"], m["labels"], [str(i) for i in range(m["logits"].shape[1])])
     return {
-        "accuracy": int((lg.argmax(1) == lb).sum()) / len(lb),
-        "eval_images": len(lb),
-        **{k: m[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")},
+        "accuracy": m["accuracy"],
+        "eval_images": m["count"],
+        **{k: c[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")},
     }
 
 

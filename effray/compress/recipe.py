@@ -1,275 +1,222 @@
-"""The compression recipe: teacher -> (distil) -> prune -> fine-tune -> quantize -> artifact.
+"""The compression recipe on the one training loop: teacher -> (distil) -> prune -> fine-tune
+-> quantize -> artifact.
 
-Free functions a training loop calls at fixed points, plus :func:`compress_local`, the
-whole recipe in-process (one model, plain batches), which the benchmark runs and which
-the Ray Train worker mirrors step for step:
+:class:`CompressHooks` puts the compression events on :func:`effray.train.recipe.run_recipe`:
 
-1. ``student = build_student(teacher, cfg)`` (a copy of the teacher, or a registry model)
-2. per epoch ``e``: if ``e in prune_events(cfg)``: ``prune_step`` then ``lock_sparsity``;
-   if ``e == quant_epoch(cfg)``: ``apply_quantization``; rebuild the optimizer after
-   either (parameters changed); then ``train_step`` over the data (KD if ``kd_alpha``)
-3. ``finish(model, cfg, calib, lock)``: release the lock, PTQ if quantizing but still float
-4. rank 0: ``save_artifact(out, model, method=method_summary(...), ...)``, then
-   ``load_artifact`` and ``measure`` the loaded model: the numbers describe the file.
+* before an epoch, a pruning event (``prune_step``, then the sparsity lock) or the start of
+  QAT (``apply_quantization``), every rank holding rank 0's BN statistics first; after
+  either the loop rebuilds the optimizer and re-prepares DDP (new parameters);
+* the loss: KD against the frozen teacher when ``kd_alpha > 0``, else cross-entropy;
+* after an epoch: the report, with the fine-tune so far (:func:`progress_payload`) as its
+  checkpoint, which :func:`resume_student` goes on from;
+* at the end: ``finish`` (the lock released, PTQ if quantizing but still float).
 
-After every epoch a loop may keep ``progress_payload(...)`` (the student as trained so far,
-its optimizer, the LR step, the RNG) as a checkpoint; ``resume_student`` turns it back into
-the loop's state, so a fine-tune killed with its node (a Tune trial, a Ray Train restart)
-goes on from its last epoch instead of from the teacher. Structural events at epochs
-before the resume point are already in the restored student and are not replayed.
-
-Epoch plan: pruning events spread over the first half of the epochs when QAT follows
-(all of them otherwise); QAT runs from the epoch after the pruning span to the end.
+They run at world 1 in this process (:func:`compress_local`: a Tune trial, the benches) and
+on W Ray Train workers (:mod:`effray.compress.worker`); :func:`start_fine_tune` is the
+setup both share. The steps are free functions in :mod:`effray.compress.steps` and
+:mod:`effray.compress.progress`; this module re-exports them as the recipe's public face.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import math
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from effray.compress.artifact import load_artifact, restore, save_artifact, snapshot
+from effray.compress.artifact import load_artifact, save_artifact
 from effray.compress.config import CompressConfig
-from effray.compress.distill import check_student, freeze_teacher, kd_loss, teacher_logits
+from effray.compress.distill import freeze_teacher
 from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
-from effray.compress.prune import (
-    SparsityLock,
-    channel_counts,
-    lock_sparsity,
-    prune_step,
-    schedule_rates,
-    weight_sparsity,
+from effray.compress.progress import PROGRESS_FORMAT, progress_payload, resume_student
+from effray.compress.prune import SparsityLock, lock_sparsity, prune_step, weight_sparsity
+from effray.compress.steps import (
+    Batches,
+    CosineSteps,
+    apply_quantization,
+    build_student,
+    epoch_optimizer,
+    fine_tune_loss,
+    finish,
+    method_summary,
+    prune_events,
+    pruned_before,
+    quant_epoch,
+    save_student,
 )
-from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized
-from effray.config import require, to_dict
-from effray.models import build_model
-from effray.models.airbench import init_from_data, needs_data_init
-from effray.train.checkpoint import FORMATS, rng_state, set_rng_state
+from effray.train.parallel import make_strategy, prepare_model
+from effray.train.recipe import Hooks, Plan, Run, run_recipe
+from effray.train.session import EpochEnd, LocalSession, Session
+from effray.train.strategy import Strategy
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-PROGRESS_FORMAT = "effray.compress.progress/1"
-
-
-def build_student(
-    teacher: nn.Module, cfg: CompressConfig, images: Callable[[], torch.Tensor] | None = None
-) -> nn.Module:
-    """The model to compress: a trainable copy of the teacher, or a fresh ``cfg.student``
-    with the teacher's classes and input channels (checked: a mismatch is one line). A
-    fresh student with data-dependent init (airbench's whitening) is set from ``images()``
-    (normalised NCHW, the same on every rank), read only when such a student needs it."""
-
-    spec = dict(teacher.spec)
-    if not cfg.student:
-        student = copy.deepcopy(teacher)
-        for p in student.parameters():
-            p.requires_grad_(True)
-        student.spec = spec
-        return student.train()
-    student_spec = {
-        "name": cfg.student,
-        "num_classes": spec["num_classes"],
-        "in_channels": spec.get("in_channels", 3),
-        "width": cfg.student_width,
-    }
-    check_student(spec, student_spec)
-    student = build_model(**student_spec)
-    if images is not None and needs_data_init(student):
-        init_from_data(student, images())
-    return student.train()
+__all__ = [
+    "PROGRESS_FORMAT",
+    "CompressHooks",
+    "apply_quantization",
+    "build_student",
+    "compress_local",
+    "finish",
+    "measure_artifact",
+    "measure_teacher",
+    "method_summary",
+    "progress_payload",
+    "prune_events",
+    "quant_epoch",
+    "resume_student",
+    "start_fine_tune",
+]
 
 
-def prune_events(cfg: CompressConfig) -> dict[int, float]:
-    """Epoch -> target rate of each pruning event (with 0 epochs: one event at epoch 0)."""
-    if not cfg.prunes:
-        return {}
-    steps = cfg.prune_steps if cfg.prune_schedule != "oneshot" else 1
-    rates = schedule_rates(cfg.prune_schedule, steps, cfg.prune_rate)
-    span = _prune_span(cfg)
-    return {math.floor(k * span / steps): r for k, r in enumerate(rates)}  # later events win a shared epoch
+class CompressHooks(Hooks):
+    """The compression events on the training loop. ``batches(epoch)``: the epoch's batch
+    dicts on the device; ``calib``: calibration batches on the device, the same on every
+    rank (quantizer ranges and Taylor scores must agree); ``say``: rank 0's lines;
+    ``validate(run)``: per-epoch validation metrics, if any; ``extra``: joins every
+    epoch's metrics, ``epoch_extra(model, epoch)`` too on rank 0 (a trial's costs)."""
+
+    def __init__(
+        self,
+        cfg: CompressConfig,
+        teacher: nn.Module,
+        calib: list[tuple[torch.Tensor, torch.Tensor]],
+        batches: Callable[[int], Iterable[dict[str, Any]]],
+        *,
+        steps_per_epoch: int,
+        step: int = 0,
+        say: Callable[[str], None] = lambda line: None,
+        validate: Callable[[Run], dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+        epoch_extra: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+    ) -> None:
+        self.cfg, self.teacher, self.calib, self.epoch_batches = cfg, teacher, calib, batches
+        self.events, self.qstart = prune_events(cfg), quant_epoch(cfg)
+        self.total, self.first_step = cfg.finetune_epochs * steps_per_epoch, step
+        self.say, self.validation, self.extra, self.epoch_extra = say, validate, dict(extra or {}), epoch_extra
+        self.fine_tune_loss = fine_tune_loss(cfg, teacher)
+        self.lock: SparsityLock | None = None
+        self.student: nn.Module | None = None  # the finished model, after at_end
+
+    def optimizer(self, run: Run, state: dict[str, Any] | None = None) -> tuple[Any, Any]:
+        step = run.scheduler.last_epoch if run.scheduler is not None else self.first_step
+        optimizer = epoch_optimizer(run.plain, self.cfg, step, self.total, state)
+        return optimizer, CosineSteps(optimizer, step, self.total, self.cfg.finetune_lr)
+
+    def batches(self, run: Run, epoch: int) -> Iterable[dict[str, Any]]:
+        return self.epoch_batches(epoch)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return self.fine_tune_loss(logits, batch)
+
+    def relock(self, model: nn.Module) -> None:
+        """Lock the unstructured zeros there are now (a new lock after every event)."""
+        if self.lock is not None:
+            self.lock.release()
+        self.lock = lock_sparsity(model) if self.cfg.prunes and self.cfg.prune_kind == "unstructured" else None
+
+    def before_epoch(self, run: Run, epoch: int) -> bool:
+        cfg, pruning, quantizing = self.cfg, epoch in self.events, epoch == self.qstart
+        if not (pruning or quantizing):
+            return False
+        run.strategy.sync_for_eval(run.model)  # rank 0's BN statistics everywhere: folding and scores agree
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        model, rank0 = run.plain, run.session.rank == 0
+        if pruning:
+            prune_step(model, self.events[epoch], cfg.prune_kind, cfg.prune_importance, batches=self.calib)
+            if rank0:
+                self.say(
+                    f"epoch {epoch}: pruned to {self.events[epoch]:.3f} ({cfg.prune_kind}); "
+                    f"weight sparsity {weight_sparsity(model):.3f}"
+                )
+        if quantizing:
+            apply_quantization(model, cfg, self.calib)
+            if rank0:
+                self.say(f"epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
+        self.relock(model)
+        return True
+
+    def validate(self, run: Run, epoch: int) -> dict[str, Any]:
+        return self.validation(run) if self.validation is not None else {}
+
+    def after_epoch(self, run: Run, epoch: int, metrics: dict[str, Any]) -> None:
+        metrics = {**metrics, **self.extra}
+        if run.session.rank == 0:
+            line = f"epoch {epoch + 1}/{self.cfg.finetune_epochs}  loss {metrics['train_loss']:.4f}"
+            self.say(line + (f"  val_acc {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""))
+            if self.epoch_extra is not None:  # under a search: the size of the weights once final
+                metrics.update(self.epoch_extra(run.plain, epoch))
+        run.history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
+        payload = functools.partial(
+            progress_payload,
+            run.plain,
+            run.optimizer,
+            self.cfg,
+            epochs_done=epoch + 1,
+            step=run.scheduler.last_epoch,
+            lock=self.lock,
+            device=run.device,
+            history=list(run.history),
+        )
+        run.session.report(EpochEnd(epoch, run.history[-1], run.plain, payload))
+
+    def at_end(self, run: Run) -> None:
+        if self.cfg.finetune_epochs == 0:  # one-shot: epoch 0's events, and nothing to train
+            self.before_epoch(run, 0)
+        run.strategy.sync_for_eval(run.model)
+        # every rank: PTQ (if any) is deterministic and the calibration rows are shared
+        self.student = finish(run.plain, self.cfg, self.calib, self.lock)
+        self.lock = None
 
 
-def _prune_span(cfg: CompressConfig) -> int:
-    e = cfg.finetune_epochs
-    return max(1, e // 2) if cfg.quantizes and cfg.quant_mode == "qat" else max(1, e)
-
-
-def quant_epoch(cfg: CompressConfig) -> int | None:
-    """Epoch at whose start QAT begins; None when PTQ happens after training (or no quant)."""
-    if not cfg.quantizes or cfg.quant_mode != "qat" or cfg.finetune_epochs == 0:
-        return None
-    return min(_prune_span(cfg) if cfg.prunes else 0, cfg.finetune_epochs - 1)
-
-
-def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mode: str | None = None) -> nn.Module:
-    """Fold BN, then replace every conv/linear with its k-bit fake-quant twin, calibrated."""
-    fold_bn(model)
-    bits = {
-        "bits": cfg.bits,
-        "act_bits": cfg.act_bits,
-        "first_bits": cfg.first_layer_bits,
-        "last_bits": cfg.last_layer_bits,
-        "act_range": cfg.act_range,
-    }
-    return QUANTIZERS.get(mode or cfg.quant_mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
-
-
-def finish(model: nn.Module, cfg: CompressConfig, calib: Batches, lock: SparsityLock | None = None) -> nn.Module:
-    """After the last epoch: drop the sparsity hooks (zeros stay), PTQ if the config asks for
-    quantization that training didn't do (``ptq``, or QAT with 0 epochs), eval mode."""
-    if lock is not None:
-        lock.release()
-    if cfg.quantizes and not is_quantized(model):
-        apply_quantization(model, cfg, calib, mode="ptq")
-    return model.eval()
-
-
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD + Nesterov; weight decay only on conv/linear weights (not BN, biases, step sizes)."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and p.dim() > 1]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return torch.optim.SGD(
-        [{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
-        lr=lr,
-        momentum=0.9,
-        nesterov=True,
-    )
-
-
-def epoch_optimizer(
-    model: nn.Module, cfg: CompressConfig, step: int, total: int, state: dict[str, Any] | None = None
-) -> torch.optim.Optimizer:
-    """The optimizer from the start of an epoch whose parameters are new (the first, or one
-    after pruning or quantization), at the schedule's LR; ``state`` is a resumed run's
-    momentum, for the same parameters."""
-    optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
-    if state is not None:
-        optimizer.load_state_dict(state)
-    return optimizer
-
-
-def cosine_lr(step: int, total: int, peak: float) -> float:
-    return 0.5 * peak * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
-def train_step(
-    model: nn.Module,
-    teacher: nn.Module | None,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
+def start_fine_tune(
+    session: Session,
+    strategy: Strategy,
+    teacher: nn.Module,
     cfg: CompressConfig,
-) -> torch.Tensor:
-    """One optimizer step: KD against the frozen teacher when ``kd_alpha > 0``, else CE.
-    Returns the detached loss on the device (callers sum it there and read it per epoch)."""
-    logits = model(x)
-    if cfg.distills and teacher is not None:
-        loss = kd_loss(logits, teacher_logits(teacher, x), y, cfg.kd_temperature, cfg.kd_alpha)
+    images: Callable[[], torch.Tensor],
+) -> tuple[Run, int, dict[str, Any] | None]:
+    """The student to fine-tune, resumed from the session's checkpoint (its RNG restored)
+    or built from the teacher (``images()``: a fresh student's data-dependent init), as a
+    :class:`Run` prepared by ``strategy``; also ``(LR step, optimizer state)`` to start from."""
+    restored = session.restore()
+    if restored is not None:
+        payload = restored[1]
+        model, start, step, state = resume_student(payload, cfg, session.device)
+        history = list(payload.get("history", []))
     else:
-        loss = F.cross_entropy(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+        model = build_student(teacher, cfg, images=images).to(session.device)
+        start, step, state, history = 0, 0, None, []
+    return Run(session, strategy, prepare_model(model, strategy), start=start, history=history), step, state
 
 
-def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str, Any]) -> dict[str, Any]:
-    """What was done, measured on the model itself (sparsity, per-layer bits, channels)."""
-    out: dict[str, Any] = {"student": dict(model.spec), "teacher_model": dict(teacher_spec)}
-    if cfg.prunes:
-        out["prune"] = {
-            "kind": cfg.prune_kind,
-            "rate": cfg.prune_rate,
-            "importance": cfg.prune_importance,
-            "schedule": cfg.prune_schedule,
-            "steps": cfg.prune_steps,
-            "weight_sparsity": weight_sparsity(model),
-            "channels": channel_counts(model),
-        }
-    if is_quantized(model):
-        out["quant"] = {
-            "mode": cfg.quant_mode,
-            "bits": cfg.bits,
-            "act_bits": cfg.act_bits,
-            "act_range": cfg.act_range,
-            "first_layer_bits": cfg.first_layer_bits,
-            "last_layer_bits": cfg.last_layer_bits,
-            "bn_folded": True,
-            "bits_per_layer": bits_per_layer(model),
-        }
-    if cfg.distills:
-        out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
-    return out
+def ready(run: Run, hooks: CompressHooks, state: dict[str, Any] | None) -> None:
+    """The optimizer (with a resumed run's momentum) and the lock on zeros it carries."""
+    run.optimizer, run.scheduler = hooks.optimizer(run, state)
+    if pruned_before(hooks.cfg, run.start):
+        hooks.relock(run.plain)
 
 
-def progress_payload(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: CompressConfig,
-    *,
-    epochs_done: int,
-    step: int,
-    lock: SparsityLock | None,
-    device: torch.device | str = "cpu",
-    **extra: Any,
-) -> dict[str, Any]:
-    """What a fine-tune resumes from after ``epochs_done`` epochs: the student's modules and
-    latent weights (:func:`effray.compress.artifact.snapshot`), the optimizer, the LR step,
-    the RNG, the config it belongs to, and ``extra`` (e.g. the epochs reported so far).
-    Weights-only loadable, like every effray checkpoint."""
-    if lock is not None:
-        lock.apply()  # the last optimizer step moved masked weights; the next forward would re-zero them
-    return {
-        "format": PROGRESS_FORMAT,
-        "epochs_done": epochs_done,
-        "step": step,
-        "student": snapshot(model),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(torch.device(device)),
-        "config": to_dict(cfg),
-        **extra,
-    }
+def measure_teacher(teacher: nn.Module, batches: Batches) -> dict[str, Any]:
+    """The teacher measured as an fp32 artifact: every ratio's denominator."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_artifact(tmp, teacher)
+        return measure(teacher, batches, artifact=tmp)
 
 
-def resume_student(
-    payload: dict[str, Any], cfg: CompressConfig, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, int, int, dict[str, Any]]:
-    """``(student on device, epochs done, LR step, optimizer state)`` from
-    :func:`progress_payload`; the RNG is restored too. A checkpoint of another config (a
-    changed search space under the same experiment name) is refused in one line."""
-    require(
-        payload.get("format") == PROGRESS_FORMAT,
-        f"not a fine-tuning checkpoint ({payload.get('format')!r}, expected {PROGRESS_FORMAT})",
-    )
-    require(
-        payload.get("config") == to_dict(cfg),
-        "the fine-tuning checkpoint belongs to another compression config; resume with the same config or use a new "
-        "--name",
-    )
-    device = torch.device(device)
-    model = restore(payload["student"], learn=True).to(device)
-    set_rng_state(payload["rng"], device)
-    return model, int(payload["epochs_done"]), int(payload["step"]), payload["optimizer"]
-
-
-def pruned_before(cfg: CompressConfig, epoch: int) -> bool:
-    """Whether a resumed student carries unstructured zeros from before ``epoch`` (to lock again)."""
-    return cfg.prunes and cfg.prune_kind == "unstructured" and any(e < epoch for e in prune_events(cfg))
-
-
-@FORMATS.register(PROGRESS_FORMAT)
-def _progress_model(payload: dict[str, Any]) -> nn.Module:
-    """A mid-compression checkpoint opens as the student it holds (``effray evaluate`` on it)."""
-    return restore(payload["student"], learn=False).eval()
+def measure_artifact(
+    out: str | Path, cfg: CompressConfig, calib: Batches, evals: Batches, teacher_metrics: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
+    its int8 runtime (calibrated on the CPU ``calib``) when ``cfg.int8``: ``(metrics, payload)``."""
+    loaded, payload = load_artifact(out)
+    int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
+    return measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics), payload
 
 
 def compress_local(
@@ -301,80 +248,23 @@ def compress_local(
     device = torch.device(device)
     teacher = freeze_teacher(teacher)
     if teacher_metrics is None:
-        with tempfile.TemporaryDirectory() as tmp:  # the teacher as an fp32 artifact: the size baseline
-            save_artifact(tmp, teacher)
-            teacher_metrics = measure(teacher, eval_batches, artifact=tmp)
-    if resume is not None:
-        model, start, step, optimizer_state = resume_student(resume, cfg, device)
-    else:
-        model = build_student(teacher, cfg, images=lambda: torch.cat([x for x, _ in calib])).to(device)
-        start, step, optimizer_state = 0, 0, None
+        teacher_metrics = measure_teacher(teacher, eval_batches)
+    report = None if on_epoch is None else lambda end: on_epoch(end.epoch, end.model, end.payload)
+    session = LocalSession(device, resume=resume, on_epoch=report)
+    strategy = make_strategy("ddp", device, channels_last=False, compile=False, amp=False)
+    run, step, state = start_fine_tune(session, strategy, teacher, cfg, images=lambda: torch.cat([x for x, _ in calib]))
     teacher = teacher.to(device)
-    host_calib = calib  # the int8 runtime calibrates on the CPU
-    calib = [(x.to(device), y.to(device)) for x, y in calib]
-    events, qstart = prune_events(cfg), quant_epoch(cfg)
-    epochs = cfg.finetune_epochs
-    steps_per_epoch = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule
-    total, lock = epochs * steps_per_epoch, None
+    on_device = [(x.to(device), y.to(device)) for x, y in calib]  # the int8 runtime calibrates on the CPU copy
+    steps = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule
 
-    def release() -> None:
-        nonlocal lock
-        if lock is not None:
-            lock.release()
-            lock = None
-
-    def relock() -> SparsityLock | None:
-        return lock_sparsity(model) if cfg.prunes and cfg.prune_kind == "unstructured" else None
-
-    for epoch in range(start, max(epochs, 1)):
-        changed = False
-        if epoch in events:
-            release()
-            prune_step(model, events[epoch], cfg.prune_kind, cfg.prune_importance, batches=calib)
-            log(
-                f"epoch {epoch}: pruned to {events[epoch]:.3f} ({cfg.prune_kind}); weight sparsity "
-                f"{weight_sparsity(model):.3f}"
-            )
-            changed = True
-        if epoch == qstart:
-            release()
-            apply_quantization(model, cfg, calib)
-            log(f"epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
-            changed = True
-        if changed or epoch == start:
-            lock = relock() if changed or pruned_before(cfg, start) else lock
-            optimizer = epoch_optimizer(model, cfg, step, total, None if changed else optimizer_state)
-            optimizer_state = None
-        if epochs == 0:
-            break
-        model.train()
-        loss_sum, batches = torch.zeros((), dtype=torch.float64, device=device), 0
+    def batches(epoch: int) -> Iterable[dict[str, Any]]:
         for x, y in train_batches(epoch):
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(step, total, cfg.finetune_lr)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss_sum += train_step(model, teacher, x, y, optimizer, cfg).double()
-            step, batches = step + 1, batches + 1
-        log(f"epoch {epoch}: loss {float(loss_sum) / max(batches, 1):.4f}")  # the epoch's one host read
-        if on_epoch is not None:  # e.g. a Tune report, so a scheduler can stop poor trials
-            was_training = model.training
-            progress = functools.partial(
-                progress_payload, model, optimizer, cfg, epochs_done=epoch + 1, step=step, lock=lock, device=device
-            )
-            on_epoch(epoch, model.eval(), progress)
-            model.train(was_training)
-    finish(model, cfg, calib, lock)
-    out = Path(out_dir)
-    save_artifact(
-        out,
-        model.cpu(),
-        method=method_summary(model, cfg, teacher.spec),
-        config=to_dict(cfg),
-        teacher=teacher_info or {},
-        data=data,
-        codec=cfg.codec,
-    )
-    loaded, _ = load_artifact(out)  # measure the file, not the in-memory model
-    int8 = to_int8(loaded, host_calib, max_batches=cfg.calib_batches) if cfg.int8 else None
-    metrics = measure(loaded, eval_batches, artifact=out, int8_model=int8, teacher=teacher_metrics)
+            yield {"image": x.to(device, non_blocking=True), "label": y.to(device, non_blocking=True)}
+
+    hooks = CompressHooks(cfg, teacher, on_device, batches, steps_per_epoch=steps, step=step, say=log)
+    ready(run, hooks, state)
+    run_recipe(run, Plan(epochs=cfg.finetune_epochs, steps_per_epoch=steps), hooks)
+    save_student(out_dir, hooks.student, cfg, teacher.spec, teacher_info=teacher_info, data=data)
+    metrics, _ = measure_artifact(out_dir, cfg, calib, eval_batches, teacher_metrics)
+    loaded, _ = load_artifact(out_dir)  # the method as the file holds it (k-bit codes that round to 0 are zeros)
     return {"student": metrics, "teacher": teacher_metrics, "method": method_summary(loaded, cfg, teacher.spec)}

@@ -109,7 +109,7 @@ def first_readable(
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """Torch (CPU, and ``device``'s when it is a GPU) and Python RNG states, as
     weights-only-loadable types. Only the worker's own GPU: ``get_rng_state_all`` would
-    create a CUDA context (~0.5 GB) on every GPU of the node in every worker."""
+    create a CUDA context on every GPU of the node in every worker."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)

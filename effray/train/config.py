@@ -17,11 +17,10 @@ from typing import Any
 from effray.config import AUTO, option, require, require_whole_gpus, to_dict
 from effray.data.pipeline import DataConfig
 from effray.models import build_model, model_names
-from effray.train.pipeline import stage_bounds
+from effray.train.stages import PIPELINE_SCHEDULES, stage_bounds
 
 # The loop only talks to a Strategy (effray.train.strategy, effray.train.pipeline).
 PARALLEL = ("ddp", "pipeline")
-PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 # pipeline-only knobs: left out of a DDP run's default name, so existing names don't change
 _PIPELINE_FIELDS = {"stages", "microbatches", "pipeline_schedule", "split_points", "split_by"}
 SPLIT_BY = ("params", "time")

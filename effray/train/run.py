@@ -21,24 +21,29 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import write_json
-from effray.cluster import temporary_env
-from effray.config import AUTO, require, require_whole_gpus, to_dict
+from effray.config import require, to_dict
 from effray.console import say
 from effray.data.pipeline import (
     DataConfig,
     eval_dataset,
-    kill_clock,
     train_dataset,
     validate_data_dir,
 )
 from effray.data.shuffle import cache_split, steps_per_epoch
-from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
-from effray.train.checkpoint import data_summary, read_payload
+from effray.train.checkpoint import data_summary
 from effray.train.config import TrainConfig, default_run_name, model_identity, parse_resources
-from effray.train.loop import HISTORY_FILE, train_loop_per_worker
+from effray.train.loop import HISTORY_FILE, TrainWorker, train_loop_per_worker
 from effray.train.parallel import STRATEGIES
+from effray.train.trainer import (
+    WORKER_START_TIMEOUT_ENV,
+    check_resources,
+    finished_run,
+    fit,
+    fit_cpus_per_worker,
+    torch_trainer,
+)
 
 RUN_FILE = "effray-run.json"
 SUMMARY_KEYS = (
@@ -53,67 +58,6 @@ SUMMARY_KEYS = (
     "val_per_class_accuracy",
     "nodes",
 )
-
-
-def fit_cpus_per_worker(cfg: Any, total: dict[str, float], nodes: list[dict[str, float]]) -> Any:
-    """``cfg`` with ``--cpus-per-worker auto`` resolved for this cluster: on CPUs, its CPUs
-    less one Ray Data task's, split over the workers (at most one node's CPUs, in quarter
-    CPUs); on GPUs, the CPUs per GPU of the scarcest GPU node times a worker's GPUs. So
-    ``effray train --workers 2`` fits a 2-core laptop as it fits a GPU cluster."""
-    if cfg.cpus_per_worker != AUTO:
-        return cfg
-    cpus = float(total.get("CPU", 0))
-    if cfg.gpus_per_worker > 0:
-        ratios = [n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU", 0) > 0] or [
-            cpus / max(total.get("GPU", 1), 1)
-        ]
-        per = min(ratios) * cfg.gpus_per_worker
-    else:
-        per = (cpus - cfg.data_cpus) / cfg.workers
-        per = min(per, max((n.get("CPU", 0) for n in nodes), default=per))
-    per = math.floor(per * 4) / 4
-    require(
-        per > 0,
-        f"--workers {cfg.workers} and --data-cpus {cfg.data_cpus:g} leave no CPU of the cluster's {cpus:g} "
-        "for a worker; use fewer workers or a lower --data-cpus",
-    )
-    return dataclasses.replace(cfg, cpus_per_worker=per)
-
-
-def check_resources(cfg: TrainConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
-    """Fail in one line when the cluster can't ever hold the workers (plus one Ray Data
-    task), instead of letting Ray wait for them forever."""
-    w = cfg.workers
-    require_whole_gpus(w, cfg.gpus_per_worker)
-    have_gpu = float(total.get("GPU", 0))
-    need_gpu = w * cfg.gpus_per_worker
-    require(
-        need_gpu <= have_gpu,
-        f"--workers {w} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} GPUs, the cluster has "
-        f"{have_gpu:g}; "
-        "lower them (--gpus-per-worker 0 trains on CPUs) or add GPU nodes",
-    )
-    have_cpu = float(total.get("CPU", 0))
-    need_cpu = w * cfg.cpus_per_worker + cfg.data_cpus
-    require(
-        need_cpu <= have_cpu,
-        f"--workers {w} x --cpus-per-worker {cfg.cpus_per_worker:g} + --data-cpus {cfg.data_cpus:g} (one Ray Data "
-        "task) "
-        f"needs {need_cpu:g} CPUs, the cluster has {have_cpu:g}; lower them",
-    )
-    if nodes:
-        require(
-            any(n.get("CPU", 0) >= cfg.cpus_per_worker and n.get("GPU", 0) >= cfg.gpus_per_worker for n in nodes),
-            f"no node has {cfg.cpus_per_worker:g} CPUs and {cfg.gpus_per_worker:g} GPUs for one worker; "
-            "lower --cpus-per-worker/--gpus-per-worker",
-        )
-        wanted = getattr(cfg, "worker_resources", "")  # train only; compress and the GAN have none
-        extra = parse_resources(wanted)
-        require(
-            not extra or any(all(n.get(k, 0) >= v for k, v in extra.items()) for n in nodes),
-            f"no node offers --worker-resources {wanted}; start nodes with `ray start --resources` "
-            "naming them, or drop the flag",
-        )
 
 
 def train_rows(data: DataConfig, meta: dict[str, Any]) -> int:
@@ -169,146 +113,6 @@ def _count_lines(path: Path | None) -> int:
     return sum(1 for _ in path.open()) if path is not None and path.is_file() else 0
 
 
-def _user_error(exc: BaseException) -> EffrayError | None:
-    for failure in getattr(exc, "worker_failures", {}).values():
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, EffrayError):
-                return seen
-            seen = getattr(seen, "cause", None) or seen.__cause__
-    return None
-
-
-def torch_trainer(
-    loop: Any,
-    loop_config: dict[str, Any],
-    *,
-    workers: int | tuple[int, int],
-    cpus_per_worker: float,
-    gpus_per_worker: float,
-    name: str,
-    storage: str,
-    max_failures: int,
-    datasets: dict[str, Any],
-    keep_checkpoints: int | None = None,
-    dataset_config: Any = None,
-    callbacks: list[Any] | None = None,
-    extra_resources: dict[str, float] | None = None,
-    grow_check_s: float = 30.0,
-) -> Any:
-    """The ``TorchTrainer`` every stage runs (train, compress, the GAN): NCCL when the
-    workers get GPUs, gloo otherwise; ``RunConfig(name, storage)`` so a re-run restores;
-    with ``keep_checkpoints`` the newest N (not the best: resuming and the corrupt-newest
-    fallback need the latest). ``workers=(min, max)``: Ray Train V2's elastic world size,
-    looking for room to grow every ``grow_check_s`` (Ray Train's default: 60 s)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {}), **(extra_resources or {})}
-    checkpoints = (
-        None
-        if keep_checkpoints is None
-        else CheckpointConfig(
-            num_to_keep=keep_checkpoints, checkpoint_score_attribute="epoch", checkpoint_score_order="max"
-        )
-    )
-    extra = {"dataset_config": dataset_config} if dataset_config is not None else {}
-    return TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker=resources,
-            **({"elastic_resize_monitor_interval_s": grow_check_s} if isinstance(workers, tuple) else {}),
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=checkpoints,
-            callbacks=list(callbacks or []),
-        ),
-        datasets=datasets,
-        **extra,
-    )
-
-
-class Mailbox:
-    """What a run's rank 0 hands its driver beyond Ray Train's metrics (Train V2 keeps only
-    the metrics reported with a checkpoint), from whatever node rank 0 is on: an actor
-    the driver owns, found by name from the workers."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-
-    def put(self, value: Any) -> None:
-        self.value = value
-
-    def get(self) -> Any:
-        return self.value
-
-
-def open_mailbox(name: str) -> Any:
-    """The driver's mailbox ``name`` (created here, owned by the caller: it goes with it)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(Mailbox).options(name=name, namespace="effray").remote()
-
-
-def post(name: str, value: Any) -> None:
-    """From a worker: leave ``value`` in the driver's mailbox ``name``."""
-    import ray
-
-    ray.get(ray.get_actor(name, namespace="effray").put.remote(value))
-
-
-WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands it to its controller
-
-
-def fit(trainer: Any, clock: str, env: dict[str, str] | None = None) -> Any:
-    """``trainer.fit()``; an ``EffrayError`` raised in a worker comes back as itself (one
-    line for the user, not a Ray traceback); the epoch clock actor goes either way.
-    ``env``: Ray Train settings its controller reads from the driver's environment at
-    ``fit()``, set for this fit only."""
-
-    try:
-        with temporary_env(**(env or {})):
-            return trainer.fit()
-    except Exception as exc:
-        user = _user_error(exc)
-        if user is not None:
-            raise user from None
-        raise
-    finally:
-        kill_clock(clock)
-
-
-def finished_run(run_path: str, epochs: int) -> tuple[dict[str, Any], str] | None:
-    """The metrics and checkpoint of a run at ``run_path`` that already trained ``epochs``
-    epochs and whose newest checkpoint loads, from what Ray Train saved
-    (``Result.from_path``); None if it has none, is shorter, or that checkpoint is
-    unreadable (then the fit resumes, falling back to an older checkpoint)."""
-    from ray.train import Result
-
-    try:
-        result = Result.from_path(run_path)
-    except (RuntimeError, OSError, ValueError, KeyError):  # no run there, or a snapshot of no checkpoints
-        return None
-    metrics, ckpt = result.metrics or {}, result.checkpoint
-    if ckpt is None or int(metrics.get("epoch", 0)) < epochs:
-        return None
-    try:
-        with ckpt.as_directory() as d:  # no copy on local storage
-            if int(read_payload(d)["epoch"]) != int(metrics["epoch"]):
-                return None
-    except EffrayError:
-        return None
-    return metrics, ckpt.path
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) one run on the current Ray cluster; returns the final metrics,
     the checkpoint path and where the run lives."""
@@ -345,19 +149,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tracker = (
         None
         if mode == "disabled"
-        else dataclasses.asdict(
-            TrackerSettings(
-                project=cfg.wandb_project,
-                name=cfg.name,
-                run_id=run_id,
-                mode=mode,
-                dir=str(run_dir) if run_dir else "",
-                config={
-                    **to_dict(cfg),
-                    "provenance": prov,
-                    "data_summary": {k: data[k] for k in ("checksum", "source", "classes")},
-                },
-            )
+        else TrackerSettings(
+            project=cfg.wandb_project,
+            name=cfg.name,
+            run_id=run_id,
+            mode=mode,
+            dir=str(run_dir) if run_dir else "",
+            config={
+                **to_dict(cfg),
+                "provenance": prov,
+                "data_summary": {k: data[k] for k in ("checksum", "source", "classes")},
+            },
         )
     )
     if run_dir is not None and not (run_dir / RUN_FILE).is_file():
@@ -386,21 +188,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         steps = math.ceil(train_rows(cfg.data, meta) / cfg.batch_size)
     else:
         steps = math.ceil(rows_per_rank / cfg.per_worker_batch)
+    worker = TrainWorker(
+        train=cfg,
+        name=cfg.name,
+        run_dir=str(run_dir) if run_dir else "",
+        clock=clock,
+        data=data,
+        provenance=prov,
+        steps_per_epoch=steps,
+        tracker=tracker,
+        train_source=source,
+    )
     trainer = torch_trainer(
         train_loop_per_worker,
-        {
-            "train": to_dict(cfg),
-            "run": {
-                "name": cfg.name,
-                "run_dir": str(run_dir) if run_dir else "",
-                "clock": clock,
-                "data": data,
-                "provenance": prov,
-                "steps_per_epoch": steps,
-                "tracker": tracker,
-                "train_source": source,
-            },
-        },
+        {"worker": to_dict(worker)},
         workers=(cfg.workers, cfg.max_workers) if cfg.elastic else cfg.workers,
         cpus_per_worker=cfg.cpus_per_worker,
         gpus_per_worker=cfg.gpus_per_worker,
@@ -442,7 +243,7 @@ def _summary(
     metrics: dict[str, Any],
     mode: str,
     run_id: str,
-    tracker: Any,
+    tracker: TrackerSettings | None,
 ) -> dict[str, Any]:
     """The one JSON line `effray train` prints."""
     return {

@@ -47,9 +47,9 @@ class Strategy:
     def __init__(self, device: torch.device, *, channels_last: bool, compile: bool, amp: bool, **_: Any) -> None:
         self.device = device
         self.on_gpu = device.type == "cuda"
-        # channels-last helps convs on tensor cores and in oneDNN on x86 CPUs alike (1.3-1.6x
-        # per CPU thread for effray's nets); bf16 autocast only where the hardware has
-        # native bf16 math, since emulated bf16 is slower than fp32
+        # channels-last helps convs on tensor cores and in oneDNN on x86 CPUs alike; bf16
+        # autocast only where the hardware has native bf16 math, since emulated bf16 is
+        # slower than fp32
         self.channels_last = channels_last
         self.amp = amp and bf16_native(device)
         self.compile = compile
@@ -137,16 +137,20 @@ class Strategy:
 
 class DDPStrategy(Strategy):
     """DistributedDataParallel via ``ray.train.torch.prepare_model`` (NCCL or gloo, as the
-    TorchConfig set up the process group; no wrapping with one worker)."""
+    TorchConfig set up the process group; no wrapping with one worker). Outside a process
+    group (an in-process fit, a Tune trial) the model just moves to the device."""
 
     name = "ddp"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        model = ray.train.torch.prepare_model(model, move_to_device=self.device, parallel_strategy="ddp")
+        if dist.is_available() and dist.is_initialized():
+            import ray.train.torch
+
+            model = ray.train.torch.prepare_model(model, move_to_device=self.device, parallel_strategy="ddp")
+        else:
+            model = model.to(self.device)
         # compile the DDP-wrapped module so DDP's optimizer splits graphs at bucket boundaries
         return torch.compile(model) if self.compile else model
 

@@ -5,7 +5,7 @@ back to the host inside a step.
 Regression check for the first GPU bug (validation compared ``.cpu()`` logits with labels
 that Ray had moved to the GPU): ``test_validation_batch[bug1-logits-on-cpu]`` puts that
 behaviour back and asserts the error. To see the real test catch it, add ``.cpu()`` after
-``tta_logits(...)`` in ``effray.train.loop.batch_sums`` and run
+``tta_logits(...)`` in ``effray.train.validate.batch_sums`` and run
 ``.venv/bin/python -m pytest -q tests/fake_cuda -k validation``: every
 ``test_validation_batch[*-fixed]`` case fails (``HostCopyError``: the copy to the host;
 without that guard, ``FakeTensorDeviceMismatchError`` where CPU logits meet CUDA labels).
@@ -51,7 +51,7 @@ def test_ddp_training_step(fake_cuda, name, lookahead):
     """The loop's own step (zero_grad, forward/backward through the strategy, SGD, LR
     schedule, device-side loss sums, lookahead), two steps so momentum buffers exist."""
     from effray.models.airbench import whitening_biases
-    from effray.train.loop import Lookahead, Schedule, param_groups, soft_cross_entropy, train_step
+    from effray.train.step import Lookahead, Schedule, param_groups, soft_cross_entropy, train_step
 
     torch.manual_seed(0)
     model = build_model(name, 10, 3, 0.25 if name != "convnet" else 0.5)
@@ -79,7 +79,7 @@ def test_ddp_training_step(fake_cuda, name, lookahead):
 @pytest.mark.parametrize("tta", [0, 1, 2])
 def test_validation_batch(fake_cuda, variant, tta):
     """One validation batch with test-time augmentation into device-side sums."""
-    from effray.train.loop import batch_sums
+    from effray.train.validate import batch_sums
 
     model = build_model("resnet20", 10, 3, 0.25).eval()
     strategy = _strategy()
@@ -136,7 +136,7 @@ def test_augment_on_device_feeds_the_step(fake_cuda):
     """``--augment-on gpu``: augmentation, normalisation (channels-last) and the training
     step on one device."""
     from effray.data.augment_torch import parse_policy_torch
-    from effray.train.loop import Schedule, augment_on_device, soft_cross_entropy, train_step
+    from effray.train.step import Schedule, augment_on_device, soft_cross_entropy, train_step
 
     model = build_model("resnet20", 10, 3, 0.25)
     strategy = _strategy()
@@ -158,6 +158,20 @@ def test_augment_on_device_feeds_the_step(fake_cuda):
 
 def _calib(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(b["image"], b["label"]) for b in (_images(uint8_batch(8), False) for _ in range(n))]
+
+
+def _fine_tune_step(model, teacher, x, y, optimizer, cfg) -> torch.Tensor:
+    """One compression fine-tuning step as the recipe's hooks take it: the training loop's
+    step with the recipe's loss (KD against ``teacher`` or CE) and cosine LR; returns the
+    step's device-side sums (loss x rows, rows)."""
+    from effray.compress.steps import CosineSteps, fine_tune_loss
+    from effray.train.step import train_step
+
+    strategy = DDPStrategy(x.device, channels_last=False, compile=False, amp=False)
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+    schedule = CosineSteps(optimizer, 0, 10, cfg.finetune_lr)
+    train_step(strategy, model, optimizer, schedule, {"image": x, "label": y}, fine_tune_loss(cfg, teacher), sums)
+    return sums
 
 
 @pytest.mark.parametrize("importance", ["l1", "taylor"])
@@ -220,7 +234,7 @@ def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
     from effray.compress.config import CompressConfig
     from effray.compress.distill import freeze_teacher
     from effray.compress.quantize import ActQuant, WeightQuant
-    from effray.compress.recipe import apply_quantization, build_student, make_optimizer, train_step
+    from effray.compress.steps import apply_quantization, build_student, make_optimizer
 
     cfg = CompressConfig(bits=4, act_bits=8, act_range=act_range, kd_alpha=kd_alpha, calib_batches=2)
     teacher = build_model("resnet20", 10, 3, 0.25)
@@ -234,7 +248,7 @@ def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
         assert_cuda(*(t for q in quantizers for t in (*q.parameters(), *q.buffers())))
         opt = make_optimizer(student, 0.01)
         for x, y in _calib(2):
-            assert_cuda(train_step(student.train(), teacher, x, y, opt, cfg))
+            assert_cuda(_fine_tune_step(student.train(), teacher, x, y, opt, cfg))
 
 
 def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
@@ -242,14 +256,8 @@ def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
     the GPU: the restored student, its quantizers and the optimizer's momentum all land on
     the model's device, and the next QAT steps run there with no host read."""
     from effray.compress.config import CompressConfig
-    from effray.compress.recipe import (
-        apply_quantization,
-        build_student,
-        make_optimizer,
-        progress_payload,
-        resume_student,
-        train_step,
-    )
+    from effray.compress.progress import progress_payload, resume_student
+    from effray.compress.steps import apply_quantization, build_student, make_optimizer
 
     cfg = CompressConfig(bits=4, act_bits=8, calib_batches=1, finetune_epochs=2)
     teacher = build_model("resnet20", 10, 3, 0.25)
@@ -258,7 +266,8 @@ def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
         build_student(teacher, cfg), cfg, [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))]
     )
     opt = make_optimizer(student, 0.01)
-    train_step(student, None, torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), opt, cfg)  # momentum exists
+    # a step, so the momentum exists
+    _fine_tune_step(student, None, torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), opt, cfg)
     payload = progress_payload(student, opt, cfg, epochs_done=1, step=1, lock=None)
     # the checkpoint loads into real CPU tensors (its load hooks read the quantizers' ready
     # flags, once); resume_student then moves the student to the device, as here
@@ -273,14 +282,14 @@ def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
             *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()),
         )
         for x, y in _calib(2):
-            assert_cuda(train_step(model, None, x, y, opt, cfg))
+            assert_cuda(_fine_tune_step(model, None, x, y, opt, cfg))
     assert (done, step) == (1, 1)
 
 
 def test_ptq_calibration_and_inference(fake_cuda):
     """PTQ as ``finish`` runs it after fine-tuning: calibrate on CUDA batches, freeze, infer."""
     from effray.compress.config import CompressConfig
-    from effray.compress.recipe import finish
+    from effray.compress.steps import finish
 
     cfg = CompressConfig(bits=8, quant_mode="ptq", finetune_epochs=0, calib_batches=2)
     model = build_model("convnet", 10, 3, 0.5)
@@ -332,8 +341,8 @@ def test_pipeline_stage_forward_backward(fake_cuda, fake_process_group, schedule
     forwards/backwards, the batched sends/receives, the loss all-reduce and predict, all
     on the device. The last stage learns the activation shape from a one-time header (a
     host read by design); here it is given the shape stage 0 would announce."""
-    from effray.train.loop import soft_cross_entropy
     from effray.train.pipeline import PipelineStrategy, stage_bounds
+    from effray.train.step import soft_cross_entropy
 
     fake_process_group(stage)
     torch.manual_seed(0)
@@ -364,7 +373,7 @@ def test_python_backward_matches_the_engine():
     from fakecuda import python_backward
 
     from effray.compress.config import CompressConfig
-    from effray.compress.recipe import apply_quantization
+    from effray.compress.steps import apply_quantization
 
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 3, 0.25).train()
@@ -401,7 +410,7 @@ def test_a_search_trials_shared_arrays_feed_a_step_on_the_device(fake_cuda):
 
     from effray.compress.config import CompressConfig
     from effray.compress.distill import freeze_teacher
-    from effray.compress.recipe import apply_quantization, build_student, make_optimizer, train_step
+    from effray.compress.steps import apply_quantization, build_student, make_optimizer
     from effray.data.arrays import epoch_batches
 
     rng = np.random.default_rng(0)
@@ -424,20 +433,23 @@ def test_a_search_trials_shared_arrays_feed_a_step_on_the_device(fake_cuda):
         for x, y in batches:
             assert_cuda(x, y)
             assert x.dtype == torch.float32 and y.dtype == torch.int64
-            assert_cuda(train_step(student.train(), teacher, x, y, opt, cfg))
+            assert_cuda(_fine_tune_step(student.train(), teacher, x, y, opt, cfg))
 
 
 def test_a_trials_final_scoring_keeps_the_logits_on_the_device(fake_cuda):
-    """The final artifact's scoring pass (``class_scores``): every batch's logits and labels
-    are gathered on the GPU with no host read; only the finished pass goes to the host."""
-    from effray.compress.measure import device_logits
+    """The scoring pass (``effray.metrics.device_pass``, under compression's ``accuracy`` and
+    ``class_scores``, evaluation and training's validation): every batch's class sums,
+    logits and labels are gathered on the GPU with no host read; only the finished pass
+    goes to the host."""
+    from effray.metrics import device_pass
 
-    model = build_model("convnet", 10, 3, 0.25)
+    model = build_model("convnet", 10, 3, 0.25).eval()
     with fake_cuda:
         model = model.to(CUDA)
         batches = _calib(3)
-        logits, labels = device_logits(model, batches)
-        assert_cuda(logits, labels)
+        sums, logits, labels = device_pass(lambda x: model(x.to(CUDA)), batches, keep_logits=True)
+        assert_cuda(sums, logits, labels)
+        assert sums.shape == (2 + 2 * 10,) and sums.dtype == torch.float64
         assert logits.shape == (24, 10) and logits.dtype == torch.float32 and labels.shape == (24,)
         with pytest.raises(HostCopyError):  # the one read that follows, outside the pass
             logits.cpu()
@@ -454,7 +466,7 @@ def test_the_per_epoch_size_reads_a_cpu_copy_and_leaves_the_gpu_model_alone(fake
     from effray.compress.config import CompressConfig
     from effray.compress.cost import _on_cpu
     from effray.compress.prune import lock_sparsity, prune_step
-    from effray.compress.recipe import apply_quantization
+    from effray.compress.steps import apply_quantization
 
     def hooks(m: torch.nn.Module) -> int:
         return sum(len(s._forward_pre_hooks) + len(s._forward_hooks) for s in m.modules())
@@ -487,7 +499,7 @@ def test_deployed_models_logits_stay_on_the_gpu(fake_cuda, numerics, student):
     normalised there, a trained model or a compressed student (fake-quant layers), with
     test-time views; the logits stay on the device until the caller takes them."""
     from effray.compress.config import CompressConfig
-    from effray.compress.recipe import finish
+    from effray.compress.steps import finish
     from effray.deploy.model import ModelInfo, device_logits
 
     info = ModelInfo(

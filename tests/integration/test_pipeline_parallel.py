@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 
 from effray.errors import EffrayError
 from effray.models import build_model
-from effray.train.loop import param_groups
-from effray.train.pipeline import balanced_split, stage_bounds
+from effray.train.stages import balanced_split, stage_bounds
+from effray.train.step import param_groups
 
 MODEL, CLASSES, BATCH, STEPS, LR = "convnet", 10, 16, 3, 0.05
 
@@ -207,7 +207,7 @@ class _Burn(torch.nn.Module):
 
 @pytest.mark.without_ray  # pure torch, no Ray: runs beside the Ray group
 def test_split_by_measured_time_sees_cost_that_parameter_counts_miss():
-    from effray.train.pipeline import block_costs
+    from effray.train.stages import block_costs
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -285,7 +285,7 @@ def test_bad_pipeline_requests_are_one_line(capsys, tiny_cifar, tmp_path, extra,
 def test_pipeline_x_data_parallel_fit_on_ray_trains_checkpoints_and_restarts(ray_session, tiny_cifar, tmp_path, capsys):
     from effray.cli import main
     from effray.train.checkpoint import load_checkpoint
-    from effray.train.loop import FAILURE_MARKER
+    from effray.train.faults import FAILURE_MARKER
 
     args = [
         "train",

@@ -20,7 +20,8 @@ from helpers import cli
 
 from effray.cli import main
 from effray.hardware import bf16_native
-from effray.train.loop import FAILURE_MARKER, HISTORY_FILE
+from effray.train.faults import FAILURE_MARKER
+from effray.train.loop import HISTORY_FILE
 from effray.train.run import RUN_FILE
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effray.compress.fakequant import FakeQuant
 from effray.compress.int8 import export_program, int8_ops, quantize_int8, to_int8
 from effray.compress.quantize import (
     QUANT_TYPES,
     QUANTIZERS,
     ActQuant,
-    FakeQuant,
     bits_per_layer,
     calibrate,
     dequantize,
@@ -191,7 +191,7 @@ def test_8_bit_weight_step_sizes_stay_at_their_calibrated_value_while_4_bit_ones
     """The 8-bit first conv and classifier of a 4-bit model keep their MSE-calibrated steps
     (learned, they grew 6-13x in 20 fine-tuning steps of a converged convnet); the 4-bit
     layers learn theirs, and the 8-bit steps are still in the optimizer-free state dict."""
-    from effray.compress.quantize import LEARNED_STEP_BELOW, WeightQuant
+    from effray.compress.fakequant import LEARNED_STEP_BELOW, WeightQuant
 
     model = QUANTIZERS.get("qat")(tiny().train(), data(1), bits=4)
     quants = {n: m for n, m in model.named_modules() if isinstance(m, WeightQuant)}

@@ -169,3 +169,41 @@ def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg
     assert not student.training and student(evals[0][0]).shape == (16, 10)
     with pytest.raises(EffrayError, match="another compression config"):
         resume_student(progress, validated(CompressConfig(prune_rate=0.1, finetune_epochs=4)))
+
+
+def test_a_seeded_fine_tune_pins_its_losses(tmp_path):
+    """The recipe's loop, pinned: a seeded prune + QAT + KD fine-tune on fixed batches
+    reports these per-epoch losses (rows-weighted means, read once per epoch), LR and
+    step counts; a change to the loop's order of operations or RNG draws moves them."""
+    cfg = validated(
+        CompressConfig(
+            prune_rate=0.5,
+            prune_schedule="cubic",
+            prune_steps=2,
+            bits=4,
+            kd_alpha=0.5,
+            finetune_epochs=3,
+            finetune_lr=0.02,
+            calib_batches=1,
+            int8=False,
+        )
+    )
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, width=0.25).eval()
+    seen = {}
+    compress_local(
+        teacher,
+        cfg,
+        lambda epoch: batches(2, epoch),
+        batches(1, 50),
+        batches(1, 99),
+        tmp_path,
+        log=lambda line: None,
+        teacher_metrics={},
+        steps_per_epoch=2,
+        on_epoch=lambda epoch, model, progress: seen.update({epoch: progress()["history"][-1]}),
+    )
+    assert [seen[e]["train_loss"] for e in range(3)] == pytest.approx([1.1591176, 1.1440657, 1.1505673], rel=1e-4)
+    assert [seen[e]["optimizer_steps"] for e in range(3)] == [2, 4, 6]
+    assert [seen[e]["train_rows"] for e in range(3)] == [32, 32, 32]
+    assert [seen[e]["lr"] for e in range(3)] == pytest.approx([0.015, 0.005, 0.0], abs=1e-12)  # the next step's

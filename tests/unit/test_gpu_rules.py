@@ -93,7 +93,7 @@ def test_collate_keeps_uint8_and_picks_a_ranks_rows_on_the_host():
 def test_accumulated_step_equals_one_step_over_the_whole_batch():
     """An elastic run on fewer workers takes its bigger share in micro-batches of the full
     world's size: the gradients (and so the step) equal one forward over the whole batch."""
-    from effray.train.loop import soft_cross_entropy, train_step
+    from effray.train.step import soft_cross_entropy, train_step
     from effray.train.strategy import DDPStrategy
 
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_a_frozen_whitening_bias_stays_put_while_the_rest_trains():
     included, although DDP-style gradients for it were computed."""
     from effray.models import build_model
     from effray.models.airbench import whitening_biases
-    from effray.train.loop import param_groups, soft_cross_entropy, train_step
+    from effray.train.step import param_groups, soft_cross_entropy, train_step
     from effray.train.strategy import DDPStrategy
 
     torch.manual_seed(0)

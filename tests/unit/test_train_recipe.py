@@ -15,8 +15,8 @@ from effray.errors import EffrayError
 from effray.models import build_model
 from effray.tracking import decide_wandb_mode, stable_run_id
 from effray.train.config import TrainConfig, default_run_name
-from effray.train.loop import Schedule, param_groups, soft_cross_entropy
 from effray.train.run import check_resources
+from effray.train.step import Schedule, param_groups, soft_cross_entropy
 
 
 @pytest.mark.parametrize("kind", ["onecycle", "cosine"])
@@ -149,7 +149,7 @@ def test_wandb_without_a_key_goes_offline(monkeypatch, tmp_path):
 def test_on_device_augmentation_is_seeded_per_rank_and_step_and_normalises():
     from effray.data.augment_torch import parse_policy_torch
     from effray.data.pipeline import channel_stats
-    from effray.train.loop import augment_on_device
+    from effray.train.step import augment_on_device
 
     torch.manual_seed(0)
     batch = {"image": torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), "label": torch.arange(8) % 10}

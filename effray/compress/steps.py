@@ -1,0 +1,225 @@
+"""The compression recipe's steps as free functions, in the order a fine-tune meets them.
+
+1. ``student = build_student(teacher, cfg)`` (a copy of the teacher, or a registry model);
+2. the epoch plan: ``prune_events(cfg)`` (epoch -> rate) and ``quant_epoch(cfg)``: pruning
+   events spread over the first half of the epochs when QAT follows (all of them
+   otherwise), QAT from the epoch after the pruning span to the end;
+3. at an event, ``prune_step`` (:mod:`effray.compress.prune`) or ``apply_quantization``,
+   then a new optimizer (``epoch_optimizer``, its LR on the cosine ``CosineSteps``);
+4. every step, ``fine_tune_loss``: KD against the frozen teacher, or cross-entropy;
+5. ``finish(model, cfg, calib, lock)``: release the lock, PTQ if quantizing but still float;
+6. ``save_student``: the artifact, with ``method_summary`` measured on the model itself.
+
+The loop that calls them is the training loop's (:mod:`effray.compress.recipe` hooks them
+into :mod:`effray.train.recipe`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effray.compress.artifact import save_artifact
+from effray.compress.config import CompressConfig
+from effray.compress.distill import check_student, kd_loss, teacher_logits
+from effray.compress.prune import SparsityLock, channel_counts, schedule_rates, weight_sparsity
+from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized
+from effray.config import to_dict
+from effray.models import build_model
+from effray.models.airbench import init_from_data, needs_data_init
+from effray.train.strategy import LossFn
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_student(
+    teacher: nn.Module, cfg: CompressConfig, images: Callable[[], torch.Tensor] | None = None
+) -> nn.Module:
+    """The model to compress: a trainable copy of the teacher, or a fresh ``cfg.student``
+    with the teacher's classes and input channels (checked: a mismatch is one line). A
+    fresh student with data-dependent init (airbench's whitening) is set from ``images()``
+    (normalised NCHW, the same on every rank), read only when such a student needs it."""
+
+    spec = dict(teacher.spec)
+    if not cfg.student:
+        student = copy.deepcopy(teacher)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        student.spec = spec
+        return student.train()
+    student_spec = {
+        "name": cfg.student,
+        "num_classes": spec["num_classes"],
+        "in_channels": spec.get("in_channels", 3),
+        "width": cfg.student_width,
+    }
+    check_student(spec, student_spec)
+    student = build_model(**student_spec)
+    if images is not None and needs_data_init(student):
+        init_from_data(student, images())
+    return student.train()
+
+
+def prune_events(cfg: CompressConfig) -> dict[int, float]:
+    """Epoch -> target rate of each pruning event (with 0 epochs: one event at epoch 0)."""
+    if not cfg.prunes:
+        return {}
+    steps = cfg.prune_steps if cfg.prune_schedule != "oneshot" else 1
+    rates = schedule_rates(cfg.prune_schedule, steps, cfg.prune_rate)
+    span = _prune_span(cfg)
+    return {math.floor(k * span / steps): r for k, r in enumerate(rates)}  # later events win a shared epoch
+
+
+def _prune_span(cfg: CompressConfig) -> int:
+    e = cfg.finetune_epochs
+    return max(1, e // 2) if cfg.quantizes and cfg.quant_mode == "qat" else max(1, e)
+
+
+def quant_epoch(cfg: CompressConfig) -> int | None:
+    """Epoch at whose start QAT begins; None when PTQ happens after training (or no quant)."""
+    if not cfg.quantizes or cfg.quant_mode != "qat" or cfg.finetune_epochs == 0:
+        return None
+    return min(_prune_span(cfg) if cfg.prunes else 0, cfg.finetune_epochs - 1)
+
+
+def pruned_before(cfg: CompressConfig, epoch: int) -> bool:
+    """Whether a resumed student carries unstructured zeros from before ``epoch`` (to lock again)."""
+    return cfg.prunes and cfg.prune_kind == "unstructured" and any(e < epoch for e in prune_events(cfg))
+
+
+def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mode: str | None = None) -> nn.Module:
+    """Fold BN, then replace every conv/linear with its k-bit fake-quant twin, calibrated."""
+    fold_bn(model)
+    bits = {
+        "bits": cfg.bits,
+        "act_bits": cfg.act_bits,
+        "first_bits": cfg.first_layer_bits,
+        "last_bits": cfg.last_layer_bits,
+        "act_range": cfg.act_range,
+    }
+    return QUANTIZERS.get(mode or cfg.quant_mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
+
+
+def finish(model: nn.Module, cfg: CompressConfig, calib: Batches, lock: SparsityLock | None = None) -> nn.Module:
+    """After the last epoch: drop the sparsity hooks (zeros stay), PTQ if the config asks for
+    quantization that training didn't do (``ptq``, or QAT with 0 epochs), eval mode."""
+    if lock is not None:
+        lock.release()
+    if cfg.quantizes and not is_quantized(model):
+        apply_quantization(model, cfg, calib, mode="ptq")
+    return model.eval()
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD + Nesterov; weight decay only on conv/linear weights (not BN, biases, step sizes)."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and p.dim() > 1]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+
+
+def epoch_optimizer(
+    model: nn.Module, cfg: CompressConfig, step: int, total: int, state: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer from the start of an epoch whose parameters are new (the first, or one
+    after pruning or quantization), at the schedule's LR; ``state`` is a resumed run's
+    momentum, for the same parameters."""
+    optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
+    if state is not None:
+        optimizer.load_state_dict(state)
+    return optimizer
+
+
+def cosine_lr(step: int, total: int, peak: float) -> float:
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+class CosineSteps:
+    """The fine-tune's LR schedule as a scheduler the training step steps: after optimizer
+    step ``s`` every group's LR is ``cosine_lr(s, total, peak)``, the LR of the next step.
+    ``last_epoch`` counts the steps, as torch's schedulers do."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, step: int, total: int, peak: float) -> None:
+        self.optimizer, self.last_epoch, self.total, self.peak = optimizer, step - 1, total, peak
+        self.step()  # the LR of step ``step`` (a resumed optimizer's state holds the one it saved)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(self.last_epoch, self.total, self.peak)
+
+
+def fine_tune_loss(cfg: CompressConfig, teacher: nn.Module | None) -> LossFn:
+    """The fine-tune's loss on a batch dict: KD against the frozen teacher (its logits on
+    the batch's images, no graph) when ``kd_alpha > 0``, else cross-entropy on the labels."""
+
+    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["label"].to(logits.device, non_blocking=True)
+        if cfg.distills and teacher is not None:
+            images = batch["image"].to(logits.device, non_blocking=True)
+            return kd_loss(logits, teacher_logits(teacher, images), labels, cfg.kd_temperature, cfg.kd_alpha)
+        return F.cross_entropy(logits, labels)
+
+    return loss
+
+
+def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str, Any]) -> dict[str, Any]:
+    """What was done, measured on the model itself (sparsity, per-layer bits, channels)."""
+    out: dict[str, Any] = {"student": dict(model.spec), "teacher_model": dict(teacher_spec)}
+    if cfg.prunes:
+        out["prune"] = {
+            "kind": cfg.prune_kind,
+            "rate": cfg.prune_rate,
+            "importance": cfg.prune_importance,
+            "schedule": cfg.prune_schedule,
+            "steps": cfg.prune_steps,
+            "weight_sparsity": weight_sparsity(model),
+            "channels": channel_counts(model),
+        }
+    if is_quantized(model):
+        out["quant"] = {
+            "mode": cfg.quant_mode,
+            "bits": cfg.bits,
+            "act_bits": cfg.act_bits,
+            "act_range": cfg.act_range,
+            "first_layer_bits": cfg.first_layer_bits,
+            "last_layer_bits": cfg.last_layer_bits,
+            "bn_folded": True,
+            "bits_per_layer": bits_per_layer(model),
+        }
+    if cfg.distills:
+        out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
+    return out
+
+
+def save_student(
+    out: str | Path,
+    model: nn.Module,
+    cfg: CompressConfig,
+    teacher_spec: dict[str, Any],
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> Path:
+    """The finished student as an artifact in ``out`` (moved to the CPU: it is deployed there)."""
+    return save_artifact(
+        out,
+        model.cpu(),
+        method=method_summary(model, cfg, teacher_spec),
+        config=to_dict(cfg),
+        teacher=teacher_info or {},
+        data=data,
+        codec=cfg.codec,
+    )
