@@ -88,7 +88,7 @@ def best_fp32(
 ) -> tuple[str, Callable, dict[str, float]]:
     """The fastest fp32 path at batch 256 among folded / channels-last / compiled (and bf16
     where native), with torch.compile's seconds."""
-    from effray.compress.int8 import quiet
+    from effray.compress.program import quiet
     from effray.compress.quantize import fold_bn
 
     folded = fold_bn(copy.deepcopy(model)).eval()
@@ -155,9 +155,11 @@ def main() -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from effray.compress.int8 import int8_ops, quantize_int8, quiet, to_int8
+    from effray.compress.int8 import int8_ops, quantize_int8, to_int8
+    from effray.compress.program import quiet
     from effray.data.arrays import prepared_batches
-    from effray.deploy.export import ExportConfig, export
+    from effray.deploy.config import ExportConfig
+    from effray.deploy.export import export
     from effray.deploy.model import EXPORT_FILES, load_deployable, load_program, normalise
     from effray.hardware import bf16_native
     from effray.train.checkpoint import load_checkpoint

@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from effray.models import build_model
-from effray.train.pipeline import PipelineStrategy, stage_bounds
+from effray.train.pipeline import PipelineStrategy
+from effray.train.stages import stage_bounds
 
 WIDTH, BATCH, BLOCKS_PER_STAGE, STEPS = 512, 256, 4, 8
 

@@ -99,8 +99,9 @@ def measure_serve(
     import torch
 
     from effray.cluster import free_port, init_ray
+    from effray.deploy.config import ServeConfig
     from effray.deploy.model import load_deployable
-    from effray.deploy.serve import ServeConfig, start, stop
+    from effray.deploy.serve import start, stop
 
     if not ray.is_initialized():
         init_ray(log_to_driver=False)

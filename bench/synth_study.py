@@ -36,7 +36,7 @@ from effray.synth.config import SynthSampleConfig, SynthTrainConfig
 from effray.synth.sample import sample
 from effray.synth.train import train_gan
 from effray.train.checkpoint import data_summary, save_payload, train_payload
-from effray.train.loop import Schedule, param_groups
+from effray.train.step import Schedule, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 

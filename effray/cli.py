@@ -26,7 +26,8 @@ from effray import __version__
 from effray.clean.config import CleanConfig
 from effray.clean.run import clean
 from effray.cluster import check_output_paths, init_ray
-from effray.compress.run import CompressRunConfig, compress
+from effray.compress.config import CompressRunConfig
+from effray.compress.run import compress
 from effray.config import add_arguments, from_namespace, to_dict
 from effray.console import ray_output_to, say
 from effray.data.prepare import PrepareConfig, prepare

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from effray.compress.fakequant import ActQuant, WeightQuant
 from effray.compress.layers import model_device
-from effray.compress.quantize import ActQuant, WeightQuant, dequantize, is_quantized
+from effray.compress.quantize import dequantize, is_quantized
 from effray.metrics import classification_metrics, score_batches
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]

@@ -33,7 +33,7 @@ from effray.compress.config import CompressConfig
 from effray.compress.distill import freeze_teacher
 from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
-from effray.compress.progress import PROGRESS_FORMAT, progress_payload, resume_student
+from effray.compress.progress import progress_payload, resume_student
 from effray.compress.prune import SparsityLock, lock_sparsity, prune_step, weight_sparsity
 from effray.compress.steps import (
     Batches,
@@ -55,19 +55,10 @@ from effray.train.session import EpochEnd, LocalSession, Session
 from effray.train.strategy import Strategy
 
 __all__ = [
-    "PROGRESS_FORMAT",
     "CompressHooks",
-    "apply_quantization",
-    "build_student",
     "compress_local",
-    "finish",
     "measure_artifact",
     "measure_teacher",
-    "method_summary",
-    "progress_payload",
-    "prune_events",
-    "quant_epoch",
-    "resume_student",
     "start_fine_tune",
 ]
 

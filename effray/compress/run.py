@@ -30,7 +30,8 @@ from typing import Any
 from effray.atomic import write_json
 from effray.compress.artifact import file_checksum
 from effray.compress.config import CompressRunConfig
-from effray.compress.recipe import build_student, measure_artifact, measure_teacher
+from effray.compress.recipe import measure_artifact, measure_teacher
+from effray.compress.steps import build_student
 from effray.compress.worker import CompressWorker, compress_loop_per_worker
 from effray.config import require, to_dict, validated
 from effray.data.pipeline import eval_dataset, torch_batches, train_dataset, validate_data_dir

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effray.compress.int8 import vnni
+from effray.compress.program import vnni
 from effray.config import option, require
 
 FORMATS = {"torch": ("torch",), "onnx": ("onnx",), "all": ("torch", "onnx")}

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from effray.atomic import replace_dir, temp_sibling
-from effray.compress.int8 import activation_grids, export_program, float_twin, weight_steps
+from effray.compress.int8 import activation_grids, weight_steps
+from effray.compress.program import export_program, float_twin
 from effray.config import require
 from effray.data.arrays import prepared_batches
 from effray.data.prepare import load_meta

@@ -20,7 +20,8 @@ import numpy as np
 
 from effray.atomic import write_json
 from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
-from effray.compress.int8 import lower_x86, quiet, vnni
+from effray.compress.int8 import lower_x86
+from effray.compress.program import quiet, vnni
 from effray.config import require
 from effray.data.pipeline import normalize_tensor
 from effray.errors import EffrayError

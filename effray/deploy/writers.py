@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from effray.compress.int8 import export_program, quantize_int8, quiet
-from effray.compress.quantize import ActQuant
+from effray.compress.fakequant import ActQuant
+from effray.compress.int8 import quantize_int8
+from effray.compress.program import export_program, quiet
 from effray.errors import EffrayError
 
 INPUT, OUTPUT = "image", "logits"  # the ONNX graph's tensor names

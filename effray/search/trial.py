@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from effray.compress.artifact import load_artifact
-from effray.compress.config import CompressConfig
+from effray.compress.config import CompressConfig, CompressRunConfig
 from effray.compress.cost import epoch_costs
 from effray.compress.measure import accuracy, compare
-from effray.compress.recipe import PROGRESS_FORMAT, compress_local
-from effray.compress.run import CompressRunConfig, eval_and_calib, fine_tune_on_workers, measure_artifact
+from effray.compress.progress import PROGRESS_FORMAT
+from effray.compress.recipe import compress_local, measure_artifact
+from effray.compress.run import eval_and_calib, fine_tune_on_workers
 from effray.config import to_dict
 from effray.data.arrays import load_arrays
 from effray.data.pipeline import DataConfig

@@ -26,6 +26,7 @@ from torch import nn
 from effray import __version__
 from effray.atomic import write_file, write_json
 from effray.config import from_dict, require, to_dict
+from effray.console import say
 from effray.data.pipeline import DataConfig, torch_batches, train_dataset, validate_data_dir
 from effray.errors import EffrayError
 from effray.synth.config import NOT_ARCH, SynthTrainConfig
@@ -39,9 +40,10 @@ from effray.train.checkpoint import (
     save_payload,
     set_rng_state,
 )
-from effray.train.loop import all_sum, from_rank0, restore, say, seed_epoch
 from effray.train.parallel import STRATEGIES
-from effray.train.run import check_resources, fit, provenance, torch_trainer
+from effray.train.run import provenance
+from effray.train.session import all_sum, from_rank0, restore, seed_epoch
+from effray.train.trainer import check_resources, fit, torch_trainer
 
 GAN_FORMAT = "effray.synth.gan/1"  # resumable training state (both networks + optimizers)
 GENERATOR_FORMAT = "effray.synth.generator/1"  # the artifact: generator weights + what they mean

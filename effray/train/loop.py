@@ -32,7 +32,7 @@ from effray.train.config import TrainConfig
 from effray.train.faults import InjectedFailure
 from effray.train.parallel import make_strategy, prepare_model
 from effray.train.recipe import Hooks, Plan, Run, run_recipe
-from effray.train.session import EpochEnd, RaySession, all_sum, from_rank0, restore, seed_epoch
+from effray.train.session import EpochEnd, RaySession, from_rank0
 from effray.train.step import (
     Lookahead,
     Schedule,
@@ -47,11 +47,6 @@ from effray.train.validate import validate
 __all__ = [
     "HISTORY_FILE",
     "TrainWorker",
-    "all_sum",
-    "from_rank0",
-    "restore",
-    "say",
-    "seed_epoch",
     "train_loop_per_worker",
 ]
 

@@ -37,7 +37,7 @@ def test_training_step_never_syncs():
     """Three loop steps under ``set_sync_debug_mode("error")``: the CUDA runtime raises on
     any synchronising call (``.item()``, pageable copies, ``nonzero``...)."""
     from effray.data.pipeline import channel_stats, normalize_tensor
-    from effray.train.loop import Schedule, param_groups, soft_cross_entropy, train_step
+    from effray.train.step import Schedule, param_groups, soft_cross_entropy, train_step
     from effray.train.strategy import DDPStrategy
 
     strategy = DDPStrategy(torch.device("cuda", 0), channels_last=True, compile=False, amp=True)

@@ -197,7 +197,8 @@ def test_structured_pruning_traces_and_scores_on_the_device(fake_cuda, variant):
     device, and every channel group is scored there. Choosing which channels go (the new
     shapes) is the one host read of a pruning event, between epochs; the real-CUDA test
     (tests/cuda) runs it whole."""
-    from effray.compress.prune import IMPORTANCES, classifier, structured_pruner
+    from effray.compress.layers import classifier
+    from effray.compress.prune import IMPORTANCES, structured_pruner
 
     model = build_model("resnet20", 10, 3, 0.25).eval()
     with fake_cuda:
@@ -233,7 +234,7 @@ def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
     with no host read (activation ranges and zero points stay device tensors)."""
     from effray.compress.config import CompressConfig
     from effray.compress.distill import freeze_teacher
-    from effray.compress.quantize import ActQuant, WeightQuant
+    from effray.compress.fakequant import ActQuant, WeightQuant
     from effray.compress.steps import apply_quantization, build_student, make_optimizer
 
     cfg = CompressConfig(bits=4, act_bits=8, act_range=act_range, kd_alpha=kd_alpha, calib_batches=2)
@@ -341,7 +342,8 @@ def test_pipeline_stage_forward_backward(fake_cuda, fake_process_group, schedule
     forwards/backwards, the batched sends/receives, the loss all-reduce and predict, all
     on the device. The last stage learns the activation shape from a one-time header (a
     host read by design); here it is given the shape stage 0 would announce."""
-    from effray.train.pipeline import PipelineStrategy, stage_bounds
+    from effray.train.pipeline import PipelineStrategy
+    from effray.train.stages import stage_bounds
     from effray.train.step import soft_cross_entropy
 
     fake_process_group(stage)

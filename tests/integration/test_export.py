@@ -13,12 +13,13 @@ import torch
 from helpers import cli
 
 from effray.compress.config import CompressConfig
-from effray.compress.quantize import QUANT_TYPES
+from effray.compress.fakequant import QUANT_TYPES
 from effray.compress.recipe import compress_local
 from effray.config import validated
 from effray.data.arrays import epoch_batches, eval_batches, load_arrays, prepared_batches
 from effray.data.prepare import load_meta
-from effray.deploy.export import ExportConfig, check_dataset, export
+from effray.deploy.config import ExportConfig
+from effray.deploy.export import check_dataset, export
 from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, open_checkpoint
 from effray.errors import EffrayError
 from effray.train.checkpoint import data_summary, load_checkpoint, read_payload, save_payload

@@ -21,8 +21,9 @@ from PIL import Image
 from effray.cluster import free_port
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
+from effray.deploy.config import ServeConfig
 from effray.deploy.model import load_deployable, softmax
-from effray.deploy.serve import ServeConfig, bind_warning, start, stop, url_of
+from effray.deploy.serve import bind_warning, start, stop, url_of
 from effray.errors import EffrayError
 
 MAX_REQUEST_BYTES = 32 << 10  # a 32x32 PNG is ~3 KB, 4 of them in base64 JSON ~14 KB

@@ -13,7 +13,7 @@ from effray.data.pipeline import sample_images
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
 from effray.models.predict import tta_logits
-from effray.train.loop import Lookahead, param_groups
+from effray.train.step import Lookahead, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,7 +181,7 @@ def test_tta_levels_average_the_views_they_name():
 
 def test_a_fresh_airbench_student_is_whitened_from_the_images_it_is_given(real_images):
     from effray.compress.config import CompressConfig
-    from effray.compress.recipe import build_student
+    from effray.compress.steps import build_student
 
     _, x = real_images
     teacher = build_model("fastnet", 10, width=0.25)
@@ -243,7 +243,7 @@ def test_effray_flags_step_airbench_exactly_as_airbench94s_own_formulation():
     label smoothing 0.2, the 0.2 -> 1 -> 0.07 one-cycle, the whitening bias frozen by
     dropping its gradient) gives the same weights and BatchNorm statistics, step for
     step, as airbench94's optimizer, loss and schedule on the same net."""
-    from effray.train.loop import Schedule, soft_cross_entropy
+    from effray.train.step import Schedule, soft_cross_entropy
 
     ref = _reference()
     torch.manual_seed(0)

@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from effray.data import augment_torch as T
-from effray.data.augment import (
-    AUTO_MAGNITUDES,
-    OPS,
-    PRESETS,
-    SUB_OPS,
-    batch_rng,
-    normalize,
-    parse_ops,
-    parse_policy,
-)
-from effray.data.augment_ops import adjust_colour, crop
+from effray.data.augment import AUTO_MAGNITUDES, PRESETS, SUB_OPS, batch_rng, normalize, parse_ops, parse_policy
+from effray.data.augment_ops import OPS, adjust_colour, crop
 from effray.errors import EffrayError
 
 ALL_OPS = OPS.names()

@@ -12,14 +12,9 @@ import pytest
 import ray
 import yaml
 
-from effray.cluster import (
-    check_storage_for_cluster,
-    local_path,
-    nodes_not_seeing,
-    runtime_env,
-    storage_error,
-)
+from effray.cluster import runtime_env
 from effray.errors import EffrayError
+from effray.storage import check_storage_for_cluster, local_path, nodes_not_seeing, storage_error
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"

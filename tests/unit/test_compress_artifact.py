@@ -19,10 +19,11 @@ from effray.compress.artifact import (
     save_artifact,
     snapshot,
 )
+from effray.compress.fakequant import QUANT_TYPES
 from effray.compress.measure import count_macs, parameter_count
 from effray.compress.pack import pack_bits, theory_bytes, unpack_bits
 from effray.compress.prune import PRUNERS, prune_step, weight_sparsity
-from effray.compress.quantize import QUANT_TYPES, QUANTIZERS, fold_bn
+from effray.compress.quantize import QUANTIZERS, fold_bn
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.train.checkpoint import load_checkpoint

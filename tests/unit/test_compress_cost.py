@@ -12,7 +12,8 @@ from effray.compress.artifact import load_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.cost import bytes_so_far, estimate_latency_ms, predict_costs
 from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
-from effray.compress.recipe import compress_local, prune_events, quant_epoch
+from effray.compress.recipe import compress_local
+from effray.compress.steps import prune_events, quant_epoch
 from effray.config import validated
 from effray.errors import EffrayError
 from effray.models import build_model

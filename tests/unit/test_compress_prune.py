@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from effray.compress.layers import classifier
 from effray.compress.measure import count_macs, parameter_count
 from effray.compress.prune import (
     IMPORTANCES,
@@ -14,7 +15,6 @@ from effray.compress.prune import (
     SCHEDULES,
     channel_counts,
     channel_rate_for_macs,
-    classifier,
     lock_sparsity,
     prune_step,
     schedule_rates,

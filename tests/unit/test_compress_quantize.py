@@ -9,18 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.compress.fakequant import FakeQuant
-from effray.compress.int8 import export_program, int8_ops, quantize_int8, to_int8
-from effray.compress.quantize import (
-    QUANT_TYPES,
-    QUANTIZERS,
-    ActQuant,
-    bits_per_layer,
-    calibrate,
-    dequantize,
-    fold_bn,
-    quantize_model,
-)
+from effray.compress.fakequant import QUANT_TYPES, ActQuant, FakeQuant
+from effray.compress.int8 import int8_ops, quantize_int8, to_int8
+from effray.compress.program import export_program
+from effray.compress.quantize import QUANTIZERS, bits_per_layer, calibrate, dequantize, fold_bn, quantize_model
 from effray.errors import EffrayError
 from effray.models import build_model
 

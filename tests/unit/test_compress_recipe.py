@@ -7,7 +7,8 @@ import torch
 
 from effray.compress.artifact import load_artifact
 from effray.compress.config import CompressConfig
-from effray.compress.recipe import build_student, compress_local, prune_events, quant_epoch
+from effray.compress.recipe import compress_local
+from effray.compress.steps import build_student, prune_events, quant_epoch
 from effray.config import validated
 from effray.errors import EffrayError
 from effray.models import build_model
@@ -126,7 +127,7 @@ def test_compress_local(tmp_path, cfg):
 def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg, resume_after):
     """The progress checkpoint after an epoch (written and read back weights-only) resumes
     the recipe to bit-identical weights: structure, latent weights, momentum, LR step, RNG."""
-    from effray.compress.recipe import resume_student
+    from effray.compress.progress import resume_student
     from effray.train.checkpoint import load_checkpoint, read_payload, save_payload
 
     cfg = validated(cfg)

@@ -27,7 +27,7 @@ from effray.errors import EffrayError
 def test_nccl_workers_need_whole_gpus(workers, gpus, ok):
     from effray.data.pipeline import DataConfig
     from effray.train.config import TrainConfig
-    from effray.train.run import check_resources
+    from effray.train.trainer import check_resources
 
     cfg = TrainConfig(data=DataConfig(data="d"), workers=workers, gpus_per_worker=gpus)
     cluster = {"CPU": 64.0, "GPU": 64.0}
@@ -42,9 +42,9 @@ def test_nccl_workers_need_whole_gpus(workers, gpus, ok):
 
 
 def test_compress_and_gan_configs_are_checked_the_same_way():
-    from effray.compress.run import CompressRunConfig
+    from effray.compress.config import CompressRunConfig
     from effray.synth.config import SynthTrainConfig
-    from effray.train.run import check_resources
+    from effray.train.trainer import check_resources
 
     cluster = {"CPU": 64.0, "GPU": 64.0}
     for cfg in (CompressRunConfig(workers=2, gpus_per_worker=0.5), SynthTrainConfig(workers=2, gpus_per_worker=0.5)):
@@ -53,7 +53,8 @@ def test_compress_and_gan_configs_are_checked_the_same_way():
 
 
 def test_tune_refuses_a_split_gpu_per_trial_worker():
-    from effray.search.run import TuneConfig, check_trial_resources
+    from effray.search.config import TuneConfig
+    from effray.search.resources import check_trial_resources
 
     cluster = {"CPU": 64.0, "GPU": 64.0}
     with pytest.raises(EffrayError, match="whole GPUs"):
@@ -154,10 +155,10 @@ def test_workers_min_max_is_elastic_and_keeps_the_global_batch_whole():
 
 
 def test_worker_resources_must_be_offered_by_some_node():
-    from effray.compress.run import CompressRunConfig
+    from effray.compress.config import CompressRunConfig
     from effray.data.pipeline import DataConfig
     from effray.train.config import TrainConfig
-    from effray.train.run import check_resources
+    from effray.train.trainer import check_resources
 
     cluster = {"CPU": 8.0}
     cfg = TrainConfig(data=DataConfig(data="d"), workers=2, worker_resources="trainer=1")

@@ -15,8 +15,8 @@ from effray.errors import EffrayError
 from effray.models import build_model
 from effray.tracking import decide_wandb_mode, stable_run_id
 from effray.train.config import TrainConfig, default_run_name
-from effray.train.run import check_resources
 from effray.train.step import Schedule, param_groups, soft_cross_entropy
+from effray.train.trainer import check_resources
 
 
 @pytest.mark.parametrize("kind", ["onecycle", "cosine"])
@@ -210,7 +210,7 @@ def test_evaluation_repeats_the_numerics_training_scored_with(one_thread, bf16):
 
 
 def test_cpus_per_worker_auto_fits_the_cluster_it_finds():
-    from effray.train.run import fit_cpus_per_worker
+    from effray.train.trainer import fit_cpus_per_worker
 
     auto = _cfg(workers=2, data_cpus=1.0)
     assert auto.cpus_per_worker == 0.0  # "auto", as the config stores it
