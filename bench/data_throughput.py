@@ -2,9 +2,9 @@
 
 (a) torchvision per-sample PIL transforms (RandomHorizontalFlip, RandomRotation(10),
     ToTensor) in a torch DataLoader with one worker per core, decoding one encoded image
-    per sample, twice: the shared CIFAR-10 file's own bytes (lossless PNG since
-    2026-12-06) and the same rows re-encoded as JPEG here (PIL, quality 75), as the file
-    held them before and as the seed's ImageFolder/Parquet path read them;
+    per sample, twice: the shared CIFAR-10 file's own bytes (lossless PNG) and the same
+    rows re-encoded as JPEG here (PIL, quality 75), as the file held them before it held
+    the original pixels;
 (a') the seed's actual data path: torchvision's ``CIFAR10`` keeps the decoded uint8 images
     in memory and makes a PIL image of each per sample (``Image.fromarray``), then the same
     transforms in the same DataLoader;
@@ -260,7 +260,7 @@ def main() -> None:
         jpeg = torch_dataloader_rate(EncodedImages(as_jpeg(images), labels), args.batch_size, args.epochs)
         print(
             f"torch_dataloader_jpeg_images_per_s={jpeg:.0f} (workers={workers}, the rows re-encoded as JPEG quality "
-            f"{JPEG_QUALITY} here, decoded per sample: the file's format until 2026-12-06)"
+            f"{JPEG_QUALITY} here, decoded per sample: the file's format before it held PNGs)"
         )
         seed = torch_dataloader_rate(DecodedCifar(images, labels), args.batch_size, args.epochs)
         print(f"seed_cifar10_images_per_s={seed:.0f} (workers={workers}, decoded uint8 in memory, PIL per sample)")
