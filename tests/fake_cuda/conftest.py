@@ -23,9 +23,9 @@ def fake_cuda(monkeypatch):
     so ``model.to("cuda")`` there takes the same path a worker's does. The augmentation
     ops' generators become fake CUDA ones, and ``Tensor.backward`` walks the graph in Python
     (:func:`fakecuda.python_backward`: the C++ engine needs a driver for CUDA tensors)."""
-    from effray.data import augment_torch
+    from effray.data import augment
 
-    monkeypatch.setattr(augment_torch, "new_generator", lambda device: FakeCudaGenerator())
+    monkeypatch.setattr(augment, "new_generator", lambda device: FakeCudaGenerator())
     monkeypatch.setattr(torch.Tensor, "backward", python_backward)
     return FakeCuda()
 
