@@ -79,19 +79,16 @@ class Policy:
                 f"the generator is on {generator.device}, the images on {img.device}; "
                 "create the generator on the images' device"
             )
-        out, chain, i = dict(batch), self.chain, 0
-        while i < len(chain):
-            (name, params), nxt = chain[i], chain[i + 1] if i + 1 < len(chain) else None
-            fused = augment_ops.FUSED_PAIRS.get((name, nxt[0])) if nxt else None
-            if fused is not None:
-                first, second = ({**p, **self.extra(op, seed, epoch)} for op, p in (chain[i], nxt))
-                result = fused(out, generator, first, second)
-            else:
-                result = None
+        out, i = dict(batch), 0
+        while i < len(self.chain):
+            ops = [(name, {**params, **self.extra(name, seed, epoch)}) for name, params in self.chain[i : i + 2]]
+            fused = augment_ops.FUSED_PAIRS.get((ops[0][0], ops[1][0])) if len(ops) == 2 else None
+            result = fused(out, generator, ops[0][1], ops[1][1]) if fused else None
             if result is not None:
                 out, i = result, i + 2
-                continue
-            out, i = OPS.get(name).fn(out, generator, **params, **self.extra(name, seed, epoch)), i + 1
+            else:
+                name, params = ops[0]
+                out, i = OPS.get(name).fn(out, generator, **params), i + 1
         return out
 
 

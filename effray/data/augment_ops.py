@@ -9,7 +9,7 @@ puts it and its parameters in the table the policy parser reads. An op declared
 index)`` instead of the generator, so a row is treated alike in any batch.
 
 Nothing reads a value back to the host, except where the batch already lives there
-(the label check of the mixers): the same code runs in Ray Data tasks and on the GPU.
+(the mixers' label check): the same code runs in Ray Data tasks and on the GPU.
 """
 
 from __future__ import annotations
