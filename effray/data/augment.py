@@ -149,14 +149,16 @@ def augment_arrays(
 ) -> dict[str, np.ndarray]:
     """The policy over a batch of numpy columns on the CPU (a Ray Data ``map_batches``
     call): the columns the ops use are wrapped as tensors sharing the arrays' memory (the
-    ops never write their inputs, so Ray's read-only views serve), and the outputs are
-    handed back as arrays over the tensors' memory. Other columns pass through."""
+    ops never write their inputs, so Ray's read-only views serve), and new outputs are
+    handed back as arrays over the tensors' memory. Columns the ops left alone come back
+    as the very arrays that came in (read-only stays read-only)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensors = {k: torch.from_numpy(np.asarray(v)) if k in OP_COLUMNS else v for k, v in batch.items()}
     with torch_threads(max(1, int(threads))):
         out = policy(tensors, generator, seed=seed, epoch=epoch)
-    return {k: v.numpy() if torch.is_tensor(v) else v for k, v in out.items()}
+    given = {id(tensors[k]): batch[k] for k in tensors}
+    return {k: given.get(id(v), v.numpy() if torch.is_tensor(v) else v) for k, v in out.items()}
 
 
 def augment_on_device(

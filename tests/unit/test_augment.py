@@ -97,11 +97,11 @@ def test_every_op_takes_empty_and_odd_shaped_batches(entry: str, run) -> None:
             assert run(name, batch)["image"].shape == batch["image"].shape, name
 
 
-def test_the_numpy_edge_shares_memory_and_holds_torch_to_the_task_s_threads() -> None:
+def test_the_numpy_edge_hands_untouched_columns_back_and_holds_torch_to_the_task_s_threads() -> None:
     batch = make_batch(n=8)
     batch["name"] = np.array([f"row{i}" for i in range(8)])  # a column no op reads passes through as is
     out = augment_arrays(batch, parse_policy("cutout(4)", 10), gen(), threads=1)
-    assert np.shares_memory(out["label"], batch["label"]) and out["name"] is batch["name"]
+    assert out["label"] is batch["label"] and out["name"] is batch["name"]
     assert not np.shares_memory(out["image"], batch["image"])
     before = torch.get_num_threads()
     with torch_threads(1):
