@@ -322,8 +322,22 @@ def cutmix(batch: Batch, g: torch.Generator, alpha: float = 1.0, num_classes: in
     box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
     lam = 1 - box.sum() / (h * w)
     target = soft_target(batch, num_classes)
-    # the select over (N, H, W*C) rows: a mask broadcast over the last dim is several times slower
-    rows = (n, h, w * img.shape[-1])
-    inside = box.repeat_interleave(img.shape[-1], 1).view(1, *rows[1:])
-    out = torch.where(inside, img.index_select(0, perm).view(rows), img.view(rows)).view(img.shape)
+    out = paste_box(img, perm, box, (y0, y1, x0, x1))
     return {**batch, "image": out, "target": torch.lerp(target.index_select(0, perm), target, lam)}
+
+
+def paste_box(
+    img: Tensor, perm: Tensor, box: Tensor, corners: tuple[Tensor, ...], by_slices: bool | None = None
+) -> Tensor:
+    """Each image with ``box`` (H,W bool; ``corners`` its top, bottom, left and right) taken
+    from image ``perm[i]``. ``by_slices`` (default: on the host, where the corners cost
+    nothing to read) copies the box alone; otherwise one select over the batch."""
+    if by_slices if by_slices is not None else img.device.type == "cpu":
+        top, bottom, left, right = (int(c) for c in corners)
+        out = img.clone()
+        out[:, top:bottom, left:right] = img[:, top:bottom, left:right].index_select(0, perm)
+        return out
+    # the select over (N, H, W*C) rows: a mask broadcast over the last dim is several times slower
+    n, h, w, c = img.shape
+    inside = box.repeat_interleave(c, 1).view(1, h, w * c)
+    return torch.where(inside, img.index_select(0, perm).view(n, h, w * c), img.view(n, h, w * c)).view(img.shape)

@@ -12,7 +12,7 @@ from effray.data import augment_image
 from effray.data.augment import augment_arrays, batch_generator, parse_policy, torch_threads
 from effray.data.augment_auto import AUTO_MAGNITUDES, SUB_OPS, apply_sub_ops, auto_values
 from effray.data.augment_image import adjust_colour, rotation, warp, warp_nearest
-from effray.data.augment_ops import crop
+from effray.data.augment_ops import crop, paste_box
 from effray.data.augment_spec import OPS, PRESETS, parse_ops
 from effray.errors import EffrayError
 
@@ -234,6 +234,18 @@ def test_mixing_ratios_follow_beta(text: str) -> None:
             lam = 1 - (y1 - y0) * (x1 - x0) / 64
         ref.append((lam * np.eye(4) + (1 - lam) * np.eye(4)[perm]).max(1).mean())
     assert abs(kept.mean() - np.mean(ref)) < 0.04 and abs(kept.std() - np.std(ref)) < 0.04
+
+
+def test_cutmix_pastes_alike_by_slices_on_the_host_and_by_a_select_on_a_device() -> None:
+    x = torch.from_numpy(make_batch(n=16, h=12, w=10)["image"])
+    perm = torch.randperm(16, generator=gen())
+    ys, xs = torch.arange(12).view(-1, 1), torch.arange(10).view(1, -1)
+    for top, bottom, left, right in ((2, 7, 3, 10), (0, 12, 0, 10), (4, 4, 1, 5)):
+        box = (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
+        corners = tuple(torch.tensor(c) for c in (top, bottom, left, right))
+        sliced = paste_box(x, perm, box, corners, by_slices=True)
+        assert torch.equal(sliced, paste_box(x, perm, box, corners, by_slices=False))
+        assert torch.equal(sliced[:, top:bottom, left:right], x[perm, top:bottom, left:right])
 
 
 def test_mixing_rejects_labels_outside_num_classes() -> None:
