@@ -69,7 +69,7 @@ def load_prepared(data_dir: Path, first: int, last: int) -> tuple[np.ndarray, np
     """The first ``first`` rows of a prepared dataset's train split and the first ``last``
     of its val split (0 = all): with a teacher trained on that dataset, validation stays
     held out from everything the teacher and the fine-tuning saw."""
-    from effray.data.pipeline import decode_batch
+    from effray.data.images import decode_batch
     from effray.data.prepare import load_meta, split_files
 
     shape = tuple(load_meta(data_dir)["image_shape"])

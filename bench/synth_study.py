@@ -28,7 +28,8 @@ import torch
 from effray.atomic import write_json
 from effray.cluster import init_ray
 from effray.data.arrays import prepared_batches
-from effray.data.pipeline import DataConfig, epoch_clock, kill_clock, torch_batches, train_dataset
+from effray.data.clock import epoch_clock, kill_clock
+from effray.data.pipeline import DataConfig, torch_batches, train_dataset
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.evaluate import score
 from effray.models import build_model

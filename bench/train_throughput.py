@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from effray.cluster import init_ray
 from effray.data.arrays import prepared_batches
-from effray.data.pipeline import DataConfig, normalize_tensor
+from effray.data.images import normalize_tensor
+from effray.data.pipeline import DataConfig
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.models import build_model
 from effray.models.predict import logits

@@ -76,7 +76,7 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
     import torch
 
     from effray.data.arrays import load_arrays
-    from effray.data.pipeline import normalize_tensor
+    from effray.data.images import normalize_tensor
     from effray.data.prepare import load_meta
     from effray.models import build_model
     from effray.train.checkpoint import data_summary, save_payload, train_payload

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from effray import __version__
 from effray.atomic import replace_dir, temp_sibling, write_json
-from effray.data.pipeline import decode_batch
+from effray.data.images import decode_batch
 from effray.data.prepare import FORMAT_VERSION, SCHEMA, SPLITS, split_files
 
 SHARD_ROWS = 10_000

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from effray.data.pipeline import decode_batch
+from effray.data.images import decode_batch
 
 EVAL_ORDER = ("val", "test", "reference")  # which copy a leak names when it has several
 

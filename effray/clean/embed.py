@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
-from effray.data.pipeline import normalize_tensor
+from effray.data.images import normalize_tensor
 from effray.models.predict import last_linear  # the penultimate features are its input
 from effray.train.checkpoint import FORMATS
 

@@ -16,7 +16,7 @@ from effray.clean.config import CleanConfig
 from effray.clean.dataset import arrays_table
 from effray.clean.duplicates import hash_rows
 from effray.clean.embed import Embedder
-from effray.data.pipeline import decode_batch
+from effray.data.images import decode_batch
 from effray.data.prepare import split_files
 
 ORIGINS = ("train", "val", "test", "reference")

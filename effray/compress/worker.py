@@ -28,7 +28,8 @@ from effray.compress.recipe import CompressHooks, ready, start_fine_tune
 from effray.compress.steps import save_student
 from effray.config import from_dict
 from effray.console import say
-from effray.data.pipeline import sample_images, torch_batches
+from effray.data.images import sample_images
+from effray.data.pipeline import torch_batches
 from effray.data.shuffle import CachedSplit
 from effray.train.checkpoint import load_checkpoint
 from effray.train.faults import InjectedFailure

@@ -4,7 +4,7 @@ What a search shares between its trials: the driver decodes each split once and 
 arrays in Ray's object store; every trial on a node maps the same shared memory
 (zero-copy, read-only) instead of reading Parquet and starting a Ray Data stream of its
 own. A trial's epochs are then drawn here, in the trial's process: a seeded permutation
-per epoch, the same numpy policy functions Ray Data's augment tasks run (fresh draws per
+per epoch, the same policy functions Ray Data's augment tasks run (fresh draws per
 epoch and batch, reproducible from ``(seed, epoch, batch)``), and the uint8 images
 normalised on the trial's device.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from effray.config import require
-from effray.data.augment import batch_rng, parse_policy
-from effray.data.pipeline import channel_stats, decode_batch, normalize_tensor
+from effray.data.augment import batch_generator, parse_policy
+from effray.data.images import channel_stats, decode_batch, normalize_tensor
 from effray.data.prepare import load_meta, split_files
 from effray.data.sources import load_chunk, plan_source
 
@@ -91,16 +91,13 @@ def epoch_batches(
     stats = None
     for b, start in enumerate(range(0, n, batch_size)):
         rows = order[start : start + batch_size]
-        batch = {"image": arrays["image"][rows], "label": arrays["label"][rows], "index": arrays["index"][rows]}
-        if not augment.is_identity:
-            batch = augment(batch, batch_rng(seed, epoch, b), seed=seed, epoch=epoch)
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+        batch = {k: torch.from_numpy(arrays[k][rows]) for k in ("image", "label", "index")}
+        if not augment.is_identity:  # on this process's CPU, as Ray Data's tasks would
+            batch = augment(batch, batch_generator(seed, epoch, b), seed=seed, epoch=epoch)
+        images = batch["image"].to(device, non_blocking=True)
         if stats is None:
             stats = channel_stats(meta["mean"], meta["std"], images.device)
-        yield (
-            normalize_tensor(images, *stats, channels_last),
-            torch.from_numpy(batch["label"]).to(device, non_blocking=True),
-        )
+        yield normalize_tensor(images, *stats, channels_last), batch["label"].to(device, non_blocking=True)
 
 
 def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[tuple[Any, Any]]:

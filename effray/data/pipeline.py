@@ -4,7 +4,7 @@ Deterministic work (read, decode raw bytes) comes first; the random augmentation
 in ``map_batches`` tasks spread over the cluster, after any cache, so every epoch sees
 fresh randomness. Randomness is reproducible from one seed: each batch's generator is
 derived from (seed, epoch, first row index), and the epoch comes from a tiny named
-actor, the :class:`EpochClock`, that the training loop advances before each epoch.
+actor, the epoch clock (:mod:`effray.data.clock`), that the training loop advances before each epoch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from effray.cluster import MAX_BLOCK_BYTES
 from effray.config import option, require
-from effray.data.augment import batch_rng, parse_policy
-from effray.data.augment_ops import row_keys
+from effray.data.augment import augment_arrays, batch_generator, new_generator, parse_policy
+from effray.data.augment_ops import row_key
+from effray.data.clock import current_epoch, set_epoch
+from effray.data.images import channel_stats, decode_batch, normalize_tensor
 from effray.data.prepare import load_meta, split_files
 
 MAP_BATCH_SIZE = 2048  # rows per augmentation task call (at most): big enough to amortise Ray's per-block cost
@@ -69,94 +71,7 @@ class DataConfig:
         require(not (self.synthetic_ratio > 0 and not self.synthetic), "--synthetic-ratio needs --synthetic DIR")
 
 
-# ------------------------------------------------------------------ epoch clock
-
-
-class EpochClock:
-    """Holds the current epoch so augmentation tasks anywhere in the cluster agree on it."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-
-    def set(self, epoch: int) -> int:
-        self.epoch = int(epoch)
-        return self.epoch
-
-    def get(self) -> int:
-        return self.epoch
-
-
-def epoch_clock(name: str) -> Any:
-    """Get or create the named clock actor (idempotent; every rank may call it)."""
-    import ray
-
-    actor = ray.remote(num_cpus=0)(EpochClock)
-    return actor.options(name=name, namespace="effray", get_if_exists=True, lifetime="detached").remote()
-
-
-def set_epoch(name: str, epoch: int) -> None:
-    """Advance the clock before iterating an epoch (every rank may call it; it's idempotent)."""
-    import ray
-
-    ray.get(epoch_clock(name).set.remote(epoch))
-
-
-def kill_clock(name: str) -> None:
-    import ray
-
-    try:
-        ray.kill(ray.get_actor(name, namespace="effray"))
-    except ValueError:
-        pass
-
-
-_clock_cache: dict[str, Any] = {}
-
-
-def _current_epoch(name: str) -> int:
-    import ray
-
-    for attempt in range(2):
-        if name not in _clock_cache:
-            _clock_cache[name] = ray.get_actor(name, namespace="effray")
-        try:
-            return int(ray.get(_clock_cache[name].get.remote()))
-        except ray.exceptions.RayActorError:  # a clock of the same name was replaced
-            del _clock_cache[name]
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
-
-
 # ------------------------------------------------------------------ batch functions
-
-
-def decode_batch(table: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Arrow rows of raw HWC bytes -> dict with a uint8 NHWC array.
-
-    Every image has the same byte length, so the binary column's data buffer already *is*
-    the pixel array: one zero-copy view per Arrow chunk instead of one object per image."""
-    import pyarrow as pa
-
-    column = table.column("image")
-    size = int(np.prod(shape))
-    parts = []
-    for chunk in column.chunks:
-        if len(chunk) == 0:
-            continue
-        if pa.types.is_binary(chunk.type) and chunk.null_count == 0:
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
-            if offsets[-1] - offsets[0] == size * len(chunk):
-                parts.append(
-                    np.frombuffer(chunk.buffers()[2], dtype=np.uint8, count=size * len(chunk), offset=int(offsets[0]))
-                )
-                continue
-        parts.append(np.frombuffer(b"".join(chunk.to_pylist()), dtype=np.uint8))
-    flat = np.concatenate(parts) if len(parts) != 1 else parts[0]
-    out = {name: table.column(name).to_numpy() for name in table.column_names if name != "image"}
-    out["image"] = flat.reshape(table.num_rows, *shape)
-    out["label"] = out["label"].astype(np.int64, copy=False)
-    return out
 
 
 def decode_rows(batch: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -167,18 +82,30 @@ def decode_rows(batch: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 
 def augment_rows(
-    batch: dict[str, np.ndarray], *, policy: str, num_classes: int, seed: int, clock: str = "", epoch: int | None = None
+    batch: dict[str, np.ndarray],
+    *,
+    policy: str,
+    num_classes: int,
+    seed: int,
+    clock: str = "",
+    epoch: int | None = None,
+    threads: int = 1,
 ) -> dict[str, np.ndarray]:
-    """The augmenting ``map_batches`` UDF over decoded rows, with a (seed, epoch, first
-    row)-derived rng: the same batch gets the same draws wherever it runs, a new epoch
-    fresh ones. The epoch is ``epoch`` when given, else the ``clock``'s."""
+    """The augmenting ``map_batches`` UDF over decoded rows, with a generator keyed by
+    (seed, epoch, first row): the same batch gets the same draws wherever it runs, a new
+    epoch fresh ones. The epoch is ``epoch`` when given, else the ``clock``'s; torch runs
+    on ``threads`` threads (the task's CPUs)."""
     if epoch is None and clock:
-        epoch = _current_epoch(clock)
+        epoch = current_epoch(clock)
     if epoch is not None:
-        rng = batch_rng(seed, epoch, int(row_keys({k: batch[k][:1] for k in ("index", "synthetic") if k in batch})[0]))
+        first = row_key(int(batch["index"][0]), int(batch["synthetic"][0]) if "synthetic" in batch else None)
+        generator = batch_generator(seed, epoch, first)
     else:  # no clock: fresh but not reproducible randomness
-        rng = np.random.default_rng()
-    out = parse_policy(policy, num_classes)(dict(batch), rng, seed=seed, epoch=epoch or 0)
+        generator = new_generator("cpu")
+        generator.seed()
+    out = augment_arrays(
+        batch, parse_policy(policy, num_classes), generator, seed=seed, epoch=epoch or 0, threads=threads
+    )
     return {k: v for k, v in out.items() if k in KEEP_COLUMNS}
 
 
@@ -201,50 +128,6 @@ class ToModelInput(NumpyBatchCollateFn):
             batch = {k: v[keep] for k, v in batch.items()}
         # Ray hands out read-only views of the object store; torch wants writable memory
         return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
-
-
-def channel_stats(mean: list[float], std: list[float], device: Any) -> tuple[Any, Any]:
-    """``(255 * mean, 255 * std)`` as (1, C, 1, 1) float32 tensors on ``device``. Made once
-    per epoch's stream, not per batch: a copy from pageable host memory to a GPU waits for
-    the GPU to drain (a host sync)."""
-    import torch
-
-    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return m.to(device), s.to(device)
-
-
-def normalize_tensor(images: Any, mean: Any, std: Any, channels_last: bool = False) -> Any:
-    """uint8 NHWC tensor (any device) -> normalised float32 NCHW tensor. ``mean``/``std``:
-    per-channel lists, or :func:`channel_stats` tensors already on the images' device."""
-    import torch
-
-    if not torch.is_tensor(mean):
-        mean, std = channel_stats(mean, std, images.device)
-    x = images.permute(0, 3, 1, 2)  # a channels-last view; transposing uint8 is 4x cheaper than float
-    x = x if channels_last else x.contiguous()
-    return x.float().sub_(mean).div_(std)
-
-
-def sample_images(
-    data_dir: str | os.PathLike, n: int, mean: list[float], std: list[float], split: str = "train"
-) -> Any:
-    """The first ``n`` rows of a split, normalised float32 NCHW: a fixed sample every rank
-    reads identically, for data-dependent init (airbench's whitening stem)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    shape = tuple(load_meta(data_dir)["image_shape"])
-    tables, rows = [], 0
-    for f in split_files(data_dir, split):
-        if rows >= n:
-            break
-        t = pq.read_table(f, columns=["image", "label"])
-        tables.append(t.slice(0, n - rows))
-        rows += tables[-1].num_rows
-    images = decode_batch(pa.concat_tables(tables), shape)["image"]
-    return normalize_tensor(torch.from_numpy(np.ascontiguousarray(images)), mean, std)
 
 
 # ------------------------------------------------------------------ datasets
@@ -325,7 +208,13 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
         batch_size=map_batch_rows(meta),
         batch_format="numpy",
         num_cpus=num_cpus,
-        fn_kwargs={"policy": policy, "num_classes": meta["num_classes"], "seed": cfg.seed, "clock": clock},
+        fn_kwargs={
+            "policy": policy,
+            "num_classes": meta["num_classes"],
+            "seed": cfg.seed,
+            "clock": clock,
+            "threads": max(1, int(num_cpus)),
+        },
     )
 
 

@@ -16,13 +16,8 @@ import numpy as np
 
 from effray.atomic import write_file
 from effray.config import option, require
-from effray.data.pipeline import (
-    DataConfig,
-    kill_clock,
-    torch_batches,
-    train_dataset,
-    validate_data_dir,
-)
+from effray.data.clock import kill_clock
+from effray.data.pipeline import DataConfig, torch_batches, train_dataset, validate_data_dir
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ def gather_rows(
             num_classes=source.num_classes,
             seed=source.seed,
             epoch=epoch,
+            threads=max(1, int(source.num_cpus)),
         )
         for i in range(0, len(positions), source.map_rows)
     ]

@@ -13,8 +13,6 @@ loaded chunk by chunk in parallel. Source specs:
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from effray.data.cifar_pickles import cifar_layout, read_cifar_pickle
+from effray.data.image_bytes import (  # noqa: F401  (decode_image: callers import it from here)
+    DecodedChunk,
+    decode_all,
+    decode_image,
+    raw_pixels,
+)
 from effray.errors import EffrayError
 
 CIFAR10_CLASSES = (
@@ -38,7 +43,6 @@ CIFAR10_CLASSES = (
     "truck",
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*")
 CHUNK_ROWS = 5000
 SYNTHETIC_SIZE = 32
 
@@ -66,13 +70,6 @@ class SourcePlan:
     chunks: list[Chunk]
     checksum: str
     labels_checked: bool = True  # False when the class list was inferred from the labels
-
-
-@dataclass
-class DecodedChunk:
-    images: list[np.ndarray | None]  # HWC uint8, None where the row is bad
-    errors: list[str]  # "" where the row is good, else a one-line reason
-    names: list[str]
 
 
 def parse_classes(text: str | None) -> list[str] | None:
@@ -125,7 +122,7 @@ def load_chunk(chunk: Chunk, channels: int | None) -> tuple[DecodedChunk, np.nda
     if chunk.kind == "folder":
         files = chunk.extra["files"]
         encoded = [Path(f).read_bytes() if Path(f).is_file() else None for f in files]
-        decoded = _decode_all(encoded, files, channels)
+        decoded = decode_all(encoded, files, channels)
         return decoded, np.asarray(chunk.extra["labels"], dtype=np.int64)
     return _load_parquet(chunk, channels)
 
@@ -178,51 +175,8 @@ def _sha256_files(files: list[Path], root: Path | None = None) -> str:
 # ---------------------------------------------------------------- CIFAR pickles
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only numpy arrays and builtins: a CIFAR batch needs nothing else, and a
-    pickle that asks for more is refused instead of running its code."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR pickle")
-        if module.startswith("numpy.core"):
-            module = module.replace("numpy.core", "numpy._core", 1)
-        return super().find_class(module, name)
-
-
-def read_cifar_pickle(path: Path) -> dict[str, Any]:
-    """Load one torchvision CIFAR batch file safely; keys decoded to str."""
-    try:
-        with open(path, "rb") as fh:
-            raw = _CifarUnpickler(fh, encoding="bytes").load()
-    except Exception as exc:  # noqa: BLE001
-        raise EffrayError(f"cannot read CIFAR batch {path}: {exc}; re-download the dataset") from None
-    if not isinstance(raw, dict):
-        raise EffrayError(f"CIFAR batch {path} is not a dict; is this torchvision's CIFAR format?")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-
-
-def _cifar_layout(kind: str, path: Path) -> tuple[Path, list[tuple[str, str]], str, str]:
-    sub = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
-    base = path / sub if (path / sub).is_dir() else path
-    if kind == "cifar10":
-        files = [(f"data_batch_{i}", "") for i in range(1, 6)] + [("test_batch", "test")]
-        return base, files, "batches.meta", "label_names"
-    return base, [("train", ""), ("test", "test")], "meta", "fine_label_names"
-
-
 def _plan_cifar(kind: str, path: Path) -> SourcePlan:
-    base, files, meta_name, names_key = _cifar_layout(kind, path)
+    base, files, meta_name, names_key = cifar_layout(kind, path)
     present = [(base / f, split) for f, split in files if (base / f).is_file()]
     if not present:
         raise EffrayError(f"no CIFAR batch files in {base}; expected {files[0][0]} etc. (torchvision's format)")
@@ -400,74 +354,8 @@ def _load_parquet(chunk: Chunk, channels: int | None) -> tuple[DecodedChunk, np.
         column = pa.chunked_array([c.field("bytes") for c in column.chunks])
     if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type) or pa.types.is_large_list(column.type):
         raw = [None if v is None else np.asarray(v, dtype=np.uint8) for v in column.to_pylist()]
-        return _raw_pixels(raw, names, chunk), labels
-    return _decode_all(column.to_pylist(), names, channels, raw_shape=chunk.extra.get("raw_shape")), labels
-
-
-def _raw_pixels(raw: list[np.ndarray | None], names: list[str], chunk: Chunk) -> DecodedChunk:
-    shape = chunk.extra.get("raw_shape")
-    images: list[np.ndarray | None] = []
-    errors: list[str] = []
-    for arr in raw:
-        img, err = None, ""
-        if arr is None:
-            err = "empty image"
-        else:
-            side_c = shape or _guess_shape(arr.size)
-            if side_c is None or int(np.prod(side_c)) != arr.size:
-                err = f"raw pixel row of {arr.size} values is not a square H*W*C image"
-            else:
-                img = arr.reshape(side_c)
-        images.append(img)
-        errors.append(err)
-    return DecodedChunk(images, errors, names)
-
-
-def _guess_shape(size: int) -> tuple[int, int, int] | None:
-    for c in (3, 1):
-        side = int(round((size / c) ** 0.5))
-        if side * side * c == size:
-            return (side, side, c)
-    return None
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def decode_image(data: bytes, channels: int | None) -> np.ndarray:
-    """Decode encoded bytes to HWC uint8 (RGB, or L when ``channels == 1``)."""
-    from PIL import Image  # deferred: workers import it once
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        mode = "L" if channels == 1 else "RGB"
-        arr = np.asarray(im.convert(mode), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def _decode_all(
-    encoded: list[bytes | None], names: list[str], channels: int | None, raw_shape: Any = None
-) -> DecodedChunk:
-    images: list[np.ndarray | None] = []
-    errors: list[str] = []
-    for data in encoded:
-        img, err = None, ""
-        if not data:
-            err = "empty or missing image bytes"
-        elif not data.startswith(_MAGIC):
-            shape = tuple(raw_shape) if raw_shape else _guess_shape(len(data))
-            if shape is not None and int(np.prod(shape)) == len(data):
-                img = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-            else:
-                err = "not an image (unknown format and not raw square pixels)"
-        else:
-            try:
-                img = decode_image(data, channels)
-            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
-                err = f"corrupt image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        images.append(img)
-        errors.append(err)
-    return DecodedChunk(images, errors, list(names))
+        return raw_pixels(raw, names, chunk.extra.get("raw_shape")), labels
+    return decode_all(column.to_pylist(), names, channels, raw_shape=chunk.extra.get("raw_shape")), labels
 
 
 # ---------------------------------------------------------------- synthetic

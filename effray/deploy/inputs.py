@@ -19,9 +19,11 @@ import numpy as np
 
 from effray.config import require
 from effray.console import say
-from effray.data.pipeline import data_context, decode_batch
+from effray.data.image_bytes import decode_image
+from effray.data.images import decode_batch
+from effray.data.pipeline import data_context
 from effray.data.prepare import load_meta, split_files
-from effray.data.sources import IMAGE_SUFFIXES, Chunk, decode_image, load_chunk, plan_source
+from effray.data.sources import IMAGE_SUFFIXES, Chunk, load_chunk, plan_source
 
 FILES_PER_BLOCK = 256  # image files one decode task reads: enough to amortise a task, small enough to spread out
 SOURCE_PIECE_ROWS = 1024  # rows of a prepare source one decode task takes (CIFAR pickles: a whole file)

@@ -23,7 +23,7 @@ from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
 from effray.compress.int8 import lower_x86
 from effray.compress.program import quiet, vnni
 from effray.config import require
-from effray.data.pipeline import normalize_tensor
+from effray.data.images import normalize_tensor
 from effray.errors import EffrayError
 from effray.models.predict import predict_logits
 from effray.train.checkpoint import TRAIN_FORMAT, load_checkpoint
@@ -91,7 +91,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def normalise(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW as numpy, for ONNX Runtime and the exporters:
-    :func:`effray.data.pipeline.normalize_tensor`, the pipeline's own arithmetic."""
+    :func:`effray.data.images.normalize_tensor`, the pipeline's own arithmetic."""
     import torch
 
     images = np.require(images, np.uint8, requirements=["C", "W"])  # Ray's arrays are read-only

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
-from effray.data.augment_ops import _hsv_to_rgb, _rgb_to_hsv
+from effray.data.augment_image import hsv_to_rgb, rgb_to_hsv
 from effray.errors import EffrayError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -152,9 +153,9 @@ def _hsv_shift(images: np.ndarray, channel: int, scale: float, shift: float) -> 
     x = _f(images)
     if x.shape[-1] != 3:
         raise EffrayError(f"this corruption needs RGB images, got {x.shape[-1]} channel(s)")
-    hsv = list(_rgb_to_hsv(x))
-    hsv[channel] = np.clip(hsv[channel] * scale + shift, 0.0, 1.0)
-    return _u8(_hsv_to_rgb(*hsv))
+    hsv = list(rgb_to_hsv(torch.from_numpy(x)))  # the augmentation library's conversions, on CPU tensors
+    hsv[channel] = (hsv[channel] * scale + shift).clamp(0.0, 1.0)
+    return _u8(hsv_to_rgb(*hsv).numpy())
 
 
 @_corruption("brightness")

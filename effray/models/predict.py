@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.data.pipeline import normalize_tensor
+from effray.data.images import normalize_tensor
 from effray.errors import EffrayError
 
 

@@ -18,7 +18,8 @@ from typing import Any
 from effray.compress.config import CompressConfig
 from effray.compress.run import eval_and_calib, xy_batches
 from effray.data.arrays import epoch_batches, eval_batches, load_arrays, split_bytes
-from effray.data.pipeline import DataConfig, kill_clock, torch_batches, train_dataset
+from effray.data.clock import kill_clock
+from effray.data.pipeline import DataConfig, torch_batches, train_dataset
 from effray.search.config import TuneConfig
 from effray.search.context import TrialContext
 

@@ -22,7 +22,8 @@ import torch
 
 from effray.config import from_dict, to_dict
 from effray.console import say
-from effray.data.pipeline import sample_images
+from effray.data.augment import augment_on_device, device_augmentation
+from effray.data.images import sample_images
 from effray.data.shuffle import CachedSplit
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
@@ -33,17 +34,9 @@ from effray.train.faults import InjectedFailure
 from effray.train.parallel import make_strategy, prepare_model
 from effray.train.recipe import Hooks, Plan, Run, run_recipe
 from effray.train.session import EpochEnd, RaySession, from_rank0
-from effray.train.step import (
-    Lookahead,
-    Schedule,
-    augment_on_device,
-    device_augmentation,
-    param_groups,
-    soft_cross_entropy,
-)
+from effray.train.step import Lookahead, Schedule, param_groups, soft_cross_entropy
 from effray.train.validate import validate
 
-# the GAN worker (effray.synth.train) takes the collectives from here; their home is effray.train.session
 __all__ = [
     "HISTORY_FILE",
     "TrainWorker",

@@ -15,8 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from effray.data.augment_torch import batch_generator, parse_policy_torch
-from effray.data.pipeline import channel_stats, normalize_tensor
 from effray.train.strategy import Strategy
 
 
@@ -176,28 +174,3 @@ def _chunks(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
         k: v.split(size) for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == len(batch["label"])
     }
     return [{**batch, **{k: p[i] for k, p in parts.items()}} for i in range(len(parts["label"]))]
-
-
-def device_augmentation(policy: str, num_classes: int, mean: Any, std: Any, device: torch.device) -> tuple[Any, Any]:
-    """``--augment-on gpu``: the parsed policy and the normalisation stats on ``device``,
-    made once per worker for :func:`augment_on_device`."""
-    return parse_policy_torch(policy, num_classes), channel_stats(mean, std, device)
-
-
-def augment_on_device(
-    batch: dict[str, Any],
-    policy: Any,
-    stats: tuple[torch.Tensor, torch.Tensor],
-    device: torch.device,
-    key: tuple[int, int, int, int],
-    channels_last: bool = False,
-) -> dict[str, Any]:
-    """``--augment-on gpu``: uint8 NHWC batch -> augmented, normalised NCHW on the device,
-    with a generator seeded from (seed, epoch, rank, step) so runs repeat exactly.
-    ``stats``: :func:`effray.data.pipeline.channel_stats` on ``device``, made once."""
-
-    seed, epoch, rank, step = key
-    g = batch_generator(seed, epoch, (rank << 32) + step, device)
-    out = policy({k: v.to(device, non_blocking=True) for k, v in batch.items()}, g, seed=seed, epoch=epoch)
-    out["image"] = normalize_tensor(out["image"], *stats, channels_last)
-    return out

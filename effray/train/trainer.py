@@ -14,7 +14,7 @@ from typing import Any
 
 from effray.cluster import temporary_env
 from effray.config import AUTO, require, require_whole_gpus
-from effray.data.pipeline import kill_clock
+from effray.data.clock import kill_clock
 from effray.errors import EffrayError
 from effray.train.checkpoint import read_payload
 from effray.train.config import TrainConfig, parse_resources

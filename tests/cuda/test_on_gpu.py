@@ -36,7 +36,7 @@ def _uint8_batch(n: int = 64) -> dict[str, torch.Tensor]:
 def test_training_step_never_syncs():
     """Three loop steps under ``set_sync_debug_mode("error")``: the CUDA runtime raises on
     any synchronising call (``.item()``, pageable copies, ``nonzero``...)."""
-    from effray.data.pipeline import channel_stats, normalize_tensor
+    from effray.data.images import channel_stats, normalize_tensor
     from effray.train.step import Schedule, param_groups, soft_cross_entropy, train_step
     from effray.train.strategy import DDPStrategy
 

@@ -21,11 +21,14 @@ def fake_cuda(monkeypatch):
     Build models before entering it, for real, on the CPU: real tensors become fake on first
     use inside (``allow_non_fake_inputs``),
     so ``model.to("cuda")`` there takes the same path a worker's does. The augmentation
-    ops' generators become fake CUDA ones, and ``Tensor.backward`` walks the graph in Python
+    ops' CUDA generators become fake CUDA ones, and ``Tensor.backward`` walks the graph in Python
     (:func:`fakecuda.python_backward`: the C++ engine needs a driver for CUDA tensors)."""
-    from effray.data import augment_torch
+    from effray.data import augment
 
-    monkeypatch.setattr(augment_torch, "new_generator", lambda device: FakeCudaGenerator())
+    def new_generator(device):  # CPU generators stay real: a search trial augments on its CPU
+        return FakeCudaGenerator() if torch.device(device).type == "cuda" else torch.Generator(device=device)
+
+    monkeypatch.setattr(augment, "new_generator", new_generator)
     monkeypatch.setattr(torch.Tensor, "backward", python_backward)
     return FakeCuda()
 

@@ -18,7 +18,7 @@ import torch
 from fakecuda import CUDA, HostCopyError, assert_cuda, uint8_batch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
-from effray.data.pipeline import channel_stats, normalize_tensor
+from effray.data.images import channel_stats, normalize_tensor
 from effray.models import build_model
 from effray.train.strategy import DDPStrategy
 
@@ -113,19 +113,20 @@ def test_class_sums_match_a_host_count():
 # ------------------------------------------------------------------ GPU augmentation
 
 
-def _torch_ops() -> list[str]:
-    from effray.data.augment_torch import TORCH_OPS
+def _policies() -> list[str]:
+    """Every registered op, and the chains that run fused pairs or several ops."""
+    from effray.data.augment_spec import OPS
 
-    return sorted(TORCH_OPS)
+    return [*OPS.names(), "crop(4)|flip", "crop(2)|altflip", "flip|rotate(10)", "strong"]
 
 
-@pytest.mark.parametrize("op", _torch_ops())
+@pytest.mark.parametrize("op", _policies())
 def test_gpu_augmentation_op(fake_cuda, op):
-    """Every registered torch op on a uint8 CUDA batch with a CUDA generator: outputs on the
+    """Every registered op on a uint8 CUDA batch with a CUDA generator: outputs on the
     device, no host read (RandAugment's and mixup's draws included)."""
-    from effray.data.augment_torch import batch_generator, parse_policy_torch
+    from effray.data.augment import batch_generator, parse_policy
 
-    policy = parse_policy_torch(op, 10)
+    policy = parse_policy(op, 10)
     with fake_cuda:
         out = policy(uint8_batch(), batch_generator(0, 1, 2, CUDA))
         assert_cuda(*(v for v in out.values() if torch.is_tensor(v)))
@@ -135,12 +136,12 @@ def test_gpu_augmentation_op(fake_cuda, op):
 def test_augment_on_device_feeds_the_step(fake_cuda):
     """``--augment-on gpu``: augmentation, normalisation (channels-last) and the training
     step on one device."""
-    from effray.data.augment_torch import parse_policy_torch
-    from effray.train.step import Schedule, augment_on_device, soft_cross_entropy, train_step
+    from effray.data.augment import augment_on_device, parse_policy
+    from effray.train.step import Schedule, soft_cross_entropy, train_step
 
     model = build_model("resnet20", 10, 3, 0.25)
     strategy = _strategy()
-    policy = parse_policy_torch("crop(4)|flip|cutout(8)|mixup(0.4)", 10)
+    policy = parse_policy("crop(4)|flip|cutout(8)|mixup(0.4)", 10)
     with fake_cuda:
         model = _on_gpu(model, strategy).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

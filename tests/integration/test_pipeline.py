@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from effray.cli import main
-from effray.data.pipeline import DataConfig, eval_dataset, kill_clock, torch_batches, train_dataset
+from effray.data.clock import kill_clock
+from effray.data.pipeline import DataConfig, eval_dataset, torch_batches, train_dataset
 from effray.data.prepare import load_meta
 
 pytestmark = pytest.mark.usefixtures("ray_session")

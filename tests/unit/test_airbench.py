@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.data.pipeline import sample_images
+from effray.data.images import sample_images
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
 from effray.models.predict import tta_logits

@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from effray.data.arrays import epoch_batches, eval_batches, load_arrays
-from effray.data.augment import normalize
+from effray.data.images import normalize_tensor
+from effray.errors import EffrayError
 
 META = {"num_classes": 10, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+
+
+def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """The reference: uint8 NHWC -> float32 (x/255 - mean)/std, NCHW."""
+    x = (images.astype(np.float32) / 255 - np.float32(mean)) / np.float32(std)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _arrays(n: int = 50) -> dict[str, np.ndarray]:
@@ -75,3 +83,18 @@ def test_load_arrays_reads_a_prepared_split_in_file_order(tmp_path):
     assert torch.allclose(
         batches[0][0], torch.from_numpy(normalize(arrays["image"][:16], META["mean"], META["std"])), atol=1e-5
     )
+
+
+def test_normalize_tensor_is_x_over_255_minus_mean_over_std_in_nchw():
+    x = _arrays(2)["image"][:, :12, :12]
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    out = normalize_tensor(torch.from_numpy(x.copy()), mean, std)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 12, 12) and out.is_contiguous()
+    np.testing.assert_allclose(out[:, 1].numpy(), (x[..., 1] / 255 - 0.4) / 0.25, rtol=1e-5, atol=1e-5)
+    last = normalize_tensor(torch.from_numpy(x.copy()), mean, std, channels_last=True)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, out)
+    assert normalize_tensor(torch.from_numpy(x[..., :1].copy()), 0.5, 0.25).shape == (2, 1, 12, 12)
+    with pytest.raises(EffrayError, match="mean has 2 values for 3-channel images"):
+        normalize_tensor(torch.from_numpy(x.copy()), [0.5, 0.5], [0.2, 0.2])
+    with pytest.raises(EffrayError, match="std must be > 0"):
+        normalize_tensor(torch.from_numpy(x.copy()), mean, [0.2, 0.0, 0.3])

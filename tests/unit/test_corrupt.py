@@ -10,9 +10,10 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from effray.data.augment_ops import _rgb_to_hsv
+from effray.data.augment_image import rgb_to_hsv
 from effray.errors import EffrayError
 from effray.evaluate.corrupt import CORRUPTIONS, corrupt, corrupt_batch, disk_kernel, parse_corruptions
 
@@ -68,6 +69,10 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).mean())
 
 
+def _hsv(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rgb_to_hsv(torch.from_numpy(x / 255.0))
+
+
 STATISTIC = {  # a measured statistic each corruption's severity must move in one direction
     "gaussian_noise": (_distance, +1),
     "shot_noise": (_distance, +1),
@@ -75,7 +80,7 @@ STATISTIC = {  # a measured statistic each corruption's severity must move in on
     "gaussian_blur": (lambda x, clean: _gradient_energy(x), -1),
     "defocus_blur": (lambda x, clean: _gradient_energy(x), -1),
     "contrast": (lambda x, clean: float(x.astype(np.float64).std(axis=(1, 2)).mean()), -1),
-    "brightness": (lambda x, clean: float(_rgb_to_hsv(x / 255.0)[2].mean()), +1),
+    "brightness": (lambda x, clean: float(_hsv(x)[2].mean()), +1),
     "pixelate": (_distance, +1),
     "jpeg_compression": (_distance, +1),
 }
@@ -89,7 +94,7 @@ def test_severity_is_monotone_in_what_the_corruption_changes(images, name):
 
 
 def test_saturate_follows_the_published_parameters_which_are_not_monotone(images):
-    sat = [float(_rgb_to_hsv(corrupt(images, "saturate", s) / 255.0)[1].mean()) for s in range(0, 6)]
+    sat = [float(_hsv(corrupt(images, "saturate", s))[1].mean()) for s in range(0, 6)]
     assert sat[2] < sat[1] < sat[0] < sat[3] < sat[4] < sat[5]  # x0.3, x0.1, then x1.5, x2 + .1, x2.5 + .2
 
 

@@ -30,7 +30,7 @@ from effray.synth.quality import (
 @pytest.fixture(scope="module")
 def real_batch(cifar_parquet):
     """32 real CIFAR-10 images, decoded with the project's own decoder, in [-1, 1]."""
-    from effray.data.sources import decode_image
+    from effray.data.image_bytes import decode_image
 
     table = pq.ParquetFile(cifar_parquet).read_row_group(0, columns=["image", "label"]).slice(0, 32)
     images = np.stack([decode_image(b, 3) for b in table.column("image").to_pylist()])

@@ -147,14 +147,13 @@ def test_wandb_without_a_key_goes_offline(monkeypatch, tmp_path):
 
 
 def test_on_device_augmentation_is_seeded_per_rank_and_step_and_normalises():
-    from effray.data.augment_torch import parse_policy_torch
-    from effray.data.pipeline import channel_stats
-    from effray.train.step import augment_on_device
+    from effray.data.augment import augment_on_device, parse_policy
+    from effray.data.images import channel_stats
 
     torch.manual_seed(0)
     batch = {"image": torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), "label": torch.arange(8) % 10}
     cpu = torch.device("cpu")
-    policy, meta = parse_policy_torch("crop(4)|flip|mixup(0.4)", 10), channel_stats([0.5] * 3, [0.25] * 3, cpu)
+    policy, meta = parse_policy("crop(4)|flip|mixup(0.4)", 10), channel_stats([0.5] * 3, [0.25] * 3, cpu)
     a, b = (augment_on_device(dict(batch), policy, meta, cpu, (0, 1, 0, 5)) for _ in range(2))
     other_rank = augment_on_device(dict(batch), policy, meta, cpu, (0, 1, 1, 5))
     assert a["image"].shape == (8, 3, 32, 32) and a["image"].dtype == torch.float32
@@ -188,7 +187,7 @@ def test_evaluation_repeats_the_numerics_training_scored_with(one_thread, bf16):
     scores with the checkpoint's numerics (bf16 autocast runs on any CPU, just slower)."""
     import numpy as np
 
-    from effray.data.pipeline import normalize_tensor
+    from effray.data.images import normalize_tensor
     from effray.evaluate import score
     from effray.train.strategy import Strategy
 
