@@ -196,7 +196,10 @@ class _QMixin:
     wq: WeightQuant
     aq: nn.Module
 
-    def _attach(self, bits: int, act_bits: int, act_range: str, learn: bool) -> None:
+    def __init__(
+        self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)  # the layer itself (next in the MRO), then its quantizers
         self.bits, self.act_bits = bits, act_bits
         self.wq = WeightQuant(bits, self.weight.shape[0], learn=learn)  # type: ignore[attr-defined]
         self.aq = ActQuant(act_bits, act_range) if act_bits != OFF else nn.Identity()
@@ -212,24 +215,12 @@ class _QMixin:
 class QConv2d(_QMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight and input are fake-quantized in every forward."""
 
-    def __init__(
-        self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any
-    ) -> None:
-        super().__init__(*args, **kw)
-        self._attach(bits, act_bits, act_range, learn)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.aq(x), self.qweight(), self.qbias())
 
 
 class QLinear(_QMixin, nn.Linear):
     """``nn.Linear`` whose weight and input are fake-quantized in every forward."""
-
-    def __init__(
-        self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any
-    ) -> None:
-        super().__init__(*args, **kw)
-        self._attach(bits, act_bits, act_range, learn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.aq(x), self.qweight(), self.qbias())
