@@ -23,7 +23,7 @@ worse there; zooms out as well as in are what re-crops at another scale need.
 
 from __future__ import annotations
 
-import itertools
+import functools
 
 import torch
 from torch.nn import functional as F
@@ -72,6 +72,8 @@ def fine(thumbs: torch.Tensor) -> torch.Tensor:
 
 
 def _zoom(x: torch.Tensor, z: int) -> torch.Tensor:
+    """``z`` px cut from (``z`` > 0) or edge-padded to (< 0) every side, resized back
+    (bilinear, antialiased)."""
     if z == 0:
         return x
     side = x.shape[-1]
@@ -82,23 +84,41 @@ def _zoom(x: torch.Tensor, z: int) -> torch.Tensor:
     return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
+@functools.lru_cache(maxsize=8)
+def _axis_operators(device: torch.device) -> torch.Tensor:
+    """(ZOOMS, SHIFTS * FINE, THUMB): for each zoom, the linear map of one image axis onto
+    each shift's fine grid. Zooming (separable resampling), shifting by ``d`` px (edges
+    repeated) and 2 x 2 pooling are all linear along each axis, so a view is ``A x A^T``:
+    small matmuls instead of resampling every image once per view."""
+    eye = torch.eye(THUMB)[:, None, :, None].expand(THUMB, 1, THUMB, THUMB)  # basis rows, constant along x
+    zooms = torch.stack([_zoom(eye, z)[:, 0, :, 0].T for z in ZOOMS])  # (Z, T out, T in)
+    ratio = THUMB // FINE
+    pools = []
+    for d in SHIFTS:  # a view moved by d px: cell r averages source rows ratio*r - d ... (edges repeated)
+        rows = torch.zeros(FINE, THUMB)
+        for r in range(FINE):
+            for k in range(ratio):
+                rows[r, min(max(ratio * r + k - d, 0), THUMB - 1)] += 1.0 / ratio
+        pools.append(rows)
+    pool = torch.cat(pools)  # (S * F, T)
+    return (pool @ zooms).to(device)  # (Z, S * F, T)
+
+
 def fine_views(thumbs: torch.Tensor) -> torch.Tensor:
     """uint8 thumbnails -> (n, VIEWS, C * FINE^2): every zoom x shift x mirror view's fine
-    descriptor, on the thumbnails' device, in a handful of batched ops. A shift by ``d`` px
-    then 2 x 2 pooling is one 2 x 2 pooling at stride 1 of the edge-padded zoom, read every
-    other cell from ``1 - d``; pooling and standardising commute with the mirror, so it is
-    taken last, on the standardised grid."""
+    descriptor, on the thumbnails' device (:func:`_axis_operators`: two batched matmuls).
+    Standardising commutes with the mirror, so it is taken last, on the standardised grid."""
     x = _floats(thumbs)
     n, c = x.shape[:2]
-    zoomed = torch.stack([_zoom(x, z) for z in ZOOMS], 1).flatten(0, 1)  # (n * Z, C, T, T)
-    pad = max(abs(d) for d in SHIFTS)
-    every = F.avg_pool2d(F.pad(zoomed, (pad,) * 4, mode="replicate"), 2, stride=1)  # every 2 x 2 window
-    span = 2 * FINE - 1
-    grids = [
-        every[:, :, pad - dy : pad - dy + span : 2, pad - dx : pad - dx + span : 2]
-        for dy, dx in itertools.product(SHIFTS, SHIFTS)
-    ]
-    grid = standardise(torch.stack(grids, 1).flatten(0, 1)).view(-1, c, FINE, FINE)  # (n * Z * S, C, F, F)
+    ops = _axis_operators(x.device)
+    s = len(SHIFTS)
+    y = torch.einsum("zau,nchu->nzcha", ops, x)  # columns mapped: (n, Z, C, T, S * F)
+    y = torch.einsum("zbh,nzcha->nzcba", ops, y)  # rows mapped: (n, Z, C, S * F, S * F)
+    y = y.reshape(n, len(ZOOMS), c, s, FINE, s, FINE).permute(0, 1, 3, 5, 2, 4, 6)  # (n, Z, dy, dx, C, F, F)
+    flat = y.reshape(-1, c * FINE * FINE)  # a fresh copy: standardised in place
+    flat -= flat.mean(1, keepdim=True)
+    flat /= flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    grid = flat.view(-1, c, FINE, FINE)
     both = torch.stack([grid, grid.flip(3)], 1)
     return both.reshape(n, -1, c * FINE * FINE)
 
