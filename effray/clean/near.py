@@ -125,7 +125,7 @@ def near_duplicates(
     clean_neg = negatives[negatives < calibrated["trim_at"]]
     fpr = float((clean_neg >= threshold).mean()) if len(clean_neg) else 0.0
     found = near_findings(origin, rows["index"], rows["label"], where[:n], scores[:n], np.arange(n), threshold, already)
-    candidates = ranked_pairs(origin, where[:n], sims[:n], scores[:n], threshold, cfg.candidates)
+    candidates = ranked_pairs(origin, hashes, where[:n], sims[:n], scores[:n], threshold, cfg.candidates)
     info = {
         "threshold": float(threshold),
         "score": (
@@ -193,12 +193,20 @@ def expected_precision(
 
 
 def ranked_pairs(
-    origin: np.ndarray, where: np.ndarray, sims: np.ndarray, scores: np.ndarray, threshold: float, top: int
+    origin: np.ndarray,
+    hashes: np.ndarray,
+    where: np.ndarray,
+    sims: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    top: int,
 ) -> dict[str, np.ndarray]:
     """The ``top`` highest-scoring pairs of rows that could be a leak (train with val, test
     or the reference) or a near duplicate (two rows of one split), each pair once (its
     better direction), best first: row positions ``a`` (the train / later row) and ``b``,
-    ``kind``, ``similarity``, ``score`` and ``flagged`` (at or above the threshold)."""
+    ``kind``, ``similarity``, ``score`` and ``flagged`` (at or above the threshold).
+    Pixel-identical pairs (equal ``hashes``) are left out: the exact pass reports them,
+    and at the top of the list they would hide the near copies a person is there to review."""
     q = np.repeat(np.arange(len(where)), where.shape[1])
     j, s, r = where.ravel(), sims.ravel(), scores.ravel()
     ok = j >= 0
@@ -206,7 +214,7 @@ def ranked_pairs(
     oq, oj = origin[q], origin[j]
     leak = ((oq == "train") & np.isin(oj, EVAL_ORDER)) | ((oj == "train") & np.isin(oq, EVAL_ORDER))
     dup = (oq == oj) & (oq != "reference")
-    keep = leak | dup
+    keep = (leak | dup) & (hashes[q] != hashes[j])
     q, j, s, r, leak = q[keep], j[keep], s[keep], r[keep], leak[keep]
     a = np.where(leak, np.where(origin[q] == "train", q, j), np.maximum(q, j))
     b = np.where(leak, np.where(origin[q] == "train", j, q), np.minimum(q, j))

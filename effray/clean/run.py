@@ -140,7 +140,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         findings = exact_findings(rows["origin"], rows["index"], rows["label"], rows["hash"])
         already = {(f["split"], f["index"]) for f in findings}
 
-        # 2. the fold models (and the embedding model, without --checkpoint)
+        # 2. the fold models (and, without --checkpoint, one on all train rows: eval probabilities, classifier features)
         train = load_arrays(cfg.data, "train")
         evals = [s for s in ("val", "test") if s in meta["splits"]]
         embed = cfg.near or bool(evals and cfg.labels)
@@ -153,7 +153,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         if folds:
             say(
                 f"[effray] clean: {len(folds)} Tune trials ({cfg.folds if cfg.labels else 0} folds"
-                f"{' + the embedding model' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each"
+                f"{' + one on all train rows' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each"
             )
             with _timed(phase_s, "fold_models"):
                 fits = run_folds(

@@ -149,12 +149,17 @@ def test_ranked_pairs_once_each_best_first_and_only_leaks_or_same_split():
     where = np.array([[1, 3], [0, 2], [1, -1], [0, 4], [3, 2]])
     sims = np.full(where.shape, 0.9)
     scores = np.array([[5.0, 3.0], [6.0, 1.5], [2.0, 0.0], [4.0, 9.0], [9.0, 8.0]])
-    c = ranked_pairs(origin, where, sims, scores, threshold=2.5, top=10)
+    hashes = np.array([b"a", b"b", b"c", b"d", b"e"], dtype=object)
+    c = ranked_pairs(origin, hashes, where, sims, scores, threshold=2.5, top=10)
     pairs = list(zip(c["a"].tolist(), c["b"].tolist(), c["kind"].tolist()))
     # (0, 1) twice -> once at 6.0; reference-reference and reference-val never; train is always ``a`` of a leak
     assert pairs == [(1, 0, "near_duplicate"), (0, 3, "leak"), (1, 2, "leak")], pairs
     assert c["score"].tolist() == [6.0, 4.0, 2.0] and c["flagged"].tolist() == [True, True, False]
-    assert len(ranked_pairs(origin, where, sims, scores, 2.5, top=1)["a"]) == 1
+    assert len(ranked_pairs(origin, hashes, where, sims, scores, 2.5, top=1)["a"]) == 1
+    # an exact copy (equal hashes) is the exact pass's finding, never a candidate
+    hashes[0] = hashes[1]
+    c = ranked_pairs(origin, hashes, where, sims, scores, threshold=2.5, top=10)
+    assert list(zip(c["a"].tolist(), c["b"].tolist())) == [(0, 3), (1, 2)]
 
 
 def test_expected_leak_precision_discounts_chance_matches():
