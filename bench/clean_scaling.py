@@ -5,15 +5,19 @@ effray's canonical dataset, train split only), in one local Ray session, timed a
 
 1. exact-duplicate hashing: :func:`effray.clean.passes.hash_pass` (Ray Data read + decode +
    blake2b per image, collected on the driver);
-2. embedding: :func:`effray.clean.passes.embed_pass` (Ray Data over an actor pool holding the
-   classifier; 4 zoom views x 2 mirrors per image), from a checkpoint made once up front
-   (a randomly initialised ``convnet`` by default: the cost of a forward does not depend
-   on the weights; ``--train-epochs`` trains one instead, ``--checkpoint`` takes yours),
-   so no training is inside the detector's time;
-3. the blockwise kNN: :func:`effray.clean.knn.knn` on the finished embeddings (each image
-   against all, k = ``--neighbours``; best of ``--knn-repeat`` runs), with the per-task
-   similarity memory that ``--block-rows`` implies (block^2 + block*k floats) next to
-   what one N x N matrix would take: compute grows as N^2, memory per task stays
+2. embedding: :func:`effray.clean.passes.embed_pass` (Ray Data over an actor pool). With
+   ``--embedder pixels`` (the default, as `effray data clean`'s): thumbnails and pixel
+   descriptors, no model. With ``--embedder classifier``: also the classifier's 4 zoom
+   views x 2 mirrors per image, from a checkpoint made once up front (a randomly
+   initialised ``convnet`` by default: the cost of a forward does not depend on the
+   weights; ``--train-epochs`` trains one instead, ``--checkpoint`` takes yours), so no
+   training is inside the detector's time;
+3. the blockwise kNN: :func:`effray.clean.knn.relative_knn`, the search `effray data clean`
+   runs (each image against all; the pixel embedder's coarse shortlist of ``--shortlist``
+   per image re-scored by the alignment search; best of ``--knn-repeat`` runs), with the
+   per-task memory that ``--block-rows`` implies (block^2 + block*m similarities, and the
+   alignment search's views of a few hundred queries) next to what one N x N matrix would
+   take: compute grows as N^2 (the shortlist) + N (the re-scoring), memory per task stays
    bounded by the block;
 4. with ``--labels``: the K-fold Tune trials (:func:`effray.clean.labels.run_folds`,
    ``--folds`` folds of ``--label-epochs`` epochs) + cleanlab (:func:`label_issues`).
@@ -24,7 +28,7 @@ pass, as in a real clean), which weighs most at small N. Printed: a markdown tab
 row per size, then each step's time growth between the largest and smallest size next to
 the N and N^2 ratios (linear steps track N; the kNN tracks N^2).
 
-    python bench/clean_scaling.py [--sizes 2500,5000,10000] [--data DIR] [--block-rows 2048] [--labels]
+    python bench/clean_scaling.py [--sizes 2500,5000,10000] [--data DIR] [--embedder pixels] [--labels]
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ import numpy as np
 import ray
 import torch
 
+from effray.clean import pixels
 from effray.clean.config import CleanConfig
 from effray.clean.dataset import without_rows, write_dataset
 from effray.clean.embed import PIXEL_GRID, finish
-from effray.clean.knn import knn
+from effray.clean.knn import REFINE_ROWS, relative_knn
 from effray.clean.passes import embed_gpus, embed_pass, hash_pass
 from effray.clean.run import check_checkpoint
 from effray.cluster import use_ray_data_env
@@ -115,7 +120,7 @@ def time_hash(data: str) -> tuple[float, dict[str, np.ndarray]]:
     return time.perf_counter() - started, rows
 
 
-def time_embed(data: str, payload: dict[str, Any], cfg: CleanConfig) -> tuple[float, dict[str, np.ndarray]]:
+def time_embed(data: str, payload: dict[str, Any] | None, cfg: CleanConfig) -> tuple[float, dict[str, np.ndarray]]:
     """Seconds of one embedding pass (no calibration copies), and its rows."""
     meta = load_meta(data)
     shape = tuple(meta["image_shape"])
@@ -125,20 +130,33 @@ def time_embed(data: str, payload: dict[str, Any], cfg: CleanConfig) -> tuple[fl
     return time.perf_counter() - started, rows
 
 
-def time_knn(
-    emb: dict[str, np.ndarray], channels: int, k: int, block: int, repeat: int = 1
-) -> tuple[list[float], np.ndarray]:
-    """Seconds of each of ``repeat`` blockwise kNNs of every row against all (the finished
-    embeddings are made first, untimed), and those embeddings."""
-    fdim = int(emb["views"].shape[2] - channels * PIXEL_GRID * PIXEL_GRID)
-    keys = finish(emb["views"], fdim)
+def time_knn(emb: dict[str, np.ndarray], channels: int, cfg: CleanConfig, repeat: int = 1) -> tuple[list[float], int]:
+    """Seconds of each of ``repeat`` searches of every row against all (the classifier's
+    finished embeddings are made first, untimed), and the floats the keys hold."""
+    ids = np.arange(len(emb["index"]))
+    if cfg.embedder == "pixels":
+        queries, keys = emb["coarse"], emb["coarse"][:, :1]
+        extra = {"query_thumbs": emb["thumb"], "key_fine": emb["fine"]}
+        floats = keys.size + emb["fine"].size + emb["thumb"].size / 4
+    else:
+        keys = finish(emb["views"], int(emb["views"].shape[2] - channels * PIXEL_GRID * PIXEL_GRID))
+        queries, extra, floats = keys, {}, keys.size
     times = []
     for _ in range(max(1, repeat)):
         started = time.perf_counter()
-        scores, where = knn(keys, keys, k, block)
+        sims, where, _ = relative_knn(
+            queries,
+            keys,
+            cfg.neighbours,
+            query_ids=ids,
+            key_ids=ids,
+            shortlist=cfg.shortlist,
+            block=cfg.block_rows,
+            **extra,
+        )
         times.append(time.perf_counter() - started)
-    assert scores.shape == (len(keys), k) and not (where == np.arange(len(keys))[:, None]).any()
-    return times, keys
+    assert sims.shape == (len(ids), cfg.neighbours) and not (where == ids[:, None]).any()
+    return times, int(floats)
 
 
 def time_labels(data: str, args: argparse.Namespace, work: str) -> float:
@@ -170,6 +188,14 @@ def time_labels(data: str, args: argparse.Namespace, work: str) -> float:
     return seconds
 
 
+def task_floats(block: int, shortlist: int, embedder: str) -> int:
+    """Floats one kNN task holds at once: the block's similarities and running shortlist,
+    and (pixels) the alignment search's views and candidates for :data:`REFINE_ROWS` queries."""
+    fine = 3 * pixels.FINE**2
+    refine = REFINE_ROWS * (pixels.VIEWS + shortlist) * fine if embedder == "pixels" else 0
+    return block * block + block * shortlist + refine
+
+
 def mib(floats: float) -> str:
     """float32 count -> MiB, 3 significant figures."""
     return f"{floats * 4 / MIB:.3g}"
@@ -187,7 +213,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "kNN rows/s",
         "kNN s",
         "kNN s/N² (rel.)",
-        "kNN task MiB (b²+b·k)",
+        "kNN task MiB",
         "N×N MiB",
         "keys MiB (shared)",
     ] + (["labels rows/s"] if labels else [])
@@ -195,6 +221,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print("|" + "|".join("---:" for _ in head) + "|")
     for r in results:
         b = min(args.block_rows, r["n"])
+        m = min(args.shortlist, r["n"])
         cells = [
             f"{r['n']}",
             f"{r['n'] / r['hash_s']:.0f}",
@@ -202,7 +229,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['n'] / r['knn_s']:.0f}",
             f"{r['knn_s']:.2f}",
             f"{per_n2(r) / per_n2(base):.2f}",
-            mib(b * b + b * args.neighbours),
+            mib(task_floats(b, m, args.embedder)),
             mib(r["n"] ** 2),
             mib(r["keys_floats"]),
         ]
@@ -230,9 +257,14 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     b = args.block_rows
     print(
-        f"\nkNN memory per task: at most {b}² + {b}·{args.neighbours} floats = {mib(b * b + b * args.neighbours)} MiB "
-        f"of similarities (block_rows={b}, k={args.neighbours}) whatever N; the keys (N·views·d floats) sit once in "
-        "the object store, mapped zero-copy by every task: linear in N."
+        f"\nkNN memory per task: at most {mib(task_floats(b, args.shortlist, args.embedder))} MiB (block_rows={b}: "
+        f"{b}² + {b}·{args.shortlist} shortlist similarities"
+        + (
+            f", and {REFINE_ROWS} queries' {pixels.VIEWS} views and {args.shortlist} candidates' fine descriptors"
+            if args.embedder == "pixels"
+            else ""
+        )
+        + ") whatever N; the keys sit once in the object store, mapped zero-copy by every task: linear in N."
     )
 
 
@@ -249,6 +281,8 @@ def main() -> int:
     p.add_argument("--actors", type=int, default=2, help="most embedding actors (effray data clean --actors)")
     p.add_argument("--block-rows", type=int, default=2048, help="kNN rows per block (effray data clean --block-rows)")
     p.add_argument("--neighbours", type=int, default=5, help="k of the kNN")
+    p.add_argument("--shortlist", type=int, default=50, help="the first pass's candidates per image")
+    p.add_argument("--embedder", default="pixels", choices=("pixels", "classifier"), help="what the kNN compares")
     p.add_argument("--model", default="convnet")
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--checkpoint", default="", help="embed with this effray checkpoint instead of a fresh convnet")
@@ -289,11 +323,19 @@ def main() -> int:
             sizes = [n for n in sizes if n <= total] or [total]
         dirs = subsets(data, sizes, work)
         meta = load_meta(dirs[sizes[0]])
-        ckpt, what = make_checkpoint(args, dirs[sizes[0]], work)
-        payload = check_checkpoint(ckpt, meta)  # as `effray data clean --checkpoint` loads it
-        cfg = CleanConfig(actors=args.actors, block_rows=args.block_rows, neighbours=args.neighbours)
+        payload, what = None, "none (pixels)"
+        if args.embedder == "classifier":
+            ckpt, what = make_checkpoint(args, dirs[sizes[0]], work)
+            payload = check_checkpoint(ckpt, meta)  # as `effray data clean --checkpoint` loads it
+        cfg = CleanConfig(
+            actors=args.actors,
+            block_rows=args.block_rows,
+            neighbours=args.neighbours,
+            shortlist=args.shortlist,
+            embedder=args.embedder,
+        )
         print(
-            f"sizes {sizes}; embedding model: {what}; {args.actors} embedding actor(s), "
+            f"sizes {sizes}; embedder {args.embedder}, model: {what}; {args.actors} embedding actor(s), "
             f"GPUs per actor {embed_gpus(cfg):g}; "
             f"kNN k={args.neighbours}, block_rows={args.block_rows}"
             + (
@@ -306,17 +348,15 @@ def main() -> int:
         if not args.no_warmup:
             time_hash(dirs[sizes[0]])
             _, emb = time_embed(dirs[sizes[0]], payload, cfg)
-            time_knn(emb, int(meta["image_shape"][2]), args.neighbours, args.block_rows)
+            time_knn(emb, int(meta["image_shape"][2]), cfg)
         results = []
         for n in sizes:
             d = dirs[n]
             hash_s, _ = time_hash(d)
             embed_s, emb = time_embed(d, payload, cfg)
-            knn_times, keys = time_knn(
-                emb, int(meta["image_shape"][2]), args.neighbours, args.block_rows, args.knn_repeat
-            )
+            knn_times, key_floats = time_knn(emb, int(meta["image_shape"][2]), cfg, args.knn_repeat)
             knn_s = min(knn_times)
-            r = {"n": n, "hash_s": hash_s, "embed_s": embed_s, "knn_s": knn_s, "keys_floats": keys.size}
+            r = {"n": n, "hash_s": hash_s, "embed_s": embed_s, "knn_s": knn_s, "keys_floats": key_floats}
             if args.labels:
                 r["labels_s"] = time_labels(d, args, work)
             results.append(r)

@@ -1,29 +1,49 @@
-"""What "near duplicate" means: light copies of real images, and the threshold that tells
-them from different images.
+"""What "near duplicate" means: synthetic copies of real images, and the threshold that
+tells them from different images.
 
-A *light copy* (:data:`KINDS`) of an image is: ``crop``, 1-3 px cut from each side
-(independently) and resized back to full size, as Barz & Denzler's ciFAIR near-duplicates
-are; ``flip``, its horizontal mirror; ``jpeg``, re-encoded at quality 75; or
-``crop+flip+jpeg``, all three. The threshold is the similarity that best separates
-``sim(image, its light copy)`` from ``sim(image, its nearest other real image)`` over a
-seeded sample of train images (the largest TPR - FPR), so the report can say what it
-means: the share of copies it finds and the share of real images it flags.
+Two families of copies (:data:`KINDS`), each made from a seeded sample of train images:
+
+- *light copies*, what a pipeline does to a file: ``crop``, 1-3 px cut from each side
+  (independently) and resized back; ``flip``, the horizontal mirror; ``jpeg``, re-encoded
+  at quality 75; ``crop+flip+jpeg``, all three;
+- *re-shot copies*, what ciFAIR's human-checked CIFAR-10 pairs look like (the same object
+  photographed again, re-cropped, shifted, scaled or re-coloured): ``recrop``, a crop at
+  another scale and position (zoomed in 5-30 %, shifted up to 6 % of the side);
+  ``rotate``, turned up to 8 degrees (and zoomed in just enough to hide the corners);
+  ``colour``, saturation, contrast, brightness and each channel's gain moved; ``reshoot``,
+  all of them at once. Each re-shot copy is mirrored with probability 1/2.
+
+The threshold (:func:`choose_threshold`) is the score that best separates
+``score(copy, its source)`` from ``score(image, its nearest other real image)`` over the
+sample, with at most ``max_fpr`` of the real images above it, so the report can say what
+it means: the share of each kind of copy it finds and the share of real images it flags.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
+import torch
+from torch.nn import functional as F
 
-KINDS = ("crop", "flip", "jpeg", "crop+flip+jpeg")
+LIGHT = ("crop", "flip", "jpeg", "crop+flip+jpeg")
+RESHOT = ("recrop", "rotate", "colour", "reshoot")
+KINDS = LIGHT + RESHOT
 CROP_PX = (1, 3)
 JPEG_QUALITY = 75
 DEFINITION = (
-    f"a near duplicate is a light copy: cut {CROP_PX[0]}-{CROP_PX[1]} px from each side and resized back "
-    f"(crop), mirrored (flip), re-encoded as JPEG q{JPEG_QUALITY}, or all three"
+    f"a near duplicate is a copy of an image: a light copy (cut {CROP_PX[0]}-{CROP_PX[1]} px from each side and "
+    f"resized back, mirrored, re-encoded as JPEG q{JPEG_QUALITY}, or all three) or a re-shot one (re-cropped at "
+    "another scale and position, turned a few degrees, re-coloured, or all three; mirrored or not)"
 )
+# the re-shot copies' ranges: zoom in (scale), shift (a fraction of the half-side), turn (degrees)
+RECROP = {"scale": (1.05, 1.3), "shift": 0.12, "turn": 0.0}
+ROTATE = {"scale": (1.05, 1.12), "shift": 0.0, "turn": 8.0}
+RESHOOT = {"scale": (1.0, 1.25), "shift": 0.1, "turn": 6.0}
+COLOUR = {"saturation": 0.3, "contrast": 0.2, "brightness": 0.2, "gain": 0.06}
 
 
 def crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -67,10 +87,10 @@ def light_copy(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.nda
 
 
 def light_copies(
-    images: np.ndarray, kinds: tuple[str, ...] = KINDS, seed: int = 0
+    images: np.ndarray, kinds: tuple[str, ...] = LIGHT, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every kind of copy of every image: ``(copies, source position, kind)``, reproducible
-    from ``seed``."""
+    """Every light kind of copy of every image: ``(copies, source position, kind)``,
+    reproducible from ``seed``."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0B1]))
     out, source, kind = [], [], []
     for i, im in enumerate(images):
@@ -86,10 +106,71 @@ def light_copies(
     )
 
 
-MAX_FPR = 0.01
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
-def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_fpr: float = MAX_FPR) -> dict[str, float]:
+def reshoot_geometry(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float], shift: float, turn: float):
+    """Float NCHW images zoomed in by ``scale``, shifted by up to ``shift`` (of the half
+    side) and turned by up to ``turn`` degrees, one affine resampling (borders reflected)."""
+    n = len(x)
+    s = _uniform(n, *scale, g)
+    a = _uniform(n, -turn, turn, g) * math.pi / 180
+    m = torch.zeros(n, 2, 3)
+    m[:, 0, 0], m[:, 0, 1] = torch.cos(a) / s, -torch.sin(a) / s
+    m[:, 1, 0], m[:, 1, 1] = torch.sin(a) / s, torch.cos(a) / s
+    m[:, :, 2] = _uniform(2 * n, -shift, shift, g).view(n, 2)
+    grid = F.affine_grid(m, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def recolour(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Float NCHW images in [0, 1] with saturation, contrast, brightness and each channel's
+    gain moved by up to :data:`COLOUR`'s fractions."""
+    n, c = x.shape[:2]
+    f = lambda r, *shape: 1 + _uniform(n * int(np.prod(shape or (1,))), -r, r, g).view(n, *(shape or (1,)))  # noqa: E731
+    if c == 3:
+        grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = grey + (x - grey) * f(COLOUR["saturation"]).view(n, 1, 1, 1)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = mean + (x - mean) * f(COLOUR["contrast"]).view(n, 1, 1, 1)
+    x = x * f(COLOUR["brightness"]).view(n, 1, 1, 1) * f(COLOUR["gain"], c).view(n, c, 1, 1)
+    return x.clamp(0, 1)
+
+
+def reshot_copies(images: np.ndarray, kind: str, g: torch.Generator) -> np.ndarray:
+    """uint8 NHWC images -> one re-shot copy each (``kind`` in :data:`RESHOT`), mirrored
+    with probability 1/2."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    if kind in ("recrop", "rotate", "reshoot"):
+        x = reshoot_geometry(x, g, **{"recrop": RECROP, "rotate": ROTATE, "reshoot": RESHOOT}[kind])
+    if kind in ("colour", "reshoot"):
+        x = recolour(x, g)
+    mirror = torch.rand(len(x), generator=g) < 0.5
+    x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def synthetic_copies(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every kind of copy (:data:`KINDS`) of every image: ``(copies, source position,
+    kind)``, reproducible from ``seed``."""
+    copies, source, kinds = light_copies(images, seed=seed)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 0x5E5]).generate_state(1)[0]))
+    parts, srcs, names = [copies], [source], [kinds]
+    for k in RESHOT:
+        if len(images):
+            parts.append(reshot_copies(images, k, g))
+            srcs.append(np.arange(len(images)))
+            names.append(np.array([k] * len(images), dtype=object))
+    return np.concatenate(parts), np.concatenate(srcs).astype(np.int64), np.concatenate(names)
+
+
+MAX_FPR = 0.03
+
+
+def choose_threshold(
+    positives: np.ndarray, negatives: np.ndarray, max_fpr: float = MAX_FPR, trim_at: float | None = None
+) -> dict[str, float]:
     """The threshold with the largest TPR - FPR among those that flag at most ``max_fpr`` of
     the real images (``score >= threshold`` is flagged; ties go to the highest), placed
     halfway to the next lower score. Near duplicates are rare and every real image is a
@@ -97,14 +178,16 @@ def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_fpr: floa
     buys its last few points of recall by flagging many real images. Returns it with its
     TPR (copies found) and FPR (real images above it).
 
-    A sampled image whose nearest other image is at least as similar as the median light
-    copy has a near duplicate of its own in the data: it is no negative and is left out
-    (``trimmed`` counts them), or a dataset full of copies would calibrate itself loose."""
+    A real image whose nearest other image scores at least ``trim_at`` (default: the
+    median copy) has a near duplicate of its own in the data: it is no negative and is
+    left out (``trimmed`` counts them), or a dataset full of copies would calibrate itself
+    loose."""
     pos = np.sort(np.asarray(positives, np.float64))
     neg = np.asarray(negatives, np.float64)
     if not len(pos) or not len(neg):
         raise ValueError("choose_threshold needs positives and negatives")
-    keep = neg < np.median(pos)
+    trim_at = float(np.median(pos)) if trim_at is None else float(trim_at)
+    keep = neg < trim_at
     trimmed = int((~keep).sum())
     neg = np.sort(neg[keep]) if keep.any() else np.sort(neg)
     cands = np.unique(np.concatenate([pos, neg]))
@@ -120,4 +203,5 @@ def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_fpr: floa
         "tpr": float((pos >= threshold).mean()),
         "fpr": float((neg >= threshold).mean()),
         "trimmed": trimmed,
+        "trim_at": trim_at,
     }

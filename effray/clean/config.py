@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from effray.clean.knn import BASELINE
 from effray.config import option, require
 
 REASONS = ("duplicates", "leaks", "labels")  # what --drop may name
 # the reasons a removed.parquet row carries, and the --drop name that drops it
+EMBEDDERS = ("pixels", "classifier")  # --embedder's names (anything else: a checkpoint path)
 ROW_REASONS = {"duplicate": "duplicates", "near_duplicate": "duplicates", "leak": "leaks", "label_issue": "labels"}
 
 
@@ -40,16 +43,23 @@ class CleanConfig:
     batch_size: int = option(128, "training batch size of the folds")
     labels: bool = option(True, "look for label issues (--no-labels: duplicates and leaks only, no training)")
     near: bool = option(True, "look for near duplicates (--no-near: exact copies only)")
+    embedder: str = option(
+        "pixels",
+        "what near copies are compared by: pixels (alignment-tolerant pixel similarity, no training), classifier "
+        "(features of the model trained here, or of --checkpoint), or a checkpoint path (its classifier's features)",
+    )
     near_threshold: float = option(
         0.0,
-        "similarity above which two images are near duplicates (0 = calibrate on light copies of --calibration train "
-        "images)",
+        "relative score (how much closer than the image's 11th-30th neighbours) above which two images are near "
+        "duplicates (0 = calibrate on synthetic copies of --calibration train images)",
     )
     max_fpr: float = option(
-        0.01, "calibration: the most real images (share) the threshold may flag as having a near duplicate"
+        0.03, "calibration: the most real images (share) the threshold may flag as having a near duplicate"
     )
-    calibration: int = option(400, "train images whose light copies (crop/flip/JPEG) calibrate the threshold")
-    neighbours: int = option(5, "nearest neighbours kept per image")
+    calibration: int = option(400, "train images whose synthetic copies (light and re-shot) calibrate the threshold")
+    neighbours: int = option(5, "nearest neighbours kept per image (pairs a finding or a candidate can come from)")
+    shortlist: int = option(50, "candidates per image the kNN's first pass keeps for the pixel alignment search")
+    candidates: int = option(1000, "top-scoring candidate pairs written to candidates.parquet for review")
     block_rows: int = option(2048, "rows per kNN block: each task holds block x block similarities, never N x N")
     actors: int = option(2, "most embedding actors (each holds the model; one GPU each when the cluster has GPUs)")
     gpus_per_actor: float = option(
@@ -63,7 +73,23 @@ class CleanConfig:
     def settings(self) -> dict[str, Any]:
         """What decides which rows a clean flags and drops (the report records it, so a
         re-run with the same settings can keep it)."""
-        return {"near": self.near, "labels": self.labels, "drop": self.drop, "reference": self.reference}
+        return {
+            "near": self.near,
+            "labels": self.labels,
+            "drop": self.drop,
+            "reference": self.reference,
+            "embedder": self.embedder,
+        }
+
+    @property
+    def embedder_checkpoint(self) -> str:
+        """The checkpoint ``--embedder`` names ("" for pixels / classifier)."""
+        return "" if self.embedder in EMBEDDERS else self.embedder
+
+    @property
+    def uses_classifier(self) -> bool:
+        """Whether near copies are compared by a classifier's features."""
+        return self.embedder != "pixels"
 
     def validate(self) -> None:
         require(bool(self.data), "--data DIR is required (a dataset from `effray data prepare`)")
@@ -82,9 +108,15 @@ class CleanConfig:
             "--drop labels needs label issues found: drop --no-labels",
         )
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require(self.near_threshold >= 0.0, f"--near-threshold must be >= 0 (0 = calibrate), got {self.near_threshold}")
         require(
-            0.0 <= self.near_threshold <= 1.0,
-            f"--near-threshold must be in [0, 1] (0 = calibrate), got {self.near_threshold}",
+            self.embedder in EMBEDDERS or Path(self.embedder).exists(),
+            f"--embedder {self.embedder!r} is neither {' nor '.join(EMBEDDERS)} nor a checkpoint that exists",
+        )
+        require(
+            not (self.embedder not in EMBEDDERS and self.checkpoint),
+            "--embedder CHECKPOINT and --checkpoint both name a model; pass one (--embedder classifier --checkpoint "
+            "CKPT embeds with it)",
         )
         require(
             self.calibration >= 20 or self.near_threshold > 0,
@@ -92,6 +124,12 @@ class CleanConfig:
         )
         require(0.0 < self.max_fpr < 1.0, f"--max-fpr must be in (0, 1), got {self.max_fpr}")
         require(self.neighbours >= 1, f"--neighbours must be >= 1, got {self.neighbours}")
+        require(
+            self.shortlist >= max(self.neighbours, BASELINE[1]),
+            f"--shortlist must be >= {max(self.neighbours, BASELINE[1])} (--neighbours, and the {BASELINE[1]} "
+            f"neighbours each image's baseline is drawn from), got {self.shortlist}",
+        )
+        require(self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}")
         require(self.block_rows >= 16, f"--block-rows must be >= 16, got {self.block_rows}")
         require(self.actors >= 1, f"--actors must be >= 1, got {self.actors}")
         require(self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")

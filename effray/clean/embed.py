@@ -1,19 +1,17 @@
-"""The near-duplicate embedding, computed by Ray Data over an actor pool holding the model.
+"""The embedding pass's callable, run by Ray Data over an actor pool: every image's pixel
+thumbnail and descriptors (:mod:`effray.clean.pixels`), and, when the pass holds a
+classifier, its probabilities (the evaluation splits' label issues) and, for
+``--embedder classifier``, its features.
 
-An image is embedded as :data:`ZOOMS` *views* (0-3 px cut from every side, resized back to
-full size). Each view is the concatenation of two L2-normalised parts: the classifier's
-penultimate features of the view plus those of its mirror image (flip-symmetric), centred
-by the dataset's mean; and the view's 8x8 area-averaged pixels, flip-symmetrised and
-standardised per image (brightness and contrast drop out). Two images' similarity
-(:func:`effray.clean.knn.pair_similarity`) is the best cosine between one's view and the
-other's original: the zoom that best aligns a crop with its source.
-
-Why all of it: scored against light copies (a few pixels cropped, mirrored, JPEG-compressed,
-or all three) and each image's nearest other real image, the penultimate features of one
-view miss most crops; flip symmetry with centring and the zoom views each close part of
-that gap, the pixel part another, and the two parts over the zoom views separate copies
-from distinct images best. Averaging features over views, or centring alone, did not
-separate crops.
+The classifier embedding (the default before the leak probe measured it): an image is
+embedded as :data:`ZOOMS` *views* (0-3 px cut from every side, resized back). Each view is
+the concatenation of two L2-normalised parts: the classifier's penultimate features of
+the view plus those of its mirror image (flip-symmetric), centred by the dataset's mean;
+and the view's 8x8 area-averaged pixels, flip-symmetrised and standardised per image.
+Two images' similarity (:func:`effray.clean.knn.pair_similarity`) is the best cosine
+between one's view and the other's original. It finds light copies (a few pixels cropped,
+mirrored, JPEG-compressed) but not a re-shot or re-cropped object: a classifier trained to
+tell classes apart puts two photos of one car about as close as two cars.
 """
 
 from __future__ import annotations
@@ -25,11 +23,12 @@ import torch
 from torch.nn import functional as F
 
 import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
+from effray.clean import pixels
 from effray.data.images import normalize_tensor
 from effray.models.predict import last_linear  # the penultimate features are its input
 from effray.train.checkpoint import FORMATS
 
-ZOOMS = (0, 1, 2, 3)  # px cut from every side of a view (0 = the image itself)
+ZOOMS = (0, 1, 2, 3)  # px cut from every side of a classifier view (0 = the image itself)
 PIXEL_GRID = 8
 
 
@@ -60,27 +59,49 @@ def pixel_descriptor(x: torch.Tensor, grid: int = PIXEL_GRID) -> torch.Tensor:
 
 
 class Embedder:
-    """The ``map_batches`` callable: holds the model on its device (a GPU when the actor
-    has one). Per batch, one host -> device copy of the uint8 images, all views, features
-    and probabilities computed there, and one device -> host copy of the result:
-    ``views`` (n, V, d_model + d_pixels) float32 (the model part not yet centred) and
-    ``probs`` (n, C), the model's softmax on the image itself."""
+    """The ``map_batches`` callable: holds the classifier (if any) on its device (a GPU
+    when the actor has one). Per batch, one host -> device copy of the uint8 images,
+    everything computed there, and one device -> host copy of the result: ``thumb``
+    (n, C, THUMB, THUMB) uint8, ``coarse`` (n, 2, d) and ``fine`` (n, d) (the pixel
+    descriptors, :func:`device_pixels`); with a
+    classifier ``probs`` (n, classes), and with ``features`` ``views`` (n, V, d) (the model
+    part not yet centred)."""
 
-    def __init__(self, payload: dict[str, Any], mean: list[float], std: list[float]) -> None:
-
+    def __init__(
+        self, payload: dict[str, Any] | None, mean: list[float], std: list[float], features: bool = False
+    ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = FORMATS.get(payload["format"])(payload).to(self.device).eval()
-        self.mean, self.std = mean, std
+        self.model = None if payload is None else FORMATS.get(payload["format"])(payload).to(self.device).eval()
+        self.mean, self.std, self.features = mean, std, features and payload is not None
         self.grabbed: list[torch.Tensor] = []
-        last_linear(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
+        if self.model is not None:
+            last_linear(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
-        out, probs = device_embedding(self.model, self.grabbed, images, self.mean, self.std)
-        n, v, d = out.shape
-        flat = torch.cat([out.flatten(1), probs], 1).cpu().numpy()  # the one device -> host copy
-        keep = {k: batch[k] for k in ("origin", "index", "label") if k in batch}
-        return {**keep, "views": flat[:, : v * d].reshape(n, v, d), "probs": flat[:, v * d :]}
+        parts, shapes = device_pixels(images), {}
+        if self.model is not None:
+            views, probs = device_embedding(self.model, self.grabbed, images, self.mean, self.std)
+            parts["probs"] = probs
+            if self.features:
+                parts["views"] = views
+        n = len(images)
+        flat = torch.cat([p.reshape(n, -1).float() for p in parts.values()], 1).cpu().numpy()  # one device -> host
+        out, at = {k: batch[k] for k in ("origin", "index", "label") if k in batch}, 0
+        for name, p in parts.items():
+            shapes[name] = tuple(p.shape[1:])
+            width = int(np.prod(shapes[name]))
+            out[name] = flat[:, at : at + width].reshape(n, *shapes[name])
+            at += width
+        out["thumb"] = out["thumb"].astype(np.uint8)
+        return out
+
+
+def device_pixels(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """uint8 NHWC ``images`` -> the pixel embedder's ``thumb``, ``coarse`` (the image and its
+    mirror) and ``fine``, on the images' device."""
+    thumbs = pixels.thumbnails(images)
+    return {"thumb": thumbs, "coarse": pixels.coarse_views(thumbs), "fine": pixels.fine(thumbs)}
 
 
 def device_embedding(
@@ -101,15 +122,15 @@ def device_embedding(
         logits = model(normalize_tensor((both * 255.0).permute(0, 2, 3, 1), mean, std))
         feats = grabbed[0].float().view(len(views), 2, n, -1).sum(1)  # (V, n, f): view + its mirror
         probs = torch.softmax(logits[:n].float(), 1)
-        pixels = torch.stack([pixel_descriptor(v) for v in views])
-        return torch.cat([feats, pixels], 2).transpose(0, 1), probs  # (n, V, f + p), (n, C)
+        pixel_parts = torch.stack([pixel_descriptor(v) for v in views])
+        return torch.cat([feats, pixel_parts], 2).transpose(0, 1), probs  # (n, V, f + p), (n, C)
 
 
 def finish(views: np.ndarray, feature_dim: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Centre the model part by its mean over ``rows`` (the dataset's originals; default
-    all) and L2-normalise each part and each view: the embedding the kNN compares."""
-    feats, pixels = views[..., :feature_dim], views[..., feature_dim:]
+    all) and L2-normalise each part and each view: the classifier embedding the kNN compares."""
+    feats, pix = views[..., :feature_dim], views[..., feature_dim:]
     mu = feats[:, 0].mean(0) if rows is None else feats[rows, 0].mean(0)
     f = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(feats - mu)), dim=2)
-    p = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(pixels)), dim=2)
+    p = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(pix)), dim=2)
     return (torch.cat([f, p], 2) / np.sqrt(2.0)).numpy().astype(np.float32)

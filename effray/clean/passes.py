@@ -1,5 +1,6 @@
 """The cleaning step's two passes over every row, on Ray Data: one that hashes (exact
-copies) and one that embeds (near copies, and the evaluation splits' probabilities).
+copies) and one that embeds (near copies, and, with a classifier, the evaluation splits'
+probabilities).
 
 Both read the same sources, ``(directory, split, origin)``, and hand back columns sorted
 by (origin in :data:`ORIGINS` order, index), so that a position means the same row in
@@ -77,12 +78,14 @@ def hash_pass(sources: Sources, shape: tuple[int, ...]) -> dict[str, np.ndarray]
 def embed_pass(
     sources: Sources,
     copies: np.ndarray,
-    payload: dict[str, Any],
+    payload: dict[str, Any] | None,
     cfg: CleanConfig,
     shape: tuple[int, ...],
     gpus: float,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Views and probabilities of every row, and of the calibration copies (origin "copy")."""
+    """The embedding of every row, and of the calibration copies (origin "copy"): pixel
+    thumbnails and descriptors always; with ``payload`` (a classifier) its probabilities,
+    and with ``--embedder`` a classifier its views."""
     import ray
 
     parts = [
@@ -100,17 +103,19 @@ def embed_pass(
                 _decode_tagged, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": "copy"}
             )
         )
-    info = payload["data"]
+    info = payload["data"] if payload is not None else {"mean": [], "std": []}
+    features = payload is not None and cfg.uses_classifier
     ds = _union(parts).map_batches(
         Embedder,
-        fn_constructor_kwargs={"payload": payload, "mean": info["mean"], "std": info["std"]},
+        fn_constructor_kwargs={"payload": payload, "mean": info["mean"], "std": info["std"], "features": features},
         batch_size=256,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=1,
         num_gpus=gpus,
     )
-    cols = _collect(ds, ("origin", "index", "label", "views", "probs"))
+    columns = ("origin", "index", "label", "thumb", "coarse", "fine")
+    cols = _collect(ds, columns + (("probs",) if payload is not None else ()) + (("views",) if features else ()))
     is_copy = cols["origin"] == "copy"
     rows = _ordered({k: v[~is_copy] for k, v in cols.items()})
     order = np.argsort(cols["index"][is_copy])

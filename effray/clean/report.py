@@ -1,4 +1,5 @@
-"""The cleaning step's outputs: removed.parquet, clean_report.json/.md and the PNG grids."""
+"""The cleaning step's outputs: removed.parquet, candidates.parquet, clean_report.json/.md
+and the PNG grids."""
 
 from __future__ import annotations
 
@@ -29,6 +30,65 @@ REMOVED = pa.schema(
         ("dropped", pa.bool_()),
     ]
 )
+
+
+CANDIDATES = pa.schema(
+    [
+        ("rank", pa.int64()),
+        ("kind", pa.string()),
+        ("split", pa.string()),
+        ("index", pa.int64()),
+        ("label", pa.int64()),
+        ("match_split", pa.string()),
+        ("match_index", pa.int64()),
+        ("match_label", pa.int64()),
+        ("similarity", pa.float64()),
+        ("score", pa.float64()),
+        ("flagged", pa.bool_()),
+    ]
+)
+CANDIDATE_GRID = 32  # pairs in candidates.png: the top of the list a person reviews
+
+
+def candidate_rows(candidates: dict[str, np.ndarray] | None, rows: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    """The ranked pairs (row positions, :func:`effray.clean.near.ranked_pairs`) as
+    candidates.parquet's columns; none without a near search."""
+    if candidates is None:
+        return {f.name: [] for f in CANDIDATES}
+    a, b = candidates["a"], candidates["b"]
+    return {
+        "rank": list(range(1, len(a) + 1)),
+        "kind": candidates["kind"].tolist(),
+        "split": rows["origin"][a].tolist(),
+        "index": rows["index"][a].tolist(),
+        "label": rows["label"][a].tolist(),
+        "match_split": rows["origin"][b].tolist(),
+        "match_index": rows["index"][b].tolist(),
+        "match_label": rows["label"][b].tolist(),
+        "similarity": candidates["similarity"].tolist(),
+        "score": candidates["score"].tolist(),
+        "flagged": candidates["flagged"].tolist(),
+    }
+
+
+def write_candidates(path: Path, candidates: dict[str, np.ndarray] | None, rows: dict[str, np.ndarray]) -> None:
+    """candidates.parquet: the top-scoring pairs, flagged or not, best first, for review."""
+    cols = candidate_rows(candidates, rows)
+    table = pa.table({k: pa.array(v, CANDIDATES.field(k).type) for k, v in cols.items()}, schema=CANDIDATES)
+    write_file(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def candidate_summary(candidates: dict[str, np.ndarray] | None) -> dict[str, Any] | None:
+    """The report's line on candidates.parquet."""
+    if candidates is None:
+        return None
+    kinds = candidates["kind"]
+    return {
+        "pairs": int(len(kinds)),
+        "flagged": int(candidates["flagged"].sum()),
+        "leak_pairs": int(np.sum(kinds == "leak")),
+        "lowest_score": float(candidates["score"][-1]) if len(kinds) else None,
+    }
 
 
 def write_removed(path: Path, findings: list[dict[str, Any]]) -> None:
@@ -98,6 +158,23 @@ def markdown(report: dict[str, Any]) -> str:
             "| --- | --- |",
         ]
         lines += [f"| {k} | {v:.3f} |" for k, v in near["recall_per_kind"].items()]
+        if near.get("leak_precision_at_least") is not None:
+            lines += [
+                "",
+                f"Leaks: {near['eval_images_flagged']} of {near['eval_images']} evaluation/reference images have a "
+                f"train image above the threshold; at {near['real_images_above']:.1%} of real images above it by "
+                f"chance, their precision is at least {near['leak_precision_at_least']:.2f}.",
+            ]
+    cand = report.get("candidates")
+    if cand:
+        lines += [
+            "",
+            "## Candidates for review",
+            "",
+            f"`candidates.parquet`: the {cand['pairs']} highest-scoring pairs ({cand['leak_pairs']} train-evaluation, "
+            f"the rest within a split), best first, {cand['flagged']} above the threshold; `candidates.png` shows the "
+            "top of the list. Pairs below the threshold are where a person finds the copies it missed.",
+        ]
     labels = report.get("labels")
     if labels:
         lines += [
@@ -134,12 +211,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_pairs_grid(path: Path, pairs: list[tuple[np.ndarray, np.ndarray, str]]) -> None:
+def save_pairs_grid(
+    path: Path,
+    pairs: list[tuple[np.ndarray, np.ndarray, str]],
+    title: str = "duplicate pairs: flagged row (left), its match (right)",
+) -> None:
     """Flagged row | the row it copies, side by side, a caption above each pair."""
     _grid(
         path,
         [(np.concatenate([a, np.full((a.shape[0], 2, a.shape[2]), 255, np.uint8), b], 1), c) for a, b, c in pairs],
-        "duplicate pairs: flagged row (left), its match (right)",
+        title,
     )
 
 
@@ -181,6 +262,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 def save_grids(
     out: Path,
     findings: list[dict[str, Any]],
+    candidates: dict[str, np.ndarray] | None,
+    rows: dict[str, np.ndarray],
     data: str,
     train: dict[str, np.ndarray],
     ref: tuple[str, dict[str, Any]] | None,
@@ -188,8 +271,9 @@ def save_grids(
     groups: int,
 ) -> None:
     """``out/duplicates.png`` (the highest-scoring pairs of each reason) and
-    ``out/label_issues.png`` (the least self-confident issues), ``groups`` of each at most;
-    the images of a split other than train are read when a finding first needs one."""
+    ``out/label_issues.png`` (the least self-confident issues), ``groups`` of each at most,
+    and ``out/candidates.png`` (the top :data:`CANDIDATE_GRID` candidate pairs); the images
+    of a split other than train are read when a finding first needs one."""
     cache: dict[str, dict[int, np.ndarray]] = {"train": dict(zip(train["index"].tolist(), train["image"]))}
 
     def image(origin: str, index: int) -> np.ndarray:
@@ -217,6 +301,27 @@ def save_grids(
             )
             for f in chosen[:groups]
         ],
+    )
+    cand = candidate_rows(candidates, rows)
+
+    def caption(i: int) -> str:
+        flag = " (flagged)" if cand["flagged"][i] else ""
+        return (
+            f"#{cand['rank'][i]} {cand['kind'][i]} {cand['score'][i]:.2f}{flag}\n"
+            f"{cand['split'][i]} {cand['index'][i]} ~ {cand['match_split'][i]} {cand['match_index'][i]}"
+        )
+
+    save_pairs_grid(
+        out / "candidates.png",
+        [
+            (
+                image(cand["split"][i], cand["index"][i]),
+                image(cand["match_split"][i], cand["match_index"][i]),
+                caption(i),
+            )
+            for i in range(min(CANDIDATE_GRID, len(cand["rank"])))
+        ],
+        "candidate pairs, best first: row (left), its match (right)",
     )
     issues = sorted((f for f in findings if f["reason"] == "label_issue"), key=lambda f: f["given_confidence"])
     save_issue_grid(

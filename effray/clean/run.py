@@ -4,14 +4,19 @@
    (:mod:`effray.clean.passes`): exact duplicates and exact leaks;
 2. fit the ``--folds`` cross-validation models (and, without ``--checkpoint``, one on all
    train rows) as parallel Tune trials: out-of-sample probabilities for the train split;
-3. embed every image (and light copies of a seeded sample of train images) with Ray Data
-   over an actor pool holding that model (:mod:`effray.clean.embed`): the eval splits'
-   probabilities come out of the same pass;
-4. blockwise cosine kNN on Ray tasks (:mod:`effray.clean.knn`); calibrate the threshold on
-   the copies (:mod:`effray.clean.near`); near duplicates and near leaks;
+3. embed every image (and synthetic copies of a seeded sample of train images) with Ray
+   Data over an actor pool (:mod:`effray.clean.embed`): pixel thumbnails and descriptors
+   (:mod:`effray.clean.pixels`), and, when it holds a classifier, the eval splits'
+   probabilities (and its features, for ``--embedder classifier``);
+4. the blockwise kNN on Ray tasks with each pair's relative score (:mod:`effray.clean.knn`);
+   calibrate the threshold on the copies (:mod:`effray.clean.near`); near duplicates,
+   near leaks and the ranked candidate pairs;
 5. cleanlab on the probabilities: label issues;
-6. removed.parquet, the report, the grids and, with ``--drop``, the cleaned dataset,
-   all in a temporary sibling of ``--out`` renamed into place at the end.
+6. removed.parquet, candidates.parquet, the report, the grids and, with ``--drop``, the
+   cleaned dataset, all in a temporary sibling of ``--out`` renamed into place at the end.
+
+Without label issues to find in val/test and with the pixel embedder (the default for
+near copies), no model is trained or loaded at all.
 """
 
 from __future__ import annotations
@@ -34,7 +39,14 @@ from effray.clean.duplicates import exact_findings
 from effray.clean.labels import ALL_TRAIN, label_findings, least_confident, run_folds
 from effray.clean.near import calibration_copies, near_duplicates
 from effray.clean.passes import embed_gpus, embed_pass, hash_pass, sources
-from effray.clean.report import save_grids, summarise, write_removed, write_report
+from effray.clean.report import (
+    candidate_summary,
+    save_grids,
+    summarise,
+    write_candidates,
+    write_removed,
+    write_report,
+)
 from effray.config import require
 from effray.console import say
 from effray.data.arrays import load_arrays
@@ -43,24 +55,34 @@ from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.train.checkpoint import load_checkpoint
 
 TOP_ISSUES = 20  # label issues listed in clean_report.md
-FILES = ["removed.parquet", "clean_report.json", "clean_report.md", "duplicates.png", "label_issues.png"]
+FILES = [
+    "removed.parquet",
+    "candidates.parquet",
+    "clean_report.json",
+    "clean_report.md",
+    "duplicates.png",
+    "candidates.png",
+    "label_issues.png",
+]
 
 
-def check_checkpoint(path: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """The --checkpoint's payload, if it fits the dataset (class count, image shape)."""
+def check_checkpoint(path: str, meta: dict[str, Any], flag: str = "--checkpoint") -> dict[str, Any]:
+    """The checkpoint's payload, if it fits the dataset (class count, image shape); ``flag``
+    names the option it came from in the one-line error."""
+    require(Path(path).exists(), f"{flag} {path} does not exist; pass a checkpoint from effray train")
     _, payload = load_checkpoint(path)
     info = payload.get("data") or {}
     classes, shape = info.get("num_classes"), info.get("image_shape")
     require(
         classes == meta["num_classes"],
-        f"--checkpoint {path} is for {classes} classes, {meta['source']} has "
+        f"{flag} {path} is for {classes} classes, {meta['source']} has "
         f"{meta['num_classes']}; pass a checkpoint trained on this dataset's classes (or none: one is trained here)",
     )
     require(
         shape is None or list(shape) == list(meta["image_shape"]),
-        f"--checkpoint {path} takes {shape} images, the dataset's are {meta['image_shape']}; pass one trained on them",
+        f"{flag} {path} takes {shape} images, the dataset's are {meta['image_shape']}; pass one trained on them",
     )
-    require("mean" in info, f"--checkpoint {path} records no normalisation; pass a checkpoint from effray train")
+    require("mean" in info, f"{flag} {path} records no normalisation; pass a checkpoint from effray train")
     return payload
 
 
@@ -100,7 +122,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     )
     meta = validate_data_dir(cfg.data)
     require("train" in meta["splits"], f"{cfg.data} has no train split to clean")
-    payload = check_checkpoint(cfg.checkpoint, meta) if cfg.checkpoint else None
+    given = cfg.checkpoint or cfg.embedder_checkpoint
+    payload = check_checkpoint(given, meta, "--checkpoint" if cfg.checkpoint else "--embedder") if given else None
     shape, classes = tuple(meta["image_shape"]), list(meta["classes"])
     tmp = temp_sibling(out, "tmp")
     tmp.mkdir(parents=True)
@@ -117,17 +140,20 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         findings = exact_findings(rows["origin"], rows["index"], rows["label"], rows["hash"])
         already = {(f["split"], f["index"]) for f in findings}
 
-        # 2. the fold models (and the embedding model, without --checkpoint)
+        # 2. the fold models (and, without --checkpoint, one on all train rows: eval probabilities, classifier features)
         train = load_arrays(cfg.data, "train")
         evals = [s for s in ("val", "test") if s in meta["splits"]]
         embed = cfg.near or bool(evals and cfg.labels)
-        folds = (list(range(cfg.folds)) if cfg.labels else []) + ([ALL_TRAIN] if payload is None and embed else [])
+        needs_model = bool(evals and cfg.labels) or (cfg.near and cfg.uses_classifier)
+        folds = (list(range(cfg.folds)) if cfg.labels else []) + (
+            [ALL_TRAIN] if payload is None and needs_model else []
+        )
         gpus = embed_gpus(cfg)
         fits: dict[str, Any] = {"probs": None, "fold_accuracy": [], "model": None}
         if folds:
             say(
                 f"[effray] clean: {len(folds)} Tune trials ({cfg.folds if cfg.labels else 0} folds"
-                f"{' + the embedding model' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each"
+                f"{' + one on all train rows' if ALL_TRAIN in folds else ''}), {cfg.epochs} epochs each"
             )
             with _timed(phase_s, "fold_models"):
                 fits = run_folds(
@@ -147,22 +173,22 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         payload = payload or fits["model"]
 
         # 3-4. the embedding pass, near copies
-        near_info, emb = None, None
-        if payload is not None and embed:
+        near_info, emb, candidates = None, None, None
+        if embed:
             calib = calibration_copies(cfg, rows, train)
             say(
-                f"[effray] clean: embedding {len(rows['index'])} images + {len(calib.copies)} light copies on "
+                f"[effray] clean: embedding {len(rows['index'])} images + {len(calib.copies)} synthetic copies on "
                 f"{cfg.actors} actor(s)"
             )
             with _timed(phase_s, "embed"):
-                emb, copy_cols = embed_pass(read, calib.copies, payload, cfg, shape, gpus)
+                emb, copy_cols = embed_pass(read, calib.copies, payload if needs_model else None, cfg, shape, gpus)
             require(
                 np.array_equal(emb["index"], rows["index"]), "the embedding pass lost rows; re-run effray data clean"
             )
             if cfg.near:
-                say("[effray] clean: blockwise kNN and threshold calibration")
+                say(f"[effray] clean: blockwise kNN ({cfg.embedder} embedder) and threshold calibration")
                 with _timed(phase_s, "knn"):
-                    near, near_info = near_duplicates(cfg, rows, emb, copy_cols["views"], calib, already, shape[2])
+                    near, near_info, candidates = near_duplicates(cfg, rows, emb, copy_cols, calib, already, shape[2])
                 findings += near
 
         # 5. label issues
@@ -190,7 +216,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         shutil.rmtree(tmp / "_folds", ignore_errors=True)
         files = list(FILES)
         write_removed(tmp / "removed.parquet", findings)
-        save_grids(tmp, findings, cfg.data, train, ref, classes, cfg.grid_groups)
+        write_candidates(tmp / "candidates.parquet", candidates, rows)
+        save_grids(tmp, findings, candidates, rows, cfg.data, train, ref, classes, cfg.grid_groups)
         dropped = None
         if reasons:
             cleaning = {
@@ -208,6 +235,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
             "classes": classes,
             **summarise(findings, classes),
             "near": near_info,
+            "candidates": candidate_summary(candidates),
             "labels": labels_info,
             "dropped": dropped,
             "files": files,

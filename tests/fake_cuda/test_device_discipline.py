@@ -547,6 +547,23 @@ def test_cleaning_embeds_on_the_gpu(fake_cuda):
         assert views.shape[:2] == (6, len(ZOOMS)) and probs.shape == (6, 10)
 
 
+def test_cleaning_pixel_embedder_stays_on_the_gpu(fake_cuda):
+    """The pixel embedder (``--embedder pixels``): thumbnails, the coarse and fine
+    descriptors and the alignment search's views and best-view similarities, all on the
+    images' device, no host read."""
+    from effray.clean import pixels
+    from effray.clean.embed import device_pixels
+
+    with fake_cuda:
+        out = device_pixels(uint8_batch(6)["image"])
+        assert_cuda(*out.values())
+        assert out["thumb"].dtype == torch.uint8 and out["coarse"].shape == (6, 2, 3 * pixels.COARSE**2)
+        views = pixels.fine_views(out["thumb"])
+        sims = pixels.best_view_similarity(views, out["fine"][:, None].expand(-1, 4, -1))
+        assert_cuda(views, sims)
+        assert views.shape == (6, pixels.VIEWS, 3 * pixels.FINE**2) and sims.shape == (6, 4)
+
+
 def test_cleaning_fold_models_train_on_the_gpu(fake_cuda, monkeypatch):
     """A label-issue fold's (and the embedding model's) training, :func:`fit_arrays`, on a
     GPU: host arrays in, batches moved to the device, every step there. The model is built

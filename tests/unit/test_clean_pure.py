@@ -1,12 +1,24 @@
-"""The cleaning step's pure pieces: hashing, light copies, the threshold, the grouping rules."""
+"""The cleaning step's pure pieces: hashing, synthetic copies, the pixel embedder's views,
+the relative score, the threshold, the grouping rules and the ranked candidates."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from effray.clean.calibrate import KINDS, choose_threshold, light_copies, light_copy
+from effray.clean import pixels
+from effray.clean.calibrate import KINDS, LIGHT, RESHOT, choose_threshold, light_copies, light_copy, synthetic_copies
 from effray.clean.duplicates import exact_findings, image_hashes, near_findings
-from effray.clean.knn import brute_knn, row_similarity
+from effray.clean.knn import baseline, relative_block, relative_score
+from effray.clean.near import expected_precision, ranked_pairs
+
+
+def _smooth_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Random low-frequency uint8 images: photo-like enough that a shifted copy still matches."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 6, 6, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def test_hashes_equal_exactly_for_equal_pixels():
@@ -24,9 +36,79 @@ def test_light_copies_are_seeded_and_change_the_image():
     images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     c1, src, kind = light_copies(images, seed=3)
     c2, _, _ = light_copies(images, seed=3)
-    assert c1.shape == (16, 32, 32, 3) and np.array_equal(c1, c2) and list(kind[:4]) == list(KINDS)
+    assert c1.shape == (16, 32, 32, 3) and np.array_equal(c1, c2) and list(kind[:4]) == list(LIGHT)
     assert np.array_equal(light_copy(images[0], "flip", rng), images[0][:, ::-1])
     assert all(not np.array_equal(c, images[s]) for c, s in zip(c1, src))
+
+
+def test_synthetic_copies_cover_every_kind_seeded_and_stay_recognisable():
+    images = _smooth_images(6, 0)
+    c1, src, kind = synthetic_copies(images, seed=5)
+    c2, _, _ = synthetic_copies(images, seed=5)
+    c3, _, _ = synthetic_copies(images, seed=6)
+    assert c1.shape == (6 * len(KINDS), 32, 32, 3) and c1.dtype == np.uint8
+    assert np.array_equal(c1, c2) and not np.array_equal(c1, c3)
+    assert sorted(set(kind)) == sorted(KINDS) and all((kind == k).sum() == 6 for k in KINDS)
+    reshot = np.isin(kind, RESHOT)
+    assert all(not np.array_equal(c, images[s]) for c, s in zip(c1[reshot], src[reshot]))
+    # a re-shot copy is closer, after the alignment search, to its own source than to any other image
+    th, copies = pixels.thumbnails(torch.from_numpy(images)), pixels.thumbnails(torch.from_numpy(c1[reshot]))
+    keys = pixels.fine(th)[None].expand(int(reshot.sum()), -1, -1)
+    sims = pixels.best_view_similarity(pixels.fine_views(copies), keys)
+    assert (sims.argmax(1).numpy() == src[reshot]).mean() >= 0.9, sims
+
+
+def test_fine_views_hold_the_image_its_mirror_and_its_shifts():
+    images = _smooth_images(5, 1)
+    th = pixels.thumbnails(torch.from_numpy(images))
+    views = pixels.fine_views(th)
+    assert views.shape == (5, pixels.VIEWS, 3 * pixels.FINE**2)
+    assert torch.allclose(views.norm(dim=2), torch.ones(5, pixels.VIEWS), atol=1e-5)
+    own = pixels.fine(th)
+    assert torch.allclose(pixels.best_view_similarity(views, own[:, None]), torch.ones(5, 1), atol=1e-5)
+    mirrored = pixels.fine(pixels.thumbnails(torch.from_numpy(np.ascontiguousarray(images[:, :, ::-1]))))
+    assert torch.allclose(pixels.best_view_similarity(views, mirrored[:, None]), torch.ones(5, 1), atol=1e-5)
+    shifted = np.roll(images, 1, axis=2)  # 1 px right: a view undoes it but for the column that wrapped
+    moved = pixels.fine(pixels.thumbnails(torch.from_numpy(shifted)))
+    plain = (own * moved).sum(1)
+    aligned = pixels.best_view_similarity(views, moved[:, None])[:, 0]
+    assert (aligned > 0.97).all() and (aligned > plain).all(), (plain, aligned)
+
+
+def test_thumbnails_take_any_size():
+    big = _smooth_images(2, 2, size=64)
+    th = pixels.thumbnails(torch.from_numpy(big))
+    assert th.shape == (2, 3, pixels.THUMB, pixels.THUMB) and th.dtype == torch.uint8
+    small = pixels.thumbnails(torch.from_numpy(_smooth_images(2, 2, size=20)))
+    assert small.shape == (2, 3, pixels.THUMB, pixels.THUMB)
+
+
+def test_baseline_and_relative_score():
+    sims = torch.tensor([[0.99] + [0.5] * 40, [0.9, 0.8] + [-torch.inf] * 39])
+    b = baseline(sims, (10, 30))
+    assert torch.allclose(b, torch.tensor([0.5, 0.8]))  # the second has one other neighbour: its baseline
+    r = relative_score(sims[:, :2].numpy(), b.numpy())
+    assert np.allclose(r[0], [0.5 / 0.01, 1.0], rtol=1e-4) and np.isclose(r[1, 0], 0.2 / 0.1)
+    assert relative_score(np.array([[-np.inf]]), np.array([0.3]))[0, 0] == 0.0
+    assert np.isfinite(relative_score(np.array([[1.0]]), np.array([0.3]))).all()  # an exact copy: large, finite
+
+
+def test_relative_block_matches_a_brute_force_search():
+    """The two-pass search of one block (no Ray): the shortlist is the coarse pass's top m,
+    re-scored by the best fine view; with m = all keys it is the brute-force best view."""
+    images = _smooth_images(40, 3)
+    images[7] = np.roll(images[3], 1, axis=1)  # a shifted copy of row 3
+    th = pixels.thumbnails(torch.from_numpy(images))
+    coarse, fine = pixels.coarse_views(th).numpy(), pixels.fine(th).numpy()
+    ids = np.arange(40)
+    sims, where, base = relative_block(coarse, coarse[:, :1], 0, 40, 5, 39, 16, ids, ids, th.numpy(), fine)
+    full = pixels.best_view_similarity(pixels.fine_views(th), torch.from_numpy(fine)[None].expand(40, -1, -1))
+    full.fill_diagonal_(-torch.inf)
+    want_s, want_i = torch.sort(full, 1, descending=True)
+    assert np.allclose(sims, want_s[:, :5].numpy(), atol=1e-5)
+    assert (where == want_i[:, :5].numpy()).mean() > 0.98 and where[7, 0] == 3 and where[3, 0] == 7
+    assert np.allclose(base, baseline(want_s).numpy(), atol=1e-5)
+    assert not (where == ids[:, None]).any()
 
 
 def test_threshold_separates_and_caps_the_false_positive_rate():
@@ -38,6 +120,7 @@ def test_threshold_separates_and_caps_the_false_positive_rate():
     assert overlap["fpr"] <= 0.01 and overlap["threshold"] >= 0.69
     # an image whose nearest neighbour is as close as a median copy has a copy itself: not a negative
     assert choose_threshold(pos, np.r_[neg, [0.99, 1.0]])["trimmed"] == 2
+    assert choose_threshold(pos, np.r_[neg, [0.85, 0.99]], trim_at=0.84)["trimmed"] == 2
 
 
 def test_exact_rules_within_splits_and_leaks_from_train_only():
@@ -61,11 +144,30 @@ def test_near_pairs_do_not_chain_and_leaks_go_to_train():
     }
 
 
-def test_row_similarity_is_the_knn_measure():
-    rng = np.random.default_rng(2)
-    a = rng.normal(size=(5, 3, 4)).astype(np.float32)
-    a /= np.linalg.norm(a, axis=2, keepdims=True)
-    sims, _ = brute_knn(a, a[::-1].copy(), 5, query_ids=np.arange(5), key_ids=np.arange(10, 15))
-    direct = row_similarity(a, a)
-    assert np.allclose(direct, 1.0, atol=1e-5)
-    assert sims.shape == (5, 5)
+def test_ranked_pairs_once_each_best_first_and_only_leaks_or_same_split():
+    origin = np.array(["train", "train", "val", "reference", "reference"], dtype=object)
+    where = np.array([[1, 3], [0, 2], [1, -1], [0, 4], [3, 2]])
+    sims = np.full(where.shape, 0.9)
+    scores = np.array([[5.0, 3.0], [6.0, 1.5], [2.0, 0.0], [4.0, 9.0], [9.0, 8.0]])
+    hashes = np.array([b"a", b"b", b"c", b"d", b"e"], dtype=object)
+    c = ranked_pairs(origin, hashes, where, sims, scores, threshold=2.5, top=10)
+    pairs = list(zip(c["a"].tolist(), c["b"].tolist(), c["kind"].tolist()))
+    # (0, 1) twice -> once at 6.0; reference-reference and reference-val never; train is always ``a`` of a leak
+    assert pairs == [(1, 0, "near_duplicate"), (0, 3, "leak"), (1, 2, "leak")], pairs
+    assert c["score"].tolist() == [6.0, 4.0, 2.0] and c["flagged"].tolist() == [True, True, False]
+    assert len(ranked_pairs(origin, hashes, where, sims, scores, 2.5, top=1)["a"]) == 1
+    # an exact copy (equal hashes) is the exact pass's finding, never a candidate
+    hashes[0] = hashes[1]
+    c = ranked_pairs(origin, hashes, where, sims, scores, threshold=2.5, top=10)
+    assert list(zip(c["a"].tolist(), c["b"].tolist())) == [(0, 3), (1, 2)]
+
+
+def test_expected_leak_precision_discounts_chance_matches():
+    origin = np.array(["train"] * 4 + ["reference"] * 6, dtype=object)
+    where = np.array([[4]] * 4 + [[0], [1], [2], [3], [3], [3]])
+    scores = np.array([[1.0]] * 4 + [[5.0], [5.0], [5.0], [5.0], [1.0], [1.0]])
+    est = expected_precision(origin, where, scores, threshold=2.0, fpr=0.1)
+    assert est == {"eval_images": 6, "eval_images_flagged": 4, "leak_precision_at_least": round(1 - 0.6 / 4, 3)}
+    # a leak seen from the train row's side counts too
+    where[0], scores[0] = [9], [3.0]
+    assert expected_precision(origin, where, scores, threshold=2.0, fpr=0.1)["eval_images_flagged"] == 5
