@@ -36,6 +36,7 @@ from effray.compress.worker import CompressWorker, compress_loop_per_worker
 from effray.config import require, to_dict, validated
 from effray.data.pipeline import eval_dataset, torch_batches, train_dataset, validate_data_dir
 from effray.data.shuffle import cache_split, steps_per_epoch
+from effray.models.reference import provided, trusted_modules
 from effray.storage import check_storage_for_cluster
 from effray.train.checkpoint import checkpoint_file, data_summary, load_checkpoint
 from effray.train.parallel import STRATEGIES
@@ -87,7 +88,7 @@ def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, 
         "val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
         f"dataset {rc.data.data} has no validation split; re-prepare it with --val-fraction > 0",
     )
-    teacher, payload = load_checkpoint(rc.compress.teacher)
+    teacher, payload = load_checkpoint(rc.compress.teacher, rc.trust_code or trusted_modules(rc.compress.student))
     spec = dict(getattr(teacher, "spec", {}) or payload.get("model_spec", {}))
     require(
         int(spec.get("num_classes", -1)) == int(meta["num_classes"]),
@@ -159,6 +160,7 @@ def fine_tune_on_workers(
         ),
         report_extra=dict(report_extra or {}),
         train_source=source,
+        factories=provided(),
     )
     trainer = torch_trainer(
         compress_loop_per_worker,

@@ -31,6 +31,7 @@ from effray.console import say
 from effray.data.images import sample_images
 from effray.data.pipeline import torch_batches
 from effray.data.shuffle import CachedSplit
+from effray.models.reference import use_factories
 from effray.train.checkpoint import load_checkpoint
 from effray.train.faults import InjectedFailure
 from effray.train.loop import DATA_INIT_IMAGES
@@ -57,6 +58,7 @@ class CompressWorker:
     steps_per_epoch: int = 1
     report_extra: dict[str, Any] = field(default_factory=dict)  # joins every report (a trial's predicted costs)
     train_source: CachedSplit | None = None  # the cached split reshuffled exactly every epoch; None: streamed
+    factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
 
 
 def calib_rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,7 +88,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(rc.data.seed)  # the same student init on every rank (DDP broadcasts rank 0's anyway)
     strategy = make_strategy("ddp", device, channels_last=False, compile=False, amp=False)
 
-    teacher, _ = load_checkpoint(worker.teacher)
+    use_factories(worker.factories)
+    teacher, _ = load_checkpoint(worker.teacher, trust_code=True)  # the driver loaded it first, as the user allowed
     teacher = freeze_teacher(teacher).to(device)
     mean, std = worker.data["mean"], worker.data["std"]
     run, step, state = start_fine_tune(
