@@ -46,9 +46,9 @@ TOP_ISSUES = 20  # label issues listed in clean_report.md
 FILES = ["removed.parquet", "clean_report.json", "clean_report.md", "duplicates.png", "label_issues.png"]
 
 
-def check_checkpoint(path: str, meta: dict[str, Any]) -> dict[str, Any]:
+def check_checkpoint(path: str, meta: dict[str, Any], trust_code: bool = False) -> dict[str, Any]:
     """The --checkpoint's payload, if it fits the dataset (class count, image shape)."""
-    _, payload = load_checkpoint(path)
+    _, payload = load_checkpoint(path, trust_code)
     info = payload.get("data") or {}
     classes, shape = info.get("num_classes"), info.get("image_shape")
     require(
@@ -100,7 +100,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     )
     meta = validate_data_dir(cfg.data)
     require("train" in meta["splits"], f"{cfg.data} has no train split to clean")
-    payload = check_checkpoint(cfg.checkpoint, meta) if cfg.checkpoint else None
+    payload = check_checkpoint(cfg.checkpoint, meta, cfg.trust_code) if cfg.checkpoint else None
     shape, classes = tuple(meta["image_shape"]), list(meta["classes"])
     tmp = temp_sibling(out, "tmp")
     tmp.mkdir(parents=True)

@@ -35,11 +35,11 @@ class Classifier:
     """One model per actor, loaded once; scores the good rows of each batch and passes the
     skipped ones through with their reason."""
 
-    def __init__(self, model: str, kind: str, top_k: int, threads: int) -> None:
+    def __init__(self, model: str, kind: str, top_k: int, threads: int, trust_code: bool = False) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.deployable = load_deployable(model, device="auto", kind=kind)
+        self.deployable = load_deployable(model, device="auto", kind=kind, trust_code=trust_code)
         self.classes = np.asarray(self.deployable.info.classes, dtype=object)
         self.top_k = top_k
 
@@ -98,7 +98,8 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise EffrayError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
-    info = load_deployable(cfg.model, device="cpu", kind=cfg.kind).info  # a bad model fails here, in one line
+    # a bad model fails here, in one line
+    info = load_deployable(cfg.model, device="cpu", kind=cfg.kind, trust_code=cfg.trust_code).info
     require(cfg.top_k <= info.num_classes, f"--top-k {cfg.top_k} is more than the model's {info.num_classes} classes")
     inputs = plan_inputs(cfg.data, cfg.split, info.image_shape, info.num_classes)
     require(inputs.rows > 0, f"{inputs.spec} has no rows to predict")
@@ -115,6 +116,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             "kind": cfg.kind,
             "top_k": cfg.top_k,
             "threads": int(cfg.cpus_per_actor),
+            "trust_code": cfg.trust_code,
         },
     )
     tmp = temp_sibling(out)

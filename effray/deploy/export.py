@@ -197,7 +197,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     """Write the requested files to ``--out``, each checked against the source; returns the
     summary the CLI prints (files, parity figures, seconds)."""
     artifact = Path(cfg.artifact).expanduser()
-    model, payload, info = open_checkpoint(artifact)
+    model, payload, info = open_checkpoint(artifact, cfg.trust_code)
     data = Path(cfg.data).expanduser() if cfg.data else recorded_data(payload, artifact)
     require(data is not None, f"{artifact} records no dataset that exists here: pass --data DIR (a prepared dataset)")
     check_dataset(load_meta(data), info, data)

@@ -157,11 +157,14 @@ def _is_export(path: Path) -> bool:
     return path.suffix in (".pt2", ".onnx") or (path.is_dir() and (path / SIDECAR).is_file())
 
 
-def load_deployable(path: str | os.PathLike, device: str = "auto", kind: str = "") -> Deployable:
+def load_deployable(
+    path: str | os.PathLike, device: str = "auto", kind: str = "", trust_code: bool = False
+) -> Deployable:
     """Open ``path``: a checkpoint or artifact (directory or ``model.pt``), or an export
     directory / file. ``kind`` picks one file of an export directory holding several
     (``torch``, ``onnx``, ``onnx-int8``, ``torch-int8``; default: the first present in
-    that order). Bad paths fail in one line."""
+    that order). Bad paths fail in one line. ``trust_code``: a checkpoint's ``pkg.module:factory``
+    may be imported (an export needs no model code)."""
     p = Path(path)
     require(
         p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output"
@@ -169,10 +172,10 @@ def load_deployable(path: str | os.PathLike, device: str = "auto", kind: str = "
     device = resolve_device(device)
     if _is_export(p):
         return _load_export(p, device, kind)
-    return _load_checkpoint(p, device)
+    return _load_checkpoint(p, device, trust_code)
 
 
-def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], ModelInfo]:
+def open_checkpoint(path: str | os.PathLike, trust_code: bool = False) -> tuple[Any, dict[str, Any], ModelInfo]:
     """``(model in eval mode on the CPU, payload, info)`` of a training checkpoint or a
     compressed artifact; anything else (an export, a generator, a stray file) fails in one line."""
 
@@ -185,7 +188,7 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], Model
         f"{p} is an `effray export` output, not a checkpoint or artifact; pass the artifact it came from",
     )
     try:
-        model, payload = load_checkpoint(p)
+        model, payload = load_checkpoint(p, trust_code)
     except EffrayError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -211,10 +214,10 @@ def device_logits(model: Any, images: Any, info: ModelInfo, tta: int = 0) -> Any
         return predict_logits(model, images, info.mean, info.std, tta, info.numerics)
 
 
-def _load_checkpoint(p: Path, device: str) -> Deployable:
+def _load_checkpoint(p: Path, device: str, trust_code: bool = False) -> Deployable:
     import torch
 
-    model, payload, info = open_checkpoint(p)
+    model, payload, info = open_checkpoint(p, trust_code)
     model = model.to(device).eval()
     tta = int((payload.get("config") or {}).get("tta", 0)) if info.kind == "checkpoint" else 0
 

@@ -88,7 +88,7 @@ class ClassifierServer:
 
         self.cfg = cfg
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
-        self.deployable = load_deployable(cfg.model, device="auto", kind=cfg.kind)
+        self.deployable = load_deployable(cfg.model, device="auto", kind=cfg.kind, trust_code=cfg.trust_code)
         info = self.deployable.info
         self.model = {"kind": info.kind, "source": info.source, "provenance": info.provenance}
         self.model_thread = ThreadPoolExecutor(

@@ -57,6 +57,9 @@ class EvaluateConfig:
     corruption_seed: int = option(
         0, "seed of the corruptions' randomness (per image, so any batching gives the same split)"
     )
+    trust_code: bool = option(
+        False, "import the pkg.module:factory the checkpoint names to rebuild its model (never on a file's say-so)"
+    )
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "--checkpoint PATH is required (a run's checkpoint directory or model.pt)")
@@ -115,7 +118,7 @@ def score(
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Load the checkpoint, stream the data, return one JSON-able result dict."""
-    model, payload = load_checkpoint(cfg.checkpoint)
+    model, payload = load_checkpoint(cfg.checkpoint, cfg.trust_code)
     spec, info = payload.get("model_spec", {}), payload.get("data")
     if not info or "mean" not in info:
         raise EffrayError(

@@ -50,6 +50,11 @@ class RunConfig:
         "the cleaning stage: report (flag duplicates and leaks before the teacher, label issues on val from the "
         "teacher; drop nothing), off, or drop=duplicates,leaks (those train rows leave before the teacher trains)",
     )
+    weights: str = option(
+        "",
+        "start the teacher from this state dict (.pt/.pth weights-only or .safetensors, e.g. ImageNet weights of the "
+        "preset's model; a classifier of another size is re-initialised); the preset's train section fine-tunes it",
+    )
     cluster_config: str = option(
         "",
         "a Ray cluster launcher YAML (e.g. cluster.yaml): fail before anything runs if the teacher's workers or a "
@@ -116,7 +121,11 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
         train=build(
             "train",
             TrainConfig(
-                data=DataConfig(data=str(trained_on)), storage=str(out / "teacher"), name="teacher", wandb=cfg.wandb
+                data=DataConfig(data=str(trained_on)),
+                storage=str(out / "teacher"),
+                name="teacher",
+                wandb=cfg.wandb,
+                weights=os.path.abspath(cfg.weights) if cfg.weights else "",
             ),
         ),
         tune=build(
@@ -128,6 +137,8 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
                 name="compress",
                 wandb=cfg.wandb,
                 max_size_kb=cfg.max_size_kb,
+                # the teacher is this run's own, trained from the preset's --model: its code is the user's choice
+                trust_code=True,
             ),
         ),
     )

@@ -11,7 +11,7 @@ dataset or teacher is picked up without touching Tune's saved state.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from effray.compress.config import CompressConfig
@@ -20,6 +20,7 @@ from effray.config import merge, require
 from effray.data.arrays import eval_batches, load_arrays
 from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import corruption_accuracy, parse_severities
+from effray.models.reference import provided
 from effray.search.config import TuneConfig
 from effray.train.checkpoint import data_summary, load_checkpoint
 
@@ -91,6 +92,7 @@ class TrialContext:
     workers: TrialWorkers
     wandb_project: str
     wandb_mode: str  # decided once on the driver; "disabled" tracks nothing
+    factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
 
     def compress_config(self, sample: dict[str, Any]) -> CompressConfig:
         """The trial's :class:`CompressConfig`: the base with the Tune space's sample applied,
@@ -115,7 +117,7 @@ class TrialContext:
 def measure_teacher(cfg: TuneConfig, meta: dict[str, Any], robust: Robustness | None) -> TeacherBaseline:
     """Load and measure the teacher once, on the driver, refusing one that predicts another
     dataset's classes."""
-    teacher, _ = load_checkpoint(cfg.teacher)
+    teacher, _ = load_checkpoint(cfg.teacher, cfg.trust_code)
     spec = dict(teacher.spec)
     require(
         spec["num_classes"] == meta["num_classes"],
@@ -148,4 +150,5 @@ def trial_context(cfg: TuneConfig, meta: dict[str, Any], wandb_mode: str) -> Tri
         workers=TrialWorkers(cfg.workers_per_trial, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.data_cpus),
         wandb_project=cfg.wandb_project,
         wandb_mode=wandb_mode,
+        factories=provided(),
     )
