@@ -192,15 +192,40 @@ def test_unstructured_pruning_and_lock(fake_cuda, importance):
         assert_cuda(*model.parameters())
 
 
-@pytest.mark.parametrize("variant", ["fixed", "bug2-cpu-example-inputs"])
+@pytest.mark.parametrize(
+    "variant", ["fixed", "bug2-cpu-example-inputs", "tests.user_models:residual_dw", "timm:vit_tiny_patch16_224"]
+)
 def test_structured_pruning_traces_and_scores_on_the_device(fake_cuda, variant):
     """Torch-Pruning's dependency graph is traced through the CUDA model with inputs on its
-    device, and every channel group is scored there. Choosing which channels go (the new
-    shapes) is the one host read of a pruning event, between epochs; the real-CUDA test
-    (tests/cuda) runs it whole."""
+    device, and every channel group is scored there (a referenced model's too: a user's
+    residual + depthwise module, a ViT whose attention loses whole heads, whose unsafe
+    groups are found on the device). Choosing which channels go (the new shapes) is the
+    one host read of a pruning event, between epochs; the real-CUDA test (tests/cuda) runs
+    it whole."""
     from effray.compress.layers import classifier
     from effray.compress.prune import IMPORTANCES, structured_pruner
+    from effray.compress.structure import unsafe_layers
 
+    if ":" in variant:
+        kwargs = "?img_size=32,depth=2,embed_dim=48,num_heads=3" if variant.startswith("timm") else "?width=8"
+        model = build_model(variant + kwargs, 10).eval()
+        with fake_cuda:
+            model = model.to(CUDA)
+            example = torch.randn(1, 3, 32, 32, device=CUDA)
+            skipped = unsafe_layers(model, example)
+            assert bool(skipped) == variant.startswith("timm")  # the ViT's residual stream meets its pos_embed
+            pruner = structured_pruner(model, 0.3, IMPORTANCES.get("l1"), example, ignored=list(skipped))
+            groups = list(
+                pruner.DG.get_all_groups(
+                    ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+                )
+            )
+            assert len(groups) >= 2
+            for group in groups:
+                scores = pruner.estimate_importance(group)
+                if scores is not None:
+                    assert_cuda(scores)
+        return
     model = build_model("resnet20", 10, 3, 0.25).eval()
     with fake_cuda:
         model = model.to(CUDA)
