@@ -119,7 +119,15 @@ class CompressHooks(Hooks):
             self.lock = None
         model, rank0 = run.plain, run.session.rank == 0
         if pruning:
-            prune_step(model, self.events[epoch], cfg.prune_kind, cfg.prune_importance, batches=self.calib)
+            example = self.calib[0][0][:1] if self.calib else None  # traced at the size the model takes
+            prune_step(
+                model,
+                self.events[epoch],
+                cfg.prune_kind,
+                cfg.prune_importance,
+                example_inputs=example,
+                batches=self.calib,
+            )
             if rank0:
                 self.say(
                     f"epoch {epoch}: pruned to {self.events[epoch]:.3f} ({cfg.prune_kind}); "
