@@ -94,7 +94,7 @@ def test_mixed_sizes_need_image_size_and_every_image_is_resized_once_with_it(tmp
     assert rc == 0 and res["image_shape"] == [32, 32, 3], err
     stored = load_arrays(tmp_path / "o", "train")
     for i, png in zip(stored["index"], rows):  # torchvision's Resize(32) + CenterCrop(32) of the source image
-        x = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)))).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(Image.open(io.BytesIO(png)))).permute(2, 0, 1)
         want = TF.center_crop(TF.resize(x, 32, antialias=True), 32).permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(stored["image"][list(stored["index"]).index(i)], want)
 
