@@ -72,14 +72,9 @@ def predict_costs(
     the teacher is on, and the teacher is not touched."""
     cfg = validated(cfg)
     spec = dict(teacher.spec)
-    hwc = (data or {}).get("image_shape")  # the data's images, as the run will see them
-    shape = (
-        tuple(input_shape)
-        if input_shape is not None
-        else (int(hwc[2]), int(hwc[0]), int(hwc[1]))
-        if hwc
-        else (int(spec.get("in_channels", 3)), 32, 32)
-    )
+    if input_shape is None and data and "image_shape" in data:  # the size the teacher takes (HWC)
+        input_shape = (int(data["image_shape"][2]), int(data["image_shape"][0]), int(data["image_shape"][1]))
+    shape = tuple(input_shape) if input_shape is not None else (int(spec.get("in_channels", 3)), 32, 32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         batch = [(torch.randn(BATCH, *shape), torch.randint(0, int(spec["num_classes"]), (BATCH,)))]

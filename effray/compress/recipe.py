@@ -120,14 +120,14 @@ class CompressHooks(Hooks):
             self.lock = None
         model, rank0 = run.plain, run.session.rank == 0
         if pruning:
-            example = self.calib[0][0][:1] if self.calib else None  # traced at the data's image size
+            example = self.calib[0][0][:1] if self.calib else None  # traced at the size the model takes
             prune_step(
                 model,
                 self.events[epoch],
                 cfg.prune_kind,
                 cfg.prune_importance,
-                batches=self.calib,
                 example_inputs=example,
+                batches=self.calib,
             )
             if rank0:
                 self.say(

@@ -130,9 +130,15 @@ class ServeConfig:
     max_request_bytes: int = option(4 << 20, "largest request body accepted (413 beyond)")
     max_images_per_request: int = option(64, "most images in one JSON batch request (400 beyond)")
     trust_code: bool = option(False, TRUST_HELP)
+    max_image_pixels: int = option(
+        40_000_000,
+        "largest image (width x height) a request may hold, refused from its header before decoding (413 "
+        "beyond); smaller images of another size than the model takes are resized by its preprocessing",
+    )
 
     def validate(self) -> None:
         require(bool(self.model), MODEL_REQUIRED)
+        require(self.max_image_pixels > 0, f"--max-image-pixels must be positive, got {self.max_image_pixels}")
         require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         require(self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
         require(self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}")

@@ -23,6 +23,7 @@ from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
 from effray.compress.int8 import lower_x86
 from effray.compress.program import quiet, vnni
 from effray.config import require
+from effray.data.augment import default_preprocess
 from effray.data.images import normalize_tensor
 from effray.errors import EffrayError
 from effray.models.predict import predict_logits
@@ -49,10 +50,17 @@ class ModelInfo:
     source: str  # the file this was loaded from
     numerics: dict[str, bool] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    preprocess: str = ""  # what turns an image of any size into image_shape ("": recorded before it was)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def resize(self) -> str:
+        """The preprocessing that brings an image of another size to ``image_shape``: the
+        recorded one, else the short side resized and the centre cropped to it."""
+        return self.preprocess or default_preprocess(self.image_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +158,7 @@ def info_from_payload(payload: dict[str, Any], source: str) -> ModelInfo:
         source=os.path.abspath(source),
         numerics=dict(payload.get("numerics") or {}),
         provenance=provenance,
+        preprocess=str(data.get("preprocess") or ""),
     )
 
 
@@ -255,6 +264,7 @@ def _load_export(p: Path, device: str, kind: str) -> Deployable:
         source=str(f.resolve()),
         numerics=dict(sidecar.get("numerics") or {}),
         provenance=dict(sidecar.get("provenance") or {}),
+        preprocess=str(sidecar.get("preprocess") or ""),
     )
     if kind.startswith("onnx"):
         return Deployable(info, _onnx_forward(f, info, device), device)

@@ -177,9 +177,11 @@ def train_payload(
     }
 
 
-def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
+def data_summary(meta: dict[str, Any], model_input: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint keeps of the training data's meta.json: evaluation needs the
-    normalisation and classes; provenance needs the checksum."""
+    normalisation and classes; provenance needs the checksum. ``model_input``
+    (:func:`effray.data.augment.input_spec`): the size the model takes and the preprocessing
+    that makes it of a stored image, when training changed the size (else the stored one)."""
     return {
         "checksum": meta.get("source_checksum", ""),
         "source": meta.get("source", ""),
@@ -188,4 +190,5 @@ def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
         "image_shape": list(meta["image_shape"]),
         "mean": [float(m) for m in meta["mean"]],
         "std": [float(s) for s in meta["std"]],
+        **(model_input or {}),
     }

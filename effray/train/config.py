@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from effray.config import AUTO, option, require, require_whole_gpus, to_dict
+from effray.data.augment import AUTO_PREPROCESS, parse_policy
 from effray.data.pipeline import DataConfig
 from effray.models import build_model, check_model_name
 from effray.models.reference import is_reference
@@ -41,6 +42,7 @@ _LATER_DEFAULTS = {
     "decay_biases": False,
     "lr_start": 0.1,
     "lr_end": 0.0,
+    "preprocess": "auto",
 }
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
@@ -111,6 +113,11 @@ class TrainConfig:
         "test-time augmentation of the final validation (the score reported and checkpointed): 0 none, 1 mirror, 2 "
         "mirror + two 1-pixel translations",
         choices=TTA_LEVELS,
+    )
+    preprocess: str = option(
+        "auto",
+        "what validation, evaluation and deployment do to a stored (or served) image instead of --augment: ops that "
+        "draw nothing, ending at the size --augment makes (auto = resize(S)|center_crop(S), S that size)",
     )
     schedule: str = option(
         "onecycle",
@@ -251,6 +258,11 @@ class TrainConfig:
             self.whiten_bias_epochs >= 0,
             f"--whiten-bias-epochs must be >= 0 (0 = never freeze), got {self.whiten_bias_epochs}",
         )
+        if self.preprocess != AUTO_PREPROCESS:
+            require(
+                not parse_policy(self.preprocess, 1).random,
+                f"--preprocess {self.preprocess!r} draws random numbers; use ops like resize(S) and center_crop(S)",
+            )
         require(self.tta in TTA_LEVELS, f"--tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {self.tta}")
         require(
             0 <= self.warmup_epochs <= self.epochs,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from effray.config import from_dict, to_dict
-from effray.console import say
+from effray.console import relay_to, say
 from effray.data.augment import augment_on_device, device_augmentation
 from effray.data.images import sample_images
 from effray.data.shuffle import CachedSplit
@@ -64,6 +64,7 @@ class TrainWorker:
     tracker: TrackerSettings | None = None  # None: no wandb
     train_source: CachedSplit | None = None  # the cached split reshuffled exactly every epoch; None: streamed
     factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
+    progress: str = ""  # the driver's step-bar relay actor (effray.console.relayed_step_bars); "": no bar
 
 
 class TrainHooks(Hooks):
@@ -77,7 +78,8 @@ class TrainHooks(Hooks):
         self.worker, self.tracker, self.token = worker, tracker, token
         self.resumed_from = run.start if resumed else None
         self.num_classes = int(worker.data["num_classes"])
-        self.meta = {"mean": worker.data["mean"], "std": worker.data["std"]}
+        # the model's preprocessing: validation rows stored at another size than it takes
+        self.meta = {k: worker.data.get(k) for k in ("mean", "std", "preprocess")}
         self.replica, self.replicas = run.strategy.data_rank(session.rank, session.world)
         self.augment = None
         if cfg.data.augment_on == "gpu":
@@ -245,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         micro_batch=cfg.micro_batch if cfg.elastic else None,
         whiten_bias_epochs=cfg.whiten_bias_epochs,
         failure=InjectedFailure(cfg.inject_failure_at_epoch, worker.run_dir),
+        progress=relay_to(worker.progress) if worker.progress and session.rank == 0 else None,
     )
     try:
         run_recipe(run, plan, hooks)

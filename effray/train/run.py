@@ -24,7 +24,8 @@ import torch
 
 from effray.atomic import write_file, write_json
 from effray.config import require, to_dict
-from effray.console import say
+from effray.console import relayed_step_bars, say
+from effray.data.augment import input_spec
 from effray.data.pipeline import (
     DataConfig,
     eval_dataset,
@@ -167,7 +168,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, wandb_mode=mode)
     cfg, start = starting_model(cfg, meta, run_dir)
     prov = {**provenance(meta), **({"init": start} if start else {})}
-    data = data_summary(meta)
+    data = data_summary(meta, input_spec(meta["image_shape"], cfg.data.augment, meta["num_classes"], cfg.preprocess))
     tracker = (
         None
         if mode == "disabled"
@@ -221,6 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tracker=tracker,
         train_source=source,
         factories=provided(),
+        progress=f"effray-steps-{run_id}",
     )
     trainer = torch_trainer(
         train_loop_per_worker,
@@ -243,7 +245,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     # elastic: after a node dies Ray still counts its resources for a few seconds, and a
     # worker group sized to them would wait Ray Train's 60 s before trying the size that fits
-    result = fit(trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None)
+    with relayed_step_bars(worker.progress):  # rank 0's per-step bar, drawn on this terminal
+        result = fit(
+            trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None
+        )
     return _summary(
         cfg,
         run_dir,
