@@ -50,6 +50,7 @@ from effray.compress.steps import (
     quant_epoch,
     save_student,
 )
+from effray.errors import EffrayError
 from effray.train.parallel import make_strategy, prepare_model
 from effray.train.recipe import Hooks, Plan, Run, run_recipe
 from effray.train.session import EpochEnd, LocalSession, Session
@@ -229,8 +230,14 @@ def measure_artifact(
     """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
     its int8 runtime (calibrated on the CPU ``calib``) when ``cfg.int8``: ``(metrics, payload)``."""
     loaded, payload = load_artifact(out, trust_code=True)  # written by this run from a teacher it loaded
-    int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
-    return measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics), payload
+    int8, skipped = None, ""
+    if cfg.int8:
+        try:
+            int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches)
+        except EffrayError as exc:  # a graph PT2E can't lower: measured without it, and said why
+            skipped = str(exc)
+    metrics = measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics)
+    return ({**metrics, "int8_skipped": skipped} if skipped else metrics), payload
 
 
 def compress_local(
@@ -280,6 +287,8 @@ def compress_local(
     run_recipe(run, Plan(epochs=cfg.finetune_epochs, steps_per_epoch=steps), hooks)
     save_student(out_dir, hooks.student, cfg, teacher.spec, teacher_info=teacher_info, data=data)
     metrics, _ = measure_artifact(out_dir, cfg, calib, eval_batches, teacher_metrics)
+    if metrics.get("int8_skipped"):
+        log(f"int8 runtime not measured: {metrics['int8_skipped']}")
     loaded, payload = load_artifact(out_dir, trust_code=True)  # just written, from a teacher already loaded
     method = method_summary(loaded, cfg, teacher.spec)  # as the file holds it (k-bit codes that round to 0 are zeros)
     if "skipped" in payload["method"].get("prune", {}):

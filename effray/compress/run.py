@@ -35,7 +35,7 @@ from effray.compress.recipe import measure_artifact, measure_teacher
 from effray.compress.steps import build_student
 from effray.compress.worker import CompressWorker, compress_loop_per_worker
 from effray.config import require, to_dict, validated
-from effray.console import relayed_step_bars
+from effray.console import relayed_step_bars, say
 from effray.data.pipeline import eval_dataset, torch_batches, train_dataset, validate_data_dir
 from effray.data.shuffle import cache_split, steps_per_epoch
 from effray.models.reference import provided, trusted_modules
@@ -234,6 +234,8 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
         shutil.rmtree(storage, ignore_errors=True)
 
     student, payload = measure_artifact(out, cfg, calib, evals, teacher_metrics)
+    if student.get("int8_skipped"):
+        say(f"[effray] int8 runtime not measured: {student['int8_skipped']}")
     metrics = {
         **student,
         "teacher": teacher_metrics,

@@ -200,3 +200,13 @@ def test_the_python_api_takes_the_commands_flags_as_keywords():
         effray.train(model="torchvision:resnet18", data="d", weights="w.pt", pretrained=True)
     with pytest.raises(EffrayError, match=r"--parallel pipeline cuts an nn.Sequential"):
         effray.train(model=_notebook_net, data="d", parallel="pipeline")
+
+
+def test_a_graph_pt2e_cannot_lower_to_int8_is_one_line_and_compress_measures_without_it():
+    """torchvision's ResNet calls one ReLU module twice per block, which torchao's x86
+    quantizer can't partition: the torch int8 runtime is refused with the reason."""
+    from effray.compress.int8 import to_int8
+
+    model = build_model("torchvision:resnet18", 10).eval()
+    with pytest.raises(EffrayError, match=r"int8 \(PT2E, x86\): torchao can't quantize this model's graph \(Value"):
+        to_int8(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], max_batches=1)
