@@ -133,7 +133,8 @@ def test_the_worked_example_preset_validates_at_full_size_and_fits_the_cluster(t
     plan = summary["plan"]
     train, tune = plan["train"], plan["tune"]
     assert (train["model"], train["workers"], train["gpus_per_worker"]) == ("torchvision:resnet50", 4, 1.0)
-    assert train["data"]["augment"].startswith("resized_crop(") and "grayscale" in train["data"]["augment"]
+    assert train["data"]["augment"].startswith("random_resized_crop(224,") and "grayscale" in train["data"]["augment"]
+    assert plan["prepare"]["image_size"] == 224
     assert plan["prepare"]["source"].endswith("imagenette-train.parquet") and tune["space"] == "imagenette-resnet18"
     plan = plan_stages(RunConfig(preset="imagenette-resnet50", source="other.parquet", out=str(tmp_path / "r")))
     assert plan.prepare.source == "other.parquet" and plan.tune.trust_code
