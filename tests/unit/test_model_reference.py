@@ -210,3 +210,12 @@ def test_a_graph_pt2e_cannot_lower_to_int8_is_one_line_and_compress_measures_wit
     model = build_model("torchvision:resnet18", 10).eval()
     with pytest.raises(EffrayError, match=r"int8 \(PT2E, x86\): torchao can't quantize this model's graph \(Value"):
         to_int8(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], max_batches=1)
+
+
+def test_pretrained_needs_a_library_model_and_weights_exclude_it():
+    from effray.models.weights import pretrained_state
+
+    with pytest.raises(EffrayError, match=r"--pretrained needs a torchvision: or timm: --model, not 'resnet20'; pass"):
+        pretrained_state("resnet20")
+    with pytest.raises(EffrayError, match=r"--student-weights/--student-pretrained start a --student"):
+        from_flags(CompressRunConfig, {"teacher": "t", "data": "d", "out": "o", "student_weights": "w.pt"})
