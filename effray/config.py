@@ -162,6 +162,39 @@ def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
     return validated(cls(**values))
 
 
+def flag_paths(cls: type, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """Each flag's name (as :func:`add_arguments` flattens nested configs: ``augment`` for
+    ``TrainConfig.data.augment``) -> its path in the nested config."""
+    hints = _resolved_hints(cls)
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _strip_optional(hints[f.name])
+        if _is_config(tp):
+            out.update(flag_paths(tp, prefix + (f.name,)))
+        else:
+            out[f.name] = prefix + (f.name,)
+    return out
+
+
+def from_flags(cls: type[C], flags: dict[str, Any]) -> C:
+    """A config from keyword arguments named as its command's flags (the Python API's
+    ``effray.train(epochs=3, augment="standard")``): unknown names fail in one line."""
+    paths = flag_paths(cls)
+    unknown = sorted(set(flags) - set(paths))
+    if unknown:
+        raise EffrayError(f"unknown keyword(s) {', '.join(unknown)}; valid: {', '.join(sorted(paths))}")
+    nested: dict[str, Any] = {}
+    for name, value in flags.items():
+        *parents, leaf = paths[name]
+        into = nested
+        for p in parents:
+            into = into.setdefault(p, {})
+        into[leaf] = list(value) if isinstance(value, tuple) else value
+    return from_dict(cls, nested)
+
+
 def merge(cfg: C, overrides: dict[str, Any]) -> C:
     """A copy of ``cfg`` with nested ``overrides`` applied (strict), e.g. a Tune trial's sample."""
     return from_dict(type(cfg), deep_update(to_dict(cfg), overrides))

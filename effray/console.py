@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,7 +34,7 @@ def say(line: str) -> None:
     out.flush()
 
 
-def bar(total: int, desc: str, unit: str) -> Any:
+def bar(total: int, desc: str, unit: str, leave: bool = True) -> Any:
     """A progress bar on the terminal (tqdm; plain lines when it is not a terminal)."""
     from tqdm import tqdm
 
@@ -45,10 +46,113 @@ def bar(total: int, desc: str, unit: str) -> Any:
         file=out,
         dynamic_ncols=True,
         mininterval=0.5,
-        leave=True,
+        leave=leave,
         disable=False,
         ascii=not (hasattr(out, "isatty") and out.isatty()) or None,
     )
+
+
+# ------------------------------------------------------------------ rank 0's per-step bar
+
+STEP_BAR_DELAY_S = 3.0  # an epoch shorter than this shows no per-step bar (its epoch line is enough)
+STEP_BAR_EVERY_S = 0.5  # at most this often a new state (a Ray Train worker's goes through an actor)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """One refresh of the per-step bar of a training epoch (rank 0's, in whatever process
+    it trains): steps done of ``total``, images/s over all ranks, rank 0's running loss
+    (None until the device has handed one back), and whether the epoch ended."""
+
+    desc: str
+    step: int
+    total: int
+    images_per_s: float
+    loss: float | None
+    done: bool = False
+
+
+class StepBars:
+    """Draws :class:`StepState` s on the terminal: one bar per epoch (a new ``desc``), gone
+    from the screen when the epoch ends (its epoch line or bar says the rest)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.desc = ""
+
+    def show(self, state: StepState) -> None:
+        if state.done or (self.bar is not None and state.desc != self.desc):
+            self.close()
+        if state.done:
+            return
+        if self.bar is None:
+            self.bar, self.desc = bar(state.total, state.desc, "step", leave=False), state.desc
+        loss = "loss ..." if state.loss is None else f"loss {state.loss:.4f}"
+        self.bar.n = min(state.step, state.total)
+        self.bar.set_postfix_str(f"{state.images_per_s:,.0f} img/s, {loss}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.desc = None, ""
+
+
+class BarRelay:
+    """The actor a Ray Train run's rank 0 posts its :class:`StepState` s to, from any node:
+    the driver, whose terminal it is, draws them (a worker's own output goes to Ray's log)."""
+
+    def __init__(self) -> None:
+        self.state: StepState | None = None
+        self.version = 0
+
+    def put(self, state: StepState) -> None:
+        self.state, self.version = state, self.version + 1
+
+    def get(self, seen: int) -> tuple[int, StepState | None]:
+        """The newest state, if newer than version ``seen``."""
+        return (self.version, self.state) if self.version != seen else (seen, None)
+
+
+@contextmanager
+def relayed_step_bars(name: str, every_s: float = 0.25) -> Iterator[None]:
+    """Within the block, draw here (:class:`StepBars`) what rank 0 posts to the relay actor
+    ``name`` (:func:`relay_to`); the actor is created here and goes at the end."""
+    import ray
+
+    relay = ray.remote(num_cpus=0)(BarRelay).options(name=name, namespace="effray").remote()
+    bars, stop, seen = StepBars(), threading.Event(), 0
+
+    def poll() -> None:
+        nonlocal seen
+        try:
+            seen, state = ray.get(relay.get.remote(seen), timeout=10)
+        except Exception:  # noqa: BLE001 - a bar must never fail the run it shows
+            return
+        if state is not None:
+            bars.show(state)
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            poll()
+
+    thread = threading.Thread(target=loop, name="effray-step-bar", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bars.close()
+        ray.kill(relay)
+
+
+def relay_to(name: str) -> Callable[[StepState], None]:
+    """Rank 0's side of :func:`relayed_step_bars`: post a state and go on (no wait)."""
+    import ray
+
+    relay = ray.get_actor(name, namespace="effray")
+    return lambda state: relay.put.remote(state) and None
 
 
 @contextmanager

@@ -6,8 +6,10 @@ CLI flag is fixed from the message alone.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from effray.errors import EffrayError
 
@@ -44,3 +46,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class _CallablePackage(types.ModuleType):
+    """A package that is also its stage's Python API: ``effray.train(...)``."""
+
+    __api__: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__api__(*args, **kwargs)
+
+
+def callable_package(name: str, api: Callable[..., Any]) -> None:
+    """Make the package ``name`` (``effray.train``) callable as ``api``: the Python API reads
+    as the command (``effray.train(model=net, data=...)``) while ``effray.train.loop`` and the
+    rest stay the package's modules."""
+    module = sys.modules[name]
+    module.__class__ = _CallablePackage
+    module.__api__ = api

@@ -8,6 +8,7 @@ from typing import Any
 
 from effray.clean.knn import BASELINE
 from effray.config import option, require
+from effray.models import check_model_name
 
 REASONS = ("duplicates", "leaks", "labels")  # what --drop may name
 # the reasons a removed.parquet row carries, and the --drop name that drops it
@@ -30,6 +31,9 @@ class CleanConfig:
     )
     checkpoint: str = option(
         "", "classifier for the eval splits' label issues (default: one trained here on train, as a Tune trial)"
+    )
+    trust_code: bool = option(
+        False, "import the pkg.module:factory the --checkpoint names to rebuild its model (never on a file's say-so)"
     )
     drop: str = option(
         "", "comma-separated reasons to drop into OUT/data: duplicates, leaks, labels (default: report only)"
@@ -94,6 +98,7 @@ class CleanConfig:
     def validate(self) -> None:
         require(bool(self.data), "--data DIR is required (a dataset from `effray data prepare`)")
         require(bool(self.out), "--out DIR is required (where the report and the cleaned dataset go)")
+        check_model_name(self.model)
         require(
             self.folds >= 2,
             f"--folds must be >= 2 (each fold's rows are scored by a model trained on the others), got {self.folds}",

@@ -42,12 +42,13 @@ def predict_probs(
     model: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], batch_size: int = 512
 ) -> tuple[np.ndarray, float]:
     """Softmax probabilities of ``model`` on ``arrays``' images (unaugmented, fp32, on the
-    model's device) and its accuracy on their labels: the one metrics pass
+    model's device; ``meta["preprocess"]``, a model's, when they are stored at another size
+    than it takes) and its accuracy on their labels: the one metrics pass
     (:func:`effray.metrics.score_batches`), which keeps the logits cleanlab needs."""
     model.eval()
     rows = len(arrays["label"])
     scored = score_batches(
-        lambda images: predict_logits(model, images, meta["mean"], meta["std"]),
+        lambda images: predict_logits(model, images, meta["mean"], meta["std"], preprocess=meta.get("preprocess")),
         (
             (arrays["image"][i : i + batch_size], arrays["label"][i : i + batch_size])
             for i in range(0, rows, batch_size)

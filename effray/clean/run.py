@@ -66,11 +66,13 @@ FILES = [
 ]
 
 
-def check_checkpoint(path: str, meta: dict[str, Any], flag: str = "--checkpoint") -> dict[str, Any]:
+def check_checkpoint(
+    path: str, meta: dict[str, Any], flag: str = "--checkpoint", trust_code: bool = False
+) -> dict[str, Any]:
     """The checkpoint's payload, if it fits the dataset (class count, image shape); ``flag``
     names the option it came from in the one-line error."""
     require(Path(path).exists(), f"{flag} {path} does not exist; pass a checkpoint from effray train")
-    _, payload = load_checkpoint(path)
+    _, payload = load_checkpoint(path, trust_code)
     info = payload.get("data") or {}
     classes, shape = info.get("num_classes"), info.get("image_shape")
     require(
@@ -123,7 +125,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     meta = validate_data_dir(cfg.data)
     require("train" in meta["splits"], f"{cfg.data} has no train split to clean")
     given = cfg.checkpoint or cfg.embedder_checkpoint
-    payload = check_checkpoint(given, meta, "--checkpoint" if cfg.checkpoint else "--embedder") if given else None
+    flag = "--checkpoint" if cfg.checkpoint else "--embedder"
+    payload = check_checkpoint(given, meta, flag, cfg.trust_code) if given else None
     shape, classes = tuple(meta["image_shape"]), list(meta["classes"])
     tmp = temp_sibling(out, "tmp")
     tmp.mkdir(parents=True)

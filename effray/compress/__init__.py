@@ -15,10 +15,14 @@
   whole recipe in-process; :mod:`~effray.compress.worker` / :mod:`~effray.compress.run`:
   the same on Ray Train workers, and `effray compress`'s driver.
 
+The package itself is callable: ``effray.compress(teacher, data=..., out=..., bits=4)`` is
+:func:`effray.compress.api.compress`, the Python API of `effray compress`.
+
 Importing the package registers its checkpoint formats (the artifact, a fine-tune in
 progress) with the one loader, :func:`effray.train.checkpoint.load_checkpoint`.
 """
 
+from effray.compress.api import compress as compress_api
 from effray.compress.artifact import FORMAT, load_artifact, save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.distill import kd_loss
@@ -35,6 +39,7 @@ from effray.compress.prune import (
     weight_sparsity,
 )
 from effray.compress.quantize import QUANTIZERS, calibrate, dequantize, fold_bn, quantize_model
+from effray.registry import callable_package
 
 __all__ = [
     "FORMAT",
@@ -58,3 +63,5 @@ __all__ = [
     "to_int8",
     "weight_sparsity",
 ]
+
+callable_package(__name__, compress_api)  # effray.compress(teacher, data=..., out=...): the Python API

@@ -26,6 +26,7 @@ import hashlib
 import json
 import lzma
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from effray.compress.pack import (
 from effray.compress.quantize import freeze, set_module
 from effray.errors import EffrayError
 from effray.models import build_model
+from effray.models.reference import is_reference, trusting
 from effray.train.checkpoint import FORMATS, checkpoint_file, read_payload, save_payload
 
 FORMAT = "effray.compressed"
@@ -69,32 +71,87 @@ def file_checksum(path: str | os.PathLike) -> str:
 
 def describe_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Type and constructor arguments of every module whose shape pruning, folding or
-    quantization may have changed: what :func:`build_from` needs to rebuild it."""
+    quantization may have changed: what :func:`build_from` needs to rebuild it. Only
+    layers of exactly these types: a library's subclass (timm's ``BatchNormAct2d``) keeps
+    its own class and is rebuilt by :func:`describe_attrs` and :func:`fit_tensors`."""
     out: dict[str, dict[str, Any]] = {}
     inner = tuple(_quantized_prefixes(model))  # a quantized layer's own children rebuild with it
     for name, m in model.named_modules():
         if not name or name.startswith(inner):
             continue
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, QUANT_TYPES):
             info = {"type": "Conv2d" if isinstance(m, nn.Conv2d) else "Linear", "args": layer_args(m)}
             if isinstance(m, QUANT_TYPES):
                 info.update(
                     bits=m.bits, act_bits=m.act_bits, act_range=m.aq.mode if isinstance(m.aq, ActQuant) else "ema"
                 )
             out[name] = info
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
             out[name] = {
                 "type": type(m).__name__,
                 "args": {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine},
             }
-        elif isinstance(m, nn.Identity):
+        elif type(m) is nn.Identity:
             out[name] = {"type": "Identity", "args": {}}
     return out
 
 
-def build_from(spec: dict[str, Any], modules: dict[str, dict[str, Any]]) -> nn.Module:
+def describe_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """For a model built by reference: every other module's integer attributes (an attention's
+    ``num_heads`` after its heads were pruned, a norm's ``normalized_shape``), which a
+    library's module reads in its forward. Built-in models have none that pruning changes."""
+    if not is_reference(str(getattr(model, "spec", {}).get("name", ""))):
+        return {}
+    inner = tuple(_quantized_prefixes(model))
+    described = describe_modules(model)
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if name in described or (name and name.startswith(inner)):
+            continue
+        attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(m).items() if _integral(k, v)}
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def _integral(key: str, value: Any) -> bool:
+    if key.startswith("_") or key == "training":
+        return False
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def set_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
+    """Put :func:`describe_attrs`'s values back (a tuple where the module holds one)."""
+    for name, values in (attrs or {}).items():
+        m = model.get_submodule(name)
+        for k, v in values.items():
+            setattr(m, k, tuple(v) if isinstance(getattr(m, k, None), tuple) else v)
+
+
+def fit_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter and buffer the shape ``state`` holds for it (empty until loaded):
+    the rest of a pruned referenced model (a pruned norm's weights, a position embedding)
+    takes its saved shape without a pickled module."""
+    for key, t in state.items():
+        owner, _, leaf = key.rpartition(".")
+        m = model.get_submodule(owner) if owner else model
+        current = m._parameters.get(leaf) if leaf in m._parameters else m._buffers.get(leaf)
+        if current is None or tuple(current.shape) == tuple(t.shape):
+            continue
+        empty = torch.empty(t.shape, dtype=current.dtype, device=current.device)
+        if leaf in m._parameters:
+            m._parameters[leaf] = nn.Parameter(empty, requires_grad=current.requires_grad)
+        else:
+            m._buffers[leaf] = empty
+
+
+def build_from(
+    spec: dict[str, Any], modules: dict[str, dict[str, Any]], attrs: dict[str, dict[str, Any]] | None = None
+) -> nn.Module:
     """The base architecture with every recorded module replaced by one of the saved type
-    and shape (weights still to load)."""
+    and shape, and the recorded attributes set (weights still to load)."""
 
     model = build_model(**spec)
     for name, info in modules.items():
@@ -115,6 +172,7 @@ def build_from(spec: dict[str, Any], modules: dict[str, dict[str, Any]]) -> nn.M
         else:
             new = _TYPES[kind](**info["args"])
         set_module(model, name, new)
+    set_attrs(model, attrs or {})
     return model
 
 
@@ -196,7 +254,7 @@ def artifact_payload(
     return {
         "format": FORMAT,
         "model_spec": plain(spec),
-        "layout": _to_bytes({"modules": describe_modules(model), "tensors": table}),
+        "layout": _to_bytes(_layout(model, table)),
         "codec": codec,
         "blob": blob,
         "method": plain(method or {}),
@@ -205,6 +263,16 @@ def artifact_payload(
         "data": plain(data or {}),
         "provenance": {"effray_version": __version__, "torch": str(torch.__version__)},
     }
+
+
+def _layout(model: nn.Module, table: list[list[Any]] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"modules": describe_modules(model)}
+    attrs = describe_attrs(model)
+    if attrs:  # referenced models only: a built-in model's layout stays as it was
+        out["attrs"] = attrs
+    if table is not None:
+        out["tensors"] = table
+    return out
 
 
 def _to_bytes(obj: Any) -> torch.Tensor:
@@ -223,11 +291,13 @@ def model_from_payload(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the model an artifact describes, weights loaded, quantizers frozen, eval mode."""
     try:
         layout = read_layout(payload)
-        model = build_from(payload["model_spec"], layout["modules"])
+        model = build_from(payload["model_spec"], layout["modules"], layout.get("attrs"))
         blob = payload["blob"]
         if payload.get("codec") == "lzma":
             blob = torch.frombuffer(bytearray(lzma.decompress(blob.numpy().tobytes())), dtype=torch.uint8)
-        model.load_state_dict(decode_state(blob, layout["tensors"]), strict=True)
+        state = decode_state(blob, layout["tensors"])
+        fit_tensors(model, state)
+        model.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError, lzma.LZMAError, TypeError) as exc:
         raise EffrayError(
             f"compressed artifact is damaged or from another effray version: {str(exc).splitlines()[0][:200]}"
@@ -244,9 +314,10 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     raw state dict (latent fp32 weights, step sizes, ranges), unpacked. What a fine-tuning
     checkpoint stores: the packed artifact keeps only the dequantized weights, and resuming
     QAT from those would lose the latent weights' sub-step detail."""
+    layout = _layout(model)
     return {
         "model_spec": dict(model.spec),
-        "modules": describe_modules(model),
+        **layout,
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
 
@@ -254,8 +325,8 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
 def restore(snap: dict[str, Any], learn: bool = True) -> nn.Module:
     """Inverse of :func:`snapshot`: the same modules, the same state, trainable (unless not
     ``learn``); in train mode, as a fine-tuning loop expects."""
-    modules = snap["modules"]
-    model = build_from(snap["model_spec"], modules)
+    model = build_from(snap["model_spec"], snap["modules"], snap.get("attrs"))
+    fit_tensors(model, snap["state"])
     model.load_state_dict(snap["state"], strict=True)
     model.spec = dict(snap["model_spec"])
     if learn:
@@ -273,9 +344,13 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, **meta: Any) -
     return save_payload(directory, artifact_payload(model, **meta))
 
 
-def load_artifact(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, payload)`` from an artifact directory or its model.pt, with nothing else."""
+def load_artifact(
+    path: str | os.PathLike, trust_code: bool | Collection[str] = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, payload)`` from an artifact directory or its model.pt, with nothing else
+    (``trust_code``: as :func:`~effray.train.checkpoint.load_checkpoint`'s)."""
     payload = read_payload(path)
     if payload.get("format") != FORMAT:
         raise EffrayError(f"{path} is a {payload.get('format')!r} checkpoint, not a compressed artifact ({FORMAT})")
-    return model_from_payload(payload), payload
+    with trusting(trust_code):
+        return model_from_payload(payload), payload

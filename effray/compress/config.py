@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from effray.config import option, require, require_whole_gpus
 from effray.data.pipeline import DataConfig
-from effray.models import model_names
+from effray.models import check_model_name
+from effray.models.reference import is_reference
 
 PRUNE_KINDS = ("unstructured", "structured")
 IMPORTANCES = ("l1", "l2", "taylor")
@@ -35,8 +36,16 @@ class CompressConfig:
     """What to compress into what, and how: any subset of pruning, quantization and KD."""
 
     teacher: str = option("", "checkpoint to compress (a run directory or its model.pt); also the KD teacher")
-    student: str = option("", "student model name for distillation; empty = compress the teacher's own architecture")
-    student_width: float = option(1.0, "student channel width multiplier (with --student)")
+    student: str = option(
+        "",
+        "student model for distillation: a built-in name or a reference (torchvision:NAME, timm:NAME, "
+        "pkg.module:factory, with ?k=v,...); empty = compress the teacher's own architecture",
+    )
+    student_width: float = option(1.0, "student channel width multiplier (with a built-in --student)")
+    student_weights: str = option(
+        "", "start the --student from this state dict (.pt/.pth weights-only or .safetensors); a path every node sees"
+    )
+    student_pretrained: bool = option(False, "start the --student from torchvision's or timm's published weights")
     prune_rate: float = option(
         0.0,
         "unstructured: fraction of conv+linear weights set to zero; structured: fraction of channels removed (0 = no "
@@ -136,9 +145,20 @@ class CompressConfig:
         require(self.finetune_batch_size > 0, f"--finetune-batch-size must be > 0, got {self.finetune_batch_size}")
         require(self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.student:
+            check_model_name(self.student, "--student")
             require(
-                self.student in model_names(), f"unknown --student {self.student!r}; valid: {', '.join(model_names())}"
+                self.student_width == 1.0 or not is_reference(self.student),
+                f"--student-width applies to built-in students; give {self.student} its size through its ?k=v "
+                "arguments",
             )
+        require(
+            bool(self.student) or not (self.student_weights or self.student_pretrained),
+            "--student-weights/--student-pretrained start a --student; name one (the teacher keeps its own weights)",
+        )
+        require(
+            not (self.student_weights and self.student_pretrained),
+            "--student-weights and --student-pretrained both set the student's start; pass one",
+        )
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,11 @@ class CompressRunConfig:
         -1,
         "for testing fault tolerance: worker rank 1 (0 if alone) dies once during this fine-tuning epoch (1-based; "
         "-1 = never)",
+    )
+    trust_code: bool = option(
+        False,
+        "import the pkg.module:factory a --teacher checkpoint names (never done on a file's say-so; a module also "
+        "given as --student is trusted)",
     )
 
     def validate(self) -> None:

@@ -44,6 +44,7 @@ from effray.compress.fakequant import MIN_SCALE, QUANT_TYPES, ActQuant
 from effray.compress.program import export_program, float_twin, quiet, vnni
 from effray.compress.quantize import FixedActQuant, dequantize, set_module
 from effray.config import require
+from effray.errors import EffrayError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 ENGINES = ("x86",)
@@ -197,7 +198,14 @@ def quantize_int8(
             if isinstance(m, QUANT_TYPES) and name not in on_int8:
                 quantizer.set_module_name_qconfig(name, None)
     with quiet():
-        prepared = prepare_pt2e(program.module(), quantizer)
+        try:
+            prepared = prepare_pt2e(program.module(), quantizer)
+        except (ValueError, RuntimeError, AssertionError, NotImplementedError) as exc:  # torchao's pattern matcher
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise EffrayError(
+                f"int8 (PT2E, x86): torchao can't quantize this model's graph ({type(exc).__name__}: {first_line}); "
+                "its fp32 files and the ONNX int8 file are unaffected: leave out the torch int8 runtime for it"
+            ) from None
         prepared(first[0])
         for i, (x, *_) in enumerate(it, start=1):
             if i >= max_batches:

@@ -153,6 +153,8 @@ def measure(
     A fake-quantized model is timed as its float twin (same weights, plain layers): fake
     quantization is a training device, its overhead is not the deployed model's."""
     batches = list(batches) if batches is not None else None
+    if input_shape is None and batches:  # the size the model is scored at (a ViT takes no other)
+        input_shape = tuple(batches[0][0].shape[1:])
     out: dict[str, Any] = {"params": parameter_count(model), "nonzero_params": nonzero_parameters(model)}
     out.update(count_macs(model, input_shape))
     if batches is not None:

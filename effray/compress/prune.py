@@ -16,6 +16,7 @@ fine-tuning an unstructured model, :func:`lock_sparsity` keeps the zeros at zero
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 
 from effray.compress.layers import classifier, model_device
 from effray.compress.quantize import is_quantized
+from effray.compress.structure import attention_heads, check_forward, layer_name, referenced, set_heads, unsafe_layers
 from effray.config import require
 from effray.errors import EffrayError
 from effray.models import build_model
@@ -110,10 +112,10 @@ def weight_sparsity(model: nn.Module) -> float:
     return int(zeros) / max(total, 1)
 
 
-def channel_counts(model: nn.Module) -> list[int]:
-    """Output channels/features of every prunable layer but the classifier."""
+def channel_counts(model: nn.Module, skip: set[int] | None = None) -> list[int]:
+    """Output channels/features of every prunable layer but the classifier (and ``skip``'s ids)."""
     out = classifier(model)
-    return [m.weight.shape[0] for _, m in prunable_layers(model) if m is not out]
+    return [m.weight.shape[0] for _, m in prunable_layers(model) if m is not out and id(m) not in (skip or set())]
 
 
 def channel_rate_for_macs(mac_fraction: float) -> float:
@@ -187,51 +189,83 @@ def prune_structured(
 
     Torch-Pruning traces the model once (in eval mode: a batch-1 trace through BatchNorm1d
     would fail in train mode) and groups every layer that must lose the same channels:
-    both convs of a residual add, the shortcut projection, BNs, the next layer's input."""
+    both convs of a residual add, the shortcut projection, BNs, the next layer's input.
+    In a model built by reference, attention loses whole heads, and a group it can't cut
+    safely (one that runs through a raw parameter, such as a ViT's position embedding on
+    the residual stream) keeps its channels: ``model.prune_skipped`` lists those layers."""
 
     if is_quantized(model):
         raise EffrayError("structured pruning must come before quantization: prune, fine-tune, then quantize")
-    now = channel_counts(model)
-    base = _base_channel_counts(model) or now
-    kept_fraction = sum(now) / max(sum(base), 1)
-    step_ratio = 1.0 - (1.0 - rate) / kept_fraction
-    if step_ratio <= 1e-9:
-        return model
     was_training = model.training
     model.eval()
     try:
-        # choosing which channels go is a host decision (it sets the new shapes): the one
-        # host read of a structured pruning event, which runs between epochs, never in a step
-        structured_pruner(model, step_ratio, importance, example_inputs).step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Torch-Pruning warns of the raw parameters it finds; they stay whole
+            _cut_channels(model, rate, importance, _example_inputs(model, example_inputs))
     finally:
         model.train(was_training)
     return model
 
 
+def _cut_channels(model: nn.Module, rate: float, importance: Importance, example: torch.Tensor) -> None:
+    skipped = unsafe_layers(model, example) if referenced(model) else {}
+    model.prune_skipped = [f"{layer_name(model, m)}: {why}" for m, why in skipped.items()]
+    keep = {id(m) for m in skipped}
+    now = channel_counts(model, skip=keep)
+    base = _base_channel_counts(model, keep) or now
+    step_ratio = 1.0 - (1.0 - rate) / (sum(now) / max(sum(base), 1))
+    if step_ratio <= 1e-9:
+        return
+    # choosing which channels go is a host decision (it sets the new shapes): the one
+    # host read of a structured pruning event, which runs between epochs, never in a step
+    pruner = structured_pruner(model, step_ratio, importance, example, ignored=list(skipped))
+    pruner.step()
+    set_heads(model, pruner)
+    if referenced(model):
+        check_forward(model, example)
+
+
 def structured_pruner(
-    model: nn.Module, step_ratio: float, importance: Importance, example_inputs: torch.Tensor | None = None
+    model: nn.Module,
+    step_ratio: float,
+    importance: Importance,
+    example_inputs: torch.Tensor | None = None,
+    ignored: list[nn.Module] | None = None,
 ) -> Any:
-    """Torch-Pruning's ``MetaPruner`` over ``model`` with the classifier protected; its
-    dependency graph is traced with ``example_inputs`` (default: one random CIFAR-sized
-    image) on the model's own device."""
-    if example_inputs is None:
-        shape = (1, int(getattr(model, "spec", {}).get("in_channels", 3)), 32, 32)
-        example_inputs = torch.randn(shape, device=model_device(model))
+    """Torch-Pruning's ``MetaPruner`` over ``model`` with the classifier (and ``ignored``)
+    protected; its dependency graph is traced with ``example_inputs`` (default: one random
+    image of the model's input size) on the model's own device. Attention modules (timm's:
+    a ``qkv`` linear and ``num_heads``) lose whole heads at the same ratio."""
+    heads = attention_heads(model)
     return _tp().pruner.MetaPruner(
         model,
-        example_inputs.to(model_device(model)),
+        _example_inputs(model, example_inputs),
         importance=importance.group(),
         pruning_ratio=step_ratio,
-        ignored_layers=[classifier(model)],
+        ignored_layers=[classifier(model), *(ignored or [])],
+        **(
+            {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": step_ratio}
+            if heads
+            else {}
+        ),
     )
 
 
-def _base_channel_counts(model: nn.Module) -> list[int] | None:
+def _example_inputs(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
+    """One image to trace with: ``example_inputs``' first, or a random CIFAR-sized one."""
+    if example_inputs is None:
+        shape = (1, int((getattr(model, "spec", None) or {}).get("in_channels", 3)), 32, 32)
+        return torch.randn(shape, device=model_device(model))
+    return example_inputs[:1].to(model_device(model))
+
+
+def _base_channel_counts(model: nn.Module, skip: set[int] | None = None) -> list[int] | None:
     spec = getattr(model, "spec", None)
     if not spec:
         return None
-
-    return channel_counts(build_model(**spec))
+    base = build_model(**spec)
+    names = {n for n, m in model.named_modules() if id(m) in (skip or set())}
+    return channel_counts(base, skip={id(m) for n, m in base.named_modules() if n in names})
 
 
 def prune_step(

@@ -9,6 +9,7 @@ their own bit widths.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,8 @@ from effray.compress.layers import classifier, model_device
 from effray.config import require
 from effray.registry import Registry
 
+log = logging.getLogger(__name__)
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -39,6 +42,25 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANT_TYPES) for m in model.modules())
+
+
+def quantizable(m: nn.Module) -> bool:
+    """A conv or linear whose forward is torch's own: its fake-quant twin computes the same.
+    A library's subclass with a forward of its own (timm's ``Conv2dSame``, ``StdConv2d``)
+    would lose it, so it stays float (:func:`kept_float` names them)."""
+    return isinstance(m, QUANT_TYPES) or (
+        isinstance(m, (nn.Conv2d, nn.Linear)) and type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
+    )
+
+
+def kept_float(model: nn.Module) -> list[str]:
+    """Convs and linears :func:`quantize_model` leaves in float, with their class: the one-line
+    reason a model's report gives for what it could not quantize."""
+    return [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not quantizable(m)
+    ]
 
 
 def bits_per_layer(model: nn.Module) -> dict[str, int]:
@@ -64,8 +86,8 @@ def quantize_model(
 
     for flag, b in (("bits", bits), ("act_bits", act_bits), ("first_bits", first_bits), ("last_bits", last_bits)):
         require(valid_bits(b), f"{flag} must be 2..8 (or 32 = off), got {b}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    require(bool(layers), "nothing to quantize: the model has no conv or linear layer")
+    layers = [(n, m) for n, m in model.named_modules() if quantizable(m)]
+    require(bool(layers), "nothing to quantize: the model has no conv or linear layer with torch's own forward")
     require(not is_quantized(model), "model is already quantized")
     last = classifier(model) if any(isinstance(m, nn.Linear) for _, m in layers) else None
     for i, (name, m) in enumerate(layers):
@@ -152,17 +174,26 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
     if is_quantized(model):
         raise ValueError("fold_bn must run before quantize_model")
+    if not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in model.modules()):
+        return model  # nothing to fold (a ViT): no trace needed
     was = model.training
     model.eval()
-    graph = torch.fx.symbolic_trace(model).graph
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 - data-dependent control flow, untraceable ops
+        model.train(was)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        log.warning("BatchNorm not folded: torch.fx can't trace %s (%s); it stays a layer", type(model).__name__, first)
+        return model
     modules = dict(model.named_modules())
     for node in graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.track_running_stats:
+        # exactly BatchNorm: a subclass (timm's BatchNormAct2d) does more than normalise
+        if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d) or not bn.track_running_stats:
             continue
         src = node.args[0]
         layer = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or len(src.users) != 1:
+        if layer is None or not quantizable(layer) or len(src.users) != 1:
             continue
         a = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
         shift = (bn.bias if bn.affine else torch.zeros_like(a)) - bn.running_mean * a

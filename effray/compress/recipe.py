@@ -35,6 +35,7 @@ from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
 from effray.compress.progress import progress_payload, resume_student
 from effray.compress.prune import SparsityLock, lock_sparsity, prune_step, weight_sparsity
+from effray.compress.quantize import kept_float
 from effray.compress.steps import (
     Batches,
     CosineSteps,
@@ -49,6 +50,7 @@ from effray.compress.steps import (
     quant_epoch,
     save_student,
 )
+from effray.errors import EffrayError
 from effray.train.parallel import make_strategy, prepare_model
 from effray.train.recipe import Hooks, Plan, Run, run_recipe
 from effray.train.session import EpochEnd, LocalSession, Session
@@ -119,16 +121,28 @@ class CompressHooks(Hooks):
             self.lock = None
         model, rank0 = run.plain, run.session.rank == 0
         if pruning:
-            prune_step(model, self.events[epoch], cfg.prune_kind, cfg.prune_importance, batches=self.calib)
+            example = self.calib[0][0][:1] if self.calib else None  # traced at the size the model takes
+            prune_step(
+                model,
+                self.events[epoch],
+                cfg.prune_kind,
+                cfg.prune_importance,
+                example_inputs=example,
+                batches=self.calib,
+            )
             if rank0:
                 self.say(
                     f"epoch {epoch}: pruned to {self.events[epoch]:.3f} ({cfg.prune_kind}); "
-                    f"weight sparsity {weight_sparsity(model):.3f}"
+                    f"weight sparsity {weight_sparsity(model):.3f}" + kept_whole(model)
                 )
         if quantizing:
             apply_quantization(model, cfg, self.calib)
             if rank0:
-                self.say(f"epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})")
+                floats = kept_float(model)
+                self.say(
+                    f"epoch {epoch}: quantized ({cfg.quant_mode}, {cfg.bits} bits, act {cfg.act_bits})"
+                    + (f"; kept in float (a forward of their own): {', '.join(floats)}" if floats else "")
+                )
         self.relock(model)
         return True
 
@@ -163,6 +177,16 @@ class CompressHooks(Hooks):
         # every rank: PTQ (if any) is deterministic and the calibration rows are shared
         self.student = finish(run.plain, self.cfg, self.calib, self.lock)
         self.lock = None
+
+
+def kept_whole(model: nn.Module) -> str:
+    """The say line's note of the layers structured pruning could not cut, and why."""
+    skipped = list(getattr(model, "prune_skipped", None) or [])
+    if not skipped:
+        return ""
+    reasons = sorted({s.partition(": ")[2] for s in skipped})
+    names = ", ".join(s.partition(": ")[0] for s in skipped[:4]) + (", ..." if len(skipped) > 4 else "")
+    return f"; kept {len(skipped)} layers whole ({names}: {'; '.join(reasons)})"
 
 
 def start_fine_tune(
@@ -205,9 +229,15 @@ def measure_artifact(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
     its int8 runtime (calibrated on the CPU ``calib``) when ``cfg.int8``: ``(metrics, payload)``."""
-    loaded, payload = load_artifact(out)
-    int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches) if cfg.int8 else None
-    return measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics), payload
+    loaded, payload = load_artifact(out, trust_code=True)  # written by this run from a teacher it loaded
+    int8, skipped = None, ""
+    if cfg.int8:
+        try:
+            int8 = to_int8(loaded, calib, max_batches=cfg.calib_batches)
+        except EffrayError as exc:  # a graph PT2E can't lower: measured without it, and said why
+            skipped = str(exc)
+    metrics = measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics)
+    return ({**metrics, "int8_skipped": skipped} if skipped else metrics), payload
 
 
 def compress_local(
@@ -257,5 +287,10 @@ def compress_local(
     run_recipe(run, Plan(epochs=cfg.finetune_epochs, steps_per_epoch=steps), hooks)
     save_student(out_dir, hooks.student, cfg, teacher.spec, teacher_info=teacher_info, data=data)
     metrics, _ = measure_artifact(out_dir, cfg, calib, eval_batches, teacher_metrics)
-    loaded, _ = load_artifact(out_dir)  # the method as the file holds it (k-bit codes that round to 0 are zeros)
-    return {"student": metrics, "teacher": teacher_metrics, "method": method_summary(loaded, cfg, teacher.spec)}
+    if metrics.get("int8_skipped"):
+        log(f"int8 runtime not measured: {metrics['int8_skipped']}")
+    loaded, payload = load_artifact(out_dir, trust_code=True)  # just written, from a teacher already loaded
+    method = method_summary(loaded, cfg, teacher.spec)  # as the file holds it (k-bit codes that round to 0 are zeros)
+    if "skipped" in payload["method"].get("prune", {}):
+        method["prune"]["skipped"] = payload["method"]["prune"]["skipped"]
+    return {"student": metrics, "teacher": teacher_metrics, "method": method}

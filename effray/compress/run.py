@@ -19,6 +19,7 @@ the driver owns (:func:`effray.train.trainer.open_mailbox`), never a file on ran
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -34,8 +35,10 @@ from effray.compress.recipe import measure_artifact, measure_teacher
 from effray.compress.steps import build_student
 from effray.compress.worker import CompressWorker, compress_loop_per_worker
 from effray.config import require, to_dict, validated
+from effray.console import relayed_step_bars, say
 from effray.data.pipeline import eval_dataset, torch_batches, train_dataset, validate_data_dir
 from effray.data.shuffle import cache_split, steps_per_epoch
+from effray.models.reference import provided, trusted_modules
 from effray.storage import check_storage_for_cluster
 from effray.train.checkpoint import checkpoint_file, data_summary, load_checkpoint
 from effray.train.parallel import STRATEGIES
@@ -72,6 +75,16 @@ def teacher_baseline(teacher: Any, teacher_path: str, evals: list) -> tuple[dict
     return metrics, info
 
 
+def teacher_input(meta: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's meta as the teacher sees it: its preprocessing (``preprocess``, which
+    every batch goes through before the normalisation) and its input (``model_input``, what
+    the student's artifact records). A student takes what its teacher takes, whatever size
+    the rows are stored at."""
+    data = payload.get("data") or {}
+    model_input = {k: data[k] for k in ("image_shape", "preprocess") if k in data}
+    return {**meta, "preprocess": data.get("preprocess"), "model_input": model_input}
+
+
 def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Every check that can fail on user input, writing nothing: ``(teacher, payload, meta)``."""
 
@@ -87,7 +100,7 @@ def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, 
         "val" in meta["splits"] and meta["counts"].get("val", 0) > 0,
         f"dataset {rc.data.data} has no validation split; re-prepare it with --val-fraction > 0",
     )
-    teacher, payload = load_checkpoint(rc.compress.teacher)
+    teacher, payload = load_checkpoint(rc.compress.teacher, rc.trust_code or trusted_modules(rc.compress.student))
     spec = dict(getattr(teacher, "spec", {}) or payload.get("model_spec", {}))
     require(
         int(spec.get("num_classes", -1)) == int(meta["num_classes"]),
@@ -96,7 +109,7 @@ def check_inputs(rc: CompressRunConfig) -> tuple[Any, dict[str, Any], dict[str, 
     )
     teacher.spec = spec
     build_student(teacher, rc.compress)  # a student with other classes/inputs fails here, in one line
-    return teacher, payload, meta
+    return teacher, payload, teacher_input(meta, payload)
 
 
 def worker_batches(rc: CompressRunConfig, meta: dict[str, Any]) -> tuple[int, int]:
@@ -124,14 +137,16 @@ def fine_tune_on_workers(
     callbacks: list[Any] | None = None,
     max_failures: int = 0,
     report_extra: dict[str, Any] | None = None,
+    step_bar: bool = False,
 ) -> dict[str, Any]:
     """Fit the ``TorchTrainer`` running :func:`compress_loop_per_worker` on ``rc.workers``
     workers; rank 0 writes the artifact to ``rc.out`` (absolute). ``name``/``storage`` are
     Ray Train's run (deterministic names restore, from the last epoch's checkpoint);
     ``callbacks`` e.g. Tune's ``TuneReportCallback`` (``report_extra`` joins every epoch's
     report: a Tune trial's predicted costs); ``max_failures`` restarts after a dead
-    worker or node, each from that checkpoint. Returns the epochs as the workers saw them
-    (``{"epochs", "final", "world"}``)."""
+    worker or node, each from that checkpoint; ``step_bar``: rank 0's per-step bar on this
+    terminal (`effray compress`; not a Tune trial, whose output is a log). Returns the epochs
+    as the workers saw them (``{"epochs", "final", "world"}``)."""
     import ray
 
     rows, per_worker = worker_batches(rc, meta)
@@ -149,7 +164,7 @@ def fine_tune_on_workers(
         mailbox=box,
         teacher_info=teacher_info,
         run_dir=os.path.join(storage, name) if "://" not in storage else "",
-        data=data_summary(meta),
+        data=data_summary(meta, meta.get("model_input")),
         meta=meta,
         clock=clock,
         steps_per_epoch=(
@@ -159,6 +174,8 @@ def fine_tune_on_workers(
         ),
         report_extra=dict(report_extra or {}),
         train_source=source,
+        factories=provided(),
+        progress=f"effray-steps-{run_id}" if step_bar else "",
     )
     trainer = torch_trainer(
         compress_loop_per_worker,
@@ -177,7 +194,8 @@ def fine_tune_on_workers(
         },
         dataset_config=STRATEGIES.get("ddp").dataset_config(train_ds=train_ds),
     )
-    fit(trainer, clock)
+    with relayed_step_bars(worker.progress) if step_bar else contextlib.nullcontext():
+        fit(trainer, clock)
     finetune = ray.get(mailbox.get.remote())
     require(finetune is not None, f"the fine-tuning run {name} ended without its results")
     return finetune
@@ -210,11 +228,14 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
             name=f"compress-{out.name}",
             storage=str(storage),
             max_failures=rc.max_failures,
+            step_bar=True,
         )
     finally:
         shutil.rmtree(storage, ignore_errors=True)
 
     student, payload = measure_artifact(out, cfg, calib, evals, teacher_metrics)
+    if student.get("int8_skipped"):
+        say(f"[effray] int8 runtime not measured: {student['int8_skipped']}")
     metrics = {
         **student,
         "teacher": teacher_metrics,

@@ -30,10 +30,11 @@ from effray.compress.artifact import save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.distill import check_student, kd_loss, teacher_logits
 from effray.compress.prune import SparsityLock, channel_counts, schedule_rates, weight_sparsity
-from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized
+from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized, kept_float
 from effray.config import to_dict
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
+from effray.models.weights import initial_weights
 from effray.train.strategy import LossFn
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -62,7 +63,9 @@ def build_student(
     }
     check_student(spec, student_spec)
     student = build_model(**student_spec)
-    if images is not None and needs_data_init(student):
+    if cfg.student_weights or cfg.student_pretrained:
+        initial_weights(student, cfg.student_weights, cfg.student if cfg.student_pretrained else "")
+    elif images is not None and needs_data_init(student):
         init_from_data(student, images())
     return student.train()
 
@@ -188,6 +191,8 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
             "weight_sparsity": weight_sparsity(model),
             "channels": channel_counts(model),
         }
+        if getattr(model, "prune_skipped", None):  # layers structured pruning kept whole, and why
+            out["prune"]["skipped"] = list(model.prune_skipped)
     if is_quantized(model):
         out["quant"] = {
             "mode": cfg.quant_mode,
@@ -199,6 +204,8 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
             "bn_folded": True,
             "bits_per_layer": bits_per_layer(model),
         }
+        if kept_float(model):  # a library's conv/linear subclass with a forward of its own
+            out["quant"]["kept_float"] = kept_float(model)
     if cfg.distills:
         out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
     return out

@@ -27,10 +27,11 @@ from effray.compress.distill import freeze_teacher
 from effray.compress.recipe import CompressHooks, ready, start_fine_tune
 from effray.compress.steps import save_student
 from effray.config import from_dict
-from effray.console import say
+from effray.console import relay_to, say
 from effray.data.images import sample_images
 from effray.data.pipeline import torch_batches
 from effray.data.shuffle import CachedSplit
+from effray.models.reference import use_factories
 from effray.train.checkpoint import load_checkpoint
 from effray.train.faults import InjectedFailure
 from effray.train.loop import DATA_INIT_IMAGES
@@ -57,6 +58,8 @@ class CompressWorker:
     steps_per_epoch: int = 1
     report_extra: dict[str, Any] = field(default_factory=dict)  # joins every report (a trial's predicted costs)
     train_source: CachedSplit | None = None  # the cached split reshuffled exactly every epoch; None: streamed
+    factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
+    progress: str = ""  # the driver's step-bar relay actor (effray.console.relayed_step_bars); "": no bar
 
 
 def calib_rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,7 +89,8 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(rc.data.seed)  # the same student init on every rank (DDP broadcasts rank 0's anyway)
     strategy = make_strategy("ddp", device, channels_last=False, compile=False, amp=False)
 
-    teacher, _ = load_checkpoint(worker.teacher)
+    use_factories(worker.factories)
+    teacher, _ = load_checkpoint(worker.teacher, trust_code=True)  # the driver loaded it first, as the user allowed
     teacher = freeze_teacher(teacher).to(device)
     mean, std = worker.data["mean"], worker.data["std"]
     run, step, state = start_fine_tune(
@@ -133,6 +137,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         steps_per_epoch=worker.steps_per_epoch,
         seed=rc.data.seed,
         failure=InjectedFailure(rc.inject_failure_at_epoch, worker.run_dir),
+        progress=relay_to(worker.progress) if worker.progress and rank == 0 else None,
     )
     run_recipe(run, plan, hooks)
     final = scored(hooks.student)

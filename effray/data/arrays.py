@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from effray.config import require
-from effray.data.augment import batch_generator, parse_policy
-from effray.data.images import channel_stats, decode_batch, normalize_tensor
+from effray.data.augment import batch_generator, model_input, parse_policy, preprocess_image
+from effray.data.images import channel_stats, decode_batch
 from effray.data.prepare import load_meta, split_files
 from effray.data.sources import load_chunk, plan_source
 
@@ -97,11 +97,15 @@ def epoch_batches(
         images = batch["image"].to(device, non_blocking=True)
         if stats is None:
             stats = channel_stats(meta["mean"], meta["std"], images.device)
-        yield normalize_tensor(images, *stats, channels_last), batch["label"].to(device, non_blocking=True)
+        yield (
+            model_input(images, meta.get("preprocess"), *stats, channels_last),
+            batch["label"].to(device, non_blocking=True),
+        )
 
 
 def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[tuple[Any, Any]]:
-    """Unaugmented CPU batches in row order: validation and calibration."""
+    """Unaugmented CPU batches in row order (``meta``'s preprocessing, a model's, applied):
+    validation and calibration."""
     import torch
 
     out = []
@@ -109,7 +113,7 @@ def eval_batches(arrays: Arrays, meta: dict[str, Any], batch_size: int) -> list[
         images = torch.from_numpy(arrays["image"][start : start + batch_size].copy())
         out.append(
             (
-                normalize_tensor(images, meta["mean"], meta["std"]),
+                model_input(images, meta.get("preprocess"), meta["mean"], meta["std"]),
                 torch.from_numpy(arrays["label"][start : start + batch_size].copy()),
             )
         )
@@ -133,15 +137,19 @@ def prepared_batches(data_dir: str | os.PathLike, split: str, batch_size: int) -
     return meta, gen()
 
 
-def encoded_batches(path: str | os.PathLike, channels: int, counter: dict[str, int]) -> Batches:
+def encoded_batches(
+    path: str | os.PathLike, channels: int, counter: dict[str, int], preprocess: str | None = None
+) -> Batches:
     """Batches from Parquet with encoded image bytes + label; unreadable rows are skipped
-    and counted in ``counter["skipped_bad"]``."""
+    and counted in ``counter["skipped_bad"]``. ``preprocess`` (a model's) brings images of
+    any size to the model's, one by one (without it, mixed sizes are an error)."""
     plan = plan_source(f"parquet:{path}")
     for chunk in plan.chunks:
         decoded, labels = load_chunk(chunk, channels)
         ok = [i for i, e in enumerate(decoded.errors) if not e]
         counter["skipped_bad"] += len(decoded.errors) - len(ok)
         if ok:
-            shapes = {decoded.images[i].shape for i in ok}
+            images = [preprocess_image(decoded.images[i], preprocess) for i in ok]
+            shapes = {im.shape for im in images}
             require(len(shapes) == 1, f"{path} mixes image sizes {sorted(shapes)}; evaluate one size at a time")
-            yield np.stack([decoded.images[i] for i in ok]), labels[ok]
+            yield np.stack(images), labels[ok]

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from effray.data import augment_auto, augment_ops
+from effray.config import require
+from effray.data import augment_auto, augment_ops, augment_size
 from effray.data.augment_spec import OPS, Batch, OpList, format_ops, parse_ops
 from effray.data.images import channel_stats, normalize_tensor
 from effray.errors import EffrayError
 
-OP_MODULES = (augment_ops, augment_auto)  # importing them registers their ops in OPS
+OP_MODULES = (augment_ops, augment_auto, augment_size)  # importing them registers their ops in OPS
 OP_COLUMNS = ("image", "label", "index", "synthetic", "target")  # the columns ops read or write
 
 
@@ -56,6 +57,17 @@ class Policy:
     @property
     def is_identity(self) -> bool:
         return not self.chain
+
+    @property
+    def random(self) -> bool:
+        """Whether any op draws from the generator (a model's preprocessing must not)."""
+        return any(OPS.get(name).random for name, _ in self.chain)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (h, w) of what the chain makes of ``h`` x ``w`` images."""
+        for name, params in self.chain:
+            h, w = OPS.get(name).output_size(params, h, w)
+        return h, w
 
     def __str__(self) -> str:
         return format_ops(self.chain)
@@ -159,6 +171,71 @@ def augment_arrays(
         out = policy(tensors, generator, seed=seed, epoch=epoch)
     given = {id(tensors[k]): batch[k] for k in tensors}
     return {k: given.get(id(v), v.numpy() if torch.is_tensor(v) else v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------ the model's input size and preprocessing
+
+AUTO_PREPROCESS = "auto"  # --preprocess: the default for the model's input size
+
+
+def default_preprocess(shape: Any) -> str:
+    """The preprocessing of a model that takes ``shape`` (HWC) images: the short side resized
+    to the input's, then the centre cropped to it (torchvision's ``Resize`` + ``CenterCrop``).
+    It leaves images already of that size untouched."""
+    h, w = int(shape[0]), int(shape[1])
+    return format_ops(parse_ops(f"resize({min(h, w)})|center_crop({h}, {0 if w == h else w})"))
+
+
+def input_spec(shape: Any, augment: str, num_classes: int, preprocessing: str = AUTO_PREPROCESS) -> dict[str, Any]:
+    """What a model trained on stored ``shape`` (HWC) images with ``augment`` takes:
+    ``{"image_shape": [h, w, c], "preprocess": chain}``, recorded in its checkpoint. The size
+    is what the augmentation makes of the stored images; the preprocessing (``auto``:
+    :func:`default_preprocess`) must draw nothing and make that size of them too, since it is
+    what validation, evaluation and deployment apply instead of the augmentation."""
+    h, w = parse_policy(augment, num_classes).output_size(int(shape[0]), int(shape[1]))
+    text = default_preprocess((h, w)) if preprocessing == AUTO_PREPROCESS else preprocessing
+    policy = parse_policy(text, num_classes)
+    require(
+        not policy.random,
+        f"--preprocess {preprocessing!r} draws random numbers; a model's preprocessing is resize(S) and center_crop(S)",
+    )
+    got = policy.output_size(int(shape[0]), int(shape[1]))
+    require(
+        got == (h, w),
+        f"--preprocess {preprocessing!r} makes {got[0]}x{got[1]} of the stored {shape[0]}x{shape[1]} images, but "
+        f"--augment makes {h}x{w}: end both at the model's input size (or leave --preprocess auto)",
+    )
+    return {"image_shape": [h, w, int(shape[2])], "preprocess": format_ops(policy.chain)}
+
+
+def preprocess(images: torch.Tensor, text: str | None) -> torch.Tensor:
+    """A model's preprocessing (a chain of ops that draw nothing: ``resize``, ``center_crop``)
+    over a uint8 NHWC batch on any device. ``None`` or ``"none"`` is no preprocessing, and
+    images already of the size the chain makes come back untouched (its ops pass them on)."""
+    if not text or text == "none":
+        return images
+    policy = parse_policy(text, 1)
+    if policy.random:
+        raise EffrayError(f"preprocessing {text!r} draws random numbers; use resize(S) and center_crop(S) only")
+    batch = {"image": images}
+    for name, params in policy.chain:
+        batch = OPS.get(name).fn(batch, None, **params)
+    return batch["image"]
+
+
+def model_input(
+    images: torch.Tensor, preprocessing: str | None, mean: Any, std: Any, channels_last: bool = False
+) -> Any:
+    """uint8 NHWC images (any device) -> what the model takes: its preprocessing (rows stored
+    at another size), then effray's normalisation to float32 NCHW (``mean``/``std``: lists, or
+    :func:`~effray.data.images.channel_stats` already on the images' device)."""
+    return normalize_tensor(preprocess(images, preprocessing), mean, std, channels_last)
+
+
+def preprocess_image(image: np.ndarray, text: str | None) -> np.ndarray:
+    """:func:`preprocess` of one HWC uint8 image (a row of any size: ``data prepare
+    --image-size``, ``effray predict`` and ``effray serve`` meeting an image of another size)."""
+    return preprocess(torch.from_numpy(np.ascontiguousarray(image))[None], text)[0].numpy()
 
 
 def device_augmentation(policy: str, num_classes: int, mean: Any, std: Any, device: torch.device) -> tuple[Policy, Any]:

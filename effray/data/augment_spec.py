@@ -71,6 +71,12 @@ class OpSpec:
     mixes_labels: bool = False  # also gets num_classes; writes batch["target"]
     keyed: bool = False  # also gets seed and epoch: draws per row from (seed, row index), not from the generator
     check: Callable[[dict[str, Any]], str | None] | None = None  # cross-parameter rule
+    resizes: Callable[[dict[str, Any], int, int], tuple[int, int]] | None = None  # (params, h, w) -> output (h, w)
+    random: bool = True  # False: draws nothing (a model's preprocessing may use it)
+
+    def output_size(self, params: dict[str, Any], h: int, w: int) -> tuple[int, int]:
+        """The (h, w) this op makes of ``h`` x ``w`` images."""
+        return self.resizes(params, h, w) if self.resizes is not None else (h, w)
 
     def signature(self) -> str:
         return f"{self.name}({', '.join(str(p) for p in self.params)})"
@@ -85,11 +91,15 @@ def register(
     mixes_labels: bool = False,
     check: Callable[[dict[str, Any]], str | None] | None = None,
     keyed: bool = False,
+    resizes: Callable[[dict[str, Any], int, int], tuple[int, int]] | None = None,
+    random: bool = True,
 ) -> Callable:
-    """Decorator: declare an op's parameters next to its implementation."""
+    """Decorator: declare an op's parameters next to its implementation (``resizes``: the
+    output size of an op that changes it; ``random=False``: an op that draws nothing)."""
 
     def deco(fn: Callable[..., Batch]) -> Callable[..., Batch]:
-        OPS.register(name)(OpSpec(name, fn, params, mixes_labels=mixes_labels, keyed=keyed, check=check))
+        spec = OpSpec(name, fn, params, mixes_labels, keyed, check, resizes, random)
+        OPS.register(name)(spec)
         return fn
 
     return deco

@@ -18,10 +18,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from effray.cluster import MAX_BLOCK_BYTES
 from effray.config import option, require
-from effray.data.augment import augment_arrays, batch_generator, new_generator, parse_policy
+from effray.data.augment import augment_arrays, batch_generator, model_input, new_generator, parse_policy
 from effray.data.augment_ops import row_key
 from effray.data.clock import current_epoch, set_epoch
-from effray.data.images import channel_stats, decode_batch, normalize_tensor
+from effray.data.images import channel_stats, decode_batch
 from effray.data.prepare import load_meta, split_files
 
 MAP_BATCH_SIZE = 2048  # rows per augmentation task call (at most): big enough to amortise Ray's per-block cost
@@ -285,9 +285,10 @@ def torch_batches(
     on the consumer's device (a Train worker's GPU, else the CPU).
 
     Advances the epoch clock first (idempotent, so every rank may do it), then streams
-    with an optional seeded local shuffle. Images travel as uint8 and are normalised to
-    float32 NCHW on the device (``normalise=False`` keeps them uint8 NHWC, for on-device
-    augmentation); ``rows=(r, n)``: only rows with ``index % n == r``."""
+    with an optional seeded local shuffle. Images travel as uint8 and are preprocessed
+    (``meta["preprocess"]``, a model's) and normalised to float32 NCHW on the device
+    (``normalise=False`` keeps them uint8 NHWC, for on-device augmentation); ``rows=(r, n)``:
+    only rows with ``index % n == r``."""
     if clock:
         set_epoch(clock, epoch)
     kwargs: dict[str, Any] = {
@@ -301,15 +302,17 @@ def torch_batches(
     batches = ds.iter_torch_batches(**kwargs)
     if not normalise:
         return batches
-    return _normalised(batches, meta["mean"], meta["std"], channels_last)
+    return _normalised(batches, meta, channels_last)
 
 
-def _normalised(batches: Any, mean: list[float], std: list[float], channels_last: bool) -> Any:
+def _normalised(batches: Any, meta: dict[str, Any], channels_last: bool) -> Any:
+    """Each batch as the model takes it: ``meta``'s preprocessing (a model's, when its rows
+    are stored at another size; none in a dataset's own meta), then its normalisation."""
     stats = None
     for b in batches:
         if stats is None or stats[0].device != b["image"].device:
-            stats = channel_stats(mean, std, b["image"].device)
-        yield {**b, "image": normalize_tensor(b["image"], *stats, channels_last)}
+            stats = channel_stats(meta["mean"], meta["std"], b["image"].device)
+        yield {**b, "image": model_input(b["image"], meta.get("preprocess"), *stats, channels_last)}
 
 
 def _to_gpu() -> bool:

@@ -31,12 +31,14 @@ from effray import __version__
 from effray.atomic import replace_dir, write_json
 from effray.config import option, require
 from effray.console import say
+from effray.data.augment_size import resize_and_crop
 from effray.data.sources import Chunk, SourcePlan, load_chunk, plan_source
 from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+DECODE_ROWS = 256  # rows a prepare task decodes at a time (then resizes, with --image-size)
 SCHEMA = pa.schema(
     [
         ("image", pa.binary()),
@@ -61,6 +63,11 @@ class PrepareConfig:
     classes: str = option("", "class names: cifar10, a count, or a,b,c (default: from the source)")
     download: bool = option(False, "download cifar10:/cifar100: sources with torchvision first")
     skip_bad: bool = option(False, "drop and count bad rows instead of failing")
+    image_size: int = option(
+        0,
+        "resize every image's short side to S and centre-crop it to S x S, once, before anything is stored: "
+        "sources of any size, mixed sizes too (0 = keep the source's size, which must then be one size)",
+    )
     overwrite: bool = option(False, "replace an existing output directory")
 
     def validate(self) -> None:
@@ -71,6 +78,7 @@ class PrepareConfig:
         require(bool(self.out), "--out DIR is required")
         require(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         require(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
+        require(0 <= self.image_size <= 4096, f"--image-size must be in 0..4096 (0 = as stored), got {self.image_size}")
 
 
 def assign_splits(labels: np.ndarray, fixed: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -109,17 +117,33 @@ def _decode_and_write(
     skip_bad: bool,
     tmp: str,
     part: int,
+    image_size: int = 0,
 ) -> dict[str, Any]:
-    """Ray task body: decode a chunk, check every row, write one shard per split."""
-    decoded, labels = load_chunk(chunk, channels)
-    errors = list(decoded.errors)
+    """Ray task body: decode a chunk, check every row, write one shard per split. With
+    ``image_size`` each image is resized and centre-cropped as soon as it is decoded (a
+    few hundred rows at a time), so a chunk of large photos never sits decoded in memory."""
+    images: list[np.ndarray | None] = []
+    errors, names, label_parts = [], [], []
+    for piece in split_chunk(chunk, DECODE_ROWS):
+        decoded, piece_labels = load_chunk(piece, channels)
+        images += [
+            img if err or not image_size else resize_and_crop(img, image_size)
+            for img, err in zip(decoded.images, decoded.errors)
+        ]
+        errors += decoded.errors
+        names += decoded.names
+        label_parts.append(piece_labels)
+    labels = np.concatenate(label_parts)
     num_classes, class_index = len(classes), {c: i for i, c in enumerate(classes)}
-    for i, img in enumerate(decoded.images):
+    for i, img in enumerate(images):
         if errors[i]:
             continue
-        named = class_in_name(decoded.names[i], class_index)
+        named = class_in_name(names[i], class_index)
         if shape is not None and img.shape != shape:
-            errors[i] = f"image shape {img.shape} differs from the dataset's {shape} (mixed image sizes)"
+            errors[i] = (
+                f"image shape {img.shape} differs from the dataset's {shape} (mixed image sizes: --image-size S "
+                "resizes every image to S x S)"
+            )
         elif labels[i] < 0 or (labels_checked and labels[i] >= num_classes):
             errors[i] = f"label {labels[i]} outside the class range 0..{num_classes - 1}"
         elif named is not None and named != labels[i]:
@@ -127,7 +151,7 @@ def _decode_and_write(
                 f"label {labels[i]} ({classes[labels[i]]}) disagrees with the class "
                 f"{classes[named]!r} its name is filed under"
             )
-    bad = [(chunk.start + i, decoded.names[i], e) for i, e in enumerate(errors) if e]
+    bad = [(chunk.start + i, names[i], e) for i, e in enumerate(errors) if e]
     if bad and not skip_bad:
         return {"bad": bad[:1], "n_bad": len(bad)}
     import ray
@@ -145,27 +169,47 @@ def _decode_and_write(
         rows = [i for i in range(chunk.count) if not errors[i] and splits[i] == split]
         if not rows:
             continue
-        images = [decoded.images[i] for i in rows]
         table = pa.table(
             {
-                "image": pa.array([im.tobytes() for im in images], pa.binary()),
+                "image": pa.array([images[i].tobytes() for i in rows], pa.binary()),
                 "label": pa.array(labels[rows], pa.int64()),
                 "index": pa.array([chunk.start + i for i in rows], pa.int64()),
                 "split": pa.array([split] * len(rows), pa.string()),
                 "synthetic": pa.array([chunk.kind == "synthetic"] * len(rows), pa.bool_()),
-                "name": pa.array([str(decoded.names[i]) for i in rows], pa.string()),
+                "name": pa.array([str(names[i]) for i in rows], pa.string()),
             },
             schema=SCHEMA,
         )
         os.makedirs(os.path.join(tmp, split), exist_ok=True)
         pq.write_table(table, os.path.join(tmp, split, f"part-{part:05d}.parquet"), row_group_size=1024)
         stats["counts"][split] = np.bincount(labels[rows], minlength=num_classes).tolist()
-        if split == "train":
-            stack = np.stack(images).astype(np.float64) / 255.0
-            stats["sum"] = stack.sum(axis=(0, 1, 2)).tolist()
-            stats["sumsq"] = (stack**2).sum(axis=(0, 1, 2)).tolist()
-            stats["pixels"] = int(stack.shape[0] * stack.shape[1] * stack.shape[2])
+        if split == "train":  # exact integer sums, one image at a time (a float64 stack of 224 px images is GBs)
+            total, totalsq = 0, 0
+            for i in rows:
+                px = images[i].reshape(-1, images[i].shape[2]).astype(np.int64)
+                total, totalsq = total + px.sum(0), totalsq + (px * px).sum(0)
+            stats["sum"] = (np.asarray(total, np.float64) / 255.0).tolist()
+            stats["sumsq"] = (np.asarray(totalsq, np.float64) / 255.0**2).tolist()
+            stats["pixels"] = int(sum(images[i].shape[0] * images[i].shape[1] for i in rows))
     return stats
+
+
+def split_chunk(chunk: Chunk, rows: int) -> list[Chunk]:
+    """A source's chunk as pieces of at most ``rows`` rows (folder and Parquet chunks; a
+    CIFAR pickle is read whole anyway): decoding one piece at a time bounds a task's memory,
+    and ``effray predict`` spreads the pieces over the cluster."""
+    if chunk.kind not in ("folder", "parquet") or chunk.count <= rows:
+        return [chunk]
+    pieces = []
+    for off in range(0, chunk.count, rows):
+        n = min(rows, chunk.count - off)
+        extra = dict(chunk.extra)
+        if chunk.kind == "folder":
+            extra["files"], extra["labels"] = extra["files"][off : off + n], extra["labels"][off : off + n]
+        else:
+            extra["offset"] = extra["offset"] + off
+        pieces.append(Chunk(chunk.kind, chunk.start + off, n, chunk.path, chunk.fixed_split, extra))
+    return pieces
 
 
 SMALL_CLASS = 0.1  # a class under this fraction of the median class is worth a warning
@@ -242,6 +286,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     plan = _limit_plan(plan_source(cfg.source, cfg.classes or None, cfg.download, cfg.seed), cfg.limit)
     warnings = check_labels(plan)
     shape, channels = _probe_shape(plan)
+    if cfg.image_size:
+        shape = (cfg.image_size, cfg.image_size, channels)
     fixed = np.concatenate([np.full(c.count, c.fixed_split, dtype=object) for c in plan.chunks])
     splits = assign_splits(plan.labels, fixed, cfg.val_fraction, cfg.seed)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -260,6 +306,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                 cfg.skip_bad,
                 str(tmp),
                 i,
+                cfg.image_size,
             )
             for i, c in enumerate(plan.chunks)
         ]
@@ -302,6 +349,7 @@ def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict
         "classes": plan.classes,
         "num_classes": n_cls,
         "image_shape": list(shape),
+        "image_size": cfg.image_size,  # --image-size: every image resized and centre-cropped to it (0: as stored)
         "splits": present,
         "counts": {s: int(per_class[s].sum()) for s in present},
         "counts_per_class": {s: per_class[s].tolist() for s in present},

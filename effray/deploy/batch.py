@@ -1,8 +1,9 @@
 """``effray predict``: batch inference on Ray Data.
 
 read -> decode (:mod:`effray.deploy.inputs`) -> the model in an actor pool ->
-``OUT/predictions.parquet`` + ``OUT/skipped.parquet``. An image that can't be used (unreadable, corrupt, the wrong size)
-is a skipped row with its reason, never an error: one bad file in a million must not cost
+``OUT/predictions.parquet`` + ``OUT/skipped.parquet``. An image that can't be used (unreadable, corrupt)
+is a skipped row with its reason, never an error; one of another size than the model takes is resized
+by the model's preprocessing, and its ``resized_from`` column says from what: one bad file in a million must not cost
 the other 999,999. Images travel as uint8 (a quarter of float32's bytes) and each actor's
 :class:`~effray.deploy.model.Deployable`, loaded once in ``__init__``, normalises them on
 its device. The driver writes the results as they stream in (a few numbers per row, so one
@@ -35,11 +36,11 @@ class Classifier:
     """One model per actor, loaded once; scores the good rows of each batch and passes the
     skipped ones through with their reason."""
 
-    def __init__(self, model: str, kind: str, top_k: int, threads: int) -> None:
+    def __init__(self, model: str, kind: str, top_k: int, threads: int, trust_code: bool = False) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.deployable = load_deployable(model, device="auto", kind=kind)
+        self.deployable = load_deployable(model, device="auto", kind=kind, trust_code=trust_code)
         self.classes = np.asarray(self.deployable.info.classes, dtype=object)
         self.top_k = top_k
 
@@ -61,6 +62,7 @@ class Classifier:
             "name": batch["name"],
             "label": batch["label"],
             "error": batch["error"],
+            "resized_from": batch["resized_from"],
             "predicted": predicted,
             "class_name": np.where(ok, self.classes[np.maximum(predicted, 0)], ""),
             "probability": top_p[:, 0],
@@ -98,9 +100,10 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise EffrayError(f"output {str(out)!r} already exists; pass --overwrite to replace it or choose another --out")
-    info = load_deployable(cfg.model, device="cpu", kind=cfg.kind).info  # a bad model fails here, in one line
+    # a bad model fails here, in one line
+    info = load_deployable(cfg.model, device="cpu", kind=cfg.kind, trust_code=cfg.trust_code).info
     require(cfg.top_k <= info.num_classes, f"--top-k {cfg.top_k} is more than the model's {info.num_classes} classes")
-    inputs = plan_inputs(cfg.data, cfg.split, info.image_shape, info.num_classes)
+    inputs = plan_inputs(cfg.data, cfg.split, info.image_shape, info.num_classes, info.resize)
     require(inputs.rows > 0, f"{inputs.spec} has no rows to predict")
     actors, gpus = resolve_resources(cfg, ray.cluster_resources())
     scored = inputs.dataset.map_batches(
@@ -115,6 +118,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             "kind": cfg.kind,
             "top_k": cfg.top_k,
             "threads": int(cfg.cpus_per_actor),
+            "trust_code": cfg.trust_code,
         },
     )
     tmp = temp_sibling(out)
@@ -132,7 +136,9 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         f"[effray] predict: {tally['predicted']} images in {seconds:.1f} s (actor start included), "
         f"{result['images_per_s']:.0f} images/s ({actors} actor{'s' if actors > 1 else ''}, {gpus:g} GPU each; in "
         "the model "
-        f"{result['model_images_per_s']:.0f} images/s per actor); {tally['skipped']} skipped -> {out}"
+        f"{result['model_images_per_s']:.0f} images/s per actor); {tally['skipped']} skipped"
+        + (f", {tally['resized']} resized to {'x'.join(map(str, info.image_shape[:2]))}" if tally["resized"] else "")
+        + f" -> {out}"
     )
     return result
 
@@ -153,10 +159,18 @@ def write_predictions(batches: Any, out_dir: Path, labelled: bool) -> dict[str, 
             ("probability", pa.float32()),
             ("top_k_labels", pa.list_(pa.int64())),
             ("top_k_probabilities", pa.list_(pa.float32())),
+            ("resized_from", pa.string()),  # "HxW" of an image the model's preprocessing resized, else null
         ]
     )
     skip_schema = pa.schema([("index", pa.int64()), ("name", pa.string()), ("reason", pa.string())])
-    tally: dict[str, Any] = {"predicted": 0, "skipped": 0, "correct": 0, "model_s": 0.0, "skipped_examples": []}
+    tally: dict[str, Any] = {
+        "predicted": 0,
+        "skipped": 0,
+        "resized": 0,
+        "correct": 0,
+        "model_s": 0.0,
+        "skipped_examples": [],
+    }
     with (
         pq.ParquetWriter(out_dir / "predictions.parquet", pred_schema) as preds,
         pq.ParquetWriter(out_dir / "skipped.parquet", skip_schema) as skipped,
@@ -187,9 +201,11 @@ def write_predictions(batches: Any, out_dir: Path, labelled: bool) -> dict[str, 
                 "top_k_probabilities": pa.FixedSizeListArray.from_arrays(
                     pa.array(b["top_k_probabilities"][ok].ravel()), k
                 ).cast(pa.list_(pa.float32())),
+                "resized_from": [r or None for r in b["resized_from"][ok].tolist()],
             }
             preds.write_table(pa.table(rows, schema=pred_schema))
             tally["predicted"] += int(ok.sum())
+            tally["resized"] += int((b["resized_from"][ok] != "").sum())
             tally["model_s"] += float(b["model_s"][ok].sum())
             if labelled:
                 tally["correct"] += int((b["predicted"][ok] == labels).sum())
@@ -208,6 +224,7 @@ def _result(
         "rows": tally["predicted"] + tally["skipped"],
         "predicted": tally["predicted"],
         "skipped": tally["skipped"],
+        "resized": tally["resized"],  # images of another size, brought to the model's by its preprocessing
         "skipped_examples": tally["skipped_examples"],
         "seconds": round(seconds, 3),
         "images_per_s": round(tally["predicted"] / max(seconds, 1e-9), 1),

@@ -13,6 +13,10 @@ FORMATS = {"torch": ("torch",), "onnx": ("onnx",), "all": ("torch", "onnx")}
 KIND_HELP = "which file of an export directory: torch, onnx, onnx-int8, torch-int8 ('' = the first present)"
 MODEL_HELP = "checkpoint, compressed artifact or `effray export` output"
 MODEL_REQUIRED = "--model PATH is required (a checkpoint, artifact or `effray export` output)"
+TRUST_HELP = (
+    "import the pkg.module:factory a checkpoint or artifact names to rebuild its model (never done on a file's "
+    "say-so; .pt2/ONNX exports need no model code)"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ExportConfig:
         "auto = on unless this CPU has VNNI",
         choices=("auto", "on", "off"),
     )
+    trust_code: bool = option(False, TRUST_HELP)
 
     def validate(self) -> None:
         require(bool(self.artifact), "--artifact PATH is required (a compressed artifact or checkpoint)")
@@ -90,6 +95,7 @@ class PredictConfig:
     cpus_per_actor: float = option(1.0, "CPUs per model actor (torch runs that many threads in it)")
     top_k: int = option(5, "classes kept per row, most probable first")
     overwrite: bool = option(False, "replace an existing --out directory")
+    trust_code: bool = option(False, TRUST_HELP)
 
     def validate(self) -> None:
         require(bool(self.model), MODEL_REQUIRED)
@@ -123,9 +129,16 @@ class ServeConfig:
     batch_wait_timeout_s: float = option(0.01, "longest a request waits for its batch to fill")
     max_request_bytes: int = option(4 << 20, "largest request body accepted (413 beyond)")
     max_images_per_request: int = option(64, "most images in one JSON batch request (400 beyond)")
+    trust_code: bool = option(False, TRUST_HELP)
+    max_image_pixels: int = option(
+        40_000_000,
+        "largest image (width x height) a request may hold, refused from its header before decoding (413 "
+        "beyond); smaller images of another size than the model takes are resized by its preprocessing",
+    )
 
     def validate(self) -> None:
         require(bool(self.model), MODEL_REQUIRED)
+        require(self.max_image_pixels > 0, f"--max-image-pixels must be positive, got {self.max_image_pixels}")
         require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         require(self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
         require(self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}")

@@ -53,6 +53,7 @@ from effray.compress.int8 import activation_grids, weight_steps
 from effray.compress.program import export_program, float_twin
 from effray.config import require
 from effray.data.arrays import prepared_batches
+from effray.data.augment import preprocess
 from effray.data.prepare import load_meta
 from effray.deploy.config import ExportConfig
 from effray.deploy.model import (
@@ -105,7 +106,8 @@ def recorded_data(payload: dict[str, Any], path: Path) -> Path | None:
 
 
 def check_dataset(meta: dict[str, Any], info: Any, data: Path) -> None:
-    """The dataset must be the model's kind: same classes, same image shape."""
+    """The dataset must be the model's kind: same classes, same channels (images of another
+    size go through the model's preprocessing, :func:`split_batches`)."""
     classes = [str(c) for c in meta.get("classes", [])]
     require(
         int(meta["num_classes"]) == info.num_classes and (not classes or classes == info.classes),
@@ -113,21 +115,22 @@ def check_dataset(meta: dict[str, Any], info: Any, data: Path) -> None:
         f"({', '.join(info.classes[:4])}...): pass the dataset it was trained on",
     )
     require(
-        list(meta["image_shape"]) == list(info.image_shape),
+        int(meta["image_shape"][2]) == int(info.image_shape[2]),
         f"dataset {data} has {list(meta['image_shape'])} (HWC) images, the model takes {list(info.image_shape)}: "
         "pass the dataset it was trained on",
     )
 
 
-def split_batches(data: Path, split: str, batch_size: int, limit: int = 0) -> Batches:
+def split_batches(data: Path, split: str, batch_size: int, limit: int = 0, resize: str = "") -> Batches:
     """uint8 NHWC image and label batches of a split, in file order (the first ``limit``
-    batches when > 0)."""
+    batches when > 0), brought to the model's size by ``resize`` (its preprocessing) when
+    they are stored at another."""
 
     out = []
     for x, y in prepared_batches(data, split, batch_size)[1]:
         if limit and len(out) >= limit:
             break
-        out.append((x, y.astype(np.int64)))
+        out.append((preprocess(torch.from_numpy(x), resize).numpy(), y.astype(np.int64)))
     require(bool(out), f"split {split!r} of {data} is empty: pass a --split with images in it")
     return out
 
@@ -176,7 +179,10 @@ def _sources(cfg: ExportConfig, model: Any, info: ModelInfo, data: Path, held_ou
     """Everything the files are written from. Before anything is written: a model torch
     can't capture fails here."""
     calib = (
-        [normalise(x, info.mean, info.std) for x, _ in split_batches(data, "train", cfg.batch_size, cfg.calib_batches)]
+        [
+            normalise(x, info.mean, info.std)
+            for x, _ in split_batches(data, "train", cfg.batch_size, cfg.calib_batches, info.resize)
+        ]
         if cfg.int8
         else []
     )
@@ -197,12 +203,12 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     """Write the requested files to ``--out``, each checked against the source; returns the
     summary the CLI prints (files, parity figures, seconds)."""
     artifact = Path(cfg.artifact).expanduser()
-    model, payload, info = open_checkpoint(artifact)
+    model, payload, info = open_checkpoint(artifact, cfg.trust_code)
     data = Path(cfg.data).expanduser() if cfg.data else recorded_data(payload, artifact)
     require(data is not None, f"{artifact} records no dataset that exists here: pass --data DIR (a prepared dataset)")
     check_dataset(load_meta(data), info, data)
     out = _out_dir(cfg, artifact)
-    held_out = split_batches(data, cfg.split, cfg.batch_size)
+    held_out = split_batches(data, cfg.split, cfg.batch_size, resize=info.resize)
     src = _sources(cfg, model, info, data, held_out)
     source = source_scores(model, info, held_out)
 

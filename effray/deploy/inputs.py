@@ -3,9 +3,11 @@
 A prepared dataset, anything ``effray data prepare`` takes (CIFAR pickles, class folders,
 Parquet) or a plain folder of images, decoded in Ray Data tasks spread over the cluster
 into one schema: ``index, name, label, error, image``. A row that can't be used
-(unreadable, corrupt, the wrong size) keeps its reason in ``error`` and a blank image of
-the model's size, so every batch is one fixed-shape tensor and the skipped row is
-reported, never raised.
+(unreadable, corrupt) keeps its reason in ``error`` and a blank image of the model's size,
+so every batch is one fixed-shape tensor and the skipped row is reported, never raised. An
+image of another size than the model takes goes through the model's preprocessing (short
+side resized, centre cropped: :attr:`~effray.deploy.model.ModelInfo.resize`) and its size
+is kept in ``resized_from``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import numpy as np
 
 from effray.config import require
 from effray.console import say
+from effray.data.augment import preprocess, preprocess_image
 from effray.data.image_bytes import decode_image
 from effray.data.images import decode_batch
 from effray.data.pipeline import data_context
-from effray.data.prepare import load_meta, split_files
-from effray.data.sources import IMAGE_SUFFIXES, Chunk, load_chunk, plan_source
+from effray.data.prepare import load_meta, split_chunk, split_files
+from effray.data.sources import IMAGE_SUFFIXES, load_chunk, plan_source
 
 FILES_PER_BLOCK = 256  # image files one decode task reads: enough to amortise a task, small enough to spread out
 SOURCE_PIECE_ROWS = 1024  # rows of a prepare source one decode task takes (CIFAR pickles: a whole file)
@@ -50,15 +53,16 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def plan_inputs(data: str, split: str, image_shape: list[int], num_classes: int) -> Inputs:
+def plan_inputs(data: str, split: str, image_shape: list[int], num_classes: int, resize: str = "") -> Inputs:
     """A prepared dataset (meta.json), a plain folder of images (image files at its top
-    level), or anything ``effray data prepare`` takes; fails in one line before any task."""
+    level), or anything ``effray data prepare`` takes; fails in one line before any task.
+    ``resize``: the model's preprocessing, for images of another size than ``image_shape``."""
     path = Path(data).absolute()  # actors and tasks may run in another working directory
     if (path / "meta.json").is_file():
-        return _prepared(path, split, image_shape, num_classes)
+        return _prepared(path, split, image_shape, num_classes, resize)
     if path.is_dir() and image_files(path):
-        return _image_folder(path, image_shape)
-    return _source(absolute_spec(data), image_shape, num_classes)
+        return _image_folder(path, image_shape, resize)
+    return _source(absolute_spec(data), image_shape, num_classes, resize)
 
 
 def absolute_spec(spec: str) -> str:
@@ -71,7 +75,7 @@ def absolute_spec(spec: str) -> str:
     return str(Path(spec).absolute())
 
 
-def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int) -> Inputs:
+def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int, resize: str) -> Inputs:
     import ray
     from ray.data import DataContext
 
@@ -79,18 +83,18 @@ def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int) 
     files = split_files(path, split)
     shape = [int(v) for v in meta["image_shape"]]
     require(
-        shape == list(image_shape),
-        f"{path} holds {shape[0]}x{shape[1]}x{shape[2]} images, the model takes "
-        f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]}; predict data of the size it was trained on",
+        shape[2] == int(image_shape[2]),
+        f"{path} holds {shape[2]}-channel images, the model takes {image_shape[2]}; predict data of its kind",
     )
     rows = int(meta["counts"].get(split, 0))
     with DataContext.current(data_context(rows * int(np.prod(shape)))):
         ds = ray.data.read_parquet(files, columns=["image", "label", "index", "name"])
-    ds = ds.map_batches(decode_prepared, batch_format="pyarrow", num_cpus=1, fn_kwargs={"shape": tuple(shape)})
+    kwargs = {"shape": tuple(shape), "model_shape": tuple(image_shape), "resize": resize}
+    ds = ds.map_batches(decode_prepared, batch_format="pyarrow", num_cpus=1, fn_kwargs=kwargs)
     return Inputs("prepared", f"{path} ({split})", rows, _same_classes(meta["num_classes"], num_classes, str(path)), ds)
 
 
-def _image_folder(path: Path, image_shape: list[int]) -> Inputs:
+def _image_folder(path: Path, image_shape: list[int], resize: str) -> Inputs:
     import ray
 
     files = image_files(path)
@@ -101,12 +105,12 @@ def _image_folder(path: Path, image_shape: list[int]) -> Inputs:
         batch_size=FILES_PER_BLOCK,
         batch_format="numpy",
         num_cpus=1,
-        fn_kwargs={"shape": tuple(image_shape)},
+        fn_kwargs={"shape": tuple(image_shape), "resize": resize},
     )
     return Inputs("images", str(path), len(items), False, ds)
 
 
-def _source(spec: str, image_shape: list[int], num_classes: int) -> Inputs:
+def _source(spec: str, image_shape: list[int], num_classes: int, resize: str) -> Inputs:
     import ray
 
     plan = plan_source(spec)
@@ -117,7 +121,7 @@ def _source(spec: str, image_shape: list[int], num_classes: int) -> Inputs:
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,
-        fn_kwargs={"pieces": pieces, "shape": tuple(image_shape)},
+        fn_kwargs={"pieces": pieces, "shape": tuple(image_shape), "resize": resize},
     )
     return Inputs("source", plan.spec, len(plan.labels), _same_classes(len(plan.classes), num_classes, plan.spec), ds)
 
@@ -133,24 +137,6 @@ def _same_classes(data_classes: int, model_classes: int, where: str) -> bool:
     return False
 
 
-def split_chunk(chunk: Any, rows: int) -> list[Any]:
-    """A prepare source's chunk as pieces of at most ``rows`` rows, so decoding spreads over
-    the cluster (folder and Parquet chunks; a CIFAR pickle is read whole anyway)."""
-
-    if chunk.kind not in ("folder", "parquet") or chunk.count <= rows:
-        return [chunk]
-    pieces = []
-    for off in range(0, chunk.count, rows):
-        n = min(rows, chunk.count - off)
-        extra = dict(chunk.extra)
-        if chunk.kind == "folder":
-            extra["files"], extra["labels"] = extra["files"][off : off + n], extra["labels"][off : off + n]
-        else:
-            extra["offset"] = extra["offset"] + off
-        pieces.append(Chunk(chunk.kind, chunk.start + off, n, chunk.path, chunk.fixed_split, extra))
-    return pieces
-
-
 # ------------------------------------------------------------------ decoding (Ray Data UDFs)
 
 
@@ -161,6 +147,16 @@ def size_error(img: np.ndarray, shape: tuple[int, ...]) -> str:
     return f"image is {'x'.join(map(str, img.shape))} (HxWxC), the model takes {'x'.join(map(str, shape))}"
 
 
+def to_model_size(img: np.ndarray, shape: tuple[int, ...], resize: str) -> tuple[np.ndarray, str, str]:
+    """``(image, resized_from, error)``: ``img`` as the model takes it. One of another size
+    goes through ``resize`` (the model's preprocessing) and ``resized_from`` says its size
+    ("HxW"); what still does not fit (another channel count) is an error naming both."""
+    if tuple(img.shape) == tuple(shape) or not resize or img.shape[2] != shape[2]:
+        return img, "", size_error(img, shape)
+    out = preprocess_image(img, resize)
+    return out, f"{img.shape[0]}x{img.shape[1]}", size_error(out, shape)
+
+
 def _rows(
     index: list[int],
     names: list[str],
@@ -168,15 +164,16 @@ def _rows(
     images: list[np.ndarray | None],
     errors: list[str],
     shape: tuple[int, ...],
+    resize: str = "",
 ) -> dict[str, np.ndarray]:
     """Decoded rows as one batch; a bad row keeps its reason and a blank image of the
     model's size, so every image column is one fixed-shape tensor."""
     out = np.zeros((len(images), *shape), np.uint8)
-    errors = list(errors)
+    errors, resized = list(errors), [""] * len(images)
     for i, img in enumerate(images):
         if errors[i]:
             continue
-        errors[i] = size_error(img, shape)
+        img, resized[i], errors[i] = to_model_size(img, shape, resize)
         if not errors[i]:
             out[i] = img
     return {
@@ -184,25 +181,35 @@ def _rows(
         "name": np.asarray([str(n) for n in names], dtype=object),
         "label": np.asarray(labels, np.int64),
         "error": np.asarray(errors, dtype=object),
+        "resized_from": np.asarray(resized, dtype=object),
         "image": out,
     }
 
 
-def decode_prepared(table: Any, *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """A prepared split's Arrow rows (raw pixels, all one size) -> rows to predict."""
+def decode_prepared(
+    table: Any, *, shape: tuple[int, ...], model_shape: tuple[int, ...], resize: str
+) -> dict[str, np.ndarray]:
+    """A prepared split's Arrow rows (raw pixels, all of the stored ``shape``) -> rows to
+    predict, the whole batch brought to ``model_shape`` at once when the two differ."""
+    import torch
 
     rows = decode_batch(table, shape)
-    n = len(rows["label"])
+    n, images = len(rows["label"]), rows["image"]
+    was = ""
+    if tuple(shape) != tuple(model_shape):
+        images = preprocess(torch.from_numpy(np.require(images, requirements=["C", "W"])), resize).numpy()
+        was = f"{shape[0]}x{shape[1]}"
     return {
         "index": rows["index"].astype(np.int64),
         "name": rows["name"].astype(object),
         "label": rows["label"],
         "error": np.full(n, "", dtype=object),
-        "image": rows["image"],
+        "resized_from": np.full(n, was, dtype=object),
+        "image": images,
     }
 
 
-def decode_files(batch: dict[str, np.ndarray], *, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def decode_files(batch: dict[str, np.ndarray], *, shape: tuple[int, ...], resize: str = "") -> dict[str, np.ndarray]:
     """Image files -> rows to predict; an unreadable or corrupt file is a row with its reason."""
 
     images: list[np.ndarray | None] = []
@@ -223,10 +230,12 @@ def decode_files(batch: dict[str, np.ndarray], *, shape: tuple[int, ...]) -> dic
         images.append(img)
         errors.append(err)
     names = [Path(p).name for p in batch["path"]]
-    return _rows(batch["index"].tolist(), names, [NO_LABEL] * len(names), images, errors, shape)
+    return _rows(batch["index"].tolist(), names, [NO_LABEL] * len(names), images, errors, shape, resize)
 
 
-def decode_pieces(batch: dict[str, np.ndarray], *, pieces: list[Any], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def decode_pieces(
+    batch: dict[str, np.ndarray], *, pieces: list[Any], shape: tuple[int, ...], resize: str = ""
+) -> dict[str, np.ndarray]:
     """Pieces of a prepare source (CIFAR pickles, class folders, Parquet) -> rows to predict,
     with the source's labels; bad rows carry the source reader's reason."""
 
@@ -235,5 +244,5 @@ def decode_pieces(batch: dict[str, np.ndarray], *, pieces: list[Any], shape: tup
         chunk = pieces[int(i)]
         decoded, labels = load_chunk(chunk, shape[2])
         index = list(range(chunk.start, chunk.start + chunk.count))
-        parts.append(_rows(index, decoded.names, labels.tolist(), decoded.images, decoded.errors, shape))
+        parts.append(_rows(index, decoded.names, labels.tolist(), decoded.images, decoded.errors, shape, resize))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

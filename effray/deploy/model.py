@@ -23,6 +23,7 @@ from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
 from effray.compress.int8 import lower_x86
 from effray.compress.program import quiet, vnni
 from effray.config import require
+from effray.data.augment import default_preprocess
 from effray.data.images import normalize_tensor
 from effray.errors import EffrayError
 from effray.models.predict import predict_logits
@@ -49,10 +50,17 @@ class ModelInfo:
     source: str  # the file this was loaded from
     numerics: dict[str, bool] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    preprocess: str = ""  # what turns an image of any size into image_shape ("": recorded before it was)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def resize(self) -> str:
+        """The preprocessing that brings an image of another size to ``image_shape``: the
+        recorded one, else the short side resized and the centre cropped to it."""
+        return self.preprocess or default_preprocess(self.image_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +158,7 @@ def info_from_payload(payload: dict[str, Any], source: str) -> ModelInfo:
         source=os.path.abspath(source),
         numerics=dict(payload.get("numerics") or {}),
         provenance=provenance,
+        preprocess=str(data.get("preprocess") or ""),
     )
 
 
@@ -157,11 +166,14 @@ def _is_export(path: Path) -> bool:
     return path.suffix in (".pt2", ".onnx") or (path.is_dir() and (path / SIDECAR).is_file())
 
 
-def load_deployable(path: str | os.PathLike, device: str = "auto", kind: str = "") -> Deployable:
+def load_deployable(
+    path: str | os.PathLike, device: str = "auto", kind: str = "", trust_code: bool = False
+) -> Deployable:
     """Open ``path``: a checkpoint or artifact (directory or ``model.pt``), or an export
     directory / file. ``kind`` picks one file of an export directory holding several
     (``torch``, ``onnx``, ``onnx-int8``, ``torch-int8``; default: the first present in
-    that order). Bad paths fail in one line."""
+    that order). Bad paths fail in one line. ``trust_code``: a checkpoint's ``pkg.module:factory``
+    may be imported (an export needs no model code)."""
     p = Path(path)
     require(
         p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output"
@@ -169,10 +181,10 @@ def load_deployable(path: str | os.PathLike, device: str = "auto", kind: str = "
     device = resolve_device(device)
     if _is_export(p):
         return _load_export(p, device, kind)
-    return _load_checkpoint(p, device)
+    return _load_checkpoint(p, device, trust_code)
 
 
-def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], ModelInfo]:
+def open_checkpoint(path: str | os.PathLike, trust_code: bool = False) -> tuple[Any, dict[str, Any], ModelInfo]:
     """``(model in eval mode on the CPU, payload, info)`` of a training checkpoint or a
     compressed artifact; anything else (an export, a generator, a stray file) fails in one line."""
 
@@ -185,7 +197,7 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], Model
         f"{p} is an `effray export` output, not a checkpoint or artifact; pass the artifact it came from",
     )
     try:
-        model, payload = load_checkpoint(p)
+        model, payload = load_checkpoint(p, trust_code)
     except EffrayError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -211,10 +223,10 @@ def device_logits(model: Any, images: Any, info: ModelInfo, tta: int = 0) -> Any
         return predict_logits(model, images, info.mean, info.std, tta, info.numerics)
 
 
-def _load_checkpoint(p: Path, device: str) -> Deployable:
+def _load_checkpoint(p: Path, device: str, trust_code: bool = False) -> Deployable:
     import torch
 
-    model, payload, info = open_checkpoint(p)
+    model, payload, info = open_checkpoint(p, trust_code)
     model = model.to(device).eval()
     tta = int((payload.get("config") or {}).get("tta", 0)) if info.kind == "checkpoint" else 0
 
@@ -252,6 +264,7 @@ def _load_export(p: Path, device: str, kind: str) -> Deployable:
         source=str(f.resolve()),
         numerics=dict(sidecar.get("numerics") or {}),
         provenance=dict(sidecar.get("provenance") or {}),
+        preprocess=str(sidecar.get("preprocess") or ""),
     )
     if kind.startswith("onnx"):
         return Deployable(info, _onnx_forward(f, info, device), device)

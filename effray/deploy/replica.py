@@ -3,9 +3,11 @@
 Each replica holds one :class:`~effray.deploy.model.Deployable` (loaded once, in
 ``__init__``) behind a plain Starlette ingress:
 
-- ``POST /predict``: one image's bytes (PNG/JPEG of the model's size), or JSON
-  ``{"images": ["<base64>", ...]}``; answers class, label, per-class probabilities, top-5
-  and the model's provenance (a list of those for a batch).
+- ``POST /predict``: one image's bytes (PNG/JPEG), or JSON ``{"images": ["<base64>", ...]}``;
+  answers class, label, per-class probabilities, top-5 and the model's provenance (a list
+  of those for a batch). An image of another size than the model takes goes through the
+  model's preprocessing (short side resized, centre cropped), and its answer says so
+  (``resized``: from, to, the preprocessing).
 - ``GET /healthz``: the model's name, kind and classes (answered once the replica loaded).
 - ``GET /stats``: this replica's requests and the sizes of the model calls it made.
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from effray.data.augment import preprocess_image
 from effray.deploy.config import ServeConfig
 from effray.deploy.model import load_deployable, softmax
 
@@ -43,15 +46,21 @@ class BadRequest(Exception):
         self.status, self.reason = status, reason
 
 
-def decode_request_image(data: bytes, image_shape: list[int]) -> np.ndarray:
-    """PNG/JPEG bytes -> HWC uint8 of the model's size. The size is checked from the
-    header before decoding, so a small file that would decode to a huge image costs nothing."""
+def decode_request_image(
+    data: bytes, image_shape: list[int], resize: str = "", max_pixels: int = 40_000_000
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """PNG/JPEG bytes -> (HWC uint8 of the model's size, what was resized or None). An image
+    of another size goes through ``resize`` (the model's preprocessing). Its size is checked
+    from the header before decoding, so a small file that would decode to a huge image
+    costs nothing."""
     from PIL import Image, UnidentifiedImageError
 
     h, w, c = image_shape
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.size != (w, h):
+            if im.size[0] * im.size[1] > max_pixels:
+                raise BadRequest(413, f"image is {im.size[0]}x{im.size[1]} (WxH), over the {max_pixels:,}-pixel limit")
+            if im.size != (w, h) and not resize:
                 raise BadRequest(400, f"image is {im.size[0]}x{im.size[1]} (WxH), the model takes {w}x{h}")
             im.load()
             arr = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
@@ -61,11 +70,16 @@ def decode_request_image(data: bytes, image_shape: list[int]) -> np.ndarray:
         raise BadRequest(
             400, f"corrupt image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    if arr.shape[:2] == (h, w):
+        return arr, None
+    return preprocess_image(arr, resize), {"from": list(arr.shape[:2]), "to": [h, w], "preprocess": resize}
 
 
-def answer(logits: np.ndarray, classes: list[str], model: dict[str, Any]) -> dict[str, Any]:
-    """One image's JSON answer from its logits."""
+def answer(
+    logits: np.ndarray, classes: list[str], model: dict[str, Any], resized: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One image's JSON answer from its logits (``resized``: the image was of another size)."""
     p = softmax(logits)
     order = np.argsort(-logits, kind="stable")[:TOP]
     best = int(order[0])
@@ -76,6 +90,7 @@ def answer(logits: np.ndarray, classes: list[str], model: dict[str, Any]) -> dic
         "probabilities": {c: float(v) for c, v in zip(classes, p)},
         "top5": [{"label": int(i), "class_name": classes[int(i)], "probability": float(p[i])} for i in order],
         "model": model,
+        **({"resized": resized} if resized else {}),
     }
 
 
@@ -88,7 +103,7 @@ class ClassifierServer:
 
         self.cfg = cfg
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
-        self.deployable = load_deployable(cfg.model, device="auto", kind=cfg.kind)
+        self.deployable = load_deployable(cfg.model, device="auto", kind=cfg.kind, trust_code=cfg.trust_code)
         info = self.deployable.info
         self.model = {"kind": info.kind, "source": info.source, "provenance": info.provenance}
         self.model_thread = ThreadPoolExecutor(
@@ -118,9 +133,9 @@ class ClassifierServer:
         route = (request.method, request.url.path.rstrip("/") or "/")
         try:
             if route == ("POST", "/predict"):
-                images, batched = await self.read_images(request)
+                images, resized, batched = await self.read_images(request)
                 logits = await asyncio.gather(*(self.infer(img) for img in images))
-                answers = [answer(z, self.deployable.info.classes, self.model) for z in logits]
+                answers = [answer(z, self.deployable.info.classes, self.model, r) for z, r in zip(logits, resized)]
                 self.counts["requests"] += 1
                 self.counts["images"] += len(images)
                 return reply({"predictions": answers} if batched else answers[0])
@@ -133,6 +148,7 @@ class ClassifierServer:
                         "kind": info.kind,
                         "classes": info.classes,
                         "image_shape": info.image_shape,
+                        "preprocess": info.resize,  # what an image of another size goes through
                         "source": info.source,
                     }
                 )
@@ -186,12 +202,14 @@ class ClassifierServer:
             )
         return body
 
-    async def read_images(self, request: Any) -> tuple[list[np.ndarray], bool]:
-        """(decoded images, whether the request was a JSON batch)."""
+    async def read_images(self, request: Any) -> tuple[list[np.ndarray], list[dict[str, Any] | None], bool]:
+        """(decoded images at the model's size, what each was resized from, whether the
+        request was a JSON batch)."""
         body = await self.read_body(request)
-        shape = self.deployable.info.image_shape
+        shape, resize = self.deployable.info.image_shape, self.deployable.info.resize
         if not request.headers.get("content-type", "").startswith("application/json"):
-            return [decode_request_image(body, shape)], False
+            image, resized = decode_request_image(body, shape, resize, self.cfg.max_image_pixels)
+            return [image], [resized], False
         try:
             doc = json.loads(body)
         except ValueError as exc:
@@ -210,14 +228,16 @@ class ClassifierServer:
                 f"{len(items)} images in one request, at most {self.cfg.max_images_per_request} "
                 "(--max-images-per-request); split the batch",
             )
-        images = []
+        images, resized = [], []
         for i, text in enumerate(items):
             try:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
                 raise BadRequest(400, f"images[{i}] is not valid base64") from None
             try:
-                images.append(decode_request_image(data, shape))
+                image, was = decode_request_image(data, shape, resize, self.cfg.max_image_pixels)
             except BadRequest as bad:
                 raise BadRequest(bad.status, f"images[{i}]: {bad.reason}") from None
-        return images, True
+            images.append(image)
+            resized.append(was)
+        return images, resized, True

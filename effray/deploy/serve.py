@@ -97,7 +97,9 @@ def start(cfg: ServeConfig) -> str:
     import ray
     from ray import serve
 
-    load_deployable(cfg.model, device="cpu", kind=cfg.kind)  # a bad model fails here, not in a replica's retries
+    load_deployable(
+        cfg.model, device="cpu", kind=cfg.kind, trust_code=cfg.trust_code
+    )  # a bad model fails here, not in a replica's retries
     app = build_app(cfg, ray.cluster_resources())
     running = serve.status()
     require(

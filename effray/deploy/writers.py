@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from effray.compress.fakequant import ActQuant
+from effray.compress.fakequant import ActQuant, QLinear
 from effray.compress.int8 import quantize_int8
 from effray.compress.program import export_program, quiet
 from effray.errors import EffrayError
+from effray.models.reference import is_reference
 
 INPUT, OUTPUT = "image", "logits"  # the ONNX graph's tensor names
 # ops between a layer and the next one's input that commute with rounding on one grid
@@ -60,9 +61,23 @@ def write_export(kind: str, path: Path, src: ExportSources, reduce_range: bool, 
     base = path.with_name(".float-twin.onnx")
     try:
         write_onnx(base, src.plain, src.example)
-        return write_onnx_int8(path, base, src.calib, src.steps, src.grids, reduce_range)
+        only_layers = is_reference(str((getattr(src.model, "spec", None) or {}).get("name", "")))
+        linears = student_linears(src.model) if only_layers else None
+        return write_onnx_int8(path, base, src.calib, src.steps, src.grids, reduce_range, only_layers, linears)
     finally:
         base.unlink(missing_ok=True)
+
+
+def student_linears(model: Any) -> dict[str, np.ndarray]:
+    """Each fake-quant linear's weight as the float twin holds it (dequantized), by name."""
+    import torch
+
+    with torch.no_grad():
+        return {
+            f"{n}.weight": m.qweight().detach().float().cpu().numpy()
+            for n, m in model.named_modules()
+            if isinstance(m, QLinear)
+        }
 
 
 @contextlib.contextmanager
@@ -109,7 +124,10 @@ def _identity_pool(node: Any) -> bool:
 
 
 def onnx_overrides(
-    onnx_path: Path, steps: dict[str, Any], grids: dict[str, tuple[float, int, int]]
+    onnx_path: Path,
+    steps: dict[str, Any],
+    grids: dict[str, tuple[float, int, int]],
+    aliases: dict[str, str] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], int]:
     """ONNX Runtime ``TensorQuantOverrides`` that make its int8 model round where the student
     rounds, on the student's grids; returns them and how many layers' weights they pin.
@@ -125,7 +143,10 @@ def onnx_overrides(
       int8 kernel: rounding there, on the same grid, equals rounding at the input. A grid
       of ``2^k`` levels (k < 8) is placed at the top of the uint8 range (zero point
       ``255 - (2^k - 1 - zero)``) so uint8 saturation is the student's clamp; that is exact
-      for the non-negative inputs that follow a ReLU."""
+      for the non-negative inputs that follow a ReLU.
+
+    ``aliases``: the exporter's names for weights it stored transposed (a linear on 3-D
+    input becomes ``MatMul(x, W^T)``) -> the student's weight names."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import QuantType
@@ -136,7 +157,8 @@ def onnx_overrides(
     out: dict[str, list[dict[str, Any]]] = {}
     pinned = 0
     for node in graph.node:
-        name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else ""
+        onnx_name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else ""
+        name = (aliases or {}).get(onnx_name, onnx_name)
         if name in grids and grids[name][2] <= 8:
             scale, zero, bits = grids[name]
             chain, tensor, rectified = [], node.input[0], False
@@ -157,9 +179,9 @@ def onnx_overrides(
                         "quant_type": QuantType.QUInt8,
                     }
                 ]
-        if name not in steps or name not in weights:
+        if name not in steps or onnx_name not in weights:
             continue
-        w, step = numpy_helper.to_array(weights[name]), np.asarray(steps[name], np.float32)
+        w, step = numpy_helper.to_array(weights[onnx_name]), np.asarray(steps[name], np.float32)
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1
         if w.shape[axis] != len(step):
@@ -168,7 +190,7 @@ def onnx_overrides(
         if np.abs(codes).max() > 127 or not np.array_equal(codes, np.round(codes)):
             continue
         wide = np.abs(codes).max() > 63
-        out[name] = [
+        out[onnx_name] = [
             {
                 "axis": axis,
                 "scale": float(v),
@@ -188,12 +210,18 @@ def write_onnx_int8(
     steps: dict[str, Any],
     grids: dict[str, tuple[float, int, int]],
     reduce_range: bool,
+    only_layers: bool = False,
+    weights: dict[str, np.ndarray] | None = None,
 ) -> int:
     """Static QDQ after ORT's pre-processing: per-channel symmetric weights, uint8
     activations; a student's layers on its own grids (:func:`onnx_overrides`), anything
     else calibrated by min/max on ``calib`` (``reduce_range``: 7-bit weights, for CPUs
     without VNNI). Linear layers keep float outputs (ORT's ``QGemm`` takes that), so the
-    logits are not rounded to 8 bits. Returns how many student layers keep their grid."""
+    logits are not rounded to 8 bits. ``only_layers`` (a model built by reference: a ViT's
+    attention products, adds and norms): only the convs and linears are quantized, the
+    student's rounding points, and nothing between them; ``weights`` (the student's linear
+    weights, by name) find the ones the exporter stored transposed. Returns how many
+    student layers keep their grid."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -214,7 +242,8 @@ def write_onnx_int8(
     try:
         with _silent():
             quant_pre_process(str(fp32), str(pre))
-            overrides, pinned = onnx_overrides(pre, steps, grids)
+            overrides, pinned = onnx_overrides(pre, steps, grids, transposed_weights(pre, weights) if weights else None)
+            layers = layer_nodes(pre) if only_layers else None
             quantize_static(
                 str(pre),
                 str(path),
@@ -224,6 +253,7 @@ def write_onnx_int8(
                 reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                **({"nodes_to_quantize": layers} if layers is not None else {}),
                 extra_options={
                     "TensorQuantOverrides": overrides,
                     "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
@@ -232,6 +262,37 @@ def write_onnx_int8(
     finally:
         pre.unlink(missing_ok=True)
     return pinned
+
+
+def transposed_weights(onnx_path: Path, weights: dict[str, np.ndarray]) -> dict[str, str]:
+    """``{onnx initializer: student weight name}`` for each 2-D initializer that is a student
+    linear's weight transposed (found by value: the exporter names it ``val_N``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    by_value = {(w.T.shape, np.ascontiguousarray(w.T).tobytes()): n for n, w in weights.items() if w.ndim == 2}
+    out = {}
+    for init in onnx.load(str(onnx_path)).graph.initializer:
+        if len(init.dims) == 2:
+            a = numpy_helper.to_array(init)
+            name = by_value.get((a.shape, np.ascontiguousarray(a, np.float32).tobytes()))
+            if name is not None:
+                out[init.name] = name
+    return out
+
+
+def layer_nodes(onnx_path: Path) -> list[str]:
+    """The graph's conv and linear nodes (a ``Conv``/``Gemm``/``MatMul`` with a weight): not an
+    activation-by-activation product such as attention's ``q @ k``."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    weights = {i.name for i in graph.initializer}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in weights
+    ]
 
 
 def why_int8_disagrees(model: Any, kind: str) -> str:

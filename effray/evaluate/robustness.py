@@ -67,7 +67,7 @@ def variant_scores(
     sums: dict[int, torch.Tensor] = {}
     classes = 0
     for batch in batches:
-        logits = predict_logits(model, batch["image"], info["mean"], info["std"], tta, numerics)
+        logits = predict_logits(model, batch["image"], info["mean"], info["std"], tta, numerics, info.get("preprocess"))
         classes = logits.shape[1]
         labels = torch.from_numpy(np.array(batch["label"], np.int64))  # a copy: Ray's arrays are read-only
         for v in np.unique(batch["variant"]).tolist():
@@ -161,5 +161,5 @@ def corruption_accuracy(
         for i in range(0, n, batch_size)
     )
     model.eval()
-    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"])  # noqa: E731
+    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"], preprocess=meta.get("preprocess"))  # noqa: E731
     return score_batches(predict, batches, int(meta["num_classes"]))["accuracy"]

@@ -57,6 +57,9 @@ class EvaluateConfig:
     corruption_seed: int = option(
         0, "seed of the corruptions' randomness (per image, so any batching gives the same split)"
     )
+    trust_code: bool = option(
+        False, "import the pkg.module:factory the checkpoint names to rebuild its model (never on a file's say-so)"
+    )
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "--checkpoint PATH is required (a run's checkpoint directory or model.pt)")
@@ -82,18 +85,22 @@ def score(
     image_shape: list[int] | None = None,
     tta: int = 0,
     numerics: dict[str, bool] | None = None,
+    preprocess: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy and the logits and labels (CPU, for
     :func:`effray.metrics.classification_metrics`) of ``model`` over ``batches`` of uint8
-    images, normalised exactly as training normalised its validation batches and computed
-    with the checkpoint's ``numerics`` (bf16 autocast, channels-last) as training scored it."""
+    images, preprocessed (the model's ``preprocess``: images of another size than it takes)
+    and normalised exactly as training did its validation batches, and computed with the
+    checkpoint's ``numerics`` (bf16 autocast, channels-last) as training scored it. Without
+    a preprocessing (checkpoints from before it was recorded) images of another size than
+    ``image_shape`` are an error."""
     numerics = numerics or {}
     channels_last = bool(numerics.get("channels_last"))
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
 
     def checked() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for images, labels in batches:
-            if image_shape is not None and list(images.shape[1:]) != list(image_shape):
+            if not preprocess and image_shape is not None and list(images.shape[1:]) != list(image_shape):
                 raise EffrayError(
                     f"images are {list(images.shape[1:])} (HWC), the model was trained on {list(image_shape)}"
                 )
@@ -106,7 +113,7 @@ def score(
                 yield images[i : i + batch_size], torch.from_numpy(np.array(labels[i : i + batch_size]))
 
     def predict(images: np.ndarray) -> torch.Tensor:
-        return predict_logits(model, images, mean, std, tta, numerics)
+        return predict_logits(model, images, mean, std, tta, numerics, preprocess)
 
     result = score_batches(predict, checked(), num_classes, keep_logits=True)
     require(result["count"] > 0, "no images to evaluate (empty split or every row unreadable)")
@@ -115,7 +122,7 @@ def score(
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Load the checkpoint, stream the data, return one JSON-able result dict."""
-    model, payload = load_checkpoint(cfg.checkpoint)
+    model, payload = load_checkpoint(cfg.checkpoint, cfg.trust_code)
     spec, info = payload.get("model_spec", {}), payload.get("data")
     if not info or "mean" not in info:
         raise EffrayError(
@@ -135,7 +142,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         where = {"split": cfg.split}
     else:
         require(data.exists(), f"--data {cfg.data!r} does not exist")
-        batches = encoded_batches(data, int(info["image_shape"][2]), counter)
+        batches = encoded_batches(data, int(info["image_shape"][2]), counter, info.get("preprocess"))
         where = {}
     tta = cfg.tta if cfg.tta >= 0 else int((payload.get("config") or {}).get("tta", 0))
     result = score(
@@ -148,6 +155,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         info.get("image_shape"),
         tta,
         payload.get("numerics"),
+        info.get("preprocess"),
     )
     scores = classification_metrics(result["logits"], result["labels"], [str(c) for c in classes])
     out = {

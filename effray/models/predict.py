@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effray.data.images import normalize_tensor
+from effray.data.augment import model_input
 from effray.errors import EffrayError
 
 
@@ -59,15 +59,18 @@ def predict_logits(
     std: list[float] | Any,
     tta: int = 0,
     numerics: dict[str, bool] | None = None,
+    preprocess: str | None = None,
 ) -> torch.Tensor:
-    """The logits of uint8 NHWC ``images`` (numpy or a tensor on any device), normalised as
-    training normalised its validation batches and computed with the checkpoint's
+    """The logits of uint8 NHWC ``images`` (numpy or a tensor on any device), preprocessed
+    (``preprocess``: the model's, for images stored at another size than it takes) and
+    normalised as training did its validation batches, computed with the checkpoint's
     ``numerics`` on the model's device (call under no_grad)."""
     numerics = numerics or {}
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # Ray's arrays are read-only
     device = next((p.device for p in model.parameters()), images.device)
-    x = normalize_tensor(images.to(device, non_blocking=True), mean, std, bool(numerics.get("channels_last")))
+    channels_last = bool(numerics.get("channels_last"))
+    x = model_input(images.to(device, non_blocking=True), preprocess, mean, std, channels_last)
     return tta_logits(lambda v: logits(model, v, device, numerics), x, tta)
 
 

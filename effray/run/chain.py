@@ -31,11 +31,12 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = stage("prepare")
+    source = plan.prepare.source  # --source, or the preset's own
     if (data_dir / "meta.json").is_file():
         meta = load_meta(data_dir)
         require(
-            meta["source"].endswith(cfg.source.split(":", 1)[-1].lstrip("./")) or cfg.source in meta["source"],
-            f"{data_dir} was prepared from {meta['source']}, not {cfg.source}; use another --out",
+            meta["source"].endswith(source.split(":", 1)[-1].lstrip("./")) or source in meta["source"],
+            f"{data_dir} was prepared from {meta['source']}, not {source}; use another --out",
         )
     else:
         prepare(plan.prepare)
@@ -115,7 +116,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         model, kind = exports[pick]["dir"], "onnx-int8" if exports[pick]["int8"] else "onnx"
         say(f"[effray run] serve the pick:   effray serve --model {model} --kind {kind}")
         say(
-            f"[effray run] batch inference:  effray predict --model {model} --kind {kind} --data {cfg.source} "
+            f"[effray run] batch inference:  effray predict --model {model} --kind {kind} --data {source} "
             f"--out {out / 'predictions'}"
         )
     return {

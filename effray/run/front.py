@@ -84,7 +84,12 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
                     export(
                         validated(
                             ExportConfig(
-                                artifact=artifact, format="all", int8=attempt, data=str(data_dir), out=str(dest)
+                                artifact=artifact,
+                                format="all",
+                                int8=attempt,
+                                data=str(data_dir),
+                                out=str(dest),
+                                trust_code=True,  # this run's own artifacts, of the preset's models
                             )
                         )
                     )

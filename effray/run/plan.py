@@ -19,6 +19,8 @@ from effray.search.config import TuneConfig
 from effray.search.space import load_space, validate_space
 from effray.train.config import TrainConfig
 
+SOURCE = "../shared/data/cifar10-train.parquet"
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -26,11 +28,13 @@ class RunConfig:
 
     preset: str = option(
         "demo",
-        "demo (minutes on a CPU box), cifar10 (the full run for a GPU cluster) or a YAML file (base, prepare, train, "
-        "tune sections)",
+        "demo (minutes on a CPU box), cifar10 (the full run for a GPU cluster), imagenette-resnet50 (the worked "
+        "example: a torchvision ResNet-50 teacher, --weights or trained here, distilled into a ResNet-18, pruned and "
+        "quantized; a GPU cluster's run) or a YAML file (base, prepare, train, tune sections)",
     )
     source: str = option(
-        "../shared/data/cifar10-train.parquet", "images to start from (any `effray data prepare --source`)"
+        SOURCE,
+        "images to start from (any `effray data prepare --source`; a preset may name its own, which this overrides)",
     )
     out: str = option(
         "runs/demo", "directory for the dataset, teacher, experiment and report (shared storage on a cluster)"
@@ -49,6 +53,11 @@ class RunConfig:
         "report",
         "the cleaning stage: report (flag duplicates and leaks before the teacher, label issues on val from the "
         "teacher; drop nothing), off, or drop=duplicates,leaks (those train rows leave before the teacher trains)",
+    )
+    weights: str = option(
+        "",
+        "start the teacher from this state dict (.pt/.pth weights-only or .safetensors, e.g. ImageNet weights of the "
+        "preset's model; a classifier of another size is re-initialised); the preset's train section fine-tunes it",
     )
     cluster_config: str = option(
         "",
@@ -108,6 +117,8 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
         except EffrayError as exc:
             raise EffrayError(f"--preset {cfg.preset}: {stage}: {exc}") from None
 
+    if cfg.source != SOURCE or "source" not in preset.get("prepare", {}):  # a --source given wins over the preset's
+        preset.setdefault("prepare", {})["source"] = cfg.source
     data_dir, drop = out / "data", cfg.clean.removeprefix("drop=") if cfg.clean.startswith("drop=") else ""
     trained_on = out / "clean" / "data" if drop else data_dir  # dropped rows leave before the teacher trains
     plan = StagePlan(
@@ -116,7 +127,11 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
         train=build(
             "train",
             TrainConfig(
-                data=DataConfig(data=str(trained_on)), storage=str(out / "teacher"), name="teacher", wandb=cfg.wandb
+                data=DataConfig(data=str(trained_on)),
+                storage=str(out / "teacher"),
+                name="teacher",
+                wandb=cfg.wandb,
+                weights=os.path.abspath(cfg.weights) if cfg.weights else "",
             ),
         ),
         tune=build(
@@ -128,6 +143,8 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
                 name="compress",
                 wandb=cfg.wandb,
                 max_size_kb=cfg.max_size_kb,
+                # the teacher is this run's own, trained from the preset's --model: its code is the user's choice
+                trust_code=True,
             ),
         ),
     )

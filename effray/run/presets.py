@@ -64,6 +64,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 STAGES = ("prepare", "clean", "train", "tune")  # a preset's sections, each its stage config's fields
+SHIPPED = Path(__file__).with_name("shipped")  # presets written as YAML, shipped in the package, named by file
+
+
+def _shipped() -> None:
+    """Add the package's YAML presets (``imagenette-resnet50``) to :data:`PRESETS` by name, so a
+    user's YAML can start from them (``base: imagenette-resnet50``)."""
+    import yaml
+
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        PRESETS[path.stem] = {stage: dict(doc.get(stage) or {}) for stage in STAGES}
+
+
+_shipped()
 
 
 def load_preset(spec: str) -> dict[str, dict[str, Any]]:

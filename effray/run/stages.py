@@ -58,8 +58,8 @@ def val_label_issues(teacher: str, data_dir: str | os.PathLike, out: Path) -> in
     """Label issues of the val split (cleanlab on the teacher's predictions: out of sample,
     it never trained on val), written to ``out`` as Parquet; returns how many."""
     meta, val = load_meta(data_dir), load_arrays(data_dir, "val")
-    model, _ = load_checkpoint(teacher)
-    probs, _ = predict_probs(model, val, meta)
+    model, payload = load_checkpoint(teacher, trust_code=True)  # this run's own teacher, from its preset's model
+    probs, _ = predict_probs(model, val, {**meta, "preprocess": (payload.get("data") or {}).get("preprocess")})
     classes = list(meta["classes"])
     rows = [
         {

@@ -92,6 +92,9 @@ class TuneConfig:
     storage: str = option("runs/tune", "experiment storage path (shared or cloud storage on a multi-node cluster)")
     name: str = option("compress", "experiment name; re-running the same name resumes it")
     max_failures: int = option(1, "retries of a trial that errored")
+    trust_code: bool = option(
+        False, "import the pkg.module:factory the --teacher checkpoint names (never done on a file's say-so)"
+    )
     wandb_project: str = option("effray", "Weights & Biases project")
     wandb: bool = option(
         True,

@@ -11,15 +11,17 @@ dataset or teacher is picked up without touching Tune's saved state.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from effray.compress.config import CompressConfig
-from effray.compress.run import teacher_baseline
+from effray.compress.run import teacher_baseline, teacher_input
 from effray.config import merge, require
 from effray.data.arrays import eval_batches, load_arrays
+from effray.data.prepare import load_meta
 from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import corruption_accuracy, parse_severities
+from effray.models.reference import provided
 from effray.search.config import TuneConfig
 from effray.train.checkpoint import data_summary, load_checkpoint
 
@@ -61,6 +63,7 @@ class TeacherBaseline:
     path: str
     metrics: dict[str, Any]
     info: dict[str, Any]
+    model_input: dict[str, Any] = field(default_factory=dict)  # its input size and preprocessing: every student's
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class TrialContext:
     workers: TrialWorkers
     wandb_project: str
     wandb_mode: str  # decided once on the driver; "disabled" tracks nothing
+    factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
+
+    def meta(self) -> dict[str, Any]:
+        """The dataset's meta.json with the teacher's preprocessing: what a trial's batches
+        are made with (rows stored at another size than the teacher takes are brought to it)."""
+        return {**load_meta(self.data), "preprocess": self.data_info.get("preprocess")}
 
     def compress_config(self, sample: dict[str, Any]) -> CompressConfig:
         """The trial's :class:`CompressConfig`: the base with the Tune space's sample applied,
@@ -115,7 +124,8 @@ class TrialContext:
 def measure_teacher(cfg: TuneConfig, meta: dict[str, Any], robust: Robustness | None) -> TeacherBaseline:
     """Load and measure the teacher once, on the driver, refusing one that predicts another
     dataset's classes."""
-    teacher, _ = load_checkpoint(cfg.teacher)
+    teacher, payload = load_checkpoint(cfg.teacher, cfg.trust_code)
+    meta = teacher_input(meta, payload)
     spec = dict(teacher.spec)
     require(
         spec["num_classes"] == meta["num_classes"],
@@ -126,7 +136,7 @@ def measure_teacher(cfg: TuneConfig, meta: dict[str, Any], robust: Robustness | 
     metrics, info = teacher_baseline(teacher, cfg.teacher, eval_batches(val, meta, cfg.eval_batch_size))
     if robust is not None:  # the baseline of every trial's corruption column
         metrics["corruption_accuracy"] = robust.score(teacher, val, meta)
-    return TeacherBaseline(path=info["path"], metrics=metrics, info=info)
+    return TeacherBaseline(path=info["path"], metrics=metrics, info=info, model_input=meta["model_input"])
 
 
 def trial_context(cfg: TuneConfig, meta: dict[str, Any], wandb_mode: str) -> TrialContext:
@@ -138,7 +148,7 @@ def trial_context(cfg: TuneConfig, meta: dict[str, Any], wandb_mode: str) -> Tri
         storage=cfg.storage_root,
         experiment=cfg.experiment,
         data=os.path.abspath(cfg.data),
-        data_info=data_summary(meta),
+        data_info=data_summary(meta, teacher.model_input),
         augment=cfg.augment,
         seed=cfg.seed,
         eval_batch_size=cfg.eval_batch_size,
@@ -148,4 +158,5 @@ def trial_context(cfg: TuneConfig, meta: dict[str, Any], wandb_mode: str) -> Tri
         workers=TrialWorkers(cfg.workers_per_trial, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.data_cpus),
         wandb_project=cfg.wandb_project,
         wandb_mode=wandb_mode,
+        factories=provided(),
     )

@@ -97,7 +97,7 @@ class CostModel:
         key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in _TRAINING_ONLY}, default=str)
         if key not in self._cache:
             if self._teacher is None:
-                self._teacher, _ = load_checkpoint(self.teacher_path)
+                self._teacher, _ = load_checkpoint(self.teacher_path, trust_code=True)  # the context loaded it first
             costs: dict[str, float] = dict(predict_costs(self._teacher, cfg, **self.meta))
             t = self.teacher_metrics
             costs["latency_ms"] = estimate_latency_ms(costs["macs"], t["macs"], t["latency_ms_b1"])

@@ -55,6 +55,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finetune_epochs": {"choice": [10, 20]},
         "finetune_lr": {"loguniform": [0.003, 0.05]},
     },
+    # the worked example's (the imagenette-resnet50 preset): a torchvision ResNet-18 distilled
+    # from the ResNet-50 teacher, its channels pruned through the residual graph and quantized
+    "imagenette-resnet18": {
+        "student": "torchvision:resnet18",
+        "prune_kind": "structured",
+        "prune_rate": {"uniform": [0.1, 0.6]},
+        "prune_schedule": {"choice": ["oneshot", "cubic"]},
+        "bits": {"choice": [4, 6, 8]},
+        "kd_alpha": {"choice": [0.5, 0.9]},
+        "kd_temperature": {"loguniform": [1.0, 8.0]},
+        "finetune_epochs": {"choice": [10, 20]},
+        "finetune_lr": {"loguniform": [0.003, 0.05]},
+    },
 }
 
 

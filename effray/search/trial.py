@@ -40,7 +40,7 @@ from effray.compress.run import eval_and_calib, fine_tune_on_workers
 from effray.config import to_dict
 from effray.data.arrays import load_arrays
 from effray.data.pipeline import DataConfig
-from effray.data.prepare import load_meta
+from effray.models.reference import use_factories
 from effray.search.config import METRIC
 from effray.search.context import TrialContext
 from effray.search.splits import SharedSplits, trial_data
@@ -59,6 +59,7 @@ def compression_trial(config: dict[str, Any], context: TrialContext, shared: Sha
     import ray.tune
 
     clock = TrialClock(started=time.perf_counter())
+    use_factories(context.factories)
     cfg = context.compress_config(config["compress"])
     trial_id = ray.tune.get_context().get_trial_id()
     # known before training: what the scheduler ranks every epoch by, and the last epoch
@@ -187,8 +188,8 @@ def with_robustness(
         return student
     if val is None:
         val = load_arrays(ctx.data, "val", limit=ctx.robust.images)
-    model, _ = load_artifact(artifact_dir)
-    student = {**student, "corruption_accuracy": ctx.robust.score(model, val, load_meta(ctx.data))}
+    model, _ = load_artifact(artifact_dir, trust_code=True)  # this trial's own, from the checked teacher
+    student = {**student, "corruption_accuracy": ctx.robust.score(model, val, ctx.meta())}
     return {**student, "vs_teacher": compare(student, ctx.teacher.metrics)}
 
 
@@ -209,8 +210,8 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
     import ray.tune
 
     ctx, cfg, clock = trial.ctx, trial.cfg, trial.clock
-    teacher, _ = load_checkpoint(ctx.teacher.path)
-    meta = load_meta(ctx.data)
+    teacher, _ = load_checkpoint(ctx.teacher.path, trust_code=True)  # the driver loaded it first, as allowed
+    meta = ctx.meta()
     device = trial_device()
     data = trial_data(ctx, cfg, trial.id, meta, device, shared)
     node = ray.get_runtime_context().get_node_id()
@@ -282,7 +283,7 @@ def run_on_ray_train(trial: Trial) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     ctx, cfg = trial.ctx, trial.cfg
-    meta = load_meta(ctx.data)
+    meta = ctx.meta()
     trial_dir = ctx.trial_dir(trial.id)
     # rank 0 writes the artifact here: the experiment's storage (shared on a multi-node cluster)
     out = os.path.join(trial_dir, "artifact") if ctx.local else tempfile.mkdtemp(prefix="effray-trial-")

@@ -13,7 +13,7 @@ import logging
 import os
 import pickle
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from effray import __version__
 from effray.atomic import write_file
 from effray.errors import EffrayError
 from effray.models import build_model
+from effray.models.reference import trusting
 from effray.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,18 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, trust_code: bool | Collection[str] = False
+) -> tuple[nn.Module, dict[str, Any]]:
     """The one loader: ``(model in eval mode on CPU, payload)`` for any registered format.
 
-    Evaluation and compression call this and never look inside a format themselves."""
+    Evaluation and compression call this and never look inside a format themselves. A
+    model the file names as ``pkg.module:factory`` is imported only with ``trust_code``
+    (True, or the modules the user named on the command line): loading a file never runs
+    code it names on its own."""
     payload = read_payload(path)
-    model = FORMATS.get(payload["format"])(payload)
+    with trusting(trust_code):
+        model = FORMATS.get(payload["format"])(payload)
     return model.eval(), payload
 
 
@@ -170,9 +177,11 @@ def train_payload(
     }
 
 
-def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
+def data_summary(meta: dict[str, Any], model_input: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint keeps of the training data's meta.json: evaluation needs the
-    normalisation and classes; provenance needs the checksum."""
+    normalisation and classes; provenance needs the checksum. ``model_input``
+    (:func:`effray.data.augment.input_spec`): the size the model takes and the preprocessing
+    that makes it of a stored image, when training changed the size (else the stored one)."""
     return {
         "checksum": meta.get("source_checksum", ""),
         "source": meta.get("source", ""),
@@ -181,4 +190,5 @@ def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
         "image_shape": list(meta["image_shape"]),
         "mean": [float(m) for m in meta["mean"]],
         "std": [float(s) for s in meta["std"]],
+        **(model_input or {}),
     }

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from effray.config import AUTO, option, require, require_whole_gpus, to_dict
+from effray.data.augment import AUTO_PREPROCESS, parse_policy
 from effray.data.pipeline import DataConfig
-from effray.models import build_model, model_names
+from effray.models import build_model, check_model_name
+from effray.models.reference import is_reference
 from effray.train.stages import PIPELINE_SCHEDULES, stage_bounds
 
 # The loop only talks to a Strategy (effray.train.strategy, effray.train.pipeline).
@@ -29,6 +31,8 @@ TTA_LEVELS = (0, 1, 2)
 # knobs added after runs existed: left out of the default name at their defaults, so
 # the names (and resumes) of runs that don't use them stay what they were
 _LATER_DEFAULTS = {
+    "weights": "",
+    "pretrained": False,
     "bias_lr_scale": 1.0,
     "lookahead": False,
     "tta": 0,
@@ -38,6 +42,7 @@ _LATER_DEFAULTS = {
     "decay_biases": False,
     "lr_start": 0.1,
     "lr_end": 0.0,
+    "preprocess": "auto",
 }
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Fields that don't change what a run computes: left out of the default run name, so
@@ -64,8 +69,20 @@ class TrainConfig:
     """What to train, how, on how many workers, and where results go."""
 
     data: DataConfig = DataConfig()
-    model: str = option("fastnet", "model name (see effray.models.model_names())")
-    width: float = option(1.0, "channel width multiplier")
+    model: str = option(
+        "fastnet",
+        "a built-in model (effray.models.model_names()) or a reference: torchvision:NAME, timm:NAME or "
+        "pkg.module:factory, each with ?k=v,... arguments (e.g. timm:vit_tiny_patch16_224?img_size=64)",
+    )
+    width: float = option(1.0, "channel width multiplier (built-in models)")
+    weights: str = option(
+        "",
+        "start from this state dict (.pt/.pth weights-only, or .safetensors; a classifier of another size is "
+        "re-initialised); a path every node sees",
+    )
+    pretrained: bool = option(
+        False, "start from torchvision's or timm's published weights for --model (downloaded, or from the cache)"
+    )
     epochs: int = option(10, "training epochs")
     batch_size: int = option(512, "global batch size: images per optimizer step across all workers")
     lr: float = option(0.2, "peak learning rate (for the global batch)")
@@ -96,6 +113,11 @@ class TrainConfig:
         "test-time augmentation of the final validation (the score reported and checkpointed): 0 none, 1 mirror, 2 "
         "mirror + two 1-pixel translations",
         choices=TTA_LEVELS,
+    )
+    preprocess: str = option(
+        "auto",
+        "what validation, evaluation and deployment do to a stored (or served) image instead of --augment: ops that "
+        "draw nothing, ending at the size --augment makes (auto = resize(S)|center_crop(S), S that size)",
     )
     schedule: str = option(
         "onecycle",
@@ -182,8 +204,13 @@ class TrainConfig:
 
     def validate(self) -> None:
 
-        require(self.model in model_names(), f"unknown model {self.model!r}; valid: {', '.join(model_names())}")
+        check_model_name(self.model)
         require(self.width > 0, f"--width must be > 0, got {self.width}")
+        require(
+            self.width == 1.0 or not is_reference(self.model),
+            f"--width applies to effray's built-in models; give {self.model} its size through its ?k=v arguments",
+        )
+        require(not (self.weights and self.pretrained), "--weights and --pretrained both set the start; pass one")
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--workers", self.workers)):
             require(value > 0, f"{flag} must be a positive integer, got {value}")
         if self.parallel == "pipeline":
@@ -231,6 +258,11 @@ class TrainConfig:
             self.whiten_bias_epochs >= 0,
             f"--whiten-bias-epochs must be >= 0 (0 = never freeze), got {self.whiten_bias_epochs}",
         )
+        if self.preprocess != AUTO_PREPROCESS:
+            require(
+                not parse_policy(self.preprocess, 1).random,
+                f"--preprocess {self.preprocess!r} draws random numbers; use ops like resize(S) and center_crop(S)",
+            )
         require(self.tta in TTA_LEVELS, f"--tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {self.tta}")
         require(
             0 <= self.warmup_epochs <= self.epochs,
@@ -257,6 +289,11 @@ class TrainConfig:
     def _validate_pipeline(self) -> None:
 
         s, m = self.stages, self.microbatches
+        require(
+            not is_reference(self.model),
+            f"--parallel pipeline cuts an nn.Sequential of blocks into stages; {self.model} is a graph of its own: "
+            "train it with --parallel ddp",
+        )
         require(s >= 2, f"--stages must be >= 2 with --parallel pipeline, got {s}")
         require(m >= s, f"--microbatches {m} must be >= --stages {s} (fewer leaves stages idle)")
         require(
@@ -345,7 +382,8 @@ def default_run_name(cfg: TrainConfig) -> str:
         and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])
     }
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{cfg.model}-{digest}"
+    # a reference's ':' and '?' make no directory name; a built-in name comes through as it was
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.model.split('?')[0]).strip('-')}-{digest}"
 
 
 # The fields that fix the architecture: a run resumed with others can't load its checkpoint.

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 
 from effray.config import from_dict, to_dict
-from effray.console import say
+from effray.console import relay_to, say
 from effray.data.augment import augment_on_device, device_augmentation
 from effray.data.images import sample_images
 from effray.data.shuffle import CachedSplit
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
+from effray.models.reference import use_factories
+from effray.models.weights import initial_weights
 from effray.tracking import NullTracker, Tracker, TrackerSettings, make_tracker
 from effray.train.checkpoint import set_rng_state, train_payload
 from effray.train.config import TrainConfig
@@ -61,6 +63,8 @@ class TrainWorker:
     steps_per_epoch: int = 1
     tracker: TrackerSettings | None = None  # None: no wandb
     train_source: CachedSplit | None = None  # the cached split reshuffled exactly every epoch; None: streamed
+    factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
+    progress: str = ""  # the driver's step-bar relay actor (effray.console.relayed_step_bars); "": no bar
 
 
 class TrainHooks(Hooks):
@@ -74,7 +78,8 @@ class TrainHooks(Hooks):
         self.worker, self.tracker, self.token = worker, tracker, token
         self.resumed_from = run.start if resumed else None
         self.num_classes = int(worker.data["num_classes"])
-        self.meta = {"mean": worker.data["mean"], "std": worker.data["std"]}
+        # the model's preprocessing: validation rows stored at another size than it takes
+        self.meta = {k: worker.data.get(k) for k in ("mean", "std", "preprocess")}
         self.replica, self.replicas = run.strategy.data_rank(session.rank, session.world)
         self.augment = None
         if cfg.data.augment_on == "gpu":
@@ -202,11 +207,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
+    use_factories(worker.factories)
     model = build_model(cfg.model, int(data["num_classes"]), int(data["image_shape"][2]), cfg.width)
     restored = session.restore()
     payload = restored[1] if restored else None
     if payload is not None:
         model.load_state_dict(payload["model"])
+    elif cfg.weights or cfg.pretrained:  # checked on the driver; every rank loads the same file
+        initial_weights(model, cfg.weights, cfg.model if cfg.pretrained else "")
     elif needs_data_init(model):  # e.g. airbench's whitening stem: the same rows on every rank
         init_from_data(model, sample_images(cfg.data.data, DATA_INIT_IMAGES, data["mean"], data["std"]))
     strategy = make_strategy(
@@ -239,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         micro_batch=cfg.micro_batch if cfg.elastic else None,
         whiten_bias_epochs=cfg.whiten_bias_epochs,
         failure=InjectedFailure(cfg.inject_failure_at_epoch, worker.run_dir),
+        progress=relay_to(worker.progress) if worker.progress and session.rank == 0 else None,
     )
     try:
         run_recipe(run, plan, hooks)

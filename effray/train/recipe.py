@@ -37,6 +37,7 @@ from effray.train.faults import InjectedFailure
 from effray.train.parallel import prepare_model
 from effray.train.session import EpochEnd, Session, seed_epoch
 from effray.train.step import Lookahead, train_step
+from effray.train.stepbar import EpochBar, Sink
 from effray.train.strategy import Strategy
 
 
@@ -51,6 +52,7 @@ class Plan:
     whiten_bias_epochs: int = 0  # airbench: the whitening stem's bias trains for these epochs only (0 = always)
     failure: InjectedFailure = InjectedFailure()  # --inject-failure-at-epoch
     measure: bool = True  # read the epoch's loss on the host and validate; off when nothing reads them
+    progress: Sink | None = None  # where rank 0's per-step bar goes (effray.train.stepbar); None: no bar
 
 
 @dataclass
@@ -142,6 +144,9 @@ def run_recipe(run: Run, plan: Plan, hooks: Hooks) -> Run:
         if lookahead is not None:
             lookahead.begin_epoch(run.plain, epoch * steps)
         frozen = whiten if epoch >= plan.whiten_bias_epochs > 0 else ()
+        bar = None
+        if plan.progress is not None and rank == 0:
+            bar = EpochBar(plan.progress, f"epoch {epoch + 1}/{plan.epochs}", steps, sums, replicas)
         for step, batch in enumerate(batches):
             waited += time.perf_counter() - asked
             batch = hooks.on_device(run, batch, epoch, step)
@@ -151,9 +156,13 @@ def run_recipe(run: Run, plan: Plan, hooks: Hooks) -> Run:
             if lookahead is not None:
                 lookahead.after_step(run.plain, epoch * steps + step + 1)
             plan.failure.maybe_die(epoch, step, rank, world)
+            if bar is not None:
+                bar.step(len(batch["label"]))
             asked = time.perf_counter()
         if lookahead is not None:
             lookahead.end_epoch(run.plain)
+        if bar is not None:
+            bar.end()
         if not plan.measure:
             hooks.after_epoch(run, epoch, {"epoch": epoch + 1})
             continue

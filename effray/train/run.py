@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from effray.atomic import write_json
+import torch
+
+from effray.atomic import write_file, write_json
 from effray.config import require, to_dict
-from effray.console import say
+from effray.console import relayed_step_bars, say
+from effray.data.augment import input_spec
 from effray.data.pipeline import (
     DataConfig,
     eval_dataset,
@@ -30,6 +33,9 @@ from effray.data.pipeline import (
     validate_data_dir,
 )
 from effray.data.shuffle import cache_split, steps_per_epoch
+from effray.models import build_model
+from effray.models.reference import provided
+from effray.models.weights import describe, initial_weights
 from effray.storage import check_storage_for_cluster
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
 from effray.train.checkpoint import data_summary
@@ -109,6 +115,22 @@ def provenance(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def starting_model(cfg: TrainConfig, meta: dict[str, Any], run_dir: Path | None) -> tuple[TrainConfig, dict | None]:
+    """Build the model here, before any worker starts, so a bad reference or weights file
+    fails in one line; ``--pretrained`` weights are fetched once, here, and the workers load
+    them from the run's directory. Returns the config the workers get and the load report."""
+    model = build_model(cfg.model, int(meta["num_classes"]), int(meta["image_shape"][2]), cfg.width)
+    if not (cfg.weights or cfg.pretrained):
+        return cfg, None
+    report = initial_weights(model, cfg.weights, cfg.model if cfg.pretrained else "")
+    say(f"[effray] {describe(report, report['source'])}")
+    if cfg.pretrained and run_dir is not None:
+        path = run_dir / "pretrained.pt"
+        write_file(path, lambda tmp: torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp))
+        cfg = dataclasses.replace(cfg, weights=str(path), pretrained=False)  # provenance's init says whence
+    return cfg, report
+
+
 def _count_lines(path: Path | None) -> int:
     return sum(1 for _ in path.open()) if path is not None and path.is_file() else 0
 
@@ -144,8 +166,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_id = stable_run_id(storage, cfg.name)
     mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)
     cfg = dataclasses.replace(cfg, wandb_mode=mode)
-    prov = provenance(meta)
-    data = data_summary(meta)
+    cfg, start = starting_model(cfg, meta, run_dir)
+    prov = {**provenance(meta), **({"init": start} if start else {})}
+    data = data_summary(meta, input_spec(meta["image_shape"], cfg.data.augment, meta["num_classes"], cfg.preprocess))
     tracker = (
         None
         if mode == "disabled"
@@ -198,6 +221,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         steps_per_epoch=steps,
         tracker=tracker,
         train_source=source,
+        factories=provided(),
+        progress=f"effray-steps-{run_id}",
     )
     trainer = torch_trainer(
         train_loop_per_worker,
@@ -220,7 +245,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     # elastic: after a node dies Ray still counts its resources for a few seconds, and a
     # worker group sized to them would wait Ray Train's 60 s before trying the size that fits
-    result = fit(trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None)
+    with relayed_step_bars(worker.progress):  # rank 0's per-step bar, drawn on this terminal
+        result = fit(
+            trainer, clock, env={WORKER_START_TIMEOUT_ENV: f"{cfg.resize_timeout_s:g}"} if cfg.elastic else None
+        )
     return _summary(
         cfg,
         run_dir,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fakecuda import FakeCuda, FakeCudaGenerator, python_backward
+from fakecuda import FakeCuda, FakeCudaGenerator, FakeEvent, python_backward
 
 
 @pytest.fixture
@@ -21,14 +21,17 @@ def fake_cuda(monkeypatch):
     Build models before entering it, for real, on the CPU: real tensors become fake on first
     use inside (``allow_non_fake_inputs``),
     so ``model.to("cuda")`` there takes the same path a worker's does. The augmentation
-    ops' CUDA generators become fake CUDA ones, and ``Tensor.backward`` walks the graph in Python
+    ops' CUDA generators become fake CUDA ones, the step bar's CUDA events fake ones
+    (:class:`fakecuda.FakeEvent`), and ``Tensor.backward`` walks the graph in Python
     (:func:`fakecuda.python_backward`: the C++ engine needs a driver for CUDA tensors)."""
     from effray.data import augment
+    from effray.train import stepbar
 
     def new_generator(device):  # CPU generators stay real: a search trial augments on its CPU
         return FakeCudaGenerator() if torch.device(device).type == "cuda" else torch.Generator(device=device)
 
     monkeypatch.setattr(augment, "new_generator", new_generator)
+    monkeypatch.setattr(stepbar, "new_event", FakeEvent)
     monkeypatch.setattr(torch.Tensor, "backward", python_backward)
     return FakeCuda()
 

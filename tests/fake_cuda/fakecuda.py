@@ -99,13 +99,17 @@ class HostCopyError(RuntimeError):
 
 
 class NoCopiesToHost(TorchDispatchMode):
-    """Raises :class:`HostCopyError` on any device-to-host copy. ``FakeTensorMode`` catches
-    ``.item()``/``bool()``/data-dependent shapes but lets ``.cpu()`` through; this closes
-    that gap (stacked inside it, it sees every op first)."""
+    """Raises :class:`HostCopyError` on any device-to-host copy the host waits for.
+    ``FakeTensorMode`` catches ``.item()``/``bool()``/data-dependent shapes but lets ``.cpu()``
+    through; this closes that gap (stacked inside it, it sees every op first). A
+    ``non_blocking`` copy passes: torch makes it into pinned memory and returns at once
+    (the step bar's loss); reading its value is then a data-dependent op the fake mode refuses."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         src = dst = None
+        if func is torch.ops.aten._to_copy.default and kwargs.get("non_blocking"):
+            return func(*args, **kwargs)
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout):
             src = args[0].device
             dst = kwargs.get("device") or (args[1] if func is torch.ops.aten.to.device else None) or src
@@ -114,6 +118,17 @@ class NoCopiesToHost(TorchDispatchMode):
         if src is not None and torch.device(src).type == "cuda" and torch.device(dst).type == "cpu":
             raise HostCopyError(f"{func} copies a CUDA tensor to the host (a host sync)")
         return func(*args, **kwargs)
+
+
+class FakeEvent:
+    """A CUDA event that never completes: what a real one needs a driver for, and the reason
+    a reader of a non-blocking copy must ask it before reading (the copy here holds no data)."""
+
+    def record(self, stream: object = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return False
 
 
 class FakeCuda:

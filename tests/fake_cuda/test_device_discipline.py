@@ -75,6 +75,32 @@ def test_ddp_training_step(fake_cuda, name, lookahead):
         )
 
 
+def test_the_step_bar_reads_the_loss_without_waiting_for_the_gpu(fake_cuda):
+    """Rank 0's per-step bar between training steps: images/s from host counts, the loss
+    through a non-blocking copy it reads only once the copy's event completes (never, here:
+    the fake copy holds no value, so reading it early would raise)."""
+    from effray.train.step import Schedule, soft_cross_entropy, train_step
+    from effray.train.stepbar import EpochBar
+
+    model = build_model("convnet", 10, 3, 0.5)
+    strategy = _strategy()
+    states = []
+    with fake_cuda:
+        model = _on_gpu(model, strategy).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule("onecycle", 10, 2))
+        sums = torch.zeros(2, dtype=torch.float64, device=strategy.reduce_device)
+        bar = EpochBar(states.append, "epoch 1/1", 3, sums, replicas=2, delay_s=0.0, every_s=0.0)
+        for _ in range(3):
+            batch = _images(uint8_batch(), strategy.channels_last)
+            train_step(strategy, model, opt, sched, batch, lambda y, b: soft_cross_entropy(y, b, 0.1), sums)
+            bar.step(len(batch["label"]))
+        bar.end()
+        assert_cuda(sums)
+    assert [s.step for s in states] == [1, 2, 3, 3] and states[-1].done
+    assert all(s.loss is None and s.images_per_s > 0 for s in states)
+
+
 @pytest.mark.parametrize("variant", ["fixed", "bug1-logits-on-cpu"])
 @pytest.mark.parametrize("tta", [0, 1, 2])
 def test_validation_batch(fake_cuda, variant, tta):
@@ -130,7 +156,23 @@ def test_gpu_augmentation_op(fake_cuda, op):
     with fake_cuda:
         out = policy(uint8_batch(), batch_generator(0, 1, 2, CUDA))
         assert_cuda(*(v for v in out.values() if torch.is_tensor(v)))
-        assert out["image"].dtype == torch.uint8 and out["image"].shape == (8, 32, 32, 3)
+        assert out["image"].dtype == torch.uint8 and out["image"].shape == (8, *policy.output_size(32, 32), 3)
+
+
+@pytest.mark.parametrize("text", ["resize(24)", "center_crop(24)|resize(40)", "random_resized_crop(24)|flip"])
+def test_size_changing_ops_and_a_models_preprocessing_on_the_device(fake_cuda, text):
+    """The ops that change the image size, and a model's preprocessing before its
+    normalisation (validation rows stored larger than the model's input), on the device."""
+    from effray.data.augment import batch_generator, model_input, parse_policy, preprocess
+
+    with fake_cuda:
+        out = parse_policy(text, 10)(uint8_batch(), batch_generator(0, 1, 2, CUDA))["image"]
+        assert_cuda(out)
+        stats = channel_stats(MEAN, STD, CUDA)
+        x = model_input(uint8_batch(hw=40)["image"], "resize(24)|center_crop(24)", *stats, channels_last=True)
+        assert_cuda(x)
+        assert x.shape == (8, 3, 24, 24) and x.is_contiguous(memory_format=torch.channels_last)
+        assert preprocess(out, "none") is out
 
 
 def test_augment_on_device_feeds_the_step(fake_cuda):
@@ -192,15 +234,40 @@ def test_unstructured_pruning_and_lock(fake_cuda, importance):
         assert_cuda(*model.parameters())
 
 
-@pytest.mark.parametrize("variant", ["fixed", "bug2-cpu-example-inputs"])
+@pytest.mark.parametrize(
+    "variant", ["fixed", "bug2-cpu-example-inputs", "tests.user_models:residual_dw", "timm:vit_tiny_patch16_224"]
+)
 def test_structured_pruning_traces_and_scores_on_the_device(fake_cuda, variant):
     """Torch-Pruning's dependency graph is traced through the CUDA model with inputs on its
-    device, and every channel group is scored there. Choosing which channels go (the new
-    shapes) is the one host read of a pruning event, between epochs; the real-CUDA test
-    (tests/cuda) runs it whole."""
+    device, and every channel group is scored there (a referenced model's too: a user's
+    residual + depthwise module, a ViT whose attention loses whole heads, whose unsafe
+    groups are found on the device). Choosing which channels go (the new shapes) is the
+    one host read of a pruning event, between epochs; the real-CUDA test (tests/cuda) runs
+    it whole."""
     from effray.compress.layers import classifier
     from effray.compress.prune import IMPORTANCES, structured_pruner
+    from effray.compress.structure import unsafe_layers
 
+    if ":" in variant:
+        kwargs = "?img_size=32,depth=2,embed_dim=48,num_heads=3" if variant.startswith("timm") else "?width=8"
+        model = build_model(variant + kwargs, 10).eval()
+        with fake_cuda:
+            model = model.to(CUDA)
+            example = torch.randn(1, 3, 32, 32, device=CUDA)
+            skipped = unsafe_layers(model, example)
+            assert bool(skipped) == variant.startswith("timm")  # the ViT's residual stream meets its pos_embed
+            pruner = structured_pruner(model, 0.3, IMPORTANCES.get("l1"), example, ignored=list(skipped))
+            groups = list(
+                pruner.DG.get_all_groups(
+                    ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+                )
+            )
+            assert len(groups) >= 2
+            for group in groups:
+                scores = pruner.estimate_importance(group)
+                if scores is not None:
+                    assert_cuda(scores)
+        return
     model = build_model("resnet20", 10, 3, 0.25).eval()
     with fake_cuda:
         model = model.to(CUDA)

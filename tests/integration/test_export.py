@@ -291,5 +291,6 @@ def test_a_dataset_of_another_kind_is_refused(artifact, tiny_cifar):
     check_dataset(meta, info, tiny_cifar)
     with pytest.raises(EffrayError, match="has 100 classes, the model predicts 10"):
         check_dataset({**meta, "num_classes": 100, "classes": [str(i) for i in range(100)]}, info, tiny_cifar)
-    with pytest.raises(EffrayError, match=r"has \[64, 64, 3\] \(HWC\) images, the model takes \[32, 32, 3\]"):
-        check_dataset({**meta, "image_shape": [64, 64, 3]}, info, tiny_cifar)
+    check_dataset({**meta, "image_shape": [64, 64, 3]}, info, tiny_cifar)  # resized by the model's preprocessing
+    with pytest.raises(EffrayError, match=r"has \[32, 32, 1\] \(HWC\) images, the model takes \[32, 32, 3\]"):
+        check_dataset({**meta, "image_shape": [32, 32, 1]}, info, tiny_cifar)

@@ -1,7 +1,8 @@
 """`effray predict` on local Ray and tiny real data: Ray Data's predictions (the model in an
 actor pool) equal the same model run in-process, row by row, whatever batches Ray Data
-made; unusable images are skipped rows with their reason, never a failed run; bad flags
-fail in one line and write nothing."""
+made; unusable images are skipped rows with their reason, never a failed run; images of
+another size are resized by the model's preprocessing and say so; bad flags fail in one
+line and write nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from helpers import cli
 from PIL import Image
 
 from effray.data.arrays import load_arrays
+from effray.data.augment import preprocess_image
 from effray.data.prepare import load_meta
 from effray.deploy.model import load_deployable, softmax
 
@@ -71,7 +73,7 @@ def test_predictions_of_a_prepared_split_equal_the_model_in_process(ray_session,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # the temp directory was renamed, nothing left beside
 
 
-def test_a_folder_of_pngs_skips_the_corrupt_and_the_wrong_size_image_and_predicts_the_rest(
+def test_a_folder_of_pngs_skips_the_corrupt_image_resizes_the_small_one_and_predicts_the_rest(
     ray_session, tiny_cifar, teacher, tmp_path
 ):
     images = load_arrays(tiny_cifar, "val", limit=12)["image"]
@@ -86,19 +88,23 @@ def test_a_folder_of_pngs_skips_the_corrupt_and_the_wrong_size_image_and_predict
         "predict", "--model", str(teacher), "--data", str(folder), "--out", str(tmp_path / "pred"), "--batch-size", "5"
     )
     assert rc == 0, err
-    assert (res["rows"], res["predicted"], res["skipped"], res["data_kind"]) == (14, 12, 2, "images")
+    assert (res["rows"], res["predicted"], res["skipped"], res["resized"], res["data_kind"]) == (14, 13, 1, 1, "images")
     assert "accuracy" not in res  # no labels in a plain folder
     skipped = dict(
         zip(*pq.read_table(tmp_path / "pred" / "skipped.parquet", columns=["name", "reason"]).to_pydict().values())
     )
-    assert set(skipped) == {"broken.png", "small.png"}
-    assert skipped["broken.png"].startswith("corrupt image")
-    assert "16x16x3" in skipped["small.png"] and "32x32x3" in skipped["small.png"]
+    assert set(skipped) == {"broken.png"} and skipped["broken.png"].startswith("corrupt image")
     table = pq.read_table(tmp_path / "pred" / "predictions.parquet").to_pydict()
     by_name = dict(zip(table["name"], table["predicted"]))
-    want = in_process(teacher, images).argmax(axis=1)  # PNG is lossless: the same pixels
-    assert by_name == {f"img_{i:02d}.png": int(want[i]) for i in range(12)}
-    assert table["label"] == [None] * 12
+    # PNG is lossless: the same pixels; the 16x16 one as the model's preprocessing makes it 32x32
+    small = preprocess_image(images[0][:16, :16], load_deployable(teacher, device="cpu").info.resize)
+    want = in_process(teacher, np.concatenate([images, small[None]])).argmax(axis=1)
+    assert by_name == {**{f"img_{i:02d}.png": int(want[i]) for i in range(12)}, "small.png": int(want[12])}
+    assert dict(zip(table["name"], table["resized_from"])) == {
+        **{f"img_{i:02d}.png": None for i in range(12)},
+        "small.png": "16x16",
+    }
+    assert table["label"] == [None] * 13
 
 
 def test_a_parquet_source_with_encoded_images_reports_accuracy_and_skips_a_bad_row(

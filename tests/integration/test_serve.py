@@ -1,7 +1,8 @@
 """`effray serve` over real HTTP on 127.0.0.1 (a free port; one Serve start for the module,
 shut down at its end): the answers equal the model run in-process, a JSON batch equals the
 single answers, concurrent requests share model calls (the replica's /stats shows the
-calls' sizes), and every kind of bad request gets its 4xx while the server keeps serving."""
+calls' sizes), an image of another size is resized by the model's preprocessing and the
+answer says so, and every kind of bad request gets its 4xx while the server keeps serving."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from effray.cluster import free_port
 from effray.data.arrays import load_arrays
+from effray.data.augment import preprocess_image
 from effray.data.prepare import load_meta
 from effray.deploy.config import ServeConfig
 from effray.deploy.model import load_deployable, softmax
@@ -28,6 +30,7 @@ from effray.errors import EffrayError
 
 MAX_REQUEST_BYTES = 32 << 10  # a 32x32 PNG is ~3 KB, 4 of them in base64 JSON ~14 KB
 MAX_IMAGES = 4
+MAX_PIXELS = 4_000_000
 BATCH = 8
 
 
@@ -67,6 +70,7 @@ def endpoint(ray_session, tiny_cifar, teacher):
         batch_wait_timeout_s=0.2,
         max_request_bytes=MAX_REQUEST_BYTES,
         max_images_per_request=MAX_IMAGES,
+        max_image_pixels=MAX_PIXELS,
     )
     url = start(cfg)
     try:
@@ -161,7 +165,7 @@ def test_concurrent_requests_share_model_calls(endpoint, val):
     "case",
     [
         "not an image",
-        "wrong size",
+        "too many pixels",
         "too large",
         "too large, no length",
         "empty",
@@ -173,11 +177,10 @@ def test_concurrent_requests_share_model_calls(endpoint, val):
     ],
 )
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(endpoint, val, case):
-    small = png(val["images"][0][:16, :16])
     b64 = base64.b64encode(val["pngs"][0]).decode()
     status, body = {
         "not an image": lambda: call(endpoint, "/predict", b"hello, not a picture"),
-        "wrong size": lambda: call(endpoint, "/predict", small),
+        "too many pixels": lambda: call(endpoint, "/predict", png(np.zeros((2048, 2048, 3), np.uint8))),
         "too large": lambda: call(endpoint, "/predict", b"\x89PNG" + bytes(MAX_REQUEST_BYTES)),
         "too large, no length": lambda: call(endpoint, "/predict", b"\x89PNG" + bytes(MAX_REQUEST_BYTES), chunked=True),
         "empty": lambda: call(endpoint, "/predict", b""),
@@ -193,7 +196,7 @@ def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(e
     }[case]()
     want_status, want_reason = {
         "not an image": (400, "not an image"),
-        "wrong size": (400, "16x16 (WxH), the model takes 32x32"),
+        "too many pixels": (413, "2048x2048 (WxH), over the 4,000,000-pixel limit"),
         "too large": (413, f"over the {MAX_REQUEST_BYTES}-byte limit"),
         "too large, no length": (413, f"over the {MAX_REQUEST_BYTES}-byte limit"),
         "empty": (400, "empty body"),
@@ -206,6 +209,18 @@ def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_keeps_serving(e
     assert status == want_status and want_reason in body["error"] and "\n" not in body["error"], body
     status, good = call(endpoint, "/predict", val["pngs"][1])
     assert status == 200 and good["label"] == int(val["probs"][1].argmax())
+
+
+def test_an_image_of_another_size_is_resized_by_the_models_preprocessing_and_the_answer_says_so(endpoint, val, teacher):
+    small = val["images"][0][:16, :16]
+    status, body = call(endpoint, "/predict", png(small))
+    info = load_deployable(teacher, device="cpu").info
+    want = softmax(load_deployable(teacher, device="cpu").logits(preprocess_image(small, info.resize)[None]))[0]
+    assert status == 200 and body["label"] == int(want.argmax())
+    np.testing.assert_allclose(list(body["probabilities"].values()), want, atol=1e-5)
+    assert body["resized"] == {"from": [16, 16], "to": [32, 32], "preprocess": info.resize}
+    status, same = call(endpoint, "/predict", val["pngs"][0])  # one of the model's size: nothing to say
+    assert status == 200 and "resized" not in same
 
 
 def test_a_second_start_is_refused_in_one_line_while_serve_runs(endpoint, teacher):

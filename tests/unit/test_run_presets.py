@@ -65,7 +65,9 @@ def test_a_bad_preset_fails_in_one_line_before_anything_runs(tmp_path, text, mes
 
 
 def test_an_unknown_preset_name_names_the_choices(tmp_path):
-    with pytest.raises(EffrayError, match=r"neither a built-in preset \(demo, cifar10\) nor a YAML file"):
+    with pytest.raises(
+        EffrayError, match=r"neither a built-in preset \(demo, cifar10, imagenette-resnet50\) nor a YAML file"
+    ):
         RunConfig(preset="cifar100", out=str(tmp_path)).validate()
 
 
@@ -112,3 +114,28 @@ def test_a_launcher_config_without_resources_is_refused(tmp_path):
     spec = _write(tmp_path, "available_node_types:\n  head:\n    resources: {}\nhead_node_type: head\n", "c.yaml")
     with pytest.raises(EffrayError, match=r"node type head states no resources.CPU"):
         launcher_node_types(spec)
+
+
+def test_the_worked_example_preset_validates_at_full_size_and_fits_the_cluster(tmp_path):
+    """``imagenette-resnet50``, shipped as YAML: a torchvision ResNet-50 teacher on Imagenette,
+    a ResNet-18 student in the search; ``--source`` wins over the preset's own."""
+    rc, summary, err = cli(
+        "--dry-run",
+        "run",
+        "--preset",
+        "imagenette-resnet50",
+        "--cluster-config",
+        str(CLUSTER_YAML),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert rc == 0, err
+    plan = summary["plan"]
+    train, tune = plan["train"], plan["tune"]
+    assert (train["model"], train["workers"], train["gpus_per_worker"]) == ("torchvision:resnet50", 4, 1.0)
+    assert train["data"]["augment"].startswith("random_resized_crop(224,") and "grayscale" in train["data"]["augment"]
+    assert plan["prepare"]["image_size"] == 224
+    assert plan["prepare"]["source"].endswith("imagenette-train.parquet") and tune["space"] == "imagenette-resnet18"
+    plan = plan_stages(RunConfig(preset="imagenette-resnet50", source="other.parquet", out=str(tmp_path / "r")))
+    assert plan.prepare.source == "other.parquet" and plan.tune.trust_code
+    assert not (tmp_path / "run").exists()

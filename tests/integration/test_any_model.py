@@ -1,0 +1,123 @@
+"""A model of the user's own and the worked example's torchvision nets through every stage on
+local Ray, on real Imagenette images made small: the Python API (train -> compress with
+structured pruning, 4-bit QAT and KD -> export -> evaluate) for a hand-written residual +
+depthwise module, and the ``imagenette-resnet50`` preset end to end on a tiny slice."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from helpers import cli
+
+import effray.compress
+import effray.train
+from effray.train.checkpoint import read_payload
+from tests.user_models import residual_dw
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette-train.parquet"
+SIZE, ROWS = 32, 200  # 32 px: the ResNets' five stride-2 stages still leave a 1x1 map
+
+
+@pytest.fixture(scope="module")
+def small_imagenette(tmp_path_factory) -> Path:
+    """The first ``ROWS`` Imagenette rows (20 per class) resized to ``SIZE`` px with PIL, as a
+    Parquet source today's ``data prepare`` takes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    if not IMAGENETTE.is_file():
+        pytest.fail(f"real Imagenette file missing at {IMAGENETTE}")
+    table = pq.read_table(IMAGENETTE).slice(0, ROWS)
+    images = []
+    for raw in table.column("image").to_pylist():
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(raw)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    out = tmp_path_factory.mktemp("imagenette") / f"imagenette-{SIZE}.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images)), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, small_imagenette, tmp_path_factory) -> Path:
+    from effray.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "imagenette"
+    prepare(PrepareConfig(source=str(small_imagenette), out=str(out), val_fraction=0.2))
+    return out
+
+
+def test_a_users_own_module_goes_through_every_stage_from_the_python_api(prepared, tmp_path):
+    trained = effray.train(
+        model=residual_dw,
+        data=str(prepared),
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        workers=1,
+        storage=str(tmp_path / "runs"),
+        name="user",
+        wandb=False,
+    )
+    ckpt = Path(trained["checkpoint"])
+    # the factory, by reference (this process holds it, as the API was handed it: no --trust-code needed here;
+    # tests/unit/test_model_reference.py checks a fresh loader refuses it)
+    assert read_payload(ckpt)["model_spec"]["name"] == "tests.user_models:residual_dw"
+    summary = effray.compress(
+        str(ckpt),
+        model=residual_dw,
+        data=str(prepared),
+        out=str(tmp_path / "small"),
+        prune_rate=0.5,
+        prune_kind="structured",
+        bits=4,
+        kd_alpha=0.7,
+        finetune_epochs=1,
+        finetune_batch_size=32,
+        workers=1,
+    )
+    # ratios are teacher / student: 4-bit weights and half the channels (the layout's bytes on top)
+    assert summary["bytes"] > 0 and summary["size_ratio"] > 2.0
+    assert summary["macs_ratio"] > 1.25 and 0.0 <= summary["accuracy"] <= 1.0
+    rc, exported, err = cli(
+        "export", "--artifact", summary["out"], "--format", "all", "--split", "train", "--trust-code"
+    )
+    assert rc == 0, err
+    assert all(p["agreement"] >= 0.999 for p in exported["parity"].values()), exported["parity"]
+    rc, evaluated, err = cli("evaluate", "--checkpoint", summary["artifact"], "--data", str(prepared), "--trust-code")
+    assert rc == 0, err
+    assert evaluated["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_session, tmp_path, monkeypatch):
+    """The shipped preset with its sizes cut: a torchvision ResNet-50 teacher, one trial of a
+    ResNet-18 student distilled, pruned through its residual graph and quantized, exported."""
+    monkeypatch.chdir(ROOT)  # the preset names its source relative to the repository
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "student: torchvision:resnet18\nprune_kind: structured\nprune_rate: 0.3\nbits: 4\nkd_alpha: 0.7\n"
+        "finetune_epochs: 1\nfinetune_batch_size: 32\n"
+    )
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(
+        "base: imagenette-resnet50\n"  # its own source, the real 224 px file: 200 rows cut to 32 px
+        f"prepare: {{limit: {ROWS}, image_size: {SIZE}, val_fraction: 0.2}}\n"
+        "train: {epochs: 1, batch_size: 32, workers: 1, gpus_per_worker: 0, cpus_per_worker: 1, data_cpus: 0.5,"
+        f" data: {{augment: 'random_resized_crop({SIZE}, scale=(0.35, 1))|flip|rotate(10)|jitter(0.4,0.4,0.4,0.1)"
+        "|grayscale(0.1)'}}\n"
+        f"tune: {{space: {space}, num_samples: 1, gpus_per_trial: 0, cpus_per_trial: 1, grace_period: 1}}\n"
+    )
+    rc, summary, err = cli("run", "--preset", str(preset), "--out", str(tmp_path / "run"), "--clean", "off")
+    assert rc == 0, err
+    teacher = Path(summary["teacher"]["checkpoint"])
+    payload = read_payload(teacher)
+    spec, data = payload["model_spec"], payload["data"]  # a checkpoint records how to rebuild it and what it takes
+    assert (spec["name"], spec["library"], spec["num_classes"]) == ("torchvision:resnet50", "torchvision", 10)
+    assert data["image_shape"] == [SIZE, SIZE, 3] and data["preprocess"]
+    assert summary["trials"] == 1 and summary["exports"]
+    assert not any(e["error"] for e in summary["exports"].values()), summary["exports"]
