@@ -21,6 +21,7 @@ from effray.data.arrays import eval_batches, load_arrays
 from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import corruption_accuracy, parse_severities
 from effray.search.config import TuneConfig
+from effray.search.deployed import DeployProbe
 from effray.train.checkpoint import data_summary, load_checkpoint
 
 
@@ -91,6 +92,8 @@ class TrialContext:
     workers: TrialWorkers
     wandb_project: str
     wandb_mode: str  # decided once on the driver; "disabled" tracks nothing
+    deploy: DeployProbe | None = None  # exports and times every measured trial (None: --deploy off)
+    objective: str = "bytes"  # the scheduler's cost: "latency" has a trial time its export once its weights are final
 
     def compress_config(self, sample: dict[str, Any]) -> CompressConfig:
         """The trial's :class:`CompressConfig`: the base with the Tune space's sample applied,
