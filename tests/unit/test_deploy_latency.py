@@ -143,6 +143,7 @@ def test_the_front_table_and_the_report_mark_a_model_slower_than_the_teacher(tmp
         batch_N=256,
         runtime="onnxruntime",
         img_s_bN=[9e3, 2e3],
+        **{"latency_ms_b1@edge": [0.1, 0.05]},  # a second --latency-on target, where "slow" is the faster
     )
     teacher = {
         "accuracy": 0.66,
@@ -165,6 +166,9 @@ def test_the_front_table_and_the_report_mark_a_model_slower_than_the_teacher(tmp
     (slow,) = [ln for ln in lines if "slow " in ln]
     assert slow.startswith(" *") and slow.rstrip().endswith("slower") and "0.50x" in slow
     assert "slower" not in fast and "2.00x" in fast and "3.00x" in fast
+    table = pd.read_parquet(tmp_path / "results.parquet").set_index("trial_id")
+    assert table["pareto_latency_ms"].all()  # one front per target: both here, "slow" alone on edge
+    assert table["pareto_latency_ms_b1@edge"].to_dict() == {"slow": True, "fast": False}
     report = (tmp_path / "report.md").read_text()
     assert "beside the teacher's fp32 onnx file" in report and report.count("| slower |") == 1
 
