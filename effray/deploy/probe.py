@@ -100,6 +100,8 @@ class ExportedProbe(DeployProbe):
             )
         except EffrayError as exc:  # not deployable on this runtime: the row says why, the search goes on
             return {**base, "deploy_error": str(exc)}
+        except (ValueError, RuntimeError) as exc:  # e.g. a diverged fine-tune's NaN quantizer grids: likewise
+            return {**base, "deploy_error": f"not exportable: {type(exc).__name__}: {exc}"}
         exported = time.perf_counter() - started
         fields = row_fields(self.timed([self.teacher_file, read_export(out, kind)]), self.spec)
         return {
