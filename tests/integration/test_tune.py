@@ -89,6 +89,8 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
             "none",
             "--cpus-per-trial",
             "0.5",
+            "--deploy",
+            "off",  # the deployed latency is the pareto search's to check
             "--storage",
             str(storage),
             "--name",

@@ -412,6 +412,8 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
         "2",
         "--max-failures",
         "2",
+        "--deploy",
+        "off",  # no export per trial: this search is about a node's death
         "--storage",
         str(tmp_path / "runs"),
         "--name",
