@@ -123,6 +123,8 @@ def test_latency_on_times_on_the_labelled_nodes_and_a_label_no_node_has_fails_in
         str(tiny_cifar),
         "--latency-on",
         "effray_node_1,gpu_box",
+        "--search",
+        "grid",
         "--robust-images",
         "0",
         "--storage",
