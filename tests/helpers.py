@@ -120,5 +120,7 @@ def two_trial_tune(tmp_path: Path, teacher: Path, data: Path, name: str, *flags:
         "--name",
         name,
         "--no-wandb",
+        "--deploy",
+        "off",  # no export per trial: these searches check other things (a flag in flags wins)
         *flags,
     )

@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,13 +121,30 @@ def bytes_so_far(
     ``bench/cost_prediction.py``), so a trial reports this each epoch and the scheduler ranks
     rungs by it. Call it after a forward pass (an unstructured run's sparsity hooks re-zero
     the pruned weights there); one host read of the weights per epoch, never per step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_so_far(tmp, model, cfg, epoch, teacher_spec, teacher_info=teacher_info, data=data)
+        return None if path is None else os.path.getsize(path)
+
+
+def save_so_far(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    cfg: CompressConfig,
+    epoch: int,
+    teacher_spec: dict[str, Any],
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> Path | None:
+    """:func:`bytes_so_far`'s artifact, saved into ``directory``; its path, or None while
+    the weights are not in their final form."""
     if any(e > epoch for e in prune_events(cfg)) or (quant_epoch(cfg) or 0) > epoch:
         return None
     if cfg.quantizes and not is_quantized(model):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_artifact(
-            tmp,
+    return Path(
+        save_artifact(
+            directory,
             _on_cpu(model),
             method=method_summary(model, cfg, teacher_spec),
             config=to_dict(cfg),
@@ -133,7 +152,7 @@ def bytes_so_far(
             data=data,
             codec=cfg.codec,
         )
-        return os.path.getsize(path)
+    )
 
 
 def epoch_costs(
@@ -142,17 +161,29 @@ def epoch_costs(
     cfg: CompressConfig,
     epoch: int,
     teacher_spec: dict[str, Any],
+    *,
+    latency: Callable[[str], float] | None = None,
     **meta: Any,
 ) -> dict[str, Any]:
     """A trial's cost fields for its report after ``epoch``: ``predicted`` (its
     ``predicted_*`` before training), with ``predicted_bytes`` replaced by
-    :func:`bytes_so_far` once the weights are final; ``bytes_from`` says which it is."""
+    :func:`bytes_so_far` once the weights are final; ``bytes_from`` says which it is.
+    ``latency(artifact_dir)``: the batch-1 ms of the artifact saved there as deployed (an
+    export timed on its runtime; None when it has none), which then replaces
+    ``predicted_latency_ms``, a MAC-scaled estimate until then (``latency_from`` says which)."""
     if "predicted_bytes" not in predicted:
         return dict(predicted)
-    measured = bytes_so_far(model, cfg, epoch, teacher_spec, **meta)
-    if measured is None:
-        return {**predicted, "bytes_from": "config"}
-    return {**predicted, "predicted_bytes": measured, "bytes_from": "weights"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_so_far(tmp, model, cfg, epoch, teacher_spec, **meta)
+        if path is None:
+            return {**predicted, "bytes_from": "config", **({"latency_from": "macs"} if latency else {})}
+        out = {**predicted, "predicted_bytes": os.path.getsize(path), "bytes_from": "weights"}
+        if latency is not None:
+            ms = latency(tmp)
+            out.update(
+                {"latency_from": "macs"} if ms is None else {"predicted_latency_ms": ms, "latency_from": "export"}
+            )
+        return out
 
 
 def _student(teacher: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:

@@ -9,8 +9,17 @@ from dataclasses import dataclass
 from effray.compress.program import vnni
 from effray.config import option, require
 
-FORMATS = {"torch": ("torch",), "onnx": ("onnx",), "all": ("torch", "onnx")}
-KIND_HELP = "which file of an export directory: torch, onnx, onnx-int8, torch-int8 ('' = the first present)"
+# a --format -> the fp32 kinds it writes, in order (OpenVINO's IR is converted from the ONNX file)
+FORMATS = {
+    "torch": ("torch",),
+    "onnx": ("onnx",),
+    "openvino": ("onnx", "openvino"),
+    "all": ("torch", "onnx", "openvino"),
+}
+KIND_HELP = (
+    "which file of an export directory: torch, onnx, onnx-int8, torch-int8, openvino, openvino-int8 ('' = the first "
+    "present)"
+)
 MODEL_HELP = "checkpoint, compressed artifact or `effray export` output"
 MODEL_REQUIRED = "--model PATH is required (a checkpoint, artifact or `effray export` output)"
 TRUST_HELP = (
@@ -25,10 +34,15 @@ class ExportConfig:
 
     artifact: str = option("", "compressed artifact or training checkpoint (directory or model.pt)")
     format: str = option(
-        "torch", "torch: a torch.export program (.pt2); onnx: ONNX (fp32); all: both", choices=tuple(FORMATS)
+        "torch",
+        "torch: a torch.export program (.pt2); onnx: ONNX (fp32); openvino: ONNX and OpenVINO's IR converted from it "
+        "(.xml/.bin); all: the three",
+        choices=tuple(FORMATS),
     )
     int8: bool = option(
-        False, "also write the int8 model: torchao PT2E (x86) for torch, onnxruntime static QDQ for onnx"
+        False,
+        "also write the int8 model: torchao PT2E (x86) for torch, onnxruntime static QDQ for onnx (which OpenVINO "
+        "converts too)",
     )
     out: str = option("", "output directory ('' = ARTIFACT_DIR/export); an earlier export there is replaced")
     data: str = option(

@@ -1,5 +1,5 @@
 """One loader for everything deployment runs: a training checkpoint, a compressed artifact,
-or an exported program (``effray export``: ``.pt2``, ONNX fp32, ONNX int8 QDQ).
+or an exported program (``effray export``: ``.pt2``, ONNX fp32, ONNX int8 QDQ, OpenVINO).
 
 Whatever the file, :func:`load_deployable` returns a :class:`Deployable` that maps uint8
 NHWC images to float32 logits with the normalisation and numerics the model was trained
@@ -25,6 +25,7 @@ from effray.compress.program import quiet, vnni
 from effray.config import require
 from effray.data.augment import default_preprocess
 from effray.data.images import normalize_tensor
+from effray.deploy.runtimes import openvino_model, ort_session
 from effray.errors import EffrayError
 from effray.models.predict import predict_logits
 from effray.train.checkpoint import TRAIN_FORMAT, load_checkpoint
@@ -35,6 +36,8 @@ EXPORT_FILES = {
     "onnx": "model.onnx",
     "onnx-int8": "model.int8.onnx",
     "torch-int8": "model.int8.pt2",
+    "openvino": "model.xml",  # + model.bin beside it
+    "openvino-int8": "model.int8.xml",
 }
 
 
@@ -46,7 +49,7 @@ class ModelInfo:
     image_shape: list[int]  # HWC
     mean: list[float]
     std: list[float]
-    kind: str  # checkpoint | artifact | torch | onnx | onnx-int8 | torch-int8
+    kind: str  # checkpoint | artifact | an export kind (EXPORT_FILES)
     source: str  # the file this was loaded from
     numerics: dict[str, bool] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -163,7 +166,7 @@ def info_from_payload(payload: dict[str, Any], source: str) -> ModelInfo:
 
 
 def _is_export(path: Path) -> bool:
-    return path.suffix in (".pt2", ".onnx") or (path.is_dir() and (path / SIDECAR).is_file())
+    return path.suffix in (".pt2", ".onnx", ".xml") or (path.is_dir() and (path / SIDECAR).is_file())
 
 
 def load_deployable(
@@ -171,9 +174,9 @@ def load_deployable(
 ) -> Deployable:
     """Open ``path``: a checkpoint or artifact (directory or ``model.pt``), or an export
     directory / file. ``kind`` picks one file of an export directory holding several
-    (``torch``, ``onnx``, ``onnx-int8``, ``torch-int8``; default: the first present in
-    that order). Bad paths fail in one line. ``trust_code``: a checkpoint's ``pkg.module:factory``
-    may be imported (an export needs no model code)."""
+    (``torch``, ``onnx``, ``onnx-int8``, ``torch-int8``, ``openvino``, ``openvino-int8``;
+    default: the first present in that order). Bad paths fail in one line. ``trust_code``: a
+    checkpoint's ``pkg.module:factory`` may be imported (an export needs no model code)."""
     p = Path(path)
     require(
         p.exists(), f"model path {str(path)!r} does not exist: pass a checkpoint, artifact or `effray export` output"
@@ -268,26 +271,27 @@ def _load_export(p: Path, device: str, kind: str) -> Deployable:
     )
     if kind.startswith("onnx"):
         return Deployable(info, _onnx_forward(f, info, device), device)
+    if kind.startswith("openvino"):
+        return Deployable(info, _openvino_forward(f, info), "cpu")
     full_range = not (sidecar.get("int8") or {}).get("reduce_range", True)
     return Deployable(info, _program_forward(f, info, device, kind, full_range), device)
 
 
 def _onnx_forward(f: Path, info: ModelInfo, device: str) -> Any:
-    import onnxruntime as ort
-
-    providers = (
-        ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-    )
-    try:
-        session = ort.InferenceSession(str(f), providers=[p for p in providers if p in ort.get_available_providers()])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise EffrayError(
-            f"{f} is not a loadable ONNX model ({str(exc).splitlines()[0][:200]}); re-run `effray export`"
-        ) from None
+    session = ort_session(f, cuda=device.startswith("cuda"))
     name = session.get_inputs()[0].name
 
     def forward(images: np.ndarray) -> np.ndarray:
         return np.asarray(session.run(None, {name: normalise(images, info.mean, info.std)})[0], np.float32)
+
+    return forward
+
+
+def _openvino_forward(f: Path, info: ModelInfo) -> Any:
+    request = openvino_model(f).create_infer_request()  # one caller at a time (see Deployable)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        return np.array(request.infer({0: normalise(images, info.mean, info.std)})[0], np.float32)
 
     return forward
 

@@ -1,7 +1,8 @@
 """The files ``effray export`` writes, one writer per kind: a ``torch.export`` program
-(``.pt2``, fp32 or PT2E int8) and ONNX (fp32, or ONNX Runtime's static QDQ int8 on the
-student's own grids). :func:`write_export` picks the writer; :mod:`effray.deploy.export`
-checks each file once it is written."""
+(``.pt2``, fp32 or PT2E int8), ONNX (fp32, or ONNX Runtime's static QDQ int8 on the
+student's own grids) and OpenVINO's IR converted from those ONNX files, so a second runtime
+runs the very graph ONNX Runtime runs. :func:`write_export` picks the writer;
+:mod:`effray.deploy.export` checks each file once it is written."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from effray.compress.fakequant import ActQuant, QLinear
 from effray.compress.int8 import quantize_int8
 from effray.compress.program import export_program, quiet
+from effray.deploy.model import EXPORT_FILES
 from effray.errors import EffrayError
 from effray.models.reference import is_reference
 
@@ -48,6 +50,9 @@ def write_export(kind: str, path: Path, src: ExportSources, reduce_range: bool, 
         return None
     if kind == "onnx":
         write_onnx(path, src.program, src.example)
+        return None
+    if kind in ("openvino", "openvino-int8"):  # the ONNX file of the same precision is written before it
+        write_openvino(path, path.with_name(EXPORT_FILES[kind.replace("openvino", "onnx")]))
         return None
     if kind == "torch-int8":
         int8 = quantize_int8(
@@ -113,6 +118,23 @@ def write_onnx(path: Path, program: Any, example: Any) -> None:
         raise EffrayError(
             f"the ONNX exporter failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
         ) from None
+
+
+def write_openvino(path: Path, onnx_path: Path) -> None:
+    """OpenVINO's IR (``path``: the ``.xml``, its weights in the ``.bin`` beside it) of an
+    ONNX file, read by OpenVINO's ONNX frontend and saved with fp32 weights (``save_model``
+    would halve them to fp16 by default). Not through ``convert_model``: its graph passes
+    turn a division by a constant into a multiplication by its reciprocal, which rounds
+    differently for a value near a rounding boundary of an activation quantizer, so the
+    file would compute another model (``runtimes.openvino_model`` keeps divisions exact)."""
+    import openvino as ov
+
+    try:
+        with _silent():
+            ov.save_model(ov.Core().read_model(str(onnx_path)), str(path), compress_to_fp16=False)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EffrayError(f"OpenVINO could not convert {onnx_path.name}: {first}") from None
 
 
 def _identity_pool(node: Any) -> bool:

@@ -14,7 +14,7 @@ from effray.config import require
 from effray.console import say
 from effray.data.prepare import load_meta, prepare
 from effray.errors import EffrayError
-from effray.run.front import export_front, front_table, most_accurate
+from effray.run.front import export_front, front_table, latency_line, most_accurate
 from effray.run.plan import RunConfig, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
@@ -110,8 +110,10 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     )
     for line in front_table(results, searched.get("teacher"), pick):
         say(line)
+    if latency_line(searched.get("teacher")):
+        say(f"[effray run] {latency_line(searched.get('teacher'))}")
     say(f"[effray run] report: {summary['report']}")
-    say(f"[effray run] exported (.pt2 + ONNX, each checked against its artifact): {out / 'export'}/<trial>")
+    say(f"[effray run] exported (.pt2, ONNX, OpenVINO, each checked against its artifact): {out / 'export'}/<trial>")
     if pick and pick in exports:
         model, kind = exports[pick]["dir"], "onnx-int8" if exports[pick]["int8"] else "onnx"
         say(f"[effray run] serve the pick:   effray serve --model {model} --kind {kind}")

@@ -38,25 +38,51 @@ def config_summary(row: Any) -> str:
 def front_table(
     results: str | os.PathLike, teacher: dict[str, Any] | None = None, pick: str | None = None
 ) -> list[str]:
-    """The accuracy-vs-bytes front of a report's results, as terminal lines (``*``: the pick)."""
+    """The accuracy-vs-bytes front of a report's results, as terminal lines (``*``: the pick).
+    When the search timed its exports, the latency columns are the exported file's on its
+    runtime and its speed-ups against the teacher's file on the same runtime, at batch 1 and
+    at the throughput batch N; ``slower`` marks a model the teacher outruns at either."""
     table = pd.read_parquet(results)
     front = table[table["pareto_bytes"]].sort_values("bytes")
     size = teacher.get("bytes") if teacher else None
-    lines = [
-        f"  {'trial':<10}{'accuracy':>9}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{'ms (b1)':>9}  config"
-    ]
+    deployed = "speedup_b1" in front and front["speedup_b1"].notna().any()
+    n = int(front["batch_N"].dropna().iloc[0]) if deployed else 0
+    speed = f"{'ms (b1)':>9}{'x b1':>7}{f'x b{n}':>8}" if deployed else f"{'ms (b1)':>9}"
+    lines = [f"  {'trial':<10}{'accuracy':>9}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{speed}  config"]
     for _, r in front.iterrows():
         how = config_summary(r)
         smaller = f"{size / r['bytes']:.1f}x" if size else ""
-        corrupt = (
-            f"{r['corruption_accuracy']:.4f}" if r.get("corruption_accuracy") == r.get("corruption_accuracy") else "-"
-        )
+        c = r.get("corruption_accuracy")
+        corrupt = f"{c:.4f}" if c is not None and c == c else "-"  # '-': not measured (absent or NaN)
         star = "*" if r["trial_id"] == pick else " "
+        if deployed and r.get("speedup_b1") == r.get("speedup_b1"):  # not NaN: the file was timed
+            slower = "  slower" if r.get("slower_than_teacher") else ""
+            timing = f"{r['latency_ms']:>9.3f}{r['speedup_b1']:>6.2f}x{r['speedup_bN']:>7.2f}x"
+            how += slower
+        elif deployed:
+            why = r.get("deploy_error") if isinstance(r.get("deploy_error"), str) else ""
+            timing, how = f"{'-':>9}{'-':>7}{'-':>8}", f"{how}  (no deployable file: {why[:60]})"
+        else:
+            timing = f"{r['latency_ms']:>9.3f}"
         lines.append(
             f" {star}{r['trial_id']:<10}{r['accuracy']:>9.4f}{r.get('macro_f1', float('nan')):>9.4f}{corrupt:>9}"
-            f"{r['bytes'] / 1024:>8.1f}{smaller:>9}{r['latency_ms']:>9.3f}  {how}"
+            f"{r['bytes'] / 1024:>8.1f}{smaller:>9}{timing}  {how}"
         )
     return lines
+
+
+def latency_line(teacher: dict[str, Any] | None) -> str:
+    """What the table's latency columns were measured on: the runtime, its threads, the
+    batches, the teacher's own figures there and the CPU ('' when the search did not deploy)."""
+    if not teacher or teacher.get("deployed_latency_ms_b1") is None:
+        return ""
+    why = f" ({teacher['deploy_why']})" if teacher.get("deploy_why") else ""
+    return (
+        f"latency: the exported files on {teacher['runtime']} ({teacher['deploy']}){why}, "
+        f"{teacher['latency_threads']} thread(s), against the teacher's fp32 {teacher['deploy_kind']} file there "
+        f"({teacher['deployed_latency_ms_b1']:.3f} ms at batch 1, {teacher['deployed_img_s_bN']:,.0f} img/s at batch "
+        f"{teacher['batch_N']}); {teacher['latency_cpu']}"
+    )
 
 
 def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from effray.config import option, require
 from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import parse_severities
+from effray.search.deployed import DEPLOY_CHOICES, DeploySpec, parse_targets
 from effray.train.config import WANDB_MODES
 
 SEARCHERS = ("random", "grid", "optuna")
 SCHEDULERS = ("pareto", "asha", "none")
-OBJECTIVES = ("bytes", "macs", "latency_ms")
+OBJECTIVES = ("bytes", "macs", "latency")
 METRIC = "val_accuracy"  # what every epoch reports and every scheduler and searcher ranks by
 
 
@@ -38,7 +39,10 @@ class TuneConfig:
         choices=SCHEDULERS,
     )
     objective: str = option(
-        "bytes", "the cost the pareto scheduler weighs against accuracy (predicted before training)", choices=OBJECTIVES
+        "bytes",
+        "the cost the pareto scheduler weighs against accuracy: bytes, MACs, or latency (batch 1 on --deploy's "
+        "runtime: measured on the trial's export once its weights are final, estimated from MACs before)",
+        choices=OBJECTIVES,
     )
     grace_period: int = option(1, "epochs every trial runs before it can be stopped")
     reduction_factor: float = option(
@@ -53,8 +57,24 @@ class TuneConfig:
     )
     max_macs: float = option(0.0, "drop configs whose MACs per image exceed this before they run (0 = no limit)")
     max_latency_ms: float = option(
-        0.0, "drop configs whose estimated batch-1 latency (teacher's, scaled by MACs) exceeds this (0 = no limit)"
+        0.0,
+        "drop configs whose estimated batch-1 latency (the teacher's on --deploy's runtime, scaled by MACs) exceeds "
+        "this before they run (0 = no limit)",
     )
+    deploy: str = option(
+        "auto",
+        "export every measured trial to this runtime, check it against the artifact and time it beside the teacher "
+        "on the same runtime: onnx, onnx-int8, pt2, pt2-int8, openvino, openvino-int8; auto = ONNX Runtime, int8 "
+        "only where the CPU has VNNI/AMX; off = no export (latency_ms is the eager PyTorch module's)",
+    )
+    latency_on: str = option(
+        "",
+        "time on nodes offering this custom Ray resource (e.g. the CPU inference node type of the cluster); "
+        "comma-separated for several targets, one latency front each; '' = in the trial's own process",
+    )
+    latency_threads: int = option(1, "runtime threads for every latency measurement (teacher and trials alike)")
+    latency_batch: int = option(256, "the throughput batch N of img_s_bN and speedup_bN")
+    latency_repeats: int = option(30, "timed batch-1 calls per model (batch N: a sixth as many, at least 3)")
     share_data: bool = option(
         True,
         "decode the splits once on the driver and share them with every in-process trial through the object store; "
@@ -126,11 +146,31 @@ class TuneConfig:
             f"--workers-per-trial must be >= 1, got {self.workers_per_trial}",
         )
         require(self.data_cpus > 0, f"--data-cpus must be > 0, got {self.data_cpus}")
+        require(
+            self.deploy in DEPLOY_CHOICES, f"--deploy must be one of {', '.join(DEPLOY_CHOICES)}, got {self.deploy!r}"
+        )
+        parse_targets(self.latency_on)
+        require(not self.latency_on or self.deploy != "off", "--latency-on times exported files; drop --deploy off")
+        for flag, v in (
+            ("--latency-threads", self.latency_threads),
+            ("--latency-batch", self.latency_batch),
+            ("--latency-repeats", self.latency_repeats),
+        ):
+            require(isinstance(v, int) and v >= 1, f"{flag} must be a positive integer, got {v}")
         require(self.robust_images >= 0, f"--robust-images must be >= 0, got {self.robust_images}")
         if self.robust_images:
             parse_corruptions(self.robust_corruptions)
             parse_severities(self.robust_severities)
         require(not self.wandb or bool(self.wandb_project), "--wandb-project is empty; name one or pass --no-wandb")
+
+    @property
+    def deploy_spec(self) -> DeploySpec | None:
+        """What every measured trial is exported to and timed on; None with ``--deploy off``."""
+        if self.deploy == "off":
+            return None
+        return DeploySpec(
+            self.deploy, parse_targets(self.latency_on), self.latency_threads, self.latency_batch, self.latency_repeats
+        )
 
     @property
     def cpus_per_worker(self) -> float:

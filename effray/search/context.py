@@ -23,6 +23,7 @@ from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import corruption_accuracy, parse_severities
 from effray.models.reference import provided
 from effray.search.config import TuneConfig
+from effray.search.deployed import DeployProbe
 from effray.train.checkpoint import data_summary, load_checkpoint
 
 
@@ -95,6 +96,8 @@ class TrialContext:
     wandb_project: str
     wandb_mode: str  # decided once on the driver; "disabled" tracks nothing
     factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
+    deploy: DeployProbe | None = None  # exports and times every measured trial (None: --deploy off)
+    objective: str = "bytes"  # the scheduler's cost: "latency" has a trial time its export once its weights are final
 
     def meta(self) -> dict[str, Any]:
         """The dataset's meta.json with the teacher's preprocessing: what a trial's batches

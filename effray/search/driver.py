@@ -17,8 +17,10 @@ callbacks' (``effray run``'s bar).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from effray.errors import EffrayError
 from effray.search.aggregate import ReportConfig, report
 from effray.search.config import METRIC, TuneConfig
 from effray.search.context import TrialContext, trial_context
+from effray.search.deployed import DeployProbe, deploy_probe
 from effray.search.resources import check_trial_resources, concurrency, trial_resources
 from effray.search.results import STOPPED_FILE, TEACHER_FILE
 from effray.search.scheduler import LastEpochSafeASHA, ParetoASHA
@@ -39,6 +42,8 @@ from effray.search.trial import compression_trial
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
 
 log = logging.getLogger(__name__)
+# --objective -> the report field the pareto scheduler ranks a rung by
+SCHEDULER_COSTS = {"bytes": "predicted_bytes", "macs": "predicted_macs", "latency": "predicted_latency_ms"}
 
 
 def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: Any = None) -> dict[str, Any]:
@@ -46,7 +51,6 @@ def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: 
     Tune callbacks on the driver (``effray run``'s progress bar); ``stop``: a Tune stopper
     (the search benchmark's compute budget)."""
     import ray
-    from ray import tune
 
     meta = validate_data_dir(cfg.data)
     space = load_space(cfg.space)
@@ -61,8 +65,48 @@ def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: 
         f"{meta['counts']['train']} training rows can't feed {w} workers per trial",
     )
     mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)  # the CLI decides from its env first
-    path = cfg.experiment
-    context = trial_context(cfg, meta, mode)
+    context = with_deploy_probe(cfg, trial_context(cfg, meta, mode))
+    try:
+        return _search(cfg, space, meta, context, callbacks, stop)
+    finally:
+        if context.deploy is not None:
+            context.deploy.close()
+
+
+def with_deploy_probe(cfg: TuneConfig, context: TrialContext) -> TrialContext:
+    """The context with the search's deployment ready (``--deploy``: the runtime checked, the
+    targets found, the teacher exported and timed on each) and the teacher's figures on that
+    runtime among its metrics: ``latency_ms`` (every report's latency column) becomes the
+    deployed one, the eager module's kept as ``eager_latency_ms``."""
+    spec = cfg.deploy_spec
+    if spec is None:
+        return dataclasses.replace(context, objective=cfg.objective)
+    where = os.path.join(cfg.experiment, "deploy-teacher") if context.local else tempfile.mkdtemp(prefix="effray-")
+    probe: DeployProbe = deploy_probe(spec, context.teacher.path, context.data, where)
+    if cfg.deploy != "auto" and probe.teacher.get("deploy_why"):  # auto's choice is said beside the table
+        log.warning("--deploy %s: %s", cfg.deploy, probe.teacher["deploy_why"])
+    metrics = {
+        **context.teacher.metrics,
+        **probe.teacher,
+        "latency_ms": probe.teacher["deployed_latency_ms_b1"],
+        "eager_latency_ms": context.teacher.metrics.get("latency_ms_b1"),
+    }
+    teacher = dataclasses.replace(context.teacher, metrics=metrics)
+    return dataclasses.replace(context, deploy=probe, objective=cfg.objective, teacher=teacher)
+
+
+def _search(
+    cfg: TuneConfig,
+    space: dict[str, Any],
+    meta: dict[str, Any],
+    context: TrialContext,
+    callbacks: list[Any] | None,
+    stop: Any,
+) -> dict[str, Any]:
+    """The Tuner started (or restored) and run; the summary."""
+    from ray import tune
+
+    path, w, mode = cfg.experiment, cfg.workers_per_trial, context.wandb_mode
     shares = shares_data(cfg, meta)
     shared = share_splits(cfg.data) if shares else None
     trainable = tune.with_resources(
@@ -167,7 +211,7 @@ def _scheduler(cfg: TuneConfig, path: str) -> Any:
     if cfg.scheduler == "pareto":
         return ParetoASHA(
             metric=METRIC,
-            costs=(f"predicted_{cfg.objective}",),
+            costs=(SCHEDULER_COSTS[cfg.objective],),
             grace_period=cfg.grace_period,
             reduction_factor=cfg.reduction_factor,
             acc_margin=cfg.acc_margin,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from effray.errors import EffrayError
-from effray.search.results import COSTS, OBJECTIVES
+from effray.search.results import COSTS, OBJECTIVES, TARGET_LATENCY
 
 
 def pareto_mask(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
@@ -63,9 +63,11 @@ def hypervolume(accuracy: Iterable[float], cost: Iterable[float], ref_cost: floa
 
 
 def add_pareto_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """``pareto_<cost>`` boolean columns for every cost the table has."""
+    """``pareto_<cost>`` boolean columns for every cost the table has, a target's latency
+    (``latency_ms_b1@<target>``) among them."""
     out = df.copy()
-    for cost in COSTS:
+    # one latency front per --latency-on target besides the first's (latency_ms)
+    for cost in [*COSTS, *(c for c in df.columns if c.startswith(TARGET_LATENCY))]:
         if cost in out.columns and "accuracy" in out.columns:
             out[f"pareto_{cost}"] = pareto_mask(out["accuracy"], out[cost])
     if "corruption_accuracy" in out.columns and "bytes" in out.columns:  # the robustness front

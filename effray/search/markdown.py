@@ -37,6 +37,16 @@ def markdown(
             f"{_fmt(teacher.get('macs'))} MACs, {_fmt(teacher.get('latency_ms'))} ms.",
             "",
         ]
+        if teacher.get("deployed_latency_ms_b1") is not None:
+            lines += [
+                f"Latency is each trial's exported file ({teacher['deploy']}) on {teacher['runtime']} at "
+                f"{teacher['latency_threads']} thread(s), timed in one run beside the teacher's fp32 "
+                f"{teacher['deploy_kind']} file (BN folded, the runtime's graph optimisations on): speedup_b1 and "
+                f"speedup_bN are teacher ÷ trial at batch 1 and at batch {teacher['batch_N']}, and "
+                f"slower_than_teacher marks a trial the teacher outruns at either; {teacher['latency_cpu']}. The "
+                f"eager PyTorch module's latency is eager_latency_ms in results.csv.",
+                "",
+            ]
     lines += [
         f"{len(table)} measured trials, sorted by accuracy. ★ marks Pareto-optimal rows (accuracy vs that cost; "
         "pareto_robust_bytes: mean corruption accuracy vs bytes). macro_f1, worst_class_recall and ece (15-bin "
@@ -54,7 +64,7 @@ def markdown(
     if teacher:  # the baseline every score is read against
         base = {**teacher, "trial_id": "teacher (fp32)", "size_ratio": 1.0}
         lines += [_row(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else "" for c in cols)]
-    lines += [_row(_fmt(row[c]) for c in cols) for _, row in table.iterrows()]
+    lines += [_row(_cell(c, row[c]) for c in cols) for _, row in table.iterrows()]
     if len(stopped):
         lines += _stopped_section(stopped, cols)
     if max_size_kb or max_latency_ms:
@@ -74,6 +84,12 @@ def _columns(table: pd.DataFrame) -> list[str]:
             "bytes",
             "macs",
             "latency_ms",
+            "runtime",
+            "img_s_bN",
+            "speedup_b1",
+            "speedup_bN",
+            "slower_than_teacher",
+            "deploy_agreement",
             "size_ratio",
             "pareto_bytes",
             "pareto_macs",
@@ -82,6 +98,8 @@ def _columns(table: pd.DataFrame) -> list[str]:
         )
         if c in table
     ]
+    cols += [c for c in table.columns if c.startswith(("latency_ms_b1@", "speedup_b1@", "pareto_latency_ms_b1@"))]
+    cols += [c for c in ("deploy_error",) if c in table]
     cols += [c for c in ("predicted_bytes", "setup_s") if c in table]
     cols += [
         c
@@ -137,6 +155,13 @@ def _header(cols: list[str]) -> list[str]:
 
 def _row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _cell(column: str, value: Any) -> str:
+    """A table cell: a Pareto mark as ★, a trial the teacher outruns as "slower"."""
+    if column == "slower_than_teacher":
+        return "slower" if value is True or value is np.True_ else ""
+    return _fmt(value)
 
 
 def _fmt(value: Any) -> str:

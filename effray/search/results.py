@@ -18,7 +18,9 @@ import pandas as pd
 
 from effray.errors import EffrayError
 
+# latency_ms: the exported file's on --deploy's runtime (the first --latency-on target), else the eager module's
 COSTS = {"bytes": "bytes on disk", "macs": "MACs", "latency_ms": "latency (ms, batch 1)"}
+TARGET_LATENCY = "latency_ms_b1@"  # + a --latency-on target: that target's latency column
 OBJECTIVES = {"accuracy": "accuracy", "robustness": "corruption_accuracy"}  # --objective -> the column it maximises
 BEYOND = ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy")  # what accuracy hides (effray.metrics)
 FINAL_KEY = "final"

@@ -99,8 +99,9 @@ class CostModel:
             if self._teacher is None:
                 self._teacher, _ = load_checkpoint(self.teacher_path, trust_code=True)  # the context loaded it first
             costs: dict[str, float] = dict(predict_costs(self._teacher, cfg, **self.meta))
-            t = self.teacher_metrics
-            costs["latency_ms"] = estimate_latency_ms(costs["macs"], t["macs"], t["latency_ms_b1"])
+            t = self.teacher_metrics  # the teacher's latency on the deploy runtime, when the search deploys
+            ms = t.get("deployed_latency_ms_b1") or t["latency_ms_b1"]
+            costs["latency_ms"] = estimate_latency_ms(costs["macs"], t["macs"], ms)
             self._cache[key] = costs
         return dict(self._cache[key])
 

@@ -159,20 +159,25 @@ class Trial:
 
 
 def final_metrics(student: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """The measured artifact as the report's columns, one epoch past the last fine-tuning epoch."""
+    """The measured artifact as the report's columns, one epoch past the last fine-tuning epoch.
+    ``latency_ms`` (the latency front's cost) is the deployed file's batch-1 latency on its
+    runtime when the search deploys (:func:`with_deploy`), else the eager module's."""
+    deployed = student.get("deployed") or {}
     return {
         METRIC: student["accuracy"],
         "accuracy": student["accuracy"],
         "bytes": student["bytes"],
         "macs": student["macs"],
-        "latency_ms": student["latency_ms_b1"],
-        "latency_ms_b256": student.get("latency_ms_b256"),
+        "latency_ms": deployed.get("latency_ms_b1", student["latency_ms_b1"] if not deployed else float("nan")),
+        "eager_latency_ms": student["latency_ms_b1"],
+        "eager_latency_ms_b256": student.get("latency_ms_b256"),
         "params": student["params"],
         "nonzero_params": student["nonzero_params"],
         "int8_latency_ms": student.get("int8_latency_ms_b1"),
         "int8_speedup_b256": student.get("int8_speedup_b256"),
         **{k: student.get(k) for k in ("macro_f1", "worst_class_recall", "ece", "nll", "corruption_accuracy")},
         **{f"ratio_{k}": v for k, v in student.get("vs_teacher", {}).items()},
+        **deployed,
         "epoch": epochs + 1,
         "final": True,
     }
@@ -191,6 +196,32 @@ def with_robustness(
     model, _ = load_artifact(artifact_dir, trust_code=True)  # this trial's own, from the checked teacher
     student = {**student, "corruption_accuracy": ctx.robust.score(model, val, ctx.meta())}
     return {**student, "vs_teacher": compare(student, ctx.teacher.metrics)}
+
+
+def with_deploy(student: dict[str, Any], artifact_dir: str, ctx: TrialContext) -> dict[str, Any]:
+    """The final artifact exported to the search's runtime, checked and timed beside the
+    teacher (:meth:`effray.search.deployed.DeployProbe.measure`), as ``deployed``."""
+    if ctx.deploy is None:
+        return student
+    return {**student, "deployed": ctx.deploy.measure(artifact_dir, ctx.data)}
+
+
+def epoch_latency(trial: Trial) -> Callable[[str], float | None] | None:
+    """With ``--objective latency``, what :func:`effray.compress.cost.epoch_costs` times an
+    epoch's artifact with: its export on the search's runtime, once. Latency follows the
+    shapes and the bit widths, and those are final once the weights are, so later epochs
+    reuse the figure (a file that fails its check leaves the MAC-based estimate)."""
+    ctx = trial.ctx
+    if ctx.deploy is None or ctx.objective != "latency":
+        return None
+    measured: dict[str, float | None] = {}
+
+    def latency(artifact_dir: str) -> float | None:
+        if "ms" not in measured:
+            measured["ms"] = ctx.deploy.measure(artifact_dir, ctx.data).get("latency_ms_b1")
+        return measured["ms"]
+
+    return latency
 
 
 def trial_device() -> Any:
@@ -215,6 +246,7 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
     device = trial_device()
     data = trial_data(ctx, cfg, trial.id, meta, device, shared)
     node = ray.get_runtime_context().get_node_id()
+    latency = epoch_latency(trial)
 
     def on_epoch(epoch: int, model: Any, progress: Callable[[], dict[str, Any]]) -> None:
         """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
@@ -224,7 +256,14 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
         trial.tracker.log({METRIC: acc, "epoch": epoch + 1}, step=epoch + 1)
         # the rungs rank by the weights' own size once they are final
         costs = epoch_costs(
-            trial.known, model, cfg, epoch, teacher.spec, teacher_info=ctx.teacher.info, data=ctx.data_info
+            trial.known,
+            model,
+            cfg,
+            epoch,
+            teacher.spec,
+            latency=latency,
+            teacher_info=ctx.teacher.info,
+            data=ctx.data_info,
         )
         with tempfile.TemporaryDirectory() as keep:
             save_payload(keep, progress())
@@ -256,7 +295,8 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
                 resume=_trial_progress(),
                 device=device,
             )
-            trial.report_final(with_robustness(result["student"], tmp, ctx, data.val), tmp)
+            student = with_deploy(with_robustness(result["student"], tmp, ctx, data.val), tmp, ctx)
+            trial.report_final(student, tmp)
     finally:
         data.close()
 
@@ -313,6 +353,6 @@ def run_on_ray_train(trial: Trial) -> None:
         for e in finetune["epochs"]:  # the workers' epochs, as Tune saw them
             trial.tracker.log({k: e[k] for k in (METRIC, "train_loss", "epoch") if k in e}, step=e["epoch"])
         student, _ = measure_artifact(out, cfg, calib, evals, ctx.teacher.metrics)
-        trial.report_final(with_robustness(student, out, ctx, None), out)
+        trial.report_final(with_deploy(with_robustness(student, out, ctx, None), out, ctx), out)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -1,10 +1,12 @@
 """``effray export`` on a real compressed artifact of a real (tiny) CIFAR-10 teacher: every
-format written, loaded back and checked against the artifact; bad inputs fail in one line
-with nothing written."""
+format written (OpenVINO's converted from the ONNX files: a runtime that did not produce
+them), loaded back and checked against the artifact; bad inputs fail in one line with
+nothing written."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from effray.deploy.config import ExportConfig
 from effray.deploy.export import check_dataset, export
 from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, open_checkpoint
 from effray.errors import EffrayError
+from effray.search.deployed import DeploySpec, deploy_probe
 from effray.train.checkpoint import data_summary, load_checkpoint, read_payload, save_payload
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,16 +92,17 @@ def test_every_format_is_written_checked_and_opens_like_the_artifact(artifact, t
     )
     assert rc == 0, err
     assert "W1" not in err and "Warning" not in err, err  # torch's and torchao's chatter stays off the terminal
-    kinds = ["torch", "torch-int8", "onnx", "onnx-int8"]
+    kinds = ["torch", "torch-int8", "onnx", "onnx-int8", "openvino", "openvino-int8"]
     assert summary["data"] == str(tiny_cifar.resolve())  # --data '': the dataset the teacher recorded
-    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR, *(EXPORT_FILES[k] for k in kinds)])
+    weights = ["model.bin", "model.int8.bin"]  # OpenVINO's IR: the .xml's weights beside it
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR, *(EXPORT_FILES[k] for k in kinds), *weights])
     sidecar = json.loads((out / SIDECAR).read_text())
     assert sidecar["files"] == {k: EXPORT_FILES[k] for k in kinds} and sidecar["parity"] == summary["parity"]
     for kind in kinds:
         p = summary["parity"][kind]
         assert p["images"] == 540
         assert p["agreement"] >= (0.995 if kind.endswith("int8") else 0.999), (kind, p)
-        assert p["max_abs_logit_diff"] < (1e-3 if kind in ("torch", "onnx") else 5.0), (kind, p)  # logits span ~20
+        assert p["max_abs_logit_diff"] < (1e-3 if kind in ("torch", "onnx", "openvino") else 5.0), (kind, p)  # ~20
         assert abs(p["accuracy"] - p["source_accuracy"]) <= 1 - p["agreement"] + 1e-9
 
     model, _, _ = open_checkpoint(artifact)
@@ -294,3 +298,34 @@ def test_a_dataset_of_another_kind_is_refused(artifact, tiny_cifar):
     check_dataset({**meta, "image_shape": [64, 64, 3]}, info, tiny_cifar)  # resized by the model's preprocessing
     with pytest.raises(EffrayError, match=r"has \[32, 32, 1\] \(HWC\) images, the model takes \[32, 32, 3\]"):
         check_dataset({**meta, "image_shape": [32, 32, 1]}, info, tiny_cifar)
+
+
+def test_a_searchs_deploy_probe_times_the_exported_file_beside_the_teacher_on_one_runtime(
+    artifact, teacher, tiny_cifar, tmp_path
+):
+    """What every measured trial of a search gets (``--deploy openvino``): the teacher
+    exported once in its fp32 form and timed on the driver; the trial's artifact exported
+    and parity-checked as ``effray export`` does, then timed beside the teacher's file on
+    the same runtime. Behaviour only: on a shared machine no speed is asserted."""
+    import effray.deploy  # noqa: F401  (registers the probe with the search)
+
+    spec = DeploySpec("openvino", (), 1, 16, 3)
+    probe = deploy_probe(spec, str(teacher), str(tiny_cifar), str(tmp_path / "teacher-files"))
+    t = probe.teacher
+    assert (t["deploy"], t["deploy_kind"], t["runtime"], t["batch_N"], t["latency_threads"]) == (
+        "openvino",
+        "openvino",
+        "openvino",
+        16,
+        1,
+    )
+    assert t["deployed_latency_ms_b1"] > 0 and t["deployed_img_s_bN"] > 0 and t["latency_cpu"].startswith("cpu")
+    trial = tmp_path / "trial"
+    shutil.copytree(artifact, trial)
+    row = probe.measure(str(trial), str(tiny_cifar))
+    assert row["runtime"] == "openvino" and row["deploy_agreement"] >= 0.999 and "deploy_error" not in row
+    assert row["speedup_b1"] == pytest.approx(row["teacher_latency_ms_b1"] / row["latency_ms_b1"])
+    assert row["speedup_bN"] == pytest.approx(row["img_s_bN"] / row["teacher_img_s_bN"])
+    assert row["slower_than_teacher"] == (row["speedup_b1"] < 1 or row["speedup_bN"] < 1)
+    assert (trial / "export" / "model.xml").is_file() and (trial / "export" / SIDECAR).is_file()
+    probe.close()

@@ -169,4 +169,6 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     }
     assert all((Path(e["dir"]) / "deploy.json").is_file() for e in summary["exports"].values()), said
     assert "effray serve --model" in second.stdout  # the summary names the pick's serve command
+    # the front's latencies: each exported file on ONNX Runtime against the teacher's file there
+    assert "x b1" in second.stdout and "latency: the exported files on onnxruntime" in second.stdout, said
     assert {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))} == stamps

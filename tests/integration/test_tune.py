@@ -89,6 +89,8 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
             "none",
             "--cpus-per-trial",
             "0.5",
+            "--deploy",
+            "off",  # the deployed latency is the pareto search's to check
             "--storage",
             str(storage),
             "--name",
@@ -335,6 +337,13 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
         assert f["ratio_corruption_accuracy_drop_points"] == pytest.approx(
             100 * (teacher_scores["corruption_accuracy"] - f["corruption_accuracy"])
         )
+        # --deploy auto: the final artifact exported (ONNX here), checked, and timed beside the
+        # teacher's fp32 file on the same runtime; latency_ms is that file's (the eager module's kept apart)
+        if "deploy_error" not in f:  # a diverged fine-tune's file may fail its parity check: the row says why
+            assert f["runtime"] == teacher_scores["runtime"] == "onnxruntime" and f["latency_ms"] == f["latency_ms_b1"]
+            assert f["speedup_b1"] == pytest.approx(f["teacher_latency_ms_b1"] / f["latency_ms_b1"])
+            assert f["slower_than_teacher"] == (f["speedup_b1"] < 1 or f["speedup_bN"] < 1)
+            assert f["eager_latency_ms"] > 0 and f["batch_N"] == teacher_scores["batch_N"] == 256
     assert main(["report", "--experiment", str(experiment), "--max-size-kb", "200", "--objective", "robustness"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     finals = [r for rows in results.values() for r in rows if r.get("final")]

@@ -85,6 +85,58 @@ def _driver(cluster, *args: str):
     )
 
 
+def test_latency_on_times_on_the_labelled_nodes_and_a_label_no_node_has_fails_in_one_line(
+    cluster, tiny_cifar, teacher, tmp_path
+):
+    """``--latency-on effray_node_1,effray_node_2``: the teacher and a trial's file are timed
+    by actors on exactly the two nodes that offer those resources (one set of columns each,
+    the first target's unsuffixed); a resource no node offers stops ``tune`` in one line
+    before any trial. First in the module: the labelled nodes are all still alive."""
+    import shutil
+
+    import ray
+
+    import effray.deploy  # noqa: F401  (registers the probe with the search)
+    from effray.search.deployed import DeploySpec, deploy_probe
+
+    targets = ("effray_node_1", "effray_node_2")
+    node_of = {t: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(t)) for t in targets}
+    assert len(set(node_of.values())) == 2 and cluster.head not in node_of.values()
+    probe = deploy_probe(DeploySpec("onnx", targets, 1, 8, 3), str(teacher), str(tiny_cifar), str(tmp_path / "t"))
+    try:
+        assert all(probe.teacher[f"latency_node@{t}"] == node_of[t] for t in targets), probe.teacher
+        trial = tmp_path / "trial"
+        shutil.copytree(teacher, trial)
+        row = probe.measure(str(trial), str(tiny_cifar))
+    finally:
+        probe.close()
+    assert "deploy_error" not in row and row["runtime"] == "onnxruntime", row
+    for t in targets:
+        assert row[f"latency_node@{t}"] == node_of[t] and row[f"latency_ms_b1@{t}"] > 0 and row[f"img_s_bN@{t}"] > 0
+        assert row[f"speedup_b1@{t}"] == pytest.approx(row[f"teacher_latency_ms_b1@{t}"] / row[f"latency_ms_b1@{t}"])
+    assert row["latency_ms_b1"] == row["latency_ms_b1@effray_node_1"] and row["latency_node"] == node_of[targets[0]]
+    rc, _, err = cli(
+        "tune",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(tiny_cifar),
+        "--latency-on",
+        "effray_node_1,gpu_box",
+        "--search",
+        "grid",
+        "--robust-images",
+        "0",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "unlabelled",
+        "--no-wandb",
+    )
+    assert rc == 2 and err.count("\n") == 1 and "no node of this cluster offers resource 'gpu_box'" in err, err
+    assert not list((tmp_path / "runs" / "unlabelled").glob("trial_*"))  # no trial ran
+
+
 def test_pipeline_stages_on_two_nodes(cluster, tiny_cifar, tmp_path):
     rc, result, err = cli(
         "train",
@@ -362,6 +414,8 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
         "2",
         "--max-failures",
         "2",
+        "--deploy",
+        "off",  # no export per trial: this search is about a node's death
         "--storage",
         str(tmp_path / "runs"),
         "--name",

@@ -1,0 +1,207 @@
+"""The search's deployed latency (:class:`effray.search.deployed.DeployProbe`), done the way
+``effray export`` exports and :mod:`effray.deploy.latency` times: registered with the
+search when :mod:`effray.deploy` is imported.
+
+On the driver, :func:`prepare_probe` resolves ``--deploy auto`` (int8 only where the
+target's CPU has VNNI/AMX: without them the int8 kernels sum pairs in int16 and are no
+faster than fp32), finds a node for every ``--latency-on`` resource (one line when none
+offers it) and starts a :class:`~effray.deploy.latency.LatencyActor` there, then exports
+the teacher in its best fp32 form for that runtime (BN folded; the runtime's own graph
+optimisations when it loads it) and times it. In each trial, :meth:`ExportedProbe.measure`
+exports the artifact as ``effray export`` does, parity check included, and times the file
+beside the teacher's on every target, so every speed-up is runtime against runtime, taken
+in one run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from effray.config import require, validated
+from effray.deploy.config import ExportConfig
+from effray.deploy.export import export
+from effray.deploy.latency import ExportedFile, Measured, read_export, start_actor, time_exports, where
+from effray.deploy.runtimes import RUNTIME_OF
+from effray.errors import EffrayError
+from effray.search.deployed import PROBES, DeployProbe, DeploySpec
+
+# --deploy kind -> (effray export --format, --int8, the file that is timed)
+PLANS = {
+    "onnx": ("onnx", False, "onnx"),
+    "onnx-int8": ("onnx", True, "onnx-int8"),
+    "pt2": ("torch", False, "torch"),
+    "pt2-int8": ("torch", True, "torch-int8"),
+    "openvino": ("openvino", False, "openvino"),
+    "openvino-int8": ("openvino", True, "openvino-int8"),
+}
+
+
+def resolve_kind(kind: str, int8_native: bool) -> tuple[str, str]:
+    """``(kind, why)``: ``auto`` becomes the fastest deployable form for the target CPU."""
+    if kind != "auto":
+        why = "" if int8_native or not kind.endswith("int8") else "int8 asked for on a CPU without VNNI/AMX"
+        return kind, why
+    if int8_native:
+        return "onnx-int8", "auto: ONNX Runtime int8 (the target CPU has VNNI/AMX)"
+    return "onnx", "auto: ONNX Runtime fp32 (no VNNI/AMX on the target CPU: its int8 kernels sum pairs in int16)"
+
+
+def check_runtime(kind: str) -> None:
+    """One line when the runtime of ``kind`` is not installed here."""
+    if RUNTIME_OF[PLANS[kind][2]] == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise EffrayError(f"--deploy {kind} needs OpenVINO: pip install openvino") from None
+
+
+@dataclass
+class ExportedProbe(DeployProbe):
+    """Ready on the driver; travels to every trial (the actors' handles with it)."""
+
+    spec: DeploySpec
+    kind: str  # resolved
+    why: str  # why this kind (auto's choice, or int8 without native kernels); '' = as asked
+    reduce_range: bool  # int8 kept within what a CPU without VNNI sums exactly (some target lacks it)
+    teacher_file: ExportedFile
+    actors: dict[str, Any] = field(default_factory=dict)  # target -> LatencyActor handle; {} = in-process
+    teacher: dict[str, Any] = field(default_factory=dict)
+
+    def timed(self, files: list[ExportedFile]) -> dict[str, Measured]:
+        """``files`` timed together on every target (the targets at once: they are other nodes)."""
+        s = self.spec
+        if not self.actors:
+            return {s.names[0]: time_exports(files, s.threads, s.batch, s.repeats)}
+        import ray
+
+        refs = {t: a.time.remote(files, s.threads, s.batch, s.repeats) for t, a in self.actors.items()}
+        return {t: ray.get(r) for t, r in refs.items()}
+
+    def measure(self, artifact_dir: str, data: str) -> dict[str, Any]:
+        fmt, int8, kind = PLANS[self.kind]
+        out = Path(artifact_dir) / "export"
+        started = time.perf_counter()
+        base = {"deploy": self.kind, "runtime": RUNTIME_OF[kind]}
+        try:
+            summary = export(
+                validated(
+                    ExportConfig(
+                        artifact=str(artifact_dir),
+                        format=fmt,
+                        int8=int8,
+                        data=data,
+                        out=str(out),
+                        int8_reduce_range="on" if self.reduce_range else "off",
+                    )
+                )
+            )
+        except EffrayError as exc:  # not deployable on this runtime: the row says why, the search goes on
+            return {**base, "deploy_error": str(exc)}
+        except (ValueError, RuntimeError) as exc:  # e.g. a diverged fine-tune's NaN quantizer grids: likewise
+            return {**base, "deploy_error": f"not exportable: {type(exc).__name__}: {exc}"}
+        exported = time.perf_counter() - started
+        fields = row_fields(self.timed([self.teacher_file, read_export(out, kind)]), self.spec)
+        return {
+            **base,
+            **fields,
+            "deploy_agreement": summary["parity"][kind]["agreement"],
+            "deploy_export_s": exported,
+        }
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors = {}
+
+
+def row_fields(by_target: dict[str, Measured], spec: DeploySpec) -> dict[str, Any]:
+    """A trial's latency fields from runs that timed (teacher, student): the first target's
+    unsuffixed, and with ``--latency-on`` every target's as ``<field>@<target>``."""
+    out: dict[str, Any] = {}
+    for i, (target, m) in enumerate(by_target.items()):
+        teacher, student = m.timings
+        f = {
+            "latency_ms_b1": student.latency_ms_b1,
+            "img_s_bN": student.img_s_bN,
+            "speedup_b1": teacher.latency_ms_b1 / student.latency_ms_b1,
+            "speedup_bN": student.img_s_bN / teacher.img_s_bN,
+            "teacher_latency_ms_b1": teacher.latency_ms_b1,
+            "teacher_img_s_bN": teacher.img_s_bN,
+            "latency_node": m.node,
+        }
+        f["slower_than_teacher"] = f["speedup_b1"] < 1.0 or f["speedup_bN"] < 1.0
+        if i == 0:
+            out.update(f, latency_cpu=m.cpu, latency_threads=m.threads, batch_N=m.batch)
+        if spec.targets:
+            out.update({f"{k}@{target}": v for k, v in f.items()})
+    return out
+
+
+def teacher_fields(by_target: dict[str, Measured], spec: DeploySpec, kind: str) -> dict[str, Any]:
+    """The teacher's latency on the runtime, for ``teacher.json`` and the MAC-scaled estimate."""
+    first = next(iter(by_target.values()))
+    out: dict[str, Any] = {
+        "deploy_kind": kind,
+        "runtime": first.timings[0].runtime,
+        "deployed_latency_ms_b1": first.timings[0].latency_ms_b1,
+        "deployed_img_s_bN": first.timings[0].img_s_bN,
+        "batch_N": first.batch,
+        "latency_threads": first.threads,
+        "latency_cpu": first.cpu,
+        "latency_node": first.node,
+    }
+    if spec.targets:
+        for target, m in by_target.items():
+            out.update(
+                {
+                    f"deployed_latency_ms_b1@{target}": m.timings[0].latency_ms_b1,
+                    f"deployed_img_s_bN@{target}": m.timings[0].img_s_bN,
+                    f"latency_cpu@{target}": m.cpu,
+                    f"latency_node@{target}": m.node,
+                }
+            )
+    return out
+
+
+@PROBES.register("exported")
+def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> ExportedProbe:
+    """The probe for ``spec``: targets found and their actors started, the kind resolved,
+    the teacher exported to ``out_dir`` and timed on every target. Every bad value fails
+    here, in one line, before any trial."""
+    require(spec.kind == "auto" or spec.kind in PLANS, f"--deploy {spec.kind!r}: one of auto, {', '.join(PLANS)}, off")
+    actors: dict[str, Any] = {}
+    ready = False
+    try:
+        import ray
+
+        for t in spec.targets:  # a target no node offers fails here, the ones started before it let go below
+            actors[t] = start_actor(t)
+        places = ray.get([a.where.remote() for a in actors.values()]) if actors else [where()]
+        int8_native = all(p["vnni"] for p in places)
+        kind, why = resolve_kind(spec.kind, int8_native)
+        check_runtime(kind)
+        fmt, _, file_kind = PLANS[kind]
+        teacher_kind = file_kind.removesuffix("-int8")
+        out = Path(out_dir)
+        export(validated(ExportConfig(artifact=teacher, format=fmt, data=data, out=str(out))))
+        teacher_file = read_export(out, teacher_kind)
+        probe = ExportedProbe(spec, kind, why, not int8_native, teacher_file, actors)
+        probe.teacher = {
+            **teacher_fields(probe.timed([teacher_file]), spec, teacher_kind),
+            "deploy": kind,
+            "deploy_why": why,
+            "int8_native": int8_native,
+        }
+        ready = True
+        return probe
+    finally:
+        if not ready:  # failed before it was ready: the actors go with it
+            import ray
+
+            for a in actors.values():
+                ray.kill(a)
