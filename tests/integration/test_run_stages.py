@@ -31,6 +31,7 @@ def test_the_clean_stage_is_kept_on_a_rerun_and_redone_when_its_settings_change(
         "labels": False,
         "drop": "duplicates,leaks",
         "reference": "",
+        "embedder": "pixels",
     }
     stamp = report.stat().st_mtime_ns
     again = clean_stage(plan)

@@ -204,7 +204,7 @@ def _fails(capsys, *args: str) -> str:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--model", "resnet7"], "unknown model 'resnet7'"),
+        (["--model", "resnet7"], "unknown --model 'resnet7'"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--batch-size", "-8"], "--batch-size must be a positive integer"),
         (["--workers", "0"], "--workers must be a positive integer"),

@@ -227,7 +227,8 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     assert len(finals) == 1 and finals[0]["epoch"] == 3 and finals[0]["bytes"] > 0
     # rank 0 measured its final-form weights each epoch: the last is the saved artifact's size
     assert epochs[-1]["bytes_from"] == "weights" and epochs[-1]["predicted_bytes"] == finals[0]["bytes"]
-    assert sorted(os.listdir(experiment / trial_dir / finals[0]["checkpoint_dir_name"])) == ["model.pt"]
+    # the artifact and its deployed export (--deploy auto: exported, parity-checked and timed per trial)
+    assert sorted(os.listdir(experiment / trial_dir / finals[0]["checkpoint_dir_name"])) == ["export", "model.pt"]
     assert not (experiment / trial_dir / "artifact").exists()
     (run,) = [r for r in _wandb_runs(experiment) if r["job_type"] == "trial"]
     assert run["group"] == "ddp" and run["exit_code"] == 0 and run["config"]["workers_per_trial"] == 2

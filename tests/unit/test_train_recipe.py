@@ -77,7 +77,7 @@ def _cfg(**kw) -> TrainConfig:
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"model": "vgg99"}, "unknown model 'vgg99'; valid: airbench, convnet"),
+        ({"model": "vgg99"}, "unknown --model 'vgg99'; valid: airbench, convnet"),
         ({"epochs": 0}, "--epochs must be a positive integer"),
         ({"batch_size": 0}, "--batch-size must be a positive integer"),
         ({"workers": -1}, "--workers must be a positive integer"),
