@@ -115,13 +115,32 @@ class BarRelay:
 
 
 @contextmanager
+def _polling(poll: Callable[[], None], every_s: float, name: str) -> Iterator[None]:
+    """Call ``poll`` every ``every_s`` seconds on a daemon thread while the block runs; the
+    thread is joined before the block's exit goes on."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            poll()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
 def relayed_step_bars(name: str, every_s: float = 0.25) -> Iterator[None]:
     """Within the block, draw here (:class:`StepBars`) what rank 0 posts to the relay actor
     ``name`` (:func:`relay_to`); the actor is created here and goes at the end."""
     import ray
 
     relay = ray.remote(num_cpus=0)(BarRelay).options(name=name, namespace="effray").remote()
-    bars, stop, seen = StepBars(), threading.Event(), 0
+    bars, seen = StepBars(), 0
 
     def poll() -> None:
         nonlocal seen
@@ -132,17 +151,10 @@ def relayed_step_bars(name: str, every_s: float = 0.25) -> Iterator[None]:
         if state is not None:
             bars.show(state)
 
-    def loop() -> None:
-        while not stop.wait(every_s):
-            poll()
-
-    thread = threading.Thread(target=loop, name="effray-step-bar", daemon=True)
-    thread.start()
     try:
-        yield
+        with _polling(poll, every_s, "effray-step-bar"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         bars.close()
         ray.kill(relay)
 
@@ -203,7 +215,6 @@ def follow_jsonl(
     Train run's ``history.jsonl``, written by rank 0), then for any left at the end."""
     path = Path(path)
     offset = path.stat().st_size if path.is_file() else 0
-    stop = threading.Event()
 
     def poll() -> None:
         nonlocal offset
@@ -220,15 +231,8 @@ def follow_jsonl(
             except (ValueError, KeyError, TypeError):
                 continue
 
-    def loop() -> None:
-        while not stop.wait(every_s):
-            poll()
-
-    thread = threading.Thread(target=loop, name="effray-follow", daemon=True)
-    thread.start()
     try:
-        yield
+        with _polling(poll, every_s, "effray-follow"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         poll()
