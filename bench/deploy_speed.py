@@ -37,14 +37,17 @@ def front(run: Path, every: bool) -> tuple[Path, Path, float, pd.DataFrame]:
     table = table if every else table[table["pareto_bytes"]]
     teacher = json.loads((run / "compress" / "teacher.json").read_text())
     data = run / "clean" / "data" if (run / "clean" / "data" / "meta.json").is_file() else run / "data"
-    return run / "teacher" / "teacher", data, float(teacher["accuracy"]), table.sort_values("bytes")
+    checkpoints = sorted((run / "teacher" / "teacher").glob("epoch-*"))  # the teacher's last epoch is the search's
+    if not checkpoints:
+        raise SystemExit(f"no teacher checkpoint under {run / 'teacher' / 'teacher'}: is --run an `effray run` output?")
+    return checkpoints[-1], data, float(teacher["accuracy"]), table.sort_values("bytes")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=None, help="an `effray run` output directory (teacher, search, data)")
     p.add_argument("--teacher", type=Path, default=None, help="with --artifacts and --data: instead of --run")
-    p.add_argument("--artifacts", nargs="*", type=Path, default=[], help="compressed artifacts to time")
+    p.add_argument("--artifacts", nargs="*", type=Path, default=[], help="compressed artifacts' directories to time")
     p.add_argument("--data", type=Path, default=None, help="the prepared dataset the parity checks run on")
     p.add_argument("--all-trials", action="store_true", help="every measured trial, not only the bytes front")
     p.add_argument("--runtimes", default="onnx,openvino,onnx-int8,openvino-int8")
@@ -58,7 +61,7 @@ def main() -> None:
 
     if args.run:
         teacher, data, teacher_acc, rows = front(args.run.resolve(), args.all_trials)
-        models = [(str(r["trial_id"]), Path(r["artifact"]), float(r["accuracy"])) for _, r in rows.iterrows()]
+        models = [(str(r["trial_id"]), Path(r["artifact"]).parent, float(r["accuracy"])) for _, r in rows.iterrows()]
     else:
         assert args.teacher and args.data and args.artifacts, "pass --run, or --teacher, --data and --artifacts"
         teacher, data, teacher_acc = args.teacher, args.data, float("nan")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 
 from effray.atomic import write_json
 from effray.config import validated
@@ -91,45 +92,67 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
     :func:`effray.deploy.export.export`. ``out/exports.json`` records what was done, so a
     re-run keeps an export made from the same artifact (an int8 file that failed its check
     is not retried). A model that fails its check is reported, not fatal (the pick falls
-    back to its fp32 files). Returns ``{trial_id: {"dir", "int8", "error"}}``."""
+    back to its fp32 files). On Ray the models export side by side, one CPU task each (an
+    export is single-threaded tracing: the driver alone would leave the other cores idle).
+    Returns ``{trial_id: {"dir", "int8", "error"}}``."""
     table = pd.read_parquet(results)
     ids = list(dict.fromkeys(list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])))
     state_file = out / "exports.json"
     state: dict[str, dict[str, Any]] = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    done: dict[str, dict[str, Any]] = {}
     progress = bar(len(ids), "export", "model")
+    pending: dict[Any, str] = {}
     for tid in ids:
         artifact = str(Path(table.loc[table["trial_id"] == tid, "artifact"].iloc[0]).resolve())
         dest, int8 = out / tid, tid == pick
         kept = state.get(tid, {})
-        ok = kept.get("artifact") == artifact and (dest / SIDECAR).is_file() and (kept.get("int8_tried") or not int8)
-        if not ok:
-            record = {"dir": str(dest), "int8": False, "error": "", "artifact": artifact, "int8_tried": int8}
-            for attempt in (True, False) if int8 else (False,):
-                try:
-                    export(
-                        validated(
-                            ExportConfig(
-                                artifact=artifact,
-                                format="all",
-                                int8=attempt,
-                                data=str(data_dir),
-                                out=str(dest),
-                                trust_code=True,  # this run's own artifacts, of the preset's models
-                            )
-                        )
-                    )
-                    record.update(int8=attempt, error="")
-                    break
-                except EffrayError as exc:
-                    record.update(int8=False, error=str(exc))
-            state[tid] = record
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(state_file, state)
-        done[tid] = {k: state[tid][k] for k in ("dir", "int8", "error")}
+        if kept.get("artifact") == artifact and (dest / SIDECAR).is_file() and (kept.get("int8_tried") or not int8):
+            progress.update(1)
+        elif ray.is_initialized():
+            pending[_export_task.remote(artifact, dest, int8, data_dir)] = tid
+        else:
+            _record(state, state_file, tid, export_model(artifact, dest, int8, data_dir))
+            progress.update(1)
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        _record(state, state_file, pending.pop(ref), ray.get(ref))
         progress.update(1)
     progress.close()
-    return done
+    return {tid: {k: state[tid][k] for k in ("dir", "int8", "error")} for tid in ids}
+
+
+def export_model(artifact: str, dest: Path, int8: bool, data_dir: Path) -> dict[str, Any]:
+    """One front model exported (int8 first when asked, fp32 if that fails its check): the
+    record ``exports.json`` keeps of it."""
+    record = {"dir": str(dest), "int8": False, "error": "", "artifact": artifact, "int8_tried": int8}
+    for attempt in (True, False) if int8 else (False,):
+        try:
+            export(
+                validated(
+                    ExportConfig(
+                        artifact=artifact,
+                        format="all",
+                        int8=attempt,
+                        data=str(data_dir),
+                        out=str(dest),
+                        trust_code=True,  # this run's own artifacts, of the preset's models
+                    )
+                )
+            )
+            return {**record, "int8": attempt, "error": ""}
+        except EffrayError as exc:
+            record.update(int8=False, error=str(exc))
+    return record
+
+
+_export_task = ray.remote(num_cpus=1)(export_model)
+
+
+def _record(state: dict[str, dict[str, Any]], state_file: Path, tid: str, record: dict[str, Any]) -> None:
+    """One finished export into ``exports.json``, written as each one finishes (a re-run after
+    a kill keeps those)."""
+    state[tid] = record
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(state_file, state)
 
 
 def most_accurate(results: str | os.PathLike) -> str | None:
