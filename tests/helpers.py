@@ -1,5 +1,6 @@
 """Helpers the tests share (tests/ is on sys.path through its conftest): the real ``effray``
-CLI run in-process, an offline wandb run read back, and a Tune experiment's trial reports. Not in conftest.py: a second
+CLI run in-process, an offline wandb run read back, a Tune experiment's trial reports, and
+an HTTP call to a served model with a PNG. Not in conftest.py: a second
 conftest (tests/fake_cuda) would shadow ``from conftest import ...``."""
 
 from __future__ import annotations
@@ -7,7 +8,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from effray.cli import main
 
@@ -124,3 +130,27 @@ def two_trial_tune(tmp_path: Path, teacher: Path, data: Path, name: str, *flags:
         "off",  # no export per trial: these searches check other things (a flag in flags wins)
         *flags,
     )
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def call(
+    url: str, path: str, body: bytes | None = None, content_type: str = "image/png", chunked: bool = False
+) -> tuple[int, dict]:
+    """(status, JSON body) of one request; ``chunked`` sends the body without a Content-Length."""
+    data = iter([body[i : i + 4096] for i in range(0, len(body), 4096)]) if chunked and body else body
+    req = urllib.request.Request(
+        url + path,
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": content_type} if body is not None else {},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

@@ -7,17 +7,13 @@ answer says so, and every kind of bad request gets its 4xx while the server keep
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
-from helpers import cli
-from PIL import Image
+from helpers import call, cli, png
 
 from effray.cluster import free_port
 from effray.data.arrays import load_arrays
@@ -32,30 +28,6 @@ MAX_REQUEST_BYTES = 32 << 10  # a 32x32 PNG is ~3 KB, 4 of them in base64 JSON ~
 MAX_IMAGES = 4
 MAX_PIXELS = 4_000_000
 BATCH = 8
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def call(
-    url: str, path: str, body: bytes | None = None, content_type: str = "image/png", chunked: bool = False
-) -> tuple[int, dict]:
-    """(status, JSON body) of one request; ``chunked`` sends the body without a Content-Length."""
-    data = iter([body[i : i + 4096] for i in range(0, len(body), 4096)]) if chunked and body else body
-    req = urllib.request.Request(
-        url + path,
-        data=data,
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": content_type} if body is not None else {},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import cli
-from test_serve import call, png
+from helpers import call, cli, png
 
 from effray.cluster import free_port
 from effray.data.arrays import load_arrays
