@@ -52,6 +52,7 @@ from effray.atomic import replace_dir, temp_sibling
 from effray.compress.int8 import activation_grids, weight_steps
 from effray.compress.program import export_program, float_twin
 from effray.config import require
+from effray.console import say
 from effray.data.arrays import prepared_batches
 from effray.data.augment import preprocess
 from effray.data.prepare import load_meta
@@ -234,7 +235,16 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         for kind in cfg.kinds:
             path = tmp / EXPORT_FILES[kind]
             t = time.perf_counter()
-            kept = write_export(kind, path, src, cfg.reduce_range, cfg.calib_batches)
+            try:
+                kept = write_export(kind, path, src, cfg.reduce_range, cfg.calib_batches)
+            except EffrayError as exc:
+                if kind != "torch-int8":
+                    raise
+                # PT2E can't lower every graph (a torchvision ResNet's residual adds): the ONNX and
+                # OpenVINO int8 files don't depend on it, so they are still written, and the reason is kept
+                int8_info.setdefault("skipped", {})[kind] = str(exc)
+                say(f"[effray export] {kind} skipped: {exc}")
+                continue
             if kept is not None:
                 pinned[kind] = kept
             seconds[f"{kind}_write_s"] = time.perf_counter() - t

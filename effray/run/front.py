@@ -88,7 +88,7 @@ def latency_line(teacher: dict[str, Any] | None) -> str:
 
 def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
     """Export every model on the accuracy-vs-bytes front (and the budget pick, with its int8
-    files) to ``out/<trial_id>`` as ``.pt2`` + ONNX, each parity-checked by
+    files) to ``out/<trial_id>`` as ``.pt2``, ONNX and OpenVINO, each parity-checked by
     :func:`effray.deploy.export.export`. ``out/exports.json`` records what was done, so a
     re-run keeps an export made from the same artifact (an int8 file that failed its check
     is not retried). A model that fails its check is reported, not fatal (the pick falls
@@ -100,22 +100,25 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
     state_file = out / "exports.json"
     state: dict[str, dict[str, Any]] = json.loads(state_file.read_text()) if state_file.is_file() else {}
     progress = bar(len(ids), "export", "model")
-    pending: dict[Any, str] = {}
+    todo: list[tuple[str, str, Path, bool]] = []
     for tid in ids:
         artifact = str(Path(table.loc[table["trial_id"] == tid, "artifact"].iloc[0]).resolve())
         dest, int8 = out / tid, tid == pick
         kept = state.get(tid, {})
         if kept.get("artifact") == artifact and (dest / SIDECAR).is_file() and (kept.get("int8_tried") or not int8):
             progress.update(1)
-        elif ray.is_initialized():
-            pending[_export_task.remote(artifact, dest, int8, data_dir)] = tid
         else:
+            todo.append((tid, artifact, dest, int8))
+    if ray.is_initialized() and len(todo) > 1:  # one model alone: a task's fresh worker would only add start-up
+        pending = {_export_task.remote(artifact, dest, int8, data_dir): tid for tid, artifact, dest, int8 in todo}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            _record(state, state_file, pending.pop(ref), ray.get(ref))
+            progress.update(1)
+    else:
+        for tid, artifact, dest, int8 in todo:
             _record(state, state_file, tid, export_model(artifact, dest, int8, data_dir))
             progress.update(1)
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        _record(state, state_file, pending.pop(ref), ray.get(ref))
-        progress.update(1)
     progress.close()
     return {tid: {k: state[tid][k] for k in ("dir", "int8", "error")} for tid in ids}
 
