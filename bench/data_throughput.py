@@ -16,8 +16,8 @@
     best-of-epochs figure) are printed beside (a) and (a').
 
 effray decodes the split once into the object store when it fits (CIFAR: 150 MB) and runs
-the random ops fresh every epoch. Also prints the peak memory (PSS) of this process and all
-Ray processes while streaming from Parquet (``cache_decoded=False``, the path for data
+the random ops fresh every epoch. Also prints the peak memory (PSS) of this process and the
+Ray processes it started while streaming from Parquet (``cache_decoded=False``, the path for data
 bigger than the object store) 1× and 4× the data, each on its second pass (the first warms
 the worker processes): streaming should keep it flat. The last lines are the ratios of
 effray's cached split to each baseline: ``ratio_vs_png_dataloader``,
@@ -127,7 +127,9 @@ def torch_dataloader_rate(dataset: torch.utils.data.Dataset, batch_size: int, ep
 
 
 class PeakMemory:
-    """Samples the summed PSS of this process and every Ray process on the machine."""
+    """Samples the summed PSS of this process and every process it started (the local Ray's
+    GCS, raylet and workers descend from the driver that started it): another job's Ray on
+    the same machine is not counted."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -135,11 +137,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _rss(pid: str) -> int:
+    def _pss(pid: int) -> int:
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if int(pid) != os.getpid() and b"ray" not in cmd:
-                return 0
             # PSS, not RSS: the object store's shared pages would be counted once per process
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -148,10 +147,28 @@ class PeakMemory:
             pass
         return 0
 
+    @staticmethod
+    def _family() -> set[int]:
+        """This process and its descendants, from each process's parent in /proc/PID/stat."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+                children.setdefault(ppid, []).append(int(entry))
+        family, todo = set(), [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            family.add(pid)
+            todo.extend(children.get(pid, []))
+        return family
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(self._rss(p) for p in os.listdir("/proc") if p.isdigit())
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, sum(self._pss(p) for p in self._family()))
             time.sleep(0.2)
 
     def __enter__(self) -> PeakMemory:

@@ -7,7 +7,7 @@ ImageNet's training augmentation (``random_resized_crop(224)|flip``) in Ray Data
 the normalisation in this process. The same stream then runs over 4x the rows (the split
 linked four times). Each size streams twice and the second pass is measured (the first
 warms the worker processes), as in ``bench/data_throughput.py``, whose :class:`PeakMemory`
-(PSS of this process and every Ray process) it uses. The last lines are the ratios: peak
+(PSS of this process and the Ray processes it started) it uses. The last lines are the ratios: peak
 memory 4x / 1x (flat = bounded) and images/s 4x / 1x.
 
 It also prints what the decoded split would take in the object store at each size against
