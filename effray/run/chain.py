@@ -14,7 +14,7 @@ from effray.config import require
 from effray.console import say
 from effray.data.prepare import load_meta, prepare
 from effray.errors import EffrayError
-from effray.run.front import export_front, front_table, latency_line, most_accurate
+from effray.run.front import export_front, front_table, latency_line, most_accurate, target_lines
 from effray.run.plan import RunConfig, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
@@ -108,7 +108,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; * the most accurate"
         f"{f' within {cfg.max_size_kb:g} KB' if cfg.max_size_kb else ''}):"
     )
-    for line in front_table(results, searched.get("teacher"), pick):
+    for line in front_table(results, searched.get("teacher"), pick) + target_lines(results):
         say(line)
     if latency_line(searched.get("teacher")):
         say(f"[effray run] {latency_line(searched.get('teacher'))}")

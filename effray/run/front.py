@@ -72,6 +72,23 @@ def front_table(
     return lines
 
 
+def target_lines(results: str | os.PathLike) -> list[str]:
+    """One line per ``--latency-on`` target after the first (whose speed-ups are the
+    table's): each front model's speed-ups at batch 1 and batch N against the teacher's
+    file on that target."""
+    table = pd.read_parquet(results)
+    front = table[table["pareto_bytes"]].sort_values("bytes")
+    targets = [c.split("@", 1)[1] for c in table.columns if c.startswith("speedup_b1@")]
+    lines = []
+    for target in targets[1:]:
+        cells = [
+            f"{r['trial_id']} {r[f'speedup_b1@{target}']:.2f}x/{r.get(f'speedup_bN@{target}', float('nan')):.2f}x"
+            for _, r in front.iterrows()
+        ]
+        lines.append(f"  on {target} (x b1 / x bN against the teacher there): {', '.join(cells)}")
+    return lines
+
+
 def latency_line(teacher: dict[str, Any] | None) -> str:
     """What the table's latency columns were measured on: the runtime, its threads, the
     batches, the teacher's own figures there and the CPU ('' when the search did not deploy)."""

@@ -23,7 +23,7 @@ from effray.deploy.probe import resolve_kind, row_fields
 from effray.deploy.runtimes import openvino_model, ort_session
 from effray.deploy.writers import write_onnx, write_openvino
 from effray.models import build_model
-from effray.run.front import front_table
+from effray.run.front import front_table, target_lines
 from effray.search.aggregate import write_report
 from effray.search.deployed import DeploySpec
 
@@ -143,7 +143,12 @@ def test_the_front_table_and_the_report_mark_a_model_slower_than_the_teacher(tmp
         batch_N=256,
         runtime="onnxruntime",
         img_s_bN=[9e3, 2e3],
-        **{"latency_ms_b1@edge": [0.1, 0.05]},  # a second --latency-on target, where "slow" is the faster
+        **{  # two --latency-on targets: the table's (first) and edge, where "slow" is the faster
+            "speedup_b1@inference": [2.0, 0.5],
+            "speedup_b1@edge": [1.0, 2.0],
+            "speedup_bN@edge": [1.5, 2.5],
+            "latency_ms_b1@edge": [0.1, 0.05],
+        },
     )
     teacher = {
         "accuracy": 0.66,
@@ -166,6 +171,10 @@ def test_the_front_table_and_the_report_mark_a_model_slower_than_the_teacher(tmp
     (slow,) = [ln for ln in lines if "slow " in ln]
     assert slow.startswith(" *") and slow.rstrip().endswith("slower") and "0.50x" in slow
     assert "slower" not in fast and "2.00x" in fast and "3.00x" in fast
+    # the first target's speed-ups are the table's; each further target gets one line
+    assert target_lines(tmp_path / "results.parquet") == [
+        "  on edge (x b1 / x bN against the teacher there): fast 1.00x/1.50x, slow 2.00x/2.50x"
+    ]
     table = pd.read_parquet(tmp_path / "results.parquet").set_index("trial_id")
     assert table["pareto_latency_ms"].all()  # one front per target: both here, "slow" alone on edge
     assert table["pareto_latency_ms_b1@edge"].to_dict() == {"slow": True, "fast": False}
