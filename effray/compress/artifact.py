@@ -14,7 +14,10 @@ nothing but data is unpickled. The file is the packed weights plus a few KB. It 
 * ``blob``: the encoded tensors; ``codec="lzma"`` compresses it, the entropy-coding
   stage of Deep Compression (Han et al. 2016);
 * ``method`` (prune kind/rate/sparsity, bits per layer, KD), ``config``, ``teacher``
-  (path and sha256), ``data`` (normalisation, for ``effray evaluate``), provenance.
+  (path and sha256), ``data`` (normalisation, for ``effray evaluate``), provenance;
+* ``temperature``: the post-hoc temperature T fitted when the artifact was measured
+  (:func:`record_temperature`); deployment's probabilities are ``softmax(logits / T)``.
+  Always a float (1.0 until fitted), so recording it leaves the file's size as predicted.
 
 The format is registered with the checkpoint loader, so ``load_checkpoint`` and
 ``effray evaluate`` open artifacts like any checkpoint.
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from effray import __version__
+from effray.atomic import write_file
 from effray.compress.fakequant import LEARNED_STEP_BELOW, QUANT_TYPES, ActQuant, layer_args, make_layer
 from effray.compress.pack import (
     decode_codes,
@@ -236,6 +240,7 @@ def artifact_payload(
     teacher: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
     codec: str = "none",
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """The artifact as a dict (what :func:`save_artifact` writes)."""
     spec = getattr(model, "spec", None)
@@ -262,6 +267,7 @@ def artifact_payload(
         "teacher": plain(teacher or {}),
         "data": plain(data or {}),
         "provenance": {"effray_version": __version__, "torch": str(torch.__version__)},
+        "temperature": float(temperature),
     }
 
 
@@ -342,6 +348,29 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, **meta: Any) -
     """Write ``directory/model.pt`` atomically; returns its path. ``meta``: see
     :func:`artifact_payload`. Its size on disk is the size we report."""
     return save_payload(directory, artifact_payload(model, **meta))
+
+
+def temperature_of(payload: dict[str, Any]) -> float:
+    """The temperature a checkpoint or artifact records; 1.0 (logits as they are) for a file
+    from before temperatures were recorded, or one that never had one fitted."""
+    t = float(payload.get("temperature", 1.0))
+    if not (t > 0 and t < float("inf")):
+        raise EffrayError(f"checkpoint records temperature {t}; it must be a positive number (re-measure the artifact)")
+    return t
+
+
+def record_temperature(path: str | os.PathLike, temperature: float) -> Path:
+    """Write ``temperature`` into the artifact at ``path`` (atomically, as it was saved):
+    T is fitted when the saved file is measured, after it was written. A float replacing
+    a float, so the file keeps its size to the byte."""
+    payload = read_payload(path)
+    if payload.get("format") != FORMAT:
+        raise EffrayError(f"{path} is a {payload.get('format')!r} checkpoint, not a compressed artifact ({FORMAT})")
+    t = float(temperature)
+    if not (t > 0 and t < float("inf")):
+        raise EffrayError(f"temperature must be a positive number, got {temperature}")
+    payload = {**payload, "temperature": t}
+    return write_file(checkpoint_file(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_artifact(

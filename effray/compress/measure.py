@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from effray.compress.fakequant import ActQuant, WeightQuant
 from effray.compress.layers import model_device
 from effray.compress.quantize import dequantize, is_quantized
-from effray.metrics import classification_metrics, score_batches
+from effray.metrics import classification_metrics, scaled_calibration, score_batches
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -120,16 +120,20 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
 def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
     """``accuracy`` and ``eval_images`` (as :func:`accuracy`) and what accuracy hides, from
     the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
-    (:func:`effray.metrics.classification_metrics`). The logits stay on the model's device
+    (:func:`effray.metrics.classification_metrics`), and the temperature fitted on these
+    logits with the ``ece_scaled`` and ``nll_scaled`` it gives
+    (:func:`effray.metrics.scaled_calibration`). The logits stay on the model's device
     until the pass ends, then go to the host once."""
     m = scored(model, batches, keep_logits=True)
     if not m["count"]:
         return {"accuracy": float("nan"), "eval_images": 0}
-    c = classification_metrics(m["logits"], m["labels"], [str(i) for i in range(m["logits"].shape[1])])
+    names = [str(i) for i in range(m["logits"].shape[1])]
+    c = classification_metrics(m["logits"], m["labels"], names)
     return {
         "accuracy": m["accuracy"],
         "eval_images": m["count"],
         **{k: c[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")},
+        **scaled_calibration(m["logits"], m["labels"], names),
     }
 
 

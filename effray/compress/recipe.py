@@ -20,6 +20,7 @@ setup both share. The steps are free functions in :mod:`effray.compress.steps` a
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effray.compress.artifact import load_artifact, save_artifact
+from effray.compress.artifact import load_artifact, record_temperature, save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.distill import freeze_teacher
 from effray.compress.int8 import to_int8
@@ -51,6 +52,7 @@ from effray.compress.steps import (
     save_student,
 )
 from effray.errors import EffrayError
+from effray.train.checkpoint import checkpoint_file
 from effray.train.parallel import make_strategy, prepare_model
 from effray.train.recipe import Hooks, Plan, Run, run_recipe
 from effray.train.session import EpochEnd, LocalSession, Session
@@ -228,7 +230,9 @@ def measure_artifact(
     out: str | Path, cfg: CompressConfig, calib: Batches, evals: Batches, teacher_metrics: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The artifact in ``out`` loaded and measured (the file, not the in-memory model), with
-    its int8 runtime (calibrated on the CPU ``calib``) when ``cfg.int8``: ``(metrics, payload)``."""
+    its int8 runtime (calibrated on the CPU ``calib``) when ``cfg.int8``: ``(metrics, payload)``.
+    The temperature fitted on ``evals``' logits in that pass is recorded in the file (its
+    size unchanged), so its exports and deployments scale their probabilities by it."""
     loaded, payload = load_artifact(out, trust_code=True)  # written by this run from a teacher it loaded
     int8, skipped = None, ""
     if cfg.int8:
@@ -237,6 +241,10 @@ def measure_artifact(
         except EffrayError as exc:  # a graph PT2E can't lower: measured without it, and said why
             skipped = str(exc)
     metrics = measure(loaded, evals, artifact=out, int8_model=int8, teacher=teacher_metrics)
+    if "temperature" in metrics:
+        record_temperature(out, metrics["temperature"])
+        payload = {**payload, "temperature": metrics["temperature"]}
+        metrics["bytes"] = os.path.getsize(checkpoint_file(out))
     return ({**metrics, "int8_skipped": skipped} if skipped else metrics), payload
 
 

@@ -259,5 +259,6 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
         "size_ratio": ratios.get("size_ratio"),
         "macs_ratio": ratios.get("macs_ratio"),
         "accuracy_drop_points": ratios.get("accuracy_drop_points"),
+        **{k: student.get(k) for k in ("ece", "temperature", "ece_scaled")},  # T: recorded in the artifact
         "workers": rc.workers,
     }

@@ -26,7 +26,7 @@ from effray.config import require, to_dict
 from effray.console import say
 from effray.deploy.config import PredictConfig
 from effray.deploy.inputs import NO_LABEL, Inputs, plan_inputs
-from effray.deploy.model import load_deployable, softmax
+from effray.deploy.model import load_deployable
 from effray.errors import EffrayError
 
 # ------------------------------------------------------------------ the model actor
@@ -52,7 +52,7 @@ class Classifier:
         started = time.perf_counter()
         if ok.any():
             logits = self.deployable.logits(batch["image"][ok])
-            probs = softmax(logits)
+            probs = self.deployable.calibrated(logits)
             order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
             top[ok], top_p[ok] = order, np.take_along_axis(probs, order, axis=1)
         seconds = time.perf_counter() - started

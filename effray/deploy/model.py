@@ -6,6 +6,10 @@ NHWC images to float32 logits with the normalisation and numerics the model was 
 with, and a :class:`ModelInfo` with the classes, image shape and provenance a server or a
 batch job reports. Exported models carry that information in a ``deploy.json`` sidecar
 (:func:`write_sidecar`), since a ``.pt2`` or ``.onnx`` file holds only the graph.
+
+Its probabilities are ``softmax(logits / T)`` with the temperature T an artifact records
+(post-hoc temperature scaling, fitted when it was measured; 1 for a file without one):
+the confidence it reports is the calibrated one, its logits and top-1 unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 from effray.atomic import write_json
 from effray.compress.artifact import FORMAT as ARTIFACT_FORMAT
+from effray.compress.artifact import temperature_of
 from effray.compress.int8 import lower_x86
 from effray.compress.program import quiet, vnni
 from effray.config import require
@@ -54,6 +59,7 @@ class ModelInfo:
     numerics: dict[str, bool] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     preprocess: str = ""  # what turns an image of any size into image_shape ("": recorded before it was)
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature)
 
     @property
     def num_classes(self) -> int:
@@ -88,7 +94,11 @@ class Deployable:
         return self._forward(np.require(images, np.uint8, requirements=["C", "W"]))  # torch takes no read-only array
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(images)).astype(np.float32)
+        return self.calibrated(self.logits(images)).astype(np.float32)
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities (float64) of logits this model produced: ``softmax(logits / T)``."""
+        return softmax(np.asarray(logits, np.float64) / self.info.temperature)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -162,6 +172,7 @@ def info_from_payload(payload: dict[str, Any], source: str) -> ModelInfo:
         numerics=dict(payload.get("numerics") or {}),
         provenance=provenance,
         preprocess=str(data.get("preprocess") or ""),
+        temperature=temperature_of(payload),
     )
 
 
@@ -268,6 +279,7 @@ def _load_export(p: Path, device: str, kind: str) -> Deployable:
         numerics=dict(sidecar.get("numerics") or {}),
         provenance=dict(sidecar.get("provenance") or {}),
         preprocess=str(sidecar.get("preprocess") or ""),
+        temperature=temperature_of(sidecar),
     )
     if kind.startswith("onnx"):
         return Deployable(info, _onnx_forward(f, info, device), device)

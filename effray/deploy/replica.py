@@ -77,10 +77,15 @@ def decode_request_image(
 
 
 def answer(
-    logits: np.ndarray, classes: list[str], model: dict[str, Any], resized: dict[str, Any] | None = None
+    logits: np.ndarray,
+    classes: list[str],
+    model: dict[str, Any],
+    resized: dict[str, Any] | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """One image's JSON answer from its logits (``resized``: the image was of another size)."""
-    p = softmax(logits)
+    """One image's JSON answer from its logits (``resized``: the image was of another size);
+    its probabilities ``softmax(logits / temperature)``, the model's recorded T."""
+    p = softmax(np.asarray(logits, np.float64) / temperature)
     order = np.argsort(-logits, kind="stable")[:TOP]
     best = int(order[0])
     return {
@@ -105,7 +110,12 @@ class ClassifierServer:
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.deployable = load_deployable(cfg.model, device="auto", kind=cfg.kind, trust_code=cfg.trust_code)
         info = self.deployable.info
-        self.model = {"kind": info.kind, "source": info.source, "provenance": info.provenance}
+        self.model = {
+            "kind": info.kind,
+            "source": info.source,
+            "provenance": info.provenance,
+            "temperature": info.temperature,  # the probabilities are softmax(logits / temperature)
+        }
         self.model_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="effray-model"
         )  # one model call at a time
@@ -135,7 +145,8 @@ class ClassifierServer:
             if route == ("POST", "/predict"):
                 images, resized, batched = await self.read_images(request)
                 logits = await asyncio.gather(*(self.infer(img) for img in images))
-                answers = [answer(z, self.deployable.info.classes, self.model, r) for z, r in zip(logits, resized)]
+                info = self.deployable.info
+                answers = [answer(z, info.classes, self.model, r, info.temperature) for z, r in zip(logits, resized)]
                 self.counts["requests"] += 1
                 self.counts["images"] += len(images)
                 return reply({"predictions": answers} if batched else answers[0])

@@ -6,7 +6,9 @@ Parquet with encoded image bytes + label (the shared ``cifar10-train.parquet`` s
 The checkpoint is opened by :func:`effray.train.checkpoint.load_checkpoint`, which
 dispatches on the payload's ``format``: a compressed artifact evaluates the same way
 (importing :mod:`effray.compress` registers its formats). The clean score runs
-in-process, without Ray: one model, one pass (:func:`effray.metrics.score_batches`).
+in-process, without Ray: one model, one pass (:func:`effray.metrics.score_batches`). An
+artifact records the temperature fitted when it was measured; its ECE and NLL are given
+before and after that T (``ece_scaled``, ``nll_scaled``), T applied as recorded, not refitted.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import torch
 
 import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray.atomic import write_json
+from effray.compress.artifact import temperature_of
 from effray.config import option, require
+from effray.console import say
 from effray.data.arrays import encoded_batches, prepared_batches
 from effray.errors import EffrayError
 from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import parse_severities, robustness
-from effray.metrics import classification_metrics, score_batches, write_figures
+from effray.metrics import classification_metrics, scaled_calibration, score_batches, write_figures
 from effray.models.predict import predict_logits
 from effray.train.checkpoint import load_checkpoint
 
@@ -176,6 +180,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "tta": tta,
         "numerics": payload.get("numerics") or {"bf16": False, "channels_last": False},
     }
+    if "temperature" in payload:  # an artifact: ECE and NLL after its recorded temperature, beside before
+        out.update(scaled_calibration(result["logits"], result["labels"], classes, temperature_of(payload)))
+        say(
+            f"[effray] ECE {out['ece']:.4f} -> {out['ece_scaled']:.4f}, NLL {out['nll']:.4f} -> "
+            f"{out['nll_scaled']:.4f} with the temperature the model records ({out['temperature']:.4g})"
+        )
     if cfg.corruptions:
         out["robustness"] = robustness(
             model,

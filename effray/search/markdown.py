@@ -3,6 +3,8 @@
 The table shows the scores and costs, the Pareto marks, and only the config fields that
 vary between trials; the trials that ended early get their own table, with the rung
 where they were stopped and who dominated them, so a surprising stop can be explained.
+The calibration section reads each front model's and the teacher's ECE before and after
+post-hoc temperature scaling (:func:`effray.metrics.scaled_calibration`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def markdown(
         base = {**teacher, "trial_id": "teacher (fp32)", "size_ratio": 1.0}
         lines += [_row(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else "" for c in cols)]
     lines += [_row(_cell(c, row[c]) for c in cols) for _, row in table.iterrows()]
+    lines += _calibration_section(table, teacher)
     if len(stopped):
         lines += _stopped_section(stopped, cols)
     if max_size_kb or max_latency_ms:
@@ -109,6 +112,33 @@ def _columns(table: pd.DataFrame) -> list[str]:
         and table[c].nunique(dropna=False) > 1
     ]
     return cols
+
+
+def _calibration_section(table: pd.DataFrame, teacher: dict[str, Any] | None) -> list[str]:
+    """ECE and NLL before -> after temperature scaling, with T, for the teacher and every
+    model on a front (all rows when there are no Pareto marks)."""
+    marks = [c for c in table.columns if c.startswith("pareto_")]
+    front = table[table[marks].eq(True).any(axis=1)] if marks else table
+    rows = [("teacher (fp32)", teacher)] if teacher and teacher.get("temperature") is not None else []
+    if "temperature" in front:
+        rows += [(str(r["trial_id"]), r) for _, r in front.iterrows() if pd.notna(r["temperature"])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Calibration: post-hoc temperature scaling",
+        "",
+        "T divides each model's logits before the softmax (Guo et al. 2017): fitted by NLL on the val split, "
+        "and ECE and NLL after it are scored on that same split, so they are optimistic (selection-biased); a "
+        "held-out split would give the honest figure. T moves no prediction, only the confidence. Each front "
+        "model's artifact records its T and its exports' probabilities use it; the teacher's is reported only.",
+        "",
+        *_header(["model", "temperature", "ece before → after", "nll before → after"]),
+    ]
+    for name, r in rows:
+        cells = [f"{_fmt(r.get(a))} → {_fmt(r.get(b))}" for a, b in (("ece", "ece_scaled"), ("nll", "nll_scaled"))]
+        lines.append(_row([name, _fmt(r.get("temperature")), *cells]))
+    return lines
 
 
 def _stopped_section(stopped: pd.DataFrame, cols: list[str]) -> list[str]:

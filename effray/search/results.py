@@ -23,6 +23,8 @@ COSTS = {"bytes": "bytes on disk", "macs": "MACs", "latency_ms": "latency (ms, b
 TARGET_LATENCY = "latency_ms_b1@"  # + a --latency-on target: that target's latency column
 OBJECTIVES = {"accuracy": "accuracy", "robustness": "corruption_accuracy"}  # --objective -> the column it maximises
 BEYOND = ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy")  # what accuracy hides (effray.metrics)
+# post-hoc temperature scaling (effray.metrics.scaled_calibration): T and the ECE/NLL it gives
+CALIBRATION = ("temperature", "ece_scaled", "nll_scaled")
 FINAL_KEY = "final"
 STOPPED_FILE = "stopped.json"  # the pareto scheduler's record of the trials it stopped, and why
 TEACHER_FILE = "teacher.json"  # the teacher's measurement, every ratio's denominator

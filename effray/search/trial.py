@@ -43,6 +43,7 @@ from effray.data.pipeline import DataConfig
 from effray.models.reference import use_factories
 from effray.search.config import METRIC
 from effray.search.context import TrialContext
+from effray.search.results import CALIBRATION
 from effray.search.splits import SharedSplits, trial_data
 from effray.tracking import Tracker, TrackerSettings, make_tracker, stable_run_id
 from effray.train.checkpoint import load_checkpoint, read_payload, save_payload
@@ -176,6 +177,7 @@ def final_metrics(student: dict[str, Any], epochs: int) -> dict[str, Any]:
         "int8_latency_ms": student.get("int8_latency_ms_b1"),
         "int8_speedup_b256": student.get("int8_speedup_b256"),
         **{k: student.get(k) for k in ("macro_f1", "worst_class_recall", "ece", "nll", "corruption_accuracy")},
+        **{k: student.get(k) for k in CALIBRATION},  # T fitted on the val split it is scored on
         **{f"ratio_{k}": v for k, v in student.get("vs_teacher", {}).items()},
         **deployed,
         "epoch": epochs + 1,

@@ -525,6 +525,22 @@ def test_a_trials_final_scoring_keeps_the_logits_on_the_device(fake_cuda):
             logits.cpu()
 
 
+def test_the_temperature_fit_stays_on_the_device_until_its_one_read(fake_cuda):
+    """Post-hoc temperature scaling (``effray.metrics.temperature_tensor``) on a GPU's kept
+    logits: the golden-section search narrows its bracket with ``torch.where`` and drops
+    non-finite rows by weight, not by a mask index, so T is a GPU scalar until it is read."""
+    from effray.metrics import temperature_tensor
+
+    with fake_cuda:
+        logits = torch.randn(24, 10, device=CUDA)
+        labels = torch.randint(0, 10, (24,), device=CUDA)
+        t = temperature_tensor(logits, labels)
+        assert_cuda(t)
+        assert t.shape == () and t.dtype == torch.float64
+        with pytest.raises(HostCopyError):  # the one read, after the fit
+            t.cpu()
+
+
 @pytest.mark.parametrize("recipe", ["unstructured-locked", "qat-4bit"])
 def test_the_per_epoch_size_reads_a_cpu_copy_and_leaves_the_gpu_model_alone(fake_cuda, recipe):
     """``bytes_so_far`` saves a CPU copy of a GPU trial's model each epoch (``_on_cpu``): the

@@ -92,6 +92,10 @@ def test_a_users_own_module_goes_through_every_stage_from_the_python_api(prepare
     rc, evaluated, err = cli("evaluate", "--checkpoint", summary["artifact"], "--data", str(prepared), "--trust-code")
     assert rc == 0, err
     assert evaluated["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-6)
+    # the temperature compress fitted on val, recorded in the artifact, gives evaluate the same scaled ECE
+    assert evaluated["temperature"] == summary["temperature"] and summary["temperature"] > 0
+    assert evaluated["ece_scaled"] == pytest.approx(summary["ece_scaled"], abs=1e-6)
+    assert evaluated["ece"] == pytest.approx(summary["ece"], abs=1e-6)
 
 
 @pytest.mark.slow

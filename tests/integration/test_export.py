@@ -20,9 +20,11 @@ from effray.compress.recipe import compress_local
 from effray.config import validated
 from effray.data.arrays import epoch_batches, eval_batches, load_arrays, prepared_batches
 from effray.data.prepare import load_meta
+from effray.deploy.batch import Classifier
 from effray.deploy.config import ExportConfig
 from effray.deploy.export import check_dataset, export
-from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, open_checkpoint
+from effray.deploy.model import EXPORT_FILES, SIDECAR, load_deployable, open_checkpoint, softmax
+from effray.deploy.replica import answer
 from effray.errors import EffrayError
 from effray.search.deployed import DeploySpec, deploy_probe
 from effray.train.checkpoint import data_summary, load_checkpoint, read_payload, save_payload
@@ -128,13 +130,56 @@ def test_every_format_is_written_checked_and_opens_like_the_artifact(artifact, t
     images = _images(tiny_cifar, "train")
     source = load_deployable(artifact, device="cpu")
     expected = source.logits(images).argmax(1)
+    t = read_payload(artifact)["temperature"]  # fitted on val when the artifact was measured
+    assert sidecar["temperature"] == t == source.info.temperature and t != 1.0
     for kind in kinds:  # the round trip: each file opens by itself and predicts as the check measured
         loaded = load_deployable(out, device="cpu", kind=kind)
         assert (loaded.info.classes, loaded.info.mean) == (source.info.classes, source.info.mean)
         assert loaded.info.kind == kind and loaded.info.source == str((out / EXPORT_FILES[kind]).resolve())
-        agreement = float((loaded.logits(images).argmax(1) == expected).mean())
+        logits = loaded.logits(images)
+        agreement = float((logits.argmax(1) == expected).mean())
         assert agreement == summary["parity"][kind]["agreement"]
+        assert loaded.info.temperature == t  # what serve and predict scale by
+        np.testing.assert_allclose(loaded.probabilities(images), softmax(logits / t), rtol=1e-5, atol=1e-7)
     assert load_deployable(out, device="cpu").info.kind == "torch"
+
+
+def test_the_recorded_temperature_scales_probabilities_not_predictions(artifact, teacher, tiny_cifar):
+    """The artifact's T (fitted on val by its measurement) divides the logits before the
+    deployed softmax, leaving logits and top-1 alone; ``effray evaluate`` gives ECE and NLL
+    before and after it. A training checkpoint records none and behaves as it always did."""
+    t = read_payload(artifact)["temperature"]
+    images = _images(tiny_cifar, "val")
+    model = load_deployable(artifact, device="cpu")
+    logits, probs = model.logits(images), model.probabilities(images)
+    np.testing.assert_allclose(probs, softmax(logits / t), rtol=1e-5, atol=1e-7)
+    assert np.array_equal(probs.argmax(1), logits.argmax(1)) and not np.allclose(probs, softmax(logits), atol=1e-3)
+    # what `effray predict` writes and `effray serve` answers, from the same Deployable
+    rows = Classifier(str(artifact), "", top_k=3, threads=1)(
+        {
+            "index": np.arange(len(images)),
+            "name": np.array([""] * len(images), dtype=object),
+            "label": np.zeros(len(images), np.int64),
+            "error": np.array([""] * len(images), dtype=object),
+            "resized_from": np.array([""] * len(images), dtype=object),
+            "image": images,
+        }
+    )
+    np.testing.assert_allclose(rows["probability"], probs.max(1), rtol=1e-5)
+    served = answer(logits[0], model.info.classes, {}, None, model.info.temperature)
+    np.testing.assert_allclose(list(served["probabilities"].values()), probs[0], rtol=1e-5)
+    assert served["label"] == int(logits[0].argmax())
+    plain = load_deployable(teacher, device="cpu")
+    assert plain.info.temperature == 1.0
+    np.testing.assert_allclose(plain.probabilities(images), softmax(plain.logits(images)), rtol=1e-6)
+
+    rc, scores, err = cli("evaluate", "--checkpoint", str(artifact), "--data", str(tiny_cifar))
+    assert rc == 0, err
+    assert scores["temperature"] == t
+    assert scores["nll_scaled"] <= scores["nll"] + 1e-4  # T was fitted by NLL on these very images
+    assert 0 <= scores["ece_scaled"] <= 1
+    rc, scores, err = cli("evaluate", "--checkpoint", str(teacher), "--data", str(tiny_cifar))
+    assert rc == 0 and not {"temperature", "ece_scaled", "nll_scaled"} & set(scores), err
 
 
 def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):

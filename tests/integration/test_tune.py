@@ -14,6 +14,7 @@ import yaml
 from helpers import trial_rows
 
 from effray.cli import main
+from effray.train.checkpoint import read_payload
 
 SPACE = {
     "prune_kind": {"choice": ["unstructured", "structured"]},
@@ -300,6 +301,7 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
     assert stopped, "no trial was stopped"
     teacher_scores = json.loads((experiment / "teacher.json").read_text())  # the baseline, on the same corrupted images
     assert 0 < teacher_scores["corruption_accuracy"] <= 1 and 0 <= teacher_scores["ece"] <= 1
+    assert teacher_scores["temperature"] > 0 and teacher_scores["nll_scaled"] <= teacher_scores["nll"] + 1e-6
     for trial, why in stopped.items():
         rows = results[f"trial_{trial}"]
         assert not any(r.get("final") for r in rows) and rows[-1]["epoch"] == why["rung"] < 3
@@ -334,6 +336,7 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
         # beyond accuracy, on the final artifact: per-class scores, calibration, corruption robustness
         assert all(0 <= f[k] <= 1 for k in ("macro_f1", "worst_class_recall", "ece", "corruption_accuracy"))
         assert f["worst_class_recall"] <= f["accuracy"]
+        assert f["temperature"] > 0 and 0 <= f["ece_scaled"] <= 1  # post-hoc temperature scaling, fitted on val
         assert f["nll"] > 0 or configs[trial]["compress"]["finetune_lr"] == 5.0  # a diverged model's logits are NaN
         assert f["ratio_corruption_accuracy_drop_points"] == pytest.approx(
             100 * (teacher_scores["corruption_accuracy"] - f["corruption_accuracy"])
@@ -356,6 +359,9 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
         table["artifact"].map(os.path.isfile).all() and (table["bytes"] < teacher_scores["bytes"]).all()
     )  # packed < fp32
     assert report["stopped_early"] == len(stopped) and report["hypervolume"] > 0
+    for _, row in table.iterrows():  # each trial's artifact records the temperature its row reports
+        assert read_payload(row["artifact"])["temperature"] == row["temperature"]
     md = (experiment / "report" / "report.md").read_text()
+    assert "## Calibration: post-hoc temperature scaling" in md and "| teacher (fp32) | " in md.split("## Calib")[1]
     assert "Hypervolume" in md and "Ended before their final measurement" in md
     assert all(t in md for t in stopped)

@@ -207,3 +207,26 @@ def test_robustness_columns_front_panel_and_pick(tmp_path):
     write_report(_table(), tmp_path / "plain", teacher=teacher)
     one = np.asarray(Image.open(tmp_path / "plain" / "pareto.png"))
     assert two.shape[1] > one.shape[1] * 1.2  # a fourth panel: robustness vs bytes
+
+
+def test_the_report_reads_ece_before_and_after_temperature_scaling_for_the_front_and_the_teacher(tmp_path):
+    dominated = {"trial_id": "e", "accuracy": 0.6, "bytes": 50_000, "macs": 5e7, "latency_ms": 3.0, "artifact": "/x/e"}
+    t = pd.concat([_table(), pd.DataFrame([{**dominated, "config.bits": 8}])], ignore_index=True).assign(
+        ece=[0.20, 0.15, 0.12, 0.10, 0.30],
+        ece_scaled=[0.02, 0.03, 0.04, 0.05, 0.06],
+        nll=[0.9, 0.8, 0.7, 0.6, 1.2],
+        nll_scaled=[0.5, 0.45, 0.4, 0.35, 1.1],
+        temperature=[0.5, 0.6, 0.7, 0.8, 0.9],
+    )
+    teacher = {"accuracy": 0.92, "bytes": 1e6, "macs": 4e7, "latency_ms": 3, "ece": 0.2, "nll": 0.4}
+    teacher.update(temperature=0.55, ece_scaled=0.01, nll_scaled=0.25)
+    write_report(t, tmp_path / "r", teacher=teacher)
+    md = (tmp_path / "r" / "report.md").read_text()
+    section = md.split("## Calibration: post-hoc temperature scaling")[1]
+    assert "fitted by NLL on the val split" in section and "selection-biased" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "→" in line][1:]  # past the header
+    assert rows[0] == "| teacher (fp32) | 0.55 | 0.2 → 0.01 | 0.4 → 0.25 |"
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| a", "| b", "| c", "| d"]  # the front models; e is on none
+    assert "| b | 0.6 | 0.15 → 0.03 | 0.8 → 0.45 |" in rows
+    write_report(_table(), tmp_path / "old", teacher={"accuracy": 0.92, "bytes": 1e6})  # trials from before T
+    assert "## Calibration" not in (tmp_path / "old" / "report.md").read_text()

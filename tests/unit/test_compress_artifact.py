@@ -15,9 +15,11 @@ from effray.compress.artifact import (
     FORMAT,
     load_artifact,
     read_layout,
+    record_temperature,
     restore,
     save_artifact,
     snapshot,
+    temperature_of,
 )
 from effray.compress.fakequant import QUANT_TYPES
 from effray.compress.measure import count_macs, parameter_count
@@ -150,6 +152,26 @@ def test_damaged_artifact_is_one_line(tmp_path):
     with pytest.raises(EffrayError, match="damaged") as err:
         load_artifact(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_recorded_temperature_keeps_the_files_size_and_an_older_file_reads_as_one(tmp_path):
+    model = compressed("convnet", NONE, "ptq")
+    path = save_artifact(tmp_path, model)
+    size, (_, payload) = os.path.getsize(path), load_artifact(tmp_path)
+    assert temperature_of(payload) == 1.0  # saved, not yet measured
+    record_temperature(tmp_path, 0.6180339887)
+    assert os.path.getsize(path) == size  # what the search predicted and measured, to the byte
+    reloaded, payload = load_artifact(path)
+    assert temperature_of(payload) == 0.6180339887
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(reloaded(x), model.eval()(x))  # only the metadata changed
+    older = {k: v for k, v in payload.items() if k != "temperature"}
+    assert temperature_of(older) == 1.0
+    with pytest.raises(EffrayError, match="positive"):
+        record_temperature(tmp_path, float("nan"))
+    with pytest.raises(EffrayError, match="positive"):
+        temperature_of({**payload, "temperature": -1.0})
+    assert temperature_of(torch.load(path, weights_only=True)) == 0.6180339887  # refusals wrote nothing
 
 
 def test_not_an_artifact(tmp_path):

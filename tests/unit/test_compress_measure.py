@@ -50,6 +50,8 @@ def test_measure_reports_what_the_model_and_file_are(tmp_path):
     assert t["threads"] == 1 and t["eval_images"] == 8 and 0 <= t["accuracy"] <= 1
     assert t["params"] == sum(p.numel() for p in teacher.parameters())
     assert t["bytes"] == (tmp_path / "t" / "model.pt").stat().st_size
+    # the same pass's logits: the temperature fitted on them and the NLL it gives, never above T = 1's
+    assert 0 < t["temperature"] and t["nll_scaled"] <= t["nll"] + 1e-6 and 0 <= t["ece_scaled"] <= 1
 
     student = prune_step(build_model("resnet20", 10, width=0.25).eval(), 0.75, "unstructured")
     QUANTIZERS.get("ptq")(fold_bn(student), batches, bits=4)

@@ -1,5 +1,6 @@
 """effray.metrics against cases worked out by hand: a 3-class confusion, ECE of a calibrated
-and of an over-confident predictor, and the figures written whole."""
+and of an over-confident predictor, the figures written whole, and temperature scaling
+recovering the temperature a synthetic set was distorted by."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import math
 import pytest
 import torch
 
-from effray.metrics import classification_metrics, write_figures
+from effray.metrics import (
+    TEMPERATURE_RANGE,
+    classification_metrics,
+    fit_temperature,
+    scaled_calibration,
+    write_figures,
+)
 
 
 def one_hot_logits(predicted: list[int], classes: int) -> torch.Tensor:
@@ -76,3 +83,55 @@ def test_figures_are_written_whole(tmp_path):
     for p in paths.values():
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def calibrated_set(n: int = 20_000, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels drawn from softmax(logits): calibrated by construction."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, classes, generator=g) * 3.0
+    labels = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+    return logits, labels
+
+
+@pytest.mark.parametrize("distortion", [0.4, 2.5])  # under-confident (label smoothing's way), over-confident
+def test_temperature_scaling_recovers_the_distortion_and_lowers_ece(distortion):
+    logits, labels = calibrated_set()
+    bent = logits * distortion  # softmax(bent / T) is the calibrated one at T = distortion
+    t = fit_temperature(bent, labels)
+    assert t == pytest.approx(distortion, rel=0.03)
+    before = classification_metrics(bent, labels, [str(i) for i in range(10)])
+    after = scaled_calibration(bent, labels)
+    assert after["temperature"] == t
+    assert after["ece_scaled"] <= before["ece"] and after["ece_scaled"] < 0.02 < before["ece"]
+    assert after["nll_scaled"] < before["nll"]
+    assert fit_temperature(bent, labels) == t  # deterministic
+
+
+def test_a_calibrated_set_keeps_about_one_and_a_recorded_temperature_is_applied_as_given():
+    logits, labels = calibrated_set(seed=1)
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.03)
+    given = scaled_calibration(logits, labels, temperature=2.0)
+    direct = classification_metrics(logits / 2.0, labels, [str(i) for i in range(10)])
+    assert given == {"temperature": 2.0, "ece_scaled": direct["ece"], "nll_scaled": direct["nll"]}
+    with pytest.raises(ValueError, match="> 0"):
+        scaled_calibration(logits, labels, temperature=0.0)
+
+
+def test_degenerate_sets_give_a_finite_bounded_temperature():
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    assert fit_temperature(torch.zeros(5, 3), labels) == 1.0  # logits that say nothing: nothing to scale
+    assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
+    # all right, one class: sharper is always better, so the fit stops at the bound
+    sure = fit_temperature(torch.tensor([[4.0, 0.0, 0.0]] * 6), torch.zeros(6, dtype=torch.long))
+    assert sure == pytest.approx(TEMPERATURE_RANGE[0], rel=1e-6)
+    # all wrong: flatter is always better, up to the other bound
+    wrong = fit_temperature(torch.tensor([[4.0, 0.0, 0.0]] * 6), torch.ones(6, dtype=torch.long))
+    assert wrong == pytest.approx(TEMPERATURE_RANGE[1], rel=1e-6)
+    # a diverged model's non-finite rows weigh nothing; all of them non-finite: T stays 1
+    logits, y = calibrated_set(n=2000, seed=2)
+    broken = torch.cat([logits * 2.0, torch.full((50, 10), float("nan"))])
+    y_broken = torch.cat([y, torch.zeros(50, dtype=torch.long)])
+    assert fit_temperature(broken, y_broken) == pytest.approx(fit_temperature(logits * 2.0, y), rel=1e-9)
+    assert fit_temperature(torch.full((4, 3), float("inf")), torch.zeros(4, dtype=torch.long)) == 1.0
+    with pytest.raises(ValueError, match="don't match"):
+        fit_temperature(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
