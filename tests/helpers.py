@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,12 @@ import numpy as np
 from PIL import Image
 
 from effray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# the real Imagenette file beside the repository, as the shared CIFAR file is (a clone elsewhere sets this)
+IMAGENETTE = Path(
+    os.environ.get("EFFRAY_IMAGENETTE_PARQUET", ROOT.parent / "shared" / "data" / "imagenette-train.parquet")
+)
 
 
 def cli(*args: str) -> tuple[int, dict | None, str]:

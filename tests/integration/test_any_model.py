@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import cli
+from helpers import IMAGENETTE, cli
 
 import effray.compress
 import effray.train
@@ -18,7 +18,6 @@ from effray.train.checkpoint import read_payload
 from tests.user_models import residual_dw
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette-train.parquet"
 SIZE, ROWS = 32, 200  # 32 px: the ResNets' five stride-2 stages still leave a 1x1 map
 
 
@@ -31,7 +30,7 @@ def small_imagenette(tmp_path_factory) -> Path:
     from PIL import Image
 
     if not IMAGENETTE.is_file():
-        pytest.fail(f"real Imagenette file missing at {IMAGENETTE}")
+        pytest.fail(f"real Imagenette file missing at {IMAGENETTE}; set EFFRAY_IMAGENETTE_PARQUET")
     table = pq.read_table(IMAGENETTE).slice(0, ROWS)
     images = []
     for raw in table.column("image").to_pylist():
@@ -119,7 +118,8 @@ def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_sess
         f"tune: {{space: {space}, num_samples: 1, gpus_per_trial: 0, cpus_per_trial: 1, grace_period: 1,"
         " robust_images: 8}\n"
     )
-    rc, summary, err = cli("run", "--preset", str(preset), "--out", str(tmp_path / "run"), "--clean", "off")
+    moved = [] if IMAGENETTE == ROOT.parent / "shared" / "data" / IMAGENETTE.name else ["--source", str(IMAGENETTE)]
+    rc, summary, err = cli("run", "--preset", str(preset), "--out", str(tmp_path / "run"), "--clean", "off", *moved)
     assert rc == 0, err
     teacher = Path(summary["teacher"]["checkpoint"])
     payload = read_payload(teacher)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from helpers import cli
+from helpers import IMAGENETTE, cli
 from PIL import Image
 
 from effray.compress.artifact import load_artifact
@@ -35,7 +35,6 @@ from effray.train.checkpoint import data_summary, read_payload
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-IMAGENETTE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenette-train.parquet"
 INPUT = "resize(size=48)|center_crop(size=48, width=0)"  # what a model trained at 48 px records
 
 
