@@ -197,7 +197,9 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
     labels = np.asarray(labels, np.int64)
     if len(labels) < 2 or len(np.unique(labels)) < 2:
         return []
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab otherwise forks a multiprocessing pool from this process, which holds torch's and
+    # Ray's threads; a forked child of a threaded process can crash on exit (seen as a segfault in the suite)
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [
         {
             "position": int(i),
