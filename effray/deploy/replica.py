@@ -33,7 +33,7 @@ import numpy as np
 
 from effray.data.augment import preprocess_image
 from effray.deploy.config import ServeConfig
-from effray.deploy.model import load_deployable, softmax
+from effray.deploy.model import load_deployable
 
 TOP = 5  # classes in each answer's "top5"
 
@@ -78,14 +78,15 @@ def decode_request_image(
 
 def answer(
     logits: np.ndarray,
+    probs: np.ndarray,
     classes: list[str],
     model: dict[str, Any],
     resized: dict[str, Any] | None = None,
-    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """One image's JSON answer from its logits (``resized``: the image was of another size);
-    its probabilities ``softmax(logits / temperature)``, the model's recorded T."""
-    p = softmax(np.asarray(logits, np.float64) / temperature)
+    """One image's JSON answer from its logits and its probabilities as the model gives them
+    (:meth:`Deployable.calibrated`: its recorded temperature applied); ``resized``: the image
+    was of another size."""
+    p = probs
     order = np.argsort(-logits, kind="stable")[:TOP]
     best = int(order[0])
     return {
@@ -146,7 +147,8 @@ class ClassifierServer:
                 images, resized, batched = await self.read_images(request)
                 logits = await asyncio.gather(*(self.infer(img) for img in images))
                 info = self.deployable.info
-                answers = [answer(z, info.classes, self.model, r, info.temperature) for z, r in zip(logits, resized)]
+                probs = self.deployable.calibrated(logits)
+                answers = [answer(z, q, info.classes, self.model, r) for z, q, r in zip(logits, probs, resized)]
                 self.counts["requests"] += 1
                 self.counts["images"] += len(images)
                 return reply({"predictions": answers} if batched else answers[0])

@@ -166,7 +166,7 @@ def test_the_recorded_temperature_scales_probabilities_not_predictions(artifact,
         }
     )
     np.testing.assert_allclose(rows["probability"], probs.max(1), rtol=1e-5)
-    served = answer(logits[0], model.info.classes, {}, None, model.info.temperature)
+    served = answer(logits[0], model.calibrated(logits[:1])[0], model.info.classes, {}, None)
     np.testing.assert_allclose(list(served["probabilities"].values()), probs[0], rtol=1e-5)
     assert served["label"] == int(logits[0].argmax())
     plain = load_deployable(teacher, device="cpu")
