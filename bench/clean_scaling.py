@@ -316,7 +316,11 @@ def main() -> int:
         data = args.data
         if not data:
             data = os.path.join(work, "data")
-            prepare(PrepareConfig(source=f"parquet:{args.parquet}", out=data, limit=max(sizes), val_fraction=0.0))
+            prepare(
+                PrepareConfig(
+                    source=f"parquet:{args.parquet}", out=data, limit=max(sizes), val_fraction=0.0, test_fraction=0.0
+                )
+            )
         total = load_meta(data)["counts"]["train"]
         if max(sizes) > total:
             print(f"(sizes above the {total} train rows of {data} dropped)")

@@ -237,7 +237,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         data = os.path.join(work, "data")
-        prepare(PrepareConfig(source=args.parquet, out=data, limit=args.rows, val_fraction=0.0))
+        prepare(PrepareConfig(source=args.parquet, out=data, limit=args.rows, val_fraction=0.0, test_fraction=0.0))
         n = load_meta(data)["counts"]["train"]
         print(cpu_summary())
         print(f"rows={n} batch_size={args.batch_size} cores={os.cpu_count()} policy={POLICY!r}")

@@ -180,7 +180,14 @@ def main() -> None:
             3, node_resources=lambda i: {"trainer": 1.0} if i < 2 else {}, health_check_s=args.health_check_s
         ) as local:
             prepare(
-                PrepareConfig(source=f"parquet:{args.parquet}", out=data, limit=args.rows, val_fraction=0.1, seed=0)
+                PrepareConfig(
+                    source=f"parquet:{args.parquet}",
+                    out=data,
+                    limit=args.rows,
+                    val_fraction=0.1,
+                    test_fraction=0.0,
+                    seed=0,
+                )
             )
             runs = [run_and_kill(local, "fixed", data, storage, "2", args.epochs, args.kill_in_epoch, replace=True)]
             for name, timeout in (("elastic", "15"), ("elastic-5", "5")):

@@ -77,7 +77,14 @@ def main() -> None:
         data = os.path.join(work, "data")
         t = time.perf_counter()
         prepare(
-            PrepareConfig(source=args.parquet, out=data, limit=args.rows, val_fraction=0.0, image_size=args.image_size)
+            PrepareConfig(
+                source=args.parquet,
+                out=data,
+                limit=args.rows,
+                val_fraction=0.0,
+                test_fraction=0.0,
+                image_size=args.image_size,
+            )
         )
         meta = load_meta(data)
         n = meta["counts"]["train"]

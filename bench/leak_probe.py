@@ -170,9 +170,9 @@ def main() -> int:
     data, probe_dir = str(work / "train50k"), str(work / "probe")
     started = time.time()
     if not (Path(data) / "meta.json").is_file():
-        prepare(PrepareConfig(source=f"parquet:{args.train}", out=data, val_fraction=0.0))
+        prepare(PrepareConfig(source=f"parquet:{args.train}", out=data, val_fraction=0.0, test_fraction=0.0))
     if not (Path(probe_dir) / "meta.json").is_file():
-        prepare(PrepareConfig(source=f"parquet:{args.probe}", out=probe_dir, val_fraction=0.0))
+        prepare(PrepareConfig(source=f"parquet:{args.probe}", out=probe_dir, val_fraction=0.0, test_fraction=0.0))
     print(f"prepared in {time.time() - started:.0f} s", flush=True)
     train_names, probe = names(data, "train"), truth(args.probe, probe_dir)
     results: dict[str, dict[str, Any]] = {}

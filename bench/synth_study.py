@@ -115,6 +115,7 @@ def main() -> None:
                 out=str(data),
                 limit=args.rows,
                 val_fraction=0.1,
+                test_fraction=0.0,
                 seed=args.seed,
             )
         )

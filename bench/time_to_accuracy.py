@@ -130,7 +130,11 @@ def main() -> None:
     ray_start_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not Path(args.data, "meta.json").is_file():
-        prepare(PrepareConfig(source=args.parquet, out=args.data, limit=args.rows, val_fraction=0.1, seed=0))
+        prepare(
+            PrepareConfig(
+                source=args.parquet, out=args.data, limit=args.rows, val_fraction=0.1, test_fraction=0.0, seed=0
+            )
+        )
     prepare_s = time.perf_counter() - t0
     meta = load_meta(args.data)
     n_train = meta["counts"]["train"]

@@ -124,7 +124,7 @@ def main() -> None:
     init_ray(num_cpus=3, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="effray-bench-") as tmp:
         data_dir = os.path.join(tmp, "data")
-        prepare(PrepareConfig(source=args.parquet, out=data_dir, limit=args.rows, val_fraction=0.02))
+        prepare(PrepareConfig(source=args.parquet, out=data_dir, limit=args.rows, val_fraction=0.02, test_fraction=0.0))
         n = load_meta(data_dir)["counts"]["train"]
         print(
             f"{args.model} width {args.width}, global batch {args.batch_size}, {n} training rows, {args.epochs} epochs "

@@ -215,6 +215,18 @@ def scaled_calibration(
     return {"temperature": t, "ece_scaled": after["ece"], "nll_scaled": after["nll"]}
 
 
+def accuracy_interval(correct: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``count`` (95 % at
+    z = 1.96): unlike the normal approximation it stays inside [0, 1] and holds near 0 and 1,
+    where compressed models' error rates on a few thousand images sit. ``(nan, nan)`` for no rows."""
+    if count <= 0:
+        return float("nan"), float("nan")
+    p, z2 = correct / count, z * z
+    centre = (p + z2 / (2 * count)) / (1 + z2 / count)
+    half = z * math.sqrt(p * (1 - p) / count + z2 / (4 * count * count)) / (1 + z2 / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[dict[str, float]]:
     """Per confidence bin (equal width on [0, 1]): images, mean confidence, accuracy. The
     count-weighted mean gap over the bins is the ECE torchmetrics reports."""

@@ -60,11 +60,13 @@ def cifar_parquet() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cifar(ray_session, cifar_parquet, tmp_path_factory) -> Path:
-    """600 real CIFAR-10 images prepared into the canonical format (540 train / 60 val)."""
+    """600 real CIFAR-10 images prepared into the canonical format (540 train / 60 val, no
+    test split: the suite's search runs on it choose and report on val alone; the e2e runs
+    of `effray run` carve the default test split)."""
     from effray.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("data") / "tiny-cifar"
-    prepare(PrepareConfig(source=str(cifar_parquet), out=str(out), limit=600, val_fraction=0.1))
+    prepare(PrepareConfig(source=str(cifar_parquet), out=str(out), limit=600, val_fraction=0.1, test_fraction=0.0))
     return out
 
 

@@ -96,7 +96,9 @@ def reference_dataset(spec: str, tmp: Path, meta: dict[str, Any]) -> tuple[str, 
         ref = spec
     else:
         ref = str(tmp / "_reference")
-        prepare(PrepareConfig(source=spec, out=ref, val_fraction=0.0, classes=",".join(meta["classes"])))
+        prepare(
+            PrepareConfig(source=spec, out=ref, val_fraction=0.0, test_fraction=0.0, classes=",".join(meta["classes"]))
+        )
     ref_meta = load_meta(ref)
     require(
         list(ref_meta["image_shape"]) == list(meta["image_shape"]),

@@ -117,13 +117,13 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     return (m["accuracy"] if m["count"] else float("nan")), m["count"]
 
 
-def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
+def class_scores(model: nn.Module, batches: Batches, temperature: float | None = None) -> dict[str, Any]:
     """``accuracy`` and ``eval_images`` (as :func:`accuracy`) and what accuracy hides, from
     the same pass: ``macro_f1``, ``worst_class_recall``, ``ece`` and ``nll``
     (:func:`effray.metrics.classification_metrics`), and the temperature fitted on these
-    logits with the ``ece_scaled`` and ``nll_scaled`` it gives
-    (:func:`effray.metrics.scaled_calibration`). The logits stay on the model's device
-    until the pass ends, then go to the host once."""
+    logits (or the recorded ``temperature``, applied to new rows) with the ``ece_scaled``
+    and ``nll_scaled`` it gives (:func:`effray.metrics.scaled_calibration`). The logits stay
+    on the model's device until the pass ends, then go to the host once."""
     m = scored(model, batches, keep_logits=True)
     if not m["count"]:
         return {"accuracy": float("nan"), "eval_images": 0}
@@ -133,7 +133,7 @@ def class_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
         "accuracy": m["accuracy"],
         "eval_images": m["count"],
         **{k: c[k] for k in ("macro_f1", "worst_class_recall", "ece", "nll")},
-        **scaled_calibration(m["logits"], m["labels"], names),
+        **scaled_calibration(m["logits"], m["labels"], names, temperature),
     }
 
 

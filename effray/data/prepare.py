@@ -5,7 +5,8 @@ Canonical layout (``DIR``)::
     meta.json               classes, counts per split, mean/std, image shape, checksum
     train/part-00000.parquet  image (raw HWC uint8 bytes), label, index, split, synthetic, name
     val/part-00000.parquet
-    test/...                (when the source has a test split, e.g. CIFAR's test_batch)
+    test/...                the source's own test split (CIFAR's test_batch), else one carved
+                            out of it (--test-fraction): never trained on, never selected on
 
 Decoding runs as one Ray task per chunk; each task writes its shards straight into a
 temporary sibling directory, which is renamed into place only when every task
@@ -58,6 +59,11 @@ class PrepareConfig:
     source: str = option("", "source: cifar10:DIR, cifar100:DIR, folder:DIR, parquet:PATH, synthetic:N or a path")
     out: str = option("", "output directory (created atomically)")
     val_fraction: float = option(0.1, "fraction of each class held out as the validation split")
+    test_fraction: float = option(
+        0.1,
+        "fraction of each class held out as the test split when the source has none: never trained on nor used to "
+        "choose a model, it gives the final, honest estimate (0 = no test split; a source's own test split is kept)",
+    )
     seed: int = option(0, "seed for the split (and synthetic images)")
     limit: int = option(0, "use only the first N rows of the source (0 = all)")
     classes: str = option("", "class names: cifar10, a count, or a,b,c (default: from the source)")
@@ -77,27 +83,45 @@ class PrepareConfig:
         )
         require(bool(self.out), "--out DIR is required")
         require(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        require(0.0 <= self.test_fraction < 1.0, f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        require(
+            self.val_fraction + self.test_fraction < 1.0,
+            f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} leave no training rows; "
+            "make their sum < 1",
+        )
         require(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
         require(0 <= self.image_size <= 4096, f"--image-size must be in 0..4096 (0 = as stored), got {self.image_size}")
 
 
-def assign_splits(labels: np.ndarray, fixed: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Stratified, seeded train/val assignment; rows with a fixed split (test) keep it."""
+def _apportion(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-class counts of ``fraction`` of ``sizes`` that add up to round(fraction * N) exactly
+    (largest remainder, ties broken at random)."""
+    exact = fraction * sizes
+    counts = np.floor(exact).astype(int)
+    short = int(round(fraction * int(sizes.sum()))) - int(counts.sum())
+    if short > 0:
+        order = np.lexsort((rng.random(len(sizes)), -(exact - counts)))
+        counts[order[:short]] += 1
+    return counts
+
+
+def assign_splits(
+    labels: np.ndarray, fixed: np.ndarray, val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> np.ndarray:
+    """Stratified, seeded train/val/test assignment of the rows without a fixed split; rows
+    with one (a source's own test split) keep it. Without ``test_fraction`` the val rows are
+    the ones earlier versions chose for the same seed."""
     splits = np.where(fixed != "", fixed, "train").astype(object)
     rng = np.random.default_rng(seed)
     free = np.flatnonzero(fixed == "")
     classes, sizes = np.unique(labels[free], return_counts=True)
-    # largest-remainder apportionment: per-class counts that add up to round(f * N) exactly
-    exact = val_fraction * sizes
-    n_val = np.floor(exact).astype(int)
-    short = int(round(val_fraction * len(free))) - int(n_val.sum())
-    if short > 0:
-        order = np.lexsort((rng.random(len(sizes)), -(exact - n_val)))
-        n_val[order[:short]] += 1
-    for label, k in zip(classes, n_val):
-        if k:
-            rows = free[labels[free] == label]
-            splits[rng.permutation(rows)[:k]] = "val"
+    n_val = _apportion(sizes, val_fraction, rng)
+    n_test = _apportion(sizes, test_fraction, rng) if test_fraction else np.zeros_like(n_val)
+    for label, k_val, k_test in zip(classes, n_val, n_test):
+        if k_val or k_test:
+            rows = rng.permutation(free[labels[free] == label])
+            splits[rows[:k_val]] = "val"
+            splits[rows[k_val : k_val + k_test]] = "test"
     return splits
 
 
@@ -289,7 +313,10 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.image_size:
         shape = (cfg.image_size, cfg.image_size, channels)
     fixed = np.concatenate([np.full(c.count, c.fixed_split, dtype=object) for c in plan.chunks])
-    splits = assign_splits(plan.labels, fixed, cfg.val_fraction, cfg.seed)
+    has_test = bool((fixed == "test").any())
+    splits = assign_splits(plan.labels, fixed, cfg.val_fraction, cfg.seed, 0.0 if has_test else cfg.test_fraction)
+    if has_test and cfg.test_fraction:
+        say(f"[effray prepare] test split: the source's own, kept ({int((fixed == 'test').sum())} rows); none carved")
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     check_storage_for_cluster(str(out.parent))  # every node's tasks write their shards there
     tmp.mkdir(parents=True)
@@ -315,7 +342,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         if first_bad is not None:
             row, name, reason = first_bad
             raise EffrayError(f"bad row {row} ({name}) in {plan.spec}: {reason}; fix or remove it, or pass --skip-bad")
-        meta = {**_meta(cfg, plan, shape, results, time.time() - started), "warnings": warnings}
+        meta = {**_meta(cfg, plan, shape, results, time.time() - started, has_test), "warnings": warnings}
         if sum(meta["counts"].values()) == 0:
             raise EffrayError(f"no usable rows in {plan.spec} (all {meta['skipped_bad']} were bad); check the source")
         write_json(tmp / "meta.json", meta)
@@ -326,7 +353,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return {**meta, "decoded_on": sorted({r["node"] for r in results if "node" in r})}
 
 
-def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict], seconds: float) -> dict[str, Any]:
+def _meta(
+    cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict], seconds: float, source_test: bool
+) -> dict[str, Any]:
     n_cls = len(plan.classes)
     per_class = {s: np.zeros(n_cls, dtype=np.int64) for s in SPLITS}
     total, totalsq, pixels = np.zeros(shape[2]), np.zeros(shape[2]), 0
@@ -356,6 +385,9 @@ def _meta(cfg: PrepareConfig, plan: SourcePlan, shape: tuple, results: list[dict
         "mean": mean.tolist(),
         "std": std.tolist(),
         "val_fraction": cfg.val_fraction,
+        # where the test split came from: the source's own, carved out here (--test-fraction), or none
+        "test_split": "source" if source_test else ("carved" if "test" in present else "none"),
+        "test_fraction": 0.0 if source_test else cfg.test_fraction,
         "seed": cfg.seed,
         "limit": cfg.limit,
         "skipped_bad": int(sum(r["n_bad"] for r in results)),

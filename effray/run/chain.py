@@ -14,7 +14,7 @@ from effray.config import require
 from effray.console import say
 from effray.data.prepare import load_meta, prepare
 from effray.errors import EffrayError
-from effray.run.front import export_front, front_table, latency_line, most_accurate, target_lines
+from effray.run.front import export_front, front_table, holdout_line, latency_line, most_accurate, target_lines
 from effray.run.plan import RunConfig, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
@@ -110,6 +110,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     )
     for line in front_table(results, searched.get("teacher"), pick) + target_lines(results):
         say(line)
+    say(f"[effray run] {holdout_line(summary.get('test'), pick)}")
     if latency_line(searched.get("teacher")):
         say(f"[effray run] {latency_line(searched.get('teacher'))}")
     say(f"[effray run] report: {summary['report']}")
@@ -130,6 +131,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         "hypervolume": summary.get("hypervolume"),
         "best_accuracy": summary["best_accuracy"],
         "budget_pick": summary.get("budget_pick"),
+        "test": summary.get("test"),
         "exports": exports,
         "clean": cleaned,
         "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -49,7 +49,9 @@ def front_table(
     deployed = "speedup_b1" in front and front["speedup_b1"].notna().any()
     n = int(front["batch_N"].dropna().iloc[0]) if deployed else 0
     speed = f"{'ms (b1)':>9}{'x b1':>7}{f'x b{n}':>8}" if deployed else f"{'ms (b1)':>9}"
-    lines = [f"  {'trial':<10}{'accuracy':>9}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{speed}  config"]
+    tested = "test_accuracy" in front and front["test_accuracy"].notna().any()
+    head = f"{'val acc.':>9}{'test':>8}" if tested else f"{'accuracy':>9}"
+    lines = [f"  {'trial':<10}{head}{'macro-F1':>9}{'corrupt.':>9}{'KB':>8}{'smaller':>9}{speed}  config"]
     for _, r in front.iterrows():
         how = config_summary(r)
         smaller = f"{size / r['bytes']:.1f}x" if size else ""
@@ -65,11 +67,29 @@ def front_table(
             timing, how = f"{'-':>9}{'-':>7}{'-':>8}", f"{how}  (no deployable file: {why[:60]})"
         else:
             timing = f"{r['latency_ms']:>9.3f}"
+        test = f"{r['test_accuracy']:>8.4f}" if tested else ""
         lines.append(
-            f" {star}{r['trial_id']:<10}{r['accuracy']:>9.4f}{r.get('macro_f1', float('nan')):>9.4f}{corrupt:>9}"
-            f"{r['bytes'] / 1024:>8.1f}{smaller:>9}{timing}  {how}"
+            f" {star}{r['trial_id']:<10}{r['accuracy']:>9.4f}{test}{r.get('macro_f1', float('nan')):>9.4f}"
+            f"{corrupt:>9}{r['bytes'] / 1024:>8.1f}{smaller:>9}{timing}  {how}"
         )
     return lines
+
+
+def holdout_line(test: dict[str, Any] | None, pick: str | None) -> str:
+    """The test split's verdict on the search's choice, in one line: the teacher's and the
+    pick's test accuracy with their 95 % intervals (val chose; test was read once, after)."""
+    if not test:
+        return "no test split: the accuracies are the val scores the search chose by (prepare with --test-fraction)"
+
+    def scored(s: dict[str, Any]) -> str:
+        return f"{s['accuracy']:.4f} [{s['accuracy_low']:.4f}, {s['accuracy_high']:.4f}]"
+
+    chosen = test["front"].get(pick or "")
+    picked = f"; the pick {scored(chosen)} (val {chosen['val_accuracy']:.4f})" if chosen else ""
+    return (
+        f"test split ({test['images']} images, never trained on or chosen by; {test['interval']}): "
+        f"teacher {scored(test['teacher'])}{picked}"
+    )
 
 
 def target_lines(results: str | os.PathLike) -> list[str]:

@@ -17,7 +17,7 @@ from effray.errors import EffrayError
 # demo: minutes on a CPU box with the real CIFAR-10 file; cifar10: a GPU cluster
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
-        "prepare": {"limit": 10000, "val_fraction": 0.1},
+        "prepare": {"limit": 10000, "val_fraction": 0.1, "test_fraction": 0.1},
         "clean": {"near": False, "labels": False},  # exact copies and leaks: one hash pass, seconds
         "train": {
             "model": "convnet",
@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "cifar10": {
-        "prepare": {"limit": 0, "val_fraction": 0.1},
+        "prepare": {"limit": 0, "val_fraction": 0.1, "test_fraction": 0.1},
         "clean": {"near": True, "labels": False, "gpus_per_actor": 1.0},  # + near copies, embedded on GPUs
         "train": {
             "model": "resnet20",

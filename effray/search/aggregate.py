@@ -22,7 +22,15 @@ from effray.config import option, require
 from effray.search.fronts import add_pareto_columns, best_within, hypervolume
 from effray.search.markdown import markdown
 from effray.search.plot import plot_pareto
-from effray.search.results import COSTS, OBJECTIVES, TEACHER_FILE, load_stopped, load_trials
+from effray.search.results import (
+    COSTS,
+    OBJECTIVES,
+    TEACHER_FILE,
+    load_stopped,
+    load_test_scores,
+    load_trials,
+    with_test_columns,
+)
 from effray.tracking import TrackerSettings, make_tracker
 
 
@@ -56,12 +64,15 @@ def write_report(
     max_latency_ms: float | None = None,
     stopped: pd.DataFrame | None = None,
     objective: str = "accuracy",
+    test: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write results.parquet/.csv, report.md and pareto.png; return the summary.
-    ``stopped``: the trials that ended before their final measurement (:func:`load_stopped`)."""
+    ``stopped``: the trials that ended before their final measurement (:func:`load_stopped`);
+    ``test``: the teacher and the front scored on the test split (``test.json``), if they were."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = add_pareto_columns(df).sort_values("accuracy", ascending=False).reset_index(drop=True)
+    table = add_pareto_columns(with_test_columns(df, test)).sort_values("accuracy", ascending=False)
+    table = table.reset_index(drop=True)
     stopped = stopped if stopped is not None else pd.DataFrame()
     hv = (
         hypervolume(table["accuracy"], table["bytes"], float(teacher["bytes"]))
@@ -73,7 +84,9 @@ def write_report(
     pick = best_within(table, max_size_kb, max_latency_ms, objective) if (max_size_kb or max_latency_ms) else None
     write_file(
         out / "report.md",
-        lambda p: p.write_text(markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective)),
+        lambda p: p.write_text(
+            markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective, test)
+        ),
     )
     write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher, stopped))
     summary: dict[str, Any] = {
@@ -83,6 +96,7 @@ def write_report(
         "report": str((out / "report.md").resolve()),
         "pareto": {c: int(table[f"pareto_{c}"].sum()) for c in COSTS if f"pareto_{c}" in table},
         "best_accuracy": float(table["accuracy"].max()),
+        "test": _test_summary(table, test),
     }
     if max_size_kb or max_latency_ms:
         summary["budget_pick"] = (
@@ -94,12 +108,34 @@ def write_report(
                 "objective": objective,
                 "bytes": int(pick["bytes"]),
                 "artifact": pick.get("artifact"),
+                **({"test_accuracy": float(pick["test_accuracy"])} if pd.notna(pick.get("test_accuracy")) else {}),
                 **(
                     {"corruption_accuracy": float(pick["corruption_accuracy"])} if "corruption_accuracy" in pick else {}
                 ),
             }
         )
     return summary
+
+
+def _test_summary(table: pd.DataFrame, test: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the main job's JSON says of the test split: its size, that val chose, and the
+    teacher's and the front's test accuracy with its interval beside the val accuracy."""
+    if not test:
+        return None
+    scored = table[table["test_accuracy"].notna()] if "test_accuracy" in table else table.iloc[:0]
+    return {
+        "images": test["images"],
+        "selected_on": test["selected_on"],
+        "interval": test["interval"],
+        "teacher": {k: test["teacher"][k] for k in ("accuracy", "accuracy_low", "accuracy_high")},
+        "front": {
+            str(r["trial_id"]): {
+                "val_accuracy": float(r["accuracy"]),
+                **{k: float(r[f"test_{k}"]) for k in ("accuracy", "accuracy_low", "accuracy_high")},
+            }
+            for _, r in scored.iterrows()
+        },
+    }
 
 
 def log_summary(
@@ -124,7 +160,7 @@ def log_summary(
             "best_accuracy": float(best["accuracy"]),
             **{f"pareto_count_{c}": n for c, n in summary.get("pareto", {}).items()},
         }
-        for key in ("trial_id", "accuracy", "bytes", "macs", "latency_ms", "artifact"):
+        for key in ("trial_id", "accuracy", "test_accuracy", "bytes", "macs", "latency_ms", "artifact"):
             if key in table:
                 fields[f"best/{key}"] = _plain(best[key])
         for cost in COSTS:  # the cheapest model on each front
@@ -137,6 +173,8 @@ def log_summary(
             fields.update({f"budget_pick/{k}": v for k, v in summary["budget_pick"].items()})
         if teacher:
             fields.update({f"teacher/{k}": teacher[k] for k in ("accuracy", "bytes", "macs") if k in teacher})
+        if summary.get("test"):
+            fields["teacher/test_accuracy"] = summary["test"]["teacher"]["accuracy"]
         tracker.set_summary(fields)
     except Exception:  # noqa: BLE001 - a malformed table still closes the run
         tracker.finish(exit_code=1)
@@ -170,6 +208,7 @@ def report(cfg: ReportConfig, tracking: TrackerSettings | None = None) -> dict[s
         cfg.max_latency_ms or None,
         stopped=load_stopped(cfg.experiment),
         objective=cfg.objective,
+        test=load_test_scores(cfg.experiment),
     )
     if tracking is not None and tracking.mode != "disabled":
         log_summary(out, summary, tracking, teacher)

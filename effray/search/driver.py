@@ -5,8 +5,9 @@ same command again resumes it: finished trials are kept, errored ones are retrie
 the searcher's and scheduler's state come back with Tune's. Before any trial the driver
 checks that one can be placed, measures the teacher once (:mod:`effray.search.context`)
 and, when they fit, puts the decoded splits in the object store
-(:mod:`effray.search.splits`). Trials on shared arrays run in reused worker processes
-(torch imported, kernels warm).
+(:mod:`effray.search.splits`). Everything is chosen on val; once the trials are done, the
+teacher and the front are scored on the test split (:mod:`effray.search.holdout`). Trials
+on shared arrays run in reused worker processes (torch imported, kernels warm).
 
 Tracking (wandb, offline without a key) is decided once, here: every trial is its own
 run (:mod:`effray.search.trial`), and at the end the summary (results table, Pareto
@@ -32,6 +33,7 @@ from effray.search.aggregate import ReportConfig, report
 from effray.search.config import METRIC, TuneConfig
 from effray.search.context import TrialContext, trial_context
 from effray.search.deployed import DeployProbe, deploy_probe
+from effray.search.holdout import score_test_split
 from effray.search.resources import check_trial_resources, concurrency, trial_resources
 from effray.search.results import STOPPED_FILE, TEACHER_FILE
 from effray.search.scheduler import LastEpochSafeASHA, ParetoASHA
@@ -121,6 +123,10 @@ def _search(
         write_json(Path(path) / TEACHER_FILE, context.teacher.metrics)
     grid = tuner.fit()
     summary = _results(grid, path, resumed, w, shares, context.teacher.metrics)
+    if context.local and summary["measured"]:  # chosen on val, estimated on test (a local experiment's artifacts)
+        summary["test"] = score_test_split(
+            path, cfg.data, meta, context.teacher.path, context.teacher.metrics, cfg.eval_batch_size, cfg.trust_code
+        )
     if mode != "disabled":
         run = _summary_run(cfg, mode, context.teacher.metrics)
         summary["wandb"] = {

@@ -4,7 +4,9 @@ The table shows the scores and costs, the Pareto marks, and only the config fiel
 vary between trials; the trials that ended early get their own table, with the rung
 where they were stopped and who dominated them, so a surprising stop can be explained.
 The calibration section reads each front model's and the teacher's ECE before and after
-post-hoc temperature scaling (:func:`effray.metrics.scaled_calibration`).
+post-hoc temperature scaling (:func:`effray.metrics.scaled_calibration`). Everything was
+chosen on val; when the search scored its front on a test split
+(:mod:`effray.search.holdout`), a section gives those accuracies with their intervals.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def markdown(
     stopped: pd.DataFrame,
     hv: float | None,
     objective: str = "accuracy",
+    test: dict[str, Any] | None = None,
 ) -> str:
     """The report: the teacher's line, how to read the table, the hypervolume, the measured
-    trials (the teacher's row first), then those that ended early and the budget's pick."""
+    trials (the teacher's row first), the test split's estimate of the front, then those that
+    ended early and the budget's pick."""
     cols = _columns(table)
     lines = ["# effray compression report", ""]
     if teacher:
@@ -67,6 +71,7 @@ def markdown(
         base = {**teacher, "trial_id": "teacher (fp32)", "size_ratio": 1.0}
         lines += [_row(_fmt(base[c]) if base.get(c) is not None and not c.startswith("pareto_") else "" for c in cols)]
     lines += [_row(_cell(c, row[c]) for c in cols) for _, row in table.iterrows()]
+    lines += _test_section(table, teacher, test)
     lines += _calibration_section(table, teacher)
     if len(stopped):
         lines += _stopped_section(stopped, cols)
@@ -138,6 +143,48 @@ def _calibration_section(table: pd.DataFrame, teacher: dict[str, Any] | None) ->
     for name, r in rows:
         cells = [f"{_fmt(r.get(a))} → {_fmt(r.get(b))}" for a, b in (("ece", "ece_scaled"), ("nll", "nll_scaled"))]
         lines.append(_row([name, _fmt(r.get("temperature")), *cells]))
+    return lines
+
+
+def _test_section(table: pd.DataFrame, teacher: dict[str, Any] | None, test: dict[str, Any] | None) -> list[str]:
+    """The teacher and the front on the test split: accuracy (95 % interval) beside the val
+    accuracy they were chosen by, worst-class recall, and ECE after the T fitted on val."""
+    lines = ["", "## Held-out test split", ""]
+    if not test:
+        return [
+            *lines,
+            "The dataset has no test split, so every accuracy above is the val score the trials were chosen by: "
+            "optimistic for the best of many. Prepare with `--test-fraction` (the default carves one) for an estimate.",
+        ]
+    lines += [
+        f"Trials were stopped, ranked and picked on val; the {test['images']} test images were read once, after "
+        "the search, for the teacher and every model on a front. The interval is the 95 % Wilson interval of "
+        "the test accuracy; val − test is the selection's optimism (noise included). ECE on test uses the "
+        "temperature each model fitted on val.",
+        "",
+        *_header(["model", "val accuracy", "test accuracy", "95 % interval", "val − test", "worst class", "ece"]),
+    ]
+    rows = [("teacher (fp32)", (teacher or {}).get("accuracy"), test["teacher"])]
+    if "test_accuracy" in table:
+        for _, r in table[table["test_accuracy"].notna()].iterrows():
+            scores = {k: r[f"test_{k}"] for k in ("accuracy", "accuracy_low", "accuracy_high", "worst_class_recall")}
+            rows.append((str(r["trial_id"]), r["accuracy"], {**scores, "ece_scaled": r["test_ece_scaled"]}))
+    for name, val, t in rows:
+        gap = _fmt(val - t["accuracy"]) if val is not None else ""
+        interval = f"[{t['accuracy_low']:.4f}, {t['accuracy_high']:.4f}]"
+        lines.append(
+            _row(
+                [
+                    name,
+                    _fmt(val) if val is not None else "",
+                    _fmt(t["accuracy"]),
+                    interval,
+                    gap,
+                    _fmt(t.get("worst_class_recall")),
+                    _fmt(t.get("ece_scaled")),
+                ]
+            )
+        )
     return lines
 
 

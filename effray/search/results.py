@@ -28,6 +28,8 @@ CALIBRATION = ("temperature", "ece_scaled", "nll_scaled")
 FINAL_KEY = "final"
 STOPPED_FILE = "stopped.json"  # the pareto scheduler's record of the trials it stopped, and why
 TEACHER_FILE = "teacher.json"  # the teacher's measurement, every ratio's denominator
+TEST_FILE = "test.json"  # the teacher and the front scored on the test split (effray.search.holdout)
+TEST_COLUMNS = ("accuracy", "accuracy_low", "accuracy_high", "worst_class_recall", "ece_scaled")  # as test_<key>
 
 
 def _records(result: Path) -> list[dict[str, Any]]:
@@ -87,6 +89,23 @@ def load_trials(experiment_dir: str | os.PathLike) -> pd.DataFrame:
             f"no finished trials under {root}; let at least one trial complete (or re-run `effray tune` to resume)"
         )
     return pd.DataFrame(rows)
+
+
+def load_test_scores(experiment_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The experiment's ``test.json``, if the search scored its front on a test split."""
+    path = Path(experiment_dir) / TEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def with_test_columns(table: pd.DataFrame, scores: dict[str, Any] | None) -> pd.DataFrame:
+    """``table`` with a ``test_<key>`` column per :data:`TEST_COLUMNS` for the trials
+    ``scores`` holds (NaN for the others: models off the front were not scored on test)."""
+    if not scores or not scores.get("trials"):
+        return table
+    out = table.copy()
+    for key in TEST_COLUMNS:
+        out[f"test_{key}"] = [scores["trials"].get(str(t), {}).get(key, float("nan")) for t in out["trial_id"]]
+    return out
 
 
 def _flatten(record: dict[str, Any], trial_dir: str) -> dict[str, Any]:

@@ -127,6 +127,7 @@ def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_sess
     assert (spec["name"], spec["library"], spec["num_classes"]) == ("torchvision:resnet50", "torchvision", 10)
     assert data["image_shape"] == [SIZE, SIZE, 3] and data["preprocess"]
     assert summary["trials"] == 1 and summary["exports"]
+    assert summary["test"]["images"] == 20 and set(summary["test"]["front"]) == set(summary["exports"])  # 10 % of 200
     assert not any(e["error"] for e in summary["exports"].values()), summary["exports"]
     # the pick's int8 files: PT2E can't lower a torchvision ResNet's graph, so its torch int8 program is skipped
     # with the reason, and the ONNX / OpenVINO int8 files are written all the same (unless one misses its parity

@@ -328,10 +328,11 @@ def test_prepare_job_succeeds_with_the_shipped_runtime_env(cluster, job_prepared
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert cluster.status("prepare-ok") == "SUCCEEDED"
     result = _last_json(cluster.logs("prepare-ok"))
-    assert result["out"] == str(out) and result["counts"] == {"train": 540, "val": 60}
+    counts = {"train": 480, "val": 60, "test": 60}  # the default --test-fraction 0.1 carved out of the 600
+    assert result["out"] == str(out) and result["counts"] == counts
     meta = load_meta(out)
-    assert meta["counts"] == {"train": 540, "val": 60} and meta["source"] == f"parquet:{cifar_parquet}"
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train", "val"]
+    assert meta["counts"] == counts and meta["source"] == f"parquet:{cifar_parquet}"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test", "train", "val"]
 
 
 def test_secret_from_the_submitting_shell_reaches_the_job(cluster):

@@ -81,8 +81,8 @@ def test_torchvision_cifar10_pickles_roundtrip(tmp_path):
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     out = tmp_path / "out"
     meta = prepare(PrepareConfig(source=f"cifar10:{tmp_path}", out=str(out), val_fraction=0.25))
-    assert meta["counts"] == {"train": 60, "val": 20, "test": 40}
-    assert meta["classes"][0] == "c0"
+    assert meta["counts"] == {"train": 60, "val": 20, "test": 40}  # the source's own test split, none carved
+    assert meta["test_split"] == "source" and meta["test_fraction"] == 0.0 and meta["classes"][0] == "c0"
     test = _read(out, "test")
     np.testing.assert_array_equal(_pixels(test, (32, 32, 3)), all_imgs[2][np.asarray(test.column("index")) - 80])
 
@@ -109,7 +109,7 @@ def test_cifar100_pickles(tmp_path):
         pickle.dumps({b"data": imgs.transpose(0, 3, 1, 2).reshape(30, -1), b"fine_labels": labels.tolist()})
     )
     (root / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
-    meta = prepare(PrepareConfig(source=str(tmp_path), out=str(tmp_path / "o"), val_fraction=0.0))
+    meta = prepare(PrepareConfig(source=str(tmp_path), out=str(tmp_path / "o"), val_fraction=0.0, test_fraction=0.0))
     assert meta["num_classes"] == 100 and meta["counts"] == {"train": 30}
     assert sorted(_read(tmp_path / "o", "train").column("label").to_pylist()) == sorted(labels.tolist())
 
@@ -120,7 +120,9 @@ def test_image_folder_roundtrip(tmp_path):
         d = tmp_path / "src" / f"class{label % 3}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i:03d}.png")
-    meta = prepare(PrepareConfig(source=f"folder:{tmp_path / 'src'}", out=str(tmp_path / "o"), val_fraction=0.0))
+    meta = prepare(
+        PrepareConfig(source=f"folder:{tmp_path / 'src'}", out=str(tmp_path / "o"), val_fraction=0.0, test_fraction=0.0)
+    )
     assert meta["classes"] == ["class0", "class1", "class2"] and meta["image_shape"] == [16, 16, 3]
     table = _read(tmp_path / "o", "train")
     by_name = dict(zip(table.column("name").to_pylist(), _pixels(table, (16, 16, 3))))
@@ -130,19 +132,30 @@ def test_image_folder_roundtrip(tmp_path):
 def test_raw_pixel_parquet_and_canonical_as_source(tmp_path, tiny_cifar):
     imgs, labels = _images(20)
     pq.write_table(pa.table({"image": [i.tobytes() for i in imgs], "label": labels}), tmp_path / "raw.parquet")
-    prepare(PrepareConfig(source=str(tmp_path / "raw.parquet"), out=str(tmp_path / "o"), val_fraction=0.0))
+    prepare(
+        PrepareConfig(
+            source=str(tmp_path / "raw.parquet"), out=str(tmp_path / "o"), val_fraction=0.0, test_fraction=0.0
+        )
+    )
     table = _read(tmp_path / "o", "train")
     np.testing.assert_array_equal(_pixels(table, (32, 32, 3)), imgs[np.asarray(table.column("index"))])
     # a prepared dataset is itself a valid Parquet source
-    meta = prepare(PrepareConfig(source=f"parquet:{tiny_cifar}", out=str(tmp_path / "again"), val_fraction=0.0))
+    meta = prepare(
+        PrepareConfig(source=f"parquet:{tiny_cifar}", out=str(tmp_path / "again"), val_fraction=0.0, test_fraction=0.0)
+    )
     assert meta["counts"]["train"] == 600 and meta["classes"] == load_meta(tiny_cifar)["classes"]
 
 
-def test_synthetic_is_deterministic(tmp_path):
+def test_synthetic_is_deterministic_and_a_test_split_is_carved_by_default(tmp_path):
     a = prepare(PrepareConfig(source="synthetic:50", out=str(tmp_path / "a"), seed=3))
     prepare(PrepareConfig(source="synthetic:50", out=str(tmp_path / "b"), seed=3))
-    assert a["counts"] == {"train": 45, "val": 5}
-    assert _read(tmp_path / "a", "train").equals(_read(tmp_path / "b", "train"))
+    assert a["counts"] == {"train": 40, "val": 5, "test": 5} and a["test_split"] == "carved"
+    for split in ("train", "val", "test"):
+        assert _read(tmp_path / "a", split).equals(_read(tmp_path / "b", split))
+    # stratified: every class gives its share to test, and no row is in two splits
+    assert sum(a["counts_per_class"]["test"]) == 5 and max(a["counts_per_class"]["test"]) == 1
+    rows = [set(_read(tmp_path / "a", s).column("index").to_pylist()) for s in ("train", "val", "test")]
+    assert sum(map(len, rows)) == 50 and len(set.union(*rows)) == 50
 
 
 def _bad_parquet(tmp_path: Path, kind: str) -> Path:
@@ -191,6 +204,8 @@ def test_bad_rows_fail_cleanly_or_are_skipped(tmp_path, capsys, kind, fragment):
                 "--skip-bad",
                 "--val-fraction",
                 "0",
+                "--test-fraction",
+                "0",
             ]
         )
         == 0
@@ -205,6 +220,8 @@ def test_bad_rows_fail_cleanly_or_are_skipped(tmp_path, capsys, kind, fragment):
         (["--source", "/nonexistent/x"], "does not exist"),
         (["--source", "synthetic:0"], "positive count"),
         (["--source", "synthetic:10", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+        (["--source", "synthetic:10", "--test-fraction", "-0.1"], "--test-fraction must be in [0, 1)"),
+        (["--source", "synthetic:10", "--val-fraction", "0.5", "--test-fraction", "0.5"], "leave no training rows"),
         (["--source", "EMPTY"], "has no class subfolders"),
     ],
 )
@@ -224,7 +241,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     assert main(["data", "prepare", "--source", "synthetic:30", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "meta.json").read_text() == before
     assert main(["data", "prepare", "--source", "synthetic:30", "--out", str(out), "--overwrite"]) == 0
-    assert load_meta(out)["counts"]["train"] == 27
+    assert load_meta(out)["counts"] == {"train": 24, "val": 3, "test": 3}
 
 
 def _labelled_parquet(tmp_path: Path, labels: np.ndarray, names: list[str] | None = None) -> Path:
@@ -262,6 +279,8 @@ def test_a_stray_label_that_would_leave_empty_classes_is_one_line_naming_the_row
                 "10",
                 "--skip-bad",
                 "--val-fraction",
+                "0",
+                "--test-fraction",
                 "0",
             ]
         )

@@ -23,16 +23,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import trial_rows
+from helpers import cli, trial_rows
 
 EFFRAY = Path(sys.executable).parent / "effray"
 # two trials side by side: the 1-epoch one finishes (its final measurement takes seconds)
-# while the 6-epoch one still trains or measures
+# while the 10-epoch one still trains or measures (with 6 a quiet machine sometimes
+# finished both before the kill point)
 SPACE = """prune_kind: unstructured
 prune_rate: 0.5
 bits: 4
 kd_alpha: 0.7
-finetune_epochs: {grid: [1, 6]}
+finetune_epochs: {grid: [1, 10]}
 finetune_lr: 0.01
 """
 
@@ -104,12 +105,16 @@ def _kill_point(experiment: Path) -> dict[str, list[float]] | None:
     return finals
 
 
+def _artifact(experiment: Path, trial: str) -> str:
+    return str(sorted(experiment.glob(f"trial_{trial}/checkpoint_*/model.pt"))[-1])
+
+
 @pytest.mark.slow
 def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_session, cifar_parquet, tmp_path):
     (tmp_path / "space.yaml").write_text(SPACE)
     preset = tmp_path / "tiny.yaml"
     preset.write_text(
-        f"base: demo\nprepare: {{limit: 600}}\ntrain: {{epochs: 2, batch_size: 64}}\n"
+        f"base: demo\nprepare: {{limit: 660}}\ntrain: {{epochs: 2, batch_size: 64}}\n"
         f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20, scheduler: none}}\n"
     )
     out = tmp_path / "run"
@@ -172,3 +177,17 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     # the front's latencies: each exported file on ONNX Runtime against the teacher's file there
     assert "x b1" in second.stdout and "latency: the exported files on onnxruntime" in second.stdout, said
     assert {p: p.stat().st_mtime_ns for p in (meta, report, *_teacher_checkpoints(out))} == stamps
+    # chosen on val, estimated once on the 66 images the default --test-fraction carved out of the 660
+    test = summary["test"]
+    assert (
+        test["images"] == 66 and test["selected_on"] == "val" and {f"trial_{t}" for t in test["front"]} <= set(after)
+    ), said
+    assert "[effray run] test split (66 images, never trained on or chosen by" in second.stdout, said
+    for scores in (test["teacher"], *test["front"].values()):
+        assert scores["accuracy_low"] <= scores["accuracy"] <= scores["accuracy_high"], test
+    # the figures `effray evaluate` gives each artifact on that split, through its own batches
+    for trial, scores in test["front"].items():
+        args = ("--checkpoint", _artifact(experiment, trial), "--data", str(out / "data"), "--split", "test")
+        rc, evaluated, err = cli("evaluate", *args, "--tta", "0")
+        assert rc == 0 and evaluated["accuracy"] == pytest.approx(scores["accuracy"], abs=1e-9), err
+    assert "## Held-out test split" in Path(summary["report"]).read_text()

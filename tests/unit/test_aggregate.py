@@ -230,3 +230,32 @@ def test_the_report_reads_ece_before_and_after_temperature_scaling_for_the_front
     assert "| b | 0.6 | 0.15 → 0.03 | 0.8 → 0.45 |" in rows
     write_report(_table(), tmp_path / "old", teacher={"accuracy": 0.92, "bytes": 1e6})  # trials from before T
     assert "## Calibration" not in (tmp_path / "old" / "report.md").read_text()
+
+
+def test_the_report_gives_the_fronts_test_accuracy_with_its_interval_beside_the_val_one_it_was_chosen_by(tmp_path):
+    teacher = {"accuracy": 0.92, "bytes": 1e6, "macs": 4e7, "latency_ms": 3}
+    scored = {"accuracy": 0.88, "accuracy_low": 0.86, "accuracy_high": 0.90, "worst_class_recall": 0.7}
+    test = {
+        "split": "test",
+        "selected_on": "val",
+        "interval": "95 % Wilson",
+        "images": 1000,
+        "teacher": {**scored, "accuracy": 0.91, "ece_scaled": 0.02},
+        "trials": {"a": {**scored, "ece_scaled": 0.03}},  # only what the search scored: a is on the front
+    }
+    summary = write_report(_table(), tmp_path / "r", teacher=teacher, max_size_kb=10_000, test=test)
+    table = pd.read_parquet(tmp_path / "r" / "results.parquet").set_index("trial_id")
+    assert table.loc["a", "test_accuracy"] == 0.88 and np.isnan(table.loc["b", "test_accuracy"])
+    assert summary["test"]["teacher"] == {"accuracy": 0.91, "accuracy_low": 0.86, "accuracy_high": 0.90}
+    val_a = float(table.loc["a", "accuracy"])
+    assert summary["test"]["front"] == {
+        "a": {"val_accuracy": val_a, "accuracy": 0.88, "accuracy_low": 0.86, "accuracy_high": 0.90}
+    }
+    section = (tmp_path / "r" / "report.md").read_text().split("## Held-out test split")[1]
+    assert "picked on val" in section and "1000 test images were read once" in section
+    assert f"| a | {val_a:.4g} | 0.88 | [0.8600, 0.9000] | {val_a - 0.88:.4g} | 0.7 | 0.03 |" in section
+    assert "| teacher (fp32) | 0.92 | 0.91 | [0.8600, 0.9000] | 0.01 |" in section
+    assert summary["budget_pick"]["trial_id"] == "a" and summary["budget_pick"]["test_accuracy"] == 0.88
+    # no test split: the report says what its accuracies are
+    write_report(_table(), tmp_path / "none", teacher=teacher)
+    assert "has no test split" in (tmp_path / "none" / "report.md").read_text()

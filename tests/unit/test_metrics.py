@@ -11,6 +11,7 @@ import torch
 
 from effray.metrics import (
     TEMPERATURE_RANGE,
+    accuracy_interval,
     classification_metrics,
     fit_temperature,
     scaled_calibration,
@@ -135,3 +136,19 @@ def test_degenerate_sets_give_a_finite_bounded_temperature():
     assert fit_temperature(torch.full((4, 3), float("inf")), torch.zeros(4, dtype=torch.long)) == 1.0
     with pytest.raises(ValueError, match="don't match"):
         fit_temperature(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("correct", "count", "low", "high"),
+    # the Wilson interval at z = 1.96 worked out by hand (Newcombe 1998, table I: 81/263 -> 0.2553-0.3662)
+    [(81, 263, 0.2553, 0.3662), (50, 100, 0.4038, 0.5962), (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0)],
+)
+def test_the_accuracy_interval_is_wilsons(correct, count, low, high):
+    got = accuracy_interval(correct, count)
+    assert got == pytest.approx((low, high), abs=5e-5) and 0.0 <= got[0] <= correct / count <= got[1] <= 1.0
+
+
+def test_the_interval_narrows_as_the_square_root_of_the_images_and_is_nan_without_any():
+    width = [accuracy_interval(0.9 * n, n)[1] - accuracy_interval(0.9 * n, n)[0] for n in (1_000, 4_000)]
+    assert width[0] / width[1] == pytest.approx(2.0, rel=0.02)
+    assert all(math.isnan(v) for v in accuracy_interval(0, 0))
