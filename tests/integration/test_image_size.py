@@ -85,7 +85,7 @@ def test_mixed_sizes_need_image_size_and_every_image_is_resized_once_with_it(tmp
         rows.append(buf.getvalue())
     src = tmp_path / "mixed.parquet"
     pq.write_table(pa.table({"image": rows, "label": table.column("label"), "name": table.column("name")}), src)
-    args = ["data", "prepare", "--source", str(src), "--classes", "10", "--val-fraction", "0"]
+    args = ["data", "prepare", "--source", str(src), "--classes", "10", "--val-fraction", "0", "--test-fraction", "0"]
     rc, _, err = cli(*args, "--out", str(tmp_path / "no"))
     assert rc == 2 and not (tmp_path / "no").exists(), err
     assert any("mixed image sizes" in line and "--image-size" in line for line in err.splitlines()), err
