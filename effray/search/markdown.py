@@ -162,7 +162,9 @@ def _test_section(table: pd.DataFrame, teacher: dict[str, Any] | None, test: dic
         "the test accuracy; val − test is the selection's optimism (noise included). ECE on test uses the "
         "temperature each model fitted on val.",
         "",
-        *_header(["model", "val accuracy", "test accuracy", "95 % interval", "val − test", "worst class", "ece"]),
+        *_header(
+            ["model", "val accuracy", "test accuracy", "95 % interval", "val − test", "worst class", "ece (val T)"]
+        ),
     ]
     rows = [("teacher (fp32)", (teacher or {}).get("accuracy"), test["teacher"])]
     if "test_accuracy" in table:
