@@ -18,9 +18,18 @@ from effray.run.front import export_front, front_table, holdout_line, latency_li
 from effray.run.plan import RunConfig, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
+from effray.search.config import TuneConfig
 from effray.search.driver import trial_count, tune_compression
 from effray.search.progress import TrialProgress
 from effray.train import train
+
+
+def _pick_rule(cfg: RunConfig, tune: TuneConfig, picked: bool) -> str:
+    """How the starred model was chosen, as the front's header says it."""
+    within = [f"{cfg.max_size_kb:g} KB"] if cfg.max_size_kb else []
+    if tune.limits.active and picked:
+        return f"the cheapest in {tune.objective} within {', '.join([*within, tune.limits.describe()])}"
+    return f"the most accurate{f' within {within[0]}' if within else ''}"
 
 
 def run_all(cfg: RunConfig) -> dict[str, Any]:
@@ -91,10 +100,20 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     )
 
     t = stage("report")
-    summary = report(ReportConfig(experiment=searched["experiment"], max_size_kb=cfg.max_size_kb))
+    limits = plan.tune.limits
+    summary = report(
+        ReportConfig(
+            experiment=searched["experiment"],
+            max_size_kb=cfg.max_size_kb,
+            limits=limits,
+            cost=plan.tune.objective,
+        )
+    )
     timings["report_s"] = time.time() - t
     results = Path(summary["report"]).with_name("results.parquet")
     pick = (summary.get("budget_pick") or {}).get("trial_id") or most_accurate(results)  # no budget: the best model
+    if limits.active and not summary.get("budget_pick"):
+        say(f"[effray run] no trial meets the limits ({limits.describe()}); the most accurate is marked instead")
 
     t = stage("export the front")
     exports = export_front(results, pick, out / "export", data_dir)
@@ -105,8 +124,8 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
 
     say(
         f"[effray run] the front ({summary['pareto'].get('bytes', 0)} non-dominated of {summary['trials']} measured, "
-        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; * the most accurate"
-        f"{f' within {cfg.max_size_kb:g} KB' if cfg.max_size_kb else ''}):"
+        f"hypervolume {summary.get('hypervolume', float('nan')):.4f}; "
+        f"* {_pick_rule(cfg, plan.tune, bool(summary.get('budget_pick')))}):"
     )
     for line in front_table(results, searched.get("teacher"), pick) + target_lines(results):
         say(line)
@@ -131,6 +150,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
         "hypervolume": summary.get("hypervolume"),
         "best_accuracy": summary["best_accuracy"],
         "budget_pick": summary.get("budget_pick"),
+        "limits": summary.get("limits"),
         "test": summary.get("test"),
         "exports": exports,
         "clean": cleaned,

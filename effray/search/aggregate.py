@@ -19,7 +19,8 @@ import pandas as pd
 
 from effray.atomic import write_file
 from effray.config import option, require
-from effray.search.fronts import add_pareto_columns, best_within, hypervolume
+from effray.search.constraints import Constraints
+from effray.search.fronts import PICK_COSTS, add_pareto_columns, best_within, cheapest_within, hypervolume
 from effray.search.markdown import markdown
 from effray.search.plot import plot_pareto
 from effray.search.results import (
@@ -47,6 +48,10 @@ class ReportConfig:
         "what the budget pick maximises: accuracy, or robustness (mean corruption accuracy)",
         choices=("accuracy", "robustness"),
     )
+    limits: Constraints = Constraints()  # with any limit set, the pick is the cheapest model within them all
+    cost: str = option(
+        "bytes", "with --max-drop or a tail limit: the cost the pick minimises", choices=tuple(PICK_COSTS)
+    )
 
     def validate(self) -> None:
         require(bool(self.experiment), "give the experiment directory: effray report --experiment DIR")
@@ -65,10 +70,13 @@ def write_report(
     stopped: pd.DataFrame | None = None,
     objective: str = "accuracy",
     test: dict[str, Any] | None = None,
+    limits: Constraints | None = None,
+    cost: str = "bytes",
 ) -> dict[str, Any]:
     """Write results.parquet/.csv, report.md and pareto.png; return the summary.
     ``stopped``: the trials that ended before their final measurement (:func:`load_stopped`);
-    ``test``: the teacher and the front scored on the test split (``test.json``), if they were."""
+    ``test``: the teacher and the front scored on the test split (``test.json``), if they were;
+    ``limits``: when any is set, the pick is the cheapest by ``cost`` within them (and the budget)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = add_pareto_columns(with_test_columns(df, test)).sort_values("accuracy", ascending=False)
@@ -81,11 +89,18 @@ def write_report(
     )
     write_file(out / "results.parquet", lambda p: table.to_parquet(p, index=False))
     write_file(out / "results.csv", lambda p: table.to_csv(p, index=False))
-    pick = best_within(table, max_size_kb, max_latency_ms, objective) if (max_size_kb or max_latency_ms) else None
+    limited = limits is not None and limits.active
+    picking = limited or bool(max_size_kb or max_latency_ms)
+    if limited:
+        require(teacher is not None, "--max-drop and the tail limits are against the teacher: no teacher.json here")
+        pick = cheapest_within(table, teacher, limits, cost, max_size_kb, max_latency_ms)
+    else:
+        pick = best_within(table, max_size_kb, max_latency_ms, objective) if picking else None
+    said = limits.describe() if limited else ""
     write_file(
         out / "report.md",
         lambda p: p.write_text(
-            markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective, test)
+            markdown(table, teacher, pick, max_size_kb, max_latency_ms, stopped, hv, objective, test, said)
         ),
     )
     write_file(out / "pareto.png", lambda p: plot_pareto(table, p, teacher, stopped))
@@ -98,14 +113,15 @@ def write_report(
         "best_accuracy": float(table["accuracy"].max()),
         "test": _test_summary(table, test),
     }
-    if max_size_kb or max_latency_ms:
+    if picking:
+        summary["limits"] = said or None
         summary["budget_pick"] = (
             None
             if pick is None
             else {
                 "trial_id": pick["trial_id"],
                 "accuracy": float(pick["accuracy"]),
-                "objective": objective,
+                "objective": f"cheapest {cost} within the limits" if limited else objective,
                 "bytes": int(pick["bytes"]),
                 "artifact": pick.get("artifact"),
                 **({"test_accuracy": float(pick["test_accuracy"])} if pd.notna(pick.get("test_accuracy")) else {}),
@@ -209,6 +225,8 @@ def report(cfg: ReportConfig, tracking: TrackerSettings | None = None) -> dict[s
         stopped=load_stopped(cfg.experiment),
         objective=cfg.objective,
         test=load_test_scores(cfg.experiment),
+        limits=cfg.limits,
+        cost=cfg.cost,
     )
     if tracking is not None and tracking.mode != "disabled":
         log_summary(out, summary, tracking, teacher)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from effray.config import option, require
 from effray.evaluate.corrupt import parse_corruptions
 from effray.evaluate.robustness import parse_severities
+from effray.search.constraints import Constraints
 from effray.search.deployed import DEPLOY_CHOICES, DeploySpec, parse_targets
 from effray.train.config import WANDB_MODES
 
@@ -61,6 +62,7 @@ class TuneConfig:
         "drop configs whose estimated batch-1 latency (the teacher's on --deploy's runtime, scaled by MACs) exceeds "
         "this before they run (0 = no limit)",
     )
+    limits: Constraints = Constraints()  # --max-drop and the tail limits, judged on val against the teacher
     deploy: str = option(
         "auto",
         "export every measured trial to this runtime, check it against the artifact and time it beside the teacher "
@@ -158,6 +160,10 @@ class TuneConfig:
         ):
             require(isinstance(v, int) and v >= 1, f"{flag} must be a positive integer, got {v}")
         require(self.robust_images >= 0, f"--robust-images must be >= 0, got {self.robust_images}")
+        require(
+            not self.limits.max_corruption_drop or self.robust_images > 0,
+            "--max-corruption-drop needs the corruption score: drop --robust-images 0",
+        )
         if self.robust_images:
             parse_corruptions(self.robust_corruptions)
             parse_severities(self.robust_severities)

@@ -125,7 +125,14 @@ def _search(
     summary = _results(grid, path, resumed, w, shares, context.teacher.metrics)
     if context.local and summary["measured"]:  # chosen on val, estimated on test (a local experiment's artifacts)
         summary["test"] = score_test_split(
-            path, cfg.data, meta, context.teacher.path, context.teacher.metrics, cfg.eval_batch_size, cfg.trust_code
+            path,
+            cfg.data,
+            meta,
+            context.teacher.path,
+            context.teacher.metrics,
+            cfg.eval_batch_size,
+            cfg.trust_code,
+            cfg.limits,
         )
     if mode != "disabled":
         run = _summary_run(cfg, mode, context.teacher.metrics)
@@ -161,7 +168,7 @@ def _new_tuner(
         tune_config=tune.TuneConfig(
             num_samples=trial_count(cfg, space),
             search_alg=_searcher(cfg, space, costs),
-            scheduler=_scheduler(cfg, cfg.experiment),
+            scheduler=_scheduler(cfg, cfg.experiment, cfg.limits.accuracy_floor(teacher.metrics)),
             max_concurrent_trials=concurrency(cfg, ray.cluster_resources(), shares),
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             reuse_actors=cfg.workers_per_trial == 1,  # a trial's process (torch imported, kernels warm) serves the next
@@ -210,8 +217,9 @@ def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: CostModel) -> CostA
     )
 
 
-def _scheduler(cfg: TuneConfig, path: str) -> Any:
-    """Early stopping: effray's multi-objective rungs, Ray's ASHA on accuracy, or none."""
+def _scheduler(cfg: TuneConfig, path: str, floor: float | None = None) -> Any:
+    """Early stopping: effray's multi-objective rungs (which also stop a trial that can no
+    longer reach ``floor``, --max-drop's accuracy), Ray's ASHA on accuracy, or none."""
     from ray import tune
 
     if cfg.scheduler == "pareto":
@@ -222,6 +230,7 @@ def _scheduler(cfg: TuneConfig, path: str) -> Any:
             reduction_factor=cfg.reduction_factor,
             acc_margin=cfg.acc_margin,
             log_path=os.path.join(path, STOPPED_FILE) if "://" not in path else None,
+            accuracy_floor=floor,
         )
     if cfg.scheduler == "asha":
         return LastEpochSafeASHA(

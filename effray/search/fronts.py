@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 
 from effray.errors import EffrayError
+from effray.search.constraints import Constraints
 from effray.search.results import COSTS, OBJECTIVES, TARGET_LATENCY
+
+PICK_COSTS = {"bytes": "bytes", "macs": "macs", "latency": "latency_ms"}  # --objective -> the column the pick minimises
 
 
 def pareto_mask(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
@@ -75,6 +78,15 @@ def add_pareto_columns(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _budget(df: pd.DataFrame, max_size_kb: float | None, max_latency_ms: float | None) -> np.ndarray:
+    keep = np.ones(len(df), dtype=bool)
+    if max_size_kb is not None:
+        keep &= df["bytes"].to_numpy() <= max_size_kb * 1024
+    if max_latency_ms is not None:
+        keep &= df["latency_ms"].to_numpy() <= max_latency_ms
+    return keep
+
+
 def best_within(
     df: pd.DataFrame, max_size_kb: float | None = None, max_latency_ms: float | None = None, objective: str = "accuracy"
 ) -> pd.Series | None:
@@ -86,12 +98,27 @@ def best_within(
             f"--objective {objective} needs the trials' {score}; this experiment has none "
             "(run `effray tune` with --robust-images > 0)"
         )
-    keep = np.ones(len(df), dtype=bool)
-    if max_size_kb is not None:
-        keep &= df["bytes"].to_numpy() <= max_size_kb * 1024
-    if max_latency_ms is not None:
-        keep &= df["latency_ms"].to_numpy() <= max_latency_ms
-    within = df[keep]
+    within = df[_budget(df, max_size_kb, max_latency_ms)]
     if within.empty:
         return None
     return within.sort_values([score, "bytes"], ascending=[False, True]).iloc[0]
+
+
+def cheapest_within(
+    df: pd.DataFrame,
+    teacher: dict,
+    limits: Constraints,
+    cost: str = "bytes",
+    max_size_kb: float | None = None,
+    max_latency_ms: float | None = None,
+) -> pd.Series | None:
+    """The cheapest row by ``cost`` (bytes, macs or latency) that meets every limit against
+    ``teacher`` and the budget (the more accurate breaks ties), or None: NNCF's
+    ``max_drop`` answer, the smallest model within the drop."""
+    column = PICK_COSTS[cost]
+    if column not in df or df[column].isna().all():
+        raise EffrayError(f"the pick minimises {column} (--objective {cost}); this experiment has none")
+    within = df[limits.within(df, teacher) & _budget(df, max_size_kb, max_latency_ms)]
+    if within.empty:
+        return None
+    return within.sort_values([column, "accuracy"], ascending=[True, False]).iloc[0]

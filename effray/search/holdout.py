@@ -4,7 +4,8 @@ Trials are stopped, ranked and picked on val, and the best of many on one split 
 higher there than it will elsewhere (the winner's curse: the demo's pick lost 1.6 points
 on 10,000 held-out images). The test split (``data prepare --test-fraction``, or the
 source's own) is read once, after the search: the teacher and every model on a Pareto
-front are scored on it by the one metrics pass, each accuracy with its 95 % Wilson
+front (with ``--max-drop`` or a tail limit, also every model within them: the pick's
+candidates) are scored on it by the one metrics pass, each accuracy with its 95 % Wilson
 interval, and the ECE after the temperature each model recorded on val (so calibration
 is judged on rows T was not fitted on). ``test.json`` sits beside ``teacher.json``; the
 report reads both.
@@ -15,12 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from effray.atomic import write_json
 from effray.compress.artifact import load_artifact, temperature_of
 from effray.compress.measure import class_scores
 from effray.compress.run import teacher_input
 from effray.data.arrays import eval_batches, load_arrays
 from effray.metrics import accuracy_interval
+from effray.search.constraints import Constraints
 from effray.search.fronts import add_pareto_columns
 from effray.search.results import TEST_FILE, load_trials
 from effray.train.checkpoint import load_checkpoint
@@ -28,11 +32,17 @@ from effray.train.checkpoint import load_checkpoint
 SCORES = ("accuracy", "macro_f1", "worst_class_recall", "ece", "ece_scaled")  # what test.json keeps per model
 
 
-def front_artifacts(experiment: str | Path) -> dict[str, str]:
-    """``{trial_id: artifact}`` of every model on any of the experiment's Pareto fronts."""
+def front_artifacts(
+    experiment: str | Path, teacher: dict[str, Any] | None = None, limits: Constraints | None = None
+) -> dict[str, str]:
+    """``{trial_id: artifact}`` of every model on any of the experiment's Pareto fronts and,
+    with active ``limits``, of every model within them (the pick's candidates)."""
     table = add_pareto_columns(load_trials(experiment))
     marks = [c for c in table.columns if c.startswith("pareto_")]
-    front = table[table[marks].eq(True).any(axis=1)] if marks else table
+    chosen = np.array(table[marks].eq(True).any(axis=1), dtype=bool) if marks else np.ones(len(table), dtype=bool)
+    if limits is not None and limits.active and teacher is not None:
+        chosen |= limits.within(table, teacher)
+    front = table[chosen]
     return {str(r["trial_id"]): str(r["artifact"]) for _, r in front.iterrows() if isinstance(r.get("artifact"), str)}
 
 
@@ -52,6 +62,7 @@ def score_test_split(
     teacher_metrics: dict[str, Any],
     batch_size: int,
     trust_code: bool = False,
+    limits: Constraints | None = None,
 ) -> dict[str, Any] | None:
     """The teacher and the front scored on ``data_dir``'s test split and written to
     ``EXPERIMENT/test.json``; None (and nothing written) when the dataset has no test split."""
@@ -66,7 +77,7 @@ def score_test_split(
         "teacher": holdout_scores(model, batches, teacher_metrics.get("temperature")),
         "trials": {},
     }
-    for trial_id, path in sorted(front_artifacts(experiment).items()):
+    for trial_id, path in sorted(front_artifacts(experiment, teacher_metrics, limits).items()):
         student, artifact = load_artifact(path, trust_code=True)  # written by this search's trials
         scores["trials"][trial_id] = holdout_scores(student, batches, temperature_of(artifact))
     scores["images"] = scores["teacher"]["images"]

@@ -30,6 +30,7 @@ def markdown(
     hv: float | None,
     objective: str = "accuracy",
     test: dict[str, Any] | None = None,
+    limits: str = "",
 ) -> str:
     """The report: the teacher's line, how to read the table, the hypervolume, the measured
     trials (the teacher's row first), the test split's estimate of the front, then those that
@@ -75,8 +76,8 @@ def markdown(
     lines += _calibration_section(table, teacher)
     if len(stopped):
         lines += _stopped_section(stopped, cols)
-    if max_size_kb or max_latency_ms:
-        lines += _budget_section(pick, max_size_kb, max_latency_ms, objective)
+    if max_size_kb or max_latency_ms or limits:
+        lines += _budget_section(pick, max_size_kb, max_latency_ms, objective, limits)
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +195,7 @@ def _stopped_section(stopped: pd.DataFrame, cols: list[str]) -> list[str]:
     """The trials that ended before their final measurement: where, and who beat them."""
     scols = [
         c
-        for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by")
+        for c in ("trial_id", "outcome", "rung", "val_accuracy", "predicted_bytes", "rank", "dominated_by", "reason")
         if c in stopped
     ]
     scols += [c for c in cols if c.startswith("config.") and c in stopped]
@@ -203,24 +204,35 @@ def _stopped_section(stopped: pd.DataFrame, cols: list[str]) -> list[str]:
         f"## Ended before their final measurement ({len(stopped)})",
         "",
         "Stopped early at the rung (epoch) shown, with the accuracy it had there and its predicted size; "
-        "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both.",
+        "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both; "
+        "reason 'below the accuracy floor': it could no longer reach --max-drop.",
         "",
     ]
     return lines + _header(scols) + [_row(_fmt(row[c]) for c in scols) for _, row in stopped.iterrows()]
 
 
 def _budget_section(
-    pick: pd.Series | None, max_size_kb: float | None, max_latency_ms: float | None, objective: str
+    pick: pd.Series | None, max_size_kb: float | None, max_latency_ms: float | None, objective: str, limits: str = ""
 ) -> list[str]:
     budget = ", ".join(
         b
-        for b in (f"≤ {max_size_kb} KB" if max_size_kb else "", f"≤ {max_latency_ms} ms" if max_latency_ms else "")
+        for b in (
+            f"≤ {max_size_kb} KB" if max_size_kb else "",
+            f"≤ {max_latency_ms} ms" if max_latency_ms else "",
+            limits,
+        )
         if b
     )
-    lines = ["", f"## Best within budget ({budget}), by {OBJECTIVES[objective].replace('_', ' ')}", ""]
+    if limits:  # NNCF's max_drop answer: the cheapest model within every limit, judged on val against the teacher
+        title = f"## Cheapest within the limits ({budget}; on val, against the teacher)"
+    else:
+        title = f"## Best within budget ({budget}), by {OBJECTIVES[objective].replace('_', ' ')}"
+    lines = ["", title, ""]
     if pick is None:
-        return [*lines, "No trial fits this budget."]
+        return [*lines, "No trial meets these limits." if limits else "No trial fits this budget."]
     robust = f", corruption accuracy {_fmt(pick['corruption_accuracy'])}" if "corruption_accuracy" in pick else ""
+    if pd.notna(pick.get("test_accuracy")):
+        robust += f"; on test: accuracy {_fmt(pick['test_accuracy'])}"
     return [
         *lines,
         f"Trial {pick['trial_id']}: accuracy {_fmt(pick['accuracy'])}{robust}, {int(pick['bytes'])} bytes, "

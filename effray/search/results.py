@@ -66,6 +66,7 @@ def load_stopped(experiment_dir: str | os.PathLike) -> pd.DataFrame:
             rung=why.get("rung", last.get("epoch")),
             rank=why.get("rank"),
             dominated_by=",".join(why.get("dominated_by", [])),
+            reason=why.get("reason", "dominated" if why else ""),
         )
         rows.append(row)
     return pd.DataFrame(rows)

@@ -9,6 +9,11 @@ front. The costs (predicted bytes, MACs) are known before training, so each tria
 the same values with every epoch; accuracy gets a noise margin (``--acc-margin``), since
 one epoch's validation accuracy on a small split is noisy.
 
+With an accuracy floor (``--max-drop``: the teacher's val accuracy less the drop), a trial
+is also stopped at a rung when it can no longer reach the floor: its accuracy there plus the
+most any finished trial gained from that rung to its last epoch (and the noise margin)
+stays below it. Before a trial has finished, nobody is stopped for the floor.
+
 A trial on its last epoch (``epoch >= epochs``) or sending its ``final`` report is never
 stopped: when a short trial's last epoch lands on a rung, stopping it there would throw
 away the fine-tune a moment before its final measurement, the only report the Pareto
@@ -109,6 +114,7 @@ class ParetoASHA(FIFOScheduler):
         cost_rtol: float = 0.0,
         min_rung_size: int = 2,
         log_path: str | None = None,
+        accuracy_floor: float | None = None,
     ):
         costs = (costs,) if isinstance(costs, str) else tuple(costs)
         bad = [
@@ -138,6 +144,8 @@ class ParetoASHA(FIFOScheduler):
         self._cost_rtol = cost_rtol
         self._min_rung_size = min_rung_size
         self._log_path = None if log_path is None else str(log_path)
+        self._floor = accuracy_floor
+        self._ended: dict[str, float] = {}  # trial id -> its metric on its last fine-tune epoch
         # rung -> trial id -> (metric, *costs), in arrival order
         self._rungs: dict[Rung, dict[str, list[float]]] = {}
         self._last_rung: dict[str, Rung] = {}  # trial id -> the highest rung it was judged at
@@ -159,12 +167,14 @@ class ParetoASHA(FIFOScheduler):
         point = [_worst_if_nan(self._need(result, self._metric), -math.inf)]
         point += [_worst_if_nan(self._need(result, c), math.inf) for c in self._costs]
         tid = trial.trial_id
+        if t >= last:
+            self._ended[tid] = point[0]
         rung = self._rung_for(t, self._last_rung.get(tid, 0))
         if rung is None:
             return TrialScheduler.CONTINUE
         self._rungs.setdefault(rung, {})[tid] = point
         self._last_rung[tid] = rung
-        verdict = self._judge(rung, tid)
+        verdict = self._below_floor(rung, tid) or self._judge(rung, tid)
         if verdict is None:
             return TrialScheduler.CONTINUE
         verdict["epoch"] = _plain(t)
@@ -187,8 +197,9 @@ class ParetoASHA(FIFOScheduler):
     def debug_string(self) -> str:
         rungs = " | ".join(f"{r}: {len(rec)}" for r, rec in sorted(self._rungs.items()))
         costs = ", ".join(self._costs) or "(no costs)"
+        floor = f", floor {self._floor:.4f}" if self._floor is not None else ""
         return (
-            f"ParetoASHA: max {self._metric} vs min {costs} (margin {self._acc_margin}, "
+            f"ParetoASHA: max {self._metric} vs min {costs} (margin {self._acc_margin}{floor}, "
             f"cost rtol {self._cost_rtol}, rf {self._rf}); stopped {len(self.stopped)}, "
             f"spared on last epoch {len(self.spared)}; trials per rung: {rungs or 'none yet'}"
         )
@@ -230,6 +241,32 @@ class ParetoASHA(FIFOScheduler):
                 best = _plain(r)
             k += 1
         return best
+
+    def headroom(self, rung: Rung) -> float | None:
+        """The most a finished trial gained from ``rung`` to its last epoch (never below 0),
+        or None while no trial recorded at ``rung`` has finished."""
+        gains = [
+            self._ended[other] - point[0]
+            for other, point in self._rungs.get(_plain(rung), {}).items()
+            if other in self._ended
+        ]
+        return max(0.0, *gains) if gains else None
+
+    def _below_floor(self, rung: Rung, tid: str) -> dict[str, Any] | None:
+        """The record of why ``tid`` can no longer reach the accuracy floor, else None."""
+        room = self.headroom(rung) if self._floor is not None else None
+        me = self._rungs[rung][tid]
+        if room is None or me[0] + room + self._acc_margin >= self._floor:
+            return None
+        return {
+            "rung": rung,
+            "reason": "below the accuracy floor",
+            "floor": self._floor,
+            "headroom": room,
+            "dominated_by": [],
+            self._metric: me[0],
+            **dict(zip(self._costs, me[1:])),
+        }
 
     def _judge(self, rung: Rung, tid: str) -> dict[str, Any] | None:
         """None to continue, else the record of why ``tid`` is outside the keep set."""

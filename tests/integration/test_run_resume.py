@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import cli, trial_rows
 
@@ -115,7 +116,8 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
     preset = tmp_path / "tiny.yaml"
     preset.write_text(
         f"base: demo\nprepare: {{limit: 660}}\ntrain: {{epochs: 2, batch_size: 64}}\n"
-        f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20, scheduler: none}}\n"
+        f"tune: {{space: {tmp_path / 'space.yaml'}, robust_images: 20, scheduler: none,"
+        " limits: {max_drop: 50, max_ece: 0.9}}\n"
     )
     out = tmp_path / "run"
     args = ["run", "--preset", str(preset), "--source", str(cifar_parquet), "--out", str(out)]
@@ -191,3 +193,13 @@ def test_a_run_killed_in_the_search_resumes_it_and_redoes_no_earlier_stage(ray_s
         rc, evaluated, err = cli("evaluate", *args, "--tta", "0")
         assert rc == 0 and evaluated["accuracy"] == pytest.approx(scores["accuracy"], abs=1e-9), err
     assert "## Held-out test split" in Path(summary["report"]).read_text()
+    # --max-drop and a tail limit: the pick is the smallest model within both on val, against the teacher's val scores
+    table = pd.read_parquet(Path(summary["report"]).with_name("results.parquet"))
+    teacher = json.loads((experiment / "teacher.json").read_text())
+    within = table[(table["accuracy"] >= teacher["accuracy"] - 0.5) & (table["ece_scaled"] <= 0.9)]
+    cheapest = within.sort_values(["bytes", "accuracy"], ascending=[True, False]).iloc[0]["trial_id"]
+    assert (
+        summary["budget_pick"]["trial_id"] == cheapest
+        and summary["limits"] == "accuracy drop ≤ 50 pt, ECE (after T) ≤ 0.9"
+    )
+    assert "* the cheapest in bytes within accuracy drop ≤ 50 pt" in second.stdout and cheapest in test["front"], said

@@ -253,3 +253,27 @@ def test_ray_asha_stops_a_trial_after_its_last_epoch_and_the_safe_one_does_not()
     assert decisions == {"plain": (CONTINUE, STOP), "safe": (CONTINUE, CONTINUE)}
     # before its last epoch the safe one decides as ASHA does
     assert report(safe, "later", 1, 0.50, 100, epochs=3) == report(plain, "later", 1, 0.50, 100, epochs=3) == STOP
+
+
+def test_a_trial_that_can_no_longer_reach_the_accuracy_floor_is_stopped_once_a_finished_trial_says_so():
+    s = ParetoASHA(accuracy_floor=0.80, acc_margin=0.0, min_rung_size=99)  # the fronts stop nobody here
+    assert report(s, "a", 1, 0.50, 100, epochs=3) == CONTINUE  # no finished trial yet: no headroom known
+    assert s.headroom(1) is None
+    assert report(s, "a", 3, 0.70, 100, epochs=3) == CONTINUE  # a's last epoch: it gained 0.20 from rung 1
+    assert s.headroom(1) == pytest.approx(0.20)
+    assert report(s, "b", 1, 0.65, 50) == CONTINUE  # 0.65 + 0.20 reaches 0.80
+    assert report(s, "c", 1, 0.55, 10) == STOP  # 0.55 + 0.20 can't
+    assert s.stopped["c"]["reason"] == "below the accuracy floor" and s.stopped["c"]["floor"] == 0.80
+    assert s.stopped["c"]["headroom"] == pytest.approx(0.20) and "floor 0.8000" in s.debug_string()
+    # a trial on its last epoch still goes on to its final measurement
+    assert report(s, "d", 1, 0.10, 10, epochs=1) == CONTINUE and "d" in s.spared
+    # the floor survives a pickle round trip, as the rest of the state does
+    again = pickle.loads(pickle.dumps(s))
+    assert report(again, "e", 1, 0.55, 10) == STOP and report(again, "f", 1, 0.61, 10) == CONTINUE
+
+
+def test_without_a_floor_the_headroom_stops_nobody():
+    s = ParetoASHA(min_rung_size=99)
+    report(s, "a", 1, 0.5, 100, epochs=3)
+    report(s, "a", 3, 0.9, 100, epochs=3)
+    assert report(s, "b", 1, 0.01, 10) == CONTINUE and not s.stopped
