@@ -1,7 +1,10 @@
-"""A model of the user's own and the worked example's torchvision nets through every stage on
-local Ray, on real Imagenette images made small: the Python API (train -> compress with
-structured pruning, 4-bit QAT and KD -> export -> evaluate) for a hand-written residual +
-depthwise module, and the ``imagenette-resnet50`` preset end to end on a tiny slice."""
+"""A model of the user's own, a timm ViT and the worked example's torchvision nets through
+every stage on local Ray, on real Imagenette images made small: the Python API (train ->
+compress with structured pruning, 4-bit QAT and KD -> export -> evaluate) for a hand-written
+residual + depthwise module; the CLI for a timm ViT (train on Ray Train -> compress its heads
+and MLPs with 4-bit QAT and KD -> every export -> predict on Ray Data -> serve over HTTP;
+tests/unit/test_compress_recipe.py distils one into a CNN); and the ``imagenette-resnet50``
+preset end to end on a tiny slice."""
 
 from __future__ import annotations
 
@@ -9,16 +12,24 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from helpers import IMAGENETTE, cli
+from helpers import IMAGENETTE, call, cli, png
 
 import effray.compress
 import effray.train
+from effray.cluster import free_port
+from effray.data.arrays import load_arrays
+from effray.deploy.config import ServeConfig
+from effray.deploy.model import load_deployable
+from effray.deploy.serve import start, stop
 from effray.train.checkpoint import read_payload
 from tests.user_models import residual_dw
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE, ROWS = 32, 200  # 32 px: the ResNets' five stride-2 stages still leave a 1x1 map
+VIT = "timm:vit_tiny_patch16_224?img_size=32,patch_size=8,depth=2"  # 16 tokens of 192 wide, 3 heads, 2 blocks
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +106,78 @@ def test_a_users_own_module_goes_through_every_stage_from_the_python_api(prepare
     assert evaluated["temperature"] == summary["temperature"] and summary["temperature"] > 0
     assert evaluated["ece_scaled"] == pytest.approx(summary["ece_scaled"], abs=1e-6)
     assert evaluated["ece"] == pytest.approx(summary["ece"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_timm_vit_trains_compresses_exports_predicts_and_serves(prepared, tmp_path):
+    common = ("--data", str(prepared), "--workers", "1")
+    rc, trained, err = cli(
+        "train",
+        "--model",
+        VIT,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.01",
+        *common,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "vit",
+        "--no-wandb",
+    )
+    assert rc == 0, err
+    spec = read_payload(trained["checkpoint"])["model_spec"]
+    assert (spec["name"], spec["library"], spec["num_classes"]) == ("timm:vit_tiny_patch16_224", "timm", 10)
+    # the ViT itself: whole heads and MLP channels pruned, 4-bit QAT on every projection, KD from its trained self
+    fine_tune = ("--finetune-epochs", "1", "--finetune-batch-size", "32", "--kd-alpha", "0.7", "--bits", "4")
+    rc, vit, err = cli(
+        "compress",
+        "--teacher",
+        trained["checkpoint"],
+        "--out",
+        str(tmp_path / "vit"),
+        "--prune-kind",
+        "structured",
+        "--prune-rate",
+        "0.4",
+        *fine_tune,
+        *common,
+    )
+    assert rc == 0, err
+    assert vit["size_ratio"] > 2.0 and vit["macs_ratio"] > 1.2, vit
+    rc, exported, err = cli("export", "--artifact", vit["out"], "--format", "all", "--out", str(tmp_path / "export"))
+    assert rc == 0, err
+    assert {"torch", "onnx", "openvino"} <= set(exported["parity"]), exported["parity"]
+    assert all(p["agreement"] >= 0.999 for p in exported["parity"].values()), exported["parity"]
+    # batch inference on Ray Data with the ONNX file: the answers the file gives in process
+    rc, predicted, err = cli(
+        "predict",
+        "--model",
+        str(tmp_path / "export"),
+        "--kind",
+        "onnx",
+        "--data",
+        str(prepared),
+        "--split",
+        "val",
+        "--out",
+        str(tmp_path / "pred"),
+    )
+    assert rc == 0 and predicted["predicted"] == predicted["rows"] == 40, err
+    val = load_arrays(prepared, "val")
+    table = pq.read_table(tmp_path / "pred" / "predictions.parquet").to_pydict()
+    order = np.argsort(table["index"])
+    onnx = load_deployable(tmp_path / "export", kind="onnx", device="cpu")
+    assert np.array_equal(np.asarray(table["predicted"])[order], onnx.logits(val["image"]).argmax(axis=1))
+    url = start(ServeConfig(model=str(tmp_path / "export"), kind="onnx", host="127.0.0.1", port=free_port()))
+    try:
+        status, body = call(url, "/predict", png(val["image"][0]))
+        assert status == 200 and body["label"] == int(onnx.logits(val["image"][:1]).argmax()), body
+    finally:
+        stop()
 
 
 @pytest.mark.slow

@@ -93,6 +93,26 @@ def test_compress_local(tmp_path, cfg):
         assert s["vs_teacher"]["macs_ratio"] > 1.3
 
 
+def test_a_vit_teacher_distils_into_a_pruned_quantized_cnn(tmp_path):
+    """ViT -> CNN: any teacher, any student of the same classes and inputs (the KD loss reads
+    only logits), the student pruned through its channels and quantized on the way."""
+    torch.manual_seed(0)
+    teacher = build_model("timm:vit_tiny_patch16_224", 10, kwargs={"img_size": 32, "patch_size": 8, "depth": 2})
+    cfg = CompressConfig(
+        student="convnet", kd_alpha=0.7, prune_kind="structured", prune_rate=0.3, bits=4, finetune_batch_size=16
+    )
+    train, evals = batches(2, 0), batches(1, 1)
+    result = compress_local(
+        teacher.eval(), validated(cfg), lambda epoch: train, train[:1], evals, tmp_path, teacher_info={}, log=print
+    )
+    model, payload = load_artifact(tmp_path)
+    assert payload["model_spec"]["name"] == "convnet" and result["method"]["teacher_model"]["library"] == "timm"
+    assert result["method"]["kd"] == {"temperature": 4.0, "alpha": 0.7}
+    assert result["method"]["quant"]["bits"] == 4 and result["method"]["prune"]["kind"] == "structured"
+    assert result["student"]["bytes"] < result["teacher"]["bytes"] / 10  # a 4-bit convnet against an fp32 ViT
+    assert model(evals[0][0]).shape == (16, 10)
+
+
 @pytest.mark.parametrize(
     "cfg,resume_after",
     [
