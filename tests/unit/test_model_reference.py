@@ -55,6 +55,15 @@ def test_the_cli_refuses_a_bad_reference_with_exit_2(tmp_path):
     assert rc == 2 and summary is None and len(err.strip().splitlines()) == 1 and "resnet999" in err
 
 
+@pytest.mark.parametrize("model", ["torchvision:resnet18", VIT, USER])
+def test_pipeline_parallelism_refuses_a_graph_it_cannot_cut_in_one_line(tmp_path, model):
+    """Stages are slices of an nn.Sequential of blocks; a referenced model is a graph of its own."""
+    args = ("--parallel", "pipeline", "--stages", "2", "--workers", "2", "--microbatches", "2")
+    rc, summary, err = cli("--dry-run", "train", "--data", str(tmp_path), "--model", model, *args)
+    assert rc == 2 and summary is None and len(err.strip().splitlines()) == 1, err
+    assert "is a graph of its own: train it with --parallel ddp" in err
+
+
 @pytest.mark.parametrize(
     ("name", "head"),
     [("torchvision:resnet18", "fc"), (VIT, "head"), (USER + "?width=8", "fc"), ("tests.user_models:headless", "4")],
