@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 import effray.compress  # noqa: F401  (registers the compressed formats with the checkpoint loader)
 from effray.clean import pixels
+from effray.data.augment import preprocess
 from effray.data.images import normalize_tensor
 from effray.models.predict import last_linear  # the penultimate features are its input
 from effray.train.checkpoint import FORMATS
@@ -73,6 +74,8 @@ class Embedder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None if payload is None else FORMATS.get(payload["format"])(payload).to(self.device).eval()
         self.mean, self.std, self.features = mean, std, features and payload is not None
+        # a classifier that takes another size than the rows are stored at: its own preprocessing
+        self.preprocess = (payload.get("data") or {}).get("preprocess") if payload is not None else None
         self.grabbed: list[torch.Tensor] = []
         if self.model is not None:
             last_linear(self.model).register_forward_hook(lambda m, inp, out: self.grabbed.append(inp[0].flatten(1)))
@@ -81,7 +84,7 @@ class Embedder:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
         parts, shapes = device_pixels(images), {}
         if self.model is not None:
-            views, probs = device_embedding(self.model, self.grabbed, images, self.mean, self.std)
+            views, probs = device_embedding(self.model, self.grabbed, images, self.mean, self.std, self.preprocess)
             parts["probs"] = probs
             if self.features:
                 parts["views"] = views
@@ -105,12 +108,18 @@ def device_pixels(images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def device_embedding(
-    model: torch.nn.Module, grabbed: list[torch.Tensor], images: torch.Tensor, mean: list[float], std: list[float]
+    model: torch.nn.Module,
+    grabbed: list[torch.Tensor],
+    images: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    preprocessing: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 NHWC ``images`` on the model's device -> ``views`` (n, V, f + p) and ``probs``
     (n, C), float32 on that device: every zoom view and its mirror in one forward, the
     penultimate features (``grabbed`` by the hook on the last linear layer) summed over each
-    mirror pair, beside the views' pixel descriptors. No host read."""
+    mirror pair, beside the views' pixel descriptors. ``preprocessing``: the model's (its
+    recorded ``resize``/``center_crop``), for rows stored at another size. No host read."""
 
     x = images.permute(0, 3, 1, 2).float()
     n = len(x)
@@ -119,7 +128,10 @@ def device_embedding(
         both = torch.cat([torch.cat([v, v.flip(3)]) for v in views])  # all views and mirrors: one forward
         grabbed.clear()
         # the pipeline's normalisation; it takes NHWC pixel values, and a view of these is free
-        logits = model(normalize_tensor((both * 255.0).permute(0, 2, 3, 1), mean, std))
+        pixels_nhwc = (both * 255.0).permute(0, 2, 3, 1)
+        if preprocessing:  # the model's resize/crop works on stored pixels: uint8, as every stage feeds it
+            pixels_nhwc = preprocess(pixels_nhwc.round().clamp(0, 255).to(torch.uint8), preprocessing)
+        logits = model(normalize_tensor(pixels_nhwc, mean, std))
         feats = grabbed[0].float().view(len(views), 2, n, -1).sum(1)  # (V, n, f): view + its mirror
         probs = torch.softmax(logits[:n].float(), 1)
         pixel_parts = torch.stack([pixel_descriptor(v) for v in views])

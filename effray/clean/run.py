@@ -80,9 +80,10 @@ def check_checkpoint(
         f"{flag} {path} is for {classes} classes, {meta['source']} has "
         f"{meta['num_classes']}; pass a checkpoint trained on this dataset's classes (or none: one is trained here)",
     )
-    require(
-        shape is None or list(shape) == list(meta["image_shape"]),
-        f"{flag} {path} takes {shape} images, the dataset's are {meta['image_shape']}; pass one trained on them",
+    require(  # a model that records its preprocessing takes rows of any size, as evaluate feeds it
+        shape is None or list(shape) == list(meta["image_shape"]) or bool(info.get("preprocess")),
+        f"{flag} {path} takes {shape} images, the dataset's are {meta['image_shape']} and it records no "
+        "preprocessing to resize them; pass one trained on them (or at another size with its --augment's resize)",
     )
     require("mean" in info, f"{flag} {path} records no normalisation; pass a checkpoint from effray train")
     return payload

@@ -171,3 +171,48 @@ def test_expected_leak_precision_discounts_chance_matches():
     # a leak seen from the train row's side counts too
     where[0], scores[0] = [9], [3.0]
     assert expected_precision(origin, where, scores, threshold=2.0, fpr=0.1)["eval_images_flagged"] == 5
+
+
+def test_a_classifier_of_another_input_size_embeds_through_its_own_preprocessing(tmp_path):
+    """`data clean --checkpoint/--embedder` of a model trained at 16 px on rows stored at 32 px:
+    its recorded resize makes its input, as evaluate feeds it; without one it is refused."""
+    import pytest
+
+    from effray.clean.embed import Embedder
+    from effray.clean.run import check_checkpoint
+    from effray.data.augment import model_input
+    from effray.errors import EffrayError
+    from effray.models import build_model
+    from effray.train.checkpoint import data_summary, save_payload, train_payload
+
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, 3, 0.25)
+    meta16 = {"classes": [str(c) for c in range(10)], "num_classes": 10, "image_shape": [16, 16, 3]}
+    meta16 |= {"mean": [0.5] * 3, "std": [0.25] * 3}
+    saved = {}
+    for name, recorded in (("resized", {"image_shape": [16, 16, 3], "preprocess": "resize(16)"}), ("bare", None)):
+        payload = train_payload(
+            model_state=model.state_dict(),
+            model_spec=model.spec,
+            optimizer={},
+            scheduler={},
+            epoch=1,
+            config={},
+            data=data_summary(meta16, recorded),
+            history=[],
+            provenance={},
+            elapsed_s=0.0,
+        )
+        saved[name] = save_payload(tmp_path / name, payload)
+    data_meta = {**meta16, "image_shape": [32, 32, 3], "source": "rows stored at 32 px"}
+    payload = check_checkpoint(str(saved["resized"]), data_meta)
+    with pytest.raises(EffrayError, match=r"takes \[16, 16, 3\] images, the dataset's are \[32, 32, 3\] and it rec"):
+        check_checkpoint(str(saved["bare"]), data_meta)
+    images = _smooth_images(4, 3, size=32)
+    out = Embedder(payload, payload["data"]["mean"], payload["data"]["std"])({"image": images, "index": np.arange(4)})
+    with torch.no_grad():  # the model on its own input: the 32 px rows resized to 16, then normalised
+        want = torch.softmax(
+            model.eval()(model_input(torch.from_numpy(images), "resize(16)", [0.5] * 3, [0.25] * 3)), 1
+        )
+    assert out["probs"].shape == (4, 10)
+    np.testing.assert_allclose(out["probs"], want.numpy(), atol=1e-5)
