@@ -76,12 +76,13 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
     without paying for a Ray Train fit."""
     import numpy as np
     import torch
+    from helpers import save_checkpoint
 
     from effray.data.arrays import load_arrays
     from effray.data.images import normalize_tensor
     from effray.data.prepare import load_meta
     from effray.models import build_model
-    from effray.train.checkpoint import data_summary, save_payload, train_payload
+    from effray.train.checkpoint import data_summary
 
     meta = load_meta(tiny_cifar)
     arrays = load_arrays(tiny_cifar, "train")
@@ -100,21 +101,7 @@ def teacher(tiny_cifar, tmp_path_factory) -> Path:
             loss.backward()
             opt.step()
     out = tmp_path_factory.mktemp("teacher")
-    save_payload(
-        out,
-        train_payload(
-            model_state=model.state_dict(),
-            model_spec=model.spec,
-            optimizer={},
-            scheduler={},
-            epoch=6,
-            config={},
-            data=data_summary(meta),
-            history=[],
-            provenance={},
-            elapsed_s=0.0,
-        ),
-    )
+    save_checkpoint(out, model, data=data_summary(meta), epoch=6)
     return out
 
 

@@ -1,6 +1,6 @@
 """Helpers the tests share (tests/ is on sys.path through its conftest): the real ``effray``
 CLI run in-process, an offline wandb run read back, a Tune experiment's trial reports, and
-an HTTP call to a served model with a PNG. Not in conftest.py: a second
+an HTTP call to a served model with a PNG, a model saved as a training checkpoint. Not in conftest.py: a second
 conftest (tests/fake_cuda) would shadow ``from conftest import ...``."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from effray.cli import main
+from effray.train.checkpoint import save_payload, train_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 # the real Imagenette file beside the repository, as the shared CIFAR file is (a clone elsewhere sets this)
@@ -161,3 +162,21 @@ def call(
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def save_checkpoint(path: str | os.PathLike, model, data: dict | None = None, epoch: int = 1) -> Path:
+    """``model`` saved as `effray train` saves a checkpoint (``data``: its data summary), with
+    no optimizer state or history: a teacher for the stages that read one."""
+    payload = train_payload(
+        model_state=model.state_dict(),
+        model_spec=model.spec,
+        optimizer={},
+        scheduler={},
+        epoch=epoch,
+        config={},
+        data=data or {},
+        history=[],
+        provenance={},
+        elapsed_s=0.0,
+    )
+    return save_payload(path, payload)

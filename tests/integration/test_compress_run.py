@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import save_checkpoint
 
 from effray.cli import main
 from effray.data.prepare import load_meta
 from effray.models import build_model
-from effray.train.checkpoint import data_summary, save_payload, train_payload
+from effray.train.checkpoint import data_summary
 
 
 def _last_json(text: str) -> dict:
@@ -24,21 +25,7 @@ def five_class_teacher(tiny_cifar, tmp_path_factory) -> Path:
     meta = load_meta(tiny_cifar)
     model = build_model("convnet", 5, 3, 0.25)
     out = tmp_path_factory.mktemp("teacher5")
-    save_payload(
-        out,
-        train_payload(
-            model_state=model.state_dict(),
-            model_spec=model.spec,
-            optimizer={},
-            scheduler={},
-            epoch=0,
-            config={},
-            data=data_summary(meta),
-            history=[],
-            provenance={},
-            elapsed_s=0.0,
-        ),
-    )
+    save_checkpoint(out, model, data=data_summary(meta), epoch=0)
     return out
 
 

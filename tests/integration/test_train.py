@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, save_checkpoint
 
 from effray.cli import main
 from effray.hardware import bf16_native
@@ -242,25 +242,11 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(capsys, tiny_cifar, tmp_
 
     from effray.data.prepare import load_meta
     from effray.models import build_model
-    from effray.train.checkpoint import data_summary, save_payload, train_payload
+    from effray.train.checkpoint import data_summary
 
     model = build_model("convnet", num_classes=5)
     data = {**data_summary(load_meta(tiny_cifar)), "num_classes": 5, "classes": list("abcde")}
-    save_payload(
-        tmp_path / "five",
-        train_payload(
-            model_state=model.state_dict(),
-            model_spec=model.spec,
-            optimizer={},
-            scheduler={},
-            epoch=1,
-            config={},
-            data=data,
-            history=[],
-            provenance={},
-            elapsed_s=0.0,
-        ),
-    )
+    save_checkpoint(tmp_path / "five", model, data=data)
     err = _fails(capsys, "evaluate", "--checkpoint", str(tmp_path / "five"), "--data", str(tiny_cifar))
     assert "5-class convnet" in err and "another model" in err
     err = _fails(capsys, "evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tiny_cifar))

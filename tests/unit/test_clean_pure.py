@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import save_checkpoint
 
 from effray.clean import pixels
 from effray.clean.calibrate import KINDS, LIGHT, RESHOT, choose_threshold, light_copies, light_copy, synthetic_copies
@@ -183,7 +184,7 @@ def test_a_classifier_of_another_input_size_embeds_through_its_own_preprocessing
     from effray.data.augment import model_input
     from effray.errors import EffrayError
     from effray.models import build_model
-    from effray.train.checkpoint import data_summary, save_payload, train_payload
+    from effray.train.checkpoint import data_summary
 
     torch.manual_seed(0)
     model = build_model("convnet", 10, 3, 0.25)
@@ -191,19 +192,7 @@ def test_a_classifier_of_another_input_size_embeds_through_its_own_preprocessing
     meta16 |= {"mean": [0.5] * 3, "std": [0.25] * 3}
     saved = {}
     for name, recorded in (("resized", {"image_shape": [16, 16, 3], "preprocess": "resize(16)"}), ("bare", None)):
-        payload = train_payload(
-            model_state=model.state_dict(),
-            model_spec=model.spec,
-            optimizer={},
-            scheduler={},
-            epoch=1,
-            config={},
-            data=data_summary(meta16, recorded),
-            history=[],
-            provenance={},
-            elapsed_s=0.0,
-        )
-        saved[name] = save_payload(tmp_path / name, payload)
+        saved[name] = save_checkpoint(tmp_path / name, model, data=data_summary(meta16, recorded))
     data_meta = {**meta16, "image_shape": [32, 32, 3], "source": "rows stored at 32 px"}
     payload = check_checkpoint(str(saved["resized"]), data_meta)
     with pytest.raises(EffrayError, match=r"takes \[16, 16, 3\] images, the dataset's are \[32, 32, 3\] and it rec"):

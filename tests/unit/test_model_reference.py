@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, save_checkpoint
 from torch import nn
 
 import effray
@@ -19,7 +19,7 @@ from effray.errors import EffrayError
 from effray.models import build_model, check_model_name
 from effray.models.reference import parse_reference, provide
 from effray.models.weights import initial_weights, load_weights, read_state_dict
-from effray.train.checkpoint import load_checkpoint, save_payload, train_payload
+from effray.train.checkpoint import load_checkpoint
 from effray.train.config import TrainConfig
 
 VIT = "timm:vit_tiny_patch16_224?img_size=64,depth=2"
@@ -145,19 +145,7 @@ def test_weights_that_do_not_fit_fail_in_one_line(tmp_path):
 def _checkpoint(tmp_path, name: str) -> tuple:
     torch.manual_seed(0)
     model = build_model(name, 10)
-    payload = train_payload(
-        model_state=model.state_dict(),
-        model_spec=model.spec,
-        optimizer={},
-        scheduler={},
-        epoch=1,
-        config={},
-        data={},
-        history=[],
-        provenance={},
-        elapsed_s=0.0,
-    )
-    return model.eval(), save_payload(tmp_path, payload)
+    return model.eval(), save_checkpoint(tmp_path, model)
 
 
 def test_a_files_own_factory_is_imported_only_when_trusted(tmp_path):

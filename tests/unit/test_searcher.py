@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_checkpoint
 
 from effray.compress.config import CompressConfig
 from effray.config import to_dict
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.search.searcher import Budget, CostAwareSearch, CostModel, SpaceSampler, check_feasible
-from effray.train.checkpoint import save_payload, train_payload
 
 SPACE = {
     "prune_kind": {"choice": ["unstructured", "structured"]},
@@ -28,21 +28,7 @@ def costs(tmp_path_factory) -> CostModel:
     torch.manual_seed(0)
     model = build_model("convnet", 10, 3, 0.25)
     path = tmp_path_factory.mktemp("teacher")
-    save_payload(
-        path,
-        train_payload(
-            model_state=model.state_dict(),
-            model_spec=model.spec,
-            optimizer={},
-            scheduler={},
-            epoch=1,
-            config={},
-            data={},
-            history=[],
-            provenance={},
-            elapsed_s=0.0,
-        ),
-    )
+    save_checkpoint(path, model)
     teacher = {"macs": 1_000_000, "latency_ms_b1": 2.0}
     return CostModel(str(path), to_dict(CompressConfig(teacher=str(path))), teacher)
 
