@@ -63,6 +63,11 @@ class TuneConfig:
         "this before they run (0 = no limit)",
     )
     limits: Constraints = Constraints()  # --max-drop and the tail limits, judged on val against the teacher
+    prune_to_latency: bool = option(
+        False,
+        "with --max-latency-ms: a structured-pruning config predicted slower than the target is pruned harder, to the "
+        "smallest rate above its own that meets it on the cost model, instead of being skipped",
+    )
     deploy: str = option(
         "auto",
         "export every measured trial to this runtime, check it against the artifact and time it beside the teacher "
@@ -142,6 +147,10 @@ class TuneConfig:
         require(
             min(self.max_size_kb, self.max_macs, self.max_latency_ms) >= 0,
             "--max-size-kb, --max-macs and --max-latency-ms must be >= 0",
+        )
+        require(
+            not self.prune_to_latency or self.max_latency_ms > 0,
+            "--prune-to-latency prunes to --max-latency-ms: give the target (ms at batch 1)",
         )
         require(
             isinstance(self.workers_per_trial, int) and self.workers_per_trial >= 1,

@@ -196,12 +196,11 @@ def trial_count(cfg: TuneConfig, space: dict[str, Any] | None = None) -> int:
 
 def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: CostModel) -> CostAwareSearch:
     """Effray's cost-aware searcher over the space: its own random/grid draws, or Optuna's."""
-    budget = Budget(cfg.max_size_kb, cfg.max_macs, cfg.max_latency_ms)
-    check_feasible(space, costs, budget, cfg.seed)
+    budget, fit = Budget(cfg.max_size_kb, cfg.max_macs, cfg.max_latency_ms), cfg.prune_to_latency
+    check_feasible(space, costs, budget, cfg.seed, fit_latency=fit)
     if cfg.search != "optuna":
-        return CostAwareSearch(
-            costs, budget, sampler=SpaceSampler(space, cfg.seed, repeats=cfg.num_samples if cfg.search == "grid" else 1)
-        )
+        repeats = cfg.num_samples if cfg.search == "grid" else 1
+        return CostAwareSearch(costs, budget, sampler=SpaceSampler(space, cfg.seed, repeats=repeats), fit_latency=fit)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
@@ -212,9 +211,8 @@ def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: CostModel) -> CostA
         inner = OptunaSearch(domain, metric=["accuracy", "bytes"], mode=["max", "min"], seed=cfg.seed)
     else:
         inner = OptunaSearch(domain, metric=METRIC, mode="max", seed=cfg.seed)
-    return CostAwareSearch(
-        costs, budget, inner=inner, constants={k: v for k, v in space.items() if not isinstance(v, dict)}
-    )
+    constants = {k: v for k, v in space.items() if not isinstance(v, dict)}
+    return CostAwareSearch(costs, budget, inner=inner, constants=constants, fit_latency=fit)
 
 
 def _scheduler(cfg: TuneConfig, path: str, floor: float | None = None) -> Any:

@@ -7,6 +7,12 @@ driver as it suggests. A config that cannot meet ``--max-size-kb``/``--max-macs`
 boundary), and every trial carries its predicted costs from its first epoch, which is
 what the multi-objective scheduler (:mod:`effray.search.scheduler`) ranks it by.
 
+With ``--prune-to-latency``, a structured-pruning config predicted slower than
+``--max-latency-ms`` is not skipped but pruned harder: its prune rate raised to the smallest
+above the sampled one that meets the target on the cost model (:func:`prune_to_latency`).
+Channels that are really removed are the one lever that makes a dense CPU kernel faster,
+so the search aims it at the latency the user asked for.
+
 Random and grid sampling are done here over effray's own space (:mod:`effray.search.space`)
 with a seeded generator; Optuna (TPE, or NSGA-II with ``--multi-objective``) is wrapped.
 """
@@ -106,6 +112,39 @@ class CostModel:
         return dict(self._cache[key])
 
 
+MAX_PRUNE_RATE = 0.95  # the most --prune-to-latency may cut (CompressConfig takes rates below 1)
+PRUNE_STEP = 0.05  # its scan's step, refined by bisection within the first step that meets the target
+
+
+def prune_to_latency(
+    compress: dict[str, Any], costs: CostModel, target_ms: float, steps: int = 6
+) -> dict[str, Any] | None:
+    """``compress`` with its structured prune rate raised to the smallest above its own whose
+    predicted batch-1 latency meets ``target_ms``, or None when no rate up to
+    :data:`MAX_PRUNE_RATE` does or the config does not prune structurally. A scan in
+    :data:`PRUNE_STEP` steps finds the first rate that meets it and a bisection within that
+    step refines it: the predicted MACs need not fall monotonically at high rates (groups the
+    pruner cannot cut further are kept whole), so no bisection over the whole range."""
+    if compress.get("prune_kind") != "structured":
+        return None
+    low = float(compress.get("prune_rate") or 0.0)
+
+    def fits(rate: float) -> bool:
+        return costs({**compress, "prune_rate": round(rate, 4)})["latency_ms"] <= target_ms
+
+    if fits(low):
+        return compress
+    below = low
+    for high in np.arange(low + PRUNE_STEP, MAX_PRUNE_RATE + 1e-9, PRUNE_STEP):
+        if fits(high):
+            for _ in range(steps):  # fits(high) holds throughout, fits(below) never
+                mid = (below + high) / 2
+                below, high = (below, mid) if fits(mid) else (mid, high)
+            return {**compress, "prune_rate": round(float(high), 4)}
+        below = high
+    return None
+
+
 class SpaceSampler:
     """Random draws from an effray space; with grid entries, their cartesian product,
     each point ``repeats`` times (the other entries drawn afresh)."""
@@ -159,11 +198,13 @@ class CostAwareSearch(Searcher):
         constants: dict[str, Any] | None = None,
         metric: str = "val_accuracy",
         max_tries: int = 64,
+        fit_latency: bool = False,
     ) -> None:
         super().__init__(metric=metric, mode="max")
         if (sampler is None) == (inner is None):
             raise ValueError("give exactly one of sampler and inner")
         self.costs, self.budget, self.sampler, self.inner, self.max_tries = costs, budget, sampler, inner, max_tries
+        self.fit_latency = fit_latency and bool(budget.max_latency_ms)  # --prune-to-latency
         self.constants = dict(constants or {})  # the space's fixed entries, which Optuna's space drops
         self.inner_ids: dict[str, str] = {}
         self.rejected = 0
@@ -185,6 +226,16 @@ class CostAwareSearch(Searcher):
                 compress = {**self.constants, **suggestion["compress"]}
             predicted = self.costs(compress)
             why = self.budget.violation(predicted)
+            if why and self.fit_latency:
+                harder = prune_to_latency(compress, self.costs, self.budget.max_latency_ms)
+                if harder is not None and harder != compress:
+                    log.info(
+                        "pruned to the latency target: prune_rate %s -> %s",
+                        compress["prune_rate"],
+                        harder["prune_rate"],
+                    )
+                    compress, predicted = harder, self.costs(harder)
+                    why = self.budget.violation(predicted)
             if not why:
                 self.inner_ids[trial_id] = iid
                 return {"compress": compress, "predicted": predicted}
@@ -219,8 +270,11 @@ class CostAwareSearch(Searcher):
             self.inner.restore(checkpoint_path + ".inner")
 
 
-def check_feasible(space: dict[str, Any], costs: CostModel, budget: Budget, seed: int, draws: int = 32) -> None:
-    """Fail in one line, before any trial, when no config drawn from the space fits the budget."""
+def check_feasible(
+    space: dict[str, Any], costs: CostModel, budget: Budget, seed: int, draws: int = 32, fit_latency: bool = False
+) -> None:
+    """Fail in one line, before any trial, when no config drawn from the space fits the
+    budget (``fit_latency``: a structured config may first be pruned to the latency target)."""
     if not budget.active:
         return
     sampler, smallest = SpaceSampler(space, seed + 7919), None
@@ -228,6 +282,8 @@ def check_feasible(space: dict[str, Any], costs: CostModel, budget: Budget, seed
         compress = sampler.next()
         if compress is None:
             break
+        if fit_latency and budget.max_latency_ms:
+            compress = prune_to_latency(compress, costs, budget.max_latency_ms) or compress
         predicted = costs(compress)
         if not budget.violation(predicted):
             return

@@ -12,7 +12,7 @@ from effray.compress.config import CompressConfig
 from effray.config import to_dict
 from effray.errors import EffrayError
 from effray.models import build_model
-from effray.search.searcher import Budget, CostAwareSearch, CostModel, SpaceSampler, check_feasible
+from effray.search.searcher import Budget, CostAwareSearch, CostModel, SpaceSampler, check_feasible, prune_to_latency
 
 SPACE = {
     "prune_kind": {"choice": ["unstructured", "structured"]},
@@ -97,3 +97,24 @@ def test_optuna_is_told_rejected_configs_failed_and_resumes_from_its_saved_state
     again.restore(str(tmp_path / "searcher.pkl"))
     assert again.rejected == search.rejected and len(again.inner._ot_study.trials) == len(study.trials)
     assert again.suggest("t1")["predicted"]["bytes"] <= 30 * 1024
+
+
+def test_a_structured_config_is_pruned_to_the_latency_target_instead_of_skipped(costs):
+    space = {"prune_kind": "structured", "prune_rate": 0.1, "bits": 8}
+    target = costs(space)["latency_ms"] * 0.6
+    harder = prune_to_latency(space, costs, target)
+    assert harder["prune_rate"] > 0.1 and costs(harder)["latency_ms"] <= target
+    # the smallest rate that meets it: none below it on a finer grid does
+    below = [r / 100 for r in range(10, 96) if r / 100 < harder["prune_rate"] - 1e-3]
+    assert below and all(costs({**space, "prune_rate": r})["latency_ms"] > target for r in below)
+    assert prune_to_latency({**space, "prune_kind": "unstructured"}, costs, target) is None  # dense kernels: no faster
+    assert prune_to_latency(space, costs, 1e-9) is None  # no rate up to 0.95 meets it
+    assert prune_to_latency(space, costs, target * 10) == space  # already fast enough: unchanged
+    # the search skips it without --prune-to-latency, and suggests it pruned harder with it
+    budget = Budget(max_latency_ms=target)
+    assert CostAwareSearch(costs, budget, sampler=SpaceSampler(space, 0), max_tries=2).suggest("t0") == "FINISHED"
+    fitted = CostAwareSearch(costs, budget, sampler=SpaceSampler(space, 0), fit_latency=True).suggest("t0")
+    assert fitted["compress"] == harder and fitted["predicted"]["latency_ms"] <= target
+    check_feasible(space, costs, budget, seed=0, fit_latency=True)
+    with pytest.raises(EffrayError, match="no config of the space fits the budget"):
+        check_feasible(space, costs, budget, seed=0, draws=2)
