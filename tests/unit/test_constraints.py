@@ -85,6 +85,7 @@ def test_the_report_names_the_limits_and_their_pick(tmp_path):
         (["--max-worst-class-drop", "101"], "--max-worst-class-drop is in points of accuracy"),
         (["--max-ece", "1.5"], "--max-ece is an ECE in [0, 1)"),
         (["--max-corruption-drop", "2", "--robust-images", "0"], "--max-corruption-drop needs the corruption score"),
+        (["--prune-to-latency"], "--prune-to-latency prunes to --max-latency-ms: give the target"),
     ],
 )
 def test_bad_limits_fail_in_one_line_before_anything_runs(tmp_path, capsys, flags, fragment):
