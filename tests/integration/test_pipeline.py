@@ -136,7 +136,7 @@ def test_synthetic_rows_mix_in_at_the_requested_ratio(tiny_cifar, tmp_path):
     from effray.data.prepare import PrepareConfig, prepare
 
     synthetic = tmp_path / "synthetic"
-    prepare(PrepareConfig(source="synthetic:200", out=str(synthetic), val_fraction=0.1))
+    prepare(PrepareConfig(source="synthetic:200", out=str(synthetic), val_fraction=0.1, test_fraction=0.0))
     cfg = DataConfig(data=str(tiny_cifar), augment="flip", synthetic=str(synthetic), synthetic_ratio=0.25)
     meta = load_meta(tiny_cifar)
     rows = _epoch(train_dataset(cfg, clock=""), meta, "", 0)
