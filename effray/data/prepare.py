@@ -34,6 +34,7 @@ from effray.config import option, require
 from effray.console import say
 from effray.data.augment_size import resize_and_crop
 from effray.data.sources import Chunk, SourcePlan, load_chunk, plan_source
+from effray.data.splits import assign_splits
 from effray.errors import EffrayError
 from effray.storage import check_storage_for_cluster
 
@@ -91,38 +92,6 @@ class PrepareConfig:
         )
         require(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
         require(0 <= self.image_size <= 4096, f"--image-size must be in 0..4096 (0 = as stored), got {self.image_size}")
-
-
-def _apportion(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Per-class counts of ``fraction`` of ``sizes`` that add up to round(fraction * N) exactly
-    (largest remainder, ties broken at random)."""
-    exact = fraction * sizes
-    counts = np.floor(exact).astype(int)
-    short = int(round(fraction * int(sizes.sum()))) - int(counts.sum())
-    if short > 0:
-        order = np.lexsort((rng.random(len(sizes)), -(exact - counts)))
-        counts[order[:short]] += 1
-    return counts
-
-
-def assign_splits(
-    labels: np.ndarray, fixed: np.ndarray, val_fraction: float, seed: int, test_fraction: float = 0.0
-) -> np.ndarray:
-    """Stratified, seeded train/val/test assignment of the rows without a fixed split; rows
-    with one (a source's own test split) keep it. Without ``test_fraction`` the val rows are
-    the ones earlier versions chose for the same seed."""
-    splits = np.where(fixed != "", fixed, "train").astype(object)
-    rng = np.random.default_rng(seed)
-    free = np.flatnonzero(fixed == "")
-    classes, sizes = np.unique(labels[free], return_counts=True)
-    n_val = _apportion(sizes, val_fraction, rng)
-    n_test = _apportion(sizes, test_fraction, rng) if test_fraction else np.zeros_like(n_val)
-    for label, k_val, k_test in zip(classes, n_val, n_test):
-        if k_val or k_test:
-            rows = rng.permutation(free[labels[free] == label])
-            splits[rows[:k_val]] = "val"
-            splits[rows[k_val : k_val + k_test]] = "test"
-    return splits
 
 
 def class_in_name(name: str, class_index: dict[str, int]) -> int | None:

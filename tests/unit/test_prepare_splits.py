@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from effray.data.prepare import assign_splits
+from effray.data.splits import assign_splits
 
 
 def _labels(seed: int = 0) -> np.ndarray:
