@@ -78,6 +78,13 @@ def add_pareto_columns(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def on_a_front(table: pd.DataFrame) -> np.ndarray:
+    """Which rows are on any of the table's Pareto fronts (every row when it has no marks):
+    the models the report calls the front, and the test split scores."""
+    marks = [c for c in table.columns if c.startswith("pareto_")]
+    return np.array(table[marks].eq(True).any(axis=1), dtype=bool) if marks else np.ones(len(table), dtype=bool)
+
+
 def _budget(df: pd.DataFrame, max_size_kb: float | None, max_latency_ms: float | None) -> np.ndarray:
     keep = np.ones(len(df), dtype=bool)
     if max_size_kb is not None:

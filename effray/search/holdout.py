@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from effray.atomic import write_json
 from effray.compress.artifact import load_artifact, temperature_of
 from effray.compress.measure import class_scores
@@ -25,7 +23,7 @@ from effray.compress.run import teacher_input
 from effray.data.arrays import eval_batches, load_arrays
 from effray.metrics import accuracy_interval
 from effray.search.constraints import Constraints
-from effray.search.fronts import add_pareto_columns
+from effray.search.fronts import add_pareto_columns, on_a_front
 from effray.search.results import TEST_FILE, load_trials
 from effray.train.checkpoint import load_checkpoint
 
@@ -38,8 +36,7 @@ def front_artifacts(
     """``{trial_id: artifact}`` of every model on any of the experiment's Pareto fronts and,
     with active ``limits``, of every model within them (the pick's candidates)."""
     table = add_pareto_columns(load_trials(experiment))
-    marks = [c for c in table.columns if c.startswith("pareto_")]
-    chosen = np.array(table[marks].eq(True).any(axis=1), dtype=bool) if marks else np.ones(len(table), dtype=bool)
+    chosen = on_a_front(table)
     if limits is not None and limits.active and teacher is not None:
         chosen |= limits.within(table, teacher)
     front = table[chosen]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from effray.search.fronts import on_a_front
 from effray.search.results import BEYOND, OBJECTIVES
 
 
@@ -123,8 +124,7 @@ def _columns(table: pd.DataFrame) -> list[str]:
 def _calibration_section(table: pd.DataFrame, teacher: dict[str, Any] | None) -> list[str]:
     """ECE and NLL before -> after temperature scaling, with T, for the teacher and every
     model on a front (all rows when there are no Pareto marks)."""
-    marks = [c for c in table.columns if c.startswith("pareto_")]
-    front = table[table[marks].eq(True).any(axis=1)] if marks else table
+    front = table[on_a_front(table)]
     rows = [("teacher (fp32)", teacher)] if teacher and teacher.get("temperature") is not None else []
     if "temperature" in front:
         rows += [(str(r["trial_id"]), r) for _, r in front.iterrows() if pd.notna(r["temperature"])]
