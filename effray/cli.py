@@ -28,6 +28,8 @@ from effray.clean.run import clean
 from effray.cluster import check_output_paths, init_ray
 from effray.compress.config import CompressRunConfig
 from effray.compress.run import compress
+from effray.compress.sensitivity import SensitivityConfig
+from effray.compress.sensitivity_run import sensitivity
 from effray.config import add_arguments, from_namespace, to_dict
 from effray.console import ray_output_to, say
 from effray.data.prepare import PrepareConfig, prepare
@@ -128,6 +130,13 @@ def _commands() -> list[Command]:
             "metrics.json",
             CompressRunConfig,
             compress,
+        ),
+        Command(
+            ("sensitivity",),
+            "per-layer sensitivity on Ray: each conv/linear layer alone at each bit width and prune rate, scored on "
+            "val images with no fine-tune; writes sensitivity.parquet and a heat map; a rerun reuses finished layers",
+            SensitivityConfig,
+            sensitivity,
         ),
         Command(
             ("tune",),
