@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +142,15 @@ def test_auto_flag_parses_auto_and_numbers_and_shows_auto_in_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "(default: auto)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (Path(__file__).parents[2] / "jobs").glob("*.py")))
+def test_every_job_entrypoint_names_a_command_of_the_cli(job, capsys):
+    """A job is `effray <command> ...` under `ray job submit`: its command must exist (help exits 0)."""
+    text = (Path(__file__).parents[2] / "jobs" / job).read_text()
+    command = re.search(r"main\(\[((?:\"[a-z]+\", )+)\*sys\.argv\[1:\]\]\)", text)
+    assert command, f"jobs/{job} does not call main([...command..., *sys.argv[1:]])"
+    words = re.findall(r'"([a-z]+)"', command.group(1))
+    with pytest.raises(SystemExit) as exc:
+        main([*words, "--help"])
+    assert exc.value.code == 0 and "usage: effray " + " ".join(words) in capsys.readouterr().out
