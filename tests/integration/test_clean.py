@@ -260,7 +260,7 @@ def test_drop_writes_a_loadable_cleaned_dataset(dirty, cleaned):
 def test_the_pixel_embedder_trains_nothing_and_repeats_itself(dirty, cleaned, capsys):
     """``--no-labels`` with the default pixel embedder: no model is trained or loaded (no
     Tune trial), and the near findings and candidates are the labelled run's, exactly."""
-    run = _run(dirty, "no-labels", "--no-labels")
+    run = _run(dirty, "no-labels", "--no-labels", "--actors", "1")  # one embedding process: no pool to start
     assert "Tune trials" not in capsys.readouterr().out
     near = lambda removed: sorted(  # noqa: E731
         (r["split"], r["index"], r["reason"], r["duplicate_of_index"]) for r in removed if r["match"] == "near"
@@ -274,7 +274,7 @@ def test_a_classifier_embedder_from_a_checkpoint(dirty, teacher, capsys):
     """``--embedder CHECKPOINT``: that classifier's features embed every image (no Tune trial
     trains one), scored by the same relative score, and copies are found as its own
     calibration promises."""
-    run = _run(dirty, "with-checkpoint", "--no-labels", "--embedder", str(teacher))
+    run = _run(dirty, "with-checkpoint", "--no-labels", "--embedder", str(teacher), "--actors", "1")
     assert "Tune trials" not in capsys.readouterr().out  # nothing trained
     report, truth = run["report"], dirty["truth"]
     near = _flagged(run["removed"], "near_duplicate") | _flagged(run["removed"], "leak", "near")

@@ -92,6 +92,8 @@ def test_tracked_search_is_one_wandb_run_per_trial_plus_a_summary(ray_session, t
             "0.5",
             "--deploy",
             "off",  # the deployed latency is the pareto search's to check
+            "--robust-images",
+            "0",  # corruption robustness too
             "--storage",
             str(storage),
             "--name",
@@ -198,6 +200,8 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
             "2",
             "--cpus-per-trial",
             "0.9",
+            "--robust-images",
+            "0",  # the pareto search checks corruption robustness
             "--data-cpus",
             "1",
             "--storage",

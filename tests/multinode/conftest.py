@@ -25,7 +25,8 @@ def cluster():
     from effray.local_cluster import local_cluster
 
     had_local = ray.is_initialized()
-    with local_cluster(WORKER_NODES, node_resources=lambda i: {f"effray_node_{i}": 1.0}) as local:
+    # Ray Train's health check at the interval every other test uses (tests/conftest.py)
+    with local_cluster(WORKER_NODES, node_resources=lambda i: {f"effray_node_{i}": 1.0}, health_check_s=0.5) as local:
         yield local
     if had_local:  # the session's own local Ray, for the tests that come after
         init_ray(num_cpus=2, log_to_driver=False)
