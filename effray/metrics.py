@@ -278,7 +278,7 @@ def write_figures(metrics: dict[str, Any], out: str | os.PathLike, title: str = 
                     color="white" if rates[i, j] > 0.5 else "black",
                 )
     ax.set_title(f"{title}  accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}".strip(), fontsize=9)
-    paths["confusion"] = _save(fig, out / "confusion.png")
+    paths["confusion"] = save_figure(fig, out / "confusion.png")
 
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     bins = [b for b in metrics["reliability"] if b["count"]]
@@ -301,11 +301,12 @@ def write_figures(metrics: dict[str, Any], out: str | os.PathLike, title: str = 
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{title}  ECE {metrics['ece']:.3f} ({ECE_BINS} bins), NLL {metrics['nll']:.3f}".strip(), fontsize=9)
-    paths["reliability"] = _save(fig, out / "reliability.png")
+    paths["reliability"] = save_figure(fig, out / "reliability.png")
     return paths
 
 
-def _save(fig: Any, path: Path) -> str:
+def save_figure(fig: Any, path: Path) -> str:
+    """``fig`` as a PNG at ``path``, drawn under a temporary name and renamed; the figure is closed."""
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.name}.tmp")

@@ -52,17 +52,22 @@ class Importance:
 IMPORTANCES: Registry[Importance] = Registry("pruning importance")
 
 
-def _tp() -> Any:
+def torch_pruning() -> Any:
+    """Torch-Pruning, imported when a structured step first needs it (heavy, and unused otherwise)."""
     import torch_pruning
 
     return torch_pruning
 
 
-IMPORTANCES.register("l1")(Importance(lambda w, g: w.abs(), lambda: _tp().importance.GroupMagnitudeImportance(p=1)))
+IMPORTANCES.register("l1")(
+    Importance(lambda w, g: w.abs(), lambda: torch_pruning().importance.GroupMagnitudeImportance(p=1))
+)
 # element-wise l2 ranks like l1; it differs per group, where squares favour a few large weights
-IMPORTANCES.register("l2")(Importance(lambda w, g: w.square(), lambda: _tp().importance.GroupMagnitudeImportance(p=2)))
+IMPORTANCES.register("l2")(
+    Importance(lambda w, g: w.square(), lambda: torch_pruning().importance.GroupMagnitudeImportance(p=2))
+)
 IMPORTANCES.register("taylor")(
-    Importance(lambda w, g: (w * g).abs(), lambda: _tp().importance.GroupTaylorImportance(), needs_grad=True)
+    Importance(lambda w, g: (w * g).abs(), lambda: torch_pruning().importance.GroupTaylorImportance(), needs_grad=True)
 )
 
 
@@ -237,7 +242,7 @@ def structured_pruner(
     image of the model's input size) on the model's own device. Attention modules (timm's:
     a ``qkv`` linear and ``num_heads``) lose whole heads at the same ratio."""
     heads = attention_heads(model)
-    return _tp().pruner.MetaPruner(
+    return torch_pruning().pruner.MetaPruner(
         model,
         _example_inputs(model, example_inputs),
         importance=importance.group(),

@@ -23,7 +23,7 @@ from effray.compress.config import PRUNE_KINDS
 from effray.compress.fakequant import WeightQuant
 from effray.compress.layers import classifier, model_device
 from effray.compress.measure import parameter_count, scored
-from effray.compress.prune import prunable_layers
+from effray.compress.prune import prunable_layers, torch_pruning
 from effray.compress.quantize import quantizable
 from effray.compress.structure import check_forward
 from effray.config import option, require
@@ -123,12 +123,6 @@ def parse_kinds(text: str) -> tuple[str, ...]:
     return tuple(k for k in PRUNE_KINDS if k in kinds)
 
 
-def _tp() -> Any:
-    import torch_pruning  # heavy and optional until a structured probe runs
-
-    return torch_pruning
-
-
 class Skipped(Exception):  # noqa: N818 - a probe's outcome, not a failure
     """A setting a layer can't take: the reason goes into the ``skipped_reason`` column."""
 
@@ -173,7 +167,7 @@ def without_channels(model: nn.Module, name: str, rate: float, example: torch.Te
     input) loses the same channels, so the copy still runs. :class:`Skipped` says why a
     layer can't be cut (the classifier, a rate that removes no channel or all of them, a
     group through a raw parameter or attention, a graph that no longer runs)."""
-    tp = _tp()
+    tp = torch_pruning()
     out = copy.deepcopy(model).eval()
     layer = out.get_submodule(name)
     if layer is classifier(out):

@@ -29,6 +29,7 @@ from effray.config import require, to_dict, validated
 from effray.console import bar, say
 from effray.data.arrays import Arrays, eval_batches, load_arrays
 from effray.data.pipeline import validate_data_dir
+from effray.metrics import save_figure
 from effray.train.checkpoint import load_checkpoint
 from effray.train.run import provenance
 
@@ -241,8 +242,7 @@ def worst_per_layer(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def write_heatmap(rows: list[dict[str, Any]], settings: list[Setting], path: Path, title: str = "") -> str:
-    """Layers down, settings across, the accuracy drop in points as colour (grey: skipped);
-    drawn under a temporary name and renamed, as every figure is."""
+    """Layers down, settings across, the accuracy drop in points as colour (grey: skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,9 +267,4 @@ def write_heatmap(rows: list[dict[str, Any]], settings: list[Setting], path: Pat
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="white" if v > top / 2 else "k")
     fig.colorbar(image, ax=ax, label="accuracy drop (points)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
