@@ -11,6 +11,7 @@ the metrics JSON's ``config`` and the artifact's ``config``. Field names are pre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from effray.config import option, require, require_whole_gpus
 from effray.data.pipeline import DataConfig
@@ -23,7 +24,33 @@ SCHEDULES = ("oneshot", "cubic")
 QUANT_MODES = ("qat", "ptq")
 ACT_RANGES = ("ema", "lsq")
 CODECS = ("none", "lzma")
+ALLOCATIONS = ("uniform", "sensitivity")
 OFF = 32  # bits meaning "leave this in float32"
+
+
+def parse_layers(text: str, flag: str, value: type) -> dict[str, Any]:
+    """``"conv1=4,fc=8"`` -> ``{"conv1": 4, "fc": 8}``: a per-layer setting as the one
+    plain string a CLI flag, a Tune sample and an artifact's config all hold."""
+    out: dict[str, Any] = {}
+    for item in (t.strip() for t in str(text or "").split(",")):
+        if not item:
+            continue
+        name, eq, raw = item.rpartition("=")
+        try:
+            parsed = value(raw)
+        except ValueError:
+            parsed = None
+        require(
+            bool(eq and name) and parsed is not None and name not in out,
+            f"{flag} takes LAYER=VALUE pairs separated by commas, each layer once (e.g. features.0=4), got {item!r}",
+        )
+        out[name] = parsed
+    return out
+
+
+def format_layers(values: dict[str, Any]) -> str:
+    """Inverse of :func:`parse_layers`, in the given order (rates to 4 decimals)."""
+    return ",".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in values.items())
 
 
 def valid_bits(bits: int) -> bool:
@@ -66,6 +93,25 @@ class CompressConfig:
     )
     prune_steps: int = option(1, "pruning events, each followed by fine-tuning (cubic schedule)")
     bits: int = option(OFF, "weight bits of every conv and linear layer: 2..8, or 32 = no quantization")
+    layer_bits: str = option(
+        "",
+        "weight bits of named layers, LAYER=BITS,... (2..8 or 32 = float), overriding --bits and the first/last "
+        "layer's bits for those layers",
+    )
+    layer_rates: str = option(
+        "",
+        "unstructured prune rate of named layers, LAYER=RATE,...: each layer is then pruned on its own (its lowest "
+        "scores), the unnamed ones at --prune-rate (the classifier at 0 unless named)",
+    )
+    allocation: str = option(
+        "uniform",
+        "uniform (one --bits and --prune-rate for all layers) or sensitivity (per-layer bits and rates chosen "
+        "from --sensitivity to cost at most the uniform config's bytes)",
+        choices=ALLOCATIONS,
+    )
+    sensitivity: str = option(
+        "", "sensitivity.parquet (or its directory) from `effray sensitivity` on this teacher, for --allocation"
+    )
     first_layer_bits: int = option(8, "bits of the first conv (weights and its input): 2..8 or 32")
     last_layer_bits: int = option(8, "bits of the classifier (weights and its input): 2..8 or 32")
     act_bits: int = option(8, "bits of every layer's input activation when quantizing: 2..8 or 32 = float activations")
@@ -90,12 +136,30 @@ class CompressConfig:
 
     @property
     def prunes(self) -> bool:
-        return self.prune_rate > 0
+        return self.prune_rate > 0 or any(r > 0 for r in self.rates_by_layer.values())
 
     @property
     def quantizes(self) -> bool:
         # activations are only quantized alongside weights: an act-only mode buys no size
-        return self.bits != OFF
+        return self.bits != OFF or any(b != OFF for b in self.bits_by_layer.values())
+
+    @property
+    def bits_by_layer(self) -> dict[str, int]:
+        return parse_layers(self.layer_bits, "--layer-bits", int)
+
+    @property
+    def rates_by_layer(self) -> dict[str, float]:
+        return parse_layers(self.layer_rates, "--layer-rates", float)
+
+    @property
+    def per_layer_rates(self) -> bool:
+        """Whether each layer is pruned on its own (``--layer-rates``) rather than globally."""
+        return bool(self.rates_by_layer)
+
+    @property
+    def final_rate(self) -> float:
+        """The rate a pruning schedule ramps to: ``--prune-rate``, or the highest per-layer rate."""
+        return max([self.prune_rate, *self.rates_by_layer.values()])
 
     @property
     def distills(self) -> bool:
@@ -143,6 +207,26 @@ class CompressConfig:
         require(self.finetune_epochs >= 0, f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         require(self.finetune_lr > 0, f"--finetune-lr must be > 0, got {self.finetune_lr}")
         require(self.finetune_batch_size > 0, f"--finetune-batch-size must be > 0, got {self.finetune_batch_size}")
+        for name, b in self.bits_by_layer.items():
+            require(valid_bits(b), f"--layer-bits {name}={b}: bits must be 2..8 (or 32 = off)")
+        for name, r in self.rates_by_layer.items():
+            require(0.0 <= r < 1.0, f"--layer-rates {name}={r}: a rate must be in [0, 1)")
+        require(
+            not self.layer_rates or self.prune_kind == "unstructured",
+            "--layer-rates sets unstructured rates per layer; structured pruning takes one --prune-rate",
+        )
+        require(
+            self.allocation in ALLOCATIONS,
+            f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}",
+        )
+        require(
+            self.allocation == "uniform" or bool(self.sensitivity),
+            "--allocation sensitivity needs --sensitivity PATH (the sensitivity.parquet of `effray sensitivity`)",
+        )
+        require(
+            self.allocation == "uniform" or self.prune_kind == "unstructured" or not self.prune_rate,
+            "--allocation sensitivity allocates bits and unstructured rates; use --prune-kind unstructured",
+        )
         require(self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.student:
             check_model_name(self.student, "--student")

@@ -36,7 +36,7 @@ from torch import nn
 from effray.compress.artifact import load_artifact, save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
-from effray.compress.prune import lock_sparsity, prune_step
+from effray.compress.prune import lock_sparsity
 from effray.compress.quantize import is_quantized
 from effray.compress.steps import (
     CosineSteps,
@@ -46,6 +46,7 @@ from effray.compress.steps import (
     finish,
     make_optimizer,
     method_summary,
+    prune_at,
     prune_events,
     quant_epoch,
 )
@@ -224,14 +225,7 @@ def _replay(model: nn.Module, cfg: CompressConfig, batch: list[tuple[torch.Tenso
             lock.release()
             lock = None
         if epoch in events:
-            prune_step(
-                model,
-                events[epoch],
-                cfg.prune_kind,
-                cfg.prune_importance,
-                batches=batch,
-                example_inputs=batch[0][0][:1],
-            )
+            prune_at(model, cfg, events[epoch], batches=batch, example_inputs=batch[0][0][:1])
         if epoch == qstart:
             apply_quantization(model, cfg, batch)
         if cfg.prunes and cfg.prune_kind == "unstructured":

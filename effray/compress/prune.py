@@ -117,6 +117,11 @@ def weight_sparsity(model: nn.Module) -> float:
     return int(zeros) / max(total, 1)
 
 
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    """Each conv/linear's fraction of exact zeros (a host read per layer: for reports)."""
+    return {n: round(float((m.weight == 0).float().mean()), 4) for n, m in prunable_layers(model)}
+
+
 def channel_counts(model: nn.Module, skip: set[int] | None = None) -> list[int]:
     """Output channels/features of every prunable layer but the classifier (and ``skip``'s ids)."""
     out = classifier(model)
@@ -181,6 +186,29 @@ def prune_unstructured(model: nn.Module, rate: float, importance: Importance, **
             n = m.weight.numel()
             m.weight.masked_fill_(drop[start : start + n].view_as(m.weight), 0.0)
             start += n
+    return model
+
+
+def prune_per_layer(model: nn.Module, rates: dict[str, float], importance: Importance) -> nn.Module:
+    """Each named layer on its own: exactly ``round(rate * n)`` of its ``n`` weights zeroed,
+    the lowest scores first (weights already zero rank first, ties by position), as the
+    global pruner does across layers. What a per-layer allocation sets; layers not named
+    keep their weights."""
+    layers = dict(prunable_layers(model))
+    unknown = sorted(set(rates) - set(layers))
+    require(not unknown, f"per-layer prune rates name layers this model has no conv/linear for: {unknown[:5]}")
+    with torch.no_grad():
+        for name, rate in rates.items():
+            require(0.0 <= rate < 1.0, f"prune rate of {name} must be in [0, 1), got {rate}")
+            w = layers[name].weight
+            k = int(round(rate * w.numel()))
+            if k == 0:
+                continue
+            s = importance.element(w.detach(), w.grad).float()
+            s = torch.where(w == 0, torch.full_like(s, -1.0), s).flatten()
+            drop = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+            drop[torch.argsort(s, stable=True)[:k]] = True
+            w.masked_fill_(drop.view_as(w), 0.0)
     return model
 
 
@@ -281,10 +309,12 @@ def prune_step(
     *,
     example_inputs: torch.Tensor | None = None,
     batches: Batches | None = None,
+    layer_rates: dict[str, float] | None = None,
 ) -> nn.Module:
     """Prune ``model`` (in place; also returned) to ``rate``: the one call a fine-tuning loop
     makes at each pruning event. ``batches`` of (x, y) feed the gradients Taylor needs;
-    without them the gradients already in ``.grad`` are used.
+    without them the gradients already in ``.grad`` are used. ``layer_rates`` (unstructured
+    only) prunes each named layer at its own rate instead (:func:`prune_per_layer`).
 
     After structured pruning the parameters are new tensors: rebuild the optimizer."""
     require(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0, f"prune rate must be in [0, 1), got {rate}")
@@ -295,7 +325,11 @@ def prune_step(
             accumulate_grads(model, batches)
         elif not any(m.weight.grad is not None for _, m in prunable_layers(model)):
             raise EffrayError("taylor importance needs gradients: pass batches= or run a backward pass first")
-    out = pruner(model, float(rate), imp, example_inputs=example_inputs)
+    if layer_rates is not None:
+        require(kind == "unstructured", "per-layer prune rates are unstructured; structured pruning takes one rate")
+        out = prune_per_layer(model, layer_rates, imp)
+    else:
+        out = pruner(model, float(rate), imp, example_inputs=example_inputs)
     if imp.needs_grad:
         model.zero_grad(set_to_none=True)
     return out

@@ -77,21 +77,28 @@ def quantize_model(
     last_bits: int = 8,
     act_range: str = "ema",
     learn: bool = True,
+    layer_bits: dict[str, int] | None = None,
 ) -> nn.Module:
     """Replace every Conv2d/Linear of ``model`` (in place; also returned) by its fake-quant
     twin. The first layer and the classifier get ``first_bits``/``last_bits`` for weights
     and input; ``act_bits=32`` leaves every activation in float. Parameters are shared,
     not copied, so an optimizer built before still updates them (rebuild it anyway to
-    add the new step-size parameters)."""
+    add the new step-size parameters). ``layer_bits`` gives named layers their own weight
+    bits (32 = float), first and last included; a name the model lacks is an error."""
 
     for flag, b in (("bits", bits), ("act_bits", act_bits), ("first_bits", first_bits), ("last_bits", last_bits)):
         require(valid_bits(b), f"{flag} must be 2..8 (or 32 = off), got {b}")
     layers = [(n, m) for n, m in model.named_modules() if quantizable(m)]
     require(bool(layers), "nothing to quantize: the model has no conv or linear layer with torch's own forward")
     require(not is_quantized(model), "model is already quantized")
+    own = dict(layer_bits or {})
+    for name, b in own.items():
+        require(valid_bits(b), f"layer_bits[{name!r}] must be 2..8 (or 32 = off), got {b}")
+    unknown = sorted(set(own) - {n for n, _ in layers})
+    require(not unknown, f"per-layer bits name layers this model has no quantizable conv/linear for: {unknown[:5]}")
     last = classifier(model) if any(isinstance(m, nn.Linear) for _, m in layers) else None
     for i, (name, m) in enumerate(layers):
-        w_bits = first_bits if i == 0 else last_bits if m is last else bits
+        w_bits = own.get(name, first_bits if i == 0 else last_bits if m is last else bits)
         a_bits = OFF if act_bits == OFF else w_bits if (i == 0 or m is last) else act_bits
         if w_bits == OFF:
             continue

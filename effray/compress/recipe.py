@@ -3,7 +3,7 @@
 
 :class:`CompressHooks` puts the compression events on :func:`effray.train.recipe.run_recipe`:
 
-* before an epoch, a pruning event (``prune_step``, then the sparsity lock) or the start of
+* before an epoch, a pruning event (``prune_at``, then the sparsity lock) or the start of
   QAT (``apply_quantization``), every rank holding rank 0's BN statistics first; after
   either the loop rebuilds the optimizer and re-prepares DDP (new parameters);
 * the loss: KD against the frozen teacher when ``kd_alpha > 0``, else cross-entropy;
@@ -35,7 +35,7 @@ from effray.compress.distill import freeze_teacher
 from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
 from effray.compress.progress import progress_payload, resume_student
-from effray.compress.prune import SparsityLock, lock_sparsity, prune_step, weight_sparsity
+from effray.compress.prune import SparsityLock, lock_sparsity, weight_sparsity
 from effray.compress.quantize import kept_float
 from effray.compress.steps import (
     Batches,
@@ -46,6 +46,7 @@ from effray.compress.steps import (
     fine_tune_loss,
     finish,
     method_summary,
+    prune_at,
     prune_events,
     pruned_before,
     quant_epoch,
@@ -124,17 +125,12 @@ class CompressHooks(Hooks):
         model, rank0 = run.plain, run.session.rank == 0
         if pruning:
             example = self.calib[0][0][:1] if self.calib else None  # traced at the size the model takes
-            prune_step(
-                model,
-                self.events[epoch],
-                cfg.prune_kind,
-                cfg.prune_importance,
-                example_inputs=example,
-                batches=self.calib,
-            )
+            prune_at(model, cfg, self.events[epoch], example_inputs=example, batches=self.calib)
             if rank0:
                 self.say(
-                    f"epoch {epoch}: pruned to {self.events[epoch]:.3f} ({cfg.prune_kind}); "
+                    f"epoch {epoch}: pruned to {self.events[epoch]:.3f} ({cfg.prune_kind}"
+                    + (", per layer" if cfg.per_layer_rates else "")
+                    + "); "
                     f"weight sparsity {weight_sparsity(model):.3f}" + kept_whole(model)
                 )
         if quantizing:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from effray.atomic import write_json
+from effray.compress.allocate import allocated, is_allocated
 from effray.compress.artifact import file_checksum
 from effray.compress.config import CompressRunConfig
 from effray.compress.recipe import measure_artifact, measure_teacher
@@ -207,6 +208,12 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     import ray
 
     teacher, _, meta = check_inputs(rc)
+    if is_allocated(rc.compress):  # per-layer bits and rates within the uniform config's bytes
+        rc = dataclasses.replace(rc, compress=allocated(teacher, rc.compress, data=meta))
+        say(
+            f"[effray] sensitivity allocation: bits {rc.compress.layer_bits or '-'}; "
+            f"rates {rc.compress.layer_rates or '-'}"
+        )
     check_resources(rc, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # type: ignore[arg-type]
     worker_batches(rc, meta)
     out = Path(os.path.abspath(os.path.expanduser(rc.out)))

@@ -29,9 +29,18 @@ from torch import nn
 from effray.compress.artifact import save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.distill import check_student, kd_loss, teacher_logits
-from effray.compress.prune import SparsityLock, channel_counts, schedule_rates, weight_sparsity
-from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized, kept_float
-from effray.config import to_dict
+from effray.compress.layers import classifier
+from effray.compress.prune import (
+    SparsityLock,
+    channel_counts,
+    layer_sparsity,
+    prunable_layers,
+    prune_step,
+    schedule_rates,
+    weight_sparsity,
+)
+from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized, kept_float, quantizable
+from effray.config import require, to_dict
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
 from effray.models.weights import initial_weights
@@ -54,7 +63,7 @@ def build_student(
         for p in student.parameters():
             p.requires_grad_(True)
         student.spec = spec
-        return student.train()
+        return check_layer_names(student, cfg).train()
     student_spec = {
         "name": cfg.student,
         "num_classes": spec["num_classes"],
@@ -67,7 +76,25 @@ def build_student(
         initial_weights(student, cfg.student_weights, cfg.student if cfg.student_pretrained else "")
     elif images is not None and needs_data_init(student):
         init_from_data(student, images())
-    return student.train()
+    return check_layer_names(student, cfg).train()
+
+
+def check_layer_names(model: nn.Module, cfg: CompressConfig) -> nn.Module:
+    """Fail in one line, before any training, when ``--layer-bits``/``--layer-rates`` name a
+    layer ``model`` has no quantizable (resp. prunable) conv/linear of."""
+    layers = dict(prunable_layers(model))
+    for flag, names, known in (
+        ("--layer-bits", cfg.bits_by_layer, {n for n, m in layers.items() if quantizable(m)}),
+        ("--layer-rates", cfg.rates_by_layer, set(layers)),
+    ):
+        unknown = sorted(set(names) - known)
+        require(
+            not unknown,
+            f"{flag} names {', '.join(unknown[:3])}, not a {'quantizable ' if 'bits' in flag else ''}conv/linear "
+            f"layer of {model.spec.get('name')}; its layers: {', '.join(sorted(known)[:6])}"
+            + (", ..." if len(known) > 6 else ""),
+        )
+    return model
 
 
 def prune_events(cfg: CompressConfig) -> dict[int, float]:
@@ -75,9 +102,35 @@ def prune_events(cfg: CompressConfig) -> dict[int, float]:
     if not cfg.prunes:
         return {}
     steps = cfg.prune_steps if cfg.prune_schedule != "oneshot" else 1
-    rates = schedule_rates(cfg.prune_schedule, steps, cfg.prune_rate)
+    rates = schedule_rates(cfg.prune_schedule, steps, cfg.final_rate)
     span = _prune_span(cfg)
     return {math.floor(k * span / steps): r for k, r in enumerate(rates)}  # later events win a shared epoch
+
+
+def prune_at(
+    model: nn.Module,
+    cfg: CompressConfig,
+    rate: float,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    batches: Batches | None = None,
+) -> nn.Module:
+    """A pruning event of ``cfg``'s schedule at ``rate`` (one of :func:`prune_events`'): global,
+    or with ``--layer-rates`` each layer at its own rate scaled by ``rate / cfg.final_rate``
+    (the unnamed layers at ``--prune-rate``, the classifier at 0 unless named)."""
+    layer_rates = None
+    if cfg.per_layer_rates:
+        named, out, share = cfg.rates_by_layer, classifier(model), rate / cfg.final_rate
+        layer_rates = {n: named.get(n, 0.0 if m is out else cfg.prune_rate) * share for n, m in prunable_layers(model)}
+    return prune_step(
+        model,
+        rate,
+        cfg.prune_kind,
+        cfg.prune_importance,
+        example_inputs=example_inputs,
+        batches=batches,
+        layer_rates=layer_rates,
+    )
 
 
 def _prune_span(cfg: CompressConfig) -> int:
@@ -106,6 +159,7 @@ def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mo
         "first_bits": cfg.first_layer_bits,
         "last_bits": cfg.last_layer_bits,
         "act_range": cfg.act_range,
+        "layer_bits": cfg.bits_by_layer,
     }
     return QUANTIZERS.get(mode or cfg.quant_mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
 
@@ -191,6 +245,8 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
             "weight_sparsity": weight_sparsity(model),
             "channels": channel_counts(model),
         }
+        if cfg.per_layer_rates:  # the zeros each layer really holds, what an allocation set
+            out["prune"]["sparsity_per_layer"] = layer_sparsity(model)
         if getattr(model, "prune_skipped", None):  # layers structured pruning kept whole, and why
             out["prune"]["skipped"] = list(model.prune_skipped)
     if is_quantized(model):
@@ -206,6 +262,8 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
         }
         if kept_float(model):  # a library's conv/linear subclass with a forward of its own
             out["quant"]["kept_float"] = kept_float(model)
+    if cfg.allocation != "uniform":
+        out["allocation"] = cfg.allocation  # the table it came from is the config's (every byte counts)
     if cfg.distills:
         out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
     return out

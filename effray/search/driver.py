@@ -30,6 +30,7 @@ from effray.config import require, to_dict
 from effray.data.pipeline import validate_data_dir
 from effray.errors import EffrayError
 from effray.search.aggregate import ReportConfig, report
+from effray.search.allocation import with_sensitivity
 from effray.search.config import METRIC, TuneConfig
 from effray.search.context import TrialContext, trial_context
 from effray.search.deployed import DeployProbe, deploy_probe
@@ -161,6 +162,7 @@ def _new_tuner(
     import ray
     from ray import tune
 
+    space = with_sensitivity(cfg, space)  # allocation: sensitivity probes the teacher's layers first
     teacher = context.teacher
     costs = CostModel(teacher.path, to_dict(context.base), teacher.metrics, teacher.info, context.data_info)
     return tune.Tuner(

@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from effray.compress.config import parse_layers
 from effray.search.fronts import on_a_front
 from effray.search.results import BEYOND, OBJECTIVES
+
+PER_LAYER = (".layer_bits", ".layer_rates")
 
 
 def markdown(
@@ -75,6 +78,7 @@ def markdown(
     lines += [_row(_cell(c, row[c]) for c in cols) for _, row in table.iterrows()]
     lines += _test_section(table, teacher, test)
     lines += _calibration_section(table, teacher)
+    lines += _allocation_section(table)
     if len(stopped):
         lines += _stopped_section(stopped, cols)
     if max_size_kb or max_latency_ms or limits:
@@ -116,9 +120,46 @@ def _columns(table: pd.DataFrame) -> list[str]:
         for c in table.columns
         if c.startswith("config.")
         and not c.startswith(("config.predicted.", "config.context."))
+        and not c.endswith(PER_LAYER)  # a cell per layer: the allocation section's
         and table[c].nunique(dropna=False) > 1
     ]
     return cols
+
+
+def _allocation_section(table: pd.DataFrame) -> list[str]:
+    """Each front model's per-layer bits and rates (``bits/rate``), layers as rows: what a
+    sensitivity allocation chose where the uniform config gave every layer the same."""
+    bits_col, rates_col = (next((c for c in table if c.endswith(k)), None) for k in PER_LAYER)
+    if bits_col is None and rates_col is None:
+        return []
+    front = table[on_a_front(table)]
+    allocated = [
+        (
+            str(r["trial_id"]),
+            parse_layers(r.get(bits_col) or "", "layer_bits", int),
+            parse_layers(r.get(rates_col) or "", "layer_rates", float),
+        )
+        for _, r in front.iterrows()
+        if (bits_col and isinstance(r.get(bits_col), str) and r[bits_col])
+        or (rates_col and isinstance(r.get(rates_col), str) and r[rates_col])
+    ]
+    if not allocated:
+        return []
+    layers = list(dict.fromkeys(n for _, b, r in allocated for n in [*b, *r]))
+    lines = [
+        "",
+        "## Per-layer allocation",
+        "",
+        "Weight bits / unstructured prune rate of every layer, for each front model with a per-layer allocation "
+        "(`allocation: sensitivity` chooses them from the teacher's per-layer sensitivities to cost at most the "
+        "uniform config's bytes; `-` = the layer keeps its float weights / is not pruned).",
+        "",
+        *_header(["layer", *(t for t, _, _ in allocated)]),
+    ]
+    for name in layers:
+        cells = [f"{b.get(name, '-')}/{r[name]:g}" if name in r else f"{b.get(name, '-')}" for _, b, r in allocated]
+        lines.append(_row([name, *cells]))
+    return lines
 
 
 def _calibration_section(table: pd.DataFrame, teacher: dict[str, Any] | None) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from ray.tune.search import Searcher
 
+from effray.compress.allocate import allocated, is_allocated
 from effray.compress.config import CompressConfig
 from effray.compress.cost import estimate_latency_ms, predict_costs
 from effray.config import from_dict, merge
@@ -97,14 +98,29 @@ class CostModel:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_teacher": None}
 
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            self._teacher, _ = load_checkpoint(self.teacher_path, trust_code=True)  # the context loaded it first
+        return self._teacher
+
+    def allocate(self, compress: dict[str, Any]) -> dict[str, Any]:
+        """``compress`` with an ``allocation: sensitivity`` made concrete: the per-layer bits
+        and rates (:func:`~effray.compress.allocate.allocated`) a trial then trains as given."""
+        cfg = merge(from_dict(CompressConfig, self.base), compress)
+        if not is_allocated(cfg):
+            return compress
+        key = "allocate:" + json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in _TRAINING_ONLY})
+        if key not in self._cache:
+            done = allocated(self.teacher(), cfg, **self.meta)
+            self._cache[key] = {"layer_bits": done.layer_bits, "layer_rates": done.layer_rates}
+        return {**compress, **self._cache[key]}
+
     def __call__(self, compress: dict[str, Any]) -> dict[str, float]:
 
         cfg = merge(from_dict(CompressConfig, self.base), compress)
         key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in _TRAINING_ONLY}, default=str)
         if key not in self._cache:
-            if self._teacher is None:
-                self._teacher, _ = load_checkpoint(self.teacher_path, trust_code=True)  # the context loaded it first
-            costs: dict[str, float] = dict(predict_costs(self._teacher, cfg, **self.meta))
+            costs: dict[str, float] = dict(predict_costs(self.teacher(), cfg, **self.meta))
             t = self.teacher_metrics  # the teacher's latency on the deploy runtime, when the search deploys
             ms = t.get("deployed_latency_ms_b1") or t["latency_ms_b1"]
             costs["latency_ms"] = estimate_latency_ms(costs["macs"], t["macs"], ms)
@@ -224,6 +240,7 @@ class CostAwareSearch(Searcher):
                 if suggestion in (None, Searcher.FINISHED):
                     return suggestion
                 compress = {**self.constants, **suggestion["compress"]}
+            compress = self.costs.allocate(compress)
             predicted = self.costs(compress)
             why = self.budget.violation(predicted)
             if why and self.fit_latency:

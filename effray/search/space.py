@@ -26,6 +26,7 @@ from effray.compress.config import CompressConfig
 from effray.config import merge
 from effray.errors import EffrayError
 
+SEARCH_PROBES = "(the search's sensitivity pass)"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 PRESETS: dict[str, dict[str, Any]] = {
     # a search one CPU machine runs: one trial per (pruning kind, prune rate, bits), configs
@@ -119,6 +120,8 @@ def validate_space(space: Any, base: CompressConfig | None = None) -> None:
     if unknown:
         raise EffrayError(f"unknown search-space key(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
     base = base or CompressConfig()
+    if not space.get("sensitivity"):  # the search probes the teacher for an allocation that names no table
+        base = dataclasses.replace(base, sensitivity=SEARCH_PROBES)
     for name, spec in space.items():
         _, values = _values(name, spec)
         for value in values:

@@ -29,7 +29,9 @@ def five_class_teacher(tiny_cifar, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["prune-rate", "bits", "temperature", "teacher", "classes", "existing-out"])
+@pytest.mark.parametrize(
+    "case", ["prune-rate", "bits", "temperature", "teacher", "classes", "existing-out", "layer-bits", "sensitivity"]
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(
     ray_session, tiny_cifar, teacher, five_class_teacher, tmp_path, capsys, case
 ):
@@ -49,6 +51,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     elif case == "classes":
         ckpt = str(five_class_teacher)
         extra = ["--student", "convnet"]
+    elif case == "layer-bits":  # a layer the teacher lacks
+        extra = ["--bits", "4", "--layer-bits", "no.such.layer=4"]
+    elif case == "sensitivity":  # no table where --sensitivity points
+        extra = ["--bits", "4", "--allocation", "sensitivity", "--sensitivity", str(tmp_path)]
     elif case == "existing-out":
         out.mkdir()
         (out / "keep.txt").write_text("mine")

@@ -259,3 +259,19 @@ def test_the_report_gives_the_fronts_test_accuracy_with_its_interval_beside_the_
     # no test split: the report says what its accuracies are
     write_report(_table(), tmp_path / "none", teacher=teacher)
     assert "has no test split" in (tmp_path / "none" / "report.md").read_text()
+
+
+def test_the_report_lays_out_each_allocated_front_models_bits_and_rates_per_layer(tmp_path):
+    bits = ["", "conv=8,fc=4", "", "conv=2,fc=8", ""]
+    rates = ["", "conv=0.25,fc=0", "", "conv=0.75,fc=0.5", ""]
+    dominated = {"trial_id": "e", "accuracy": 0.6, "bytes": 50_000, "macs": 5e7, "latency_ms": 3.0, "artifact": "/x/e"}
+    t = pd.concat([_table(), pd.DataFrame([dominated])], ignore_index=True)
+    t["config.compress.layer_bits"], t["config.compress.layer_rates"] = bits, rates
+    t.loc[4, ["config.compress.layer_bits", "config.compress.layer_rates"]] = ["conv=4,fc=4", "conv=0.5,fc=0.5"]
+    write_report(t, tmp_path / "r", teacher={"accuracy": 0.92, "bytes": 1e6})
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "layer_bits" not in md.split("## Per-layer allocation")[0]  # never a cell of the trials' table
+    lines = [ln for ln in md.split("## Per-layer allocation")[1].splitlines() if ln.startswith("| ")]
+    assert lines == ["| layer | b | d |", "| conv | 8/0.25 | 2/0.75 |", "| fc | 4/0 | 8/0.5 |"]  # e: on no front
+    write_report(_table(), tmp_path / "u", teacher={"accuracy": 0.92, "bytes": 1e6})
+    assert "## Per-layer allocation" not in (tmp_path / "u" / "report.md").read_text()

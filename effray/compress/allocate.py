@@ -1,0 +1,253 @@
+"""Per-layer bits and prune rates under a byte budget, from per-layer sensitivities.
+
+``effray sensitivity`` measures what each setting costs each layer alone (its loss increase
+on calibration images, no fine-tune). Here each layer gets one bit width and one
+unstructured rate so that the summed predicted loss increase is smallest while the
+packed layers cost no more bytes than the uniform config's (a multiple-choice knapsack,
+solved by a Lagrangian sweep: every layer picks ``argmin drop + lambda * bytes``, lambda
+bisected to the budget, then the slack spent greedily on the best drop per byte).
+
+A layer's bytes are those the artifact packs (:func:`effray.compress.pack.theory_bytes`:
+k-bit codes or bitmap + non-zero codes, fp16 step sizes; bitmap + fp32 values when float),
+additive across layers. The file adds LZMA and metadata, so :func:`allocated` checks the
+chosen config on the real file (:func:`effray.compress.cost.predict_costs`, the recipe's
+own save path) against the uniform config's, tightening the layer budget until it fits.
+
+Two layers changed together are predicted to cost the sum of their drops, and so are a
+layer's bits and its rate (the usual first-order assumption of NNI's and HAWQ's
+allocators); the fine-tune that follows (QAT + KD) recovers much of either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from effray.compress.config import OFF, CompressConfig, format_layers
+from effray.compress.cost import predict_costs
+from effray.compress.layers import classifier
+from effray.compress.pack import theory_bytes
+from effray.compress.prune import prunable_layers
+from effray.compress.quantize import quantizable
+from effray.compress.steps import build_student
+from effray.config import require
+from effray.errors import EffrayError
+
+log = logging.getLogger(__name__)
+
+PARQUET = "sensitivity.parquet"
+TRIES = 6  # tightenings of the layer budget before the cheapest allocation is taken
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One setting of one layer: weight ``bits`` (32 = float), unstructured ``rate``, the
+    predicted loss increase ``drop`` and the packed bytes of its weights."""
+
+    bits: int
+    rate: float
+    drop: float
+    nbytes: int
+
+
+def layer_bytes(weights: int, channels: int, bits: int, rate: float) -> int:
+    """Packed bytes of a layer's weights with ``bits`` and ``round(rate * weights)`` zeros."""
+    nnz = weights - int(round(rate * weights))
+    if bits == OFF:
+        return min(4 * weights, math.ceil(weights / 8) + 4 * nnz)
+    return theory_bytes(weights, bits, channels, nnz)
+
+
+def read_sensitivity(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``sensitivity.parquet`` (or of the one in directory ``path``)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    p = p / PARQUET if p.is_dir() else p
+    require(p.is_file(), f"--sensitivity {path}: no {PARQUET} there; run `effray sensitivity` on the teacher first")
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
+        raise EffrayError(f"--sensitivity {p} is not a readable parquet file ({type(exc).__name__})") from None
+    require(
+        bool(rows) and {"layer", "kind", "value", "loss_increase"} <= set(rows[0]),
+        f"--sensitivity {p} is not a table of `effray sensitivity` (layer, kind, value, loss_increase)",
+    )
+    return rows
+
+
+def probed_drops(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[float, float]]]:
+    """layer -> kind (``bits``/``unstructured``) -> value -> loss increase (negative noise
+    counts as 0), skipped probes left out."""
+    out: dict[str, dict[str, dict[float, float]]] = {}
+    for r in rows:
+        if r.get("loss_increase") is None or r["kind"] not in ("bits", "unstructured"):
+            continue
+        out.setdefault(r["layer"], {}).setdefault(r["kind"], {})[float(r["value"])] = max(0.0, r["loss_increase"])
+    return out
+
+
+def interpolated(points: dict[float, float], value: float) -> float:
+    """The drop at ``value`` read off the probed ``points`` (linear between neighbours, the
+    nearest probe beyond them); ``points`` hold the no-change anchor (32 bits, rate 0)."""
+    xs = sorted(points)
+    if value <= xs[0]:
+        return points[xs[0]]
+    if value >= xs[-1]:
+        return points[xs[-1]]
+    hi = next(i for i, x in enumerate(xs) if x >= value)
+    x0, x1 = xs[hi - 1], xs[hi]
+    return points[x0] + (points[x1] - points[x0]) * (value - x0) / (x1 - x0)
+
+
+def uniform_settings(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[int, float]]:
+    """Each conv/linear's (bits, rate) under ``cfg`` as given: what :func:`quantize_model`
+    and the pruner would set (the global pruner's rate stands for every layer but the
+    classifier's)."""
+    layers = prunable_layers(model)
+    out_layer = classifier(model)
+    quantizable_layers = [n for n, m in layers if quantizable(m)]
+    first = quantizable_layers[0] if quantizable_layers else None
+    named_bits, named_rates = cfg.bits_by_layer, cfg.rates_by_layer
+    settings = {}
+    for name, m in layers:
+        bits = OFF
+        if cfg.quantizes and name in quantizable_layers:
+            default = cfg.first_layer_bits if name == first else cfg.last_layer_bits if m is out_layer else cfg.bits
+            bits = named_bits.get(name, default)
+        rate = named_rates.get(name, 0.0 if m is out_layer else cfg.prune_rate) if cfg.prunes else 0.0
+        settings[name] = (bits, rate)
+    return settings
+
+
+def layer_choices(model: nn.Module, cfg: CompressConfig, rows: list[dict[str, Any]]) -> dict[str, list[Choice]]:
+    """Every layer's candidate settings: the probed bits (and float) when ``cfg`` quantizes,
+    0 and the probed unstructured rates when it prunes, and the uniform config's own, each
+    with its predicted drop and packed bytes."""
+    drops = probed_drops(rows)
+    uniform = uniform_settings(model, cfg)
+    missing = [n for n in uniform if n not in drops]
+    if missing:
+        raise EffrayError(
+            f"the sensitivity table has no probes of {len(missing)} layer(s) of this model (e.g. {missing[0]}); "
+            "run `effray sensitivity` on a checkpoint of the architecture being compressed"
+        )
+    out = {}
+    for name, m in prunable_layers(model):
+        probes = drops[name]
+        bits_points = {float(OFF): 0.0, **probes.get("bits", {})}
+        rate_points = {0.0: 0.0, **probes.get("unstructured", {})}
+        own_bits, own_rate = uniform[name]
+        bits_options = {own_bits} | ({int(b) for b in bits_points} if own_bits != OFF and quantizable(m) else set())
+        rate_options = {own_rate} | (set(rate_points) if cfg.prunes else set())
+        n, channels = m.weight.numel(), m.weight.shape[0]
+        out[name] = [
+            Choice(
+                b,
+                r,
+                interpolated(bits_points, float(b)) + interpolated(rate_points, r),
+                layer_bytes(n, channels, b, r),
+            )
+            for b in sorted(bits_options)
+            for r in sorted(rate_options)
+        ]
+    return out
+
+
+def allocate(choices: dict[str, list[Choice]], budget: int) -> dict[str, Choice]:
+    """The choice per layer with the smallest summed drop whose summed bytes are at most
+    ``budget`` (the cheapest choice everywhere when even that is over it)."""
+    cheapest = {n: min(c, key=lambda c: (c.nbytes, c.drop)) for n, c in choices.items()}
+    if total(cheapest) > budget:
+        return cheapest
+
+    def at(lam: float) -> dict[str, Choice]:
+        return {n: min(c, key=lambda c: (c.drop + lam * c.nbytes, c.nbytes)) for n, c in choices.items()}
+
+    low, high = 0.0, 1.0
+    while total(at(high)) > budget and high < 1e12:
+        high *= 4
+    picked = at(high) if total(at(high)) <= budget else cheapest
+    if total(at(low)) <= budget:
+        picked = at(low)
+    else:
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (low, mid) if total(at(mid)) <= budget else (mid, high)
+        picked = at(high) if total(at(high)) <= budget else picked
+    return spend_slack(choices, picked, budget)
+
+
+def spend_slack(choices: dict[str, list[Choice]], picked: dict[str, Choice], budget: int) -> dict[str, Choice]:
+    """Upgrade layers while bytes are left: each time the change that buys the most drop per
+    byte and still fits (the Lagrangian solution stops at the hull; the knapsack may not)."""
+    picked = dict(picked)
+    while True:
+        slack = budget - total(picked)
+        best, best_gain = None, 0.0
+        for name, options in choices.items():
+            now = picked[name]
+            for c in options:
+                extra, gain = c.nbytes - now.nbytes, now.drop - c.drop
+                if gain > 1e-12 and extra <= slack:
+                    ratio = gain / max(extra, 1)
+                    if ratio > best_gain:
+                        best, best_gain = (name, c), ratio
+        if best is None:
+            return picked
+        picked[best[0]] = best[1]
+
+
+def total(picked: dict[str, Choice]) -> int:
+    return sum(c.nbytes for c in picked.values())
+
+
+def as_config(cfg: CompressConfig, picked: dict[str, Choice], model: nn.Module) -> CompressConfig:
+    """``cfg`` with the allocation as ``layer_bits`` (every quantizable layer, when it
+    quantizes) and ``layer_rates`` (every layer, when it prunes)."""
+    quantizing = {n for n, m in prunable_layers(model) if quantizable(m)}
+    bits = {n: c.bits for n, c in picked.items() if n in quantizing} if cfg.quantizes else {}
+    rates = {n: c.rate for n, c in picked.items()} if cfg.prunes else {}
+    return dataclasses.replace(cfg, layer_bits=format_layers(bits), layer_rates=format_layers(rates))
+
+
+def is_allocated(cfg: CompressConfig) -> bool:
+    """Whether ``cfg`` still has a sensitivity allocation to make (not yet, and something to allocate)."""
+    return cfg.allocation == "sensitivity" and not (cfg.layer_bits or cfg.layer_rates) and (cfg.quantizes or cfg.prunes)
+
+
+def allocated(
+    teacher: nn.Module,
+    cfg: CompressConfig,
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> CompressConfig:
+    """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates from
+    ``cfg.sensitivity`` whose saved file is no larger than the uniform ``cfg``'s (both
+    predicted on the recipe's own save path). Any other config comes back as it is."""
+    if not is_allocated(cfg):
+        return cfg
+    model = build_student(teacher, cfg)
+    choices = layer_choices(model, cfg, read_sensitivity(cfg.sensitivity))
+    uniform = uniform_settings(model, cfg)
+    budget = sum(next(c.nbytes for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
+    target = predict_costs(teacher, cfg, teacher_info=teacher_info, data=data)["bytes"]
+    for _ in range(TRIES):
+        picked = allocate(choices, budget)
+        candidate = as_config(cfg, picked, model)
+        over = predict_costs(teacher, candidate, teacher_info=teacher_info, data=data)["bytes"] - target
+        if over <= 0:
+            return candidate
+        budget -= over + max(1, budget // 100)
+    cheapest = {n: min(c, key=lambda c: (c.nbytes, c.drop)) for n, c in choices.items()}
+    log.warning(
+        "no allocation from %s fits the uniform config's %d bytes; the cheapest per layer", cfg.sensitivity, target
+    )
+    return as_config(cfg, cheapest, model)
