@@ -3,9 +3,10 @@
 ``effray sensitivity`` measures what each setting costs each layer alone (its loss increase
 on calibration images, no fine-tune). Here each layer gets one bit width and one
 unstructured rate so that the summed predicted loss increase is smallest while the
-packed layers cost no more bytes than the uniform config's (a multiple-choice knapsack,
-solved by a Lagrangian sweep: every layer picks ``argmin drop + lambda * bytes``, lambda
-bisected to the budget, then the slack spent greedily on the best drop per byte).
+packed layers cost no more bytes than the uniform config's: a multiple-choice knapsack,
+solved up to a 1/4000 rounding of the budget by dynamic programming (a Lagrangian sweep,
+``argmin drop + lambda * bytes`` per layer, reaches only the convex hull's points and can
+land below what the uniform config itself scores).
 
 A layer's bytes are those the artifact packs (:func:`effray.compress.pack.theory_bytes`:
 k-bit codes or bitmap + non-zero codes, fp16 step sizes; bitmap + fp32 values when float),
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from effray.compress.config import OFF, CompressConfig, format_layers
@@ -42,6 +44,7 @@ from effray.errors import EffrayError
 log = logging.getLogger(__name__)
 
 PARQUET = "sensitivity.parquet"
+STEPS = 4000  # budget units of the knapsack: rounding costs at most 1/4000 of the budget per layer
 TRIES = 6  # tightenings of the layer budget before the cheapest allocation is taken
 
 
@@ -160,33 +163,45 @@ def layer_choices(model: nn.Module, cfg: CompressConfig, rows: list[dict[str, An
     return out
 
 
-def allocate(choices: dict[str, list[Choice]], budget: int) -> dict[str, Choice]:
+def allocate(choices: dict[str, list[Choice]], budget: int, steps: int = STEPS) -> dict[str, Choice]:
     """The choice per layer with the smallest summed drop whose summed bytes are at most
-    ``budget`` (the cheapest choice everywhere when even that is over it)."""
+    ``budget`` (the cheapest choice everywhere when even that is over it): a multiple-choice
+    knapsack by dynamic programming over the budget cut into ``steps`` units, each choice's
+    bytes rounded up to whole units (so what it picks fits), the rounding's slack then spent
+    by :func:`spend_slack`."""
     cheapest = {n: min(c, key=lambda c: (c.nbytes, c.drop)) for n, c in choices.items()}
     if total(cheapest) > budget:
         return cheapest
-
-    def at(lam: float) -> dict[str, Choice]:
-        return {n: min(c, key=lambda c: (c.drop + lam * c.nbytes, c.nbytes)) for n, c in choices.items()}
-
-    low, high = 0.0, 1.0
-    while total(at(high)) > budget and high < 1e12:
-        high *= 4
-    picked = at(high) if total(at(high)) <= budget else cheapest
-    if total(at(low)) <= budget:
-        picked = at(low)
-    else:
-        for _ in range(60):
-            mid = (low + high) / 2
-            low, high = (low, mid) if total(at(mid)) <= budget else (mid, high)
-        picked = at(high) if total(at(high)) <= budget else picked
-    return spend_slack(choices, picked, budget)
+    unit = max(1, math.ceil(budget / steps))
+    units = budget // unit
+    best = np.zeros(units + 1)  # least summed drop within b units, over the layers so far
+    picks = []
+    for options in choices.values():
+        here = np.full(units + 1, np.inf)
+        arg = np.full(units + 1, -1, dtype=np.int64)
+        for k, c in enumerate(options):
+            need = math.ceil(c.nbytes / unit)
+            if need > units:
+                continue
+            cand = np.full(units + 1, np.inf)
+            cand[need:] = best[: units + 1 - need] + c.drop
+            better = cand < here
+            here[better], arg[better] = cand[better], k
+        best = here
+        picks.append(arg)
+    if not np.isfinite(best[units]):
+        return cheapest
+    picked, b = {}, units
+    for (name, options), arg in zip(reversed(list(choices.items())), reversed(picks)):
+        c = options[int(arg[b])]
+        picked[name] = c
+        b -= math.ceil(c.nbytes / unit)
+    return spend_slack(choices, {n: picked[n] for n in choices}, budget)
 
 
 def spend_slack(choices: dict[str, list[Choice]], picked: dict[str, Choice], budget: int) -> dict[str, Choice]:
     """Upgrade layers while bytes are left: each time the change that buys the most drop per
-    byte and still fits (the Lagrangian solution stops at the hull; the knapsack may not)."""
+    byte and still fits (what the knapsack's rounding to whole budget units left over)."""
     picked = dict(picked)
     while True:
         slack = budget - total(picked)

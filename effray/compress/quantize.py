@@ -84,7 +84,8 @@ def quantize_model(
     and input; ``act_bits=32`` leaves every activation in float. Parameters are shared,
     not copied, so an optimizer built before still updates them (rebuild it anyway to
     add the new step-size parameters). ``layer_bits`` gives named layers their own weight
-    bits (32 = float), first and last included; a name the model lacks is an error."""
+    bits (32 = float), first and last included (their inputs keep ``first_bits``/``last_bits``:
+    a per-layer weight width never quantizes the image); a name the model lacks is an error."""
 
     for flag, b in (("bits", bits), ("act_bits", act_bits), ("first_bits", first_bits), ("last_bits", last_bits)):
         require(valid_bits(b), f"{flag} must be 2..8 (or 32 = off), got {b}")
@@ -98,8 +99,9 @@ def quantize_model(
     require(not unknown, f"per-layer bits name layers this model has no quantizable conv/linear for: {unknown[:5]}")
     last = classifier(model) if any(isinstance(m, nn.Linear) for _, m in layers) else None
     for i, (name, m) in enumerate(layers):
-        w_bits = own.get(name, first_bits if i == 0 else last_bits if m is last else bits)
-        a_bits = OFF if act_bits == OFF else w_bits if (i == 0 or m is last) else act_bits
+        edge = first_bits if i == 0 else last_bits if m is last else None  # their input takes these bits too
+        w_bits = own.get(name, bits if edge is None else edge)
+        a_bits = OFF if act_bits == OFF else act_bits if edge is None else edge
         if w_bits == OFF:
             continue
         with torch.device(m.weight.device):  # quantizer parameters and buffers beside the weights

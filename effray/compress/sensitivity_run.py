@@ -118,6 +118,9 @@ def probe_task(
 ) -> dict[str, Any]:
     """One Ray task: the teacher's own score (``layer`` None) or one layer's probe rows. The
     batches are normalised once here and stay on the task's device for every setting."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # where the probe ran: the summary lists the nodes
     torch.set_num_threads(threads)
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     model = teacher.to(device).eval()
@@ -127,9 +130,9 @@ def probe_task(
 
     batches = on_device(calib)
     if layer is None:
-        return {"baseline": score(model, batches)}
+        return {"baseline": score(model, batches), "node": node}
     recalib = on_device(train) if train is not None else None
-    return {"rows": probe_layer(model, layer, settings, batches, recalib)}
+    return {"rows": probe_layer(model, layer, settings, batches, recalib), "node": node}
 
 
 def _read_part(path: Path, key: str) -> dict[str, Any] | None:
@@ -188,7 +191,10 @@ def sensitivity(cfg: SensitivityConfig) -> dict[str, Any]:
                 progress.update(1)
     baseline = parts[None]["baseline"]
     rows = with_drops([r for name in layers for r in parts[name]["rows"]], baseline)
-    return _write_outputs(cfg, out, rows, baseline, settings, meta, reused=len(jobs) - len(todo), ran=len(todo))
+    nodes = sorted({p["node"] for p in parts.values() if p.get("node")})
+    return _write_outputs(
+        cfg, out, rows, baseline, settings, meta, reused=len(jobs) - len(todo), ran=len(todo), nodes=nodes
+    )
 
 
 def _write_outputs(
@@ -201,6 +207,7 @@ def _write_outputs(
     *,
     reused: int,
     ran: int,
+    nodes: list[str],
 ) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -219,6 +226,7 @@ def _write_outputs(
         "skipped": sum(1 for r in rows if r["skipped_reason"]),
         "tasks_run": ran,
         "parts_reused": reused,
+        "probed_on_nodes": nodes,
         "worst": worst_per_layer(rows),
     }
     write_json(out / SUMMARY, {**summary, "config": to_dict(cfg), "provenance": provenance(meta)})

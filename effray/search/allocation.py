@@ -15,7 +15,9 @@ from effray.compress.sensitivity_run import sensitivity
 from effray.config import require
 from effray.search.config import TuneConfig
 
-DEFAULT_PROBES = SensitivityConfig()
+# beside the space's own: settings both cheaper and dearer than a uniform config's, finely
+# enough spaced that a layer can step down or up by less than half its bytes
+PROBE_BITS, PROBE_RATES = (2, 3, 4, 6, 8), (0.25, 0.5, 0.75)
 
 
 def entry_values(spec: Any) -> list[Any]:
@@ -35,12 +37,11 @@ def needs_probes(space: dict[str, Any]) -> bool:
 
 def probe_settings(space: dict[str, Any]) -> tuple[str, str]:
     """(bits, rates) to probe, as ``effray sensitivity`` takes them: the space's k-bit widths
-    and prune rates with ``effray sensitivity``'s defaults (2, 4, 8 bits; rates 0.25, 0.5,
-    0.75), so a layer has settings both cheaper and dearer than the uniform config's to trade."""
-    bits = {int(b) for b in entry_values(space.get("bits", OFF)) if int(b) != OFF}
+    and prune rates with :data:`PROBE_BITS` and :data:`PROBE_RATES`, so a layer has settings
+    both cheaper and dearer than the uniform config's to trade."""
+    bits = {int(b) for b in entry_values(space.get("bits", OFF)) if int(b) != OFF} | set(PROBE_BITS)
     rates = {round(float(r), 4) for r in entry_values(space.get("prune_rate", 0.0)) if 0 < float(r) < 1}
-    bits |= {int(b) for b in DEFAULT_PROBES.bits.split(",")}
-    rates |= {float(r) for r in DEFAULT_PROBES.rates.split(",")}
+    rates |= set(PROBE_RATES)
     return ",".join(map(str, sorted(bits))), ",".join(f"{r:g}" for r in sorted(rates))
 
 

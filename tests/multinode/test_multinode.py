@@ -372,6 +372,18 @@ def test_prepare_decodes_on_every_node(cluster, tmp_path):
     assert len(result["decoded_on_nodes"]) == 3 and cluster.head not in result["decoded_on_nodes"]
 
 
+def test_sensitivity_probes_run_on_every_node_and_a_rerun_reuses_them(cluster, tiny_cifar, teacher, tmp_path):
+    """A layer per task, 1 CPU each, on 3 worker nodes of 1 CPU: the probes spread over the
+    nodes (never the CPU-less head); the same command again runs nothing."""
+    args = ["sensitivity", "--teacher", str(teacher), "--data", str(tiny_cifar), "--out", str(tmp_path / "sens")]
+    rc, result, err = cli(*args, "--bits", "4", "--rates", "0.5", "--kinds", "unstructured", "--calib-images", "60")
+    assert rc == 0, err[-3000:]
+    assert result["tasks_run"] == result["layers"] + 1 and result["skipped"] == 0
+    assert len(result["probed_on_nodes"]) >= 2 and cluster.head not in result["probed_on_nodes"]
+    rc, again, err = cli(*args, "--bits", "4", "--rates", "0.5", "--kinds", "unstructured", "--calib-images", "60")
+    assert rc == 0 and again["tasks_run"] == 0 and again["probed_on_nodes"] == result["probed_on_nodes"]
+
+
 def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar, teacher, tmp_path):
     """Two 1-CPU trials at once (1 fine-tuning epoch and 8) land on two nodes; SIGKILL the
     long one's node after its second epoch: that trial is retried on another node from its

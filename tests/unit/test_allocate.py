@@ -86,6 +86,8 @@ def test_named_layers_get_their_own_bits_first_and_last_included():
     got = bits_per_layer(model)
     assert got[names[0]] == 6 and got[names[2]] == 2 and got[names[-1]] == 32
     assert all(got[n] == 4 for n in names[1:-1] if n != names[2])
+    acts = {n: m.act_bits for n, m in model.named_modules() if n in names[:-1]}
+    assert acts[names[0]] == 8 and acts[names[2]] == 8  # the first layer's input stays at --first-layer-bits
     with pytest.raises(EffrayError, match="no quantizable conv/linear"):
         quantize_model(convnet(), 4, layer_bits={"nope": 4})
 
