@@ -150,6 +150,16 @@ def accumulate_grads(model: nn.Module, batches: Batches, max_batches: int = 4) -
 
 # ---------------------------------------------------------------- application
 
+
+def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask of the ``k`` lowest of the flat ``scores``, ties broken by position (a
+    threshold would take every tied weight and over-prune)."""
+    drop = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        drop[torch.argsort(scores, stable=True)[:k]] = True
+    return drop
+
+
 PRUNERS: Registry[Callable[..., nn.Module]] = Registry("pruner")
 
 
@@ -176,11 +186,7 @@ def prune_unstructured(model: nn.Module, rate: float, importance: Importance, **
         for m in layers:
             s = importance.element(m.weight.detach(), None if m.weight.grad is None else m.weight.grad).float()
             scores.append(torch.where(m.weight == 0, torch.full_like(s, -1.0), s).flatten())
-        flat = torch.cat(scores)
-        k = int(round(rate * n_all))
-        drop = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        if k > 0:
-            drop[torch.argsort(flat, stable=True)[:k]] = True
+        drop = lowest(torch.cat(scores), int(round(rate * n_all)))
         start = 0
         for m in layers:
             n = m.weight.numel()
@@ -201,14 +207,9 @@ def prune_per_layer(model: nn.Module, rates: dict[str, float], importance: Impor
         for name, rate in rates.items():
             require(0.0 <= rate < 1.0, f"prune rate of {name} must be in [0, 1), got {rate}")
             w = layers[name].weight
-            k = int(round(rate * w.numel()))
-            if k == 0:
-                continue
             s = importance.element(w.detach(), w.grad).float()
-            s = torch.where(w == 0, torch.full_like(s, -1.0), s).flatten()
-            drop = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-            drop[torch.argsort(s, stable=True)[:k]] = True
-            w.masked_fill_(drop.view_as(w), 0.0)
+            s = torch.where(w == 0, torch.full_like(s, -1.0), s)
+            w.masked_fill_(lowest(s.flatten(), int(round(rate * w.numel()))).view_as(w), 0.0)
     return model
 
 

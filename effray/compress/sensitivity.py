@@ -23,7 +23,7 @@ from effray.compress.config import PRUNE_KINDS
 from effray.compress.fakequant import WeightQuant
 from effray.compress.layers import classifier, model_device
 from effray.compress.measure import parameter_count, scored
-from effray.compress.prune import prunable_layers, torch_pruning
+from effray.compress.prune import lowest, prunable_layers, torch_pruning
 from effray.compress.quantize import quantizable
 from effray.compress.structure import check_forward
 from effray.config import option, require
@@ -152,11 +152,7 @@ def with_zeros(model: nn.Module, name: str, rate: float) -> nn.Module:
     weights zeroed, the lowest |w| first (ties by position, as the global pruner breaks them)."""
     out = copy.deepcopy(model)
     w = out.get_submodule(name).weight
-    k = int(round(rate * w.numel()))
-    if k > 0:
-        drop = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-        drop[torch.argsort(w.detach().abs().flatten(), stable=True)[:k]] = True
-        w.masked_fill_(drop.view_as(w), 0.0)
+    w.masked_fill_(lowest(w.detach().abs().flatten(), int(round(rate * w.numel()))).view_as(w), 0.0)
     return out
 
 
