@@ -132,6 +132,8 @@ def test_a_sensitivity_allocation_is_no_larger_on_file_and_recorded_in_the_artif
     assert resolved.allocation == "sensitivity" and resolved.layer_bits and resolved.layer_rates
     assert allocated(teacher, resolved) == resolved  # made once: a resumed trial keeps its allocation
     assert set(resolved.bits_by_layer) == set(resolved.rates_by_layer) == {n for n, _ in prunable_layers(teacher)}
+    names = [n for n, _ in prunable_layers(teacher)]
+    assert resolved.bits_by_layer[names[0]] == resolved.bits_by_layer[names[-1]] == 8  # the edges keep their bits
     assert predict_costs(teacher, resolved)["bytes"] <= predict_costs(teacher, uniform)["bytes"]
     student = build_student(teacher, resolved)
     choices = layer_choices(student, cfg, read_sensitivity(probes))  # the uniform config's options
