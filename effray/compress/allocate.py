@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 PARQUET = "sensitivity.parquet"
 STEPS = 4000  # budget units of the knapsack: rounding costs at most 1/4000 of the budget per layer
-TRIES = 6  # tightenings of the layer budget before the cheapest allocation is taken
+TRIES = 8  # tightenings of the layer budget before the uniform config is kept
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,8 @@ def allocated(
 ) -> CompressConfig:
     """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates from
     ``cfg.sensitivity`` whose saved file is no larger than the uniform ``cfg``'s (both
-    predicted on the recipe's own save path). Any other config comes back as it is."""
+    predicted on the recipe's own save path); ``allocation: uniform`` when none fits (said
+    in a warning). Any other config comes back as it is."""
     if not is_allocated(cfg):
         return cfg
     model = build_student(teacher, cfg)
@@ -269,12 +270,15 @@ def allocated(
     for _ in range(TRIES):
         picked = allocate(choices, budget)
         candidate = as_config(cfg, picked, model)
-        over = predict_costs(teacher, candidate, teacher_info=teacher_info, data=data)["bytes"] - target
-        if over <= 0:
+        size = predict_costs(teacher, candidate, teacher_info=teacher_info, data=data)["bytes"]
+        if size <= target:
             return candidate
-        budget -= over + max(1, budget // 100)
-    cheapest = {n: min(c, key=lambda c: (c.nbytes, c.drop)) for n, c in choices.items()}
+        # LZMA shrinks packed layers by a ratio of its own: scale the layer budget by the file's overshoot
+        budget = min(budget - 1, int(budget * target / size * 0.99))
     log.warning(
-        "no allocation from %s fits the uniform config's %d bytes; the cheapest per layer", cfg.sensitivity, target
+        "no allocation from %s fits the uniform config's %d bytes in %d tries; the uniform config is kept",
+        cfg.sensitivity,
+        target,
+        TRIES,
     )
-    return as_config(cfg, cheapest, model)
+    return dataclasses.replace(cfg, allocation="uniform")

@@ -210,9 +210,11 @@ def compress(rc: CompressRunConfig) -> dict[str, Any]:
     teacher, _, meta = check_inputs(rc)
     if is_allocated(rc.compress):  # per-layer bits and rates within the uniform config's bytes
         rc = dataclasses.replace(rc, compress=allocated(teacher, rc.compress, data=meta))
+        chosen = rc.compress
         say(
-            f"[effray] sensitivity allocation: bits {rc.compress.layer_bits or '-'}; "
-            f"rates {rc.compress.layer_rates or '-'}"
+            f"[effray] sensitivity allocation: bits {chosen.layer_bits or '-'}; rates {chosen.layer_rates or '-'}"
+            if chosen.allocation == "sensitivity"
+            else "[effray] no per-layer allocation fits the uniform config's bytes: compressing it uniformly"
         )
     check_resources(rc, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # type: ignore[arg-type]
     worker_batches(rc, meta)

@@ -112,7 +112,11 @@ class CostModel:
         key = "allocate:" + json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in _TRAINING_ONLY})
         if key not in self._cache:
             done = allocated(self.teacher(), cfg, **self.meta)
-            self._cache[key] = {"layer_bits": done.layer_bits, "layer_rates": done.layer_rates}
+            self._cache[key] = {
+                "layer_bits": done.layer_bits,
+                "layer_rates": done.layer_rates,
+                "allocation": done.allocation,  # uniform when no allocation fitted
+            }
         return {**compress, **self._cache[key]}
 
     def __call__(self, compress: dict[str, Any]) -> dict[str, float]:
