@@ -132,8 +132,8 @@ def uniform_settings(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[i
 def edge_layers(model: nn.Module) -> set[str]:
     """The first quantizable layer and the classifier: they quantize their input with their
     weights (``--first-layer-bits``, ``--last-layer-bits``), so an allocation leaves their
-    bits as the config gives them: a probe quantized their weights alone, and on airbench
-    an allocation that put both at 2 bits scored 45 % where the uniform config scored 89 %."""
+    bits as the config gives them: a probe quantized their weights alone, and the summed
+    probes missed what the two cost together (docs/results.md, "Per-layer allocation")."""
     names = [n for n, m in prunable_layers(model) if quantizable(m)]
     out = classifier(model)
     return {names[0], *(n for n, m in prunable_layers(model) if m is out)} if names else set()
