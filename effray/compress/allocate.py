@@ -10,7 +10,10 @@ land below what the uniform config itself scores).
 
 A layer's bytes are those the artifact packs (:func:`effray.compress.pack.theory_bytes`:
 k-bit codes or bitmap + non-zero codes, fp16 step sizes; bitmap + fp32 values when float),
-additive across layers. The file adds LZMA and metadata, so :func:`allocated` checks the
+additive across layers, counted on the teacher's own weights at each setting
+(:class:`LayerBytes`): at 2 bits most small weights round to code 0 whatever the rate, and
+a byte model that counted zeros from the rate alone priced every low-bit layer as if it
+were dense. The file adds LZMA and metadata, so :func:`allocated` checks the
 chosen config on the real file (:func:`effray.compress.cost.predict_costs`, the recipe's
 own save path) against the uniform config's, tightening the layer budget until it fits.
 
@@ -29,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from effray.compress.config import OFF, CompressConfig, format_layers
 from effray.compress.cost import predict_costs
+from effray.compress.fakequant import WeightQuant
 from effray.compress.layers import classifier
 from effray.compress.pack import theory_bytes
-from effray.compress.prune import prunable_layers
-from effray.compress.quantize import quantizable
+from effray.compress.prune import lowest, prunable_layers
+from effray.compress.quantize import edge_layers, quantizable, weight_bits
 from effray.compress.steps import build_student
 from effray.config import require
 from effray.errors import EffrayError
@@ -59,12 +64,40 @@ class Choice:
     nbytes: int
 
 
-def layer_bytes(weights: int, channels: int, bits: int, rate: float) -> int:
-    """Packed bytes of a layer's weights with ``bits`` and ``round(rate * weights)`` zeros."""
-    nnz = weights - int(round(rate * weights))
+def packed_bytes(weight: torch.Tensor, bits: int, nnz: int) -> int:
+    """Packed bytes of a layer's ``weight`` with ``nnz`` non-zero codes (values when float)."""
+    n = weight.numel()
     if bits == OFF:
-        return min(4 * weights, math.ceil(weights / 8) + 4 * nnz)
-    return theory_bytes(weights, bits, channels, nnz)
+        return min(4 * n, math.ceil(n / 8) + 4 * nnz)
+    return theory_bytes(n, bits, weight.shape[0], nnz)
+
+
+class LayerBytes:
+    """Packed bytes of each layer of one model at each (bits, rate), from its own weights:
+    the ``round(rate * n)`` smallest magnitudes zeroed (the recipe prunes first), then the
+    k-bit codes of what is left with the step sizes QAT starts from, zeros counted (what
+    the artifact packs sparse). Magnitude stands for every importance; the fine-tune moves
+    the codes a little. Each setting is computed once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.weights = {n: m.weight.detach().float().cpu() for n, m in prunable_layers(model)}
+        self._memo: dict[tuple[str, int, float], int] = {}
+
+    def __call__(self, name: str, bits: int, rate: float) -> int:
+        key = (name, bits, rate)
+        if key not in self._memo:
+            self._memo[key] = self._count(name, bits, rate)
+        return self._memo[key]
+
+    @torch.no_grad()
+    def _count(self, name: str, bits: int, rate: float) -> int:
+        w = self.weights[name]
+        pruned = w.flatten().masked_fill(lowest(w.abs().flatten(), int(round(rate * w.numel()))), 0.0).view_as(w)
+        if bits == OFF:
+            return packed_bytes(w, bits, int(pruned.count_nonzero()))
+        quant = WeightQuant(bits, w.shape[0], learn=False)
+        quant.init_from(pruned)
+        return packed_bytes(w, bits, int(quant.codes(pruned).count_nonzero()))
 
 
 def read_sensitivity(path: str | Path) -> list[dict[str, Any]]:
@@ -113,36 +146,31 @@ def uniform_settings(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[i
     """Each conv/linear's (bits, rate) under ``cfg`` as given: what :func:`quantize_model`
     and the pruner would set (the global pruner's rate stands for every layer but the
     classifier's)."""
-    layers = prunable_layers(model)
     out_layer = classifier(model)
-    quantizable_layers = [n for n, m in layers if quantizable(m)]
-    first = quantizable_layers[0] if quantizable_layers else None
-    named_bits, named_rates = cfg.bits_by_layer, cfg.rates_by_layer
-    settings = {}
-    for name, m in layers:
-        bits = OFF
-        if cfg.quantizes and name in quantizable_layers:
-            default = cfg.first_layer_bits if name == first else cfg.last_layer_bits if m is out_layer else cfg.bits
-            bits = named_bits.get(name, default)
-        rate = named_rates.get(name, 0.0 if m is out_layer else cfg.prune_rate) if cfg.prunes else 0.0
-        settings[name] = (bits, rate)
-    return settings
+    bits = weight_bits(
+        model, cfg.bits, first_bits=cfg.first_layer_bits, last_bits=cfg.last_layer_bits, layer_bits=cfg.bits_by_layer
+    )
+    named_rates = cfg.rates_by_layer
+    return {
+        name: (
+            bits.get(name, OFF) if cfg.quantizes else OFF,
+            named_rates.get(name, 0.0 if m is out_layer else cfg.prune_rate) if cfg.prunes else 0.0,
+        )
+        for name, m in prunable_layers(model)
+    }
 
 
-def edge_layers(model: nn.Module) -> set[str]:
-    """The first quantizable layer and the classifier: they quantize their input with their
-    weights (``--first-layer-bits``, ``--last-layer-bits``), so an allocation leaves their
-    bits as the config gives them: a probe quantized their weights alone, and the summed
+def layer_choices(
+    model: nn.Module, cfg: CompressConfig, rows: list[dict[str, Any]], sizes: LayerBytes | None = None
+) -> dict[str, list[Choice]]:
+    """Every layer's candidate settings: the probed bits (and float) when ``cfg`` quantizes,
+    0 and the probed unstructured rates when it prunes, and the uniform config's own, each
+    with its predicted drop and packed bytes (``sizes``, of ``model`` when not given).
+
+    The first quantizable layer and the classifier keep the bits the config gives them:
+    they quantize their input too, a probe quantized their weights alone, and the summed
     probes missed what the two cost together (docs/results.md, "Per-layer allocation")."""
-    names = [n for n, m in prunable_layers(model) if quantizable(m)]
-    out = classifier(model)
-    return {names[0], *(n for n, m in prunable_layers(model) if m is out)} if names else set()
-
-
-def layer_choices(model: nn.Module, cfg: CompressConfig, rows: list[dict[str, Any]]) -> dict[str, list[Choice]]:
-    """Every layer's candidate settings: the probed bits (and float) when ``cfg`` quantizes
-    (not for the :func:`edge_layers`), 0 and the probed unstructured rates when it prunes,
-    and the uniform config's own, each with its predicted drop and packed bytes."""
+    sizes = sizes or LayerBytes(model)
     drops = probed_drops(rows)
     uniform = uniform_settings(model, cfg)
     missing = [n for n in uniform if n not in drops]
@@ -152,7 +180,7 @@ def layer_choices(model: nn.Module, cfg: CompressConfig, rows: list[dict[str, An
             "run `effray sensitivity` on a checkpoint of the architecture being compressed"
         )
     out = {}
-    edges = edge_layers(model)
+    edges = set(edge_layers(model))
     for name, m in prunable_layers(model):
         probes = drops[name]
         bits_points = {float(OFF): 0.0, **probes.get("bits", {})}
@@ -161,14 +189,8 @@ def layer_choices(model: nn.Module, cfg: CompressConfig, rows: list[dict[str, An
         traded = own_bits != OFF and quantizable(m) and name not in edges  # the edges keep their own bits
         bits_options = {own_bits} | ({int(b) for b in bits_points} if traded else set())
         rate_options = {own_rate} | (set(rate_points) if cfg.prunes else set())
-        n, channels = m.weight.numel(), m.weight.shape[0]
         out[name] = [
-            Choice(
-                b,
-                r,
-                interpolated(bits_points, float(b)) + interpolated(rate_points, r),
-                layer_bytes(n, channels, b, r),
-            )
+            Choice(b, r, interpolated(bits_points, float(b)) + interpolated(rate_points, r), sizes(name, b, r))
             for b in sorted(bits_options)
             for r in sorted(rate_options)
         ]
@@ -249,6 +271,50 @@ def is_allocated(cfg: CompressConfig) -> bool:
     return cfg.allocation == "sensitivity" and not (cfg.layer_bits or cfg.layer_rates) and (cfg.quantizes or cfg.prunes)
 
 
+class Allocator:
+    """Sensitivity allocations against one teacher: each table read once and each layer's
+    packed bytes per setting counted once, for a search that allocates every config it
+    suggests. ``teacher_info`` and ``data`` are the artifact's metadata (its bytes too)."""
+
+    def __init__(
+        self, teacher: nn.Module, *, teacher_info: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+    ) -> None:
+        self.teacher = teacher
+        self.meta = {"teacher_info": teacher_info, "data": data}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._sizes: LayerBytes | None = None
+
+    def __call__(self, cfg: CompressConfig) -> CompressConfig:
+        """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates
+        from ``cfg.sensitivity`` whose saved file is no larger than the uniform ``cfg``'s
+        (both predicted on the recipe's own save path); ``allocation: uniform`` when none
+        fits (said in a warning). Any other config comes back as it is."""
+        if not is_allocated(cfg):
+            return cfg
+        model = build_student(self.teacher, cfg)
+        if cfg.sensitivity not in self._rows:
+            self._rows[cfg.sensitivity] = read_sensitivity(cfg.sensitivity)
+        self._sizes = self._sizes or LayerBytes(model)  # unstructured only: every student has the teacher's layers
+        choices = layer_choices(model, cfg, self._rows[cfg.sensitivity], self._sizes)
+        uniform = uniform_settings(model, cfg)
+        budget = sum(next(c.nbytes for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
+        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
+        for _ in range(TRIES):
+            candidate = as_config(cfg, allocate(choices, budget), model)
+            size = predict_costs(self.teacher, candidate, **self.meta)["bytes"]
+            if size <= target:
+                return candidate
+            # LZMA shrinks packed layers by a ratio of its own: scale the layer budget by the file's overshoot
+            budget = min(budget - 1, int(budget * target / size * 0.99))
+        log.warning(
+            "no allocation from %s fits the uniform config's %d bytes in %d tries; the uniform config is kept",
+            cfg.sensitivity,
+            target,
+            TRIES,
+        )
+        return dataclasses.replace(cfg, allocation="uniform")
+
+
 def allocated(
     teacher: nn.Module,
     cfg: CompressConfig,
@@ -256,29 +322,5 @@ def allocated(
     teacher_info: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
 ) -> CompressConfig:
-    """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates from
-    ``cfg.sensitivity`` whose saved file is no larger than the uniform ``cfg``'s (both
-    predicted on the recipe's own save path); ``allocation: uniform`` when none fits (said
-    in a warning). Any other config comes back as it is."""
-    if not is_allocated(cfg):
-        return cfg
-    model = build_student(teacher, cfg)
-    choices = layer_choices(model, cfg, read_sensitivity(cfg.sensitivity))
-    uniform = uniform_settings(model, cfg)
-    budget = sum(next(c.nbytes for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
-    target = predict_costs(teacher, cfg, teacher_info=teacher_info, data=data)["bytes"]
-    for _ in range(TRIES):
-        picked = allocate(choices, budget)
-        candidate = as_config(cfg, picked, model)
-        size = predict_costs(teacher, candidate, teacher_info=teacher_info, data=data)["bytes"]
-        if size <= target:
-            return candidate
-        # LZMA shrinks packed layers by a ratio of its own: scale the layer budget by the file's overshoot
-        budget = min(budget - 1, int(budget * target / size * 0.99))
-    log.warning(
-        "no allocation from %s fits the uniform config's %d bytes in %d tries; the uniform config is kept",
-        cfg.sensitivity,
-        target,
-        TRIES,
-    )
-    return dataclasses.replace(cfg, allocation="uniform")
+    """One allocation (:class:`Allocator`) of ``cfg`` against ``teacher``."""
+    return Allocator(teacher, teacher_info=teacher_info, data=data)(cfg)

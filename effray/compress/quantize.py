@@ -68,6 +68,29 @@ def bits_per_layer(model: nn.Module) -> dict[str, int]:
     return {n: getattr(m, "bits", OFF) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+def edge_layers(model: nn.Module) -> tuple[str | None, str | None]:
+    """The names of the first quantizable layer and of the classifier (when it is a quantizable
+    linear): they quantize their input as well, with ``first_bits``/``last_bits``."""
+    layers = [(n, m) for n, m in model.named_modules() if quantizable(m)]
+    if not layers:
+        return None, None
+    out = classifier(model) if any(isinstance(m, nn.Linear) for _, m in layers) else None
+    return layers[0][0], next((n for n, m in layers if m is out), None)
+
+
+def weight_bits(
+    model: nn.Module, bits: int, *, first_bits: int = 8, last_bits: int = 8, layer_bits: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Each quantizable layer's weight bits as :func:`quantize_model` sets them (32 = float)."""
+    first, last = edge_layers(model)
+    own = layer_bits or {}
+    return {
+        n: own.get(n, first_bits if n == first else last_bits if n == last else bits)
+        for n, m in model.named_modules()
+        if quantizable(m)
+    }
+
+
 def quantize_model(
     model: nn.Module,
     bits: int,
@@ -97,10 +120,11 @@ def quantize_model(
         require(valid_bits(b), f"layer_bits[{name!r}] must be 2..8 (or 32 = off), got {b}")
     unknown = sorted(set(own) - {n for n, _ in layers})
     require(not unknown, f"per-layer bits name layers this model has no quantizable conv/linear for: {unknown[:5]}")
-    last = classifier(model) if any(isinstance(m, nn.Linear) for _, m in layers) else None
-    for i, (name, m) in enumerate(layers):
-        edge = first_bits if i == 0 else last_bits if m is last else None  # their input takes these bits too
-        w_bits = own.get(name, bits if edge is None else edge)
+    first, last = edge_layers(model)
+    w_bits_of = weight_bits(model, bits, first_bits=first_bits, last_bits=last_bits, layer_bits=own)
+    for name, m in layers:
+        edge = first_bits if name == first else last_bits if name == last else None  # their input takes these too
+        w_bits = w_bits_of[name]
         a_bits = OFF if act_bits == OFF else act_bits if edge is None else edge
         if w_bits == OFF:
             continue

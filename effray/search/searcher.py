@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from ray.tune.search import Searcher
 
-from effray.compress.allocate import allocated, is_allocated
+from effray.compress.allocate import Allocator, is_allocated
 from effray.compress.config import CompressConfig
 from effray.compress.cost import estimate_latency_ms, predict_costs
 from effray.config import from_dict, merge
@@ -93,10 +93,11 @@ class CostModel:
         self.teacher_path, self.base, self.teacher_metrics = teacher_path, dict(base), dict(teacher_metrics)
         self.meta = {"teacher_info": teacher_info, "data": data}  # what the artifact records of both: its bytes too
         self._teacher: Any = None
+        self._allocator: Allocator | None = None
         self._cache: dict[str, dict[str, float]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_teacher": None}
+        return {**self.__dict__, "_teacher": None, "_allocator": None}
 
     def teacher(self) -> Any:
         if self._teacher is None:
@@ -111,7 +112,9 @@ class CostModel:
             return compress
         key = "allocate:" + json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in _TRAINING_ONLY})
         if key not in self._cache:
-            done = allocated(self.teacher(), cfg, **self.meta)
+            if self._allocator is None:
+                self._allocator = Allocator(self.teacher(), **self.meta)
+            done = self._allocator(cfg)
             self._cache[key] = {
                 "layer_bits": done.layer_bits,
                 "layer_rates": done.layer_rates,

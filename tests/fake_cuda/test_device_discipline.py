@@ -320,6 +320,39 @@ def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
             assert_cuda(_fine_tune_step(student.train(), teacher, x, y, opt, cfg))
 
 
+def test_a_per_layer_allocation_prunes_quantizes_and_steps_on_the_device(fake_cuda):
+    """An allocation's config as a trial trains it: each layer pruned to its own rate (its
+    k-lowest mask on the device), its own weight bits, then locked QAT steps with no host read."""
+    from effray.compress.config import CompressConfig, format_layers
+    from effray.compress.fakequant import WeightQuant
+    from effray.compress.prune import lock_sparsity, prunable_layers
+    from effray.compress.steps import apply_quantization, build_student, make_optimizer, prune_at, prune_events
+
+    teacher = build_model("resnet20", 10, 3, 0.25)
+    teacher.spec = dict(teacher.spec)
+    names = [n for n, _ in prunable_layers(teacher)]
+    cfg = CompressConfig(
+        bits=4,
+        prune_rate=0.5,
+        calib_batches=1,
+        layer_bits=format_layers({n: (2, 3, 6)[i % 3] for i, n in enumerate(names)}),
+        layer_rates=format_layers({n: (0.25, 0.5, 0.75)[i % 3] for i, n in enumerate(names[:-1])}),
+    )
+    student = build_student(teacher, cfg)
+    with fake_cuda:
+        student = student.to(CUDA).train()
+        for rate in prune_events(cfg).values():
+            prune_at(student, cfg, rate)
+        apply_quantization(student, cfg, _calib(1))
+        assert sorted({m.bits for m in student.modules() if isinstance(m, WeightQuant)}) == [2, 3, 6]
+        opt = make_optimizer(student, 0.01)
+        with lock_sparsity(student) as lock:
+            assert_cuda(*lock.masks.values())
+            for x, y in _calib(2):
+                assert_cuda(_fine_tune_step(student, None, x, y, opt, cfg))
+        assert_cuda(*student.parameters())
+
+
 def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
     """A progress checkpoint (written on the CPU, as a dead node's trial left it) resumes on
     the GPU: the restored student, its quantizers and the optimizer's momentum all land on

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from effray.compress.allocate import (
+    Allocator,
     Choice,
+    LayerBytes,
     allocate,
     allocated,
-    layer_bytes,
     layer_choices,
+    packed_bytes,
     read_sensitivity,
     total,
     uniform_settings,
 )
-from effray.compress.artifact import load_artifact
+from effray.compress.artifact import encode_state, load_artifact
 from effray.compress.config import CompressConfig, format_layers, parse_layers
 from effray.compress.cost import predict_costs
 from effray.compress.prune import layer_sparsity, prunable_layers
@@ -112,11 +114,13 @@ def test_per_layer_rates_zero_exactly_their_share_of_each_layer_on_the_schedule(
 
 
 def test_allocation_spends_bytes_on_the_sensitive_layer_within_budget():
+    weight = torch.empty(10, 100)
+    dense = {b: packed_bytes(weight, b, weight.numel()) for b in (2, 4, 6)}
     choices = {
-        "fragile": [Choice(b, 0.0, {2: 5.0, 4: 1.0, 6: 0.1}[b], layer_bytes(1000, 10, b, 0.0)) for b in (2, 4, 6)],
-        "robust": [Choice(b, 0.0, {2: 0.1, 4: 0.02, 6: 0.0}[b], layer_bytes(1000, 10, b, 0.0)) for b in (2, 4, 6)],
+        "fragile": [Choice(b, 0.0, {2: 5.0, 4: 1.0, 6: 0.1}[b], dense[b]) for b in (2, 4, 6)],
+        "robust": [Choice(b, 0.0, {2: 0.1, 4: 0.02, 6: 0.0}[b], dense[b]) for b in (2, 4, 6)],
     }
-    budget = layer_bytes(1000, 10, 4, 0.0) * 2  # the uniform 4-bit config's bytes
+    budget = dense[4] * 2  # the uniform 4-bit config's bytes
     picked = allocate(choices, budget)
     assert total(picked) <= budget
     assert (picked["fragile"].bits, picked["robust"].bits) == (6, 2)  # 750 + 270 code and scale bytes = 2 x 520
@@ -124,11 +128,45 @@ def test_allocation_spends_bytes_on_the_sensitive_layer_within_budget():
     assert allocate(choices, 1) == {n: c[0] for n, c in choices.items()}  # nothing fits: the cheapest
 
 
+@pytest.mark.parametrize(("bits", "rate"), [(2, 0.0), (2, 0.5), (4, 0.75), (32, 0.5)])
+def test_a_layers_bytes_are_those_the_artifact_packs_for_its_codes(cifar_parquet, bits, rate):
+    """Counted on the layer's own weights: codes that round to 0 are packed sparse like pruned
+    ones (at 2 bits most are), so the count is the saved blob's, not one from the rate."""
+    teacher = convnet()
+    names = [n for n, _ in prunable_layers(teacher)]
+    middle, rates = names[1], {n: 0.0 for n in names}
+    weight = dict(prunable_layers(teacher))[middle].weight
+    with torch.no_grad():  # peaked at 0 like trained weights (a fresh init is uniform)
+        weight.copy_(torch.distributions.Laplace(0.0, 0.02).sample(weight.shape))
+    cfg = CompressConfig(
+        bits=8,
+        prune_rate=0.0,
+        quant_mode="ptq",
+        finetune_epochs=0,
+        layer_bits=format_layers({middle: bits}),
+        layer_rates=format_layers({**rates, middle: rate}),
+    )
+    student = build_student(teacher, cfg)
+    predicted = LayerBytes(student)(middle, bits, rate)
+    for r in prune_events(cfg).values():
+        prune_at(student, cfg, r)
+    apply_quantization(student, cfg, [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))], "ptq")
+    _, table = encode_state(student)
+    saved = {key: nbytes for key, _, _, _, _, nbytes, _ in table}
+    packed = saved[f"{middle}.weight"] + (saved[f"{middle}.wq.scale"] if bits != 32 else 0)
+    assert predicted == pytest.approx(packed, rel=0.01)  # BN folds into the conv before its steps are set
+    if bits == 2:  # fewer non-zeros than the rate leaves
+        assert predicted < packed_bytes(weight, 2, weight.numel() - round(rate * weight.numel()))
+
+
 def test_a_sensitivity_allocation_is_no_larger_on_file_and_recorded_in_the_artifact(probes, tmp_path):
     teacher = convnet()
     uniform = CompressConfig(bits=4, prune_rate=0.5, finetune_epochs=0, quant_mode="ptq")
     cfg = dataclasses.replace(uniform, allocation="sensitivity", sensitivity=probes)
-    resolved = allocated(teacher, cfg)
+    allocator = Allocator(teacher)  # a search's: the table and the layers' bytes kept between configs
+    resolved = allocator(cfg)
+    assert allocator(dataclasses.replace(uniform, bits=2, allocation="sensitivity", sensitivity=probes)).layer_bits
+    assert allocator(cfg) == allocated(teacher, cfg) == resolved
     assert resolved.allocation == "sensitivity" and resolved.layer_bits and resolved.layer_rates
     assert allocated(teacher, resolved) == resolved  # made once: a resumed trial keeps its allocation
     assert set(resolved.bits_by_layer) == set(resolved.rates_by_layer) == {n for n, _ in prunable_layers(teacher)}
