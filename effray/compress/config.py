@@ -124,6 +124,12 @@ class CompressConfig:
     calib_batches: int = option(8, "batches used to calibrate quantizer ranges")
     kd_temperature: float = option(4.0, "distillation temperature T (> 0)")
     kd_alpha: float = option(0.0, "weight of the soft (teacher) loss vs the hard labels; 0 = no distillation")
+    kd_features: str = option(
+        "",
+        "feature distillation: modules whose outputs the student matches to the teacher's, STUDENT=TEACHER,... or "
+        "names both models share (a learned 1x1 projection where widths differ)",
+    )
+    kd_feature_weight: float = option(1.0, "weight of the feature term (a normalised MSE, ~1 at the start)")
     finetune_epochs: int = option(1, "fine-tuning epochs after pruning / during QAT (0 = one-shot, PTQ)")
     finetune_lr: float = option(0.01, "peak fine-tuning learning rate (SGD, cosine decay)")
     finetune_batch_size: int = option(256, "fine-tuning batch size")
@@ -160,6 +166,12 @@ class CompressConfig:
     def final_rate(self) -> float:
         """The rate a pruning schedule ramps to: ``--prune-rate``, or the highest per-layer rate."""
         return max([self.prune_rate, *self.rates_by_layer.values()])
+
+    @property
+    def feature_pairs(self) -> dict[str, str]:
+        """Student module -> teacher module whose outputs ``--kd-features`` matches."""
+        items = (t.strip() for t in str(self.kd_features or "").split(","))
+        return parse_layers(",".join(i if "=" in i else f"{i}={i}" for i in items if i), "--kd-features", str)
 
     @property
     def distills(self) -> bool:
@@ -203,6 +215,10 @@ class CompressConfig:
         require(self.calib_batches >= 1, f"--calib-batches must be >= 1, got {self.calib_batches}")
         require(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
         require(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
+        require(
+            self.kd_feature_weight > 0 or not self.feature_pairs,
+            f"--kd-feature-weight must be > 0 with --kd-features, got {self.kd_feature_weight}",
+        )
         require(self.student_width > 0, f"--student-width must be > 0, got {self.student_width}")
         require(self.finetune_epochs >= 0, f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         require(self.finetune_lr > 0, f"--finetune-lr must be > 0, got {self.finetune_lr}")

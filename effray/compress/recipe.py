@@ -32,6 +32,7 @@ from torch import nn
 from effray.compress.artifact import load_artifact, record_temperature, save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.distill import freeze_teacher
+from effray.compress.features import FeatureKD
 from effray.compress.int8 import to_int8
 from effray.compress.measure import measure
 from effray.compress.progress import progress_payload, resume_student
@@ -52,6 +53,7 @@ from effray.compress.steps import (
     quant_epoch,
     save_student,
 )
+from effray.config import require
 from effray.errors import EffrayError
 from effray.train.checkpoint import checkpoint_file
 from effray.train.parallel import make_strategy, prepare_model
@@ -88,19 +90,43 @@ class CompressHooks(Hooks):
         validate: Callable[[Run], dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
         epoch_extra: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.teacher, self.calib, self.epoch_batches = cfg, teacher, calib, batches
         self.events, self.qstart = prune_events(cfg), quant_epoch(cfg)
         self.total, self.first_step = cfg.finetune_epochs * steps_per_epoch, step
         self.say, self.validation, self.extra, self.epoch_extra = say, validate, dict(extra or {}), epoch_extra
-        self.fine_tune_loss = fine_tune_loss(cfg, teacher)
+        self.features = FeatureKD(cfg.feature_pairs, teacher) if cfg.feature_pairs else None
+        self.project: nn.Module | None = None  # the projections as the strategy prepared them
+        self.resumed_projections = (resumed or {}).get("kd_projections")
+        self.fine_tune_loss = fine_tune_loss(cfg, teacher, self.feature_term if self.features else None)
         self.lock: SparsityLock | None = None
         self.student: nn.Module | None = None  # the finished model, after at_end
 
     def optimizer(self, run: Run, state: dict[str, Any] | None = None) -> tuple[Any, Any]:
         step = run.scheduler.last_epoch if run.scheduler is not None else self.first_step
-        optimizer = epoch_optimizer(run.plain, self.cfg, step, self.total, state)
+        extra = self.attach_features(run)
+        optimizer = epoch_optimizer(run.plain, self.cfg, step, self.total, state, extra)
         return optimizer, CosineSteps(optimizer, step, self.total, self.cfg.finetune_lr)
+
+    def attach_features(self, run: Run) -> list[nn.Parameter]:
+        """Feature distillation's hooks on the student as it is now (an event may have
+        replaced its modules or narrowed them) and its projections, prepared by the run's
+        strategy (DDP syncs their gradients); their weights, for the optimizer."""
+        if self.features is None:
+            return []
+        require(bool(self.calib), "--kd-features needs calibration images to size its projections")
+        if self.features.attach(run.plain, self.calib[0][0][:1], self.resumed_projections):
+            trainable = self.features.trainable()
+            self.project = (
+                prepare_model(self.features.projector, run.strategy) if trainable else self.features.projector
+            )
+        self.resumed_projections = None
+        return self.features.trainable()
+
+    def feature_term(self) -> torch.Tensor:
+        assert self.features is not None and self.project is not None
+        return self.features.loss(self.project)
 
     def batches(self, run: Run, epoch: int) -> Iterable[dict[str, Any]]:
         return self.epoch_batches(epoch)
@@ -165,6 +191,7 @@ class CompressHooks(Hooks):
             lock=self.lock,
             device=run.device,
             history=list(run.history),
+            kd_projections=self.features.state() if self.features is not None else None,
         )
         run.session.report(EpochEnd(epoch, run.history[-1], run.plain, payload))
 
@@ -175,6 +202,8 @@ class CompressHooks(Hooks):
         # every rank: PTQ (if any) is deterministic and the calibration rows are shared
         self.student = finish(run.plain, self.cfg, self.calib, self.lock)
         self.lock = None
+        if self.features is not None:  # the hooks leave with the fine-tune; the projections are no part of the student
+            self.features.detach()
 
 
 def kept_whole(model: nn.Module) -> str:
@@ -196,8 +225,10 @@ def start_fine_tune(
 ) -> tuple[Run, int, dict[str, Any] | None]:
     """The student to fine-tune, resumed from the session's checkpoint (its RNG restored)
     or built from the teacher (``images()``: a fresh student's data-dependent init), as a
-    :class:`Run` prepared by ``strategy``; also ``(LR step, optimizer state)`` to start from."""
+    :class:`Run` prepared by ``strategy``; also ``(LR step, optimizer state, the resumed
+    checkpoint or {})`` to start from."""
     restored = session.restore()
+    payload: dict[str, Any] = {}
     if restored is not None:
         payload = restored[1]
         model, start, step, state = resume_student(payload, cfg, session.device)
@@ -205,7 +236,7 @@ def start_fine_tune(
     else:
         model = build_student(teacher, cfg, images=images).to(session.device)
         start, step, state, history = 0, 0, None, []
-    return Run(session, strategy, prepare_model(model, strategy), start=start, history=history), step, state
+    return Run(session, strategy, prepare_model(model, strategy), start=start, history=history), step, state, payload
 
 
 def ready(run: Run, hooks: CompressHooks, state: dict[str, Any] | None) -> None:
@@ -277,7 +308,9 @@ def compress_local(
     report = None if on_epoch is None else lambda end: on_epoch(end.epoch, end.model, end.payload)
     session = LocalSession(device, resume=resume, on_epoch=report)
     strategy = make_strategy("ddp", device, channels_last=False, compile=False, amp=False)
-    run, step, state = start_fine_tune(session, strategy, teacher, cfg, images=lambda: torch.cat([x for x, _ in calib]))
+    run, step, state, resumed = start_fine_tune(
+        session, strategy, teacher, cfg, images=lambda: torch.cat([x for x, _ in calib])
+    )
     teacher = teacher.to(device)
     on_device = [(x.to(device), y.to(device)) for x, y in calib]  # the int8 runtime calibrates on the CPU copy
     steps = steps_per_epoch or max(1, sum(1 for _ in train_batches(0)))  # for the LR schedule
@@ -286,7 +319,7 @@ def compress_local(
         for x, y in train_batches(epoch):
             yield {"image": x.to(device, non_blocking=True), "label": y.to(device, non_blocking=True)}
 
-    hooks = CompressHooks(cfg, teacher, on_device, batches, steps_per_epoch=steps, step=step, say=log)
+    hooks = CompressHooks(cfg, teacher, on_device, batches, steps_per_epoch=steps, step=step, say=log, resumed=resumed)
     ready(run, hooks, state)
     run_recipe(run, Plan(epochs=cfg.finetune_epochs, steps_per_epoch=steps), hooks)
     save_student(out_dir, hooks.student, cfg, teacher.spec, teacher_info=teacher_info, data=data)

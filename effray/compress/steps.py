@@ -29,6 +29,7 @@ from torch import nn
 from effray.compress.artifact import save_artifact
 from effray.compress.config import CompressConfig
 from effray.compress.distill import check_student, kd_loss, teacher_logits
+from effray.compress.features import check_feature_names
 from effray.compress.layers import classifier
 from effray.compress.prune import (
     SparsityLock,
@@ -58,6 +59,7 @@ def build_student(
     (normalised NCHW, the same on every rank), read only when such a student needs it."""
 
     spec = dict(teacher.spec)
+    check_feature_names(teacher, list(cfg.feature_pairs.values()), "teacher")
     if not cfg.student:
         student = copy.deepcopy(teacher)
         for p in student.parameters():
@@ -81,7 +83,8 @@ def build_student(
 
 def check_layer_names(model: nn.Module, cfg: CompressConfig) -> nn.Module:
     """Fail in one line, before any training, when ``--layer-bits``/``--layer-rates`` name a
-    layer ``model`` has no quantizable (resp. prunable) conv/linear of."""
+    layer ``model`` has no quantizable (resp. prunable) conv/linear of, or ``--kd-features``
+    a module it lacks."""
     layers = dict(prunable_layers(model))
     for flag, names, known in (
         ("--layer-bits", cfg.bits_by_layer, {n for n, m in layers.items() if quantizable(m)}),
@@ -94,6 +97,7 @@ def check_layer_names(model: nn.Module, cfg: CompressConfig) -> nn.Module:
             f"layer of {model.spec.get('name')}; its layers: {', '.join(sorted(known)[:6])}"
             + (", ..." if len(known) > 6 else ""),
         )
+    check_feature_names(model, list(cfg.feature_pairs), "student")
     return model
 
 
@@ -174,9 +178,11 @@ def finish(model: nn.Module, cfg: CompressConfig, calib: Batches, lock: Sparsity
     return model.eval()
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD + Nesterov; weight decay only on conv/linear weights (not BN, biases, step sizes)."""
+def make_optimizer(model: nn.Module, lr: float, extra: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """SGD + Nesterov; weight decay only on conv/linear weights (not BN, biases, step sizes).
+    ``extra``: weights that train beside the model (feature distillation's projections)."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and p.dim() > 1]
+    decay += list(extra)
     ids = {id(p) for p in decay}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     return torch.optim.SGD(
@@ -188,12 +194,17 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def epoch_optimizer(
-    model: nn.Module, cfg: CompressConfig, step: int, total: int, state: dict[str, Any] | None = None
+    model: nn.Module,
+    cfg: CompressConfig,
+    step: int,
+    total: int,
+    state: dict[str, Any] | None = None,
+    extra: Iterable[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """The optimizer from the start of an epoch whose parameters are new (the first, or one
     after pruning or quantization), at the schedule's LR; ``state`` is a resumed run's
     momentum, for the same parameters."""
-    optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr))
+    optimizer = make_optimizer(model, cosine_lr(step, total, cfg.finetune_lr), extra)
     if state is not None:
         optimizer.load_state_dict(state)
     return optimizer
@@ -218,16 +229,25 @@ class CosineSteps:
             group["lr"] = cosine_lr(self.last_epoch, self.total, self.peak)
 
 
-def fine_tune_loss(cfg: CompressConfig, teacher: nn.Module | None) -> LossFn:
+def fine_tune_loss(
+    cfg: CompressConfig, teacher: nn.Module | None, features: Callable[[], torch.Tensor] | None = None
+) -> LossFn:
     """The fine-tune's loss on a batch dict: KD against the frozen teacher (its logits on
-    the batch's images, no graph) when ``kd_alpha > 0``, else cross-entropy on the labels."""
+    the batch's images, no graph) when ``kd_alpha > 0``, else cross-entropy on the labels;
+    plus ``kd_feature_weight`` times ``features()`` (feature distillation's term for the
+    forwards that just ran) when given."""
 
     def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["label"].to(logits.device, non_blocking=True)
-        if cfg.distills and teacher is not None:
-            images = batch["image"].to(logits.device, non_blocking=True)
-            return kd_loss(logits, teacher_logits(teacher, images), labels, cfg.kd_temperature, cfg.kd_alpha)
-        return F.cross_entropy(logits, labels)
+        if teacher is None or not (cfg.distills or features is not None):
+            return F.cross_entropy(logits, labels)
+        soft = teacher_logits(teacher, batch["image"].to(logits.device, non_blocking=True))
+        out = (
+            kd_loss(logits, soft, labels, cfg.kd_temperature, cfg.kd_alpha)
+            if cfg.distills
+            else F.cross_entropy(logits, labels)
+        )
+        return out + cfg.kd_feature_weight * features() if features is not None else out
 
     return loss
 
@@ -266,6 +286,8 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
         out["allocation"] = cfg.allocation  # the table it came from is the config's (every byte counts)
     if cfg.distills:
         out["kd"] = {"temperature": cfg.kd_temperature, "alpha": cfg.kd_alpha}
+    if cfg.feature_pairs:
+        out["kd_features"] = {"pairs": cfg.feature_pairs, "weight": cfg.kd_feature_weight}
     return out
 
 

@@ -93,7 +93,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
     teacher, _ = load_checkpoint(worker.teacher, trust_code=True)  # the driver loaded it first, as the user allowed
     teacher = freeze_teacher(teacher).to(device)
     mean, std = worker.data["mean"], worker.data["std"]
-    run, step, state = start_fine_tune(
+    run, step, state, resumed = start_fine_tune(
         session, strategy, teacher, cfg, images=lambda: sample_images(rc.data.data, DATA_INIT_IMAGES, mean, std)
     )
     if run.start and rank == 0:
@@ -130,6 +130,7 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         validate=lambda run: scored(run.model),
         extra=worker.report_extra,
         epoch_extra=costs,
+        resumed=resumed,
     )
     ready(run, hooks, state)
     plan = Plan(

@@ -353,6 +353,32 @@ def test_a_per_layer_allocation_prunes_quantizes_and_steps_on_the_device(fake_cu
         assert_cuda(*student.parameters())
 
 
+def test_feature_distillation_projects_and_steps_on_the_device(fake_cuda):
+    """--kd-features on a narrower student: the probe that sizes the projections, the
+    projections themselves, the taps' outputs and the step's loss all stay on the device."""
+    from effray.compress.config import CompressConfig
+    from effray.compress.distill import freeze_teacher
+    from effray.compress.features import FeatureKD
+    from effray.compress.steps import CosineSteps, fine_tune_loss, make_optimizer
+    from effray.train.step import train_step
+
+    cfg = CompressConfig(kd_alpha=0.5, kd_features="s2b2,s3b2")
+    teacher = freeze_teacher(build_model("resnet20", 10, 3, 0.5))
+    student = build_model("resnet20", 10, 3, 0.25)
+    with fake_cuda:
+        teacher, student = teacher.to(CUDA), student.to(CUDA).train()
+        (x, y), *_ = _calib(1)
+        kd = FeatureKD(cfg.feature_pairs, teacher)
+        assert kd.attach(student, x[:1])
+        assert_cuda(*kd.trainable())
+        opt = make_optimizer(student, 0.01, kd.trainable())
+        strategy = DDPStrategy(CUDA, channels_last=False, compile=False, amp=False)
+        sums = torch.zeros(2, dtype=torch.float64, device=CUDA)
+        loss = fine_tune_loss(cfg, teacher, lambda: kd.loss(kd.projector))
+        train_step(strategy, student, opt, CosineSteps(opt, 0, 10, 0.01), {"image": x, "label": y}, loss, sums)
+        assert_cuda(sums, *student.parameters(), *kd.trainable())
+
+
 def test_a_resumed_qat_fine_tune_steps_on_the_device(fake_cuda):
     """A progress checkpoint (written on the CPU, as a dead node's trial left it) resumes on
     the GPU: the restored student, its quantizers and the optimizer's momentum all land on

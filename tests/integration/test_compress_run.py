@@ -30,7 +30,18 @@ def five_class_teacher(tiny_cifar, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "case", ["prune-rate", "bits", "temperature", "teacher", "classes", "existing-out", "layer-bits", "sensitivity"]
+    "case",
+    [
+        "prune-rate",
+        "bits",
+        "temperature",
+        "teacher",
+        "classes",
+        "existing-out",
+        "layer-bits",
+        "sensitivity",
+        "kd-features",
+    ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(
     ray_session, tiny_cifar, teacher, five_class_teacher, tmp_path, capsys, case
@@ -55,6 +66,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
         extra = ["--bits", "4", "--layer-bits", "no.such.layer=4"]
     elif case == "sensitivity":  # no table where --sensitivity points
         extra = ["--bits", "4", "--allocation", "sensitivity", "--sensitivity", str(tmp_path)]
+    elif case == "kd-features":  # a module the teacher lacks
+        extra = ["--kd-features", "block1=no.such.module"]
     elif case == "existing-out":
         out.mkdir()
         (out / "keep.txt").write_text("mine")

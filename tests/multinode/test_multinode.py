@@ -166,10 +166,13 @@ def test_pipeline_stages_on_two_nodes(cluster, tiny_cifar, tmp_path):
 def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_the_file(
     cluster, tiny_cifar, teacher, tmp_path, capsys
 ):
-    """One Ray Train fine-tune on 2 nodes: 50 % unstructured pruning, 4-bit QAT, KD, 2 epochs
-    (pruned at epoch 0, quantized at epoch 1: DDP is re-prepared twice); rank 1 dies in
-    epoch 2 and the restart goes on from epoch 1's checkpoint (pruned, not yet quantized).
-    The metrics file agrees with the artifact, and `effray evaluate` scores it the same."""
+    """One Ray Train fine-tune on 2 nodes: 50 % unstructured pruning, 4-bit QAT, KD of logits
+    and features, 2 epochs (pruned at epoch 0, quantized at epoch 1: DDP is re-prepared
+    twice, the feature taps re-hooked on the quantized modules); rank 1 dies in epoch 2 and
+    the restart goes on from epoch 1's checkpoint (pruned, not yet quantized, with its
+    feature projection). The metrics file agrees with the artifact, and `effray evaluate`
+    scores it the same. The stem's 16 channels match block1's 32 through a learned 1x1
+    projection (a DDP module of its own), block1 its own directly."""
     out = tmp_path / "artifact"
     rc, printed, err = cli(
         "compress",
@@ -187,6 +190,10 @@ def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_t
         "0.5",
         "--kd-temperature",
         "4",
+        "--kd-features",
+        "stem=block1,block1",
+        "--kd-feature-weight",
+        "0.5",
         "--finetune-epochs",
         "2",
         "--finetune-batch-size",
@@ -229,6 +236,7 @@ def test_compress_fine_tunes_on_two_nodes_survives_a_worker_death_and_measures_t
     method = metrics["method"]
     assert method["prune"]["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert method["quant"]["bits"] == 4 and method["kd"]["alpha"] == 0.5
+    assert method["kd_features"] == {"pairs": {"stem": "block1", "block1": "block1"}, "weight": 0.5}
     assert metrics["config"]["compress"]["prune_rate"] == 0.5 and metrics["config"]["workers"] == 2
 
     rc, evaluated, err = cli(

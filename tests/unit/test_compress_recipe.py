@@ -142,6 +142,18 @@ def test_a_vit_teacher_distils_into_a_pruned_quantized_cnn(tmp_path):
             ),
             1,
         ),  # pruned shapes in, QAT still to come
+        (
+            CompressConfig(
+                prune_rate=0.4,
+                prune_kind="structured",
+                kd_features="s2b2,s3b2",
+                finetune_epochs=3,
+                finetune_lr=0.02,
+                calib_batches=1,
+                int8=False,
+            ),
+            2,
+        ),  # feature KD: projections rebuilt for the narrowed student, then resumed with their momentum
     ],
 )
 def test_a_resumed_fine_tune_ends_where_the_uninterrupted_one_does(tmp_path, cfg, resume_after):
