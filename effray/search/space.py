@@ -57,9 +57,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finetune_lr": {"loguniform": [0.003, 0.05]},
     },
     # the worked example's (the imagenette-resnet50 preset): a torchvision ResNet-18 distilled
-    # from the ResNet-50 teacher, its channels pruned through the residual graph and quantized
+    # from the ResNet-50 teacher (logits, and with or without its last two stages' features
+    # through 1x1 projections), its channels pruned through the residual graph and quantized
     "imagenette-resnet18": {
         "student": "torchvision:resnet18",
+        "kd_features": {"choice": ["", "layer3,layer4"]},
         "prune_kind": "structured",
         "prune_rate": {"uniform": [0.1, 0.6]},
         "prune_schedule": {"choice": ["oneshot", "cubic"]},

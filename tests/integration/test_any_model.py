@@ -21,6 +21,7 @@ from helpers import IMAGENETTE, call, cli, png, save_checkpoint
 import effray.compress
 import effray.train
 from effray.cluster import free_port
+from effray.compress.artifact import load_artifact
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
 from effray.deploy.config import ServeConfig
@@ -174,11 +175,13 @@ def test_a_timm_vit_compresses_on_ray_train_exports_predicts_and_serves(prepared
 @pytest.mark.slow
 def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_session, tmp_path, monkeypatch):
     """The shipped preset with its sizes cut: a torchvision ResNet-50 teacher, one trial of a
-    ResNet-18 student distilled, pruned through its residual graph and quantized, exported."""
+    ResNet-18 student distilled (logits and its last two stages' features), pruned through
+    its residual graph and quantized, exported."""
     monkeypatch.chdir(ROOT)  # the preset names its source relative to the repository
     space = tmp_path / "space.yaml"
     space.write_text(
         "student: torchvision:resnet18\nprune_kind: structured\nprune_rate: 0.3\nbits: 4\nkd_alpha: 0.7\n"
+        "kd_features: layer3,layer4\n"
         "finetune_epochs: 1\nfinetune_batch_size: 32\n"
     )
     preset = tmp_path / "tiny.yaml"
@@ -208,6 +211,9 @@ def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_sess
     # with the reason, and the ONNX / OpenVINO int8 files are written all the same (unless one misses its parity
     # bar on these 40 val images: then the pick keeps its fp32 files, as before)
     (pick,) = summary["exports"].values()
+    (trial,) = pq.read_table(Path(summary["report"]).with_name("results.parquet")).column("artifact").to_pylist()
+    _, artifact = load_artifact(trial)
+    assert artifact["method"]["kd_features"]["pairs"] == {"layer3": "layer3", "layer4": "layer4"}
     sidecar = json.loads((Path(pick["dir"]) / "deploy.json").read_text())
     assert "torch-int8" not in sidecar["files"] and pick["int8"] is ("onnx-int8" in sidecar["files"])
     if pick["int8"]:
