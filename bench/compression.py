@@ -6,7 +6,10 @@ given (``--minutes`` of CPU), then runs three recipes through ``effray.compress.
 * ``int8``:       the teacher itself, converted to the int8 CPU runtime (torchao PT2E, oneDNN x86 kernels);
 * ``struct50``:   structured channel pruning sized to remove ~50% of MACs, KD fine-tune;
 * ``deep``:       Deep-Compression style: cubic unstructured pruning to ``--sparsity``,
-  ``--bits``-bit QAT of every layer (first/last at 8), KD, LZMA over the packed weights.
+  ``--bits``-bit QAT of every layer (first/last at 8), KD, LZMA over the packed weights;
+* ``struct50+features`` and ``deep+features``: the same with feature distillation of the
+  ``--kd-features`` modules on top of the logit KD (the same seed, images and epochs, so
+  the pair differs by the feature term alone).
 
 Prints one table (accuracy drop, size ratio, dense and sparse MAC ratios, int8-vs-fp32
 latency at batch 256) and writes every metrics dict to ``--out/results.json``. Latency is
@@ -22,6 +25,7 @@ back as ``--teacher`` to try other recipes without retraining.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -39,6 +43,7 @@ from effray.compress.prune import channel_rate_for_macs
 from effray.compress.recipe import compress_local
 from effray.compress.steps import make_optimizer
 from effray.config import validated
+from effray.hardware import cpu_summary
 from effray.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,10 +168,14 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--recipes", default="int8,struct50,deep")
+    p.add_argument(
+        "--kd-features", default="", help="modules the +features recipes distil (the model's names, e.g. stem,block1)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-compression"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"{cpu_summary()}, {torch.get_num_threads()} thread(s)", flush=True)
 
     t0 = time.perf_counter()
     if args.data:
@@ -215,9 +224,14 @@ def main() -> None:
             **kd,
         ),
     }
+    for name in ("struct50", "deep"):
+        recipes[f"{name}+features"] = dataclasses.replace(recipes[name], kd_features=args.kd_features)
     results, teacher_metrics = {}, None
     for name in args.recipes.split(","):
         t = time.perf_counter()
+        if name.endswith("+features") and not args.kd_features:
+            p.error(f"--recipes {name} needs --kd-features")
+        torch.manual_seed(0)  # a recipe and its +features twin start from the same draws
         cfg = validated(recipes[name])
         r = compress_local(
             teacher,
@@ -247,13 +261,13 @@ def main() -> None:
     # "int8 x": each recipe's int8 runtime vs the same weights in fp32, timed interleaved (a, b, a,
     # b, ...) so load from other processes hits both alike; vs_teacher has the cross-model ratios.
     print(
-        f"{'recipe':<10}{'acc':>8}{'int8 acc':>10}{'drop pts':>10}{'KiB':>9}{'size x':>8}{'params x':>10}{'MACs x':>8}"
+        f"{'recipe':<18}{'acc':>8}{'int8 acc':>10}{'drop pts':>10}{'KiB':>9}{'size x':>8}{'params x':>10}{'MACs x':>8}"
         f"{'sparse MACs x':>15}{'int8 x b1':>11}{'int8 x b256':>13}"
     )
     for name, r in results.items():
         s, v = r["student"], r["student"]["vs_teacher"]
         print(
-            f"{name:<10}{s['accuracy']:>8.4f}{s.get('int8_accuracy', float('nan')):>10.4f}"
+            f"{name:<18}{s['accuracy']:>8.4f}{s.get('int8_accuracy', float('nan')):>10.4f}"
             f"{v['accuracy_drop_points']:>10.2f}"
             f"{s['bytes'] / 1024:>9.1f}{v['size_ratio']:>8.1f}{v['params_ratio']:>10.2f}{v['macs_ratio']:>8.2f}"
             f"{v['sparse_macs_ratio']:>15.2f}{s.get('int8_speedup_b1', float('nan')):>11.2f}"

@@ -64,6 +64,12 @@ def sums_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
     }
 
 
+def worst_recall(per_class: list[float | None]) -> float:
+    """The lowest recall of the classes with rows (NaN when none has)."""
+    present = [r for r in per_class if r is not None]
+    return min(present) if present else float("nan")
+
+
 @torch.no_grad()
 def device_pass(
     predict: Callable[[Any], torch.Tensor],

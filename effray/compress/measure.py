@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from effray.compress.fakequant import ActQuant, WeightQuant
 from effray.compress.layers import model_device
 from effray.compress.quantize import dequantize, is_quantized
-from effray.metrics import classification_metrics, scaled_calibration, score_batches
+from effray.metrics import classification_metrics, scaled_calibration, score_batches, worst_recall
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -115,6 +115,15 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     device (one host read, at the end)."""
     m = scored(model, batches)
     return (m["accuracy"] if m["count"] else float("nan")), m["count"]
+
+
+def epoch_scores(model: nn.Module, batches: Batches) -> dict[str, float]:
+    """What a fine-tune's epoch reports of ``model`` on val, as ``effray.train.validate``
+    names it: ``val_accuracy`` and ``val_worst_class_recall`` (NaN without rows)."""
+    m = scored(model, batches)
+    if not m["count"]:
+        return {"val_accuracy": float("nan"), "val_worst_class_recall": float("nan")}
+    return {"val_accuracy": m["accuracy"], "val_worst_class_recall": worst_recall(m["per_class"])}
 
 
 def class_scores(model: nn.Module, batches: Batches, temperature: float | None = None) -> dict[str, Any]:

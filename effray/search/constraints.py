@@ -7,8 +7,9 @@ accuracy get limits of their own. Every limit is judged on val (the split the se
 chooses by) against the teacher's own val scores; the test split then reports how the
 choice holds (:mod:`effray.search.holdout`). With any limit set, the pick is the cheapest
 model (per ``--objective``) within all of them, as NNCF returns the smallest model within
-``max_drop``; the pareto scheduler stops a trial whose accuracy can no longer reach
-``--max-drop`` (:class:`effray.search.scheduler.ParetoASHA`).
+``max_drop``; the pareto scheduler stops a trial whose accuracy or worst-class recall
+(what every epoch's validation scores) can no longer reach its limit
+(:class:`effray.search.scheduler.ParetoASHA`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from effray.config import option, require
 from effray.errors import EffrayError
 
 POINTS = 100.0  # accuracies are fractions in the tables; limits are in percentage points
+EPOCH_SCORES = ("accuracy", "worst_class_recall")  # what every epoch's validation scores too (as val_<name>)
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,10 @@ class Constraints:
     def active(self) -> bool:
         return any((self.max_drop, self.max_worst_class_drop, self.max_ece, self.max_corruption_drop))
 
-    def accuracy_floor(self, teacher: Mapping[str, Any]) -> float | None:
-        """The lowest val accuracy ``--max-drop`` allows (a fraction), or None without it."""
-        return float(teacher["accuracy"]) - self.max_drop / POINTS if self.max_drop else None
+    def floors(self, teacher: Mapping[str, Any]) -> dict[str, float]:
+        """``{score: lowest value}`` of the limits a trial can be held to while it trains
+        (:data:`EPOCH_SCORES`), made absolute with the teacher's val scores."""
+        return {column: bound for column, (_, bound) in self.limits(teacher).items() if column in EPOCH_SCORES}
 
     def limits(self, teacher: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
         """``{column: (">=" or "<=", bound)}`` of every active limit, made absolute with the teacher's scores."""

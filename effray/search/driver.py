@@ -170,7 +170,7 @@ def _new_tuner(
         tune_config=tune.TuneConfig(
             num_samples=trial_count(cfg, space),
             search_alg=_searcher(cfg, space, costs),
-            scheduler=_scheduler(cfg, cfg.experiment, cfg.limits.accuracy_floor(teacher.metrics)),
+            scheduler=_scheduler(cfg, cfg.experiment, cfg.limits.floors(teacher.metrics)),
             max_concurrent_trials=concurrency(cfg, ray.cluster_resources(), shares),
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             reuse_actors=cfg.workers_per_trial == 1,  # a trial's process (torch imported, kernels warm) serves the next
@@ -217,9 +217,10 @@ def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: CostModel) -> CostA
     return CostAwareSearch(costs, budget, inner=inner, constants=constants, fit_latency=fit)
 
 
-def _scheduler(cfg: TuneConfig, path: str, floor: float | None = None) -> Any:
+def _scheduler(cfg: TuneConfig, path: str, floors: dict[str, float] | None = None) -> Any:
     """Early stopping: effray's multi-objective rungs (which also stop a trial that can no
-    longer reach ``floor``, --max-drop's accuracy), Ray's ASHA on accuracy, or none."""
+    longer reach one of ``floors``, --max-drop's accuracy and --max-worst-class-drop's
+    recall, each reported every epoch as ``val_<score>``), Ray's ASHA on accuracy, or none."""
     from ray import tune
 
     if cfg.scheduler == "pareto":
@@ -230,7 +231,7 @@ def _scheduler(cfg: TuneConfig, path: str, floor: float | None = None) -> Any:
             reduction_factor=cfg.reduction_factor,
             acc_margin=cfg.acc_margin,
             log_path=os.path.join(path, STOPPED_FILE) if "://" not in path else None,
-            accuracy_floor=floor,
+            floors={f"val_{score}": bound for score, bound in (floors or {}).items()},
         )
     if cfg.scheduler == "asha":
         return LastEpochSafeASHA(

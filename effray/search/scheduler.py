@@ -9,10 +9,12 @@ front. The costs (predicted bytes, MACs) are known before training, so each tria
 the same values with every epoch; accuracy gets a noise margin (``--acc-margin``), since
 one epoch's validation accuracy on a small split is noisy.
 
-With an accuracy floor (``--max-drop``: the teacher's val accuracy less the drop), a trial
-is also stopped at a rung when it can no longer reach the floor: its accuracy there plus the
-most any finished trial gained from that rung to its last epoch (and the noise margin)
-stays below it. Before a trial has finished, nobody is stopped for the floor.
+With floors (``--max-drop``: the teacher's val accuracy less the drop; ``--max-worst-class-drop``:
+its worst-class recall less that drop), a trial is also stopped at a rung when it can no
+longer reach one: its value there plus the most any finished trial gained in that score
+from that rung to its last epoch (and the noise margin) stays below the floor. Before a
+trial has finished, nobody is stopped for a floor. (ECE and corruption accuracy are
+measured on the final artifact only: their limits act on the pick.)
 
 A trial on its last epoch (``epoch >= epochs``) or sending its ``final`` report is never
 stopped: when a short trial's last epoch lands on a rung, stopping it there would throw
@@ -114,7 +116,7 @@ class ParetoASHA(FIFOScheduler):
         cost_rtol: float = 0.0,
         min_rung_size: int = 2,
         log_path: str | None = None,
-        accuracy_floor: float | None = None,
+        floors: Mapping[str, float] | None = None,
     ):
         costs = (costs,) if isinstance(costs, str) else tuple(costs)
         bad = [
@@ -144,8 +146,9 @@ class ParetoASHA(FIFOScheduler):
         self._cost_rtol = cost_rtol
         self._min_rung_size = min_rung_size
         self._log_path = None if log_path is None else str(log_path)
-        self._floor = accuracy_floor
-        self._ended: dict[str, float] = {}  # trial id -> its metric on its last fine-tune epoch
+        self._floors = dict(floors or {})  # reported score -> the lowest value a trial must still reach
+        self._ended: dict[str, dict[str, float]] = {}  # trial id -> its floored scores on its last fine-tune epoch
+        self._scores: dict[Rung, dict[str, dict[str, float]]] = {}  # rung -> trial id -> its floored scores
         # rung -> trial id -> (metric, *costs), in arrival order
         self._rungs: dict[Rung, dict[str, list[float]]] = {}
         self._last_rung: dict[str, Rung] = {}  # trial id -> the highest rung it was judged at
@@ -167,12 +170,14 @@ class ParetoASHA(FIFOScheduler):
         point = [_worst_if_nan(self._need(result, self._metric), -math.inf)]
         point += [_worst_if_nan(self._need(result, c), math.inf) for c in self._costs]
         tid = trial.trial_id
+        scores = {k: _worst_if_nan(self._need(result, k), -math.inf) for k in self._floors}
         if t >= last:
-            self._ended[tid] = point[0]
+            self._ended[tid] = scores
         rung = self._rung_for(t, self._last_rung.get(tid, 0))
         if rung is None:
             return TrialScheduler.CONTINUE
         self._rungs.setdefault(rung, {})[tid] = point
+        self._scores.setdefault(rung, {})[tid] = scores
         self._last_rung[tid] = rung
         verdict = self._below_floor(rung, tid) or self._judge(rung, tid)
         if verdict is None:
@@ -197,7 +202,7 @@ class ParetoASHA(FIFOScheduler):
     def debug_string(self) -> str:
         rungs = " | ".join(f"{r}: {len(rec)}" for r, rec in sorted(self._rungs.items()))
         costs = ", ".join(self._costs) or "(no costs)"
-        floor = f", floor {self._floor:.4f}" if self._floor is not None else ""
+        floor = "".join(f", {k} floor {v:.4f}" for k, v in self._floors.items())
         return (
             f"ParetoASHA: max {self._metric} vs min {costs} (margin {self._acc_margin}{floor}, "
             f"cost rtol {self._cost_rtol}, rf {self._rf}); stopped {len(self.stopped)}, "
@@ -242,31 +247,36 @@ class ParetoASHA(FIFOScheduler):
             k += 1
         return best
 
-    def headroom(self, rung: Rung) -> float | None:
-        """The most a finished trial gained from ``rung`` to its last epoch (never below 0),
-        or None while no trial recorded at ``rung`` has finished."""
+    def headroom(self, rung: Rung, score: str | None = None) -> float | None:
+        """The most a finished trial gained in ``score`` (a floored one; default the
+        metric) from ``rung`` to its last epoch (never below 0), or None while no trial
+        recorded at ``rung`` has finished."""
+        score = score or self._metric
         gains = [
-            self._ended[other] - point[0]
-            for other, point in self._rungs.get(_plain(rung), {}).items()
-            if other in self._ended
+            self._ended[other][score] - mine[score]
+            for other, mine in self._scores.get(_plain(rung), {}).items()
+            if other in self._ended and score in mine
         ]
         return max(0.0, *gains) if gains else None
 
     def _below_floor(self, rung: Rung, tid: str) -> dict[str, Any] | None:
-        """The record of why ``tid`` can no longer reach the accuracy floor, else None."""
-        room = self.headroom(rung) if self._floor is not None else None
-        me = self._rungs[rung][tid]
-        if room is None or me[0] + room + self._acc_margin >= self._floor:
-            return None
-        return {
-            "rung": rung,
-            "reason": "below the accuracy floor",
-            "floor": self._floor,
-            "headroom": room,
-            "dominated_by": [],
-            self._metric: me[0],
-            **dict(zip(self._costs, me[1:])),
-        }
+        """The record of why ``tid`` can no longer reach a floor, else None."""
+        me, mine = self._rungs[rung][tid], self._scores[rung][tid]
+        for score, floor in self._floors.items():
+            room = self.headroom(rung, score)
+            if room is None or mine[score] + room + self._acc_margin >= floor:
+                continue
+            return {
+                "rung": rung,
+                "reason": "below the accuracy floor" if score == self._metric else f"below the {score} floor",
+                "floor": floor,
+                "headroom": room,
+                "dominated_by": [],
+                self._metric: me[0],
+                **({score: mine[score]} if score != self._metric else {}),
+                **dict(zip(self._costs, me[1:])),
+            }
+        return None
 
     def _judge(self, rung: Rung, tid: str) -> dict[str, Any] | None:
         """None to continue, else the record of why ``tid`` is outside the keep set."""

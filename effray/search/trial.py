@@ -1,10 +1,10 @@
 """Tune's function trainable: one compression trial, from the teacher to a measured artifact.
 
 Each trial compresses the teacher with one sampled :class:`CompressConfig`, reports
-validation accuracy after every fine-tuning epoch (so the scheduler can stop poor
-trials) with the fine-tune so far as its checkpoint, and ends with one ``final`` report
-holding the full measurement of the saved artifact, which it keeps as the trial's
-checkpoint. A trial whose node dies is retried from its last epoch's checkpoint, on any
+validation accuracy and worst-class recall after every fine-tuning epoch (so the
+scheduler can stop poor trials) with the fine-tune so far as its checkpoint, and ends
+with one ``final`` report holding the full measurement of the saved artifact, which it
+keeps as the trial's checkpoint. A trial whose node dies is retried from its last epoch's checkpoint, on any
 node.
 
 A trial trains in its own process (``--workers-per-trial 1``: the recipe of
@@ -33,7 +33,7 @@ from typing import Any
 from effray.compress.artifact import load_artifact
 from effray.compress.config import CompressConfig, CompressRunConfig
 from effray.compress.cost import epoch_costs
-from effray.compress.measure import accuracy, compare
+from effray.compress.measure import compare, epoch_scores
 from effray.compress.progress import PROGRESS_FORMAT
 from effray.compress.recipe import compress_local, measure_artifact
 from effray.compress.run import eval_and_calib, fine_tune_on_workers
@@ -254,8 +254,8 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
         """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
         after its node died goes on from here (Tune hands it back through get_checkpoint)."""
         clock.last_epoch = time.perf_counter()
-        acc, _ = accuracy(model, data.evals)
-        trial.tracker.log({METRIC: acc, "epoch": epoch + 1}, step=epoch + 1)
+        scores = epoch_scores(model, data.evals)  # what a Ray Train trial's epochs report too
+        trial.tracker.log({METRIC: scores[METRIC], "epoch": epoch + 1}, step=epoch + 1)
         # the rungs rank by the weights' own size once they are final
         costs = epoch_costs(
             trial.known,
@@ -270,7 +270,7 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
         with tempfile.TemporaryDirectory() as keep:
             save_payload(keep, progress())
             ray.tune.report(
-                {METRIC: acc, "epoch": epoch + 1, "final": False, "node": node, **costs},
+                {**scores, "epoch": epoch + 1, "final": False, "node": node, **costs},
                 checkpoint=ray.tune.Checkpoint.from_directory(keep),
             )
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from effray.data.pipeline import torch_batches
-from effray.metrics import class_sums, sums_metrics
+from effray.metrics import class_sums, sums_metrics, worst_recall
 from effray.models.predict import tta_logits
 from effray.train.strategy import Strategy
 
@@ -65,6 +65,7 @@ def validation_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
         "val_loss": m["loss"],
         "val_count": m["count"],
         "val_per_class_accuracy": m["per_class"],
+        "val_worst_class_recall": worst_recall(m["per_class"]),
     }
 
 

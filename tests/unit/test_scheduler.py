@@ -11,6 +11,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from effray.errors import EffrayError
 from effray.search.scheduler import ParetoASHA, dominates, nondominated_fronts
 
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
@@ -256,7 +257,7 @@ def test_ray_asha_stops_a_trial_after_its_last_epoch_and_the_safe_one_does_not()
 
 
 def test_a_trial_that_can_no_longer_reach_the_accuracy_floor_is_stopped_once_a_finished_trial_says_so():
-    s = ParetoASHA(accuracy_floor=0.80, acc_margin=0.0, min_rung_size=99)  # the fronts stop nobody here
+    s = ParetoASHA(floors={"val_accuracy": 0.80}, acc_margin=0.0, min_rung_size=99)  # the fronts stop nobody here
     assert report(s, "a", 1, 0.50, 100, epochs=3) == CONTINUE  # no finished trial yet: no headroom known
     assert s.headroom(1) is None
     assert report(s, "a", 3, 0.70, 100, epochs=3) == CONTINUE  # a's last epoch: it gained 0.20 from rung 1
@@ -264,12 +265,28 @@ def test_a_trial_that_can_no_longer_reach_the_accuracy_floor_is_stopped_once_a_f
     assert report(s, "b", 1, 0.65, 50) == CONTINUE  # 0.65 + 0.20 reaches 0.80
     assert report(s, "c", 1, 0.55, 10) == STOP  # 0.55 + 0.20 can't
     assert s.stopped["c"]["reason"] == "below the accuracy floor" and s.stopped["c"]["floor"] == 0.80
-    assert s.stopped["c"]["headroom"] == pytest.approx(0.20) and "floor 0.8000" in s.debug_string()
+    assert s.stopped["c"]["headroom"] == pytest.approx(0.20) and "val_accuracy floor 0.8000" in s.debug_string()
     # a trial on its last epoch still goes on to its final measurement
     assert report(s, "d", 1, 0.10, 10, epochs=1) == CONTINUE and "d" in s.spared
     # the floor survives a pickle round trip, as the rest of the state does
     again = pickle.loads(pickle.dumps(s))
     assert report(again, "e", 1, 0.55, 10) == STOP and report(again, "f", 1, 0.61, 10) == CONTINUE
+
+
+def test_a_trial_whose_worst_class_can_no_longer_reach_its_floor_is_stopped():
+    """--max-worst-class-drop's floor, judged like the accuracy one on the score's own
+    headroom: an accurate trial whose rarest class collapsed is stopped."""
+    s = ParetoASHA(floors={"val_accuracy": 0.5, "val_worst_class_recall": 0.40}, acc_margin=0.0, min_rung_size=99)
+    tail = "val_worst_class_recall"
+    assert report(s, "a", 1, 0.80, 100, epochs=3, **{tail: 0.30}) == CONTINUE
+    assert report(s, "a", 3, 0.85, 100, epochs=3, **{tail: 0.45}) == CONTINUE  # +0.05 accuracy, +0.15 worst class
+    assert s.headroom(1) == pytest.approx(0.05) and s.headroom(1, tail) == pytest.approx(0.15)
+    assert report(s, "b", 1, 0.90, 50, **{tail: 0.30}) == CONTINUE  # 0.30 + 0.15 reaches 0.40
+    assert report(s, "c", 1, 0.90, 10, **{tail: 0.20}) == STOP  # 0.20 + 0.15 can't, however accurate
+    assert s.stopped["c"]["reason"] == "below the val_worst_class_recall floor"
+    assert s.stopped["c"][tail] == 0.20 and s.stopped["c"]["floor"] == 0.40
+    with pytest.raises(EffrayError, match="val_worst_class_recall"):  # a trial must report what is floored
+        report(s, "d", 1, 0.90, 10)
 
 
 def test_without_a_floor_the_headroom_stops_nobody():
