@@ -8,11 +8,17 @@ Printed: each pair's accuracy and bytes, the hypervolume of the two fronts (accu
 ln bytes up to the teacher's fp32 size) and their ratio, and the wall-clock of the
 sensitivity pass on one and on two Ray tasks at a time. CPU capability first.
 
-    python bench/allocation.py --teacher CKPT --data DIR [--teacher CKPT2 --data DIR2]
-        [--budgets 2:0.5,4:0.5,4:0.75] [--finetune-images 5000] [--epochs 1]
+A peer beside them (``--nncf``, needs ``pip install -e '.[peers]'``): NNCF quantizing the
+same teacher, converted to OpenVINO, with its int8 post-training quantization (calibrated
+on the train images the fine-tunes use) and its accuracy-controlled quantization
+(``quantize_with_accuracy_control`` at ``--nncf-max-drop`` points), each scored on the
+same val split and sized as OpenVINO saves it (.xml + .bin), and whether an effray
+config is at least as accurate in no more bytes.
 
-Not measured here (see docs/known-gaps.md): NNCF's quantization beside the fronts and the
-selection-vs-test gap of a search's pick.
+    python bench/allocation.py --teacher CKPT --data DIR [--teacher CKPT2 --data DIR2]
+        [--budgets 2:0.5,4:0.5,4:0.75] [--finetune-images 5000] [--epochs 1] [--nncf]
+
+Not measured here (see docs/known-gaps.md): the selection-vs-test gap of a search's pick.
 """
 
 from __future__ import annotations
@@ -83,6 +89,54 @@ def fine_tune(teacher: Any, cfg: Any, data: Path, images: int, seed: int) -> dic
     return {**result["student"], "teacher": result["teacher"]}
 
 
+def nncf_peer(teacher: Any, data: Path, calib_images: int, max_drop_points: float) -> list[dict[str, Any]]:
+    """NNCF's int8 PTQ and accuracy-controlled quantization of ``teacher`` on OpenVINO:
+    accuracy on the val split and the saved model's bytes, one row each."""
+    import nncf
+    import openvino as ov
+
+    from effray.data.arrays import eval_batches, load_arrays
+    from effray.data.prepare import load_meta
+
+    meta = load_meta(data)
+    val = eval_batches(load_arrays(data, "val"), meta, 250)
+    calib = eval_batches(load_arrays(data, "train", limit=calib_images), meta, 64)
+    fp32 = ov.convert_model(teacher.eval(), example_input=val[0][0][:1])
+
+    def validate(model: Any, items: Any) -> tuple[float, None]:
+        compiled = model if isinstance(model, ov.CompiledModel) else ov.compile_model(model, "CPU")
+        out, correct, seen = compiled.outputs[0], 0, 0
+        for x, y in items:
+            correct += int((compiled(x.numpy())[out].argmax(1) == y.numpy()).sum())
+            seen += len(y)
+        return correct / seen, None
+
+    calibration = nncf.Dataset(calib, lambda item: item[0].numpy())
+    started = time.perf_counter()
+    ptq = nncf.quantize(fp32, calibration, subset_size=len(calib))
+    ptq_s = time.perf_counter() - started
+    started = time.perf_counter()
+    controlled = nncf.quantize_with_accuracy_control(
+        fp32,
+        calibration,
+        nncf.Dataset(val, lambda item: item[0].numpy()),
+        validate,
+        max_drop=max_drop_points / 100,
+        subset_size=len(calib),
+    )
+    controlled_s = time.perf_counter() - started
+    rows = []
+    for name, model, seconds in (
+        ("nncf int8 ptq", ptq, ptq_s),
+        (f"nncf int8 max_drop {max_drop_points:g}", controlled, controlled_s),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+            nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+        rows.append({"peer": name, "accuracy": validate(model, val)[0], "bytes": nbytes, "seconds": seconds})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", action="append", required=True, help="a teacher checkpoint (repeat for several)")
@@ -95,6 +149,8 @@ def main() -> int:
     p.add_argument("--probe-rates", default="0.25,0.5,0.6,0.75", help="unstructured rates each layer is probed at")
     p.add_argument("--probe-images", type=int, default=512, help="val images each sensitivity probe is scored on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nncf", action="store_true", help="place NNCF's int8 quantization of each teacher beside them")
+    p.add_argument("--nncf-max-drop", type=float, default=1.0, help="points NNCF's accuracy control may lose")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-allocation")
     args = p.parse_args()
     if len(args.teacher) != len(args.data):
@@ -169,8 +225,26 @@ def main() -> int:
             f"(goal >= 1.05); teacher accuracy {rows[0]['teacher']['accuracy']:.4f}",
             flush=True,
         )
+        peers = nncf_peer(teacher, Path(data), args.finetune_images, args.nncf_max_drop) if args.nncf else []
+        for peer in peers:
+            beaten = [
+                f"{r['budget']} {r['allocation']}"
+                for r in rows
+                if r["accuracy"] >= peer["accuracy"] and r["bytes"] <= peer["bytes"]
+            ]
+            print(
+                f"{peer['peer']:>23} {peer['accuracy']:>9.4f} {peer['bytes']:>9,}  "
+                f"({peer['seconds']:.0f} s; at least as accurate in no more bytes: {', '.join(beaten) or 'none'})",
+                flush=True,
+            )
         report.append(
-            {"teacher": teacher_path, "rows": rows, "hypervolume": hv, "pass_s": {n: s for n, (_, s) in passes.items()}}
+            {
+                "teacher": teacher_path,
+                "rows": rows,
+                "hypervolume": hv,
+                "pass_s": {n: s for n, (_, s) in passes.items()},
+                "peers": peers,
+            }
         )
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
     return 0
