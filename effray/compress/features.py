@@ -200,4 +200,4 @@ class FeatureKD:
         return {k: v.detach().cpu() for k, v in self.projector.state_dict().items()}
 
     def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.projector.parameters()] if self.projector is not None else []
+        return list(self.projector.parameters()) if self.projector is not None else []

@@ -222,7 +222,7 @@ def start_fine_tune(
     teacher: nn.Module,
     cfg: CompressConfig,
     images: Callable[[], torch.Tensor],
-) -> tuple[Run, int, dict[str, Any] | None]:
+) -> tuple[Run, int, dict[str, Any] | None, dict[str, Any]]:
     """The student to fine-tune, resumed from the session's checkpoint (its RNG restored)
     or built from the teacher (``images()``: a fresh student's data-dependent init), as a
     :class:`Run` prepared by ``strategy``; also ``(LR step, optimizer state, the resumed
