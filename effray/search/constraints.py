@@ -38,7 +38,9 @@ class Constraints:
         "--objective) within it, and a trial that can no longer reach it is stopped (0 = no limit)",
     )
     max_worst_class_drop: float = option(
-        0.0, "points of worst-class recall a model may lose against the teacher (0 = no limit)"
+        0.0,
+        "points of worst-class recall a model may lose against the teacher; a trial that can no longer reach it is "
+        "stopped (0 = no limit)",
     )
     max_ece: float = option(
         0.0,
