@@ -282,7 +282,7 @@ class Allocator:
         self.teacher = teacher
         self.meta = {"teacher_info": teacher_info, "data": data}
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._sizes: LayerBytes | None = None
+        self._sizes: dict[tuple[Any, ...], LayerBytes] = {}  # per student: its layers' own weights
 
     def __call__(self, cfg: CompressConfig) -> CompressConfig:
         """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates
@@ -294,8 +294,10 @@ class Allocator:
         model = build_student(self.teacher, cfg)
         if cfg.sensitivity not in self._rows:
             self._rows[cfg.sensitivity] = read_sensitivity(cfg.sensitivity)
-        self._sizes = self._sizes or LayerBytes(model)  # unstructured only: every student has the teacher's layers
-        choices = layer_choices(model, cfg, self._rows[cfg.sensitivity], self._sizes)
+        student = (cfg.student, cfg.student_width, cfg.student_weights, cfg.student_pretrained)
+        if student not in self._sizes:  # unstructured only: a student's layers are those it is built with
+            self._sizes[student] = LayerBytes(model)
+        choices = layer_choices(model, cfg, self._rows[cfg.sensitivity], self._sizes[student])
         uniform = uniform_settings(model, cfg)
         budget = sum(next(c.nbytes for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
         target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]

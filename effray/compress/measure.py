@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from effray.compress.fakequant import ActQuant, WeightQuant
 from effray.compress.layers import model_device
 from effray.compress.quantize import dequantize, is_quantized
-from effray.metrics import classification_metrics, scaled_calibration, score_batches, worst_recall
+from effray.metrics import classification_metrics, scaled_calibration, score_batches
+from effray.train.validate import reported
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -117,13 +118,11 @@ def accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     return (m["accuracy"] if m["count"] else float("nan")), m["count"]
 
 
-def epoch_scores(model: nn.Module, batches: Batches) -> dict[str, float]:
-    """What a fine-tune's epoch reports of ``model`` on val, as ``effray.train.validate``
-    names it: ``val_accuracy`` and ``val_worst_class_recall`` (NaN without rows)."""
+def epoch_scores(model: nn.Module, batches: Batches) -> dict[str, Any]:
+    """What a fine-tune's epoch reports of ``model`` on val (:func:`effray.train.validate.reported`:
+    ``val_accuracy``, ``val_worst_class_recall``, ...); the accuracy is NaN without rows."""
     m = scored(model, batches)
-    if not m["count"]:
-        return {"val_accuracy": float("nan"), "val_worst_class_recall": float("nan")}
-    return {"val_accuracy": m["accuracy"], "val_worst_class_recall": worst_recall(m["per_class"])}
+    return reported({**m, "accuracy": m["accuracy"] if m["count"] else float("nan")})
 
 
 def class_scores(model: nn.Module, batches: Batches, temperature: float | None = None) -> dict[str, Any]:

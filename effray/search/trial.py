@@ -4,8 +4,8 @@ Each trial compresses the teacher with one sampled :class:`CompressConfig`, repo
 validation accuracy and worst-class recall after every fine-tuning epoch (so the
 scheduler can stop poor trials) with the fine-tune so far as its checkpoint, and ends
 with one ``final`` report holding the full measurement of the saved artifact, which it
-keeps as the trial's checkpoint. A trial whose node dies is retried from its last epoch's checkpoint, on any
-node.
+keeps as the trial's checkpoint. A trial whose node dies is retried from its last epoch's
+checkpoint, on any node.
 
 A trial trains in its own process (``--workers-per-trial 1``: the recipe of
 :func:`effray.compress.recipe.compress_local`) or, with more workers, drives a

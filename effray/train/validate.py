@@ -59,7 +59,11 @@ def batch_sums(
 
 def validation_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The epoch's one host read of the validation sums, as the reported metrics."""
-    m = sums_metrics(sums, num_classes)
+    return reported(sums_metrics(sums, num_classes))
+
+
+def reported(m: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~effray.metrics.sums_metrics` under the names every epoch reports them by."""
     return {
         "val_accuracy": m["accuracy"],
         "val_loss": m["loss"],
