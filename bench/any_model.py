@@ -10,6 +10,9 @@ nothing here can download weights), scored on held-out rows (the file's last
   ``--bits``-bit QAT, KD from the teacher;
 * ``8bit``:     8-bit QAT of the teacher's own architecture, KD.
 
+``--qat-bn simulate,fold`` runs both recipes once per way QAT treats the BatchNorms (kept
+with their fold simulated, or folded first), named ``8bit/fold`` etc. for the second.
+
     python bench/any_model.py [--size 64] [--minutes 3] [--finetune-epochs 1] [--train-images 2000]
 """
 
@@ -121,6 +124,8 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--qat-bn", default="simulate", help="comma-separated --qat-bn values, each a set of recipes")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-any-model"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,11 +140,14 @@ def main() -> None:
     calib = [next(epoch_batches(x, y, args.batch_size, 99 + i)) for i in range(4)]
     print(f"data: {len(x)} train / {len(vx)} held-out Imagenette images at {args.size} px", flush=True)
 
-    kd = {"kd_alpha": 0.7, "kd_temperature": 4.0, "finetune_epochs": args.finetune_epochs, "finetune_lr": 0.01}
-    recipes = {
-        "s50-4bit": CompressConfig(prune_rate=0.5, prune_kind="structured", bits=args.bits, act_bits=8, **kd),
-        "8bit": CompressConfig(bits=8, act_bits=8, **kd),
-    }
+    kd = {"kd_alpha": 0.7, "kd_temperature": 4.0, "finetune_epochs": args.finetune_epochs}
+    recipes = {}
+    for i, bn in enumerate(args.qat_bn.split(",")):
+        tag, common = ("" if i == 0 else f"/{bn}"), {**kd, "qat_bn": bn, "finetune_lr": args.finetune_lr}
+        recipes[f"s50-4bit{tag}"] = CompressConfig(
+            prune_rate=0.5, prune_kind="structured", bits=args.bits, act_bits=8, **common
+        )
+        recipes[f"8bit{tag}"] = CompressConfig(bits=8, act_bits=8, **common)
     rows, results = [], {}
     for ref in args.models.format(size=args.size).split(","):
         teacher = train_teacher(ref, x, y, args.minutes, args.batch_size)
@@ -166,13 +174,13 @@ def main() -> None:
 
     print(f"\n{cpu_summary()}; latency at batch 1, {args.threads} thread(s); ratios are student / teacher")
     print(
-        f"{'model':<42}{'recipe':<10}{'acc':>7}{'teacher':>9}{'drop pts':>9}{'KiB':>9}{'size x':>8}"
+        f"{'model':<42}{'recipe':<15}{'acc':>7}{'teacher':>9}{'drop pts':>9}{'KiB':>9}{'size x':>8}"
         f"{'MACs (M)':>10}{'MACs x':>8}{'ms b1':>8}{'lat x':>7}"
     )
     for ref, name, s, tm in rows:
         v = s["vs_teacher"]
         print(
-            f"{ref:<42}{name:<10}{s['accuracy']:>7.4f}{tm['accuracy']:>9.4f}{v['accuracy_drop_points']:>9.2f}"
+            f"{ref:<42}{name:<15}{s['accuracy']:>7.4f}{tm['accuracy']:>9.4f}{v['accuracy_drop_points']:>9.2f}"
             f"{s['bytes'] / 1024:>9.0f}{v['size_ratio']:>8.1f}{s['macs'] / 1e6:>10.1f}{v['macs_ratio']:>8.2f}"
             f"{s['latency_ms_b1']:>8.2f}{s['latency_ms_b1'] / tm['latency_ms_b1']:>7.2f}"
         )

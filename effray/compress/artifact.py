@@ -25,6 +25,7 @@ The format is registered with the checkpoint loader, so ``load_checkpoint`` and
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import lzma
@@ -47,7 +48,7 @@ from effray.compress.pack import (
     encode_float,
     encode_raw,
 )
-from effray.compress.quantize import freeze, set_module
+from effray.compress.quantize import fold_linked, freeze, has_linked_bn, set_module
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.models.reference import is_reference, trusting
@@ -80,6 +81,7 @@ def describe_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     its own class and is rebuilt by :func:`describe_attrs` and :func:`fit_tensors`."""
     out: dict[str, dict[str, Any]] = {}
     inner = tuple(_quantized_prefixes(model))  # a quantized layer's own children rebuild with it
+    names = {id(m): n for n, m in model.named_modules()}
     for name, m in model.named_modules():
         if not name or name.startswith(inner):
             continue
@@ -89,6 +91,8 @@ def describe_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
                 info.update(
                     bits=m.bits, act_bits=m.act_bits, act_range=m.aq.mode if isinstance(m.aq, ActQuant) else "ema"
                 )
+                if m.linked_bn is not None:  # mid-QAT (a fine-tuning checkpoint): the BN whose fold it simulates
+                    info["simulates_bn"] = names[id(m.linked_bn)]
             out[name] = info
         elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
             out[name] = {
@@ -176,6 +180,9 @@ def build_from(
         else:
             new = _TYPES[kind](**info["args"])
         set_module(model, name, new)
+    for name, info in modules.items():
+        if info.get("simulates_bn"):
+            model.get_submodule(name).link_bn(model.get_submodule(info["simulates_bn"]))
     set_attrs(model, attrs or {})
     return model
 
@@ -242,12 +249,15 @@ def artifact_payload(
     codec: str = "none",
     temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """The artifact as a dict (what :func:`save_artifact` writes)."""
+    """The artifact as a dict (what :func:`save_artifact` writes). A model mid-QAT is written
+    as it will deploy: a copy with the BNs whose fold it simulates folded."""
     spec = getattr(model, "spec", None)
     if not spec:
         raise EffrayError(
             "model has no .spec (build it with effray.models.build_model) so its artifact could not be rebuilt"
         )
+    if has_linked_bn(model):
+        model = fold_linked(copy.deepcopy(model))
     blob, table = encode_state(model)
     if codec == "lzma":
         blob = torch.frombuffer(

@@ -25,6 +25,7 @@ QUANT_MODES = ("qat", "ptq")
 ACT_RANGES = ("ema", "lsq")
 CODECS = ("none", "lzma")
 ALLOCATIONS = ("uniform", "sensitivity")
+QAT_BN = ("simulate", "fold")
 OFF = 32  # bits meaning "leave this in float32"
 
 
@@ -100,8 +101,9 @@ class CompressConfig:
     )
     layer_rates: str = option(
         "",
-        "unstructured prune rate of named layers, LAYER=RATE,...: each layer is then pruned on its own (its lowest "
-        "scores), the unnamed ones at --prune-rate (the classifier at 0 unless named)",
+        "prune rate of named layers, LAYER=RATE,...: each layer is then pruned on its own, the unnamed ones at "
+        "--prune-rate (the classifier at 0 unless named); unstructured: its lowest-scored weights; structured: that "
+        "share of its output channels (layers coupled by a residual add share their group's first named rate)",
     )
     allocation: str = option(
         "uniform",
@@ -120,6 +122,12 @@ class CompressConfig:
     )
     quant_mode: str = option(
         "qat", "qat (fake-quant during fine-tuning) or ptq (calibrate only, no training)", choices=QUANT_MODES
+    )
+    qat_bn: str = option(
+        "simulate",
+        "QAT's BatchNorms: simulate (kept while training, their fold simulated in the quantized weights; folded at "
+        "the end) or fold (folded before QAT: the net trains without normalisation)",
+        choices=QAT_BN,
     )
     calib_batches: int = option(8, "batches used to calibrate quantizer ranges")
     kd_temperature: float = option(4.0, "distillation temperature T (> 0)")
@@ -212,6 +220,7 @@ class CompressConfig:
             self.quant_mode in QUANT_MODES,
             f"--quant-mode must be one of {', '.join(QUANT_MODES)}, got {self.quant_mode!r}",
         )
+        require(self.qat_bn in QAT_BN, f"--qat-bn must be one of {', '.join(QAT_BN)}, got {self.qat_bn!r}")
         require(self.calib_batches >= 1, f"--calib-batches must be >= 1, got {self.calib_batches}")
         require(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
         require(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
@@ -227,10 +236,6 @@ class CompressConfig:
             require(valid_bits(b), f"--layer-bits {name}={b}: bits must be 2..8 (or 32 = off)")
         for name, r in self.rates_by_layer.items():
             require(0.0 <= r < 1.0, f"--layer-rates {name}={r}: a rate must be in [0, 1)")
-        require(
-            not self.layer_rates or self.prune_kind == "unstructured",
-            "--layer-rates sets unstructured rates per layer; structured pruning takes one --prune-rate",
-        )
         require(
             self.allocation in ALLOCATIONS,
             f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}",

@@ -188,42 +188,91 @@ def _mark_ready(module: nn.Module) -> None:
     module.is_ready = True
 
 
+def bn_factor(bn: nn.Module) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)``: what folding ``bn`` multiplies its layer's output
+    channels by (never exactly 0: a simulated fold divides by it)."""
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    a = gamma / torch.sqrt(bn.running_var + bn.eps)
+    return torch.where(a == 0, torch.full_like(a, MIN_SCALE), a)
+
+
+def _per_channel(t: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return t.view(shape)
+
+
 class _QMixin:
-    """The shared half of QConv2d/QLinear: quantizers as children, fp16 bias."""
+    """The shared half of QConv2d/QLinear: quantizers as children, fp16 bias, and the
+    simulated BN fold of QAT.
+
+    Folding the BN that follows a layer before QAT makes the codes the deployed weights',
+    but the net then trains without normalisation (a folded ResNet-18 diverges at LRs its BN
+    version takes). With a BN linked (:meth:`link_bn`), the layer quantizes its weight
+    *scaled* by the BN's factor, as the folded layer will hold it, and divides the factor
+    back out of its output, so the BN that follows still normalises (batch statistics in
+    training, running ones in eval; Jacob et al. 2018, torch.ao's fused QAT). In eval mode
+    the pair computes what the folded layer does (up to the fp16 rounding of the folded
+    bias); :func:`effray.compress.quantize.fold_linked` then folds it for real, with the same
+    step sizes, so no code moves."""
 
     bits: int
     act_bits: int
     wq: WeightQuant
     aq: nn.Module
+    weight: nn.Parameter
+    bias: nn.Parameter | None
 
     def __init__(
         self, *args: Any, bits: int, act_bits: int, act_range: str = "ema", learn: bool = True, **kw: Any
     ) -> None:
         super().__init__(*args, **kw)  # the layer itself (next in the MRO), then its quantizers
         self.bits, self.act_bits = bits, act_bits
-        self.wq = WeightQuant(bits, self.weight.shape[0], learn=learn)  # type: ignore[attr-defined]
+        self.wq = WeightQuant(bits, self.weight.shape[0], learn=learn)
         self.aq = ActQuant(act_bits, act_range) if act_bits != OFF else nn.Identity()
+        self._bn: tuple[nn.Module, ...] = ()  # a tuple, not a child: the BN stays where the model has it
+
+    @property
+    def linked_bn(self) -> nn.Module | None:
+        """The BatchNorm whose fold this layer simulates, or None."""
+        return self._bn[0] if self._bn else None
+
+    def link_bn(self, bn: nn.Module | None) -> None:
+        self._bn = () if bn is None else (bn,)
+
+    def folded_weight(self) -> torch.Tensor:
+        """The float weight as the folded layer holds it: what the step sizes quantize."""
+        bn = self.linked_bn
+        return self.weight if bn is None else self.weight * _per_channel(bn_factor(bn), self.weight, 0)
 
     def qweight(self) -> torch.Tensor:
-        return self.wq(self.weight)  # type: ignore[attr-defined]
+        return self.wq(self.folded_weight())
 
     def qbias(self) -> torch.Tensor | None:
-        b = self.bias  # type: ignore[attr-defined]
+        b = self.bias
         return None if b is None else b + (fp16_round(b) - b).detach()
+
+    def _output(self, compute: Any, x: torch.Tensor) -> torch.Tensor:
+        bn = self.linked_bn
+        if bn is None:
+            return compute(self.aq(x), self.qweight(), self.qbias())
+        y = compute(self.aq(x), self.qweight(), None)
+        y = y / _per_channel(bn_factor(bn), y, 1)
+        return y if self.bias is None else y + _per_channel(self.bias, y, 1)
 
 
 class QConv2d(_QMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight and input are fake-quantized in every forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.aq(x), self.qweight(), self.qbias())
+        return self._output(self._conv_forward, x)
 
 
 class QLinear(_QMixin, nn.Linear):
     """``nn.Linear`` whose weight and input are fake-quantized in every forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.aq(x), self.qweight(), self.qbias())
+        return self._output(nn.functional.linear, x)
 
 
 QUANT_TYPES = (QConv2d, QLinear)

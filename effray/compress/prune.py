@@ -215,11 +215,18 @@ def prune_per_layer(model: nn.Module, rates: dict[str, float], importance: Impor
 
 @PRUNERS.register("structured")
 def prune_structured(
-    model: nn.Module, rate: float, importance: Importance, example_inputs: torch.Tensor | None = None, **_: Any
+    model: nn.Module,
+    rate: float,
+    importance: Importance,
+    example_inputs: torch.Tensor | None = None,
+    layer_rates: dict[str, float] | None = None,
+    **_: Any,
 ) -> nn.Module:
     """Remove a ``rate`` fraction of the channels of every prunable group, counted against the
     base architecture (``model.spec``), so calling it again with a higher rate removes
-    only the difference: that is how the gradual schedule runs.
+    only the difference: that is how the gradual schedule runs. ``layer_rates`` gives each
+    named layer's group its own rate instead (Torch-Pruning's ``pruning_ratio_dict``; a
+    group's rate is its first layer's, so layers coupled through a residual add share one).
 
     Torch-Pruning traces the model once (in eval mode: a batch-1 trace through BatchNorm1d
     would fail in train mode) and groups every layer that must lose the same channels:
@@ -235,28 +242,55 @@ def prune_structured(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns of the raw parameters it finds; they stay whole
-            _cut_channels(model, rate, importance, _example_inputs(model, example_inputs))
+            _cut_channels(model, rate, importance, _example_inputs(model, example_inputs), layer_rates)
     finally:
         model.train(was_training)
     return model
 
 
-def _cut_channels(model: nn.Module, rate: float, importance: Importance, example: torch.Tensor) -> None:
+def _cut_channels(
+    model: nn.Module,
+    rate: float,
+    importance: Importance,
+    example: torch.Tensor,
+    layer_rates: dict[str, float] | None = None,
+) -> None:
     skipped = unsafe_layers(model, example) if referenced(model) else {}
     model.prune_skipped = [f"{layer_name(model, m)}: {why}" for m, why in skipped.items()]
     keep = {id(m) for m in skipped}
-    now = channel_counts(model, skip=keep)
-    base = _base_channel_counts(model, keep) or now
-    step_ratio = 1.0 - (1.0 - rate) / (sum(now) / max(sum(base), 1))
-    if step_ratio <= 1e-9:
-        return
+    if layer_rates is not None:
+        step_ratio, per_layer = 0.0, _layer_step_ratios(model, layer_rates, keep)
+        if not per_layer:
+            return
+    else:
+        now = channel_counts(model, skip=keep)
+        base = _base_channel_counts(model, keep) or now
+        step_ratio, per_layer = 1.0 - (1.0 - rate) / (sum(now) / max(sum(base), 1)), None
+        if step_ratio <= 1e-9:
+            return
     # choosing which channels go is a host decision (it sets the new shapes): the one
     # host read of a structured pruning event, which runs between epochs, never in a step
-    pruner = structured_pruner(model, step_ratio, importance, example, ignored=list(skipped))
+    pruner = structured_pruner(model, step_ratio, importance, example, ignored=list(skipped), per_layer=per_layer)
     pruner.step()
     set_heads(model, pruner)
     if referenced(model):
         check_forward(model, example)
+
+
+def _layer_step_ratios(model: nn.Module, rates: dict[str, float], keep: set[int]) -> dict[nn.Module, float]:
+    """Each named layer's ratio for this event: its rate of the base architecture's output
+    channels, less what earlier events removed (a gradual schedule cuts the difference)."""
+    spec = getattr(model, "spec", None)
+    base = dict(prunable_layers(build_model(**spec))) if spec else {}
+    out: dict[nn.Module, float] = {}
+    for name, m in prunable_layers(model):
+        if name not in rates or id(m) in keep or m is classifier(model):
+            continue
+        now, was = m.weight.shape[0], (base[name].weight.shape[0] if name in base else m.weight.shape[0])
+        ratio = 1.0 - (1.0 - rates[name]) / (now / max(was, 1))
+        if ratio > 1e-9:
+            out[m] = ratio
+    return out
 
 
 def structured_pruner(
@@ -265,17 +299,20 @@ def structured_pruner(
     importance: Importance,
     example_inputs: torch.Tensor | None = None,
     ignored: list[nn.Module] | None = None,
+    per_layer: dict[nn.Module, float] | None = None,
 ) -> Any:
     """Torch-Pruning's ``MetaPruner`` over ``model`` with the classifier (and ``ignored``)
     protected; its dependency graph is traced with ``example_inputs`` (default: one random
     image of the model's input size) on the model's own device. Attention modules (timm's:
-    a ``qkv`` linear and ``num_heads``) lose whole heads at the same ratio."""
+    a ``qkv`` linear and ``num_heads``) lose whole heads at the same ratio. ``per_layer``:
+    a ratio for each of these layers' groups (the rest at ``step_ratio``)."""
     heads = attention_heads(model)
     return torch_pruning().pruner.MetaPruner(
         model,
         _example_inputs(model, example_inputs),
         importance=importance.group(),
         pruning_ratio=step_ratio,
+        pruning_ratio_dict=per_layer or None,
         ignored_layers=[classifier(model), *(ignored or [])],
         **(
             {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": step_ratio}
@@ -314,8 +351,8 @@ def prune_step(
 ) -> nn.Module:
     """Prune ``model`` (in place; also returned) to ``rate``: the one call a fine-tuning loop
     makes at each pruning event. ``batches`` of (x, y) feed the gradients Taylor needs;
-    without them the gradients already in ``.grad`` are used. ``layer_rates`` (unstructured
-    only) prunes each named layer at its own rate instead (:func:`prune_per_layer`).
+    without them the gradients already in ``.grad`` are used. ``layer_rates`` prunes each
+    named layer at its own rate instead (:func:`prune_per_layer`; structured: its channels).
 
     After structured pruning the parameters are new tensors: rebuild the optimizer."""
     require(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0, f"prune rate must be in [0, 1), got {rate}")
@@ -326,11 +363,10 @@ def prune_step(
             accumulate_grads(model, batches)
         elif not any(m.weight.grad is not None for _, m in prunable_layers(model)):
             raise EffrayError("taylor importance needs gradients: pass batches= or run a backward pass first")
-    if layer_rates is not None:
-        require(kind == "unstructured", "per-layer prune rates are unstructured; structured pruning takes one rate")
+    if layer_rates is not None and kind == "unstructured":
         out = prune_per_layer(model, layer_rates, imp)
     else:
-        out = pruner(model, float(rate), imp, example_inputs=example_inputs)
+        out = pruner(model, float(rate), imp, example_inputs=example_inputs, layer_rates=layer_rates)
     if imp.needs_grad:
         model.zero_grad(set_to_none=True)
     return out

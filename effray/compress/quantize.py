@@ -22,6 +22,7 @@ from effray.compress.fakequant import (
     QUANT_TYPES,
     ActQuant,
     WeightQuant,
+    bn_factor,
     fp16_round,
     layer_args,
     make_layer,
@@ -101,6 +102,7 @@ def quantize_model(
     act_range: str = "ema",
     learn: bool = True,
     layer_bits: dict[str, int] | None = None,
+    simulate_bn: dict[str, str] | None = None,
 ) -> nn.Module:
     """Replace every Conv2d/Linear of ``model`` (in place; also returned) by its fake-quant
     twin. The first layer and the classifier get ``first_bits``/``last_bits`` for weights
@@ -108,7 +110,9 @@ def quantize_model(
     not copied, so an optimizer built before still updates them (rebuild it anyway to
     add the new step-size parameters). ``layer_bits`` gives named layers their own weight
     bits (32 = float), first and last included (their inputs keep ``first_bits``/``last_bits``:
-    a per-layer weight width never quantizes the image); a name the model lacks is an error."""
+    a per-layer weight width never quantizes the image); a name the model lacks is an error.
+    ``simulate_bn`` (layer -> the BatchNorm it feeds, :func:`bn_pairs`): those layers simulate
+    the BN's fold (QAT keeps the normalisation; :func:`fold_linked` folds at the end)."""
 
     for flag, b in (("bits", bits), ("act_bits", act_bits), ("first_bits", first_bits), ("last_bits", last_bits)):
         require(valid_bits(b), f"{flag} must be 2..8 (or 32 = off), got {b}")
@@ -133,6 +137,8 @@ def quantize_model(
                 "conv" if isinstance(m, nn.Conv2d) else "linear", layer_args(m), w_bits, a_bits, act_range, learn
             )
         q.weight, q.bias = m.weight, m.bias
+        if name in (simulate_bn or {}):
+            q.link_bn(model.get_submodule(simulate_bn[name]))
         set_module(model, name, q.train(m.training))
     return model
 
@@ -147,7 +153,7 @@ def calibrate(model: nn.Module, batches: Batches, max_batches: int = 8) -> nn.Mo
     acts = [m for m in model.modules() if isinstance(m, ActQuant)]
     for m in model.modules():
         if isinstance(m, QUANT_TYPES):
-            m.wq.init_from(m.weight)
+            m.wq.init_from(m.folded_weight())
     for a in acts:
         a.calibrating = True
         a.seen.fill_(False)
@@ -166,6 +172,39 @@ def calibrate(model: nn.Module, batches: Batches, max_batches: int = 8) -> nn.Mo
     for a in acts:
         a.set_range()
     return model.train(was)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, max_batches: int | None = None) -> nn.Module:
+    """Every BatchNorm's running statistics re-estimated on ``batches`` (the first
+    ``max_batches``; their plain mean, the rest of the model in eval mode), in place. A
+    changed layer shifts the statistics the layers after it normalise with (a sensitivity
+    probe), and before QAT simulates the folds the step sizes are set on weights scaled by
+    these statistics, which may be stale (channels pruned upstream, a teacher never trained
+    on this data)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    was, momenta = model.training, [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.train()
+    device, n = model_device(model), 0
+    try:
+        for x, *_ in batches:
+            for m in bns:  # a cumulative mean, counted here: momentum None would read BN's counter back to the host
+                m.momentum = 1.0 / (n + 1)
+            model(x.to(device, non_blocking=True))
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                break
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was)
+    require(n > 0, "re-estimating BatchNorm statistics needs at least one batch")
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -194,31 +233,27 @@ def quantize_ptq(model: nn.Module, batches: Batches, *, calib_batches: int = 8, 
     return freeze(calibrate(quantize_model(model, learn=False, **bits), batches, calib_batches))
 
 
-@torch.no_grad()
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm fed directly (and only) by a conv/linear into that layer, in
-    place; the BN becomes ``nn.Identity``. Found by tracing the real dataflow (torch.fx),
-    not module order: in fastnet a max-pool sits between conv and BN, and that BN stays
-    (folding across the pool is only valid for a positive BN scale).
-
-    Done before quantizing, so the k-bit weights are the deployed ones and the artifact
-    needs no BN statistics."""
+def bn_pairs(model: nn.Module) -> dict[str, str]:
+    """Every BatchNorm fed directly (and only) by a quantizable conv/linear: ``{layer: bn}``.
+    Found by tracing the real dataflow (torch.fx), not module order: in fastnet a max-pool
+    sits between conv and BN, and that BN stays (folding across the pool is only valid for
+    a positive BN scale). An untraceable model has none (said once, in the log)."""
     import torch.fx
 
-    if is_quantized(model):
-        raise ValueError("fold_bn must run before quantize_model")
     if not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in model.modules()):
-        return model  # nothing to fold (a ViT): no trace needed
+        return {}  # nothing to fold (a ViT): no trace needed
     was = model.training
     model.eval()
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # noqa: BLE001 - data-dependent control flow, untraceable ops
-        model.train(was)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         log.warning("BatchNorm not folded: torch.fx can't trace %s (%s); it stays a layer", type(model).__name__, first)
-        return model
+        return {}
+    finally:
+        model.train(was)
     modules = dict(model.named_modules())
+    pairs: dict[str, str] = {}
     for node in graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None
         # exactly BatchNorm: a subclass (timm's BatchNormAct2d) does more than normalise
@@ -226,15 +261,52 @@ def fold_bn(model: nn.Module) -> nn.Module:
             continue
         src = node.args[0]
         layer = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-        if layer is None or not quantizable(layer) or len(src.users) != 1:
-            continue
-        a = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = (bn.bias if bn.affine else torch.zeros_like(a)) - bn.running_mean * a
-        bias = shift if layer.bias is None else layer.bias * a + shift
-        layer.weight.mul_(a.view((-1,) + (1,) * (layer.weight.dim() - 1)))
-        layer.bias = nn.Parameter(bias.detach().clone())
-        set_module(model, node.target, nn.Identity())
-    return model.train(was)
+        if layer is not None and quantizable(layer) and len(src.users) == 1:
+            pairs[str(src.target)] = str(node.target)
+    return pairs
+
+
+@torch.no_grad()
+def _fold_into(model: nn.Module, name: str, layer: nn.Module, bn: nn.Module, a: torch.Tensor) -> None:
+    """Fold ``bn`` (factor ``a``) into ``layer``'s weight and bias; the BN becomes ``nn.Identity``."""
+    shift = (bn.bias if bn.affine else torch.zeros_like(a)) - bn.running_mean * a
+    bias = shift if layer.bias is None else layer.bias * a + shift
+    layer.weight.mul_(a.view((-1,) + (1,) * (layer.weight.dim() - 1)))
+    layer.bias = nn.Parameter(bias.detach().clone())
+    set_module(model, name, nn.Identity())
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module, pairs: dict[str, str] | None = None) -> nn.Module:
+    """Fold every BatchNorm of :func:`bn_pairs` (or of ``pairs``, found already) into its layer, in place.
+
+    Done before PTQ (and before QAT with ``--qat-bn fold``), so the k-bit weights are the
+    deployed ones and the artifact needs no BN statistics."""
+    if is_quantized(model):
+        raise ValueError("fold_bn must run before quantize_model")
+    for layer, bn in (bn_pairs(model) if pairs is None else pairs).items():
+        m = model.get_submodule(bn)
+        a = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
+        _fold_into(model, bn, model.get_submodule(layer), m, a)
+    return model
+
+
+def has_linked_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANT_TYPES) and m.linked_bn is not None for m in model.modules())
+
+
+@torch.no_grad()
+def fold_linked(model: nn.Module) -> nn.Module:
+    """Fold every BN whose fold a quantized layer simulates (in place): the layer's latent
+    weight becomes the scaled weight its step sizes were learned on, so its codes, and in
+    eval mode its outputs, are what they were."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for m in list(model.modules()):
+        if isinstance(m, QUANT_TYPES) and m.linked_bn is not None:
+            bn = m.linked_bn
+            _fold_into(model, names[id(bn)], m, bn, bn_factor(bn))
+            m.link_bn(None)
+    return model
 
 
 class FixedActQuant(nn.Module):
@@ -260,7 +332,7 @@ def dequantize(model: nn.Module, keep_activations: bool = False) -> nn.Module:
     runtime converts, calibrating its own activation ranges), or with ``keep_activations``
     kept as :class:`FixedActQuant` in front of the layer: then the copy computes exactly
     what ``model`` does, which is what ``effray export`` writes as the fp32 program."""
-    out = copy.deepcopy(model)
+    out = fold_linked(copy.deepcopy(model))
     for name, m in list(out.named_modules()):
         if isinstance(m, QUANT_TYPES):
             plain = make_layer("conv" if isinstance(m, nn.Conv2d) else "linear", layer_args(m))

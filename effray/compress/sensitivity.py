@@ -24,7 +24,7 @@ from effray.compress.fakequant import WeightQuant
 from effray.compress.layers import classifier, model_device
 from effray.compress.measure import parameter_count, scored
 from effray.compress.prune import lowest, prunable_layers, torch_pruning
-from effray.compress.quantize import quantizable
+from effray.compress.quantize import quantizable, recalibrate_bn
 from effray.compress.structure import check_forward
 from effray.config import option, require
 from effray.errors import EffrayError
@@ -226,31 +226,6 @@ def probed(model: nn.Module, name: str, setting: Setting, example: torch.Tensor)
 
 
 # ---------------------------------------------------------------- scoring
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]]) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics (a plain average over ``batches``)
-    in place, the rest of the model in eval mode: a changed layer shifts the statistics
-    the layers after it normalise with."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    model.eval()
-    if not bns:
-        return model
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: every batch weighs the same
-        m.train()
-    device = model_device(model)
-    try:
-        for x, _ in batches:
-            model(x.to(device, non_blocking=True))
-    finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-            m.eval()
-    return model
 
 
 def score(model: nn.Module, batches: Batches) -> dict[str, Any]:

@@ -40,7 +40,17 @@ from effray.compress.prune import (
     schedule_rates,
     weight_sparsity,
 )
-from effray.compress.quantize import QUANTIZERS, bits_per_layer, fold_bn, is_quantized, kept_float, quantizable
+from effray.compress.quantize import (
+    QUANTIZERS,
+    bits_per_layer,
+    bn_pairs,
+    fold_bn,
+    fold_linked,
+    is_quantized,
+    kept_float,
+    quantizable,
+    recalibrate_bn,
+)
 from effray.config import require, to_dict
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init
@@ -97,6 +107,13 @@ def check_layer_names(model: nn.Module, cfg: CompressConfig) -> nn.Module:
             f"layer of {model.spec.get('name')}; its layers: {', '.join(sorted(known)[:6])}"
             + (", ..." if len(known) > 6 else ""),
         )
+    out = classifier(model)
+    named_out = [n for n, m in layers.items() if m is out and cfg.rates_by_layer.get(n, 0.0) > 0]
+    require(
+        cfg.prune_kind != "structured" or not named_out,
+        f"--layer-rates {named_out[0] if named_out else ''}: structured pruning keeps the classifier's outputs "
+        "(the classes); leave it out of --layer-rates or prune it unstructured",
+    )
     check_feature_names(model, list(cfg.feature_pairs), "student")
     return model
 
@@ -155,8 +172,17 @@ def pruned_before(cfg: CompressConfig, epoch: int) -> bool:
 
 
 def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mode: str | None = None) -> nn.Module:
-    """Fold BN, then replace every conv/linear with its k-bit fake-quant twin, calibrated."""
-    fold_bn(model)
+    """Replace every conv/linear with its k-bit fake-quant twin, calibrated. The BNs they feed
+    are folded first, or, for QAT with ``--qat-bn simulate``, kept while training (their
+    statistics re-estimated on ``calib`` first) and their fold simulated (folded for real by
+    :func:`finish`)."""
+    mode = mode or cfg.quant_mode
+    pairs = bn_pairs(model)
+    simulate = mode == "qat" and cfg.qat_bn == "simulate"
+    if not simulate:
+        fold_bn(model, pairs)
+    elif pairs:
+        recalibrate_bn(model, calib, cfg.calib_batches)
     bits = {
         "bits": cfg.bits,
         "act_bits": cfg.act_bits,
@@ -164,15 +190,18 @@ def apply_quantization(model: nn.Module, cfg: CompressConfig, calib: Batches, mo
         "last_bits": cfg.last_layer_bits,
         "act_range": cfg.act_range,
         "layer_bits": cfg.bits_by_layer,
+        "simulate_bn": pairs if simulate else None,
     }
-    return QUANTIZERS.get(mode or cfg.quant_mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
+    return QUANTIZERS.get(mode)(model, calib, calib_batches=cfg.calib_batches, **bits)
 
 
 def finish(model: nn.Module, cfg: CompressConfig, calib: Batches, lock: SparsityLock | None = None) -> nn.Module:
-    """After the last epoch: drop the sparsity hooks (zeros stay), PTQ if the config asks for
-    quantization that training didn't do (``ptq``, or QAT with 0 epochs), eval mode."""
+    """After the last epoch: drop the sparsity hooks (zeros stay), fold the BNs whose fold QAT
+    simulated, PTQ if the config asks for quantization that training didn't do (``ptq``, or
+    QAT with 0 epochs), eval mode."""
     if lock is not None:
         lock.release()
+    fold_linked(model)
     if cfg.quantizes and not is_quantized(model):
         apply_quantization(model, cfg, calib, mode="ptq")
     return model.eval()
@@ -265,8 +294,10 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
             "weight_sparsity": weight_sparsity(model),
             "channels": channel_counts(model),
         }
-        if cfg.per_layer_rates:  # the zeros each layer really holds, what an allocation set
+        if cfg.per_layer_rates and cfg.prune_kind == "unstructured":  # the zeros each layer really holds
             out["prune"]["sparsity_per_layer"] = layer_sparsity(model)
+        elif cfg.per_layer_rates:  # the channels each layer kept: coupled layers follow their group
+            out["prune"]["channels_per_layer"] = {n: int(m.weight.shape[0]) for n, m in prunable_layers(model)}
         if getattr(model, "prune_skipped", None):  # layers structured pruning kept whole, and why
             out["prune"]["skipped"] = list(model.prune_skipped)
     if is_quantized(model):
@@ -278,6 +309,7 @@ def method_summary(model: nn.Module, cfg: CompressConfig, teacher_spec: dict[str
             "first_layer_bits": cfg.first_layer_bits,
             "last_layer_bits": cfg.last_layer_bits,
             "bn_folded": True,
+            **({"qat_bn": cfg.qat_bn} if cfg.quant_mode == "qat" else {}),
             "bits_per_layer": bits_per_layer(model),
         }
         if kept_float(model):  # a library's conv/linear subclass with a forward of its own

@@ -297,13 +297,15 @@ def test_structured_pruning_traces_and_scores_on_the_device(fake_cuda, variant):
 @pytest.mark.parametrize("act_range", ["ema", "lsq"])
 @pytest.mark.parametrize("kd_alpha", [0.0, 0.9])
 def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
-    """BN folding, k-bit QAT modules created beside the CUDA weights, calibration, then QAT
-    fine-tuning steps (KD against a CUDA teacher when ``kd_alpha``): forward and backward
-    with no host read (activation ranges and zero points stay device tensors)."""
+    """BN statistics re-estimated, k-bit QAT modules created beside the CUDA weights with
+    their BNs' folds simulated, calibration, then QAT fine-tuning steps (KD against a CUDA
+    teacher when ``kd_alpha``): forward and backward with no host read (activation ranges
+    and zero points stay device tensors); then the real fold, on the device."""
     from effray.compress.config import CompressConfig
     from effray.compress.distill import freeze_teacher
     from effray.compress.fakequant import ActQuant, WeightQuant
-    from effray.compress.steps import apply_quantization, build_student, make_optimizer
+    from effray.compress.quantize import has_linked_bn
+    from effray.compress.steps import apply_quantization, build_student, finish, make_optimizer
 
     cfg = CompressConfig(bits=4, act_bits=8, act_range=act_range, kd_alpha=kd_alpha, calib_batches=2)
     teacher = build_model("resnet20", 10, 3, 0.25)
@@ -315,9 +317,13 @@ def test_qat_steps_with_distillation(fake_cuda, act_range, kd_alpha):
         quantizers = [m for m in student.modules() if isinstance(m, (WeightQuant, ActQuant))]
         assert quantizers and all(q.is_ready for q in quantizers)
         assert_cuda(*(t for q in quantizers for t in (*q.parameters(), *q.buffers())))
+        assert has_linked_bn(student)
         opt = make_optimizer(student, 0.01)
         for x, y in _calib(2):
             assert_cuda(_fine_tune_step(student.train(), teacher, x, y, opt, cfg))
+        finish(student, cfg, _calib())
+        assert not has_linked_bn(student)
+        assert_cuda(*student.parameters(), *student.buffers())
 
 
 def test_a_per_layer_allocation_prunes_quantizes_and_steps_on_the_device(fake_cuda):

@@ -30,7 +30,14 @@ from effray.compress.cost import predict_costs
 from effray.compress.prune import layer_sparsity, prunable_layers
 from effray.compress.quantize import bits_per_layer, quantize_model
 from effray.compress.sensitivity import Setting, probe_layer, score, with_drops
-from effray.compress.steps import apply_quantization, build_student, prune_at, prune_events, save_student
+from effray.compress.steps import (
+    apply_quantization,
+    build_student,
+    check_layer_names,
+    prune_at,
+    prune_events,
+    save_student,
+)
 from effray.config import validated
 from effray.data.image_bytes import decode_image
 from effray.data.images import normalize_tensor
@@ -73,7 +80,6 @@ def test_per_layer_fields_parse_and_refuse_bad_values_in_one_line():
         (dict(layer_bits="conv"), "LAYER=VALUE"),
         (dict(layer_bits="a=4,a=2"), "each layer once"),
         (dict(layer_rates="conv=1.0"), "[0, 1)"),
-        (dict(layer_rates="conv=0.5", prune_kind="structured"), "one --prune-rate"),
         (dict(allocation="sensitivity", bits=4), "--sensitivity PATH"),
         (dict(allocation="sensitivity", sensitivity="x", prune_rate=0.5, prune_kind="structured"), "unstructured"),
     ):
@@ -111,6 +117,43 @@ def test_per_layer_rates_zero_exactly_their_share_of_each_layer_on_the_schedule(
     fresh = convnet()
     prune_at(fresh, unnamed_classifier, 0.5)
     assert layer_sparsity(fresh)[names[-1]] == 0.0 and layer_sparsity(fresh)[names[1]] == 0.25
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_structured_per_layer_rates_cut_each_layers_share_of_its_channels(steps):
+    """Each named layer loses its rate of the base architecture's output channels, the unnamed
+    ones --prune-rate's, the classifier none; on a gradual schedule the last event lands on
+    the same counts. In a residual net the layers coupled by an add follow their group's
+    first layer (the stem's rate reaches every first-stage block's second conv)."""
+    for name, rates, coupled in (
+        ("convnet", {"stem.0": 0.5, "block1.0": 0.25}, {}),
+        ("resnet20", {"stem.0": 0.5, "s3b0.conv1": 0.75}, {f"s1b{i}.conv2": 0.5 for i in range(3)}),
+    ):
+        torch.manual_seed(0)
+        model = build_model(name, 10, width=0.5)
+        base = {n: m.weight.shape[0] for n, m in prunable_layers(model)}
+        cfg = validated(
+            CompressConfig(
+                prune_kind="structured",
+                layer_rates=format_layers(rates),
+                prune_rate=0.25,
+                prune_schedule="cubic",
+                prune_steps=steps,
+                finetune_epochs=4,
+            )
+        )
+        check_layer_names(model, cfg)
+        assert len(prune_events(cfg)) == steps
+        for rate in sorted(prune_events(cfg).values()):
+            prune_at(model, cfg, rate, example_inputs=torch.randn(1, 3, 32, 32))
+        kept = {n: m.weight.shape[0] for n, m in prunable_layers(model)}
+        out = [n for n, m in prunable_layers(model)][-1]
+        for n in kept:
+            want = 0.0 if n == out else {**rates, **coupled}.get(n, 0.25)
+            assert abs(kept[n] - base[n] * (1 - want)) <= 1, (name, n, base[n], kept[n])
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(EffrayError, match="keeps the classifier's outputs"):
+        check_layer_names(convnet(), CompressConfig(prune_kind="structured", layer_rates="head.fc=0.5"))
 
 
 def test_allocation_spends_bytes_on_the_sensitive_layer_within_budget():

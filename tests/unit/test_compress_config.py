@@ -27,6 +27,7 @@ from effray.errors import EffrayError
         ("prune_kind", "random", "--prune-kind must be one of"),
         ("student", "resnet7", "unknown --student 'resnet7'"),
         ("prune_steps", 0, "--prune-steps must be >= 1"),
+        ("qat_bn", "freeze", "--qat-bn must be one of simulate, fold"),
     ],
 )
 def test_bad_input_is_one_line(field, value, message):
