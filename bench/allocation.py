@@ -1,8 +1,9 @@
 """Sensitivity allocation against uniform compression at equal bytes, on real CIFAR-10.
 
-For each teacher and each budget point (a uniform config: ``bits:rate``, unstructured),
-the uniform config and its sensitivity allocation (per-layer bits and rates from
-``effray sensitivity``, at most the uniform file's bytes) are fine-tuned the same way
+For each teacher and each budget point (a uniform config: ``bits:rate``, unstructured, or
+``bits:sRATE``, structured), the uniform config and its sensitivity allocation (per-layer
+bits and rates from ``effray sensitivity``, at most the uniform file's bytes; per-layer
+channel rates at most the uniform model's MACs when structured) are fine-tuned the same way
 (QAT + logit KD, the same seed, images and epochs) and their saved artifacts measured.
 Printed: each pair's accuracy and bytes, the hypervolume of the two fronts (accuracy vs
 ln bytes up to the teacher's fp32 size) and their ratio, and the wall-clock of the
@@ -18,7 +19,10 @@ config is at least as accurate in no more bytes.
     python bench/allocation.py --teacher CKPT --data DIR [--teacher CKPT2 --data DIR2]
         [--budgets 2:0.5,4:0.5,4:0.75] [--finetune-images 5000] [--epochs 1] [--nncf]
 
-Not measured here (see docs/known-gaps.md): the selection-vs-test gap of a search's pick.
+The selection-vs-test gap: every config is scored on the split it is chosen on (val; the
+first half of val when the dataset has no test split) and on data nothing was chosen on
+(the test split, or val's second half). Printed per budget and overall: the config most
+accurate on the selection split, its accuracy on both and the gap, beside the teacher's.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sensitivity_pass(
-    teacher: str, data: str, out: Path, concurrent: int, probe_images: int, bits: str, rates: str
+    teacher: str, data: str, out: Path, concurrent: int, probe_images: int, bits: str, rates: str, kinds: str
 ) -> tuple[str, float]:
     """(parquet path, wall seconds) of a fresh pass with ``concurrent`` probe tasks at a time
     (each task then takes ``cores / concurrent`` threads)."""
@@ -50,7 +54,7 @@ def sensitivity_pass(
         teacher=teacher,
         data=data,
         out=str(out),
-        kinds="unstructured",
+        kinds=kinds,
         bits=bits,
         rates=rates,
         calib_images=probe_images,
@@ -61,17 +65,34 @@ def sensitivity_pass(
     return done["parquet"], time.perf_counter() - started
 
 
+def selection_and_held_out(data: Path) -> tuple[Any, Any, str]:
+    """(selection rows, held-out rows, what the held-out rows are): val and the test split, or
+    val's two halves when the dataset has no test split."""
+    from effray.data.arrays import load_arrays
+    from effray.data.prepare import load_meta
+
+    val = load_arrays(data, "val")
+    if load_meta(data)["counts"].get("test"):
+        return val, load_arrays(data, "test"), "the test split"
+    half = len(val["label"]) // 2
+    return {k: v[:half] for k, v in val.items()}, {k: v[half:] for k, v in val.items()}, "val's second half"
+
+
 def fine_tune(teacher: Any, cfg: Any, data: Path, images: int, seed: int) -> dict[str, Any]:
-    """The recipe in this process on the first ``images`` train rows; the saved artifact's metrics."""
+    """The recipe in this process on the first ``images`` train rows; the saved artifact's
+    metrics on the selection split, and its accuracy on the held-out rows (``held_out``)."""
     import torch
 
+    from effray.compress.artifact import load_artifact
+    from effray.compress.measure import scored
     from effray.compress.recipe import compress_local
     from effray.data.arrays import epoch_batches, eval_batches, load_arrays
     from effray.data.prepare import load_meta
 
     meta = load_meta(data)
     train = load_arrays(data, "train", limit=images)
-    evals = eval_batches(load_arrays(data, "val"), meta, 256)
+    selection, held, _ = selection_and_held_out(data)
+    evals = eval_batches(selection, meta, 256)
     calib = eval_batches({k: v[: 256 * cfg.calib_batches] for k, v in train.items()}, meta, 256)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(seed)
@@ -86,7 +107,8 @@ def fine_tune(teacher: Any, cfg: Any, data: Path, images: int, seed: int) -> dic
             tmp,
             log=lambda line: None,
         )
-    return {**result["student"], "teacher": result["teacher"]}
+        held_out = scored(load_artifact(tmp)[0], eval_batches(held, meta, 256))["accuracy"]
+    return {**result["student"], "held_out": held_out, "teacher": result["teacher"]}
 
 
 def nncf_peer(teacher: Any, data: Path, calib_images: int, max_drop_points: float) -> list[dict[str, Any]]:
@@ -137,11 +159,45 @@ def nncf_peer(teacher: Any, data: Path, calib_images: int, max_drop_points: floa
     return rows
 
 
+def selection_gaps(teacher: Any, data: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pick of each budget and of all budgets (most accurate on the selection split), its
+    accuracy there and on the held-out rows, printed beside the teacher's; one row each."""
+    from effray.compress.measure import scored
+    from effray.data.arrays import eval_batches
+    from effray.data.prepare import load_meta
+
+    meta = load_meta(data)
+    selection, held, held_name = selection_and_held_out(data)
+    teacher_sel = scored(teacher, eval_batches(selection, meta, 256))["accuracy"]
+    teacher_held = scored(teacher, eval_batches(held, meta, 256))["accuracy"]
+    print(
+        f"selection vs held-out ({held_name}, {len(held['label']):,} rows; selection {len(selection['label']):,}): "
+        f"teacher {teacher_sel:.4f} -> {teacher_held:.4f} ({(teacher_held - teacher_sel) * 100:+.2f} pt)",
+        flush=True,
+    )
+    groups = {r["budget"]: [x for x in rows if x["budget"] == r["budget"]] for r in rows}
+    out = []
+    for label, group in [*groups.items(), ("all budgets", rows)]:
+        pick = max(group, key=lambda r: r["accuracy"])
+        gap = (pick["held_out"] - pick["accuracy"]) * 100
+        out.append({"among": label, "pick": f"{pick['budget']} {pick['allocation']}", "gap_points": gap})
+        print(
+            f"  pick among {label:>11}: {pick['budget']} {pick['allocation']:<11} {pick['accuracy']:.4f} -> "
+            f"{pick['held_out']:.4f} ({gap:+.2f} pt)",
+            flush=True,
+        )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", action="append", required=True, help="a teacher checkpoint (repeat for several)")
     p.add_argument("--data", action="append", required=True, help="its prepared dataset (one per --teacher)")
-    p.add_argument("--budgets", default="2:0.5,4:0.5,4:0.75", help="uniform configs bits:rate, one budget each")
+    p.add_argument(
+        "--budgets",
+        default="2:0.5,4:0.5,4:0.75",
+        help="uniform configs bits:rate (bits:sRATE = structured), one budget each",
+    )
     p.add_argument("--finetune-images", type=int, default=5000, help="train rows each config fine-tunes on")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
@@ -171,13 +227,23 @@ def main() -> int:
     print(f"{cpu_summary()}, {os.cpu_count()} cores", flush=True)
     torch.set_num_threads(os.cpu_count() or 1)
     init_ray(log_to_driver=False)
-    budgets = [(int(b), float(r)) for b, r in (item.split(":") for item in args.budgets.split(","))]
+    budgets = [
+        (int(b), float(r.lstrip("s")), r.startswith("s")) for b, r in (i.split(":") for i in args.budgets.split(","))
+    ]
+    kinds = "unstructured" + (",structured" if any(structured for *_, structured in budgets) else "")
     report: list[dict[str, Any]] = []
     for t, (teacher_path, data) in enumerate(zip(args.teacher, args.data)):
         teacher, _ = load_checkpoint(teacher_path)
         passes = {
             n: sensitivity_pass(
-                teacher_path, data, args.out / f"sens-{t}-{n}", n, args.probe_images, args.probe_bits, args.probe_rates
+                teacher_path,
+                data,
+                args.out / f"sens-{t}-{n}",
+                n,
+                args.probe_images,
+                args.probe_bits,
+                args.probe_rates,
+                kinds,
             )
             for n in (1, 2)
         }
@@ -187,13 +253,18 @@ def main() -> int:
             f"time, {passes[2][1]:.1f} s on 2 ({passes[1][1] / passes[2][1]:.2f}x)",
             flush=True,
         )
-        print(f"{'budget':>10} {'allocation':>12} {'accuracy':>9} {'bytes':>9} {'bits per layer':<40}", flush=True)
+        print(
+            f"{'budget':>10} {'allocation':>12} {'accuracy':>9} {'held-out':>9} {'bytes':>9} {'MACs':>11} "
+            f"{'bits (or channel rates) per layer':<40}",
+            flush=True,
+        )
         rows = []
-        for bits, rate in budgets:
+        for bits, rate, structured in budgets:
             uniform = validated(
                 CompressConfig(
                     bits=bits,
                     prune_rate=rate,
+                    prune_kind="structured" if structured else "unstructured",
                     kd_alpha=0.7,
                     finetune_epochs=args.epochs,
                     finetune_lr=args.lr,
@@ -205,26 +276,40 @@ def main() -> int:
             chosen = allocated(teacher, dataclasses.replace(uniform, allocation="sensitivity", sensitivity=table))
             for kind, cfg in (("uniform", uniform), ("sensitivity", chosen)):
                 m = fine_tune(teacher, cfg, Path(data), args.finetune_images, args.seed)
-                row = {"teacher": teacher_path, "budget": f"{bits}:{rate:g}", "allocation": kind, **m}
+                label = f"{bits}:{'s' if structured else ''}{rate:g}"
+                row = {"teacher": teacher_path, "budget": label, "allocation": kind, "structured": structured, **m}
                 row["layer_bits"], row["layer_rates"] = cfg.layer_bits, cfg.layer_rates
                 rows.append(row)
-                shown = ",".join(v.split("=")[1] for v in cfg.layer_bits.split(",")) if cfg.layer_bits else "uniform"
-                print(f"{row['budget']:>10} {kind:>12} {m['accuracy']:>9.4f} {m['bytes']:>9,} {shown:<40}", flush=True)
-        fp32 = rows[0]["teacher"]["bytes"]
-        hv = {
-            kind: hypervolume(
-                [r["accuracy"] for r in rows if r["allocation"] == kind],
-                [r["bytes"] for r in rows if r["allocation"] == kind],
-                fp32,
+                per_layer = cfg.layer_rates if structured else cfg.layer_bits
+                shown = ",".join(v.split("=")[1] for v in per_layer.split(",")) if per_layer else "uniform"
+                print(
+                    f"{row['budget']:>10} {kind:>12} {m['accuracy']:>9.4f} {m['held_out']:>9.4f} {m['bytes']:>9,} "
+                    f"{m['macs']:>11,} {shown:<40}",
+                    flush=True,
+                )
+        hv = {}
+        for structured, cost in ((False, "bytes"), (True, "macs")):  # bytes for bits and zeros, MACs for channels
+            group = [r for r in rows if r["structured"] == structured]
+            if not group:
+                continue
+            ref = rows[0]["teacher"][cost]
+            hv[cost] = {
+                kind: hypervolume(
+                    [r["accuracy"] for r in group if r["allocation"] == kind],
+                    [r[cost] for r in group if r["allocation"] == kind],
+                    ref,
+                )
+                for kind in ("uniform", "sensitivity")
+            }
+            print(
+                f"hypervolume (accuracy x ln {cost}, to the teacher's {ref:,}) of the "
+                f"{'structured' if structured else 'unstructured'} budgets: uniform {hv[cost]['uniform']:.4f}, "
+                f"sensitivity {hv[cost]['sensitivity']:.4f}, "
+                f"ratio {hv[cost]['sensitivity'] / max(hv[cost]['uniform'], 1e-12):.3f} (goal >= 1.05)",
+                flush=True,
             )
-            for kind in ("uniform", "sensitivity")
-        }
-        print(
-            f"hypervolume (accuracy x ln bytes, to the teacher's {fp32:,} fp32 bytes): uniform {hv['uniform']:.4f}, "
-            f"sensitivity {hv['sensitivity']:.4f}, ratio {hv['sensitivity'] / max(hv['uniform'], 1e-12):.3f} "
-            f"(goal >= 1.05); teacher accuracy {rows[0]['teacher']['accuracy']:.4f}",
-            flush=True,
-        )
+        print(f"teacher accuracy {rows[0]['teacher']['accuracy']:.4f}", flush=True)
+        gaps = selection_gaps(teacher, Path(data), rows)
         peers = nncf_peer(teacher, Path(data), args.finetune_images, args.nncf_max_drop) if args.nncf else []
         for peer in peers:
             beaten = [
@@ -244,6 +329,7 @@ def main() -> int:
                 "hypervolume": hv,
                 "pass_s": {n: s for n, (_, s) in passes.items()},
                 "peers": peers,
+                "selection_gaps": gaps,
             }
         )
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))

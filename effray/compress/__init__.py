@@ -32,13 +32,12 @@ from effray.compress.progress import PROGRESS_FORMAT
 from effray.compress.prune import (
     IMPORTANCES,
     PRUNERS,
-    SCHEDULES,
     lock_sparsity,
     prune_step,
-    schedule_rates,
     weight_sparsity,
 )
 from effray.compress.quantize import QUANTIZERS, calibrate, dequantize, fold_bn, quantize_model
+from effray.compress.schedule import SCHEDULES, schedule_rates
 from effray.registry import callable_package
 
 __all__ = [

@@ -27,17 +27,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from effray.compress.channels import allocate_channels
 from effray.compress.config import OFF, CompressConfig, format_layers
 from effray.compress.cost import predict_costs
 from effray.compress.fakequant import WeightQuant
+from effray.compress.knapsack import Choice, allocate, interpolated
 from effray.compress.layers import classifier
 from effray.compress.pack import theory_bytes
 from effray.compress.prune import lowest, prunable_layers
@@ -49,19 +49,7 @@ from effray.errors import EffrayError
 log = logging.getLogger(__name__)
 
 PARQUET = "sensitivity.parquet"
-STEPS = 4000  # budget units of the knapsack: rounding costs at most 1/4000 of the budget per layer
 TRIES = 8  # tightenings of the layer budget before the uniform config is kept
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One setting of one layer: weight ``bits`` (32 = float), unstructured ``rate``, the
-    predicted loss increase ``drop`` and the packed bytes of its weights."""
-
-    bits: int
-    rate: float
-    drop: float
-    nbytes: int
 
 
 def packed_bytes(weight: torch.Tensor, bits: int, nnz: int) -> int:
@@ -129,19 +117,6 @@ def probed_drops(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[float, 
     return out
 
 
-def interpolated(points: dict[float, float], value: float) -> float:
-    """The drop at ``value`` read off the probed ``points`` (linear between neighbours, the
-    nearest probe beyond them); ``points`` hold the no-change anchor (32 bits, rate 0)."""
-    xs = sorted(points)
-    if value <= xs[0]:
-        return points[xs[0]]
-    if value >= xs[-1]:
-        return points[xs[-1]]
-    hi = next(i for i, x in enumerate(xs) if x >= value)
-    x0, x1 = xs[hi - 1], xs[hi]
-    return points[x0] + (points[x1] - points[x0]) * (value - x0) / (x1 - x0)
-
-
 def uniform_settings(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[int, float]]:
     """Each conv/linear's (bits, rate) under ``cfg`` as given: what :func:`quantize_model`
     and the pruner would set (the global pruner's rate stands for every layer but the
@@ -197,66 +172,6 @@ def layer_choices(
     return out
 
 
-def allocate(choices: dict[str, list[Choice]], budget: int, steps: int = STEPS) -> dict[str, Choice]:
-    """The choice per layer with the smallest summed drop whose summed bytes are at most
-    ``budget`` (the cheapest choice everywhere when even that is over it): a multiple-choice
-    knapsack by dynamic programming over the budget cut into ``steps`` units, each choice's
-    bytes rounded up to whole units (so what it picks fits), the rounding's slack then spent
-    by :func:`spend_slack`."""
-    cheapest = {n: min(c, key=lambda c: (c.nbytes, c.drop)) for n, c in choices.items()}
-    if total(cheapest) > budget:
-        return cheapest
-    unit = max(1, math.ceil(budget / steps))
-    units = budget // unit
-    best = np.zeros(units + 1)  # least summed drop within b units, over the layers so far
-    picks = []
-    for options in choices.values():
-        here = np.full(units + 1, np.inf)
-        arg = np.full(units + 1, -1, dtype=np.int64)
-        for k, c in enumerate(options):
-            need = math.ceil(c.nbytes / unit)
-            if need > units:
-                continue
-            cand = np.full(units + 1, np.inf)
-            cand[need:] = best[: units + 1 - need] + c.drop
-            better = cand < here
-            here[better], arg[better] = cand[better], k
-        best = here
-        picks.append(arg)
-    if not np.isfinite(best[units]):
-        return cheapest
-    picked, b = {}, units
-    for (name, options), arg in zip(reversed(list(choices.items())), reversed(picks)):
-        c = options[int(arg[b])]
-        picked[name] = c
-        b -= math.ceil(c.nbytes / unit)
-    return spend_slack(choices, {n: picked[n] for n in choices}, budget)
-
-
-def spend_slack(choices: dict[str, list[Choice]], picked: dict[str, Choice], budget: int) -> dict[str, Choice]:
-    """Upgrade layers while bytes are left: each time the change that buys the most drop per
-    byte and still fits (what the knapsack's rounding to whole budget units left over)."""
-    picked = dict(picked)
-    while True:
-        slack = budget - total(picked)
-        best, best_gain = None, 0.0
-        for name, options in choices.items():
-            now = picked[name]
-            for c in options:
-                extra, gain = c.nbytes - now.nbytes, now.drop - c.drop
-                if gain > 1e-12 and extra <= slack:
-                    ratio = gain / max(extra, 1)
-                    if ratio > best_gain:
-                        best, best_gain = (name, c), ratio
-        if best is None:
-            return picked
-        picked[best[0]] = best[1]
-
-
-def total(picked: dict[str, Choice]) -> int:
-    return sum(c.nbytes for c in picked.values())
-
-
 def as_config(cfg: CompressConfig, picked: dict[str, Choice], model: nn.Module) -> CompressConfig:
     """``cfg`` with the allocation as ``layer_bits`` (every quantizable layer, when it
     quantizes) and ``layer_rates`` (every layer, when it prunes)."""
@@ -287,19 +202,23 @@ class Allocator:
     def __call__(self, cfg: CompressConfig) -> CompressConfig:
         """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates
         from ``cfg.sensitivity`` whose saved file is no larger than the uniform ``cfg``'s
-        (both predicted on the recipe's own save path); ``allocation: uniform`` when none
-        fits (said in a warning). Any other config comes back as it is."""
+        (both predicted on the recipe's own save path), or, pruning structured, per-layer
+        channel rates whose MACs are no more than its (:mod:`effray.compress.channels`);
+        ``allocation: uniform`` when none fits (said in a warning). Any other config comes
+        back as it is."""
         if not is_allocated(cfg):
             return cfg
         model = build_student(self.teacher, cfg)
         if cfg.sensitivity not in self._rows:
             self._rows[cfg.sensitivity] = read_sensitivity(cfg.sensitivity)
+        if cfg.prunes and cfg.prune_kind == "structured":  # channels, under the uniform config's MACs
+            return allocate_channels(self.teacher, cfg, model, self._rows[cfg.sensitivity], **self.meta)
         student = (cfg.student, cfg.student_width, cfg.student_weights, cfg.student_pretrained)
         if student not in self._sizes:  # unstructured only: a student's layers are those it is built with
             self._sizes[student] = LayerBytes(model)
         choices = layer_choices(model, cfg, self._rows[cfg.sensitivity], self._sizes[student])
         uniform = uniform_settings(model, cfg)
-        budget = sum(next(c.nbytes for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
+        budget = sum(next(c.cost for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
         target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
         for _ in range(TRIES):
             candidate = as_config(cfg, allocate(choices, budget), model)

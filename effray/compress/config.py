@@ -108,7 +108,8 @@ class CompressConfig:
     allocation: str = option(
         "uniform",
         "uniform (one --bits and --prune-rate for all layers) or sensitivity (per-layer bits and rates chosen "
-        "from --sensitivity to cost at most the uniform config's bytes)",
+        "from --sensitivity to cost at most the uniform config's bytes; structured: per-layer channel rates at most "
+        "its MACs)",
         choices=ALLOCATIONS,
     )
     sensitivity: str = option(
@@ -243,10 +244,6 @@ class CompressConfig:
         require(
             self.allocation == "uniform" or bool(self.sensitivity),
             "--allocation sensitivity needs --sensitivity PATH (the sensitivity.parquet of `effray sensitivity`)",
-        )
-        require(
-            self.allocation == "uniform" or self.prune_kind == "unstructured" or not self.prune_rate,
-            "--allocation sensitivity allocates bits and unstructured rates; use --prune-kind unstructured",
         )
         require(self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.student:

@@ -211,10 +211,13 @@ class _QMixin:
     version takes). With a BN linked (:meth:`link_bn`), the layer quantizes its weight
     *scaled* by the BN's factor, as the folded layer will hold it, and divides the factor
     back out of its output, so the BN that follows still normalises (batch statistics in
-    training, running ones in eval; Jacob et al. 2018, torch.ao's fused QAT). In eval mode
-    the pair computes what the folded layer does (up to the fp16 rounding of the folded
-    bias); :func:`effray.compress.quantize.fold_linked` then folds it for real, with the same
-    step sizes, so no code moves."""
+    training, running ones in eval; Jacob et al. 2018, torch.ao's fused QAT). The factor is
+    the one of the link (``bn_scale``, a buffer): the running statistics keep moving while
+    QAT trains, and a factor that moved with them would move the quantization grid under
+    the weights every step. In eval mode the pair computes what the folded layer does (up
+    to fp16 roundings); :func:`effray.compress.quantize.fold_linked` folds it for real with
+    the statistics it ends with: the codes stay, and each channel's step size takes the
+    factor's change since the link."""
 
     bits: int
     act_bits: int
@@ -238,12 +241,18 @@ class _QMixin:
         return self._bn[0] if self._bn else None
 
     def link_bn(self, bn: nn.Module | None) -> None:
+        """Simulate ``bn``'s fold with its factor as it is now (None: unlink)."""
         self._bn = () if bn is None else (bn,)
+        if bn is None:
+            self._buffers.pop("bn_scale", None)
+        else:
+            self.register_buffer("bn_scale", bn_factor(bn).detach().clone())
 
     def folded_weight(self) -> torch.Tensor:
         """The float weight as the folded layer holds it: what the step sizes quantize."""
-        bn = self.linked_bn
-        return self.weight if bn is None else self.weight * _per_channel(bn_factor(bn), self.weight, 0)
+        if not self._bn:
+            return self.weight
+        return self.weight * _per_channel(self.bn_scale, self.weight, 0)
 
     def qweight(self) -> torch.Tensor:
         return self.wq(self.folded_weight())
@@ -253,11 +262,10 @@ class _QMixin:
         return None if b is None else b + (fp16_round(b) - b).detach()
 
     def _output(self, compute: Any, x: torch.Tensor) -> torch.Tensor:
-        bn = self.linked_bn
-        if bn is None:
+        if not self._bn:
             return compute(self.aq(x), self.qweight(), self.qbias())
         y = compute(self.aq(x), self.qweight(), None)
-        y = y / _per_channel(bn_factor(bn), y, 1)
+        y = y / _per_channel(self.bn_scale, y, 1)
         return y if self.bias is None else y + _per_channel(self.bias, y, 1)
 
 

@@ -3,8 +3,7 @@ application (what "gone" means).
 
 * ``IMPORTANCES``: ``l1``/``l2`` magnitude and ``taylor`` (|w * dL/dw|), each usable per
   weight (unstructured) and per channel group (structured, via Torch-Pruning).
-* ``SCHEDULES``: target rate as a function of the pruning event (one-shot; cubic, Zhu &
-  Gupta 2017).
+* schedules (how much at each event): :mod:`effray.compress.schedule`.
 * ``PRUNERS``: ``unstructured`` writes exact zeros into the weights (no masks, no
   ``torch.nn.utils.prune`` reparametrisation left behind); ``structured`` physically removes
   channels with Torch-Pruning's dependency graph, which couples the residual adds and 1x1
@@ -69,34 +68,6 @@ IMPORTANCES.register("l2")(
 IMPORTANCES.register("taylor")(
     Importance(lambda w, g: (w * g).abs(), lambda: torch_pruning().importance.GroupTaylorImportance(), needs_grad=True)
 )
-
-
-# ---------------------------------------------------------------- schedules
-
-Schedule = Callable[[int, int, float, float], float]
-SCHEDULES: Registry[Schedule] = Registry("pruning schedule")
-
-
-@SCHEDULES.register("oneshot")
-def oneshot(step: int, steps: int, final: float, initial: float = 0.0) -> float:
-    """All of the target at the first event: the baseline every gradual schedule must beat."""
-    return final if step >= 1 else initial
-
-
-@SCHEDULES.register("cubic")
-def cubic(step: int, steps: int, final: float, initial: float = 0.0) -> float:
-    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f)(1 - t/n)^3 for events t = 1..n.
-
-    Prunes fast while many redundant weights remain and slowly near the end, when every
-    removal hurts and the fine-tuning between events has less to recover from."""
-    t = min(max(step, 0), steps) / max(steps, 1)
-    return final + (initial - final) * (1.0 - t) ** 3
-
-
-def schedule_rates(name: str, steps: int, final: float, initial: float = 0.0) -> list[float]:
-    """The target rate after each of ``steps`` pruning events (the last one is ``final``)."""
-    fn = SCHEDULES.get(name)
-    return [fn(k, steps, final, initial) for k in range(1, steps + 1)]
 
 
 # ---------------------------------------------------------------- layer helpers

@@ -297,14 +297,16 @@ def has_linked_bn(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def fold_linked(model: nn.Module) -> nn.Module:
-    """Fold every BN whose fold a quantized layer simulates (in place): the layer's latent
-    weight becomes the scaled weight its step sizes were learned on, so its codes, and in
-    eval mode its outputs, are what they were."""
+    """Fold every BN whose fold a quantized layer simulates (in place), with the statistics
+    the BN holds now: the weight takes the BN's factor, and each channel's step size the
+    factor's change since the link, so the codes stay and in eval mode the outputs are
+    what they were (up to the fp16 rounding of the new step sizes)."""
     names = {id(m): n for n, m in model.named_modules()}
     for m in list(model.modules()):
         if isinstance(m, QUANT_TYPES) and m.linked_bn is not None:
-            bn = m.linked_bn
-            _fold_into(model, names[id(bn)], m, bn, bn_factor(bn))
+            bn, a = m.linked_bn, bn_factor(m.linked_bn)
+            m.wq.scale.mul_(a / m.bn_scale)  # weight x a over step x (a / bn_scale): the codes of the link's scaling
+            _fold_into(model, names[id(bn)], m, bn, a)
             m.link_bn(None)
     return model
 

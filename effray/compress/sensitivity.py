@@ -22,7 +22,7 @@ from torch import nn
 from effray.compress.config import PRUNE_KINDS
 from effray.compress.fakequant import WeightQuant
 from effray.compress.layers import classifier, model_device
-from effray.compress.measure import parameter_count, scored
+from effray.compress.measure import count_macs, parameter_count, scored
 from effray.compress.prune import lowest, prunable_layers, torch_pruning
 from effray.compress.quantize import quantizable, recalibrate_bn
 from effray.compress.structure import check_forward
@@ -244,23 +244,36 @@ def probe_layer(
 ) -> list[dict[str, Any]]:
     """One row per setting of layer ``name``: its ``accuracy`` and ``loss`` on ``batches``
     with only that layer changed (BN statistics first re-estimated on ``recalib``, when
-    given), the layer's weight count (``params``), the changed model's (``model_params``), or
-    the ``skipped_reason``. ``model`` is never modified; drops come from :func:`with_drops`."""
+    given), the layer's weight count (``params``), the changed model's parameters and MACs
+    per image (``model_params``, ``model_macs``) and the layers whose output channels it cut
+    (``cut_layers``: a structured probe cuts the layer's whole coupled group), or the
+    ``skipped_reason``. ``model`` is never modified; drops come from :func:`with_drops`."""
     params = int(model.get_submodule(name).weight.numel())
+    channels = {n: m.weight.shape[0] for n, m in prunable_layers(model)}
+    shape = tuple(batches[0][0].shape[1:])
     rows = []
     for s in settings:
         row = {"layer": name, "kind": s.kind, "value": float(s.value), "params": params}
         try:
             changed = probed(model, name, s, batches[0][0])
         except Skipped as why:
-            rows.append({**row, "accuracy": None, "loss": None, "model_params": None, "skipped_reason": str(why)})
+            unmeasured = {"accuracy": None, "loss": None, "model_params": None, "model_macs": None, "cut_layers": ""}
+            rows.append({**row, **unmeasured, "skipped_reason": str(why)})
             continue
         if recalib is not None:
             recalibrate_bn(changed, recalib)
         m = score(changed, batches)
-        model_params = parameter_count(changed)
+        cut = [n for n, layer in prunable_layers(changed) if layer.weight.shape[0] < channels.get(n, 0)]
         rows.append(
-            {**row, "accuracy": m["accuracy"], "loss": m["loss"], "model_params": model_params, "skipped_reason": ""}
+            {
+                **row,
+                "accuracy": m["accuracy"],
+                "loss": m["loss"],
+                "model_params": parameter_count(changed),
+                "model_macs": count_macs(changed, shape)["macs"],
+                "cut_layers": ",".join(cut),
+                "skipped_reason": "",
+            }
         )
     return rows
 

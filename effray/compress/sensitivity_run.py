@@ -35,7 +35,7 @@ from effray.train.run import provenance
 
 PARTS = "parts"
 PARQUET, HEATMAP, SUMMARY = "sensitivity.parquet", "sensitivity.png", "sensitivity.json"
-PROBE_VERSION = 1  # bump when a probe's meaning changes: every part keyed by the old one is redone
+PROBE_VERSION = 2  # bump when a probe (or its columns) changes: every part keyed by the old one is redone
 COLUMNS = {
     "layer": "string",
     "kind": "string",
@@ -46,6 +46,8 @@ COLUMNS = {
     "loss_increase": "float64",
     "params": "int64",
     "model_params": "int64",
+    "model_macs": "int64",
+    "cut_layers": "string",
     "skipped_reason": "string",
 }
 

@@ -37,7 +37,6 @@ from effray.compress.prune import (
     layer_sparsity,
     prunable_layers,
     prune_step,
-    schedule_rates,
     weight_sparsity,
 )
 from effray.compress.quantize import (
@@ -51,6 +50,7 @@ from effray.compress.quantize import (
     quantizable,
     recalibrate_bn,
 )
+from effray.compress.schedule import schedule_rates
 from effray.config import require, to_dict
 from effray.models import build_model
 from effray.models.airbench import init_from_data, needs_data_init

@@ -1,9 +1,10 @@
 """The search's sensitivity stage: before the first trial of a space with
 ``allocation: sensitivity``, the teacher's layers are probed (``effray sensitivity``, one
-Ray task per layer) at the space's own bit widths and unstructured rates, and the table's
-path joins the space as a constant. Each trial's allocation is then made on the driver as
-it is suggested (:meth:`effray.search.searcher.CostModel.allocate`), against the bytes of
-the uniform config it was drawn as."""
+Ray task per layer) at the space's own bit widths and prune rates (unstructured, and
+structured when the space cuts channels), and the table's path joins the space as a
+constant. Each trial's allocation is then made on the driver as it is suggested
+(:meth:`effray.search.searcher.CostModel.allocate`), against the bytes (the MACs, for
+channels) of the uniform config it was drawn as."""
 
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def probe_settings(space: dict[str, Any]) -> tuple[str, str]:
     return ",".join(map(str, sorted(bits))), ",".join(f"{r:g}" for r in sorted(rates))
 
 
+def probe_kinds(space: dict[str, Any]) -> str:
+    """The pruning kinds the space draws: structured ones allocate channels from structured probes."""
+    kinds = {str(k) for k in entry_values(space.get("prune_kind", "unstructured"))}
+    return ",".join(k for k in ("unstructured", "structured") if k in kinds) or "unstructured"
+
+
 def with_sensitivity(cfg: TuneConfig, space: dict[str, Any]) -> dict[str, Any]:
     """``space`` with the sensitivity table its allocation needs: probed now into the
     experiment's ``sensitivity/`` (a rerun reuses the probes that finished)."""
@@ -63,7 +70,7 @@ def with_sensitivity(cfg: TuneConfig, space: dict[str, Any]) -> dict[str, Any]:
             out=f"{cfg.experiment}/sensitivity",
             bits=bits,
             rates=rates,
-            kinds="unstructured",
+            kinds=probe_kinds(space),
             batch_size=cfg.eval_batch_size,
             cpus_per_task=cfg.cpus_per_worker,
             gpus_per_task=cfg.gpus_per_worker,

@@ -14,19 +14,17 @@ import torch
 
 from effray.compress.allocate import (
     Allocator,
-    Choice,
     LayerBytes,
-    allocate,
     allocated,
     layer_choices,
     packed_bytes,
     read_sensitivity,
-    total,
     uniform_settings,
 )
 from effray.compress.artifact import encode_state, load_artifact
 from effray.compress.config import CompressConfig, format_layers, parse_layers
 from effray.compress.cost import predict_costs
+from effray.compress.knapsack import Choice, allocate, total
 from effray.compress.prune import layer_sparsity, prunable_layers
 from effray.compress.quantize import bits_per_layer, quantize_model
 from effray.compress.sensitivity import Setting, probe_layer, score, with_drops
@@ -81,7 +79,6 @@ def test_per_layer_fields_parse_and_refuse_bad_values_in_one_line():
         (dict(layer_bits="a=4,a=2"), "each layer once"),
         (dict(layer_rates="conv=1.0"), "[0, 1)"),
         (dict(allocation="sensitivity", bits=4), "--sensitivity PATH"),
-        (dict(allocation="sensitivity", sensitivity="x", prune_rate=0.5, prune_kind="structured"), "unstructured"),
     ):
         with pytest.raises(EffrayError, match=words.replace("[", r"\[").replace(")", r"\)").replace(".", r"\.")):
             validated(CompressConfig(**bad))

@@ -12,14 +12,13 @@ from effray.compress.measure import count_macs, parameter_count
 from effray.compress.prune import (
     IMPORTANCES,
     PRUNERS,
-    SCHEDULES,
     channel_counts,
     channel_rate_for_macs,
     lock_sparsity,
     prune_step,
-    schedule_rates,
     weight_sparsity,
 )
+from effray.compress.schedule import SCHEDULES, schedule_rates
 from effray.errors import EffrayError
 from effray.models import build_model
 

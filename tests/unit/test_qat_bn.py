@@ -14,7 +14,7 @@ from torch import nn
 
 from effray.compress.artifact import load_artifact, restore, save_artifact, snapshot
 from effray.compress.config import CompressConfig
-from effray.compress.fakequant import QUANT_TYPES
+from effray.compress.fakequant import QUANT_TYPES, bn_factor
 from effray.compress.quantize import has_linked_bn, recalibrate_bn
 from effray.compress.steps import apply_quantization, finish
 from effray.config import validated
@@ -58,6 +58,30 @@ def test_the_simulated_fold_is_the_folded_layer_and_folding_moves_no_code(name):
         assert torch.equal(q.wq.codes(q.weight), c)
     # the same function up to the fp16 rounding of the folded biases (without it, within 1e-5 on
     # torchvision's ResNet-18); 20 random layers amplify that rounding to ~0.2 % of the logits
+    assert torch.allclose(folded(x), ref, atol=5e-3 * ref.abs().max().item())
+
+
+def test_after_training_the_fold_takes_the_new_statistics_and_keeps_the_codes():
+    """QAT moves the BN statistics but not the factor the weights are quantized with; the
+    fold absorbs the difference into each channel's step size."""
+    model, cfg = quantized("resnet20", bits=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for x, _ in calib(3):
+        opt.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        opt.step()
+    linked = {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES) and m.linked_bn is not None}
+    moved = [n for n, m in linked.items() if not torch.allclose(m.bn_scale, bn_factor(m.linked_bn))]
+    assert moved  # the statistics tracked the quantized net, the quantizers' factor stayed
+    codes = {n: m.wq.codes(m.folded_weight()) for n, m in linked.items()}
+    x = calib(1)[0][0]
+    ref = model.eval()(x)
+    folded = finish(copy.deepcopy(model), cfg, calib())
+    same = sum(
+        int((folded.get_submodule(n).wq.codes(folded.get_submodule(n).weight) == c).sum()) for n, c in codes.items()
+    )
+    assert same >= 0.999 * sum(c.numel() for c in codes.values())  # only fp16 re-rounding of a step may flip one
     assert torch.allclose(folded(x), ref, atol=5e-3 * ref.abs().max().item())
 
 

@@ -1,0 +1,123 @@
+"""Channel allocation: a structured config's per-layer channel rates chosen from structured
+probes under the uniform config's MACs; a coupled group moves as one, the fragile group
+keeps its channels, and a table that can't price channels is refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from effray.compress.allocate import Allocator
+from effray.compress.channels import allocate_channels, channel_groups, group_choices
+from effray.compress.config import CompressConfig
+from effray.compress.cost import predict_costs
+from effray.compress.knapsack import allocate
+from effray.compress.measure import count_macs
+from effray.compress.prune import prunable_layers
+from effray.compress.sensitivity import Setting, probe_layer, score, with_drops
+from effray.compress.steps import build_student, prune_at, prune_events
+from effray.config import validated
+from effray.data.image_bytes import decode_image
+from effray.data.images import normalize_tensor
+from effray.errors import EffrayError
+from effray.models import build_model
+from effray.search.allocation import probe_kinds
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+PROBED = ["stem.0", *(f"s{s}b{b}.conv1" for s in (1, 2, 3) for b in (0, 1))]
+
+
+def resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet20", 10, 3, 0.25).eval()
+
+
+@pytest.fixture(scope="module")
+def structured_probes(cifar_parquet, tmp_path_factory) -> str:
+    """sensitivity.parquet of a small ResNet-20: the stem (whose group is the first stage's
+    residual stream) and six blocks' inner convs at structured rates 0.25 and 0.5, the stem
+    at 4 bits too, scored against its own predictions on 128 real images. The other layers
+    are not probed (a pass would): channel allocation leaves an unprobed layer whole."""
+    table = pq.ParquetFile(cifar_parquet).read_row_group(0, columns=["image"]).slice(0, 128)
+    pixels = np.stack([decode_image(b, 3) for b in table.column("image").to_pylist()])
+    images = normalize_tensor(torch.from_numpy(pixels), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    model = resnet()
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    batches = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 128, 64)]
+    settings = [Setting("structured", 0.25), Setting("structured", 0.5)]
+    rows = probe_layer(model, "stem.0", [Setting("bits", 4.0)], batches)
+    rows += [r for n in PROBED for r in probe_layer(model, n, settings, batches)]
+    path = tmp_path_factory.mktemp("channels") / "sensitivity.parquet"
+    pq.write_table(pa.Table.from_pylist(with_drops(rows, score(model, batches))), path)
+    return str(path)
+
+
+def test_probes_record_the_group_they_cut_and_its_macs(structured_probes):
+    rows = pq.read_table(structured_probes).to_pylist()
+    groups, dense = channel_groups(rows)
+    assert dense == count_macs(resnet(), (3, 32, 32))["macs"]
+    stem = next(g for g in groups if "stem.0" in g)
+    assert {"s1b0.conv2", "s1b1.conv2", "s1b2.conv2"} <= set(stem)  # the first stage's residual stream
+    assert ("s1b0.conv1",) in groups  # a block's inner conv is a group of its own
+    for probes in groups.values():
+        assert dense > probes[0.25][1] > probes[0.5][1]  # deeper cuts, fewer MACs
+
+
+def test_the_knapsack_cuts_the_robust_group_and_keeps_the_fragile_one():
+    groups = {
+        ("a",): {0.5: (5.0, 600)},  # fragile: halving it costs a lot
+        ("b", "c"): {0.5: (0.1, 600)},  # robust
+    }
+    cfg = CompressConfig(prune_kind="structured", prune_rate=0.25)
+    choices = group_choices(groups, 1000, cfg)
+    need = 300  # MACs to save of 1,000: halving a group saves 400, a quarter 200, so one half or both quarters
+    budget = sum(max(c.cost for c in options) for options in choices.values()) - need
+    picked = allocate(choices, budget)
+    assert picked[("b", "c")].rate == 0.5 and picked[("a",)].rate == 0.0
+
+
+def test_a_structured_allocation_fits_the_uniform_macs_and_moves_groups_as_one(structured_probes):
+    teacher = resnet()
+    uniform = validated(CompressConfig(prune_kind="structured", prune_rate=0.1, finetune_epochs=0))
+    cfg = dataclasses.replace(uniform, allocation="sensitivity", sensitivity=structured_probes)
+    resolved = Allocator(teacher)(cfg)
+    assert resolved.allocation == "sensitivity" and not resolved.layer_bits
+    rates = resolved.rates_by_layer
+    assert set(rates) == {n for n, _ in prunable_layers(teacher)} and rates["head.fc"] == rates["s1b2.conv1"] == 0.0
+    groups, _ = channel_groups(pq.read_table(structured_probes).to_pylist())
+    for group in groups:
+        assert len({rates[n] for n in group}) == 1, group  # coupled layers share one rate
+    assert len(set(rates.values())) > 1  # not uniform: the groups got different rates
+    predicted = predict_costs(teacher, resolved)["macs"]
+    assert predicted <= predict_costs(teacher, uniform)["macs"]
+    student = build_student(teacher, resolved)
+    for rate in prune_events(resolved).values():
+        prune_at(student, resolved, rate, example_inputs=torch.randn(1, 3, 32, 32))
+    assert count_macs(student, (3, 32, 32))["macs"] == predicted  # the recipe builds what was priced
+
+
+def test_tables_that_cannot_price_channels_are_refused_in_one_line(structured_probes):
+    rows = pq.read_table(structured_probes).to_pylist()
+    cfg = CompressConfig(prune_kind="structured", prune_rate=0.25, allocation="sensitivity", sensitivity="x")
+    for bad, words in (
+        ([r for r in rows if r["kind"] != "structured"], "no structured probes"),
+        ([{k: v for k, v in r.items() if k != "model_macs"} for r in rows], "predates channel allocation"),
+        ([{**r, "cut_layers": "nope" if r["cut_layers"] else ""} for r in rows], "layers this model lacks"),
+    ):
+        with pytest.raises(EffrayError, match=words) as err:
+            allocate_channels(resnet(), cfg, resnet(), bad)
+        assert "\n" not in str(err.value)
+
+
+def test_a_search_probes_channels_when_its_space_cuts_them():
+    assert probe_kinds({"prune_kind": "structured"}) == "structured"
+    assert probe_kinds({"prune_kind": {"choice": ["structured", "unstructured"]}}) == "unstructured,structured"
+    assert probe_kinds({"bits": 4}) == "unstructured"
