@@ -1,6 +1,7 @@
 """Helpers the tests share (tests/ is on sys.path through its conftest): the real ``effray``
 CLI run in-process, an offline wandb run read back, a Tune experiment's trial reports, and
-an HTTP call to a served model with a PNG, a model saved as a training checkpoint. Not in conftest.py: a second
+an HTTP call to a served model with a PNG, a model saved as a training checkpoint, real
+images labelled by a model's own predictions (what a sensitivity probe scores against). Not in conftest.py: a second
 conftest (tests/fake_cuda) would shadow ``from conftest import ...``."""
 
 from __future__ import annotations
@@ -180,3 +181,20 @@ def save_checkpoint(path: str | os.PathLike, model, data: dict | None = None, ep
         elapsed_s=0.0,
     )
     return save_payload(path, payload)
+
+
+def self_labelled(cifar_parquet: Path, model, images: int = 128, batch: int = 64) -> list[tuple]:
+    """The file's first ``images`` real CIFAR-10 images, normalised, as ``(images, labels)``
+    batches labelled by ``model``'s own predictions: a probe's drop is then its disagreement."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from effray.data.image_bytes import decode_image
+    from effray.data.images import normalize_tensor
+
+    table = pq.ParquetFile(cifar_parquet).read_row_group(0, columns=["image"]).slice(0, images)
+    pixels = np.stack([decode_image(b, 3) for b in table.column("image").to_pylist()])
+    x = normalize_tensor(torch.from_numpy(pixels), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    return [(x[i : i + batch], labels[i : i + batch]) for i in range(0, images, batch)]

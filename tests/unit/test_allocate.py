@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import self_labelled
 
 from effray.compress.allocate import (
     Allocator,
@@ -37,8 +37,6 @@ from effray.compress.steps import (
     save_student,
 )
 from effray.config import validated
-from effray.data.image_bytes import decode_image
-from effray.data.images import normalize_tensor
 from effray.errors import EffrayError
 from effray.models import build_model
 
@@ -54,13 +52,8 @@ def convnet() -> torch.nn.Module:
 def probes(cifar_parquet, tmp_path_factory) -> str:
     """sensitivity.parquet of the convnet: every layer at 2/4/8 bits and 3 unstructured rates,
     scored against its own predictions on 128 real images."""
-    table = pq.ParquetFile(cifar_parquet).read_row_group(0, columns=["image"]).slice(0, 128)
-    pixels = np.stack([decode_image(b, 3) for b in table.column("image").to_pylist()])
-    images = normalize_tensor(torch.from_numpy(pixels), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
     model = convnet()
-    with torch.no_grad():
-        labels = model(images).argmax(1)
-    batches = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 128, 64)]
+    batches = self_labelled(cifar_parquet, model)
     settings = [Setting("bits", b) for b in (2.0, 4.0, 8.0)] + [Setting("unstructured", r) for r in (0.25, 0.5, 0.75)]
     rows = [r for n, _ in prunable_layers(model) for r in probe_layer(model, n, settings, batches)]
     path = tmp_path_factory.mktemp("sens") / "sensitivity.parquet"

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import self_labelled
 
 from effray.compress.allocate import Allocator
 from effray.compress.channels import allocate_channels, channel_groups, group_choices
@@ -22,8 +22,6 @@ from effray.compress.prune import prunable_layers
 from effray.compress.sensitivity import Setting, probe_layer, score, with_drops
 from effray.compress.steps import build_student, prune_at, prune_events
 from effray.config import validated
-from effray.data.image_bytes import decode_image
-from effray.data.images import normalize_tensor
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.search.allocation import probe_kinds
@@ -45,13 +43,8 @@ def structured_probes(cifar_parquet, tmp_path_factory) -> str:
     residual stream) and six blocks' inner convs at structured rates 0.25 and 0.5, the stem
     at 4 bits too, scored against its own predictions on 128 real images. The other layers
     are not probed (a pass would): channel allocation leaves an unprobed layer whole."""
-    table = pq.ParquetFile(cifar_parquet).read_row_group(0, columns=["image"]).slice(0, 128)
-    pixels = np.stack([decode_image(b, 3) for b in table.column("image").to_pylist()])
-    images = normalize_tensor(torch.from_numpy(pixels), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
     model = resnet()
-    with torch.no_grad():
-        labels = model(images).argmax(1)
-    batches = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 128, 64)]
+    batches = self_labelled(cifar_parquet, model)
     settings = [Setting("structured", 0.25), Setting("structured", 0.5)]
     rows = probe_layer(model, "stem.0", [Setting("bits", 4.0)], batches)
     rows += [r for n in PROBED for r in probe_layer(model, n, settings, batches)]
