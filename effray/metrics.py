@@ -34,33 +34,86 @@ ECE_BINS = 15
 # the temperatures :func:`fit_temperature` searches: wide enough for any recipe's over- or
 # under-confidence, bounded so a set it can't fault (all right) gets a finite sharpening
 TEMPERATURE_RANGE = (0.05, 20.0)
+# the temperatures the one pass also scores calibration at, log-spaced over that range with 1
+# in the middle: their NLLs pick an epoch's T and their bins give its ECE, all as sums that
+# add over batches and ranks (the exact fit needs the logits: :func:`scaled_calibration`)
+GRID_TEMPERATURES = tuple(
+    math.exp(math.log(TEMPERATURE_RANGE[0]) + k * math.log(TEMPERATURE_RANGE[1] / TEMPERATURE_RANGE[0]) / 32)
+    for k in range(33)
+)
+_CALIBRATION = len(GRID_TEMPERATURES) * (1 + 3 * ECE_BINS)  # per T: NLL sum; per bin: count, confidence, hits
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
+def sums_size(num_classes: int) -> int:
+    """The length of :func:`class_sums`' tensor for ``num_classes`` classes."""
+    return 2 + 2 * num_classes + _CALIBRATION
+
+
 def class_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``[correct, loss sum, correct per class..., count per class...]`` of one batch as a
-    float64 tensor on the logits' device: fixed-size scatter adds, no boolean indexing
-    or ``bincount`` (their output size depends on the data: a host sync on a GPU)."""
+    """``[correct, loss sum, correct per class..., count per class..., calibration...]`` of
+    one batch as a float64 tensor on the logits' device (:func:`calibration_sums` last):
+    fixed-size scatter adds, no boolean indexing or ``bincount`` (their output size depends
+    on the data: a host sync on a GPU)."""
     labels = labels.to(logits.device, non_blocking=True)
     hit = (logits.argmax(dim=1) == labels).double()
     loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
     zeros = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
     per_ok = zeros.index_add(0, labels, hit)
     per_n = zeros.index_add(0, labels, torch.ones_like(hit))
-    return torch.cat([hit.sum().view(1), loss.view(1), per_ok, per_n])
+    return torch.cat([hit.sum().view(1), loss.view(1), per_ok, per_n, calibration_sums(logits, labels, hit)])
+
+
+def calibration_sums(logits: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """For each of :data:`GRID_TEMPERATURES` T: the NLL sum of ``softmax(logits / T)`` and,
+    in each of the ECE's bins of its confidence (torchmetrics' ``[lo, hi)`` bins), the
+    count, the confidence sum and the hits (``hit``: 1 where the top class is right)."""
+    grid, bins = len(GRID_TEMPERATURES), ECE_BINS
+    t = torch.tensor(GRID_TEMPERATURES, dtype=torch.float32, device=logits.device).view(-1, 1, 1)
+    logp = (logits.float().unsqueeze(0) / t).log_softmax(-1)  # (T, N, C)
+    nll = -logp.gather(2, labels.view(1, -1, 1).expand(grid, -1, 1)).sum(dim=(1, 2))
+    confidence = logp.amax(-1).exp()  # (T, N)
+    where = (confidence * bins).long().clamp(max=bins - 1) + bins * torch.arange(grid, device=logits.device).view(-1, 1)
+
+    def binned(values: torch.Tensor) -> torch.Tensor:
+        flat = torch.zeros(grid * bins, dtype=torch.float64, device=logits.device)
+        return flat.index_add(0, where.flatten(), values.double().flatten()).view(grid, bins)
+
+    counted = [binned(torch.ones_like(confidence)), binned(confidence), binned(hit.view(1, -1).expand(grid, -1))]
+    return torch.cat([nll.double().view(-1, 1), *counted], dim=1).flatten()
 
 
 def sums_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The one host read of :func:`class_sums` (added over batches and ranks): accuracy,
     mean loss, count and per-class accuracy (None for a class with no rows)."""
     sums = sums.cpu()
-    correct, loss, per_ok, per_n = sums[0], sums[1], sums[2 : 2 + num_classes], sums[2 + num_classes :]
+    correct, loss, per_ok = sums[0], sums[1], sums[2 : 2 + num_classes]
+    per_n = sums[2 + num_classes : 2 + 2 * num_classes]
     count = float(per_n.sum())
     return {
         "accuracy": float(correct) / max(count, 1.0),
         "loss": float(loss) / max(count, 1.0),
         "count": int(count),
         "per_class": [float(o / n) if n else None for o, n in zip(per_ok, per_n)],
+        **grid_calibration(sums[2 + 2 * num_classes :], count),
+    }
+
+
+def grid_calibration(sums: torch.Tensor, count: float) -> dict[str, float]:
+    """From :func:`calibration_sums` (added up): ``ece`` at T = 1, and the grid temperature
+    with the least NLL (``temperature``) with its ``ece_scaled`` and ``nll_scaled``: the
+    temperature scaling of :func:`scaled_calibration`, on the grid (NaN without rows)."""
+    if count <= 0:
+        return {"ece": math.nan, "temperature": 1.0, "ece_scaled": math.nan, "nll_scaled": math.nan}
+    bins = ECE_BINS
+    cal = sums.view(len(GRID_TEMPERATURES), 1 + 3 * bins)
+    ece = (cal[:, 1 + bins : 1 + 2 * bins] - cal[:, 1 + 2 * bins :]).abs().sum(1) / count
+    best = int(cal[:, 0].argmin())
+    return {
+        "ece": float(ece[len(GRID_TEMPERATURES) // 2]),
+        "temperature": GRID_TEMPERATURES[best],
+        "ece_scaled": float(ece[best]),
+        "nll_scaled": float(cal[best, 0]) / count,
     }
 
 
@@ -112,8 +165,8 @@ def score_batches(
     logits' width (0 when there are no batches)."""
     sums, logits, labels = device_pass(predict, batches, num_classes, keep_logits=keep_logits)
     if sums is None:
-        sums = torch.zeros(2 + 2 * (num_classes or 0), dtype=torch.float64)
-    classes = (len(sums) - 2) // 2
+        sums = torch.zeros(sums_size(num_classes or 0), dtype=torch.float64)
+    classes = (len(sums) - sums_size(0)) // 2
     result = sums_metrics(sums, classes)
     if keep_logits:
         result["logits"] = logits.cpu() if logits is not None else torch.zeros(0, classes)

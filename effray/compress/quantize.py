@@ -286,12 +286,12 @@ def fold_bn(model: nn.Module, pairs: dict[str, str] | None = None) -> nn.Module:
         raise ValueError("fold_bn must run before quantize_model")
     for layer, bn in (bn_pairs(model) if pairs is None else pairs).items():
         m = model.get_submodule(bn)
-        a = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
-        _fold_into(model, bn, model.get_submodule(layer), m, a)
+        _fold_into(model, bn, model.get_submodule(layer), m, bn_factor(m))
     return model
 
 
 def has_linked_bn(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` still simulates a BN's fold (mid-QAT)."""
     return any(isinstance(m, QUANT_TYPES) and m.linked_bn is not None for m in model.modules())
 
 

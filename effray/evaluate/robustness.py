@@ -21,7 +21,7 @@ from effray.data.pipeline import eval_dataset, map_batch_rows
 from effray.data.prepare import load_meta
 from effray.errors import EffrayError
 from effray.evaluate.corrupt import CORRUPTIONS, SEVERITIES, corrupt
-from effray.metrics import class_sums, score_batches, sums_metrics
+from effray.metrics import class_sums, score_batches, sums_metrics, sums_size
 from effray.models.predict import predict_logits
 
 
@@ -74,7 +74,7 @@ def variant_scores(
             rows = torch.from_numpy(np.flatnonzero(batch["variant"] == v))
             counted = class_sums(logits[rows.to(logits.device)], labels[rows], classes)
             sums[v] = sums[v] + counted if v in sums else counted
-    empty = torch.zeros(2 + 2 * classes, dtype=torch.float64)
+    empty = torch.zeros(sums_size(classes), dtype=torch.float64)
     return [sums_metrics(sums.get(v, empty), classes) for v in range(variants)]
 
 

@@ -7,9 +7,10 @@ accuracy get limits of their own. Every limit is judged on val (the split the se
 chooses by) against the teacher's own val scores; the test split then reports how the
 choice holds (:mod:`effray.search.holdout`). With any limit set, the pick is the cheapest
 model (per ``--objective``) within all of them, as NNCF returns the smallest model within
-``max_drop``; the pareto scheduler stops a trial whose accuracy or worst-class recall
-(what every epoch's validation scores) can no longer reach its limit
-(:class:`effray.search.scheduler.ParetoASHA`).
+``max_drop``; the pareto scheduler stops a trial whose accuracy, worst-class recall or
+ECE after temperature (what every epoch's validation scores) can no longer reach its
+limit (:class:`effray.search.scheduler.ParetoASHA`). Corruption accuracy is measured on
+the final artifact alone, so its limit acts on the pick.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from effray.config import option, require
 from effray.errors import EffrayError
 
 POINTS = 100.0  # accuracies are fractions in the tables; limits are in percentage points
-EPOCH_SCORES = ("accuracy", "worst_class_recall")  # what every epoch's validation scores too (as val_<name>)
+EPOCH_SCORES = ("accuracy", "worst_class_recall", "ece_scaled")  # what every epoch's validation scores (val_<name>)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Constraints:
     max_ece: float = option(
         0.0,
         "the largest expected calibration error a model may have after its temperature, as it is deployed (e.g. "
-        "0.05; 0 = no limit)",
+        "0.05); a trial that can no longer get below it is stopped (0 = no limit)",
     )
     max_corruption_drop: float = option(
         0.0, "points of mean corruption accuracy a model may lose against the teacher (0 = no limit)"
@@ -67,7 +68,15 @@ class Constraints:
     def floors(self, teacher: Mapping[str, Any]) -> dict[str, float]:
         """``{score: lowest value}`` of the limits a trial can be held to while it trains
         (:data:`EPOCH_SCORES`), made absolute with the teacher's val scores."""
-        return {column: bound for column, (_, bound) in self.limits(teacher).items() if column in EPOCH_SCORES}
+        return self._while_training(teacher, ">=")
+
+    def ceilings(self, teacher: Mapping[str, Any]) -> dict[str, float]:
+        """``{score: highest value}`` of those limits that cap a score (the ECE)."""
+        return self._while_training(teacher, "<=")
+
+    def _while_training(self, teacher: Mapping[str, Any], sense: str) -> dict[str, float]:
+        limits = self.limits(teacher).items()
+        return {column: bound for column, (s, bound) in limits if column in EPOCH_SCORES and s == sense}
 
     def limits(self, teacher: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
         """``{column: (">=" or "<=", bound)}`` of every active limit, made absolute with the teacher's scores."""

@@ -170,7 +170,9 @@ def _new_tuner(
         tune_config=tune.TuneConfig(
             num_samples=trial_count(cfg, space),
             search_alg=_searcher(cfg, space, costs),
-            scheduler=_scheduler(cfg, cfg.experiment, cfg.limits.floors(teacher.metrics)),
+            scheduler=_scheduler(
+                cfg, cfg.experiment, cfg.limits.floors(teacher.metrics), cfg.limits.ceilings(teacher.metrics)
+            ),
             max_concurrent_trials=concurrency(cfg, ray.cluster_resources(), shares),
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             reuse_actors=cfg.workers_per_trial == 1,  # a trial's process (torch imported, kernels warm) serves the next
@@ -217,10 +219,13 @@ def _searcher(cfg: TuneConfig, space: dict[str, Any], costs: CostModel) -> CostA
     return CostAwareSearch(costs, budget, inner=inner, constants=constants, fit_latency=fit)
 
 
-def _scheduler(cfg: TuneConfig, path: str, floors: dict[str, float] | None = None) -> Any:
+def _scheduler(
+    cfg: TuneConfig, path: str, floors: dict[str, float] | None = None, ceilings: dict[str, float] | None = None
+) -> Any:
     """Early stopping: effray's multi-objective rungs (which also stop a trial that can no
     longer reach one of ``floors``, --max-drop's accuracy and --max-worst-class-drop's
-    recall, each reported every epoch as ``val_<score>``), Ray's ASHA on accuracy, or none."""
+    recall, or get below one of ``ceilings``, --max-ece's, each reported every epoch as
+    ``val_<score>``), Ray's ASHA on accuracy, or none."""
     from ray import tune
 
     if cfg.scheduler == "pareto":
@@ -232,6 +237,7 @@ def _scheduler(cfg: TuneConfig, path: str, floors: dict[str, float] | None = Non
             acc_margin=cfg.acc_margin,
             log_path=os.path.join(path, STOPPED_FILE) if "://" not in path else None,
             floors={f"val_{score}": bound for score, bound in (floors or {}).items()},
+            ceilings={f"val_{score}": bound for score, bound in (ceilings or {}).items()},
         )
     if cfg.scheduler == "asha":
         return LastEpochSafeASHA(

@@ -246,8 +246,8 @@ def _stopped_section(stopped: pd.DataFrame, cols: list[str]) -> list[str]:
         "",
         "Stopped early at the rung (epoch) shown, with the accuracy it had there and its predicted size; "
         "rank is its non-dominated front at that rung, dominated_by the trials that beat it in both; "
-        "reason 'below the accuracy floor' (or the val_worst_class_recall floor): it could no longer reach "
-        "--max-drop (or --max-worst-class-drop).",
+        "reason 'below the accuracy floor' (or the val_worst_class_recall floor, or above the val_ece_scaled "
+        "ceiling): it could no longer reach --max-drop (or --max-worst-class-drop, --max-ece).",
         "",
     ]
     return lines + _header(scols) + [_row(_fmt(row[c]) for c in scols) for _, row in stopped.iterrows()]

@@ -12,9 +12,10 @@ one epoch's validation accuracy on a small split is noisy.
 With floors (``--max-drop``: the teacher's val accuracy less the drop; ``--max-worst-class-drop``:
 its worst-class recall less that drop), a trial is also stopped at a rung when it can no
 longer reach one: its value there plus the most any finished trial gained in that score
-from that rung to its last epoch (and the noise margin) stays below the floor. Before a
-trial has finished, nobody is stopped for a floor. (ECE and corruption accuracy are
-measured on the final artifact only: their limits act on the pick.)
+from that rung to its last epoch (and the noise margin) stays below the floor. Ceilings
+(``--max-ece``, on the ECE after each epoch's temperature) are held the same way, the
+other way up. Before a trial has finished, nobody is stopped for either. (Corruption
+accuracy is measured on the final artifact only: its limit acts on the pick.)
 
 A trial on its last epoch (``epoch >= epochs``) or sending its ``final`` report is never
 stopped: when a short trial's last epoch lands on a rung, stopping it there would throw
@@ -117,6 +118,7 @@ class ParetoASHA(FIFOScheduler):
         min_rung_size: int = 2,
         log_path: str | None = None,
         floors: Mapping[str, float] | None = None,
+        ceilings: Mapping[str, float] | None = None,
     ):
         costs = (costs,) if isinstance(costs, str) else tuple(costs)
         bad = [
@@ -147,6 +149,7 @@ class ParetoASHA(FIFOScheduler):
         self._min_rung_size = min_rung_size
         self._log_path = None if log_path is None else str(log_path)
         self._floors = dict(floors or {})  # reported score -> the lowest value a trial must still reach
+        self._ceilings = dict(ceilings or {})  # reported score -> the highest value a trial must still get below
         self._ended: dict[str, dict[str, float]] = {}  # trial id -> its floored scores on its last fine-tune epoch
         self._scores: dict[Rung, dict[str, dict[str, float]]] = {}  # rung -> trial id -> its floored scores
         # rung -> trial id -> (metric, *costs), in arrival order
@@ -171,6 +174,7 @@ class ParetoASHA(FIFOScheduler):
         point += [_worst_if_nan(self._need(result, c), math.inf) for c in self._costs]
         tid = trial.trial_id
         scores = {k: _worst_if_nan(self._need(result, k), -math.inf) for k in self._floors}
+        scores |= {k: _worst_if_nan(self._need(result, k), math.inf) for k in self._ceilings}
         if t >= last:
             self._ended[tid] = scores
         rung = self._rung_for(t, self._last_rung.get(tid, 0))
@@ -203,6 +207,7 @@ class ParetoASHA(FIFOScheduler):
         rungs = " | ".join(f"{r}: {len(rec)}" for r, rec in sorted(self._rungs.items()))
         costs = ", ".join(self._costs) or "(no costs)"
         floor = "".join(f", {k} floor {v:.4f}" for k, v in self._floors.items())
+        floor += "".join(f", {k} ceiling {v:.4f}" for k, v in self._ceilings.items())
         return (
             f"ParetoASHA: max {self._metric} vs min {costs} (margin {self._acc_margin}{floor}, "
             f"cost rtol {self._cost_rtol}, rf {self._rf}); stopped {len(self.stopped)}, "
@@ -248,28 +253,31 @@ class ParetoASHA(FIFOScheduler):
         return best
 
     def headroom(self, rung: Rung, score: str | None = None) -> float | None:
-        """The most a finished trial gained in ``score`` (a floored one; default the
-        metric) from ``rung`` to its last epoch (never below 0), or None while no trial
-        recorded at ``rung`` has finished."""
+        """The most a finished trial gained in ``score`` (a floored one, default the metric;
+        for a ceiled one, the most it fell) from ``rung`` to its last epoch (never below 0),
+        or None while no trial recorded at ``rung`` has finished."""
         score = score or self._metric
+        sign = -1.0 if score in self._ceilings else 1.0
         gains = [
-            self._ended[other][score] - mine[score]
+            sign * (self._ended[other][score] - mine[score])
             for other, mine in self._scores.get(_plain(rung), {}).items()
             if other in self._ended and score in mine
         ]
         return max(0.0, *gains) if gains else None
 
     def _below_floor(self, rung: Rung, tid: str) -> dict[str, Any] | None:
-        """The record of why ``tid`` can no longer reach a floor, else None."""
+        """The record of why ``tid`` can no longer reach a floor (or get below a ceiling), else None."""
         me, mine = self._rungs[rung][tid], self._scores[rung][tid]
-        for score, floor in self._floors.items():
+        bounds = [(k, v, 1.0) for k, v in self._floors.items()] + [(k, v, -1.0) for k, v in self._ceilings.items()]
+        for score, bound, sign in bounds:
             room = self.headroom(rung, score)
-            if room is None or mine[score] + room + self._acc_margin >= floor:
+            if room is None or sign * mine[score] + room + self._acc_margin >= sign * bound:
                 continue
+            side, kind = ("below", "floor") if sign > 0 else ("above", "ceiling")
             return {
                 "rung": rung,
-                "reason": "below the accuracy floor" if score == self._metric else f"below the {score} floor",
-                "floor": floor,
+                "reason": f"{side} the {'accuracy' if score == self._metric else score} {kind}",
+                kind: bound,
                 "headroom": room,
                 "dominated_by": [],
                 self._metric: me[0],

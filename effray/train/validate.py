@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from effray.data.pipeline import torch_batches
-from effray.metrics import class_sums, sums_metrics, worst_recall
+from effray.metrics import class_sums, sums_metrics, sums_size, worst_recall
 from effray.models.predict import tta_logits
 from effray.train.strategy import Strategy
 
@@ -35,7 +35,7 @@ def validation_sums(
     for the GPU."""
     model.eval()  # running BN statistics, and none of them updated by validation
     strategy.sync_for_eval(model)
-    sums = torch.zeros(2 + 2 * num_classes, dtype=torch.float64, device=strategy.reduce_device)
+    sums = torch.zeros(sums_size(num_classes), dtype=torch.float64, device=strategy.reduce_device)
     for b in torch_batches(shard, meta, batch, channels_last=strategy.channels_last, rows=(rank, world)):
         if len(b["label"]) == 0:  # a shape, known on the host
             continue
@@ -70,6 +70,7 @@ def reported(m: dict[str, Any]) -> dict[str, Any]:
         "val_count": m["count"],
         "val_per_class_accuracy": m["per_class"],
         "val_worst_class_recall": worst_recall(m["per_class"]),
+        "val_ece_scaled": m["ece_scaled"],  # after the grid's best temperature: what --max-ece holds every epoch
     }
 
 

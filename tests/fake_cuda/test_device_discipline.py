@@ -105,6 +105,7 @@ def test_the_step_bar_reads_the_loss_without_waiting_for_the_gpu(fake_cuda):
 @pytest.mark.parametrize("tta", [0, 1, 2])
 def test_validation_batch(fake_cuda, variant, tta):
     """One validation batch with test-time augmentation into device-side sums."""
+    from effray.metrics import sums_size
     from effray.train.validate import batch_sums
 
     model = build_model("resnet20", 10, 3, 0.25).eval()
@@ -121,19 +122,27 @@ def test_validation_batch(fake_cuda, variant, tta):
             return
         sums = batch_sums(strategy, model, batch["image"], batch["label"], 10, tta)
         assert_cuda(sums)
-        assert sums.shape == (2 + 2 * 10,) and sums.dtype == torch.float64
+        assert sums.shape == (sums_size(10),) and sums.dtype == torch.float64
 
 
 def test_class_sums_match_a_host_count():
-    """The device-side tallies (scatter adds, no boolean indexing) equal a plain count."""
-    from effray.metrics import class_sums
+    """The device-side tallies (scatter adds, no boolean indexing) equal a plain count, the
+    calibration bins' too."""
+    from effray.metrics import ECE_BINS, GRID_TEMPERATURES, class_sums
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
     labels = torch.tensor([0, 2, 2, 1])
     s = class_sums(logits, labels, 3)
     assert s[0] == 2  # rows 0 and 2
     torch.testing.assert_close(s[1], torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double())
-    assert s[2:5].tolist() == [1.0, 0.0, 1.0] and s[5:].tolist() == [1.0, 1.0, 2.0]
+    assert s[2:5].tolist() == [1.0, 0.0, 1.0] and s[5:8].tolist() == [1.0, 1.0, 2.0]
+    cal = s[8:].view(len(GRID_TEMPERATURES), 1 + 3 * ECE_BINS)
+    at_one = cal[len(GRID_TEMPERATURES) // 2]  # T = 1
+    torch.testing.assert_close(at_one[0], s[1])  # its NLL is the loss
+    count, hits = at_one[1 : 1 + ECE_BINS], at_one[1 + 2 * ECE_BINS :]
+    assert count.sum() == 4 and hits.sum() == 2
+    confidence = logits.softmax(1).amax(1)  # each row in its bin, as torchmetrics bins it
+    assert [int(count[b]) for b in (confidence * ECE_BINS).long().tolist()] == [1, 1, 1, 1]
 
 
 # ------------------------------------------------------------------ GPU augmentation
@@ -576,7 +585,7 @@ def test_a_trials_final_scoring_keeps_the_logits_on_the_device(fake_cuda):
     ``class_scores``, evaluation and training's validation): every batch's class sums,
     logits and labels are gathered on the GPU with no host read; only the finished pass
     goes to the host."""
-    from effray.metrics import device_pass
+    from effray.metrics import device_pass, sums_size
 
     model = build_model("convnet", 10, 3, 0.25).eval()
     with fake_cuda:
@@ -584,7 +593,7 @@ def test_a_trials_final_scoring_keeps_the_logits_on_the_device(fake_cuda):
         batches = _calib(3)
         sums, logits, labels = device_pass(lambda x: model(x.to(CUDA)), batches, keep_logits=True)
         assert_cuda(sums, logits, labels)
-        assert sums.shape == (2 + 2 * 10,) and sums.dtype == torch.float64
+        assert sums.shape == (sums_size(10),) and sums.dtype == torch.float64
         assert logits.shape == (24, 10) and logits.dtype == torch.float32 and labels.shape == (24,)
         with pytest.raises(HostCopyError):  # the one read that follows, outside the pass
             logits.cpu()

@@ -225,6 +225,7 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in epochs)
     assert all(r["val_count"] == 60 for r in epochs)  # all-reduced validation over both workers: every row once
     assert all(0 <= r["val_worst_class_recall"] <= r["val_accuracy"] for r in epochs)  # what a tail floor reads
+    assert all(0 <= r["val_ece_scaled"] <= 1 for r in epochs)  # and --max-ece's ceiling
     workers = next(r for r in rows if r.get("finetuned"))
     assert (
         workers["world"] == 2 and workers["val_accuracy"] == workers["final_val_accuracy"]
@@ -313,6 +314,7 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
         assert configs[f"trial_{trial}"]["compress"]["finetune_lr"] == 5.0
         at_rung = rows[-1]
         assert 0 <= at_rung["val_worst_class_recall"] <= at_rung["val_accuracy"]  # in-process trials report it too
+        assert 0 <= at_rung["val_ece_scaled"] <= 1
         assert why["dominated_by"]
         for other in why["dominated_by"]:  # really dominated, at the same rung, beyond the margin
             theirs = next(r for r in results[f"trial_{other}"] if r["epoch"] == why["rung"])

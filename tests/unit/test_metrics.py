@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from effray.metrics import (
+    GRID_TEMPERATURES,
     TEMPERATURE_RANGE,
     accuracy_interval,
     classification_metrics,
     fit_temperature,
     scaled_calibration,
+    score_batches,
     write_figures,
 )
 
@@ -106,6 +108,27 @@ def test_temperature_scaling_recovers_the_distortion_and_lowers_ece(distortion):
     assert after["ece_scaled"] <= before["ece"] and after["ece_scaled"] < 0.02 < before["ece"]
     assert after["nll_scaled"] < before["nll"]
     assert fit_temperature(bent, labels) == t  # deterministic
+
+
+@pytest.mark.parametrize("distortion", [0.4, 1.0, 2.5])
+def test_the_one_pass_scores_calibration_on_its_temperature_grid_as_sums(distortion):
+    """What every epoch reports: the ECE at T = 1 exactly as torchmetrics bins it, and the
+    grid temperature of least NLL within one grid step of the fitted T, with an ECE after
+    it close to the fitted one's; batch by batch, as added over a split and over ranks."""
+    logits, labels = calibrated_set()
+    bent = logits * distortion
+    batches = [(bent[i : i + 1000], labels[i : i + 1000]) for i in range(0, len(bent), 1000)]
+    m = score_batches(lambda x: x, batches, 10)
+    direct = classification_metrics(bent, labels, [str(i) for i in range(10)])
+    fitted = scaled_calibration(bent, labels)
+    step = GRID_TEMPERATURES[1] / GRID_TEMPERATURES[0]
+    assert GRID_TEMPERATURES[len(GRID_TEMPERATURES) // 2] == pytest.approx(1.0)
+    assert m["ece"] == pytest.approx(direct["ece"], abs=1e-5)  # float64 sums against torchmetrics float32
+    assert fitted["temperature"] / step**0.5 <= m["temperature"] <= fitted["temperature"] * step**0.5
+    assert m["ece_scaled"] == pytest.approx(fitted["ece_scaled"], abs=0.01) and m["ece_scaled"] < 0.02
+    assert m["nll_scaled"] == pytest.approx(fitted["nll_scaled"], rel=0.01)
+    empty = score_batches(lambda x: x, [], 10)
+    assert math.isnan(empty["ece_scaled"]) and empty["count"] == 0
 
 
 def test_a_calibrated_set_keeps_about_one_and_a_recorded_temperature_is_applied_as_given():

@@ -289,6 +289,21 @@ def test_a_trial_whose_worst_class_can_no_longer_reach_its_floor_is_stopped():
         report(s, "d", 1, 0.90, 10)
 
 
+def test_a_trial_whose_ece_can_no_longer_get_below_its_ceiling_is_stopped():
+    """--max-ece's ceiling, the floors' rule the other way up: the headroom is the most a
+    finished trial's ECE fell from the rung to its last epoch."""
+    ece = "val_ece_scaled"
+    s = ParetoASHA(ceilings={ece: 0.05}, acc_margin=0.0, min_rung_size=99)
+    assert report(s, "a", 1, 0.80, 100, epochs=3, **{ece: 0.10}) == CONTINUE  # nothing finished: no headroom
+    assert report(s, "a", 3, 0.85, 100, epochs=3, **{ece: 0.04}) == CONTINUE  # fell 0.06 from rung 1
+    assert s.headroom(1, ece) == pytest.approx(0.06)
+    assert report(s, "b", 1, 0.90, 50, **{ece: 0.11}) == CONTINUE  # 0.11 - 0.06 gets to 0.05
+    assert report(s, "c", 1, 0.90, 10, **{ece: 0.20}) == STOP  # 0.20 - 0.06 can't, however accurate
+    assert s.stopped["c"]["reason"] == "above the val_ece_scaled ceiling" and s.stopped["c"]["ceiling"] == 0.05
+    assert "val_ece_scaled ceiling 0.0500" in s.debug_string()
+    assert report(s, "d", 1, 0.90, 10, **{ece: float("nan")}) == STOP  # no score: the worst one
+
+
 def test_without_a_floor_the_headroom_stops_nobody():
     s = ParetoASHA(min_rung_size=99)
     report(s, "a", 1, 0.5, 100, epochs=3)
