@@ -42,6 +42,7 @@ GRID_TEMPERATURES = tuple(
     for k in range(33)
 )
 _CALIBRATION = len(GRID_TEMPERATURES) * (1 + 3 * ECE_BINS)  # per T: NLL sum; per bin: count, confidence, hits
+_GRID_ELEMENTS = 1 << 22  # scaled logits held at once: a CIFAR batch's 33 temperatures, fewer of many classes
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -68,19 +69,27 @@ def calibration_sums(logits: torch.Tensor, labels: torch.Tensor, hit: torch.Tens
     """For each of :data:`GRID_TEMPERATURES` T: the NLL sum of ``softmax(logits / T)`` and,
     in each of the ECE's bins of its confidence (torchmetrics' ``[lo, hi)`` bins), the
     count, the confidence sum and the hits (``hit``: 1 where the top class is right)."""
-    grid, bins = len(GRID_TEMPERATURES), ECE_BINS
-    t = torch.tensor(GRID_TEMPERATURES, dtype=torch.float32, device=logits.device).view(-1, 1, 1)
-    logp = (logits.float().unsqueeze(0) / t).log_softmax(-1)  # (T, N, C)
+    per = max(1, _GRID_ELEMENTS // max(1, logits.numel()))  # temperatures per chunk: bounded memory
+    temps = torch.tensor(GRID_TEMPERATURES, dtype=torch.float32, device=logits.device)
+    return torch.cat([_calibration_chunk(logits, labels, hit, t) for t in temps.split(per)]).flatten()
+
+
+def _calibration_chunk(
+    logits: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, temps: torch.Tensor
+) -> torch.Tensor:
+    """:func:`calibration_sums`' rows for the temperatures ``temps``: ``(len(temps), 1 + 3 * bins)``."""
+    grid, bins = len(temps), ECE_BINS
+    logp = (logits.float().unsqueeze(0) / temps.view(-1, 1, 1)).log_softmax(-1)  # (T, N, C)
     nll = -logp.gather(2, labels.view(1, -1, 1).expand(grid, -1, 1)).sum(dim=(1, 2))
     confidence = logp.amax(-1).exp()  # (T, N)
-    where = (confidence * bins).long().clamp(max=bins - 1) + bins * torch.arange(grid, device=logits.device).view(-1, 1)
-
-    def binned(values: torch.Tensor) -> torch.Tensor:
-        flat = torch.zeros(grid * bins, dtype=torch.float64, device=logits.device)
-        return flat.index_add(0, where.flatten(), values.double().flatten()).view(grid, bins)
-
-    counted = [binned(torch.ones_like(confidence)), binned(confidence), binned(hit.view(1, -1).expand(grid, -1))]
-    return torch.cat([nll.double().view(-1, 1), *counted], dim=1).flatten()
+    offsets = bins * torch.arange(grid, device=logits.device).view(-1, 1)
+    where = ((confidence * bins).long().clamp(max=bins - 1) + offsets).flatten()
+    zeros = torch.zeros(grid * bins, dtype=torch.float64, device=logits.device)
+    counted = [
+        zeros.index_add(0, where, v.double().flatten()).view(grid, bins)
+        for v in (torch.ones_like(confidence), confidence, hit.view(1, -1).expand(grid, -1))
+    ]
+    return torch.cat([nll.double().view(-1, 1), *counted], dim=1)
 
 
 def sums_metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:

@@ -251,6 +251,7 @@ def probe_layer(
     params = int(model.get_submodule(name).weight.numel())
     channels = {n: m.weight.shape[0] for n, m in prunable_layers(model)}
     shape = tuple(batches[0][0].shape[1:])
+    dense_macs: int | None = None  # the unchanged model's, counted once: only a structured probe changes them
     rows = []
     for s in settings:
         row = {"layer": name, "kind": s.kind, "value": float(s.value), "params": params}
@@ -264,13 +265,18 @@ def probe_layer(
             recalibrate_bn(changed, recalib)
         m = score(changed, batches)
         cut = [n for n, layer in prunable_layers(changed) if layer.weight.shape[0] < channels.get(n, 0)]
+        if s.kind == "structured":
+            macs = count_macs(changed, shape)["macs"]
+        else:
+            dense_macs = dense_macs if dense_macs is not None else count_macs(model, shape)["macs"]
+            macs = dense_macs
         rows.append(
             {
                 **row,
                 "accuracy": m["accuracy"],
                 "loss": m["loss"],
                 "model_params": parameter_count(changed),
-                "model_macs": count_macs(changed, shape)["macs"],
+                "model_macs": macs,
                 "cut_layers": ",".join(cut),
                 "skipped_reason": "",
             }

@@ -175,3 +175,12 @@ def test_the_interval_narrows_as_the_square_root_of_the_images_and_is_nan_withou
     width = [accuracy_interval(0.9 * n, n)[1] - accuracy_interval(0.9 * n, n)[0] for n in (1_000, 4_000)]
     assert width[0] / width[1] == pytest.approx(2.0, rel=0.02)
     assert all(math.isnan(v) for v in accuracy_interval(0, 0))
+
+
+def test_calibration_sums_chunk_the_temperatures_for_many_classes_and_add_the_same(monkeypatch):
+    import effray.metrics as metrics
+
+    logits, labels = calibrated_set(n=512)
+    whole = metrics.class_sums(logits, labels, 10)
+    monkeypatch.setattr(metrics, "_GRID_ELEMENTS", 5_000)  # one temperature per chunk for 512 x 10 logits
+    torch.testing.assert_close(metrics.class_sums(logits, labels, 10), whole)
