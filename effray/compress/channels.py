@@ -106,11 +106,11 @@ def allocate_channels(
         )
     choices = group_choices(groups, dense, cfg)
     target = predict_costs(teacher, cfg, **meta)["macs"]
-    deepest = sum(dense - min(m for _, m in probes.values()) for probes in groups.values())
+    deepest = sum(max(c.cost for c in options) for options in choices.values())  # every group at its deepest cut
     need = dense - target  # the savings the uniform config's rate buys
     for _ in range(TRIES):
-        budget = int(sum(max(c.cost for c in options) for options in choices.values()) - need)
-        if budget < 0 or need > deepest:
+        budget = int(deepest - need)
+        if budget < 0:  # not even every group at its deepest cut saves that much
             break
         candidate = as_channel_config(cfg, allocate(choices, budget), model)
         macs = predict_costs(teacher, candidate, **meta)["macs"]
