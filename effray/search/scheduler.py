@@ -167,7 +167,7 @@ class ParetoASHA(FIFOScheduler):
         return metric in (None, self._metric) and mode in (None, "max")
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        if result.get("final"):
+        if result.get("final") or result.get("finetuned"):  # the artifact measured; a Ray Train trial's own end
             return TrialScheduler.CONTINUE
         t, last = self._need(result, self._time_attr), self._need(result, self._last_attr)
         point = [_worst_if_nan(self._need(result, self._metric), -math.inf)]

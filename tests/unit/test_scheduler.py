@@ -85,6 +85,17 @@ def test_final_report_continues_and_is_not_recorded():
     assert s.rungs_reached("b") == [] and s.stopped == {}
 
 
+def test_a_ray_train_trials_closing_report_is_not_an_epoch():
+    """A --workers-per-trial trial's workers end with one more report (``finetuned``: their
+    last validation under ``final_`` names, no tail scores): the scheduler lets it pass
+    rather than ask it for the floors' scores."""
+    s = ParetoASHA(floors={"val_worst_class_recall": 0.5})
+    report(s, "a", 1, 0.90, 100, val_worst_class_recall=0.8)
+    closing = {"val_accuracy": 0.90, "epoch": 11, "finetuned": True, "predicted_bytes": 100, "epochs": 10}
+    assert s.on_trial_result(None, trial("a"), closing) == CONTINUE
+    assert s.rungs_reached("a") == [1] and s.stopped == {}
+
+
 def test_accuracy_within_the_margin_of_a_cheaper_trial_is_not_dominated():
     s = ParetoASHA(acc_margin=0.005)
     report(s, "cheap", 1, 0.900, 100)
