@@ -42,9 +42,9 @@ def score(
     accuracy (every corruption, every severity) on its first ``images`` rows."""
     import torch
 
-    from effray.evaluate.robustness import corruption_accuracy
     from effray.metrics import classification_metrics
     from effray.models.predict import predict_logits
+    from effray.train.validate import corruption_accuracy
 
     with torch.no_grad():
         model.eval()
@@ -83,8 +83,8 @@ def main() -> int:
     from effray.compress.recipe import compress_local
     from effray.config import validated
     from effray.data.arrays import epoch_batches, eval_batches, load_arrays
+    from effray.data.corrupt import CORRUPTIONS
     from effray.data.prepare import load_meta
-    from effray.evaluate.corrupt import CORRUPTIONS
 
     data, teacher = data_and_teacher(args)
     meta = load_meta(data)

@@ -45,6 +45,7 @@ from effray.train.checkpoint import checkpoint_file, data_summary, load_checkpoi
 from effray.train.parallel import STRATEGIES
 from effray.train.run import provenance, train_rows
 from effray.train.trainer import check_resources, fit, open_mailbox, torch_trainer
+from effray.train.validate import CorruptionScore
 
 METRICS_FILE = "metrics.json"
 
@@ -139,6 +140,7 @@ def fine_tune_on_workers(
     max_failures: int = 0,
     report_extra: dict[str, Any] | None = None,
     step_bar: bool = False,
+    corruption: CorruptionScore | None = None,
 ) -> dict[str, Any]:
     """Fit the ``TorchTrainer`` running :func:`compress_loop_per_worker` on ``rc.workers``
     workers; rank 0 writes the artifact to ``rc.out`` (absolute). ``name``/``storage`` are
@@ -146,7 +148,8 @@ def fine_tune_on_workers(
     ``callbacks`` e.g. Tune's ``TuneReportCallback`` (``report_extra`` joins every epoch's
     report: a Tune trial's predicted costs); ``max_failures`` restarts after a dead
     worker or node, each from that checkpoint; ``step_bar``: rank 0's per-step bar on this
-    terminal (`effray compress`; not a Tune trial, whose output is a log). Returns the epochs
+    terminal (`effray compress`; not a Tune trial, whose output is a log); ``corruption``:
+    scored by rank 0 after every epoch (``val_corruption_accuracy``). Returns the epochs
     as the workers saw them (``{"epochs", "final", "world"}``)."""
     import ray
 
@@ -177,6 +180,7 @@ def fine_tune_on_workers(
         train_source=source,
         factories=provided(),
         progress=f"effray-steps-{run_id}" if step_bar else "",
+        corruption=corruption,
     )
     trainer = torch_trainer(
         compress_loop_per_worker,

@@ -28,6 +28,7 @@ from effray.compress.recipe import CompressHooks, ready, start_fine_tune
 from effray.compress.steps import save_student
 from effray.config import from_dict
 from effray.console import relay_to, say
+from effray.data.arrays import load_arrays
 from effray.data.images import sample_images
 from effray.data.pipeline import torch_batches
 from effray.data.shuffle import CachedSplit
@@ -39,7 +40,7 @@ from effray.train.parallel import make_strategy
 from effray.train.recipe import Plan, Run, run_recipe
 from effray.train.session import RaySession
 from effray.train.trainer import post
-from effray.train.validate import validate
+from effray.train.validate import CorruptionScore, validate
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class CompressWorker:
     train_source: CachedSplit | None = None  # the cached split reshuffled exactly every epoch; None: streamed
     factories: dict[str, Any] = field(default_factory=dict)  # the Python API's model factories, by reference
     progress: str = ""  # the driver's step-bar relay actor (effray.console.relayed_step_bars); "": no bar
+    corruption: CorruptionScore | None = None  # scored by rank 0 after every epoch (a search's --max-corruption-drop)
 
 
 def calib_rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,6 +75,13 @@ def calib_rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[torch
     x = torch.cat([b["image"] for b in parts])[order]
     y = torch.cat([b["label"] for b in parts])[order]
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
+
+
+def corruption_rows(worker: CompressWorker, rank: int) -> dict[str, Any] | None:
+    """The val rows rank 0 scores corruption accuracy on after every epoch; None elsewhere."""
+    if worker.corruption is None or not worker.corruption.every_epoch or rank != 0:
+        return None
+    return load_arrays(worker.run.data.data, "val", limit=worker.corruption.images)
 
 
 def compress_loop_per_worker(config: dict[str, Any]) -> None:
@@ -110,9 +119,13 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         seed=rc.data.seed,
     )
     val = session.dataset("val")
+    corrupted = corruption_rows(worker, rank)
 
     def scored(model: Any) -> dict[str, Any]:
-        return validate(strategy, model, val, meta, rc.eval_batch_size, rank, world, num_classes)
+        out = validate(strategy, model, val, meta, rc.eval_batch_size, rank, world, num_classes)
+        if corrupted is not None:  # rank 0's alone: no collective in it, and rank 0 reports
+            out["val_corruption_accuracy"] = worker.corruption.score(strategy.unwrap(model), corrupted, meta)
+        return out
 
     def costs(model: Any, epoch: int) -> dict[str, Any]:
         return epoch_costs(

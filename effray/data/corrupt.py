@@ -243,3 +243,13 @@ def parse_corruptions(spec: str) -> list[str]:
     if unknown:
         raise EffrayError(f"unknown corruption {unknown[0]!r} in --corruptions; valid: all, {', '.join(CORRUPTIONS)}")
     return names
+
+
+def parse_severities(spec: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or not set(values) <= set(SEVERITIES):
+        raise EffrayError(f"--severities must be a comma-separated list of 1-5, got {spec!r}")
+    return values

@@ -1,7 +1,7 @@
 """Corruption robustness of a model: accuracy under every corruption and severity.
 
 The evaluation split streams once through Ray Data; one ``map_batches`` stage makes every
-(corruption, severity) copy of each batch (:mod:`effray.evaluate.corrupt`, seeded per row, so
+(corruption, severity) copy of each batch (:mod:`effray.data.corrupt`, seeded per row, so
 the corrupted split is the same on every run and every cluster), and the driver scores
 them as they arrive. Reported as CIFAR-10-C reports it: accuracy per corruption and
 severity, the mean over all of them (mean corruption accuracy), and its drop relative
@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from effray.data.corrupt import CORRUPTIONS, corrupt
 from effray.data.pipeline import eval_dataset, map_batch_rows
 from effray.data.prepare import load_meta
 from effray.errors import EffrayError
-from effray.evaluate.corrupt import CORRUPTIONS, SEVERITIES, corrupt
-from effray.metrics import class_sums, score_batches, sums_metrics, sums_size
+from effray.metrics import class_sums, sums_metrics, sums_size
 from effray.models.predict import predict_logits
 
 
@@ -38,16 +38,6 @@ def all_variants(
         "label": np.tile(batch["label"], k),
         "variant": np.repeat(np.arange(k, dtype=np.int32), len(images)),
     }
-
-
-def parse_severities(spec: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in spec.split(",") if v.strip()})
-    except ValueError:
-        values = []
-    if not values or not set(values) <= set(SEVERITIES):
-        raise EffrayError(f"--severities must be a comma-separated list of 1-5, got {spec!r}")
-    return values
 
 
 @torch.no_grad()
@@ -131,35 +121,3 @@ def robustness(
         "images": int(count[0]),
         "seed": int(seed),
     }
-
-
-def corruption_accuracy(
-    model: Any,
-    arrays: dict[str, np.ndarray],
-    meta: dict[str, Any],
-    names: Sequence[str],
-    severities: Sequence[int],
-    *,
-    seed: int = 0,
-    images: int = 0,
-    batch_size: int = 256,
-) -> float:
-    """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
-    of a split's decoded ``arrays`` (0 = all), in this process: a search trial's column. The
-    images are the ones :func:`robustness` streams (each seeded by its row id)."""
-    n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
-    if n == 0 or not names:
-        return float("nan")
-    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n], np.int64)
-    batches = (
-        (
-            corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size]),
-            labels[i : i + batch_size],
-        )
-        for name in names
-        for s in severities
-        for i in range(0, n, batch_size)
-    )
-    model.eval()
-    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"], preprocess=meta.get("preprocess"))  # noqa: E731
-    return score_batches(predict, batches, int(meta["num_classes"]))["accuracy"]

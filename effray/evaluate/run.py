@@ -28,9 +28,9 @@ from effray.compress.artifact import temperature_of
 from effray.config import option, require
 from effray.console import say
 from effray.data.arrays import encoded_batches, prepared_batches
+from effray.data.corrupt import parse_corruptions, parse_severities
 from effray.errors import EffrayError
-from effray.evaluate.corrupt import parse_corruptions
-from effray.evaluate.robustness import parse_severities, robustness
+from effray.evaluate.robustness import robustness
 from effray.metrics import classification_metrics, scaled_calibration, score_batches, write_figures
 from effray.models.predict import predict_logits
 from effray.train.checkpoint import load_checkpoint

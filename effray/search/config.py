@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass
 
 from effray.config import option, require
-from effray.evaluate.corrupt import parse_corruptions
-from effray.evaluate.robustness import parse_severities
+from effray.data.corrupt import parse_corruptions, parse_severities
 from effray.search.constraints import Constraints
 from effray.search.deployed import DEPLOY_CHOICES, DeploySpec, parse_targets
 from effray.train.config import WANDB_MODES

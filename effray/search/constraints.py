@@ -7,10 +7,10 @@ accuracy get limits of their own. Every limit is judged on val (the split the se
 chooses by) against the teacher's own val scores; the test split then reports how the
 choice holds (:mod:`effray.search.holdout`). With any limit set, the pick is the cheapest
 model (per ``--objective``) within all of them, as NNCF returns the smallest model within
-``max_drop``; the pareto scheduler stops a trial whose accuracy, worst-class recall or
-ECE after temperature (what every epoch's validation scores) can no longer reach its
-limit (:class:`effray.search.scheduler.ParetoASHA`). Corruption accuracy is measured on
-the final artifact alone, so its limit acts on the pick.
+``max_drop``; the pareto scheduler stops a trial whose accuracy, worst-class recall, ECE
+after temperature or corruption accuracy (what every epoch's validation scores; the last
+only under ``--max-corruption-drop``) can no longer reach its limit
+(:class:`effray.search.scheduler.ParetoASHA`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from effray.config import option, require
 from effray.errors import EffrayError
 
 POINTS = 100.0  # accuracies are fractions in the tables; limits are in percentage points
-EPOCH_SCORES = ("accuracy", "worst_class_recall", "ece_scaled")  # what every epoch's validation scores (val_<name>)
+EPOCH_SCORES = ("accuracy", "worst_class_recall", "ece_scaled", "corruption_accuracy")  # what epochs score (val_<name>)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class Constraints:
         "0.05); a trial that can no longer get below it is stopped (0 = no limit)",
     )
     max_corruption_drop: float = option(
-        0.0, "points of mean corruption accuracy a model may lose against the teacher (0 = no limit)"
+        0.0,
+        "points of mean corruption accuracy a model may lose against the teacher; scored after every epoch, so a "
+        "trial that can no longer reach it is stopped (0 = no limit)",
     )
 
     def validate(self) -> None:

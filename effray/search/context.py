@@ -18,42 +18,29 @@ from effray.compress.config import CompressConfig
 from effray.compress.run import teacher_baseline, teacher_input
 from effray.config import merge, require
 from effray.data.arrays import eval_batches, load_arrays
+from effray.data.corrupt import parse_corruptions, parse_severities
 from effray.data.prepare import load_meta
-from effray.evaluate.corrupt import parse_corruptions
-from effray.evaluate.robustness import corruption_accuracy, parse_severities
 from effray.models.reference import provided
 from effray.search.config import TuneConfig
 from effray.search.deployed import DeployProbe
 from effray.train.checkpoint import data_summary, load_checkpoint
+from effray.train.validate import CorruptionScore
 
 
-@dataclass(frozen=True)
-class Robustness:
-    """The corruption score of every trial's final artifact: the same corruptions,
-    severities and images (chosen by ``seed``) as the teacher's, so the drop is fair."""
-
-    corruptions: tuple[str, ...]
-    severities: tuple[int, ...]
-    images: int
-    seed: int
-
-    @classmethod
-    def from_config(cls, cfg: TuneConfig) -> Robustness | None:
-        """None when ``--robust-images 0`` turns the column off."""
-        if not cfg.robust_images:
-            return None
-        return cls(
-            corruptions=tuple(parse_corruptions(cfg.robust_corruptions)),
-            severities=tuple(parse_severities(cfg.robust_severities)),
-            images=cfg.robust_images,
-            seed=cfg.seed,
-        )
-
-    def score(self, model: Any, val: dict[str, Any], meta: dict[str, Any]) -> float:
-        """Mean accuracy of ``model`` over the corrupted copies of the val arrays."""
-        return corruption_accuracy(
-            model, val, meta, self.corruptions, self.severities, seed=self.seed, images=self.images
-        )
+def corruption_score(cfg: TuneConfig) -> CorruptionScore | None:
+    """The corruption score of every trial's final artifact, on the teacher's corruptions,
+    severities and images (chosen by ``seed``), so the drop is fair; scored after every
+    epoch too when ``--max-corruption-drop`` asks the scheduler to hold it. None when
+    ``--robust-images 0`` turns the column off."""
+    if not cfg.robust_images:
+        return None
+    return CorruptionScore(
+        corruptions=tuple(parse_corruptions(cfg.robust_corruptions)),
+        severities=tuple(parse_severities(cfg.robust_severities)),
+        images=cfg.robust_images,
+        seed=cfg.seed,
+        every_epoch=bool(cfg.limits.max_corruption_drop),
+    )
 
 
 @dataclass(frozen=True)
@@ -91,7 +78,7 @@ class TrialContext:
     eval_batch_size: int
     base: CompressConfig  # every trial's config before its sample is applied
     teacher: TeacherBaseline
-    robust: Robustness | None
+    robust: CorruptionScore | None
     workers: TrialWorkers
     wandb_project: str
     wandb_mode: str  # decided once on the driver; "disabled" tracks nothing
@@ -124,7 +111,7 @@ class TrialContext:
         return f"{self.name}-{trial_id}"
 
 
-def measure_teacher(cfg: TuneConfig, meta: dict[str, Any], robust: Robustness | None) -> TeacherBaseline:
+def measure_teacher(cfg: TuneConfig, meta: dict[str, Any], robust: CorruptionScore | None) -> TeacherBaseline:
     """Load and measure the teacher once, on the driver, refusing one that predicts another
     dataset's classes."""
     teacher, payload = load_checkpoint(cfg.teacher, cfg.trust_code)
@@ -144,7 +131,7 @@ def measure_teacher(cfg: TuneConfig, meta: dict[str, Any], robust: Robustness | 
 
 def trial_context(cfg: TuneConfig, meta: dict[str, Any], wandb_mode: str) -> TrialContext:
     """The context of ``cfg``'s trials, the teacher measured (``wandb_mode``: decided by the driver)."""
-    robust = Robustness.from_config(cfg)
+    robust = corruption_score(cfg)
     teacher = measure_teacher(cfg, meta, robust)
     return TrialContext(
         name=cfg.name,

@@ -226,6 +226,19 @@ def epoch_latency(trial: Trial) -> Callable[[str], float | None] | None:
     return latency
 
 
+def epoch_corruption(ctx: TrialContext, val: dict[str, Any] | None) -> Callable[[Any], dict[str, float]]:
+    """What an epoch adds to its scores for ``--max-corruption-drop``: the model's mean
+    corruption accuracy on the teacher's corrupted val images, as ``val_corruption_accuracy``
+    (the scheduler's floor); nothing without that limit. ``val``: the shared val arrays,
+    else the first images read from disk, once."""
+    robust = ctx.robust
+    if robust is None or not robust.every_epoch:
+        return lambda model: {}
+    rows = val if val is not None else load_arrays(ctx.data, "val", limit=robust.images)
+    meta = ctx.meta()
+    return lambda model: {"val_corruption_accuracy": robust.score(model, rows, meta)}
+
+
 def trial_device() -> Any:
     """The GPU Tune gave this trial (``--gpus-per-trial`` > 0: Ray sets
     ``CUDA_VISIBLE_DEVICES`` to it, so it is ``cuda:0`` here), else the CPU."""
@@ -249,12 +262,13 @@ def run_in_process(trial: Trial, shared: SharedSplits | None) -> None:
     data = trial_data(ctx, cfg, trial.id, meta, device, shared)
     node = ray.get_runtime_context().get_node_id()
     latency = epoch_latency(trial)
+    corrupted = epoch_corruption(ctx, data.val)
 
     def on_epoch(epoch: int, model: Any, progress: Callable[[], dict[str, Any]]) -> None:
         """Report the epoch with the fine-tune so far as its checkpoint: a trial retried
         after its node died goes on from here (Tune hands it back through get_checkpoint)."""
         clock.last_epoch = time.perf_counter()
-        scores = epoch_scores(model, data.evals)  # what a Ray Train trial's epochs report too
+        scores = {**epoch_scores(model, data.evals), **corrupted(model)}  # what a Ray Train trial's epochs report too
         trial.tracker.log({METRIC: scores[METRIC], "epoch": epoch + 1}, step=epoch + 1)
         # the rungs rank by the weights' own size once they are final
         costs = epoch_costs(
@@ -351,6 +365,7 @@ def run_on_ray_train(trial: Trial) -> None:
             storage=trial_dir,
             callbacks=[TuneReportCallback()],
             report_extra=trial.known,
+            corruption=ctx.robust,
         )
         for e in finetune["epochs"]:  # the workers' epochs, as Tune saw them
             trial.tracker.log({k: e[k] for k in (METRIC, "train_loss", "epoch") if k in e}, step=e["epoch"])

@@ -9,13 +9,17 @@ host read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from effray.data.corrupt import corrupt
 from effray.data.pipeline import torch_batches
-from effray.metrics import class_sums, sums_metrics, sums_size, worst_recall
-from effray.models.predict import tta_logits
+from effray.metrics import class_sums, score_batches, sums_metrics, sums_size, worst_recall
+from effray.models.predict import predict_logits, tta_logits
 from effray.train.strategy import Strategy
 
 
@@ -93,3 +97,55 @@ def validate(
     return validation_metrics(
         validation_sums(strategy, model, shard, meta, batch, rank, world, num_classes, tta), num_classes
     )
+
+
+@dataclass(frozen=True)
+class CorruptionScore:
+    """Mean accuracy under corruptions on the first ``images`` val rows (seeded by ``seed``):
+    a search's corruption column, scored on the teacher and on every trial with the same
+    images so the drop is fair. ``every_epoch``: also scored after each fine-tuning epoch
+    (``val_corruption_accuracy``), so the scheduler can hold ``--max-corruption-drop``."""
+
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    images: int
+    seed: int
+    every_epoch: bool = False
+
+    def score(self, model: Any, val: dict[str, Any], meta: dict[str, Any]) -> float:
+        """Mean accuracy of ``model`` over the corrupted copies of the val arrays."""
+        return corruption_accuracy(
+            model, val, meta, self.corruptions, self.severities, seed=self.seed, images=self.images
+        )
+
+
+def corruption_accuracy(
+    model: Any,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    names: Sequence[str],
+    severities: Sequence[int],
+    *,
+    seed: int = 0,
+    images: int = 0,
+    batch_size: int = 256,
+) -> float:
+    """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
+    of a split's decoded ``arrays`` (0 = all), in this process: a search trial's column. The
+    images are the ones :func:`effray.evaluate.robustness.robustness` streams (each seeded by its row id)."""
+    n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
+    if n == 0 or not names:
+        return float("nan")
+    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n], np.int64)
+    batches = (
+        (
+            corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size]),
+            labels[i : i + batch_size],
+        )
+        for name in names
+        for s in severities
+        for i in range(0, n, batch_size)
+    )
+    model.eval()
+    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"], preprocess=meta.get("preprocess"))  # noqa: E731
+    return score_batches(predict, batches, int(meta["num_classes"]))["accuracy"]

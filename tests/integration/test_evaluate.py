@@ -10,9 +10,9 @@ import pytest
 from helpers import cli
 
 from effray.data.arrays import load_arrays
+from effray.data.corrupt import corrupt
 from effray.data.prepare import load_meta
 from effray.evaluate import score
-from effray.evaluate.corrupt import corrupt
 from effray.train.checkpoint import load_checkpoint
 
 

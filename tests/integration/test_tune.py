@@ -201,7 +201,9 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
             "--cpus-per-trial",
             "0.9",
             "--robust-images",
-            "0",  # the pareto search checks corruption robustness
+            "8",
+            "--max-corruption-drop",
+            "100",  # never binding: rank 0 scores the corrupted images after every epoch
             "--data-cpus",
             "1",
             "--storage",
@@ -226,6 +228,7 @@ def test_workers_per_trial_runs_each_trial_as_a_ray_train_run(ray_session, tiny_
     assert all(r["val_count"] == 60 for r in epochs)  # all-reduced validation over both workers: every row once
     assert all(0 <= r["val_worst_class_recall"] <= r["val_accuracy"] for r in epochs)  # what a tail floor reads
     assert all(0 <= r["val_ece_scaled"] <= 1 for r in epochs)  # and --max-ece's ceiling
+    assert all(0 <= r["val_corruption_accuracy"] <= 1 for r in epochs)  # --max-corruption-drop's floor
     workers = next(r for r in rows if r.get("finetuned"))
     assert (
         workers["world"] == 2 and workers["val_accuracy"] == workers["final_val_accuracy"]
@@ -287,6 +290,8 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
             "3",
             "--max-size-kb",
             "200",
+            "--max-corruption-drop",
+            "100",  # a floor below zero: scored every epoch, never binding
             "--storage",
             str(storage),
             "--name",
@@ -314,7 +319,7 @@ def test_pareto_search_stops_only_dominated_trials_within_budget(ray_session, ti
         assert configs[f"trial_{trial}"]["compress"]["finetune_lr"] == 5.0
         at_rung = rows[-1]
         assert 0 <= at_rung["val_worst_class_recall"] <= at_rung["val_accuracy"]  # in-process trials report it too
-        assert 0 <= at_rung["val_ece_scaled"] <= 1
+        assert 0 <= at_rung["val_ece_scaled"] <= 1 and 0 <= at_rung["val_corruption_accuracy"] <= 1
         assert why["dominated_by"]
         for other in why["dominated_by"]:  # really dominated, at the same rung, beyond the margin
             theirs = next(r for r in results[f"trial_{other}"] if r["epoch"] == why["rung"])

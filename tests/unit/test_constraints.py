@@ -113,17 +113,19 @@ def test_the_test_split_scores_the_front_and_every_model_within_the_limits(tmp_p
 
 
 def test_the_limits_a_trial_is_held_to_while_it_trains_reach_the_scheduler():
-    """--max-drop, --max-worst-class-drop and --max-ece are scored every epoch, so the pareto
-    scheduler gets the first two as floors and the ECE as a ceiling on the epochs' names;
-    corruption acts on the pick alone."""
+    """--max-drop, --max-worst-class-drop, --max-ece and --max-corruption-drop are scored every
+    epoch, so the pareto scheduler gets the drops as floors and the ECE as a ceiling on the
+    epochs' names."""
     from effray.search.config import TuneConfig
     from effray.search.driver import _scheduler
 
     limits = Constraints(max_drop=2.0, max_worst_class_drop=5.0, max_ece=0.05, max_corruption_drop=3.0)
     floors, ceilings = limits.floors(TEACHER), limits.ceilings(TEACHER)
-    assert floors == pytest.approx({"accuracy": 0.88, "worst_class_recall": 0.75})
+    assert floors == pytest.approx({"accuracy": 0.88, "worst_class_recall": 0.75, "corruption_accuracy": 0.67})
     assert ceilings == {"ece_scaled": 0.05}
     scheduler = _scheduler(TuneConfig(scheduler="pareto"), "/tmp/unused", floors, ceilings)
-    assert scheduler._floors == pytest.approx({"val_accuracy": 0.88, "val_worst_class_recall": 0.75})
+    assert scheduler._floors == pytest.approx(
+        {"val_accuracy": 0.88, "val_worst_class_recall": 0.75, "val_corruption_accuracy": 0.67}
+    )
     assert scheduler._ceilings == {"val_ece_scaled": 0.05}
     assert Constraints(max_ece=0.05).floors(TEACHER) == {} and Constraints(max_drop=1.0).ceilings(TEACHER) == {}

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from effray.data.augment_image import rgb_to_hsv
+from effray.data.corrupt import CORRUPTIONS, corrupt, corrupt_batch, disk_kernel, parse_corruptions
 from effray.errors import EffrayError
-from effray.evaluate.corrupt import CORRUPTIONS, corrupt, corrupt_batch, disk_kernel, parse_corruptions
 
 NOISY = ("gaussian_noise", "shot_noise", "impulse_noise")
 

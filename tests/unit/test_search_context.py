@@ -11,8 +11,10 @@ from ray import cloudpickle
 from effray.compress.config import CompressConfig
 from effray.errors import EffrayError
 from effray.search.config import TuneConfig
-from effray.search.context import Robustness, TeacherBaseline, TrialContext, TrialWorkers
+from effray.search.constraints import Constraints
+from effray.search.context import TeacherBaseline, TrialContext, TrialWorkers, corruption_score
 from effray.search.resources import DRIVER_CPUS, concurrency, trial_resources
+from effray.train.validate import CorruptionScore
 
 
 def _context(experiment: str = "/runs/tune/search") -> TrialContext:
@@ -27,7 +29,7 @@ def _context(experiment: str = "/runs/tune/search") -> TrialContext:
         eval_batch_size=64,
         base=CompressConfig(teacher="/runs/teacher/model.pt"),
         teacher=TeacherBaseline(path="/runs/teacher/model.pt", metrics={"accuracy": 0.5, "bytes": 1000}, info={}),
-        robust=Robustness(corruptions=("gaussian_noise",), severities=(1, 3), images=20, seed=3),
+        robust=CorruptionScore(corruptions=("gaussian_noise",), severities=(1, 3), images=20, seed=3),
         workers=TrialWorkers(count=2, cpus_per_worker=0.5, gpus_per_worker=0.0, data_cpus=1.0),
         wandb_project="effray",
         wandb_mode="offline",
@@ -67,9 +69,12 @@ def test_the_tune_config_names_the_experiment_and_its_robustness():
     cfg = TuneConfig(storage="runs/tune/", name="x", robust_images=0)
     assert cfg.experiment.endswith("runs/tune/x") and cfg.storage_root.startswith("/")
     assert TuneConfig(storage="s3://b/tune/", name="x").experiment == "s3://b/tune/x"
-    assert Robustness.from_config(cfg) is None
-    robust = Robustness.from_config(TuneConfig(robust_corruptions="gaussian_noise", robust_severities="3,1", seed=2))
-    assert robust == Robustness(corruptions=("gaussian_noise",), severities=(1, 3), images=200, seed=2)
+    assert corruption_score(cfg) is None
+    robust = corruption_score(TuneConfig(robust_corruptions="gaussian_noise", robust_severities="3,1", seed=2))
+    assert robust == CorruptionScore(corruptions=("gaussian_noise",), severities=(1, 3), images=200, seed=2)
+    assert not robust.every_epoch  # only a limit on it makes every epoch pay for the score
+    held = corruption_score(TuneConfig(limits=Constraints(max_corruption_drop=5.0)))
+    assert held.every_epoch and held.images == 200
 
 
 def test_what_a_trial_reserves_and_how_many_run_at_once():
