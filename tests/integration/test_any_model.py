@@ -1,68 +1,45 @@
 """A model of the user's own, a timm ViT and the worked example's torchvision nets through
-every stage on local Ray, on real Imagenette images made small: the Python API (train ->
-compress with structured pruning, 4-bit QAT and KD -> export -> evaluate) for a hand-written
-residual + depthwise module; the CLI for a timm ViT (compress its heads and MLPs with 4-bit QAT and
-KD on Ray Train -> every export -> predict on Ray Data -> serve over HTTP;
+every stage on local Ray, on real Imagenette images made small (200 rows at 64 px; the preset
+at 32 px): the Python API (train -> compress with structured pruning, 4-bit QAT and KD ->
+export -> evaluate) for a hand-written residual + depthwise module; the CLI for a timm ViT
+(train on Ray Train -> compress its heads and MLPs with 4-bit QAT and KD on Ray Train ->
+evaluate -> every export -> predict on Ray Data -> serve over HTTP;
 tests/unit/test_compress_recipe.py distils one into a CNN); and the ``imagenette-resnet50``
 preset end to end on a tiny slice."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from helpers import IMAGENETTE, call, cli, png, save_checkpoint
+from helpers import IMAGENETTE, call, cli, png
 
 import effray.compress
 import effray.train
 from effray.cluster import free_port
 from effray.compress.artifact import load_artifact
 from effray.data.arrays import load_arrays
-from effray.data.prepare import load_meta
 from effray.deploy.config import ServeConfig
 from effray.deploy.model import load_deployable
 from effray.deploy.serve import start, stop
-from effray.models import build_model
-from effray.train.checkpoint import data_summary, read_payload
+from effray.train.checkpoint import read_payload
 from tests.user_models import residual_dw
 
 ROOT = Path(__file__).resolve().parents[2]
-SIZE, ROWS = 32, 200  # 32 px: the ResNets' five stride-2 stages still leave a 1x1 map
-VIT = "timm:vit_tiny_patch16_224?img_size=32,patch_size=8,depth=2"  # 16 tokens of 192 wide, 3 heads, 2 blocks
+SIZE, ROWS = 64, 200  # the first 200 rows of the real 224 px file (20 per class), resized by `data prepare`
+PRESET_SIZE = 32  # the preset's ResNet-50 at 32 px: its five stride-2 stages still leave a 1x1 map
+VIT = "timm:vit_tiny_patch16_224?img_size=64,depth=2"  # 16 patches of 16 px, 192 wide, 3 heads, 2 blocks
 
 
 @pytest.fixture(scope="module")
-def small_imagenette(tmp_path_factory) -> Path:
-    """The first ``ROWS`` Imagenette rows (20 per class) resized to ``SIZE`` px with PIL, as a
-    Parquet source today's ``data prepare`` takes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    if not IMAGENETTE.is_file():
-        pytest.fail(f"real Imagenette file missing at {IMAGENETTE}; set EFFRAY_IMAGENETTE_PARQUET")
-    table = pq.read_table(IMAGENETTE).slice(0, ROWS)
-    images = []
-    for raw in table.column("image").to_pylist():
-        buf = io.BytesIO()
-        Image.open(io.BytesIO(raw)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).save(buf, format="PNG")
-        images.append(buf.getvalue())
-    out = tmp_path_factory.mktemp("imagenette") / f"imagenette-{SIZE}.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images)), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_session, small_imagenette, tmp_path_factory) -> Path:
+def prepared(ray_session, tmp_path_factory) -> Path:
     from effray.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("data") / "imagenette"
-    prepare(PrepareConfig(source=str(small_imagenette), out=str(out), val_fraction=0.2))
+    prepare(PrepareConfig(source=str(IMAGENETTE), out=str(out), limit=ROWS, image_size=SIZE, val_fraction=0.2))
     return out
 
 
@@ -114,13 +91,26 @@ def test_a_users_own_module_goes_through_every_stage_from_the_python_api(prepare
 
 @pytest.mark.slow
 def test_a_timm_vit_compresses_on_ray_train_exports_predicts_and_serves(prepared, tmp_path):
-    # the teacher: the ViT as `effray train` saves it, built by reference in this process (training one on Ray
-    # Train is the same loop as the user's module above and the preset's ResNet-50 below: its fit is not repeated)
-    torch.manual_seed(0)
-    model = build_model(VIT, 10)
-    checkpoint = save_checkpoint(tmp_path / "teacher", model, data=data_summary(load_meta(prepared)))
-    trained = {"checkpoint": str(checkpoint)}
+    # the teacher: the ViT trained by reference on Ray Train (one epoch, random init: timm builds it offline)
     common = ("--data", str(prepared), "--workers", "1")
+    rc, trained, err = cli(
+        "train",
+        "--model",
+        VIT,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.01",
+        *common,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "vit",
+        "--no-wandb",
+    )
+    assert rc == 0 and trained["epochs_run_now"] == 1, err
     spec = read_payload(trained["checkpoint"])["model_spec"]
     assert (spec["name"], spec["library"], spec["num_classes"]) == ("timm:vit_tiny_patch16_224", "timm", 10)
     # the ViT itself: whole heads and MLP channels pruned, 4-bit QAT on every projection, KD from its trained self
@@ -140,6 +130,8 @@ def test_a_timm_vit_compresses_on_ray_train_exports_predicts_and_serves(prepared
     )
     assert rc == 0, err
     assert vit["size_ratio"] > 2.0 and vit["macs_ratio"] > 1.2, vit
+    rc, evaluated, err = cli("evaluate", "--checkpoint", vit["artifact"], "--data", str(prepared))
+    assert rc == 0 and evaluated["accuracy"] == pytest.approx(vit["accuracy"], abs=1e-6), err
     rc, exported, err = cli("export", "--artifact", vit["out"], "--format", "all", "--out", str(tmp_path / "export"))
     assert rc == 0, err
     assert {"torch", "onnx", "openvino"} <= set(exported["parity"]), exported["parity"]
@@ -187,10 +179,10 @@ def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_sess
     preset = tmp_path / "tiny.yaml"
     preset.write_text(
         "base: imagenette-resnet50\n"  # its own source, the real 224 px file: 200 rows cut to 32 px
-        f"prepare: {{limit: {ROWS}, image_size: {SIZE}, val_fraction: 0.2}}\n"
+        f"prepare: {{limit: {ROWS}, image_size: {PRESET_SIZE}, val_fraction: 0.2}}\n"
         "train: {epochs: 1, batch_size: 32, workers: 1, gpus_per_worker: 0, cpus_per_worker: 1, data_cpus: 0.5,"
-        f" data: {{augment: 'random_resized_crop({SIZE}, scale=(0.35, 1))|flip|rotate(10)|jitter(0.4,0.4,0.4,0.1)"
-        "|grayscale(0.1)'}}\n"
+        f" data: {{augment: 'random_resized_crop({PRESET_SIZE}, scale=(0.35, 1))|flip|rotate(10)"
+        "|jitter(0.4,0.4,0.4,0.1)|grayscale(0.1)'}}\n"
         # the corruption baseline on 8 val images, not all 40: a ResNet-50's 30 corruption passes cost the most here
         f"tune: {{space: {space}, num_samples: 1, gpus_per_trial: 0, cpus_per_trial: 1, grace_period: 1,"
         # no deployed latency (run_resume times an `effray run`'s front); the exports are written all the same
@@ -203,7 +195,7 @@ def test_the_imagenette_resnet50_preset_runs_end_to_end_on_a_tiny_slice(ray_sess
     payload = read_payload(teacher)
     spec, data = payload["model_spec"], payload["data"]  # a checkpoint records how to rebuild it and what it takes
     assert (spec["name"], spec["library"], spec["num_classes"]) == ("torchvision:resnet50", "torchvision", 10)
-    assert data["image_shape"] == [SIZE, SIZE, 3] and data["preprocess"]
+    assert data["image_shape"] == [PRESET_SIZE, PRESET_SIZE, 3] and data["preprocess"]
     assert summary["trials"] == 1 and summary["exports"]
     assert summary["test"]["images"] == 20 and set(summary["test"]["front"]) == set(summary["exports"])  # 10 % of 200
     assert not any(e["error"] for e in summary["exports"].values()), summary["exports"]
