@@ -216,3 +216,49 @@ def test_pretrained_needs_a_library_model_and_weights_exclude_it():
         pretrained_state("resnet20")
     with pytest.raises(EffrayError, match=r"--student-weights/--student-pretrained start a --student"):
         from_flags(CompressRunConfig, {"teacher": "t", "data": "d", "out": "o", "student_weights": "w.pt"})
+
+
+def test_pretrained_weights_come_from_the_libraries_own_caches_without_network(tmp_path, monkeypatch):
+    """``--pretrained`` asks torchvision (torch hub's cache, then its URL) and timm (the Hugging
+    Face hub's cache, then the hub) for their published weights. Files placed where each
+    library caches its downloads stand in for a download: the weights load from there, the
+    head is re-initialised for the data's classes and said so, and with the hub offline and
+    nothing cached timm's refusal is one line naming --weights."""
+    import huggingface_hub.constants as hf
+    import timm
+    import torchvision
+    from safetensors.torch import save_file
+
+    from effray.models.weights import pretrained_state
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch.hub reads it on every call
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))  # read when hf_hub_download is called
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    torch.manual_seed(1)
+    published = torchvision.models.resnet18().state_dict()
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(published, tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    loaded = pretrained_state("torchvision:resnet18")
+    assert loaded.keys() == published.keys() and all(torch.equal(loaded[k], published[k]) for k in published)
+    model = build_model("torchvision:resnet18", 10)
+    report = initial_weights(model, pretrained="torchvision:resnet18")
+    assert report["source"] == "pretrained:torchvision:resnet18" and sorted(report["reinitialised"]) == [
+        "fc.bias",
+        "fc.weight",
+    ]
+    assert torch.equal(model.state_dict()["conv1.weight"], published["conv1.weight"])
+
+    vit = "timm:vit_tiny_patch16_224?img_size=32,patch_size=8,depth=1"
+    with pytest.raises(EffrayError, match=r"^--pretrained: .*can't be fetched here .*pass --weights FILE$"):
+        pretrained_state(vit)  # offline, nothing cached
+    torch.manual_seed(2)
+    published = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).state_dict()
+    repo = tmp_path / "hf" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    revision = "0" * 40
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    save_file({k: v.contiguous() for k, v in published.items()}, repo / "snapshots" / revision / "model.safetensors")
+    loaded = pretrained_state(vit)
+    assert loaded.keys() == published.keys() and all(torch.equal(loaded[k], published[k]) for k in published)
