@@ -3,8 +3,9 @@
 search when :mod:`effray.deploy` is imported.
 
 On the driver, :func:`prepare_probe` resolves ``--deploy auto`` (int8 only where the
-target's CPU has VNNI/AMX: without them the int8 kernels sum pairs in int16 and are no
-faster than fp32), finds a node for every ``--latency-on`` resource (one line when none
+target's CPU has VNNI/AMX, without which the int8 kernels sum pairs in int16 and are no
+faster than fp32, and there only when the teacher's own int8 file is faster than its fp32
+one at batch 1 on every target: :func:`auto_choice`), finds a node for every ``--latency-on`` resource (one line when none
 offers it) and starts a :class:`~effray.deploy.latency.LatencyActor` there, then exports
 the teacher in its best fp32 form for that runtime (BN folded; the runtime's own graph
 optimisations when it loads it) and times it. In each trial, :meth:`ExportedProbe.measure`
@@ -23,7 +24,7 @@ from typing import Any
 from effray.config import require, validated
 from effray.deploy.config import ExportConfig
 from effray.deploy.export import export
-from effray.deploy.latency import ExportedFile, Measured, read_export, start_actor, time_exports, where
+from effray.deploy.latency import ExportedFile, Measured, Timing, read_export, start_actor, time_exports, where
 from effray.deploy.runtimes import RUNTIME_OF
 from effray.errors import EffrayError
 from effray.search.deployed import PROBES, DeployProbe, DeploySpec
@@ -47,6 +48,26 @@ def resolve_kind(kind: str, int8_native: bool) -> tuple[str, str]:
     if int8_native:
         return "onnx-int8", "auto: ONNX Runtime int8 (the target CPU has VNNI/AMX)"
     return "onnx", "auto: ONNX Runtime fp32 (no VNNI/AMX on the target CPU: its int8 kernels sum pairs in int16)"
+
+
+def auto_choice(by_target: dict[str, Measured]) -> tuple[str, str]:
+    """``--deploy auto`` on VNNI/AMX CPUs: ``(kind, why)`` from the teacher's fp32 and int8
+    ONNX files timed together on every target (``timings`` = fp32, int8). int8 only where
+    it is faster at batch 1 on every target: on a small net the int8 graph's own costs
+    (quantizing the image, a thin stem conv, int8 pooling) can outweigh its faster GEMMs."""
+    ratios = {t: speedups(m.timings[0], m.timings[1]) for t, m in by_target.items()}
+    said = "; ".join(
+        f"{b1:.2f}x at batch 1, {bn:.2f}x at batch N" + (f" on {t}" if len(ratios) > 1 else "")
+        for t, (b1, bn) in ratios.items()
+    )
+    if all(b1 > 1.0 for b1, _ in ratios.values()):
+        return "onnx-int8", f"auto: ONNX Runtime int8 (VNNI/AMX; the teacher's int8 file ran {said} its fp32 speed)"
+    return "onnx", f"auto: ONNX Runtime fp32 (the teacher's int8 file ran {said} its fp32 speed, VNNI/AMX and all)"
+
+
+def speedups(base: Timing, other: Timing) -> tuple[float, float]:
+    """``other``'s speed-up over ``base`` at batch 1 and at batch N."""
+    return base.latency_ms_b1 / other.latency_ms_b1, other.img_s_bN / base.img_s_bN
 
 
 def check_runtime(kind: str) -> None:
@@ -125,11 +146,12 @@ def row_fields(by_target: dict[str, Measured], spec: DeploySpec) -> dict[str, An
     out: dict[str, Any] = {}
     for i, (target, m) in enumerate(by_target.items()):
         teacher, student = m.timings
+        b1, bn = speedups(teacher, student)
         f = {
             "latency_ms_b1": student.latency_ms_b1,
             "img_s_bN": student.img_s_bN,
-            "speedup_b1": teacher.latency_ms_b1 / student.latency_ms_b1,
-            "speedup_bN": student.img_s_bN / teacher.img_s_bN,
+            "speedup_b1": b1,
+            "speedup_bN": bn,
             "teacher_latency_ms_b1": teacher.latency_ms_b1,
             "teacher_img_s_bN": teacher.img_s_bN,
             "latency_node": m.node,
@@ -188,11 +210,25 @@ def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> Ex
         fmt, _, file_kind = PLANS[kind]
         teacher_kind = file_kind.removesuffix("-int8")
         out = Path(out_dir)
-        export(validated(ExportConfig(artifact=teacher, format=fmt, data=data, out=str(out))))
+        measure_int8 = spec.kind == "auto" and kind == "onnx-int8"  # auto's int8 is measured, not assumed
+        written = export(
+            validated(ExportConfig(artifact=teacher, format=fmt, int8=measure_int8, data=data, out=str(out)))
+        )
         teacher_file = read_export(out, teacher_kind)
         probe = ExportedProbe(spec, kind, why, not int8_native, teacher_file, actors)
+        if measure_int8 and "onnx-int8" in written["files"]:
+            timed = probe.timed([teacher_file, read_export(out, "onnx-int8")])
+            probe.kind, probe.why = kind, why = auto_choice(timed)
+        elif measure_int8:  # the teacher's own int8 file failed its check: nothing says int8 pays here
+            probe.kind, probe.why = kind, why = (
+                "onnx",
+                "auto: ONNX Runtime fp32 (the teacher's int8 file failed its check)",
+            )
+            timed = probe.timed([teacher_file])
+        else:
+            timed = probe.timed([teacher_file])
         probe.teacher = {
-            **teacher_fields(probe.timed([teacher_file]), spec, teacher_kind),
+            **teacher_fields(timed, spec, teacher_kind),
             "deploy": kind,
             "deploy_why": why,
             "int8_native": int8_native,

@@ -373,4 +373,22 @@ def test_a_searchs_deploy_probe_times_the_exported_file_beside_the_teacher_on_on
     assert row["speedup_bN"] == pytest.approx(row["img_s_bN"] / row["teacher_img_s_bN"])
     assert row["slower_than_teacher"] == (row["speedup_b1"] < 1 or row["speedup_bN"] < 1)
     assert (trial / "export" / "model.xml").is_file() and (trial / "export" / SIDECAR).is_file()
+
+
+def test_deploy_auto_times_the_teachers_int8_file_where_the_cpu_has_vnni(teacher, tiny_cifar, tmp_path):
+    """``--deploy auto``: without VNNI/AMX, ONNX Runtime fp32 by rule; with them, the teacher's
+    int8 file is written and timed beside its fp32 one, and int8 is kept only if it is faster
+    (the reason names the ratios). The teacher is timed in fp32 either way."""
+    import effray.deploy  # noqa: F401  (registers the probe with the search)
+    from effray.deploy.latency import where
+
+    out = tmp_path / "teacher-files"
+    probe = deploy_probe(DeploySpec("auto", (), 1, 16, 3), str(teacher), str(tiny_cifar), str(out))
+    t, files = probe.teacher, json.loads((out / SIDECAR).read_text())["files"]
+    assert t["deploy"] == probe.kind and t["deploy_kind"] == "onnx" and t["runtime"] == "onnxruntime"
+    if where()["vnni"]:
+        assert "onnx-int8" in files and probe.kind in ("onnx", "onnx-int8")
+        assert "the teacher's int8 file ran" in t["deploy_why"] and "at batch 1" in t["deploy_why"]
+    else:
+        assert probe.kind == "onnx" and "no VNNI/AMX" in t["deploy_why"] and "onnx-int8" not in files
     probe.close()

@@ -20,7 +20,7 @@ from effray.compress.program import export_program, float_twin
 from effray.compress.recipe import compress_local
 from effray.config import validated
 from effray.deploy.latency import ExportedFile, Measured, Timing, time_exports
-from effray.deploy.probe import resolve_kind, row_fields
+from effray.deploy.probe import auto_choice, resolve_kind, row_fields
 from effray.deploy.runtimes import openvino_model, ort_session
 from effray.deploy.writers import write_onnx, write_openvino
 from effray.models import build_model
@@ -93,6 +93,18 @@ def test_auto_picks_int8_only_where_the_cpu_has_vnni_or_amx_and_says_why():
     assert resolve_kind("openvino-int8", int8_native=False) == ("openvino-int8", resolve_kind("pt2-int8", False)[1])
     assert "without VNNI" in resolve_kind("pt2-int8", int8_native=False)[1]
     assert resolve_kind("openvino", int8_native=False) == ("openvino", "")
+
+
+def test_auto_keeps_int8_on_a_vnni_cpu_only_where_the_teachers_int8_file_is_faster_everywhere():
+    """The teacher's fp32 and int8 files timed together on each target: int8 must win at batch 1
+    on all of them, and the reason carries the measured ratios."""
+    kind, why = auto_choice({"local": _measured((0.05, 24000.0), (0.07, 17000.0), "n1")})
+    assert kind == "onnx" and "0.71x at batch 1, 0.71x at batch N" in why
+    kind, why = auto_choice({"local": _measured((0.10, 10000.0), (0.05, 30000.0), "n1")})
+    assert kind == "onnx-int8" and "2.00x at batch 1, 3.00x at batch N" in why
+    both = {"a": _measured((0.10, 1e4), (0.05, 3e4), "n1"), "b": _measured((0.10, 1e4), (0.20, 3e4), "n2")}
+    kind, why = auto_choice(both)
+    assert kind == "onnx" and "0.50x at batch 1, 3.00x at batch N on b" in why
 
 
 def test_openvino_rounds_a_value_on_a_quantizers_boundary_as_onnx_runtime_does(tmp_path):
