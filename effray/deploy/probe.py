@@ -5,12 +5,13 @@ search when :mod:`effray.deploy` is imported.
 On the driver, :func:`prepare_probe` resolves ``--deploy auto`` (int8 only where the
 target's CPU has VNNI/AMX, without which the int8 kernels sum pairs in int16 and are no
 faster than fp32, and there only when the teacher's own int8 file is faster than its fp32
-one at batch 1 on every target: :func:`auto_choice`), finds a node for every ``--latency-on`` resource (one line when none
-offers it) and starts a :class:`~effray.deploy.latency.LatencyActor` there, then exports
-the teacher in its best fp32 form for that runtime (BN folded; the runtime's own graph
-optimisations when it loads it) and times it. In each trial, :meth:`ExportedProbe.measure`
-exports the artifact as ``effray export`` does, parity check included, and times the file
-beside the teacher's on every target, so every speed-up is runtime against runtime, taken
+one at batch 1 on every target: :func:`auto_choice`), finds a node for every
+``--latency-on`` resource (one line when none offers it) and starts a
+:class:`~effray.deploy.latency.LatencyActor` there, then exports the teacher in its best
+fp32 form for that runtime (BN folded; the runtime's own graph optimisations when it
+loads it) and times it. In each trial, :meth:`ExportedProbe.measure` exports the artifact
+as ``effray export`` does, parity check included, and times the file beside the
+teacher's on every target, so every speed-up is runtime against runtime, taken
 in one run.
 """
 

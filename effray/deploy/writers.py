@@ -118,6 +118,40 @@ def write_onnx(path: Path, program: Any, example: Any) -> None:
         raise EffrayError(
             f"the ONNX exporter failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
         ) from None
+    drop_identity_pools(path)
+
+
+def drop_identity_pools(path: Path) -> int:
+    """Remove the ``AveragePool`` nodes that copy their input (1x1 windows, stride 1, no
+    padding: an ``AdaptiveAvgPool2d`` to the size it is given), rewiring their consumers.
+    Free in fp32, such a node costs a full pass in ONNX Runtime's int8 graph (its
+    ``QLinearAveragePool`` runs for real). Returns how many were removed."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+
+    def copies(node: Any) -> bool:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        return (
+            node.op_type == "AveragePool"
+            and all(k == 1 for k in a.get("kernel_shape", [0]))
+            and all(v == 1 for v in a.get("strides", [1]))
+            and not any(a.get("pads", []))
+            and node.output[0] not in outputs
+        )
+
+    dropped = [n for n in graph.node if copies(n)]
+    for node in dropped:
+        source, target = node.input[0], node.output[0]
+        for other in graph.node:
+            other.input[:] = [source if i == target else i for i in other.input]
+        graph.node.remove(node)
+    if dropped:
+        onnx.save(model, str(path))
+    return len(dropped)
 
 
 def write_openvino(path: Path, onnx_path: Path) -> None:

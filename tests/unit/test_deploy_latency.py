@@ -235,3 +235,26 @@ def test_an_epochs_latency_is_measured_on_its_artifact_once_the_weights_are_fina
     assert (costs[1]["latency_from"], costs[1]["predicted_latency_ms"]) == ("export", 0.25)
     assert costs[1]["bytes_from"] == "weights" and handed == [["model.pt"]]  # the artifact as saved, timed once
     assert "latency_from" not in epoch_costs(predicted, model, cfg, 1, model.spec)  # no --objective latency
+
+
+def test_an_average_pool_that_copies_its_input_leaves_the_onnx_file(tmp_path):
+    """``AdaptiveAvgPool2d`` to the size it is given exports as a 1x1 ``AveragePool``: free in
+    fp32, a full ``QLinearAveragePool`` pass in ONNX Runtime's int8 graph. The writer removes
+    it (the file computes the same); a 1x1 pool with stride 2 subsamples and stays."""
+    import onnx
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(8),
+        nn.AvgPool2d(1, stride=2),
+        nn.Flatten(),
+        nn.Linear(64, 2),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    write_onnx(tmp_path / "m.onnx", torch.export.export(model, (x,)), x)
+    pools = [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "AveragePool"]
+    assert len(pools) == 1 and [a.ints for a in pools[0].attribute if a.name == "strides"] == [[2, 2]]
+    got = ort_session(tmp_path / "m.onnx", 1).run(None, {"image": x.numpy()})[0]
+    assert np.allclose(got, model(x).detach().numpy(), atol=1e-5)
