@@ -3,7 +3,8 @@
 For each teacher and each budget point (a uniform config: ``bits:rate``, unstructured, or
 ``bits:sRATE``, structured), the uniform config and its sensitivity allocation (per-layer
 bits and rates from ``effray sensitivity``, at most the uniform file's bytes; per-layer
-channel rates at most the uniform model's MACs when structured) are fine-tuned the same way
+channel rates at most the uniform model's MACs when structured, then bits per layer of the
+cut model within the uniform file's bytes) are fine-tuned the same way
 (QAT + logit KD, the same seed, images and epochs) and their saved artifacts measured.
 Printed: each pair's accuracy and bytes, the hypervolume of the two fronts (accuracy vs
 ln bytes up to the teacher's fp32 size) and their ratio, and the wall-clock of the
@@ -255,7 +256,7 @@ def main() -> int:
         )
         print(
             f"{'budget':>10} {'allocation':>12} {'accuracy':>9} {'held-out':>9} {'bytes':>9} {'MACs':>11} "
-            f"{'bits (or channel rates) per layer':<40}",
+            f"{'bits and channel rates per layer':<40}",
             flush=True,
         )
         rows = []
@@ -280,8 +281,17 @@ def main() -> int:
                 row = {"teacher": teacher_path, "budget": label, "allocation": kind, "structured": structured, **m}
                 row["layer_bits"], row["layer_rates"] = cfg.layer_bits, cfg.layer_rates
                 rows.append(row)
-                per_layer = cfg.layer_rates if structured else cfg.layer_bits
-                shown = ",".join(v.split("=")[1] for v in per_layer.split(",")) if per_layer else "uniform"
+                shown = (
+                    " ".join(
+                        f"{what} {','.join(v.split('=')[1] for v in spec.split(','))}"
+                        for what, spec in (
+                            ("bits", cfg.layer_bits),
+                            ("channels", cfg.layer_rates if structured else ""),
+                        )
+                        if spec
+                    )
+                    or "uniform"
+                )
                 print(
                     f"{row['budget']:>10} {kind:>12} {m['accuracy']:>9.4f} {m['held_out']:>9.4f} {m['bytes']:>9,} "
                     f"{m['macs']:>11,} {shown:<40}",

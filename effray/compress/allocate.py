@@ -17,6 +17,12 @@ were dense. The file adds LZMA and metadata, so :func:`allocated` checks the
 chosen config on the real file (:func:`effray.compress.cost.predict_costs`, the recipe's
 own save path) against the uniform config's, tightening the layer budget until it fits.
 
+A structured config is allocated in two steps: channel rates per coupled group within the
+uniform config's MACs (:mod:`effray.compress.channels`), then bits per layer of the cut
+model within its bytes, each layer priced on its cut weights. Bits never change MACs, so
+the second step keeps the first's MACs; it trades the bytes the cuts freed (or cost) for
+bits where the probes say they matter.
+
 Two layers changed together are predicted to cost the sum of their drops, and so are a
 layer's bits and its rate (the usual first-order assumption of NNI's and HAWQ's
 allocators); the fine-tune that follows (QAT + KD) recovers much of either.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ from torch import nn
 
 from effray.compress.channels import allocate_channels
 from effray.compress.config import OFF, CompressConfig, format_layers
-from effray.compress.cost import predict_costs
+from effray.compress.cost import predict_costs, pruned_student
 from effray.compress.fakequant import WeightQuant
 from effray.compress.knapsack import Choice, allocate, interpolated
 from effray.compress.layers import classifier
@@ -136,11 +143,16 @@ def uniform_settings(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[i
 
 
 def layer_choices(
-    model: nn.Module, cfg: CompressConfig, rows: list[dict[str, Any]], sizes: LayerBytes | None = None
+    model: nn.Module,
+    cfg: CompressConfig,
+    rows: list[dict[str, Any]],
+    sizes: LayerBytes | None = None,
+    strict: bool = True,
 ) -> dict[str, list[Choice]]:
     """Every layer's candidate settings: the probed bits (and float) when ``cfg`` quantizes,
     0 and the probed unstructured rates when it prunes, and the uniform config's own, each
-    with its predicted drop and packed bytes (``sizes``, of ``model`` when not given).
+    with its predicted drop and packed bytes (``sizes``, of ``model`` when not given). A
+    layer the table never probed is an error, or with ``strict`` off keeps its own setting.
 
     The first quantizable layer and the classifier keep the bits the config gives them:
     they quantize their input too, a probe quantized their weights alone, and the summed
@@ -149,7 +161,7 @@ def layer_choices(
     drops = probed_drops(rows)
     uniform = uniform_settings(model, cfg)
     missing = [n for n in uniform if n not in drops]
-    if missing:
+    if missing and strict:
         raise EffrayError(
             f"the sensitivity table has no probes of {len(missing)} layer(s) of this model (e.g. {missing[0]}); "
             "run `effray sensitivity` on a checkpoint of the architecture being compressed"
@@ -157,11 +169,12 @@ def layer_choices(
     out = {}
     edges = set(edge_layers(model))
     for name, m in prunable_layers(model):
-        probes = drops[name]
+        probes = drops.get(name, {})
         bits_points = {float(OFF): 0.0, **probes.get("bits", {})}
         rate_points = {0.0: 0.0, **probes.get("unstructured", {})}
         own_bits, own_rate = uniform[name]
-        traded = own_bits != OFF and quantizable(m) and name not in edges  # the edges keep their own bits
+        # the edges keep their own bits, and so does a layer whose bits were never probed
+        traded = own_bits != OFF and quantizable(m) and name not in edges and "bits" in probes
         bits_options = {own_bits} | ({int(b) for b in bits_points} if traded else set())
         rate_options = {own_rate} | (set(rate_points) if cfg.prunes else set())
         out[name] = [
@@ -170,6 +183,12 @@ def layer_choices(
             for r in sorted(rate_options)
         ]
     return out
+
+
+def uniform_bytes(choices: dict[str, list[Choice]], model: nn.Module, cfg: CompressConfig) -> int:
+    """The packed layer bytes of ``cfg``'s own (uniform) setting of every layer."""
+    uniform = uniform_settings(model, cfg)
+    return sum(next(c.cost for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
 
 
 def as_config(cfg: CompressConfig, picked: dict[str, Choice], model: nn.Module) -> CompressConfig:
@@ -203,7 +222,8 @@ class Allocator:
         """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates
         from ``cfg.sensitivity`` whose saved file is no larger than the uniform ``cfg``'s
         (both predicted on the recipe's own save path), or, pruning structured, per-layer
-        channel rates whose MACs are no more than its (:mod:`effray.compress.channels`);
+        channel rates whose MACs are no more than its (:mod:`effray.compress.channels`) and
+        then bits per layer of the cut model within its bytes (:meth:`_bits_of_cut`);
         ``allocation: uniform`` when none fits (said in a warning). Any other config comes
         back as it is."""
         if not is_allocated(cfg):
@@ -211,29 +231,70 @@ class Allocator:
         model = build_student(self.teacher, cfg)
         if cfg.sensitivity not in self._rows:
             self._rows[cfg.sensitivity] = read_sensitivity(cfg.sensitivity)
-        if cfg.prunes and cfg.prune_kind == "structured":  # channels, under the uniform config's MACs
-            return allocate_channels(self.teacher, cfg, model, self._rows[cfg.sensitivity], **self.meta)
+        rows = self._rows[cfg.sensitivity]
+        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
+        if cfg.prunes and cfg.prune_kind == "structured":  # channels under the uniform config's MACs, then bits
+            return self._bits_of_cut(allocate_channels(self.teacher, cfg, model, rows, **self.meta), rows, target)
         student = (cfg.student, cfg.student_width, cfg.student_weights, cfg.student_pretrained)
         if student not in self._sizes:  # unstructured only: a student's layers are those it is built with
             self._sizes[student] = LayerBytes(model)
-        choices = layer_choices(model, cfg, self._rows[cfg.sensitivity], self._sizes[student])
-        uniform = uniform_settings(model, cfg)
-        budget = sum(next(c.cost for c in choices[n] if (c.bits, c.rate) == s) for n, s in uniform.items())
-        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
+        choices = layer_choices(model, cfg, rows, self._sizes[student])
+        fitted = self._within_bytes(
+            choices, uniform_bytes(choices, model, cfg), target, lambda p: as_config(cfg, p, model)
+        )
+        if fitted is None:
+            log.warning(
+                "no allocation from %s fits the uniform config's %d bytes in %d tries; the uniform config is kept",
+                cfg.sensitivity,
+                target,
+                TRIES,
+            )
+            return dataclasses.replace(cfg, allocation="uniform")
+        return fitted
+
+    def _bits_of_cut(self, cut: CompressConfig, rows: list[dict[str, Any]], target: int) -> CompressConfig:
+        """A channel-allocated config (``cut``) with bits per layer chosen on the cut model's
+        own layers (:func:`~effray.compress.cost.pruned_student`) so that its file is no
+        larger than the uniform config's (``target`` bytes): the bytes the channel cuts
+        freed buy bits where the probes say they matter, and a cut that costs more bytes
+        than the uniform one pays for them in bits. Layers without bit probes keep their
+        bits; without any (a table of channel probes only), or when no bits fit, ``cut``."""
+        if cut.allocation != "sensitivity" or not cut.quantizes or not any(r["kind"] == "bits" for r in rows):
+            return cut
+        bits_only = dataclasses.replace(cut, prune_rate=0.0, layer_rates="")
+        pruned = pruned_student(self.teacher, cut, data=self.meta["data"])
+        choices = layer_choices(pruned, bits_only, rows, strict=False)
+        spent = uniform_bytes(choices, pruned, bits_only)
+        size = predict_costs(self.teacher, cut, **self.meta)["bytes"]
+
+        def config(picked: dict[str, Choice]) -> CompressConfig:
+            return dataclasses.replace(cut, layer_bits=as_config(bits_only, picked, pruned).layer_bits)
+
+        fitted = self._within_bytes(choices, int(spent * target / size), target, config)
+        if fitted is None:
+            log.warning(
+                "no bits per layer fit the cut model in the uniform config's %d bytes; bits stay uniform", target
+            )
+            return cut
+        return fitted
+
+    def _within_bytes(
+        self,
+        choices: dict[str, list[Choice]],
+        budget: int,
+        target: int,
+        config: Callable[[dict[str, Choice]], CompressConfig],
+    ) -> CompressConfig | None:
+        """The knapsack's pick within ``budget`` layer bytes as a config (``config``) whose
+        saved file is at most ``target`` bytes, the layer budget tightened by the file's
+        overshoot (LZMA shrinks packed layers by a ratio of its own); None after TRIES."""
         for _ in range(TRIES):
-            candidate = as_config(cfg, allocate(choices, budget), model)
+            candidate = config(allocate(choices, budget))
             size = predict_costs(self.teacher, candidate, **self.meta)["bytes"]
             if size <= target:
                 return candidate
-            # LZMA shrinks packed layers by a ratio of its own: scale the layer budget by the file's overshoot
             budget = min(budget - 1, int(budget * target / size * 0.99))
-        log.warning(
-            "no allocation from %s fits the uniform config's %d bytes in %d tries; the uniform config is kept",
-            cfg.sensitivity,
-            target,
-            TRIES,
-        )
-        return dataclasses.replace(cfg, allocation="uniform")
+        return None
 
 
 def allocated(

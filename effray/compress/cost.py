@@ -24,6 +24,7 @@ weights are in their final form, :func:`bytes_so_far` measures them instead, eac
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from effray.compress.artifact import load_artifact, save_artifact
-from effray.compress.config import CompressConfig
+from effray.compress.config import OFF, CompressConfig
 from effray.compress.measure import count_macs, nonzero_parameters, parameter_count
 from effray.compress.prune import lock_sparsity
 from effray.compress.quantize import is_quantized
@@ -75,14 +76,11 @@ def predict_costs(
     the teacher is on, and the teacher is not touched."""
     cfg = validated(cfg)
     spec = dict(teacher.spec)
-    if input_shape is None and data and "image_shape" in data:  # the size the teacher takes (HWC)
-        input_shape = (int(data["image_shape"][2]), int(data["image_shape"][0]), int(data["image_shape"][1]))
-    shape = tuple(input_shape) if input_shape is not None else (int(spec.get("in_channels", 3)), 32, 32)
+    shape = _input_shape(spec, input_shape, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        batch = [(torch.randn(BATCH, *shape), torch.randint(0, int(spec["num_classes"]), (BATCH,)))]
-        model = _student(teacher, cfg, batch)
-        model = _replay(model, cfg, batch)
+        batch = _stand_in(spec, shape)
+        model = _replay(_student(teacher, cfg, batch), cfg, batch)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_artifact(
                 tmp,
@@ -101,6 +99,37 @@ def predict_costs(
             }
         out.update(count_macs(loaded, shape))
     return out
+
+
+def pruned_student(
+    teacher: nn.Module,
+    cfg: CompressConfig,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The student ``cfg`` builds with the recipe's pruning events replayed (channel cuts
+    included) and nothing quantized, as :func:`predict_costs` replays them: the shapes and
+    weights a per-layer bit allocation of a channel-cut model prices its layers on
+    (:mod:`effray.compress.allocate`). Deterministic, on the CPU; the teacher is not touched."""
+    float_cfg = validated(dataclasses.replace(cfg, bits=OFF, layer_bits=""))
+    spec = dict(teacher.spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        batch = _stand_in(spec, _input_shape(spec, input_shape, data))
+        return _replay(_student(teacher, float_cfg, batch), float_cfg, batch)
+
+
+def _input_shape(spec: dict[str, Any], given: tuple[int, ...] | None, data: dict[str, Any] | None) -> tuple[int, ...]:
+    """CHW the teacher takes: ``given``, else the data's recorded size, else 32 px."""
+    if given is None and data and "image_shape" in data:  # HWC
+        given = (int(data["image_shape"][2]), int(data["image_shape"][0]), int(data["image_shape"][1]))
+    return tuple(given) if given is not None else (int(spec.get("in_channels", 3)), 32, 32)
+
+
+def _stand_in(spec: dict[str, Any], shape: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One seeded random batch standing in for data (calibration sets scales, Taylor ranks)."""
+    return [(torch.randn(BATCH, *shape), torch.randint(0, int(spec["num_classes"]), (BATCH,)))]
 
 
 def bytes_so_far(

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROBED = ["stem.0", *(f"s{s}b{b}.conv1" for s in (1, 2, 3) for b in (0, 1))]
+UNPROBED_BITS = "s1b0.conv2"  # mixed_probes leaves its bits unprobed
 
 
 def resnet() -> torch.nn.Module:
@@ -114,3 +115,36 @@ def test_a_search_probes_channels_when_its_space_cuts_them():
     assert probe_kinds({"prune_kind": "structured"}) == "structured"
     assert probe_kinds({"prune_kind": {"choice": ["structured", "unstructured"]}}) == "unstructured,structured"
     assert probe_kinds({"bits": 4}) == "unstructured"
+
+
+@pytest.fixture(scope="module")
+def mixed_probes(structured_probes, cifar_parquet, tmp_path_factory) -> str:
+    """The structured table plus every layer but the edges and one conv at 2 and 8 bits."""
+    model = resnet()
+    batches = self_labelled(cifar_parquet, model)
+    layers = [n for n, _ in prunable_layers(model) if n not in ("stem.0", "head.fc", UNPROBED_BITS)]
+    bits = [r for n in layers for r in probe_layer(model, n, [Setting("bits", 2.0), Setting("bits", 8.0)], batches)]
+    rows = pq.read_table(structured_probes).to_pylist() + with_drops(bits, score(model, batches))
+    path = tmp_path_factory.mktemp("mixed") / "sensitivity.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_a_structured_allocation_then_spends_the_uniform_bytes_on_bits_per_layer(structured_probes, mixed_probes):
+    """Channels within the uniform config's MACs, then bits per layer of the cut model within
+    its bytes: both budgets hold on the recipe's own path, the edges keep their 8 bits, a
+    layer whose bits were never probed keeps the config's, and the probed ones are traded.
+    A table of channel probes only leaves the bits uniform."""
+    teacher = resnet()
+    uniform = validated(CompressConfig(prune_kind="structured", prune_rate=0.25, bits=4, finetune_epochs=0))
+    cfg = dataclasses.replace(uniform, allocation="sensitivity", sensitivity=mixed_probes)
+    resolved = Allocator(teacher)(cfg)
+    assert resolved.allocation == "sensitivity" and resolved.layer_rates and resolved.layer_bits
+    bits = resolved.bits_by_layer
+    assert bits["stem.0"] == 8 and bits["head.fc"] == 8  # --first-layer-bits / --last-layer-bits stand
+    assert bits[UNPROBED_BITS] == 4  # never probed at other bits
+    assert set(bits.values()) - {4, 8}, bits  # the probed ones moved
+    ours, theirs = predict_costs(teacher, resolved), predict_costs(teacher, cfg)  # the uniform config, as recorded
+    assert ours["bytes"] <= theirs["bytes"] and ours["macs"] <= theirs["macs"]
+    channels_only = Allocator(teacher)(dataclasses.replace(cfg, sensitivity=structured_probes))
+    assert channels_only.layer_rates == resolved.layer_rates and not channels_only.layer_bits
