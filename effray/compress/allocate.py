@@ -232,9 +232,9 @@ class Allocator:
         if cfg.sensitivity not in self._rows:
             self._rows[cfg.sensitivity] = read_sensitivity(cfg.sensitivity)
         rows = self._rows[cfg.sensitivity]
-        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
         if cfg.prunes and cfg.prune_kind == "structured":  # channels under the uniform config's MACs, then bits
-            return self._bits_of_cut(allocate_channels(self.teacher, cfg, model, rows, **self.meta), rows, target)
+            return self._bits_of_cut(cfg, allocate_channels(self.teacher, cfg, model, rows, **self.meta), rows)
+        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
         student = (cfg.student, cfg.student_width, cfg.student_weights, cfg.student_pretrained)
         if student not in self._sizes:  # unstructured only: a student's layers are those it is built with
             self._sizes[student] = LayerBytes(model)
@@ -252,15 +252,16 @@ class Allocator:
             return dataclasses.replace(cfg, allocation="uniform")
         return fitted
 
-    def _bits_of_cut(self, cut: CompressConfig, rows: list[dict[str, Any]], target: int) -> CompressConfig:
-        """A channel-allocated config (``cut``) with bits per layer chosen on the cut model's
-        own layers (:func:`~effray.compress.cost.pruned_student`) so that its file is no
-        larger than the uniform config's (``target`` bytes): the bytes the channel cuts
+    def _bits_of_cut(self, cfg: CompressConfig, cut: CompressConfig, rows: list[dict[str, Any]]) -> CompressConfig:
+        """``cut`` (``cfg`` with channels allocated) with bits per layer chosen on the cut
+        model's own layers (:func:`~effray.compress.cost.pruned_student`) so that its file is
+        no larger than the uniform ``cfg``'s: the bytes the channel cuts
         freed buy bits where the probes say they matter, and a cut that costs more bytes
         than the uniform one pays for them in bits. Layers without bit probes keep their
         bits; without any (a table of channel probes only), or when no bits fit, ``cut``."""
         if cut.allocation != "sensitivity" or not cut.quantizes or not any(r["kind"] == "bits" for r in rows):
             return cut
+        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
         bits_only = dataclasses.replace(cut, prune_rate=0.0, layer_rates="")
         pruned = pruned_student(self.teacher, cut, data=self.meta["data"])
         choices = layer_choices(pruned, bits_only, rows, strict=False)
