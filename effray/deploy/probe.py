@@ -51,11 +51,15 @@ def resolve_kind(kind: str, int8_native: bool) -> tuple[str, str]:
     return "onnx", "auto: ONNX Runtime fp32 (no VNNI/AMX on the target CPU: its int8 kernels sum pairs in int16)"
 
 
-def auto_choice(by_target: dict[str, Measured]) -> tuple[str, str]:
+def auto_choice(by_target: dict[str, Measured] | None, failure: str = "") -> tuple[str, str]:
     """``--deploy auto`` on VNNI/AMX CPUs: ``(kind, why)`` from the teacher's fp32 and int8
     ONNX files timed together on every target (``timings`` = fp32, int8). int8 only where
     it is faster at batch 1 on every target: on a small net the int8 graph's own costs
-    (quantizing the image, a thin stem conv, int8 pooling) can outweigh its faster GEMMs."""
+    (quantizing the image, a thin stem conv, int8 pooling) can outweigh its faster GEMMs.
+    ``by_target`` None: the teacher's int8 file could not be written (``failure``, the
+    export's line), so nothing says int8 would hold up here."""
+    if by_target is None:
+        return "onnx", f"auto: ONNX Runtime fp32 (the teacher's int8 file was not written: {failure})"
     ratios = {t: speedups(m.timings[0], m.timings[1]) for t, m in by_target.items()}
     said = "; ".join(
         f"{b1:.2f}x at batch 1, {bn:.2f}x at batch N" + (f" on {t}" if len(ratios) > 1 else "")
@@ -211,23 +215,21 @@ def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> Ex
         fmt, _, file_kind = PLANS[kind]
         teacher_kind = file_kind.removesuffix("-int8")
         out = Path(out_dir)
-        measure_int8 = spec.kind == "auto" and kind == "onnx-int8"  # auto's int8 is measured, not assumed
-        written = export(
-            validated(ExportConfig(artifact=teacher, format=fmt, int8=measure_int8, data=data, out=str(out)))
-        )
+        export(validated(ExportConfig(artifact=teacher, format=fmt, data=data, out=str(out))))
         teacher_file = read_export(out, teacher_kind)
         probe = ExportedProbe(spec, kind, why, not int8_native, teacher_file, actors)
-        if measure_int8 and "onnx-int8" in written["files"]:
-            timed = probe.timed([teacher_file, read_export(out, "onnx-int8")])
-            probe.kind, probe.why = kind, why = auto_choice(timed)
-        elif measure_int8:  # the teacher's own int8 file failed its check: nothing says int8 pays here
-            probe.kind, probe.why = kind, why = (
-                "onnx",
-                "auto: ONNX Runtime fp32 (the teacher's int8 file failed its check)",
-            )
-            timed = probe.timed([teacher_file])
-        else:
-            timed = probe.timed([teacher_file])
+        timed = None
+        if spec.kind == "auto" and kind == "onnx-int8":  # auto's int8 is measured, not assumed
+            try:
+                int8_dir = out / "int8"
+                export(
+                    validated(ExportConfig(artifact=teacher, format="onnx", int8=True, data=data, out=str(int8_dir)))
+                )
+                timed = probe.timed([teacher_file, read_export(int8_dir, "onnx-int8")])
+                probe.kind, probe.why = kind, why = auto_choice(timed)
+            except EffrayError as exc:  # e.g. its int8 file failed the parity check
+                probe.kind, probe.why = kind, why = auto_choice(None, str(exc))
+        timed = timed or probe.timed([teacher_file])
         probe.teacher = {
             **teacher_fields(timed, spec, teacher_kind),
             "deploy": kind,

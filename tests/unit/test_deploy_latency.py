@@ -97,7 +97,8 @@ def test_auto_picks_int8_only_where_the_cpu_has_vnni_or_amx_and_says_why():
 
 def test_auto_keeps_int8_on_a_vnni_cpu_only_where_the_teachers_int8_file_is_faster_everywhere():
     """The teacher's fp32 and int8 files timed together on each target: int8 must win at batch 1
-    on all of them, and the reason carries the measured ratios."""
+    on all of them, and the reason carries the measured ratios; an int8 file its parity check
+    refused leaves fp32, and the reason says why."""
     kind, why = auto_choice({"local": _measured((0.05, 24000.0), (0.07, 17000.0), "n1")})
     assert kind == "onnx" and "0.71x at batch 1, 0.71x at batch N" in why
     kind, why = auto_choice({"local": _measured((0.10, 10000.0), (0.05, 30000.0), "n1")})
@@ -105,6 +106,11 @@ def test_auto_keeps_int8_on_a_vnni_cpu_only_where_the_teachers_int8_file_is_fast
     both = {"a": _measured((0.10, 1e4), (0.05, 3e4), "n1"), "b": _measured((0.10, 1e4), (0.20, 3e4), "n2")}
     kind, why = auto_choice(both)
     assert kind == "onnx" and "0.50x at batch 1, 3.00x at batch N on b" in why
+    failed = "model.int8.onnx failed the parity check: top-1 agreement 0.9850 < 0.995"
+    assert auto_choice(None, failed) == (
+        "onnx",
+        f"auto: ONNX Runtime fp32 (the teacher's int8 file was not written: {failed})",
+    )
 
 
 def test_openvino_rounds_a_value_on_a_quantizers_boundary_as_onnx_runtime_does(tmp_path):
