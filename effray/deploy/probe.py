@@ -57,9 +57,12 @@ def auto_choice(by_target: dict[str, Measured] | None, failure: str = "") -> tup
     it is faster at batch 1 on every target: on a small net the int8 graph's own costs
     (quantizing the image, a thin stem conv, int8 pooling) can outweigh its faster GEMMs.
     ``by_target`` None: the teacher's int8 file could not be written (``failure``, the
-    export's line), so nothing says int8 would hold up here."""
+    export's line, cut before its figures), so nothing says int8 would hold up here."""
     if by_target is None:
-        return "onnx", f"auto: ONNX Runtime fp32 (the teacher's int8 file was not written: {failure})"
+        return (
+            "onnx",
+            f"auto: ONNX Runtime fp32 (the teacher's int8 file was not written: {failure.split(' with ')[0]})",
+        )
     ratios = {t: speedups(m.timings[0], m.timings[1]) for t, m in by_target.items()}
     said = "; ".join(
         f"{b1:.2f}x at batch 1, {bn:.2f}x at batch N" + (f" on {t}" if len(ratios) > 1 else "")
@@ -218,7 +221,7 @@ def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> Ex
         export(validated(ExportConfig(artifact=teacher, format=fmt, data=data, out=str(out))))
         teacher_file = read_export(out, teacher_kind)
         probe = ExportedProbe(spec, kind, why, not int8_native, teacher_file, actors)
-        timed = None
+        timed, int8_error = None, ""
         if spec.kind == "auto" and kind == "onnx-int8":  # auto's int8 is measured, not assumed
             try:
                 int8_dir = out / "int8"
@@ -228,13 +231,15 @@ def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> Ex
                 timed = probe.timed([teacher_file, read_export(int8_dir, "onnx-int8")])
                 probe.kind, probe.why = kind, why = auto_choice(timed)
             except EffrayError as exc:  # e.g. its int8 file failed the parity check
-                probe.kind, probe.why = kind, why = auto_choice(None, str(exc))
+                int8_error = str(exc)
+                probe.kind, probe.why = kind, why = auto_choice(None, int8_error)
         timed = timed or probe.timed([teacher_file])
         probe.teacher = {
             **teacher_fields(timed, spec, teacher_kind),
             "deploy": kind,
             "deploy_why": why,
             "int8_native": int8_native,
+            **({"deploy_int8_error": int8_error} if int8_error else {}),
         }
         ready = True
         return probe

@@ -14,7 +14,15 @@ from effray.config import require
 from effray.console import say
 from effray.data.prepare import load_meta, prepare
 from effray.errors import EffrayError
-from effray.run.front import export_front, front_table, holdout_line, latency_line, most_accurate, target_lines
+from effray.run.front import (
+    export_front,
+    front_table,
+    holdout_line,
+    latency_line,
+    most_accurate,
+    serve_kind,
+    target_lines,
+)
 from effray.run.plan import RunConfig, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
@@ -135,7 +143,7 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     say(f"[effray run] report: {summary['report']}")
     say(f"[effray run] exported (.pt2, ONNX, OpenVINO, each checked against its artifact): {out / 'export'}/<trial>")
     if pick and pick in exports:
-        model, kind = exports[pick]["dir"], "onnx-int8" if exports[pick]["int8"] else "onnx"
+        model, kind = exports[pick]["dir"], serve_kind(exports[pick]["int8"], searched.get("teacher"))
         say(f"[effray run] serve the pick:   effray serve --model {model} --kind {kind}")
         say(
             f"[effray run] batch inference:  effray predict --model {model} --kind {kind} --data {source} "

@@ -123,6 +123,14 @@ def latency_line(teacher: dict[str, Any] | None) -> str:
     )
 
 
+def serve_kind(int8: bool, teacher: dict[str, Any] | None) -> str:
+    """The ONNX file the pick's serve and predict lines name: int8 when it was written, unless
+    the search's ``--deploy`` chose fp32 (``auto`` measured it faster here, or it was asked
+    for). The front exports ONNX and OpenVINO alike; other runtimes are a ``--kind`` away."""
+    deployed = str((teacher or {}).get("deploy") or "")
+    return "onnx-int8" if int8 and (not deployed or deployed.endswith("int8")) else "onnx"
+
+
 def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
     """Export every model on the accuracy-vs-bytes front (and the budget pick, with its int8
     files) to ``out/<trial_id>`` as ``.pt2``, ONNX and OpenVINO, each parity-checked by

@@ -24,7 +24,7 @@ from effray.deploy.probe import auto_choice, resolve_kind, row_fields
 from effray.deploy.runtimes import openvino_model, ort_session
 from effray.deploy.writers import write_onnx, write_openvino
 from effray.models import build_model
-from effray.run.front import front_table, target_lines
+from effray.run.front import front_table, serve_kind, target_lines
 from effray.search.aggregate import write_report
 from effray.search.deployed import DeploySpec
 
@@ -107,10 +107,8 @@ def test_auto_keeps_int8_on_a_vnni_cpu_only_where_the_teachers_int8_file_is_fast
     kind, why = auto_choice(both)
     assert kind == "onnx" and "0.50x at batch 1, 3.00x at batch N on b" in why
     failed = "model.int8.onnx failed the parity check: top-1 agreement 0.9850 < 0.995"
-    assert auto_choice(None, failed) == (
-        "onnx",
-        f"auto: ONNX Runtime fp32 (the teacher's int8 file was not written: {failed})",
-    )
+    kind, why = auto_choice(None, f"{failed} with the source on 1000 val images (max |logit diff| 0.106)")
+    assert kind == "onnx" and why == f"auto: ONNX Runtime fp32 (the teacher's int8 file was not written: {failed})"
 
 
 def test_openvino_rounds_a_value_on_a_quantizers_boundary_as_onnx_runtime_does(tmp_path):
@@ -264,3 +262,11 @@ def test_an_average_pool_that_copies_its_input_leaves_the_onnx_file(tmp_path):
     assert len(pools) == 1 and [a.ints for a in pools[0].attribute if a.name == "strides"] == [[2, 2]]
     got = ort_session(tmp_path / "m.onnx", 1).run(None, {"image": x.numpy()})[0]
     assert np.allclose(got, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_the_picks_serve_line_names_the_onnx_file_the_search_deployed():
+    """int8 when it was written, unless --deploy chose fp32 (auto measured it faster here)."""
+    assert serve_kind(True, {"deploy": "onnx-int8"}) == "onnx-int8"
+    assert serve_kind(True, {"deploy": "onnx"}) == "onnx"  # auto: the teacher's int8 file was slower
+    assert serve_kind(False, {"deploy": "onnx-int8"}) == "onnx"  # the pick's int8 file failed its check
+    assert serve_kind(True, None) == "onnx-int8" and serve_kind(True, {}) == "onnx-int8"  # --deploy off
