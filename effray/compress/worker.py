@@ -40,7 +40,7 @@ from effray.train.parallel import make_strategy
 from effray.train.recipe import Plan, Run, run_recipe
 from effray.train.session import RaySession
 from effray.train.trainer import post
-from effray.train.validate import CorruptionScore, validate
+from effray.train.validate import Batches, CorruptionScore, batches_accuracy, validate
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,11 @@ def calib_rows(shard: Any, meta: dict[str, Any], batch: int) -> list[tuple[torch
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
 
 
-def corruption_rows(worker: CompressWorker, rank: int) -> dict[str, Any] | None:
-    """The val rows rank 0 scores corruption accuracy on after every epoch; None elsewhere."""
+def corrupted_copies(worker: CompressWorker, rank: int) -> Batches | None:
+    """The corrupted val copies rank 0 scores after every epoch (made once); None elsewhere."""
     if worker.corruption is None or not worker.corruption.every_epoch or rank != 0:
         return None
-    return load_arrays(worker.run.data.data, "val", limit=worker.corruption.images)
+    return worker.corruption.copies(load_arrays(worker.run.data.data, "val", limit=worker.corruption.images))
 
 
 def compress_loop_per_worker(config: dict[str, Any]) -> None:
@@ -119,12 +119,12 @@ def compress_loop_per_worker(config: dict[str, Any]) -> None:
         seed=rc.data.seed,
     )
     val = session.dataset("val")
-    corrupted = corruption_rows(worker, rank)
+    corrupted = corrupted_copies(worker, rank)
 
     def scored(model: Any) -> dict[str, Any]:
         out = validate(strategy, model, val, meta, rc.eval_batch_size, rank, world, num_classes)
         if corrupted is not None:  # rank 0's alone: no collective in it, and rank 0 reports
-            out["val_corruption_accuracy"] = worker.corruption.score(strategy.unwrap(model), corrupted, meta)
+            out["val_corruption_accuracy"] = batches_accuracy(strategy.unwrap(model), corrupted, meta)
         return out
 
     def costs(model: Any, epoch: int) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from effray.search.results import CALIBRATION
 from effray.search.splits import SharedSplits, trial_data
 from effray.tracking import Tracker, TrackerSettings, make_tracker, stable_run_id
 from effray.train.checkpoint import load_checkpoint, read_payload, save_payload
+from effray.train.validate import batches_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +231,13 @@ def epoch_corruption(ctx: TrialContext, val: dict[str, Any] | None) -> Callable[
     """What an epoch adds to its scores for ``--max-corruption-drop``: the model's mean
     corruption accuracy on the teacher's corrupted val images, as ``val_corruption_accuracy``
     (the scheduler's floor); nothing without that limit. ``val``: the shared val arrays,
-    else the first images read from disk, once."""
+    else the first images read from disk; the corrupted copies are made once."""
     robust = ctx.robust
     if robust is None or not robust.every_epoch:
         return lambda model: {}
-    rows = val if val is not None else load_arrays(ctx.data, "val", limit=robust.images)
+    copies = robust.copies(val if val is not None else load_arrays(ctx.data, "val", limit=robust.images))
     meta = ctx.meta()
-    return lambda model: {"val_corruption_accuracy": robust.score(model, rows, meta)}
+    return lambda model: {"val_corruption_accuracy": batches_accuracy(model, copies, meta)}
 
 
 def trial_device() -> Any:

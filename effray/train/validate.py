@@ -9,7 +9,7 @@ host read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +99,27 @@ def validate(
     )
 
 
+Batches = Iterable[tuple[np.ndarray, np.ndarray]]
+KEPT_BYTES = 256 * 2**20  # corrupted copies kept in memory up to this size; larger ones are made again each time
+
+
+class _Remade:
+    """Corrupted copies too large to keep: made again on every pass."""
+
+    def __init__(self, make: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.make()
+
+
 @dataclass(frozen=True)
 class CorruptionScore:
     """Mean accuracy under corruptions on the first ``images`` val rows (seeded by ``seed``):
     a search's corruption column, scored on the teacher and on every trial with the same
     images so the drop is fair. ``every_epoch``: also scored after each fine-tuning epoch
-    (``val_corruption_accuracy``), so the scheduler can hold ``--max-corruption-drop``."""
+    (``val_corruption_accuracy``), so the scheduler can hold ``--max-corruption-drop``;
+    the corrupted copies are made once (:meth:`copies`) and scored each epoch."""
 
     corruptions: tuple[str, ...]
     severities: tuple[int, ...]
@@ -112,11 +127,49 @@ class CorruptionScore:
     seed: int
     every_epoch: bool = False
 
+    def copies(self, val: dict[str, Any]) -> Batches:
+        """The corrupted copies of the val arrays' first ``images`` rows as (images, labels)
+        batches: made once and kept when they fit :data:`KEPT_BYTES`, else made on each pass."""
+        make = lambda: corrupted_batches(val, self.corruptions, self.severities, seed=self.seed, images=self.images)  # noqa: E731
+        n = min(self.images, len(val["label"])) if self.images > 0 else len(val["label"])
+        size = n * len(self.corruptions) * len(self.severities) * int(np.prod(val["image"].shape[1:]))
+        return list(make()) if size <= KEPT_BYTES else _Remade(make)
+
     def score(self, model: Any, val: dict[str, Any], meta: dict[str, Any]) -> float:
         """Mean accuracy of ``model`` over the corrupted copies of the val arrays."""
-        return corruption_accuracy(
-            model, val, meta, self.corruptions, self.severities, seed=self.seed, images=self.images
-        )
+        return batches_accuracy(model, self.copies(val), meta)
+
+
+def corrupted_batches(
+    arrays: dict[str, np.ndarray],
+    names: Sequence[str],
+    severities: Sequence[int],
+    *,
+    seed: int = 0,
+    images: int = 0,
+    batch_size: int = 256,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every (corruption, severity) copy of the first ``images`` rows of a split's decoded
+    ``arrays`` (0 = all), as (uint8 images, labels) batches: the images
+    :func:`effray.evaluate.robustness.robustness` streams (each seeded by its row id)."""
+    n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
+    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n], np.int64)
+    for name in names:
+        for s in severities:
+            for i in range(0, n, batch_size):
+                yield (
+                    corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size]),
+                    labels[i : i + batch_size],
+                )
+
+
+def batches_accuracy(model: Any, batches: Batches, meta: dict[str, Any]) -> float:
+    """Accuracy of ``model`` (put in eval mode) over uint8 ``batches``, preprocessed and
+    normalised as its validation is; NaN when there are none."""
+    model.eval()
+    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"], preprocess=meta.get("preprocess"))  # noqa: E731
+    scores = score_batches(predict, batches, int(meta["num_classes"]))
+    return scores["accuracy"] if scores["count"] else float("nan")
 
 
 def corruption_accuracy(
@@ -131,21 +184,7 @@ def corruption_accuracy(
     batch_size: int = 256,
 ) -> float:
     """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
-    of a split's decoded ``arrays`` (0 = all), in this process: a search trial's column. The
-    images are the ones :func:`effray.evaluate.robustness.robustness` streams (each seeded by its row id)."""
-    n = len(arrays["label"]) if images <= 0 else min(images, len(arrays["label"]))
-    if n == 0 or not names:
-        return float("nan")
-    rows, clean, labels = arrays["index"][:n], arrays["image"][:n], np.asarray(arrays["label"][:n], np.int64)
-    batches = (
-        (
-            corrupt(clean[i : i + batch_size], name, s, seed=seed, rows=rows[i : i + batch_size]),
-            labels[i : i + batch_size],
-        )
-        for name in names
-        for s in severities
-        for i in range(0, n, batch_size)
+    of a split's decoded ``arrays`` (0 = all), in this process (:func:`corrupted_batches`)."""
+    return batches_accuracy(
+        model, corrupted_batches(arrays, names, severities, seed=seed, images=images, batch_size=batch_size), meta
     )
-    model.eval()
-    predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"], preprocess=meta.get("preprocess"))  # noqa: E731
-    return score_batches(predict, batches, int(meta["num_classes"]))["accuracy"]

@@ -16,6 +16,9 @@ from PIL import Image
 from effray.data.augment_image import rgb_to_hsv
 from effray.data.corrupt import CORRUPTIONS, corrupt, corrupt_batch, disk_kernel, parse_corruptions
 from effray.errors import EffrayError
+from effray.models import build_model
+from effray.train import validate
+from effray.train.validate import CorruptionScore, batches_accuracy, corruption_accuracy
 
 NOISY = ("gaussian_noise", "shot_noise", "impulse_noise")
 
@@ -135,3 +138,28 @@ def test_bad_names_and_severities_fail_in_one_line(images):
     assert parse_corruptions("contrast, pixelate") == ["contrast", "pixelate"]
     with pytest.raises(EffrayError, match="valid: all, "):
         parse_corruptions("contrast,snow")
+
+
+def test_a_corruption_score_keeps_small_copies_and_makes_large_ones_again_with_the_same_result(monkeypatch):
+    """A search scores the same corrupted val images after every epoch: kept in memory when
+    they fit, made again on every pass when not, and either way the one-pass score."""
+    rng = np.random.default_rng(0)
+    val = {
+        "image": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, 20),
+        "index": np.arange(100, 120),
+    }
+    meta = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "num_classes": 10}
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, 3, 0.25)
+    score = CorruptionScore(("gaussian_noise", "contrast"), (1, 3), images=12, seed=1)
+    kept = score.copies(val)
+    assert isinstance(kept, list) and len(kept) == 4 and all(len(x) == len(y) == 12 for x, y in kept)
+    once = corruption_accuracy(model, val, meta, ["gaussian_noise", "contrast"], [1, 3], seed=1, images=12)
+    assert batches_accuracy(model, kept, meta) == once == score.score(model, val, meta)
+    monkeypatch.setattr(validate, "KEPT_BYTES", 0)
+    remade = score.copies(val)
+    assert not isinstance(remade, list)
+    assert batches_accuracy(model, remade, meta) == once == batches_accuracy(model, remade, meta)  # every pass
+    nothing = {k: v[:0] for k, v in val.items()}
+    assert np.isnan(CorruptionScore(("contrast",), (1,), images=0, seed=1).score(model, nothing, meta))
