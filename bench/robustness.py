@@ -44,7 +44,7 @@ def score(
 
     from effray.metrics import classification_metrics
     from effray.models.predict import predict_logits
-    from effray.train.validate import corruption_accuracy
+    from effray.train.validate import CorruptionScore
 
     with torch.no_grad():
         model.eval()
@@ -57,7 +57,7 @@ def score(
     m = classification_metrics(
         logits, torch.from_numpy(val["label"]), [str(c) for c in meta.get("classes", range(meta["num_classes"]))]
     )
-    per = {n: corruption_accuracy(model, val, meta, [n], severities, images=images) for n in corruptions}
+    per = {n: CorruptionScore((n,), tuple(severities), images, seed=0).score(model, val, meta) for n in corruptions}
     return {
         **{k: m[k] for k in SCORES[:-1]},
         "worst_class": m["worst_class"],

@@ -217,6 +217,14 @@ class Allocator:
         self.meta = {"teacher_info": teacher_info, "data": data}
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._sizes: dict[tuple[Any, ...], LayerBytes] = {}  # per student: its layers' own weights
+        self._predicted: dict[CompressConfig, dict[str, int]] = {}  # each config replayed once
+
+    def _costs(self, cfg: CompressConfig) -> dict[str, int]:
+        """:func:`~effray.compress.cost.predict_costs` of ``cfg``, each config once: the uniform
+        config's MACs and bytes, and the channel allocation's, are read by both steps."""
+        if cfg not in self._predicted:
+            self._predicted[cfg] = predict_costs(self.teacher, cfg, **self.meta)
+        return self._predicted[cfg]
 
     def __call__(self, cfg: CompressConfig) -> CompressConfig:
         """``cfg`` with ``--allocation sensitivity`` made concrete: per-layer bits and rates
@@ -233,8 +241,8 @@ class Allocator:
             self._rows[cfg.sensitivity] = read_sensitivity(cfg.sensitivity)
         rows = self._rows[cfg.sensitivity]
         if cfg.prunes and cfg.prune_kind == "structured":  # channels under the uniform config's MACs, then bits
-            return self._bits_of_cut(cfg, allocate_channels(self.teacher, cfg, model, rows, **self.meta), rows)
-        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
+            return self._bits_of_cut(cfg, allocate_channels(self.teacher, cfg, model, rows, self._costs), rows)
+        target = self._costs(cfg)["bytes"]
         student = (cfg.student, cfg.student_width, cfg.student_weights, cfg.student_pretrained)
         if student not in self._sizes:  # unstructured only: a student's layers are those it is built with
             self._sizes[student] = LayerBytes(model)
@@ -261,12 +269,12 @@ class Allocator:
         bits; without any (a table of channel probes only), or when no bits fit, ``cut``."""
         if cut.allocation != "sensitivity" or not cut.quantizes or not any(r["kind"] == "bits" for r in rows):
             return cut
-        target = predict_costs(self.teacher, cfg, **self.meta)["bytes"]
+        target = self._costs(cfg)["bytes"]
         bits_only = dataclasses.replace(cut, prune_rate=0.0, layer_rates="")
         pruned = pruned_student(self.teacher, cut, data=self.meta["data"])
         choices = layer_choices(pruned, bits_only, rows, strict=False)
         spent = uniform_bytes(choices, pruned, bits_only)
-        size = predict_costs(self.teacher, cut, **self.meta)["bytes"]
+        size = self._costs(cut)["bytes"]
 
         def config(picked: dict[str, Choice]) -> CompressConfig:
             return dataclasses.replace(cut, layer_bits=as_config(bits_only, picked, pruned).layer_bits)
@@ -291,7 +299,7 @@ class Allocator:
         overshoot (LZMA shrinks packed layers by a ratio of its own); None after TRIES."""
         for _ in range(TRIES):
             candidate = config(allocate(choices, budget))
-            size = predict_costs(self.teacher, candidate, **self.meta)["bytes"]
+            size = self._costs(candidate)["bytes"]
             if size <= target:
                 return candidate
             budget = min(budget - 1, int(budget * target / size * 0.99))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -91,11 +92,18 @@ def as_channel_config(cfg: CompressConfig, picked: dict[tuple[str, ...], Choice]
 
 
 def allocate_channels(
-    teacher: nn.Module, cfg: CompressConfig, model: nn.Module, rows: list[dict[str, Any]], **meta: Any
+    teacher: nn.Module,
+    cfg: CompressConfig,
+    model: nn.Module,
+    rows: list[dict[str, Any]],
+    costs: Callable[[CompressConfig], dict[str, int]] | None = None,
+    **meta: Any,
 ) -> CompressConfig:
     """``cfg`` (structured) with per-layer channel rates from the table ``rows`` whose model
-    has at most the uniform ``cfg``'s MACs (both predicted on the recipe's own path) and the
-    smallest summed predicted drop; ``allocation: uniform`` when none fits (a warning)."""
+    has at most the uniform ``cfg``'s MACs (both predicted on the recipe's own path:
+    ``costs``, :func:`~effray.compress.cost.predict_costs` with ``meta`` when not given) and
+    the smallest summed predicted drop; ``allocation: uniform`` when none fits (a warning)."""
+    costs = costs or (lambda c: predict_costs(teacher, c, **meta))
     groups, dense = channel_groups(rows)
     layers = {n for n, _ in prunable_layers(model)}
     foreign = sorted({n for g in groups for n in g} - layers)
@@ -105,7 +113,7 @@ def allocate_channels(
             "run `effray sensitivity` on a checkpoint of the architecture being compressed"
         )
     choices = group_choices(groups, dense, cfg)
-    target = predict_costs(teacher, cfg, **meta)["macs"]
+    target = costs(cfg)["macs"]
     deepest = sum(max(c.cost for c in options) for options in choices.values())  # every group at its deepest cut
     need = dense - target  # the savings the uniform config's rate buys
     for _ in range(TRIES):
@@ -113,7 +121,7 @@ def allocate_channels(
         if budget < 0:  # not even every group at its deepest cut saves that much
             break
         candidate = as_channel_config(cfg, allocate(choices, budget), model)
-        macs = predict_costs(teacher, candidate, **meta)["macs"]
+        macs = costs(candidate)["macs"]
         if macs <= target:
             return candidate
         need += (macs - target) * 1.05  # adjacent cuts overlap: ask for more savings than the sum promised

@@ -170,21 +170,3 @@ def batches_accuracy(model: Any, batches: Batches, meta: dict[str, Any]) -> floa
     predict = lambda x: predict_logits(model, x, meta["mean"], meta["std"], preprocess=meta.get("preprocess"))  # noqa: E731
     scores = score_batches(predict, batches, int(meta["num_classes"]))
     return scores["accuracy"] if scores["count"] else float("nan")
-
-
-def corruption_accuracy(
-    model: Any,
-    arrays: dict[str, np.ndarray],
-    meta: dict[str, Any],
-    names: Sequence[str],
-    severities: Sequence[int],
-    *,
-    seed: int = 0,
-    images: int = 0,
-    batch_size: int = 256,
-) -> float:
-    """Mean accuracy over ``names`` x ``severities`` of ``model`` on the first ``images`` rows
-    of a split's decoded ``arrays`` (0 = all), in this process (:func:`corrupted_batches`)."""
-    return batches_accuracy(
-        model, corrupted_batches(arrays, names, severities, seed=seed, images=images, batch_size=batch_size), meta
-    )

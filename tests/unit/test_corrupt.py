@@ -18,7 +18,7 @@ from effray.data.corrupt import CORRUPTIONS, corrupt, corrupt_batch, disk_kernel
 from effray.errors import EffrayError
 from effray.models import build_model
 from effray.train import validate
-from effray.train.validate import CorruptionScore, batches_accuracy, corruption_accuracy
+from effray.train.validate import CorruptionScore, batches_accuracy, corrupted_batches
 
 NOISY = ("gaussian_noise", "shot_noise", "impulse_noise")
 
@@ -155,7 +155,9 @@ def test_a_corruption_score_keeps_small_copies_and_makes_large_ones_again_with_t
     score = CorruptionScore(("gaussian_noise", "contrast"), (1, 3), images=12, seed=1)
     kept = score.copies(val)
     assert isinstance(kept, list) and len(kept) == 4 and all(len(x) == len(y) == 12 for x, y in kept)
-    once = corruption_accuracy(model, val, meta, ["gaussian_noise", "contrast"], [1, 3], seed=1, images=12)
+    once = batches_accuracy(
+        model, corrupted_batches(val, ["gaussian_noise", "contrast"], [1, 3], seed=1, images=12), meta
+    )
     assert batches_accuracy(model, kept, meta) == once == score.score(model, val, meta)
     monkeypatch.setattr(validate, "KEPT_BYTES", 0)
     remade = score.copies(val)
