@@ -615,6 +615,45 @@ def test_the_temperature_fit_stays_on_the_device_until_its_one_read(fake_cuda):
             t.cpu()
 
 
+def test_the_per_epoch_corruption_score_runs_on_the_device_until_its_one_read(fake_cuda, monkeypatch):
+    """``--max-corruption-drop``'s per-epoch score (``CorruptionScore.copies`` made once on
+    the host, then ``batches_accuracy`` each epoch, in a trial and on rank 0 of a Ray Train
+    fine-tune): every corrupted uint8 batch is copied to the GPU student (fake-quant, 4
+    bits) and scored there; the class sums reach the host only when the pass is done."""
+    import numpy as np
+
+    import effray.metrics
+    from effray.compress.config import CompressConfig
+    from effray.compress.steps import apply_quantization
+    from effray.train.validate import CorruptionScore, batches_accuracy
+
+    rng = np.random.default_rng(0)
+    val = {
+        "image": rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, 12).astype(np.int64),
+        "index": np.arange(12, dtype=np.int64),
+    }
+    score = CorruptionScore(("gaussian_noise", "contrast"), (1, 3), images=10, seed=0, every_epoch=True)
+    copies = score.copies(val)
+    assert isinstance(copies, list) and len(copies) == 4  # 2 corruptions x 2 severities, one batch each
+    assert all(x.dtype == np.uint8 and x.shape == (10, 32, 32, 3) for x, _ in copies)
+    read = []
+
+    def host_read(sums: torch.Tensor, classes: int) -> dict:
+        assert_cuda(sums)  # the whole pass is on the device when it is read
+        read.append(classes)
+        return {"accuracy": 0.5, "count": 40}
+
+    monkeypatch.setattr(effray.metrics, "sums_metrics", host_read)
+    student = build_model("convnet", 10, 3, 0.25)
+    with fake_cuda:
+        student = student.to(CUDA)
+        apply_quantization(student, CompressConfig(bits=4, calib_batches=2), _calib())
+        assert batches_accuracy(student, copies, {"num_classes": 10, "mean": MEAN, "std": STD}) == 0.5
+        assert_cuda(*student.parameters())
+    assert read == [10]
+
+
 @pytest.mark.parametrize("recipe", ["unstructured-locked", "qat-4bit"])
 def test_the_per_epoch_size_reads_a_cpu_copy_and_leaves_the_gpu_model_alone(fake_cuda, recipe):
     """``bytes_so_far`` saves a CPU copy of a GPU trial's model each epoch (``_on_cpu``): the

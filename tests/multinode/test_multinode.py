@@ -395,7 +395,8 @@ def test_sensitivity_probes_run_on_every_node_and_a_rerun_reuses_them(cluster, t
 def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar, teacher, tmp_path):
     """Two 1-CPU trials at once (1 fine-tuning epoch and 8) land on two nodes; SIGKILL the
     long one's node after its second epoch: that trial is retried on another node from its
-    last epoch's checkpoint, the short one is not rerun, and the report has each trial once."""
+    last epoch's checkpoint, the short one is not rerun, and the report has each trial once.
+    Every epoch, the retried ones included, carries ``--max-corruption-drop``'s score."""
     import pandas as pd
     import yaml
 
@@ -436,6 +437,10 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
         "2",
         "--deploy",
         "off",  # no export per trial: this search is about a node's death
+        "--robust-images",
+        "8",
+        "--max-corruption-drop",
+        "100",  # never binding: each epoch's corruption score, on whichever node the trial lands
         "--storage",
         str(tmp_path / "runs"),
         "--name",
@@ -479,6 +484,8 @@ def test_tune_trials_spread_and_one_on_a_killed_node_resumes(cluster, tiny_cifar
     assert resumed_after >= 2 and resumed_after in [r["epoch"] for r in first]  # its last checkpoint, not epoch 0
     assert [r["epoch"] for r in retry] == list(range(resumed_after + 1, 10))  # epochs 1..8, then the final (9)
     assert victim not in {r["node"] for r in retry}
+    epochs = [r for r in short + long if "train_loss" in r]
+    assert all(0 <= r["val_corruption_accuracy"] <= 1 for r in epochs)  # the floor's score, retry included
     assert [r["iterations_since_restore"] for r in short] == list(range(1, len(short) + 1))  # never rerun
     assert sum(bool(r.get("final")) for r in short) == sum(bool(r.get("final")) for r in long) == 1
     rc, report, err = cli("report", "--experiment", str(experiment))
