@@ -148,3 +148,44 @@ def test_a_structured_allocation_then_spends_the_uniform_bytes_on_bits_per_layer
     assert ours["bytes"] <= theirs["bytes"] and ours["macs"] <= theirs["macs"]
     channels_only = Allocator(teacher)(dataclasses.replace(cfg, sensitivity=structured_probes))
     assert channels_only.layer_rates == resolved.layer_rates and not channels_only.layer_bits
+
+
+TORCHVISION_PROBED = ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1", "layer4.1.conv2"]
+
+
+def test_a_torchvision_resnet18_gets_channels_then_bits_per_layer_within_both_budgets(cifar_parquet, tmp_path):
+    """The worked example's student, a torchvision ResNet-18 (no weights file: any
+    ``nn.Module``), probed on a few layers: its channel allocation moves each coupled group
+    as one (the stem's group is the first stage's residual stream, ``layer4.1.conv2``'s the
+    last stage's), its bits per layer are traded after the cut, the edges keep 8 bits,
+    and the recipe builds what was priced within the uniform config's MACs and bytes."""
+    torch.manual_seed(0)
+    teacher = build_model("torchvision:resnet18", 10).eval()
+    batches = self_labelled(cifar_parquet, teacher, images=64)
+    channels = [Setting("structured", 0.25), Setting("structured", 0.5)]
+    bits = [Setting("bits", 2.0), Setting("bits", 8.0)]
+    rows = [r for n in TORCHVISION_PROBED for r in probe_layer(teacher, n, channels, batches)]
+    rows += [r for n in TORCHVISION_PROBED[1:] for r in probe_layer(teacher, n, bits, batches)]
+    table = tmp_path / "sensitivity.parquet"
+    pq.write_table(pa.Table.from_pylist(with_drops(rows, score(teacher, batches))), table)
+    groups, _ = channel_groups(pq.read_table(table).to_pylist())
+    stem = next(g for g in groups if "conv1" in g)
+    assert {"layer1.0.conv2", "layer1.1.conv2"} <= set(stem)  # the residual stream the stem feeds
+    last = next(g for g in groups if "layer4.1.conv2" in g)
+    assert {"layer4.0.conv2", "layer4.0.downsample.0"} <= set(last)  # the last stage's, its shortcut conv too
+
+    uniform = validated(CompressConfig(prune_kind="structured", prune_rate=0.25, bits=4, finetune_epochs=0))
+    cfg = dataclasses.replace(uniform, allocation="sensitivity", sensitivity=str(table))
+    resolved = Allocator(teacher)(cfg)
+    assert resolved.allocation == "sensitivity" and resolved.layer_rates and resolved.layer_bits
+    rates, layer_bits = resolved.rates_by_layer, resolved.bits_by_layer
+    for group in groups:
+        assert len({rates[n] for n in group}) == 1, group  # coupled layers share one rate
+    assert layer_bits["conv1"] == layer_bits["fc"] == 8  # --first-layer-bits / --last-layer-bits stand
+    assert layer_bits["layer2.1.conv1"] == 4  # never probed at other bits: the config's
+    ours, theirs = predict_costs(teacher, resolved), predict_costs(teacher, cfg)
+    assert ours["bytes"] <= theirs["bytes"] and ours["macs"] <= theirs["macs"]
+    student = build_student(teacher, resolved)
+    for rate in prune_events(resolved).values():
+        prune_at(student, resolved, rate, example_inputs=torch.randn(1, 3, 32, 32))
+    assert count_macs(student, (3, 32, 32))["macs"] == ours["macs"]  # the recipe builds what was priced
