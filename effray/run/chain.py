@@ -23,7 +23,7 @@ from effray.run.front import (
     serve_kind,
     target_lines,
 )
-from effray.run.plan import RunConfig, plan_stages
+from effray.run.plan import RunConfig, check_live_cluster, plan_stages
 from effray.run.stages import clean_stage, stage, teacher_bar, val_label_issues
 from effray.search.aggregate import ReportConfig, report
 from effray.search.config import TuneConfig
@@ -43,6 +43,7 @@ def _pick_rule(cfg: RunConfig, tune: TuneConfig, picked: bool) -> str:
 def run_all(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage; returns where the report and the best artifacts are."""
     plan = plan_stages(cfg)
+    check_live_cluster(cfg, plan)
     out = Path(os.path.abspath(cfg.out))
     data_dir = out / "data"
     timings: dict[str, float] = {}

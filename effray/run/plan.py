@@ -16,8 +16,10 @@ from effray.data.prepare import PrepareConfig
 from effray.errors import EffrayError
 from effray.run.presets import STAGES, load_preset
 from effray.search.config import TuneConfig
+from effray.search.resources import check_trial_resources
 from effray.search.space import load_space, validate_space
 from effray.train.config import TrainConfig
+from effray.train.trainer import check_resources, fit_cpus_per_worker
 
 SOURCE = "../shared/data/cifar10-train.parquet"
 
@@ -153,6 +155,23 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
     except EffrayError as exc:
         raise EffrayError(f"--preset {cfg.preset}: tune: {exc}") from None
     return plan
+
+
+def check_live_cluster(cfg: RunConfig, plan: StagePlan) -> None:
+    """The teacher's fit and one trial against the cluster this run is connected to, before
+    the first stage writes anything: a preset that asks for more than the cluster has fails
+    in one line now, not after minutes of preparing and cleaning."""
+    import ray
+
+    total, nodes = ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for section, check in (
+        ("train", lambda: check_resources(fit_cpus_per_worker(plan.train, total, nodes), total, nodes)),
+        ("tune", lambda: check_trial_resources(plan.tune, total, nodes)),
+    ):
+        try:
+            check()
+        except EffrayError as exc:
+            raise EffrayError(f"--preset {cfg.preset}: {section}: {exc}") from None
 
 
 def resource_requests(plan: StagePlan) -> dict[str, tuple[dict[str, float], int]]:

@@ -31,7 +31,7 @@ def check_trial_resources(cfg: TuneConfig, total: dict[str, float], nodes: list[
     if w == 1:
         require(
             cfg.cpus_per_trial <= cpus and cfg.gpus_per_trial <= gpus,
-            f"a trial asks for {cfg.cpus_per_trial} CPU / {cfg.gpus_per_trial} GPU, the cluster has {cpus:g} / "
+            f"a trial asks for {cfg.cpus_per_trial:g} CPU / {cfg.gpus_per_trial:g} GPU, the cluster has {cpus:g} / "
             f"{gpus:g}; lower --cpus-per-trial/--gpus-per-trial",
         )
         return

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+from helpers import cli
 
 from effray.data.arrays import load_arrays
 from effray.data.prepare import load_meta
@@ -53,3 +56,24 @@ def test_val_label_issues_come_from_the_teachers_predictions(tiny_cifar, teacher
     assert all(classes[given[i]] == g for i, g in zip(table["index"], table["given"], strict=True))
     assert list(table["rank"]) == sorted(table["rank"])
     assert np.all(table["given_confidence"] <= table["predicted_confidence"] + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "section,words",
+    [
+        ("train: {workers: 4, cpus_per_worker: 1}", r"train: --workers 4 x --cpus-per-worker 1 .* the cluster has 2"),
+        ("tune: {cpus_per_trial: 3}", r"tune: a trial asks for 3 CPU / 0 GPU, the cluster has 2 / 0"),
+    ],
+)
+def test_a_preset_the_cluster_cannot_hold_fails_before_the_first_stage(
+    ray_session, cifar_parquet, tmp_path, section, words
+):
+    """The teacher's fit and a trial are checked against the live cluster (2 CPUs here)
+    before anything is prepared: one line naming the preset's section, exit 2."""
+    preset = tmp_path / "big.yaml"
+    preset.write_text(f"base: demo\n{section}\n")
+    out = tmp_path / "run"
+    rc, _, err = cli("run", "--preset", str(preset), "--source", str(cifar_parquet), "--out", str(out))
+    assert rc == 2 and re.search(rf"--preset {re.escape(str(preset))}: {words}", err), err
+    assert len(err.strip().splitlines()) == 1
+    assert not [p.name for p in out.glob("*") if p.name != "logs"]  # no stage began (Ray's log file aside)
