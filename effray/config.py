@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -150,6 +151,7 @@ def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
     unknown = sorted(set(data) - names)
     if unknown and strict:
         raise EffrayError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for name in names & set(data):
         tp, _ = _strip_optional(hints[name])
@@ -158,8 +160,25 @@ def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
             value = from_dict(tp, value, strict=strict)
         elif typing.get_origin(tp) is tuple and isinstance(value, list):
             value = tuple(value)
+        elif tp in (int, float) and value is not None:
+            value = _number(name, tp, value, bool(fields[name].metadata.get("auto")))
         values[name] = value
     return validated(cls(**values))
+
+
+def _number(name: str, tp: type, value: Any, auto: bool) -> Any:
+    """A numeric field's value from a file (a preset, a space, a saved config) read as its
+    flag reads it: ``auto`` where the flag takes it, a number written as text, an int
+    where a float goes; anything else one line naming the key."""
+    if isinstance(value, str):
+        try:
+            return _auto_parser(tp)(value) if auto else tp(value)
+        except ValueError:
+            pass
+    elif not isinstance(value, bool) and isinstance(value, numbers.Real) and (tp is float or float(value).is_integer()):
+        return tp(value)
+    kind = f"{'an integer' if tp is int else 'a number'}{' or auto' if auto else ''}"
+    raise EffrayError(f"{name} must be {kind}, got {value!r}")
 
 
 def flag_paths(cls: type, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:

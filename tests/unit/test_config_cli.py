@@ -154,3 +154,28 @@ def test_every_job_entrypoint_names_a_command_of_the_cli(job, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*words, "--help"])
     assert exc.value.code == 0 and "usage: effray " + " ".join(words) in capsys.readouterr().out
+
+
+def test_a_files_numbers_are_read_as_their_flags_read_them():
+    """A preset or saved config (``from_dict``) takes what the flag takes: ``auto`` where the
+    flag does, numbers written as text, ints for floats, numpy scalars (a searcher's
+    samples); anything else is one line naming the key, not a TypeError in validation."""
+    import numpy as np
+
+    from effray.compress.config import CompressConfig
+    from effray.config import AUTO, from_dict
+    from effray.train.config import TrainConfig
+
+    train = from_dict(TrainConfig, {"cpus_per_worker": "auto", "epochs": "3", "lr": 1})
+    assert (train.cpus_per_worker, train.epochs, train.lr) == (AUTO, 3, 1.0) and isinstance(train.lr, float)
+    cfg = from_dict(CompressConfig, {"finetune_epochs": np.int64(2), "prune_rate": np.float64(0.3)})
+    assert type(cfg.finetune_epochs) is int and cfg.finetune_epochs == 2 and cfg.prune_rate == 0.3
+    for bad, words in (
+        ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
+        ({"epochs": "x"}, "epochs must be an integer, got 'x'"),
+        ({"epochs": True}, "epochs must be an integer, got True"),
+        ({"cpus_per_worker": "lots"}, "cpus_per_worker must be a number or auto, got 'lots'"),
+        ({"lr": [0.1]}, "lr must be a number, got [0.1]"),
+    ):
+        with pytest.raises(EffrayError, match=re.escape(words)):
+            from_dict(TrainConfig, bad)
