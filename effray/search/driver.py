@@ -27,6 +27,7 @@ from typing import Any
 
 from effray.atomic import write_json
 from effray.config import require, to_dict
+from effray.console import say
 from effray.data.pipeline import validate_data_dir
 from effray.errors import EffrayError
 from effray.search.aggregate import ReportConfig, report
@@ -68,6 +69,8 @@ def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: 
         f"{meta['counts']['train']} training rows can't feed {w} workers per trial",
     )
     mode = decide_wandb_mode(cfg.wandb_mode, {}, disabled=not cfg.wandb)  # the CLI decides from its env first
+    corrupted = f", {cfg.robust_images} val images under corruptions" if cfg.robust_images else ""
+    say(f"[effray] search: measuring the teacher (accuracy, calibration, latency{corrupted}) ...")
     context = with_deploy_probe(cfg, trial_context(cfg, meta, mode))
     try:
         return _search(cfg, space, meta, context, callbacks, stop)
@@ -85,6 +88,7 @@ def with_deploy_probe(cfg: TuneConfig, context: TrialContext) -> TrialContext:
     if spec is None:
         return dataclasses.replace(context, objective=cfg.objective)
     where = os.path.join(cfg.experiment, "deploy-teacher") if context.local else tempfile.mkdtemp(prefix="effray-")
+    say(f"[effray] search: exporting the teacher and timing it as deployed (--deploy {cfg.deploy}) ...")
     probe: DeployProbe = deploy_probe(spec, context.teacher.path, context.data, where)
     if cfg.deploy != "auto" and probe.teacher.get("deploy_why"):  # auto's choice is said beside the table
         log.warning("--deploy %s: %s", cfg.deploy, probe.teacher["deploy_why"])
