@@ -147,11 +147,11 @@ def from_dict(cls: type[C], data: dict[str, Any], strict: bool = True) -> C:
     if not isinstance(data, dict):
         raise EffrayError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
     hints = _resolved_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown and strict:
         raise EffrayError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for name in names & set(data):
         tp, _ = _strip_optional(hints[name])
