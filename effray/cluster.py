@@ -43,20 +43,15 @@ __all__ = [
 PASSTHROUGH_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
 
 
-# The largest Ray Data block effray makes (effray.data.pipeline.block_bytes), and Ray
-# Data's Parquet read unit below
-MAX_BLOCK_BYTES = 16 << 20
-# Ray Data settings read in its worker processes, so they go in every process's environment:
-# a local Ray inherits them from the driver (effray.cluster.init_ray), `ray job submit` gets
-# them from cluster/runtime_env.yaml (a test keeps the two equal).
+# Ray Data settings, in every process's environment: a local Ray inherits them from the
+# driver (effray.cluster.init_ray), `ray job submit` gets them from cluster/runtime_env.yaml
+# (a test keeps the two equal). effray's own reads set the same on the dataset they build
+# (effray.data.pipeline.read_parquet), whatever the process's environment says.
 RAY_DATA_ENV = {
-    # Parquet files are listed through a pool of FooterReader actors, 32 by default, started
-    # afresh every streamed epoch: up to 32 new Python processes (~110 MB each, 0.9 GB here
-    # for 88 shards) for footers that one actor, with 128 concurrent reads of its own,
-    # fetches as fast for effray's few large shards
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-    # read units of one block (one CIFAR shard) instead of 128 MiB: a read task holds less
-    "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(MAX_BLOCK_BYTES),
+    # Parquet through Ray Data's file-per-task reader: its newer one lists files through
+    # FooterReader actors started afresh on every execution, a new Python process for
+    # every streamed epoch and every evaluation pass (docs/design.md#data-pipeline)
+    "RAY_DATA_USE_DATASOURCE_V2": "0",
 }
 
 

@@ -18,6 +18,7 @@ from effray.clean.dataset import arrays_table
 from effray.clean.duplicates import hash_rows
 from effray.clean.embed import Embedder
 from effray.data.images import decode_batch
+from effray.data.pipeline import read_parquet
 from effray.data.prepare import split_files
 
 ORIGINS = ("train", "val", "test", "reference")
@@ -64,10 +65,9 @@ def _union(parts: list[Any]) -> Any:
 
 def hash_pass(sources: Sources, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """origin, index, label, hash of every row: one Ray Data ``map_batches`` of pure hashing."""
-    import ray
 
     parts = [
-        ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]).map_batches(
+        read_parquet(split_files(d, s), ["image", "label", "index"]).map_batches(
             hash_rows, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}
         )
         for d, s, o in sources
@@ -89,7 +89,7 @@ def embed_pass(
     import ray
 
     parts = [
-        ray.data.read_parquet(split_files(d, s), columns=["image", "label", "index"]).map_batches(
+        read_parquet(split_files(d, s), ["image", "label", "index"]).map_batches(
             _decode_tagged, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}
         )
         for d, s, o in sources

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from effray.cluster import MAX_BLOCK_BYTES
 from effray.config import option, require
 from effray.data.augment import augment_arrays, batch_generator, model_input, new_generator, parse_policy
 from effray.data.augment_ops import row_key
@@ -32,7 +31,8 @@ MAP_BATCH_BYTES = 8 << 20  # ... and at most this many decoded bytes (55 images 
 # ~10 ms of Ray overhead there: 8 MiB blocks ran 15 % slower), 1.2 MiB on 64. MAX bounds
 # what streaming holds in flight (32 MiB: 1.2x the peak memory for 4x the data, 16: 1.0-1.1x).
 BLOCKS_PER_CPU = 2
-MIN_BLOCK_BYTES = 1 << 20  # MAX_BLOCK_BYTES: effray.cluster, which also sets it as Ray Data read unit
+MIN_BLOCK_BYTES = 1 << 20
+MAX_BLOCK_BYTES = 16 << 20
 STREAM_BLOCKS_PER_CPU = 4  # object-store blocks the stream may hold ahead, per cluster CPU
 MIN_STREAM_BUFFER = 256 << 20
 KEEP_COLUMNS = ("image", "label", "target", "index", "synthetic")
@@ -140,16 +140,30 @@ def read_split(
     ``shuffle_seed`` the shard order is permuted afresh every time the dataset runs, i.e.
     every epoch), under effray's block size and stream buffer (:func:`data_context`),
     which every dataset derived from it inherits."""
-    import ray
-    from ray.data import DataContext, FileShuffleConfig
+    from ray.data import FileShuffleConfig
 
     meta = load_meta(data_dir)
     split_bytes = meta["counts"].get(split, 0) * int(np.prod(meta["image_shape"]))
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    with DataContext.current(data_context(split_bytes, stream_buffer_mb)):
-        return ray.data.read_parquet(
-            split_files(data_dir, split), columns=["image", "label", "index", "synthetic"], shuffle=shuffle
-        )
+    return read_parquet(
+        split_files(data_dir, split),
+        ["image", "label", "index", "synthetic"],
+        data_context(split_bytes, stream_buffer_mb),
+        shuffle=shuffle,
+    )
+
+
+def read_parquet(files: list[str], columns: list[str], ctx: Any = None, shuffle: Any = None) -> Any:
+    """``ray.data.read_parquet`` under ``ctx`` (default: the current DataContext) through
+    Ray Data's file-per-task Parquet reader, chosen when the dataset is built, whatever
+    this process's environment says (see :data:`effray.cluster.RAY_DATA_ENV`)."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = (ctx or DataContext.get_current()).copy()
+    ctx.use_datasource_v2 = False
+    with DataContext.current(ctx):
+        return ray.data.read_parquet(files, columns=columns, shuffle=shuffle)
 
 
 def data_context(split_bytes: int, stream_buffer_mb: int = 0) -> Any:

@@ -24,7 +24,7 @@ from effray.console import say
 from effray.data.augment import preprocess, preprocess_image
 from effray.data.image_bytes import decode_image
 from effray.data.images import decode_batch
-from effray.data.pipeline import data_context
+from effray.data.pipeline import data_context, read_parquet
 from effray.data.prepare import load_meta, split_chunk, split_files
 from effray.data.sources import IMAGE_SUFFIXES, load_chunk, plan_source
 
@@ -76,9 +76,6 @@ def absolute_spec(spec: str) -> str:
 
 
 def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int, resize: str) -> Inputs:
-    import ray
-    from ray.data import DataContext
-
     meta = load_meta(path)
     files = split_files(path, split)
     shape = [int(v) for v in meta["image_shape"]]
@@ -87,8 +84,7 @@ def _prepared(path: Path, split: str, image_shape: list[int], num_classes: int, 
         f"{path} holds {shape[2]}-channel images, the model takes {image_shape[2]}; predict data of its kind",
     )
     rows = int(meta["counts"].get(split, 0))
-    with DataContext.current(data_context(rows * int(np.prod(shape)))):
-        ds = ray.data.read_parquet(files, columns=["image", "label", "index", "name"])
+    ds = read_parquet(files, ["image", "label", "index", "name"], data_context(rows * int(np.prod(shape))))
     kwargs = {"shape": tuple(shape), "model_shape": tuple(image_shape), "resize": resize}
     ds = ds.map_batches(decode_prepared, batch_format="pyarrow", num_cpus=1, fn_kwargs=kwargs)
     return Inputs("prepared", f"{path} ({split})", rows, _same_classes(meta["num_classes"], num_classes, str(path)), ds)
