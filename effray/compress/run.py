@@ -14,7 +14,7 @@ Two levels, as in :mod:`effray.train.run` / :mod:`effray.train.loop`:
 
 ``OUT`` must be visible from the node of rank 0 (one node, or a shared filesystem: checked
 on a multi-node cluster); the fine-tuning epochs reach the driver through a mailbox actor
-the driver owns (:func:`effray.train.trainer.open_mailbox`), never a file on rank 0's node.
+the driver owns (:func:`effray.mailbox.open_mailbox`), never a file on rank 0's node.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ from effray.config import require, to_dict, validated
 from effray.console import relayed_step_bars, say
 from effray.data.pipeline import eval_dataset, torch_batches, train_dataset, validate_data_dir
 from effray.data.shuffle import cache_split, steps_per_epoch
+from effray.mailbox import open_mailbox
 from effray.models.reference import provided, trusted_modules
 from effray.storage import check_storage_for_cluster
 from effray.train.checkpoint import checkpoint_file, data_summary, load_checkpoint
 from effray.train.parallel import STRATEGIES
 from effray.train.run import provenance, train_rows
-from effray.train.trainer import check_resources, fit, open_mailbox, torch_trainer
+from effray.train.trainer import check_resources, fit, torch_trainer
 from effray.train.validate import CorruptionScore
 
 METRICS_FILE = "metrics.json"

@@ -32,6 +32,7 @@ from effray.data.arrays import load_arrays
 from effray.data.images import sample_images
 from effray.data.pipeline import torch_batches
 from effray.data.shuffle import CachedSplit
+from effray.mailbox import post
 from effray.models.reference import use_factories
 from effray.train.checkpoint import load_checkpoint
 from effray.train.faults import InjectedFailure
@@ -39,7 +40,6 @@ from effray.train.loop import DATA_INIT_IMAGES
 from effray.train.parallel import make_strategy
 from effray.train.recipe import Plan, Run, run_recipe
 from effray.train.session import RaySession
-from effray.train.trainer import post
 from effray.train.validate import Batches, CorruptionScore, batches_accuracy, validate
 
 
@@ -50,7 +50,7 @@ class CompressWorker:
 
     run: CompressRunConfig
     teacher: str  # the teacher checkpoint's absolute path
-    mailbox: str  # the driver's mailbox actor (effray.train.trainer.open_mailbox)
+    mailbox: str  # the driver's mailbox actor (effray.mailbox.open_mailbox)
     teacher_info: dict[str, Any] = field(default_factory=dict)  # checksum, spec, path: into the artifact
     run_dir: str = ""  # Ray Train's run directory (the fault marker's home); "" on remote storage
     data: dict[str, Any] = field(default_factory=dict)  # effray.train.checkpoint.data_summary

@@ -3,7 +3,8 @@
 Resources are resolved and checked on the driver before a worker starts (Ray would wait
 forever for resources the cluster lacks); the trainer's run is named so a re-run restores
 it; a worker's :class:`~effray.errors.EffrayError` comes back to the driver as itself; and
-rank 0 hands the driver what Ray Train's metrics don't carry through a mailbox actor.
+rank 0 hands the driver what Ray Train's metrics don't carry through a mailbox actor
+(:mod:`effray.mailbox`).
 """
 
 from __future__ import annotations
@@ -146,35 +147,6 @@ def torch_trainer(
         datasets=datasets,
         **extra,
     )
-
-
-class Mailbox:
-    """What a run's rank 0 hands its driver beyond Ray Train's metrics (Train V2 keeps only
-    the metrics reported with a checkpoint), from whatever node rank 0 is on: an actor
-    the driver owns, found by name from the workers."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-
-    def put(self, value: Any) -> None:
-        self.value = value
-
-    def get(self) -> Any:
-        return self.value
-
-
-def open_mailbox(name: str) -> Any:
-    """The driver's mailbox ``name`` (created here, owned by the caller: it goes with it)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(Mailbox).options(name=name, namespace="effray").remote()
-
-
-def post(name: str, value: Any) -> None:
-    """From a worker: leave ``value`` in the driver's mailbox ``name``."""
-    import ray
-
-    ray.get(ray.get_actor(name, namespace="effray").put.remote(value))
 
 
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands it to its controller

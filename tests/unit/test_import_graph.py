@@ -16,7 +16,7 @@ ROOT = Path(effray.__file__).parent
 # effray's packages and top-level modules, lowest first; a name imports only its own
 # layer and those before it (and never the other name of its layer back: no circles)
 LAYERS = (
-    ("errors", "config", "registry", "console", "atomic", "storage", "hardware", "tracking", "cluster"),
+    ("errors", "config", "registry", "console", "atomic", "storage", "hardware", "tracking", "cluster", "mailbox"),
     ("data", "models", "metrics"),
     ("train",),
     ("compress",),
@@ -160,3 +160,19 @@ def test_effray_has_no_import_circle():
     assert len(graph) > 50 and "effray.train.parallel" in graph["effray.train.loop"]  # the graph is real
     assert cycles(graph) == []
     assert "effray.train.pipeline" not in graph["effray.train.strategy"]
+
+
+def test_the_named_actors_start_without_torch():
+    """An actor's process imports the module of its class: the driver's mailbox, the epoch
+    clock and the progress-bar relay (one of each per fit or per command) start as bare
+    Ray workers, not ones that load torch and the training stack first."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, effray.mailbox, effray.data.clock, effray.console\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'effray')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "torch" not in loaded and "effray.train" not in loaded, loaded
+    assert "'effray.mailbox'" in loaded and "'effray.data.clock'" in loaded, loaded
