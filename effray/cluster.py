@@ -50,7 +50,7 @@ PASSTHROUGH_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE
 RAY_DATA_ENV = {
     # Parquet through Ray Data's file-per-task reader: its newer one lists files through
     # FooterReader actors started afresh on every execution, a new Python process for
-    # every streamed epoch and every evaluation pass (docs/design.md#data-pipeline)
+    # every streamed epoch and every evaluation pass (docs/design.md#the-data-pipeline)
     "RAY_DATA_USE_DATASOURCE_V2": "0",
 }
 
