@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -50,13 +51,27 @@ def trial_rows(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
-def read_wandb_run(path: Path) -> dict:
+def read_wandb_run(path: Path, wait_s: float = 20.0) -> dict:
     """Run record (id, group, job type), config, history, summary, artifact names and exit
     code of an offline run's ``run-*.wandb`` log (LevelDB-style 32 KiB blocks of protobuf Records after a
-    7-byte header)."""
+    7-byte header). wandb's own process may still be writing the last records for a moment
+    after ``finish()`` has returned (seen once in the suite: a record cut short): a log
+    whose last record is incomplete is read again, for up to ``wait_s``."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _parse_wandb_run(path.read_bytes())
+        except (DecodeError, EOFError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _parse_wandb_run(data: bytes) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = path.read_bytes()
     assert data[:4] == b":W&B"
     pos, payloads, buf = 7, [], b""
     while pos + 7 <= len(data):
@@ -64,6 +79,8 @@ def read_wandb_run(path: Path) -> dict:
             pos += 32768 - pos % 32768
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):
+            raise EOFError(f"a record of {length} bytes at {pos} runs past the end of the log ({len(data)} bytes)")
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             payloads.append(buf + chunk if kind == 4 else chunk)
