@@ -65,7 +65,6 @@ def _union(parts: list[Any]) -> Any:
 
 def hash_pass(sources: Sources, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """origin, index, label, hash of every row: one Ray Data ``map_batches`` of pure hashing."""
-
     parts = [
         read_parquet(split_files(d, s), ["image", "label", "index"]).map_batches(
             hash_rows, batch_format="pyarrow", fn_kwargs={"shape": shape, "origin": o}
