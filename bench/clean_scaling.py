@@ -53,7 +53,6 @@ from effray.clean.embed import PIXEL_GRID, finish
 from effray.clean.knn import REFINE_ROWS, relative_knn
 from effray.clean.passes import embed_gpus, embed_pass, hash_pass
 from effray.clean.run import check_checkpoint
-from effray.cluster import use_ray_data_env
 from effray.data.prepare import PrepareConfig, load_meta, prepare
 from effray.hardware import cpu_summary
 
@@ -309,7 +308,6 @@ def main() -> int:
     print(f"{cpu_summary()}, {os.cpu_count()} cores, Ray num_cpus={args.cpus}", flush=True)
     work = tempfile.mkdtemp(prefix="effray-bench-clean-")
     try:
-        use_ray_data_env()  # as effray's own local Ray (effray.cluster.init_ray)
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -46,7 +46,6 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from effray.cluster import use_ray_data_env
 from effray.data.clock import kill_clock
 from effray.data.pipeline import DataConfig, torch_batches, train_dataset
 from effray.data.prepare import PrepareConfig, load_meta, prepare
@@ -239,7 +238,6 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="effray-bench-")
     try:
-        use_ray_data_env()  # as effray's own local Ray (effray.cluster.init_ray)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -31,7 +31,6 @@ import numpy as np
 import ray
 from data_throughput import PeakMemory, replicate
 
-from effray.cluster import use_ray_data_env
 from effray.data.clock import kill_clock
 from effray.data.pipeline import DataConfig, fits_object_store, torch_batches, train_dataset
 from effray.data.prepare import PrepareConfig, load_meta, prepare
@@ -70,7 +69,6 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="effray-bench-size-")
     try:
-        use_ray_data_env()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -43,25 +43,6 @@ __all__ = [
 PASSTHROUGH_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
 
 
-# Ray Data settings, in every process's environment: a local Ray inherits them from the
-# driver (effray.cluster.init_ray), `ray job submit` gets them from cluster/runtime_env.yaml
-# (a test keeps the two equal). effray's own reads set the same on the dataset they build
-# (effray.data.pipeline.read_parquet), whatever the process's environment says.
-RAY_DATA_ENV = {
-    # Parquet through Ray Data's file-per-task reader: its newer one lists files through
-    # FooterReader actors started afresh on every execution, a new Python process for
-    # every streamed epoch and every evaluation pass (docs/design.md#the-data-pipeline)
-    "RAY_DATA_USE_DATASOURCE_V2": "0",
-}
-
-
-def use_ray_data_env(environ: Any = os.environ) -> None:
-    """Put :data:`RAY_DATA_ENV` in ``environ`` where not already set; call before starting
-    a local Ray, whose raylet and workers inherit the driver's environment."""
-    for key, value in RAY_DATA_ENV.items():
-        environ.setdefault(key, value)
-
-
 def free_port() -> int:
     """A loopback port nothing listens on now (for a local Ray's dashboard)."""
     with socket.socket() as sock:
@@ -98,8 +79,6 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     actor, declares the controller dead and removes the workers' placement group,
     killing healthy training (seen here: a 30-minute run restarted after 2 minutes).
     Without a dashboard every query fails and it logs a warning every few seconds.
-    effray's Ray Data settings (:data:`RAY_DATA_ENV`) go in the same
-    environment, unless already set.
     """
     import logging
 
@@ -114,7 +93,6 @@ def init_ray(*, num_cpus: int | None = None, verbose: bool = False, log_to_drive
     else:
         port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        use_ray_data_env()
         ray.init(
             address="local",
             num_cpus=num_cpus,

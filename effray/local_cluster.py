@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from effray.cluster import free_port, temporary_env, use_ray_data_env
+from effray.cluster import free_port, temporary_env
 
 NODE_STORE = 200 << 20  # object store per node: small, the machine holds several
 
@@ -96,7 +96,6 @@ def local_cluster(
     with temporary_env(
         RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=f"{health_check_s:g}"
     ):
-        use_ray_data_env()
         c = Cluster(
             initialize_head=True,
             head_node_args={
