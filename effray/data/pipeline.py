@@ -134,7 +134,11 @@ class ToModelInput(NumpyBatchCollateFn):
 
 
 def read_split(
-    data_dir: str | os.PathLike, split: str, stream_buffer_mb: int = 0, shuffle_seed: int | None = None
+    data_dir: str | os.PathLike,
+    split: str,
+    stream_buffer_mb: int = 0,
+    shuffle_seed: int | None = None,
+    num_cpus: float | None = None,
 ) -> Any:
     """The raw rows of one split as a Ray Dataset (sorted shards: reproducible order; with
     ``shuffle_seed`` the shard order is permuted afresh every time the dataset runs, i.e.
@@ -150,20 +154,25 @@ def read_split(
         ["image", "label", "index", "synthetic"],
         data_context(split_bytes, stream_buffer_mb),
         shuffle=shuffle,
+        num_cpus=num_cpus,
     )
 
 
-def read_parquet(files: list[str], columns: list[str], ctx: Any = None, shuffle: Any = None) -> Any:
+def read_parquet(
+    files: list[str], columns: list[str], ctx: Any = None, shuffle: Any = None, num_cpus: float | None = None
+) -> Any:
     """``ray.data.read_parquet`` under ``ctx`` (default: the current DataContext) through
     Ray Data's file-per-task Parquet reader, chosen when the dataset is built, whatever
-    this process's environment says (see :data:`effray.cluster.RAY_DATA_ENV`)."""
+    this process's environment says: Ray Data's newer reader lists files through
+    FooterReader actors started afresh on every execution, a new Python process for every
+    streamed epoch and every evaluation pass (docs/design.md#the-data-pipeline)."""
     import ray
     from ray.data import DataContext
 
     ctx = (ctx or DataContext.get_current()).copy()
     ctx.use_datasource_v2 = False
     with DataContext.current(ctx):
-        return ray.data.read_parquet(files, columns=columns, shuffle=shuffle)
+        return ray.data.read_parquet(files, columns=columns, shuffle=shuffle, num_cpus=num_cpus)
 
 
 def data_context(split_bytes: int, stream_buffer_mb: int = 0) -> Any:
@@ -208,9 +217,9 @@ def train_dataset(cfg: DataConfig, clock: str = "", num_cpus: float = 1) -> Any:
     parse_policy(cfg.augment, meta["num_classes"])  # fail fast, before any task starts
     cache = cfg.cache_decoded and fits_object_store(meta, cfg.synthetic_ratio)
     # streamed: a new shard order every epoch, so no rank sees the same shards each time
-    ds = read_split(cfg.data, "train", cfg.stream_buffer_mb, shuffle_seed=None if cache else cfg.seed)
+    ds = read_split(cfg.data, "train", cfg.stream_buffer_mb, None if cache else cfg.seed, num_cpus)
     if cfg.synthetic:
-        ds = mix_synthetic(ds, cfg, meta)
+        ds = mix_synthetic(ds, cfg, meta, num_cpus)
     ds = _decode(ds, meta, num_cpus)
     if cache:
         ds = ds.materialize()
@@ -251,10 +260,11 @@ def _decode(ds: Any, meta: dict[str, Any], num_cpus: float) -> Any:
     )
 
 
-def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any]) -> Any:
+def mix_synthetic(ds: Any, cfg: DataConfig, meta: dict[str, Any], num_cpus: float | None = None) -> Any:
     """Add synthetic rows so they make up ``synthetic_ratio`` of the training stream."""
     n_syn = synthetic_rows(cfg, meta)
-    return ds.union(read_split(cfg.synthetic, "train", cfg.stream_buffer_mb).limit(n_syn)) if n_syn else ds
+    synthetic = read_split(cfg.synthetic, "train", cfg.stream_buffer_mb, num_cpus=num_cpus)
+    return ds.union(synthetic.limit(n_syn)) if n_syn else ds
 
 
 def synthetic_rows(cfg: DataConfig, meta: dict[str, Any]) -> int:
@@ -278,7 +288,7 @@ def synthetic_rows(cfg: DataConfig, meta: dict[str, Any]) -> int:
 
 def eval_dataset(data_dir: str | os.PathLike, split: str = "val", num_cpus: float = 1) -> Any:
     """Decode only, no augmentation: for validation and evaluation."""
-    return _decode(read_split(data_dir, split), load_meta(data_dir), num_cpus)
+    return _decode(read_split(data_dir, split, num_cpus=num_cpus), load_meta(data_dir), num_cpus)
 
 
 def torch_batches(

@@ -154,7 +154,9 @@ def epoch_dataset(source: CachedSplit, epoch: int, replica: int = 0, replicas: i
     ctx.execution_options.preserve_order = True  # the order *is* the shuffle
     ctx.enable_progress_bars = False
     with DataContext.current(ctx):
-        return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
+        # the chunk numbers as in-memory blocks, not ray.data.range: its read tasks ask for a
+        # whole CPU, which a cluster whose trainers hold all but --data-cpus never frees
+        return ray.data.from_items([{"id": i} for i in range(chunks)], override_num_blocks=chunks).map_batches(
             gather_rows,
             batch_size=1,
             batch_format="numpy",

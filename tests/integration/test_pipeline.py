@@ -207,19 +207,14 @@ def test_datasets_carry_effray_block_size_and_a_bounded_stream_buffer(tiny_cifar
 
 
 def test_streaming_reads_parquet_without_footer_reader_actors(tiny_cifar):
-    """effray's Ray Data settings reach the workers (init_ray puts them in the local
-    instance's environment), and a streamed epoch starts no FooterReader actor (Ray's
-    default Parquet reader starts a pool of them, new processes, on every execution),
-    although this process imported Ray Data before those settings were made."""
+    """A streamed epoch starts no FooterReader actor (Ray's default Parquet reader starts a
+    pool of them, new processes, on every execution), whatever the environment says:
+    nothing here sets RAY_DATA_USE_DATASOURCE_V2."""
     import os
 
-    import ray
     from ray.util.state import list_actors
 
-    from effray.cluster import RAY_DATA_ENV
-
-    seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in RAY_DATA_ENV}).remote())
-    assert seen == RAY_DATA_ENV
+    assert "RAY_DATA_USE_DATASOURCE_V2" not in os.environ
 
     def footer_readers() -> int:
         return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10000))
@@ -279,3 +274,42 @@ def test_exact_shuffle_deals_each_row_once_per_epoch_over_1_2_3_ranks(tiny_cifar
     np.testing.assert_array_equal(again["image"], first["image"])  # the same seed: the same pixels
     other = stream(2, 1, 2)
     assert set(other["index"].tolist()) != set(first["index"].tolist())  # the next epoch re-deals the rows
+
+
+def test_every_stream_runs_on_the_data_cpus_the_trainers_leave(tiny_cifar):
+    """Trainers holding all but --data-cpus 0.5 of the cluster (2 workers of 0.75 CPU on 2):
+    the exact shuffle's epoch (built in the worker), a streamed epoch and an evaluation pass
+    (built on the driver before the fit, as effray.train.run does) each finish. Their first
+    task (a read, or the exact shuffle's chunk numbers) once asked for a whole CPU, which
+    never came free, and training hung with Ray's "resources are not enough"."""
+    import threading
+
+    import ray
+
+    from effray.data.shuffle import cache_split, epoch_dataset
+
+    meta = load_meta(tiny_cifar)
+    source = cache_split(DataConfig(data=str(tiny_cifar), augment="flip"), num_cpus=0.5)
+    streamed = train_dataset(DataConfig(data=str(tiny_cifar), cache_decoded=False), num_cpus=0.5)
+    evaluation = eval_dataset(tiny_cifar, "val", num_cpus=0.5)
+    streams = {
+        "exact shuffle": lambda: epoch_dataset(source, 0, 0, 1, 128),
+        "streamed": lambda: streamed,
+        "evaluation": lambda: evaluation,
+    }
+    trainers = ray.remote(num_cpus=1.5)(type("Trainers", (), {"ready": lambda self: True})).remote()
+    ray.get(trainers.ready.remote())
+    seen: dict[str, int] = {}
+
+    def read(name: str) -> None:
+        seen[name] = sum(len(b["label"]) for b in torch_batches(streams[name](), meta, 128))
+
+    try:
+        for name in streams:
+            worker = threading.Thread(target=read, args=(name,), daemon=True)
+            worker.start()
+            worker.join(timeout=90)
+            assert not worker.is_alive(), f"the {name} stream waits for a CPU the trainers hold"
+    finally:
+        ray.kill(trainers)
+    assert seen == {"exact shuffle": 540, "streamed": 540, "evaluation": 60}
