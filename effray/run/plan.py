@@ -17,7 +17,7 @@ from effray.errors import EffrayError
 from effray.run.presets import STAGES, load_preset
 from effray.search.config import TuneConfig
 from effray.search.resources import check_trial_resources
-from effray.search.space import load_space, validate_space
+from effray.search.space import load_space, resolve_search
 from effray.train.config import TrainConfig
 from effray.train.trainer import check_resources, fit_cpus_per_worker
 
@@ -151,7 +151,7 @@ def plan_stages(cfg: RunConfig) -> StagePlan:
         ),
     )
     try:
-        validate_space(load_space(str(plan.tune.space)))
+        resolve_search(plan.tune.search, load_space(str(plan.tune.space)))
     except EffrayError as exc:
         raise EffrayError(f"--preset {cfg.preset}: tune: {exc}") from None
     return plan

@@ -16,7 +16,7 @@ from effray.search.constraints import Constraints
 from effray.search.deployed import DEPLOY_CHOICES, DeploySpec, parse_targets
 from effray.train.config import WANDB_MODES
 
-SEARCHERS = ("random", "grid", "optuna")
+SEARCHERS = ("auto", "random", "grid", "optuna")
 SCHEDULERS = ("pareto", "asha", "none")
 OBJECTIVES = ("bytes", "macs", "latency")
 METRIC = "val_accuracy"  # what every epoch reports and every scheduler and searcher ranks by
@@ -30,7 +30,12 @@ class TuneConfig:
     data: str = option("", "prepared dataset directory (its val split scores every trial)")
     space: str = option("demo", "search space: a preset (demo, cifar10) or a YAML file of CompressConfig fields")
     num_samples: int = option(8, "trials to sample (with --search grid: repeats of the grid)")
-    search: str = option("random", "search algorithm (optuna needs `pip install effray[optuna]`)", choices=SEARCHERS)
+    search: str = option(
+        "auto",
+        "search algorithm: auto (grid when the space has grid entries, else random), random, grid or optuna "
+        "(needs `pip install effray[optuna]`)",
+        choices=SEARCHERS,
+    )
     multi_objective: bool = option(False, "optuna only: maximise accuracy and minimise bytes together")
     scheduler: str = option(
         "pareto",

@@ -40,7 +40,7 @@ from effray.search.resources import check_trial_resources, concurrency, trial_re
 from effray.search.results import STOPPED_FILE, TEACHER_FILE
 from effray.search.scheduler import LastEpochSafeASHA, ParetoASHA
 from effray.search.searcher import Budget, CostAwareSearch, CostModel, SpaceSampler, check_feasible
-from effray.search.space import has_grid, load_space, to_param_space
+from effray.search.space import load_space, resolve_search, to_param_space
 from effray.search.splits import share_splits, shares_data
 from effray.search.trial import compression_trial
 from effray.tracking import TrackerSettings, decide_wandb_mode, stable_run_id
@@ -58,10 +58,7 @@ def tune_compression(cfg: TuneConfig, callbacks: list[Any] | None = None, stop: 
 
     meta = validate_data_dir(cfg.data)
     space = load_space(cfg.space)
-    require(
-        cfg.search == "grid" or not has_grid(space),
-        "the space has grid entries; use --search grid (or choice instead of grid)",
-    )
+    cfg = dataclasses.replace(cfg, search=resolve_search(cfg.search, space))
     check_trial_resources(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
     w = cfg.workers_per_trial
     require(
@@ -196,9 +193,9 @@ def _new_tuner(
 def trial_count(cfg: TuneConfig, space: dict[str, Any] | None = None) -> int:
     """Trials Tune may start: ``--num-samples``, or with ``--search grid`` that many repeats
     of the grid (configs over budget are skipped, so there may be fewer)."""
-    if cfg.search != "grid":
-        return cfg.num_samples
     space = space if space is not None else load_space(cfg.space)
+    if resolve_search(cfg.search, space) != "grid":
+        return cfg.num_samples
     return len(SpaceSampler(space, cfg.seed).points or [None]) * cfg.num_samples
 
 

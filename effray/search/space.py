@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from effray.compress.config import CompressConfig
-from effray.config import merge
+from effray.config import merge, require
 from effray.errors import EffrayError
 
 SEARCH_PROBES = "(the search's sensitivity pass)"
@@ -88,6 +88,20 @@ def load_space(text: str) -> dict[str, Any]:
             raise EffrayError(f"--space {text}: invalid YAML ({str(exc).splitlines()[0]})") from None
     validate_space(space)
     return space
+
+
+def resolve_search(search: str, space: dict[str, Any]) -> str:
+    """``--search`` for ``space``: ``auto`` is grid when the space has grid entries (only a
+    grid search enumerates them), else random; another searcher of a grid space fails in
+    one line."""
+    if search == "auto":
+        return "grid" if has_grid(space) else "random"
+    require(
+        search == "grid" or not has_grid(space),
+        f"the space has grid entries, which --search {search} can't enumerate; use --search grid or auto "
+        "(or choice instead of grid)",
+    )
+    return search
 
 
 def _values(name: str, spec: Any) -> tuple[str, list[Any]]:

@@ -49,6 +49,11 @@ def test_a_preset_without_base_starts_from_the_configs_defaults(tmp_path):
         ("base: demo\ntrain:\n  epoch: 3\n", r"train: unknown TrainConfig key\(s\) epoch"),
         ("base: demo\ntrain:\n  epochs: -1\n", r"train: --epochs must be a positive integer"),
         ("base: demo\ntune:\n  space: nospace\n", r"tune: --space 'nospace' is neither a preset"),
+        # the demo's space is a grid: a random search of it fails here, not after the teacher has trained
+        (
+            "base: demo\ntune:\n  search: random\n",
+            r"tune: the space has grid entries, which --search random can't enumerate",
+        ),
         ("train: [1\n", r"not valid YAML"),
         ("base: big\n", r"base 'big' is not a built-in preset"),
         ("teacher:\n  epochs: 3\n", r"unknown section\(s\) teacher"),

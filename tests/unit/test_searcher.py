@@ -118,3 +118,23 @@ def test_a_structured_config_is_pruned_to_the_latency_target_instead_of_skipped(
     check_feasible(space, costs, budget, seed=0, fit_latency=True)
     with pytest.raises(EffrayError, match="no config of the space fits the budget"):
         check_feasible(space, costs, budget, seed=0, draws=2)
+
+
+def test_the_default_search_enumerates_a_grid_space_and_samples_any_other(tmp_path):
+    """``--search auto`` (the default): the demo space's grid is enumerated (a random search
+    of it would fail once the teacher had trained); a space without grid entries is sampled;
+    a searcher that can't enumerate a grid says so in one line."""
+    from effray.search.config import TuneConfig
+    from effray.search.driver import trial_count
+    from effray.search.space import load_space, resolve_search
+
+    demo = load_space("demo")
+    assert TuneConfig().search == "auto" and resolve_search("auto", demo) == "grid"
+    assert resolve_search("auto", load_space("cifar10")) == "random"
+    grid_points = len(SpaceSampler(demo, 0).points)
+    assert grid_points == 2 * 2 * 3 == len({tuple(sorted(p.items())) for p in SpaceSampler(demo, 0).points})
+    assert trial_count(TuneConfig(space="demo", num_samples=2)) == 2 * grid_points
+    assert trial_count(TuneConfig(space="cifar10", num_samples=5)) == 5
+    for search in ("random", "optuna"):
+        with pytest.raises(EffrayError, match=f"--search {search} can't enumerate"):
+            resolve_search(search, demo)
