@@ -53,6 +53,11 @@ class ExportConfig:
     calib_batches: int = option(8, "batches of the training split that calibrate int8 activations")
     min_agreement: float = option(0.999, "top-1 agreement with the source an fp32 file must reach")
     min_int8_agreement: float = option(0.995, "top-1 agreement with the source an int8 file must reach")
+    int8_fallback: bool = option(
+        False,
+        "an int8 file that can't be written or misses its parity check is left out and the rest written "
+        "(deploy.json says why), instead of nothing",
+    )
     int8_reduce_range: str = option(
         "auto",
         "int8 range for CPUs without VNNI, whose kernels would overflow at full range: "

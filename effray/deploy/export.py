@@ -234,16 +234,24 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         tmp.mkdir(parents=True)
         for kind in cfg.kinds:
             path = tmp / EXPORT_FILES[kind]
+            failed = int8_info.get("failed", {})
+            if kind == "openvino-int8" and "onnx-int8" in failed:  # converted from a file that was left out
+                failed[kind] = f"converted from {EXPORT_FILES['onnx-int8']}, which was left out"
+                continue
             t = time.perf_counter()
             try:
                 kept = write_export(kind, path, src, cfg.reduce_range, cfg.calib_batches)
             except EffrayError as exc:
-                if kind != "torch-int8":
+                if kind == "torch-int8":
+                    # PT2E can't lower every graph (a torchvision ResNet's residual adds): the ONNX and
+                    # OpenVINO int8 files don't depend on it, so they are still written, and the reason is kept
+                    int8_info.setdefault("skipped", {})[kind] = str(exc)
+                    say(f"[effray export] {kind} skipped: {exc}")
+                    continue
+                if not (cfg.int8_fallback and kind.endswith("int8")):
                     raise
-                # PT2E can't lower every graph (a torchvision ResNet's residual adds): the ONNX and
-                # OpenVINO int8 files don't depend on it, so they are still written, and the reason is kept
-                int8_info.setdefault("skipped", {})[kind] = str(exc)
-                say(f"[effray export] {kind} skipped: {exc}")
+                int8_info.setdefault("failed", {})[kind] = str(exc)
+                say(f"[effray export] {kind} left out: {exc}")
                 continue
             if kept is not None:
                 pinned[kind] = kept
@@ -257,11 +265,18 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             f = figures[kind] = {**parity(loaded, held_out, source), "min_agreement": need}
             if f["agreement"] < need:
                 path.unlink(missing_ok=True)
-                raise EffrayError(
+                failure = (
                     f"{path.name} failed the parity check: top-1 agreement {f['agreement']:.4f} < {need} with "
                     f"the source on {f['images']} {cfg.split} images (max |logit diff| {f['max_abs_logit_diff']:.3g})"
-                    f"{why_int8_disagrees(model, kind)}; nothing written"
+                    f"{why_int8_disagrees(model, kind)}"
                 )
+                if not (cfg.int8_fallback and kind.endswith("int8")):
+                    raise EffrayError(f"{failure}; nothing written")
+                # --int8-fallback: the fp32 files (and any int8 file that passed) are kept, and why this one is not
+                del files[kind], figures[kind]
+                pinned.pop(kind, None)
+                int8_info.setdefault("failed", {})[kind] = failure
+                say(f"[effray export] {kind} left out: {failure}")
         write_sidecar(
             tmp,
             exported,

@@ -198,6 +198,16 @@ def teacher_fields(by_target: dict[str, Measured], spec: DeploySpec, kind: str) 
     return out
 
 
+def export_teacher(teacher: str, fmt: str, data: str, out: Path, int8: bool) -> str:
+    """The teacher's ``fmt`` files in ``out``, with its int8 ONNX file beside them when
+    ``int8``, in one export; returns why the int8 file is not there ('' when it is, or was
+    not asked for): one that can't be written or fails its parity check is left out and the
+    fp32 files kept (``--int8-fallback``)."""
+    cfg = ExportConfig(artifact=teacher, format=fmt, int8=int8, int8_fallback=True, data=data, out=str(out))
+    summary = export(validated(cfg))
+    return summary["int8"].get("failed", {}).get("onnx-int8", "") if int8 else ""
+
+
 @PROBES.register("exported")
 def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> ExportedProbe:
     """The probe for ``spec``: targets found and their actors started, the kind resolved,
@@ -218,21 +228,15 @@ def prepare_probe(spec: DeploySpec, teacher: str, data: str, out_dir: str) -> Ex
         fmt, _, file_kind = PLANS[kind]
         teacher_kind = file_kind.removesuffix("-int8")
         out = Path(out_dir)
-        export(validated(ExportConfig(artifact=teacher, format=fmt, data=data, out=str(out))))
+        measure_int8 = spec.kind == "auto" and kind == "onnx-int8"  # auto's int8 is measured, not assumed
+        int8_error = export_teacher(teacher, fmt, data, out, measure_int8)
         teacher_file = read_export(out, teacher_kind)
         probe = ExportedProbe(spec, kind, why, not int8_native, teacher_file, actors)
-        timed, int8_error = None, ""
-        if spec.kind == "auto" and kind == "onnx-int8":  # auto's int8 is measured, not assumed
-            try:
-                int8_dir = out / "int8"
-                export(
-                    validated(ExportConfig(artifact=teacher, format="onnx", int8=True, data=data, out=str(int8_dir)))
-                )
-                timed = probe.timed([teacher_file, read_export(int8_dir, "onnx-int8")])
-                probe.kind, probe.why = kind, why = auto_choice(timed)
-            except EffrayError as exc:  # e.g. its int8 file failed the parity check
-                int8_error = str(exc)
-                probe.kind, probe.why = kind, why = auto_choice(None, int8_error)
+        timed = None
+        if measure_int8 and not int8_error:
+            timed = probe.timed([teacher_file, read_export(out, "onnx-int8")])
+        if measure_int8:
+            probe.kind, probe.why = kind, why = auto_choice(timed, int8_error)
         timed = timed or probe.timed([teacher_file])
         probe.teacher = {
             **teacher_fields(timed, spec, teacher_kind),

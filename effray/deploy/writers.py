@@ -25,6 +25,9 @@ INPUT, OUTPUT = "image", "logits"  # the ONNX graph's tensor names
 # ops between a layer and the next one's input that commute with rounding on one grid
 # (a grid that holds 0 for ReLU): the next layer's input grid can round there instead
 _COMMUTING = ("Relu", "MaxPool", "Reshape", "Flatten")
+# what one run of ORT's min/max calibration graph may hold: it reduces every tensor of the
+# model, and ORT keeps them all alive for that (docs/design.md#export-parity)
+CALIBRATION_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,7 @@ def write_onnx_int8(
 
     class Calibration(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calib)
+            self.batches = (x[i : i + rows] for x in calib for i in range(0, len(x), rows))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self.batches, None)
@@ -298,6 +301,7 @@ def write_onnx_int8(
     try:
         with _silent():
             quant_pre_process(str(fp32), str(pre))
+            rows = calibration_rows(pre, CALIBRATION_BYTES)
             overrides, pinned = onnx_overrides(pre, steps, grids, transposed_weights(pre, weights) if weights else None)
             layers = layer_nodes(pre) if only_layers else None
             quantize_static(
@@ -318,6 +322,22 @@ def write_onnx_int8(
     finally:
         pre.unlink(missing_ok=True)
     return pinned
+
+
+def calibration_rows(onnx_path: Path, budget: int) -> int:
+    """Images per calibration run, at least one. Min/max calibration adds a ReduceMin and a
+    ReduceMax on every tensor, and ORT keeps each tensor alive until both have run: a run
+    holds about every activation of the model at once, twice their sum in its arena. A
+    ResNet-50 at 224 px would take ~60 GB for a batch of 256. Min and max over the pieces
+    are those of the whole batch, so the ranges are the same."""
+    import onnx
+
+    per_image = 0
+    for value in onnx.load(str(onnx_path), load_external_data=False).graph.value_info:
+        dims = value.type.tensor_type.shape.dim[1:]  # after the batch dimension
+        if all(d.HasField("dim_value") for d in dims):
+            per_image += 4 * int(np.prod([d.dim_value for d in dims]))
+    return max(1, budget // max(1, 2 * per_image))
 
 
 def transposed_weights(onnx_path: Path, weights: dict[str, np.ndarray]) -> dict[str, str]:

@@ -169,27 +169,28 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
 
 
 def export_model(artifact: str, dest: Path, int8: bool, data_dir: Path) -> dict[str, Any]:
-    """One front model exported (int8 first when asked, fp32 if that fails its check): the
-    record ``exports.json`` keeps of it."""
+    """One front model exported, with its int8 files when asked (one that fails its parity
+    check is left out, ``deploy.json`` says why, and the fp32 files are kept): the record
+    ``exports.json`` keeps of it; ``int8`` is whether the ONNX int8 file, the one served, is
+    there."""
     record = {"dir": str(dest), "int8": False, "error": "", "artifact": artifact, "int8_tried": int8}
-    for attempt in (True, False) if int8 else (False,):
-        try:
-            export(
-                validated(
-                    ExportConfig(
-                        artifact=artifact,
-                        format="all",
-                        int8=attempt,
-                        data=str(data_dir),
-                        out=str(dest),
-                        trust_code=True,  # this run's own artifacts, of the preset's models
-                    )
+    try:
+        summary = export(
+            validated(
+                ExportConfig(
+                    artifact=artifact,
+                    format="all",
+                    int8=int8,
+                    int8_fallback=True,
+                    data=str(data_dir),
+                    out=str(dest),
+                    trust_code=True,  # this run's own artifacts, of the preset's models
                 )
             )
-            return {**record, "int8": attempt, "error": ""}
-        except EffrayError as exc:
-            record.update(int8=False, error=str(exc))
-    return record
+        )
+    except EffrayError as exc:
+        return {**record, "error": str(exc)}
+    return {**record, "int8": "onnx-int8" in summary["files"]}
 
 
 _export_task = ray.remote(num_cpus=1)(export_model)

@@ -5,6 +5,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -206,6 +207,28 @@ def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
             )
         )
     assert not (tmp_path / "deploy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]
+    # --int8-fallback: the int8 ONNX file is left out, and the OpenVINO int8 file converted from it; the fp32
+    # files are written and deploy.json says why
+    kept = export(
+        validated(
+            ExportConfig(
+                artifact=str(art),
+                data=str(tiny_cifar),
+                out=str(tmp_path / "fallback"),
+                format="openvino",
+                int8=True,
+                int8_fallback=True,
+                min_int8_agreement=0.999,
+                calib_batches=1,
+            )
+        )
+    )
+    sidecar = json.loads((tmp_path / "fallback" / SIDECAR).read_text())
+    assert set(kept["files"]) == set(sidecar["files"]) == {"onnx", "openvino"} == set(sidecar["parity"])
+    failed = sidecar["int8"]["failed"]
+    assert failed["onnx-int8"].startswith("model.int8.onnx failed the parity check") and "2-bit" in failed["onnx-int8"]
+    assert failed["openvino-int8"] == "converted from model.int8.onnx, which was left out"
+    assert not list((tmp_path / "fallback").glob("model.int8.*"))
     exact = export(
         validated(
             ExportConfig(
@@ -236,6 +259,33 @@ def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
         )
     )
     assert full["int8"]["reduce_range"] is False and full["parity"]["torch-int8"]["agreement"] == 1.0
+
+
+def test_onnx_int8_calibration_in_pieces_finds_the_ranges_of_whole_batches(tiny_cifar, teacher, tmp_path, monkeypatch):
+    """A float model's int8 ONNX file, calibrated one image per run (a budget that holds one
+    image's activations) and in whole 64-image batches: min and max over the pieces are the
+    batch's, so every scale and zero point is the same."""
+    import onnx
+    from onnx import numpy_helper
+
+    from effray.deploy import writers
+
+    def int8_file(name: str) -> dict[str, np.ndarray]:
+        cfg = ExportConfig(
+            artifact=str(teacher), data=str(tiny_cifar), out=str(tmp_path / name), format="onnx", int8=True
+        )
+        export(validated(dataclasses.replace(cfg, batch_size=64, calib_batches=2, min_int8_agreement=0.0)))
+        graph = onnx.load(str(tmp_path / name / EXPORT_FILES["onnx-int8"])).graph
+        return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+    whole = int8_file("whole")
+    monkeypatch.setattr(writers, "CALIBRATION_BYTES", 1)
+    assert writers.calibration_rows(tmp_path / "whole" / EXPORT_FILES["onnx"], 1) == 1
+    pieces = int8_file("pieces")
+    scales = [n for n in whole if n.endswith("_scale") or n.endswith("_zero_point")]
+    assert len(scales) > 10 and whole.keys() == pieces.keys()
+    for name in scales:
+        np.testing.assert_array_equal(whole[name], pieces[name], err_msg=name)
 
 
 def test_onnx_int8_runs_a_students_grids_on_int8_kernels(tiny_cifar, teacher, tmp_path):
@@ -384,12 +434,13 @@ def test_deploy_auto_times_the_teachers_int8_file_where_the_cpu_has_vnni(teacher
 
     out = tmp_path / "teacher-files"
     probe = deploy_probe(DeploySpec("auto", (), 1, 16, 3), str(teacher), str(tiny_cifar), str(out))
-    t, int8 = probe.teacher, out / "int8" / SIDECAR
-    assert t["deploy"] == probe.kind and t["deploy_kind"] == "onnx" and t["runtime"] == "onnxruntime"
-    assert "onnx-int8" not in json.loads((out / SIDECAR).read_text())["files"]  # the teacher is timed in fp32
-    if where()["vnni"]:  # written and timed, or refused by its parity check (then nothing is written)
+    t, sidecar = probe.teacher, json.loads((out / SIDECAR).read_text())
+    assert t["deploy"] == probe.kind and t["deploy_kind"] == "onnx" and t["runtime"] == "onnxruntime"  # fp32 timed
+    if where()["vnni"]:  # one export: the fp32 file, and the int8 file beside it unless its parity check refused it
         assert "the teacher's int8 file" in t["deploy_why"] and probe.kind in ("onnx", "onnx-int8")
-        assert int8.is_file() == ("at batch 1" in t["deploy_why"]), t["deploy_why"]
+        written = "onnx-int8" in sidecar["files"]
+        assert written == ("at batch 1" in t["deploy_why"]) == (out / "model.int8.onnx").is_file(), t["deploy_why"]
+        assert written or sidecar["int8"]["failed"]["onnx-int8"] == t["deploy_int8_error"]
     else:
-        assert probe.kind == "onnx" and "no VNNI/AMX" in t["deploy_why"] and not int8.exists()
+        assert probe.kind == "onnx" and "no VNNI/AMX" in t["deploy_why"] and set(sidecar["files"]) == {"onnx"}
     probe.close()
