@@ -20,7 +20,7 @@ from effray.run.front import (
     holdout_line,
     latency_line,
     most_accurate,
-    serve_kind,
+    pick_lines,
     target_lines,
 )
 from effray.run.plan import RunConfig, check_live_cluster, plan_stages
@@ -144,12 +144,8 @@ def run_all(cfg: RunConfig) -> dict[str, Any]:
     say(f"[effray run] report: {summary['report']}")
     say(f"[effray run] exported (.pt2, ONNX, OpenVINO, each checked against its artifact): {out / 'export'}/<trial>")
     if pick and pick in exports:
-        model, kind = exports[pick]["dir"], serve_kind(exports[pick]["int8"], searched.get("teacher"))
-        say(f"[effray run] serve the pick:   effray serve --model {model} --kind {kind}")
-        say(
-            f"[effray run] batch inference:  effray predict --model {model} --kind {kind} --data {source} "
-            f"--out {out / 'predictions'}"
-        )
+        for line in pick_lines(exports[pick], searched.get("teacher"), source, out / "predictions"):
+            say(f"[effray run] {line}")
     return {
         "report": summary["report"],
         "pareto_png": str(Path(summary["report"]).with_name("pareto.png")),

@@ -131,6 +131,21 @@ def serve_kind(int8: bool, teacher: dict[str, Any] | None) -> str:
     return "onnx-int8" if int8 and (not deployed or deployed.endswith("int8")) else "onnx"
 
 
+def pick_lines(export: dict[str, Any], teacher: dict[str, Any] | None, source: str, predictions: Path) -> list[str]:
+    """The commands that serve and batch-predict the pick: its exported file, or, when no file
+    of it passed its parity check, its artifact (run in PyTorch), with a line saying so."""
+    if export["error"]:
+        model = f"--model {export['artifact']}"
+        lines = ["the pick's exports failed their parity check (above), so these run its artifact in PyTorch:"]
+    else:
+        model = f"--model {export['dir']} --kind {serve_kind(export['int8'], teacher)}"
+        lines = []
+    return lines + [
+        f"serve the pick:   effray serve {model}",
+        f"batch inference:  effray predict {model} --data {source} --out {predictions}",
+    ]
+
+
 def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
     """Export every model on the accuracy-vs-bytes front (and the budget pick, with its int8
     files) to ``out/<trial_id>`` as ``.pt2``, ONNX and OpenVINO, each parity-checked by
@@ -139,7 +154,7 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
     is not retried). A model that fails its check is reported, not fatal (the pick falls
     back to its fp32 files). On Ray the models export side by side, one CPU task each (an
     export is single-threaded tracing: the driver alone would leave the other cores idle).
-    Returns ``{trial_id: {"dir", "int8", "error"}}``."""
+    Returns ``{trial_id: {"dir", "int8", "error", "artifact"}}``."""
     table = pd.read_parquet(results)
     ids = list(dict.fromkeys(list(table.loc[table["pareto_bytes"], "trial_id"]) + ([pick] if pick else [])))
     state_file = out / "exports.json"
@@ -165,7 +180,7 @@ def export_front(results: str | os.PathLike, pick: str | None, out: Path, data_d
             _record(state, state_file, tid, export_model(artifact, dest, int8, data_dir))
             progress.update(1)
     progress.close()
-    return {tid: {k: state[tid][k] for k in ("dir", "int8", "error")} for tid in ids}
+    return {tid: {k: state[tid][k] for k in ("dir", "int8", "error", "artifact")} for tid in ids}
 
 
 def export_model(artifact: str, dest: Path, int8: bool, data_dir: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from effray.deploy.probe import auto_choice, resolve_kind, row_fields
 from effray.deploy.runtimes import openvino_model, ort_session
 from effray.deploy.writers import write_onnx, write_openvino
 from effray.models import build_model
-from effray.run.front import front_table, serve_kind, target_lines
+from effray.run.front import front_table, pick_lines, serve_kind, target_lines
 from effray.search.aggregate import write_report
 from effray.search.deployed import DeploySpec
 
@@ -270,3 +270,21 @@ def test_the_picks_serve_line_names_the_onnx_file_the_search_deployed():
     assert serve_kind(True, {"deploy": "onnx"}) == "onnx"  # auto: the teacher's int8 file was slower
     assert serve_kind(False, {"deploy": "onnx-int8"}) == "onnx"  # the pick's int8 file failed its check
     assert serve_kind(True, None) == "onnx-int8" and serve_kind(True, {}) == "onnx-int8"  # --deploy off
+
+
+def test_a_pick_without_a_deployable_file_is_served_from_its_artifact(tmp_path):
+    """No file of the pick passed its parity check (nothing was written to its export
+    directory): the serve and predict lines name its artifact, and a line says why, instead
+    of a directory that does not exist."""
+    exported = {"dir": str(tmp_path / "export" / "t1"), "int8": True, "error": "", "artifact": "/runs/t1/ckpt"}
+    lines = pick_lines(exported, {"deploy": "onnx-int8"}, "data.parquet", tmp_path / "predictions")
+    assert lines == [
+        f"serve the pick:   effray serve --model {tmp_path}/export/t1 --kind onnx-int8",
+        f"batch inference:  effray predict --model {tmp_path}/export/t1 --kind onnx-int8 --data data.parquet "
+        f"--out {tmp_path}/predictions",
+    ]
+    failed = {**exported, "error": "model.onnx failed the parity check: top-1 agreement 0.9875 < 0.999"}
+    first, serve, predict = pick_lines(failed, {"deploy": "onnx-int8"}, "data.parquet", tmp_path / "predictions")
+    assert "failed their parity check" in first and "artifact in PyTorch" in first
+    assert serve == "serve the pick:   effray serve --model /runs/t1/ckpt" and "--kind" not in predict
+    assert predict.startswith("batch inference:  effray predict --model /runs/t1/ckpt --data data.parquet")
