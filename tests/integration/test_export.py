@@ -190,74 +190,36 @@ def test_a_file_that_fails_parity_is_not_written(tiny_cifar, teacher, tmp_path):
     behind, the files written before it included."""
     cfg = CompressConfig(bits=4, act_bits=2, quant_mode="ptq", finetune_epochs=0, calib_batches=2, int8=False)
     art = _compress(tiny_cifar, teacher, tmp_path / "art2", cfg)
-    with pytest.raises(
-        EffrayError, match=r"model.int8.onnx failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"
-    ):
-        export(
+
+    def export_int8(out: str, **kw) -> dict:
+        return export(
             validated(
                 ExportConfig(
-                    artifact=str(art),
-                    data=str(tiny_cifar),
-                    out=str(tmp_path / "deploy"),
-                    format="onnx",
-                    int8=True,
-                    min_int8_agreement=0.999,
-                    calib_batches=1,
+                    artifact=str(art), data=str(tiny_cifar), out=str(tmp_path / out), int8=True, calib_batches=1, **kw
                 )
             )
         )
+
+    with pytest.raises(
+        EffrayError, match=r"model.int8.onnx failed the parity check: top-1 agreement 0\.\d+ < 0.999 .*2-bit"
+    ):
+        export_int8("deploy", format="onnx", min_int8_agreement=0.999)
     assert not (tmp_path / "deploy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy")]
     # --int8-fallback: the int8 ONNX file is left out, and the OpenVINO int8 file converted from it; the fp32
     # files are written and deploy.json says why
-    kept = export(
-        validated(
-            ExportConfig(
-                artifact=str(art),
-                data=str(tiny_cifar),
-                out=str(tmp_path / "fallback"),
-                format="openvino",
-                int8=True,
-                int8_fallback=True,
-                min_int8_agreement=0.999,
-                calib_batches=1,
-            )
-        )
-    )
+    kept = export_int8("fallback", format="openvino", int8_fallback=True, min_int8_agreement=0.999)
     sidecar = json.loads((tmp_path / "fallback" / SIDECAR).read_text())
     assert set(kept["files"]) == set(sidecar["files"]) == {"onnx", "openvino"} == set(sidecar["parity"])
     failed = sidecar["int8"]["failed"]
     assert failed["onnx-int8"].startswith("model.int8.onnx failed the parity check") and "2-bit" in failed["onnx-int8"]
     assert failed["openvino-int8"] == "converted from model.int8.onnx, which was left out"
     assert not list((tmp_path / "fallback").glob("model.int8.*"))
-    exact = export(
-        validated(
-            ExportConfig(
-                artifact=str(art),
-                data=str(tiny_cifar),
-                out=str(tmp_path / "fp32"),
-                int8=True,
-                min_int8_agreement=1.0,
-                calib_batches=1,
-            )
-        )
-    )
+    exact = export_int8("fp32", min_int8_agreement=1.0)
     assert exact["parity"]["torch-int8"]["agreement"] == 1.0
     assert exact["parity"]["torch"]["agreement"] == 1.0 and exact["parity"]["torch"]["max_abs_logit_diff"] < 1e-4
     # every layer int8 at full range, as written on a VNNI CPU: where the CPU has no VNNI the
     # loader runs it unlowered instead of overflowing oneDNN's int16 pair sums
-    full = export(
-        validated(
-            ExportConfig(
-                artifact=str(art),
-                data=str(tiny_cifar),
-                out=str(tmp_path / "full"),
-                int8=True,
-                int8_reduce_range="off",
-                min_int8_agreement=1.0,
-                calib_batches=1,
-            )
-        )
-    )
+    full = export_int8("full", int8_reduce_range="off", min_int8_agreement=1.0)
     assert full["int8"]["reduce_range"] is False and full["parity"]["torch-int8"]["agreement"] == 1.0
 
 
