@@ -26,6 +26,10 @@ from effray.compress.quantize import dequantize, is_quantized
 from effray.metrics import classification_metrics, scaled_calibration, score_batches
 from effray.train.validate import reported
 
+# seconds of timed calls per model after which latency_ms stops repeating, and the fewest it times
+LATENCY_BUDGET_S = 3.0
+MIN_REPEATS = 3
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -79,23 +83,37 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
 
 @torch.no_grad()
 def latency_ms(
-    *models: nn.Module, batch_size: int, input_shape: tuple[int, ...] | None = None, repeats: int = 10, warmup: int = 2
+    *models: nn.Module,
+    batch_size: int,
+    input_shape: tuple[int, ...] | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    budget_s: float = LATENCY_BUDGET_S,
 ) -> list[float]:
     """Median wall time (ms) of one forward of each model at ``batch_size``, threads as set.
 
     Several models are timed interleaved (a, b, a, b, ...), so load from other processes
-    on a shared machine hits all of them alike and their ratio stays fair."""
+    on a shared machine hits all of them alike and their ratio stays fair. Slow calls stop
+    early (a large model's large batch takes seconds a call on a CPU): no second warm-up
+    call after one that took a tenth of ``budget_s``, and no more timed rounds once they
+    have taken ``budget_s`` per model, :data:`MIN_REPEATS` at least."""
     x = _example(models[0], batch_size, input_shape)
     for m in models:
         m.eval()
         for _ in range(warmup):
+            t = time.perf_counter()
             m(x)
+            if time.perf_counter() - t > budget_s / 10:
+                break
     times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
+    started = time.perf_counter()
+    for r in range(repeats):
         for i, m in enumerate(models):
             t = time.perf_counter()
             m(x)
             times[i].append(time.perf_counter() - t)
+        if r + 1 >= MIN_REPEATS and time.perf_counter() - started > budget_s * len(models):
+            break
     return [statistics.median(t) * 1000.0 for t in times]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
 
 from effray.compress.artifact import save_artifact
-from effray.compress.measure import compare, count_macs, measure
+from effray.compress.measure import compare, count_macs, latency_ms, measure
 from effray.compress.prune import prune_step
 from effray.compress.quantize import QUANTIZERS, fold_bn
 from effray.models import build_model
@@ -73,3 +75,31 @@ def test_compare_ratios():
     assert r == pytest.approx(
         {"size_ratio": 20.0, "macs_ratio": 2.0, "speedup_b1": 2.0, "int8_speedup_b1": 4.0, "accuracy_drop_points": 2.0}
     )
+
+
+class _Calls(torch.nn.Module):
+    """Counts its forwards; each takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x
+
+
+def test_latency_stops_repeating_slow_calls_once_they_have_taken_the_budget():
+    """A forward of 0.2 s with a 0.5 s budget: one warm-up call (it took over a tenth of the
+    budget), then the three timed calls the median needs at least, not the ten asked for;
+    two models interleaved get twice the budget. A fast forward runs every call asked for."""
+    slow = _Calls(0.2)
+    (ms,) = latency_ms(slow, batch_size=1, input_shape=(3, 4, 4), repeats=10, warmup=2, budget_s=0.5)
+    assert slow.calls == 1 + 3 and 200 <= ms < 400
+    a, b = _Calls(0.2), _Calls(0.2)
+    latency_ms(a, b, batch_size=1, input_shape=(3, 4, 4), repeats=10, warmup=2, budget_s=0.5)
+    assert a.calls == b.calls == 1 + 3
+    fast = _Calls(0.0)
+    latency_ms(fast, batch_size=1, input_shape=(3, 4, 4), repeats=10, warmup=2, budget_s=0.5)
+    assert fast.calls == 2 + 10
